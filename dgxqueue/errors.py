@@ -1,0 +1,92 @@
+"""Every error dgxqueue raises derives from one root, :class:`DgxQueueError`.
+
+::
+
+    DgxQueueError
+    ├── ConfigError              bad config file, environment or flag (exit code 78)
+    ├── ValidationError          bad input at the door; also a ValueError; names the field
+    ├── JobNotFoundError         no generation with that id; also a LookupError
+    ├── InvalidStateError        the job is not in a state that allows the operation
+    ├── SchemaError              the database is newer than this code, or unreachable schema
+    ├── LeaseLostError           this daemon no longer holds the attempt it tries to finish
+    ├── UnknownGeneratorError    no backend registered under that name; lists those that exist
+    ├── OutputError              the WAV file could not be written (disk full, permission, path)
+    └── GeneratorError           raised by a backend for one request or a whole batch
+        ├── TransientGeneratorError   worth retrying (CUDA OOM after halving, a flaky resource)
+        └── PermanentGeneratorError   retrying cannot help (request above the model's limit)
+
+Foreign exceptions (SQLAlchemy, OSError, torch) are translated at the boundary that meets them.
+"""
+
+from __future__ import annotations
+
+
+class DgxQueueError(Exception):
+    """Root of every error dgxqueue raises on purpose."""
+
+
+class ConfigError(DgxQueueError):
+    """A configuration key is unknown, of the wrong type or out of range."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"config {key}={value!r} is invalid: expected {allowed}")
+
+
+class ValidationError(DgxQueueError, ValueError):
+    """A request field is invalid; ``field`` names it and ``allowed`` says what would pass."""
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{field}={shown} is invalid: expected {allowed}")
+
+
+class JobNotFoundError(DgxQueueError, LookupError):
+    """No generation row has the given id."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"generation {job_id} not found")
+
+
+class InvalidStateError(DgxQueueError):
+    """The job's status does not allow the operation (cancel a running job, retry a pending one)."""
+
+
+class SchemaError(DgxQueueError):
+    """The database schema cannot be used by this version of dgxqueue."""
+
+
+class LeaseLostError(DgxQueueError):
+    """This daemon no longer holds the attempt it tried to finish: its write was fenced off."""
+
+
+class UnknownGeneratorError(DgxQueueError):
+    """No generator backend is registered under the requested name."""
+
+
+class OutputError(DgxQueueError):
+    """The audio file could not be written; nothing partial is left behind."""
+
+
+class GeneratorError(DgxQueueError):
+    """A backend failed a request (or a whole batch). Subclasses say whether to retry."""
+
+    transient: bool = False
+
+
+class TransientGeneratorError(GeneratorError):
+    """A failure that may pass: the daemon retries the job with backoff."""
+
+    transient = True
+
+
+class PermanentGeneratorError(GeneratorError):
+    """A failure that retrying cannot fix: the job is failed at once with this message."""

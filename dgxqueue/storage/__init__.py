@@ -1,0 +1,221 @@
+"""The storage API of the user's specification, importable as ``dgxqueue.storage``.
+
+Every function takes the caller's session (from :func:`get_session`) and never commits itself,
+so several calls can share one transaction. Inputs are validated before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from dgxqueue.config import JobSettings, OutputSettings
+from dgxqueue.errors import ValidationError
+from dgxqueue.storage import repository
+from dgxqueue.storage.database import (
+    create_engine,
+    dispose_engines,
+    ensure_schema,
+    get_engine,
+    get_session,
+    init_db,
+    resolve_url,
+    session_scope,
+)
+from dgxqueue.storage.models import Base, Generation, GenerationStatus, Prompt, utcnow
+from dgxqueue.storage.validation import (
+    NewJob,
+    validate_limit,
+    validate_new_job,
+    validate_prompt,
+    validate_status,
+)
+from sqlalchemy.orm import Session
+
+__all__ = [
+    "Base", "Generation", "GenerationStatus", "JobSpec", "Prompt", "Session", "cancel_generation",
+    "complete_generation", "create_engine", "create_generation", "create_generations",
+    "delete_generation", "dispose_engines", "ensure_schema", "fail_generation", "get_all_generations",
+    "get_database_stats", "get_engine", "get_generation", "get_most_used_prompts",
+    "get_pending_generations", "get_session", "init_db", "resolve_url", "retry_generation",
+    "session_scope", "track_prompt_usage",
+]
+
+_DEFAULT_LIMITS = JobSettings()
+_DEFAULT_OUTPUTS = OutputSettings()
+
+JobSpec = Mapping[str, Any]
+"""Keyword arguments of :func:`create_generation`, as a mapping (for :func:`create_generations`)."""
+
+
+def _validate(spec: JobSpec, limits: JobSettings) -> NewJob:
+    known = {"prompt", "model_name", "duration_seconds", "sample_rate", "channels", "file_path",
+             "metadata", "model_version", "priority", "run_after", "max_attempts"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValidationError(sorted(unknown)[0], spec[sorted(unknown)[0]], "one of " + ", ".join(sorted(known)))
+    return validate_new_job(
+        prompt=spec.get("prompt"),
+        model_name=spec.get("model_name", limits.default_model),
+        duration_seconds=spec.get("duration_seconds", limits.default_duration_seconds),
+        sample_rate=spec.get("sample_rate", limits.default_sample_rate),
+        channels=spec.get("channels", limits.default_channels),
+        file_path=spec.get("file_path"),
+        metadata=spec.get("metadata"),
+        model_version=spec.get("model_version"),
+        priority=spec.get("priority", 0),
+        run_after=spec.get("run_after"),
+        max_attempts=spec.get("max_attempts"),
+        limits=limits,
+    )
+
+
+def create_generations(
+    session: Session,
+    specs: Iterable[JobSpec],
+    *,
+    limits: JobSettings | None = None,
+    outputs: OutputSettings | None = None,
+) -> list[str]:
+    """Validate every spec first, then insert them all and count their prompts. Returns the ids.
+
+    One bad spec raises :class:`~dgxqueue.errors.ValidationError` and nothing is written.
+    """
+    limits = limits or _DEFAULT_LIMITS
+    folder = (outputs or _DEFAULT_OUTPUTS).dir.rstrip("/").rsplit("/", 1)[-1] or "outputs"
+    jobs = [_validate(spec, limits) for spec in specs]
+    now = utcnow()
+    rows = []
+    for job in jobs:
+        job_id = repository.new_id()
+        rows.append(repository.job_row(job, job_id, now, f"{folder}/{job_id}.wav"))
+    repository.insert_jobs(session, rows)
+    return [str(row["id"]) for row in rows]
+
+
+def create_generation(
+    session: Session,
+    prompt: str,
+    model_name: str | None = None,
+    duration_seconds: float | None = None,
+    sample_rate: int | None = None,
+    channels: int | None = None,
+    file_path: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    model_version: str | None = None,
+    priority: int = 0,
+    run_after: datetime | None = None,
+    max_attempts: int | None = None,
+    limits: JobSettings | None = None,
+    outputs: OutputSettings | None = None,
+) -> Generation:
+    """Create a pending generation (UUID v4 id) and count its prompt, in the caller's transaction.
+
+    ``file_path`` is relative to the folder that holds the outputs folder (``outputs/x.wav``); left
+    out, it is ``outputs/<id>.wav``. ``priority``: higher runs first. ``run_after``: not before.
+    """
+    spec: dict[str, Any] = {"prompt": prompt, "priority": priority}
+    for key, value in (("model_name", model_name), ("duration_seconds", duration_seconds),
+                       ("sample_rate", sample_rate), ("channels", channels), ("file_path", file_path),
+                       ("metadata", metadata), ("model_version", model_version),
+                       ("run_after", run_after), ("max_attempts", max_attempts)):
+        if value is not None:
+            spec[key] = value
+    [job_id] = create_generations(session, [spec], limits=limits, outputs=outputs)
+    return repository.require_job(session, job_id)
+
+
+def get_generation(session: Session, generation_id: str) -> Generation | None:
+    """The generation with this id, or None."""
+    return repository.get_job(session, generation_id)
+
+
+def _non_negative(field: str, value: object, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ValidationError(field, value, f"a non-negative {'number' if kind is float else 'integer'}")
+    if (isinstance(value, float) and not math.isfinite(value)) or value < 0:
+        raise ValidationError(field, value, "a finite non-negative number")
+    return kind(value)
+
+
+def complete_generation(
+    session: Session,
+    generation_id: str,
+    generation_time: float,
+    file_size_bytes: int,
+    metadata: Mapping[str, Any] | None = None,
+) -> Generation:
+    """Mark a pending or processing generation completed with its timings."""
+    values: dict[str, Any] = {
+        "generation_time_seconds": _non_negative("generation_time", generation_time, float),
+        "file_size_bytes": _non_negative("file_size_bytes", file_size_bytes, int),
+        "error_message": None,
+    }
+    if metadata is not None:
+        from dgxqueue.storage.validation import validate_metadata
+
+        values["metadata"] = validate_metadata(metadata, _DEFAULT_LIMITS)
+    return repository.set_outcome(session, generation_id, GenerationStatus.COMPLETED, values)
+
+
+def fail_generation(session: Session, generation_id: str, error_message: str) -> Generation:
+    """Mark a pending or processing generation failed with its reason."""
+    if not isinstance(error_message, str) or not error_message.strip():
+        raise ValidationError("error_message", error_message, "non-empty text")
+    return repository.set_outcome(
+        session, generation_id, GenerationStatus.FAILED, {"error_message": error_message[:10_000]}
+    )
+
+
+def cancel_generation(session: Session, generation_id: str) -> Generation:
+    """Cancel a pending generation (recorded as failed, 'cancelled by request')."""
+    return repository.cancel_job(session, generation_id)
+
+
+def retry_generation(session: Session, generation_id: str, run_after: datetime | None = None) -> Generation:
+    """Send a failed generation back to the queue with fresh attempts."""
+    return repository.retry_job(session, generation_id, run_after)
+
+
+def get_all_generations(
+    session: Session,
+    status: GenerationStatus | str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[Generation]:
+    """Generations, newest first (completed ones by completion time), optionally of one status."""
+    chosen = None if status is None else validate_status(status)
+    return repository.list_jobs(session, chosen, validate_limit(limit), validate_limit(offset, "offset", 10**9))
+
+
+def get_pending_generations(session: Session, limit: int = 100) -> list[Generation]:
+    """Pending generations in the order the daemon will claim them."""
+    return repository.pending_jobs(session, validate_limit(limit))
+
+
+def get_most_used_prompts(session: Session, limit: int = 10) -> list[Prompt]:
+    """Prompts by use count, most used first."""
+    return repository.most_used_prompts(session, validate_limit(limit))
+
+
+def delete_generation(session: Session, generation_id: str) -> bool:
+    """Delete a generation row (not its file). True if it existed."""
+    return repository.delete_job(session, generation_id)
+
+
+def track_prompt_usage(session: Session, prompt: str, *, limits: JobSettings | None = None) -> Prompt:
+    """Count one use of ``prompt`` (atomic upsert) and return its row."""
+    text = validate_prompt(prompt, limits or _DEFAULT_LIMITS)
+    repository.upsert_prompts(session, {text: 1}, utcnow())
+    found = repository.get_prompt(session, text)
+    assert found is not None
+    session.refresh(found)
+    return found
+
+
+def get_database_stats(session: Session) -> dict[str, Any]:
+    """Totals: ``total_generations``, counts by status, prompts, average time, audio seconds."""
+    return repository.database_stats(session)

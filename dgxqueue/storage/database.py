@@ -1,0 +1,229 @@
+"""Engines, sessions and schema set-up (``init_db``).
+
+One engine per database URL per process. SQLite connections get WAL, a busy timeout,
+``synchronous`` (NORMAL by default) and foreign keys on every connect. ``init_db`` leaves any
+database at the newest migration, refusing one that is newer than this code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from dgxqueue.config import DEFAULT_DATABASE_URL, DatabaseSettings
+from dgxqueue.errors import ConfigError, SchemaError
+
+_engines: dict[tuple[str, DatabaseSettings], Engine] = {}
+_engines_lock = threading.Lock()
+_MIGRATION_LOCK_KEY = 0x64677871  # "dgxq": PostgreSQL advisory lock held while migrating
+
+
+def resolve_url(url: str | None = None) -> str:
+    """``url`` if given, else ``$DATABASE_URL``, else ``sqlite:///data/generations.db``."""
+    return url or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def _parse(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        raise ConfigError("database.url", url, "an SQLAlchemy URL such as sqlite:///data/generations.db") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError("database.url", url, "a sqlite:/// or postgresql+psycopg:// URL")
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
+    return parsed
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL (None for in-memory or another engine)."""
+    parsed = _parse(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _configure_sqlite(engine: Engine, settings: DatabaseSettings) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(settings.sqlite_busy_timeout_ms)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # Validated against a fixed list in config: no user text reaches this statement.
+        cursor.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+
+def create_engine(url: str | None = None, settings: DatabaseSettings | None = None) -> Engine:
+    """A new engine for ``url`` with the per-connection settings applied."""
+    settings = settings or DatabaseSettings()
+    text_url = resolve_url(url)
+    parsed = _parse(text_url)
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(text_url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000})
+        _configure_sqlite(engine, settings)
+        return engine
+    return sa.create_engine(
+        parsed, pool_size=settings.pool_size, pool_pre_ping=True, pool_recycle=3600,
+    )
+
+
+def get_engine(url: str | None = None, settings: DatabaseSettings | None = None) -> Engine:
+    """The process-wide engine for ``url`` (created on first use)."""
+    key = (resolve_url(url), settings or DatabaseSettings())
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = create_engine(key[0], key[1])
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every cached engine (tests, and after fork)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+@contextlib.contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits when the block succeeds and rolls back when it raises."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    with factory() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+@contextlib.contextmanager
+def get_session(url: str | None = None) -> Iterator[Session]:
+    """The specification's ``get_session()``: commit on success, roll back on error."""
+    with session_scope(get_engine(url)) as session:
+        yield session
+
+
+# --- migrations ----------------------------------------------------------------------------
+
+
+def migrations_dir() -> Path:
+    """The alembic scripts: inside the installed wheel, or ``alembic/`` in a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_alembic", here.parent / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SchemaError(f"alembic migrations not found next to {here}")
+
+
+def alembic_config(url: str | None = None, connection: sa.Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["database_url"] = resolve_url(url)
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(connection: sa.Connection) -> str | None:
+    from alembic.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """One migrator at a time: an advisory lock on PostgreSQL, a file lock beside SQLite."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(sa.select(sa.func.pg_advisory_lock(_MIGRATION_LOCK_KEY)))
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.select(sa.func.pg_advisory_unlock(_MIGRATION_LOCK_KEY)))
+                conn.commit()
+        return
+    path = sqlite_path(str(engine.url))
+    if path is None:
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(str(engine.url), conn), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(str(engine.url), conn), revision)
+
+
+def ensure_schema(engine: Engine) -> str:
+    """Bring the database to head; refuse one newer than this code. Returns the revision."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    head = head_revision()
+    with engine.connect() as conn:
+        if current_revision(conn) == head:
+            return head
+    with _migration_lock(engine), engine.begin() as conn:
+        current = current_revision(conn)
+        if current == head:
+            return head
+        config = alembic_config(str(engine.url), conn)
+        known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+        if current is not None and current not in known:
+            raise SchemaError(
+                f"the database is at schema revision {current!r}, which this dgxqueue does not know "
+                f"(its newest is {head!r}): it was migrated by a newer dgxqueue; upgrade dgxqueue"
+            )
+        if current is None and sa.inspect(conn).has_table("generations"):
+            # A database made by the original schema script: adopt it as revision 001.
+            command.stamp(config, "001")
+        command.upgrade(config, "head")
+    return head
+
+
+def init_db(url: str | None = None) -> Engine:
+    """The specification's ``init_db()``: create or upgrade the database to the newest schema."""
+    engine = get_engine(url)
+    ensure_schema(engine)
+    return engine

@@ -1,0 +1,145 @@
+"""ORM models: the user's two tables, plus the queue columns that migration 002 adds.
+
+Migration 001 is exactly the user's schema (``../shared/seed/DATABASE_SCHEMA.md``); the columns
+below the "queue" comment come from 002. ``alembic check`` keeps these models and the migrations
+equal.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class GenerationStatus(enum.StrEnum):
+    """The four job states of the specification."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """A TIMESTAMP that always holds UTC and always comes back timezone-aware.
+
+    SQLite has no time zones, so values are stored there as naive UTC text (which also sorts
+    correctly as text); PostgreSQL stores ``timestamp with time zone``.
+    """
+
+    impl = sa.TIMESTAMP(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Generation(Base):
+    """One generation job (a row of ``generations``)."""
+
+    __tablename__ = "generations"
+
+    id: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    prompt: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    model_name: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    model_version: Mapped[str | None] = mapped_column(sa.Text)
+    duration_seconds: Mapped[float] = mapped_column(sa.Float, nullable=False)
+    sample_rate: Mapped[int] = mapped_column(sa.Integer, nullable=False)
+    channels: Mapped[int] = mapped_column(sa.Integer, nullable=False)
+    file_path: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    file_size_bytes: Mapped[int | None] = mapped_column(sa.Integer)
+    status: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    generation_time_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    # The column is "metadata"; the attribute cannot be (SQLAlchemy reserves it).
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", sa.JSON)
+
+    # --- queue columns (migration 002); every one has a server default or is nullable, so a
+    # row inserted with only the specification's columns is claimed like any other.
+    priority: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0", default=0)
+    attempts: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0", default=0)
+    max_attempts: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="3", default=3)
+    run_after: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker_id: Mapped[str | None] = mapped_column(sa.Text)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.Index("idx_generations_status", "status"),
+        sa.Index("idx_generations_model_name", "model_name"),
+        # The rescuer looks for expired leases among running rows only.
+        sa.Index(
+            "idx_generations_lease", "lease_expires_at",
+            sqlite_where=sa.text("status = 'processing'"),
+            postgresql_where=sa.text("status = 'processing'"),
+        ),
+    )
+
+    @property
+    def status_enum(self) -> GenerationStatus:
+        return GenerationStatus(self.status)
+
+    def __repr__(self) -> str:
+        return f"Generation(id={self.id!r}, status={self.status!r}, model_name={self.model_name!r})"
+
+
+# Indexes with a sort order name the mapped columns, so they are declared after the class.
+sa.Index("idx_generations_created_at", Generation.created_at.desc())
+sa.Index("idx_generations_completed_at", Generation.completed_at.desc())
+# Claiming reads pending rows of one model in priority order: O(log n) on any backlog.
+sa.Index(
+    "idx_generations_claim", Generation.model_name, Generation.priority.desc(), Generation.created_at,
+    sqlite_where=sa.text("status = 'pending'"),
+    postgresql_where=sa.text("status = 'pending'"),
+)
+
+
+class Prompt(Base):
+    """How often each distinct prompt text was used (a row of ``prompts``)."""
+
+    __tablename__ = "prompts"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    text: Mapped[str] = mapped_column(sa.Text, nullable=False, unique=True)
+    used_count: Mapped[int] = mapped_column(sa.Integer, nullable=True, server_default="1", default=1)
+    first_used_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (
+        sa.Index("idx_prompts_text", "text"),
+        {"sqlite_autoincrement": True},
+    )
+
+    def __repr__(self) -> str:
+        return f"Prompt(text={self.text!r}, used_count={self.used_count})"

@@ -1,0 +1,337 @@
+"""Every query dgxqueue runs lives here. Callers own the session and its transaction.
+
+Producer side: insert jobs and count prompts. Daemon side: claim, heartbeat, finish (fenced),
+release, rescue. Reads: lists, stats, queue depth. Nothing here builds SQL from strings.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from dgxqueue.errors import InvalidStateError, JobNotFoundError
+from dgxqueue.storage.models import Generation, GenerationStatus, Prompt, utcnow
+from dgxqueue.storage.validation import NewJob
+
+G = Generation.__table__
+P = Prompt.__table__
+PENDING, PROCESSING = GenerationStatus.PENDING.value, GenerationStatus.PROCESSING.value
+COMPLETED, FAILED = GenerationStatus.COMPLETED.value, GenerationStatus.FAILED.value
+CANCELLED_MESSAGE = "cancelled by request"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+# --- producer side --------------------------------------------------------------------------
+
+
+def job_row(job: NewJob, job_id: str, now: datetime, default_file_path: str) -> dict[str, Any]:
+    return {
+        "id": job_id, "prompt": job.prompt, "model_name": job.model_name,
+        "model_version": job.model_version, "duration_seconds": job.duration_seconds,
+        "sample_rate": job.sample_rate, "channels": job.channels,
+        "file_path": job.file_path or default_file_path, "status": PENDING, "created_at": now,
+        "metadata": job.metadata, "priority": job.priority, "attempts": 0,
+        "max_attempts": job.max_attempts, "run_after": job.run_after,
+    }
+
+
+def insert_jobs(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert validated job rows and count their prompts, in the caller's transaction."""
+    if not rows:
+        return
+    session.execute(sa.insert(G), list(rows))
+    upsert_prompts(session, Counter(str(row["prompt"]) for row in rows), rows[0]["created_at"])
+
+
+def upsert_prompts(session: Session, counts: Mapping[str, int], now: datetime) -> None:
+    """Add ``counts`` to each prompt's ``used_count`` in one atomic upsert per distinct text."""
+    insert = postgresql.insert(P) if session.get_bind().dialect.name == "postgresql" else sqlite.insert(P)
+    stmt = insert.on_conflict_do_update(
+        index_elements=[P.c.text],
+        set_={
+            "used_count": sa.func.coalesce(P.c.used_count, 0) + insert.excluded.used_count,
+            "last_used_at": insert.excluded.last_used_at,
+        },
+    )
+    # Sorted so concurrent batches take row locks in the same order and cannot deadlock.
+    params = [
+        {"text": text, "used_count": n, "first_used_at": now, "last_used_at": now}
+        for text, n in sorted(counts.items())
+    ]
+    session.execute(stmt, params)
+
+
+def get_prompt(session: Session, text: str) -> Prompt | None:
+    return session.scalars(sa.select(Prompt).where(Prompt.text == text)).one_or_none()
+
+
+def get_job(session: Session, job_id: str) -> Generation | None:
+    return session.get(Generation, job_id, populate_existing=True)
+
+
+def require_job(session: Session, job_id: str) -> Generation:
+    job = get_job(session, job_id)
+    if job is None:
+        raise JobNotFoundError(job_id)
+    return job
+
+
+def list_jobs(
+    session: Session, status: GenerationStatus | None, limit: int, offset: int
+) -> list[Generation]:
+    query = sa.select(Generation)
+    if status is not None:
+        query = query.where(Generation.status == status.value)
+    if status is GenerationStatus.COMPLETED:
+        query = query.order_by(Generation.completed_at.desc())
+    else:
+        query = query.order_by(Generation.created_at.desc())
+    return list(session.scalars(query.limit(limit).offset(offset)))
+
+
+def pending_jobs(session: Session, limit: int) -> list[Generation]:
+    """Pending jobs in the order the daemon claims them."""
+    query = (
+        sa.select(Generation).where(Generation.status == PENDING)
+        .order_by(Generation.priority.desc(), Generation.created_at).limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def most_used_prompts(session: Session, limit: int) -> list[Prompt]:
+    query = sa.select(Prompt).order_by(Prompt.used_count.desc(), Prompt.last_used_at.desc()).limit(limit)
+    return list(session.scalars(query))
+
+
+def delete_job(session: Session, job_id: str) -> bool:
+    return session.execute(sa.delete(G).where(G.c.id == job_id)).rowcount == 1  # type: ignore[attr-defined]
+
+
+def set_outcome(
+    session: Session, job_id: str, status: GenerationStatus, values: Mapping[str, Any]
+) -> Generation:
+    """The specification's complete/fail: from pending or processing, unfenced (producer side)."""
+    result = session.execute(
+        sa.update(G)
+        .where(G.c.id == job_id, G.c.status.in_((PENDING, PROCESSING)))
+        .values(status=status.value, completed_at=utcnow(), worker_id=None, lease_expires_at=None,
+                **values)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        job = require_job(session, job_id)
+        raise InvalidStateError(f"generation {job_id} is already {job.status}; cannot mark it {status}")
+    return require_job(session, job_id)
+
+
+def cancel_job(session: Session, job_id: str) -> Generation:
+    """Cancel a pending job: it becomes failed with a 'cancelled' message. Running jobs refuse."""
+    result = session.execute(
+        sa.update(G).where(G.c.id == job_id, G.c.status == PENDING)
+        .values(status=FAILED, error_message=CANCELLED_MESSAGE, completed_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        job = require_job(session, job_id)
+        raise InvalidStateError(
+            f"generation {job_id} is {job.status}; only pending jobs can be cancelled"
+            + (" (it is running; wait for it or stop its daemon)" if job.status == PROCESSING else "")
+        )
+    return require_job(session, job_id)
+
+
+def retry_job(session: Session, job_id: str, run_after: datetime | None = None) -> Generation:
+    """Send a failed job back to pending with a fresh set of attempts."""
+    result = session.execute(
+        sa.update(G).where(G.c.id == job_id, G.c.status == FAILED)
+        .values(status=PENDING, attempts=0, error_message=None, completed_at=None,
+                run_after=run_after, worker_id=None, claimed_at=None, lease_expires_at=None,
+                generation_time_seconds=None, file_size_bytes=None)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        job = require_job(session, job_id)
+        raise InvalidStateError(f"generation {job_id} is {job.status}; only failed jobs can be retried")
+    return require_job(session, job_id)
+
+
+# --- daemon side ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this daemon now holds; ``attempt`` with ``worker_id`` is its fencing token."""
+
+    id: str
+    prompt: str
+    model_name: str
+    duration_seconds: float
+    sample_rate: int
+    channels: int
+    file_path: str
+    metadata: dict[str, Any] | None
+    attempt: int
+    max_attempts: int
+    created_at: datetime
+    claimed_at: datetime
+
+
+_CLAIM_COLUMNS = (
+    G.c.id, G.c.prompt, G.c.model_name, G.c.duration_seconds, G.c.sample_rate, G.c.channels,
+    G.c.file_path, G.c.metadata, G.c.attempts, G.c.max_attempts, G.c.created_at, G.c.claimed_at,
+)
+
+
+def claim(
+    session: Session, *, worker_id: str, models: Iterable[str], limit: int, now: datetime,
+    lease: timedelta,
+) -> list[ClaimedJob]:
+    """Claim up to ``limit`` due pending jobs of ``models`` in one UPDATE ... RETURNING."""
+    due = sa.or_(G.c.run_after.is_(None), G.c.run_after <= now)
+    candidates = (
+        sa.select(G.c.id)
+        .where(G.c.status == PENDING, G.c.model_name.in_(sorted(models)), due)
+        .order_by(G.c.priority.desc(), G.c.created_at)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    stmt = (
+        sa.update(G)
+        .where(G.c.id.in_(candidates.scalar_subquery()), G.c.status == PENDING)
+        .values(status=PROCESSING, worker_id=worker_id, attempts=G.c.attempts + 1,
+                claimed_at=now, lease_expires_at=now + lease)
+        .returning(*_CLAIM_COLUMNS)
+    )
+    rows = session.execute(stmt).all()
+    jobs = [
+        ClaimedJob(
+            id=r.id, prompt=r.prompt, model_name=r.model_name, duration_seconds=r.duration_seconds,
+            sample_rate=r.sample_rate, channels=r.channels, file_path=r.file_path,
+            metadata=r.metadata, attempt=r.attempts, max_attempts=r.max_attempts,
+            created_at=r.created_at, claimed_at=r.claimed_at,
+        )
+        for r in rows
+    ]
+    jobs.sort(key=lambda j: j.created_at)
+    return jobs
+
+
+def _held(job_id: str, worker_id: str, attempt: int) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        G.c.id == job_id, G.c.status == PROCESSING, G.c.worker_id == worker_id, G.c.attempts == attempt
+    )
+
+
+def extend_leases(
+    session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]], until: datetime
+) -> set[str]:
+    """Push the lease of each (id, attempt) still held; returns the ids still held."""
+    held: set[str] = set()
+    for job_id, attempt in jobs:
+        result = session.execute(
+            sa.update(G).where(_held(job_id, worker_id, attempt)).values(lease_expires_at=until)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            held.add(job_id)
+    return held
+
+
+def finish(
+    session: Session, *, job_id: str, worker_id: str, attempt: int, values: Mapping[str, Any]
+) -> bool:
+    """Record an outcome only if this daemon still holds the attempt. False means fenced off."""
+    result = session.execute(
+        sa.update(G).where(_held(job_id, worker_id, attempt))
+        .values(worker_id=None, lease_expires_at=None, **values)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def completed_values(now: datetime, generation_time: float, file_size: int,
+                     metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {"status": COMPLETED, "completed_at": now, "generation_time_seconds": generation_time,
+            "file_size_bytes": file_size, "error_message": None, "metadata": dict(metadata or {})}
+
+
+def failed_values(now: datetime, message: str, generation_time: float | None) -> dict[str, Any]:
+    return {"status": FAILED, "completed_at": now, "error_message": message,
+            "generation_time_seconds": generation_time}
+
+
+def retry_values(run_after: datetime, message: str) -> dict[str, Any]:
+    return {"status": PENDING, "run_after": run_after, "error_message": message}
+
+
+def release_values() -> dict[str, Any]:
+    """Give a job back without spending its attempt (graceful stop)."""
+    return {"status": PENDING, "attempts": G.c.attempts - 1, "claimed_at": None}
+
+
+def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str]]:
+    """Requeue jobs whose lease expired, or fail them once their attempts are spent."""
+    expired = sa.and_(G.c.status == PROCESSING, G.c.lease_expires_at < now)
+    requeued = session.execute(
+        sa.update(G).where(expired, G.c.attempts < G.c.max_attempts)
+        .values(status=PENDING, worker_id=None, lease_expires_at=None, run_after=None,
+                error_message="lease expired: the daemon running it died or stalled; requeued")
+        .returning(G.c.id)
+    ).scalars().all()
+    failed = session.execute(
+        sa.update(G).where(expired, G.c.attempts >= G.c.max_attempts)
+        .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
+                error_message="lease expired on the last attempt: the daemon running it died "
+                              "or stalled every time")
+        .returning(G.c.id)
+    ).scalars().all()
+    return list(requeued), list(failed)
+
+
+# --- reads for stats and metrics ------------------------------------------------------------
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(sa.select(G.c.status, sa.func.count()).group_by(G.c.status)).all()
+    counts = {status.value: 0 for status in GenerationStatus}
+    counts.update({status: n for status, n in rows})
+    return counts
+
+
+def pending_by_model(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        sa.select(G.c.model_name, sa.func.count()).where(G.c.status == PENDING).group_by(G.c.model_name)
+    ).all()
+    return {model: n for model, n in rows}
+
+
+def oldest_pending_created_at(session: Session) -> datetime | None:
+    value = session.execute(
+        sa.select(sa.func.min(Generation.created_at)).where(Generation.status == PENDING)
+    ).scalar_one_or_none()
+    return value
+
+
+def database_stats(session: Session) -> dict[str, Any]:
+    counts = count_by_status(session)
+    completed = session.execute(
+        sa.select(sa.func.avg(G.c.generation_time_seconds), sa.func.sum(G.c.duration_seconds))
+        .where(G.c.status == COMPLETED)
+    ).one()
+    oldest = oldest_pending_created_at(session)
+    return {
+        "total_generations": sum(counts.values()),
+        "by_status": counts,
+        **{f"{status}_generations": n for status, n in counts.items()},
+        "total_prompts": session.execute(sa.select(sa.func.count()).select_from(P)).scalar_one(),
+        "average_generation_time_seconds": float(completed[0]) if completed[0] is not None else None,
+        "total_audio_seconds": float(completed[1] or 0.0),
+        "oldest_pending_created_at": oldest.isoformat() if oldest else None,
+    }

@@ -1,0 +1,152 @@
+"""Validation at the door: every field of a new job is checked before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any
+
+from dgxqueue.config import JobSettings
+from dgxqueue.errors import ValidationError
+from dgxqueue.storage.models import GenerationStatus
+
+MAX_FILE_PATH_LENGTH = 1024
+MAX_MODEL_NAME_LENGTH = 200
+PRIORITY_RANGE = (-1000, 1000)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated, normalised job, ready to insert."""
+
+    prompt: str
+    model_name: str
+    duration_seconds: float
+    sample_rate: int
+    channels: int
+    file_path: str | None
+    metadata: dict[str, Any] | None
+    model_version: str | None
+    priority: int
+    run_after: datetime | None
+    max_attempts: int
+
+
+def _text(field: str, value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, value, "a string")
+    if "\x00" in value:
+        raise ValidationError(field, value, "text without NUL bytes")
+    if not value.strip():
+        raise ValidationError(field, value, "non-empty text")
+    if len(value) > limit:
+        raise ValidationError(field, value, f"at most {limit} characters (got {len(value)})")
+    return value
+
+
+def _integer(field: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field, value, f"an integer in [{lo}, {hi}]")
+    if not lo <= value <= hi:
+        raise ValidationError(field, value, f"an integer in [{lo}, {hi}]")
+    return value
+
+
+def validate_prompt(prompt: object, limits: JobSettings) -> str:
+    return _text("prompt", prompt, limits.max_prompt_length).strip()
+
+
+def validate_duration(value: object, limits: JobSettings) -> float:
+    allowed = f"a finite number of seconds in (0, {limits.max_duration_seconds:g}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError("duration_seconds", value, allowed)
+    if not math.isfinite(value) or value <= 0 or value > limits.max_duration_seconds:
+        raise ValidationError("duration_seconds", value, allowed)
+    return float(value)
+
+
+def validate_file_path(value: object) -> str:
+    """A relative POSIX path with no ``..``: it must stay inside the outputs folder."""
+    allowed = "a relative path inside the outputs folder ending in .wav, without '..'"
+    if not isinstance(value, str) or not value or "\x00" in value or len(value) > MAX_FILE_PATH_LENGTH:
+        raise ValidationError("file_path", value, allowed)
+    posix, windows = PurePosixPath(value), PureWindowsPath(value)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or value.startswith(("/", "\\", "~")):
+        raise ValidationError("file_path", value, allowed)
+    if ".." in posix.parts or ".." in windows.parts or posix.suffix.lower() != ".wav":
+        raise ValidationError("file_path", value, allowed)
+    return posix.as_posix()
+
+
+def validate_metadata(value: object, limits: JobSettings) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    allowed = f"a JSON object of at most {limits.max_metadata_bytes} bytes"
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValidationError("metadata", value, allowed)
+    try:
+        encoded = json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        raise ValidationError("metadata", value, allowed + " with JSON-serialisable values") from None
+    if "\\u0000" in encoded:
+        raise ValidationError("metadata", value, allowed + " without NUL characters")
+    if len(encoded.encode()) > limits.max_metadata_bytes:
+        raise ValidationError("metadata", value, allowed)
+    loaded: dict[str, Any] = json.loads(encoded)
+    return loaded
+
+
+def validate_status(value: object) -> GenerationStatus:
+    try:
+        return GenerationStatus(value)
+    except ValueError:
+        allowed = "one of " + ", ".join(s.value for s in GenerationStatus)
+        raise ValidationError("status", value, allowed) from None
+
+
+def validate_run_after(value: object) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise ValidationError("run_after", value, "a datetime (naive means UTC)")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def validate_limit(value: object, field: str = "limit", hi: int = 100_000) -> int:
+    return _integer(field, value, 0, hi)
+
+
+def validate_new_job(
+    *,
+    prompt: object,
+    model_name: object,
+    duration_seconds: object,
+    sample_rate: object,
+    channels: object,
+    file_path: object,
+    metadata: object,
+    model_version: object,
+    priority: object,
+    run_after: object,
+    max_attempts: object,
+    limits: JobSettings,
+) -> NewJob:
+    return NewJob(
+        prompt=validate_prompt(prompt, limits),
+        model_name=_text("model_name", model_name, MAX_MODEL_NAME_LENGTH).strip(),
+        duration_seconds=validate_duration(duration_seconds, limits),
+        sample_rate=_integer("sample_rate", sample_rate, limits.min_sample_rate, limits.max_sample_rate),
+        channels=_integer("channels", channels, 1, limits.max_channels),
+        file_path=None if file_path is None else validate_file_path(file_path),
+        metadata=validate_metadata(metadata, limits),
+        model_version=None if model_version is None else _text("model_version", model_version, 200),
+        priority=_integer("priority", priority, *PRIORITY_RANGE),
+        run_after=validate_run_after(run_after),
+        max_attempts=_integer(
+            "max_attempts", limits.max_attempts if max_attempts is None else max_attempts, 1, 100
+        ),
+    )
