@@ -26,6 +26,8 @@ P = Prompt.__table__
 PENDING, PROCESSING = GenerationStatus.PENDING.value, GenerationStatus.PROCESSING.value
 COMPLETED, FAILED = GenerationStatus.COMPLETED.value, GenerationStatus.FAILED.value
 CANCELLED_MESSAGE = "cancelled by request"
+#: PostgreSQL channel a producer notifies (payload: the model name) so idle daemons wake at once.
+NOTIFY_CHANNEL = "dgxqueue_jobs"
 
 
 def new_id() -> str:
@@ -52,6 +54,15 @@ def insert_jobs(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
         return
     session.execute(sa.insert(G), list(rows))
     upsert_prompts(session, Counter(str(row["prompt"]) for row in rows), rows[0]["created_at"])
+    notify_models(session, {str(row["model_name"]) for row in rows})
+
+
+def notify_models(session: Session, models: Iterable[str]) -> None:
+    """Wake daemons serving ``models`` (PostgreSQL NOTIFY, delivered when the transaction commits)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite daemons notice commits through PRAGMA data_version
+    for model in sorted(models):
+        session.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, model)))
 
 
 def upsert_prompts(session: Session, counts: Mapping[str, int], now: datetime) -> None:

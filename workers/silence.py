@@ -1,0 +1,37 @@
+"""A backend that renders silence instantly: the no-op job for tests and throughput benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+
+
+class SilenceGenerator:
+    """Serves model ``silence``; any batch size; every request gets zeros of the right shape."""
+
+    name = "silence"
+
+    def __init__(self, models: Sequence[str] = ("silence",), max_batch_size: int = 64) -> None:
+        self.models = frozenset(models)
+        self.max_batch_size = max_batch_size
+
+    def load(self) -> None:
+        """Nothing to load."""
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        return (request.sample_rate, request.channels)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Every request is servable."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
+        return [
+            GeneratedAudio(
+                samples=np.zeros((r.channels, round(r.duration_seconds * r.sample_rate)), np.float32),
+                sample_rate=r.sample_rate,
+            )
+            for r in requests
+        ]
