@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -21,8 +21,8 @@ from dgxqueue.errors import InvalidStateError, JobNotFoundError
 from dgxqueue.storage.models import Generation, GenerationStatus, Prompt, utcnow
 from dgxqueue.storage.validation import NewJob
 
-G = Generation.__table__
-P = Prompt.__table__
+G = cast(sa.Table, Generation.__table__)
+P = cast(sa.Table, Prompt.__table__)
 PENDING, PROCESSING = GenerationStatus.PENDING.value, GenerationStatus.PROCESSING.value
 COMPLETED, FAILED = GenerationStatus.COMPLETED.value, GenerationStatus.FAILED.value
 CANCELLED_MESSAGE = "cancelled by request"
@@ -65,16 +65,25 @@ def notify_models(session: Session, models: Iterable[str]) -> None:
         session.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, model)))
 
 
-def upsert_prompts(session: Session, counts: Mapping[str, int], now: datetime) -> None:
-    """Add ``counts`` to each prompt's ``used_count`` in one atomic upsert per distinct text."""
-    insert = postgresql.insert(P) if session.get_bind().dialect.name == "postgresql" else sqlite.insert(P)
-    stmt = insert.on_conflict_do_update(
+def prompt_upsert(dialect: str) -> sa.Insert:
+    """``INSERT INTO prompts ... ON CONFLICT (text) DO UPDATE`` adding to ``used_count``."""
+    insert = postgresql.insert(P) if dialect == "postgresql" else sqlite.insert(P)
+    return insert.on_conflict_do_update(
         index_elements=[P.c.text],
         set_={
             "used_count": sa.func.coalesce(P.c.used_count, 0) + insert.excluded.used_count,
             "last_used_at": insert.excluded.last_used_at,
         },
     )
+
+
+# Built once per dialect: constructing the ON CONFLICT clause costs more than executing it.
+_PROMPT_UPSERTS = {name: prompt_upsert(name) for name in ("postgresql", "sqlite")}
+
+
+def upsert_prompts(session: Session, counts: Mapping[str, int], now: datetime) -> None:
+    """Add ``counts`` to each prompt's ``used_count`` in one atomic upsert per distinct text."""
+    stmt = _PROMPT_UPSERTS[session.get_bind().dialect.name]
     # Sorted so concurrent batches take row locks in the same order and cannot deadlock.
     params = [
         {"text": text, "used_count": n, "first_used_at": now, "last_used_at": now}
@@ -126,7 +135,8 @@ def most_used_prompts(session: Session, limit: int) -> list[Prompt]:
 
 
 def delete_job(session: Session, job_id: str) -> bool:
-    return session.execute(sa.delete(G).where(G.c.id == job_id)).rowcount == 1  # type: ignore[attr-defined]
+    result = session.execute(sa.delete(G).where(G.c.id == job_id))
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def set_outcome(
@@ -215,9 +225,12 @@ def claim(
     )
     if session.get_bind().dialect.name == "postgresql":
         candidates = candidates.with_for_update(skip_locked=True)
+    # MATERIALIZED: evaluated exactly once. A plain IN (subquery) may be re-run per outer row on
+    # PostgreSQL, and with LIMIT ... SKIP LOCKED that claims more rows than asked for.
+    chosen = candidates.cte("candidates").prefix_with("MATERIALIZED")
     stmt = (
         sa.update(G)
-        .where(G.c.id.in_(candidates.scalar_subquery()), G.c.status == PENDING)
+        .where(G.c.id.in_(sa.select(chosen.c.id)), G.c.status == PENDING)
         .values(status=PROCESSING, worker_id=worker_id, attempts=G.c.attempts + 1,
                 claimed_at=now, lease_expires_at=now + lease)
         .returning(*_CLAIM_COLUMNS)
@@ -306,6 +319,25 @@ def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str
     return list(requeued), list(failed)
 
 
+def has_work(session: Session, models: Iterable[str], now: datetime) -> bool:
+    """Pending jobs of ``models`` that are due, or retries waiting on their backoff."""
+    waiting = sa.or_(G.c.run_after.is_(None), G.c.run_after <= now, G.c.attempts > 0)
+    query = sa.select(G.c.id).where(
+        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting
+    ).limit(1)
+    return session.execute(query).first() is not None
+
+
+def next_due(session: Session, models: Iterable[str], now: datetime) -> datetime | None:
+    """The earliest future ``run_after`` among pending jobs of ``models``."""
+    query = sa.select(sa.func.min(Generation.run_after)).where(
+        Generation.status == PENDING, Generation.model_name.in_(sorted(models)),
+        Generation.run_after > now,
+    )
+    value: datetime | None = session.execute(query).scalar_one_or_none()
+    return value
+
+
 # --- reads for stats and metrics ------------------------------------------------------------
 
 
@@ -346,3 +378,129 @@ def database_stats(session: Session) -> dict[str, Any]:
         "total_audio_seconds": float(completed[1] or 0.0),
         "oldest_pending_created_at": oldest.isoformat() if oldest else None,
     }
+
+
+# --- maintenance ---
+
+
+def finished_jobs_before(
+    session: Session, statuses: Iterable[str], before: datetime
+) -> list[tuple[str, str]]:
+    """(id, file_path) of jobs in ``statuses`` that finished before ``before`` (created, if unset)."""
+    finished_at = sa.func.coalesce(G.c.completed_at, G.c.created_at)
+    query = (
+        sa.select(G.c.id, G.c.file_path)
+        .where(G.c.status.in_(sorted(set(statuses) & {COMPLETED, FAILED})), finished_at < before)
+        .order_by(finished_at)
+    )
+    return [(row.id, row.file_path) for row in session.execute(query)]
+
+
+def delete_jobs(session: Session, ids: Sequence[str], chunk: int = 500) -> int:
+    """Delete finished jobs by id, in chunks (SQLite limits bound parameters); returns the count."""
+    deleted = 0
+    for start in range(0, len(ids), chunk):
+        result = session.execute(
+            sa.delete(G).where(G.c.id.in_(ids[start:start + chunk]), G.c.status.in_((COMPLETED, FAILED)))
+        )
+        deleted += result.rowcount  # type: ignore[attr-defined]
+    return deleted
+
+
+# --- metrics --------------------------------------------------------------------------------
+# The queue depth behind /metrics, read at scrape time. Pending rows are counted exactly through
+# the partial claim index (one range per model and priority); the oldest pending job comes from a
+# skip scan of that index (one seek per model and priority), whatever the backlog. Processing and
+# failed rows are counted exactly through the status index. Completed rows are the rest of the
+# table: exact on SQLite (count(*) of a table walks pages, not rows), and on PostgreSQL, where
+# count(*) reads every row, its planner's estimate (pg_class scaled to the table's current size)
+# once that exceeds PG_EXACT_LIMIT rows. benchmarks/bench_metrics.py measures it with 1M rows.
+
+#: Up to this many rows (by estimate) PostgreSQL counts completed jobs exactly.
+PG_EXACT_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """Rows per status, pending rows per model, and when the oldest pending job was created."""
+
+    by_status: dict[str, int]
+    pending_by_model: dict[str, int]
+    oldest_pending_created_at: datetime | None
+    completed_is_estimate: bool
+
+
+def _pending_levels() -> sa.Select[Any]:
+    """(model, count, oldest) for each distinct (model, priority) of pending rows, by skip scan."""
+    g = G.alias("g")
+    pending = g.c.status == _inline(PENDING)
+    models = (
+        sa.select(sa.func.min(g.c.model_name).label("name")).where(pending)
+        .cte("models", recursive=True)
+    )
+    after = sa.select(sa.func.min(g.c.model_name)).where(pending, g.c.model_name > models.c.name)
+    models = models.union_all(
+        sa.select(after.scalar_subquery()).where(models.c.name.is_not(None))
+    )
+    top = sa.select(sa.func.max(g.c.priority)).where(pending, g.c.model_name == models.c.name)
+    levels = (
+        sa.select(models.c.name.label("model_name"), top.scalar_subquery().label("priority"))
+        .where(models.c.name.is_not(None))
+        .cte("levels", recursive=True)
+    )
+    below = sa.select(sa.func.max(g.c.priority)).where(
+        pending, g.c.model_name == levels.c.model_name, g.c.priority < levels.c.priority
+    )
+    levels = levels.union_all(
+        sa.select(levels.c.model_name, below.scalar_subquery()).where(levels.c.priority.is_not(None))
+    )
+    here = (pending, g.c.model_name == levels.c.model_name, g.c.priority == levels.c.priority)
+    return sa.select(
+        levels.c.model_name,
+        sa.select(sa.func.count()).select_from(g).where(*here).scalar_subquery(),
+        sa.select(sa.func.min(g.c.created_at)).where(*here).scalar_subquery(),
+    ).where(levels.c.priority.is_not(None))
+
+
+def _inline(status: str) -> sa.BindParameter[str]:
+    # Rendered into the SQL, so PostgreSQL's generic plans can still prove the partial indexes.
+    return sa.literal(status, literal_execute=True)
+
+
+def _count(status: str | None = None) -> sa.ScalarSelect[int]:
+    query = sa.select(sa.func.count()).select_from(G)
+    return (query if status is None else query.where(G.c.status == _inline(status))).scalar_subquery()
+
+
+def _pg_row_estimate(session: Session) -> float:
+    """PostgreSQL's estimate of the table's rows, as its planner makes it (0 before ANALYZE)."""
+    pg_class = sa.table("pg_class", sa.column("oid"), sa.column("reltuples"), sa.column("relpages"))
+    pages_now = sa.func.pg_relation_size(pg_class.c.oid) / sa.cast(
+        sa.func.current_setting("block_size"), sa.Integer
+    )
+    estimate = sa.case(
+        (sa.and_(pg_class.c.reltuples > 0, pg_class.c.relpages > 0),
+         pg_class.c.reltuples / pg_class.c.relpages * pages_now),
+        else_=0,
+    )
+    oid = sa.cast(sa.literal(G.name), postgresql.REGCLASS)
+    value = session.execute(sa.select(estimate).where(pg_class.c.oid == oid)).scalar_one_or_none()
+    return float(value or 0)
+
+
+def queue_depth(session: Session) -> QueueDepth:
+    """The queue's depth from indexed reads; the comment above says what each part costs."""
+    by_model: dict[str, int] = {}
+    oldest: datetime | None = None
+    for model, n, created in session.execute(_pending_levels()).all():
+        by_model[model] = by_model.get(model, 0) + n
+        oldest = created if oldest is None or created < oldest else oldest
+    estimate = _pg_row_estimate(session) if session.get_bind().dialect.name == "postgresql" else 0.0
+    use_estimate = estimate > PG_EXACT_LIMIT
+    total = sa.literal(int(estimate)) if use_estimate else _count()
+    row = session.execute(sa.select(total, _count(PROCESSING), _count(FAILED))).one()
+    pending = sum(by_model.values())
+    counts = {PENDING: pending, PROCESSING: row[1], FAILED: row[2]}
+    # The parts come from different statements (and, on PostgreSQL, an estimate): never below 0.
+    counts[COMPLETED] = max(0, int(row[0]) - pending - row[1] - row[2])
+    return QueueDepth(counts, by_model, oldest, use_estimate)

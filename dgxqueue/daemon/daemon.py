@@ -1,0 +1,325 @@
+"""The daemon: claim what the generator serves, run it, record the outcome, repeat.
+
+One main thread owns the loop and every database call; the backend runs on the runner's thread
+so the loop keeps refreshing leases, rescuing, and pinging the systemd watchdog while a long job
+runs. :meth:`Daemon.run` is the thin loop; :meth:`Daemon.run_once` is one claim-and-process step
+that tests drive directly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy.engine import Engine
+
+import dgxqueue
+from dgxqueue.config import Settings
+from dgxqueue.daemon.executor import Outcome, Work, prepare, render
+from dgxqueue.daemon.hooks import DaemonInfo, Hooks
+from dgxqueue.daemon.retry import decide
+from dgxqueue.daemon.runner import Runner
+from dgxqueue.daemon.store import QueueStore, is_transient_db_error
+from dgxqueue.daemon.waker import Waker, make_waker
+from dgxqueue.errors import TransientGeneratorError
+from dgxqueue.generators import Generator
+from dgxqueue.storage import repository
+from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.systemd import Notifier
+
+log = structlog.get_logger("dgxqueue.daemon")
+_SLICE = 0.25  # longest the loop blocks without looking at stop requests and timers
+
+
+def new_worker_id() -> str:
+    """Unique per process: host, pid and a random suffix (pids are reused across restarts)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Daemon:
+    """Composes the store, the runner, the waker and the hooks around one generator."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine,
+        generator: Generator,
+        hooks: Hooks | None = None,
+        notifier: Notifier | None = None,
+        worker_id: str | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+        waker: Waker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = settings.worker
+        self.engine = engine
+        self.generator = generator
+        self.hooks = hooks or Hooks()
+        self.notifier = notifier or Notifier({})
+        self.worker_id = worker_id or new_worker_id()
+        self.models = tuple(sorted(settings.generator.models or generator.models))
+        self.batch_size = settings.worker.batch_size or max(1, generator.max_batch_size)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.store = QueueStore(
+            engine, worker_id=self.worker_id, models=self.models,
+            lease=timedelta(seconds=settings.worker.lease_seconds),
+        )
+        self.runner = Runner()
+        self.waker = waker or make_waker(engine, settings.worker.sqlite_check_interval_seconds)
+        self.log = log.bind(worker_id=self.worker_id)
+        self._held: list[ClaimedJob] = []
+        self._stop_requested_at: float | None = None
+        self._immediate = False
+        self._stopping_sent = False
+        self._last_loop = time.monotonic()
+        self._next_rescue = 0.0
+        self._next_watchdog = 0.0
+
+    # --- control --------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested_at is not None
+
+    def request_stop(self, immediate: bool = False) -> None:
+        """Stop claiming; finish running work within the grace period (none if ``immediate``).
+
+        Safe to call from a signal handler. A second request makes the stop immediate.
+        """
+        if self._stop_requested_at is None and not immediate:
+            self._stop_requested_at = time.monotonic()
+        else:
+            self._stop_requested_at = self._stop_requested_at or time.monotonic()
+            self._immediate = True
+        self.waker.wake()
+
+    def healthy(self) -> bool:
+        """False when the loop has stalled or a backend call overran its limit and is stuck."""
+        stall_limit = max(20.0, 2 * self.config.heartbeat_seconds + 15.0)
+        if self.runner.stuck_for() > 0:
+            return False
+        return time.monotonic() - self._last_loop < stall_limit
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the generator and check the database; then tell systemd we are ready."""
+        self.hooks.on_start(DaemonInfo(
+            worker_id=self.worker_id, generator=self.generator.name, models=self.models,
+            engine=self.engine.dialect.name, version=dgxqueue.__version__,
+        ))
+        self.notifier.status(f"loading generator {self.generator.name}")
+        started = time.perf_counter()
+        self.generator.load()
+        self.hooks.on_model_loaded(time.perf_counter() - started)
+        self.store.ping()
+        self.notifier.ready(f"serving {', '.join(self.models)}")
+        self.log.info("daemon ready", generator=self.generator.name, models=list(self.models),
+                      batch_size=self.batch_size, engine=self.engine.dialect.name)
+
+    def run(self, *, burst: bool = False) -> int:
+        """Run until stopped (or, with ``burst``, until the queue is drained). Returns 0."""
+        self.start()
+        try:
+            while not self.stopping:
+                self.tick()
+                if self.runner.busy:  # an abandoned backend call still runs: take nothing new
+                    self.waker.wait(_SLICE)
+                    continue
+                try:
+                    if self.run_once():
+                        continue
+                    now = self.clock()
+                    if burst and not self.store.has_work(now):
+                        self.log.info("burst: queue drained")
+                        break
+                    self.waker.wait(self._idle_timeout(now))
+                except Exception as exc:
+                    if not is_transient_db_error(exc):
+                        raise
+                    self.log.error("database unavailable; will retry", error=str(exc)[:300])
+                    self.waker.wait(1.0)
+        finally:
+            self.shutdown()
+        return 0
+
+    def _idle_timeout(self, now: datetime) -> float:
+        timeout = min(self.config.poll_interval_seconds, 1.0)
+        due = self.store.next_due(now)
+        if due is not None:
+            timeout = min(timeout, max(0.0, (due - now).total_seconds()))
+        return timeout
+
+    def tick(self) -> None:
+        """Housekeeping on every round: liveness, watchdog, STOPPING, rescue."""
+        now = time.monotonic()
+        self._last_loop = now
+        self.hooks.on_loop(now)
+        if self.stopping and not self._stopping_sent:
+            self._stopping_sent = True
+            self.notifier.stopping("finishing running jobs")
+            self.log.info("stopping", held=len(self._held), immediate=self._immediate)
+        if now >= self._next_watchdog and self.healthy():
+            self.notifier.watchdog()
+            self._next_watchdog = now + min(1.0, self.notifier.watchdog_interval or 1.0)
+        if now >= self._next_rescue:
+            self._next_rescue = now + self.config.rescue_interval_seconds
+            self.rescue()
+
+    def rescue(self) -> None:
+        try:
+            requeued, failed = self.store.rescue(self.clock())
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            self.log.warning("rescue skipped: database unavailable", error=str(exc)[:300])
+            return
+        if requeued or failed:
+            self.hooks.on_rescued(requeued, failed)
+
+    def run_once(self) -> int:
+        """Claim up to a batch of jobs, run them, record them. Returns how many were claimed."""
+        if self.stopping:
+            return 0
+        now = self.clock()
+        jobs = self.store.claim(self.batch_size, now)
+        if not jobs:
+            return 0
+        self._held = list(jobs)
+        self.hooks.on_claimed(jobs, now)
+        try:
+            work, refused = prepare(jobs, self.generator, self.settings.outputs_dir)
+            self.record(refused)
+            for batch in self._batches(work):
+                if self.stopping:
+                    break
+                self.hooks.on_batch(len(batch))
+                outcomes = self._execute(batch)
+                if outcomes is None:
+                    break
+                self.record(outcomes)
+        finally:
+            if self._held:
+                self._release()
+        return len(jobs)
+
+    def _batches(self, work: Sequence[Work]) -> list[list[Work]]:
+        groups: dict[Any, list[Work]] = {}
+        for item in work:
+            groups.setdefault(self.generator.batch_key(item.request), []).append(item)
+        size = max(1, min(self.batch_size, self.generator.max_batch_size))
+        return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+    def _execute(self, batch: list[Work]) -> list[Outcome] | None:
+        """Run a batch on the runner while heartbeating; None when a stop gave up on it."""
+        future = self.runner.submit(lambda: render(self.generator, batch))
+        started = time.monotonic()
+        next_heartbeat = started + self.config.heartbeat_seconds
+        while True:
+            try:
+                return future.result(timeout=_SLICE)
+            except FutureTimeout:
+                pass
+            self.tick()
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self.config.heartbeat_seconds
+                self.heartbeat()
+            if self.stopping:
+                assert self._stop_requested_at is not None
+                grace = 0.0 if self._immediate else self.config.grace_seconds
+                if now >= self._stop_requested_at + grace:
+                    self.runner.abandon()
+                    self.log.warning("grace period over; giving running jobs back",
+                                     jobs=[w.job.id for w in batch])
+                    return None
+            if now - started >= self.config.job_timeout_seconds:
+                self.runner.abandon()
+                error = TransientGeneratorError(
+                    f"job exceeded its time limit of {self.config.job_timeout_seconds:g} s"
+                )
+                self.log.error("generator call overran its time limit; daemon unhealthy until it returns",
+                               jobs=[w.job.id for w in batch])
+                return [Outcome(w.job, error, now - started) for w in batch]
+
+    def heartbeat(self) -> None:
+        if not self._held:
+            return
+        try:
+            held = self.store.extend(self._held, self.clock())
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            self.log.warning("heartbeat failed: database unavailable", error=str(exc)[:300])
+            return
+        for job in self._held:
+            if job.id not in held:
+                self.log.warning("lease lost: another daemon may run this job; our outcome will be refused",
+                                 job_id=job.id, model=job.model_name, attempt=job.attempt)
+
+    def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Write each outcome (fenced), in one transaction, and tell the hooks."""
+        if not outcomes:
+            return
+        now = self.clock()
+        rows: list[tuple[ClaimedJob, dict[str, Any], str, str | None]] = []
+        for outcome in outcomes:
+            job = outcome.job
+            if outcome.error is None:
+                values = repository.completed_values(
+                    now, outcome.generation_seconds, outcome.file_size, outcome.metadata)
+                rows.append((job, values, "completed", None))
+                continue
+            decision = decide(outcome.error, attempt=job.attempt, max_attempts=job.max_attempts,
+                              now=now, settings=self.config, rng=self.rng)
+            if decision.retry:
+                assert decision.run_after is not None
+                values = repository.retry_values(decision.run_after, decision.message)
+            else:
+                values = repository.failed_values(now, decision.message, outcome.generation_seconds)
+            rows.append((job, values, "retried" if decision.retry else "failed", decision.message))
+        written = self.store.finish([(job, values) for job, values, _, _ in rows])
+        by_id = {o.job.id: o for o in outcomes}
+        for (job, _, kind, error), ok in zip(rows, written, strict=True):
+            self._held = [j for j in self._held if j.id != job.id]
+            outcome = by_id[job.id]
+            self.hooks.on_job_finished(
+                job, kind if ok else "fenced", generation_seconds=outcome.generation_seconds,
+                audio_seconds=outcome.audio_seconds if kind == "completed" else None, error=error,
+            )
+
+    def _release(self) -> None:
+        jobs, self._held = self._held, []
+        try:
+            written = self.store.release(jobs)
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            self.log.error("could not give jobs back; their leases will expire and be rescued",
+                           jobs=[j.id for j in jobs], error=str(exc)[:300])
+            return
+        for job, ok in zip(jobs, written, strict=True):
+            self.hooks.on_job_finished(job, "released" if ok else "fenced",
+                                       generation_seconds=None, audio_seconds=None, error=None)
+
+    def shutdown(self) -> None:
+        if self._held:
+            self._release()
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            self.notifier.stopping()
+        self.waker.close()
+        self.hooks.on_stop()
+        self.log.info("daemon stopped")

@@ -1,0 +1,113 @@
+"""The executor's step: claimed jobs in, rendered and written WAV files (or errors) out.
+
+:func:`prepare` turns claimed rows into generator requests and refuses the ones that cannot run
+(bad output path, a request the backend rejects). :func:`render` runs one batch through the
+backend and writes each result atomically; it runs on the runner thread, so it touches no
+database and returns plain :class:`Outcome` values for the main loop to record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dgxqueue import audio
+from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
+from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
+from dgxqueue.storage.repository import ClaimedJob
+
+
+@dataclass(frozen=True)
+class Work:
+    """A claimed job ready for the backend: its request and where its file goes."""
+
+    job: ClaimedJob
+    request: GenerationRequest
+    path: Path
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt went. ``error`` is None for a completed job."""
+
+    job: ClaimedJob
+    error: BaseException | None
+    generation_seconds: float
+    file_size: int = 0
+    audio_seconds: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def to_request(job: ClaimedJob) -> GenerationRequest:
+    return GenerationRequest(
+        job_id=job.id, prompt=job.prompt, model_name=job.model_name,
+        duration_seconds=job.duration_seconds, sample_rate=job.sample_rate, channels=job.channels,
+        seed=seed_for(job.id), metadata=dict(job.metadata or {}),
+    )
+
+
+def prepare(
+    jobs: Sequence[ClaimedJob], generator: Generator, outputs_dir: Path
+) -> tuple[list[Work], list[Outcome]]:
+    """Split claimed jobs into runnable work and immediate failures."""
+    ready: list[Work] = []
+    refused: list[Outcome] = []
+    for job in jobs:
+        request = to_request(job)
+        try:
+            path = audio.resolve_output_path(outputs_dir, job.file_path)
+            generator.validate(request)
+        except (DgxQueueError, ValueError) as exc:
+            error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))
+            refused.append(Outcome(job, error, 0.0))
+            continue
+        ready.append(Work(job, request, path))
+    return ready, refused
+
+
+def _check_shape(result: GeneratedAudio, request: GenerationRequest) -> None:
+    frames = round(request.duration_seconds * request.sample_rate)
+    if result.sample_rate != request.sample_rate or result.channels != request.channels:
+        raise PermanentGeneratorError(
+            f"backend returned {result.channels} channel(s) at {result.sample_rate} Hz; "
+            f"the job asked for {request.channels} at {request.sample_rate} Hz"
+        )
+    if abs(result.frames - frames) > 1:
+        raise PermanentGeneratorError(f"backend returned {result.frames} frames; the job asked for {frames}")
+
+
+def render(generator: Generator, batch: Sequence[Work]) -> list[Outcome]:
+    """Generate one batch in one backend call and write each file. Runs on the runner thread."""
+    started = time.perf_counter()
+    try:
+        results = generator.generate([work.request for work in batch])
+        if len(results) != len(batch):
+            raise PermanentGeneratorError(
+                f"backend returned {len(results)} results for a batch of {len(batch)}"
+            )
+    except Exception as exc:  # the whole batch failed: every job gets this error
+        elapsed = time.perf_counter() - started
+        return [Outcome(work.job, exc, elapsed) for work in batch]
+    generated = time.perf_counter() - started
+    outcomes = []
+    for work, result in zip(batch, results, strict=True):
+        if isinstance(result, BaseException):
+            outcomes.append(Outcome(work.job, result, generated))
+            continue
+        write_started = time.perf_counter()
+        try:
+            _check_shape(result, work.request)
+            size = audio.write_wav_atomic(work.path, result)
+        except (GeneratorError, OutputError) as exc:
+            outcomes.append(Outcome(work.job, exc, generated))
+            continue
+        measured = audio.measure(result)
+        metadata = {**work.request.metadata, **result.metadata, **measured}
+        outcomes.append(Outcome(
+            work.job, None, generated + (time.perf_counter() - write_started), size,
+            result.duration_seconds, metadata,
+        ))
+    return outcomes

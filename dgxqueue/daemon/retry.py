@@ -1,0 +1,63 @@
+"""Retry decisions: a pure function of the attempt number and the error, stored in the row.
+
+Job retries are rows going back to ``pending`` with a ``run_after`` in the future, not a loop in
+memory, so a daemon that dies between attempts loses nothing. (tenacity, in ``store.py``, only
+retries short database calls.)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from dgxqueue.config import WorkerSettings
+from dgxqueue.errors import GeneratorError
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``retry`` with a ``run_after``, or ``fail`` for good."""
+
+    retry: bool
+    run_after: datetime | None
+    message: str
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: ``base * 2**(attempt-1)``, capped, scaled by 0.5..1."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    return delay * (0.5 + rng.random() / 2)
+
+
+def is_transient(error: BaseException, settings: WorkerSettings) -> bool:
+    """Backend errors say so themselves; unexpected exceptions follow the config."""
+    if isinstance(error, GeneratorError):
+        return error.transient
+    return settings.retry_unexpected_errors
+
+
+def describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    if not isinstance(error, GeneratorError):
+        text = f"{type(error).__name__}: {text}"
+    return text[:4000]
+
+
+def decide(
+    error: BaseException,
+    *,
+    attempt: int,
+    max_attempts: int,
+    now: datetime,
+    settings: WorkerSettings,
+    rng: random.Random,
+) -> Decision:
+    """Retry a transient error while attempts remain; otherwise fail with the last error."""
+    message = describe(error)
+    if not is_transient(error, settings):
+        return Decision(False, None, message)
+    if attempt >= max_attempts:
+        return Decision(False, None, f"{message} (gave up after {attempt} attempts)")
+    delay = backoff_seconds(attempt, settings.backoff_base_seconds, settings.backoff_max_seconds, rng)
+    return Decision(True, now + timedelta(seconds=delay), f"{message} (attempt {attempt}, retrying)")

@@ -1,0 +1,119 @@
+"""The daemon's database calls, each one short transaction retried through hiccups.
+
+tenacity retries a call when the database is briefly unavailable: SQLite's ``database is
+locked``, a PostgreSQL restart, a dropped connection, a serialization failure. Each call is its
+own transaction, so a retry repeats the whole of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import structlog
+import tenacity
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from dgxqueue.storage import repository
+from dgxqueue.storage.database import session_scope
+from dgxqueue.storage.repository import ClaimedJob
+
+T = TypeVar("T")
+log = structlog.get_logger("dgxqueue.store")
+_RETRYABLE_PGCODES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "08000", "08003", "08006"}
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """Errors worth retrying: lost connections, locks, server restarts, serialization failures."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+            return True
+        return getattr(exc.orig, "sqlstate", None) in _RETRYABLE_PGCODES
+    return isinstance(exc, sa.exc.TimeoutError)  # pool checkout timed out
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("database call failed, retrying", attempt=state.attempt_number, error=str(exc)[:300])
+
+
+class QueueStore:
+    """Claim, heartbeat, finish, release and rescue, for one daemon."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        worker_id: str,
+        models: Iterable[str],
+        lease: timedelta,
+        retry_for_seconds: float = 15.0,
+        sleep: Callable[[float], Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.models = tuple(sorted(models))
+        self.lease = lease
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient_db_error),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=2.0) + tenacity.wait_random(0, 0.05),
+            stop=tenacity.stop_after_delay(retry_for_seconds),
+            before_sleep=_log_retry,
+            sleep=sleep or tenacity.nap.sleep,
+            reraise=True,
+        )
+
+    def _run(self, fn: Callable[[Session], T]) -> T:
+        def attempt() -> T:
+            with session_scope(self.engine) as session:
+                return fn(session)
+
+        return self._retrying(attempt)
+
+    def ping(self) -> None:
+        self._run(lambda s: s.execute(sa.select(1)).scalar_one())
+
+    def claim(self, limit: int, now: datetime) -> list[ClaimedJob]:
+        return self._run(lambda s: repository.claim(
+            s, worker_id=self.worker_id, models=self.models, limit=limit, now=now, lease=self.lease,
+        ))
+
+    def extend(self, jobs: Sequence[ClaimedJob], now: datetime) -> set[str]:
+        """Refresh the leases of ``jobs``; returns the ids this daemon still holds."""
+        pairs = [(job.id, job.attempt) for job in jobs]
+        return self._run(lambda s: repository.extend_leases(
+            s, worker_id=self.worker_id, jobs=pairs, until=now + self.lease,
+        ))
+
+    def finish(self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]]) -> list[bool]:
+        """Record several outcomes in one transaction; False where the write was fenced off."""
+        def record(session: Session) -> list[bool]:
+            return [
+                repository.finish(session, job_id=job.id, worker_id=self.worker_id,
+                                  attempt=job.attempt, values=values)
+                for job, values in outcomes
+            ]
+        return self._run(record) if outcomes else []
+
+    def release(self, jobs: Sequence[ClaimedJob]) -> list[bool]:
+        """Give jobs back to the queue without spending their attempt (graceful stop)."""
+        return self.finish([(job, repository.release_values()) for job in jobs])
+
+    def rescue(self, now: datetime) -> tuple[list[str], list[str]]:
+        def rescue(session: Session) -> tuple[list[str], list[str]]:
+            requeued, failed = repository.rescue_expired(session, now)
+            if requeued:
+                repository.notify_models(session, self.models)
+            return requeued, failed
+        return self._run(rescue)
+
+    def has_work(self, now: datetime) -> bool:
+        """Due jobs, or retries waiting out their backoff, for this daemon's models (burst mode)."""
+        return self._run(lambda s: repository.has_work(s, self.models, now))
+
+    def next_due(self, now: datetime) -> datetime | None:
+        """When the earliest not-yet-due pending job of this daemon's models becomes due."""
+        return self._run(lambda s: repository.next_due(s, self.models, now))

@@ -1,0 +1,318 @@
+"""The daemon in-process on real SQLite and PostgreSQL: claims, outcomes, retries, fencing, stops."""
+
+from __future__ import annotations
+
+import threading
+import wave
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from dgxqueue.daemon import Daemon
+from dgxqueue.errors import InvalidStateError
+from dgxqueue.storage import (
+    Generation,
+    cancel_generation,
+    create_generation,
+    get_engine,
+    get_generation,
+    session_scope,
+)
+from dgxqueue.storage import repository
+from dgxqueue.storage.models import utcnow
+from tests.support.daemons import RecordingHooks, make_daemon
+from tests.support.generators import ScriptedGenerator
+from workers.silence import SilenceGenerator
+
+
+def enqueue(url: str, prompt: str, model: str = "scripted", **kw: object) -> str:
+    with session_scope(get_engine(url)) as s:
+        return create_generation(s, prompt=prompt, model_name=model, duration_seconds=kw.pop("duration", 0.05),
+                                 sample_rate=8000, channels=1, **kw).id  # type: ignore[arg-type]
+
+
+def row(url: str, job_id: str) -> Generation:
+    with session_scope(get_engine(url)) as s:
+        job = get_generation(s, job_id)
+        assert job is not None
+        return job
+
+
+@pytest.fixture
+def outputs(tmp_path: Path) -> Path:
+    return tmp_path / "outputs"
+
+
+def test_daemon__burst_completes_jobs_and_writes_wavs(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A burst run completes every job, writes its WAV and records time, size and measurements."""
+    daemon = make_daemon(db_url, outputs, SilenceGenerator(models=["silence"]))
+    ids = [enqueue(db_url, f"beat {i}", model="silence", metadata={"bpm": 90}) for i in range(5)]
+    assert daemon.run(burst=True) == 0
+    for job_id in ids:
+        job = row(db_url, job_id)
+        assert job.status == "completed" and job.attempts == 1 and job.worker_id is None
+        assert job.completed_at is not None and job.generation_time_seconds is not None
+        path = outputs / f"{job_id}.wav"
+        assert job.file_size_bytes == path.stat().st_size
+        with wave.open(str(path)) as wav:
+            assert (wav.getframerate(), wav.getnchannels(), wav.getnframes()) == (8000, 1, 400)
+        assert job.meta is not None and job.meta["bpm"] == 90 and job.meta["peak"] == 0.0
+
+
+def test_daemon__claims_only_models_it_serves(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A job for a model no daemon serves stays pending; the served one completes."""
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    other = enqueue(db_url, "x", model="musicgen-large")
+    mine = enqueue(db_url, "y")
+    daemon.run(burst=True)
+    assert row(db_url, other).status == "pending"
+    assert row(db_url, mine).status == "completed"
+
+
+def test_daemon__priority_then_age_order(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """Higher priority runs first; equal priorities run oldest first."""
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks, batch_size=1)
+    low = enqueue(db_url, "a")
+    high = enqueue(db_url, "b", priority=5)
+    low2 = enqueue(db_url, "c")
+    daemon.run(burst=True)
+    assert hooks.claimed == [high, low, low2]
+
+
+def test_daemon__not_before_is_respected(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A job scheduled in the future is not claimed before its time."""
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    later = enqueue(db_url, "later", run_after=utcnow() + timedelta(hours=1))
+    assert daemon.run_once() == 0
+    assert row(db_url, later).status == "pending"
+
+
+def test_daemon__transient_twice_then_success(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """Two transient failures then success: completed with 3 attempts."""
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    job_id = enqueue(db_url, "transient:2")
+    daemon.run(burst=True)
+    job = row(db_url, job_id)
+    assert (job.status, job.attempts, job.error_message) == ("completed", 3, None)
+
+
+def test_daemon__transient_until_attempts_spent(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A job failing transiently every time ends failed with its last error after max_attempts."""
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    job_id = enqueue(db_url, "transient:99", max_attempts=2)
+    daemon.run(burst=True)
+    job = row(db_url, job_id)
+    assert job.status == "failed" and job.attempts == 2
+    assert "scripted transient failure #2" in (job.error_message or "")
+
+
+def test_daemon__permanent_error_fails_at_once(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A permanent error fails the job at its first attempt with the backend's message."""
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    job_id = enqueue(db_url, "permanent")
+    daemon.run(burst=True)
+    job = row(db_url, job_id)
+    assert (job.status, job.attempts, job.error_message) == ("failed", 1, "scripted permanent failure")
+    assert job.completed_at is not None
+
+
+def test_daemon__unexpected_error_is_retried_unless_configured(engine: sa.Engine, db_url: str,
+                                                               outputs: Path) -> None:
+    """An unexpected exception is retried by default, failed at once when configured so."""
+    retried = enqueue(db_url, "crash", max_attempts=2)
+    make_daemon(db_url, outputs, ScriptedGenerator()).run(burst=True)
+    assert (row(db_url, retried).status, row(db_url, retried).attempts) == ("failed", 2)
+    assert "RuntimeError: scripted crash" in (row(db_url, retried).error_message or "")
+    once = enqueue(db_url, "crash", max_attempts=5)
+    make_daemon(db_url, outputs, ScriptedGenerator(), retry_unexpected_errors=False).run(burst=True)
+    assert (row(db_url, once).status, row(db_url, once).attempts) == ("failed", 1)
+
+
+def test_daemon__one_bad_request_fails_only_its_job(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """In one batch, a refused request and a failing one fail alone; the others complete."""
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks)
+    good = [enqueue(db_url, "fine") for _ in range(3)]
+    bad = enqueue(db_url, "permanent")
+    invalid = enqueue(db_url, "invalid")
+    assert daemon.run_once() == 5
+    assert all(row(db_url, g).status == "completed" for g in good)
+    assert row(db_url, bad).status == "failed"
+    assert "refused by the scripted backend" in (row(db_url, invalid).error_message or "")
+
+
+def test_daemon__output_path_outside_outputs_fails_job(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A row whose file_path escapes the outputs folder (inserted by plain SQL) fails, nothing written."""
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    job_id = enqueue(db_url, "fine")
+    with get_engine(db_url).begin() as conn:
+        conn.execute(sa.update(Generation).where(Generation.id == job_id).values(file_path="../escape.wav"))
+    daemon.run(burst=True)
+    job = row(db_url, job_id)
+    assert job.status == "failed" and "outside the outputs folder" in (job.error_message or "")
+    assert not (outputs.parent.parent / "escape.wav").exists()
+
+
+def test_daemon__plain_sql_row_is_processed(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A row inserted with only the specification's 15 columns is claimed and completed."""
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    with get_engine(db_url).begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO generations (id, prompt, model_name, model_version, duration_seconds, sample_rate,"
+            " channels, file_path, file_size_bytes, status, created_at, completed_at,"
+            " generation_time_seconds, error_message, metadata) VALUES ('a1b2c3d4-e5f6-7890-abcd-ef1234567890',"
+            " 'trap beat', 'scripted', NULL, 0.1, 8000, 2, 'outputs/a1b2c3d4.wav', NULL, 'pending',"
+            " '2025-11-07 10:00:00', NULL, NULL, NULL, NULL)"))
+    daemon.run(burst=True)
+    job = row(db_url, "a1b2c3d4-e5f6-7890-abcd-ef1234567890")
+    assert job.status == "completed" and job.attempts == 1
+    assert (outputs / "a1b2c3d4.wav").stat().st_size == job.file_size_bytes
+
+
+def test_daemon__fenced_write_is_refused(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A daemon whose lease was rescued cannot overwrite the outcome of the attempt that replaced it."""
+    hooks_a = RecordingHooks()
+    slow = ScriptedGenerator()
+    daemon_a = make_daemon(db_url, outputs, slow, hooks=hooks_a, worker_id="A")
+    job_id = enqueue(db_url, "block")
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(daemon_a.run_once()))
+    thread.start()
+    assert slow.entered.wait(10)
+    # A is presumed dead: its lease is expired from the rescuer's point of view.
+    with session_scope(get_engine(db_url)) as s:
+        requeued, failed = repository.rescue_expired(s, utcnow() + timedelta(hours=1))
+    assert requeued == [job_id] and failed == []
+    hooks_b = RecordingHooks()
+    daemon_b = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks_b, worker_id="B")
+    with get_engine(db_url).begin() as conn:  # B runs it as a normal prompt
+        conn.execute(sa.update(Generation).where(Generation.id == job_id).values(prompt="fine"))
+    assert daemon_b.run_once() == 1
+    slow.gate.set()
+    thread.join(10)
+    assert result == [1]
+    assert hooks_b.outcomes(job_id) == ["completed"]
+    assert hooks_a.outcomes(job_id) == ["fenced"]
+    job = row(db_url, job_id)
+    assert (job.status, job.attempts, job.worker_id) == ("completed", 2, None)
+
+
+def test_daemon__rescue_requeues_then_fails_expired_leases(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """Expired leases go back to pending while attempts remain, then fail with a clear message."""
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks)
+    job_id = enqueue(db_url, "fine", max_attempts=2)
+    later = utcnow() + timedelta(hours=1)
+    for attempt in (1, 2):
+        with session_scope(get_engine(db_url)) as s:
+            jobs = repository.claim(s, worker_id="dead", models=["scripted"], limit=1, now=utcnow(),
+                                    lease=timedelta(seconds=1))
+        assert [j.attempt for j in jobs] == [attempt]
+        daemon.clock = lambda: later
+        daemon.rescue()
+        daemon.clock = utcnow
+    job = row(db_url, job_id)
+    assert job.status == "failed" and "lease expired" in (job.error_message or "")
+    assert hooks.rescued == [([job_id], []), ([], [job_id])]
+
+
+def test_daemon__graceful_stop_finishes_running_job(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A stop during a job lets it finish within the grace period; it completes."""
+    gen = ScriptedGenerator()
+    daemon = make_daemon(db_url, outputs, gen, grace_seconds=60.0)
+    job_id = enqueue(db_url, "block")
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    assert gen.entered.wait(10)
+    daemon.request_stop()
+    gen.gate.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert row(db_url, job_id).status == "completed"
+
+
+def test_daemon__stop_after_grace_gives_job_back(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A job still running when the grace ends goes back to pending with its attempt not spent."""
+    gen = ScriptedGenerator()
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, gen, hooks=hooks, grace_seconds=0.0)
+    job_id = enqueue(db_url, "block")
+    queued = enqueue(db_url, "fine")
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    assert gen.entered.wait(10)
+    daemon.request_stop()
+    thread.join(10)
+    gen.gate.set()
+    assert not thread.is_alive()
+    job = row(db_url, job_id)
+    assert (job.status, job.attempts, job.worker_id, job.lease_expires_at) == ("pending", 0, None, None)
+    assert hooks.outcomes(job_id) == ["released"]
+    assert row(db_url, queued).status in ("pending", "completed")
+
+
+def test_daemon__time_limit_retries_and_reports_unhealthy(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A job past its time limit is retried with a clear message; the daemon is unhealthy until the call returns."""
+    gen = ScriptedGenerator()
+    daemon = make_daemon(db_url, outputs, gen, job_timeout_seconds=0.3)
+    job_id = enqueue(db_url, "block")
+    assert daemon.run_once() == 1
+    job = row(db_url, job_id)
+    assert job.status == "pending" and "time limit of 0.3 s" in (job.error_message or "")
+    assert not daemon.healthy() and daemon.runner.busy
+    gen.gate.set()
+    deadline = threading.Event()
+    for _ in range(500):
+        if not daemon.runner.busy:
+            break
+        deadline.wait(0.01)
+    assert daemon.healthy()
+
+
+def test_daemon__heartbeat_extends_lease(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """While a job runs, its lease is pushed forward by heartbeats."""
+    gen = ScriptedGenerator()
+    daemon = make_daemon(db_url, outputs, gen, lease_seconds=2.0, heartbeat_seconds=0.1)
+    job_id = enqueue(db_url, "block")
+    thread = threading.Thread(target=daemon.run_once)
+    thread.start()
+    assert gen.entered.wait(10)
+    first = row(db_url, job_id).lease_expires_at
+    assert first is not None
+    for _ in range(1000):
+        current = row(db_url, job_id).lease_expires_at
+        if current is not None and current > first:
+            break
+        gen.gate.wait(0.01)
+    gen.gate.set()
+    thread.join(10)
+    assert current is not None and current > first
+
+
+def test_cancel__pending_cancelled_running_refused(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """Cancelling a pending job fails it as cancelled; cancelling a running one is refused."""
+    gen = ScriptedGenerator()
+    daemon = make_daemon(db_url, outputs, gen)
+    running = enqueue(db_url, "block")
+    thread = threading.Thread(target=daemon.run_once)
+    thread.start()
+    assert gen.entered.wait(10)
+    waiting = enqueue(db_url, "fine")
+    with session_scope(get_engine(db_url)) as s:
+        assert cancel_generation(s, waiting).error_message == "cancelled by request"
+        with pytest.raises(InvalidStateError, match="running"):
+            cancel_generation(s, running)
+    gen.gate.set()
+    thread.join(10)
+    assert row(db_url, running).status == "completed"
+    assert row(db_url, waiting).status == "failed"
+
+
+def test_daemon__new_worker_ids_are_unique(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """Each daemon gets its own instance id."""
+    a = make_daemon(db_url, outputs, ScriptedGenerator())
+    b = make_daemon(db_url, outputs, ScriptedGenerator())
+    assert isinstance(a, Daemon) and a.worker_id != b.worker_id

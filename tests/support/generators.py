@@ -1,0 +1,101 @@
+"""Test backends. They serve model ``scripted``; what each job does is written in its prompt.
+
+Prompt directives (anything else renders silence):
+
+- ``transient:N``  fail with a transient error on the first N attempts, then succeed
+- ``permanent``    fail with a permanent error
+- ``crash``        raise an unexpected RuntimeError
+- ``block``        wait until ``gate`` is set (in-process) or ``release_path`` exists (processes)
+
+Every execution is appended to ``log_path`` as one line ``<job_id> <pid>`` (O_APPEND writes of
+one short line are atomic), so a test can count how often each job really ran, across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dgxqueue.errors import PermanentGeneratorError, TransientGeneratorError
+from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+
+
+def read_executions(log_path: Path) -> Counter[str]:
+    if not log_path.exists():
+        return Counter()
+    return Counter(line.split()[0] for line in log_path.read_text().splitlines() if line.strip())
+
+
+class ScriptedGenerator:
+    name = "scripted"
+
+    def __init__(
+        self,
+        models: Sequence[str] = ("scripted",),
+        max_batch_size: int = 8,
+        log_path: str | None = None,
+        release_path: str | None = None,
+    ) -> None:
+        self.models = frozenset(models)
+        self.max_batch_size = max_batch_size
+        self.log_path = Path(log_path) if log_path else None
+        self.release_path = Path(release_path) if release_path else None
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.executions: Counter[str] = Counter()
+        self.loaded = False
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        return (request.sample_rate, request.channels)
+
+    def validate(self, request: GenerationRequest) -> None:
+        if request.prompt == "invalid":
+            raise PermanentGeneratorError("prompt 'invalid' is refused by the scripted backend")
+
+    def _record(self, request: GenerationRequest) -> int:
+        """Log this execution; returns how many times this job ran before."""
+        previous = self.executions[request.job_id]
+        self.executions[request.job_id] += 1
+        if self.log_path is not None:
+            previous = read_executions(self.log_path)[request.job_id]
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{request.job_id} {os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
+        return previous
+
+    def _wait_for_release(self) -> None:
+        self.entered.set()
+        while not self.gate.wait(0.01):
+            if self.release_path is not None and self.release_path.exists():
+                return
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
+        results: list[GenerationOutcome] = []
+        for request in requests:
+            ran_before = self._record(request)
+            prompt = request.prompt
+            if prompt == "block":
+                self._wait_for_release()
+            if prompt.startswith("transient:") and ran_before < int(prompt.split(":")[1]):
+                results.append(TransientGeneratorError(f"scripted transient failure #{ran_before + 1}"))
+                continue
+            if prompt == "permanent":
+                results.append(PermanentGeneratorError("scripted permanent failure"))
+                continue
+            if prompt == "crash":
+                raise RuntimeError("scripted crash")
+            frames = round(request.duration_seconds * request.sample_rate)
+            samples = np.full((request.channels, frames), 0.25, dtype=np.float32)
+            results.append(GeneratedAudio(samples=samples, sample_rate=request.sample_rate,
+                                          metadata={"scripted": True}))
+        return results
