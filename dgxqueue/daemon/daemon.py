@@ -322,4 +322,3 @@ class Daemon:
             self.notifier.stopping()
         self.waker.close()
         self.hooks.on_stop()
-        self.log.info("daemon stopped")

@@ -6,6 +6,7 @@ Prompt directives (anything else renders silence):
 - ``permanent``    fail with a permanent error
 - ``crash``        raise an unexpected RuntimeError
 - ``block``        wait until ``gate`` is set (in-process) or ``release_path`` exists (processes)
+- ``work:S``       take S seconds, like a GPU would (simulated work, not synchronisation)
 
 Every execution is appended to ``log_path`` as one line ``<job_id> <pid>`` (O_APPEND writes of
 one short line are atomic), so a test can count how often each job really ran, across processes.
@@ -86,6 +87,8 @@ class ScriptedGenerator:
             prompt = request.prompt
             if prompt == "block":
                 self._wait_for_release()
+            if prompt.startswith("work:"):
+                threading.Event().wait(float(prompt.split(":")[1]))
             if prompt.startswith("transient:") and ran_before < int(prompt.split(":")[1]):
                 results.append(TransientGeneratorError(f"scripted transient failure #{ran_before + 1}"))
                 continue

@@ -1,0 +1,100 @@
+"""Real daemon processes for acceptance tests: a config file, ``python -m dgxqueue worker``, polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTED = "tests.support.generators:ScriptedGenerator"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write a small TOML file; nested tables as ``"generator.options"`` keys."""
+    lines = []
+    for section, table in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def worker_config(
+    tmp: Path, url: str, *, log_path: Path | None = None, release_path: Path | None = None,
+    generator: str = SCRIPTED, models: list[str] | None = None, **worker: Any,
+) -> Path:
+    options: dict[str, Any] = {}
+    if generator == SCRIPTED:
+        options = {"log_path": str(log_path or tmp / "executions.log"),
+                   "release_path": str(release_path or tmp / "release")}
+    sections: dict[str, dict[str, Any]] = {
+        "database": {"url": url},
+        "outputs": {"dir": str(tmp / "outputs")},
+        "generator": {"name": generator, **({"models": models} if models else {})},
+        "worker": {"lease_seconds": 30.0, "heartbeat_seconds": 0.2, "rescue_interval_seconds": 0.2,
+                   "backoff_base_seconds": 0.0, "poll_interval_seconds": 0.5, **worker},
+        "metrics": {"enabled": False},
+        "logging": {"format": "json", "level": "info"},
+    }
+    if options:
+        sections["generator.options"] = options
+    return write_config(tmp / f"config-{time.monotonic_ns()}.toml", sections)
+
+
+def start_worker(config: Path, log: Path, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m dgxqueue worker`` from the repository root (so ``tests`` imports)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env.pop("DATABASE_URL", None)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dgxqueue", "--config", str(config), "worker", *args],
+            cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+        )
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, *,
+    alive: subprocess.Popen[bytes] | None = None, interval: float = 0.02,
+) -> None:
+    """Poll ``predicate`` until it holds; fail with ``what`` after ``timeout`` seconds, or at once
+    if the ``alive`` process exits first."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the daemon exited with {alive.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        pause.wait(interval)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM, then the exit code (SIGKILL if it does not exit in time)."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError("daemon ignored SIGTERM") from None
