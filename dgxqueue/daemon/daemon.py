@@ -320,5 +320,6 @@ class Daemon:
         if not self._stopping_sent:
             self._stopping_sent = True
             self.notifier.stopping()
+        self.runner.close()
         self.waker.close()
         self.hooks.on_stop()

@@ -27,7 +27,7 @@ class Decision:
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with jitter: ``base * 2**(attempt-1)``, capped, scaled by 0.5..1."""
     delay = min(cap, base * (2 ** max(0, attempt - 1)))
-    return delay * (0.5 + rng.random() / 2)
+    return float(delay * (0.5 + rng.random() / 2))
 
 
 def is_transient(error: BaseException, settings: WorkerSettings) -> bool:

@@ -1,32 +1,37 @@
 """Runs the backend off the main thread, so the main loop keeps heartbeating and can give up.
 
-Each batch gets a fresh daemon thread. A call that overruns its time limit is abandoned: Python
-cannot interrupt it (a stuck GPU kernel), so the runner stays *busy* until it returns, the daemon
-claims nothing meanwhile, and reports itself unhealthy so that systemd restarts it.
+One long-lived daemon thread takes calls from a queue (a thread per call costs a start-up
+hand-off each time). A call that overruns its time limit is abandoned: Python cannot interrupt it
+(a stuck GPU kernel), so the runner stays *busy* until it returns, the daemon claims nothing
+meanwhile, and reports itself unhealthy so that systemd restarts it.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+_Call = tuple[Callable[[], Any], "Future[Any]"]
 
 
 class Runner:
     """One call at a time on a background thread."""
 
     def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._current: Future[Any] | None = None
         self._abandoned_at: float | None = None
 
     @property
     def busy(self) -> bool:
         """A call is still running (including one that was abandoned)."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._current is not None and not self._current.done()
 
     def stuck_for(self) -> float:
         """Seconds since an abandoned call was given up on, 0 when none is still running."""
@@ -38,22 +43,30 @@ class Runner:
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         if self.busy:
             raise RuntimeError("the runner is still busy with an earlier call")
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name="dgxqueue-generator", daemon=True)
+            self._thread.start()
         future: Future[T] = Future()
+        self._current = future
+        self._abandoned_at = None
+        self._calls.put((fn, future))
+        return future
 
-        def target() -> None:
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, future = call
             if not future.set_running_or_notify_cancel():
-                return
+                continue
             try:
                 future.set_result(fn())
             except BaseException as exc:  # handed to the main loop, which records it
                 future.set_exception(exc)
 
-        self._thread = threading.Thread(target=target, name="dgxqueue-generator", daemon=True)
-        self._abandoned_at = None
-        self._thread.start()
-        return future
-
     def abandon(self) -> None:
         """Give up waiting on the current call; it may still finish in the background."""
         if self.busy:
             self._abandoned_at = time.monotonic()
+
+    def close(self) -> None:
+        """Let the thread end once its current call (if any) returns."""
+        self._calls.put(None)

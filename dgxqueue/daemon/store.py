@@ -90,13 +90,11 @@ class QueueStore:
 
     def finish(self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]]) -> list[bool]:
         """Record several outcomes in one transaction; False where the write was fenced off."""
-        def record(session: Session) -> list[bool]:
-            return [
-                repository.finish(session, job_id=job.id, worker_id=self.worker_id,
-                                  attempt=job.attempt, values=values)
-                for job, values in outcomes
-            ]
-        return self._run(record) if outcomes else []
+        if not outcomes:
+            return []
+        rows = [(job.id, job.attempt, values) for job, values in outcomes]
+        written = self._run(lambda s: repository.finish_many(s, worker_id=self.worker_id, outcomes=rows))
+        return [job.id in written for job, _ in outcomes]
 
     def release(self, jobs: Sequence[ClaimedJob]) -> list[bool]:
         """Give jobs back to the queue without spending their attempt (graceful stop)."""

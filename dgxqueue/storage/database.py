@@ -36,7 +36,9 @@ def _parse(url: str) -> URL:
     try:
         parsed = make_url(url)
     except sa.exc.ArgumentError:
-        raise ConfigError("database.url", url, "an SQLAlchemy URL such as sqlite:///data/generations.db") from None
+        raise ConfigError(
+            "database.url", url, "an SQLAlchemy URL such as sqlite:///data/generations.db"
+        ) from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError("database.url", url, "a sqlite:/// or postgresql+psycopg:// URL")
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
@@ -77,7 +79,9 @@ def create_engine(url: str | None = None, settings: DatabaseSettings | None = No
         _configure_sqlite(engine, settings)
         return engine
     return sa.create_engine(
-        parsed, pool_size=settings.pool_size, pool_pre_ping=True, pool_recycle=3600,
+        # No pre-ping: it costs a round trip per transaction; a dead connection raises instead,
+        # and the daemon's calls retry through tenacity (dgxqueue.daemon.store).
+        parsed, pool_size=settings.pool_size, pool_recycle=3600,
     )
 
 
@@ -97,13 +101,24 @@ def dispose_engines() -> None:
         for engine in _engines.values():
             engine.dispose()
         _engines.clear()
+        _session_factories.clear()
+
+
+_session_factories: dict[Engine, sessionmaker[Session]] = {}
+
+
+def _session_factory(engine: Engine) -> sessionmaker[Session]:
+    # A sessionmaker builds a Session subclass and its event dispatch: once per engine, not per call.
+    factory = _session_factories.get(engine)
+    if factory is None:
+        factory = _session_factories[engine] = sessionmaker(engine, expire_on_commit=False)
+    return factory
 
 
 @contextlib.contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits when the block succeeds and rolls back when it raises."""
-    factory = sessionmaker(engine, expire_on_commit=False)
-    with factory() as session:
+    with _session_factory(engine)() as session:
         try:
             yield session
             session.commit()

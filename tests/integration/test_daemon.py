@@ -18,9 +18,9 @@ from dgxqueue.storage import (
     create_generation,
     get_engine,
     get_generation,
+    repository,
     session_scope,
 )
-from dgxqueue.storage import repository
 from dgxqueue.storage.models import utcnow
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator

@@ -1,0 +1,384 @@
+"""Daemon benchmarks: no-op throughput, pickup latency, claim latency on a big backlog, memory.
+
+Every figure is printed beside a floor measured in the same run on the same database:
+bare DB-API loops (psycopg / sqlite3) doing the minimum a queue must do. Outputs go to a tmpfs
+folder (/dev/shm) so that the WAV file each job writes measures the queue, not the disk.
+
+    .venv/bin/python benchmarks/bench_daemon.py [--jobs 3000] [--engines sqlite,postgres]
+        [--skip-backlog] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dgxqueue.daemon import Daemon, HookChain  # noqa: E402
+from dgxqueue.storage import (  # noqa: E402
+    create_generations,
+    dispose_engines,
+    get_engine,
+    init_db,
+    repository,
+    session_scope,
+)
+from dgxqueue.storage.models import utcnow  # noqa: E402
+from tests.support.daemons import make_settings  # noqa: E402
+from tests.support.db import postgres_schema_url  # noqa: E402
+from workers.silence import SilenceGenerator  # noqa: E402
+
+SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+@contextlib.contextmanager
+def database(engine: str) -> Iterator[str]:
+    if engine == "postgres":
+        with postgres_schema_url() as url:
+            yield url
+            dispose_engines()
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            yield f"sqlite:///{folder}/bench.db"
+            dispose_engines()
+
+
+def fill(url: str, n: int) -> None:
+    specs = [{"prompt": f"p{i % 50}", "model_name": "silence", "duration_seconds": 0.01,
+              "sample_rate": 8000, "channels": 1} for i in range(n)]
+    with session_scope(get_engine(url)) as s:
+        for i in range(0, n, 5000):
+            create_generations(s, specs[i:i + 5000])
+
+
+def clear(url: str) -> None:
+    with get_engine(url).begin() as conn:
+        conn.execute(sa.text("DELETE FROM generations"))
+
+
+# --- floors: bare loops ------------------------------------------------------------------------
+
+CLAIM_PG = """UPDATE generations SET status='processing', worker_id=%s, attempts=attempts+1,
+ claimed_at=now(), lease_expires_at=now() + interval '60 seconds'
+ WHERE id IN (SELECT id FROM generations WHERE status='pending' AND model_name='silence'
+ ORDER BY priority DESC, created_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id"""
+DONE_PG = """UPDATE generations SET status='completed', completed_at=now(), worker_id=NULL
+ WHERE id = ANY(%s) AND worker_id=%s AND status='processing'"""
+
+
+def bare_postgres(url: str, batch: int) -> float:
+    import psycopg
+
+    dsn = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    done = 0
+    with psycopg.connect(dsn) as conn:
+        started = time.perf_counter()
+        while True:
+            with conn.transaction():
+                ids = [r[0] for r in conn.execute(CLAIM_PG, ("bare", batch)).fetchall()]
+            if not ids:
+                break
+            with conn.transaction():
+                conn.execute(DONE_PG, (ids, "bare"))
+            done += len(ids)
+        return done / (time.perf_counter() - started)
+
+
+def bare_sqlite(url: str, batch: int) -> float:
+    import sqlite3
+
+    path = sa.engine.make_url(url).database
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    claim = ("UPDATE generations SET status='processing', worker_id='bare', attempts=attempts+1,"
+             " claimed_at=datetime('now') WHERE id IN (SELECT id FROM generations WHERE status='pending'"
+             " AND model_name='silence' ORDER BY priority DESC, created_at LIMIT ?) RETURNING id")
+    finish = ("UPDATE generations SET status='completed', completed_at=datetime('now'), worker_id=NULL"
+              " WHERE id=? AND worker_id='bare' AND status='processing'")
+    done = 0
+    started = time.perf_counter()
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        ids = [r[0] for r in conn.execute(claim, (batch,)).fetchall()]
+        conn.execute("COMMIT")
+        if not ids:
+            break
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(finish, [(i,) for i in ids])
+        conn.execute("COMMIT")
+        done += len(ids)
+    conn.close()
+    return done / (time.perf_counter() - started)
+
+
+# --- the daemon ----------------------------------------------------------------------------------
+
+
+def daemon_rate(url: str, jobs: int, batch: int, *, metrics: bool = False) -> float:
+    fill(url, jobs)
+    outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
+    settings = make_settings(url, outputs, batch_size=batch)
+    hooks = None
+    if metrics:
+        from prometheus_client import CollectorRegistry
+
+        from dgxqueue.metrics import DaemonMetrics
+
+        hooks = HookChain([DaemonMetrics(CollectorRegistry(), get_engine(url))])
+    daemon = Daemon(settings, engine=get_engine(url), generator=SilenceGenerator(max_batch_size=batch),
+                    hooks=hooks)
+    started = time.perf_counter()
+    daemon.run(burst=True)
+    elapsed = time.perf_counter() - started
+    subprocess.run(["rm", "-rf", str(outputs.parent)], check=True)
+    return jobs / elapsed
+
+
+def two_daemons_rate(url: str, jobs: int, batch: int, tmp: Path) -> float:
+    """Two daemon processes; the rate is taken from the rows' own claim and completion times."""
+    fill(url, jobs)
+    config = tmp / "two.toml"
+    outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
+    config.write_text(
+        f'[database]\nurl = "{url}"\n[outputs]\ndir = "{outputs}"\n[generator]\nname = "silence"\n'
+        f'[worker]\nbatch_size = {batch}\n[metrics]\nenabled = false\n'
+        '[logging]\nformat = "json"\nlevel = "warning"\n'
+    )
+    procs = [subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "worker", "--burst"],
+                              cwd=REPO, stdout=subprocess.DEVNULL) for _ in range(2)]
+    for p in procs:
+        assert p.wait(600) == 0
+    with get_engine(url).connect() as conn:
+        first, last, n = conn.execute(sa.text(
+            "SELECT min(claimed_at), max(completed_at), count(*) FROM generations WHERE status='completed'"
+        )).one()
+    subprocess.run(["rm", "-rf", str(outputs.parent)], check=True)
+    if isinstance(first, str):  # SQLite returns text from a raw query
+        from datetime import datetime
+
+        first, last = datetime.fromisoformat(first), datetime.fromisoformat(last)
+    return float(n / (last - first).total_seconds())
+
+
+def pickup_latency(url: str, samples: int) -> list[float]:
+    """Time from a producer's commit to the idle daemon's claim, in milliseconds."""
+    outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
+    settings = make_settings(url, outputs, poll_interval_seconds=5.0)
+    claimed = threading.Event()
+    stamps: list[float] = []
+
+    from dgxqueue.daemon import Hooks
+
+    class Stamp(Hooks):
+        def on_claimed(self, jobs: object, now: object) -> None:
+            stamps.append(time.perf_counter())
+            claimed.set()
+
+    daemon = Daemon(settings, engine=get_engine(url), generator=SilenceGenerator(), hooks=Stamp())
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    latencies = []
+    pause = threading.Event()
+    for _ in range(samples):
+        pause.wait(0.05)  # let the daemon go idle (this is the scenario measured, not a sync)
+        claimed.clear()
+        with session_scope(get_engine(url)) as s:
+            create_generations(s, [{"prompt": "x", "model_name": "silence", "duration_seconds": 0.01,
+                                    "sample_rate": 8000, "channels": 1}])
+            s.flush()
+        sent = time.perf_counter()
+        assert claimed.wait(10)
+        latencies.append((stamps[-1] - sent) * 1000)
+    daemon.request_stop()
+    thread.join(10)
+    subprocess.run(["rm", "-rf", str(outputs.parent)], check=True)
+    return latencies
+
+
+def bare_notify_latency(url: str, samples: int) -> list[float]:
+    import psycopg
+
+    dsn = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    listener = psycopg.connect(dsn, autocommit=True)
+    listener.execute("LISTEN bench")
+    sender = psycopg.connect(dsn, autocommit=True)
+    out = []
+    for _ in range(samples):
+        sent = time.perf_counter()
+        sender.execute("NOTIFY bench")
+        next(listener.notifies(timeout=5))
+        out.append((time.perf_counter() - sent) * 1000)
+    listener.close()
+    sender.close()
+    return out
+
+
+def claim_latency(url: str, backlog: int) -> float:
+    """Median milliseconds of one claim (rolled back) with ``backlog`` pending rows."""
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM generations"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text(
+                "INSERT INTO generations (id, prompt, model_name, duration_seconds, sample_rate, channels,"
+                " file_path, status, created_at) SELECT md5(g::text), 'p', 'silence', 1, 8000, 1,"
+                " 'outputs/x.wav', 'pending', now() - g * interval '1 ms' FROM generate_series(1, :n) g"),
+                {"n": backlog})
+            conn.execute(sa.text("ANALYZE generations"))
+        else:
+            conn.execute(sa.text(
+                "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n)"
+                " INSERT INTO generations (id, prompt, model_name, duration_seconds, sample_rate, channels,"
+                " file_path, status, created_at) SELECT hex(randomblob(16)), 'p', 'silence', 1, 8000, 1,"
+                " 'outputs/x.wav', 'pending', strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || i || ' seconds')"
+                " FROM g"), {"n": backlog})
+            conn.execute(sa.text("ANALYZE"))
+    times = []
+    for _ in range(200):
+        with engine.connect() as conn, conn.begin() as txn:
+            from sqlalchemy.orm import Session
+
+            session = Session(bind=conn)
+            started = time.perf_counter()
+            jobs = repository.claim(session, worker_id="b", models=["silence"], limit=1, now=utcnow(),
+                                    lease=timedelta(seconds=60))
+            times.append((time.perf_counter() - started) * 1000)
+            assert len(jobs) == 1
+            txn.rollback()
+    return statistics.median(times)
+
+
+def daemon_memory(url: str, tmp: Path, jobs: int) -> tuple[float, float, float]:
+    """RSS (MiB) of a daemon process idle, after a warm-up of 500 jobs, and after ``jobs`` more."""
+    outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
+    config = tmp / "mem.toml"
+    config.write_text(
+        f'[database]\nurl = "{url}"\n[outputs]\ndir = "{outputs}"\n[generator]\nname = "silence"\n'
+        '[worker]\nbatch_size = 16\n[metrics]\nenabled = true\nport = 0\n'
+        '[logging]\nformat = "json"\nlevel = "warning"\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "worker"],
+                            cwd=REPO, stdout=subprocess.DEVNULL)
+
+    def rss() -> float:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def drained() -> bool:
+        with get_engine(url).connect() as conn:
+            return not conn.execute(sa.text(
+                "SELECT 1 FROM generations WHERE status IN ('pending','processing') LIMIT 1")).first()
+
+    def wait_drained() -> None:
+        pause = threading.Event()
+        deadline = time.monotonic() + 600
+        while not drained():
+            assert time.monotonic() < deadline and proc.poll() is None
+            pause.wait(0.2)
+
+    fill(url, 1)  # the daemon is up once it has done one job; then it idles
+    wait_drained()
+    threading.Event().wait(1.0)  # a second of idling before the reading, the state measured
+    idle = rss()
+    fill(url, 500)
+    wait_drained()
+    warm = rss()
+    fill(url, jobs)
+    wait_drained()
+    after = rss()
+    proc.terminate()
+    proc.wait(30)
+    subprocess.run(["rm", "-rf", str(outputs.parent)], check=True)
+    return idle, warm, after
+
+
+def ratio(value: float, floor: float) -> str:
+    return f"{value / floor:5.2f}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--engines", default="sqlite,postgres")
+    parser.add_argument("--skip-backlog", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    n = args.jobs
+    tmp = Path(tempfile.mkdtemp())
+    for engine in args.engines.split(","):
+        with database(engine) as url:
+            init_db(url)
+            print(f"\n== {engine}: no-op jobs, {n} per run (jobs/s; ratio to the floor of the same run)")
+            if engine == "postgres":
+                fill(url, n)
+                floor1 = bare_postgres(url, 1)
+                clear(url)
+                fill(url, n)
+                floor10 = bare_postgres(url, 10)
+                print(f"  floor: bare psycopg loop, claim 1 + complete  {floor1:9.0f}")
+                print(f"  floor: bare psycopg loop, claim 10 + complete {floor10:9.0f}")
+            else:
+                fill(url, n)
+                floor1 = bare_sqlite(url, 1)
+                clear(url)
+                fill(url, n)
+                floor10 = bare_sqlite(url, 10)
+                print(f"  floor: bare sqlite3 loop, claim 1 + complete  {floor1:9.0f}")
+                print(f"  floor: bare sqlite3 loop, claim 10 + complete {floor10:9.0f}")
+            clear(url)
+            one = daemon_rate(url, n, 1)
+            print(f"  daemon, batch 1                               {one:9.0f}  {ratio(one, floor1)}"
+                  " of bare claim-1 (target 0.5x)")
+            clear(url)
+            many = daemon_rate(url, n, 64)
+            target = "1.4x of bare claim-10" if engine == "postgres" else "0.8x of bare claim-1"
+            base = floor10 if engine == "postgres" else floor1
+            print(f"  daemon, batch 64                              {many:9.0f}  {ratio(many, base)} (target {target})")
+            clear(url)
+            with_metrics = daemon_rate(url, n, 64, metrics=True)
+            print(f"  daemon, batch 64, with metrics hooks          {with_metrics:9.0f}  "
+                  f"{(1 - with_metrics / many) * 100:+.1f}% cost of metrics (target < 5%)")
+            clear(url)
+            two = two_daemons_rate(url, n, 64, tmp)
+            print(f"  two daemon processes, batch 64                {two:9.0f}  {ratio(two, base)}")
+            clear(url)
+            lat = sorted(pickup_latency(url, 40))
+            p50, p95 = statistics.median(lat), lat[int(len(lat) * 0.95) - 1]
+            line = f"  pickup latency into an idle daemon: p50 {p50:.2f} ms, p95 {p95:.2f} ms"
+            if engine == "postgres":
+                bare = statistics.median(bare_notify_latency(url, 40))
+                line += f"  (floor: bare LISTEN/NOTIFY p50 {bare:.2f} ms; target p50 < 3 ms)"
+            else:
+                line += "  (target p50 < 10 ms)"
+            print(line)
+            clear(url)
+            if not args.skip_backlog:
+                small = claim_latency(url, 1_000)
+                big = claim_latency(url, 1_000_000)
+                print(f"  claim latency: {small:.3f} ms with 1,000 pending, {big:.3f} ms with 1,000,000"
+                      f"  ({big / small:.2f}x; target within 1.5x)")
+                clear(url)
+            if not args.skip_memory:
+                idle, warm, after = daemon_memory(url, tmp, 10_000)
+                print(f"  daemon RSS: idle {idle:.1f} MiB (target < 80), after 500 jobs {warm:.1f} MiB,"
+                      f" after 10,000 more {after:.1f} MiB ({(after / warm - 1) * 100:+.1f}%; target < 5%)")
+
+
+if __name__ == "__main__":
+    main()

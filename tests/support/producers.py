@@ -1,0 +1,72 @@
+"""Process bodies for multi-process tests (started with the 'spawn' context, so importable here)."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+
+def enqueue_many_times(url: str, prompt: str, times: int, barrier: Any, results: Any) -> None:
+    """Warm up, wait for every sibling at ``barrier``, then enqueue ``prompt`` ``times`` times.
+
+    One ``dgxqueue.enqueue`` (one transaction) per job. Puts ("ok", n) or ("error", traceback).
+    """
+    try:
+        import dgxqueue
+        from dgxqueue.config import load_settings
+        from dgxqueue.storage import init_db
+
+        init_db(url)  # engine, pool and schema check ready before the start line
+        settings = load_settings(env={})
+        barrier.wait(timeout=60)
+        for _ in range(times):
+            dgxqueue.enqueue(prompt, database_url=url, settings=settings)
+        results.put(("ok", times))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
+def init_db_at_once(url: str, barrier: Any, results: Any) -> None:
+    """Wait for every sibling at ``barrier``, then run ``init_db(url)``. Puts the revision or the error."""
+    try:
+        from dgxqueue.storage import ensure_schema, get_engine
+
+        engine = get_engine(url)
+        barrier.wait(timeout=60)
+        results.put(("ok", ensure_schema(engine)))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
+def run_in_processes(target: Any, args_for: list[tuple[Any, ...]], timeout: float = 120) -> list[Any]:
+    """Run ``target(*args, barrier, results)`` in one spawned process per args tuple; their results.
+
+    Every process meets the others at a barrier before its real work. Fails (AssertionError) when a
+    process reports an error, exits non-zero or outlives ``timeout``.
+    """
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(len(args_for))
+    results = ctx.Queue()
+    processes = [ctx.Process(target=target, args=(*args, barrier, results)) for args in args_for]
+    for process in processes:
+        process.start()
+    outcomes: list[tuple[str, Any]] = []
+    try:
+        for _ in processes:
+            outcomes.append(results.get(timeout=timeout))
+    except queue.Empty:
+        answered = f"only {len(outcomes)} of {len(processes)} processes answered: {outcomes}"
+        raise AssertionError(answered) from None
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    errors = [detail for status, detail in outcomes if status != "ok"]
+    assert not errors, "\n".join(errors)
+    assert [p.exitcode for p in processes] == [0] * len(processes)
+    return [detail for _, detail in outcomes]
