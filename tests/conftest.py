@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# No model hub is reachable: huggingface_hub reads these once, at its first import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 from collections.abc import Iterator
 from pathlib import Path
 

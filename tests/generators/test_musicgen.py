@@ -1,0 +1,314 @@
+"""The real MusicGen code path, offline on CPU: a tiny random model saved to disk and loaded back.
+
+The model is built by :mod:`tests.support.tiny_musicgen` and loaded through the same
+``from_pretrained`` path production uses for ``facebook/musicgen-small``. Random weights make
+noise, so these tests pin structure: shapes, rates, limits, errors, batching and OOM recovery.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import wave
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dgxqueue.audio import read_wav, write_wav_atomic
+from dgxqueue.errors import ConfigError, PermanentGeneratorError, TransientGeneratorError
+from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, create_generator
+from tests.support.tiny_musicgen import PROMPTS, build_tiny_musicgen
+from workers.musicgen import MusicGenGenerator
+
+# Nothing may reach the hub; huggingface_hub reads these when transformers first imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+torch = pytest.importorskip("torch", reason="MusicGen tests need the extra: pip install .[musicgen]")
+pytest.importorskip("transformers", reason="MusicGen tests need the extra: pip install .[musicgen]")
+
+RATE = 32000
+MODEL = "tiny-musicgen"
+
+
+def _request(
+    prompt: str = PROMPTS[0],
+    *,
+    duration: float = 0.5,
+    channels: int = 1,
+    seed: int = 7,
+    sample_rate: int = RATE,
+    metadata: dict[str, Any] | None = None,
+    job_id: str = "job",
+) -> GenerationRequest:
+    return GenerationRequest(
+        job_id=job_id,
+        prompt=prompt,
+        model_name=MODEL,
+        duration_seconds=duration,
+        sample_rate=sample_rate,
+        channels=channels,
+        seed=seed,
+        metadata=metadata or {},
+    )
+
+
+def _audio(outcome: object) -> GeneratedAudio:
+    assert isinstance(outcome, GeneratedAudio), outcome
+    return outcome
+
+
+def _load(folder: Path, **options: Any) -> MusicGenGenerator:
+    generator = MusicGenGenerator(model=str(folder), models=[MODEL], **options)
+    generator.load()
+    return generator
+
+
+@pytest.fixture(scope="module")
+def mono(tmp_path_factory: pytest.TempPathFactory) -> MusicGenGenerator:
+    return _load(build_tiny_musicgen(tmp_path_factory.mktemp("musicgen-mono")))
+
+
+@pytest.fixture(scope="module")
+def stereo(tmp_path_factory: pytest.TempPathFactory) -> MusicGenGenerator:
+    return _load(build_tiny_musicgen(tmp_path_factory.mktemp("musicgen-stereo"), stereo=True))
+
+
+Wrapper = Callable[..., Any]
+
+
+@pytest.fixture
+def wrap_generate(mono: MusicGenGenerator, monkeypatch: pytest.MonkeyPatch) -> Callable[[Wrapper], None]:
+    """Route the loaded model's ``generate`` through ``wrapper(real_generate, **kwargs)`` for one test."""
+    real = mono._model.generate
+
+    def install(wrapper: Wrapper) -> None:
+        monkeypatch.setattr(mono._model, "generate", lambda **kwargs: wrapper(real, **kwargs))
+
+    return install
+
+
+def _batch_size(kwargs: dict[str, Any]) -> int:
+    return int(kwargs["input_ids"].shape[0])
+
+
+def test_musicgen__batch_of_mixed_requests_has_exact_shapes(mono: MusicGenGenerator) -> None:
+    """A batch mixing durations and channel counts gives (channels, round(d*32000)) float32 each."""
+    requests = [
+        _request(PROMPTS[0], duration=1.0, channels=1),
+        _request(PROMPTS[1], duration=1.0, channels=2),
+        _request(PROMPTS[2], duration=0.75, channels=1),  # 37.5 frames: rendered 38, trimmed
+        _request(PROMPTS[3], duration=0.01, channels=2),  # shorter than one frame
+    ]
+    outcomes = mono.generate(requests)
+    assert len(outcomes) == len(requests)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        audio = _audio(outcome)
+        assert audio.samples.shape == (request.channels, round(request.duration_seconds * RATE))
+        assert audio.samples.dtype == np.float32
+        assert audio.sample_rate == RATE
+        assert np.isfinite(audio.samples).all()
+        assert np.abs(audio.samples).max() <= 1.0
+        assert audio.metadata["model"] == mono.model_id
+    duplicated = _audio(outcomes[1]).samples
+    assert np.array_equal(duplicated[0], duplicated[1]), "a mono model's second channel is a copy"
+
+
+def test_musicgen__stereo_model_renders_two_distinct_channels(stereo: MusicGenGenerator) -> None:
+    """The 8-codebook stereo model gives distinct left/right channels, averaged for a mono request."""
+    outcomes = stereo.generate(
+        [_request(PROMPTS[4], channels=2), _request(PROMPTS[5], channels=1), _request(channels=2)]
+    )
+    shapes = [_audio(o).samples.shape for o in outcomes]
+    assert shapes == [(2, RATE // 2), (1, RATE // 2), (2, RATE // 2)]
+    left, right = _audio(outcomes[0]).samples
+    assert not np.array_equal(left, right)
+    assert all(np.isfinite(_audio(o).samples).all() for o in outcomes)
+
+
+def test_musicgen__same_prompt_and_seed_alone_repeat_different_prompts_differ(
+    mono: MusicGenGenerator,
+) -> None:
+    """Rendered alone, a request repeats exactly; another prompt with the same seed sounds different."""
+    first = _audio(mono.generate([_request(PROMPTS[0])])[0]).samples
+    again = _audio(mono.generate([_request(PROMPTS[0])])[0]).samples
+    other = _audio(mono.generate([_request(PROMPTS[1])])[0]).samples
+    assert np.array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_musicgen__batch_and_sequential_agree_on_shapes(mono: MusicGenGenerator) -> None:
+    """One batched call and one call per request give the same shapes and rates."""
+    requests = [_request(p, channels=1 + i % 2, seed=i) for i, p in enumerate(PROMPTS[:4])]
+    batched = [_audio(o) for o in mono.generate(requests)]
+    sequential = [_audio(mono.generate([r])[0]) for r in requests]
+    assert [a.samples.shape for a in batched] == [a.samples.shape for a in sequential]
+    assert {a.sample_rate for a in batched + sequential} == {RATE}
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_musicgen__wav_reads_back_with_exact_sample_count(
+    mono: MusicGenGenerator, tmp_path: Path, channels: int
+) -> None:
+    """The audio written as 16-bit PCM WAV reads back with the exact frame count, rate and channels."""
+    audio = _audio(mono.generate([_request(duration=0.63, channels=channels)])[0])
+    path = tmp_path / "out.wav"
+    assert write_wav_atomic(path, audio) == path.stat().st_size
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (channels, 2, RATE)
+        assert wav.getnframes() == round(0.63 * RATE)
+    samples, rate = read_wav(path)
+    assert rate == RATE
+    assert samples.shape == (channels, round(0.63 * RATE))
+    assert np.allclose(samples, audio.samples, atol=1 / 32767)
+
+
+def test_musicgen__request_over_30_seconds_is_permanent(mono: MusicGenGenerator) -> None:
+    """A request above the model's 30 s limit is refused naming the limit, and fails only itself."""
+    too_long = _request(duration=30.5, job_id="long")
+    with pytest.raises(PermanentGeneratorError, match="30 s"):
+        mono.validate(too_long)
+    outcomes = mono.generate([_request(), too_long])
+    assert isinstance(outcomes[0], GeneratedAudio)
+    assert isinstance(outcomes[1], PermanentGeneratorError)
+
+
+def test_musicgen__other_sample_rate_is_permanent(mono: MusicGenGenerator) -> None:
+    """A request at a rate other than the model's native 32000 Hz is refused naming that rate."""
+    with pytest.raises(PermanentGeneratorError, match="sample_rate=32000"):
+        mono.validate(_request(sample_rate=44100))
+
+
+def test_musicgen__unserved_model_name_is_permanent(mono: MusicGenGenerator) -> None:
+    """A job for a model name this backend does not serve is refused, listing what it serves."""
+    request = GenerationRequest("j", "x", "musicgen-large", 1.0, RATE, 1, 1)
+    with pytest.raises(PermanentGeneratorError, match=MODEL):
+        mono.validate(request)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("guidance_scale", "loud"), ("guidance_scale", 0.5), ("temperature", 0), ("top_k", -1), ("top_k", 2.5)],
+)
+def test_musicgen__invalid_override_is_permanent_naming_key(
+    mono: MusicGenGenerator, key: str, value: object
+) -> None:
+    """A bad per-job sampling override in metadata is refused naming the key."""
+    with pytest.raises(PermanentGeneratorError, match=f"metadata {key}="):
+        mono.validate(_request(metadata={key: value}))
+
+
+def test_musicgen__override_reaches_generate(
+    mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None]
+) -> None:
+    """guidance_scale/temperature/top_k from metadata are passed to generate and reported back."""
+    seen: list[dict[str, Any]] = []
+
+    def spy(real: Wrapper, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real(**kwargs)
+
+    wrap_generate(spy)
+    overrides = {"guidance_scale": 1.5, "temperature": 0.7, "top_k": 10}
+    custom, default = _request(metadata=overrides), _request()
+    assert mono.batch_key(custom) != mono.batch_key(default)
+    outcome = _audio(mono.generate([custom])[0])
+    assert {k: seen[0][k] for k in overrides} == overrides
+    assert {k: outcome.metadata[k] for k in overrides} == overrides
+
+
+def test_musicgen__oom_halves_the_batch_until_it_fits(
+    mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None]
+) -> None:
+    """CUDA OOM on any batch above one halves recursively (4 -> 2,2 -> 1,1,1,1); every job succeeds."""
+    sizes: list[int] = []
+
+    def oom_above_one(real: Wrapper, **kwargs: Any) -> Any:
+        sizes.append(_batch_size(kwargs))
+        if sizes[-1] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(**kwargs)
+
+    wrap_generate(oom_above_one)
+    outcomes = mono.generate([_request(p, seed=i) for i, p in enumerate(PROMPTS[:4])])
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    assert [_audio(o).samples.shape for o in outcomes] == [(1, RATE // 2)] * 4
+
+
+def test_musicgen__persistent_oom_is_transient_per_request(
+    mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None]
+) -> None:
+    """An OOM even at batch size one returns TransientGeneratorError for each job, not a crash."""
+    sizes: list[int] = []
+
+    def always_oom(real: Wrapper, **kwargs: Any) -> Any:
+        sizes.append(_batch_size(kwargs))
+        raise RuntimeError("CUDA error: out of memory")
+
+    wrap_generate(always_oom)
+    outcomes = mono.generate([_request(), _request(PROMPTS[1])])
+    assert sizes == [2, 1, 1]
+    assert all(isinstance(o, TransientGeneratorError) for o in outcomes)
+
+
+def test_musicgen__failure_of_one_prompt_fails_only_that_job(
+    mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None]
+) -> None:
+    """A non-OOM failure is isolated by splitting: the request that breaks fails, the rest render."""
+    poison = mono._processor.tokenizer(PROMPTS[5])["input_ids"]
+
+    def break_on_poison(real: Wrapper, **kwargs: Any) -> Any:
+        if any(row[: len(poison)].tolist() == poison for row in kwargs["input_ids"]):
+            raise ValueError("this prompt breaks the model")
+        return real(**kwargs)
+
+    wrap_generate(break_on_poison)
+    outcomes = mono.generate([_request(PROMPTS[0]), _request(PROMPTS[5]), _request(PROMPTS[1])])
+    assert isinstance(outcomes[0], GeneratedAudio)
+    assert isinstance(outcomes[1], PermanentGeneratorError)
+    assert "this prompt breaks the model" in str(outcomes[1])
+    assert isinstance(outcomes[2], GeneratedAudio)
+
+
+@pytest.mark.parametrize("model", ["{tmp}/no-such-model", "nobody/no-such-musicgen"])
+def test_musicgen__missing_model_is_config_error(tmp_path: Path, model: str) -> None:
+    """A folder that does not exist, or a hub id not cached offline, is a ConfigError naming the option."""
+    generator = MusicGenGenerator(model=model.format(tmp=tmp_path), models=[MODEL])
+    with pytest.raises(ConfigError, match=r"generator\.options\.model"):
+        generator.load()
+
+
+def test_musicgen__missing_extra_is_config_error_naming_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without torch, load fails with a ConfigError that says how to install the extra."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'dgxqueue\[musicgen\]'"):
+        MusicGenGenerator().load()
+
+
+def test_musicgen__validate_needs_no_weights() -> None:
+    """Limits are checked without loading the model, so validation is cheap anywhere."""
+    generator = MusicGenGenerator(models=[MODEL])
+    with pytest.raises(PermanentGeneratorError, match="30 s"):
+        generator.validate(_request(duration=31))
+    generator.validate(_request())
+    assert generator._model is None
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("max_batch_size", 0), ("temperature", -1.0), ("dtype", "int8"), ("max_duration_seconds", 60)],
+)
+def test_musicgen__bad_option_is_config_error(option: str, value: Any) -> None:
+    """A bad [generator.options] value fails at construction, naming the key."""
+    with pytest.raises(ConfigError, match=rf"generator\.options\.{option}"):
+        MusicGenGenerator(**{option: value})
+
+
+def test_musicgen__registered_and_serves_name_from_model_id() -> None:
+    """The entry point builds a Generator; served names default to the model id's last part."""
+    generator = create_generator("musicgen", {})
+    assert isinstance(generator, MusicGenGenerator)
+    assert isinstance(generator, Generator)
+    assert generator.models == frozenset({"musicgen-small"})

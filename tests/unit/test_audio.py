@@ -1,0 +1,233 @@
+"""dgxqueue.audio on real files: atomic WAV writes, output path confinement, level measurements."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import subprocess
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dgxqueue.audio import measure, read_wav, resolve_output_path, write_wav_atomic
+from dgxqueue.errors import OutputError
+from dgxqueue.generators import GeneratedAudio
+
+QUANTUM = 1 / 32767
+
+
+def _audio(channels: int = 2, frames: int = 4410, rate: int = 44100, seed: int = 0) -> GeneratedAudio:
+    rng = np.random.default_rng(seed)
+    samples = rng.uniform(-1, 1, (channels, frames)).astype(np.float32)
+    return GeneratedAudio(samples=samples, sample_rate=rate)
+
+
+def _sine(amplitude: float, freq: float = 1000.0, rate: int = 48000, seconds: float = 1.0) -> GeneratedAudio:
+    t = np.arange(round(rate * seconds)) / rate
+    return GeneratedAudio(samples=(amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)[None, :],
+                          sample_rate=rate)
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    return result.returncode == 0
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a real file system that runs out of space. Needs root (mount)."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "size=64k"):
+        pytest.skip("cannot mount a tmpfs (needs root); test_write__file_size_limit covers a failed write")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder nothing can be written to: a read-only tmpfs as root (root ignores modes), else mode 0555."""
+    folder = tmp_path / "readonly"
+    if os.geteuid() == 0 and _mount_tmpfs(folder, "ro,size=64k"):
+        yield folder
+        subprocess.run(["umount", str(folder)], check=True)
+        return
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+def test_write__reads_back_frames_rate_channels_and_values(tmp_path: Path) -> None:
+    """A written WAV has the audio's rate, channels and frames, and values within int16 rounding."""
+    audio = _audio(channels=2, frames=4411, rate=44100)
+    path = tmp_path / "out.wav"
+    size = write_wav_atomic(path, audio)
+    assert size == path.stat().st_size == 44 + 4411 * 2 * 2
+    with wave.open(str(path), "rb") as wav:
+        header = (wav.getnchannels(), wav.getsampwidth(), wav.getframerate(), wav.getnframes())
+    assert header == (2, 2, 44100, 4411)
+    samples, rate = read_wav(path)
+    assert rate == 44100 and samples.dtype == np.float32 and samples.shape == (2, 4411)
+    assert np.max(np.abs(samples - audio.samples)) <= QUANTUM / 2 + 1e-7
+
+
+def test_write__mono_interleaving_and_full_scale(tmp_path: Path) -> None:
+    """Stereo frames interleave left then right, and +/-1.0 map to +/-32767."""
+    samples = np.array([[1.0, 0.5, -1.0], [-1.0, 0.0, 0.25]], dtype=np.float32)
+    path = tmp_path / "lr.wav"
+    write_wav_atomic(path, GeneratedAudio(samples=samples, sample_rate=8000))
+    with wave.open(str(path), "rb") as wav:
+        raw = np.frombuffer(wav.readframes(3), dtype="<i2")
+    assert raw.tolist() == [32767, -32767, 16384, 0, -32767, 8192]
+
+
+def test_write__clips_and_zeroes_non_finite_samples(tmp_path: Path) -> None:
+    """Samples beyond full scale are clipped; NaN becomes 0 and +/-inf become +/-1."""
+    samples = np.array([[2.0, -3.0, np.nan, np.inf, -np.inf, 0.25]], dtype=np.float32)
+    path = tmp_path / "clip.wav"
+    write_wav_atomic(path, GeneratedAudio(samples=samples, sample_rate=8000))
+    back, _ = read_wav(path)
+    np.testing.assert_allclose(back[0], [1.0, -1.0, 0.0, 1.0, -1.0, 0.25], atol=QUANTUM)
+
+
+def test_write__creates_folders_and_replaces_whole_file_without_leftovers(tmp_path: Path) -> None:
+    """Parent folders are created, a second write replaces the first, and no temporary file stays."""
+    path = tmp_path / "outputs" / "a" / "b" / "x.wav"
+    write_wav_atomic(path, _audio(frames=1000))
+    write_wav_atomic(path, _audio(channels=1, frames=10))
+    assert os.listdir(path.parent) == ["x.wav"]
+    samples, _ = read_wav(path)
+    assert samples.shape == (1, 10)
+
+
+def test_write__refuses_samples_of_the_wrong_shape(tmp_path: Path) -> None:
+    """One-dimensional samples are an OutputError, and nothing is written."""
+    bad = GeneratedAudio(samples=np.zeros(100, np.float32), sample_rate=8000)
+    with pytest.raises(OutputError, match=r"\(channels, frames\)"):
+        write_wav_atomic(tmp_path / "bad.wav", bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write__read_only_folder_fails_cleanly(readonly_dir: Path) -> None:
+    """Writing into a read-only folder raises OutputError naming the path, and leaves no file."""
+    target = readonly_dir / "x.wav"
+    with pytest.raises(OutputError, match=f"could not write {target}") as caught:
+        write_wav_atomic(target, _audio())
+    assert isinstance(caught.value.__cause__, OSError)
+    assert list(readonly_dir.iterdir()) == []
+
+
+def test_write__disk_full_fails_cleanly(tiny_disk: Path) -> None:
+    """ENOSPC on a full tmpfs raises OutputError saying so, and leaves neither target nor temp file."""
+    target = tiny_disk / "big.wav"
+    with pytest.raises(OutputError, match="No space left on device"):
+        write_wav_atomic(target, _audio(channels=2, frames=48000, rate=48000))  # 192 KB > 64 KiB
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_write__disk_full_keeps_the_previous_file(tiny_disk: Path) -> None:
+    """A failed rewrite leaves the earlier complete file exactly as it was."""
+    target = tiny_disk / "x.wav"
+    write_wav_atomic(target, _audio(channels=1, frames=1000))
+    before = target.read_bytes()
+    with pytest.raises(OutputError):
+        write_wav_atomic(target, _audio(channels=2, frames=48000, rate=48000))
+    assert target.read_bytes() == before and os.listdir(tiny_disk) == ["x.wav"]
+
+
+def test_write__file_size_limit_fails_cleanly(tmp_path: Path) -> None:
+    """A write cut short by the file-size limit (EFBIG, no root needed) fails cleanly, nothing left."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, hard))  # Python ignores SIGXFSZ: write() fails
+    try:
+        with pytest.raises(OutputError, match="File too large"):
+            write_wav_atomic(tmp_path / "x.wav", _audio(frames=44100))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resolve__file_path_is_relative_to_the_outputs_parent(tmp_path: Path) -> None:
+    """'outputs/x.wav' and nested folders resolve inside the outputs folder."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    assert resolve_output_path(outputs, "outputs/x.wav") == outputs.resolve() / "x.wav"
+    assert resolve_output_path(outputs, "outputs/2024/01/y.wav") == outputs.resolve() / "2024/01/y.wav"
+
+
+@pytest.mark.parametrize(
+    "file_path",
+    ["../x.wav", "outputs/../x.wav", "outputs/../../etc/passwd", "/etc/passwd", "x.wav", "outputs",
+     "outputs/a\x00.wav", "", "outputs/sub/../../x.wav"],
+)
+def test_resolve__refuses_paths_outside_outputs(tmp_path: Path, file_path: str) -> None:
+    """'..', absolute paths, NUL bytes and paths beside the outputs folder are refused."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    with pytest.raises(OutputError, match="outputs"):
+        resolve_output_path(outputs, file_path)
+
+
+def test_resolve__refuses_symlink_escapes(tmp_path: Path) -> None:
+    """A symlinked folder or file inside outputs that points outside is refused; one inside is fine."""
+    outputs, elsewhere = tmp_path / "outputs", tmp_path / "elsewhere"
+    outputs.mkdir()
+    elsewhere.mkdir()
+    (outputs / "dir-out").symlink_to(elsewhere)
+    (outputs / "file-out.wav").symlink_to(elsewhere / "victim.wav")
+    (outputs / "dir-in").symlink_to(outputs / "real", target_is_directory=True)
+    for escape in ("outputs/dir-out/x.wav", "outputs/file-out.wav"):
+        with pytest.raises(OutputError, match=f"outside the outputs folder {outputs}"):
+            resolve_output_path(outputs, escape)
+    assert resolve_output_path(outputs, "outputs/dir-in/x.wav") == outputs.resolve() / "real" / "x.wav"
+
+
+def test_resolve__outputs_folder_may_itself_be_a_symlink(tmp_path: Path) -> None:
+    """When the outputs folder is a link (to a bigger disk), paths inside its target are allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    (tmp_path / "outputs").symlink_to(disk)
+    assert resolve_output_path(tmp_path / "outputs", "outputs/x.wav") == disk.resolve() / "x.wav"
+
+
+def test_measure__known_sine() -> None:
+    """A 0.5-amplitude sine: peak 0.5, RMS 0.5/sqrt(2), energy from its dBFS, exact duration."""
+    levels = measure(_sine(0.5, seconds=1.0))
+    rms = 0.5 / math.sqrt(2)
+    assert levels["actual_duration_seconds"] == 1.0
+    assert levels["peak"] == pytest.approx(0.5, abs=1e-6)
+    assert levels["rms"] == pytest.approx(rms, rel=1e-5)
+    assert levels["energy"] == pytest.approx((20 * math.log10(rms) + 60) / 60, rel=1e-5)
+
+
+def test_measure__silence_full_scale_and_nan() -> None:
+    """Silence measures 0 everywhere; a full-scale square has energy 1; NaN counts as silence."""
+    assert measure(GeneratedAudio(np.zeros((2, 100), np.float32), 8000)) == {
+        "actual_duration_seconds": 100 / 8000, "peak": 0.0, "rms": 0.0, "energy": 0.0}
+    square = GeneratedAudio(np.array([[1.0, -1.0] * 50], np.float32), 8000)
+    assert measure(square)["energy"] == 1.0 and measure(square)["rms"] == 1.0
+    nan = GeneratedAudio(np.full((1, 10), np.nan, np.float32), 8000)
+    assert measure(nan)["rms"] == 0.0
+
+
+def test_measure__quiet_audio_maps_to_low_energy() -> None:
+    """-60 dBFS RMS and below is energy 0; -30 dBFS is 0.5."""
+    assert measure(_sine(0.001 * math.sqrt(2)))["energy"] == pytest.approx(0.0, abs=1e-4)
+    assert measure(_sine(10 ** (-30 / 20) * math.sqrt(2)))["energy"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_read__refuses_non_16_bit_files(tmp_path: Path) -> None:
+    """An 8-bit WAV is refused with a clear OutputError rather than misread."""
+    path = tmp_path / "8bit.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(1)
+        wav.setframerate(8000)
+        wav.writeframes(bytes(10))
+    with pytest.raises(OutputError, match="16-bit"):
+        read_wav(path)

@@ -1,0 +1,288 @@
+"""MusicGen through Hugging Face transformers: text prompts to 32 kHz audio, batched, on CUDA or CPU.
+
+Needs the ``musicgen`` extra (``pip install 'dgxqueue[musicgen]'``); torch and transformers are
+imported in :meth:`MusicGenGenerator.load`, so importing this module stays cheap without them.
+
+What a request may ask for:
+
+- ``sample_rate`` must be the model's native rate (32000 Hz for every published MusicGen);
+  anything else is refused with a :class:`~dgxqueue.errors.PermanentGeneratorError` naming it.
+- ``duration_seconds`` up to ``max_duration_seconds`` (30 s, what the model was trained on).
+- ``channels`` 1 or 2: a mono model's output is duplicated, a stereo model's is averaged.
+- ``metadata`` may override ``guidance_scale``, ``temperature`` and ``top_k`` for that job.
+
+Determinism: each ``generate`` call seeds torch with the seed of its *first* request. A job rendered
+alone, on the same device, model and versions, gives the same audio on every attempt (CUDA kernels
+may still differ in the last bits); a job batched with others shares their random stream and its
+padding, so a different batch composition gives different audio.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from dgxqueue.errors import (
+    ConfigError,
+    GeneratorError,
+    PermanentGeneratorError,
+    TransientGeneratorError,
+)
+from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+
+INSTALL_HINT = "pip install 'dgxqueue[musicgen]'"
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_OVERRIDES = ("guidance_scale", "temperature", "top_k")
+
+log = structlog.get_logger(__name__)
+
+
+def _sampling_value(key: str, value: object) -> float | int:
+    """Check one sampling setting; raise ValueError saying what would pass."""
+    if key == "top_k":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError("an integer >= 0 (0 turns top-k off)")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("a finite number")
+    if key == "guidance_scale" and value < 1:
+        raise ValueError("a number >= 1 (1 turns classifier-free guidance off)")
+    if key == "temperature" and value <= 0:
+        raise ValueError("a number > 0")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What requests must agree on to share one ``generate`` call."""
+
+    tokens: int
+    guidance_scale: float
+    temperature: float
+    top_k: int
+
+
+class MusicGenGenerator:
+    """``MusicgenForConditionalGeneration`` loaded once from a hub id or a local folder."""
+
+    name = "musicgen"
+
+    def __init__(
+        self,
+        *,
+        model: str = "facebook/musicgen-small",
+        models: Sequence[str] | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 4,
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int = 250,
+        do_sample: bool = True,
+        max_duration_seconds: float = 30.0,
+    ) -> None:
+        def bad(key: str, value: object, allowed: str) -> ConfigError:
+            return ConfigError(f"generator.options.{key}", value, allowed)
+
+        if not isinstance(model, str) or not model:
+            raise bad("model", model, "a hub id or a local folder")
+        if not isinstance(device, str) or not device:
+            raise bad("device", device, "auto, cpu, cuda or cuda:N")
+        if dtype not in _DTYPES:
+            raise bad("dtype", dtype, "one of " + ", ".join(_DTYPES))
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise bad("max_batch_size", max_batch_size, "an integer >= 1")
+        if not isinstance(max_duration_seconds, int | float) or not 0 < max_duration_seconds <= 30:
+            raise bad("max_duration_seconds", max_duration_seconds, "a number in (0, 30], the model's limit")
+        if not isinstance(do_sample, bool):
+            raise bad("do_sample", do_sample, "true or false")
+        defaults: dict[str, float | int] = {}
+        for key, value in zip(_OVERRIDES, (guidance_scale, temperature, top_k), strict=True):
+            try:
+                defaults[key] = _sampling_value(key, value)
+            except ValueError as exc:
+                raise bad(key, value, str(exc)) from None
+        self.model_id = model
+        self.models = frozenset(models if models is not None else [PurePath(self.model_id).name])
+        self.max_batch_size = max_batch_size
+        self.max_duration_seconds = float(max_duration_seconds)
+        self.do_sample = do_sample
+        self._defaults = defaults
+        self._device_option = device
+        self._dtype_option = dtype
+        self._torch: Any = None
+        self._model: Any = None
+        self._processor: Any = None
+        self._device = "cpu"
+        # Every published MusicGen's geometry until load() reads the real config.
+        self.sample_rate = 32000
+        self._frame_rate = 50
+        self._delay = 3
+
+    def load(self) -> None:
+        """Load the weights once, move them to the device in eval mode. Safe to call again."""
+        if self._model is not None:
+            return
+        try:  # untyped on purpose: the extra is optional and its annotations are partial
+            torch: Any = importlib.import_module("torch")
+            transformers: Any = importlib.import_module("transformers")
+        except ImportError as exc:
+            raise ConfigError(
+                "generator.name", self.name, f"its extra installed: {INSTALL_HINT} ({exc})"
+            ) from exc
+        device = self._device_option
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype_name = self._dtype_option
+        if dtype_name == "auto":
+            dtype_name = "float16" if device.startswith("cuda") else "float32"
+        looks_like_path = PurePath(self.model_id).is_absolute() or self.model_id.startswith(".")
+        if looks_like_path and not os.path.isdir(self.model_id):  # transformers would say "bad repo id"
+            raise ConfigError("generator.options.model", self.model_id, "an existing folder or a hub id")
+        try:
+            model = transformers.MusicgenForConditionalGeneration.from_pretrained(self.model_id)
+            processor = transformers.AutoProcessor.from_pretrained(self.model_id)
+        except (OSError, ValueError) as exc:  # a missing folder, an unknown hub id, no network
+            raise ConfigError(
+                "generator.options.model", self.model_id, f"a MusicGen hub id or saved folder ({exc})"
+            ) from exc
+        try:
+            model.to(device=device, dtype=getattr(torch, dtype_name)).eval()
+        except RuntimeError as exc:
+            raise ConfigError(
+                "generator.options.device", self._device_option, f"a usable device ({exc})"
+            ) from exc
+        config = model.config
+        self.sample_rate = int(config.audio_encoder.sampling_rate)
+        self._frame_rate = int(config.audio_encoder.frame_rate)
+        # The delay pattern staggers each channel's codebooks by one step; stereo interleaves two
+        # channels' sets (8 codebooks), which are staggered side by side: still 3 extra steps, not 7.
+        self._delay = int(config.decoder.num_codebooks) // int(config.decoder.audio_channels) - 1
+        self._torch, self._model, self._processor, self._device = torch, model, processor, device
+
+    def _plan(self, request: GenerationRequest) -> _Plan:
+        """Check a request and work out its generation settings, or raise PermanentGeneratorError.
+
+        Needs no weights: before :meth:`load` the published models' geometry stands in for the config.
+        """
+        if request.model_name not in self.models:
+            raise PermanentGeneratorError(
+                f"model {request.model_name!r} is not served here; served: {', '.join(sorted(self.models))}"
+            )
+        if not 0 < request.duration_seconds <= self.max_duration_seconds:
+            raise PermanentGeneratorError(
+                f"duration {request.duration_seconds} s is outside what MusicGen renders: "
+                f"more than 0 and at most {self.max_duration_seconds:g} s"
+            )
+        if request.sample_rate != self.sample_rate:
+            raise PermanentGeneratorError(
+                f"sample_rate {request.sample_rate} is not supported: MusicGen renders at "
+                f"{self.sample_rate} Hz only; ask for sample_rate={self.sample_rate}"
+            )
+        if request.channels not in (1, 2):
+            raise PermanentGeneratorError(f"channels {request.channels} is not supported: expected 1 or 2")
+        settings = dict(self._defaults)
+        for key in _OVERRIDES:
+            if key in request.metadata:
+                try:
+                    settings[key] = _sampling_value(key, request.metadata[key])
+                except ValueError as exc:
+                    raise PermanentGeneratorError(
+                        f"metadata {key}={request.metadata[key]!r} is invalid: expected {exc}"
+                    ) from None
+        # Whole frames, rounded up so the audio is trimmed rather than padded with silence.
+        frames = max(1, math.ceil(request.duration_seconds * self._frame_rate - 1e-9))
+        return _Plan(
+            tokens=frames + self._delay,
+            guidance_scale=float(settings["guidance_scale"]),
+            temperature=float(settings["temperature"]),
+            top_k=int(settings["top_k"]),
+        )
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Refuse a request over the duration limit, at another rate, or with bad overrides."""
+        self._plan(request)
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        """Same token count and sampling settings; an invalid request gets a batch of its own."""
+        try:
+            return self._plan(request)
+        except GeneratorError:
+            return ("invalid", request.job_id)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
+        """Render compatible requests together; a bad request fails alone."""
+        self.load()
+        outcomes: dict[int, GenerationOutcome] = {}
+        groups: dict[_Plan, list[int]] = {}
+        for index, request in enumerate(requests):
+            try:
+                groups.setdefault(self._plan(request), []).append(index)
+            except GeneratorError as exc:
+                outcomes[index] = exc
+        for plan, indices in groups.items():
+            for start in range(0, len(indices), self.max_batch_size):
+                chunk = indices[start : start + self.max_batch_size]
+                results = self._render([requests[i] for i in chunk], plan)
+                outcomes.update(zip(chunk, results, strict=True))
+        return [outcomes[i] for i in range(len(requests))]
+
+    def _render(self, batch: list[GenerationRequest], plan: _Plan) -> list[GenerationOutcome]:
+        """One ``generate`` call; on failure, halve the batch and retry each half."""
+        try:
+            return self._render_once(batch, plan)
+        except Exception as exc:
+            oom = self._is_oom(exc)
+            if oom and self._device.startswith("cuda"):
+                self._torch.cuda.empty_cache()
+            if len(batch) == 1:
+                if oom:
+                    return [TransientGeneratorError(f"out of memory rendering one request on {self._device}")]
+                return [PermanentGeneratorError(f"MusicGen failed: {type(exc).__name__}: {exc}")]
+            # Halving both fits memory after an OOM and isolates a request that breaks the batch.
+            log.warning("musicgen_batch_split", batch_size=len(batch), out_of_memory=oom, error=str(exc))
+            half = len(batch) // 2
+            return self._render(batch[:half], plan) + self._render(batch[half:], plan)
+
+    def _is_oom(self, exc: BaseException) -> bool:
+        oom_type = getattr(self._torch.cuda, "OutOfMemoryError", ())
+        return isinstance(exc, oom_type) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+    def _render_once(self, batch: list[GenerationRequest], plan: _Plan) -> list[GenerationOutcome]:
+        torch = self._torch
+        inputs = self._processor(text=[r.prompt for r in batch], padding=True, return_tensors="pt")
+        sampling: dict[str, Any] = {"do_sample": self.do_sample, "guidance_scale": plan.guidance_scale}
+        if self.do_sample:  # greedy decoding warns about sampling settings it would ignore
+            sampling |= {"temperature": plan.temperature, "top_k": plan.top_k}
+        torch.manual_seed(batch[0].seed)
+        with torch.inference_mode():
+            audio = self._model.generate(**inputs.to(self._device), max_new_tokens=plan.tokens, **sampling)
+        values: npt.NDArray[np.float32] = audio.float().clamp(-1.0, 1.0).cpu().numpy()
+        metadata = {"model": self.model_id, "batch_size": len(batch), **sampling}
+        return [
+            GeneratedAudio(self._shape(values[i], request), self.sample_rate, dict(metadata))
+            for i, request in enumerate(batch)
+        ]
+
+    def _shape(self, samples: npt.NDArray[np.float32], request: GenerationRequest) -> npt.NDArray[np.float32]:
+        """Match the request's channel count and exact frame count."""
+        if request.channels != samples.shape[0]:
+            samples = (
+                np.repeat(samples, request.channels, axis=0)
+                if samples.shape[0] == 1
+                else samples.mean(axis=0, keepdims=True)
+            )
+        frames = round(request.duration_seconds * self.sample_rate)
+        out = np.zeros((request.channels, frames), np.float32)
+        kept = min(frames, samples.shape[1])
+        out[:, :kept] = samples[:, :kept]
+        return out
