@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from dgxqueue.config import WorkerSettings
-from dgxqueue.errors import GeneratorError
+from dgxqueue.errors import GeneratorError, OutputError
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,11 @@ def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -
 
 
 def is_transient(error: BaseException, settings: WorkerSettings) -> bool:
-    """Backend errors say so themselves; unexpected exceptions follow the config."""
+    """Backend errors say so themselves; a failed write is final; unexpected ones follow the config."""
     if isinstance(error, GeneratorError):
         return error.transient
+    if isinstance(error, OutputError):
+        return False
     return settings.retry_unexpected_errors
 
 

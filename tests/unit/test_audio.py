@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 import os
 import resource
-import subprocess
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,36 +28,6 @@ def _sine(amplitude: float, freq: float = 1000.0, rate: int = 48000, seconds: fl
     t = np.arange(round(rate * seconds)) / rate
     return GeneratedAudio(samples=(amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)[None, :],
                           sample_rate=rate)
-
-
-def _mount_tmpfs(path: Path, options: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    return result.returncode == 0
-
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs: a real file system that runs out of space. Needs root (mount)."""
-    disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "size=64k"):
-        pytest.skip("cannot mount a tmpfs (needs root); test_write__file_size_limit covers a failed write")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
-
-
-@pytest.fixture
-def readonly_dir(tmp_path: Path) -> Iterator[Path]:
-    """A folder nothing can be written to: a read-only tmpfs as root (root ignores modes), else mode 0555."""
-    folder = tmp_path / "readonly"
-    if os.geteuid() == 0 and _mount_tmpfs(folder, "ro,size=64k"):
-        yield folder
-        subprocess.run(["umount", str(folder)], check=True)
-        return
-    folder.mkdir(exist_ok=True)
-    folder.chmod(0o555)
-    yield folder
-    folder.chmod(0o755)
 
 
 def test_write__reads_back_frames_rate_channels_and_values(tmp_path: Path) -> None:
