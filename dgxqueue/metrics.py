@@ -1,0 +1,262 @@
+"""Prometheus metrics: counters and histograms fed by the daemon's hooks, queue depth read at scrape.
+
+:class:`DaemonMetrics` is a :class:`~dgxqueue.daemon.hooks.Hooks` observer that owns every metric
+of one daemon in the given registry. The queue depth (``dgxqueue_queue_*``) is not kept in memory:
+a collector reads it from the database when Prometheus scrapes, through
+:func:`~dgxqueue.storage.repository.queue_depth`, and keeps the answer ``depth_cache_seconds`` so
+that several scrapers cannot hammer the database.
+
+Cost of a scrape, measured by ``benchmarks/bench_metrics.py`` on 1,000,000 rows: pending rows are
+counted through the partial claim index and the oldest pending job found by a skip scan of it;
+processing and failed rows are counted through the status index; completed rows are the rest of
+the table's total (exact on SQLite, where ``count(*)`` walks pages; on PostgreSQL the planner's
+estimate once the table is past 100,000 rows, since ``count(*)`` there reads every row). Only the
+pending count grows with the backlog. A database error during a scrape drops the depth samples
+(stale numbers would mislead), logs it, and counts it in ``dgxqueue_queue_depth_scrape_errors_total``.
+
+:func:`start_metrics_server` serves ``/metrics`` and ``/healthz`` from a daemon thread.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from dgxqueue.daemon.hooks import OUTCOMES, DaemonInfo, Hooks
+from dgxqueue.logs import get_logger
+from dgxqueue.storage.models import GenerationStatus
+from dgxqueue.storage.repository import ClaimedJob, QueueDepth, queue_depth
+
+__all__ = ["DURATION_BUCKETS", "DaemonMetrics", "MetricsServer", "QueueDepthCollector",
+           "start_metrics_server"]
+
+#: Seconds; fits jobs of about 1 s to 5 min, with room either side.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+RESCUE_RESULTS = ("requeued", "failed")
+
+log = get_logger(__name__)
+
+
+class QueueDepthCollector(Collector):
+    """Queue depth from the database at scrape time, cached for ``cache_seconds``."""
+
+    def __init__(self, engine: Engine, cache_seconds: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._engine = engine
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        self._now = now
+        self._lock = threading.Lock()  # one query at a time; concurrent scrapes share its answer
+        self._read_at: float | None = None
+        self._depth: QueueDepth | None = None
+        self._query_seconds = 0.0
+        self.errors = 0
+
+    def depth(self) -> QueueDepth | None:
+        """The cached depth, read again once older than the cache; None if the read failed."""
+        with self._lock:
+            now = self._clock()
+            if self._read_at is None or now - self._read_at >= self._cache_seconds:
+                self._read_at = now  # a failed read is cached too, so a sick database is not hammered
+                started = time.perf_counter()
+                try:
+                    with Session(self._engine) as session:
+                        self._depth = queue_depth(session)
+                except Exception as exc:  # any failure must leave the rest of the scrape intact
+                    self._depth = None
+                    self.errors += 1
+                    log.warning("queue depth query failed", error=repr(exc))
+                self._query_seconds = time.perf_counter() - started
+            return self._depth
+
+    def describe(self) -> Iterable[Metric]:
+        # Without describe() the registry would call collect(), i.e. query, at registration.
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self.depth())
+
+    def _families(self, depth: QueueDepth | None) -> list[Metric]:
+        jobs = GaugeMetricFamily(
+            "dgxqueue_queue_jobs",
+            "Jobs in the database by status (completed is PostgreSQL's estimate past 100k rows).",
+            labels=["status"])
+        pending = GaugeMetricFamily(
+            "dgxqueue_queue_pending_jobs", "Pending jobs in the database by model.", labels=["model"])
+        oldest = GaugeMetricFamily(
+            "dgxqueue_queue_oldest_pending_age_seconds",
+            "Age of the oldest pending job (0 when none is pending).")
+        query = GaugeMetricFamily(
+            "dgxqueue_queue_depth_query_seconds", "Database time of the last queue depth read.")
+        errors = CounterMetricFamily(
+            "dgxqueue_queue_depth_scrape_errors", "Queue depth reads that failed during a scrape.")
+        if depth is not None:
+            for status in GenerationStatus:
+                jobs.add_metric([status.value], depth.by_status.get(status.value, 0))
+            for model, n in sorted(depth.pending_by_model.items()):
+                pending.add_metric([model], n)
+            created = depth.oldest_pending_created_at
+            oldest.add_metric([], max(0.0, (self._now() - created).total_seconds()) if created else 0.0)
+            query.add_metric([], self._query_seconds)
+        errors.add_metric([], self.errors)
+        return [jobs, pending, oldest, query, errors]
+
+
+class DaemonMetrics(Hooks):
+    """Every metric of one daemon, in ``registry``, updated by the daemon's lifecycle hooks."""
+
+    def __init__(self, registry: CollectorRegistry, engine: Engine, *, depth_cache_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 ) -> None:
+        self._wall_clock = wall_clock
+        self.depth = QueueDepthCollector(
+            engine, depth_cache_seconds, clock, lambda: datetime.fromtimestamp(wall_clock(), UTC))
+        registry.register(self.depth)
+        self.build_info = Gauge(
+            "dgxqueue_build_info", "Always 1; labels say what this daemon runs.",
+            ["version", "generator", "engine", "worker_id"], registry=registry)
+        self.finished = Counter(
+            "dgxqueue_jobs_finished", "Attempts finished, by outcome "
+            "(completed, failed, retried, released back to the queue, fenced off) and model.",
+            ["outcome", "model"], registry=registry)
+        self.rescued = Counter(
+            "dgxqueue_jobs_rescued", "Jobs whose lease expired that this daemon's rescuer "
+            "requeued or failed.", ["result"], registry=registry)
+        self.generation = Histogram(
+            "dgxqueue_generation_duration_seconds", "Time the generator spent on an attempt "
+            "(its batch's time), by model.", ["model"], buckets=DURATION_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(
+            "dgxqueue_queue_wait_seconds", "Time from a job's creation to its claim, by model.",
+            ["model"], buckets=DURATION_BUCKETS, registry=registry)
+        self.audio = Counter(
+            "dgxqueue_audio_seconds", "Seconds of audio produced by completed jobs, by model.",
+            ["model"], registry=registry)
+        self.batch_size = Histogram(
+            "dgxqueue_batch_size", "Requests per generator call.", buckets=BATCH_BUCKETS,
+            registry=registry)
+        self.in_flight = Gauge(
+            "dgxqueue_jobs_in_flight", "Jobs this daemon holds right now.", registry=registry)
+        self.model_load = Gauge(
+            "dgxqueue_model_load_seconds", "How long the generator took to load.", registry=registry)
+        self.last_loop = Gauge(
+            "dgxqueue_last_loop_timestamp_seconds", "Unix time the main loop last went round "
+            "(a claim, an idle poll or a heartbeat); a stuck loop stops it.", registry=registry)
+        for result in RESCUE_RESULTS:
+            self.rescued.labels(result)
+        self._finished: dict[tuple[str, str], Counter] = {}
+
+    def _model(self, model: str) -> None:
+        # Every series of a model from zero, so rate() and increase() see the first event.
+        for outcome in OUTCOMES:
+            self._finished[outcome, model] = self.finished.labels(outcome, model)
+        self.audio.labels(model)
+        self.generation.labels(model)
+        self.queue_wait.labels(model)
+
+    def on_start(self, info: DaemonInfo) -> None:
+        self.build_info.labels(info.version, info.generator, info.engine, info.worker_id).set(1)
+        for model in info.models:
+            self._model(model)
+        self.last_loop.set(self._wall_clock())
+
+    def on_model_loaded(self, seconds: float) -> None:
+        self.model_load.set(seconds)
+
+    def on_loop(self, monotonic: float) -> None:
+        self.last_loop.set(self._wall_clock())
+
+    def on_claimed(self, jobs: Sequence[ClaimedJob], now: datetime) -> None:
+        self.in_flight.inc(len(jobs))
+        for job in jobs:
+            self.queue_wait.labels(job.model_name).observe(
+                max(0.0, (now - job.created_at).total_seconds()))
+
+    def on_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def on_job_finished(self, job: ClaimedJob, outcome: str, *, generation_seconds: float | None,
+                        audio_seconds: float | None, error: str | None) -> None:
+        self.in_flight.dec()
+        counter = self._finished.get((outcome, job.model_name))
+        if counter is None:
+            self._model(job.model_name)
+            counter = self._finished.get((outcome, job.model_name)) or self.finished.labels(
+                outcome, job.model_name)
+        counter.inc()
+        if generation_seconds is not None:
+            self.generation.labels(job.model_name).observe(generation_seconds)
+        if outcome == "completed" and audio_seconds:
+            self.audio.labels(job.model_name).inc(audio_seconds)
+
+    def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
+        if requeued:
+            self.rescued.labels("requeued").inc(len(requeued))
+        if failed:
+            self.rescued.labels("failed").inc(len(failed))
+
+
+class MetricsServer:
+    """``/metrics`` and ``/healthz`` on a daemon thread; ``close()`` stops it and frees the port."""
+
+    def __init__(self, server: http.server.ThreadingHTTPServer) -> None:
+        self._server = server
+        self.address = str(server.server_address[0])
+        self.port = int(server.server_address[1])
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        self.url = f"http://{host}:{self.port}"
+        self._thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def start_metrics_server(address: str, port: int, registry: CollectorRegistry,
+                         is_healthy: Callable[[], bool]) -> MetricsServer:
+    """Serve ``registry`` on ``address:port`` (port 0 picks a free one); see :class:`MetricsServer`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._reply(200, encoder(registry), content_type)
+            elif path == "/healthz":
+                try:
+                    healthy = bool(is_healthy())
+                except Exception:  # a broken check is an unhealthy daemon, not a crashed server
+                    healthy = False
+                self._reply(200 if healthy else 503, b"ok\n" if healthy else b"stalled\n")
+            else:
+                self._reply(404, b"not found: try /metrics or /healthz\n")
+
+        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug("metrics request", line=format % args)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+    return MetricsServer(Server((address, port), Handler))

@@ -1,0 +1,271 @@
+"""The shipped dashboard and alert rules, proven against a real Prometheus scraping real /metrics.
+
+The ``workload`` fixture is the data source: today DaemonMetrics and its HTTP server fed by hook
+calls that replay a daemon's work (completions, failures, a retry, a rescue, a fenced write) on a
+real SQLite queue. Swap that one fixture for a real ``dgxqueue worker`` and the rest stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from dgxqueue.daemon.hooks import DaemonInfo
+from dgxqueue.metrics import DaemonMetrics, start_metrics_server
+from dgxqueue.storage import create_generation, dispose_engines, init_db, session_scope
+from dgxqueue.storage import repository as repo
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "monitoring" / "grafana" / "dgxqueue.json"
+ALERTS = ROOT / "monitoring" / "prometheus" / "alerts.yml"
+ALERTS_TEST = ROOT / "monitoring" / "prometheus" / "alerts_test.yml"
+SCRAPE_EXAMPLE = ROOT / "monitoring" / "prometheus" / "scrape-example.yml"
+GRAFANA_VARIABLES = {"$instance": ".*", "${datasource}": "", "$__rate_interval": "1m", "$__interval": "15s"}
+
+
+def need(binary: str) -> str:
+    """The binary's path; missing, a skip outside CI and a failure under CI."""
+    found = shutil.which(binary)
+    if found is None:
+        message = f"{binary} missing: apt-get install -y --no-install-recommends prometheus"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)  # poll interval, not synchronisation: the loop ends on the condition
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Workload:
+    """Something that exposes dgxqueue /metrics: its scrape targets, and a way to make more work."""
+
+    targets: list[str]
+    more_work: Callable[[], None]
+    completed: Callable[[], int]  # jobs completed so far, as /metrics should say
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
+    """Two simulated daemons on one SQLite queue, fed through DaemonMetrics' hooks."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('queue') / 'generations.db'}"
+    engine = init_db(url)
+    with session_scope(engine) as session:
+        for i in range(6):
+            create_generation(session, f"prompt {i}", model_name="synth" if i % 2 else "musicgen-small")
+    daemons = []
+    for n, model in enumerate(("synth", "musicgen-small")):
+        registry = CollectorRegistry()
+        metrics = DaemonMetrics(registry, engine, depth_cache_seconds=0.5)
+        metrics.on_start(DaemonInfo(f"gpu{n}", model, (model,), "sqlite", "0.1.0"))
+        metrics.on_model_loaded(1.5 + n)
+        server = start_metrics_server("127.0.0.1", 0, registry, is_healthy=lambda: True)
+        daemons.append((model, metrics, server))
+    done = [0]
+
+    def more_work() -> None:
+        for n, (model, metrics, _) in enumerate(daemons):
+            now = datetime.now(UTC)
+            jobs = [repo.ClaimedJob(f"{model}-{done[0]}-{i}", "p", model, 8.0, 32000, 1, "x.wav", None,
+                                    1 + (i == 3), 3, now - timedelta(seconds=2 + i), now) for i in range(4)]
+            metrics.on_loop(time.monotonic())
+            metrics.on_claimed(jobs, now)
+            metrics.on_batch(len(jobs))
+            for job, outcome in zip(jobs, ("completed", "completed", "failed", "retried"), strict=True):
+                metrics.on_job_finished(job, outcome, generation_seconds=3.0 + n, audio_seconds=8.0,
+                                        error=None if outcome == "completed" else "boom")
+            metrics.on_claimed(jobs[:1], now)
+            metrics.on_job_finished(jobs[0], "fenced", generation_seconds=3.0, audio_seconds=8.0,
+                                    error="lease lost")
+            metrics.on_rescued(["dead-1"], ["dead-2"] if n else [])
+        done[0] += 2
+
+    more_work()
+    yield Workload([f"127.0.0.1:{server.port}" for _, _, server in daemons], more_work, lambda: done[0])
+    for _, _, server in daemons:
+        server.close()
+    dispose_engines()
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def api(self, path: str, **params: str) -> dict[str, Any]:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as response:
+                body: dict[str, Any] = json.load(response)
+        except urllib.error.HTTPError as error:  # 400 on a bad query still carries the JSON error
+            body = json.load(error)
+        return body
+
+    def query(self, expr: str) -> dict[str, Any]:
+        return self.api("query", query=expr)
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def prometheus(workload: Workload, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """A real Prometheus scraping the workload every second, with the shipped rules loaded."""
+    binary = need("prometheus")
+    folder = tmp_path_factory.mktemp("prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{"job_name": "dgxqueue", "static_configs": [{"targets": workload.targets}]}],
+    }
+    (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    log = (folder / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    server = Prometheus(f"http://127.0.0.1:{port}")
+    try:
+        wait_for("Prometheus to be ready", lambda: process.poll() is not None or server.ready())
+        assert process.poll() is None, (folder / "prometheus.log").read_text()
+        first = 'count(dgxqueue_build_info) == 2 and count(dgxqueue_queue_jobs{status="pending"}) == 2'
+        wait_for("the first scrape of both daemons", lambda: server.query(first)["data"]["result"])
+        workload.more_work()
+        expected = f'sum(dgxqueue_jobs_finished_total{{outcome="completed"}}) == {workload.completed() * 2}'
+        wait_for("a scrape after more work", lambda: server.query(expected)["data"]["result"])
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL with Grafana's variables filled in) for every target of every panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    found = []
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+            expr = target["expr"]
+            for metric in re.findall(r"\b((?:dgxqueue_\w+|up))\{([^}]*)\}", expr):
+                assert 'instance=~"$instance"' in metric[1], (panel["title"], expr)
+            for name, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(name, value)
+            assert "$" not in expr, expr
+            found.append((panel["title"], expr))
+    return found
+
+
+def alert_expressions(prometheus: Prometheus) -> list[tuple[str, str]]:
+    """(alert, expression) of every rule, as Prometheus loaded them from alerts.yml."""
+    groups = prometheus.api("rules", type="alert")["data"]["groups"]
+    return [(rule["name"], rule["query"]) for group in groups for rule in group["rules"]]
+
+
+def test_dashboard__every_query_returns_data(prometheus: Prometheus) -> None:
+    """Each dashboard panel's query parses and returns data from the scraped daemons."""
+    queries = dashboard_queries()
+    assert len(queries) >= 20
+    empty = []
+    for title, expr in queries:
+        answer = prometheus.query(expr)
+        assert answer["status"] == "success", (title, expr, answer)
+        if not answer["data"]["result"]:
+            empty.append((title, expr))
+    assert not empty, empty
+
+
+def test_dashboard__variables_and_shape(prometheus: Prometheus) -> None:
+    """The datasource and instance variables exist; the instance query lists both daemons."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    instance = variables["instance"]
+    assert instance["multi"] and instance["includeAll"]
+    assert instance["query"]["query"] == "label_values(dgxqueue_build_info, instance)"
+    answer = prometheus.api("label/instance/values", **{"match[]": "dgxqueue_build_info"})
+    assert len(answer["data"]) == 2
+    assert 36 <= dashboard["schemaVersion"] <= 41 and dashboard["uid"]
+
+
+def test_alert_rules__every_expression_parses_and_rules_evaluate(prometheus: Prometheus) -> None:
+    """Each alert expression evaluates through the API, and Prometheus runs every rule healthily."""
+    expressions = alert_expressions(prometheus)
+    assert len(expressions) == ALERTS.read_text().count("- alert: ")
+    for name, expr in expressions:
+        answer = prometheus.query(expr)
+        assert answer["status"] == "success", (name, expr, answer)
+
+    def evaluated() -> list[dict[str, Any]] | None:
+        rules = [r for g in prometheus.api("rules")["data"]["groups"] for r in g["rules"]]
+        done = len(rules) == len(expressions) and all(r["lastEvaluation"][:4] != "0001" for r in rules)
+        return rules if done else None
+
+    rules = wait_for("every rule to be evaluated", evaluated)
+    assert [(r["name"], r["health"], r.get("lastError", "")) for r in rules if r["health"] != "ok"] == []
+    firing = {r["name"] for r in rules if r["state"] == "firing"}
+    assert "DgxqueueDaemonDown" not in firing and "DaemonLoopStalled" not in firing
+
+
+def test_alert_rules__promtool_check_and_unit_tests_pass() -> None:
+    """`promtool check rules` and `promtool test rules` pass on the shipped files."""
+    promtool = need("promtool")
+    for args in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERTS_TEST)]):
+        result = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60,
+                                cwd=ALERTS.parent)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scrape_example__is_a_valid_prometheus_config(tmp_path: Path) -> None:
+    """The example prometheus.yml passes `promtool check config` with the shipped rule file."""
+    promtool = need("promtool")
+    shutil.copy(ALERTS, tmp_path / "dgxqueue-alerts.yml")
+    text = SCRAPE_EXAMPLE.read_text().replace("/etc/prometheus/dgxqueue-alerts.yml",
+                                              str(tmp_path / "dgxqueue-alerts.yml"))
+    (tmp_path / "prometheus.yml").write_text(text)
+    result = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
