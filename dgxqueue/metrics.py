@@ -64,6 +64,8 @@ class QueueDepthCollector(Collector):
         self._depth: QueueDepth | None = None
         self._query_seconds = 0.0
         self.errors = 0
+        #: Models this daemon serves: reported at 0 when none of theirs is pending, not left out.
+        self.models: tuple[str, ...] = ()
 
     def depth(self) -> QueueDepth | None:
         """The cached depth, read again once older than the cache; None if the read failed."""
@@ -106,7 +108,8 @@ class QueueDepthCollector(Collector):
         if depth is not None:
             for status in GenerationStatus:
                 jobs.add_metric([status.value], depth.by_status.get(status.value, 0))
-            for model, n in sorted(depth.pending_by_model.items()):
+            counts = {model: 0 for model in self.models} | dict(depth.pending_by_model)
+            for model, n in sorted(counts.items()):
                 pending.add_metric([model], n)
             created = depth.oldest_pending_created_at
             oldest.add_metric([], max(0.0, (self._now() - created).total_seconds()) if created else 0.0)
@@ -170,6 +173,7 @@ class DaemonMetrics(Hooks):
         self.build_info.labels(info.version, info.generator, info.engine, info.worker_id).set(1)
         for model in info.models:
             self._model(model)
+        self.depth.models = info.models
         self.last_loop.set(self._wall_clock())
 
     def on_model_loaded(self, seconds: float) -> None:

@@ -1,8 +1,7 @@
 """The shipped dashboard and alert rules, proven against a real Prometheus scraping real /metrics.
 
-The ``workload`` fixture is the data source: today DaemonMetrics and its HTTP server fed by hook
-calls that replay a daemon's work (completions, failures, a retry, a rescue, a fenced write) on a
-real SQLite queue. Swap that one fixture for a real ``dgxqueue worker`` and the rest stays.
+The ``workload`` fixture is the data source: two real ``dgxqueue worker`` processes (the
+synthesizer and the scripted test backend) completing, failing, retrying and rescuing jobs.
 """
 
 from __future__ import annotations
@@ -24,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+import sqlalchemy as sa
 
-from dgxqueue.daemon.hooks import DaemonInfo
-from dgxqueue.metrics import DaemonMetrics, start_metrics_server
-from dgxqueue.storage import create_generation, dispose_engines, init_db, session_scope
+from dgxqueue.storage import create_generations, dispose_engines, init_db, session_scope
 from dgxqueue.storage import repository as repo
+from tests.support.processes import SCRIPTED, start_worker, stop, wait_until, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dgxqueue.json"
@@ -79,43 +77,57 @@ class Workload:
 
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
-    """Two simulated daemons on one SQLite queue, fed through DaemonMetrics' hooks."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('queue') / 'generations.db'}"
+    """Two real daemon processes on one SQLite queue: the synthesizer, and the scripted test backend
+    for failures and a retry; one job is left with an expired lease for the rescuer."""
+    folder = tmp_path_factory.mktemp("queue")
+    url = f"sqlite:///{folder / 'generations.db'}"
     engine = init_db(url)
-    with session_scope(engine) as session:
-        for i in range(6):
-            create_generation(session, f"prompt {i}", model_name="synth" if i % 2 else "musicgen-small")
-    daemons = []
-    for n, model in enumerate(("synth", "musicgen-small")):
-        registry = CollectorRegistry()
-        metrics = DaemonMetrics(registry, engine, depth_cache_seconds=0.5)
-        metrics.on_start(DaemonInfo(f"gpu{n}", model, (model,), "sqlite", "0.1.0"))
-        metrics.on_model_loaded(1.5 + n)
-        server = start_metrics_server("127.0.0.1", 0, registry, is_healthy=lambda: True)
-        daemons.append((model, metrics, server))
-    done = [0]
+    ports = [free_port(), free_port()]
+    processes = []
+    for n, (generator, port) in enumerate(zip(("synth", SCRIPTED), ports, strict=True)):
+        config = write_config(folder / f"daemon{n}.toml", {
+            "database": {"url": url},
+            "outputs": {"dir": str(folder / "outputs")},
+            "generator": {"name": generator},
+            "worker": {"backoff_base_seconds": 0.0, "rescue_interval_seconds": 0.2, "heartbeat_seconds": 0.2},
+            "metrics": {"port": port},
+            "logging": {"format": "json"},
+        })
+        processes.append(start_worker(config, folder / f"daemon{n}.log"))
+
+    def enqueue(model: str, prompts: list[str]) -> None:
+        with session_scope(engine) as session:
+            create_generations(session, [{"prompt": p, "model_name": model, "duration_seconds": 0.5,
+                                          "sample_rate": 16000} for p in prompts])
+
+    def finished() -> bool:
+        with engine.connect() as conn:
+            busy = conn.execute(sa.text(
+                "SELECT count(*) FROM generations WHERE status IN ('pending', 'processing')")).scalar_one()
+        return busy == 0
+
+    def completed() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(
+                "SELECT count(*) FROM generations WHERE status = 'completed'")).scalar_one())
+
+    enqueue("scripted", ["fine", "fine", "transient:1", "permanent"])
+    enqueue("synth", ["lo-fi piano 85 BPM", "trap 140 BPM in Cm", "house 124 BPM"])
+    with session_scope(engine) as session:  # a job whose daemon died: the rescuer requeues it
+        [dead] = create_generations(session, [{"prompt": "techno", "model_name": "synth", "duration_seconds": 0.5}])
+        session.execute(sa.update(repo.G).where(repo.G.c.id == dead).values(
+            status="processing", worker_id="dead", attempts=1,
+            lease_expires_at=datetime.now(UTC) - timedelta(minutes=5)))
+    wait_until(finished, 60, "the first jobs", alive=processes[0])
 
     def more_work() -> None:
-        for n, (model, metrics, _) in enumerate(daemons):
-            now = datetime.now(UTC)
-            jobs = [repo.ClaimedJob(f"{model}-{done[0]}-{i}", "p", model, 8.0, 32000, 1, "x.wav", None,
-                                    1 + (i == 3), 3, now - timedelta(seconds=2 + i), now) for i in range(4)]
-            metrics.on_loop(time.monotonic())
-            metrics.on_claimed(jobs, now)
-            metrics.on_batch(len(jobs))
-            for job, outcome in zip(jobs, ("completed", "completed", "failed", "retried"), strict=True):
-                metrics.on_job_finished(job, outcome, generation_seconds=3.0 + n, audio_seconds=8.0,
-                                        error=None if outcome == "completed" else "boom")
-            metrics.on_claimed(jobs[:1], now)
-            metrics.on_job_finished(jobs[0], "fenced", generation_seconds=3.0, audio_seconds=8.0,
-                                    error="lease lost")
-            metrics.on_rescued(["dead-1"], ["dead-2"] if n else [])
-        done[0] += 2
+        enqueue("synth", ["ambient pads", "drum and bass 174 BPM"])
+        enqueue("scripted", ["fine"])
+        wait_until(finished, 60, "more jobs", alive=processes[1])
 
-    more_work()
-    yield Workload([f"127.0.0.1:{server.port}" for _, _, server in daemons], more_work, lambda: done[0])
-    for _, _, server in daemons:
-        server.close()
+    yield Workload([f"127.0.0.1:{port}" for port in ports], more_work, completed)
+    for process in processes:
+        assert stop(process) == 0
     dispose_engines()
 
 
@@ -168,7 +180,7 @@ def prometheus(workload: Workload, tmp_path_factory: pytest.TempPathFactory) -> 
         first = 'count(dgxqueue_build_info) == 2 and count(dgxqueue_queue_jobs{status="pending"}) == 2'
         wait_for("the first scrape of both daemons", lambda: server.query(first)["data"]["result"])
         workload.more_work()
-        expected = f'sum(dgxqueue_jobs_finished_total{{outcome="completed"}}) == {workload.completed() * 2}'
+        expected = f'sum(dgxqueue_jobs_finished_total{{outcome="completed"}}) == {workload.completed()}'
         wait_for("a scrape after more work", lambda: server.query(expected)["data"]["result"])
         yield server
     finally:

@@ -173,6 +173,14 @@ def test_queue_depth__equals_rows_in_database(engine: Engine, registry: Collecto
     assert value(registry, "dgxqueue_queue_depth_scrape_errors_total") == 0
 
 
+def test_queue_depth__served_model_with_nothing_pending_reads_zero(
+        sqlite_engine: Engine, registry: CollectorRegistry) -> None:
+    """A model the daemon serves shows 0 pending rather than no series, so panels and alerts see it."""
+    start(DaemonMetrics(registry, sqlite_engine), models=("synth", "musicgen-small"))
+    assert value(registry, "dgxqueue_queue_pending_jobs", model="musicgen-small") == 0
+    assert value(registry, "dgxqueue_queue_pending_jobs", model="elsewhere") is None
+
+
 def test_queue_depth__oldest_pending_age_from_created_at(
     sqlite_engine: Engine, registry: CollectorRegistry
 ) -> None:
