@@ -29,7 +29,7 @@ from dgxqueue.daemon.retry import decide
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.store import QueueStore, is_transient_db_error
 from dgxqueue.daemon.waker import Waker, make_waker
-from dgxqueue.errors import TransientGeneratorError
+from dgxqueue.errors import DgxQueueError, TransientGeneratorError
 from dgxqueue.generators import Generator
 from dgxqueue.storage import repository
 from dgxqueue.storage.models import utcnow
@@ -282,6 +282,9 @@ class Daemon:
                     now, outcome.generation_seconds, outcome.file_size, outcome.metadata)
                 rows.append((job, values, "completed", None))
                 continue
+            if not isinstance(outcome.error, DgxQueueError):  # a bug, not a refusal: keep the traceback
+                self.log.error("unexpected error in the generator", job_id=job.id, model=job.model_name,
+                               attempt=job.attempt, exc_info=outcome.error)
             decision = decide(outcome.error, attempt=job.attempt, max_attempts=job.max_attempts,
                               now=now, settings=self.config, rng=self.rng)
             if decision.retry:
