@@ -64,8 +64,8 @@ class OutputSettings:
 @dataclass(frozen=True)
 class GeneratorSettings:
     name: str = _spec("synth")
-    models: list[str] = _spec([])
-    options: dict[str, Any] = _spec({})
+    models: list[str] = _spec([])  # noqa: RUF009  (_spec returns a field with a default_factory)
+    options: dict[str, Any] = _spec({})  # noqa: RUF009
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from dgxqueue.errors import PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
 
 
@@ -25,13 +26,18 @@ class SilenceGenerator:
         return (request.sample_rate, request.channels)
 
     def validate(self, request: GenerationRequest) -> None:
-        """Every request is servable."""
+        if not 1 <= request.channels <= 2:
+            raise PermanentGeneratorError(f"silence renders 1 or 2 channels, not {request.channels}")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
-        return [
-            GeneratedAudio(
-                samples=np.zeros((r.channels, round(r.duration_seconds * r.sample_rate)), np.float32),
-                sample_rate=r.sample_rate,
-            )
-            for r in requests
-        ]
+        results: list[GenerationOutcome] = []
+        for r in requests:
+            try:
+                self.validate(r)
+            except PermanentGeneratorError as exc:
+                results.append(exc)
+                continue
+            frames = round(r.duration_seconds * r.sample_rate)
+            results.append(GeneratedAudio(samples=np.zeros((r.channels, frames), np.float32),
+                                          sample_rate=r.sample_rate))
+        return results

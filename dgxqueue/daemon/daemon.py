@@ -156,7 +156,9 @@ class Daemon:
         return 0
 
     def _idle_timeout(self, now: datetime) -> float:
-        timeout = min(self.config.poll_interval_seconds, 1.0)
+        # Wake in time for the next watchdog ping, however short systemd's WatchdogSec is.
+        until_ping = max(0.0, self._next_watchdog - time.monotonic())
+        timeout = min(self.config.poll_interval_seconds, 1.0, until_ping)
         due = self.store.next_due(now)
         if due is not None:
             timeout = min(timeout, max(0.0, (due - now).total_seconds()))
@@ -173,7 +175,7 @@ class Daemon:
             self.log.info("stopping", held=len(self._held), immediate=self._immediate)
         if now >= self._next_watchdog and self.healthy():
             self.notifier.watchdog()
-            self._next_watchdog = now + min(1.0, self.notifier.watchdog_interval or 1.0)
+            self._next_watchdog = now + min(1.0, (self.notifier.watchdog_interval or 2.0) / 2)
         if now >= self._next_rescue:
             self._next_rescue = now + self.config.rescue_interval_seconds
             self.rescue()

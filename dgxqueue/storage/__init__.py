@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from dgxqueue.config import JobSettings, OutputSettings
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage import repository
@@ -32,14 +34,14 @@ from dgxqueue.storage.validation import (
     validate_prompt,
     validate_status,
 )
-from sqlalchemy.orm import Session
 
 __all__ = [
     "Base", "Generation", "GenerationStatus", "JobSpec", "Prompt", "Session", "cancel_generation",
     "complete_generation", "create_engine", "create_generation", "create_generations",
     "delete_generation", "dispose_engines", "ensure_schema", "fail_generation", "get_all_generations",
     "get_database_stats", "get_engine", "get_generation", "get_most_used_prompts",
-    "get_pending_generations", "get_session", "init_db", "resolve_url", "retry_generation",
+    "get_pending_generations", "get_session", "init_db", "prepare_generations", "resolve_url",
+    "retry_generation",
     "session_scope", "track_prompt_usage",
 ]
 
@@ -50,12 +52,14 @@ JobSpec = Mapping[str, Any]
 """Keyword arguments of :func:`create_generation`, as a mapping (for :func:`create_generations`)."""
 
 
+_SPEC_KEYS = frozenset({"prompt", "model_name", "duration_seconds", "sample_rate", "channels", "file_path",
+                        "metadata", "model_version", "priority", "run_after", "max_attempts"})
+
+
 def _validate(spec: JobSpec, limits: JobSettings) -> NewJob:
-    known = {"prompt", "model_name", "duration_seconds", "sample_rate", "channels", "file_path",
-             "metadata", "model_version", "priority", "run_after", "max_attempts"}
-    unknown = set(spec) - known
-    if unknown:
-        raise ValidationError(sorted(unknown)[0], spec[sorted(unknown)[0]], "one of " + ", ".join(sorted(known)))
+    if not _SPEC_KEYS.issuperset(spec):
+        unknown = sorted(set(spec) - _SPEC_KEYS)[0]
+        raise ValidationError(unknown, spec[unknown], "one of " + ", ".join(sorted(_SPEC_KEYS)))
     return validate_new_job(
         prompt=spec.get("prompt"),
         model_name=spec.get("model_name", limits.default_model),
@@ -72,6 +76,27 @@ def _validate(spec: JobSpec, limits: JobSettings) -> NewJob:
     )
 
 
+def prepare_generations(
+    specs: Iterable[JobSpec],
+    *,
+    limits: JobSettings | None = None,
+    outputs: OutputSettings | None = None,
+) -> list[dict[str, Any]]:
+    """Validate every spec and turn it into a ``generations`` row with a new id. Writes nothing.
+
+    One bad spec raises :class:`~dgxqueue.errors.ValidationError`.
+    """
+    limits = limits or _DEFAULT_LIMITS
+    folder = (outputs or _DEFAULT_OUTPUTS).dir.rstrip("/").rsplit("/", 1)[-1] or "outputs"
+    jobs = [_validate(spec, limits) for spec in specs]
+    now = utcnow()
+    rows = []
+    for job in jobs:
+        job_id = repository.new_id()
+        rows.append(repository.job_row(job, job_id, now, f"{folder}/{job_id}.wav"))
+    return rows
+
+
 def create_generations(
     session: Session,
     specs: Iterable[JobSpec],
@@ -83,14 +108,7 @@ def create_generations(
 
     One bad spec raises :class:`~dgxqueue.errors.ValidationError` and nothing is written.
     """
-    limits = limits or _DEFAULT_LIMITS
-    folder = (outputs or _DEFAULT_OUTPUTS).dir.rstrip("/").rsplit("/", 1)[-1] or "outputs"
-    jobs = [_validate(spec, limits) for spec in specs]
-    now = utcnow()
-    rows = []
-    for job in jobs:
-        job_id = repository.new_id()
-        rows.append(repository.job_row(job, job_id, now, f"{folder}/{job_id}.wav"))
+    rows = prepare_generations(specs, limits=limits, outputs=outputs)
     repository.insert_jobs(session, rows)
     return [str(row["id"]) for row in rows]
 
@@ -188,7 +206,9 @@ def get_all_generations(
 ) -> list[Generation]:
     """Generations, newest first (completed ones by completion time), optionally of one status."""
     chosen = None if status is None else validate_status(status)
-    return repository.list_jobs(session, chosen, validate_limit(limit), validate_limit(offset, "offset", 10**9))
+    return repository.list_jobs(
+        session, chosen, validate_limit(limit), validate_limit(offset, "offset", 10**9)
+    )
 
 
 def get_pending_generations(session: Session, limit: int = 100) -> list[Generation]:

@@ -438,15 +438,23 @@ def finished_jobs_before(
     return [(row.id, row.file_path) for row in session.execute(query)]
 
 
-def delete_jobs(session: Session, ids: Sequence[str], chunk: int = 500) -> int:
-    """Delete finished jobs by id, in chunks (SQLite limits bound parameters); returns the count."""
-    deleted = 0
+def delete_finished(session: Session, ids: Sequence[str], chunk: int = 500) -> list[str]:
+    """Delete the finished jobs among ``ids``, in chunks (SQLite limits bound parameters).
+
+    Returns the ids really deleted: a job retried meanwhile is pending again and stays.
+    """
+    deleted: list[str] = []
     for start in range(0, len(ids), chunk):
-        result = session.execute(
+        deleted.extend(session.execute(
             sa.delete(G).where(G.c.id.in_(ids[start:start + chunk]), G.c.status.in_((COMPLETED, FAILED)))
-        )
-        deleted += result.rowcount  # type: ignore[attr-defined]
+            .returning(G.c.id)
+        ).scalars())
     return deleted
+
+
+def delete_jobs(session: Session, ids: Sequence[str], chunk: int = 500) -> int:
+    """Delete finished jobs by id, in chunks; returns how many went."""
+    return len(delete_finished(session, ids, chunk))
 
 
 # --- metrics --------------------------------------------------------------------------------

@@ -37,14 +37,14 @@ class NewJob:
 
 
 def _text(field: str, value: object, limit: int) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(field, value, "a string")
+    # Every refusal states the whole rule, so the message alone says what would pass.
+    allowed = f"non-empty text of 1 to {limit} characters without NUL bytes"
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(field, value, allowed)
     if "\x00" in value:
-        raise ValidationError(field, value, "text without NUL bytes")
-    if not value.strip():
-        raise ValidationError(field, value, "non-empty text")
+        raise ValidationError(field, value, allowed + " (it holds a NUL byte)")
     if len(value) > limit:
-        raise ValidationError(field, value, f"at most {limit} characters (got {len(value)})")
+        raise ValidationError(field, value, f"{allowed} (got {len(value)} characters)")
     return value
 
 
@@ -101,11 +101,12 @@ def validate_metadata(value: object, limits: JobSettings) -> dict[str, Any] | No
 
 
 def validate_status(value: object) -> GenerationStatus:
-    try:
+    if isinstance(value, str) and value in _STATUS_VALUES:
         return GenerationStatus(value)
-    except ValueError:
-        allowed = "one of " + ", ".join(s.value for s in GenerationStatus)
-        raise ValidationError("status", value, allowed) from None
+    raise ValidationError("status", value, "one of " + ", ".join(s.value for s in GenerationStatus))
+
+
+_STATUS_VALUES = frozenset(s.value for s in GenerationStatus)
 
 
 def validate_run_after(value: object) -> datetime | None:

@@ -57,7 +57,7 @@ def _build(name: str, tmp_path_factory: pytest.TempPathFactory) -> Backend:
     if name == "silence":
         options: dict[str, Any] = {}
         traits: dict[str, Any] = {"sample_rate": 32000, "channels": (1, 2), "repeatable": True,
-                                  "seed_sensitive": False}
+                                  "seed_sensitive": False, "unservable": (too_many_channels,)}
     elif name == "synth":
         options = {"max_batch_size": 4}
         traits = {"sample_rate": 32000, "channels": (1, 2), "repeatable": True, "seed_sensitive": True,

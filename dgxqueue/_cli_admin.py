@@ -1,0 +1,306 @@
+"""The operator's subcommands: worker, db (upgrade, downgrade, current, backup, reset), config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from dgxqueue._cli_common import (
+    EX_CANTCREAT,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    Context,
+    print_json,
+)
+from dgxqueue.config import Settings, settings_as_dict
+from dgxqueue.errors import ConfigError
+from dgxqueue.storage import ensure_schema, get_engine
+from dgxqueue.storage.database import (
+    current_revision,
+    downgrade,
+    head_revision,
+    sqlite_path,
+    upgrade,
+)
+
+# --- worker -----------------------------------------------------------------------------------
+
+
+def worker_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The worker's flags as config overrides (a bad value is a config error, exit 78)."""
+    overrides: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        overrides.setdefault(section, {})[key] = value
+
+    def integer(key: str, text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(key, text, "an integer") from None
+
+    if args.generator is not None:
+        put("generator", "name", args.generator)
+    if args.models is not None:
+        put("generator", "models", [m.strip() for m in args.models.split(",") if m.strip()])
+    if args.batch_size is not None:
+        put("worker", "batch_size", integer("worker.batch_size", args.batch_size))
+    if args.metrics_port is not None:
+        put("metrics", "port", integer("metrics.port", args.metrics_port))
+    if args.log_level is not None:
+        put("logging", "level", args.log_level)
+    return overrides
+
+
+def cmd_worker(ctx: Context, args: argparse.Namespace) -> int:
+    from dgxqueue.daemon import run_worker  # here, so the other commands start without it
+
+    return run_worker(ctx.settings, burst=args.burst, worker_id=args.worker_id)
+
+
+# --- db ---------------------------------------------------------------------------------------
+
+
+def _revision_text(engine: sa.Engine) -> str | None:
+    with engine.connect() as conn:
+        return current_revision(conn)
+
+
+def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
+    engine = _raw_engine(ctx.settings)
+    if args.revision in (None, "head"):
+        ensure_schema(engine)  # takes the migration lock, adopts a pre-alembic database
+    else:
+        upgrade(engine, args.revision)
+    print(f"database at revision {_revision_text(engine)} (head {head_revision()})")
+    return EXIT_OK
+
+
+def cmd_db_downgrade(ctx: Context, args: argparse.Namespace) -> int:
+    _must_exist(ctx.settings)
+    engine = _raw_engine(ctx.settings)
+    downgrade(engine, args.revision)
+    print(f"database at revision {_revision_text(engine) or 'none (empty)'}")
+    return EXIT_OK
+
+
+def _must_exist(settings: Settings) -> None:
+    path = sqlite_path(settings.database.url)
+    if path is not None and not path.exists():
+        raise CliError(f"database file {path.absolute()} does not exist", EX_UNAVAILABLE)
+
+
+def _raw_engine(settings: Settings) -> sa.Engine:
+    """The engine without a schema check (migration commands work on any revision)."""
+    try:
+        return get_engine(settings.database.url, settings.database)
+    except OSError as exc:
+        raise CliError(f"database {settings.database.url} cannot be opened: {exc}", EX_UNAVAILABLE) from None
+
+
+def cmd_db_current(ctx: Context, args: argparse.Namespace) -> int:
+    _must_exist(ctx.settings)
+    current, head = _revision_text(_raw_engine(ctx.settings)), head_revision()
+    if args.json:
+        print_json({"current": current, "head": head, "up_to_date": current == head})
+    else:
+        print(f"{current or 'none'} (head {head}{', up to date' if current == head else ''})")
+    return EXIT_OK
+
+
+def _backup_sqlite(source: Path, target: Path, timeout_ms: int) -> int | None:
+    """Copy with SQLite's online backup API: a consistent snapshot even while daemons write."""
+    src = sqlite3.connect(source, timeout=timeout_ms / 1000)
+    try:
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file, no -wal beside it
+            check = dst.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise CliError(f"the backup at {target} failed its check: {check}", EX_SOFTWARE)
+            has_table = dst.execute("SELECT 1 FROM sqlite_master WHERE name = 'generations'").fetchone()
+            rows: int | None = dst.execute("SELECT count(*) FROM generations").fetchone()[0] if has_table else None
+            return rows
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
+def _backup_postgres(url: str, target: Path) -> None:
+    pg_dump = shutil.which("pg_dump")
+    if pg_dump is None:
+        raise CliError("pg_dump is not on PATH: install the PostgreSQL client tools", EX_UNAVAILABLE)
+    # libpq wants postgresql://; the password goes through the environment, not the command line.
+    parsed = make_url(url).set(drivername="postgresql")
+    env = dict(os.environ)
+    if parsed.password:
+        env["PGPASSWORD"] = str(parsed.password)
+    dsn = parsed.set(password=None).render_as_string(hide_password=False)
+    done = subprocess.run([pg_dump, "--format=custom", f"--file={target}", f"--dbname={dsn}"],
+                          env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise CliError(f"pg_dump failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}",
+                       EX_UNAVAILABLE)
+
+
+def cmd_db_backup(ctx: Context, args: argparse.Namespace) -> int:
+    target = Path(args.path).absolute()
+    if target.exists() and not args.force:
+        raise CliError(f"{target} already exists (use --force to replace it)", EX_CANTCREAT)
+    if not target.parent.is_dir():
+        raise CliError(f"folder {target.parent} does not exist", EX_CANTCREAT)
+    url = ctx.settings.database.url
+    source = sqlite_path(url)
+    _must_exist(ctx.settings)
+    engine = _raw_engine(ctx.settings)  # any schema revision: back up before `db upgrade` too
+    # Written beside the target and renamed into place, so PATH is never a half-written backup.
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    partial = Path(name)
+    try:
+        if engine.dialect.name == "sqlite" and source is not None:
+            partial.unlink()
+            rows: int | None = _backup_sqlite(source, partial, ctx.settings.database.sqlite_busy_timeout_ms)
+        elif engine.dialect.name == "postgresql":
+            _backup_postgres(url, partial)
+            rows = None
+        else:
+            raise CliError(f"cannot back up {url}: only SQLite files and PostgreSQL", EX_UNAVAILABLE)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    size = target.stat().st_size
+    if args.json:
+        print_json({"path": str(target), "bytes": size, "generations": rows})
+    else:
+        counted = f", {rows} generations" if rows is not None else ""
+        print(f"backed up to {target} ({size} bytes{counted})")
+    return EXIT_OK
+
+
+def cmd_db_reset(ctx: Context, args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise CliError("db reset deletes every generation and prompt: add --yes to confirm", EXIT_USAGE)
+    engine = _raw_engine(ctx.settings)
+    with engine.begin() as conn:
+        tables = sa.MetaData()
+        tables.reflect(conn)
+        tables.drop_all(conn)
+    ensure_schema(engine)
+    print(f"database reset: empty, at revision {head_revision()}")
+    return EXIT_OK
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def _shown(settings: Settings) -> dict[str, Any]:
+    values = settings_as_dict(settings)
+    sqlite_path(values["database"]["url"])  # a URL that does not parse is a config error (78)
+    values["database"]["url"] = make_url(values["database"]["url"]).render_as_string(hide_password=True)
+    return values
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def cmd_config_show(ctx: Context, args: argparse.Namespace) -> int:
+    values = _shown(ctx.settings)
+    if args.json:
+        print_json(values)
+        return EXIT_OK
+    print(f"# effective settings (file: {ctx.config_path or 'none'}; then environment, then flags)")
+    for section, table in values.items():
+        nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+        print(f"\n[{section}]")
+        for key, value in table.items():
+            if key not in nested:
+                print(f"{key} = {_toml_value(value)}")
+        for key, value in nested.items():
+            print(f"\n[{section}.{key}]")
+            for sub_key, sub_value in value.items():
+                print(f"{json.dumps(sub_key)} = {_toml_value(sub_value)}")
+    return EXIT_OK
+
+
+def cmd_config_check(ctx: Context, args: argparse.Namespace) -> int:
+    from dgxqueue.generators import resolve_factory
+
+    sqlite_path(ctx.settings.database.url)  # parses the URL: a bad one is a config error
+    resolve_factory(ctx.settings.generator.name)  # an unknown name lists those that exist
+    print(f"config ok (file: {ctx.config_path or 'none'}; generator {ctx.settings.generator.name}; "
+          f"database {_shown(ctx.settings)['database']['url']})")
+    return EXIT_OK
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("worker", help="run the daemon (one per GPU)",
+                       description="Run the daemon: claim jobs, generate, record. SIGTERM or SIGINT stop it "
+                                   "gracefully. Flags override the config file and environment.")
+    p.add_argument("--burst", action="store_true", help="exit once the queue is drained")
+    p.add_argument("--worker-id", help="name in the worker_id column (default: host:pid)")
+    p.add_argument("--generator", help="backend name (generator.name), e.g. synth, musicgen")
+    p.add_argument("--models", metavar="A,B", help="models this daemon claims (generator.models)")
+    p.add_argument("--batch-size", metavar="N", help="worker.batch_size (0: the generator's own limit)")
+    p.add_argument("--metrics-port", metavar="N", help="metrics.port for /metrics")
+    p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error (logging.level)")
+    p.set_defaults(func=cmd_worker, overrides=worker_overrides)
+
+    db = sub.add_parser("db", help="migrate, inspect, back up or reset the database",
+                        description="Database maintenance."
+                        ).add_subparsers(dest="db_command", metavar="ACTION")
+    db.required = True
+    p = db.add_parser("upgrade", help="migrate to the newest schema (or REV); creates the database")
+    p.add_argument("revision", nargs="?", metavar="REV")
+    p.set_defaults(func=cmd_db_upgrade)
+    p = db.add_parser("downgrade", help="migrate back to REV (default: one step, -1)")
+    p.add_argument("revision", nargs="?", default="-1", metavar="REV")
+    p.set_defaults(func=cmd_db_downgrade)
+    p = db.add_parser("current", help="print the schema revision")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_db_current)
+    p = db.add_parser("backup", help="consistent copy: SQLite online backup, or pg_dump (custom format)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_db_backup)
+    p = db.add_parser("reset", help="drop everything and recreate an empty database (needs --yes)")
+    p.add_argument("--yes", action="store_true", help="really delete every generation and prompt")
+    p.set_defaults(func=cmd_db_reset)
+
+    config = sub.add_parser("config", help="show or check the settings",
+                            description="Settings: defaults < config file < environment < flags."
+                            ).add_subparsers(dest="config_command", metavar="ACTION")
+    config.required = True
+    p = config.add_parser("show", help="print the effective settings (TOML, password hidden)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config_show)
+    p = config.add_parser("check", help="validate the settings and the generator name (exit 78 if bad)")
+    p.set_defaults(func=cmd_config_check)
+

@@ -1,0 +1,196 @@
+"""What every subcommand of the ``dgxqueue`` command shares: exit codes, the database, output.
+
+The exit codes are documented in :mod:`dgxqueue.cli`; this module only names them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from dgxqueue.audio import resolve_output_path
+from dgxqueue.config import Settings
+from dgxqueue.errors import OutputError, ValidationError
+from dgxqueue.storage import Generation, ensure_schema, get_engine
+from dgxqueue.storage.database import current_revision, head_revision, sqlite_path
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_INVALID_STATE = 4
+EX_DATAERR = 65
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+FINISHED = frozenset({"completed", "failed"})
+
+
+class CliError(Exception):
+    """An error the command reports in one line with its own exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Context:
+    """The parsed settings and global flags, handed to every subcommand."""
+
+    settings: Settings
+    config_path: str | None
+
+    def engine(self, *, create: bool = False) -> Engine:
+        return open_engine(self.settings, create=create)
+
+
+def open_engine(settings: Settings, *, create: bool) -> Engine:
+    """The engine of the configured database, at the newest schema.
+
+    ``create``: make the database (and migrate it) if needed, as ``enqueue`` and ``worker`` do.
+    Otherwise a missing SQLite file or an unmigrated database is reported (exit 69) and left
+    alone, so a mistyped ``DATABASE_URL`` never leaves an empty database behind.
+    """
+    url = settings.database.url
+    path = sqlite_path(url)
+    if path is not None and not create and not path.exists():
+        raise CliError(
+            f"database file {path.absolute()} does not exist (check DATABASE_URL or database.url; "
+            "'dgxqueue db upgrade' creates it)", EX_UNAVAILABLE,
+        )
+    try:
+        engine = get_engine(url, settings.database)
+        if create:
+            ensure_schema(engine)
+            return engine
+        with engine.connect() as conn:
+            current = current_revision(conn)
+    except OSError as exc:  # the SQLite folder or its lock file cannot be created
+        raise CliError(f"database {url} cannot be opened: {exc}", EX_UNAVAILABLE) from None
+    head = head_revision()
+    if current != head:
+        raise CliError(
+            f"database schema is at revision {current or 'none'}, this dgxqueue needs {head}: "
+            "run 'dgxqueue db upgrade'", EX_UNAVAILABLE,
+        )
+    return engine
+
+
+# --- parsing command-line values: bad values are bad input (65), not usage errors (2) ------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_number(field: str, text: str | None, kind: type[int] | type[float]) -> Any:
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValidationError(field, text, "an integer" if kind is int else "a number") from None
+
+
+def parse_span(field: str, text: str) -> timedelta:
+    """``30d``, ``12h``, ``1h30m``, ``90s``, ``2w``: a non-negative span of time."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ValidationError(field, text, "a span such as 30d, 12h, 1h30m, 90s or 2w")
+    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+
+
+def parse_when(field: str, text: str, now: datetime) -> datetime:
+    """An ISO 8601 time (local time unless it has an offset), or a span from now (``10m``)."""
+    relative = text.strip().removeprefix("+")
+    if relative and relative[0].isdigit() and relative[-1].lower() in _UNITS and "-" not in relative:
+        return now + parse_span(field, relative)
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValidationError(
+            field, text, "an ISO time such as 2025-11-07T10:00 or 2025-11-07T10:00+01:00, or a span "
+            "from now such as 10m or 2h"
+        ) from None
+    return (when.astimezone() if when.tzinfo is None else when).astimezone(UTC)
+
+
+def parse_json_object(field: str, text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(field, text, f"a JSON object ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise ValidationError(field, text, "a JSON object such as '{\"bpm\": 120}'")
+    return value
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def output_path(settings: Settings, file_path: str) -> Path | None:
+    """The absolute path of a job's WAV file (None if the path leaves the outputs folder)."""
+    try:
+        return resolve_output_path(settings.outputs_dir, file_path)
+    except OutputError:
+        return None
+
+
+def job_dict(settings: Settings, job: Generation) -> dict[str, Any]:
+    """Every column of a job, JSON-ready, plus ``output_path``."""
+    row: dict[str, Any] = {}
+    for column in Generation.__table__.columns:
+        attribute = "meta" if column.name == "metadata" else column.name
+        value = getattr(job, attribute)
+        row[column.name] = value.isoformat() if isinstance(value, datetime) else value
+    path = output_path(settings, job.file_path)
+    row["output_path"] = str(path) if path else None
+    return row
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def when_text(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, stretch: int | None = None) -> str:
+    """Columns padded to their widest cell; column ``stretch`` is cut to fit the terminal."""
+    cells = [list(headers), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    if stretch is not None:
+        room = shutil.get_terminal_size((120, 24)).columns - sum(widths) + widths[stretch] - 2 * len(widths)
+        limit = max(20, room)
+        for row in cells[1:]:
+            if len(row[stretch]) > limit:
+                row[stretch] = row[stretch][: limit - 1] + "…"
+        widths[stretch] = max(len(row[stretch]) for row in cells)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def one_line(text: str) -> str:
+    """The first line of a message, so every error fits on one line of stderr."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""

@@ -1,0 +1,186 @@
+"""``dgxqueue demo``: the whole loop on one machine in one command.
+
+It starts a daemon (``dgxqueue worker`` with the ``synth`` generator, as a child process of the
+same Python), queues a few sample prompts, shows their progress, stops the daemon with SIGTERM
+and prints where the WAV files are. The database is the configured one: by default the embedded
+SQLite file ``data/generations.db`` under the current folder, with the WAVs in ``outputs/``.
+The child gets a ``NOTIFY_SOCKET`` of ours, so the demo can say when the daemon is ready, exactly
+as systemd would learn it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dgxqueue._cli_common import (
+    EX_SOFTWARE,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    CliError,
+    Context,
+    job_dict,
+    output_path,
+    parse_number,
+    print_json,
+    table,
+)
+from dgxqueue._cli_wait import Progress, watch
+from dgxqueue.errors import ValidationError
+from dgxqueue.storage import create_generations, session_scope
+
+MODEL = "synth"
+SAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("lo-fi hip hop with warm piano chords and vinyl crackle", {"genre": "lo-fi", "bpm": 82, "key": "Am"}),
+    ("driving synthwave with an arpeggiated bassline", {"genre": "synthwave", "bpm": 118, "key": "Em"}),
+    ("bright acoustic folk guitar picking", {"genre": "folk", "bpm": 100, "key": "G"}),
+    ("deep house groove with a rolling bass", {"genre": "house", "bpm": 124, "key": "Fm"}),
+    ("slow ambient drone pad, wide and spacious", {"genre": "ambient", "bpm": 60, "key": "D"}),
+    ("trap beat with heavy 808 bass and fast hi-hats", {"genre": "trap", "bpm": 140, "key": "Cm"}),
+    ("bossa nova with nylon guitar and soft brushes", {"genre": "bossa nova", "bpm": 130, "key": "Dm"}),
+    ("orchestral fanfare with brass and timpani", {"genre": "orchestral", "bpm": 96, "key": "Bb"}),
+)
+
+
+def sample_specs(count: int, duration: float) -> list[dict[str, Any]]:
+    """``count`` jobs cycling through the samples, each prompt naming its tempo and key."""
+    specs = []
+    for i in range(count):
+        text, meta = SAMPLES[i % len(SAMPLES)]
+        prompt = f"{text}, {meta['bpm']} BPM in {meta['key']}"
+        specs.append({"prompt": prompt, "model_name": MODEL, "duration_seconds": duration,
+                      "metadata": {**meta, "source": "dgxqueue demo"}})
+    return specs
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM to the demo ends it like Ctrl-C does, so its daemon is stopped too."""
+    def handler(signum: int, frame: types.FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Daemon:
+    """The ``dgxqueue worker`` child process, its log file and its notify socket."""
+
+    def __init__(self, ctx: Context, folder: Path, progress: Progress) -> None:
+        self.progress = progress
+        self.log_path = folder / "worker.log"
+        self.socket_path = folder / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.socket_path))
+        self.notify.setblocking(False)
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.socket_path), DGXQUEUE_METRICS_ENABLED="false")
+        command = [sys.executable, "-m", "dgxqueue"]
+        if ctx.config_path:
+            command += ["--config", ctx.config_path]
+        command += ["worker", "--generator", MODEL, "--models", MODEL, "--worker-id", f"demo-{os.getpid()}"]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
+        progress.line(f"daemon started (pid {self.process.pid}, synth generator); log: {self.log_path}")
+
+    def check(self) -> str | None:
+        """Report what the daemon told systemd; a message if it has died."""
+        while True:
+            try:
+                data = self.notify.recv(4096).decode(errors="replace")
+            except BlockingIOError:
+                break
+            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            if fields.get("READY") == "1":
+                self.progress.line("daemon ready" + (f": {fields['STATUS']}" if fields.get("STATUS") else ""))
+        code = self.process.poll()
+        if code is not None:
+            return f"the daemon exited with code {code} before the jobs finished; its log: {self.log_path}"
+        return None
+
+    def stop(self, grace: float) -> int:
+        """SIGTERM, as systemd sends it; SIGKILL only if it overstays the grace period."""
+        if self.process.poll() is None:
+            self.progress.line(f"stopping the daemon (SIGTERM to pid {self.process.pid})")
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace + 15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.notify.close()
+        return self.process.returncode
+
+
+def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
+    count = parse_number("prompts", args.prompts, int)
+    duration = parse_number("duration", args.duration, float)
+    if not 1 <= count <= 100:
+        raise ValidationError("prompts", count, "an integer in [1, 100]")
+    timeout = parse_number("timeout", args.timeout, float)
+    if timeout is None:
+        timeout = max(120.0, 60.0 + 10.0 * count * duration)
+    engine = ctx.engine(create=True)  # migrate here, before the daemon starts
+    progress = Progress()
+    folder = Path(tempfile.mkdtemp(prefix="dgxqueue-demo-"))
+    daemon = None
+    keep_log = True
+    try:
+        with _sigterm_interrupts():
+            daemon = _Daemon(ctx, folder, progress)
+            with session_scope(engine) as session:
+                ids = create_generations(session, sample_specs(count, duration),
+                                         limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
+            progress.line(f"queued {count} prompt(s) of {duration:g}s each")
+            jobs = watch(engine, ids, timeout=timeout, progress=progress, alive=daemon.check)
+            code = daemon.stop(ctx.settings.worker.grace_seconds)
+            if code != 0:
+                raise CliError(f"the daemon exited with code {code} on SIGTERM; its log: {daemon.log_path}",
+                               EX_SOFTWARE)
+            keep_log = False
+    finally:
+        if daemon is not None and daemon.process.poll() is None:
+            daemon.stop(ctx.settings.worker.grace_seconds)
+        if not keep_log:
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
+    if args.json:
+        print_json([job_dict(ctx.settings, job) for job in jobs])
+    else:
+        rows = [[job.id, job.status,
+                 f"{job.generation_time_seconds:.2f}s" if job.generation_time_seconds is not None else "-",
+                 str(output_path(ctx.settings, job.file_path) or job.file_path)
+                 if job.status == "completed" else job.error_message or "-"]
+                for job in jobs]
+        print(table(["ID", "STATUS", "TOOK", "WAV FILE"], rows))
+        print(f"\nWAV files are in {ctx.settings.outputs_dir.absolute()}")
+    return EXIT_OK if all(job.status == "completed" for job in jobs) else EXIT_JOB_FAILED
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="start a daemon, queue sample prompts, wait, show the WAV files",
+        description="Start a daemon (synth generator) on the configured database (default: "
+                    "data/generations.db here), queue sample prompts, show their progress, stop the daemon "
+                    "and print where the WAV files are. Exit 0 only if every job completed.",
+    )
+    p.add_argument("--prompts", default="4", metavar="N", help="how many sample prompts (default 4)")
+    p.add_argument("--duration", default="4", metavar="SECONDS", help="seconds of audio each (default 4)")
+    p.add_argument("--timeout", metavar="SECONDS",
+                   help="give up after this long (default scales with the work)")
+    p.add_argument("--json", action="store_true", help="print the finished rows as JSON")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,155 @@
+"""The ``dgxqueue`` command (also ``python -m dgxqueue``).
+
+Subcommands: ``worker``, ``enqueue``, ``show``, ``list``, ``stats``, ``wait``, ``cancel``,
+``retry``, ``prune``, ``db upgrade|downgrade|current|backup|reset``, ``config show|check`` and
+``demo``. Each has ``--help``; most have ``--json``. Settings are parsed once, before anything
+touches the database: defaults < ``--config``/``$DGXQUEUE_CONFIG`` < environment < flags.
+
+Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
+
+====  ==============================================================================
+0     success
+1     a job failed (``wait``, ``enqueue --wait``, ``demo``)
+2     usage error: unknown or missing argument; ``db reset`` without ``--yes``
+3     no generation with that id
+4     the job's status forbids it (cancel a running job, retry a completed one)
+65    bad input data (EX_DATAERR): a value out of range, bad JSON, bad time span
+69    database unavailable (EX_UNAVAILABLE): unreachable, missing, or not migrated
+70    internal error (EX_SOFTWARE): a bug or a broken installation; ``--traceback``
+73    cannot create the output (EX_CANTCREAT): ``db backup`` target exists
+74    input/output error (EX_IOERR): a file could not be read or written
+75    temporary failure (EX_TEMPFAIL): ``--timeout`` passed, or the demo's daemon died
+78    configuration error (EX_CONFIG): names the key, the value and what is allowed
+130   interrupted (Ctrl-C)
+141   stdout was closed early (``dgxqueue list | head``), as a shell reports SIGPIPE
+====  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from dgxqueue import __version__, _cli_admin, _cli_demo, _cli_jobs
+from dgxqueue._cli_common import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_IOERR,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_STATE,
+    EXIT_NOT_FOUND,
+    CliError,
+    Context,
+    one_line,
+)
+from dgxqueue.config import load_settings
+from dgxqueue.errors import (
+    ConfigError,
+    DgxQueueError,
+    InvalidStateError,
+    JobNotFoundError,
+    SchemaError,
+    UnknownGeneratorError,
+    ValidationError,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr like every other error."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dgxqueue",
+        description="A persistent job queue and worker daemon for AI music generation.",
+        epilog="Exit codes: 0 ok, 1 job failed, 2 usage, 3 not found, 4 invalid state, 65 bad input, "
+               "69 database unavailable, 70 internal, 73/74 file errors, 75 timed out, 78 bad config.",
+    )
+    parser.add_argument("--version", action="version", version=f"dgxqueue {__version__}")
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file (TOML); default $DGXQUEUE_CONFIG, else built-in defaults")
+    parser.add_argument("--traceback", action="store_true", help="show the traceback of an internal error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _cli_admin.add_parsers(sub)
+    _cli_jobs.add_parsers(sub)
+    _cli_demo.add_parsers(sub)
+    return parser
+
+
+def _code_for(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and one-line message for an error we expect, or None for a bug."""
+    if isinstance(exc, CliError):
+        return exc.code, str(exc)
+    if isinstance(exc, (ConfigError, UnknownGeneratorError)):
+        return EX_CONFIG, str(exc)
+    if isinstance(exc, ValidationError):
+        return EX_DATAERR, str(exc)
+    if isinstance(exc, JobNotFoundError):
+        return EXIT_NOT_FOUND, str(exc)
+    if isinstance(exc, InvalidStateError):
+        return EXIT_INVALID_STATE, str(exc)
+    if isinstance(exc, SchemaError):
+        return EX_UNAVAILABLE, str(exc)
+    if isinstance(exc, DgxQueueError):
+        return EX_SOFTWARE, str(exc)
+    if isinstance(exc, (sa.exc.IntegrityError, sa.exc.DataError)):
+        return None
+    if isinstance(exc, sa.exc.DBAPIError):  # cannot connect, locked, not a database file
+        return EX_UNAVAILABLE, f"database unavailable: {one_line(str(exc.orig)) or type(exc.orig).__name__}"
+    if isinstance(exc, sqlite3.DatabaseError):  # db backup talks to SQLite directly
+        return EX_UNAVAILABLE, f"database unavailable: {one_line(str(exc))}"
+    if isinstance(exc, sa.exc.NoSuchModuleError):
+        return EX_UNAVAILABLE, f"no driver: {exc} (PostgreSQL: pip install 'dgxqueue[postgres]')"
+    if isinstance(exc, OSError):
+        return EX_IOERR, str(exc)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        overrides: dict[str, Any] = args.overrides(args) if getattr(args, "overrides", None) else {}
+        settings = load_settings(args.config, overrides=overrides)
+        context = Context(settings=settings, config_path=args.config or os.environ.get("DGXQUEUE_CONFIG"))
+        code: int = args.func(context, args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here
+        return code
+    except KeyboardInterrupt:
+        print("dgxqueue: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``dgxqueue list | head``): stop quietly, as a killed pipe would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as exc:
+        known = _code_for(exc)
+        if known is None:
+            if args.traceback:
+                raise
+            detail = f"{type(exc).__name__}: {one_line(str(exc))}"
+            known = EX_SOFTWARE, f"internal error: {detail} (--traceback shows where)"
+        code, message = known
+        print(f"dgxqueue: error: {one_line(message)}", file=sys.stderr)
+        return code
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

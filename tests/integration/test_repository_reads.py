@@ -1,0 +1,77 @@
+"""The repository's read and maintenance queries agree with the rows, on both engines."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from dgxqueue.storage import Generation, create_generations, session_scope
+from dgxqueue.storage import repository as repo
+
+
+def _fill(engine: Engine) -> list[str]:
+    """Pending jobs over two models and three priorities, plus one of each other status."""
+    specs = [
+        {"prompt": "a", "model_name": "synth", "priority": 0},
+        {"prompt": "b", "model_name": "synth", "priority": 5},
+        {"prompt": "c", "model_name": "musicgen-small", "priority": -2},
+        {"prompt": "d", "model_name": "synth", "priority": 0},
+        {"prompt": "e", "model_name": "synth"},  # becomes processing
+        {"prompt": "f", "model_name": "synth"},  # completed
+        {"prompt": "g", "model_name": "musicgen-small"},  # failed
+    ]
+    ids = []
+    for spec in specs:  # one transaction each: distinct created_at, oldest first
+        with session_scope(engine) as session:
+            ids.extend(create_generations(session, [spec]))
+    with session_scope(engine) as session:
+        for job_id, status in zip(ids[4:], ("processing", "completed", "failed"), strict=True):
+            session.execute(sa.update(Generation).where(Generation.id == job_id).values(
+                status=status, completed_at=None if status == "processing" else datetime.now(UTC)))
+    return ids
+
+
+def test_pending_reads__per_model_and_oldest(engine: Engine) -> None:
+    """pending_by_model counts pending rows per model; oldest_pending_created_at is the first one's."""
+    ids = _fill(engine)
+    with session_scope(engine) as session:
+        assert repo.pending_by_model(session) == {"synth": 3, "musicgen-small": 1}
+        first = session.get(Generation, ids[0])
+        assert first is not None
+        assert repo.oldest_pending_created_at(session) == first.created_at
+        assert repo.count_by_status(session) == {"pending": 4, "processing": 1, "completed": 1, "failed": 1}
+
+
+def test_queue_depth__equals_the_rows(engine: Engine) -> None:
+    """queue_depth's counts by status and model, and the oldest pending time, match the table."""
+    ids = _fill(engine)
+    with session_scope(engine) as session:
+        depth = repo.queue_depth(session)
+        first = session.get(Generation, ids[0])
+    assert depth.by_status == {"pending": 4, "processing": 1, "completed": 1, "failed": 1}
+    assert depth.pending_by_model == {"synth": 3, "musicgen-small": 1}
+    assert first is not None and depth.oldest_pending_created_at == first.created_at
+    assert depth.completed_is_estimate is False
+
+
+def test_queue_depth__empty_queue(engine: Engine) -> None:
+    """On an empty table every count is zero and there is no oldest pending job."""
+    with session_scope(engine) as session:
+        depth = repo.queue_depth(session)
+    assert set(depth.by_status.values()) == {0} and depth.pending_by_model == {}
+    assert depth.oldest_pending_created_at is None
+
+
+def test_finished_jobs_before__and_delete_jobs_remove_only_finished(engine: Engine) -> None:
+    """Retention finds finished jobs older than a cutoff and deletes them (never pending ones)."""
+    ids = _fill(engine)
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    with session_scope(engine) as session:
+        victims = repo.finished_jobs_before(session, ["completed", "failed", "pending"], later)
+        assert sorted(job_id for job_id, _ in victims) == sorted(ids[5:])
+        assert repo.finished_jobs_before(session, ["completed"], datetime(2000, 1, 1, tzinfo=UTC)) == []
+        assert repo.delete_jobs(session, [*ids[5:], ids[0]], chunk=1) == 2  # the pending one stays
+    with session_scope(engine) as session:
+        assert repo.count_by_status(session) == {"pending": 4, "processing": 1, "completed": 0, "failed": 0}

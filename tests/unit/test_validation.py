@@ -1,0 +1,200 @@
+"""Validation at the door: every rule raises one typed error naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from dgxqueue.config import JobSettings, OutputSettings
+from dgxqueue.errors import DgxQueueError, ValidationError
+from dgxqueue.storage import GenerationStatus, prepare_generations
+from dgxqueue.storage.validation import (
+    validate_duration,
+    validate_file_path,
+    validate_limit,
+    validate_metadata,
+    validate_prompt,
+    validate_run_after,
+    validate_status,
+)
+
+LIMITS = JobSettings()
+GOOD: dict[str, Any] = {
+    "prompt": "trap beat with heavy 808 bass at 140 BPM", "model_name": "musicgen-small",
+    "duration_seconds": 16.0, "sample_rate": 32000, "channels": 2, "file_path": "outputs/a1b2.wav",
+    "metadata": {"bpm": 140, "key": "Cm"},
+}
+
+# (field, bad value, a fragment of the allowed range the message must state)
+BAD_INPUTS: list[tuple[str, object, str]] = [
+    ("prompt", "", "1 to 2000 characters"),
+    ("prompt", "   \t\n", "1 to 2000 characters"),
+    ("prompt", "x" * 2001, "1 to 2000 characters"),
+    ("prompt", "beat\x00drop", "without NUL bytes"),
+    ("prompt", 42, "1 to 2000 characters"),
+    ("prompt", None, "1 to 2000 characters"),
+    ("model_name", "", "1 to 200 characters"),
+    ("duration_seconds", 0, "(0, 300]"),
+    ("duration_seconds", -1, "(0, 300]"),
+    ("duration_seconds", math.nan, "(0, 300]"),
+    ("duration_seconds", math.inf, "(0, 300]"),
+    ("duration_seconds", "3", "(0, 300]"),
+    ("duration_seconds", True, "(0, 300]"),
+    ("duration_seconds", 300.5, "(0, 300]"),
+    ("sample_rate", 7999, "[8000, 96000]"),
+    ("sample_rate", 96001, "[8000, 96000]"),
+    ("sample_rate", 32000.0, "[8000, 96000]"),
+    ("sample_rate", True, "[8000, 96000]"),
+    ("channels", 0, "[1, 2]"),
+    ("channels", 3, "[1, 2]"),
+    ("file_path", "/tmp/x.wav", "relative path inside the outputs folder"),
+    ("file_path", "../x.wav", "without '..'"),
+    ("file_path", "outputs/../../etc/x.wav", "without '..'"),
+    ("file_path", "outputs\\..\\x.wav", "without '..'"),
+    ("file_path", "C:\\outputs\\x.wav", "relative path inside the outputs folder"),
+    ("file_path", "C:x.wav", "relative path inside the outputs folder"),
+    ("file_path", "\\\\server\\share\\x.wav", "relative path inside the outputs folder"),
+    ("file_path", "~/x.wav", "relative path inside the outputs folder"),
+    ("file_path", "outputs/x.mp3", "ending in .wav"),
+    ("file_path", "", "ending in .wav"),
+    ("file_path", "outputs/x\x00.wav", "ending in .wav"),
+    ("metadata", [1, 2], "a JSON object"),
+    ("metadata", "bpm=120", "a JSON object"),
+    ("metadata", {1: "one"}, "a JSON object"),
+    ("metadata", {"energy": math.nan}, "a JSON object"),
+    ("metadata", {"when": datetime(2025, 1, 1)}, "JSON-serialisable"),
+    ("metadata", {"notes": "x" * 20_000}, "at most 16384 bytes"),
+    ("metadata", {"key": "C\x00m"}, "without NUL"),
+    ("priority", 1001, "[-1000, 1000]"),
+    ("max_attempts", 0, "[1, 100]"),
+    ("run_after", "tomorrow", "a datetime"),
+    ("model_version", "", "1 to 200 characters"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"), BAD_INPUTS, ids=lambda v: repr(v)[:30])
+def test_prepare_generations__rejects_each_bad_field(field: str, value: object, allowed: str) -> None:
+    """Each bad field raises ValidationError (a ValueError under DgxQueueError) naming it and its range."""
+    with pytest.raises(ValidationError) as caught:
+        prepare_generations([{**GOOD, field: value}])
+    error = caught.value
+    assert isinstance(error, ValueError) and isinstance(error, DgxQueueError)
+    assert error.field == field
+    assert allowed in str(error) and allowed in error.allowed
+    assert str(error).startswith(f"{field}=")
+
+
+def test_prepare_generations__accepts_the_specification_example() -> None:
+    """The specification's create_generation example passes and keeps its values."""
+    [row] = prepare_generations([GOOD])
+    assert row["prompt"] == GOOD["prompt"] and row["status"] == "pending"
+    assert row["file_path"] == "outputs/a1b2.wav" and row["metadata"] == {"bpm": 140, "key": "Cm"}
+    assert row["duration_seconds"] == 16.0 and isinstance(row["duration_seconds"], float)
+
+
+def test_prepare_generations__fills_defaults_and_an_output_path() -> None:
+    """Left-out fields take the configured defaults; the file path is <outputs folder>/<id>.wav."""
+    limits = JobSettings(default_model="musicgen-small", default_duration_seconds=12.0)
+    [row] = prepare_generations([{"prompt": "lo-fi"}], limits=limits,
+                                outputs=OutputSettings(dir="/srv/music/renders/"))
+    assert (row["model_name"], row["duration_seconds"]) == ("musicgen-small", 12.0)
+    assert (row["sample_rate"], row["channels"], row["max_attempts"]) == (32000, 1, 3)
+    assert row["file_path"] == f"renders/{row['id']}.wav"
+
+
+def test_prepare_generations__rejects_an_unknown_key() -> None:
+    """A misspelt key is named as the field instead of being silently dropped."""
+    with pytest.raises(ValidationError) as caught:
+        prepare_generations([{**GOOD, "sample_rat": 32000}])
+    assert caught.value.field == "sample_rat"
+    assert "sample_rate" in caught.value.allowed
+
+
+def test_prepare_generations__one_bad_spec_fails_the_batch() -> None:
+    """A batch with one bad spec raises for that spec (and so writes nothing)."""
+    with pytest.raises(ValidationError) as caught:
+        prepare_generations([GOOD, GOOD, {**GOOD, "channels": 9}])
+    assert caught.value.field == "channels"
+
+
+def test_validate_duration__uses_the_configured_maximum() -> None:
+    """The duration limit comes from the settings, and the message states it."""
+    limits = JobSettings(max_duration_seconds=10.0)
+    assert validate_duration(10, limits) == 10.0
+    with pytest.raises(ValidationError, match=r"\(0, 10\]"):
+        validate_duration(10.5, limits)
+
+
+def test_validate_prompt__uses_the_configured_length_and_strips() -> None:
+    """The prompt limit comes from the settings; surrounding whitespace is trimmed."""
+    limits = JobSettings(max_prompt_length=5)
+    assert validate_prompt("  beat ", JobSettings()) == "beat"
+    assert validate_prompt("12345", limits) == "12345"
+    with pytest.raises(ValidationError, match="1 to 5 characters"):
+        validate_prompt("123456", limits)
+
+
+def test_validate_sample_rate__uses_the_configured_range() -> None:
+    """Sample rate bounds come from the settings."""
+    limits = JobSettings(min_sample_rate=16000, max_sample_rate=48000)
+    with pytest.raises(ValidationError, match=r"\[16000, 48000\]") as caught:
+        prepare_generations([{**GOOD, "sample_rate": 8000}], limits=limits)
+    assert caught.value.field == "sample_rate"
+
+
+def test_validate_file_path__normalises_a_good_path() -> None:
+    """A relative .wav path inside outputs is accepted, case-insensitively on the suffix."""
+    assert validate_file_path("outputs/2025/a.WAV") == "outputs/2025/a.WAV"
+    assert validate_file_path("outputs/./a.wav") == "outputs/a.wav"
+
+
+def test_validate_metadata__returns_a_plain_json_copy() -> None:
+    """Metadata becomes a plain JSON object (tuples to lists), detached from the caller's dict."""
+    given = {"instruments": ("808", "hi-hat"), "energy": 0.85}
+    result = validate_metadata(given, LIMITS)
+    assert result == {"instruments": ["808", "hi-hat"], "energy": 0.85}
+    assert validate_metadata(None, LIMITS) is None
+
+
+def test_validate_metadata__size_limit_is_configurable() -> None:
+    """The metadata size limit comes from the settings and counts the compact JSON's bytes."""
+    limits = JobSettings(max_metadata_bytes=16)
+    assert validate_metadata({"k": "abcdefgh"}, limits) == {"k": "abcdefgh"}  # {"k":"abcdefgh"}: 16
+    with pytest.raises(ValidationError, match="at most 16 bytes"):
+        validate_metadata({"k": "abcdefghi"}, limits)
+
+
+@pytest.mark.parametrize("value", ["done", "PENDING", "", 1, None, ["pending"]])
+def test_validate_status__rejects_unknown(value: object) -> None:
+    """An unknown status raises ValidationError on 'status' listing the four allowed values."""
+    with pytest.raises(ValidationError) as caught:
+        validate_status(value)
+    assert caught.value.field == "status"
+    assert "pending, processing, completed, failed" in str(caught.value)
+
+
+@pytest.mark.parametrize("status", list(GenerationStatus))
+def test_validate_status__accepts_each_status_as_enum_or_text(status: GenerationStatus) -> None:
+    """The four statuses pass, as the enum or as its text."""
+    assert validate_status(status) is status
+    assert validate_status(status.value) is status
+
+
+def test_validate_run_after__converts_to_utc() -> None:
+    """run_after: naive means UTC; aware values are converted to UTC."""
+    naive = datetime(2025, 11, 7, 10, 0)
+    assert validate_run_after(naive) == naive.replace(tzinfo=UTC)
+    cet = datetime(2025, 11, 7, 11, 0, tzinfo=timezone(timedelta(hours=1)))
+    result = validate_run_after(cet)
+    assert result is not None and result.tzinfo is UTC and result.hour == 10
+    assert validate_run_after(None) is None
+
+
+@pytest.mark.parametrize("value", [-1, 100_001, 2.0, True, "10"])
+def test_validate_limit__rejects_bad_limits(value: object) -> None:
+    """A limit must be an integer in [0, 100000]."""
+    with pytest.raises(ValidationError, match=r"\[0, 100000\]"):
+        validate_limit(value)
