@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_enqueue.py [--seconds 2] [--batch 1000] [--sqlite-only]
 
 For each engine (a temporary SQLite file in WAL mode with synchronous=NORMAL, and a private schema
-on the PostgreSQL server of ``$DGXQUEUE_TEST_PG_URL``):
+on the PostgreSQL server of ``$DGXQ_TEST_PG_URL``):
 
 - **bare SQL**: the driver alone (sqlite3 / psycopg), one transaction per job holding the same work
   as one enqueue: an INSERT of the generation row and the prompt upsert. This is the floor.
@@ -37,7 +37,7 @@ import dgxqueue
 from dgxqueue.config import load_settings
 from dgxqueue.storage import dispose_engines, init_db
 
-PG_ADMIN_URL = os.environ.get("DGXQUEUE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get("DGXQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PROMPTS = [f"trap beat with heavy 808 bass at {bpm} BPM" for bpm in range(100, 164)]
 METADATA = {"bpm": 140, "key": "Cm", "genre": "trap"}
 SINGLE_TARGET = 0.5

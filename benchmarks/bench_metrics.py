@@ -12,7 +12,7 @@ Hooks: the calls one job causes (claimed, batch, finished, loop round) on :class
 100,000 times, against the no-op floor of one job on SQLite (claim one row and finish it, each in
 its own transaction), which is the least a daemon spends per job.
 
-PostgreSQL comes from ``$DGXQUEUE_TEST_PG_URL`` (as in the tests); a private schema is dropped after.
+PostgreSQL comes from ``$DGXQ_TEST_PG_URL`` (as in the tests); a private schema is dropped after.
 """
 
 from __future__ import annotations
