@@ -36,8 +36,8 @@ import sqlalchemy as sa
 import dgxqueue
 from dgxqueue.config import load_settings
 from dgxqueue.storage import dispose_engines, init_db
+from tests.support.db import postgres_schema_url
 
-PG_ADMIN_URL = os.environ.get("DGXQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PROMPTS = [f"trap beat with heavy 808 bass at {bpm} BPM" for bpm in range(100, 164)]
 METADATA = {"bpm": 140, "key": "Cm", "genre": "trap"}
 SINGLE_TARGET = 0.5
@@ -76,18 +76,9 @@ def sqlite_database() -> Iterator[str]:
 
 @contextmanager
 def postgres_database() -> Iterator[str]:
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.schema.CreateSchema(schema))
-    url = sa.engine.make_url(PG_ADMIN_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
+    with postgres_schema_url() as url:
+        yield url
         dispose_engines()
-        with admin.begin() as conn:
-            conn.execute(sa.schema.DropSchema(schema, cascade=True))
-        admin.dispose()
 
 
 def bare_sqlite(url: str, seconds: float) -> float:

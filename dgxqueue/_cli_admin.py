@@ -25,7 +25,7 @@ from dgxqueue._cli_common import (
     Context,
     print_json,
 )
-from dgxqueue.config import Settings, settings_as_dict
+from dgxqueue.config import Settings, settings_as_dict, toml_value
 from dgxqueue.errors import ConfigError
 from dgxqueue.storage import ensure_schema, get_engine
 from dgxqueue.storage.database import (
@@ -216,20 +216,6 @@ def _shown(settings: Settings) -> dict[str, Any]:
     return values
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
-
-
 def cmd_config_show(ctx: Context, args: argparse.Namespace) -> int:
     values = _shown(ctx.settings)
     if args.json:
@@ -241,11 +227,11 @@ def cmd_config_show(ctx: Context, args: argparse.Namespace) -> int:
         print(f"\n[{section}]")
         for key, value in table.items():
             if key not in nested:
-                print(f"{key} = {_toml_value(value)}")
+                print(f"{key} = {toml_value(value)}")
         for key, value in nested.items():
             print(f"\n[{section}.{key}]")
             for sub_key, sub_value in value.items():
-                print(f"{json.dumps(sub_key)} = {_toml_value(sub_value)}")
+                print(f"{json.dumps(sub_key)} = {toml_value(sub_value)}")
     return EXIT_OK
 
 

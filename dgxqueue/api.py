@@ -27,6 +27,7 @@ from dgxqueue.storage import (
     ensure_schema,
     fastinsert,
     get_engine,
+    job_spec,
     prepare_generations,
     session_scope,
 )
@@ -99,25 +100,9 @@ def enqueue(
     Left-out fields take the configured defaults (``jobs.default_*``). Bad input raises
     :class:`~dgxqueue.errors.ValidationError` and writes nothing.
     """
-    spec: dict[str, Any] = {"prompt": prompt, "priority": priority}
-    if model_name is not None:
-        spec["model_name"] = model_name
-    if duration_seconds is not None:
-        spec["duration_seconds"] = duration_seconds
-    if sample_rate is not None:
-        spec["sample_rate"] = sample_rate
-    if channels is not None:
-        spec["channels"] = channels
-    if file_path is not None:
-        spec["file_path"] = file_path
-    if metadata is not None:
-        spec["metadata"] = metadata
-    if run_after is not None:
-        spec["run_after"] = run_after
-    if max_attempts is not None:
-        spec["max_attempts"] = max_attempts
-    if model_version is not None:
-        spec["model_version"] = model_version
+    spec = job_spec(prompt, priority=priority, model_name=model_name, duration_seconds=duration_seconds,
+                    sample_rate=sample_rate, channels=channels, file_path=file_path, metadata=metadata,
+                    run_after=run_after, max_attempts=max_attempts, model_version=model_version)
     settings = settings or default_settings()
     engine = _engine(database_url, settings)
     [row] = prepare_generations([spec], limits=settings.jobs, outputs=settings.outputs)

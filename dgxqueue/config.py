@@ -11,6 +11,7 @@ Environment: ``DATABASE_URL`` sets ``database.url``; ``DGXQUEUE_<SECTION>_<KEY>`
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -267,3 +268,18 @@ def load_settings(
 
 def settings_as_dict(settings: Settings) -> dict[str, Any]:
     return dataclasses.asdict(settings)
+
+
+def toml_value(value: Any) -> str:
+    """``value`` written as TOML (for ``config show`` and for tests that write config files)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))

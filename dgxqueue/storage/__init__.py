@@ -40,7 +40,7 @@ __all__ = [
     "complete_generation", "create_engine", "create_generation", "create_generations",
     "delete_generation", "dispose_engines", "ensure_schema", "fail_generation", "get_all_generations",
     "get_database_stats", "get_engine", "get_generation", "get_most_used_prompts",
-    "get_pending_generations", "get_session", "init_db", "prepare_generations", "resolve_url",
+    "get_pending_generations", "get_session", "init_db", "job_spec", "prepare_generations", "resolve_url",
     "retry_generation",
     "session_scope", "track_prompt_usage",
 ]
@@ -113,6 +113,11 @@ def create_generations(
     return [str(row["id"]) for row in rows]
 
 
+def job_spec(prompt: str, *, priority: int = 0, **optional: Any) -> dict[str, Any]:
+    """A :data:`JobSpec` from keyword arguments, leaving out those given as None (defaults apply)."""
+    return {"prompt": prompt, "priority": priority, **{k: v for k, v in optional.items() if v is not None}}
+
+
 def create_generation(
     session: Session,
     prompt: str,
@@ -135,13 +140,9 @@ def create_generation(
     ``file_path`` is relative to the folder that holds the outputs folder (``outputs/x.wav``); left
     out, it is ``outputs/<id>.wav``. ``priority``: higher runs first. ``run_after``: not before.
     """
-    spec: dict[str, Any] = {"prompt": prompt, "priority": priority}
-    for key, value in (("model_name", model_name), ("duration_seconds", duration_seconds),
-                       ("sample_rate", sample_rate), ("channels", channels), ("file_path", file_path),
-                       ("metadata", metadata), ("model_version", model_version),
-                       ("run_after", run_after), ("max_attempts", max_attempts)):
-        if value is not None:
-            spec[key] = value
+    spec = job_spec(prompt, priority=priority, model_name=model_name, duration_seconds=duration_seconds,
+                    sample_rate=sample_rate, channels=channels, file_path=file_path, metadata=metadata,
+                    model_version=model_version, run_after=run_after, max_attempts=max_attempts)
     [job_id] = create_generations(session, [spec], limits=limits, outputs=outputs)
     return repository.require_job(session, job_id)
 

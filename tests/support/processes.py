@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,20 +11,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from dgxqueue.config import toml_value
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTED = "tests.support.generators:ScriptedGenerator"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(value)
 
 
 def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
@@ -33,7 +22,7 @@ def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
     lines = []
     for section, table in sections.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
         lines.append("")
     path.write_text("\n".join(lines))
     return path
