@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -56,9 +57,9 @@ def database(engine: str) -> Iterator[str]:
             dispose_engines()
 
 
-def fill(url: str, n: int) -> None:
-    specs = [{"prompt": f"p{i % 50}", "model_name": "silence", "duration_seconds": 0.01,
-              "sample_rate": 8000, "channels": 1} for i in range(n)]
+def fill(url: str, n: int, model: str = "silence", duration: float = 0.01, rate: int = 8000) -> None:
+    specs = [{"prompt": f"house beat 124 BPM take {i % 50}", "model_name": model, "duration_seconds": duration,
+              "sample_rate": rate, "channels": 1} for i in range(n)]
     with session_scope(get_engine(url)) as s:
         for i in range(0, n, 5000):
             create_generations(s, specs[i:i + 5000])
@@ -262,15 +263,23 @@ def claim_latency(url: str, backlog: int) -> float:
     return statistics.median(times)
 
 
-def daemon_memory(url: str, tmp: Path, jobs: int) -> tuple[float, float, float]:
-    """RSS (MiB) of a daemon process idle, after a warm-up of 500 jobs, and after ``jobs`` more."""
+def daemon_memory(
+    url: str, tmp: Path, jobs: int, *, warmup: int = 500, generator: str = "silence",
+    options: dict[str, object] | None = None, model: str = "silence", duration: float = 0.01, rate: int = 8000,
+) -> tuple[float, float, float]:
+    """RSS (MiB) of a daemon process idle, after ``warmup`` jobs, and after ``jobs`` more."""
+    from tests.support.processes import write_config
+
     outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
-    config = tmp / "mem.toml"
-    config.write_text(
-        f'[database]\nurl = "{url}"\n[outputs]\ndir = "{outputs}"\n[generator]\nname = "silence"\n'
-        '[worker]\nbatch_size = 16\n[metrics]\nenabled = true\nport = 0\n'
-        '[logging]\nformat = "json"\nlevel = "warning"\n'
-    )
+    sections: dict[str, dict[str, object]] = {
+        "database": {"url": url}, "outputs": {"dir": str(outputs)},
+        "generator": {"name": generator, "models": [model]},
+        "worker": {"batch_size": 16}, "metrics": {"enabled": True, "port": 0},
+        "logging": {"format": "json", "level": "warning"},
+    }
+    if options:
+        sections["generator.options"] = options
+    config = write_config(tmp / "mem.toml", sections)
     proc = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "worker"],
                             cwd=REPO, stdout=subprocess.DEVNULL)
 
@@ -292,14 +301,14 @@ def daemon_memory(url: str, tmp: Path, jobs: int) -> tuple[float, float, float]:
             assert time.monotonic() < deadline and proc.poll() is None
             pause.wait(0.2)
 
-    fill(url, 1)  # the daemon is up once it has done one job; then it idles
+    fill(url, 1, model, duration, rate)  # the daemon is up once it has done one job; then it idles
     wait_drained()
     threading.Event().wait(1.0)  # a second of idling before the reading, the state measured
     idle = rss()
-    fill(url, 500)
+    fill(url, warmup, model, duration, rate)
     wait_drained()
     warm = rss()
-    fill(url, jobs)
+    fill(url, jobs, model, duration, rate)
     wait_drained()
     after = rss()
     proc.terminate()
@@ -318,9 +327,15 @@ def main() -> None:
     parser.add_argument("--engines", default="sqlite,postgres")
     parser.add_argument("--skip-backlog", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--only-generator-memory", action="store_true")
     args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     n = args.jobs
     tmp = Path(tempfile.mkdtemp())
+    if args.only_generator_memory:
+        generator_memory(tmp)
+        return
     for engine in args.engines.split(","):
         with database(engine) as url:
             init_db(url)
@@ -376,9 +391,30 @@ def main() -> None:
                 clear(url)
             if not args.skip_memory:
                 idle, warm, after = daemon_memory(url, tmp, 10_000)
-                print(f"  daemon RSS: idle {idle:.1f} MiB (target < 80), after 500 jobs {warm:.1f} MiB,"
+                print(f"  daemon RSS (silence): idle {idle:.1f} MiB (target < 80), after 500 jobs {warm:.1f} MiB,"
                       f" after 10,000 more {after:.1f} MiB ({(after / warm - 1) * 100:+.1f}%; target < 5%)")
 
+
+
+def generator_memory(tmp: Path) -> None:
+    """Issue 4's check: RSS after 200 generations within 10% of RSS after 10, per backend."""
+    print("\n== memory per backend (SQLite): RSS after 10 generations, then after 200")
+    backends: list[tuple[str, dict[str, object], str, float, int]] = [("synth", {}, "synth", 8.0, 32000)]
+    try:
+        from tests.support.tiny_musicgen import build_tiny_musicgen
+
+        folder = build_tiny_musicgen(tmp / "tiny-musicgen")
+        backends.append(("musicgen", {"model": str(folder), "models": ["tiny-musicgen"]}, "tiny-musicgen",
+                         1.0, 32000))
+    except ImportError:
+        print("  musicgen: skipped, the extra is not installed (pip install .[musicgen])")
+    for name, options, model, duration, rate in backends:
+        with database("sqlite") as url:
+            init_db(url)
+            idle, warm, after = daemon_memory(url, tmp, 190, warmup=10, generator=name, options=options,
+                                              model=model, duration=duration, rate=rate)
+            print(f"  {name:8s} ({duration:g} s jobs): idle {idle:.1f} MiB, after 10 {warm:.1f} MiB,"
+                  f" after 200 {after:.1f} MiB ({(after / warm - 1) * 100:+.1f}%; target within 10%)")
 
 if __name__ == "__main__":
     main()
