@@ -6,6 +6,7 @@ release, rescue. Reads: lists, stats, queue depth. Nothing here builds SQL from 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dgxqueue.errors import InvalidStateError, JobNotFoundError
-from dgxqueue.storage.models import Generation, GenerationStatus, Prompt, utcnow
+from dgxqueue.storage.models import Generation, GenerationStatus, Prompt, UTCDateTime, utcnow
 from dgxqueue.storage.validation import NewJob
 
 G = cast(sa.Table, Generation.__table__)
@@ -28,6 +29,14 @@ COMPLETED, FAILED = GenerationStatus.COMPLETED.value, GenerationStatus.FAILED.va
 CANCELLED_MESSAGE = "cancelled by request"
 #: PostgreSQL channel a producer notifies (payload: the model name) so idle daemons wake at once.
 NOTIFY_CHANNEL = "dgxqueue_jobs"
+
+
+# The statuses as SQL literals, not bind parameters: the partial indexes (WHERE status = 'pending',
+# WHERE status = 'processing') can only serve a query whose predicate is known when it is planned,
+# which a PostgreSQL generic plan for a prepared statement, or SQLite's planner, cannot assume of a
+# parameter. Constants of this module, never user input.
+IS_PENDING = G.c.status == sa.literal_column("'pending'")
+IS_PROCESSING = G.c.status == sa.literal_column("'processing'")
 
 
 def new_id() -> str:
@@ -211,31 +220,45 @@ _CLAIM_COLUMNS = (
 )
 
 
+@functools.cache
+def _claim_statement(dialect: str, n_models: int) -> sa.Update:
+    """The claim, built once per dialect and number of models: constructing it cost more than
+    running it on SQLite. One bind parameter per model, not an expanding IN, so the SQL text
+    is compiled once instead of re-rendered on every claim."""
+    served = [sa.bindparam(f"model_{i}", type_=sa.Text) for i in range(n_models)]
+    now = sa.bindparam("now", type_=UTCDateTime())
+    due = sa.or_(G.c.run_after.is_(None), G.c.run_after <= now)
+    candidates = (
+        sa.select(G.c.id)
+        .where(IS_PENDING, G.c.model_name.in_(served), due)
+        .order_by(G.c.priority.desc(), G.c.created_at)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+    )
+    if dialect == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    # MATERIALIZED: evaluated exactly once. A plain IN (subquery) may be re-run per outer row on
+    # PostgreSQL, and with LIMIT ... SKIP LOCKED that claims more rows than asked for.
+    chosen = candidates.cte("candidates").prefix_with("MATERIALIZED")
+    return (
+        sa.update(G)  # UPDATE ... FROM: with "id IN (SELECT ...)" SQLite scanned every pending row
+        .where(G.c.id == chosen.c.id, IS_PENDING)
+        .values(status=PROCESSING, worker_id=sa.bindparam("worker_id", type_=sa.Text),
+                attempts=G.c.attempts + 1, claimed_at=now,
+                lease_expires_at=sa.bindparam("lease_until", type_=UTCDateTime()))
+        .returning(*_CLAIM_COLUMNS)
+    )
+
+
 def claim(
     session: Session, *, worker_id: str, models: Iterable[str], limit: int, now: datetime,
     lease: timedelta,
 ) -> list[ClaimedJob]:
     """Claim up to ``limit`` due pending jobs of ``models`` in one UPDATE ... RETURNING."""
-    due = sa.or_(G.c.run_after.is_(None), G.c.run_after <= now)
-    candidates = (
-        sa.select(G.c.id)
-        .where(G.c.status == PENDING, G.c.model_name.in_(sorted(models)), due)
-        .order_by(G.c.priority.desc(), G.c.created_at)
-        .limit(limit)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        candidates = candidates.with_for_update(skip_locked=True)
-    # MATERIALIZED: evaluated exactly once. A plain IN (subquery) may be re-run per outer row on
-    # PostgreSQL, and with LIMIT ... SKIP LOCKED that claims more rows than asked for.
-    chosen = candidates.cte("candidates").prefix_with("MATERIALIZED")
-    stmt = (
-        sa.update(G)
-        .where(G.c.id.in_(sa.select(chosen.c.id)), G.c.status == PENDING)
-        .values(status=PROCESSING, worker_id=worker_id, attempts=G.c.attempts + 1,
-                claimed_at=now, lease_expires_at=now + lease)
-        .returning(*_CLAIM_COLUMNS)
-    )
-    rows = session.execute(stmt).all()
+    served = sorted(models)
+    stmt = _claim_statement(session.get_bind().dialect.name, len(served))
+    params = {"limit": limit, "now": now, "lease_until": now + lease, "worker_id": worker_id,
+              **{f"model_{i}": model for i, model in enumerate(served)}}
+    rows = session.execute(stmt, params).all()
     jobs = [
         ClaimedJob(
             id=r.id, prompt=r.prompt, model_name=r.model_name, duration_seconds=r.duration_seconds,
@@ -269,15 +292,37 @@ def extend_leases(
     return held
 
 
+@functools.cache
+def _finish_statement(keys: tuple[str, ...]) -> sa.Update:
+    """A fenced outcome write setting ``keys`` from bind parameters, built once per set of keys."""
+    held = sa.and_(
+        G.c.id == sa.bindparam("h_id", type_=sa.Text), G.c.status == PROCESSING,
+        G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text),
+        G.c.attempts == sa.bindparam("h_attempt", type_=sa.Integer),
+    )
+    values = {key: sa.bindparam(f"v_{key}", type_=G.c[key].type) for key in keys}
+    return sa.update(G).where(held).values(worker_id=None, lease_expires_at=None, **values)
+
+
 def finish(
     session: Session, *, job_id: str, worker_id: str, attempt: int, values: Mapping[str, Any]
 ) -> bool:
     """Record an outcome only if this daemon still holds the attempt. False means fenced off."""
-    result = session.execute(
-        sa.update(G).where(_held(job_id, worker_id, attempt))
-        .values(worker_id=None, lease_expires_at=None, **values)
-    )
+    if any(isinstance(value, sa.ClauseElement) for value in values.values()):
+        statement = sa.update(G).where(_held(job_id, worker_id, attempt)).values(
+            worker_id=None, lease_expires_at=None, **values)
+        result = session.execute(statement)
+    else:
+        keys = tuple(sorted(values))
+        params = {"h_id": job_id, "h_worker": worker_id, "h_attempt": attempt,
+                  **{f"v_{key}": values[key] for key in keys}}
+        result = session.execute(_finish_statement(keys), params)
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+#: From this many outcomes on, one UPDATE ... FROM (VALUES ...) beats one cached UPDATE per job
+#: (measured on PostgreSQL here: 1.9 ms for one VALUES row against 0.8 ms for a plain UPDATE).
+_VALUES_FROM = 8
 
 
 def finish_many(
@@ -285,10 +330,10 @@ def finish_many(
 ) -> set[str]:
     """Record several outcomes, each only if its attempt is still held. Returns the ids written.
 
-    On PostgreSQL each group of outcomes with the same columns is one
-    ``UPDATE ... FROM (VALUES ...)``; SQLite runs in-process, so one UPDATE per job costs little.
+    On PostgreSQL a larger set is one ``UPDATE ... FROM (VALUES ...)`` per group of outcomes with the
+    same columns; SQLite runs in-process, so one UPDATE per job costs little there.
     """
-    if session.get_bind().dialect.name != "postgresql":
+    if session.get_bind().dialect.name != "postgresql" or len(outcomes) < _VALUES_FROM:
         return _finish_each(session, worker_id, outcomes)
     written: set[str] = set()
     groups: dict[tuple[str, ...], list[tuple[str, int, Mapping[str, Any]]]] = {}
@@ -344,7 +389,7 @@ def release_values() -> dict[str, Any]:
 
 def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str]]:
     """Requeue jobs whose lease expired, or fail them once their attempts are spent."""
-    expired = sa.and_(G.c.status == PROCESSING, G.c.lease_expires_at < now)
+    expired = sa.and_(IS_PROCESSING, G.c.lease_expires_at < now)
     requeued = session.execute(
         sa.update(G).where(expired, G.c.attempts < G.c.max_attempts)
         .values(status=PENDING, worker_id=None, lease_expires_at=None, run_after=None,

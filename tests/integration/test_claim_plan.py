@@ -1,0 +1,39 @@
+"""The claim's query plan: the partial claim index, never a scan of every pending row."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from dgxqueue.storage import create_generations, repository, session_scope
+from dgxqueue.storage.models import utcnow
+
+
+def test_claim_plan__uses_claim_index_without_statistics(engine: sa.Engine) -> None:
+    """Without ANALYZE, the claim reads idx_generations_claim and finds rows by primary key."""
+    with session_scope(engine) as s:
+        create_generations(s, [{"prompt": f"p{i}", "model_name": "m"} for i in range(2000)])
+    statement = repository._claim_statement(engine.dialect.name, 1)
+    compiled = statement.compile(dialect=engine.dialect)
+    now = utcnow()
+    params = compiled.construct_params({"model_0": "m", "limit": 1, "now": now,
+                                        "lease_until": now + timedelta(seconds=60), "worker_id": "w"})
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            plan_rows = conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + compiled.string,
+                tuple(compiled.construct_params(params)[name] for name in compiled.positiontup or ()),
+            ).all()
+            plan = "\n".join(str(row[-1]) for row in plan_rows)
+            assert "idx_generations_status" not in plan, plan
+        else:
+            conn.exec_driver_sql("SET enable_seqscan = off")  # tiny tables: show what it would use
+            processed = {
+                name: compiled.binds[name].type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+                for name in params
+            }
+            values = {k: (processed[k](v) if processed[k] else v) for k, v in params.items()}
+            plan = "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + compiled.string, values))
+            conn.rollback()
+        assert "idx_generations_claim" in plan, plan
