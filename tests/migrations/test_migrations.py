@@ -231,3 +231,10 @@ def test_wheel__installed_package_finds_its_migrations(tmp_path: Path) -> None:
     assert Path(found) == Path(package_file).parent / "_alembic"
     assert revision == head_revision() and database.is_file()
     assert migrations_dir() == REPO / "alembic"  # this checkout still uses its own alembic/
+
+
+def test_head_revision__constant_matches_the_scripts() -> None:
+    """HEAD_REVISION, which lets a daemon skip loading alembic, names the newest migration script."""
+    from dgxqueue.storage.database import HEAD_REVISION, head_revision
+
+    assert head_revision() == HEAD_REVISION
