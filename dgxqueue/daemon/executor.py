@@ -41,11 +41,25 @@ class Outcome:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+MAX_SEED = 2**31 - 1
+
+
+def job_seed(job: ClaimedJob) -> int:
+    """``metadata.seed`` when the producer chose one, else derived from the job id (stable across
+    attempts). A bad one refuses the job."""
+    value = (job.metadata or {}).get("seed")
+    if value is None:
+        return seed_for(job.id)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise PermanentGeneratorError(f"metadata.seed={value!r} is invalid: expected an integer in [0, {MAX_SEED}]")
+    return value
+
+
 def to_request(job: ClaimedJob) -> GenerationRequest:
     return GenerationRequest(
         job_id=job.id, prompt=job.prompt, model_name=job.model_name,
         duration_seconds=job.duration_seconds, sample_rate=job.sample_rate, channels=job.channels,
-        seed=seed_for(job.id), metadata=dict(job.metadata or {}),
+        seed=job_seed(job), metadata=dict(job.metadata or {}),
     )
 
 
@@ -56,8 +70,8 @@ def prepare(
     ready: list[Work] = []
     refused: list[Outcome] = []
     for job in jobs:
-        request = to_request(job)
         try:
+            request = to_request(job)
             path = audio.resolve_output_path(outputs_dir, job.file_path)
             generator.validate(request)
         except (DgxQueueError, ValueError) as exc:

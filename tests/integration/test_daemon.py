@@ -316,3 +316,24 @@ def test_daemon__new_worker_ids_are_unique(engine: sa.Engine, db_url: str, outpu
     a = make_daemon(db_url, outputs, ScriptedGenerator())
     b = make_daemon(db_url, outputs, ScriptedGenerator())
     assert isinstance(a, Daemon) and a.worker_id != b.worker_id
+
+
+def test_daemon__metadata_seed_overrides_and_bad_seed_fails(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """metadata.seed reaches the backend as the request's seed; a bad seed fails only its job."""
+    gen = ScriptedGenerator()
+    seeds: list[int] = []
+    original = gen.generate
+
+    def spy(requests):  # type: ignore[no-untyped-def]
+        seeds.extend(r.seed for r in requests)
+        return original(requests)
+
+    gen.generate = spy  # type: ignore[method-assign]
+    daemon = make_daemon(db_url, outputs, gen)
+    chosen = enqueue(db_url, "fine", metadata={"seed": 1234})
+    bad = enqueue(db_url, "fine", metadata={"seed": -5})
+    daemon.run(burst=True)
+    assert seeds == [1234]
+    assert row(db_url, chosen).status == "completed"
+    job = row(db_url, bad)
+    assert job.status == "failed" and "metadata.seed=-5" in (job.error_message or "")
