@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import wave
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +71,14 @@ def _check_shape(path: Path, audio: GeneratedAudio) -> None:
         raise OutputError(f"could not write {path}: invalid sample rate {audio.sample_rate}")
 
 
-def write_wav_atomic(path: Path, audio: GeneratedAudio) -> int:
+def write_wav_atomic(path: Path, audio: GeneratedAudio, *, sync_folder: bool = True) -> int:
     """Write ``audio`` as 16-bit PCM WAV at ``path`` atomically; return the file size in bytes.
 
     The data goes to a hidden temporary file in the same folder, is flushed and fsynced, then
     renamed over ``path`` and the folder fsynced, so readers see either no file or the whole
     file. Any OSError (disk full, permission, read-only) removes the temporary file and raises
-    :class:`OutputError`; a file already at ``path`` is left as it was.
+    :class:`OutputError`; a file already at ``path`` is left as it was. ``sync_folder=False``
+    leaves the folder's fsync to the caller (:func:`sync_folders`, once for a whole batch).
     """
     _check_shape(path, audio)
     payload = to_pcm16(audio.samples)
@@ -109,8 +111,23 @@ def write_wav_atomic(path: Path, audio: GeneratedAudio) -> int:
         if isinstance(exc, OSError):
             raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
         raise
-    _fsync_dir(path)
+    if sync_folder:
+        _fsync_dir(path)
     return size
+
+
+def sync_folders(paths: Iterable[Path]) -> dict[Path, OutputError]:
+    """fsync the folder of each path once, making their renames durable; the errors by path."""
+    errors: dict[Path, OutputError] = {}
+    by_folder: dict[Path, list[Path]] = {}
+    for path in paths:
+        by_folder.setdefault(path.parent, []).append(path)
+    for members in by_folder.values():
+        try:
+            _fsync_dir(members[0])
+        except OutputError as exc:
+            errors.update((member, exc) for member in members)
+    return errors
 
 
 def _fsync_dir(path: Path) -> None:

@@ -106,7 +106,7 @@ def render(generator: Generator, batch: Sequence[Work]) -> list[Outcome]:
         elapsed = time.perf_counter() - started
         return [Outcome(work.job, exc, elapsed) for work in batch]
     generated = time.perf_counter() - started
-    outcomes = []
+    outcomes: list[Outcome] = []
     for work, result in zip(batch, results, strict=True):
         if isinstance(result, BaseException):
             outcomes.append(Outcome(work.job, result, generated))
@@ -114,7 +114,7 @@ def render(generator: Generator, batch: Sequence[Work]) -> list[Outcome]:
         write_started = time.perf_counter()
         try:
             _check_shape(result, work.request)
-            size = audio.write_wav_atomic(work.path, result)
+            size = audio.write_wav_atomic(work.path, result, sync_folder=False)
         except (GeneratorError, OutputError) as exc:
             outcomes.append(Outcome(work.job, exc, generated))
             continue
@@ -124,4 +124,11 @@ def render(generator: Generator, batch: Sequence[Work]) -> list[Outcome]:
             work.job, None, generated + (time.perf_counter() - write_started), size,
             result.duration_seconds, metadata,
         ))
-    return outcomes
+    # One folder fsync per batch, not per file; an outcome counts as written only after it.
+    paths = {o.job.id: w.path for o, w in zip(outcomes, batch, strict=True) if o.error is None}
+    failed = audio.sync_folders(paths.values())
+    return [
+        Outcome(o.job, failed[paths[o.job.id]], o.generation_seconds)
+        if o.error is None and paths[o.job.id] in failed else o
+        for o in outcomes
+    ]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dgxqueue.audio import measure, read_wav, resolve_output_path, write_wav_atomic
+from dgxqueue.audio import measure, read_wav, resolve_output_path, sync_folders, write_wav_atomic
 from dgxqueue.errors import OutputError
 from dgxqueue.generators import GeneratedAudio
 
@@ -199,3 +199,14 @@ def test_read__refuses_non_16_bit_files(tmp_path: Path) -> None:
         wav.writeframes(bytes(10))
     with pytest.raises(OutputError, match="16-bit"):
         read_wav(path)
+
+
+def test_sync_folders__once_per_folder_and_errors_by_path(tmp_path: Path) -> None:
+    """sync_folders syncs each folder of a batch; a folder that cannot be opened fails only its files."""
+    a, b = tmp_path / "one" / "a.wav", tmp_path / "two" / "b.wav"
+    for path in (a, b):
+        write_wav_atomic(path, _audio(), sync_folder=False)
+    gone = tmp_path / "missing" / "c.wav"
+    errors = sync_folders([a, b, gone])
+    assert list(errors) == [gone] and "could not sync the folder" in str(errors[gone])
+    assert read_wav(a)[1] == 44100 and read_wav(b)[1] == 44100
