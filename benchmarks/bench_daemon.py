@@ -345,23 +345,14 @@ def main() -> None:
         with database(engine) as url:
             init_db(url)
             print(f"\n== {engine}: no-op jobs, {n} per run (jobs/s; ratio to the floor of the same run)")
-            if engine == "postgres":
+            bare, driver = (bare_postgres, "psycopg") if engine == "postgres" else (bare_sqlite, "sqlite3")
+            floors = []
+            for claim_size in (1, 10):
                 fill(url, n)
-                floor1 = bare_postgres(url, 1)
+                floors.append(bare(url, claim_size))
                 clear(url)
-                fill(url, n)
-                floor10 = bare_postgres(url, 10)
-                print(f"  floor: bare psycopg loop, claim 1 + complete  {floor1:9.0f}")
-                print(f"  floor: bare psycopg loop, claim 10 + complete {floor10:9.0f}")
-            else:
-                fill(url, n)
-                floor1 = bare_sqlite(url, 1)
-                clear(url)
-                fill(url, n)
-                floor10 = bare_sqlite(url, 10)
-                print(f"  floor: bare sqlite3 loop, claim 1 + complete  {floor1:9.0f}")
-                print(f"  floor: bare sqlite3 loop, claim 10 + complete {floor10:9.0f}")
-            clear(url)
+                print(f"  floor: bare {driver} loop, claim {claim_size} + complete".ljust(48) + f"{floors[-1]:9.0f}")
+            floor1, floor10 = floors
             one = daemon_rate(url, n, 1)
             print(f"  daemon, batch 1                               {one:9.0f}  {ratio(one, floor1)}"
                   " of bare claim-1 (target 0.5x)")

@@ -13,10 +13,10 @@ config as keyword arguments and must return a :class:`Generator`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,7 @@ import numpy.typing as npt
 from dgxqueue.errors import ConfigError, GeneratorError, UnknownGeneratorError
 
 ENTRY_POINT_GROUP = "dgxqueue.generators"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,12 @@ def create_generator(name: str, options: Mapping[str, Any] | None = None) -> Gen
     return generator
 
 
-def split_into_batches(
-    generator: Generator, requests: Sequence[GenerationRequest]
-) -> list[list[GenerationRequest]]:
-    """Group requests by the backend's batch key, each group cut to its batch size."""
-    groups: dict[Hashable, list[GenerationRequest]] = {}
-    for request in requests:
-        groups.setdefault(generator.batch_key(request), []).append(request)
-    size = max(1, generator.max_batch_size)
+def split_into_batches(items: Sequence[T], key: Callable[[T], Hashable], size: int) -> list[list[T]]:
+    """Group items by ``key`` (a backend's batch key), each group cut into chunks of ``size``."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    size = max(1, size)
     return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 

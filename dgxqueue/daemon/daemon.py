@@ -30,7 +30,7 @@ from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.store import QueueStore, is_transient_db_error
 from dgxqueue.daemon.waker import Waker, make_waker
 from dgxqueue.errors import DgxQueueError, TransientGeneratorError
-from dgxqueue.generators import Generator
+from dgxqueue.generators import Generator, split_into_batches
 from dgxqueue.storage import repository
 from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.repository import ClaimedJob
@@ -204,7 +204,8 @@ class Daemon:
         try:
             work, refused = prepare(jobs, self.generator, self.settings.outputs_dir)
             self.record(refused)
-            for batch in self._batches(work):
+            size = min(self.batch_size, self.generator.max_batch_size)
+            for batch in split_into_batches(work, lambda w: self.generator.batch_key(w.request), size):
                 if self.stopping:
                     break
                 self.hooks.on_batch(len(batch))
@@ -216,13 +217,6 @@ class Daemon:
             if self._held:
                 self._release()
         return len(jobs)
-
-    def _batches(self, work: Sequence[Work]) -> list[list[Work]]:
-        groups: dict[Any, list[Work]] = {}
-        for item in work:
-            groups.setdefault(self.generator.batch_key(item.request), []).append(item)
-        size = max(1, min(self.batch_size, self.generator.max_batch_size))
-        return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
     def _execute(self, batch: list[Work]) -> list[Outcome] | None:
         """Run a batch on the runner while heartbeating; None when a stop gave up on it."""

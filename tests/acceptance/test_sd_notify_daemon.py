@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.processes import stop
+
 WATCHDOG_USEC = 2_000_000  # systemd's WatchdogSec=2s: a gap this long would get the daemon killed
 
 
@@ -81,17 +83,6 @@ def start_daemon(tmp_path: Path, notify: NotifySocket, **env: str) -> subprocess
     with (tmp_path / "daemon.log").open("ab") as log:
         return subprocess.Popen([sys.executable, "-m", "dgxqueue", "worker"], cwd=tmp_path, env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        return process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError("the daemon ignored SIGTERM") from None
 
 
 def test_daemon__ready_watchdog_stopping_in_order(tmp_path: Path, notify: NotifySocket) -> None:

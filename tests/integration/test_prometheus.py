@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,7 +26,7 @@ import sqlalchemy as sa
 
 from dgxqueue.storage import create_generations, dispose_engines, init_db, session_scope
 from dgxqueue.storage import repository as repo
-from tests.support.processes import SCRIPTED, start_worker, stop, wait_until, write_config
+from tests.support.processes import SCRIPTED, free_port, start_worker, stop, wait_until, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dgxqueue.json"
@@ -58,12 +57,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.2)  # poll interval, not synchronisation: the loop ends on the condition
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -10,7 +10,6 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,16 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.processes import free_port
+
 
 def _bindir() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     return Path(found[-1]).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -72,7 +67,7 @@ def private_cluster() -> Iterator[PrivateCluster]:
     root.chmod(0o755)
     shutil.chown(root, "postgres", "postgres")
     data = root / "data"
-    cluster = PrivateCluster(bindir, data, _free_port(), root / "server.log")
+    cluster = PrivateCluster(bindir, data, free_port(), root / "server.log")
     try:
         subprocess.run(
             ["runuser", "-u", "postgres", "--", str(bindir / "initdb"), "-D", str(data), "-U", "postgres",

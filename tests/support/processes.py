@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +60,13 @@ def start_worker(config: Path, log: Path, *args: str, env: Mapping[str, str] | N
             [sys.executable, "-m", "dgxqueue", "--config", str(config), "worker", *args],
             cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
         )
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_until(
