@@ -80,6 +80,7 @@ class Daemon:
         self.waker = waker or make_waker(engine, settings.worker.sqlite_check_interval_seconds)
         self.log = log.bind(worker_id=self.worker_id)
         self._held: list[ClaimedJob] = []
+        self._next: list[ClaimedJob] = []  # claimed with the last outcomes; run_once starts them
         self._stop_requested_at: float | None = None
         self._immediate = False
         self._stopping_sent = False
@@ -195,24 +196,27 @@ class Daemon:
         """Claim up to a batch of jobs, run them, record them. Returns how many were claimed."""
         if self.stopping:
             return 0
-        now = self.clock()
-        jobs = self.store.claim(self.batch_size, now)
+        jobs, self._next = self._next, []
         if not jobs:
-            return 0
+            now = self.clock()
+            jobs = self.store.claim(self.batch_size, now)
+            if not jobs:
+                return 0
+            self.hooks.on_claimed(jobs, now)
         self._held = list(jobs)
-        self.hooks.on_claimed(jobs, now)
         try:
             work, refused = prepare(jobs, self.generator, self.settings.outputs_dir)
             self.record(refused)
             size = min(self.batch_size, self.generator.max_batch_size)
-            for batch in split_into_batches(work, lambda w: self.generator.batch_key(w.request), size):
+            batches = split_into_batches(work, lambda w: self.generator.batch_key(w.request), size)
+            for batch in batches:
                 if self.stopping:
                     break
                 self.hooks.on_batch(len(batch))
                 outcomes = self._execute(batch)
                 if outcomes is None:
                     break
-                self.record(outcomes)
+                self.record(outcomes, claim_next=batch is batches[-1])
         finally:
             if self._held:
                 self._release()
@@ -265,8 +269,13 @@ class Daemon:
                 self.log.warning("lease lost: another daemon may run this job; our outcome will be refused",
                                  job_id=job.id, model=job.model_name, attempt=job.attempt)
 
-    def record(self, outcomes: Sequence[Outcome]) -> None:
-        """Write each outcome (fenced), in one transaction, and tell the hooks."""
+    def record(self, outcomes: Sequence[Outcome], *, claim_next: bool = False) -> None:
+        """Write each outcome (fenced), in one transaction, and tell the hooks.
+
+        ``claim_next`` (after the last batch of a claim): the same transaction claims the next
+        jobs, which :meth:`run_once` then starts. It saves a commit per round, and claims no
+        sooner than a separate claim would: this daemon is done with what it held.
+        """
         if not outcomes:
             return
         now = self.clock()
@@ -289,11 +298,17 @@ class Daemon:
             else:
                 values = repository.failed_values(now, decision.message, outcome.generation_seconds)
             rows.append((job, values, "retried" if decision.retry else "failed", decision.message))
-        written = self.store.finish([(job, values) for job, values, _, _ in rows])
-        by_id = {o.job.id: o for o in outcomes}
+        pairs = [(job, values) for job, values, _, _ in rows]
+        if claim_next and not self.stopping and not self.runner.busy:
+            written, self._next = self.store.finish_and_claim(pairs, self.batch_size, now)
+            if self._next:
+                self.hooks.on_claimed(self._next, now)
+        else:
+            written = self.store.finish(pairs)
+        recorded = {o.job.id: o for o in outcomes}
+        self._held = [job for job in self._held if job.id not in recorded]
         for (job, _, kind, error), ok in zip(rows, written, strict=True):
-            self._held = [j for j in self._held if j.id != job.id]
-            outcome = by_id[job.id]
+            outcome = recorded[job.id]
             self.hooks.on_job_finished(
                 job, kind if ok else "fenced", generation_seconds=outcome.generation_seconds,
                 audio_seconds=outcome.audio_seconds if kind == "completed" else None, error=error,
@@ -314,6 +329,7 @@ class Daemon:
                                        generation_seconds=None, audio_seconds=None, error=None)
 
     def shutdown(self) -> None:
+        self._held, self._next = self._held + self._next, []
         if self._held:
             self._release()
         if not self._stopping_sent:
@@ -321,4 +337,5 @@ class Daemon:
             self.notifier.stopping()
         self.runner.close()
         self.waker.close()
+        self.store.close()
         self.hooks.on_stop()

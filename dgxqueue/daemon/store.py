@@ -1,5 +1,8 @@
 """The daemon's database calls, each one short transaction retried through hiccups.
 
+Claims and outcomes, once or more per job, take :mod:`~dgxqueue.storage.fastqueue`'s driver-level
+path; the rarer calls go through a Session and the repository.
+
 tenacity retries a call when the database is briefly unavailable: SQLite's ``database is
 locked``, a PostgreSQL restart, a dropped connection, a serialization failure. Each call is its
 own transaction, so a retry repeats the whole of it.
@@ -17,8 +20,9 @@ import tenacity
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from dgxqueue.storage import repository
+from dgxqueue.storage import fastqueue, repository
 from dgxqueue.storage.database import session_scope
+from dgxqueue.storage.driver import Link
 from dgxqueue.storage.repository import ClaimedJob
 
 T = TypeVar("T")
@@ -26,9 +30,15 @@ log = structlog.get_logger("dgxqueue.store")
 _RETRYABLE_PGCODES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "08000", "08003", "08006"}
 
 
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
 def is_transient_db_error(exc: BaseException) -> bool:
     """Errors worth retrying: lost connections, locks, server restarts, serialization failures."""
     if isinstance(exc, sa.exc.DBAPIError):
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        if code is not None:  # SQLite raises OperationalError for syntax errors too: only busy/locked
+            return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
         if exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
             return True
         return getattr(exc.orig, "sqlstate", None) in _RETRYABLE_PGCODES
@@ -37,7 +47,8 @@ def is_transient_db_error(exc: BaseException) -> bool:
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    log.warning("database call failed, retrying", attempt=state.attempt_number, error=str(exc)[:300])
+    # +1: the plain first try (QueueStore._retry) came before tenacity's attempts.
+    log.warning("database call failed, retrying", attempt=state.attempt_number + 1, error=str(exc)[:300])
 
 
 class QueueStore:
@@ -57,6 +68,7 @@ class QueueStore:
         self.worker_id = worker_id
         self.models = tuple(sorted(models))
         self.lease = lease
+        self._link = Link(engine)  # the main loop's own connection for claims and outcomes
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient_db_error),
             wait=tenacity.wait_exponential(multiplier=0.05, max=2.0) + tenacity.wait_random(0, 0.05),
@@ -66,19 +78,33 @@ class QueueStore:
             reraise=True,
         )
 
+    def _retry(self, call: Callable[[], T]) -> T:
+        """``call()``, retried through transient errors. The first try is a plain call: tenacity's
+        bookkeeping costs about as much as a claim on SQLite, so it starts only on a failure."""
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            log.warning("database call failed, retrying", attempt=1, error=str(exc)[:300])
+        return self._retrying(call)
+
     def _run(self, fn: Callable[[Session], T]) -> T:
         def attempt() -> T:
             with session_scope(self.engine) as session:
                 return fn(session)
 
-        return self._retrying(attempt)
+        return self._retry(attempt)
+
+    def close(self) -> None:
+        self._link.close()
 
     def ping(self) -> None:
         self._run(lambda s: s.execute(sa.select(1)).scalar_one())
 
     def claim(self, limit: int, now: datetime) -> list[ClaimedJob]:
-        return self._run(lambda s: repository.claim(
-            s, worker_id=self.worker_id, models=self.models, limit=limit, now=now, lease=self.lease,
+        return self._retry(lambda: fastqueue.claim(
+            self._link, worker_id=self.worker_id, models=self.models, limit=limit, now=now, lease=self.lease,
         ))
 
     def extend(self, jobs: Sequence[ClaimedJob], now: datetime) -> set[str]:
@@ -93,12 +119,23 @@ class QueueStore:
         if not outcomes:
             return []
         rows = [(job.id, job.attempt, values) for job, values in outcomes]
-        written = self._run(lambda s: repository.finish_many(s, worker_id=self.worker_id, outcomes=rows))
+        written = self._retry(lambda: fastqueue.finish_many(self._link, worker_id=self.worker_id, outcomes=rows))
         return [job.id in written for job, _ in outcomes]
+
+    def finish_and_claim(
+        self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], limit: int, now: datetime
+    ) -> tuple[list[bool], list[ClaimedJob]]:
+        """:meth:`finish`, then claim up to ``limit`` more jobs, with one commit."""
+        rows = [(job.id, job.attempt, values) for job, values in outcomes]
+        written, claimed = self._retry(lambda: fastqueue.finish_and_claim(
+            self._link, worker_id=self.worker_id, outcomes=rows, models=self.models, limit=limit, now=now,
+            lease=self.lease,
+        ))
+        return [job.id in written for job, _ in outcomes], claimed
 
     def release(self, jobs: Sequence[ClaimedJob]) -> list[bool]:
         """Give jobs back to the queue without spending their attempt (graceful stop)."""
-        return self.finish([(job, repository.release_values()) for job in jobs])
+        return self.finish([(job, repository.release_values(job.attempt)) for job in jobs])
 
     def rescue(self, now: datetime) -> tuple[list[str], list[str]]:
         def rescue(session: Session) -> tuple[list[str], list[str]]:

@@ -1,24 +1,24 @@
 """The producer's hot path: :func:`repository.insert_jobs` on a bare DB-API connection.
 
 The statements are the repository's own Core constructs (the generation INSERT, the prompt upsert,
-``pg_notify``), compiled once per dialect together with their bind processors, then run on the
-pooled driver connection. One ``enqueue`` thus costs the driver's work plus a few dict operations,
-instead of a Session, a Core execution context and a statement-cache lookup per statement.
+``pg_notify``), compiled once per dialect by :mod:`driver`. One ``enqueue`` thus costs the driver's
+work plus a few dict operations, instead of a Session, a Core execution context and a
+statement-cache lookup per statement.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.sql.expression import ClauseElement
 
 from dgxqueue.storage import repository
+from dgxqueue.storage.driver import Compiled, transaction
 
 _JOB_COLUMNS = (
     "id", "prompt", "model_name", "model_version", "duration_seconds", "sample_rate", "channels",
@@ -28,48 +28,10 @@ _PROMPT_COLUMNS = ("text", "used_count", "first_used_at", "last_used_at")
 
 
 @dataclass(frozen=True)
-class _Compiled:
-    """One statement compiled for one dialect, with what turns values into driver parameters."""
-
-    sql: str
-    positional: bool  # qmark/numeric paramstyles take a tuple, the others a dict
-    # (name, processor or None, default): one per parameter, in the statement's order. A default
-    # is the value of one of the statement's own literals (the 0 of coalesce(used_count, 0)).
-    binds: tuple[tuple[str, Callable[[Any], Any] | None, Any], ...]
-
-    @classmethod
-    def of(cls, statement: ClauseElement, dialect: Dialect, keys: Sequence[str]) -> _Compiled:
-        compiled: Any = statement.compile(dialect=dialect, column_keys=list(keys))
-        processors = {
-            name: bind.type.dialect_impl(dialect).bind_processor(dialect)
-            for bind, name in compiled.bind_names.items()
-        }
-        params = compiled.params
-        order = compiled.positiontup if compiled.positional else list(params)
-        binds = tuple(
-            (name, processors.get(name), _REQUIRED if name in keys else params[name]) for name in order
-        )
-        return cls(compiled.string, bool(compiled.positional), binds)
-
-    def parameters(self, values: Mapping[str, Any]) -> Any:
-        processed = [
-            (name, value if process is None else process(value))
-            for name, process, default in self.binds
-            for value in (values[name] if default is _REQUIRED else default,)
-        ]
-        if self.positional:
-            return tuple(value for _, value in processed)
-        return dict(processed)
-
-
-_REQUIRED = object()
-
-
-@dataclass(frozen=True)
 class _Statements:
-    insert_job: _Compiled
-    upsert_prompt: _Compiled
-    notify: _Compiled | None
+    insert_job: Compiled
+    upsert_prompt: Compiled
+    notify: Compiled | None
 
 
 _cache: weakref.WeakKeyDictionary[Dialect, _Statements] = weakref.WeakKeyDictionary()
@@ -82,23 +44,16 @@ def _statements(dialect: Dialect) -> _Statements:
         if dialect.name == "postgresql":
             call = sa.select(sa.func.pg_notify(sa.bindparam("channel", type_=sa.Text),
                                                sa.bindparam("model", type_=sa.Text)))
-            notify = _Compiled.of(call, dialect, ("channel", "model"))
+            notify = Compiled.of(call, dialect, ("channel", "model"))
         found = _cache[dialect] = _Statements(
-            insert_job=_Compiled.of(sa.insert(repository.G), dialect, _JOB_COLUMNS),
+            insert_job=Compiled.of(sa.insert(repository.G), dialect, _JOB_COLUMNS),
             # inline(): no RETURNING of the prompt's id, which nobody reads here.
-            upsert_prompt=_Compiled.of(
+            upsert_prompt=Compiled.of(
                 repository.prompt_upsert(dialect.name).inline(), dialect, _PROMPT_COLUMNS
             ),
             notify=notify,
         )
     return found
-
-
-def _run(cursor: Any, statement: _Compiled, rows: Sequence[Mapping[str, Any]]) -> None:
-    if len(rows) == 1:
-        cursor.execute(statement.sql, statement.parameters(rows[0]))
-    else:
-        cursor.executemany(statement.sql, [statement.parameters(row) for row in rows])
 
 
 def insert_jobs(engine: Engine, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -129,33 +84,8 @@ def insert_jobs(engine: Engine, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def _transaction(engine: Engine, statements: _Statements, rows: Sequence[Mapping[str, Any]],
                  prompt_rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> None:
-    dialect = engine.dialect
-    connection = engine.raw_connection()
-    cursor = connection.cursor()
-    current: _Compiled = statements.insert_job
-    try:
-        _run(cursor, current, rows)
-        current = statements.upsert_prompt
-        _run(cursor, current, prompt_rows)
+    with transaction(engine) as cursor:
+        cursor.executemany(statements.insert_job, rows)
+        cursor.executemany(statements.upsert_prompt, prompt_rows)
         if statements.notify is not None:
-            current = statements.notify
-            _run(cursor, current, [{"channel": repository.NOTIFY_CHANNEL, "model": m} for m in models])
-        connection.commit()
-    except dialect.loaded_dbapi.Error as exc:
-        disconnected = dialect.is_disconnect(exc, connection.dbapi_connection, cursor)
-        if disconnected:
-            connection.invalidate(exc)
-        else:
-            connection.rollback()
-        error = sa.exc.DBAPIError.instance(
-            current.sql, None, exc, dialect.loaded_dbapi.Error,
-            connection_invalidated=disconnected, dialect=dialect,
-        )
-        error.before_first_write = current is statements.insert_job  # type: ignore[attr-defined]
-        raise error from exc
-    except BaseException:
-        connection.rollback()
-        raise
-    finally:
-        cursor.close()
-        connection.close()  # back to the pool
+            cursor.executemany(statements.notify, [{"channel": repository.NOTIFY_CHANNEL, "model": m} for m in models])

@@ -221,7 +221,7 @@ _CLAIM_COLUMNS = (
 
 
 @functools.cache
-def _claim_statement(dialect: str, n_models: int) -> sa.Update:
+def claim_statement(dialect: str, n_models: int) -> sa.Update:
     """The claim, built once per dialect and number of models: constructing it cost more than
     running it on SQLite. One bind parameter per model, not an expanding IN, so the SQL text
     is compiled once instead of re-rendered on every claim."""
@@ -255,16 +255,25 @@ def claim(
 ) -> list[ClaimedJob]:
     """Claim up to ``limit`` due pending jobs of ``models`` in one UPDATE ... RETURNING."""
     served = sorted(models)
-    stmt = _claim_statement(session.get_bind().dialect.name, len(served))
-    params = {"limit": limit, "now": now, "lease_until": now + lease, "worker_id": worker_id,
-              **{f"model_{i}": model for i, model in enumerate(served)}}
-    rows = session.execute(stmt, params).all()
+    stmt = claim_statement(session.get_bind().dialect.name, len(served))
+    params = claim_parameters(worker_id=worker_id, models=served, limit=limit, now=now, lease=lease)
+    return claimed_jobs(session.execute(stmt, params).all())
+
+
+def claim_parameters(*, worker_id: str, models: Sequence[str], limit: int, now: datetime,
+                     lease: timedelta) -> dict[str, Any]:
+    """The bind values of :func:`claim_statement` (``models`` sorted)."""
+    return {"limit": limit, "now": now, "lease_until": now + lease, "worker_id": worker_id,
+            **{f"model_{i}": model for i, model in enumerate(models)}}
+
+
+def claimed_jobs(rows: Iterable[Sequence[Any]]) -> list[ClaimedJob]:
+    """Rows of the claim's RETURNING (in :data:`_CLAIM_COLUMNS` order), oldest job first."""
     jobs = [
         ClaimedJob(
-            id=r.id, prompt=r.prompt, model_name=r.model_name, duration_seconds=r.duration_seconds,
-            sample_rate=r.sample_rate, channels=r.channels, file_path=r.file_path,
-            metadata=r.metadata, attempt=r.attempts, max_attempts=r.max_attempts,
-            created_at=r.created_at, claimed_at=r.claimed_at,
+            id=r[0], prompt=r[1], model_name=r[2], duration_seconds=r[3], sample_rate=r[4],
+            channels=r[5], file_path=r[6], metadata=r[7], attempt=r[8], max_attempts=r[9],
+            created_at=r[10], claimed_at=r[11],
         )
         for r in rows
     ]
@@ -293,7 +302,7 @@ def extend_leases(
 
 
 @functools.cache
-def _finish_statement(keys: tuple[str, ...]) -> sa.Update:
+def finish_statement(keys: tuple[str, ...]) -> sa.Update:
     """A fenced outcome write setting ``keys`` from bind parameters, built once per set of keys."""
     held = sa.and_(
         G.c.id == sa.bindparam("h_id", type_=sa.Text), G.c.status == PROCESSING,
@@ -308,63 +317,57 @@ def finish(
     session: Session, *, job_id: str, worker_id: str, attempt: int, values: Mapping[str, Any]
 ) -> bool:
     """Record an outcome only if this daemon still holds the attempt. False means fenced off."""
-    if any(isinstance(value, sa.ClauseElement) for value in values.values()):
-        statement = sa.update(G).where(_held(job_id, worker_id, attempt)).values(
-            worker_id=None, lease_expires_at=None, **values)
-        result = session.execute(statement)
-    else:
-        keys = tuple(sorted(values))
-        params = {"h_id": job_id, "h_worker": worker_id, "h_attempt": attempt,
-                  **{f"v_{key}": values[key] for key in keys}}
-        result = session.execute(_finish_statement(keys), params)
+    keys = tuple(sorted(values))
+    result = session.execute(finish_statement(keys), finish_parameters(job_id, worker_id, attempt, values))
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-#: From this many outcomes on, one UPDATE ... FROM (VALUES ...) beats one cached UPDATE per job
-#: (measured on PostgreSQL here: 1.9 ms for one VALUES row against 0.8 ms for a plain UPDATE).
-_VALUES_FROM = 8
+def finish_parameters(job_id: str, worker_id: str, attempt: int, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The bind values of :func:`finish_statement`."""
+    return {"h_id": job_id, "h_worker": worker_id, "h_attempt": attempt,
+            **{f"v_{key}": value for key, value in values.items()}}
 
 
-def finish_many(
-    session: Session, *, worker_id: str, outcomes: Sequence[tuple[str, int, Mapping[str, Any]]]
-) -> set[str]:
-    """Record several outcomes, each only if its attempt is still held. Returns the ids written.
+@functools.lru_cache(maxsize=512)
+def finish_values_statement(keys: tuple[str, ...], n: int) -> sa.Update:
+    """``n`` fenced outcome writes setting ``keys``, as one ``UPDATE ... FROM (VALUES ...)
+    RETURNING id`` (one statement for a batch, on both engines): built once per shape."""
+    columns: list[sa.ColumnClause[Any]] = [
+        sa.column("id", sa.Text), sa.column("attempt", sa.Integer),
+        *(sa.column(key, G.c[key].type) for key in keys),
+    ]
+    given = sa.values(*columns, name="outcome").data(
+        [tuple(sa.bindparam(f"o{i}_{column.name}", type_=column.type) for column in columns) for i in range(n)]
+    ).cte("outcome")  # WITH outcome(id, ...) AS (VALUES ...): SQLite has no "AS outcome (id, ...)"
+    return (
+        sa.update(G)
+        .where(G.c.id == given.c.id, G.c.attempts == given.c.attempt, IS_PROCESSING,
+               G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text))
+        .values(worker_id=None, lease_expires_at=None, **{key: given.c[key] for key in keys})
+        .returning(G.c.id)
+    )
 
-    On PostgreSQL a larger set is one ``UPDATE ... FROM (VALUES ...)`` per group of outcomes with the
-    same columns; SQLite runs in-process, so one UPDATE per job costs little there.
-    """
-    if session.get_bind().dialect.name != "postgresql" or len(outcomes) < _VALUES_FROM:
-        return _finish_each(session, worker_id, outcomes)
-    written: set[str] = set()
+
+def finish_values_parameters(
+    worker_id: str, rows: Sequence[tuple[str, int, Mapping[str, Any]]]
+) -> dict[str, Any]:
+    """The bind values of :func:`finish_values_statement` for ``rows`` sharing one set of keys."""
+    params: dict[str, Any] = {"h_worker": worker_id}
+    for i, (job_id, attempt, values) in enumerate(rows):
+        params[f"o{i}_id"] = job_id
+        params[f"o{i}_attempt"] = attempt
+        params.update((f"o{i}_{key}", value) for key, value in values.items())
+    return params
+
+
+def group_by_keys(
+    outcomes: Sequence[tuple[str, int, Mapping[str, Any]]],
+) -> dict[tuple[str, ...], list[tuple[str, int, Mapping[str, Any]]]]:
+    """Outcomes grouped by the columns they set: each group is one statement's shape."""
     groups: dict[tuple[str, ...], list[tuple[str, int, Mapping[str, Any]]]] = {}
     for outcome in outcomes:
         groups.setdefault(tuple(sorted(outcome[2])), []).append(outcome)
-    for keys, rows in groups.items():
-        if any(isinstance(value, sa.ClauseElement) for _, _, values in rows for value in values.values()):
-            written.update(_finish_each(session, worker_id, rows))  # an expression: one by one
-            continue
-        columns: list[sa.ColumnClause[Any]] = [
-            sa.column("id", sa.Text), sa.column("attempt", sa.Integer),
-            *(sa.column(key, G.c[key].type) for key in keys),
-        ]
-        given = sa.values(*columns, name="outcome").data(
-            [(job_id, attempt, *(values[key] for key in keys)) for job_id, attempt, values in rows]
-        )
-        statement = (
-            sa.update(G)
-            .where(G.c.id == given.c.id, G.c.attempts == given.c.attempt, G.c.status == PROCESSING,
-                   G.c.worker_id == worker_id)
-            .values(worker_id=None, lease_expires_at=None, **{key: given.c[key] for key in keys})
-            .returning(G.c.id)
-        )
-        written.update(session.execute(statement).scalars())
-    return written
-
-
-def _finish_each(session: Session, worker_id: str,
-                 rows: Sequence[tuple[str, int, Mapping[str, Any]]]) -> set[str]:
-    return {job_id for job_id, attempt, values in rows
-            if finish(session, job_id=job_id, worker_id=worker_id, attempt=attempt, values=values)}
+    return groups
 
 
 def completed_values(now: datetime, generation_time: float, file_size: int,
@@ -382,9 +385,10 @@ def retry_values(run_after: datetime, message: str) -> dict[str, Any]:
     return {"status": PENDING, "run_after": run_after, "error_message": message}
 
 
-def release_values() -> dict[str, Any]:
-    """Give a job back without spending its attempt (graceful stop)."""
-    return {"status": PENDING, "attempts": G.c.attempts - 1, "claimed_at": None}
+def release_values(attempt: int) -> dict[str, Any]:
+    """Give a job back without spending its attempt (graceful stop). The write is fenced on
+    ``attempts == attempt``, so setting ``attempt - 1`` undoes exactly the claim's increment."""
+    return {"status": PENDING, "attempts": attempt - 1, "claimed_at": None}
 
 
 def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str]]:

@@ -14,7 +14,7 @@ def test_claim_plan__uses_claim_index_without_statistics(engine: sa.Engine) -> N
     """Without ANALYZE, the claim reads idx_generations_claim and finds rows by primary key."""
     with session_scope(engine) as s:
         create_generations(s, [{"prompt": f"p{i}", "model_name": "m"} for i in range(2000)])
-    statement = repository._claim_statement(engine.dialect.name, 1)
+    statement = repository.claim_statement(engine.dialect.name, 1)
     compiled = statement.compile(dialect=engine.dialect)
     now = utcnow()
     params = compiled.construct_params({"model_0": "m", "limit": 1, "now": now,
