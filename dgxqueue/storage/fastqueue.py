@@ -4,7 +4,7 @@ The repository's statements (the claim is :func:`repository.claim`'s, which test
 through a Session), compiled once per dialect and shape by :mod:`driver`. On PostgreSQL every call
 here runs in one round trip: a single statement in autocommit (instead of BEGIN, the statement,
 COMMIT), or several with their BEGIN and COMMIT in a pipeline. A batch's outcomes are one
-``UPDATE ... FROM (VALUES ...)`` (:func:`repository.finish_values_statement`).
+``UPDATE ... FROM <rows>`` (:func:`repository.finish_rows_statement`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def _claim(dialect: Dialect, n_models: int) -> Compiled:
 
 
 @functools.lru_cache(maxsize=512)
-def _finish_values(dialect: Dialect, keys: tuple[str, ...], n: int) -> Compiled:
-    return Compiled.of(repository.finish_values_statement(keys, n), dialect)
+def _finish_rows(dialect: Dialect, keys: tuple[str, ...], n: int) -> Compiled:
+    # One shape per number of rows on SQLite; on PostgreSQL ``n`` does not change the statement.
+    return Compiled.of(repository.finish_rows_statement(dialect.name, keys, n if dialect.name == "sqlite" else 0),
+                       dialect)
 
 
 def claim(
@@ -59,9 +61,10 @@ def finish_many(link: Link, *, worker_id: str, outcomes: Sequence[Outcome]) -> s
 def _submit_outcomes(
     cursor: Cursor, dialect: Dialect, worker_id: str, groups: Mapping[tuple[str, ...], Sequence[Outcome]]
 ) -> list[Pending]:
-    """One ``UPDATE ... FROM (VALUES ...) RETURNING id`` per group of outcomes setting the same columns."""
+    """One ``UPDATE ... FROM <rows> RETURNING id`` per group of outcomes setting the same columns."""
     return [
-        cursor.submit(_finish_values(dialect, keys, len(rows)), repository.finish_values_parameters(worker_id, rows))
+        cursor.submit(_finish_rows(dialect, keys, len(rows)),
+                      repository.finish_rows_parameters(dialect.name, worker_id, keys, rows))
         for keys, rows in groups.items()
     ]
 

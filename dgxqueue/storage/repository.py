@@ -329,16 +329,26 @@ def finish_parameters(job_id: str, worker_id: str, attempt: int, values: Mapping
 
 
 @functools.lru_cache(maxsize=512)
-def finish_values_statement(keys: tuple[str, ...], n: int) -> sa.Update:
-    """``n`` fenced outcome writes setting ``keys``, as one ``UPDATE ... FROM (VALUES ...)
-    RETURNING id`` (one statement for a batch, on both engines): built once per shape."""
+def finish_rows_statement(dialect: str, keys: tuple[str, ...], n: int) -> sa.Update:
+    """``n`` fenced outcome writes setting ``keys`` as one ``UPDATE ... FROM <rows> RETURNING id``.
+
+    PostgreSQL: the rows are ``unnest`` of one array per column, so the statement is the same for
+    any ``n`` (psycopg re-parses a query with over 50 parameters on every call, and the server
+    prepares it once). SQLite: ``WITH outcome(...) AS (VALUES ...)``, one bind per value (SQLite
+    has no arrays, nor ``AS outcome (id, ...)``); built once per shape.
+    """
     columns: list[sa.ColumnClause[Any]] = [
         sa.column("id", sa.Text), sa.column("attempt", sa.Integer),
         *(sa.column(key, G.c[key].type) for key in keys),
     ]
-    given = sa.values(*columns, name="outcome").data(
-        [tuple(sa.bindparam(f"o{i}_{column.name}", type_=column.type) for column in columns) for i in range(n)]
-    ).cte("outcome")  # WITH outcome(id, ...) AS (VALUES ...): SQLite has no "AS outcome (id, ...)"
+    given: sa.FromClause
+    if dialect == "postgresql":
+        arrays = [sa.bindparam(f"a_{column.name}", type_=postgresql.ARRAY(column.type)) for column in columns]
+        given = sa.func.unnest(*arrays).table_valued(*columns).render_derived(name="outcome")
+    else:
+        given = sa.values(*columns, name="outcome").data(
+            [tuple(sa.bindparam(f"o{i}_{column.name}", type_=column.type) for column in columns) for i in range(n)]
+        ).cte("outcome")
     return (
         sa.update(G)
         .where(G.c.id == given.c.id, G.c.attempts == given.c.attempt, IS_PROCESSING,
@@ -348,11 +358,16 @@ def finish_values_statement(keys: tuple[str, ...], n: int) -> sa.Update:
     )
 
 
-def finish_values_parameters(
-    worker_id: str, rows: Sequence[tuple[str, int, Mapping[str, Any]]]
+def finish_rows_parameters(
+    dialect: str, worker_id: str, keys: tuple[str, ...], rows: Sequence[tuple[str, int, Mapping[str, Any]]]
 ) -> dict[str, Any]:
-    """The bind values of :func:`finish_values_statement` for ``rows`` sharing one set of keys."""
+    """The bind values of :func:`finish_rows_statement` for ``rows`` that all set ``keys``."""
     params: dict[str, Any] = {"h_worker": worker_id}
+    if dialect == "postgresql":
+        params["a_id"] = [job_id for job_id, _, _ in rows]
+        params["a_attempt"] = [attempt for _, attempt, _ in rows]
+        params.update((f"a_{key}", [values[key] for _, _, values in rows]) for key in keys)
+        return params
     for i, (job_id, attempt, values) in enumerate(rows):
         params[f"o{i}_id"] = job_id
         params[f"o{i}_attempt"] = attempt

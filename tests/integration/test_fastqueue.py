@@ -185,3 +185,19 @@ def test_claim__aware_times_round_trip(engine: sa.Engine) -> None:
     with session_scope(engine) as s:
         stored = get_generation(s, job.id)
         assert stored is not None and stored.lease_expires_at == now + LEASE
+
+
+def test_finish_many__a_large_batch_is_written_whole(engine: sa.Engine) -> None:
+    """100 completions (past psycopg's 50-parameter query cache, and 800 SQLite binds) in one call."""
+    fill(engine, 100)
+    link = Link(engine)
+    jobs = claim(link, 100)
+    now = utcnow()
+    written = fastqueue.finish_many(link, worker_id="w", outcomes=[
+        (job.id, job.attempt, repository.completed_values(now, 0.5, i, {"i": i})) for i, job in enumerate(jobs)
+    ])
+    link.close()
+    assert written == {job.id for job in jobs}
+    with session_scope(engine) as s:
+        sizes = {job.id: getattr(get_generation(s, job.id), "file_size_bytes", None) for job in jobs}
+    assert sizes == {job.id: i for i, job in enumerate(jobs)}
