@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
 from typing import Any
@@ -209,23 +210,32 @@ class Daemon:
             self.record(refused)
             size = min(self.batch_size, self.generator.max_batch_size)
             batches = split_into_batches(work, lambda w: self.generator.batch_key(w.request), size)
-            for batch in batches:
-                if self.stopping:
+            running = self._start(batches[0]) if batches and not self.stopping else None
+            for i, batch in enumerate(batches):
+                if running is None:
                     break
-                self.hooks.on_batch(len(batch))
-                outcomes = self._execute(batch)
+                outcomes = self._wait(running, batch)
                 if outcomes is None:
                     break
-                self.record(outcomes, claim_next=batch is batches[-1])
+                # The next batch renders while this one's outcomes are written.
+                last = i == len(batches) - 1
+                running = None
+                if not last and not self.stopping and not self.runner.busy:
+                    running = self._start(batches[i + 1])
+                self.record(outcomes, claim_next=last)
         finally:
             if self._held:
                 self._release()
         return len(jobs)
 
-    def _execute(self, batch: list[Work]) -> list[Outcome] | None:
-        """Run a batch on the runner while heartbeating; None when a stop gave up on it."""
-        future = self.runner.submit(lambda: render(self.generator, batch))
-        started = time.monotonic()
+    def _start(self, batch: list[Work]) -> tuple[Future[list[Outcome]], float]:
+        """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
+        self.hooks.on_batch(len(batch))
+        return self.runner.submit(lambda: render(self.generator, batch)), time.monotonic()
+
+    def _wait(self, running: tuple[Future[list[Outcome]], float], batch: list[Work]) -> list[Outcome] | None:
+        """Wait for a started batch while heartbeating; None when a stop gave up on it."""
+        future, started = running
         next_heartbeat = started + self.config.heartbeat_seconds
         while True:
             try:

@@ -57,16 +57,15 @@ class Compiled:
         return cls(compiled.string, bool(compiled.positional), binds, dialect, result_types)
 
     def parameters(self, values: Mapping[str, Any]) -> Any:
-        processed = [
-            (name, value if process is None else process(value))
-            for name, process, default in self.binds
-            for value in (values[name] if default is _REQUIRED else default,)
-        ]
+        processed = []  # a plain loop: this runs once per statement on the daemon's hot path
+        for name, process, default in self.binds:
+            value = values[name] if default is _REQUIRED else default
+            processed.append(value if process is None else process(value))
         if self.positional:
-            return tuple(value for _, value in processed)
-        return dict(processed)
+            return tuple(processed)
+        return dict(zip([name for name, _, _ in self.binds], processed, strict=True))
 
-    def rows(self, cursor: Any) -> list[tuple[Any, ...]]:
+    def rows(self, cursor: Any) -> list[list[Any]]:
         """The rows of a RETURNING statement just run, each value through its column's processor."""
         codes = tuple(column[1] for column in cursor.description)
         processors = self._results.get(codes)
@@ -74,13 +73,12 @@ class Compiled:
             processors = self._results[codes] = tuple(
                 kind.result_processor(self.dialect, code) for kind, code in zip(self.result_types, codes, strict=True)
             )
-        raw = cursor.fetchall()
-        if not any(processors):
-            return [tuple(row) for row in raw]
-        return [
-            tuple(value if process is None else process(value) for process, value in zip(processors, row, strict=True))
-            for row in raw
-        ]
+        rows = [list(row) for row in cursor.fetchall()]
+        for i, process in enumerate(processors):
+            if process is not None:
+                for row in rows:
+                    row[i] = process(row[i])
+        return rows
 
 
 class Pending:
@@ -89,7 +87,7 @@ class Pending:
     def __init__(self, statement: Compiled, raw: Any) -> None:
         self.statement = statement
         self.raw = raw
-        self.rows: list[tuple[Any, ...]] = []
+        self.rows: list[list[Any]] = []
 
     def resolve(self) -> None:
         self.rows = self.statement.rows(self.raw)
@@ -136,7 +134,7 @@ class Cursor:
         self.raw.executemany(statement.sql, [statement.parameters(row) for row in rows])
         self.wrote = True
 
-    def fetch(self, statement: Compiled, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    def fetch(self, statement: Compiled, values: Mapping[str, Any]) -> list[list[Any]]:
         """Run a statement with RETURNING (or a SELECT) and return its processed rows."""
         return statement.rows(self.execute(statement, values))
 

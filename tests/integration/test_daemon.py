@@ -337,3 +337,35 @@ def test_daemon__metadata_seed_overrides_and_bad_seed_fails(engine: sa.Engine, d
     assert row(db_url, chosen).status == "completed"
     job = row(db_url, bad)
     assert job.status == "failed" and "metadata.seed=-5" in (job.error_message or "")
+
+
+def test_daemon__next_batch_renders_while_outcomes_are_written(engine: sa.Engine, db_url: str,
+                                                                outputs: Path) -> None:
+    """A claim larger than the backend's batch runs as several backend calls; each call starts
+    before the outcomes of the one before are written, so the backend is never idle on the database."""
+    calls: list[list[str]] = []
+    second_started = threading.Event()
+
+    class Counting(SilenceGenerator):
+        def generate(self, requests):  # type: ignore[no-untyped-def]
+            calls.append([r.job_id for r in requests])
+            if len(calls) == 2:
+                second_started.set()
+            return super().generate(requests)
+
+    overlapped: list[bool] = []
+
+    class Watching(RecordingHooks):
+        def on_job_finished(self, job, outcome, **kw):  # type: ignore[no-untyped-def]
+            if calls and job.id in calls[0]:  # the first call's outcomes are being written
+                overlapped.append(second_started.wait(10))
+            super().on_job_finished(job, outcome, **kw)
+
+    hooks = Watching()
+    daemon = make_daemon(db_url, outputs, Counting(models=["silence"], max_batch_size=2), hooks=hooks,
+                         batch_size=6)
+    ids = [enqueue(db_url, f"beat {i}", model="silence") for i in range(6)]
+    assert daemon.run_once() == 6
+    assert [len(c) for c in calls] == [2, 2, 2] and sorted(i for c in calls for i in c) == sorted(ids)
+    assert overlapped == [True, True]
+    assert all(row(db_url, job_id).status == "completed" for job_id in ids)
