@@ -13,9 +13,12 @@ import errno
 import math
 import os
 import secrets
+import stat
+import struct
 import wave
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,40 +29,75 @@ from dgxqueue.generators import GeneratedAudio
 PCM_SCALE = 32767.0
 #: ``energy`` maps RMS in dBFS linearly from this floor (0.0) up to 0 dBFS (1.0).
 ENERGY_FLOOR_DBFS = -60.0
-_CHUNK = 1 << 20  # samples per float64 block when summing squares: bounded extra memory
+_CHUNK = 1 << 20  # samples per float64 block when measuring: bounded extra memory
+#: The header :mod:`wave` writes for PCM: RIFF size, "fmt " chunk (format, channels, rate,
+#: byte rate, block align, bits per sample), then the "data" chunk's size.
+_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+_WAVE_FORMAT_PCM = 1
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+
+
+class OutputRoot:
+    """The outputs folder, for resolving many jobs' ``file_path`` values against it (one batch).
+
+    Each folder's real path is looked up once per instance and kept, so resolving a batch costs
+    one ``lstat`` per file rather than one per path component. Build a new instance per batch:
+    a folder re-linked later is only seen by a later instance.
+    """
+
+    def __init__(self, outputs_dir: Path) -> None:
+        self.root = os.path.abspath(outputs_dir)
+        self.parent, self.name = os.path.split(self.root)
+        self._real: dict[str, str] = {}  # folder relative to ``parent`` -> its real path
+
+    def resolve(self, file_path: str) -> Path:
+        """The absolute path for ``file_path``, refused unless it lies inside the outputs folder.
+
+        ``file_path`` is relative to the folder that *holds* the outputs folder (``outputs/x.wav``
+        for outputs folder ``outputs``), as in the user's specification. Symlinks are resolved
+        first, so a link pointing out of the folder is refused like ``..`` is.
+        """
+        root = self.root
+        if "\x00" in file_path:
+            raise OutputError(f"file path {file_path!r} contains a NUL byte (outputs folder {root})")
+        if not file_path or file_path.startswith(("/", "\\", "~")):
+            raise OutputError(
+                f"file path {file_path!r} must be relative to {self.parent} (outputs folder {root})"
+            )
+        folder, _, name = file_path.rpartition("/")
+        try:
+            resolved_root = self._real_folder(self.name)
+            if name in ("", ".", ".."):  # not a file name: let realpath sort the path out
+                target = os.path.realpath(os.path.join(self.parent, file_path))
+            else:
+                # The same answer as realpath of the whole path: the folder is resolved (and
+                # cached), and the last component, unless a symlink, needs no resolving.
+                target = os.path.join(self._real_folder(folder), name)
+                if _is_symlink(target):
+                    target = os.path.realpath(target)
+        except OSError as exc:  # a link changed while being resolved
+            raise OutputError(f"file path {file_path!r} cannot be resolved under {root}: {exc}") from exc
+        if not target.startswith(resolved_root + os.sep):
+            raise OutputError(f"file path {file_path!r} resolves to {target}, outside the outputs folder {root}")
+        return Path(target)
+
+    def _real_folder(self, folder: str) -> str:
+        real = self._real.get(folder)
+        if real is None:  # os.path.realpath: the same answer as Path.resolve() at a third of the cost
+            real = self._real[folder] = os.path.realpath(os.path.join(self.parent, folder))
+        return real
+
+
+def _is_symlink(path: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:  # as realpath does: what cannot be examined is taken as it is
+        return False
 
 
 def resolve_output_path(outputs_dir: Path, file_path: str) -> Path:
-    """The absolute path for a job's ``file_path``, refused unless it lies inside ``outputs_dir``.
-
-    ``file_path`` is relative to the folder that *holds* the outputs folder (``outputs/x.wav``
-    for outputs folder ``outputs``), as in the user's specification. Symlinks are resolved first,
-    so a link pointing out of the folder is refused like ``..`` is.
-    """
-    root = Path(os.path.abspath(outputs_dir))
-    if "\x00" in file_path:
-        raise OutputError(f"file path {file_path!r} contains a NUL byte (outputs folder {root})")
-    if not file_path or Path(file_path).is_absolute() or file_path.startswith(("/", "\\", "~")):
-        raise OutputError(
-            f"file path {file_path!r} must be relative to {root.parent} (outputs folder {root})"
-        )
-    try:  # os.path.realpath: the same answer as Path.resolve() at a third of the cost per job
-        resolved_root = os.path.realpath(root)
-        target = os.path.realpath(os.path.join(root.parent, file_path))
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on older Pythons
-        raise OutputError(f"file path {file_path!r} cannot be resolved under {root}: {exc}") from exc
-    if not target.startswith(resolved_root + os.sep):
-        raise OutputError(f"file path {file_path!r} resolves to {target}, outside the outputs folder {root}")
-    return Path(target)
-
-
-def to_pcm16(samples: npt.NDArray[np.float32]) -> bytes:
-    """Interleaved little-endian 16-bit PCM bytes for float samples shaped (channels, frames)."""
-    data = np.nan_to_num(np.asarray(samples, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    np.clip(data, -1.0, 1.0, out=data)
-    data *= PCM_SCALE
-    pcm = np.rint(data).astype("<i2")
-    return pcm.T.tobytes()  # (frames, channels) in C order is the interleaved layout
+    """The absolute path for one job's ``file_path`` (see :meth:`OutputRoot.resolve`)."""
+    return OutputRoot(outputs_dir).resolve(file_path)
 
 
 def _check_shape(path: Path, audio: GeneratedAudio) -> None:
@@ -71,6 +109,43 @@ def _check_shape(path: Path, audio: GeneratedAudio) -> None:
         raise OutputError(f"could not write {path}: invalid sample rate {audio.sample_rate}")
 
 
+def _clip_as_written(samples: npt.NDArray[np.floating[Any]], full_scale: float) -> float:
+    """Clip ``samples`` in place to +/-``full_scale`` (so +/-inf become the limits) and set NaN to
+    0, as they are written; return the peak absolute value after."""
+    if not samples.size:
+        return 0.0
+    peak = float(np.abs(samples).max())
+    if not peak <= full_scale:  # beyond full scale, or NaN (which compares false)
+        # maximum/minimum: np.clip's Python wrapper costs more than clipping a short array.
+        np.maximum(samples, -full_scale, out=samples)  # NaN stays NaN through both...
+        np.minimum(samples, full_scale, out=samples)
+        np.copyto(samples, 0.0, where=np.isnan(samples))  # ...until here
+        peak = float(np.abs(samples).max())
+    return peak
+
+
+def _wav_bytes(audio: GeneratedAudio) -> bytearray:
+    """The whole WAV file for ``audio``: the 44-byte header :mod:`wave` writes, then the PCM.
+
+    Built in one buffer (the samples are converted straight into it) so that writing the file
+    is one ``write`` call, without :mod:`wave`'s and a buffered file's per-call overhead.
+    """
+    channels, frames = audio.samples.shape
+    size = frames * channels * 2
+    wav = bytearray(_HEADER.size + size)
+    _HEADER.pack_into(wav, 0, b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, _WAVE_FORMAT_PCM, channels,
+                      audio.sample_rate, audio.sample_rate * channels * 2, channels * 2, 16, b"data", size)
+    # Scaled first, then clipped to +/-PCM_SCALE: the same float32 values as clipping to +/-1
+    # and scaling, and the multiplication makes the copy that is converted in place.
+    data = np.multiply(audio.samples, PCM_SCALE, dtype=np.float32)
+    _clip_as_written(data, PCM_SCALE)
+    # Rounded and cast straight into the file, through a (channels, frames) view of its
+    # interleaved (frames, channels) samples.
+    pcm = np.ndarray((channels, frames), dtype="<i2", buffer=wav, offset=_HEADER.size, strides=(2, 2 * channels))
+    np.rint(data, out=pcm, casting="unsafe")
+    return wav
+
+
 def write_wav_atomic(path: Path, audio: GeneratedAudio, *, sync_folder: bool = True) -> int:
     """Write ``audio`` as 16-bit PCM WAV at ``path`` atomically; return the file size in bytes.
 
@@ -79,49 +154,49 @@ def write_wav_atomic(path: Path, audio: GeneratedAudio, *, sync_folder: bool = T
     file. Any OSError (disk full, permission, read-only) removes the temporary file and raises
     :class:`OutputError`; a file already at ``path`` is left as it was. ``sync_folder=False``
     leaves the folder's fsync to the caller (:func:`sync_folders`, once for a whole batch).
+    Missing folders are created.
     """
     _check_shape(path, audio)
-    payload = to_pcm16(audio.samples)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    data = _wav_bytes(audio)
+    folder, sep, name = os.fspath(path).rpartition(os.sep)
+    tmp = f"{folder}{sep}.{name}.{secrets.token_hex(6)}.tmp"
     fd = -1
     created = False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         # os.open rather than mkstemp: mode 0o666 lets the umask decide, as for any other file.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            fd = os.open(tmp, _CREATE, 0o666)
+        except FileNotFoundError:  # a new folder: made only now, to spare every file a mkdir call
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(tmp, _CREATE, 0o666)
         created = True
-        with os.fdopen(fd, "wb") as handle:
-            fd = -1  # the file object owns it now
-            with wave.open(handle, "wb") as wav:
-                wav.setnchannels(audio.channels)
-                wav.setsampwidth(2)
-                wav.setframerate(audio.sample_rate)
-                wav.setnframes(audio.frames)
-                wav.writeframes(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-            size = os.fstat(handle.fileno()).st_size
+        written = os.write(fd, data)
+        while written < len(data):  # a regular file takes it all at once, but write() may stop short
+            written += os.write(fd, memoryview(data)[written:])
+        os.fsync(fd)
+        fd, closing = -1, fd  # closed even if close() reports an error
+        os.close(closing)
         os.replace(tmp, path)
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
         if created:
             with contextlib.suppress(OSError):  # the original error is the one worth reporting
-                tmp.unlink(missing_ok=True)
+                os.unlink(tmp)
         if isinstance(exc, OSError):
             raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
         raise
     if sync_folder:
         _fsync_dir(path)
-    return size
+    return len(data)
 
 
 def sync_folders(paths: Iterable[Path]) -> dict[Path, OutputError]:
     """fsync the folder of each path once, making their renames durable; the errors by path."""
     errors: dict[Path, OutputError] = {}
-    by_folder: dict[Path, list[Path]] = {}
-    for path in paths:
-        by_folder.setdefault(path.parent, []).append(path)
+    by_folder: dict[str, list[Path]] = {}
+    for path in paths:  # keyed by the folder's name: cheaper than hashing a Path.parent per file
+        by_folder.setdefault(os.path.dirname(path), []).append(path)
     for members in by_folder.values():
         try:
             _fsync_dir(members[0])
@@ -153,13 +228,11 @@ def measure(audio: GeneratedAudio) -> dict[str, float]:
     perceptual loudness scale where quiet ambience sits near 0.3 and a mastered track near 0.8.
     """
     flat = np.asarray(audio.samples, dtype=np.float32).reshape(-1)
-    if not np.isfinite(flat).all():
-        flat = np.nan_to_num(flat, nan=0.0, posinf=1.0, neginf=-1.0)
     n = flat.size
-    peak = min(1.0, float(np.max(np.abs(flat)))) if n else 0.0
-    squares = 0.0
-    for start in range(0, n, _CHUNK):
-        block = np.clip(flat[start : start + _CHUNK], -1.0, 1.0).astype(np.float64)
+    peak = squares = 0.0
+    for start in range(0, n, _CHUNK):  # one pass for anything up to _CHUNK samples
+        block = flat[start : start + _CHUNK].astype(np.float64)  # summed in float64
+        peak = max(peak, _clip_as_written(block, 1.0))
         squares += float(np.dot(block, block))
     rms = math.sqrt(squares / n) if n else 0.0
     energy = 0.0

@@ -69,10 +69,11 @@ def prepare(
     """Split claimed jobs into runnable work and immediate failures."""
     ready: list[Work] = []
     refused: list[Outcome] = []
+    root = audio.OutputRoot(outputs_dir)  # one per call: folders' real paths looked up once
     for job in jobs:
         try:
             request = to_request(job)
-            path = audio.resolve_output_path(outputs_dir, job.file_path)
+            path = root.resolve(job.file_path)
             generator.validate(request)
         except (DgxQueueError, ValueError) as exc:
             error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))
@@ -125,10 +126,10 @@ def render(generator: Generator, batch: Sequence[Work]) -> list[Outcome]:
             result.duration_seconds, metadata,
         ))
     # One folder fsync per batch, not per file; an outcome counts as written only after it.
-    paths = {o.job.id: w.path for o, w in zip(outcomes, batch, strict=True) if o.error is None}
-    failed = audio.sync_folders(paths.values())
+    failed = audio.sync_folders(w.path for o, w in zip(outcomes, batch, strict=True) if o.error is None)
+    if not failed:
+        return outcomes
     return [
-        Outcome(o.job, failed[paths[o.job.id]], o.generation_seconds)
-        if o.error is None and paths[o.job.id] in failed else o
-        for o in outcomes
+        Outcome(o.job, failed[w.path], o.generation_seconds) if o.error is None and w.path in failed else o
+        for o, w in zip(outcomes, batch, strict=True)
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import resource
@@ -11,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dgxqueue.audio import measure, read_wav, resolve_output_path, sync_folders, write_wav_atomic
+from dgxqueue import audio as audio_module
+from dgxqueue.audio import (
+    OutputRoot,
+    measure,
+    read_wav,
+    resolve_output_path,
+    sync_folders,
+    write_wav_atomic,
+)
 from dgxqueue.errors import OutputError
 from dgxqueue.generators import GeneratedAudio
 
@@ -54,6 +63,29 @@ def test_write__mono_interleaving_and_full_scale(tmp_path: Path) -> None:
     assert raw.tolist() == [32767, -32767, 16384, 0, -32767, 8192]
 
 
+@pytest.mark.parametrize(("channels", "frames", "rate"),
+                         [(1, 0, 8000), (1, 1, 8000), (1, 801, 22050), (2, 3, 44100), (2, 4411, 48000),
+                          (3, 5, 96000)])
+def test_write__file_is_byte_for_byte_what_the_wave_module_writes(
+    tmp_path: Path, channels: int, frames: int, rate: int
+) -> None:
+    """Header and interleaved PCM equal wave's output for the documented conversion, odd counts too."""
+    samples = np.random.default_rng(frames).uniform(-1.5, 1.5, (channels, frames)).astype(np.float32)
+    samples.flat[::7] = np.nan
+    samples.flat[3::11] = np.inf
+    samples.flat[5::13] = -np.inf
+    clipped = np.clip(np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+    expected = io.BytesIO()
+    with wave.open(expected, "wb") as wav:
+        wav.setnchannels(channels)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(np.rint(clipped * np.float32(32767)).astype("<i2").T.tobytes())
+    path = tmp_path / "x.wav"
+    assert write_wav_atomic(path, GeneratedAudio(samples=samples, sample_rate=rate)) == len(expected.getvalue())
+    assert path.read_bytes() == expected.getvalue()
+
+
 def test_write__clips_and_zeroes_non_finite_samples(tmp_path: Path) -> None:
     """Samples beyond full scale are clipped; NaN becomes 0 and +/-inf become +/-1."""
     samples = np.array([[2.0, -3.0, np.nan, np.inf, -np.inf, 0.25]], dtype=np.float32)
@@ -71,6 +103,14 @@ def test_write__creates_folders_and_replaces_whole_file_without_leftovers(tmp_pa
     assert os.listdir(path.parent) == ["x.wav"]
     samples, _ = read_wav(path)
     assert samples.shape == (1, 10)
+
+
+def test_write__folder_that_cannot_be_created_fails_cleanly(readonly_dir: Path) -> None:
+    """A missing folder under a read-only one is an OutputError naming the path; nothing is left."""
+    target = readonly_dir / "new" / "x.wav"
+    with pytest.raises(OutputError, match=f"could not write {target}"):
+        write_wav_atomic(target, _audio())
+    assert list(readonly_dir.iterdir()) == []
 
 
 def test_write__refuses_samples_of_the_wrong_shape(tmp_path: Path) -> None:
@@ -163,6 +203,36 @@ def test_resolve__outputs_folder_may_itself_be_a_symlink(tmp_path: Path) -> None
     assert resolve_output_path(tmp_path / "outputs", "outputs/x.wav") == disk.resolve() / "x.wav"
 
 
+def test_resolve__one_root_resolves_many_paths_like_one_call_each(tmp_path: Path) -> None:
+    """An OutputRoot (one per batch) answers and refuses exactly as resolve_output_path does."""
+    outputs, elsewhere = tmp_path / "outputs", tmp_path / "elsewhere"
+    (outputs / "real").mkdir(parents=True)
+    elsewhere.mkdir()
+    (outputs / "dir-out").symlink_to(elsewhere)
+    (outputs / "dir-in").symlink_to(outputs / "real", target_is_directory=True)
+    (outputs / "file-in.wav").symlink_to(outputs / "real" / "y.wav")
+    root = OutputRoot(outputs)
+    for file_path in ("outputs/x.wav", "outputs/dir-in/x.wav", "outputs/real/../x.wav", "outputs/file-in.wav",
+                      "outputs//new/./x.wav", "outputs/dir-in/../x.wav"):
+        assert root.resolve(file_path) == resolve_output_path(outputs, file_path) == Path(
+            os.path.realpath(tmp_path / file_path))
+    for file_path in ("outputs/dir-out/x.wav", "outputs/dir-in/../../x.wav", "outputs/..", "outputs/real/.."):
+        with pytest.raises(OutputError, match="outside the outputs folder"):
+            root.resolve(file_path)
+
+
+def test_resolve__a_new_root_sees_folders_linked_since(tmp_path: Path) -> None:
+    """Real paths are kept per OutputRoot only: one built later sees a folder swapped for a link."""
+    outputs, elsewhere = tmp_path / "outputs", tmp_path / "elsewhere"
+    (outputs / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    OutputRoot(outputs).resolve("outputs/sub/x.wav")
+    (outputs / "sub").rmdir()
+    (outputs / "sub").symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="outside the outputs folder"):
+        OutputRoot(outputs).resolve("outputs/sub/x.wav")
+
+
 def test_measure__known_sine() -> None:
     """A 0.5-amplitude sine: peak 0.5, RMS 0.5/sqrt(2), energy from its dBFS, exact duration."""
     levels = measure(_sine(0.5, seconds=1.0))
@@ -187,6 +257,18 @@ def test_measure__quiet_audio_maps_to_low_energy() -> None:
     """-60 dBFS RMS and below is energy 0; -30 dBFS is 0.5."""
     assert measure(_sine(0.001 * math.sqrt(2)))["energy"] == pytest.approx(0.0, abs=1e-4)
     assert measure(_sine(10 ** (-30 / 20) * math.sqrt(2)))["energy"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_measure__in_blocks_as_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured in small blocks (as huge arrays are), the levels are those of one pass."""
+    samples = np.random.default_rng(3).uniform(-1.3, 1.3, (2, 1001)).astype(np.float32)
+    samples[0, 10], samples[1, 500], samples[1, 999] = np.nan, np.inf, -np.inf
+    audio = GeneratedAudio(samples, 8000)
+    whole = measure(audio)
+    monkeypatch.setattr(audio_module, "_CHUNK", 97)
+    assert measure(audio) == pytest.approx(whole, rel=1e-12)
+    written = np.clip(np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0).astype(np.float64)
+    assert whole["peak"] == 1.0 and whole["rms"] == pytest.approx(math.sqrt(np.mean(written**2)), rel=1e-12)
 
 
 def test_read__refuses_non_16_bit_files(tmp_path: Path) -> None:
