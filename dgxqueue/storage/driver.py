@@ -174,6 +174,12 @@ class Link:
                 driver.autocommit = True
             if pipeline:
                 pipelined.enter_context(driver.pipeline())
+            if dialect.name == "sqlite":
+                # Explicitly: Python's sqlite3 opens a transaction only before a statement that
+                # starts with INSERT/UPDATE/DELETE, so a WITH ... UPDATE would commit on its own.
+                # IMMEDIATE takes the write lock now, under the busy timeout, instead of failing
+                # with SQLITE_BUSY_SNAPSHOT when a read turns into a write.
+                cursor.raw.execute("BEGIN IMMEDIATE")
             yield cursor
             if not autocommit:
                 connection.commit()
