@@ -162,7 +162,7 @@ class Link:
         """
         dialect = self.dialect
         if self._connection is None:
-            self._connection = self.engine.raw_connection()
+            self._connection = self._checkout()
         connection = self._connection
         driver: Any = connection.dbapi_connection
         autocommit = autocommit and dialect.name == "postgresql"
@@ -209,6 +209,20 @@ class Link:
             if autocommit and connection.is_valid:
                 with contextlib.suppress(dialect.loaded_dbapi.Error):  # a broken one is discarded anyway
                     driver.autocommit = False  # the pool hands out transactional connections
+
+    def _checkout(self) -> Any:
+        # Engine.raw_connection() lets the driver's own error through (psycopg's "connection
+        # failed" while a server restarts): raised as SQLAlchemy's, so callers' retry rules apply.
+        dialect = self.dialect
+        try:
+            return self.engine.raw_connection()
+        except dialect.loaded_dbapi.Error as exc:
+            error = sa.exc.DBAPIError.instance(
+                None, None, exc, dialect.loaded_dbapi.Error,
+                connection_invalidated=dialect.is_disconnect(exc, None, None), dialect=dialect,
+            )
+            error.before_first_write = True  # type: ignore[attr-defined]
+            raise error from exc
 
     def close(self) -> None:
         """Give the connection back to the pool."""

@@ -201,3 +201,14 @@ def test_finish_many__a_large_batch_is_written_whole(engine: sa.Engine) -> None:
     with session_scope(engine) as s:
         sizes = {job.id: getattr(get_generation(s, job.id), "file_size_bytes", None) for job in jobs}
     assert sizes == {job.id: i for i, job in enumerate(jobs)}
+
+
+def test_link__an_unreachable_server_is_a_transient_sqlalchemy_error() -> None:
+    """Checking out a connection while the server is down (or starting up) raises SQLAlchemy's
+    OperationalError, which the daemon retries, not the driver's own, which would stop it."""
+    engine = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:1/test", connect_args={"connect_timeout": 5})
+    link = Link(engine)
+    with pytest.raises(sa.exc.OperationalError) as down:
+        claim(link, 1)
+    assert is_transient_db_error(down.value) and getattr(down.value, "before_first_write", False)
+    engine.dispose()
