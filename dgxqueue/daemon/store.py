@@ -28,8 +28,6 @@ from dgxqueue.storage.repository import ClaimedJob
 T = TypeVar("T")
 log = structlog.get_logger("dgxqueue.store")
 _RETRYABLE_PGCODES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "08000", "08003", "08006"}
-
-
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 
@@ -49,6 +47,15 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     # +1: the plain first try (QueueStore._retry) came before tenacity's attempts.
     log.warning("database call failed, retrying", attempt=state.attempt_number + 1, error=str(exc)[:300])
+
+
+def _rows(outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]]) -> list[fastqueue.Outcome]:
+    """Outcomes as fastqueue takes them: the fencing token (id, attempt) and the values."""
+    return [(job.id, job.attempt, values) for job, values in outcomes]
+
+
+def _written(outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], written: set[str]) -> list[bool]:
+    return [job.id in written for job, _ in outcomes]
 
 
 class QueueStore:
@@ -118,20 +125,20 @@ class QueueStore:
         """Record several outcomes in one transaction; False where the write was fenced off."""
         if not outcomes:
             return []
-        rows = [(job.id, job.attempt, values) for job, values in outcomes]
+        rows = _rows(outcomes)
         written = self._retry(lambda: fastqueue.finish_many(self._link, worker_id=self.worker_id, outcomes=rows))
-        return [job.id in written for job, _ in outcomes]
+        return _written(outcomes, written)
 
     def finish_and_claim(
         self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], limit: int, now: datetime
     ) -> tuple[list[bool], list[ClaimedJob]]:
         """:meth:`finish`, then claim up to ``limit`` more jobs, with one commit."""
-        rows = [(job.id, job.attempt, values) for job, values in outcomes]
+        rows = _rows(outcomes)
         written, claimed = self._retry(lambda: fastqueue.finish_and_claim(
             self._link, worker_id=self.worker_id, outcomes=rows, models=self.models, limit=limit, now=now,
             lease=self.lease,
         ))
-        return [job.id in written for job, _ in outcomes], claimed
+        return _written(outcomes, written), claimed
 
     def release(self, jobs: Sequence[ClaimedJob]) -> list[bool]:
         """Give jobs back to the queue without spending their attempt (graceful stop)."""

@@ -107,8 +107,8 @@ class Cursor:
         self.pending: list[Pending] = []
 
     def submit(self, statement: Compiled, values: Mapping[str, Any]) -> Pending:
-        """Run a statement with RETURNING whose rows are read after the commit: in a pipelined
-        transaction, all its statements and the COMMIT then travel in one round trip."""
+        """Run a statement with RETURNING. Its rows are read at once, or in a pipelined transaction
+        after the commit, so that all its statements and the COMMIT travel in one round trip."""
         self.current = statement
         raw = self.connection.cursor()  # a cursor per statement keeps each one's results
         raw.execute(statement.sql, statement.parameters(values))
@@ -120,11 +120,10 @@ class Cursor:
             pending.resolve()
         return pending
 
-    def execute(self, statement: Compiled, values: Mapping[str, Any]) -> Any:
+    def execute(self, statement: Compiled, values: Mapping[str, Any]) -> None:
         self.current = statement
         self.raw.execute(statement.sql, statement.parameters(values))
         self.wrote = True
-        return self.raw
 
     def executemany(self, statement: Compiled, rows: Sequence[Mapping[str, Any]]) -> None:
         if len(rows) == 1:
@@ -133,10 +132,6 @@ class Cursor:
         self.current = statement
         self.raw.executemany(statement.sql, [statement.parameters(row) for row in rows])
         self.wrote = True
-
-    def fetch(self, statement: Compiled, values: Mapping[str, Any]) -> list[list[Any]]:
-        """Run a statement with RETURNING (or a SELECT) and return its processed rows."""
-        return statement.rows(self.execute(statement, values))
 
 
 class Link:
@@ -193,12 +188,8 @@ class Link:
                 self.close()
             else:
                 connection.rollback()
-            error = sa.exc.DBAPIError.instance(
-                cursor.current.sql if cursor.current else None, None, exc, dialect.loaded_dbapi.Error,
-                connection_invalidated=disconnected, dialect=dialect,
-            )
-            error.before_first_write = not cursor.wrote  # type: ignore[attr-defined]
-            raise error from exc
+            statement = cursor.current.sql if cursor.current else None
+            raise _as_sqlalchemy(dialect, exc, statement, disconnected, before_first_write=not cursor.wrote) from exc
         except BaseException:
             connection.rollback()
             raise
@@ -217,12 +208,8 @@ class Link:
         try:
             return self.engine.raw_connection()
         except dialect.loaded_dbapi.Error as exc:
-            error = sa.exc.DBAPIError.instance(
-                None, None, exc, dialect.loaded_dbapi.Error,
-                connection_invalidated=dialect.is_disconnect(exc, None, None), dialect=dialect,
-            )
-            error.before_first_write = True  # type: ignore[attr-defined]
-            raise error from exc
+            disconnected = dialect.is_disconnect(exc, None, None)
+            raise _as_sqlalchemy(dialect, exc, None, disconnected, before_first_write=True) from exc
 
     def close(self) -> None:
         """Give the connection back to the pool."""
@@ -231,12 +218,22 @@ class Link:
             connection.close()
 
 
+def _as_sqlalchemy(dialect: Dialect, exc: Exception, statement: str | None, disconnected: bool, *,
+                   before_first_write: bool) -> sa.exc.StatementError:
+    """The driver's error as SQLAlchemy raises it through a Session, with ``before_first_write``."""
+    error = sa.exc.DBAPIError.instance(
+        statement, None, exc, dialect.loaded_dbapi.Error, connection_invalidated=disconnected, dialect=dialect,
+    )
+    error.before_first_write = before_first_write  # type: ignore[attr-defined]
+    return error
+
+
 @contextlib.contextmanager
-def transaction(engine: Engine, *, autocommit: bool = False) -> Iterator[Cursor]:
+def transaction(engine: Engine) -> Iterator[Cursor]:
     """:meth:`Link.transaction` on a connection checked out for this one transaction."""
     link = Link(engine)
     try:
-        with link.transaction(autocommit=autocommit) as cursor:
+        with link.transaction() as cursor:
             yield cursor
     finally:
         link.close()

@@ -43,8 +43,8 @@ def claim(
     statement = _claim(link.dialect, len(served))
     params = repository.claim_parameters(worker_id=worker_id, models=served, limit=limit, now=now, lease=lease)
     with link.transaction(autocommit=True) as cursor:
-        rows = cursor.fetch(statement, params)
-    return repository.claimed_jobs(rows)
+        claimed = cursor.submit(statement, params)
+    return repository.claimed_jobs(claimed.rows)
 
 
 def finish_many(link: Link, *, worker_id: str, outcomes: Sequence[Outcome]) -> set[str]:

@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dgxqueue.errors import InvalidStateError, JobNotFoundError
-from dgxqueue.storage.models import Generation, GenerationStatus, Prompt, UTCDateTime, utcnow
+from dgxqueue.storage.models import Generation, GenerationStatus, Prompt, UTCDateTime, as_utc, utcnow
 from dgxqueue.storage.validation import NewJob
 
 G = cast(sa.Table, Generation.__table__)
@@ -361,9 +361,7 @@ def finish_rows_statement(dialect: str, keys: tuple[str, ...], n: int) -> sa.Upd
 
 def _as_json(value: Any) -> Any:
     """A column value as ``jsonb_to_recordset`` reads it: times as ISO 8601 in UTC."""
-    if isinstance(value, datetime):
-        return (value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)).isoformat()
-    return value
+    return as_utc(value).isoformat() if isinstance(value, datetime) else value
 
 
 def finish_rows_parameters(
