@@ -135,12 +135,13 @@ def bare_sqlite(url: str, batch: int) -> float:
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-def daemon_rate(url: str, jobs: int, batch: int, *, metrics: bool = False, backend_batch: int | None = None) -> float:
+def daemon_rate(url: str, jobs: int, batch: int, *, metrics: bool = False, backend_batch: int | None = None,
+                prefetch: bool = False) -> float:
     """One in-process daemon claiming ``batch`` at a time; the backend takes ``backend_batch``
     per call (default: the whole claim)."""
     fill(url, jobs)
     outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
-    settings = make_settings(url, outputs, batch_size=batch)
+    settings = make_settings(url, outputs, batch_size=batch, prefetch=prefetch)
     hooks = None
     if metrics:
         from prometheus_client import CollectorRegistry
@@ -375,10 +376,15 @@ def main() -> None:
             one = best(lambda: daemon_rate(url, n, 1))
             print(f"  daemon, batch 1                               {one:9.0f}  {ratio(one, floor1)}"
                   " of bare claim-1 (target 0.5x)")
+            one_ahead = best(lambda: daemon_rate(url, n, 1, prefetch=True))
+            print(f"  daemon, batch 1, worker.prefetch = true       {one_ahead:9.0f}  {ratio(one_ahead, floor1)}")
             many = best(lambda: daemon_rate(url, n, 64))
             target = "1.4x of bare claim-10" if engine == "postgres" else "0.8x of bare claim-1"
             base = floor10 if engine == "postgres" else floor1
             print(f"  daemon, batch 64                              {many:9.0f}  {ratio(many, base)} (target {target})")
+            ahead = best(lambda: daemon_rate(url, n, 64, prefetch=True))
+            print(f"  daemon, batch 64, worker.prefetch = true      {ahead:9.0f}  {ratio(ahead, base)}"
+                  " (the next claim runs while this batch renders)")
             split = best(lambda: daemon_rate(url, n, 64, backend_batch=16))
             print(f"  daemon, batch 64 in backend calls of 16       {split:9.0f}  {ratio(split, base)}"
                   " (each call renders while the previous one's outcomes are written)")

@@ -72,6 +72,7 @@ class GeneratorSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     batch_size: int = _spec(0, lo=0, hi=1024)
+    prefetch: bool = _spec(False)
     lease_seconds: float = _spec(60.0, lo=1, hi=86400)
     heartbeat_seconds: float = _spec(10.0, lo=0.05, hi=3600)
     rescue_interval_seconds: float = _spec(15.0, lo=0.05, hi=3600)

@@ -80,8 +80,9 @@ class Daemon:
         self.runner = Runner()
         self.waker = waker or make_waker(engine, settings.worker.sqlite_check_interval_seconds)
         self.log = log.bind(worker_id=self.worker_id)
-        self._held: list[ClaimedJob] = []
-        self._next: list[ClaimedJob] = []  # claimed with the last outcomes; run_once starts them
+        self._held: list[ClaimedJob] = []  # claimed, outcome not yet written (includes _next)
+        self._next: list[ClaimedJob] = []  # claimed with earlier outcomes; run_once starts them
+        self._done: list[Outcome] = []  # outcomes to write while the next batch renders
         self._stop_requested_at: float | None = None
         self._immediate = False
         self._stopping_sent = False
@@ -194,7 +195,14 @@ class Daemon:
             self.hooks.on_rescued(requeued, failed)
 
     def run_once(self) -> int:
-        """Claim up to a batch of jobs, run them, record them. Returns how many were claimed."""
+        """Run the jobs claimed with the last outcomes, or claim a batch; record them. Returns how
+        many jobs it took.
+
+        Each backend call renders while the outcomes of the one before are written, in one
+        transaction with the next claim where there is one. With ``worker.prefetch`` that claim
+        is made while the last call renders, and then this call's last outcomes are left in
+        ``_done``, to be written while the next call's first batch renders.
+        """
         if self.stopping:
             return 0
         jobs, self._next = self._next, []
@@ -203,30 +211,52 @@ class Daemon:
             jobs = self.store.claim(self.batch_size, now)
             if not jobs:
                 return 0
+            self._held.extend(jobs)
             self.hooks.on_claimed(jobs, now)
-        self._held = list(jobs)
+        kept = False
         try:
             work, refused = prepare(jobs, self.generator, self.settings.outputs_dir)
-            self.record(refused)
+            self._done.extend(refused)
             size = min(self.batch_size, self.generator.max_batch_size)
             batches = split_into_batches(work, lambda w: self.generator.batch_key(w.request), size)
-            running = self._start(batches[0]) if batches and not self.stopping else None
             for i, batch in enumerate(batches):
-                if running is None:
+                if self.stopping or self.runner.busy:
                     break
+                running = self._start(batch)
+                self._flush(claim_next=self.config.prefetch and i == len(batches) - 1)
                 outcomes = self._wait(running, batch)
                 if outcomes is None:
                     break
-                # The next batch renders while this one's outcomes are written.
-                last = i == len(batches) - 1
-                running = None
-                if not last and not self.stopping and not self.runner.busy:
-                    running = self._start(batches[i + 1])
-                self.record(outcomes, claim_next=last)
+                self._done.extend(outcomes)
+            if not self._next or not self._may_claim():
+                self._flush(claim_next=not self._next)
+            kept = self._may_claim()  # what _next holds runs next, and _done is written then
         finally:
-            if self._held:
-                self._release()
+            if not kept:  # a stop, a stuck backend or an error: give back what did not run
+                self._done, self._next = [], []
+                if self._held:
+                    self._release()
         return len(jobs)
+
+    def _may_claim(self) -> bool:
+        return not self.stopping and not self.runner.stuck
+
+    def _take(self, jobs: list[ClaimedJob], now: datetime) -> None:
+        """Hold jobs claimed alongside other work; the next :meth:`run_once` starts them."""
+        if jobs:
+            self._next.extend(jobs)
+            self._held.extend(jobs)
+            self.hooks.on_claimed(jobs, now)
+
+    def _flush(self, *, claim_next: bool) -> None:
+        """Write the outcomes in ``_done``; with ``claim_next``, claim the next jobs in the same
+        transaction (or alone, when there is nothing to write)."""
+        outcomes, self._done = self._done, []
+        if outcomes:
+            self.record(outcomes, claim_next=claim_next)
+        elif claim_next and self._may_claim():
+            now = self.clock()
+            self._take(self.store.claim(self.batch_size, now), now)
 
     def _start(self, batch: list[Work]) -> tuple[Future[list[Outcome]], float]:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
@@ -282,9 +312,8 @@ class Daemon:
     def record(self, outcomes: Sequence[Outcome], *, claim_next: bool = False) -> None:
         """Write each outcome (fenced), in one transaction, and tell the hooks.
 
-        ``claim_next`` (after the last batch of a claim): the same transaction claims the next
-        jobs, which :meth:`run_once` then starts. It saves a commit per round, and claims no
-        sooner than a separate claim would: this daemon is done with what it held.
+        ``claim_next``: the same transaction claims the next jobs, which :meth:`run_once` then
+        starts; it saves a commit per round.
         """
         if not outcomes:
             return
@@ -309,14 +338,15 @@ class Daemon:
                 values = repository.failed_values(now, decision.message, outcome.generation_seconds)
             rows.append((job, values, "retried" if decision.retry else "failed", decision.message))
         pairs = [(job, values) for job, values, _, _ in rows]
-        if claim_next and not self.stopping and not self.runner.busy:
-            written, self._next = self.store.finish_and_claim(pairs, self.batch_size, now)
-            if self._next:
-                self.hooks.on_claimed(self._next, now)
+        claimed: list[ClaimedJob] = []
+        if claim_next and self._may_claim():
+            written, claimed = self.store.finish_and_claim(pairs, self.batch_size, now)
         else:
             written = self.store.finish(pairs)
         recorded = {o.job.id: o for o in outcomes}
+        # Before _take: a retry without backoff can be claimed again by this very transaction.
         self._held = [job for job in self._held if job.id not in recorded]
+        self._take(claimed, now)
         for (job, _, kind, error), ok in zip(rows, written, strict=True):
             outcome = recorded[job.id]
             self.hooks.on_job_finished(
@@ -339,7 +369,15 @@ class Daemon:
                                        generation_seconds=None, audio_seconds=None, error=None)
 
     def shutdown(self) -> None:
-        self._held, self._next = self._held + self._next, []
+        if self._done:  # prefetch left the last outcomes for the next round: write them now
+            try:
+                self._flush(claim_next=False)
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                self.log.error("could not write the last outcomes; their leases will expire and be rescued",
+                               error=str(exc)[:300])
+        self._done, self._next = [], []
         if self._held:
             self._release()
         if not self._stopping_sent:

@@ -33,6 +33,11 @@ class Runner:
         """A call is still running (including one that was abandoned)."""
         return self._current is not None and not self._current.done()
 
+    @property
+    def stuck(self) -> bool:
+        """An abandoned call is still running: nothing new may start."""
+        return self._abandoned_at is not None and self.busy
+
     def stuck_for(self) -> float:
         """Seconds since an abandoned call was given up on, 0 when none is still running."""
         if self._abandoned_at is None or not self.busy:

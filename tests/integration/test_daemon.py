@@ -369,3 +369,88 @@ def test_daemon__next_batch_renders_while_outcomes_are_written(engine: sa.Engine
     assert [len(c) for c in calls] == [2, 2, 2] and sorted(i for c in calls for i in c) == sorted(ids)
     assert overlapped == [True, True]
     assert all(row(db_url, job_id).status == "completed" for job_id in ids)
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` with a bounded deadline (never a sleep as synchronisation)."""
+    pause = threading.Event()
+    deadline = utcnow() + timedelta(seconds=timeout)
+    while not predicate():
+        assert utcnow() < deadline, f"timed out waiting for {what}"
+        pause.wait(0.01)
+
+
+def test_daemon__prefetch_claims_next_batch_while_one_renders(engine: sa.Engine, db_url: str,
+                                                              outputs: Path) -> None:
+    """With worker.prefetch the next batch is claimed (and its lease kept) while the current one is
+    still in the backend; every job then completes once, at its first attempt."""
+    gen = ScriptedGenerator(max_batch_size=2)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, gen, hooks=hooks, batch_size=2, prefetch=True,
+                         lease_seconds=2.0, heartbeat_seconds=0.1)
+    blocked = [enqueue(db_url, "block") for _ in range(2)]
+    waiting = [enqueue(db_url, "fine") for _ in range(2)]
+    later = [enqueue(db_url, "fine") for _ in range(3)]
+    thread = threading.Thread(target=daemon.run, kwargs={"burst": True})
+    thread.start()
+    try:
+        assert gen.entered.wait(10)
+        wait_for(lambda: all(row(db_url, j).status == "processing" for j in waiting), "the prefetch claim")
+        first = {j: row(db_url, j).lease_expires_at for j in waiting}
+        assert all(row(db_url, j).worker_id == daemon.worker_id for j in waiting)
+        assert all(row(db_url, j).status == "pending" for j in later), "only one batch is prefetched"
+        wait_for(lambda: all(row(db_url, j).lease_expires_at > first[j] for j in waiting),  # type: ignore[operator]
+                 "a heartbeat on the prefetched jobs")
+    finally:
+        gen.gate.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    for job_id in blocked + waiting + later:
+        job = row(db_url, job_id)
+        assert (job.status, job.attempts, job.worker_id) == ("completed", 1, None)
+        assert hooks.outcomes(job_id) == ["completed"] and gen.executions[job_id] == 1
+
+
+def test_daemon__stop_gives_prefetched_jobs_back_unspent(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A stop lets the running batch finish and gives the prefetched one back without spending
+    an attempt; nothing is left processing."""
+    gen = ScriptedGenerator(max_batch_size=2)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, gen, hooks=hooks, batch_size=2, prefetch=True, grace_seconds=60.0)
+    running = [enqueue(db_url, "block") for _ in range(2)]
+    prefetched = [enqueue(db_url, "fine") for _ in range(2)]
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        assert gen.entered.wait(10)
+        wait_for(lambda: all(row(db_url, j).status == "processing" for j in prefetched), "the prefetch claim")
+        daemon.request_stop()
+    finally:
+        gen.gate.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    for job_id in running:
+        assert (row(db_url, job_id).status, hooks.outcomes(job_id)) == ("completed", ["completed"])
+    for job_id in prefetched:
+        job = row(db_url, job_id)
+        assert (job.status, job.attempts, job.worker_id, job.lease_expires_at) == ("pending", 0, None, None)
+        assert hooks.outcomes(job_id) == ["released"] and gen.executions[job_id] == 0
+
+
+@pytest.mark.parametrize("backend_batch", [1, 3])
+def test_daemon__prefetch_burst_runs_each_job_once(engine: sa.Engine, db_url: str, outputs: Path,
+                                                   backend_batch: int) -> None:
+    """With prefetch, a burst over several claims (and claims split over backend calls, with
+    retries re-claimed by the same transaction) writes every outcome once and leaves nothing held."""
+    gen = ScriptedGenerator(max_batch_size=backend_batch)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, gen, hooks=hooks, batch_size=3, prefetch=True)
+    fine = [enqueue(db_url, f"beat {i}") for i in range(10)]
+    flaky = enqueue(db_url, "transient:1")
+    assert daemon.run(burst=True) == 0
+    for job_id in fine:
+        assert (row(db_url, job_id).status, hooks.outcomes(job_id), gen.executions[job_id]) == (
+            "completed", ["completed"], 1)
+    assert (row(db_url, flaky).status, row(db_url, flaky).attempts) == ("completed", 2)
+    assert hooks.outcomes(flaky) == ["retried", "completed"]
+    assert daemon._held == [] and daemon._next == [] and daemon._done == []
