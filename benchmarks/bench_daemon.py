@@ -335,13 +335,30 @@ def best_of(rounds: int, url: str, measure: Callable[[], float]) -> float:
     return max(rates)
 
 
+def paired(rounds: int, url: str, measure: Callable[[], float],
+           floor: Callable[[], float]) -> tuple[float, list[float]]:
+    """``measure`` run ``rounds`` times, each right after a run of its floor, each on an emptied
+    table. This machine's speed drifts by up to 2x within minutes, so a ratio is only taken between
+    neighbours. Returns the best rate and the ratio of each pair."""
+    rates, ratios = [], []
+    for _ in range(rounds):
+        base = floor()
+        clear(url)
+        rates.append(measure())
+        clear(url)
+        ratios.append(rates[-1] / base)
+    return max(rates), ratios
+
+
+def spread(ratios: list[float]) -> str:
+    """The median ratio, and the range when there are several."""
+    text = f"{statistics.median(ratios):5.2f}x"
+    return text + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
+
+
 def filled_floor(bare: Callable[[str, int], float], url: str, jobs: int, claim_size: int) -> float:
     fill(url, jobs)
     return bare(url, claim_size)
-
-
-def ratio(value: float, floor: float) -> str:
-    return f"{value / floor:5.2f}x"
 
 
 def main() -> None:
@@ -363,7 +380,8 @@ def main() -> None:
     for engine in args.engines.split(","):
         with database(engine) as url:
             init_db(url)
-            print(f"\n== {engine}: no-op jobs, {n} per run (jobs/s; ratio to the floor of the same run)")
+            print(f"\n== {engine}: no-op jobs, {n} per run (best jobs/s; median ratio to a floor run"
+                  " just before each, and its range)")
             bare, driver = (bare_postgres, "psycopg") if engine == "postgres" else (bare_sqlite, "sqlite3")
             def best(measure: Callable[[], float]) -> float:
                 return best_of(args.rounds, url, measure)
@@ -372,35 +390,38 @@ def main() -> None:
             for claim_size in (1, 10):
                 floors.append(best(functools.partial(filled_floor, bare, url, n, claim_size)))
                 print(f"  floor: bare {driver} loop, claim {claim_size} + complete".ljust(48) + f"{floors[-1]:9.0f}")
-            floor1, floor10 = floors
-            one = best(lambda: daemon_rate(url, n, 1))
-            print(f"  daemon, batch 1                               {one:9.0f}  {ratio(one, floor1)}"
-                  " of bare claim-1 (target 0.5x)")
-            one_ahead = best(lambda: daemon_rate(url, n, 1, prefetch=True))
-            print(f"  daemon, batch 1, worker.prefetch = true       {one_ahead:9.0f}  {ratio(one_ahead, floor1)}")
-            many = best(lambda: daemon_rate(url, n, 64))
+            floor_1 = functools.partial(filled_floor, bare, url, n, 1)
+            floor_batch = functools.partial(filled_floor, bare, url, n, 10 if engine == "postgres" else 1)
             target = "1.4x of bare claim-10" if engine == "postgres" else "0.8x of bare claim-1"
-            base = floor10 if engine == "postgres" else floor1
-            print(f"  daemon, batch 64                              {many:9.0f}  {ratio(many, base)} (target {target})")
-            ahead = best(lambda: daemon_rate(url, n, 64, prefetch=True))
-            print(f"  daemon, batch 64, worker.prefetch = true      {ahead:9.0f}  {ratio(ahead, base)}"
-                  " (the next claim runs while this batch renders)")
-            split = best(lambda: daemon_rate(url, n, 64, backend_batch=16))
-            print(f"  daemon, batch 64 in backend calls of 16       {split:9.0f}  {ratio(split, base)}"
-                  " (each call renders while the previous one's outcomes are written)")
-            with_metrics = best(lambda: daemon_rate(url, n, 64, metrics=True))
-            print(f"  daemon, batch 64, with metrics hooks          {with_metrics:9.0f}  "
-                  f"{(1 - with_metrics / many) * 100:+.1f}% cost of metrics (target < 5%)")
+
+            def figure(label: str, measure: Callable[[], float], floor: Callable[[], float], note: str) -> float:
+                rate, ratios = paired(args.rounds, url, measure, floor)
+                print(f"  {label}".ljust(48) + f"{rate:9.0f}  {spread(ratios)}{note}")
+                return rate
+
+            figure("daemon, batch 1", lambda: daemon_rate(url, n, 1), floor_1, " of bare claim-1 (target 0.5x)")
+            figure("daemon, batch 1, worker.prefetch = true", lambda: daemon_rate(url, n, 1, prefetch=True),
+                   floor_1, "")
+            figure("daemon, batch 64", lambda: daemon_rate(url, n, 64), floor_batch, f" (target {target})")
+            figure("daemon, batch 64, worker.prefetch = true", lambda: daemon_rate(url, n, 64, prefetch=True),
+                   floor_batch, " (the next claim runs while this batch renders)")
+            figure("daemon, batch 64 in backend calls of 16", lambda: daemon_rate(url, n, 64, backend_batch=16),
+                   floor_batch, " (each call renders while the previous one's outcomes are written)")
+            # The metrics hooks against the same daemon without them, interleaved the same way.
+            _, costs = paired(args.rounds, url, lambda: daemon_rate(url, n, 64, metrics=True),
+                              lambda: daemon_rate(url, n, 64))
+            print("  daemon, batch 64, with metrics hooks".ljust(57)
+                  + f"{(1 - statistics.median(costs)) * 100:+.1f}% cost of metrics (median of {len(costs)};"
+                  f" {(1 - max(costs)) * 100:+.1f}..{(1 - min(costs)) * 100:+.1f}%; target < 5%)")
             clear(url)
-            two = two_daemons_rate(url, n, 64, tmp)
-            print(f"  two daemon processes, batch 64                {two:9.0f}  {ratio(two, base)}")
+            figure("two daemon processes, batch 64", lambda: two_daemons_rate(url, n, 64, tmp), floor_batch, "")
             clear(url)
             lat = sorted(pickup_latency(url, 40))
             p50, p95 = statistics.median(lat), lat[int(len(lat) * 0.95) - 1]
             line = f"  pickup latency into an idle daemon: p50 {p50:.2f} ms, p95 {p95:.2f} ms"
             if engine == "postgres":
-                bare = statistics.median(bare_notify_latency(url, 40))
-                line += f"  (floor: bare LISTEN/NOTIFY p50 {bare:.2f} ms; target p50 < 3 ms)"
+                notify = statistics.median(bare_notify_latency(url, 40))
+                line += f"  (floor: bare LISTEN/NOTIFY p50 {notify:.2f} ms; target p50 < 3 ms)"
             else:
                 line += "  (target p50 < 10 ms)"
             print(line)

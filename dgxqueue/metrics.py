@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -118,6 +119,12 @@ class QueueDepthCollector(Collector):
         return [jobs, pending, oldest, query, errors]
 
 
+class _ModelSeries(NamedTuple):
+    generation: Histogram
+    queue_wait: Histogram
+    audio: Counter
+
+
 class DaemonMetrics(Hooks):
     """Every metric of one daemon, in ``registry``, updated by the daemon's lifecycle hooks."""
 
@@ -159,15 +166,17 @@ class DaemonMetrics(Hooks):
             "(a claim, an idle poll or a heartbeat); a stuck loop stops it.", registry=registry)
         for result in RESCUE_RESULTS:
             self.rescued.labels(result)
+        # Each model's series, looked up once: labels() costs about as much as the update itself.
         self._finished: dict[tuple[str, str], Counter] = {}
+        self._series: dict[str, _ModelSeries] = {}
 
-    def _model(self, model: str) -> None:
+    def _model(self, model: str) -> _ModelSeries:
         # Every series of a model from zero, so rate() and increase() see the first event.
         for outcome in OUTCOMES:
             self._finished[outcome, model] = self.finished.labels(outcome, model)
-        self.audio.labels(model)
-        self.generation.labels(model)
-        self.queue_wait.labels(model)
+        series = self._series[model] = _ModelSeries(
+            self.generation.labels(model), self.queue_wait.labels(model), self.audio.labels(model))
+        return series
 
     def on_start(self, info: DaemonInfo) -> None:
         self.build_info.labels(info.version, info.generator, info.engine, info.worker_id).set(1)
@@ -185,8 +194,8 @@ class DaemonMetrics(Hooks):
     def on_claimed(self, jobs: Sequence[ClaimedJob], now: datetime) -> None:
         self.in_flight.inc(len(jobs))
         for job in jobs:
-            self.queue_wait.labels(job.model_name).observe(
-                max(0.0, (now - job.created_at).total_seconds()))
+            series = self._series.get(job.model_name) or self._model(job.model_name)
+            series.queue_wait.observe(max(0.0, (now - job.created_at).total_seconds()))
 
     def on_batch(self, size: int) -> None:
         self.batch_size.observe(size)
@@ -194,16 +203,13 @@ class DaemonMetrics(Hooks):
     def on_job_finished(self, job: ClaimedJob, outcome: str, *, generation_seconds: float | None,
                         audio_seconds: float | None, error: str | None) -> None:
         self.in_flight.dec()
-        counter = self._finished.get((outcome, job.model_name))
-        if counter is None:
-            self._model(job.model_name)
-            counter = self._finished.get((outcome, job.model_name)) or self.finished.labels(
-                outcome, job.model_name)
+        series = self._series.get(job.model_name) or self._model(job.model_name)
+        counter = self._finished.get((outcome, job.model_name)) or self.finished.labels(outcome, job.model_name)
         counter.inc()
         if generation_seconds is not None:
-            self.generation.labels(job.model_name).observe(generation_seconds)
+            series.generation.observe(generation_seconds)
         if outcome == "completed" and audio_seconds:
-            self.audio.labels(job.model_name).inc(audio_seconds)
+            series.audio.inc(audio_seconds)
 
     def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
         if requeued:

@@ -53,12 +53,15 @@ def count_completions(url: str) -> None:
 
 
 @pytest.mark.slow
-def test_daemons__four_processes_complete_2000_jobs_exactly_once(db_url: str, tmp_path: Path) -> None:
-    """4 daemon processes drain 2,000 jobs: each runs once and its outcome is written once."""
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+def test_daemons__four_processes_complete_2000_jobs_exactly_once(db_url: str, tmp_path: Path,
+                                                                 prefetch: bool) -> None:
+    """4 daemon processes drain 2,000 jobs: each runs once and its outcome is written once
+    (also with worker.prefetch, where claims and outcomes overlap the backend calls)."""
     init_db(db_url)
     count_completions(db_url)
     ids = enqueue(db_url, [f"job {i}" for i in range(2000)])
-    config = worker_config(tmp_path, db_url)
+    config = worker_config(tmp_path, db_url, prefetch=prefetch)
     workers = [start_worker(config, tmp_path / f"worker{i}.log", "--burst") for i in range(4)]
     for process in workers:
         assert process.wait(240) == 0, (tmp_path / "worker0.log").read_text()[-3000:]

@@ -454,3 +454,22 @@ def test_daemon__prefetch_burst_runs_each_job_once(engine: sa.Engine, db_url: st
     assert (row(db_url, flaky).status, row(db_url, flaky).attempts) == ("completed", 2)
     assert hooks.outcomes(flaky) == ["retried", "completed"]
     assert daemon._held == [] and daemon._next == [] and daemon._done == []
+
+
+def test_daemon__stuck_backend_gives_prefetched_jobs_back(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A call past its time limit is retried; the jobs prefetched during it go back unspent, since
+    nothing new can start until the stuck call returns."""
+    gen = ScriptedGenerator(max_batch_size=1)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, gen, hooks=hooks, batch_size=1, prefetch=True, job_timeout_seconds=0.3)
+    stuck = enqueue(db_url, "block")
+    prefetched = enqueue(db_url, "fine")
+    try:
+        assert daemon.run_once() == 1
+        assert hooks.claimed == [stuck, prefetched]
+        assert row(db_url, stuck).status == "pending" and "time limit" in (row(db_url, stuck).error_message or "")
+        job = row(db_url, prefetched)
+        assert (job.status, job.attempts, job.worker_id) == ("pending", 0, None)
+        assert hooks.outcomes(prefetched) == ["released"] and daemon._held == [] and daemon._next == []
+    finally:
+        gen.gate.set()
