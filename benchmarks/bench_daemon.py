@@ -1,11 +1,13 @@
 """Daemon benchmarks: no-op throughput, pickup latency, claim latency on a big backlog, memory.
 
 Every figure is printed beside a floor measured in the same run on the same database:
-bare DB-API loops (psycopg / sqlite3) doing the minimum a queue must do. Outputs go to a tmpfs
+bare DB-API loops (psycopg / sqlite3) doing the minimum a queue must do. Each throughput run
+follows a run of its floor, and the ratio printed is the median over these pairs (with its range),
+because this shared machine's speed drifts by up to 2x within minutes. Outputs go to a tmpfs
 folder (/dev/shm) so that the WAV file each job writes measures the queue, not the disk.
 
     .venv/bin/python benchmarks/bench_daemon.py [--jobs 3000] [--engines sqlite,postgres]
-        [--skip-backlog] [--skip-memory]
+        [--rounds 3] [--skip-backlog] [--skip-memory]
 """
 
 from __future__ import annotations
