@@ -66,9 +66,9 @@ def executor_pass(jobs: Sequence[ClaimedJob], size: int, outputs: Path) -> dict[
     spent = {"prepare": 0.0, "render": 0.0}
     for chunk in batches(jobs, size):
         started = time.perf_counter()
-        work, refused = executor.prepare(chunk, generator, outputs)
+        work, refused = executor.prepare(chunk, generator)
         prepared = time.perf_counter()
-        outcomes = executor.render(generator, work)
+        outcomes = executor.render(generator, work, outputs)
         spent["render"] += time.perf_counter() - prepared
         spent["prepare"] += prepared - started
         assert not refused and all(o.error is None for o in outcomes), (refused, outcomes)
@@ -80,19 +80,21 @@ def steps_pass(jobs: Sequence[ClaimedJob], size: int, outputs: Path) -> dict[str
     generator = SilenceGenerator(max_batch_size=size)
     spent = dict.fromkeys(("  generate", "  write_wav", "  measure", "  sync"), 0.0)
     for chunk in batches(jobs, size):
-        work, _ = executor.prepare(chunk, generator, outputs)
+        work, _ = executor.prepare(chunk, generator)
+        located, _ = executor.locate(work, outputs)
+        paths = [path for _, path in located]
         t0 = time.perf_counter()
         results = generator.generate([w.request for w in work])
         t1 = time.perf_counter()
-        for w, result in zip(work, results, strict=True):
+        for path, result in zip(paths, results, strict=True):
             assert not isinstance(result, BaseException)
-            audio.write_wav_atomic(w.path, result, sync_folder=False)
+            audio.write_wav_atomic(path, result, sync_folder=False)
         t2 = time.perf_counter()
         for result in results:
             assert not isinstance(result, BaseException)
             audio.measure(result)
         t3 = time.perf_counter()
-        audio.sync_folders([w.path for w in work])
+        audio.sync_folders(paths)
         t4 = time.perf_counter()
         for key, value in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             spent[key] += value

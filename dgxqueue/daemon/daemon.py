@@ -215,7 +215,7 @@ class Daemon:
             self.hooks.on_claimed(jobs, now)
         kept = False
         try:
-            work, refused = prepare(jobs, self.generator, self.settings.outputs_dir)
+            work, refused = prepare(jobs, self.generator)
             self._done.extend(refused)
             size = min(self.batch_size, self.generator.max_batch_size)
             batches = split_into_batches(work, lambda w: self.generator.batch_key(w.request), size)
@@ -261,7 +261,8 @@ class Daemon:
     def _start(self, batch: list[Work]) -> tuple[Future[list[Outcome]], float]:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
         self.hooks.on_batch(len(batch))
-        return self.runner.submit(lambda: render(self.generator, batch)), time.monotonic()
+        outputs = self.settings.outputs_dir
+        return self.runner.submit(lambda: render(self.generator, batch, outputs)), time.monotonic()
 
     def _wait(self, running: tuple[Future[list[Outcome]], float], batch: list[Work]) -> list[Outcome] | None:
         """Wait for a started batch while heartbeating; None when a stop gave up on it."""

@@ -1,9 +1,10 @@
 """The executor's step: claimed jobs in, rendered and written WAV files (or errors) out.
 
-:func:`prepare` turns claimed rows into generator requests and refuses the ones that cannot run
-(bad output path, a request the backend rejects). :func:`render` runs one batch through the
-backend and writes each result atomically; it runs on the runner thread, so it touches no
-database and returns plain :class:`Outcome` values for the main loop to record.
+:func:`prepare` turns claimed rows into generator requests and refuses the ones the backend
+rejects. :func:`render` resolves each job's output path (refusing one outside the outputs folder),
+runs one batch through the backend and writes each result atomically; it runs on the runner
+thread, so it touches no database and returns plain :class:`Outcome` values for the main loop
+to record.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from dgxqueue.storage.repository import ClaimedJob
 
 @dataclass(frozen=True)
 class Work:
-    """A claimed job ready for the backend: its request and where its file goes."""
+    """A claimed job ready for the backend: its request (its file's path is resolved by
+    :func:`render`, on the generator thread, to keep the main loop short)."""
 
     job: ClaimedJob
     request: GenerationRequest
-    path: Path
 
 
 @dataclass(frozen=True)
@@ -63,24 +64,37 @@ def to_request(job: ClaimedJob) -> GenerationRequest:
     )
 
 
-def prepare(
-    jobs: Sequence[ClaimedJob], generator: Generator, outputs_dir: Path
-) -> tuple[list[Work], list[Outcome]]:
-    """Split claimed jobs into runnable work and immediate failures."""
+def _refusal(job: ClaimedJob, exc: Exception) -> Outcome:
+    error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))
+    return Outcome(job, error, 0.0)
+
+
+def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work], list[Outcome]]:
+    """Split claimed jobs into runnable work and immediate failures (requests the backend refuses)."""
     ready: list[Work] = []
     refused: list[Outcome] = []
-    root = audio.OutputRoot(outputs_dir)  # one per call: folders' real paths looked up once
     for job in jobs:
         try:
             request = to_request(job)
-            path = root.resolve(job.file_path)
             generator.validate(request)
         except (DgxQueueError, ValueError) as exc:
-            error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))
-            refused.append(Outcome(job, error, 0.0))
+            refused.append(_refusal(job, exc))
             continue
-        ready.append(Work(job, request, path))
+        ready.append(Work(job, request))
     return ready, refused
+
+
+def locate(batch: Sequence[Work], outputs_dir: Path) -> tuple[list[tuple[Work, Path]], list[Outcome]]:
+    """Each job's output path, or its failure when that path is not inside the outputs folder."""
+    root = audio.OutputRoot(outputs_dir)  # one per batch: folders' real paths looked up once
+    located: list[tuple[Work, Path]] = []
+    refused: list[Outcome] = []
+    for work in batch:
+        try:
+            located.append((work, root.resolve(work.job.file_path)))
+        except (OutputError, ValueError) as exc:
+            refused.append(_refusal(work.job, exc))
+    return located, refused
 
 
 def _check_shape(result: GeneratedAudio, request: GenerationRequest) -> None:
@@ -94,8 +108,18 @@ def _check_shape(result: GeneratedAudio, request: GenerationRequest) -> None:
         raise PermanentGeneratorError(f"backend returned {result.frames} frames; the job asked for {frames}")
 
 
-def render(generator: Generator, batch: Sequence[Work]) -> list[Outcome]:
-    """Generate one batch in one backend call and write each file. Runs on the runner thread."""
+def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path) -> list[Outcome]:
+    """Generate one batch in one backend call and write each file. Runs on the runner thread.
+
+    A job whose file would land outside ``outputs_dir`` fails without reaching the backend.
+    """
+    located, refused = locate(batch, outputs_dir)
+    if not located:
+        return refused
+    return refused + _render(generator, [w for w, _ in located], [path for _, path in located])
+
+
+def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[Path]) -> list[Outcome]:
     started = time.perf_counter()
     try:
         results = generator.generate([work.request for work in batch])
@@ -108,14 +132,14 @@ def render(generator: Generator, batch: Sequence[Work]) -> list[Outcome]:
         return [Outcome(work.job, exc, elapsed) for work in batch]
     generated = time.perf_counter() - started
     outcomes: list[Outcome] = []
-    for work, result in zip(batch, results, strict=True):
+    for work, path, result in zip(batch, paths, results, strict=True):
         if isinstance(result, BaseException):
             outcomes.append(Outcome(work.job, result, generated))
             continue
         write_started = time.perf_counter()
         try:
             _check_shape(result, work.request)
-            size = audio.write_wav_atomic(work.path, result, sync_folder=False)
+            size = audio.write_wav_atomic(path, result, sync_folder=False)
         except (GeneratorError, OutputError) as exc:
             outcomes.append(Outcome(work.job, exc, generated))
             continue
@@ -126,10 +150,10 @@ def render(generator: Generator, batch: Sequence[Work]) -> list[Outcome]:
             result.duration_seconds, metadata,
         ))
     # One folder fsync per batch, not per file; an outcome counts as written only after it.
-    failed = audio.sync_folders(w.path for o, w in zip(outcomes, batch, strict=True) if o.error is None)
+    failed = audio.sync_folders(path for o, path in zip(outcomes, paths, strict=True) if o.error is None)
     if not failed:
         return outcomes
     return [
-        Outcome(o.job, failed[w.path], o.generation_seconds) if o.error is None and w.path in failed else o
-        for o, w in zip(outcomes, batch, strict=True)
+        Outcome(o.job, failed[path], o.generation_seconds) if o.error is None and path in failed else o
+        for o, path in zip(outcomes, paths, strict=True)
     ]

@@ -145,15 +145,20 @@ def test_daemon__one_bad_request_fails_only_its_job(engine: sa.Engine, db_url: s
 
 
 def test_daemon__output_path_outside_outputs_fails_job(engine: sa.Engine, db_url: str, outputs: Path) -> None:
-    """A row whose file_path escapes the outputs folder (inserted by plain SQL) fails, nothing written."""
-    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    """A row whose file_path escapes the outputs folder (inserted by plain SQL) fails without
+    reaching the backend, nothing written; the rest of its batch completes."""
+    gen = ScriptedGenerator()
+    daemon = make_daemon(db_url, outputs, gen)
     job_id = enqueue(db_url, "fine")
+    others = [enqueue(db_url, "fine") for _ in range(2)]
     with get_engine(db_url).begin() as conn:
         conn.execute(sa.update(Generation).where(Generation.id == job_id).values(file_path="../escape.wav"))
     daemon.run(burst=True)
     job = row(db_url, job_id)
     assert job.status == "failed" and "outside the outputs folder" in (job.error_message or "")
+    assert job.attempts == 1 and gen.executions[job_id] == 0
     assert not (outputs.parent.parent / "escape.wav").exists()
+    assert all(row(db_url, other).status == "completed" for other in others)
 
 
 def test_daemon__plain_sql_row_is_processed(engine: sa.Engine, db_url: str, outputs: Path) -> None:
