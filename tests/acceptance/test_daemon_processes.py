@@ -124,6 +124,25 @@ def test_daemon__stop_after_grace_returns_job_unspent(sqlite_db_url: str, tmp_pa
     assert job(url, job_id)[:2] == ("pending", 0)
 
 
+def test_daemon__sigterm_with_prefetch_leaves_nothing_processing(db_url: str, tmp_path: Path) -> None:
+    """With worker.prefetch, SIGTERM lets the running job finish and gives the job claimed ahead
+    of it back unspent: exit 0, nothing left processing."""
+    init_db(db_url)
+    running, ahead, queued = enqueue(db_url, ["block", "fine", "fine"])
+    config = worker_config(tmp_path, db_url, grace_seconds=60.0, prefetch=True, batch_size=1)
+    process = start_worker(config, tmp_path / "w.log")
+    wait_until(lambda: read_executions(tmp_path / "executions.log")[running] == 1, 30, "the job to start",
+               alive=process)
+    wait_until(lambda: job(db_url, ahead)[0] == "processing", 30, "the prefetch claim", alive=process)
+    process.send_signal(signal.SIGTERM)
+    (tmp_path / "release").touch()
+    assert process.wait(30) == 0, (tmp_path / "w.log").read_text()[-3000:]
+    assert job(db_url, running)[:2] == ("completed", 1)
+    assert job(db_url, ahead)[:2] == ("pending", 0) and job(db_url, queued)[:2] == ("pending", 0)
+    assert read_executions(tmp_path / "executions.log")[ahead] == 0
+    assert "processing" not in counts(db_url)
+
+
 def test_daemon__sqlite_lock_storm_loses_nothing(sqlite_db_url: str, tmp_path: Path) -> None:
     """8 producer processes enqueue while 2 daemons drain: no 'database is locked' reaches a caller."""
     url = sqlite_db_url
