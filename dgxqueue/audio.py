@@ -18,7 +18,7 @@ import struct
 import wave
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +35,7 @@ _CHUNK = 1 << 20  # samples per float64 block when measuring: bounded extra memo
 _HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
 _WAVE_FORMAT_PCM = 1
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+_P = TypeVar("_P", str, Path)
 
 
 class OutputRoot:
@@ -51,7 +52,13 @@ class OutputRoot:
         self._real: dict[str, str] = {}  # folder relative to ``parent`` -> its real path
 
     def resolve(self, file_path: str) -> Path:
-        """The absolute path for ``file_path``, refused unless it lies inside the outputs folder.
+        """The absolute path for ``file_path`` (see :meth:`locate`)."""
+        return Path(self.locate(file_path))
+
+    def locate(self, file_path: str) -> str:
+        """The absolute path for ``file_path`` as text, refused unless it lies inside the outputs
+        folder. Text, because the daemon passes it straight to ``os`` calls: building and
+        re-rendering a :class:`Path` per file was a sixth of the cost of writing a short WAV.
 
         ``file_path`` is relative to the folder that *holds* the outputs folder (``outputs/x.wav``
         for outputs folder ``outputs``), as in the user's specification. Symlinks are resolved
@@ -79,7 +86,7 @@ class OutputRoot:
             raise OutputError(f"file path {file_path!r} cannot be resolved under {root}: {exc}") from exc
         if not target.startswith(resolved_root + os.sep):
             raise OutputError(f"file path {file_path!r} resolves to {target}, outside the outputs folder {root}")
-        return Path(target)
+        return target
 
     def _real_folder(self, folder: str) -> str:
         real = self._real.get(folder)
@@ -100,7 +107,7 @@ def resolve_output_path(outputs_dir: Path, file_path: str) -> Path:
     return OutputRoot(outputs_dir).resolve(file_path)
 
 
-def _check_shape(path: Path, audio: GeneratedAudio) -> None:
+def _check_shape(path: str | Path, audio: GeneratedAudio) -> None:
     samples = audio.samples
     if not isinstance(samples, np.ndarray) or samples.ndim != 2 or not 1 <= samples.shape[0] <= 64:
         shape = getattr(samples, "shape", None)
@@ -146,7 +153,7 @@ def _wav_bytes(audio: GeneratedAudio) -> bytearray:
     return wav
 
 
-def write_wav_atomic(path: Path, audio: GeneratedAudio, *, sync_folder: bool = True) -> int:
+def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bool = True) -> int:
     """Write ``audio`` as 16-bit PCM WAV at ``path`` atomically; return the file size in bytes.
 
     The data goes to a hidden temporary file in the same folder, is flushed and fsynced, then
@@ -158,7 +165,8 @@ def write_wav_atomic(path: Path, audio: GeneratedAudio, *, sync_folder: bool = T
     """
     _check_shape(path, audio)
     data = _wav_bytes(audio)
-    folder, sep, name = os.fspath(path).rpartition(os.sep)
+    target = os.fspath(path)
+    folder, sep, name = target.rpartition(os.sep)
     tmp = f"{folder}{sep}.{name}.{secrets.token_hex(6)}.tmp"
     fd = -1
     created = False
@@ -176,7 +184,7 @@ def write_wav_atomic(path: Path, audio: GeneratedAudio, *, sync_folder: bool = T
         os.fsync(fd)
         fd, closing = -1, fd  # closed even if close() reports an error
         os.close(closing)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
@@ -187,28 +195,28 @@ def write_wav_atomic(path: Path, audio: GeneratedAudio, *, sync_folder: bool = T
             raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
         raise
     if sync_folder:
-        _fsync_dir(path)
+        _fsync_dir(target)
     return len(data)
 
 
-def sync_folders(paths: Iterable[Path]) -> dict[Path, OutputError]:
+def sync_folders(paths: Iterable[_P]) -> dict[_P, OutputError]:
     """fsync the folder of each path once, making their renames durable; the errors by path."""
-    errors: dict[Path, OutputError] = {}
-    by_folder: dict[str, list[Path]] = {}
+    errors: dict[_P, OutputError] = {}
+    by_folder: dict[str, list[_P]] = {}
     for path in paths:  # keyed by the folder's name: cheaper than hashing a Path.parent per file
         by_folder.setdefault(os.path.dirname(path), []).append(path)
-    for members in by_folder.values():
+    for folder, members in by_folder.items():
         try:
-            _fsync_dir(members[0])
+            _fsync_dir(members[0], folder)
         except OutputError as exc:
             errors.update((member, exc) for member in members)
     return errors
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path, folder: str | None = None) -> None:
     """Make the rename durable. The file is already complete, so only real errors are raised."""
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = os.open(folder if folder is not None else os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise OutputError(f"could not sync the folder of {path}: {exc.strerror or exc}") from exc
     try:

@@ -84,14 +84,14 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
     return ready, refused
 
 
-def locate(batch: Sequence[Work], outputs_dir: Path) -> tuple[list[tuple[Work, Path]], list[Outcome]]:
+def locate(batch: Sequence[Work], outputs_dir: Path) -> tuple[list[tuple[Work, str]], list[Outcome]]:
     """Each job's output path, or its failure when that path is not inside the outputs folder."""
     root = audio.OutputRoot(outputs_dir)  # one per batch: folders' real paths looked up once
-    located: list[tuple[Work, Path]] = []
+    located: list[tuple[Work, str]] = []
     refused: list[Outcome] = []
     for work in batch:
         try:
-            located.append((work, root.resolve(work.job.file_path)))
+            located.append((work, root.locate(work.job.file_path)))
         except (OutputError, ValueError) as exc:
             refused.append(_refusal(work.job, exc))
     return located, refused
@@ -119,7 +119,7 @@ def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path) -> li
     return refused + _render(generator, [w for w, _ in located], [path for _, path in located])
 
 
-def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[Path]) -> list[Outcome]:
+def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str]) -> list[Outcome]:
     started = time.perf_counter()
     try:
         results = generator.generate([work.request for work in batch])
