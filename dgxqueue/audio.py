@@ -205,18 +205,18 @@ def sync_folders(paths: Iterable[_P]) -> dict[_P, OutputError]:
     by_folder: dict[str, list[_P]] = {}
     for path in paths:  # keyed by the folder's name: cheaper than hashing a Path.parent per file
         by_folder.setdefault(os.path.dirname(path), []).append(path)
-    for folder, members in by_folder.items():
+    for members in by_folder.values():
         try:
-            _fsync_dir(members[0], folder)
+            _fsync_dir(members[0])
         except OutputError as exc:
             errors.update((member, exc) for member in members)
     return errors
 
 
-def _fsync_dir(path: str | Path, folder: str | None = None) -> None:
+def _fsync_dir(path: str | Path) -> None:
     """Make the rename durable. The file is already complete, so only real errors are raised."""
     try:
-        dir_fd = os.open(folder if folder is not None else os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)  # "x.wav": the working folder
     except OSError as exc:
         raise OutputError(f"could not sync the folder of {path}: {exc.strerror or exc}") from exc
     try:

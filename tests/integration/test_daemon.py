@@ -24,6 +24,7 @@ from dgxqueue.storage import (
 from dgxqueue.storage.models import utcnow
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
+from tests.support.processes import wait_until
 from workers.silence import SilenceGenerator
 
 
@@ -376,15 +377,6 @@ def test_daemon__next_batch_renders_while_outcomes_are_written(engine: sa.Engine
     assert all(row(db_url, job_id).status == "completed" for job_id in ids)
 
 
-def wait_for(predicate, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` with a bounded deadline (never a sleep as synchronisation)."""
-    pause = threading.Event()
-    deadline = utcnow() + timedelta(seconds=timeout)
-    while not predicate():
-        assert utcnow() < deadline, f"timed out waiting for {what}"
-        pause.wait(0.01)
-
-
 def test_daemon__prefetch_claims_next_batch_while_one_renders(engine: sa.Engine, db_url: str,
                                                               outputs: Path) -> None:
     """With worker.prefetch the next batch is claimed (and its lease kept) while the current one is
@@ -400,12 +392,12 @@ def test_daemon__prefetch_claims_next_batch_while_one_renders(engine: sa.Engine,
     thread.start()
     try:
         assert gen.entered.wait(10)
-        wait_for(lambda: all(row(db_url, j).status == "processing" for j in waiting), "the prefetch claim")
+        wait_until(lambda: all(row(db_url, j).status == "processing" for j in waiting), 10, "the prefetch claim")
         first = {j: row(db_url, j).lease_expires_at for j in waiting}
         assert all(row(db_url, j).worker_id == daemon.worker_id for j in waiting)
         assert all(row(db_url, j).status == "pending" for j in later), "only one batch is prefetched"
-        wait_for(lambda: all(row(db_url, j).lease_expires_at > first[j] for j in waiting),  # type: ignore[operator]
-                 "a heartbeat on the prefetched jobs")
+        wait_until(lambda: all(row(db_url, j).lease_expires_at > first[j] for j in waiting),  # type: ignore[operator]
+                   10, "a heartbeat on the prefetched jobs")
     finally:
         gen.gate.set()
         thread.join(10)
@@ -428,7 +420,7 @@ def test_daemon__stop_gives_prefetched_jobs_back_unspent(engine: sa.Engine, db_u
     thread.start()
     try:
         assert gen.entered.wait(10)
-        wait_for(lambda: all(row(db_url, j).status == "processing" for j in prefetched), "the prefetch claim")
+        wait_until(lambda: all(row(db_url, j).status == "processing" for j in prefetched), 10, "the prefetch claim")
         daemon.request_stop()
     finally:
         gen.gate.set()

@@ -292,3 +292,15 @@ def test_sync_folders__once_per_folder_and_errors_by_path(tmp_path: Path) -> Non
     errors = sync_folders([a, b, gone])
     assert list(errors) == [gone] and "could not sync the folder" in str(errors[gone])
     assert read_wav(a)[1] == 44100 and read_wav(b)[1] == 44100
+
+
+def test_write_wav_atomic__bare_file_name_and_text_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare file name is written (and its folder synced) in the working folder; text paths work
+    like Paths, and sync_folders answers by the objects it was given."""
+    monkeypatch.chdir(tmp_path)
+    size = write_wav_atomic(Path("bare.wav"), _audio(frames=100))
+    assert (tmp_path / "bare.wav").stat().st_size == size
+    assert write_wav_atomic(str(tmp_path / "text.wav"), _audio(frames=100)) == size
+    assert sync_folders(["bare.wav", str(tmp_path / "text.wav")]) == {}
+    failed = sync_folders([str(tmp_path / "gone" / "x.wav")])
+    assert list(failed) == [str(tmp_path / "gone" / "x.wav")]
