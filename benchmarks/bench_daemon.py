@@ -6,6 +6,10 @@ follows a run of its floor, and the ratio printed is the median over these pairs
 because this shared machine's speed drifts by up to 2x within minutes. Outputs go to a tmpfs
 folder (/dev/shm) so that the WAV file each job writes measures the queue, not the disk.
 
+On SQLite it also prints ceilings: the daemon's own statements, then those plus its WAV files,
+then those with the files written on a second thread, each in a bare loop. No daemon doing that
+work can be faster, so they say how much of a gap to the floor is ours and how much is the work.
+
     .venv/bin/python benchmarks/bench_daemon.py [--jobs 3000] [--engines sqlite,postgres]
         [--rounds 3] [--skip-backlog] [--skip-memory]
 """
@@ -16,6 +20,7 @@ import argparse
 import contextlib
 import functools
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -25,7 +30,9 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +139,89 @@ def bare_sqlite(url: str, batch: int) -> float:
         done += len(ids)
     conn.close()
     return done / (time.perf_counter() - started)
+
+
+def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> float:
+    """The daemon's mandatory work with none of its Python: the same loop as the bare floor, but
+    running the daemon's own compiled statements (a claim that records the lease, an outcome
+    fenced on worker and attempt, one transaction for both, as ``finish_and_claim`` does), and
+    with ``wav`` an atomic file per job as ``write_wav_atomic`` writes
+    it (temporary file, fsync, rename, folder fsync). With ``thread`` the files are written on a
+    second thread, handed over and back as the daemon hands a batch to its generator thread. No
+    implementation of these guarantees can beat it, so it bounds what a ratio target can ask."""
+    import sqlite3
+
+    from dgxqueue.audio import _wav_bytes
+    from dgxqueue.generators import GeneratedAudio
+    from dgxqueue.storage import fastqueue
+
+    engine = get_engine(url)
+    dialect = engine.dialect
+    now = utcnow()
+    claim = fastqueue._claim(dialect, 1)
+    claim_params = claim.parameters(repository.claim_parameters(
+        worker_id="ceiling", models=["silence"], limit=batch, now=now, lease=timedelta(seconds=60)))
+    values = repository.completed_values(now, 0.001, 204, {"peak": 0.0, "rms": 0.0})
+    keys = tuple(sorted(values))
+    finish = fastqueue._finish_rows(dialect, keys, batch)
+
+    def outcome_params(rows: list[tuple[Any, ...]]) -> Any:
+        return finish.parameters(repository.finish_rows_parameters(
+            "sqlite", "ceiling", keys, [(row[0], row[8], values) for row in rows]))
+
+    data = bytes(_wav_bytes(GeneratedAudio(samples=np.zeros((1, 80), np.float32), sample_rate=8000)))
+    folder = tempfile.mkdtemp(dir=SHM)
+    conn = sqlite3.connect(str(sa.engine.make_url(url).database), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+    def write(rows: list[tuple[Any, ...]]) -> None:
+        for row in rows:
+            target = f"{folder}/{row[0]}.wav"
+            fd = os.open(target + ".tmp", create, 0o666)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(target + ".tmp", target)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+
+    # The generator thread's hand-off at its lightest: a queue in, a lock released back.
+    calls: queue.SimpleQueue[tuple[list[tuple[Any, ...]], threading.Lock] | None] = queue.SimpleQueue()
+
+    def serve() -> None:
+        while (call := calls.get()) is not None:
+            write(call[0])
+            call[1].release()
+
+    if thread:
+        threading.Thread(target=serve, daemon=True).start()
+    done = 0
+    started = time.perf_counter()
+    conn.execute("BEGIN IMMEDIATE")
+    rows = conn.execute(claim.sql, claim_params).fetchall()
+    conn.execute("COMMIT")
+    while rows:
+        if wav and thread:
+            latch = threading.Lock()
+            latch.acquire()
+            calls.put((rows, latch))
+            latch.acquire()
+        elif wav:
+            write(rows)
+        conn.execute("BEGIN IMMEDIATE")
+        written = conn.execute(finish.sql, outcome_params(rows)).fetchall()
+        assert len(written) == len(rows), "an outcome was fenced off: the ceiling did not do the work"
+        done += len(rows)
+        rows = conn.execute(claim.sql, claim_params).fetchall()
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    calls.put(None)
+    conn.close()
+    subprocess.run(["rm", "-rf", folder], check=True)
+    return done / elapsed
 
 
 # --- the daemon ----------------------------------------------------------------------------------
@@ -401,6 +491,12 @@ def main() -> None:
                 print(f"  {label}".ljust(48) + f"{rate:9.0f}  {spread(ratios)}{note}")
                 return rate
 
+            if engine == "sqlite":
+                for label, wav, thread in (("SQL", False, False), ("SQL + WAVs", True, False),
+                                           ("SQL + WAVs on a 2nd thread", True, True)):
+                    ceiling = functools.partial(sqlite_ceiling, wav=wav, thread=thread)
+                    figure(f"ceiling: the daemon's {label}", functools.partial(filled_floor, ceiling, url, n, 1),
+                           floor_1, " (bare loops: the most a daemon doing this could reach)" if thread else "")
             figure("daemon, batch 1", lambda: daemon_rate(url, n, 1), floor_1, " of bare claim-1 (target 0.5x)")
             figure("daemon, batch 1, worker.prefetch = true", lambda: daemon_rate(url, n, 1, prefetch=True),
                    floor_1, "")
