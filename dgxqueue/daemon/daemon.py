@@ -8,12 +8,13 @@ that tests drive directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
@@ -184,15 +185,10 @@ class Daemon:
             self.rescue()
 
     def rescue(self) -> None:
-        try:
+        with self._outage_skips("rescue skipped: database unavailable"):
             requeued, failed = self.store.rescue(self.clock())
-        except Exception as exc:
-            if not is_transient_db_error(exc):
-                raise
-            self.log.warning("rescue skipped: database unavailable", error=str(exc)[:300])
-            return
-        if requeued or failed:
-            self.hooks.on_rescued(requeued, failed)
+            if requeued or failed:
+                self.hooks.on_rescued(requeued, failed)
 
     def run_once(self) -> int:
         """Run the jobs claimed with the last outcomes, or claim a batch; record them. Returns how
@@ -298,17 +294,12 @@ class Daemon:
     def heartbeat(self) -> None:
         if not self._held:
             return
-        try:
+        with self._outage_skips("heartbeat failed: database unavailable"):
             held = self.store.extend(self._held, self.clock())
-        except Exception as exc:
-            if not is_transient_db_error(exc):
-                raise
-            self.log.warning("heartbeat failed: database unavailable", error=str(exc)[:300])
-            return
-        for job in self._held:
-            if job.id not in held:
-                self.log.warning("lease lost: another daemon may run this job; our outcome will be refused",
-                                 job_id=job.id, model=job.model_name, attempt=job.attempt)
+            for job in self._held:
+                if job.id not in held:
+                    self.log.warning("lease lost: another daemon may run this job; our outcome will be refused",
+                                     job_id=job.id, model=job.model_name, attempt=job.attempt)
 
     def record(self, outcomes: Sequence[Outcome], *, claim_next: bool = False) -> None:
         """Write each outcome (fenced), in one transaction, and tell the hooks.
@@ -357,27 +348,30 @@ class Daemon:
 
     def _release(self) -> None:
         jobs, self._held = self._held, []
-        try:
+        with self._outage_skips("could not give jobs back; their leases will expire and be rescued",
+                                to_rescue=True, jobs=[j.id for j in jobs]):
             written = self.store.release(jobs)
+            for job, ok in zip(jobs, written, strict=True):
+                self.hooks.on_job_finished(job, "released" if ok else "fenced",
+                                           generation_seconds=None, audio_seconds=None, error=None)
+
+    @contextlib.contextmanager
+    def _outage_skips(self, message: str, *, to_rescue: bool = False, **context: Any) -> Iterator[None]:
+        """Skip the rest of the block when the database stays unavailable (the store has already
+        retried): the next round makes up for the step or, with ``to_rescue`` (logged as an
+        error), the lease rescue does, later. Other errors pass."""
+        try:
+            yield
         except Exception as exc:
             if not is_transient_db_error(exc):
                 raise
-            self.log.error("could not give jobs back; their leases will expire and be rescued",
-                           jobs=[j.id for j in jobs], error=str(exc)[:300])
-            return
-        for job, ok in zip(jobs, written, strict=True):
-            self.hooks.on_job_finished(job, "released" if ok else "fenced",
-                                       generation_seconds=None, audio_seconds=None, error=None)
+            (self.log.error if to_rescue else self.log.warning)(message, error=str(exc)[:300], **context)
 
     def shutdown(self) -> None:
         if self._done:  # prefetch left the last outcomes for the next round: write them now
-            try:
+            with self._outage_skips("could not write the last outcomes; their leases will expire and be rescued",
+                                    to_rescue=True):
                 self._flush(claim_next=False)
-            except Exception as exc:
-                if not is_transient_db_error(exc):
-                    raise
-                self.log.error("could not write the last outcomes; their leases will expire and be rescued",
-                               error=str(exc)[:300])
         self._done, self._next = [], []
         if self._held:
             self._release()

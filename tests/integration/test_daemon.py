@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import wave
 from datetime import timedelta
@@ -9,20 +10,26 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
+from dgxqueue.config import DatabaseSettings
 from dgxqueue.daemon import Daemon
+from dgxqueue.daemon.store import QueueStore
 from dgxqueue.errors import InvalidStateError
 from dgxqueue.storage import (
     Generation,
     cancel_generation,
+    create_engine,
     create_generation,
     get_engine,
     get_generation,
+    init_db,
     repository,
     session_scope,
 )
+from dgxqueue.storage.database import sqlite_path
 from dgxqueue.storage.models import utcnow
-from tests.support.daemons import RecordingHooks, make_daemon
+from tests.support.daemons import RecordingHooks, make_daemon, make_settings
 from tests.support.generators import ScriptedGenerator
 from tests.support.processes import wait_until
 from workers.silence import SilenceGenerator
@@ -470,3 +477,39 @@ def test_daemon__stuck_backend_gives_prefetched_jobs_back(engine: sa.Engine, db_
         assert hooks.outcomes(prefetched) == ["released"] and daemon._held == [] and daemon._next == []
     finally:
         gen.gate.set()
+
+
+def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, outputs: Path) -> None:
+    """Heartbeat, rescue and giving jobs back, with the database locked past the store's retries:
+    each step is skipped and logged (the give-back as an error: the lease rescue returns those
+    jobs later), nothing is raised, and the job keeps its lease. Other errors still raise."""
+    url = sqlite_db_url
+    init_db(url)
+    engine = create_engine(url, DatabaseSettings(sqlite_busy_timeout_ms=20))
+    daemon = Daemon(make_settings(url, outputs), engine=engine, generator=ScriptedGenerator())
+    daemon.store = QueueStore(engine, worker_id=daemon.worker_id, models=daemon.models,
+                              lease=timedelta(seconds=30), retry_for_seconds=0.2)
+    job_id = enqueue(url, "x")
+    daemon._held.extend(daemon.store.claim(1, utcnow()))
+    locker = sqlite3.connect(str(sqlite_path(url)), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # holds the write lock: every write of the daemon is busy
+    try:
+        with capture_logs() as logs:
+            daemon.heartbeat()
+            daemon.rescue()
+            daemon._release()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    skipped = {entry["event"]: entry for entry in logs if "error" in entry}
+    assert skipped["heartbeat failed: database unavailable"]["log_level"] == "warning"
+    assert skipped["rescue skipped: database unavailable"]["log_level"] == "warning"
+    released = skipped["could not give jobs back; their leases will expire and be rescued"]
+    assert released["log_level"] == "error" and released["jobs"] == [job_id]
+    assert "database is locked" in released["error"]
+    job = row(url, job_id)
+    assert job.status == "processing" and job.worker_id == daemon.worker_id
+    with pytest.raises(ValueError, match="a bug"), daemon._outage_skips("not an outage"):
+        raise ValueError("a bug")
+    daemon.store.close()
+    engine.dispose()
