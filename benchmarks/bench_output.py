@@ -19,6 +19,7 @@ if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import argparse
+import functools
 import shutil
 import sys
 import tempfile
@@ -126,7 +127,7 @@ def measure_batch(jobs: Sequence[ClaimedJob], size: int, rounds: int) -> dict[st
     best: dict[str, float] = {}
     for _ in range(rounds):
         for run in (executor_pass, steps_pass, floor_pass):
-            for key, seconds in in_fresh_folder(lambda out, run=run: run(jobs, size, out)).items():
+            for key, seconds in in_fresh_folder(functools.partial(run, jobs, size)).items():
                 best[key] = min(best.get(key, float("inf")), seconds * 1e6 / len(jobs))
     best["total"] = best["prepare"] + best["render"]
     return best
