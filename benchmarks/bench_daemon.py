@@ -493,7 +493,7 @@ def main() -> None:
 
             if engine == "sqlite":
                 for label, wav, thread in (("SQL", False, False), ("SQL + WAVs", True, False),
-                                           ("SQL + WAVs on a 2nd thread", True, True)):
+                                           ("SQL + WAVs, 2nd thread", True, True)):
                     ceiling = functools.partial(sqlite_ceiling, wav=wav, thread=thread)
                     figure(f"ceiling: the daemon's {label}", functools.partial(filled_floor, ceiling, url, n, 1),
                            floor_1, " (bare loops: the most a daemon doing this could reach)" if thread else "")
