@@ -29,7 +29,7 @@ def enqueue(url: str, prompts: list[str], **spec: object) -> list[str]:
                                        "sample_rate": 8000, "channels": 1, **spec} for p in prompts])
 
 
-def job(url: str, job_id: str) -> sa.Row[tuple[str, int, str | None]]:
+def job(url: str, job_id: str) -> sa.Row[str, int, str | None]:
     with get_engine(url).connect() as conn:
         return conn.execute(sa.text("SELECT status, attempts, error_message FROM generations WHERE id = :id"),
                             {"id": job_id}).one()

@@ -33,7 +33,7 @@ def test_claim_plan__uses_claim_index_without_statistics(engine: sa.Engine) -> N
                 name: compiled.binds[name].type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
                 for name in params
             }
-            values = {k: (processed[k](v) if processed[k] else v) for k, v in params.items()}
+            values = {k: v if (process := processed[k]) is None else process(v) for k, v in params.items()}
             plan = "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + compiled.string, values))
             conn.rollback()
         assert "idx_generations_claim" in plan, plan

@@ -7,6 +7,7 @@ import threading
 import wave
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -35,10 +36,10 @@ from tests.support.processes import wait_until
 from workers.silence import SilenceGenerator
 
 
-def enqueue(url: str, prompt: str, model: str = "scripted", **kw: object) -> str:
+def enqueue(url: str, prompt: str, model: str = "scripted", **kw: Any) -> str:
     with session_scope(get_engine(url)) as s:
         return create_generation(s, prompt=prompt, model_name=model, duration_seconds=kw.pop("duration", 0.05),
-                                 sample_rate=8000, channels=1, **kw).id  # type: ignore[arg-type]
+                                 sample_rate=8000, channels=1, **kw).id
 
 
 def row(url: str, job_id: str) -> Generation:

@@ -97,7 +97,7 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
         with engine.connect() as conn:
             busy = conn.execute(sa.text(
                 "SELECT count(*) FROM generations WHERE status IN ('pending', 'processing')")).scalar_one()
-        return busy == 0
+        return int(busy) == 0
 
     def completed() -> int:
         with engine.connect() as conn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -13,7 +14,7 @@ from dgxqueue.storage import repository as repo
 
 def _fill(engine: Engine) -> list[str]:
     """Pending jobs over two models and three priorities, plus one of each other status."""
-    specs = [
+    specs: list[dict[str, Any]] = [
         {"prompt": "a", "model_name": "synth", "priority": 0},
         {"prompt": "b", "model_name": "synth", "priority": 5},
         {"prompt": "c", "model_name": "musicgen-small", "priority": -2},

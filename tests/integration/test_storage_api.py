@@ -44,7 +44,7 @@ from dgxqueue.storage.database import head_revision
 from tests.unit.test_validation import BAD_INPUTS
 
 Scope = Callable[[], AbstractContextManager[Session]]
-SPEC_EXAMPLE = {
+SPEC_EXAMPLE: dict[str, Any] = {
     "prompt": "hip hop beat", "model_name": "musicgen-small", "duration_seconds": 16.0,
     "sample_rate": 32000, "channels": 2, "file_path": "outputs/test.wav", "metadata": {"bpm": 120},
 }
@@ -132,7 +132,7 @@ def test_create_generation__defaults_path_from_its_id(scope: Scope) -> None:
 
 def test_create_generations__inserts_a_batch_in_order(scope: Scope, engine: Engine) -> None:
     """A batch returns one id per spec in order and counts repeated prompts once per use."""
-    specs = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a", "priority": 5}]
+    specs: list[dict[str, Any]] = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a", "priority": 5}]
     with scope() as session:
         ids = create_generations(session, specs)
     assert len(set(ids)) == 3 and _counts(engine) == (3, 3)
@@ -416,7 +416,7 @@ def test_timestamps__stored_as_utc_and_read_back_aware(scope: Scope, engine: Eng
     gen_id = _new(scope)
     with engine.connect() as conn:
         query = sa.text("SELECT created_at FROM generations WHERE id = :id")
-        raw = conn.execute(query, {"id": gen_id}).scalar()
+        raw = conn.execute(query, {"id": gen_id}).scalar_one()
     if engine.dialect.name == "sqlite":
         assert isinstance(raw, str)  # naive UTC text, sortable
         stored = datetime.fromisoformat(raw).replace(tzinfo=UTC)

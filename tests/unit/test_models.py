@@ -120,7 +120,8 @@ def test_generation__python_defaults_and_repr() -> None:
 def test_generation_status__is_exactly_the_specification_four() -> None:
     """GenerationStatus has exactly pending, processing, completed, failed, usable as text."""
     assert [s.value for s in GenerationStatus] == ["pending", "processing", "completed", "failed"]
-    assert GenerationStatus.COMPLETED == "completed"
+    text: str = GenerationStatus.COMPLETED  # a str, not only an enum member
+    assert text == "completed"
     assert f"{GenerationStatus.FAILED}" == "failed"
 
 
@@ -129,7 +130,7 @@ def test_utcnow__is_timezone_aware_utc() -> None:
     assert utcnow().tzinfo is UTC
 
 
-SQLITE, POSTGRES = sqlite.dialect(), postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+SQLITE, POSTGRES = sqlite.dialect(), postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
 PLUS_TWO = timezone(timedelta(hours=2))
 
 
