@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 import queue
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -113,13 +114,16 @@ def bare_postgres(url: str, batch: int) -> float:
         return done / (time.perf_counter() - started)
 
 
-def bare_sqlite(url: str, batch: int) -> float:
-    import sqlite3
-
-    path = sa.engine.make_url(url).database
-    conn = sqlite3.connect(str(path), isolation_level=None)
+def _bare_sqlite_connection(url: str) -> sqlite3.Connection:
+    """A plain sqlite3 connection in autocommit, WAL, synchronous=NORMAL: the floor's settings."""
+    conn = sqlite3.connect(str(sa.engine.make_url(url).database), isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def bare_sqlite(url: str, batch: int) -> float:
+    conn = _bare_sqlite_connection(url)
     claim = ("UPDATE generations SET status='processing', worker_id='bare', attempts=attempts+1,"
              " claimed_at=datetime('now') WHERE id IN (SELECT id FROM generations WHERE status='pending'"
              " AND model_name='silence' ORDER BY priority DESC, created_at LIMIT ?) RETURNING id")
@@ -145,12 +149,10 @@ def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> 
     """The daemon's mandatory work with none of its Python: the same loop as the bare floor, but
     running the daemon's own compiled statements (a claim that records the lease, an outcome
     fenced on worker and attempt, one transaction for both, as ``finish_and_claim`` does), and
-    with ``wav`` an atomic file per job as ``write_wav_atomic`` writes
-    it (temporary file, fsync, rename, folder fsync). With ``thread`` the files are written on a
-    second thread, handed over and back as the daemon hands a batch to its generator thread. No
-    implementation of these guarantees can beat it, so it bounds what a ratio target can ask."""
-    import sqlite3
-
+    with ``wav`` an atomic file per job as ``write_wav_atomic`` writes it (temporary file, fsync,
+    rename, folder fsync). With ``thread`` the files are written on a second thread, handed over
+    and back as the daemon hands a batch to its generator thread. No implementation of these
+    guarantees can beat it, so it bounds what a ratio target can ask."""
     from dgxqueue.audio import _wav_bytes
     from dgxqueue.generators import GeneratedAudio
     from dgxqueue.storage import fastqueue
@@ -171,9 +173,7 @@ def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> 
 
     data = bytes(_wav_bytes(GeneratedAudio(samples=np.zeros((1, 80), np.float32), sample_rate=8000)))
     folder = tempfile.mkdtemp(dir=SHM)
-    conn = sqlite3.connect(str(sa.engine.make_url(url).database), isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn = _bare_sqlite_connection(url)
     create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
     def write(rows: list[tuple[Any, ...]]) -> None:
@@ -457,7 +457,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=3000)
     parser.add_argument("--engines", default="sqlite,postgres")
-    parser.add_argument("--rounds", type=int, default=3, help="each throughput figure is the best of this many runs")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per figure, each after its floor")
     parser.add_argument("--skip-backlog", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--only-generator-memory", action="store_true")

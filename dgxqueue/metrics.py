@@ -120,6 +120,7 @@ class QueueDepthCollector(Collector):
 
 
 class _ModelSeries(NamedTuple):
+    finished: dict[str, Counter]  # by outcome
     generation: Histogram
     queue_wait: Histogram
     audio: Counter
@@ -167,14 +168,12 @@ class DaemonMetrics(Hooks):
         for result in RESCUE_RESULTS:
             self.rescued.labels(result)
         # Each model's series, looked up once: labels() costs about as much as the update itself.
-        self._finished: dict[tuple[str, str], Counter] = {}
         self._series: dict[str, _ModelSeries] = {}
 
     def _model(self, model: str) -> _ModelSeries:
         # Every series of a model from zero, so rate() and increase() see the first event.
-        for outcome in OUTCOMES:
-            self._finished[outcome, model] = self.finished.labels(outcome, model)
         series = self._series[model] = _ModelSeries(
+            {outcome: self.finished.labels(outcome, model) for outcome in OUTCOMES},
             self.generation.labels(model), self.queue_wait.labels(model), self.audio.labels(model))
         return series
 
@@ -204,7 +203,7 @@ class DaemonMetrics(Hooks):
                         audio_seconds: float | None, error: str | None) -> None:
         self.in_flight.dec()
         series = self._series.get(job.model_name) or self._model(job.model_name)
-        counter = self._finished.get((outcome, job.model_name)) or self.finished.labels(outcome, job.model_name)
+        counter = series.finished.get(outcome) or self.finished.labels(outcome, job.model_name)
         counter.inc()
         if generation_seconds is not None:
             series.generation.observe(generation_seconds)

@@ -201,14 +201,11 @@ class Daemon:
         """
         if self.stopping:
             return 0
+        if not self._next:
+            self._claim_ahead()
         jobs, self._next = self._next, []
         if not jobs:
-            now = self.clock()
-            jobs = self.store.claim(self.batch_size, now)
-            if not jobs:
-                return 0
-            self._held.extend(jobs)
-            self.hooks.on_claimed(jobs, now)
+            return 0
         kept = False
         try:
             work, refused = prepare(jobs, self.generator)
@@ -237,8 +234,12 @@ class Daemon:
     def _may_claim(self) -> bool:
         return not self.stopping and not self.runner.stuck
 
+    def _claim_ahead(self) -> None:
+        now = self.clock()
+        self._take(self.store.claim(self.batch_size, now), now)
+
     def _take(self, jobs: list[ClaimedJob], now: datetime) -> None:
-        """Hold jobs claimed alongside other work; the next :meth:`run_once` starts them."""
+        """Hold claimed jobs; the next :meth:`run_once` starts them."""
         if jobs:
             self._next.extend(jobs)
             self._held.extend(jobs)
@@ -251,8 +252,7 @@ class Daemon:
         if outcomes:
             self.record(outcomes, claim_next=claim_next)
         elif claim_next and self._may_claim():
-            now = self.clock()
-            self._take(self.store.claim(self.batch_size, now), now)
+            self._claim_ahead()
 
     def _start(self, batch: list[Work]) -> tuple[Future[list[Outcome]], float]:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""

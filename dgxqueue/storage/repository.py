@@ -301,33 +301,6 @@ def extend_leases(
     return held
 
 
-@functools.cache
-def finish_statement(keys: tuple[str, ...]) -> sa.Update:
-    """A fenced outcome write setting ``keys`` from bind parameters, built once per set of keys."""
-    held = sa.and_(
-        G.c.id == sa.bindparam("h_id", type_=sa.Text), G.c.status == PROCESSING,
-        G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text),
-        G.c.attempts == sa.bindparam("h_attempt", type_=sa.Integer),
-    )
-    values = {key: sa.bindparam(f"v_{key}", type_=G.c[key].type) for key in keys}
-    return sa.update(G).where(held).values(worker_id=None, lease_expires_at=None, **values)
-
-
-def finish(
-    session: Session, *, job_id: str, worker_id: str, attempt: int, values: Mapping[str, Any]
-) -> bool:
-    """Record an outcome only if this daemon still holds the attempt. False means fenced off."""
-    keys = tuple(sorted(values))
-    result = session.execute(finish_statement(keys), finish_parameters(job_id, worker_id, attempt, values))
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-
-def finish_parameters(job_id: str, worker_id: str, attempt: int, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The bind values of :func:`finish_statement`."""
-    return {"h_id": job_id, "h_worker": worker_id, "h_attempt": attempt,
-            **{f"v_{key}": value for key, value in values.items()}}
-
-
 @functools.lru_cache(maxsize=512)
 def finish_rows_statement(dialect: str, keys: tuple[str, ...], n: int) -> sa.Update:
     """``n`` fenced outcome writes setting ``keys`` as one ``UPDATE ... FROM <rows> RETURNING id``.
