@@ -70,6 +70,18 @@ def test_daemon__burst_completes_jobs_and_writes_wavs(engine: sa.Engine, db_url:
         assert job.meta is not None and job.meta["bpm"] == 90 and job.meta["peak"] == 0.0
 
 
+def test_daemon__generator_loads_on_the_thread_that_generates(engine: sa.Engine, db_url: str,
+                                                              outputs: Path) -> None:
+    """load() and generate() share the runner thread, off the main one: torch's thread pool belongs
+    to the thread that first ran parallel work, and two pools made CPU generation 1.6x slower."""
+    generator = ScriptedGenerator(max_batch_size=1)
+    for i in range(3):
+        enqueue(db_url, f"beat {i}")
+    assert make_daemon(db_url, outputs, generator).run(burst=True) == 0
+    assert generator.threads["generate"] == generator.threads["load"]
+    assert len(generator.threads["load"]) == 1 and threading.get_ident() not in generator.threads["load"]
+
+
 def test_daemon__claims_only_models_it_serves(engine: sa.Engine, db_url: str, outputs: Path) -> None:
     """A job for a model no daemon serves stays pending; the served one completes."""
     daemon = make_daemon(db_url, outputs, ScriptedGenerator())

@@ -50,8 +50,10 @@ class ScriptedGenerator:
         self.entered = threading.Event()
         self.executions: Counter[str] = Counter()
         self.loaded = False
+        self.threads: dict[str, set[int]] = {"load": set(), "generate": set()}  # thread idents per call
 
     def load(self) -> None:
+        self.threads["load"].add(threading.get_ident())
         self.loaded = True
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
@@ -81,6 +83,7 @@ class ScriptedGenerator:
                 return
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
+        self.threads["generate"].add(threading.get_ident())
         results: list[GenerationOutcome] = []
         for request in requests:
             ran_before = self._record(request)
