@@ -14,7 +14,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
@@ -203,8 +203,8 @@ class Daemon:
         """
         if self.stopping:
             return 0
-        if not self._next:
-            self._claim_ahead()
+        if not self._next:  # with any outcomes a database outage left unwritten
+            self._flush(claim_next=True)
         jobs, self._next = self._next, []
         if not jobs:
             return 0
@@ -218,7 +218,9 @@ class Daemon:
                 if self.stopping or self.runner.busy:
                     break
                 running = self._start(batch)
-                self._flush(claim_next=self.config.prefetch and i == len(batches) - 1)
+                # An outage must not abandon the batch now rendering: its outcomes wait in _done.
+                with self._outage_skips("could not write outcomes yet; will try again after this batch"):
+                    self._flush(claim_next=self.config.prefetch and i == len(batches) - 1)
                 outcomes = self._wait(running, batch)
                 if outcomes is None:
                     break
@@ -228,9 +230,9 @@ class Daemon:
             kept = self._may_claim()  # what _next holds runs next, and _done is written then
         finally:
             if not kept:  # a stop, a stuck backend or an error: give back what did not run
-                self._done, self._next = [], []
-                if self._held:
-                    self._release()
+                self._next = []
+                # Finished jobs whose outcomes an outage left unwritten stay held (see _flush).
+                self._release(keep={o.job.id for o in self._done})
         return len(jobs)
 
     def _may_claim(self) -> bool:
@@ -251,10 +253,15 @@ class Daemon:
         """Write the outcomes in ``_done``; with ``claim_next``, claim the next jobs in the same
         transaction (or alone, when there is nothing to write)."""
         outcomes, self._done = self._done, []
-        if outcomes:
-            self.record(outcomes, claim_next=claim_next)
-        elif claim_next and self._may_claim():
-            self._claim_ahead()
+        try:
+            if outcomes:
+                self.record(outcomes, claim_next=claim_next)
+            elif claim_next and self._may_claim():
+                self._claim_ahead()
+        except Exception as exc:
+            if is_transient_db_error(exc):  # nothing was written: keep them for the next round
+                self._done = outcomes + self._done
+            raise
 
     def _start(self, batch: list[Work]) -> tuple[Future[list[Outcome]], float]:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
@@ -348,8 +355,12 @@ class Daemon:
                 audio_seconds=outcome.audio_seconds if kind == "completed" else None, error=error,
             )
 
-    def _release(self) -> None:
-        jobs, self._held = self._held, []
+    def _release(self, keep: Collection[str] = ()) -> None:
+        """Give back every held job but those in ``keep``, without spending their attempts."""
+        jobs = [job for job in self._held if job.id not in keep]
+        self._held = [job for job in self._held if job.id in keep]
+        if not jobs:
+            return
         with self._outage_skips("could not give jobs back; their leases will expire and be rescued",
                                 to_rescue=True, jobs=[j.id for j in jobs]):
             written = self.store.release(jobs)

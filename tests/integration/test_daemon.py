@@ -526,3 +526,58 @@ def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, out
         raise ValueError("a bug")
     daemon.store.close()
     engine.dispose()
+
+
+def test_daemon__outage_while_a_batch_renders_keeps_it_and_every_outcome(sqlite_db_url: str,
+                                                                        outputs: Path) -> None:
+    """The database locked past the store's retries while the second backend call renders: writing
+    the first call's outcome is put off, not given up. The rendering batch is neither released
+    (another daemon would render it again) nor dropped, and once the lock goes both jobs complete,
+    each rendered once. A round that cannot write at all keeps its outcomes for the next one."""
+    url = sqlite_db_url
+    init_db(url)
+    engine = create_engine(url, DatabaseSettings(sqlite_busy_timeout_ms=20))
+    generator = ScriptedGenerator(max_batch_size=1)
+    locker = sqlite3.connect(str(sqlite_path(url)), isolation_level=None, check_same_thread=False)
+
+    class LockOnClaim(RecordingHooks):
+        def on_claimed(self, jobs: Any, now: Any) -> None:
+            super().on_claimed(jobs, now)
+            if len(self.claimed) in (2, 3):  # the jobs are held: now every write of the daemon is busy
+                locker.execute("BEGIN IMMEDIATE")
+
+    hooks = LockOnClaim()
+    daemon = Daemon(make_settings(url, outputs, batch_size=2), engine=engine, generator=generator, hooks=hooks)
+    daemon.store = QueueStore(engine, worker_id=daemon.worker_id, models=daemon.models,
+                              lease=timedelta(seconds=30), retry_for_seconds=0.2)
+    first, second = enqueue(url, "fine"), enqueue(url, "block")
+    results: list[int] = []
+    with capture_logs() as logs:
+        thread = threading.Thread(target=lambda: results.append(daemon.run_once()))
+        thread.start()
+        try:
+            assert generator.entered.wait(10), "the second call never started"
+            wait_until(lambda: any(e["event"].startswith("could not write outcomes yet") for e in logs), 10,
+                       "the first outcome's write to fail")
+            assert row(url, second).status == "processing" and hooks.finished == []
+        finally:
+            locker.execute("ROLLBACK")
+            generator.gate.set()
+            thread.join(10)
+    assert results == [2]
+    assert [row(url, j).status for j in (first, second)] == ["completed", "completed"]
+    assert generator.executions == {first: 1, second: 1}
+    assert sorted(hooks.finished) == sorted([(first, "completed", None), (second, "completed", None)])
+
+    # A round whose every write fails keeps its outcome and its lease, and the next round writes it.
+    third = enqueue(url, "fine")
+    with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+        daemon.run_once()  # claims the third job (the hook then takes the lock) and renders it
+    locker.execute("ROLLBACK")
+    assert [o.job.id for o in daemon._done] == [third] and [j.id for j in daemon._held] == [third]
+    assert row(url, third).status == "processing"
+    assert daemon.run_once() == 0 and row(url, third).status == "completed"
+    assert generator.executions[third] == 1 and daemon._held == [] and daemon._done == []
+    daemon.store.close()
+    locker.close()
+    engine.dispose()
