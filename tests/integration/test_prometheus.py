@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -45,18 +44,6 @@ def need(binary: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)  # poll interval, not synchronisation: the loop ends on the condition
 
 
 @dataclass
@@ -168,13 +155,13 @@ def prometheus(workload: Workload, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     server = Prometheus(f"http://127.0.0.1:{port}")
     try:
-        wait_for("Prometheus to be ready", lambda: process.poll() is not None or server.ready())
+        wait_until(lambda: process.poll() is not None or server.ready(), 30, "Prometheus to be ready", interval=0.2)
         assert process.poll() is None, (folder / "prometheus.log").read_text()
         first = 'count(dgxqueue_build_info) == 2 and count(dgxqueue_queue_jobs{status="pending"}) == 2'
-        wait_for("the first scrape of both daemons", lambda: server.query(first)["data"]["result"])
+        wait_until(lambda: server.query(first)["data"]["result"], 30, "the first scrape of both daemons", interval=0.2)
         workload.more_work()
         expected = f'sum(dgxqueue_jobs_finished_total{{outcome="completed"}}) == {workload.completed()}'
-        wait_for("a scrape after more work", lambda: server.query(expected)["data"]["result"])
+        wait_until(lambda: server.query(expected)["data"]["result"], 30, "a scrape after more work", interval=0.2)
         yield server
     finally:
         process.terminate()
@@ -244,12 +231,12 @@ def test_alert_rules__every_expression_parses_and_rules_evaluate(prometheus: Pro
         answer = prometheus.query(expr)
         assert answer["status"] == "success", (name, expr, answer)
 
-    def evaluated() -> list[dict[str, Any]] | None:
+    def evaluated() -> list[dict[str, Any]]:
         rules = [r for g in prometheus.api("rules")["data"]["groups"] for r in g["rules"]]
         done = len(rules) == len(expressions) and all(r["lastEvaluation"][:4] != "0001" for r in rules)
-        return rules if done else None
+        return rules if done else []
 
-    rules = wait_for("every rule to be evaluated", evaluated)
+    rules = wait_until(evaluated, 30, "every rule to be evaluated", interval=0.2)
     assert [(r["name"], r["health"], r.get("lastError", "")) for r in rules if r["health"] != "ok"] == []
     firing = {r["name"] for r in rules if r["state"] == "firing"}
     assert "DgxqueueDaemonDown" not in firing and "DaemonLoopStalled" not in firing

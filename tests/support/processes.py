@@ -10,9 +10,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dgxqueue.config import toml_value
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTED = "tests.support.generators:ScriptedGenerator"
@@ -70,19 +72,20 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Callable[[], bool], timeout: float, what: str, *,
+    predicate: Callable[[], T], timeout: float, what: str, *,
     alive: subprocess.Popen[bytes] | None = None, interval: float = 0.02,
-) -> None:
-    """Poll ``predicate`` until it holds; fail with ``what`` after ``timeout`` seconds, or at once
-    if the ``alive`` process exits first."""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that; fail with ``what``
+    after ``timeout`` seconds, or at once if the ``alive`` process exits first."""
     deadline = time.monotonic() + timeout
     pause = threading.Event()
-    while not predicate():
+    while not (result := predicate()):
         if alive is not None and alive.poll() is not None:
             raise AssertionError(f"the daemon exited with {alive.returncode} while waiting for {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         pause.wait(interval)
+    return result
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
