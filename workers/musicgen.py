@@ -72,7 +72,13 @@ class _Plan:
 
 
 class MusicGenGenerator:
-    """``MusicgenForConditionalGeneration`` loaded once from a hub id or a local folder."""
+    """``MusicgenForConditionalGeneration`` loaded once from a hub id or a local folder.
+
+    ``max_batch_size`` (default 16): prompts per ``generate`` call. Decoding is bound by per-token
+    overhead, not by the GPU's arithmetic: on an H200, musicgen-small's geometry rendered 16
+    ten-second prompts in about the time of one (24-28 s), using 4.3 GiB. A batch that runs out of
+    memory is halved and retried.
+    """
 
     name = "musicgen"
 
@@ -83,7 +89,7 @@ class MusicGenGenerator:
         models: Sequence[str] | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        max_batch_size: int = 4,
+        max_batch_size: int = 16,
         guidance_scale: float = 3.0,
         temperature: float = 1.0,
         top_k: int = 250,
