@@ -55,4 +55,4 @@ def make_daemon(url: str, outputs: Path, generator: Generator, *, hooks: Hooks |
     settings = make_settings(url, outputs, **worker)
     init_db(url)
     return Daemon(settings, engine=get_engine(url), generator=generator, hooks=hooks,
-                  worker_id=worker_id, **({}))
+                  worker_id=worker_id)
