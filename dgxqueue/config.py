@@ -39,6 +39,7 @@ class DatabaseSettings:
     url: str = _spec(DEFAULT_DATABASE_URL)
     sqlite_synchronous: str = _spec("NORMAL", choices=("OFF", "NORMAL", "FULL", "EXTRA"))
     sqlite_busy_timeout_ms: int = _spec(5000, lo=0, hi=600_000)
+    sqlite_cache_kib: int = _spec(512, lo=64, hi=1_048_576)
     pool_size: int = _spec(5, lo=1, hi=100)
 
 
@@ -164,7 +165,7 @@ def _coerce(key: str, value: Any, f: dataclasses.Field[Any], from_text: bool) ->
 
 def _range(meta: Mapping[str, Any]) -> str:
     lo, hi = meta.get("lo"), meta.get("hi")
-    return f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else ""
+    return f" in [{lo!r}, {hi!r}]" if lo is not None and hi is not None else ""  # repr: 1048576, not 1.04858e+06
 
 
 def _parse_text(key: str, text: str, kind: str) -> Any:

@@ -386,26 +386,27 @@ def sqlite_engine(sqlite_db_url: str) -> Iterator[Engine]:
 def _pragmas(conn: sa.Connection) -> tuple[Any, ...]:
     return tuple(
         conn.exec_driver_sql(f"PRAGMA {name}").scalar()
-        for name in ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")
+        for name in ("journal_mode", "busy_timeout", "synchronous", "foreign_keys", "cache_size")
     )
 
 
 def test_sqlite__pragmas_on_every_connection(sqlite_engine: Engine) -> None:
-    """Every SQLite connection has WAL, a 5 s busy timeout, synchronous NORMAL and foreign keys."""
+    """Every SQLite connection has WAL, a 5 s busy timeout, synchronous NORMAL, foreign keys and a
+    512 KiB page cache."""
     with sqlite_engine.connect() as first, sqlite_engine.connect() as second:
-        assert _pragmas(first) == _pragmas(second) == ("wal", 5000, 1, 1)
+        assert _pragmas(first) == _pragmas(second) == ("wal", 5000, 1, 1, -512)
     sqlite_engine.dispose()  # a brand-new connection gets them too
     with sqlite_engine.connect() as third:
-        assert _pragmas(third) == ("wal", 5000, 1, 1)
+        assert _pragmas(third) == ("wal", 5000, 1, 1, -512)
 
 
 def test_sqlite__synchronous_and_timeout_are_configurable(sqlite_db_url: str) -> None:
-    """database.sqlite_synchronous and sqlite_busy_timeout_ms reach every connection."""
-    settings = DatabaseSettings(sqlite_synchronous="FULL", sqlite_busy_timeout_ms=250)
+    """database.sqlite_synchronous, sqlite_busy_timeout_ms and sqlite_cache_kib reach every connection."""
+    settings = DatabaseSettings(sqlite_synchronous="FULL", sqlite_busy_timeout_ms=250, sqlite_cache_kib=4096)
     engine = create_engine(sqlite_db_url, settings)
     try:
         with engine.connect() as conn:
-            assert _pragmas(conn) == ("wal", 250, 2, 1)
+            assert _pragmas(conn) == ("wal", 250, 2, 1, -4096)
     finally:
         engine.dispose()
 

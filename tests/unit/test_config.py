@@ -81,6 +81,7 @@ def test_load_settings__rejects_each_bad_value_naming_its_key(section: str, key:
     ("logging", "level", "loud", "debug, info, warning, error"),
     ("logging", "format", "xml", "auto, json, console"),
     ("database", "sqlite_synchronous", "sometimes", "OFF, NORMAL, FULL, EXTRA"),
+    ("database", "sqlite_cache_kib", 16, "in [64, 1048576]"),
     ("generator", "models", ["ok", ""], "non-empty strings"),
     ("generator", "options", "model=x", "a table"),
 ])
