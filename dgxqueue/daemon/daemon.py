@@ -40,6 +40,9 @@ from dgxqueue.systemd import Notifier
 
 log = structlog.get_logger("dgxqueue.daemon")
 _SLICE = 0.25  # longest the loop blocks without looking at stop requests and timers
+# A backend call longer than a transaction's fixed cost (under 1 ms on both engines here) hides
+# the outcome write that runs beside it; see Daemon._claim_next_round.
+_HIDE_WRITES_AFTER = 0.001
 
 
 def new_worker_id() -> str:
@@ -84,6 +87,7 @@ class Daemon:
         self._held: list[ClaimedJob] = []  # claimed, outcome not yet written (includes _next)
         self._next: list[ClaimedJob] = []  # claimed with earlier outcomes; run_once starts them
         self._done: list[Outcome] = []  # outcomes to write while the next batch renders
+        self._render_seconds = 0.0  # the last backend call's, timed on the runner thread
         self._stop_requested_at: float | None = None
         self._immediate = False
         self._stopping_sent = False
@@ -196,10 +200,12 @@ class Daemon:
         """Run the jobs claimed with the last outcomes, or claim a batch; record them. Returns how
         many jobs it took.
 
-        Each backend call renders while the outcomes of the one before are written, in one
-        transaction with the next claim where there is one. With ``worker.prefetch`` that claim
-        is made while the last call renders, and then this call's last outcomes are left in
-        ``_done``, to be written while the next call's first batch renders.
+        Each backend call renders while the outcomes of the one before are written. After the
+        last call the next jobs are claimed (:meth:`_claim_next_round`): alone when a backend
+        call outlasts a write, and then this round's last outcomes are left in ``_done``, to be
+        written while the next round's first call renders; else with them, in one transaction.
+        With ``worker.prefetch`` the claim is made while the last call renders, and the last
+        outcomes are left in ``_done`` the same way.
         """
         if self.stopping:
             return 0
@@ -225,8 +231,10 @@ class Daemon:
                 if outcomes is None:
                     break
                 self._done.extend(outcomes)
+            if not self._next and self._may_claim():
+                self._claim_next_round()
             if not self._next or not self._may_claim():
-                self._flush(claim_next=not self._next)
+                self._flush(claim_next=False)
             kept = self._may_claim()  # what _next holds runs next, and _done is written then
         finally:
             if not kept:  # a stop, a stuck backend or an error: give back what did not run
@@ -237,6 +245,18 @@ class Daemon:
 
     def _may_claim(self) -> bool:
         return not self.stopping and not self.runner.stuck
+
+    def _claim_next_round(self) -> None:
+        """Claim the next jobs, alone or with this round's outcomes.
+
+        Alone, the outcomes are written while the next call renders, which hides the write but
+        costs a transaction of its own (a round trip and a commit). That pays once a backend call
+        lasts longer than such a transaction (PostgreSQL, batch 64 of no-op jobs: 1.56x the bare
+        claim-10 loop, against 1.35x); shorter calls save the commit instead."""
+        if self._done and self._render_seconds < _HIDE_WRITES_AFTER:
+            self._flush(claim_next=True)
+        else:
+            self._claim_ahead()
 
     def _claim_ahead(self) -> None:
         now = self.clock()
@@ -267,7 +287,14 @@ class Daemon:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
         self.hooks.on_batch(len(batch))
         outputs = self.settings.outputs_dir
-        return self.runner.submit(lambda: render(self.generator, batch, outputs)), time.monotonic()
+
+        def call() -> list[Outcome]:  # timed where it runs: the main loop may be busy writing
+            started = time.monotonic()
+            outcomes = render(self.generator, batch, outputs)
+            self._render_seconds = time.monotonic() - started
+            return outcomes
+
+        return self.runner.submit(call), time.monotonic()
 
     def _wait(self, running: tuple[Future[list[Outcome]], float], batch: list[Work]) -> list[Outcome] | None:
         """Wait for a started batch while heartbeating; None when a stop gave up on it."""

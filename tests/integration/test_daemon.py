@@ -581,3 +581,30 @@ def test_daemon__outage_while_a_batch_renders_keeps_it_and_every_outcome(sqlite_
     daemon.store.close()
     locker.close()
     engine.dispose()
+
+
+@pytest.mark.parametrize("slow", [True, False], ids=["behind-the-next-render", "with-the-claim"])
+def test_daemon__outcomes_written_behind_a_long_render_or_with_the_claim(
+    engine: sa.Engine, db_url: str, outputs: Path, monkeypatch: pytest.MonkeyPatch, slow: bool,
+) -> None:
+    """After a backend call longer than a transaction's fixed cost, the next jobs are claimed alone
+    and the outcomes wait to be written while the next call renders; after a shorter call they
+    go in the claim's transaction. Either way each outcome is written once."""
+    from dgxqueue.daemon import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 0.0 if slow else 60.0)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), hooks=hooks, batch_size=1)
+    first, second = enqueue(db_url, "fine"), enqueue(db_url, "fine")
+    assert daemon.run_once() == 1
+    assert [job.id for job in daemon._next] == [second]
+    if slow:
+        assert [o.job.id for o in daemon._done] == [first] and hooks.finished == []
+        assert row(db_url, first).status == "processing"
+    else:
+        assert daemon._done == [] and hooks.outcomes(first) == ["completed"]
+        assert row(db_url, first).status == "completed"
+    assert daemon.run_once() == 1
+    assert daemon.run_once() == 0 and daemon._done == [] and daemon._held == []
+    assert [row(db_url, j).status for j in (first, second)] == ["completed", "completed"]
+    assert hooks.outcomes(first) == hooks.outcomes(second) == ["completed"]
