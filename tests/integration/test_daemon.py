@@ -587,9 +587,10 @@ def test_daemon__outage_while_a_batch_renders_keeps_it_and_every_outcome(sqlite_
 def test_daemon__outcomes_written_behind_a_long_render_or_with_the_claim(
     engine: sa.Engine, db_url: str, outputs: Path, monkeypatch: pytest.MonkeyPatch, slow: bool,
 ) -> None:
-    """After a backend call longer than a transaction's fixed cost, the next jobs are claimed alone
-    and the outcomes wait to be written while the next call renders; after a shorter call they
-    go in the claim's transaction. Either way each outcome is written once."""
+    """On PostgreSQL, after a backend call longer than a transaction's fixed cost, the next jobs are
+    claimed alone and the outcomes wait to be written while the next call renders; after a shorter
+    call, and always on SQLite (one writer lock for every process), they go in the claim's
+    transaction. Either way each outcome is written once."""
     from dgxqueue.daemon import daemon as daemon_module
 
     monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 0.0 if slow else 60.0)
@@ -598,7 +599,7 @@ def test_daemon__outcomes_written_behind_a_long_render_or_with_the_claim(
     first, second = enqueue(db_url, "fine"), enqueue(db_url, "fine")
     assert daemon.run_once() == 1
     assert [job.id for job in daemon._next] == [second]
-    if slow:
+    if slow and engine.dialect.name == "postgresql":
         assert [o.job.id for o in daemon._done] == [first] and hooks.finished == []
         assert row(db_url, first).status == "processing"
     else:
