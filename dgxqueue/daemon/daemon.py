@@ -204,9 +204,10 @@ class Daemon:
         many jobs it took.
 
         Each backend call renders while the outcomes of the one before are written. After the
-        last call the next jobs are claimed (:meth:`_claim_next_round`): alone when a backend
-        call outlasts a write, and then this round's last outcomes are left in ``_done``, to be
-        written while the next round's first call renders; else with them, in one transaction.
+        last call the next jobs are claimed (:meth:`_claim_next_round`): alone on PostgreSQL
+        when that call outlasted a transaction, and then this round's last outcomes are left in
+        ``_done``, to be written while the next round's first call renders; else with them, in
+        one transaction.
         With ``worker.prefetch`` the claim is made while the last call renders, and the last
         outcomes are left in ``_done`` the same way.
         """
@@ -254,7 +255,7 @@ class Daemon:
 
         Alone, the outcomes are written while the next call renders, which hides the write but
         costs a transaction of its own (a round trip and a commit). On PostgreSQL that pays once a
-        backend call lasts longer than such a transaction (batch 64 of no-op jobs: 1.49-1.73x the
+        backend call lasts longer than such a transaction (batch 64 of no-op jobs: 1.44-1.73x the
         bare claim-10 loop, against 1.35x); shorter calls, and SQLite, save the commit instead."""
         if self._done and (not self._writes_behind or self._render_seconds < _HIDE_WRITES_AFTER):
             self._flush(claim_next=True)
