@@ -609,3 +609,25 @@ def test_daemon__outcomes_written_behind_a_long_render_or_with_the_claim(
     assert daemon.run_once() == 0 and daemon._done == [] and daemon._held == []
     assert [row(db_url, j).status for j in (first, second)] == ["completed", "completed"]
     assert hooks.outcomes(first) == hooks.outcomes(second) == ["completed"]
+
+
+def test_daemon__stop_writes_outcomes_left_behind_and_gives_claimed_jobs_back(
+    engine: sa.Engine, db_url: str, outputs: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop between rounds, with the last outcome waiting to be written behind the next render:
+    shutting down writes it and gives the jobs claimed for the next round back unspent."""
+    from dgxqueue.daemon import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 0.0)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), hooks=hooks, batch_size=1)
+    daemon._writes_behind = True  # as on PostgreSQL, on both engines
+    first, second = enqueue(db_url, "fine"), enqueue(db_url, "fine")
+    assert daemon.run_once() == 1
+    assert [o.job.id for o in daemon._done] == [first] and [j.id for j in daemon._next] == [second]
+    daemon.request_stop()
+    daemon.shutdown()
+    assert row(db_url, first).status == "completed" and hooks.outcomes(first) == ["completed"]
+    job = row(db_url, second)
+    assert (job.status, job.attempts, job.worker_id) == ("pending", 0, None)
+    assert hooks.outcomes(second) == ["released"] and daemon._held == []
