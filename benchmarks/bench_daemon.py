@@ -506,7 +506,8 @@ def main() -> None:
             figure("daemon, batch 64 in backend calls of 16", lambda: daemon_rate(url, n, 64, backend_batch=16),
                    floor_batch, " (each call renders while the previous one's outcomes are written)")
             # The metrics hooks against the same daemon without them, interleaved the same way.
-            _, costs = paired(args.rounds, url, lambda: daemon_rate(url, n, 64, metrics=True),
+            # A cost of a few per cent under run-to-run swings of 10-20%: more pairs than the rest.
+            _, costs = paired(max(7, args.rounds), url, lambda: daemon_rate(url, n, 64, metrics=True),
                               lambda: daemon_rate(url, n, 64))
             print("  daemon, batch 64, with metrics hooks".ljust(57)
                   + f"{(1 - statistics.median(costs)) * 100:+.1f}% cost of metrics (median of {len(costs)};"
