@@ -218,6 +218,7 @@ class Daemon:
         jobs, self._next = self._next, []
         if not jobs:
             return 0
+        self._render_seconds = 0.0  # no backend call this round (all refused): nothing hides a write
         kept = False
         try:
             work, refused = prepare(jobs, self.generator)

@@ -593,7 +593,7 @@ def test_daemon__outcomes_written_behind_a_long_render_or_with_the_claim(
     transaction. Either way each outcome is written once."""
     from dgxqueue.daemon import daemon as daemon_module
 
-    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 0.0 if slow else 60.0)
+    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 1e-9 if slow else 60.0)
     hooks = RecordingHooks()
     daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), hooks=hooks, batch_size=1)
     first, second = enqueue(db_url, "fine"), enqueue(db_url, "fine")
@@ -618,7 +618,7 @@ def test_daemon__stop_writes_outcomes_left_behind_and_gives_claimed_jobs_back(
     shutting down writes it and gives the jobs claimed for the next round back unspent."""
     from dgxqueue.daemon import daemon as daemon_module
 
-    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 0.0)
+    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 1e-9)  # any call is longer
     hooks = RecordingHooks()
     daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), hooks=hooks, batch_size=1)
     daemon._writes_behind = True  # as on PostgreSQL, on both engines
@@ -631,3 +631,21 @@ def test_daemon__stop_writes_outcomes_left_behind_and_gives_claimed_jobs_back(
     job = row(db_url, second)
     assert (job.status, job.attempts, job.worker_id) == ("pending", 0, None)
     assert hooks.outcomes(second) == ["released"] and daemon._held == []
+
+
+def test_daemon__a_round_without_a_backend_call_writes_its_outcomes_with_the_claim(
+    engine: sa.Engine, db_url: str, outputs: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writing behind needs a render to hide behind: a round whose jobs were all refused writes
+    the outcomes left from before, and its own, with the next claim, so a run of bad jobs cannot
+    pile up unwritten outcomes."""
+    from dgxqueue.daemon import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 1e-9)  # any call is longer
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), batch_size=1)
+    daemon._writes_behind = True  # as on PostgreSQL, on both engines
+    first, refused, third = enqueue(db_url, "fine"), enqueue(db_url, "invalid"), enqueue(db_url, "fine")
+    assert daemon.run_once() == 1 and [o.job.id for o in daemon._done] == [first]
+    assert daemon.run_once() == 1  # the refused job: no backend call
+    assert daemon._done == [] and [j.id for j in daemon._next] == [third]
+    assert row(db_url, first).status == "completed" and row(db_url, refused).status == "failed"
