@@ -2,15 +2,16 @@
 
 PostgreSQL: ``LISTEN`` on the channel producers ``NOTIFY`` on enqueue, selected together with a
 self-pipe so a stop request wakes it at once. SQLite: ``PRAGMA data_version`` changes whenever
-another connection commits; reading it costs microseconds and touches no lock.
+another connection commits; reading it costs microseconds and touches no lock. Between reads it
+sleeps on the same kind of self-pipe, which a signal handler can write to without taking a lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import selectors
-import threading
 import time
 from typing import Any, Protocol
 
@@ -24,9 +25,36 @@ class Waker(Protocol):
         """Block up to ``timeout`` seconds; True if something may have changed."""
 
     def wake(self) -> None:
-        """Make a current or the next :meth:`wait` return at once (safe from a signal handler)."""
+        """Make a current or the next :meth:`wait` return at once. Safe from a signal handler: it
+        takes no lock."""
 
     def close(self) -> None: ...
+
+
+class _SelfPipe:
+    """A pipe a signal handler can write to: ``os.write`` takes no lock, so it cannot deadlock on
+    one that the interrupted main thread holds (``threading.Event.set`` can, and did)."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def poke(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending anyway
+            os.write(self.write_fd, b"x")
+
+    def drain(self) -> bool:
+        """True if the pipe held a wake-up (now consumed)."""
+        try:
+            return bool(os.read(self.read_fd, 4096))
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class SQLiteWaker:
@@ -35,7 +63,7 @@ class SQLiteWaker:
     def __init__(self, engine: Engine, interval: float) -> None:
         self._engine = engine
         self._interval = interval
-        self._event = threading.Event()
+        self._pipe = _SelfPipe()
         self._connection: Any = None
         self._version: int | None = None
 
@@ -49,7 +77,7 @@ class SQLiteWaker:
             cursor.close()
             return value
         except Exception:  # a broken connection: drop it, and let the caller poll the queue
-            self.close()
+            self._drop()
             return None
 
     def wait(self, timeout: float) -> bool:
@@ -57,8 +85,7 @@ class SQLiteWaker:
         if self._version is None:
             self._version = self._data_version()
         while True:
-            if self._event.is_set():
-                self._event.clear()
+            if self._pipe.drain():
                 return True
             version = self._data_version()
             if version is None or version != self._version:
@@ -67,16 +94,20 @@ class SQLiteWaker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self._event.wait(min(self._interval, remaining))
+            select.select([self._pipe.read_fd], [], [], min(self._interval, remaining))
 
     def wake(self) -> None:
-        self._event.set()
+        self._pipe.poke()
 
-    def close(self) -> None:
+    def _drop(self) -> None:
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.close()
             self._connection = None
+
+    def close(self) -> None:
+        self._drop()
+        self._pipe.close()
 
 
 class PostgresWaker:
@@ -84,9 +115,7 @@ class PostgresWaker:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
+        self._pipe = _SelfPipe()
         self._connection: Any = None
 
     def _listen(self) -> Any:
@@ -108,24 +137,20 @@ class PostgresWaker:
                 return True
             with selectors.DefaultSelector() as selector:
                 selector.register(connection.fileno(), selectors.EVENT_READ)
-                selector.register(self._read_fd, selectors.EVENT_READ)
+                selector.register(self._pipe.read_fd, selectors.EVENT_READ)
                 ready = selector.select(timeout)
             if not ready:
                 return False
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._read_fd, 4096)
+            self._pipe.drain()
             list(connection.notifies(timeout=0))
             return True
         except Exception:  # the server went away: reconnect next time; meanwhile poll the queue
             self._drop()
-            with selectors.DefaultSelector() as selector:  # pause, but still wake on stop
-                selector.register(self._read_fd, selectors.EVENT_READ)
-                selector.select(min(timeout, 1.0))
+            select.select([self._pipe.read_fd], [], [], min(timeout, 1.0))  # pause, but wake on stop
             return True
 
     def wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._write_fd, b"x")
+        self._pipe.poke()
 
     def _drop(self) -> None:
         if self._connection is not None:
@@ -135,9 +160,7 @@ class PostgresWaker:
 
     def close(self) -> None:
         self._drop()
-        for fd in (self._read_fd, self._write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._pipe.close()
 
 
 def make_waker(engine: Engine, sqlite_interval: float) -> Waker:
