@@ -39,7 +39,7 @@ class DatabaseSettings:
     url: str = _spec(DEFAULT_DATABASE_URL)
     sqlite_synchronous: str = _spec("NORMAL", choices=("OFF", "NORMAL", "FULL", "EXTRA"))
     sqlite_busy_timeout_ms: int = _spec(5000, lo=0, hi=600_000)
-    sqlite_cache_kib: int = _spec(512, lo=64, hi=1_048_576)
+    sqlite_cache_kib: int = _spec(1024, lo=64, hi=1_048_576)
     pool_size: int = _spec(5, lo=1, hi=100)
 
 

@@ -392,12 +392,12 @@ def _pragmas(conn: sa.Connection) -> tuple[Any, ...]:
 
 def test_sqlite__pragmas_on_every_connection(sqlite_engine: Engine) -> None:
     """Every SQLite connection has WAL, a 5 s busy timeout, synchronous NORMAL, foreign keys and a
-    512 KiB page cache."""
+    1 MiB page cache."""
     with sqlite_engine.connect() as first, sqlite_engine.connect() as second:
-        assert _pragmas(first) == _pragmas(second) == ("wal", 5000, 1, 1, -512)
+        assert _pragmas(first) == _pragmas(second) == ("wal", 5000, 1, 1, -1024)
     sqlite_engine.dispose()  # a brand-new connection gets them too
     with sqlite_engine.connect() as third:
-        assert _pragmas(third) == ("wal", 5000, 1, 1, -512)
+        assert _pragmas(third) == ("wal", 5000, 1, 1, -1024)
 
 
 def test_sqlite__synchronous_and_timeout_are_configurable(sqlite_db_url: str) -> None:
