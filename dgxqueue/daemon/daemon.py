@@ -236,9 +236,9 @@ class Daemon:
                 if outcomes is None:
                     break
                 self._done.extend(outcomes)
-            if not self._next and self._may_claim():
+            if self._may_claim() and not self._next:
                 self._claim_next_round()
-            if not self._next or not self._may_claim():
+            if not (self._may_claim() and self._next):  # no next round to write behind: write now
                 self._flush(claim_next=False)
             kept = self._may_claim()  # what _next holds runs next, and _done is written then
         finally:

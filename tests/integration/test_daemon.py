@@ -583,6 +583,20 @@ def test_daemon__outage_while_a_batch_renders_keeps_it_and_every_outcome(sqlite_
     engine.dispose()
 
 
+def writing_behind(db_url: str, outputs: Path, monkeypatch: pytest.MonkeyPatch, *, threshold: float = 1e-9,
+                   engine_rule: bool = False, hooks: RecordingHooks | None = None) -> Daemon:
+    """A daemon claiming one job at a time whose write-behind threshold is ``threshold`` (the default:
+    any backend call is longer). With ``engine_rule`` each engine keeps its own choice (SQLite never
+    writes behind); without it both engines write behind, as PostgreSQL does."""
+    from dgxqueue.daemon import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", threshold)
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), hooks=hooks, batch_size=1)
+    if not engine_rule:
+        daemon._writes_behind = True
+    return daemon
+
+
 @pytest.mark.parametrize("slow", [True, False], ids=["behind-the-next-render", "with-the-claim"])
 def test_daemon__outcomes_written_behind_a_long_render_or_with_the_claim(
     engine: sa.Engine, db_url: str, outputs: Path, monkeypatch: pytest.MonkeyPatch, slow: bool,
@@ -591,11 +605,9 @@ def test_daemon__outcomes_written_behind_a_long_render_or_with_the_claim(
     claimed alone and the outcomes wait to be written while the next call renders; after a shorter
     call, and always on SQLite (one writer lock for every process), they go in the claim's
     transaction. Either way each outcome is written once."""
-    from dgxqueue.daemon import daemon as daemon_module
-
-    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 1e-9 if slow else 60.0)
     hooks = RecordingHooks()
-    daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), hooks=hooks, batch_size=1)
+    daemon = writing_behind(db_url, outputs, monkeypatch, threshold=1e-9 if slow else 60.0, engine_rule=True,
+                            hooks=hooks)
     first, second = enqueue(db_url, "fine"), enqueue(db_url, "fine")
     assert daemon.run_once() == 1
     assert [job.id for job in daemon._next] == [second]
@@ -616,12 +628,8 @@ def test_daemon__stop_writes_outcomes_left_behind_and_gives_claimed_jobs_back(
 ) -> None:
     """A stop between rounds, with the last outcome waiting to be written behind the next render:
     shutting down writes it and gives the jobs claimed for the next round back unspent."""
-    from dgxqueue.daemon import daemon as daemon_module
-
-    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 1e-9)  # any call is longer
     hooks = RecordingHooks()
-    daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), hooks=hooks, batch_size=1)
-    daemon._writes_behind = True  # as on PostgreSQL, on both engines
+    daemon = writing_behind(db_url, outputs, monkeypatch, hooks=hooks)
     first, second = enqueue(db_url, "fine"), enqueue(db_url, "fine")
     assert daemon.run_once() == 1
     assert [o.job.id for o in daemon._done] == [first] and [j.id for j in daemon._next] == [second]
@@ -639,11 +647,7 @@ def test_daemon__a_round_without_a_backend_call_writes_its_outcomes_with_the_cla
     """Writing behind needs a render to hide behind: a round whose jobs were all refused writes
     the outcomes left from before, and its own, with the next claim, so a run of bad jobs cannot
     pile up unwritten outcomes."""
-    from dgxqueue.daemon import daemon as daemon_module
-
-    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", 1e-9)  # any call is longer
-    daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), batch_size=1)
-    daemon._writes_behind = True  # as on PostgreSQL, on both engines
+    daemon = writing_behind(db_url, outputs, monkeypatch)
     first, refused, third = enqueue(db_url, "fine"), enqueue(db_url, "invalid"), enqueue(db_url, "fine")
     assert daemon.run_once() == 1 and [o.job.id for o in daemon._done] == [first]
     assert daemon.run_once() == 1  # the refused job: no backend call
