@@ -7,8 +7,9 @@ because this shared machine's speed drifts by up to 2x within minutes. Outputs g
 folder (/dev/shm) so that the WAV file each job writes measures the queue, not the disk.
 
 On SQLite it also prints ceilings: the daemon's own statements, then those plus its WAV files,
-then those with the files written on a second thread, each in a bare loop. No daemon doing that
-work can be faster, so they say how much of a gap to the floor is ours and how much is the work.
+then those with the files written on a second thread, each in a bare loop; then the daemon's own
+steps (its functions, inline, without its loop). No daemon doing that work can be faster, so they
+say how much of a gap to the floor is ours and how much is the work.
 
     .venv/bin/python benchmarks/bench_daemon.py [--jobs 3000] [--engines sqlite,postgres]
         [--rounds 3] [--skip-backlog] [--skip-memory]
@@ -221,6 +222,39 @@ def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> 
     calls.put(None)
     conn.close()
     subprocess.run(["rm", "-rf", folder], check=True)
+    return done / elapsed
+
+
+def steps_ceiling(url: str, batch: int) -> float:
+    """The daemon's own steps inline, with none of its loop: claim, :func:`prepare`, :func:`render`
+    (path check, backend, atomic WAV, levels), the outcome's values, then ``finish_and_claim``,
+    all on one thread. No leases kept, no hooks, no hand-off to a generator thread, no signals:
+    a daemon built from these steps, however its loop is arranged, cannot be faster."""
+    from dgxqueue.daemon.executor import prepare, render
+    from dgxqueue.storage import fastqueue
+    from dgxqueue.storage.driver import Link
+
+    generator = SilenceGenerator(max_batch_size=batch)
+    generator.load()
+    outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
+    link = Link(get_engine(url))
+    lease, models = timedelta(seconds=60), ["silence"]
+    done = 0
+    started = time.perf_counter()
+    claimed = fastqueue.claim(link, worker_id="steps", models=models, limit=batch, now=utcnow(), lease=lease)
+    while claimed:
+        work, refused = prepare(claimed, generator)
+        outcomes = refused + render(generator, work, outputs)
+        now = utcnow()
+        rows = [(o.job.id, o.job.attempt, repository.completed_values(now, o.generation_seconds, o.file_size,
+                                                                      o.metadata)) for o in outcomes]
+        written, claimed = fastqueue.finish_and_claim(link, worker_id="steps", outcomes=rows, models=models,
+                                                      limit=batch, now=now, lease=lease)
+        assert len(written) == len(rows), "an outcome was fenced off: the ceiling did not do the work"
+        done += len(rows)
+    elapsed = time.perf_counter() - started
+    link.close()
+    subprocess.run(["rm", "-rf", str(outputs.parent)], check=True)
     return done / elapsed
 
 
@@ -497,6 +531,8 @@ def main() -> None:
                     ceiling = functools.partial(sqlite_ceiling, wav=wav, thread=thread)
                     figure(f"ceiling: the daemon's {label}", functools.partial(filled_floor, ceiling, url, n, 1),
                            floor_1, " (bare loops: the most a daemon doing this could reach)" if thread else "")
+                figure("ceiling: the daemon's steps inline, no loop", functools.partial(filled_floor, steps_ceiling,
+                       url, n, 1), floor_1, " (its Python on top of the work above; no generator thread)")
             figure("daemon, batch 1", lambda: daemon_rate(url, n, 1), floor_1, " of bare claim-1 (target 0.5x)")
             figure("daemon, batch 1, worker.prefetch = true", lambda: daemon_rate(url, n, 1, prefetch=True),
                    floor_1, "")

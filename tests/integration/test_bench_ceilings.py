@@ -14,12 +14,19 @@ from dgxqueue.storage import get_engine, init_db
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_daemon
 
+CEILINGS = {
+    "SQL": lambda url: bench_daemon.sqlite_ceiling(url, 1, wav=False),
+    "SQL + WAVs": lambda url: bench_daemon.sqlite_ceiling(url, 1, wav=True),
+    "SQL + WAVs, 2nd thread": lambda url: bench_daemon.sqlite_ceiling(url, 1, wav=True, thread=True),
+    "steps inline": lambda url: bench_daemon.steps_ceiling(url, 1),
+}
 
-@pytest.mark.parametrize(("wav", "thread"), [(False, False), (True, False), (True, True)])
-def test_sqlite_ceiling__completes_every_job_once(sqlite_db_url: str, wav: bool, thread: bool) -> None:
+
+@pytest.mark.parametrize("ceiling", list(CEILINGS))
+def test_sqlite_ceiling__completes_every_job_once(sqlite_db_url: str, ceiling: str) -> None:
     init_db(sqlite_db_url)
     bench_daemon.fill(sqlite_db_url, 25)
-    assert bench_daemon.sqlite_ceiling(sqlite_db_url, 1, wav=wav, thread=thread) > 0
+    assert CEILINGS[ceiling](sqlite_db_url) > 0
     with get_engine(sqlite_db_url).connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT status, attempts, worker_id, completed_at IS NOT NULL, file_size_bytes FROM generations"
