@@ -9,11 +9,14 @@ to record.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dgxqueue import audio
 from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
@@ -45,10 +48,21 @@ class Outcome:
 MAX_SEED = 2**31 - 1
 
 
+def job_metadata(job: ClaimedJob) -> dict[str, Any]:
+    """The job's metadata. The API only stores JSON objects; a row written by plain SQL may hold
+    any JSON, and anything else refuses the job rather than stopping the daemon."""
+    metadata = job.metadata
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise PermanentGeneratorError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    return dict(metadata)
+
+
 def job_seed(job: ClaimedJob) -> int:
     """``metadata.seed`` when the producer chose one, else derived from the job id (stable across
     attempts). A bad one refuses the job."""
-    value = (job.metadata or {}).get("seed")
+    value = job_metadata(job).get("seed")
     if value is None:
         return seed_for(job.id)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
@@ -60,7 +74,7 @@ def to_request(job: ClaimedJob) -> GenerationRequest:
     return GenerationRequest(
         job_id=job.id, prompt=job.prompt, model_name=job.model_name,
         duration_seconds=job.duration_seconds, sample_rate=job.sample_rate, channels=job.channels,
-        seed=job_seed(job), metadata=dict(job.metadata or {}),
+        seed=job_seed(job), metadata=job_metadata(job),
     )
 
 
@@ -70,7 +84,11 @@ def _refusal(job: ClaimedJob, exc: Exception) -> Outcome:
 
 
 def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work], list[Outcome]]:
-    """Split claimed jobs into runnable work and immediate failures (requests the backend refuses)."""
+    """Split claimed jobs into runnable work and immediate failures (requests the backend refuses).
+
+    Any other exception (a row no producer of ours writes, a bug in ``validate``) fails only its
+    job, decided like an unexpected error from the backend, instead of stopping the daemon on
+    the same row at every restart."""
     ready: list[Work] = []
     refused: list[Outcome] = []
     for job in jobs:
@@ -79,6 +97,9 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
             generator.validate(request)
         except (DgxQueueError, ValueError) as exc:
             refused.append(_refusal(job, exc))
+            continue
+        except Exception as exc:
+            refused.append(Outcome(job, exc, 0.0))
             continue
         ready.append(Work(job, request))
     return ready, refused
@@ -106,6 +127,33 @@ def _check_shape(result: GeneratedAudio, request: GenerationRequest) -> None:
         )
     if abs(result.frames - frames) > 1:
         raise PermanentGeneratorError(f"backend returned {result.frames} frames; the job asked for {frames}")
+
+
+def _storable(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The backend's metadata as the JSON column stores it: numpy scalars become Python numbers.
+    What JSON cannot hold (NaN, infinities, other objects) fails the job, naming the key, before
+    its outcome could fail the whole write."""
+    if not metadata:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise PermanentGeneratorError(f"backend metadata must be a mapping, not {type(metadata).__name__}")
+    return {str(key): _json_value(value, f"metadata.{key}") for key, value in metadata.items()}
+
+
+def _json_value(value: Any, name: str) -> Any:
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float | np.floating):
+        if not math.isfinite(value):
+            raise PermanentGeneratorError(f"backend returned {name}={value!r}: JSON has no non-finite numbers")
+        return float(value)
+    if isinstance(value, np.integer | np.bool_):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v, f"{name}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    raise PermanentGeneratorError(f"backend returned {name} of type {type(value).__name__}, which JSON cannot hold")
 
 
 def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path) -> list[Outcome]:
@@ -138,13 +186,17 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str]) -
             continue
         write_started = time.perf_counter()
         try:
+            if not isinstance(result, GeneratedAudio):
+                raise PermanentGeneratorError(
+                    f"backend returned {type(result).__name__}, not GeneratedAudio or an exception")
             _check_shape(result, work.request)
+            extra = _storable(result.metadata)
             size = audio.write_wav_atomic(path, result, sync_folder=False)
-        except (GeneratorError, OutputError) as exc:
+            measured = audio.measure(result)
+        except Exception as exc:  # this job's alone: the others of the batch are written
             outcomes.append(Outcome(work.job, exc, generated))
             continue
-        measured = audio.measure(result)
-        metadata = {**work.request.metadata, **result.metadata, **measured}
+        metadata = {**work.request.metadata, **extra, **measured}
         outcomes.append(Outcome(
             work.job, None, generated + (time.perf_counter() - write_started), size,
             result.duration_seconds, metadata,

@@ -198,6 +198,44 @@ def test_daemon__plain_sql_row_is_processed(engine: sa.Engine, db_url: str, outp
     assert (outputs / "a1b2c3d4.wav").stat().st_size == job.file_size_bytes
 
 
+@pytest.mark.parametrize("metadata", ["[1, 2]", '"tempo 120"'])
+def test_daemon__row_with_non_object_metadata_fails_alone(engine: sa.Engine, db_url: str, outputs: Path,
+                                                         metadata: str) -> None:
+    """A plain-SQL row whose metadata is JSON but not an object fails at its first attempt, naming
+    the field; the jobs claimed with it complete and the daemon keeps running (it used to stop
+    on that row at every restart, giving the whole claim back unspent)."""
+    good = [enqueue(db_url, "fine") for _ in range(2)]
+    with get_engine(db_url).begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO generations (id, prompt, model_name, duration_seconds, sample_rate, channels, file_path,"
+            " status, created_at, metadata) VALUES ('a1b2c3d4-e5f6-7890-abcd-ef1234567890', 'trap beat', 'scripted',"
+            " 0.1, 8000, 1, 'outputs/a1b2c3d4.wav', 'pending', '2025-11-07 10:00:00', :metadata)"),
+            {"metadata": metadata})
+    assert make_daemon(db_url, outputs, ScriptedGenerator(), batch_size=8).run(burst=True) == 0
+    job = row(db_url, "a1b2c3d4-e5f6-7890-abcd-ef1234567890")
+    assert (job.status, job.attempts) == ("failed", 1)
+    assert job.error_message is not None and job.error_message.startswith("metadata must be a JSON object")
+    assert [row(db_url, g).status for g in good] == ["completed", "completed"]
+
+
+def test_daemon__backend_results_json_cannot_hold_fail_alone(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A backend result that is not audio, or whose metadata JSON cannot hold, fails its own job
+    with a message naming it, before its file is written; numpy numbers in metadata are stored as
+    plain numbers; the rest of the batch completes and the daemon keeps running."""
+    gen = ScriptedGenerator(max_batch_size=8)
+    none, nan, numpy, fine = (enqueue(db_url, prompt) for prompt in ("none", "meta:nan", "meta:numpy", "fine"))
+    assert make_daemon(db_url, outputs, gen, batch_size=8).run(burst=True) == 0
+    assert (row(db_url, none).status, row(db_url, none).attempts) == ("failed", 1)
+    assert "backend returned NoneType, not GeneratedAudio" in (row(db_url, none).error_message or "")
+    assert (row(db_url, nan).status, row(db_url, nan).attempts) == ("failed", 1)
+    assert "metadata.tempo=nan" in (row(db_url, nan).error_message or "")
+    assert not (outputs / f"{nan}.wav").exists()
+    stored = row(db_url, numpy)
+    assert stored.status == "completed" and stored.meta is not None
+    assert (stored.meta["bpm"], stored.meta["bars"]) == (120.0, 8)
+    assert row(db_url, fine).status == "completed"
+
+
 def test_daemon__fenced_write_is_refused(engine: sa.Engine, db_url: str, outputs: Path) -> None:
     """A daemon whose lease was rescued cannot overwrite the outcome of the attempt that replaced it."""
     hooks_a = RecordingHooks()

@@ -7,6 +7,9 @@ Prompt directives (anything else renders silence):
 - ``crash``        raise an unexpected RuntimeError
 - ``block``        wait until ``gate`` is set (in-process) or ``release_path`` exists (processes)
 - ``work:S``       take S seconds, like a GPU would (simulated work, not synchronisation)
+- ``none``         return None instead of audio (a broken backend)
+- ``meta:numpy``   audio with numpy scalars in its metadata (``bpm`` float32 120, ``bars`` int64 8)
+- ``meta:nan``     audio with ``tempo`` NaN in its metadata, which JSON cannot hold
 
 Every execution is appended to ``log_path`` as one line ``<job_id> <pid>`` (O_APPEND writes of
 one short line are atomic), so a test can count how often each job really ran, across processes.
@@ -100,8 +103,15 @@ class ScriptedGenerator:
                 continue
             if prompt == "crash":
                 raise RuntimeError("scripted crash")
+            if prompt == "none":
+                results.append(None)  # type: ignore[arg-type]  # what a broken backend does
+                continue
+            metadata: dict[str, object] = {"scripted": True}
+            if prompt == "meta:numpy":
+                metadata.update(bpm=np.float32(120.0), bars=np.int64(8))
+            if prompt == "meta:nan":
+                metadata.update(tempo=float("nan"))
             frames = round(request.duration_seconds * request.sample_rate)
             samples = np.full((request.channels, frames), 0.25, dtype=np.float32)
-            results.append(GeneratedAudio(samples=samples, sample_rate=request.sample_rate,
-                                          metadata={"scripted": True}))
+            results.append(GeneratedAudio(samples=samples, sample_rate=request.sample_rate, metadata=metadata))
         return results
