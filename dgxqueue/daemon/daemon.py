@@ -97,6 +97,9 @@ class Daemon:
         self._last_loop = time.monotonic()
         self._next_rescue = 0.0
         self._next_watchdog = 0.0
+        # One deadline for every held job, counted from the first claim or the last heartbeat: a
+        # round of many short backend calls must still refresh the leases of the jobs waiting.
+        self._next_heartbeat = 0.0
 
     # --- control --------------------------------------------------------------------------
 
@@ -178,9 +181,10 @@ class Daemon:
         return timeout
 
     def tick(self) -> None:
-        """Housekeeping on every round: liveness, watchdog, STOPPING, rescue."""
+        """Housekeeping on every round: liveness, watchdog, STOPPING, leases, rescue."""
         now = time.monotonic()
         self._last_loop = now
+        self._heartbeat_if_due(now)
         self.hooks.on_loop(now)
         if self.stopping and not self._stopping_sent:
             self._stopping_sent = True
@@ -192,6 +196,11 @@ class Daemon:
         if now >= self._next_rescue:
             self._next_rescue = now + self.config.rescue_interval_seconds
             self.rescue()
+
+    def _heartbeat_if_due(self, now: float) -> None:
+        if self._held and now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_seconds
+            self.heartbeat()
 
     def rescue(self) -> None:
         with self._outage_skips("rescue skipped: database unavailable"):
@@ -227,7 +236,10 @@ class Daemon:
             batches = split_into_batches(work, lambda w: self.generator.batch_key(w.request), size)
             for i, batch in enumerate(batches):
                 if self.stopping or self.runner.busy:
+                    # Not started: run next round, or given back below if there is none.
+                    self._next = [w.job for later in batches[i:] for w in later]
                     break
+                self._heartbeat_if_due(time.monotonic())
                 running = self._start(batch)
                 # An outage must not abandon the batch now rendering: its outcomes wait in _done.
                 with self._outage_skips("could not write outcomes yet; will try again after this batch"):
@@ -270,6 +282,8 @@ class Daemon:
     def _take(self, jobs: list[ClaimedJob], now: datetime) -> None:
         """Hold claimed jobs; the next :meth:`run_once` starts them."""
         if jobs:
+            if not self._held:  # their leases run from now
+                self._next_heartbeat = time.monotonic() + self.config.heartbeat_seconds
             self._next.extend(jobs)
             self._held.extend(jobs)
             self.hooks.on_claimed(jobs, now)
@@ -304,17 +318,15 @@ class Daemon:
     def _wait(self, running: tuple[Future[list[Outcome]], float], batch: list[Work]) -> list[Outcome] | None:
         """Wait for a started batch while heartbeating; None when a stop gave up on it."""
         future, started = running
-        next_heartbeat = started + self.config.heartbeat_seconds
         while True:
             try:
                 return future.result(timeout=_SLICE)
             except FutureTimeout:
                 pass
             self.tick()
+            if future.done():  # it ended while tick() ran: its outcomes stand
+                continue
             now = time.monotonic()
-            if now >= next_heartbeat:
-                next_heartbeat = now + self.config.heartbeat_seconds
-                self.heartbeat()
             if self.stopping:
                 assert self._stop_requested_at is not None
                 grace = 0.0 if self._immediate else self.config.grace_seconds
@@ -413,17 +425,22 @@ class Daemon:
             (self.log.error if to_rescue else self.log.warning)(message, error=str(exc)[:300], **context)
 
     def shutdown(self) -> None:
-        if self._done:  # prefetch left the last outcomes for the next round: write them now
-            with self._outage_skips("could not write the last outcomes; their leases will expire and be rescued",
-                                    to_rescue=True):
-                self._flush(claim_next=False)
-        self._done, self._next = [], []
-        if self._held:
-            self._release()
-        if not self._stopping_sent:
-            self._stopping_sent = True
-            self.notifier.stopping()
-        self.runner.close()
-        self.waker.close()
-        self.store.close()
-        self.hooks.on_stop()
+        try:
+            if self._done:  # outcomes left for the next round's render: write them now
+                with self._outage_skips("could not write the last outcomes; their leases will expire and be"
+                                        " rescued", to_rescue=True):
+                    self._flush(claim_next=False)
+            # Finished jobs whose outcomes could not be written stay held, as in run_once: given
+            # back, they would render again with their attempt refunded.
+            unwritten = {o.job.id for o in self._done}
+            self._done, self._next = [], []
+            if self._held:
+                self._release(keep=unwritten)
+        finally:
+            if not self._stopping_sent:
+                self._stopping_sent = True
+                self.notifier.stopping()
+            self.runner.close()
+            self.waker.close()
+            self.store.close()
+            self.hooks.on_stop()

@@ -336,6 +336,69 @@ def test_daemon__time_limit_retries_and_reports_unhealthy(engine: sa.Engine, db_
     assert daemon.healthy()
 
 
+def test_daemon__call_ending_at_its_time_limit_keeps_its_outcomes(engine: sa.Engine, db_url: str,
+                                                                   outputs: Path) -> None:
+    """A call that returns while the loop is busy with its housekeeping, just past its time limit,
+    is not then declared overrun: its job completes and the daemon stays healthy."""
+    gen = ScriptedGenerator()
+    job_id = enqueue(db_url, "block")
+
+    class ReturnsDuringTick(RecordingHooks):
+        def on_loop(self, monotonic: float) -> None:  # tick() runs once the first wait (0.25 s) is over
+            if gen.entered.is_set() and not gen.gate.is_set():
+                gen.gate.set()
+                wait_until(lambda: not daemon.runner.busy, 10, "the call to return")
+
+    daemon = make_daemon(db_url, outputs, gen, hooks=ReturnsDuringTick(), job_timeout_seconds=0.1)
+    assert daemon.run_once() == 1
+    assert (row(db_url, job_id).status, row(db_url, job_id).attempts) == ("completed", 1)
+    assert daemon.healthy() and gen.executions[job_id] == 1
+
+
+def test_daemon__time_limit_gives_batches_not_started_to_the_next_round(engine: sa.Engine, db_url: str,
+                                                                          outputs: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call past its time limit stops the round before the claim's later batches start. If the
+    stuck call returns before the round ends, those jobs run in the next round; they used to stay
+    held, never run nor given back, until their leases ran out."""
+    gen = ScriptedGenerator(max_batch_size=1)
+    daemon = make_daemon(db_url, outputs, gen, batch_size=3, job_timeout_seconds=0.3, backoff_base_seconds=60.0)
+    may_claim = daemon._may_claim
+
+    def stuck_call_returns_now() -> bool:  # the moment that matters, made certain
+        if daemon.runner.stuck:
+            gen.gate.set()
+            wait_until(lambda: not daemon.runner.busy, 10, "the stuck call to return")
+        return may_claim()
+
+    monkeypatch.setattr(daemon, "_may_claim", stuck_call_returns_now)
+    stuck = enqueue(db_url, "block")
+    later = [enqueue(db_url, "fine"), enqueue(db_url, "fine")]
+    assert daemon.run_once() == 3
+    assert [job.id for job in daemon._next] == later  # the time limit's outcome is written with them
+    assert daemon.run_once() == 2
+    assert row(db_url, stuck).status == "pending" and "time limit" in (row(db_url, stuck).error_message or "")
+    assert [(row(db_url, j).status, row(db_url, j).attempts) for j in later] == [("completed", 1)] * 2
+    assert daemon._held == [] and daemon._next == [] and daemon._done == []
+
+
+def test_daemon__leases_renewed_through_a_round_of_short_calls(engine: sa.Engine, db_url: str,
+                                                               outputs: Path) -> None:
+    """A claim rendered in many backend calls, each shorter than the heartbeat interval but together
+    longer than the lease, keeps every lease alive: each job runs once and completes, nothing is
+    fenced. Heartbeats used to be timed per call, so these leases expired and the daemon's own
+    rescue took its waiting jobs back, to render them again and fence the first outcome."""
+    gen = ScriptedGenerator(max_batch_size=1)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, gen, hooks=hooks, batch_size=8, lease_seconds=1.5,
+                         heartbeat_seconds=0.5, rescue_interval_seconds=0.1)
+    jobs = [enqueue(db_url, "work:0.25") for _ in range(8)]  # 2 s in all
+    assert daemon.run(burst=True) == 0
+    assert [gen.executions[j] for j in jobs] == [1] * 8
+    assert [hooks.outcomes(j) for j in jobs] == [["completed"]] * 8
+    assert {(row(db_url, j).status, row(db_url, j).attempts) for j in jobs} == {("completed", 1)}
+
+
 def test_daemon__heartbeat_extends_lease(engine: sa.Engine, db_url: str, outputs: Path) -> None:
     """While a job runs, its lease is pushed forward by heartbeats."""
     gen = ScriptedGenerator()
@@ -617,6 +680,44 @@ def test_daemon__outage_while_a_batch_renders_keeps_it_and_every_outcome(sqlite_
     assert daemon.run_once() == 0 and row(url, third).status == "completed"
     assert generator.executions[third] == 1 and daemon._held == [] and daemon._done == []
     daemon.store.close()
+    locker.close()
+    engine.dispose()
+
+
+def test_daemon__stop_keeps_finished_jobs_whose_outcomes_it_could_not_write(sqlite_db_url: str,
+                                                                            outputs: Path) -> None:
+    """A stop whose last outcome write fails leaves that finished job held, for the lease rescue,
+    as the log says, and still gives back the claimed job that never ran. Giving the finished job
+    back too would refund its attempt and have another daemon render it again."""
+    url = sqlite_db_url
+    init_db(url)
+    engine = create_engine(url, DatabaseSettings(sqlite_busy_timeout_ms=20))
+    generator = ScriptedGenerator(max_batch_size=1)
+    hooks = RecordingHooks()
+    daemon = Daemon(make_settings(url, outputs, batch_size=1, prefetch=True), engine=engine, generator=generator,
+                    hooks=hooks)
+    daemon.store = QueueStore(engine, worker_id=daemon.worker_id, models=daemon.models,
+                              lease=timedelta(seconds=30), retry_for_seconds=1.0)
+    finished, claimed = enqueue(url, "fine"), enqueue(url, "fine")
+    assert daemon.run_once() == 1  # prefetch: the outcome waits for the next round, the next job is held
+    assert [o.job.id for o in daemon._done] == [finished] and [j.id for j in daemon._next] == [claimed]
+    locker = sqlite3.connect(str(sqlite_path(url)), isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN IMMEDIATE")
+    with capture_logs() as logs:
+        def unlock_once_the_write_failed() -> None:  # the database is back for the give-back
+            wait_until(lambda: any(e["event"].startswith("could not write the last outcomes") for e in logs), 10,
+                       "the last write to fail")
+            locker.execute("ROLLBACK")
+
+        unlocker = threading.Thread(target=unlock_once_the_write_failed)
+        unlocker.start()
+        daemon.shutdown()
+        unlocker.join(10)
+    job = row(url, finished)
+    assert (job.status, job.attempts, job.worker_id) == ("processing", 1, daemon.worker_id)
+    assert hooks.outcomes(finished) == [] and generator.executions[finished] == 1
+    job = row(url, claimed)
+    assert (job.status, job.attempts, hooks.outcomes(claimed)) == ("pending", 0, ["released"])
     locker.close()
     engine.dispose()
 
