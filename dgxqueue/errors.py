@@ -42,7 +42,10 @@ class ValidationError(DgxQueueError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        shown = repr(value)
+        try:
+            shown = repr(value)
+        except RecursionError:  # metadata nested thousands deep: the refusal says so
+            shown = f"<{type(value).__name__} nested too deeply to show>"
         if len(shown) > 80:
             shown = shown[:77] + "..."
         super().__init__(f"{field}={shown} is invalid: expected {allowed}")

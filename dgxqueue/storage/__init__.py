@@ -28,10 +28,12 @@ from dgxqueue.storage.database import (
 )
 from dgxqueue.storage.models import Base, Generation, GenerationStatus, Prompt, utcnow
 from dgxqueue.storage.validation import (
+    MAX_FILE_SIZE,
     NewJob,
     validate_limit,
     validate_new_job,
     validate_prompt,
+    validate_run_after,
     validate_status,
 )
 
@@ -56,7 +58,9 @@ _SPEC_KEYS = frozenset({"prompt", "model_name", "duration_seconds", "sample_rate
                         "metadata", "model_version", "priority", "run_after", "max_attempts"})
 
 
-def _validate(spec: JobSpec, limits: JobSettings) -> NewJob:
+def _validate(spec: JobSpec, limits: JobSettings, index: int) -> NewJob:
+    if not isinstance(spec, Mapping):
+        raise ValidationError(f"specs[{index}]", spec, "a mapping of create_generation's keyword arguments")
     if not _SPEC_KEYS.issuperset(spec):
         unknown = sorted(set(spec) - _SPEC_KEYS)[0]
         raise ValidationError(unknown, spec[unknown], "one of " + ", ".join(sorted(_SPEC_KEYS)))
@@ -88,7 +92,7 @@ def prepare_generations(
     """
     limits = limits or _DEFAULT_LIMITS
     folder = (outputs or _DEFAULT_OUTPUTS).dir.rstrip("/").rsplit("/", 1)[-1] or "outputs"
-    jobs = [_validate(spec, limits) for spec in specs]
+    jobs = [_validate(spec, limits, i) for i, spec in enumerate(specs)]
     now = utcnow()
     rows = []
     for job in jobs:
@@ -160,6 +164,13 @@ def _non_negative(field: str, value: object, kind: type) -> Any:
     return kind(value)
 
 
+def _file_size(value: object) -> int:
+    size: int = _non_negative("file_size_bytes", value, int)
+    if size > MAX_FILE_SIZE:
+        raise ValidationError("file_size_bytes", value, f"an integer in [0, {MAX_FILE_SIZE}] (the column is 32-bit)")
+    return size
+
+
 def complete_generation(
     session: Session,
     generation_id: str,
@@ -170,7 +181,7 @@ def complete_generation(
     """Mark a pending or processing generation completed with its timings."""
     values: dict[str, Any] = {
         "generation_time_seconds": _non_negative("generation_time", generation_time, float),
-        "file_size_bytes": _non_negative("file_size_bytes", file_size_bytes, int),
+        "file_size_bytes": _file_size(file_size_bytes),
         "error_message": None,
     }
     if metadata is not None:
@@ -185,7 +196,7 @@ def fail_generation(session: Session, generation_id: str, error_message: str) ->
     if not isinstance(error_message, str) or not error_message.strip():
         raise ValidationError("error_message", error_message, "non-empty text")
     return repository.set_outcome(
-        session, generation_id, GenerationStatus.FAILED, {"error_message": error_message[:10_000]}
+        session, generation_id, GenerationStatus.FAILED, {"error_message": repository.storable_text(error_message)}
     )
 
 
@@ -196,7 +207,7 @@ def cancel_generation(session: Session, generation_id: str) -> Generation:
 
 def retry_generation(session: Session, generation_id: str, run_after: datetime | None = None) -> Generation:
     """Send a failed generation back to the queue with fresh attempts."""
-    return repository.retry_job(session, generation_id, run_after)
+    return repository.retry_job(session, generation_id, validate_run_after(run_after))
 
 
 def get_all_generations(

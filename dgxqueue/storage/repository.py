@@ -371,13 +371,24 @@ def completed_values(now: datetime, generation_time: float, file_size: int,
             "file_size_bytes": file_size, "error_message": None, "metadata": dict(metadata or {})}
 
 
+MAX_ERROR_MESSAGE = 10_000
+
+
+def storable_text(text: str, limit: int = MAX_ERROR_MESSAGE) -> str:
+    """An error message as both engines store it: PostgreSQL refuses NUL in text and neither
+    driver encodes a lone surrogate, and a message comes from any exception, so an outcome
+    must not fail to write because of its text."""
+    text = text[:limit].replace("\x00", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def failed_values(now: datetime, message: str, generation_time: float | None) -> dict[str, Any]:
-    return {"status": FAILED, "completed_at": now, "error_message": message,
+    return {"status": FAILED, "completed_at": now, "error_message": storable_text(message),
             "generation_time_seconds": generation_time}
 
 
 def retry_values(run_after: datetime, message: str) -> dict[str, Any]:
-    return {"status": PENDING, "run_after": run_after, "error_message": message}
+    return {"status": PENDING, "run_after": run_after, "error_message": storable_text(message)}
 
 
 def release_values(attempt: int) -> dict[str, Any]:
@@ -387,8 +398,11 @@ def release_values(attempt: int) -> dict[str, Any]:
 
 
 def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str]]:
-    """Requeue jobs whose lease expired, or fail them once their attempts are spent."""
-    expired = sa.and_(IS_PROCESSING, G.c.lease_expires_at < now)
+    """Requeue jobs whose lease expired, or fail them once their attempts are spent.
+
+    A processing row without a lease is held by no daemon: written by plain SQL, or left by a
+    downgrade to 001 and back, which drops the lease column. It counts as expired."""
+    expired = sa.and_(IS_PROCESSING, sa.or_(G.c.lease_expires_at < now, G.c.lease_expires_at.is_(None)))
     requeued = session.execute(
         sa.update(G).where(expired, G.c.attempts < G.c.max_attempts)
         .values(status=PENDING, worker_id=None, lease_expires_at=None, run_after=None,

@@ -17,6 +17,12 @@ from dgxqueue.storage.models import GenerationStatus
 MAX_FILE_PATH_LENGTH = 1024
 MAX_MODEL_NAME_LENGTH = 200
 PRIORITY_RANGE = (-1000, 1000)
+#: PostgreSQL's unique index on ``prompts.prompt_text`` takes at most 2704 bytes a row (8 of
+#: them its own header): a longer prompt would fail at the insert, after validation.
+MAX_PROMPT_BYTES = 2600
+#: ``file_size_bytes`` is the specification's INTEGER, 32-bit on PostgreSQL.
+MAX_FILE_SIZE = 2**31 - 1
+_WAV_HEADER_BYTES = 44
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ def _text(field: str, value: object, limit: int) -> str:
         raise ValidationError(field, value, allowed + " (it holds a NUL byte)")
     if len(value) > limit:
         raise ValidationError(field, value, f"{allowed} (got {len(value)} characters)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from undecodable bytes in argv
+        raise ValidationError(field, value, allowed + " (it is not valid Unicode: a lone surrogate)") from None
     return value
 
 
@@ -57,7 +67,12 @@ def _integer(field: str, value: object, lo: int, hi: int) -> int:
 
 
 def validate_prompt(prompt: object, limits: JobSettings) -> str:
-    return _text("prompt", prompt, limits.max_prompt_length).strip()
+    text = _text("prompt", prompt, limits.max_prompt_length).strip()
+    size = len(text.encode("utf-8"))
+    if size > MAX_PROMPT_BYTES:
+        raise ValidationError("prompt", text, f"at most {MAX_PROMPT_BYTES} bytes of UTF-8, what the prompts"
+                                              f" table's unique index can hold (got {size} bytes)")
+    return text
 
 
 def validate_duration(value: object, limits: JobSettings) -> float:
@@ -92,6 +107,8 @@ def validate_metadata(value: object, limits: JobSettings) -> dict[str, Any] | No
         encoded = json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError):
         raise ValidationError("metadata", value, allowed + " with JSON-serialisable values") from None
+    except RecursionError:  # nested deeper than the encoder's recursion limit
+        raise ValidationError("metadata", value, allowed + " nested less deeply") from None
     if "\\u0000" in encoded:
         raise ValidationError("metadata", value, allowed + " without NUL characters")
     if len(encoded.encode()) > limits.max_metadata_bytes:
@@ -112,9 +129,13 @@ _STATUS_VALUES = frozenset(s.value for s in GenerationStatus)
 def validate_run_after(value: object) -> datetime | None:
     if value is None:
         return None
+    allowed = "a datetime (naive means UTC) between years 1 and 9999 in UTC"
     if not isinstance(value, datetime):
-        raise ValidationError("run_after", value, "a datetime (naive means UTC)")
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        raise ValidationError("run_after", value, allowed)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last datetime in UTC
+        raise ValidationError("run_after", value, allowed) from None
 
 
 def validate_limit(value: object, field: str = "limit", hi: int = 100_000) -> int:
@@ -136,12 +157,20 @@ def validate_new_job(
     max_attempts: object,
     limits: JobSettings,
 ) -> NewJob:
+    duration = validate_duration(duration_seconds, limits)
+    rate = _integer("sample_rate", sample_rate, limits.min_sample_rate, limits.max_sample_rate)
+    count = _integer("channels", channels, 1, limits.max_channels)
+    size = _WAV_HEADER_BYTES + round(duration * rate) * count * 2
+    if size > MAX_FILE_SIZE:
+        raise ValidationError("duration_seconds", duration_seconds, f"short enough for a WAV file of at most"
+                              f" {MAX_FILE_SIZE} bytes, what file_size_bytes holds (at {rate} Hz and {count}"
+                              f" channel(s) it would be {size} bytes)")
     return NewJob(
         prompt=validate_prompt(prompt, limits),
         model_name=_text("model_name", model_name, MAX_MODEL_NAME_LENGTH).strip(),
-        duration_seconds=validate_duration(duration_seconds, limits),
-        sample_rate=_integer("sample_rate", sample_rate, limits.min_sample_rate, limits.max_sample_rate),
-        channels=_integer("channels", channels, 1, limits.max_channels),
+        duration_seconds=duration,
+        sample_rate=rate,
+        channels=count,
         file_path=None if file_path is None else validate_file_path(file_path),
         metadata=validate_metadata(metadata, limits),
         model_version=None if model_version is None else _text("model_version", model_version, 200),

@@ -236,6 +236,14 @@ def test_daemon__backend_results_json_cannot_hold_fail_alone(engine: sa.Engine, 
     assert row(db_url, fine).status == "completed"
 
 
+def test_daemon__error_message_any_text_is_stored(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """An error whose message holds a NUL byte, which PostgreSQL text refuses, is stored with the
+    byte replaced: the outcome write used to fail and stop the daemon."""
+    job_id = enqueue(db_url, "nul")
+    assert make_daemon(db_url, outputs, ScriptedGenerator()).run(burst=True) == 0
+    assert (row(db_url, job_id).status, row(db_url, job_id).error_message) == ("failed", "scripted\ufffdfailure")
+
+
 def test_daemon__fenced_write_is_refused(engine: sa.Engine, db_url: str, outputs: Path) -> None:
     """A daemon whose lease was rescued cannot overwrite the outcome of the attempt that replaced it."""
     hooks_a = RecordingHooks()
@@ -281,6 +289,25 @@ def test_daemon__rescue_requeues_then_fails_expired_leases(engine: sa.Engine, db
     job = row(db_url, job_id)
     assert job.status == "failed" and "lease expired" in (job.error_message or "")
     assert hooks.rescued == [([job_id], []), ([], [job_id])]
+
+
+def test_daemon__rescue_requeues_processing_rows_without_a_lease(engine: sa.Engine, db_url: str,
+                                                                outputs: Path) -> None:
+    """A processing row with no lease (set by plain SQL, or left by a downgrade to 001 and back,
+    which drops the column) is held by no daemon: the rescue requeues it, and it completes. It
+    used to stay processing for good. Rows under a live lease are left alone."""
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    orphan, held = enqueue(db_url, "fine"), enqueue(db_url, "fine")
+    with get_engine(db_url).begin() as conn:
+        conn.execute(sa.update(Generation).where(Generation.id == orphan).values(status="processing"))
+    with session_scope(get_engine(db_url)) as s:
+        [claimed] = repository.claim(s, worker_id="alive", models=["scripted"], limit=1, now=utcnow(),
+                                     lease=timedelta(hours=1))
+    assert claimed.id == held
+    daemon.rescue()
+    assert (row(db_url, held).status, row(db_url, held).worker_id) == ("processing", "alive")
+    assert row(db_url, orphan).status == "pending"
+    assert daemon.run(burst=True) == 0 and row(db_url, orphan).status == "completed"
 
 
 def test_daemon__graceful_stop_finishes_running_job(engine: sa.Engine, db_url: str, outputs: Path) -> None:

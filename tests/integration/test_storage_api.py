@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -483,6 +484,65 @@ def test_bad_input__a_bad_spec_in_a_batch_or_transaction_writes_nothing(scope: S
         create_generation(session=session, **SPEC_EXAMPLE)
         create_generation(session=session, **{**SPEC_EXAMPLE, "file_path": "../escape.wav"})
     assert _counts(engine) == (0, 0)
+
+
+def test_bad_input__prompt_up_to_the_index_limit_is_stored(scope: Scope, engine: Engine) -> None:
+    """A prompt of 2600 bytes of UTF-8 (incompressible, so stored whole) fits PostgreSQL's unique
+    index on prompts; one byte more is refused at the door, not by the database after it."""
+    rng = random.Random(7)
+    text = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(866)) + "ab"  # 3 bytes a character
+    assert len(text.encode()) == 2600
+    _new(scope, prompt=text)
+    assert _used_count(scope, text) == 1
+    with pytest.raises(ValidationError, match="at most 2600 bytes") as caught, scope() as session:
+        create_generation(session=session, **{**SPEC_EXAMPLE, "prompt": text + "c"})
+    assert caught.value.field == "prompt" and _counts(engine) == (1, 1)
+
+
+def test_bad_input__what_the_columns_cannot_hold_is_refused(scope: Scope, engine: Engine) -> None:
+    """Values that would fail in the database, or crash before it, raise ValidationError naming
+    their field: a WAV too big for file_size_bytes (32-bit on PostgreSQL), a run_after past the
+    last datetime in UTC, metadata nested past the JSON encoder's limit, a spec that is not a
+    mapping; nothing is written."""
+    big = JobSettings(max_duration_seconds=3600, max_sample_rate=384000, max_channels=8)
+    nested: list[Any] = []
+    for _ in range(5000):
+        nested = [nested]
+    late = datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))
+    cases: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+        ("duration_seconds", {"duration_seconds": 3600, "sample_rate": 192000, "channels": 2}, {"limits": big}),
+        ("run_after", {"run_after": late}, {}),
+        ("metadata", {"metadata": {"a": nested}}, {}),
+    ]
+    for field, spec, options in cases:
+        with pytest.raises(ValidationError) as caught, scope() as session:
+            create_generation(session=session, **{**SPEC_EXAMPLE, **spec}, **options)
+        assert caught.value.field == field
+    with pytest.raises(ValidationError) as caught, scope() as session:
+        create_generations(session, [SPEC_EXAMPLE, "hip hop beat"])  # type: ignore[list-item]
+    assert caught.value.field == "specs[1]"
+    assert _counts(engine) == (0, 0)
+    gen_id = _new(scope)
+    with pytest.raises(ValidationError) as caught, scope() as session:
+        complete_generation(session, gen_id, generation_time=1.0, file_size_bytes=3_000_000_000)
+    assert caught.value.field == "file_size_bytes"
+    with scope() as session:
+        fail_generation(session, gen_id, error_message="boom")
+    with pytest.raises(ValidationError) as caught, scope() as session:
+        retry_generation(session, gen_id, run_after="tomorrow")  # type: ignore[arg-type]
+    assert caught.value.field == "run_after"
+    with scope() as session:
+        assert get_generation(session, gen_id).status == "failed"  # type: ignore[union-attr]
+
+
+def test_fail_generation__any_text_is_stored(scope: Scope) -> None:
+    """A message with a NUL byte (PostgreSQL text refuses it) or a lone surrogate (no driver
+    encodes it) is stored with those replaced, on both engines."""
+    gen_id = _new(scope)
+    with scope() as session:
+        fail_generation(session, gen_id, error_message="boom\x00 at \udcff")
+    with scope() as session:
+        assert get_generation(session, gen_id).error_message == "boom\ufffd at ?"  # type: ignore[union-attr]
 
 
 def test_bad_input__configured_limits_apply(scope: Scope, engine: Engine) -> None:

@@ -10,6 +10,7 @@ Prompt directives (anything else renders silence):
 - ``none``         return None instead of audio (a broken backend)
 - ``meta:numpy``   audio with numpy scalars in its metadata (``bpm`` float32 120, ``bars`` int64 8)
 - ``meta:nan``     audio with ``tempo`` NaN in its metadata, which JSON cannot hold
+- ``nul``          fail permanently with a NUL byte in the message (PostgreSQL text cannot hold it)
 
 Every execution is appended to ``log_path`` as one line ``<job_id> <pid>`` (O_APPEND writes of
 one short line are atomic), so a test can count how often each job really ran, across processes.
@@ -100,6 +101,9 @@ class ScriptedGenerator:
                 continue
             if prompt == "permanent":
                 results.append(PermanentGeneratorError("scripted permanent failure"))
+                continue
+            if prompt == "nul":
+                results.append(PermanentGeneratorError("scripted\x00failure"))
                 continue
             if prompt == "crash":
                 raise RuntimeError("scripted crash")

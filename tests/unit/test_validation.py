@@ -34,6 +34,9 @@ BAD_INPUTS: list[tuple[str, object, str]] = [
     ("prompt", "   \t\n", "1 to 2000 characters"),
     ("prompt", "x" * 2001, "1 to 2000 characters"),
     ("prompt", "beat\x00drop", "without NUL bytes"),
+    ("prompt", "beat \udcff", "not valid Unicode"),  # what undecodable bytes in argv become
+    ("prompt", "\u4e00" * 900, "at most 2600 bytes of UTF-8"),  # 900 characters, 2700 bytes
+    ("model_name", "musicgen\udcff", "not valid Unicode"),
     ("prompt", 42, "1 to 2000 characters"),
     ("prompt", None, "1 to 2000 characters"),
     ("model_name", "", "1 to 200 characters"),
