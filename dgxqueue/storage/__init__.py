@@ -7,6 +7,7 @@ so several calls can share one transaction. Inputs are validated before anything
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -91,8 +92,14 @@ def prepare_generations(
     One bad spec raises :class:`~dgxqueue.errors.ValidationError`.
     """
     limits = limits or _DEFAULT_LIMITS
-    folder = (outputs or _DEFAULT_OUTPUTS).dir.rstrip("/").rsplit("/", 1)[-1] or "outputs"
+    # The outputs folder's own name, as the daemon resolves it (audio.OutputRoot).
+    folder = os.path.basename(os.path.abspath((outputs or _DEFAULT_OUTPUTS).dir))
     jobs = [_validate(spec, limits, i) for i, spec in enumerate(specs)]
+    for job in jobs:
+        if job.file_path is not None and not job.file_path.startswith(folder + "/"):
+            # The daemon would refuse it after a claim; the producer hears it now.
+            raise ValidationError("file_path", job.file_path, f"a relative path inside the outputs folder,"
+                                                               f" starting with '{folder}/'")
     now = utcnow()
     rows = []
     for job in jobs:

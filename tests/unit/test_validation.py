@@ -64,6 +64,8 @@ BAD_INPUTS: list[tuple[str, object, str]] = [
     ("file_path", "outputs/x.mp3", "ending in .wav"),
     ("file_path", "", "ending in .wav"),
     ("file_path", "outputs/x\x00.wav", "ending in .wav"),
+    ("file_path", "x.wav", "starting with 'outputs/'"),  # the daemon would refuse it after a claim
+    ("file_path", "data/x.wav", "starting with 'outputs/'"),
     ("metadata", [1, 2], "a JSON object"),
     ("metadata", "bpm=120", "a JSON object"),
     ("metadata", {1: "one"}, "a JSON object"),
