@@ -23,12 +23,17 @@ from typing import Any
 from dgxqueue.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///data/generations.db"
+# The longest model name a job may have; here, so that the default model is held to it too.
+MAX_MODEL_NAME_LENGTH = 200
 
 
 def _spec(default: Any, *, lo: float | None = None, hi: float | None = None,
-          choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field carrying its validation rule in metadata."""
-    meta = {"lo": lo, "hi": hi, "choices": choices}
+          choices: tuple[str, ...] | None = None, nonblank: str | None = None) -> Any:
+    """A dataclass field carrying its validation rule in metadata.
+
+    ``nonblank``: what the text must be; an empty or whitespace-only value is refused with it.
+    """
+    meta = {"lo": lo, "hi": hi, "choices": choices, "nonblank": nonblank}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -36,7 +41,8 @@ def _spec(default: Any, *, lo: float | None = None, hi: float | None = None,
 
 @dataclass(frozen=True)
 class DatabaseSettings:
-    url: str = _spec(DEFAULT_DATABASE_URL)
+    # Blank would not fail: the engine falls back to $DATABASE_URL or the default database.
+    url: str = _spec(DEFAULT_DATABASE_URL, nonblank="an SQLAlchemy URL such as sqlite:///data/generations.db")
     sqlite_synchronous: str = _spec("NORMAL", choices=("OFF", "NORMAL", "FULL", "EXTRA"))
     sqlite_busy_timeout_ms: int = _spec(5000, lo=0, hi=600_000)
     sqlite_cache_kib: int = _spec(1024, lo=64, hi=1_048_576)
@@ -45,7 +51,7 @@ class DatabaseSettings:
 
 @dataclass(frozen=True)
 class JobSettings:
-    default_model: str = _spec("synth")
+    default_model: str = _spec("synth", nonblank=f"a model name of 1 to {MAX_MODEL_NAME_LENGTH} characters")
     default_duration_seconds: float = _spec(8.0, lo=0.01, hi=3600)
     default_sample_rate: int = _spec(32000, lo=8000, hi=192000)
     default_channels: int = _spec(1, lo=1, hi=2)
@@ -58,9 +64,12 @@ class JobSettings:
     max_attempts: int = _spec(3, lo=1, hi=100)
 
 
+_OUTPUTS_DIR_RULE = "a folder path whose last part is a name (not '.', '..' or the root)"
+
+
 @dataclass(frozen=True)
 class OutputSettings:
-    dir: str = _spec("outputs")
+    dir: str = _spec("outputs", nonblank=_OUTPUTS_DIR_RULE)
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,9 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     enabled: bool = _spec(True)
-    address: str = _spec("127.0.0.1")
+    # Blank would not fail: the HTTP server reads "" as every interface (0.0.0.0).
+    address: str = _spec("127.0.0.1", nonblank="a host name or IP address such as 127.0.0.1 "
+                                                 "(0.0.0.0 listens on every interface)")
     port: int = _spec(9464, lo=0, hi=65535)
     depth_cache_seconds: float = _spec(1.0, lo=0, hi=60)
 
@@ -143,6 +154,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field[Any], from_text: bool) ->
     elif kind == "str":
         if not isinstance(value, str):
             raise ConfigError(key, value, "a string")
+        if meta.get("nonblank") and not value.strip():
+            raise ConfigError(key, value, meta["nonblank"])
         if meta.get("choices"):
             normal = value.upper() if value.upper() in meta["choices"] else value.lower()
             if normal not in meta["choices"]:
@@ -202,6 +215,12 @@ def _build(overrides: Mapping[str, Mapping[str, Any]], from_text: frozenset[str]
     jobs: JobSettings = sections["jobs"]
     if jobs.min_sample_rate > jobs.max_sample_rate:
         raise ConfigError("jobs.min_sample_rate", jobs.min_sample_rate, "at most jobs.max_sample_rate")
+    _check_job_defaults(jobs)
+    # Jobs' file_path is "<last part of outputs.dir>/<id>.wav": without a real name there, every
+    # job would resolve outside the folder and fail at run time.
+    outputs_dir: str = sections["outputs"].dir
+    if outputs_dir.rstrip("/").rpartition("/")[2] in ("", ".", ".."):
+        raise ConfigError("outputs.dir", outputs_dir, _OUTPUTS_DIR_RULE)
     worker: WorkerSettings = sections["worker"]
     if worker.heartbeat_seconds * 2 > worker.lease_seconds:
         raise ConfigError(
@@ -209,6 +228,23 @@ def _build(overrides: Mapping[str, Mapping[str, Any]], from_text: frozenset[str]
             f"at most half of worker.lease_seconds ({worker.lease_seconds:g})",
         )
     return Settings(**sections)
+
+
+def _check_job_defaults(jobs: JobSettings) -> None:
+    """Each default must pass the limits a request is held to, or enqueue blames the request."""
+    if "\x00" in jobs.default_model or len(jobs.default_model) > MAX_MODEL_NAME_LENGTH:
+        raise ConfigError("jobs.default_model", jobs.default_model,
+                          f"a model name of 1 to {MAX_MODEL_NAME_LENGTH} characters without NUL bytes")
+    if jobs.default_duration_seconds > jobs.max_duration_seconds:
+        raise ConfigError("jobs.default_duration_seconds", jobs.default_duration_seconds,
+                          f"at most jobs.max_duration_seconds ({jobs.max_duration_seconds:g})")
+    if not jobs.min_sample_rate <= jobs.default_sample_rate <= jobs.max_sample_rate:
+        raise ConfigError("jobs.default_sample_rate", jobs.default_sample_rate,
+                          f"from jobs.min_sample_rate to jobs.max_sample_rate "
+                          f"({jobs.min_sample_rate}..{jobs.max_sample_rate})")
+    if jobs.default_channels > jobs.max_channels:
+        raise ConfigError("jobs.default_channels", jobs.default_channels,
+                          f"at most jobs.max_channels ({jobs.max_channels})")
 
 
 def _merge(into: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str) -> None:

@@ -10,12 +10,11 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from dgxqueue.config import JobSettings
+from dgxqueue.config import MAX_MODEL_NAME_LENGTH, JobSettings
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage.models import GenerationStatus
 
 MAX_FILE_PATH_LENGTH = 1024
-MAX_MODEL_NAME_LENGTH = 200
 PRIORITY_RANGE = (-1000, 1000)
 #: PostgreSQL's unique index on ``prompts.prompt_text`` takes at most 2704 bytes a row (8 of
 #: them its own header): a longer prompt would fail at the insert, after validation.

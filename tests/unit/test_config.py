@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -13,8 +14,10 @@ from typing import Any
 
 import pytest
 
-from dgxqueue.config import Settings, load_settings
+from dgxqueue.audio import resolve_output_path
+from dgxqueue.config import MAX_MODEL_NAME_LENGTH, Settings, load_settings
 from dgxqueue.errors import ConfigError
+from dgxqueue.storage import prepare_generations
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Settings)}
@@ -106,6 +109,80 @@ def test_load_settings__cross_key_rules() -> None:
         _load({"jobs": {"min_sample_rate": 48000, "max_sample_rate": 44100}})
     with pytest.raises(ConfigError, match=r"worker\.heartbeat_seconds"):
         _load({"worker": {"lease_seconds": 10, "heartbeat_seconds": 6}})
+
+
+def _load_toml(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Settings:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return load_settings(path, env=env or {})
+
+
+@pytest.mark.parametrize(("bad", "key", "expected", "good"), [
+    ("[jobs]\ndefault_duration_seconds = 600.0\n", "jobs.default_duration_seconds",
+     "at most jobs.max_duration_seconds (300)", "[jobs]\ndefault_duration_seconds = 300.0\n"),
+    ("[jobs]\nmax_duration_seconds = 5.0\n", "jobs.default_duration_seconds",
+     "at most jobs.max_duration_seconds (5)", "[jobs]\nmax_duration_seconds = 8.0\n"),
+    ("[jobs]\ndefault_sample_rate = 192000\n", "jobs.default_sample_rate",
+     "(8000..96000)", "[jobs]\ndefault_sample_rate = 96000\n"),
+    ("[jobs]\nmin_sample_rate = 44100\n", "jobs.default_sample_rate",
+     "(44100..96000)", "[jobs]\nmin_sample_rate = 44100\ndefault_sample_rate = 44100\n"),
+    ("[jobs]\ndefault_channels = 2\nmax_channels = 1\n", "jobs.default_channels",
+     "at most jobs.max_channels (1)", "[jobs]\ndefault_channels = 1\nmax_channels = 1\n"),
+    ('[jobs]\ndefault_model = ""\n', "jobs.default_model", "model name", '[jobs]\ndefault_model = "m"\n'),
+    ('[jobs]\ndefault_model = " \\t"\n', "jobs.default_model", "model name", '[jobs]\ndefault_model = "m"\n'),
+    ('[jobs]\ndefault_model = "a\\u0000b"\n', "jobs.default_model", "without NUL bytes",
+     '[jobs]\ndefault_model = "ab"\n'),
+    (f'[jobs]\ndefault_model = "{"m" * (MAX_MODEL_NAME_LENGTH + 1)}"\n', "jobs.default_model",
+     f"1 to {MAX_MODEL_NAME_LENGTH} characters", f'[jobs]\ndefault_model = "{"m" * MAX_MODEL_NAME_LENGTH}"\n'),
+], ids=["duration>max", "max<duration", "rate>max", "min>rate", "channels>max", "model-empty", "model-blank",
+        "model-nul", "model-long"])
+def test_load_settings__job_default_outside_its_limits_names_the_default(
+    tmp_path: Path, bad: str, key: str, expected: str, good: str
+) -> None:
+    """A default that breaks its own limit is a config error naming the default, not a request
+    error at enqueue; at the limit it loads, and a job left to take it passes validation."""
+    with pytest.raises(ConfigError, match=re.escape(expected)) as caught:
+        _load_toml(tmp_path, bad)
+    assert caught.value.key == key
+    settings = _load_toml(tmp_path, good)
+    [row] = prepare_generations([{"prompt": "p"}], limits=settings.jobs)
+    assert row["model_name"] == settings.jobs.default_model.strip()
+
+
+@pytest.mark.parametrize(("bad", "good"), [
+    ("", "outputs"), ("   ", "outputs"), (".", "./outputs"), ("./", "outputs/"), ("..", "../outputs"),
+    ("renders/..", "renders/../outputs"), ("renders/.", "renders"), ("renders/./", "renders/"),
+    ("/", "/srv/outputs"), ("//", "/srv/outputs/"),
+])
+def test_load_settings__outputs_dir_must_end_in_a_folder_name(tmp_path: Path, bad: str, good: str) -> None:
+    """An outputs.dir without a folder name of its own (empty, '.', '..', the root) is refused from
+    the file and from $DGXQUEUE_OUTPUTS_DIR alike; one with a name holds the files of its jobs."""
+    for text, env in ((f"[outputs]\ndir = {json.dumps(bad)}\n", {}), ("", {"DGXQUEUE_OUTPUTS_DIR": bad})):
+        with pytest.raises(ConfigError) as caught:
+            _load_toml(tmp_path, text, env)
+        assert caught.value.key == "outputs.dir" and "not '.', '..' or the root" in caught.value.allowed
+    settings = _load_toml(tmp_path, f"[outputs]\ndir = {json.dumps(good)}\n")
+    [row] = prepare_generations([{"prompt": "p"}], outputs=settings.outputs)
+    target = resolve_output_path(settings.outputs_dir, row["file_path"])
+    assert target.parent == Path(os.path.abspath(settings.outputs_dir))
+
+
+@pytest.mark.parametrize(("key", "variable", "value", "hint"), [
+    ("metrics.address", "DGXQUEUE_METRICS_ADDRESS", "", "such as 127.0.0.1"),
+    ("metrics.address", "DGXQUEUE_METRICS_ADDRESS", " \t", "such as 127.0.0.1"),
+    ("database.url", "DGXQUEUE_DATABASE_URL", "", "such as sqlite:///"),
+    ("database.url", "DGXQUEUE_DATABASE_URL", "  ", "such as sqlite:///"),
+])
+def test_load_settings__blank_text_that_would_mean_something_else_is_refused(
+    tmp_path: Path, key: str, variable: str, value: str, hint: str
+) -> None:
+    """A blank metrics.address would listen on every interface, a blank database.url would fall back
+    to another database: refused from the file and from the environment (a blank line in an env file)."""
+    section, name = key.split(".")
+    for text, env in ((f"[{section}]\n{name} = {json.dumps(value)}\n", {}), ("", {variable: value})):
+        with pytest.raises(ConfigError) as caught:
+            _load_toml(tmp_path, text, env)
+        assert caught.value.key == key and caught.value.value == value and hint in caught.value.allowed
 
 
 def test_load_settings__unknown_key_lists_the_known_ones() -> None:
