@@ -35,6 +35,7 @@ from dgxqueue.storage.database import (
     sqlite_path,
     upgrade,
 )
+from dgxqueue.storage.models import Base
 
 # --- worker -----------------------------------------------------------------------------------
 
@@ -197,10 +198,11 @@ def cmd_db_reset(ctx: Context, args: argparse.Namespace) -> int:
     if not args.yes:
         raise CliError("db reset deletes every generation and prompt: add --yes to confirm", EXIT_USAGE)
     engine = _raw_engine(ctx.settings)
+    # Only dgxqueue's tables: the database may be shared with an application's own tables.
+    alembic_version = sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32)))
     with engine.begin() as conn:
-        tables = sa.MetaData()
-        tables.reflect(conn)
-        tables.drop_all(conn)
+        Base.metadata.drop_all(conn, checkfirst=True)
+        alembic_version.drop(conn, checkfirst=True)
     ensure_schema(engine)
     print(f"database reset: empty, at revision {head_revision()}")
     return EXIT_OK
@@ -236,10 +238,12 @@ def cmd_config_show(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(ctx: Context, args: argparse.Namespace) -> int:
-    from dgxqueue.generators import resolve_factory
+    from dgxqueue.generators import create_generator
 
     sqlite_path(ctx.settings.database.url)  # parses the URL: a bad one is a config error
-    resolve_factory(ctx.settings.generator.name)  # an unknown name lists those that exist
+    # Built as the worker builds it, so a mistyped option fails here rather than in the worker;
+    # not loaded, which may need the model and a GPU.
+    create_generator(ctx.settings.generator.name, ctx.settings.generator.options)
     print(f"config ok (file: {ctx.config_path or 'none'}; generator {ctx.settings.generator.name}; "
           f"database {_shown(ctx.settings)['database']['url']})")
     return EXIT_OK
@@ -276,7 +280,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace PATH if it exists")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_db_backup)
-    p = db.add_parser("reset", help="drop everything and recreate an empty database (needs --yes)")
+    p = db.add_parser("reset", help="drop dgxqueue's tables and recreate them empty; other tables stay (needs --yes)")
     p.add_argument("--yes", action="store_true", help="really delete every generation and prompt")
     p.set_defaults(func=cmd_db_reset)
 

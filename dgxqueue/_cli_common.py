@@ -6,6 +6,7 @@ The exit codes are documented in :mod:`dgxqueue.cli`; this module only names the
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -99,12 +100,17 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_number(field: str, text: str | None, kind: type[int] | type[float]) -> Any:
+    """An integer, or a float: every float option is seconds, so it must be finite and >= 0
+    (``--timeout nan`` would never time out, ``-3`` would time out before looking)."""
     if text is None:
         return None
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise ValidationError(field, text, "an integer" if kind is int else "a number") from None
+    if kind is float and not 0 <= value < math.inf:  # also false for nan
+        raise ValidationError(field, text, "a finite number >= 0")
+    return value
 
 
 def parse_span(field: str, text: str) -> timedelta:
@@ -113,14 +119,29 @@ def parse_span(field: str, text: str) -> timedelta:
     parts = _DURATION.findall(compact)
     if not compact or "".join(n + u for n, u in parts) != compact:
         raise ValidationError(field, text, "a span such as 30d, 12h, 1h30m, 90s or 2w")
-    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+    try:
+        return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+    except OverflowError:  # beyond timedelta's 999999999 days
+        raise ValidationError(field, text, "a span of less than 10000 years") from None
+
+
+def parse_age(field: str, text: str, now: datetime) -> datetime:
+    """The time a span (see :func:`parse_span`) before ``now``."""
+    try:
+        return now - parse_span(field, text)
+    except OverflowError:  # before year 1
+        raise ValidationError(field, text, "a span that reaches back no further than the year 1") from None
 
 
 def parse_when(field: str, text: str, now: datetime) -> datetime:
     """An ISO 8601 time (local time unless it has an offset), or a span from now (``10m``)."""
+    too_far = "a time between the years 1 and 9999"
     relative = text.strip().removeprefix("+")
     if relative and relative[0].isdigit() and relative[-1].lower() in _UNITS and "-" not in relative:
-        return now + parse_span(field, relative)
+        try:
+            return now + parse_span(field, relative)
+        except OverflowError:  # after year 9999
+            raise ValidationError(field, text, too_far) from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -128,7 +149,10 @@ def parse_when(field: str, text: str, now: datetime) -> datetime:
             field, text, "an ISO time such as 2025-11-07T10:00 or 2025-11-07T10:00+01:00, or a span "
             "from now such as 10m or 2h"
         ) from None
-    return (when.astimezone() if when.tzinfo is None else when).astimezone(UTC)
+    try:
+        return (when.astimezone() if when.tzinfo is None else when).astimezone(UTC)
+    except (OverflowError, ValueError):  # 0001-01-01 east of UTC, 9999-12-31 west of it
+        raise ValidationError(field, text, too_far) from None
 
 
 def parse_json_object(field: str, text: str | None) -> dict[str, Any] | None:
@@ -138,6 +162,8 @@ def parse_json_object(field: str, text: str | None) -> dict[str, Any] | None:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValidationError(field, text, f"a JSON object ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:  # nested deeper than the parser's recursion limit
+        raise ValidationError(field, text, "a JSON object nested less deeply") from None
     if not isinstance(value, dict):
         raise ValidationError(field, text, "a JSON object such as '{\"bpm\": 120}'")
     return value

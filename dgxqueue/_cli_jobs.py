@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from dgxqueue._cli_common import (
     EXIT_JOB_FAILED,
@@ -13,9 +17,9 @@ from dgxqueue._cli_common import (
     Context,
     job_dict,
     output_path,
+    parse_age,
     parse_json_object,
     parse_number,
-    parse_span,
     parse_when,
     print_json,
     table,
@@ -164,12 +168,26 @@ def cmd_retry(ctx: Context, args: argparse.Namespace) -> int:
     return _change(ctx, args, "requeued")
 
 
+def _paths_in_use(session: Session, victims: list[tuple[str, str]], *, deleted: bool) -> set[str]:
+    """The victims' file paths that rows staying in the table still name: two jobs may share one
+    file (``--file-path outputs/test.wav``), and pruning the old one must not take the new one's."""
+    shared: set[str] = set()
+    paths = sorted({file_path for _, file_path in victims})
+    going = Counter(file_path for _, file_path in victims)
+    for start in range(0, len(paths), 500):  # SQLite limits bound parameters
+        query = (sa.select(Generation.file_path, sa.func.count())
+                 .where(Generation.file_path.in_(paths[start:start + 500])).group_by(Generation.file_path))
+        for file_path, count in session.execute(query):
+            if deleted or count > going[file_path]:  # after the deletion, any row left is a user
+                shared.add(file_path)
+    return shared
+
+
 def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
-    age = parse_span("older_than", args.older_than)
+    cutoff = parse_age("older_than", args.older_than, utcnow())
     statuses = [s.strip() for s in args.status.split(",") if s.strip()]
     if not statuses or not set(statuses) <= {"completed", "failed"}:
         raise ValidationError("status", args.status, "completed, failed or both (comma-separated)")
-    cutoff = utcnow() - age
     engine = ctx.engine()
     with session_scope(engine) as session:
         victims = repository.finished_jobs_before(session, statuses, cutoff)
@@ -177,13 +195,17 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             # Files go only with rows really deleted, and only after the deletion is committed.
             deleted = set(repository.delete_finished(session, [job_id for job_id, _ in victims]))
             victims = [(job_id, path) for job_id, path in victims if job_id in deleted]
-    removed, freed, skipped = 0, 0, []
+        # Read in the deleting transaction: rows left then are the ones that still need the file.
+        in_use = _paths_in_use(session, victims, deleted=not args.dry_run) if args.delete_files else set()
+    removed, freed, skipped, kept = 0, 0, [], []
     files: list[Path] = []
     if args.delete_files:
-        for _, file_path in victims:
+        for file_path in dict.fromkeys(file_path for _, file_path in victims):  # each file once
             path = output_path(ctx.settings, file_path)
             if path is None:
                 skipped.append(file_path)  # outside the outputs folder: never touched
+            elif file_path in in_use:
+                kept.append(file_path)
             elif path.is_file():
                 files.append(path)
     if not args.dry_run:
@@ -198,7 +220,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         "dry_run": args.dry_run, "cutoff": cutoff.isoformat(), "statuses": statuses,
         "generations": len(victims), "files": len(files) if args.dry_run else removed,
         "bytes": sum(p.stat().st_size for p in files) if args.dry_run else freed,
-        "skipped_outside_outputs": skipped,
+        "skipped_outside_outputs": skipped, "kept_in_use": kept,
     }
     if args.json:
         print_json(result)
@@ -208,6 +230,8 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
               + (f" and {result['files']} file(s), {result['bytes']} bytes" if args.delete_files else ""))
         for file_path in skipped:
             print(f"kept {file_path}: not inside the outputs folder {ctx.settings.outputs_dir.absolute()}")
+        for file_path in kept:
+            print(f"kept {file_path}: a generation that stays still uses it")
     return EXIT_OK
 
 

@@ -1,0 +1,212 @@
+"""The dgxqueue command at its edges: shared databases and files, database errors
+that are not outages, out-of-range input, and a config check that builds the generator.
+
+Each runs the real command on a real SQLite file and, where the engine matters, on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from dgxqueue.storage import (
+    complete_generation,
+    create_generations,
+    dispose_engines,
+    get_engine,
+    init_db,
+    session_scope,
+)
+from dgxqueue.storage.database import head_revision
+from dgxqueue.storage.models import Generation
+from tests.acceptance.test_cli import Cli, assert_error
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    """The command on its own SQLite file, as in test_cli."""
+    yield Cli(tmp_path)
+    dispose_engines()
+
+
+@pytest.fixture
+def any_cli(tmp_path: Path, db_url: str) -> Iterator[Cli]:
+    """The command on an empty database of each engine."""
+    cli = Cli(tmp_path)
+    cli.url = cli.env["DATABASE_URL"] = db_url
+    yield cli
+    dispose_engines()
+
+
+def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    with get_engine(url).connect() as conn:
+        rows = [tuple(row) for row in conn.execute(sa.text(sql))]
+    dispose_engines()
+    return rows
+
+
+def _count_jobs(cli: Cli) -> int:
+    return int(_rows(cli.url, "SELECT count(*) FROM generations")[0][0])
+
+
+# --- db reset ---------------------------------------------------------------------------------
+
+
+def test_db_reset__keeps_tables_dgxqueue_does_not_own(any_cli: Cli) -> None:
+    """`db reset --yes` on a shared database empties dgxqueue's tables and leaves the others alone."""
+    cli = any_cli
+    cli.add("to be reset")
+    with get_engine(cli.url).begin() as conn:
+        conn.execute(sa.text("CREATE TABLE billing_invoices (id INTEGER PRIMARY KEY, amount REAL)"))
+        conn.execute(sa.text("INSERT INTO billing_invoices VALUES (1, 99.5)"))
+    dispose_engines()
+    assert "reset" in cli.ok("db", "reset", "--yes")
+    assert _rows(cli.url, "SELECT id, amount FROM billing_invoices") == [(1, 99.5)]
+    assert _rows(cli.url, "SELECT count(*) FROM generations") == [(0,)]
+    assert _rows(cli.url, "SELECT count(*) FROM prompts") == [(0,)]
+    assert json.loads(cli.here("db", "current", "--json").stdout)["current"] == head_revision()
+
+
+# --- prune --delete-files -----------------------------------------------------------------------
+
+
+def test_prune__keeps_a_file_that_a_remaining_row_still_uses(any_cli: Cli) -> None:
+    """Two jobs share outputs/test.wav: pruning the old one keeps the file; a file only pruned rows
+    shared goes, once."""
+    cli = any_cli
+    engine = get_engine(cli.url)
+    specs = [{"prompt": prompt, "file_path": f"outputs/{name}.wav"}
+             for prompt, name in (("old", "test"), ("new", "test"), ("pair a", "pair"), ("pair b", "pair"))]
+    init_db(cli.url)
+    with session_scope(engine) as session:
+        old, new, pair_a, pair_b = create_generations(session, specs)
+        for job in (old, new, pair_a, pair_b):
+            complete_generation(session, job, generation_time=0.1, file_size_bytes=100)
+        long_ago = datetime(2025, 1, 1, tzinfo=UTC)
+        session.execute(sa.update(Generation).where(Generation.id.in_([old, pair_a, pair_b]))
+                        .values(completed_at=long_ago))
+    dispose_engines()
+    outputs = cli.folder / "outputs"
+    outputs.mkdir()
+    (outputs / "test.wav").write_bytes(b"RIFF" + bytes(100))
+    (outputs / "pair.wav").write_bytes(b"RIFF" + bytes(10))
+
+    dry = json.loads(cli.here("prune", "--older-than", "30d", "--delete-files", "--dry-run", "--json").stdout)
+    assert (dry["generations"], dry["files"], dry["bytes"], dry["kept_in_use"]) == (3, 1, 14, ["outputs/test.wav"])
+    done = cli("prune", "--older-than", "30d", "--delete-files")
+    assert done.returncode == 0, done.stderr
+    assert "deleted 3 generation(s)" in done.stdout and "1 file(s), 14 bytes" in done.stdout
+    assert "kept outputs/test.wav: a generation that stays still uses it" in done.stdout
+    assert (outputs / "test.wav").read_bytes() == b"RIFF" + bytes(100)
+    assert not (outputs / "pair.wav").exists()
+    assert [row["id"] for row in json.loads(cli.here("list", "--json").stdout)] == [new]
+
+
+# --- database errors: unavailable (69) or a failed statement (70) -------------------------------
+
+
+def test_database_error__a_failed_statement_exit_70_an_outage_exit_69(any_cli: Cli) -> None:
+    """A statement the database refuses (PostgreSQL's program_limit_exceeded, SQLite's missing
+    table: both OperationalErrors) exits 70 naming the error, not 69 "database unavailable";
+    a locked SQLite file or one that is no database still is 69 (an unreachable server: test_cli)."""
+    cli = any_cli
+    [kept] = cli.add("kept")
+    with get_engine(cli.url).begin() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            conn.execute(sa.text("CREATE TRIGGER audit AFTER INSERT ON generations "
+                                 "BEGIN INSERT INTO audit_log VALUES (new.id); END"))
+            words = ["OperationalError", "no such table"]
+        else:
+            conn.execute(sa.text(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'index row size 9000 exceeds maximum' USING ERRCODE = 'program_limit_exceeded'; "
+                "END $$"))
+            conn.execute(sa.text("CREATE TRIGGER refuse BEFORE INSERT ON generations "
+                                 "FOR EACH ROW EXECUTE FUNCTION refuse()"))
+            words = ["ProgramLimitExceeded", "index row size"]
+    dispose_engines()
+    done = cli("enqueue", "refused")
+    assert_error(done, 70, "database error", *words)
+    assert "unavailable" not in done.stderr
+    assert _count_jobs(cli) == 1
+    if not sqlite:
+        return
+    holder = sqlite3.connect(cli.db)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        locked = cli.here("cancel", kept, env={"DGXQUEUE_DATABASE_SQLITE_BUSY_TIMEOUT_MS": "0"})
+        assert_error(locked, 69, "database unavailable", "locked")
+    finally:
+        holder.close()
+    assert _rows(cli.url, "SELECT status FROM generations") == [("pending",)]
+    cli.db.write_bytes(b"not a database, " * 512)
+    assert_error(cli.here("list"), 69, "database unavailable", "not a database")
+
+
+# --- out-of-range input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "tz", "field"), [
+    (["enqueue", "x", "--not-before", "9999-12-31T23:00-05:00"], "UTC", "not_before"),
+    (["enqueue", "x", "--not-before", "0001-01-01T00:00+05:00"], "UTC", "not_before"),
+    (["enqueue", "x", "--not-before", "0001-01-01T00:00"], "Asia/Tokyo", "not_before"),
+    (["enqueue", "x", "--not-before", "99999999999d"], "UTC", "not_before"),
+    (["enqueue", "x", "--not-before", "9999999d"], "UTC", "not_before"),
+    (["prune", "--older-than", "999999d"], "UTC", "older_than"),
+    (["prune", "--older-than", "9999999999w"], "UTC", "older_than"),
+])
+def test_times__out_of_range_exit_65_nothing_written(cli: Cli, args: list[str], tz: str, field: str) -> None:
+    """A time past year 9999 or before year 1 is bad input naming the option, not an internal error.
+    A subprocess: a naive time is local, and TZ is read once per process."""
+    [job] = cli.add("present")
+    with session_scope(get_engine(cli.url)) as session:
+        complete_generation(session, job, generation_time=0.1, file_size_bytes=100)
+    dispose_engines()
+    before = cli.snapshot()
+    assert_error(cli(*args, env={"TZ": tz}), 65, field, "year")
+    assert cli.snapshot() == before
+
+
+def test_enqueue__metadata_nested_too_deep_exit_65(cli: Cli) -> None:
+    """JSON nested past the parser's recursion limit is bad metadata, not a RecursionError."""
+    cli.add("present")
+    before = cli.snapshot()
+    deep = '{"a":' * 3000 + "1" + "}" * 3000
+    assert_error(cli.here("enqueue", "x", "--metadata", deep), 65, "metadata", "nested")
+    assert cli.snapshot() == before
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-3"])
+def test_wait__timeout_must_be_finite_and_not_negative_exit_65(cli: Cli, value: str) -> None:
+    """`--timeout nan` never timed out (a busy loop) and -3 was taken: both are bad input, and
+    `enqueue --wait` refuses before it queues anything. Subprocesses: a regression would hang."""
+    [job] = cli.add("nobody runs me")
+    before = cli.snapshot()
+    assert_error(cli("wait", job, "--timeout", value, timeout=30), 65, "timeout", "finite number >= 0")
+    assert_error(cli("enqueue", "x", "--wait", "--timeout", value, timeout=30), 65, "timeout")
+    assert cli.snapshot() == before
+
+
+# --- config check -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ("sample_rat = 44100", ["generator.options", "sample_rat"]),
+    ("max_batch_size = 0", ["generator.options.max_batch_size"]),
+])
+def test_config_check__builds_the_generator_from_its_options(cli: Cli, tmp_path: Path, options: str,
+                                                              words: list[str]) -> None:
+    """A mistyped or bad [generator.options] key fails `config check` (78), as the worker would."""
+    config = tmp_path / "c.toml"
+    config.write_text(f"[generator.options]\n{options}\n")
+    assert_error(cli("--config", str(config), "config", "check"), 78, *words)
+    config.write_text("[generator.options]\nmax_batch_size = 4\n")
+    assert cli.here("--config", str(config), "config", "check").stdout.startswith("config ok")
