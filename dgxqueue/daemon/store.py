@@ -27,7 +27,10 @@ from dgxqueue.storage.repository import ClaimedJob
 
 T = TypeVar("T")
 log = structlog.get_logger("dgxqueue.store")
-_RETRYABLE_PGCODES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "08000", "08003", "08006"}
+# Serialization failure, deadlock, lock not available; and whole SQLSTATE classes: connection
+# exceptions, insufficient resources, operator intervention (shutdowns), system errors.
+_RETRYABLE_PGCODES = {"40001", "40P01", "55P03"}
+_RETRYABLE_PGCLASSES = {"08", "53", "57", "58"}
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 
@@ -37,9 +40,14 @@ def is_transient_db_error(exc: BaseException) -> bool:
         code = getattr(exc.orig, "sqlite_errorcode", None)
         if code is not None:  # SQLite raises OperationalError for syntax errors too: only busy/locked
             return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
-        if exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        if exc.connection_invalidated:
             return True
-        return getattr(exc.orig, "sqlstate", None) in _RETRYABLE_PGCODES
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate:  # the server answered: its code says whether trying again can help (psycopg
+            # raises OperationalError for 'index row size exceeds' too, which never passes)
+            return sqlstate in _RETRYABLE_PGCODES or sqlstate[:2] in _RETRYABLE_PGCLASSES
+        # No code: the connection itself failed (refused, closed, timed out).
+        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
     return isinstance(exc, sa.exc.TimeoutError)  # pool checkout timed out
 
 

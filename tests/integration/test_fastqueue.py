@@ -174,6 +174,22 @@ def test_is_transient__sqlite_busy_yes_syntax_error_no(tmp_path: Path) -> None:
     engine.dispose()
 
 
+@pytest.mark.parametrize(("errcode", "transient"), [
+    ("program_limit_exceeded", False), ("undefined_table", False), ("serialization_failure", True),
+    ("lock_not_available", True), ("admin_shutdown", True), ("too_many_connections", True),
+])
+def test_is_transient__postgres_by_its_sqlstate(pg_db_url: str, errcode: str, transient: bool) -> None:
+    """The server's SQLSTATE decides, not the driver's exception class: psycopg raises
+    OperationalError for 'index row size exceeds' (program_limit_exceeded), which no retry can
+    pass, as for a shutdown, which a retry outlasts."""
+    engine = sa.create_engine(pg_db_url)
+    raise_it = f"DO $$ BEGIN RAISE EXCEPTION 'raised' USING ERRCODE = '{errcode}'; END $$"
+    with pytest.raises(sa.exc.DBAPIError) as raised, engine.connect() as conn:
+        conn.execute(sa.text(raise_it))
+    assert is_transient_db_error(raised.value) is transient
+    engine.dispose()
+
+
 def test_claim__aware_times_round_trip(engine: sa.Engine) -> None:
     """``now`` and the lease are bound through the column type: stored as UTC on both engines."""
     fill(engine, 1)
