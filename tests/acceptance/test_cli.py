@@ -368,7 +368,7 @@ def test_db__upgrade_current_downgrade(cli: Cli) -> None:
     assert f"revision {head_revision()}" in cli.ok("db", "upgrade")
     assert json.loads(cli.ok("db", "current", "--json")) == {
         "current": head_revision(), "head": head_revision(), "up_to_date": True}
-    assert "revision 001" in cli.ok("db", "downgrade")
+    assert "revision 002" in cli.ok("db", "downgrade")  # one step back from 003
     assert not json.loads(cli.here("db", "current", "--json").stdout)["up_to_date"]
     assert_error(cli.here("list"), 69, "db upgrade")
     assert cli.here("db", "upgrade").returncode == 0

@@ -31,6 +31,7 @@ from dgxqueue.storage import (
     fail_generation,
     get_all_generations,
     get_database_stats,
+    get_engine,
     get_generation,
     get_most_used_prompts,
     get_pending_generations,
@@ -41,7 +42,7 @@ from dgxqueue.storage import (
     session_scope,
     track_prompt_usage,
 )
-from dgxqueue.storage.database import head_revision
+from dgxqueue.storage.database import head_revision, upgrade
 from tests.unit.test_validation import BAD_INPUTS
 
 Scope = Callable[[], AbstractContextManager[Session]]
@@ -465,6 +466,29 @@ def test_plain_sql__spec_prompt_rows_count_on(scope: Scope, engine: Engine) -> N
     with scope() as session:
         [prompt] = get_most_used_prompts(session)
         assert prompt.used_count == 2 and prompt.first_used_at == datetime(2025, 11, 7, 10, 15, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("revision", ["before", "after"])
+def test_plain_sql__spec_prompt_rows_with_their_ids_leave_room_for_new_ones(db_url: str, revision: str) -> None:
+    """The spec's example prompts, inserted with their own ids (1 and 2), before or after
+    migration 003: new prompts counted through the API take other ids. On PostgreSQL the id
+    sequence did not see those ids, and the next two new prompts failed on the primary key."""
+    engine = get_engine(db_url)
+    upgrade(engine, "002" if revision == "before" else "head")
+    with engine.begin() as conn:  # the specification's two example records, verbatim
+        conn.exec_driver_sql("INSERT INTO prompts VALUES (1, 'trap beat with heavy 808 bass at 140 BPM', 3,"
+                             " '2025-11-07 09:00:00', '2025-11-07 11:30:00')")
+        conn.exec_driver_sql("INSERT INTO prompts VALUES (2, 'chill lo-fi hip hop with piano', 1,"
+                             " '2025-11-07 10:15:00', '2025-11-07 10:15:00')")
+    init_db(db_url)
+    with session_scope(engine) as session:
+        for prompt in ("new prompt A", "new prompt B", "chill lo-fi hip hop with piano"):
+            create_generation(session=session, **{**SPEC_EXAMPLE, "prompt": prompt})
+    with session_scope(engine) as session:
+        counts = {p.text: (p.id, p.used_count) for p in get_most_used_prompts(session, limit=10)}
+    assert counts["trap beat with heavy 808 bass at 140 BPM"] == (1, 3)
+    assert counts["chill lo-fi hip hop with piano"] == (2, 2)
+    assert {counts["new prompt A"][0], counts["new prompt B"][0]}.isdisjoint({1, 2})
 
 
 def test_bad_input__every_rule_writes_nothing(scope: Scope, engine: Engine) -> None:
