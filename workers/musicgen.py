@@ -14,7 +14,8 @@ What a request may ask for:
 Determinism: each ``generate`` call seeds torch with the seed of its *first* request. A job rendered
 alone, on the same device, model and versions, gives the same audio on every attempt (CUDA kernels
 may still differ in the last bits); a job batched with others shares their random stream and its
-padding, so a different batch composition gives different audio.
+padding, so a different batch composition gives different audio. A job whose producer chose
+``metadata.seed`` is only batched with jobs of the same seed, so that seed always applies.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class _Plan:
     guidance_scale: float
     temperature: float
     top_k: int
+    # A call samples from one random stream, seeded by its first request: a seed the producer
+    # chose (metadata.seed) is honoured only if the call has no other.
+    seed: int | None = None
 
 
 class MusicGenGenerator:
@@ -212,6 +216,7 @@ class MusicGenGenerator:
             guidance_scale=float(settings["guidance_scale"]),
             temperature=float(settings["temperature"]),
             top_k=int(settings["top_k"]),
+            seed=request.seed if "seed" in request.metadata else None,
         )
 
     def validate(self, request: GenerationRequest) -> None:
@@ -248,16 +253,19 @@ class MusicGenGenerator:
             return self._render_once(batch, plan)
         except Exception as exc:
             oom = self._is_oom(exc)
-            if oom and self._device.startswith("cuda"):
-                self._torch.cuda.empty_cache()
-            if len(batch) == 1:
-                if oom:
-                    return [TransientGeneratorError(f"out of memory rendering one request on {self._device}")]
-                return [PermanentGeneratorError(f"MusicGen failed: {type(exc).__name__}: {exc}")]
-            # Halving both fits memory after an OOM and isolates a request that breaks the batch.
-            log.warning("musicgen_batch_split", batch_size=len(batch), out_of_memory=oom, error=str(exc))
-            half = len(batch) // 2
-            return self._render(batch[:half], plan) + self._render(batch[half:], plan)
+            error = f"{type(exc).__name__}: {exc}"
+        # Retried only here, after the except block: the exception's traceback holds the failed
+        # call's frames and every tensor in them, which empty_cache() cannot free while it lives.
+        if oom and self._device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+        if len(batch) == 1:
+            if oom:
+                return [TransientGeneratorError(f"out of memory rendering one request on {self._device}")]
+            return [PermanentGeneratorError(f"MusicGen failed: {error}")]
+        # Halving both fits memory after an OOM and isolates a request that breaks the batch.
+        log.warning("musicgen_batch_split", batch_size=len(batch), out_of_memory=oom, error=error)
+        half = len(batch) // 2
+        return self._render(batch[:half], plan) + self._render(batch[half:], plan)
 
     def _is_oom(self, exc: BaseException) -> bool:
         oom_type = getattr(self._torch.cuda, "OutOfMemoryError", ())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import wave
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,50 @@ def test_musicgen__oom_halves_the_batch_until_it_fits(
     outcomes = mono.generate([_request(p, seed=i) for i, p in enumerate(PROMPTS[:4])])
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
     assert [_audio(o).samples.shape for o in outcomes] == [(1, RATE // 2)] * 4
+
+
+def test_musicgen__oom_retry_runs_after_the_failed_call_is_freed(
+    mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None]
+) -> None:
+    """The halves are rendered once the failed call's frames are gone: its tensors (a KV cache on
+    a GPU) no longer take memory the retry needs. The exception's traceback used to keep them."""
+    held: list[weakref.ref[Any]] = []
+    alive_at_retry: list[bool] = []
+
+    def oom_at_two(real: Wrapper, **kwargs: Any) -> Any:
+        if _batch_size(kwargs) > 1:
+            cache = torch.ones(1024)  # what a failed call holds when it runs out of memory
+            held.append(weakref.ref(cache))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        alive_at_retry.append(held[0]() is not None)
+        return real(**kwargs)
+
+    wrap_generate(oom_at_two)
+    outcomes = mono.generate([_request(p) for p in PROMPTS[:2]])
+    assert alive_at_retry == [False, False]
+    assert all(isinstance(o, GeneratedAudio) for o in outcomes)
+
+
+def test_musicgen__a_chosen_seed_is_never_shared(
+    mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None]
+) -> None:
+    """A call seeds one random stream from its first request, so jobs whose producers chose
+    different seeds (metadata.seed) never share a call; jobs without one still batch together."""
+    sizes: list[int] = []
+
+    def count(real: Wrapper, **kwargs: Any) -> Any:
+        sizes.append(_batch_size(kwargs))
+        return real(**kwargs)
+
+    wrap_generate(count)
+    chosen = [_request(PROMPTS[0], seed=222, metadata={"seed": 222}),
+              _request(PROMPTS[1], seed=999, metadata={"seed": 999})]
+    assert mono.batch_key(chosen[0]) != mono.batch_key(chosen[1])
+    assert mono.batch_key(_request(PROMPTS[0], seed=1)) == mono.batch_key(_request(PROMPTS[1], seed=2))
+    outcomes = mono.generate([*chosen, _request(PROMPTS[2], seed=1), _request(PROMPTS[3], seed=2)])
+    assert sorted(sizes) == [1, 1, 2] and all(isinstance(o, GeneratedAudio) for o in outcomes)
+    alone = mono.generate([chosen[1]])[0]
+    assert np.array_equal(_audio(alone).samples, _audio(outcomes[1]).samples)
 
 
 def test_musicgen__persistent_oom_is_transient_per_request(
