@@ -167,7 +167,9 @@ def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bo
     data = _wav_bytes(audio)
     target = os.fspath(path)
     folder, sep, name = target.rpartition(os.sep)
-    tmp = f"{folder}{sep}.{name}.{secrets.token_hex(6)}.tmp"
+    # The name cut to 200 bytes: a 240-byte file name is valid, with 19 bytes more it is not.
+    short = name.encode()[:200].decode("utf-8", "ignore") if len(name) > 50 else name
+    tmp = f"{folder}{sep}.{short}.{secrets.token_hex(6)}.tmp"
     fd = -1
     created = False
     try:

@@ -122,6 +122,8 @@ class MusicGenGenerator:
             except ValueError as exc:
                 raise bad(key, value, str(exc)) from None
         self.model_id = model
+        if isinstance(models, str):  # one name, not its letters
+            models = [models]
         self.models = frozenset(models if models is not None else [PurePath(self.model_id).name])
         self.max_batch_size = max_batch_size
         self.max_duration_seconds = float(max_duration_seconds)

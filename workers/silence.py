@@ -16,7 +16,7 @@ class SilenceGenerator:
     name = "silence"
 
     def __init__(self, models: Sequence[str] = ("silence",), max_batch_size: int = 64) -> None:
-        self.models = frozenset(models)
+        self.models = frozenset([models] if isinstance(models, str) else models)  # not its letters
         self.max_batch_size = max_batch_size
 
     def load(self) -> None:

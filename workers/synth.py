@@ -93,7 +93,8 @@ class SynthGenerator:
 
     def render(self, request: GenerationRequest) -> GeneratedAudio:
         """Render one validated request."""
-        rng = np.random.default_rng([request.seed % (1 << 64), zlib.crc32(request.prompt.encode())])
+        prompt = request.prompt.encode("utf-8", "surrogatepass")  # a row by plain SQL may hold anything
+        rng = np.random.default_rng([request.seed % (1 << 64), zlib.crc32(prompt)])
         style = parse_style(request.prompt, rng, self.default_bpm)
         sr, channels = request.sample_rate, request.channels
         frames = round(request.duration_seconds * sr)

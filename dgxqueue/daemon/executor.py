@@ -125,7 +125,7 @@ def _check_shape(result: GeneratedAudio, request: GenerationRequest) -> None:
             f"backend returned {result.channels} channel(s) at {result.sample_rate} Hz; "
             f"the job asked for {request.channels} at {request.sample_rate} Hz"
         )
-    if abs(result.frames - frames) > 1:
+    if result.frames != frames:
         raise PermanentGeneratorError(f"backend returned {result.frames} frames; the job asked for {frames}")
 
 

@@ -159,7 +159,11 @@ def validate_new_job(
     duration = validate_duration(duration_seconds, limits)
     rate = _integer("sample_rate", sample_rate, limits.min_sample_rate, limits.max_sample_rate)
     count = _integer("channels", channels, 1, limits.max_channels)
-    size = _WAV_HEADER_BYTES + round(duration * rate) * count * 2
+    frames = round(duration * rate)
+    if frames < 1:
+        raise ValidationError("duration_seconds", duration_seconds, f"at least one sample at {rate} Hz"
+                                                                    f" ({1 / rate:.3g} s)")
+    size = _WAV_HEADER_BYTES + frames * count * 2
     if size > MAX_FILE_SIZE:
         raise ValidationError("duration_seconds", duration_seconds, f"short enough for a WAV file of at most"
                               f" {MAX_FILE_SIZE} bytes, what file_size_bytes holds (at {rate} Hz and {count}"

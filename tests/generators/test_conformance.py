@@ -48,6 +48,12 @@ def test_protocol__attributes_are_well_formed(backend: Backend) -> None:
     assert isinstance(generator.max_batch_size, int) and generator.max_batch_size >= 1
 
 
+def test_models__one_name_as_text_is_one_model(backend: Backend) -> None:
+    """``models = "name"`` (text, not a list) serves that one model, not each of its letters."""
+    built = create_generator(backend.name, {**backend.options, "models": "my-model"})
+    assert built.models == frozenset({"my-model"})
+
+
 def test_generate__one_result_per_request_in_order(backend: Backend) -> None:
     """A batch yields one float32 (channels, round(duration*rate)) result per request, in order."""
     durations = (0.5, 0.25, 0.3333)

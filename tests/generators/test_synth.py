@@ -91,6 +91,12 @@ def test_render__same_request_is_bit_identical_across_instances() -> None:
     np.testing.assert_array_equal(first.samples, second.samples)
 
 
+def test_render__prompt_that_is_not_valid_unicode_renders() -> None:
+    """A lone surrogate (a row written by plain SQL; the API refuses it) does not fail the batch."""
+    outcomes = SynthGenerator().generate([_request("beat \udcff"), _request("beat")])
+    assert all(isinstance(o, GeneratedAudio) for o in outcomes)
+
+
 def test_render__prompt_changes_audio_under_one_seed() -> None:
     """Two prompts that read the same still render differently, as the prompt seeds the RNG too."""
     first = _render(_request("a beat", seed=3)).samples

@@ -236,6 +236,16 @@ def test_daemon__backend_results_json_cannot_hold_fail_alone(engine: sa.Engine, 
     assert row(db_url, fine).status == "completed"
 
 
+def test_daemon__audio_of_another_length_than_asked_fails(engine: sa.Engine, db_url: str, outputs: Path) -> None:
+    """A result one frame short is not written: the file must hold exactly the frames the job asked
+    for (duration x rate); it used to pass within one frame."""
+    short = enqueue(db_url, "short", duration=0.05)
+    assert make_daemon(db_url, outputs, ScriptedGenerator()).run(burst=True) == 0
+    assert (row(db_url, short).status, row(db_url, short).error_message) == (
+        "failed", "backend returned 399 frames; the job asked for 400")
+    assert not (outputs / f"{short}.wav").exists()
+
+
 def test_daemon__error_message_any_text_is_stored(engine: sa.Engine, db_url: str, outputs: Path) -> None:
     """An error whose message holds a NUL byte, which PostgreSQL text refuses, is stored with the
     byte replaced: the outcome write used to fail and stop the daemon."""

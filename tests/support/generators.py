@@ -11,6 +11,7 @@ Prompt directives (anything else renders silence):
 - ``meta:numpy``   audio with numpy scalars in its metadata (``bpm`` float32 120, ``bars`` int64 8)
 - ``meta:nan``     audio with ``tempo`` NaN in its metadata, which JSON cannot hold
 - ``nul``          fail permanently with a NUL byte in the message (PostgreSQL text cannot hold it)
+- ``short``        audio one frame shorter than asked for
 
 Every execution is appended to ``log_path`` as one line ``<job_id> <pid>`` (O_APPEND writes of
 one short line are atomic), so a test can count how often each job really ran, across processes.
@@ -115,7 +116,7 @@ class ScriptedGenerator:
                 metadata.update(bpm=np.float32(120.0), bars=np.int64(8))
             if prompt == "meta:nan":
                 metadata.update(tempo=float("nan"))
-            frames = round(request.duration_seconds * request.sample_rate)
+            frames = round(request.duration_seconds * request.sample_rate) - (prompt == "short")
             samples = np.full((request.channels, frames), 0.25, dtype=np.float32)
             results.append(GeneratedAudio(samples=samples, sample_rate=request.sample_rate, metadata=metadata))
         return results

@@ -294,6 +294,15 @@ def test_sync_folders__once_per_folder_and_errors_by_path(tmp_path: Path) -> Non
     assert read_wav(a)[1] == 44100 and read_wav(b)[1] == 44100
 
 
+@pytest.mark.parametrize("name", ["a" * 236 + ".wav", "\u00e9" * 118 + ".wav"], ids=["ascii", "two-byte"])
+def test_write_wav_atomic__longest_file_names(tmp_path: Path, name: str) -> None:
+    """A file name of 240 bytes, valid on the file system, is written: its temporary name (the
+    same with 19 bytes more) used to be too long, and the job failed for good."""
+    assert len(name.encode()) == 240
+    size = write_wav_atomic(tmp_path / name, _audio(frames=100))
+    assert (tmp_path / name).stat().st_size == size and [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_write_wav_atomic__bare_file_name_and_text_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bare file name is written (and its folder synced) in the working folder; text paths work
     like Paths, and sync_folders answers by the objects it was given."""

@@ -47,6 +47,7 @@ BAD_INPUTS: list[tuple[str, object, str]] = [
     ("duration_seconds", "3", "(0, 300]"),
     ("duration_seconds", True, "(0, 300]"),
     ("duration_seconds", 300.5, "(0, 300]"),
+    ("duration_seconds", 1e-5, "at least one sample at 32000 Hz"),  # would be an empty WAV
     ("sample_rate", 7999, "[8000, 96000]"),
     ("sample_rate", 96001, "[8000, 96000]"),
     ("sample_rate", 32000.0, "[8000, 96000]"),
