@@ -34,7 +34,8 @@ _CHUNK = 1 << 20  # samples per float64 block when measuring: bounded extra memo
 #: byte rate, block align, bits per sample), then the "data" chunk's size.
 _HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
 _WAVE_FORMAT_PCM = 1
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _P = TypeVar("_P", str, Path)
 
 
@@ -50,6 +51,11 @@ class OutputRoot:
         self.root = os.path.abspath(outputs_dir)
         self.parent, self.name = os.path.split(self.root)
         self._real: dict[str, str] = {}  # folder relative to ``parent`` -> its real path
+
+    @property
+    def real(self) -> str:
+        """The outputs folder's real path (symlinks resolved), looked up once per instance."""
+        return self._real_folder(self.name)
 
     def resolve(self, file_path: str) -> Path:
         """The absolute path for ``file_path`` (see :meth:`locate`)."""
@@ -153,7 +159,8 @@ def _wav_bytes(audio: GeneratedAudio) -> bytearray:
     return wav
 
 
-def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bool = True) -> int:
+def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bool = True,
+                     inside: str | None = None) -> int:
     """Write ``audio`` as 16-bit PCM WAV at ``path`` atomically; return the file size in bytes.
 
     The data goes to a hidden temporary file in the same folder, is flushed and fsynced, then
@@ -162,23 +169,32 @@ def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bo
     :class:`OutputError`; a file already at ``path`` is left as it was. ``sync_folder=False``
     leaves the folder's fsync to the caller (:func:`sync_folders`, once for a whole batch).
     Missing folders are created.
+
+    ``inside``: the real path of a folder the file must land in. The file's folder is opened
+    first and its real path read from the open descriptor, and everything after goes through
+    that descriptor: a folder swapped for a symlink after the job's path was checked (while the
+    backend rendered, for minutes) is refused, not written through.
     """
     _check_shape(path, audio)
     data = _wav_bytes(audio)
     target = os.fspath(path)
     folder, sep, name = target.rpartition(os.sep)
+    folder = folder or sep or "."  # "/x.wav", "x.wav"
     # The name cut to 200 bytes: a 240-byte file name is valid, with 19 bytes more it is not.
     short = name.encode()[:200].decode("utf-8", "ignore") if len(name) > 50 else name
-    tmp = f"{folder}{sep}.{short}.{secrets.token_hex(6)}.tmp"
-    fd = -1
+    tmp = f".{short}.{secrets.token_hex(6)}.tmp"
+    folder_fd = fd = -1
     created = False
     try:
-        # os.open rather than mkstemp: mode 0o666 lets the umask decide, as for any other file.
         try:
-            fd = os.open(tmp, _CREATE, 0o666)
+            folder_fd = os.open(folder, _FOLDER)
         except FileNotFoundError:  # a new folder: made only now, to spare every file a mkdir call
             os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, _CREATE, 0o666)
+            folder_fd = os.open(folder, _FOLDER)
+        if inside is not None:
+            _check_inside(folder_fd, folder, inside, target)
+        # os.open rather than mkstemp: mode 0o666 lets the umask decide, as for any other file.
+        fd = os.open(tmp, _CREATE, 0o666, dir_fd=folder_fd)
         created = True
         written = os.write(fd, data)
         while written < len(data):  # a regular file takes it all at once, but write() may stop short
@@ -186,19 +202,33 @@ def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bo
         os.fsync(fd)
         fd, closing = -1, fd  # closed even if close() reports an error
         os.close(closing)
-        os.replace(tmp, target)
+        os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        created = False
+        if sync_folder:
+            _fsync_folder(folder_fd, target)
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
         if created:
             with contextlib.suppress(OSError):  # the original error is the one worth reporting
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=folder_fd)
         if isinstance(exc, OSError):
             raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
         raise
-    if sync_folder:
-        _fsync_dir(target)
+    finally:
+        if folder_fd >= 0:
+            os.close(folder_fd)
     return len(data)
+
+
+def _check_inside(folder_fd: int, folder: str, inside: str, target: str) -> None:
+    try:
+        real = os.readlink(f"/proc/self/fd/{folder_fd}")  # where the open folder really is
+    except OSError:  # no /proc: by name, which narrows the window without closing it
+        real = os.path.realpath(folder)
+    if real != inside and not real.startswith(inside + os.sep):
+        raise OutputError(f"file path {target} now resolves to {real}, outside the outputs folder {inside}:"
+                          " a folder was replaced by a link while the job ran")
 
 
 def sync_folders(paths: Iterable[_P]) -> dict[_P, OutputError]:
@@ -218,16 +248,21 @@ def sync_folders(paths: Iterable[_P]) -> dict[_P, OutputError]:
 def _fsync_dir(path: str | Path) -> None:
     """Make the rename durable. The file is already complete, so only real errors are raised."""
     try:
-        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)  # "x.wav": the working folder
+        dir_fd = os.open(os.path.dirname(path) or ".", _FOLDER)  # "x.wav": the working folder
     except OSError as exc:
         raise OutputError(f"could not sync the folder of {path}: {exc.strerror or exc}") from exc
     try:
-        os.fsync(dir_fd)
+        _fsync_folder(dir_fd, path)
+    finally:
+        os.close(dir_fd)
+
+
+def _fsync_folder(folder_fd: int, path: str | Path) -> None:
+    try:
+        os.fsync(folder_fd)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems without directory fsync
             raise OutputError(f"could not sync the folder of {path}: {exc.strerror or exc}") from exc
-    finally:
-        os.close(dir_fd)
 
 
 def measure(audio: GeneratedAudio) -> dict[str, float]:

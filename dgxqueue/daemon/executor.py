@@ -105,9 +105,8 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
     return ready, refused
 
 
-def locate(batch: Sequence[Work], outputs_dir: Path) -> tuple[list[tuple[Work, str]], list[Outcome]]:
+def locate(batch: Sequence[Work], root: audio.OutputRoot) -> tuple[list[tuple[Work, str]], list[Outcome]]:
     """Each job's output path, or its failure when that path is not inside the outputs folder."""
-    root = audio.OutputRoot(outputs_dir)  # one per batch: folders' real paths looked up once
     located: list[tuple[Work, str]] = []
     refused: list[Outcome] = []
     for work in batch:
@@ -159,15 +158,17 @@ def _json_value(value: Any, name: str) -> Any:
 def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path) -> list[Outcome]:
     """Generate one batch in one backend call and write each file. Runs on the runner thread.
 
-    A job whose file would land outside ``outputs_dir`` fails without reaching the backend.
+    A job whose file would land outside ``outputs_dir`` fails without reaching the backend, and
+    again at the write if a folder on its path became a link meanwhile.
     """
-    located, refused = locate(batch, outputs_dir)
+    root = audio.OutputRoot(outputs_dir)  # one per batch: folders' real paths looked up once
+    located, refused = locate(batch, root)
     if not located:
         return refused
-    return refused + _render(generator, [w for w, _ in located], [path for _, path in located])
+    return refused + _render(generator, [w for w, _ in located], [path for _, path in located], root.real)
 
 
-def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str]) -> list[Outcome]:
+def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], inside: str) -> list[Outcome]:
     started = time.perf_counter()
     try:
         results = generator.generate([work.request for work in batch])
@@ -191,7 +192,7 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str]) -
                     f"backend returned {type(result).__name__}, not GeneratedAudio or an exception")
             _check_shape(result, work.request)
             extra = _storable(result.metadata)
-            size = audio.write_wav_atomic(path, result, sync_folder=False)
+            size = audio.write_wav_atomic(path, result, sync_folder=False, inside=inside)
             measured = audio.measure(result)
         except Exception as exc:  # this job's alone: the others of the batch are written
             outcomes.append(Outcome(work.job, exc, generated))

@@ -182,6 +182,28 @@ def test_daemon__output_path_outside_outputs_fails_job(engine: sa.Engine, db_url
     assert all(row(db_url, other).status == "completed" for other in others)
 
 
+def test_daemon__folder_linked_out_while_rendering_is_not_written_through(engine: sa.Engine, db_url: str,
+                                                                          outputs: Path) -> None:
+    """A folder of the job's path replaced by a link out of the outputs folder while the backend
+    renders (the path was checked before): the write is refused and the job fails, nothing lands
+    outside. It used to be written through the link."""
+    (outputs / "album").mkdir(parents=True)
+    outside = outputs.parent / "elsewhere"
+    outside.mkdir()
+
+    class RelinksTheFolder(ScriptedGenerator):
+        def generate(self, requests: Any) -> Any:  # as someone with write access to outputs/ could
+            (outputs / "album").rmdir()
+            (outputs / "album").symlink_to(outside, target_is_directory=True)
+            return super().generate(requests)
+
+    job_id = enqueue(db_url, "fine", file_path="outputs/album/song.wav")
+    assert make_daemon(db_url, outputs, RelinksTheFolder()).run(burst=True) == 0
+    job = row(db_url, job_id)
+    assert job.status == "failed" and "outside the outputs folder" in (job.error_message or "")
+    assert list(outside.iterdir()) == []
+
+
 def test_daemon__plain_sql_row_is_processed(engine: sa.Engine, db_url: str, outputs: Path) -> None:
     """A row inserted with only the specification's 15 columns is claimed and completed."""
     daemon = make_daemon(db_url, outputs, ScriptedGenerator())
