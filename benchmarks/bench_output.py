@@ -82,20 +82,23 @@ def steps_pass(jobs: Sequence[ClaimedJob], size: int, outputs: Path) -> dict[str
     spent = dict.fromkeys(("  generate", "  write_wav", "  measure", "  sync"), 0.0)
     for chunk in batches(jobs, size):
         work, _ = executor.prepare(chunk, generator)
-        located, _ = executor.locate(work, outputs)
+        root = audio.OutputRoot(outputs)
+        folders = audio.Folders(root.real)
+        located, _ = executor.locate(work, root)
         paths = [path for _, path in located]
         t0 = time.perf_counter()
         results = generator.generate([w.request for w in work])
         t1 = time.perf_counter()
         for path, result in zip(paths, results, strict=True):
             assert not isinstance(result, BaseException)
-            audio.write_wav_atomic(path, result, sync_folder=False)
+            audio.write_wav_atomic(path, result, sync_folder=False, folders=folders)
         t2 = time.perf_counter()
         for result in results:
             assert not isinstance(result, BaseException)
             audio.measure(result)
         t3 = time.perf_counter()
-        audio.sync_folders(paths)
+        folders.sync()
+        folders.close()
         t4 = time.perf_counter()
         for key, value in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             spent[key] += value

@@ -16,7 +16,6 @@ import secrets
 import stat
 import struct
 import wave
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -159,40 +158,79 @@ def _wav_bytes(audio: GeneratedAudio) -> bytearray:
     return wav
 
 
+class Folders:
+    """The folders one batch writes into, each opened once and kept open until :meth:`close`.
+
+    ``inside``: the real path of a folder every file must land in. A folder's real path is read
+    from its open descriptor and checked against it, and every write, rename and fsync goes
+    through that descriptor: a folder swapped for a symlink after the job's path was checked
+    (while the backend rendered, for minutes) is refused, not written through.
+    """
+
+    def __init__(self, inside: str | None = None) -> None:
+        self.inside = inside
+        self._open: dict[str, int] = {}
+
+    def open(self, folder: str, target: str) -> int:
+        """The descriptor of ``folder`` (made if missing), checked on first use."""
+        fd = self._open.get(folder)
+        if fd is not None:
+            return fd
+        try:
+            fd = os.open(folder, _FOLDER)
+        except FileNotFoundError:  # a new folder: made only now, to spare every file a mkdir call
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(folder, _FOLDER)
+        try:
+            if self.inside is not None:
+                _check_inside(fd, folder, self.inside, target)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._open[folder] = fd
+        return fd
+
+    def sync(self) -> dict[str, OutputError]:
+        """fsync every folder opened (their renames become durable); the errors by folder."""
+        errors: dict[str, OutputError] = {}
+        for folder, fd in self._open.items():
+            try:
+                _fsync_folder(fd, folder)
+            except OutputError as exc:
+                errors[folder] = exc
+        return errors
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+
 def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bool = True,
-                     inside: str | None = None) -> int:
+                     folders: Folders | None = None) -> int:
     """Write ``audio`` as 16-bit PCM WAV at ``path`` atomically; return the file size in bytes.
 
     The data goes to a hidden temporary file in the same folder, is flushed and fsynced, then
     renamed over ``path`` and the folder fsynced, so readers see either no file or the whole
     file. Any OSError (disk full, permission, read-only) removes the temporary file and raises
     :class:`OutputError`; a file already at ``path`` is left as it was. ``sync_folder=False``
-    leaves the folder's fsync to the caller (:func:`sync_folders`, once for a whole batch).
-    Missing folders are created.
-
-    ``inside``: the real path of a folder the file must land in. The file's folder is opened
-    first and its real path read from the open descriptor, and everything after goes through
-    that descriptor: a folder swapped for a symlink after the job's path was checked (while the
-    backend rendered, for minutes) is refused, not written through.
+    leaves the folder's fsync to the caller (:meth:`Folders.sync`, once for a
+    whole batch). Missing folders are created. ``folders``: the batch's open folders
+    (checked to lie in the outputs folder); without it the folder is opened for this file alone.
     """
     _check_shape(path, audio)
     data = _wav_bytes(audio)
     target = os.fspath(path)
-    folder, sep, name = target.rpartition(os.sep)
-    folder = folder or sep or "."  # "/x.wav", "x.wav"
+    folder, name = folder_of(target), target.rpartition(os.sep)[2]
     # The name cut to 200 bytes: a 240-byte file name is valid, with 19 bytes more it is not.
     short = name.encode()[:200].decode("utf-8", "ignore") if len(name) > 50 else name
     tmp = f".{short}.{secrets.token_hex(6)}.tmp"
-    folder_fd = fd = -1
+    own = folders is None
+    opened = Folders() if folders is None else folders
+    fd = folder_fd = -1
     created = False
     try:
-        try:
-            folder_fd = os.open(folder, _FOLDER)
-        except FileNotFoundError:  # a new folder: made only now, to spare every file a mkdir call
-            os.makedirs(folder, exist_ok=True)
-            folder_fd = os.open(folder, _FOLDER)
-        if inside is not None:
-            _check_inside(folder_fd, folder, inside, target)
+        folder_fd = opened.open(folder, target)
         # os.open rather than mkstemp: mode 0o666 lets the umask decide, as for any other file.
         fd = os.open(tmp, _CREATE, 0o666, dir_fd=folder_fd)
         created = True
@@ -216,9 +254,15 @@ def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bo
             raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
         raise
     finally:
-        if folder_fd >= 0:
-            os.close(folder_fd)
+        if own:
+            opened.close()
     return len(data)
+
+
+def folder_of(target: str) -> str:
+    """The folder a file path names, as :class:`Folders` keys it ("x.wav": the working folder)."""
+    folder, sep, _ = target.rpartition(os.sep)
+    return folder or sep or "."
 
 
 def _check_inside(folder_fd: int, folder: str, inside: str, target: str) -> None:
@@ -229,32 +273,6 @@ def _check_inside(folder_fd: int, folder: str, inside: str, target: str) -> None
     if real != inside and not real.startswith(inside + os.sep):
         raise OutputError(f"file path {target} now resolves to {real}, outside the outputs folder {inside}:"
                           " a folder was replaced by a link while the job ran")
-
-
-def sync_folders(paths: Iterable[_P]) -> dict[_P, OutputError]:
-    """fsync the folder of each path once, making their renames durable; the errors by path."""
-    errors: dict[_P, OutputError] = {}
-    by_folder: dict[str, list[_P]] = {}
-    for path in paths:  # keyed by the folder's name: cheaper than hashing a Path.parent per file
-        by_folder.setdefault(os.path.dirname(path), []).append(path)
-    for members in by_folder.values():
-        try:
-            _fsync_dir(members[0])
-        except OutputError as exc:
-            errors.update((member, exc) for member in members)
-    return errors
-
-
-def _fsync_dir(path: str | Path) -> None:
-    """Make the rename durable. The file is already complete, so only real errors are raised."""
-    try:
-        dir_fd = os.open(os.path.dirname(path) or ".", _FOLDER)  # "x.wav": the working folder
-    except OSError as exc:
-        raise OutputError(f"could not sync the folder of {path}: {exc.strerror or exc}") from exc
-    try:
-        _fsync_folder(dir_fd, path)
-    finally:
-        os.close(dir_fd)
 
 
 def _fsync_folder(folder_fd: int, path: str | Path) -> None:

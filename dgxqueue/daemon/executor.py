@@ -180,6 +180,24 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
         elapsed = time.perf_counter() - started
         return [Outcome(work.job, exc, elapsed) for work in batch]
     generated = time.perf_counter() - started
+    folders = audio.Folders(inside)  # each folder opened and checked once a batch
+    try:
+        outcomes = _write(batch, paths, results, generated, folders)
+        # One folder fsync per batch, not per file; an outcome counts as written only after it.
+        failed = folders.sync()
+    finally:
+        folders.close()
+    if not failed:
+        return outcomes
+    return [
+        Outcome(o.job, failed[folder], o.generation_seconds) if o.error is None and folder in failed else o
+        for o, folder in zip(outcomes, map(audio.folder_of, paths), strict=True)
+    ]
+
+
+def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], generated: float,
+           folders: audio.Folders) -> list[Outcome]:
+    """Write each result's file (or record why not); the folders' fsync is the caller's."""
     outcomes: list[Outcome] = []
     for work, path, result in zip(batch, paths, results, strict=True):
         if isinstance(result, BaseException):
@@ -192,7 +210,7 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
                     f"backend returned {type(result).__name__}, not GeneratedAudio or an exception")
             _check_shape(result, work.request)
             extra = _storable(result.metadata)
-            size = audio.write_wav_atomic(path, result, sync_folder=False, inside=inside)
+            size = audio.write_wav_atomic(path, result, sync_folder=False, folders=folders)
             measured = audio.measure(result)
         except Exception as exc:  # this job's alone: the others of the batch are written
             outcomes.append(Outcome(work.job, exc, generated))
@@ -202,11 +220,4 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
             work.job, None, generated + (time.perf_counter() - write_started), size,
             result.duration_seconds, metadata,
         ))
-    # One folder fsync per batch, not per file; an outcome counts as written only after it.
-    failed = audio.sync_folders(path for o, path in zip(outcomes, paths, strict=True) if o.error is None)
-    if not failed:
-        return outcomes
-    return [
-        Outcome(o.job, failed[path], o.generation_seconds) if o.error is None and path in failed else o
-        for o, path in zip(outcomes, paths, strict=True)
-    ]
+    return outcomes

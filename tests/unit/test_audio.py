@@ -14,11 +14,11 @@ import pytest
 
 from dgxqueue import audio as audio_module
 from dgxqueue.audio import (
+    Folders,
     OutputRoot,
     measure,
     read_wav,
     resolve_output_path,
-    sync_folders,
     write_wav_atomic,
 )
 from dgxqueue.errors import OutputError
@@ -283,15 +283,24 @@ def test_read__refuses_non_16_bit_files(tmp_path: Path) -> None:
         read_wav(path)
 
 
-def test_sync_folders__once_per_folder_and_errors_by_path(tmp_path: Path) -> None:
-    """sync_folders syncs each folder of a batch; a folder that cannot be opened fails only its files."""
-    a, b = tmp_path / "one" / "a.wav", tmp_path / "two" / "b.wav"
-    for path in (a, b):
-        write_wav_atomic(path, _audio(), sync_folder=False)
-    gone = tmp_path / "missing" / "c.wav"
-    errors = sync_folders([a, b, gone])
-    assert list(errors) == [gone] and "could not sync the folder" in str(errors[gone])
-    assert read_wav(a)[1] == 44100 and read_wav(b)[1] == 44100
+def test_folders__a_batch_writes_inside_its_folder_and_nowhere_else(tmp_path: Path) -> None:
+    """Through one Folders, files land in their folders (made when missing) and the folders sync;
+    a folder whose real path is outside ``inside`` (a link out) is refused, nothing written there."""
+    root, outside = tmp_path / "outputs", tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "one").mkdir(parents=True)
+    (root / "out").symlink_to(outside, target_is_directory=True)
+    folders = Folders(str(root.resolve()))
+    try:
+        for path in (root / "one" / "a.wav", root / "one" / "b.wav", root / "new" / "c.wav"):
+            write_wav_atomic(path, _audio(), sync_folder=False, folders=folders)
+        with pytest.raises(OutputError, match="outside the outputs folder"):
+            write_wav_atomic(root / "out" / "d.wav", _audio(), sync_folder=False, folders=folders)
+        assert folders.sync() == {}
+    finally:
+        folders.close()
+    assert sorted(p.name for p in root.rglob("*.wav")) == ["a.wav", "b.wav", "c.wav"]
+    assert list(outside.iterdir()) == [] and read_wav(root / "new" / "c.wav")[1] == 44100
 
 
 @pytest.mark.parametrize("name", ["a" * 236 + ".wav", "\u00e9" * 118 + ".wav"], ids=["ascii", "two-byte"])
@@ -305,11 +314,8 @@ def test_write_wav_atomic__longest_file_names(tmp_path: Path, name: str) -> None
 
 def test_write_wav_atomic__bare_file_name_and_text_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bare file name is written (and its folder synced) in the working folder; text paths work
-    like Paths, and sync_folders answers by the objects it was given."""
+    like Paths."""
     monkeypatch.chdir(tmp_path)
     size = write_wav_atomic(Path("bare.wav"), _audio(frames=100))
     assert (tmp_path / "bare.wav").stat().st_size == size
     assert write_wav_atomic(str(tmp_path / "text.wav"), _audio(frames=100)) == size
-    assert sync_folders(["bare.wav", str(tmp_path / "text.wav")]) == {}
-    failed = sync_folders([str(tmp_path / "gone" / "x.wav")])
-    assert list(failed) == [str(tmp_path / "gone" / "x.wav")]
