@@ -101,7 +101,8 @@ class QueueDepthCollector(Collector):
             "dgxqueue_queue_pending_jobs", "Pending jobs in the database by model.", labels=["model"])
         oldest = GaugeMetricFamily(
             "dgxqueue_queue_oldest_pending_age_seconds",
-            "Age of the oldest pending job (0 when none is pending).")
+            "Age of the oldest pending job that is due (0 when none is): a job scheduled for later,"
+            " or a retry waiting out its backoff, is not waiting to be claimed yet.")
         query = GaugeMetricFamily(
             "dgxqueue_queue_depth_query_seconds", "Database time of the last queue depth read.")
         errors = CounterMetricFamily(
@@ -163,8 +164,12 @@ class DaemonMetrics(Hooks):
         self.model_load = Gauge(
             "dgxqueue_model_load_seconds", "How long the generator took to load.", registry=registry)
         self.last_loop = Gauge(
-            "dgxqueue_last_loop_timestamp_seconds", "Unix time the main loop last went round "
-            "(a claim, an idle poll or a heartbeat); a stuck loop stops it.", registry=registry)
+            "dgxqueue_last_loop_timestamp_seconds", "Unix time the main loop last went round healthy "
+            "(a claim, an idle poll or a heartbeat); a stuck loop, or a backend call stuck past its "
+            "time limit, stops it.", registry=registry)
+        self.ready = Gauge(
+            "dgxqueue_ready", "1 once the generator is loaded and the daemon takes jobs; 0 while it "
+            "loads.", registry=registry)
         for result in RESCUE_RESULTS:
             self.rescued.labels(result)
         # Each model's series, looked up once: labels() costs about as much as the update itself.
@@ -183,9 +188,12 @@ class DaemonMetrics(Hooks):
             self._model(model)
         self.depth.models = info.models
         self.last_loop.set(self._wall_clock())
+        self.ready.set(0)
 
     def on_model_loaded(self, seconds: float) -> None:
         self.model_load.set(seconds)
+        self.last_loop.set(self._wall_clock())
+        self.ready.set(1)
 
     def on_loop(self, monotonic: float) -> None:
         self.last_loop.set(self._wall_clock())

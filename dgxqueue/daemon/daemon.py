@@ -94,6 +94,7 @@ class Daemon:
         self._stop_requested_at: float | None = None
         self._immediate = False
         self._stopping_sent = False
+        self._loaded = False  # until start() has loaded the generator: loading is not a stall
         self._last_loop = time.monotonic()
         self._next_rescue = 0.0
         self._next_watchdog = 0.0
@@ -120,11 +121,13 @@ class Daemon:
         self.waker.wake()
 
     def healthy(self) -> bool:
-        """False when the loop has stalled or a backend call overran its limit and is stuck."""
-        stall_limit = max(20.0, 2 * self.config.heartbeat_seconds + 15.0)
+        """False when the loop has stalled or a backend call overran its limit and is stuck.
+        True while the generator loads (minutes, for a big model; systemd's TimeoutStartSec
+        bounds that)."""
         if self.runner.stuck_for() > 0:
             return False
-        return time.monotonic() - self._last_loop < stall_limit
+        stall_limit = max(20.0, 2 * self.config.heartbeat_seconds + 15.0)
+        return not self._loaded or time.monotonic() - self._last_loop < stall_limit
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class Daemon:
         # On the thread that will generate: torch's OpenMP pool belongs to the thread that first
         # ran parallel work, and a second pool on the runner thread made CPU generation 1.6x slower.
         self.runner.submit(self.generator.load).result()
+        self._loaded, self._last_loop = True, time.monotonic()
         self.hooks.on_model_loaded(time.perf_counter() - started)
         self.store.ping()
         self.notifier.ready(f"serving {', '.join(self.models)}")
@@ -185,7 +189,8 @@ class Daemon:
         now = time.monotonic()
         self._last_loop = now
         self._heartbeat_if_due(now)
-        self.hooks.on_loop(now)
+        if self.healthy():  # a call stuck past its time limit stops the liveness signals too
+            self.hooks.on_loop(now)
         if self.stopping and not self._stopping_sent:
             self._stopping_sent = True
             self.notifier.stopping("finishing running jobs")

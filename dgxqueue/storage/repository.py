@@ -534,12 +534,14 @@ class QueueDepth:
 
     by_status: dict[str, int]
     pending_by_model: dict[str, int]
-    oldest_pending_created_at: datetime | None
+    oldest_pending_created_at: datetime | None  # of the pending jobs that are due
     completed_is_estimate: bool
 
 
-def _pending_levels() -> sa.Select[Any]:
-    """(model, count, oldest) for each distinct (model, priority) of pending rows, by skip scan."""
+def _pending_levels(now: datetime) -> sa.Select[Any]:
+    """(model, count, oldest due) for each distinct (model, priority) of pending rows, by skip
+    scan. Oldest due: the earliest ``created_at`` among rows that may run now; a scheduled job
+    or a retry in its backoff is not waiting yet."""
     g = G.alias("g")
     pending = g.c.status == _inline(PENDING)
     models = (
@@ -563,10 +565,11 @@ def _pending_levels() -> sa.Select[Any]:
         sa.select(levels.c.model_name, below.scalar_subquery()).where(levels.c.priority.is_not(None))
     )
     here = (pending, g.c.model_name == levels.c.model_name, g.c.priority == levels.c.priority)
+    due = sa.or_(g.c.run_after.is_(None), g.c.run_after <= now)
     return sa.select(
         levels.c.model_name,
         sa.select(sa.func.count()).select_from(g).where(*here).scalar_subquery(),
-        sa.select(sa.func.min(g.c.created_at)).where(*here).scalar_subquery(),
+        sa.select(sa.func.min(g.c.created_at)).where(*here, due).scalar_subquery(),
     ).where(levels.c.priority.is_not(None))
 
 
@@ -596,7 +599,7 @@ def _pg_row_estimate(session: Session) -> float:
     return float(value or 0)
 
 
-def queue_depth(session: Session) -> QueueDepth:
+def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
     """The queue's depth from indexed reads; the comment above says what each part costs."""
     by_model: dict[str, int] = {}
     oldest: datetime | None = None
@@ -605,9 +608,10 @@ def queue_depth(session: Session) -> QueueDepth:
         # The planner cannot tell how few rows the recursion yields, prices the query high and
         # would JIT-compile it: 15-150 ms of compiling for a read of well under 1 ms.
         session.execute(sa.select(sa.func.set_config("jit", "off", True)))
-    for model, n, created in session.execute(_pending_levels()).all():
+    for model, n, created in session.execute(_pending_levels(now or utcnow())).all():
         by_model[model] = by_model.get(model, 0) + n
-        oldest = created if oldest is None or created < oldest else oldest
+        if created is not None and (oldest is None or created < oldest):
+            oldest = created
     estimate = _pg_row_estimate(session) if postgres else 0.0
     use_estimate = estimate > PG_EXACT_LIMIT
     total = sa.literal(int(estimate)) if use_estimate else _count()

@@ -458,6 +458,46 @@ def test_daemon__leases_renewed_through_a_round_of_short_calls(engine: sa.Engine
     assert {(row(db_url, j).status, row(db_url, j).attempts) for j in jobs} == {("completed", 1)}
 
 
+def test_daemon__liveness_stops_while_a_call_is_stuck_not_while_loading(engine: sa.Engine, db_url: str,
+                                                                       outputs: Path) -> None:
+    """Loading the generator (minutes, for a big model) is healthy, however long it takes. A
+    call stuck past its time limit stops the loop's liveness hook (the metric the stall alert
+    reads) as well as healthy(); they resume once the call returns. The hook used to go on."""
+    loading = threading.Event()
+
+    class SlowToLoad(ScriptedGenerator):
+        def load(self) -> None:
+            super().load()
+            loading.wait(10)
+
+    class Loops(RecordingHooks):
+        rounds = 0
+
+        def on_loop(self, monotonic: float) -> None:
+            self.rounds += 1
+
+    hooks = Loops()
+    gen = SlowToLoad()
+    daemon = make_daemon(db_url, outputs, gen, hooks=hooks, job_timeout_seconds=0.3)
+    starting = threading.Thread(target=daemon.start)
+    starting.start()
+    daemon._last_loop -= 3600  # as if the load had taken an hour
+    assert daemon.healthy()
+    loading.set()
+    starting.join(10)
+    assert daemon.healthy()
+    enqueue(db_url, "block")
+    assert daemon.run_once() == 1 and daemon.runner.stuck  # past its time limit, still running
+    before = hooks.rounds
+    daemon.tick()
+    assert hooks.rounds == before and not daemon.healthy()
+    gen.gate.set()
+    wait_until(lambda: not daemon.runner.busy, 10, "the stuck call to return")
+    daemon.tick()
+    assert hooks.rounds == before + 1 and daemon.healthy()
+    daemon.shutdown()
+
+
 def test_daemon__heartbeat_extends_lease(engine: sa.Engine, db_url: str, outputs: Path) -> None:
     """While a job runs, its lease is pushed forward by heartbeats."""
     gen = ScriptedGenerator()

@@ -57,6 +57,24 @@ def test_queue_depth__equals_the_rows(engine: Engine) -> None:
     assert depth.completed_is_estimate is False
 
 
+def test_queue_depth__oldest_is_of_the_jobs_that_may_run(engine: Engine) -> None:
+    """A job scheduled for later is pending and counted, but not waiting yet: the oldest pending
+    time is that of the oldest job that may run now (none: no oldest)."""
+    later = datetime.now(UTC) + timedelta(hours=1)
+    with session_scope(engine) as session:
+        [scheduled] = create_generations(session, [{"prompt": "later", "run_after": later}])
+    with session_scope(engine) as session:
+        [due] = create_generations(session, [{"prompt": "now"}])
+    with session_scope(engine) as session:
+        depth = repo.queue_depth(session)
+        assert depth.by_status["pending"] == 2
+        assert depth.oldest_pending_created_at == session.get(Generation, due).created_at  # type: ignore[union-attr]
+        session.execute(sa.delete(Generation).where(Generation.id == due))
+        assert repo.queue_depth(session).oldest_pending_created_at is None
+        assert repo.queue_depth(session, later).oldest_pending_created_at == session.get(
+            Generation, scheduled).created_at  # type: ignore[union-attr]
+
+
 def test_queue_depth__empty_queue(engine: Engine) -> None:
     """On an empty table every count is zero and there is no oldest pending job."""
     with session_scope(engine) as session:

@@ -127,15 +127,19 @@ def test_daemon_metrics__rescues_count_by_result(sqlite_engine: Engine, registry
 def test_daemon_metrics__build_info_model_load_and_last_loop(
     sqlite_engine: Engine, registry: CollectorRegistry
 ) -> None:
-    """build_info is 1 with its labels; the loop gauge holds the wall time of the last round."""
+    """build_info is 1 with its labels; ready is 0 while the generator loads, then 1; the loop gauge
+    holds the wall time of the last round, and of the end of loading."""
     wall = Clock(1_700_000_000.0)
     metrics = DaemonMetrics(registry, sqlite_engine, wall_clock=wall)
     start(metrics)
     assert value(registry, "dgxqueue_build_info", version="0.1.0", generator="synth", engine="sqlite",
                  worker_id="w-1") == 1
+    assert value(registry, "dgxqueue_ready") == 0
+    wall.now += 10
     metrics.on_model_loaded(4.25)
-    assert value(registry, "dgxqueue_model_load_seconds") == 4.25
-    wall.now += 30
+    assert value(registry, "dgxqueue_model_load_seconds") == 4.25 and value(registry, "dgxqueue_ready") == 1
+    assert value(registry, "dgxqueue_last_loop_timestamp_seconds") == 1_700_000_010.0
+    wall.now += 20
     metrics.on_loop(123.0)
     assert value(registry, "dgxqueue_last_loop_timestamp_seconds") == 1_700_000_030.0
 

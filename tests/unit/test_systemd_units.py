@@ -143,6 +143,20 @@ def test_worker__one_gpu_and_one_metrics_port_per_instance() -> None:
     assert "dgxqueue-migrate.service" in worker["After"][0].split()
 
 
+def test_scrape_example__targets_the_ports_the_worker_units_serve() -> None:
+    """The example scrape config lists, per host, the ports of workers 0, 1, ... (946<index>), so
+    that none is missed and no target is a phantom that raises DgxqueueDaemonDown."""
+    [port_env] = [e for e in _settings("dgxqueue-worker@.service")["Environment"] if "METRICS_PORT" in e]
+    scheme = port_env.split("=", 1)[1]
+    example = (REPO / "monitoring" / "prometheus" / "scrape-example.yml").read_text()
+    ports: dict[str, list[str]] = {}
+    for host, port in re.findall(r"^\s+- ([\w.-]+):(\d+)$", example, re.MULTILINE):
+        ports.setdefault(host, []).append(port)
+    assert len(ports) == 2
+    for listed in ports.values():
+        assert listed == [scheme.replace("%i", str(i)) for i in range(len(listed))]
+
+
 @pytest.mark.parametrize("unit", [u for u in UNIT_FILES if u.endswith(".service")])
 def test_units__exec_start_is_a_valid_dgxqueue_command(unit: str) -> None:
     """Each ExecStart= is a command line the dgxqueue parser accepts."""
