@@ -8,7 +8,10 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,9 @@ from dgxqueue._cli_common import (
     EXIT_USAGE,
     CliError,
     Context,
+    database_unavailable,
+    one_line,
+    parse_span,
     print_json,
 )
 from dgxqueue.config import Settings, settings_as_dict, toml_value
@@ -82,10 +88,25 @@ def _revision_text(engine: sa.Engine) -> str | None:
 
 def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
     engine = _raw_engine(ctx.settings)
-    if args.revision in (None, "head"):
-        ensure_schema(engine)  # takes the migration lock, adopts a pre-alembic database
-    else:
-        upgrade(engine, args.revision)
+    # --wait: at boot the database may come up after this unit (another host, a slow start);
+    # the workers wait for the migration, so the migration waits for the database.
+    deadline = time.monotonic() + (parse_span("wait", args.wait).total_seconds() if args.wait else 0.0)
+    pause = 0.5
+    while True:
+        try:
+            if args.revision in (None, "head"):
+                ensure_schema(engine)  # takes the migration lock, adopts a pre-alembic database
+            else:
+                upgrade(engine, args.revision)
+            break
+        except sa.exc.DBAPIError as exc:
+            left = deadline - time.monotonic()
+            if not database_unavailable(exc) or left < pause:
+                raise
+            print(f"dgxqueue: database unavailable ({one_line(str(exc.orig))}); trying again for {left:.0f} s",
+                  file=sys.stderr, flush=True)
+            threading.Event().wait(pause)  # a retry's pause: nothing to wake us sooner
+            pause = min(2 * pause, 5.0)
     print(f"database at revision {_revision_text(engine)} (head {head_revision()})")
     return EXIT_OK
 
@@ -268,6 +289,8 @@ def add_parsers(sub: Any) -> None:
     db.required = True
     p = db.add_parser("upgrade", help="migrate to the newest schema (or REV); creates the database")
     p.add_argument("revision", nargs="?", metavar="REV")
+    p.add_argument("--wait", metavar="SPAN", help="while the database is unavailable, try again for up to "
+                   "SPAN (such as 5m): for a boot where it starts after this command")
     p.set_defaults(func=cmd_db_upgrade)
     p = db.add_parser("downgrade", help="migrate back to REV (default: one step, -1)")
     p.add_argument("revision", nargs="?", default="-1", metavar="REV")

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from dgxqueue.audio import resolve_output_path
@@ -96,6 +98,32 @@ def open_engine(settings: Settings, *, create: bool) -> Engine:
 # --- parsing command-line values: bad values are bad input (65), not usage errors (2) ------
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+# Errors that say the database cannot be used now, as opposed to one statement that failed:
+# PostgreSQL SQLSTATE classes (connection, authorization, no such database, out of resources,
+# shut down, system error) and codes (serialization failure, deadlock, lock not available);
+# SQLite primary result codes (no permission, busy, locked, read-only, I/O error, corrupt, disk
+# full, cannot open, not a database).
+_PG_UNAVAILABLE_CLASSES = {"08", "28", "3D", "53", "57", "58"}
+_PG_UNAVAILABLE_CODES = {"40001", "40P01", "55P03"}
+_SQLITE_UNAVAILABLE = {3, 5, 6, 8, 10, 11, 13, 14, 26}
+
+
+def database_unavailable(exc: sa.exc.DBAPIError | sqlite3.DatabaseError) -> bool:
+    """Whether a database error means "database unavailable" (69) rather than a failed statement:
+    PostgreSQL reports "index row size exceeds" as an OperationalError too, yet no retry can help."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    sqlite_code = getattr(orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code & 0xFF in _SQLITE_UNAVAILABLE
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_UNAVAILABLE_CODES
+    # No code: the connection itself failed (refused, timed out, closed) before any statement ran.
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

@@ -49,6 +49,7 @@ from dgxqueue._cli_common import (
     EXIT_NOT_FOUND,
     CliError,
     Context,
+    database_unavailable,
     one_line,
 )
 from dgxqueue.config import load_settings
@@ -89,32 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that say the database cannot be used now, as opposed to one statement that failed:
-# PostgreSQL SQLSTATE classes (connection, authorization, no such database, out of resources,
-# shut down, system error) and codes (serialization failure, deadlock, lock not available);
-# SQLite primary result codes (no permission, busy, locked, read-only, I/O error, corrupt, disk
-# full, cannot open, not a database).
-_PG_UNAVAILABLE_CLASSES = {"08", "28", "3D", "53", "57", "58"}
-_PG_UNAVAILABLE_CODES = {"40001", "40P01", "55P03"}
-_SQLITE_UNAVAILABLE = {3, 5, 6, 8, 10, 11, 13, 14, 26}
-
-
-def _unavailable(exc: sa.exc.DBAPIError | sqlite3.DatabaseError) -> bool:
-    """Whether a database error means "database unavailable" (69) rather than a failed statement:
-    PostgreSQL reports "index row size exceeds" as an OperationalError too, yet no retry can help."""
-    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    sqlite_code = getattr(orig, "sqlite_errorcode", None)
-    if sqlite_code is not None:
-        return sqlite_code & 0xFF in _SQLITE_UNAVAILABLE
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate:
-        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_UNAVAILABLE_CODES
-    # No code: the connection itself failed (refused, timed out, closed) before any statement ran.
-    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
-
-
 def _code_for(exc: BaseException) -> tuple[int, str] | None:
     """The exit code and one-line message for an error we expect, or None for a bug."""
     if isinstance(exc, CliError):
@@ -131,9 +106,9 @@ def _code_for(exc: BaseException) -> tuple[int, str] | None:
         return EX_UNAVAILABLE, str(exc)
     if isinstance(exc, DgxQueueError):
         return EX_SOFTWARE, str(exc)
-    if isinstance(exc, sa.exc.DBAPIError) and _unavailable(exc):
+    if isinstance(exc, sa.exc.DBAPIError) and database_unavailable(exc):
         return EX_UNAVAILABLE, f"database unavailable: {one_line(str(exc.orig)) or type(exc.orig).__name__}"
-    if isinstance(exc, sqlite3.DatabaseError) and _unavailable(exc):  # db backup uses SQLite directly
+    if isinstance(exc, sqlite3.DatabaseError) and database_unavailable(exc):  # db backup uses SQLite directly
         return EX_UNAVAILABLE, f"database unavailable: {one_line(str(exc))}"
     if isinstance(exc, sa.exc.NoSuchModuleError):
         return EX_UNAVAILABLE, f"no driver: {exc} (PostgreSQL: pip install 'dgxqueue[postgres]')"

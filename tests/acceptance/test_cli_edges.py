@@ -7,7 +7,10 @@ Each runs the real command on a real SQLite file and, where the engine matters, 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +30,8 @@ from dgxqueue.storage import (
 from dgxqueue.storage.database import head_revision
 from dgxqueue.storage.models import Generation
 from tests.acceptance.test_cli import Cli, assert_error
+from tests.support.pgcluster import private_cluster
+from tests.support.processes import wait_until
 
 
 @pytest.fixture
@@ -210,3 +215,27 @@ def test_config_check__builds_the_generator_from_its_options(cli: Cli, tmp_path:
     assert_error(cli("--config", str(config), "config", "check"), 78, *words)
     config.write_text("[generator.options]\nmax_batch_size = 4\n")
     assert cli.here("--config", str(config), "config", "check").stdout.startswith("config ok")
+
+
+def test_db_upgrade__wait_outlasts_a_database_that_starts_later(tmp_path: Path) -> None:
+    """`db upgrade --wait` (the migrate unit's command) tries again while the server is down, as
+    at a boot where PostgreSQL starts after it, and migrates once it is up; without --wait it
+    exits 69 at once."""
+    with private_cluster() as cluster:
+        cluster.stop()
+        env = {**os.environ, "DATABASE_URL": cluster.url}
+        command = [sys.executable, "-m", "dgxqueue", "db", "upgrade"]
+        at_once = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert at_once.returncode == 69 and "database unavailable" in at_once.stderr
+        log = tmp_path / "upgrade.log"
+        with log.open("w") as err:
+            waiting = subprocess.Popen([*command, "--wait", "2m"], env=env, stderr=err, stdout=subprocess.PIPE)
+        try:
+            wait_until(lambda: "trying again" in log.read_text(), 60, "a retry while the server is down",
+                       alive=waiting)
+            cluster.start()
+            out = waiting.communicate(timeout=60)[0].decode()
+        finally:
+            waiting.kill()
+        assert waiting.returncode == 0, log.read_text()
+        assert f"database at revision {head_revision()}" in out
