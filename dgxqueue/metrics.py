@@ -50,18 +50,29 @@ RESCUE_RESULTS = ("requeued", "failed")
 log = get_logger(__name__)
 
 
+#: Longest a scrape waits for the queue depth; Prometheus' own scrape timeout is often 5-10 s.
+DEPTH_WAIT_SECONDS = 2.0
+
+
 class QueueDepthCollector(Collector):
-    """Queue depth from the database at scrape time, cached for ``cache_seconds``."""
+    """Queue depth from the database at scrape time, cached for ``cache_seconds``.
+
+    The read runs on a thread of its own and a scrape waits for it at most ``wait_seconds``: a
+    database that does not answer (a hung server, a lock) costs the scrape its depth series and
+    counts a scrape error, never the whole scrape, which would read as the daemon being down."""
 
     def __init__(self, engine: Engine, cache_seconds: float,
                  clock: Callable[[], float] = time.monotonic,
-                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 wait_seconds: float = DEPTH_WAIT_SECONDS) -> None:
         self._engine = engine
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._now = now
-        self._lock = threading.Lock()  # one query at a time; concurrent scrapes share its answer
+        self._wait_seconds = wait_seconds
+        self._lock = threading.Lock()
         self._read_at: float | None = None
+        self._reading: threading.Thread | None = None  # one read at a time; scrapes share its answer
         self._depth: QueueDepth | None = None
         self._query_seconds = 0.0
         self.errors = 0
@@ -69,21 +80,36 @@ class QueueDepthCollector(Collector):
         self.models: tuple[str, ...] = ()
 
     def depth(self) -> QueueDepth | None:
-        """The cached depth, read again once older than the cache; None if the read failed."""
+        """The cached depth, read again once older than the cache; None if the read failed or is
+        still running after ``wait_seconds``."""
         with self._lock:
             now = self._clock()
-            if self._read_at is None or now - self._read_at >= self._cache_seconds:
+            if self._reading is None and (self._read_at is None or now - self._read_at >= self._cache_seconds):
                 self._read_at = now  # a failed read is cached too, so a sick database is not hammered
-                started = time.perf_counter()
-                try:
-                    with Session(self._engine) as session:
-                        self._depth = queue_depth(session)
-                except Exception as exc:  # any failure must leave the rest of the scrape intact
-                    self._depth = None
+                self._reading = threading.Thread(target=self._read, name="dgxqueue-queue-depth", daemon=True)
+                self._reading.start()
+            reading, read_at = self._reading, now if self._read_at is None else self._read_at
+        if reading is not None:
+            reading.join(max(0.0, read_at + self._wait_seconds - self._clock()))
+            if reading.is_alive():
+                with self._lock:
                     self.errors += 1
-                    log.warning("queue depth query failed", error=repr(exc))
-                self._query_seconds = time.perf_counter() - started
-            return self._depth
+                log.warning("queue depth read still running; scraped without it", seconds=self._wait_seconds)
+                return None
+        return self._depth
+
+    def _read(self) -> None:
+        started = time.perf_counter()
+        depth = None
+        try:
+            with Session(self._engine) as session:
+                depth = queue_depth(session)
+        except Exception as exc:  # any failure must leave the rest of the scrape intact
+            with self._lock:
+                self.errors += 1
+            log.warning("queue depth query failed", error=repr(exc))
+        with self._lock:
+            self._depth, self._query_seconds, self._reading = depth, time.perf_counter() - started, None
 
     def describe(self) -> Iterable[Metric]:
         # Without describe() the registry would call collect(), i.e. query, at registration.

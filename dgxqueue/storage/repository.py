@@ -606,8 +606,10 @@ def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
     postgres = session.get_bind().dialect.name == "postgresql"
     if postgres:
         # The planner cannot tell how few rows the recursion yields, prices the query high and
-        # would JIT-compile it: 15-150 ms of compiling for a read of well under 1 ms.
-        session.execute(sa.select(sa.func.set_config("jit", "off", True)))
+        # would JIT-compile it: 15-150 ms of compiling for a read of well under 1 ms. A lock held
+        # on the table (a migration) makes the read give up rather than wait with a connection.
+        session.execute(sa.select(sa.func.set_config("jit", "off", True),
+                                  sa.func.set_config("statement_timeout", "5s", True)))
     for model, n, created in session.execute(_pending_levels(now or utcnow())).all():
         by_model[model] = by_model.get(model, 0) + n
         if created is not None and (oldest is None or created < oldest):

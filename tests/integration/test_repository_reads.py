@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from dgxqueue.storage import Generation, create_generations, session_scope
+from dgxqueue.storage import Generation, create_generations, get_engine, init_db, session_scope
 from dgxqueue.storage import repository as repo
 
 
@@ -94,3 +95,19 @@ def test_finished_jobs_before__and_delete_jobs_remove_only_finished(engine: Engi
         assert repo.delete_jobs(session, [*ids[5:], ids[0]], chunk=1) == 2  # the pending one stays
     with session_scope(engine) as session:
         assert repo.count_by_status(session) == {"pending": 4, "processing": 1, "completed": 0, "failed": 0}
+
+
+def test_queue_depth__gives_up_on_a_locked_table(pg_db_url: str) -> None:
+    """On PostgreSQL a lock on generations (a migration, a VACUUM FULL) makes the depth read fail
+    after its 5 s statement timeout, freeing its connection, rather than wait with it for good."""
+    engine = init_db(pg_db_url)
+    holder = get_engine(pg_db_url).connect()
+    holder.execute(sa.text("LOCK TABLE generations IN ACCESS EXCLUSIVE MODE"))
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="statement timeout"), session_scope(engine) as session:
+            repo.queue_depth(session)
+    finally:
+        holder.rollback()
+        holder.close()
+    with session_scope(engine) as session:
+        assert repo.queue_depth(session).by_status["pending"] == 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -226,6 +228,29 @@ def test_queue_depth__database_error_drops_depth_and_counts_it(
     assert "dgxqueue_jobs_rescued_total" in text
     assert 'dgxqueue_queue_jobs{status="pending"}' not in text
     assert value(registry, "dgxqueue_queue_depth_scrape_errors_total") == 2  # two scrapes so far
+
+
+def test_queue_depth__a_database_that_never_answers_costs_the_depth_not_the_scrape(
+    registry: CollectorRegistry,
+) -> None:
+    """A server that accepts the connection and never answers (hung, or behind a dead proxy): the
+    scrape answers after the depth wait (2 s), without the depth series and with the error counted,
+    instead of hanging until Prometheus gives up and reports the daemon down."""
+    listener = socket.create_server(("127.0.0.1", 0))  # the kernel completes the handshake; nobody answers
+    hung = sa.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{listener.getsockname()[1]}/test",
+                            connect_args={"connect_timeout": 60})
+    try:
+        DaemonMetrics(registry, hung, depth_cache_seconds=0)
+        scraped = threading.Thread(target=lambda: texts.append(generate_latest(registry).decode()))
+        texts: list[str] = []
+        scraped.start()
+        scraped.join(20)
+        assert not scraped.is_alive(), "the scrape waited for the database"
+        assert "dgxqueue_build_info" in texts[0] and 'dgxqueue_queue_jobs{status="pending"}' not in texts[0]
+        assert "dgxqueue_queue_depth_scrape_errors_total 1.0" in texts[0]
+    finally:
+        listener.close()
+        hung.dispose()
 
 
 @pytest.fixture
