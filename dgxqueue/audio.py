@@ -117,8 +117,10 @@ def _check_shape(path: str | Path, audio: GeneratedAudio) -> None:
     if not isinstance(samples, np.ndarray) or samples.ndim != 2 or not 1 <= samples.shape[0] <= 64:
         shape = getattr(samples, "shape", None)
         raise OutputError(f"could not write {path}: samples must be shaped (channels, frames), got {shape}")
-    if not 1 <= audio.sample_rate <= 0x7FFFFFFF:
-        raise OutputError(f"could not write {path}: invalid sample rate {audio.sample_rate}")
+    # The header holds the byte rate (rate x channels x 2) in 32 bits.
+    rate, most = audio.sample_rate, 0xFFFFFFFF // (2 * samples.shape[0])
+    if isinstance(rate, bool) or not isinstance(rate, int | np.integer) or not 1 <= rate <= most:
+        raise OutputError(f"could not write {path}: invalid sample rate {rate!r} (an integer in [1, {most}])")
 
 
 def _clip_as_written(samples: npt.NDArray[np.floating[Any]], full_scale: float) -> float:

@@ -312,6 +312,16 @@ def test_write_wav_atomic__longest_file_names(tmp_path: Path, name: str) -> None
     assert (tmp_path / name).stat().st_size == size and [p.name for p in tmp_path.iterdir()] == [name]
 
 
+@pytest.mark.parametrize("rate", [0, 0x7FFFFFFF, 44100.0, "44100"], ids=["zero", "byte-rate-overflow", "float", "text"])
+def test_write_wav_atomic__a_rate_the_header_cannot_hold_is_an_output_error(tmp_path: Path, rate: object) -> None:
+    """The header holds the byte rate (rate x channels x 2) in 32 bits: a stereo rate past that,
+    or a rate that is not an integer, is an OutputError naming it (struct.error escaped before)."""
+    samples = np.zeros((2, 10), np.float32)
+    with pytest.raises(OutputError, match="invalid sample rate"):
+        write_wav_atomic(tmp_path / "x.wav", GeneratedAudio(samples, rate))  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_write_wav_atomic__bare_file_name_and_text_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bare file name is written (and its folder synced) in the working folder; text paths work
     like Paths."""
