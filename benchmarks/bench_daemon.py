@@ -40,6 +40,7 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dgxqueue.config import WorkerSettings  # noqa: E402
 from dgxqueue.daemon import Daemon, HookChain  # noqa: E402
 from dgxqueue.storage import (  # noqa: E402
     create_generations,
@@ -261,13 +262,19 @@ def steps_ceiling(url: str, batch: int) -> float:
 # --- the daemon ----------------------------------------------------------------------------------
 
 
+#: Leases as deployed (config defaults), not the tests' 0.2 s heartbeats: since heartbeats cover
+#: every held job on every round, one each 0.2 s rewrote ~100 rows 5 times a second.
+DEPLOYED_LEASES = {"heartbeat_seconds": WorkerSettings().heartbeat_seconds,
+                   "lease_seconds": WorkerSettings().lease_seconds}
+
+
 def daemon_rate(url: str, jobs: int, batch: int, *, metrics: bool = False, backend_batch: int | None = None,
                 prefetch: bool = False) -> float:
     """One in-process daemon claiming ``batch`` at a time; the backend takes ``backend_batch``
     per call (default: the whole claim)."""
     fill(url, jobs)
     outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
-    settings = make_settings(url, outputs, batch_size=batch, prefetch=prefetch)
+    settings = make_settings(url, outputs, batch_size=batch, prefetch=prefetch, **DEPLOYED_LEASES)
     hooks = None
     if metrics:
         from prometheus_client import CollectorRegistry

@@ -281,23 +281,24 @@ def claimed_jobs(rows: Iterable[Sequence[Any]]) -> list[ClaimedJob]:
     return jobs
 
 
-def _held(job_id: str, worker_id: str, attempt: int) -> sa.ColumnElement[bool]:
-    return sa.and_(
-        G.c.id == job_id, G.c.status == PROCESSING, G.c.worker_id == worker_id, G.c.attempts == attempt
-    )
-
-
 def extend_leases(
     session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]], until: datetime
 ) -> set[str]:
-    """Push the lease of each (id, attempt) still held; returns the ids still held."""
+    """Push the lease of each (id, attempt) still held; returns the ids still held.
+
+    One statement per 500 jobs, not one per job: a daemon holding 128 jobs spent about 40 ms a
+    heartbeat on PostgreSQL in round trips."""
+    pairs = list(jobs)
     held: set[str] = set()
-    for job_id, attempt in jobs:
-        result = session.execute(
-            sa.update(G).where(_held(job_id, worker_id, attempt)).values(lease_expires_at=until)
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            held.add(job_id)
+    for start in range(0, len(pairs), 500):  # two binds a job: well under SQLite's limit
+        chunk = pairs[start:start + 500]
+        held.update(session.execute(
+            sa.update(G)
+            .where(G.c.status == PROCESSING, G.c.worker_id == worker_id,
+                   sa.tuple_(G.c.id, G.c.attempts).in_(chunk))
+            .values(lease_expires_at=until)
+            .returning(G.c.id)
+        ).scalars())
     return held
 
 

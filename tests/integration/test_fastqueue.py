@@ -22,7 +22,7 @@ from dgxqueue.storage import (
     session_scope,
 )
 from dgxqueue.storage.driver import Link
-from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.models import Generation, utcnow
 
 LEASE = timedelta(seconds=60)
 
@@ -228,3 +228,31 @@ def test_link__an_unreachable_server_is_a_transient_sqlalchemy_error() -> None:
         claim(link, 1)
     assert is_transient_db_error(down.value) and getattr(down.value, "before_first_write", False)
     engine.dispose()
+
+
+def test_extend_leases__one_statement_for_every_job_still_held(engine: sa.Engine) -> None:
+    """A heartbeat pushes the lease of each job this daemon still holds at that attempt, in one
+    statement for hundreds of jobs, and names the ones it lost: taken over by another daemon,
+    or claimed again as a later attempt."""
+    fill(engine, 3)
+    link = Link(engine)
+    held, stolen, retried = claim(link, 3)
+    link.close()
+    until = datetime(2040, 1, 1, tzinfo=UTC)
+    with session_scope(engine) as s:
+        s.execute(sa.update(Generation).where(Generation.id == stolen.id).values(worker_id="other"))
+        s.execute(sa.update(Generation).where(Generation.id == retried.id).values(attempts=2))
+    with session_scope(engine) as s:
+        kept = repository.extend_leases(s, worker_id="w", jobs=[(j.id, j.attempt) for j in (held, stolen, retried)],
+                                        until=until)
+    assert kept == {held.id}
+    with session_scope(engine) as s:
+        leases = {j.id: getattr(get_generation(s, j.id), "lease_expires_at", None) for j in (held, stolen, retried)}
+    assert leases[held.id] == until and leases[stolen.id] != until and leases[retried.id] != until
+    many = fill(engine, 600)
+    link = Link(engine)
+    claimed = claim(link, 600)
+    link.close()
+    with session_scope(engine) as s:
+        assert repository.extend_leases(s, worker_id="w", jobs=[(j.id, j.attempt) for j in claimed],
+                                        until=until) == set(many)
