@@ -410,12 +410,12 @@ class Daemon:
         self._held = [job for job in self._held if job.id in keep]
         if not jobs:
             return
+        outcomes = ["abandoned"] * len(jobs)  # unless written: left to the lease rescue
         with self._outage_skips("could not give jobs back; their leases will expire and be rescued",
                                 to_rescue=True, jobs=[j.id for j in jobs]):
-            written = self.store.release(jobs)
-            for job, ok in zip(jobs, written, strict=True):
-                self.hooks.on_job_finished(job, "released" if ok else "fenced",
-                                           generation_seconds=None, audio_seconds=None, error=None)
+            outcomes = ["released" if ok else "fenced" for ok in self.store.release(jobs)]
+        for job, outcome in zip(jobs, outcomes, strict=True):  # this daemon holds them no more
+            self.hooks.on_job_finished(job, outcome, generation_seconds=None, audio_seconds=None, error=None)
 
     @contextlib.contextmanager
     def _outage_skips(self, message: str, *, to_rescue: bool = False, **context: Any) -> Iterator[None]:

@@ -14,7 +14,8 @@ from datetime import datetime
 from dgxqueue.storage.repository import ClaimedJob
 
 #: Outcomes a finished attempt can have.
-OUTCOMES = ("completed", "failed", "retried", "released", "fenced")
+#: ``abandoned``: a give-back that a database outage prevented; the lease rescue returns the job.
+OUTCOMES = ("completed", "failed", "retried", "released", "fenced", "abandoned")
 
 
 @dataclass(frozen=True)

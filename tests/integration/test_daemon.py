@@ -699,7 +699,8 @@ def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, out
     url = sqlite_db_url
     init_db(url)
     engine = create_engine(url, DatabaseSettings(sqlite_busy_timeout_ms=20))
-    daemon = Daemon(make_settings(url, outputs), engine=engine, generator=ScriptedGenerator())
+    hooks = RecordingHooks()
+    daemon = Daemon(make_settings(url, outputs), engine=engine, generator=ScriptedGenerator(), hooks=hooks)
     daemon.store = QueueStore(engine, worker_id=daemon.worker_id, models=daemon.models,
                               lease=timedelta(seconds=30), retry_for_seconds=0.2)
     job_id = enqueue(url, "x")
@@ -722,6 +723,8 @@ def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, out
     assert "database is locked" in released["error"]
     job = row(url, job_id)
     assert job.status == "processing" and job.worker_id == daemon.worker_id
+    # No longer held, so no longer in flight (the gauge counts it off): the rescue has it now.
+    assert daemon._held == [] and hooks.outcomes(job_id) == ["abandoned"]
     with pytest.raises(ValueError, match="a bug"), daemon._outage_skips("not an outage"):
         raise ValueError("a bug")
     daemon.store.close()
