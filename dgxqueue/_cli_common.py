@@ -25,6 +25,7 @@ from dgxqueue.config import Settings
 from dgxqueue.errors import OutputError, ValidationError
 from dgxqueue.storage import Generation, ensure_schema, get_engine
 from dgxqueue.storage.database import current_revision, head_revision, sqlite_path
+from dgxqueue.storage.driver import is_transient_db_error
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -98,13 +99,12 @@ def open_engine(settings: Settings, *, create: bool) -> Engine:
 # --- parsing command-line values: bad values are bad input (65), not usage errors (2) ------
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-# Errors that say the database cannot be used now, as opposed to one statement that failed:
-# PostgreSQL SQLSTATE classes (connection, authorization, no such database, out of resources,
-# shut down, system error) and codes (serialization failure, deadlock, lock not available);
-# SQLite primary result codes (no permission, busy, locked, read-only, I/O error, corrupt, disk
-# full, cannot open, not a database).
-_PG_UNAVAILABLE_CLASSES = {"08", "28", "3D", "53", "57", "58"}
-_PG_UNAVAILABLE_CODES = {"40001", "40P01", "55P03"}
+# Errors that say the database cannot be used now, as opposed to one statement that failed: what
+# the daemon retries (is_transient_db_error), and what no retry fixes but a command cannot get
+# past either. PostgreSQL: authorization (28) and no such database (3D). SQLite primary result
+# codes: no permission, busy, locked, read-only, I/O error, corrupt, disk full, cannot open, not
+# a database.
+_PG_UNAVAILABLE_CLASSES = {"28", "3D"}
 _SQLITE_UNAVAILABLE = {3, 5, 6, 8, 10, 11, 13, 14, 26}
 
 
@@ -118,10 +118,9 @@ def database_unavailable(exc: sa.exc.DBAPIError | sqlite3.DatabaseError) -> bool
     if sqlite_code is not None:
         return sqlite_code & 0xFF in _SQLITE_UNAVAILABLE
     sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate:
-        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_UNAVAILABLE_CODES
-    # No code: the connection itself failed (refused, timed out, closed) before any statement ran.
-    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+    if sqlstate and sqlstate[:2] in _PG_UNAVAILABLE_CLASSES:
+        return True
+    return is_transient_db_error(exc)
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -17,7 +17,7 @@ import stat
 import struct
 import wave
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +35,6 @@ _HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
 _WAVE_FORMAT_PCM = 1
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_P = TypeVar("_P", str, Path)
 
 
 class OutputRoot:

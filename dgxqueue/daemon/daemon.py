@@ -29,11 +29,12 @@ from dgxqueue.daemon.executor import Outcome, Work, prepare, render
 from dgxqueue.daemon.hooks import DaemonInfo, Hooks
 from dgxqueue.daemon.retry import decide
 from dgxqueue.daemon.runner import Runner
-from dgxqueue.daemon.store import QueueStore, is_transient_db_error
+from dgxqueue.daemon.store import QueueStore
 from dgxqueue.daemon.waker import Waker, make_waker
 from dgxqueue.errors import DgxQueueError, TransientGeneratorError
 from dgxqueue.generators import Generator, split_into_batches
 from dgxqueue.storage import repository
+from dgxqueue.storage.driver import is_transient_db_error
 from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.repository import ClaimedJob
 from dgxqueue.systemd import Notifier

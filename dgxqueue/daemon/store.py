@@ -5,7 +5,8 @@ path; the rarer calls go through a Session and the repository.
 
 tenacity retries a call when the database is briefly unavailable: SQLite's ``database is
 locked``, a PostgreSQL restart, a dropped connection, a serialization failure. Each call is its
-own transaction, so a retry repeats the whole of it.
+own transaction, so a retry repeats the whole of it. Which errors are worth it is
+:func:`dgxqueue.storage.driver.is_transient_db_error` (the CLI's exit codes use it too).
 """
 
 from __future__ import annotations
@@ -22,35 +23,11 @@ from sqlalchemy.orm import Session
 
 from dgxqueue.storage import fastqueue, repository
 from dgxqueue.storage.database import session_scope
-from dgxqueue.storage.driver import Link
+from dgxqueue.storage.driver import Link, is_transient_db_error
 from dgxqueue.storage.repository import ClaimedJob
 
 T = TypeVar("T")
 log = structlog.get_logger("dgxqueue.store")
-# Serialization failure, deadlock, lock not available; and whole SQLSTATE classes: connection
-# exceptions, insufficient resources, operator intervention (shutdowns), system errors.
-_RETRYABLE_PGCODES = {"40001", "40P01", "55P03"}
-_RETRYABLE_PGCLASSES = {"08", "53", "57", "58"}
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
-
-
-def is_transient_db_error(exc: BaseException) -> bool:
-    """Errors worth retrying: lost connections, locks, server restarts, serialization failures."""
-    if isinstance(exc, sa.exc.DBAPIError):
-        code = getattr(exc.orig, "sqlite_errorcode", None)
-        if code is not None:  # SQLite raises OperationalError for syntax errors too: only busy/locked
-            return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
-        if exc.connection_invalidated:
-            return True
-        sqlstate = getattr(exc.orig, "sqlstate", None)
-        if sqlstate:  # the server answered: its code says whether trying again can help (psycopg
-            # raises OperationalError for 'index row size exceeds' too, which never passes)
-            return sqlstate in _RETRYABLE_PGCODES or sqlstate[:2] in _RETRYABLE_PGCLASSES
-        # No code: the connection itself failed (refused, closed, timed out).
-        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
-    return isinstance(exc, sa.exc.TimeoutError)  # pool checkout timed out
-
-
 def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     # +1: the plain first try (QueueStore._retry) came before tenacity's attempts.

@@ -24,6 +24,30 @@ _REQUIRED = object()
 _Processor = Callable[[Any], Any]
 
 
+# Serialization failure, deadlock, lock not available; and whole SQLSTATE classes: connection
+# exceptions, insufficient resources, operator intervention (shutdowns), system errors.
+_RETRYABLE_PGCODES = {"40001", "40P01", "55P03"}
+_RETRYABLE_PGCLASSES = {"08", "53", "57", "58"}
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """Errors worth retrying: lost connections, locks, server restarts, serialization failures."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        if code is not None:  # SQLite raises OperationalError for syntax errors too: only busy/locked
+            return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate:  # the server answered: its code says whether trying again can help (psycopg
+            # raises OperationalError for 'index row size exceeds' too, which never passes)
+            return sqlstate in _RETRYABLE_PGCODES or sqlstate[:2] in _RETRYABLE_PGCLASSES
+        # No code: the connection itself failed (refused, closed, timed out).
+        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+    return isinstance(exc, sa.exc.TimeoutError)  # pool checkout timed out
+
+
 @dataclass(frozen=True)
 class Compiled:
     """One statement compiled for one dialect, with what turns values into driver parameters

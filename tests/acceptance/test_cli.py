@@ -107,12 +107,6 @@ class Cli:
                     conn.execute("SELECT * FROM prompts ORDER BY id").fetchall())
 
 
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    yield Cli(tmp_path)
-    dispose_engines()
-
-
 def assert_error(done: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
     """The documented exit code and exactly one line on stderr (no traceback)."""
     assert done.returncode == code, f"exit {done.returncode}, stderr: {done.stderr}"

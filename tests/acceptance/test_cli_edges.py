@@ -35,13 +35,6 @@ from tests.support.processes import wait_until
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    """The command on its own SQLite file, as in test_cli."""
-    yield Cli(tmp_path)
-    dispose_engines()
-
-
-@pytest.fixture
 def any_cli(tmp_path: Path, db_url: str) -> Iterator[Cli]:
     """The command on an empty database of each engine."""
     cli = Cli(tmp_path)

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dgxqueue.daemon.store import is_transient_db_error
 from dgxqueue.storage import (
     create_generations,
     fastqueue,
@@ -21,7 +20,7 @@ from dgxqueue.storage import (
     repository,
     session_scope,
 )
-from dgxqueue.storage.driver import Link
+from dgxqueue.storage.driver import Link, is_transient_db_error
 from dgxqueue.storage.models import Generation, utcnow
 
 LEASE = timedelta(seconds=60)
