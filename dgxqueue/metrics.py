@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -154,11 +154,18 @@ class _ModelSeries(NamedTuple):
 
 
 class DaemonMetrics(Hooks):
-    """Every metric of one daemon, in ``registry``, updated by the daemon's lifecycle hooks."""
+    """Every metric of one daemon, in ``registry``, updated by the daemon's lifecycle hooks, and the
+    standard ``process_*`` series (memory, CPU time, open files) of the process it runs in.
+
+    No ``_created`` series: each would add a series per counter and histogram that no dashboard or
+    alert reads, and prometheus_client can turn them off only for the whole process, which this does."""
 
     def __init__(self, registry: CollectorRegistry, engine: Engine, *, depth_cache_seconds: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                  ) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+        # The daemon's registry is its own, not the global one that has the process series built in.
+        ProcessCollector(registry=registry)
         self._wall_clock = wall_clock
         self.depth = QueueDepthCollector(
             engine, depth_cache_seconds, clock, lambda: datetime.fromtimestamp(wall_clock(), UTC))

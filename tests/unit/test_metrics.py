@@ -286,6 +286,28 @@ def test_metrics_server__serves_metrics_and_healthz(served: tuple[str, list[bool
     assert get(url + "/nothing")[0] == 404
 
 
+def test_metrics_server__serves_no_created_series(served: tuple[str, list[bool]]) -> None:
+    """Neither exposition format carries a `_created` series: they double every counter and histogram."""
+    url = served[0] + "/metrics"
+    plain = get(url)[1]
+    request = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        openmetrics = response.read().decode()
+    for text in (plain, openmetrics):
+        assert "dgxqueue_jobs_finished" in text
+        assert [line for line in text.splitlines() if "_created" in line] == []
+
+
+def test_daemon_metrics__exports_the_process_series(sqlite_engine: Engine, registry: CollectorRegistry) -> None:
+    """The daemon's registry carries the standard process_* series: memory, CPU time, open files."""
+    DaemonMetrics(registry, sqlite_engine)
+    assert (value(registry, "process_resident_memory_bytes") or 0) > 0
+    assert (value(registry, "process_open_fds") or 0) > 0
+    assert value(registry, "process_cpu_seconds_total") is not None
+    assert value(registry, "process_start_time_seconds") is not None
+
+
 def test_metrics_server__close_frees_the_port(sqlite_engine: Engine, registry: CollectorRegistry) -> None:
     """After close() the port refuses connections."""
     server = start_metrics_server("127.0.0.1", 0, registry, is_healthy=lambda: True)
