@@ -239,7 +239,33 @@ def test_alert_rules__every_expression_parses_and_rules_evaluate(prometheus: Pro
     rules = wait_until(evaluated, 30, "every rule to be evaluated", interval=0.2)
     assert [(r["name"], r["health"], r.get("lastError", "")) for r in rules if r["health"] != "ok"] == []
     firing = {r["name"] for r in rules if r["state"] == "firing"}
-    assert "DgxqueueDaemonDown" not in firing and "DaemonLoopStalled" not in firing
+    assert "DgxQueueDaemonDown" not in firing and "DgxQueueDaemonLoopStalled" not in firing
+
+
+def test_scrape__process_series_and_no_created_series(prometheus: Prometheus) -> None:
+    """Each real daemon exports the standard process_* series and not one `_created` series."""
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                 "process_max_fds", "process_start_time_seconds"):
+        answer = prometheus.query(f'{name}{{job="dgxqueue"}}')
+        assert len(answer["data"]["result"]) == 2, (name, answer)
+    created = prometheus.query('{__name__=~".+_created", job="dgxqueue"}')
+    assert created["status"] == "success" and created["data"]["result"] == []
+    assert prometheus.query('dgxqueue_jobs_finished_total{job="dgxqueue"}')["data"]["result"]
+
+
+ALERT_PREFIX = "DgxQueue"
+
+
+def test_alert_rules__every_name_shares_one_prefix_and_has_a_unit_test() -> None:
+    """Every alert in alerts.yml is named DgxQueue..., alerts_test.yml tests each of them and no
+    other, and the alerts the dashboard names exist."""
+    alerts = re.findall(r"^\s*- alert: (\S+)\s*$", ALERTS.read_text(), flags=re.MULTILINE)
+    assert alerts and len(alerts) == len(set(alerts)), alerts
+    assert [name for name in alerts if not name.startswith(ALERT_PREFIX)] == []
+    tested = set(re.findall(r"^\s*alertname: (\S+)\s*$", ALERTS_TEST.read_text(), flags=re.MULTILINE))
+    assert tested == set(alerts), (sorted(set(alerts) - tested), sorted(tested - set(alerts)))
+    named = set(re.findall(r"\b(\w+) alert\b", DASHBOARD.read_text()))
+    assert named and named <= set(alerts), sorted(named - set(alerts))
 
 
 def test_alert_rules__promtool_check_and_unit_tests_pass() -> None:

@@ -145,7 +145,7 @@ def test_worker__one_gpu_and_one_metrics_port_per_instance() -> None:
 
 def test_scrape_example__targets_the_ports_the_worker_units_serve() -> None:
     """The example scrape config lists, per host, the ports of workers 0, 1, ... (946<index>), so
-    that none is missed and no target is a phantom that raises DgxqueueDaemonDown."""
+    that none is missed and no target is a phantom that raises DgxQueueDaemonDown."""
     [port_env] = [e for e in _settings("dgxqueue-worker@.service")["Environment"] if "METRICS_PORT" in e]
     scheme = port_env.split("=", 1)[1]
     example = (REPO / "monitoring" / "prometheus" / "scrape-example.yml").read_text()
