@@ -7,16 +7,20 @@ own job. Raising from :meth:`Generator.generate` fails (or retries) the whole ba
 
 Backends are found by name in the entry-point group ``dgxqueue.generators`` or as a
 ``module:attr`` path; the object found is called with the ``[generator.options]`` table from
-config as keyword arguments and must return a :class:`Generator`.
+config as keyword arguments and must return a :class:`Generator`. Both are checked when the backend
+is built, before the daemon claims anything: a ``module:attr`` that cannot be imported is an
+:class:`~dgxqueue.errors.UnknownGeneratorError` saying which part failed and why, and an object
+missing a protocol member a :class:`~dgxqueue.errors.ConfigError` naming each one.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import os
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -93,42 +97,114 @@ class Generator(Protocol):
         """Render every request; one result or error per request, in order."""
 
 
+#: What :func:`create_generator` checks on the object a factory returns, so that a backend
+#: missing a member fails at start-up naming it, not later inside the daemon's loop.
+PROTOCOL_ATTRIBUTES = ("name", "models", "max_batch_size")
+PROTOCOL_METHODS = ("load", "validate", "batch_key", "generate")
+
+
 def available_generators() -> dict[str, str]:
     """Names registered in the entry-point group, mapped to their ``module:attr`` targets."""
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _registered_names() -> str:
+    return ", ".join(sorted(available_generators())) or "none"
+
+
+def _import_target(label: str, target: str) -> Any:
+    """Import ``module:attr`` (``attr`` may be dotted) for the generator ``label``; an
+    UnknownGeneratorError says which part failed and why."""
+    module_name, _, attr_path = (part.strip() for part in target.partition(":"))
+    if not module_name or not attr_path:
+        raise UnknownGeneratorError(
+            f"generator {label}: {target!r} is not a module:attr path (both parts are needed, "
+            "as in mypackage.backend:MyGenerator)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        if module_name != missing and not module_name.startswith(missing + "."):  # found, but its import failed
+            raise UnknownGeneratorError(f"generator {label}: importing module {module_name!r} failed: {exc}") from exc
+        package = f" (no {missing!r})" if missing != module_name else ""
+        raise UnknownGeneratorError(
+            f"generator {label}: module {module_name!r} not found{package} on sys.path; add its folder to "
+            f"PYTHONPATH (now {os.environ.get('PYTHONPATH') or 'unset'}) or install its package; "
+            f"registered generators: {_registered_names()}"
+        ) from exc
+    except Exception as exc:  # a syntax error, or an exception while the module runs
+        raise UnknownGeneratorError(
+            f"generator {label}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    found: Any = module
+    parts = attr_path.split(".")
+    for i, part in enumerate(parts):
+        if not hasattr(found, part):
+            where = ".".join([module_name, *parts[:i]])
+            public = sorted(a for a in dir(found) if not a.startswith("_"))
+            shown = ", ".join(public[:20]) + (", ..." if len(public) > 20 else "")
+            raise UnknownGeneratorError(
+                f"generator {label}: {where!r} has no attribute {part!r}; it has: {shown or 'nothing public'}"
+            )
+        found = getattr(found, part)
+    return found
 
 
 def resolve_factory(name: str) -> Any:
     """Find the factory registered as ``name``, or import ``module:attr``."""
     registered = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if name in registered:
-        return registered[name].load()
+        value = registered[name].value
+        return _import_target(f"{name!r} (entry point {ENTRY_POINT_GROUP} {name} = {value})", value)
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-            return getattr(module, attr)
-        except (ImportError, AttributeError) as exc:
-            raise UnknownGeneratorError(
-                f"generator {name!r} cannot be imported ({exc}); "
-                f"registered: {', '.join(sorted(registered)) or 'none'}"
-            ) from exc
+        return _import_target(repr(name), name)
     raise UnknownGeneratorError(
-        f"unknown generator {name!r}; registered: {', '.join(sorted(registered)) or 'none'} "
-        "(or give a module:attr path)"
+        f"unknown generator {name!r}; registered: {_registered_names()} (or give a module:attr path)"
     )
 
 
+def protocol_problems(generator: object) -> list[str]:
+    """What keeps ``generator`` from serving as a :class:`Generator`, one phrase each; empty if nothing."""
+    members = {m: getattr(generator, m) for m in (*PROTOCOL_ATTRIBUTES, *PROTOCOL_METHODS) if hasattr(generator, m)}
+    missing = [m for m in (*PROTOCOL_ATTRIBUTES, *PROTOCOL_METHODS) if m not in members]
+    problems = [f"lacks {', '.join(missing)}"] if missing else []
+    problems += [f"{m} is not callable" for m in PROTOCOL_METHODS if m in members and not callable(members[m])]
+    if "name" in members and not (isinstance(members["name"], str) and members["name"]):
+        problems.append(f"name={members['name']!r} is not a non-empty string")
+    models = members.get("models", frozenset())
+    names = isinstance(models, Collection) and not isinstance(models, str)
+    if not names or not all(isinstance(m, str) and m for m in models):
+        problems.append(f"models={models!r} is not a set of model names")
+    size = members.get("max_batch_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        problems.append(f"max_batch_size={size!r} is not an integer >= 1")
+    return problems
+
+
 def create_generator(name: str, options: Mapping[str, Any] | None = None) -> Generator:
-    """Build (but do not load) the backend ``name`` with its config options."""
+    """Build (but do not load) the backend ``name`` with its config options.
+
+    A name that resolves to nothing raises :class:`UnknownGeneratorError`; a factory that refuses
+    the options, or builds an object that is not a :class:`Generator`, raises :class:`ConfigError`
+    naming what is wrong."""
     factory = resolve_factory(name)
+    if not callable(factory):
+        raise ConfigError("generator.name", name,
+                          f"a class or function that builds a Generator, not a value of type {type(factory).__name__}")
     try:
         generator = factory(**dict(options or {}))
     except TypeError as exc:
         raise ConfigError("generator.options", dict(options or {}), f"options {name} accepts ({exc})") from exc
-    if not isinstance(generator, Generator):
-        raise UnknownGeneratorError(f"generator {name!r} does not implement the Generator protocol")
-    return generator
+    problems = protocol_problems(generator)
+    if problems:
+        raise ConfigError(
+            "generator.name", name,
+            f"a backend implementing dgxqueue.generators.Generator (members: "
+            f"{', '.join((*PROTOCOL_ATTRIBUTES, *PROTOCOL_METHODS))}); the "
+            f"{type(generator).__name__} it built {'; '.join(problems)}",
+        )
+    return cast(Generator, generator)
 
 
 def split_into_batches(items: Sequence[T], key: Callable[[T], Hashable], size: int) -> list[list[T]]:
