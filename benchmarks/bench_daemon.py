@@ -3,7 +3,7 @@
 Every figure is printed beside a floor measured in the same run on the same database:
 bare DB-API loops (psycopg / sqlite3) doing the minimum a queue must do. Each throughput run
 follows a run of its floor, and the ratio printed is the median over these pairs (with its range),
-because this shared machine's speed drifts by up to 2x within minutes. Outputs go to a tmpfs
+because a shared machine's speed drifts within minutes by more than the effects measured. Outputs go to a tmpfs
 folder (/dev/shm) so that the WAV file each job writes measures the queue, not the disk.
 
 On SQLite it also prints ceilings: the daemon's own statements, then those plus its WAV files,
@@ -262,8 +262,8 @@ def steps_ceiling(url: str, batch: int) -> float:
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-#: Leases as deployed (config defaults), not the tests' 0.2 s heartbeats: since heartbeats cover
-#: every held job on every round, one each 0.2 s rewrote ~100 rows 5 times a second.
+#: Leases as deployed (config defaults), not the tests' short heartbeats: a heartbeat rewrites every
+#: held job's row, so at the tests' cadence the benchmark would measure heartbeats, not the queue.
 DEPLOYED_LEASES = {"heartbeat_seconds": WorkerSettings().heartbeat_seconds,
                    "lease_seconds": WorkerSettings().lease_seconds}
 
@@ -471,7 +471,7 @@ def best_of(rounds: int, url: str, measure: Callable[[], float]) -> float:
 def paired(rounds: int, url: str, measure: Callable[[], float],
            floor: Callable[[], float]) -> tuple[float, list[float]]:
     """``measure`` run ``rounds`` times, each right after a run of its floor, each on an emptied
-    table. This machine's speed drifts by up to 2x within minutes, so a ratio is only taken between
+    table. A shared machine's speed drifts within minutes, so a ratio is only taken between
     neighbours. Returns the best rate and the ratio of each pair."""
     rates, ratios = [], []
     for _ in range(rounds):
@@ -549,7 +549,7 @@ def main() -> None:
             figure("daemon, batch 64 in backend calls of 16", lambda: daemon_rate(url, n, 64, backend_batch=16),
                    floor_batch, " (each call renders while the previous one's outcomes are written)")
             # The metrics hooks against the same daemon without them, interleaved the same way.
-            # A cost of a few per cent under run-to-run swings of 10-20%: more pairs than the rest.
+            # A small cost under larger run-to-run swings: more pairs than the rest.
             _, costs = paired(max(7, args.rounds), url, lambda: daemon_rate(url, n, 64, metrics=True),
                               lambda: daemon_rate(url, n, 64))
             print("  daemon, batch 64, with metrics hooks".ljust(57)

@@ -119,8 +119,8 @@ def _daemon(folder: Path, generator: MusicGenGenerator, runner: Runner, jobs: in
             *, bare: float) -> None:
     """Drain ``jobs`` through the real daemon (SQLite, burst mode) and print where its time went.
 
-    The floor is the best of two bare ``generate`` calls of the batch: one call's wall time swung
-    by 3x on a shared GPU host, so the daemon is also judged by its own overhead, its wall time
+    The floor is the best of two bare ``generate`` calls of the batch: one call's wall time swings
+    widely on a shared GPU host, so the daemon is also judged by its own overhead, its wall time
     less the ``generate`` calls it recorded.
     """
     url = f"sqlite:///{folder}/bench.db"

@@ -107,7 +107,7 @@ class LogHooks(Hooks):
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
         # bind() builds the logger now, from the configuration in force (configure_logging comes
-        # first): a lazy proxy would rebuild it on every line, which doubles a line's cost.
+        # first): a lazy proxy would rebuild it on every line, repeating work the line need not do.
         self.log = get_logger("dgxqueue.daemon").bind(worker_id=worker_id)
         self._debug = self.log.is_enabled_for(logging.DEBUG)
 

@@ -79,9 +79,8 @@ class MusicGenGenerator:
     """``MusicgenForConditionalGeneration`` loaded once from a hub id or a local folder.
 
     ``max_batch_size`` (default 16): prompts per ``generate`` call. Decoding is bound by per-token
-    overhead, not by the GPU's arithmetic: on an H200, musicgen-small's geometry rendered 16
-    ten-second prompts in about the time of one (24-28 s), using 4.3 GiB. A batch that runs out of
-    memory is halved and retried.
+    overhead, not by the GPU's arithmetic, so a wider batch costs little more wall time than one
+    prompt: batch as wide as memory allows. A batch that runs out of memory is halved and retried.
     """
 
     name = "musicgen"

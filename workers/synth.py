@@ -7,8 +7,9 @@ without drums, a breakdown without kick and bass every fourth loop, snare fills,
 
 Everything random comes from one ``numpy`` generator seeded with the request's seed (derived
 from the job id) and a CRC of its prompt, so a job renders bit-identical audio on every attempt
-and two prompts sharing a seed still differ. Rendering is vectorised: over 100x real time on
-one core for 32 kHz stereo (see ``benchmarks/bench_synth.py``).
+and two prompts sharing a seed still differ. Rendering is vectorised (numpy over whole notes and
+stems, no Python per sample), so a CPU-only host renders far faster than real time and the default
+backend never makes the queue wait; ``benchmarks/bench_synth.py`` measures it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 PostgreSQL: ``LISTEN`` on the channel producers ``NOTIFY`` on enqueue, selected together with a
 self-pipe so a stop request wakes it at once. SQLite: ``PRAGMA data_version`` changes whenever
-another connection commits; reading it costs microseconds and touches no lock. Between reads it
+another connection commits; reading it is a cheap read that takes no lock. Between reads it
 sleeps on the same kind of self-pipe, which a signal handler can write to without taking a lock.
 """
 
