@@ -3,7 +3,8 @@
 Each call opens its own transaction on the process-wide engine of its database and commits it
 before returning, so the returned ids are durable (as far as the engine's settings make them).
 The first call on a database brings its schema to head (:func:`dgxqueue.storage.ensure_schema`);
-later calls on it skip that check.
+later calls on it skip that check. A pooled connection the server has ended (it restarted, or
+closed it while idle) is replaced, and the call tried once more: nothing was written on it.
 
 Settings: pass ``settings`` to choose them; otherwise :func:`dgxqueue.config.load_settings` is run
 once per process and reused while ``$DGXQUEUE_CONFIG``, that file's modification time,
@@ -23,13 +24,11 @@ from sqlalchemy.engine import Engine
 
 from dgxqueue.config import Settings, load_settings
 from dgxqueue.storage import (
-    create_generations,
     ensure_schema,
     fastinsert,
     get_engine,
     job_spec,
     prepare_generations,
-    session_scope,
 )
 
 __all__ = ["enqueue", "enqueue_many"]
@@ -118,9 +117,12 @@ def enqueue_many(
 ) -> list[str]:
     """Queue many generations in one transaction (all or none); returns their ids in order.
 
-    Each spec holds the keyword arguments of :func:`enqueue` (``prompt`` required).
+    Each spec holds the keyword arguments of :func:`enqueue` (``prompt`` required). Every spec is
+    validated before anything is written: one bad spec raises
+    :class:`~dgxqueue.errors.ValidationError` and writes nothing.
     """
     settings = settings or default_settings()
     engine = _engine(database_url, settings)
-    with session_scope(engine) as session:
-        return create_generations(session, specs, limits=settings.jobs, outputs=settings.outputs)
+    rows = prepare_generations(specs, limits=settings.jobs, outputs=settings.outputs)
+    fastinsert.insert_jobs(engine, rows)  # one transaction, retried once on a connection found dead
+    return [str(row["id"]) for row in rows]

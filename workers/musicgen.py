@@ -39,6 +39,7 @@ from dgxqueue.errors import (
     TransientGeneratorError,
 )
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+from dgxqueue.storage.validation import steering_value
 
 INSTALL_HINT = "pip install 'dgxqueue[musicgen]'"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -47,19 +48,8 @@ _OVERRIDES = ("guidance_scale", "temperature", "top_k")
 log = structlog.get_logger(__name__)
 
 
-def _sampling_value(key: str, value: object) -> float | int:
-    """Check one sampling setting; raise ValueError saying what would pass."""
-    if key == "top_k":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError("an integer >= 0 (0 turns top-k off)")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError("a finite number")
-    if key == "guidance_scale" and value < 1:
-        raise ValueError("a number >= 1 (1 turns classifier-free guidance off)")
-    if key == "temperature" and value <= 0:
-        raise ValueError("a number > 0")
-    return float(value)
+# One rule with the door (dgxqueue.storage.validation), so a job it accepts is never refused here.
+_sampling_value = steering_value
 
 
 @dataclass(frozen=True)

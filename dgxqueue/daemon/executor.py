@@ -22,6 +22,7 @@ from dgxqueue import audio
 from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
 from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.validation import steering_value
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,6 @@ class Outcome:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-MAX_SEED = 2**31 - 1
-
-
 def job_metadata(job: ClaimedJob) -> dict[str, Any]:
     """The job's metadata. The API only stores JSON objects; a row written by plain SQL may hold
     any JSON, and anything else refuses the job rather than stopping the daemon."""
@@ -65,9 +63,10 @@ def job_seed(job: ClaimedJob) -> int:
     value = job_metadata(job).get("seed")
     if value is None:
         return seed_for(job.id)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise PermanentGeneratorError(f"metadata.seed={value!r} is invalid: expected an integer in [0, {MAX_SEED}]")
-    return value
+    try:
+        return int(steering_value("seed", value))  # the door's rule: a job it accepts passes here
+    except ValueError as exc:
+        raise PermanentGeneratorError(f"metadata.seed={value!r} is invalid: expected {exc}") from None
 
 
 def to_request(job: ClaimedJob) -> GenerationRequest:

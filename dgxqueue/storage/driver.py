@@ -208,7 +208,9 @@ class Link:
         except dialect.loaded_dbapi.Error as exc:
             disconnected = dialect.is_disconnect(exc, driver, cursor.raw)
             if disconnected:
-                connection.invalidate(exc)
+                # As SQLAlchemy does for a Session: the whole pool's connections of that age are
+                # recycled, since a server restart ended every one of them, not just this one.
+                self.engine.pool._invalidate(connection, exc)
                 self.close()
             else:
                 connection.rollback()

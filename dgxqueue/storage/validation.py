@@ -15,6 +15,8 @@ from dgxqueue.errors import ValidationError
 from dgxqueue.storage.models import GenerationStatus
 
 MAX_FILE_PATH_LENGTH = 1024
+#: The longest file name (one path component) Linux file systems take, in bytes of UTF-8.
+MAX_FILE_NAME_BYTES = 255
 PRIORITY_RANGE = (-1000, 1000)
 #: PostgreSQL's unique index on ``prompts.prompt_text`` takes at most 2704 bytes a row (8 of
 #: them its own header): a longer prompt would fail at the insert, after validation.
@@ -22,6 +24,8 @@ MAX_PROMPT_BYTES = 2600
 #: ``file_size_bytes`` is the specification's INTEGER, 32-bit on PostgreSQL.
 MAX_FILE_SIZE = 2**31 - 1
 _WAV_HEADER_BYTES = 44
+#: ``metadata.seed``: what torch.manual_seed and every backend accept (31 bits, as seed_for derives).
+MAX_SEED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,68 @@ def validate_file_path(value: object) -> str:
         raise ValidationError("file_path", value, allowed)
     if ".." in posix.parts or ".." in windows.parts or posix.suffix.lower() != ".wav":
         raise ValidationError("file_path", value, allowed)
+    try:
+        longest = max(len(part.encode("utf-8")) for part in posix.parts)
+    except UnicodeEncodeError:  # a lone surrogate: PostgreSQL cannot store it, no file system can name it
+        raise ValidationError("file_path", value, allowed + " (it is not valid Unicode: a lone surrogate)") from None
+    if longest > MAX_FILE_NAME_BYTES:  # the daemon's write would fail with ENAMETOOLONG after a claim
+        raise ValidationError("file_path", value, f"{allowed}, each name in it at most {MAX_FILE_NAME_BYTES}"
+                                                  f" bytes of UTF-8 (one is {longest} bytes)")
     return posix.as_posix()
+
+
+def steering_value(key: str, value: object) -> int | float:
+    """Check one metadata key that steers generation (``seed``, ``guidance_scale``, ``temperature``,
+    ``top_k``); raise ValueError saying what would pass. The door, the daemon and the MusicGen
+    backend all use this one rule, so a job the door accepts is never refused for it later."""
+    if key == "seed":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+            raise ValueError(f"an integer in [0, {MAX_SEED}]")
+        return value
+    if key == "top_k":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError("an integer >= 0 (0 turns top-k off)")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("a finite number")
+    if key == "guidance_scale" and value < 1:
+        raise ValueError("a number >= 1 (1 turns classifier-free guidance off)")
+    if key == "temperature" and value <= 0:
+        raise ValueError("a number > 0")
+    return float(value)
+
+
+#: The metadata keys :func:`steering_value` checks.
+STEERING_KEYS = ("seed", "guidance_scale", "temperature", "top_k")
+
+
+def _unstorable(document: object) -> tuple[str, str] | None:
+    """The path and fault of the first value in a decoded JSON document that PostgreSQL's JSON
+    types cannot store: a lone surrogate, a NUL character, a non-finite number. Iterative, so a
+    deep document cannot exhaust the stack."""
+    stack: list[tuple[str, object]] = [("metadata", document)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, f"is {value}, which JSON cannot hold"
+        texts: list[tuple[str, str]] = []
+        if isinstance(value, str):
+            texts.append((path, value))
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                texts.append((f"{path} key {key!r}", key))
+                stack.append((f"{path}.{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+        for where, text in texts:
+            if "\x00" in text:
+                return where, "holds a NUL character"
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where, "is not valid Unicode (a lone surrogate)"
+    return None
 
 
 def validate_metadata(value: object, limits: JobSettings) -> dict[str, Any] | None:
@@ -103,16 +168,26 @@ def validate_metadata(value: object, limits: JobSettings) -> dict[str, Any] | No
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise ValidationError("metadata", value, allowed)
     try:
-        encoded = json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
+        # NaN is let through here so that _unstorable can name where it is.
+        encoded = json.dumps(dict(value), separators=(",", ":"))
+        loaded: dict[str, Any] = json.loads(encoded)
     except (TypeError, ValueError):
         raise ValidationError("metadata", value, allowed + " with JSON-serialisable values") from None
     except RecursionError:  # nested deeper than the encoder's recursion limit
         raise ValidationError("metadata", value, allowed + " nested less deeply") from None
-    if "\\u0000" in encoded:
-        raise ValidationError("metadata", value, allowed + " without NUL characters")
+    problem = _unstorable(loaded)
+    if problem is not None:  # PostgreSQL would refuse the row, or a daemon reading it back
+        where, fault = problem
+        raise ValidationError("metadata", value, f"{allowed} without NUL characters, lone surrogates or"
+                                                 f" non-finite numbers ({where} {fault})")
     if len(encoded.encode()) > limits.max_metadata_bytes:
         raise ValidationError("metadata", value, allowed)
-    loaded: dict[str, Any] = json.loads(encoded)
+    for key in STEERING_KEYS:
+        if key in loaded:
+            try:
+                steering_value(key, loaded[key])
+            except ValueError as exc:  # the daemon or the backend would fail the job after a claim
+                raise ValidationError(f"metadata.{key}", loaded[key], str(exc)) from None
     return loaded
 
 

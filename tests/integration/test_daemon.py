@@ -30,6 +30,7 @@ from dgxqueue.storage import (
 )
 from dgxqueue.storage.database import sqlite_path
 from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.repository import G
 from tests.support.daemons import RecordingHooks, make_daemon, make_settings
 from tests.support.generators import ScriptedGenerator
 from tests.support.processes import wait_until
@@ -557,7 +558,9 @@ def test_daemon__metadata_seed_overrides_and_bad_seed_fails(engine: sa.Engine, d
     gen.generate = spy  # type: ignore[method-assign]
     daemon = make_daemon(db_url, outputs, gen)
     chosen = enqueue(db_url, "fine", metadata={"seed": 1234})
-    bad = enqueue(db_url, "fine", metadata={"seed": -5})
+    bad = enqueue(db_url, "fine")
+    with engine.begin() as conn:  # the door refuses it now: a row written by plain SQL
+        conn.execute(sa.update(G).where(G.c.id == bad).values(metadata={"seed": -5}))
     daemon.run(burst=True)
     assert seeds == [1234]
     assert row(db_url, chosen).status == "completed"

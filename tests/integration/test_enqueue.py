@@ -6,6 +6,7 @@ import os
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,6 +18,8 @@ from dgxqueue.api import default_settings
 from dgxqueue.config import load_settings
 from dgxqueue.errors import SchemaError, ValidationError
 from dgxqueue.storage import (
+    create_generation,
+    dispose_engines,
     fastinsert,
     get_engine,
     get_generation,
@@ -204,3 +207,60 @@ def test_enqueue__survives_a_dropped_postgres_connection(pg_db_url: str) -> None
         assert ended == (True,)
     dgxqueue.enqueue("second", database_url=pg_db_url)
     assert _rows(engine) == (3, 3)
+
+
+def test_enqueue__survives_a_postgres_restart() -> None:
+    """After a server restart every pooled connection is dead: enqueue and enqueue_many still succeed."""
+    from tests.support.pgcluster import private_cluster
+
+    with private_cluster() as cluster:
+        url = cluster.url
+        try:
+            engine = init_db(url)
+            dgxqueue.enqueue("before", database_url=url)
+            held = [engine.raw_connection() for _ in range(3)]  # the pool keeps three connections
+            for connection in held:
+                connection.close()
+            cluster.restart()
+            dgxqueue.enqueue("after", database_url=url)
+            cluster.restart()
+            dgxqueue.enqueue_many([{"prompt": "many"}, {"prompt": "more"}], database_url=url)
+            assert _rows(engine) == (4, 4)
+        finally:
+            dispose_engines()
+
+
+# (metadata, the field the error names): each enqueue door, each engine, nothing written.
+UNSTORABLE: list[tuple[dict[str, Any], str]] = [
+    ({"note": "\udc80"}, "metadata"),  # what json.loads('{"note": "\\udc80"}') returns
+    ({"deep": [{"\udc80": 1}]}, "metadata"),
+    ({"gain": float("inf")}, "metadata"),
+    ({"seed": "abc"}, "metadata.seed"),
+    ({"seed": True}, "metadata.seed"),
+    ({"guidance_scale": 0.5}, "metadata.guidance_scale"),
+    ({"top_k": 1.5}, "metadata.top_k"),
+]
+
+
+def test_enqueue__refuses_what_the_database_or_daemon_would_refuse(engine: Engine, db_url: str) -> None:
+    """enqueue, enqueue_many and create_generation refuse unstorable or unsteerable metadata, writing nothing."""
+    for metadata, field in UNSTORABLE:
+        with pytest.raises(ValidationError) as caught:
+            dgxqueue.enqueue("ok", metadata=metadata, database_url=db_url)
+        assert caught.value.field == field
+        with pytest.raises(ValidationError) as caught:
+            dgxqueue.enqueue_many([{"prompt": "ok"}, {"prompt": "ok", "metadata": metadata}], database_url=db_url)
+        assert caught.value.field == field
+        with pytest.raises(ValidationError) as caught, session_scope(engine) as session:
+            create_generation(session, "ok", metadata=metadata)
+        assert caught.value.field == field
+        assert _rows(engine) == (0, 0), metadata
+
+
+def test_enqueue__stores_text_that_only_looks_unstorable(engine: Engine, db_url: str) -> None:
+    """Astral characters, an escaped-looking backslash and the seed's edges are stored as given."""
+    metadata = {"mood": "\U0001f3b5 caf\u00e9", "path": "C:\\u0000", "seed": 2**31 - 1, "top_k": 0}
+    job_id = dgxqueue.enqueue("ok", metadata=metadata, database_url=db_url)
+    with session_scope(engine) as session:
+        stored = get_generation(session, job_id)
+        assert stored is not None and stored.meta == metadata

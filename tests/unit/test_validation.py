@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -67,6 +68,10 @@ BAD_INPUTS: list[tuple[str, object, str]] = [
     ("file_path", "outputs/x\x00.wav", "ending in .wav"),
     ("file_path", "x.wav", "starting with 'outputs/'"),  # the daemon would refuse it after a claim
     ("file_path", "data/x.wav", "starting with 'outputs/'"),
+    ("file_path", "outputs/" + "a" * 252 + ".wav", "at most 255 bytes"),  # ENAMETOOLONG in the daemon
+    ("file_path", "outputs/" + "\u00e9" * 126 + ".wav", "(one is 256 bytes)"),  # 130 characters
+    ("file_path", "outputs/" + "d" * 256 + "/x.wav", "at most 255 bytes"),
+    ("file_path", "outputs/x\udc80.wav", "lone surrogate"),
     ("metadata", [1, 2], "a JSON object"),
     ("metadata", "bpm=120", "a JSON object"),
     ("metadata", {1: "one"}, "a JSON object"),
@@ -74,10 +79,34 @@ BAD_INPUTS: list[tuple[str, object, str]] = [
     ("metadata", {"when": datetime(2025, 1, 1)}, "JSON-serialisable"),
     ("metadata", {"notes": "x" * 20_000}, "at most 16384 bytes"),
     ("metadata", {"key": "C\x00m"}, "without NUL"),
+    ("metadata", {"note": "\udc80"}, "metadata.note is not valid Unicode"),  # json.loads('"\\udc80"')
+    ("metadata", {"\udc80": 1}, "lone surrogate"),
+    ("metadata", {"tags": ["ok", {"x": "\ud83c"}]}, "metadata.tags[1].x is not valid Unicode"),
+    ("metadata", {"a": {"b": "x\x00y"}}, "metadata.a.b holds a NUL character"),
+    ("metadata", {"a": {"k\x00": 1}}, "holds a NUL character"),
+    ("metadata", {"levels": [0.5, math.inf]}, "metadata.levels[1] is inf"),
+    ("metadata", json.loads('{"gain": 1e400}'), "metadata.gain is inf"),
+    ("metadata", {"deep": {"x": -math.nan}}, "metadata.deep.x is nan"),
     ("priority", 1001, "[-1000, 1000]"),
     ("max_attempts", 0, "[1, 100]"),
     ("run_after", "tomorrow", "a datetime"),
     ("model_version", "", "1 to 200 characters"),
+]
+
+# Metadata keys that steer generation: (key, bad value, the allowed range). The error names
+# ``metadata.<key>``, the generator's own rule (the daemon would refuse the job after a claim).
+BAD_STEERING: list[tuple[str, object, str]] = [
+    ("seed", "abc", "an integer in [0, 2147483647]"),
+    ("seed", 1.5, "an integer in [0, 2147483647]"),
+    ("seed", True, "an integer in [0, 2147483647]"),
+    ("seed", -1, "an integer in [0, 2147483647]"),
+    ("seed", 2**31, "an integer in [0, 2147483647]"),
+    ("guidance_scale", "loud", "a finite number"),
+    ("guidance_scale", 0.5, "a number >= 1"),
+    ("temperature", 0, "a number > 0"),
+    ("temperature", [1], "a finite number"),
+    ("top_k", -1, "an integer >= 0"),
+    ("top_k", 2.5, "an integer >= 0"),
 ]
 
 
@@ -91,6 +120,39 @@ def test_prepare_generations__rejects_each_bad_field(field: str, value: object, 
     assert error.field == field
     assert allowed in str(error) and allowed in error.allowed
     assert str(error).startswith(f"{field}=")
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), BAD_STEERING, ids=lambda v: repr(v)[:30])
+def test_prepare_generations__rejects_each_bad_steering_key(key: str, value: object, allowed: str) -> None:
+    """A steering key the generator would refuse is refused at the door, naming metadata.<key>."""
+    with pytest.raises(ValidationError) as caught:
+        prepare_generations([{**GOOD, "metadata": {"bpm": 90, key: value}}])
+    assert caught.value.field == f"metadata.{key}"
+    assert allowed in str(caught.value)
+
+
+def test_prepare_generations__accepts_good_steering_keys() -> None:
+    """The edges the generators accept pass the door too: seed 0 and 2**31-1, top_k 0, guidance 1."""
+    for metadata in ({"seed": 0, "top_k": 0, "guidance_scale": 1, "temperature": 1e-3},
+                     {"seed": 2**31 - 1, "top_k": 250, "guidance_scale": 3.0, "temperature": 1}):
+        [row] = prepare_generations([{**GOOD, "metadata": metadata}])
+        assert row["metadata"] == metadata
+
+
+def test_validate_metadata__allows_text_that_only_looks_like_an_escape() -> None:
+    """A backslash followed by 'u0000' is two ordinary characters, not a NUL; astral text is fine."""
+    metadata = {"path": "C:\\u0000", "mood": "\U0001f3b5 caf\u00e9"}
+    assert validate_metadata(metadata, LIMITS) == metadata
+
+
+def test_steering_value__the_daemon_and_musicgen_share_the_door_rule() -> None:
+    """job_seed and MusicGen's override check are the door's function, so the three cannot drift."""
+    from dgxqueue.daemon import executor
+    from dgxqueue.storage import validation
+    from workers import musicgen
+
+    assert musicgen._sampling_value is validation.steering_value
+    assert vars(executor)["steering_value"] is validation.steering_value
 
 
 def test_prepare_generations__accepts_the_specification_example() -> None:
