@@ -22,8 +22,8 @@ from sqlalchemy.engine import Engine
 
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import Settings
-from dgxqueue.errors import OutputError, ValidationError
-from dgxqueue.storage import Generation, ensure_schema, get_engine
+from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
+from dgxqueue.storage import Generation, ensure_schema, get_engine, repository, session_scope
 from dgxqueue.storage.database import current_revision, head_revision, sqlite_path
 from dgxqueue.storage.driver import is_transient_db_error
 
@@ -228,17 +228,41 @@ def when_text(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, stretch: int | None = None) -> str:
-    """Columns padded to their widest cell; column ``stretch`` is cut to fit the terminal."""
-    cells = [list(headers), *[list(r) for r in rows]]
+# What a terminal would act on rather than show: C0 and C1 controls (ESC starts a sequence that can
+# retitle the window or clear the screen), DEL, bidirectional overrides and isolates (which reorder
+# what follows), line and paragraph separators, and lone surrogates (which stdout cannot encode).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def safe(text: object) -> str:
+    """``text`` for a terminal: every control character shown as an escape (``\\x1b``), not obeyed.
+    Text from the database may hold anything a producer (or plain SQL) put there."""
+    return _UNSAFE.sub(_escape, str(text))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
+          stretch: int | Sequence[int] | None = None) -> str:
+    """Columns padded to their widest cell, every cell escaped (:func:`safe`); the ``stretch``
+    column(s) are cut to share what the terminal's width leaves them."""
+    cells = [[safe(cell) for cell in headers], *[[safe(cell) for cell in r] for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    if stretch is not None:
-        room = shutil.get_terminal_size((120, 24)).columns - sum(widths) + widths[stretch] - 2 * len(widths)
-        limit = max(20, room)
+    stretched = [] if stretch is None else [stretch] if isinstance(stretch, int) else list(stretch)
+    room = shutil.get_terminal_size((120, 24)).columns - 2 * len(widths)
+    room -= sum(w for i, w in enumerate(widths) if i not in stretched)
+    # Narrowest first: a column that needs less than its share leaves the rest to the others.
+    for n, column in enumerate(sorted(stretched, key=lambda i: widths[i])):
+        limit = max(20, room // (len(stretched) - n))
         for row in cells[1:]:
-            if len(row[stretch]) > limit:
-                row[stretch] = row[stretch][: limit - 1] + "…"
-        widths[stretch] = max(len(row[stretch]) for row in cells)
+            if len(row[column]) > limit:
+                row[column] = row[column][: limit - 1] + "…"
+        widths[column] = max(len(row[column]) for row in cells)
+        room -= widths[column]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
@@ -247,3 +271,63 @@ def one_line(text: str) -> str:
     """The first line of a message, so every error fits on one line of stderr."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[0] if lines else ""
+
+
+# --- job ids: a full id, or a unique prefix of one as ``wait`` and ``demo`` show it ------------
+
+#: The shortest prefix looked up, as git: shorter ones would match too many jobs to be useful.
+MIN_ID_PREFIX = 4
+_UUID_SHAPE = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+_HEX = "0123456789abcdef"
+_CANDIDATES_SHOWN = 5
+
+
+def _id_prefix(text: str) -> str | None:
+    """``text`` in lower case if it is the start of a UUID as dgxqueue writes them, else None."""
+    prefix = text.strip().lower()
+    if not prefix or len(prefix) > len(_UUID_SHAPE):
+        return None
+    for char, shape in zip(prefix, _UUID_SHAPE, strict=False):
+        if (shape == "-") != (char == "-") or (shape == "x" and char not in _HEX):
+            return None
+    return prefix
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The least string of hex digits and hyphens above every string starting with ``prefix`` (its
+    last digit counted up, with carry), or None when all of them are 'f'. Only digits and letters
+    a-f are compared, which sort alike in every collation (punctuation may not)."""
+    digits = list(prefix.rstrip("-"))
+    while digits:
+        last = digits.pop()
+        if last == "-":
+            continue
+        if last != "f":
+            return "".join(digits) + _HEX[_HEX.index(last) + 1]
+    return None
+
+
+def resolve_id(engine: Engine, text: str) -> str:
+    """The id of the one job whose id is ``text`` or starts with it (at least 4 hex digits).
+
+    No such job: :class:`JobNotFoundError` (exit 3). Several: :class:`CliError` with exit 65,
+    listing them, as git answers an ambiguous short hash.
+    """
+    with session_scope(engine) as session:
+        if repository.get_job(session, text) is not None:  # any id, a row written by plain SQL too
+            return text
+        prefix = _id_prefix(text)
+        if prefix is None:
+            raise JobNotFoundError(text)
+        if len(prefix.replace("-", "")) < MIN_ID_PREFIX:
+            raise ValidationError("id", text, f"a job id, or a unique prefix of one of at least {MIN_ID_PREFIX}"
+                                              " hex digits")
+        found = repository.job_ids_between(session, prefix, _after_prefix(prefix), _CANDIDATES_SHOWN + 1)
+    matches = [job_id for job_id in found if job_id.startswith(prefix)]
+    if not matches:
+        raise JobNotFoundError(text)
+    if len(matches) > 1:
+        listed = ", ".join(safe(job_id) for job_id in matches[:_CANDIDATES_SHOWN])
+        more = " and more" if len(matches) > _CANDIDATES_SHOWN else ""
+        raise CliError(f"id prefix {text!r} is ambiguous: it starts {listed}{more}; give more digits", EX_DATAERR)
+    return matches[0]

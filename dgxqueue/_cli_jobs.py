@@ -1,4 +1,8 @@
-"""The job subcommands: enqueue, show, list, stats, wait, cancel, retry, prune."""
+"""The job subcommands: show, list, stats, wait, cancel, retry, prune (and enqueue's parser).
+
+Text read from the database is printed escaped (:func:`~dgxqueue._cli_common.safe`): a prompt or
+error message holding terminal control sequences is shown, never obeyed.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +15,25 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from dgxqueue import _cli_enqueue
 from dgxqueue._cli_common import (
-    EXIT_JOB_FAILED,
     EXIT_OK,
     Context,
     job_dict,
     output_path,
     parse_age,
-    parse_json_object,
     parse_number,
-    parse_when,
     print_json,
+    resolve_id,
+    safe,
     table,
     when_text,
 )
-from dgxqueue._cli_wait import Progress, watch
+from dgxqueue._cli_wait import Progress, finish, watch
 from dgxqueue.errors import JobNotFoundError, ValidationError
 from dgxqueue.storage import (
     Generation,
     cancel_generation,
-    create_generations,
     get_all_generations,
     get_database_stats,
     get_generation,
@@ -41,54 +44,12 @@ from dgxqueue.storage import (
 from dgxqueue.storage.models import utcnow
 
 
-def _finish(ctx: Context, jobs: list[Generation], as_json: bool) -> int:
-    """Print the outcome of waited-for jobs; exit 1 if any failed."""
-    if as_json:
-        rows = [job_dict(ctx.settings, job) for job in jobs]
-        print_json(rows[0] if len(rows) == 1 else rows)
-    else:
-        for job in jobs:
-            if job.status == "completed":
-                print(f"completed  {output_path(ctx.settings, job.file_path) or job.file_path}")
-            else:
-                print(f"failed  {job.id}  {job.error_message or 'no reason given'}")
-    return EXIT_JOB_FAILED if any(job.status != "completed" for job in jobs) else EXIT_OK
-
-
-def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
-    spec: dict[str, Any] = {"prompt": args.prompt, "priority": parse_number("priority", args.priority, int)}
-    for key, text, kind in (("duration_seconds", args.duration, float),
-                            ("sample_rate", args.sample_rate, int), ("channels", args.channels, int),
-                            ("max_attempts", args.max_attempts, int)):
-        if text is not None:
-            spec[key] = parse_number(key, text, kind)
-    if args.model is not None:
-        spec["model_name"] = args.model
-    if args.file_path is not None:
-        spec["file_path"] = args.file_path
-    if args.metadata is not None:
-        spec["metadata"] = parse_json_object("metadata", args.metadata)
-    if args.not_before is not None:
-        spec["run_after"] = parse_when("not_before", args.not_before, utcnow())
-    timeout = parse_number("timeout", args.timeout, float)
-    engine = ctx.engine(create=True)
+def _require(ctx: Context, text: str) -> Generation:
+    engine = ctx.engine()
+    job_id = resolve_id(engine, text)
     with session_scope(engine) as session:
-        [job_id] = create_generations(session, [spec], limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
-    if args.wait:
-        jobs = watch(engine, [job_id], timeout=timeout, progress=Progress(quiet=args.quiet))
-        return _finish(ctx, jobs, args.json)
-    if args.json:
-        with session_scope(engine) as session:
-            print_json(job_dict(ctx.settings, repository.require_job(session, job_id)))
-    else:
-        print(job_id)
-    return EXIT_OK
-
-
-def _require(ctx: Context, job_id: str) -> Generation:
-    with session_scope(ctx.engine()) as session:
         job = get_generation(session, job_id)
-    if job is None:
+    if job is None:  # deleted since
         raise JobNotFoundError(job_id)
     return job
 
@@ -96,13 +57,20 @@ def _require(ctx: Context, job_id: str) -> Generation:
 def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     job = _require(ctx, args.id)
     row = job_dict(ctx.settings, job)
+    path = row["output_path"]
+    if job.status == "completed":  # a completed job's file may have been deleted or moved since
+        row["output_exists"] = path is not None and Path(path).is_file()
     if args.json:
         print_json(row)
         return EXIT_OK
     width = max(len(key) for key in row)
     for key, value in row.items():
         shown = "-" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else value
-        print(f"{key.ljust(width)}  {shown}")
+        if key == "output_exists" and not value:
+            shown = "no: the file does not exist (deleted or moved since the job completed)"
+        elif key == "output_exists":
+            shown = "yes"
+        print(f"{key.ljust(width)}  {safe(shown)}")
     return EXIT_OK
 
 
@@ -119,7 +87,12 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
          " ".join(job.prompt.split())]
         for job in jobs
     ]
-    print(table(["ID", "STATUS", "MODEL", "DURATION", "CREATED (UTC)", "PROMPT"], rows, stretch=5))
+    headers = ["ID", "STATUS", "MODEL", "DURATION", "CREATED (UTC)", "PROMPT"]
+    if any(job.status == "failed" for job in jobs):  # why they failed, without a 'show' each
+        headers.append("ERROR")
+        for row, job in zip(rows, jobs, strict=True):
+            row.append(" ".join((job.error_message or "-").split()) if job.status == "failed" else "")
+    print(table(headers, rows, stretch=(5, 6) if len(headers) > 6 else 5))
     return EXIT_OK
 
 
@@ -145,18 +118,21 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_wait(ctx: Context, args: argparse.Namespace) -> int:
     timeout = parse_number("timeout", args.timeout, float)
     engine = ctx.engine()
-    jobs = watch(engine, args.ids, timeout=timeout, progress=Progress(quiet=args.quiet))
-    return _finish(ctx, jobs, args.json)
+    ids = [resolve_id(engine, text) for text in args.ids]
+    jobs = watch(engine, ids, timeout=timeout, progress=Progress(quiet=args.quiet))
+    return finish(ctx.settings, jobs, args.json)
 
 
 def _change(ctx: Context, args: argparse.Namespace, verb: str) -> int:
-    with session_scope(ctx.engine()) as session:
+    engine = ctx.engine()
+    job_id = resolve_id(engine, args.id)
+    with session_scope(engine) as session:
         change = cancel_generation if verb == "cancelled" else retry_generation
-        job = change(session, args.id)
+        job = change(session, job_id)
     if args.json:
         print_json(job_dict(ctx.settings, job))
     else:
-        print(f"{verb} {job.id}")
+        print(f"{verb} {safe(job.id)}")
     return EXIT_OK
 
 
@@ -236,28 +212,13 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("enqueue", help="queue one generation and print its id",
-                       description="Queue one generation; prints its id (--json: the whole row).")
-    p.add_argument("prompt", help="what the music should be")
-    p.add_argument("--duration", metavar="SECONDS",
-                   help="length of the audio (default: jobs.default_duration_seconds)")
-    p.add_argument("--model", help="model name; a daemon serving it claims it (default: jobs.default_model)")
-    p.add_argument("--sample-rate", metavar="HZ")
-    p.add_argument("--channels", metavar="N", help="1 (mono) or 2 (stereo)")
-    p.add_argument("--priority", default="0", help="higher runs first, -1000..1000 (default 0)")
-    p.add_argument("--not-before", metavar="WHEN",
-                   help="not before WHEN: an ISO time (local unless it has an offset) or a span (10m, 2h)")
-    p.add_argument("--metadata", metavar="JSON", help="a JSON object, e.g. '{\"bpm\": 120, \"key\": \"Am\"}'")
-    p.add_argument("--file-path", help="the WAV's path, relative to the folder holding the outputs folder")
-    p.add_argument("--max-attempts", metavar="N", help="attempts before failing (default: jobs.max_attempts)")
-    p.add_argument("--wait", action="store_true", help="then wait like 'dgxqueue wait' (exit 1 if it fails)")
-    p.add_argument("--timeout", metavar="SECONDS", help="with --wait: stop waiting after this long (exit 75)")
-    p.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress display")
-    p.add_argument("--json", action="store_true", help="print the job's row as JSON")
-    p.set_defaults(func=cmd_enqueue)
+    _cli_enqueue.add_parser(sub)
 
-    p = sub.add_parser("show", help="show one generation", description="Show every field of one generation.")
-    p.add_argument("id")
+    id_help = "a job id, or a unique prefix of one (at least 4 hex digits, as 'wait' shows them)"
+    p = sub.add_parser("show", help="show one generation",
+                       description="Show every field of one generation; for a completed one, whether its "
+                                   "WAV file exists. Exit 3 if no job matches, 65 if a prefix matches several.")
+    p.add_argument("id", help=id_help)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
 
@@ -277,7 +238,7 @@ def add_parsers(sub: Any) -> None:
                        description="Show progress on stderr until every job is completed or failed, "
                                    "then print each outcome and WAV path. Exit 1 if any failed, "
                                    "75 on --timeout.")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help=id_help)
     p.add_argument("--timeout", metavar="SECONDS", help="give up waiting after this long (exit 75)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true")
@@ -285,8 +246,9 @@ def add_parsers(sub: Any) -> None:
 
     for name, func, text in (("cancel", cmd_cancel, "Cancel a pending generation (it becomes failed)"),
                              ("retry", cmd_retry, "Send a failed generation back to the queue")):
-        p = sub.add_parser(name, help=text.lower(), description=text + ". Exit 4 if its status forbids it.")
-        p.add_argument("id")
+        p = sub.add_parser(name, help=text.lower(), description=text + ". Exit 4 if its status forbids "
+                           "it, 3 if no job matches, 65 if a prefix matches several.")
+        p.add_argument("id", help=id_help)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 

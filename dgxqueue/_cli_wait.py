@@ -13,24 +13,53 @@ from collections.abc import Callable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from dgxqueue._cli_common import EX_TEMPFAIL, FINISHED, CliError
+from dgxqueue._cli_common import (
+    EX_TEMPFAIL,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    FINISHED,
+    CliError,
+    job_dict,
+    output_path,
+    print_json,
+    safe,
+)
+from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError
 from dgxqueue.storage import Generation, session_scope
 
 POLL_SECONDS = 0.5
+#: How many characters of an id the progress lines show; ``show``, ``cancel``, ``retry`` and
+#: ``wait`` accept them back as a unique prefix.
+SHORT_ID = 8
 
 
 def _describe(job: Generation) -> str:
+    """One line on a job's state, its text from the database escaped (:func:`safe`)."""
     if job.status == "processing":
-        return f"processing (attempt {job.attempts}/{job.max_attempts}, {job.worker_id or '?'})"
+        return f"processing (attempt {job.attempts}/{job.max_attempts}, {safe(job.worker_id or '?')})"
     if job.status == "pending" and job.attempts:
-        return f"pending (retry after attempt {job.attempts}: {job.error_message or 'no reason'})"
+        return f"pending (retry after attempt {job.attempts}: {safe(job.error_message or 'no reason')})"
     if job.status == "completed":
         took = job.generation_time_seconds
         return "completed" + (f" in {took:.2f}s" if took is not None else "")
     if job.status == "failed":
-        return f"failed: {job.error_message or 'no reason given'}"
-    return job.status
+        return f"failed: {safe(job.error_message or 'no reason given')}"
+    return safe(job.status)
+
+
+def finish(settings: Settings, jobs: list[Generation], as_json: bool) -> int:
+    """Print the outcome of waited-for jobs; exit 1 if any failed."""
+    if as_json:
+        rows = [job_dict(settings, job) for job in jobs]
+        print_json(rows[0] if len(rows) == 1 else rows)
+    else:
+        for job in jobs:
+            if job.status == "completed":
+                print(f"completed  {safe(output_path(settings, job.file_path) or job.file_path)}")
+            else:
+                print(f"failed  {safe(job.id)}  {safe(job.error_message or 'no reason given')}")
+    return EXIT_JOB_FAILED if any(job.status != "completed" for job in jobs) else EXIT_OK
 
 
 class Progress:
@@ -105,7 +134,7 @@ def watch(
             text = _describe(job)
             if seen.get(job.id) != text:
                 seen[job.id] = text
-                progress.line(f"{job.id[:8]}  {text}")
+                progress.line(f"{safe(job.id[:SHORT_ID])}  {text}")
         if all(job.status in FINISHED for job in jobs):
             progress.done()
             return jobs
@@ -118,7 +147,7 @@ def watch(
             waiting = [job.id for job in jobs if job.status not in FINISHED]
             raise CliError(
                 f"timed out after {timeout:g}s waiting for {len(waiting)} job(s) ({summary(jobs)}); "
-                f"they keep going: 'dgxqueue wait {waiting[0]}'", EX_TEMPFAIL,
+                f"they keep going: 'dgxqueue wait {safe(waiting[0])}'", EX_TEMPFAIL,
             )
         pause = POLL_SECONDS if deadline is None else min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))
         time.sleep(pause)

@@ -109,6 +109,15 @@ def get_job(session: Session, job_id: str) -> Generation | None:
     return session.get(Generation, job_id, populate_existing=True)
 
 
+def job_ids_between(session: Session, lower: str, upper: str | None, limit: int) -> list[str]:
+    """Ids in ``[lower, upper)`` in order, at most ``limit``: a prefix search as a range on the
+    primary key, so it uses its index and no pattern is built from the caller's text."""
+    query = sa.select(G.c.id).where(G.c.id >= lower)
+    if upper is not None:
+        query = query.where(G.c.id < upper)
+    return list(session.scalars(query.order_by(G.c.id).limit(limit)))
+
+
 def require_job(session: Session, job_id: str) -> Generation:
     job = get_job(session, job_id)
     if job is None:

@@ -229,8 +229,9 @@ def test_list__table_filters_and_json(cli: Cli) -> None:
     [first] = cli.add("first prompt", cancel=True)
     [second] = cli.add("a very long prompt " * 20)
     table = cli.ok("list").splitlines()
-    assert table[0].split() == ["ID", "STATUS", "MODEL", "DURATION", "CREATED", "(UTC)", "PROMPT"]
+    assert table[0].split() == ["ID", "STATUS", "MODEL", "DURATION", "CREATED", "(UTC)", "PROMPT", "ERROR"]
     assert [line.split()[0] for line in table[1:]] == [second, first]
+    assert table[2].split()[-4:] == ["prompt", "cancelled", "by", "request"]  # a failed job's error, in its column
     assert "…" in table[1]  # the long prompt is cut to fit
     failed = json.loads(cli.here("list", "--status", "failed", "--json").stdout)
     assert [row["id"] for row in failed] == [first]

@@ -1,0 +1,189 @@
+"""The ``enqueue`` subcommand: one job from flags, or many from JSON lines (``--jsonl FILE``).
+
+Every job is validated before anything is written: one bad line refuses the whole batch (exit 65)
+naming its line number and field. A job whose model no configured or registered generator serves
+is queued with a warning on stderr; it waits until a daemon serving that model runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from typing import IO, Any
+
+import sqlalchemy as sa
+
+from dgxqueue._cli_common import (
+    EX_DATAERR,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    Context,
+    job_dict,
+    parse_json_object,
+    parse_number,
+    parse_when,
+    print_json,
+    safe,
+)
+from dgxqueue._cli_wait import Progress, finish, watch
+from dgxqueue.api import enqueue_many
+from dgxqueue.config import Settings
+from dgxqueue.errors import ValidationError
+from dgxqueue.generators import available_generators, create_generator
+from dgxqueue.storage import Generation, prepare_generations, session_scope
+from dgxqueue.storage.models import utcnow
+
+#: The flags that set one job's fields; with ``--jsonl`` each line sets its own.
+_JOB_FLAGS = ("duration", "model", "sample_rate", "channels", "priority", "not_before", "metadata",
+              "file_path", "max_attempts")
+
+
+def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {"prompt": args.prompt, "priority": parse_number("priority", args.priority or "0", int)}
+    for key, text, kind in (("duration_seconds", args.duration, float),
+                            ("sample_rate", args.sample_rate, int), ("channels", args.channels, int),
+                            ("max_attempts", args.max_attempts, int)):
+        if text is not None:
+            spec[key] = parse_number(key, text, kind)
+    if args.model is not None:
+        spec["model_name"] = args.model
+    if args.file_path is not None:
+        spec["file_path"] = args.file_path
+    if args.metadata is not None:
+        spec["metadata"] = parse_json_object("metadata", args.metadata)
+    if args.not_before is not None:
+        spec["run_after"] = parse_when("not_before", args.not_before, utcnow())
+    return spec
+
+
+def _lines(stream: IO[bytes]) -> Iterator[tuple[int, str]]:
+    for number, raw in enumerate(stream, 1):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CliError(f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start + 1})",
+                           EX_DATAERR) from None
+
+
+def read_jsonl(stream: IO[bytes], settings: Settings) -> list[dict[str, Any]]:
+    """One spec per non-blank line, each a JSON object of :func:`dgxqueue.enqueue`'s arguments
+    (``run_after`` as an ISO time or a span such as ``10m``), every one validated."""
+    specs = []
+    for number, line in _lines(stream):
+        if not line.strip():
+            continue
+        try:
+            spec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"line {number}: not a JSON object ({exc.msg} at column {exc.colno})", EX_DATAERR) from None
+        except RecursionError:
+            raise CliError(f"line {number}: a JSON object nested too deeply", EX_DATAERR) from None
+        if not isinstance(spec, dict):
+            raise CliError(f"line {number}: expected a JSON object such as {{\"prompt\": \"lo-fi beat\"}}, "
+                           f"got {type(spec).__name__}", EX_DATAERR)
+        try:
+            if isinstance(spec.get("run_after"), str):
+                spec["run_after"] = parse_when("run_after", spec["run_after"], utcnow())
+            prepare_generations([spec], limits=settings.jobs, outputs=settings.outputs)
+        except ValidationError as exc:
+            raise CliError(f"line {number}: {exc}", EX_DATAERR) from None
+        specs.append(spec)
+    return specs
+
+
+def served_models(settings: Settings) -> set[str]:
+    """The models the configured generator serves, and every registered generator's defaults.
+
+    Only what this machine's configuration and installed backends say: a daemon elsewhere, or one
+    started with other options, may serve more.
+    """
+    served: set[str] = set(settings.generator.models)
+    chosen = [] if served else [(settings.generator.name, settings.generator.options)]
+    for name, options in [*chosen, *((name, {}) for name in available_generators())]:
+        try:
+            served |= set(create_generator(name, options).models)
+        except Exception:  # noqa: S112  (only a warning depends on it: a broken backend serves nothing)
+            continue
+    return served
+
+
+def warn_unserved(settings: Settings, models: Iterable[str]) -> None:
+    unserved = sorted(set(models) - served_models(settings))
+    for model in unserved:
+        print(f"dgxqueue: warning: no configured or registered generator serves model {safe(repr(model))}; "
+              "the job waits until a daemon serving it runs (check --model or jobs.default_model)",
+              file=sys.stderr)
+
+
+def _read_back(ctx: Context, ids: list[str]) -> list[Generation]:
+    found: dict[str, Generation] = {}
+    with session_scope(ctx.engine()) as session:
+        for start in range(0, len(ids), 500):  # SQLite limits bound parameters
+            query = sa.select(Generation).where(Generation.id.in_(ids[start:start + 500]))
+            found.update((job.id, job) for job in session.scalars(query))
+    return [found[job_id] for job_id in ids]
+
+
+def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.jsonl is None):
+        raise CliError("give the prompt, or --jsonl FILE for many jobs (not both)", EXIT_USAGE)
+    with ExitStack() as stack:
+        if args.jsonl is None:
+            specs = [_spec_from_flags(args)]
+        else:
+            given = [flag for flag in _JOB_FLAGS if getattr(args, flag) is not None]
+            if given:
+                raise CliError(f"--{given[0].replace('_', '-')} cannot be combined with --jsonl: each line "
+                               "gives its job's fields", EXIT_USAGE)
+            stream = sys.stdin.buffer if args.jsonl == "-" else stack.enter_context(open(args.jsonl, "rb"))
+            specs = read_jsonl(stream, ctx.settings)
+    timeout = parse_number("timeout", args.timeout, float)
+    rows = prepare_generations(specs, limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
+    engine = ctx.engine(create=True)
+    ids = enqueue_many(specs, database_url=ctx.settings.database.url, settings=ctx.settings)
+    warn_unserved(ctx.settings, {str(row["model_name"]) for row in rows})
+    if args.wait:
+        jobs = watch(engine, ids, timeout=timeout, progress=Progress(quiet=args.quiet))
+        return finish(ctx.settings, jobs, args.json)
+    if args.json:
+        rows_out = [job_dict(ctx.settings, job) for job in _read_back(ctx, ids)]
+        print_json(rows_out if args.jsonl is not None else rows_out[0])
+    else:
+        for job_id in ids:
+            print(job_id)
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "enqueue", help="queue generations and print their ids",
+        description="Queue one generation from PROMPT and flags, or many from JSON lines (--jsonl); prints "
+                    "each id on a line of its own (--json: the rows). Every job is validated first: one bad "
+                    "line refuses them all (exit 65). A model that no configured or registered generator "
+                    "serves gets a warning on stderr (the job is still queued).",
+    )
+    p.add_argument("prompt", nargs="?", help="what the music should be")
+    p.add_argument("--jsonl", metavar="FILE",
+                   help="read jobs from FILE ('-': stdin), one JSON object a line with enqueue's fields: "
+                        "prompt, duration_seconds, model_name, metadata, priority, sample_rate, channels, "
+                        "file_path, max_attempts, model_version, run_after; all go in one transaction")
+    p.add_argument("--duration", metavar="SECONDS",
+                   help="length of the audio (default: jobs.default_duration_seconds)")
+    p.add_argument("--model", help="model name; a daemon serving it claims it (default: jobs.default_model)")
+    p.add_argument("--sample-rate", metavar="HZ")
+    p.add_argument("--channels", metavar="N", help="1 (mono) or 2 (stereo)")
+    p.add_argument("--priority", help="higher runs first, -1000..1000 (default 0)")
+    p.add_argument("--not-before", metavar="WHEN",
+                   help="not before WHEN: an ISO time (local unless it has an offset) or a span (10m, 2h)")
+    p.add_argument("--metadata", metavar="JSON", help="a JSON object, e.g. '{\"bpm\": 120, \"key\": \"Am\"}'")
+    p.add_argument("--file-path", help="the WAV's path, relative to the folder holding the outputs folder")
+    p.add_argument("--max-attempts", metavar="N", help="attempts before failing (default: jobs.max_attempts)")
+    p.add_argument("--wait", action="store_true", help="then wait like 'dgxqueue wait' (exit 1 if one fails)")
+    p.add_argument("--timeout", metavar="SECONDS", help="with --wait: stop waiting after this long (exit 75)")
+    p.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress display")
+    p.add_argument("--json", action="store_true", help="print the job's row as JSON (--jsonl: a list of rows)")
+    p.set_defaults(func=cmd_enqueue)
