@@ -75,7 +75,12 @@ def worker_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_worker(ctx: Context, args: argparse.Namespace) -> int:
     from dgxqueue.daemon import run_worker  # here, so the other commands start without it
 
-    return run_worker(ctx.settings, burst=args.burst, worker_id=args.worker_id)
+    code = run_worker(ctx.settings, burst=args.burst, worker_id=args.worker_id)
+    if code != EXIT_OK:  # a machine fault or a stuck backend call, whose thread may never return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # the outcomes are written: skip interpreter teardown, which could hang on it
+    return code
 
 
 # --- db ---------------------------------------------------------------------------------------
@@ -272,7 +277,7 @@ def cmd_config_check(ctx: Context, args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("worker", help="run the daemon (one per GPU)",
-                       description="Run the daemon: claim jobs, generate, record. SIGTERM or SIGINT stop it "
+                       description="Run the daemon: claim jobs, generate, record. SIGTERM, SIGINT or SIGHUP stop it "
                                    "gracefully. Flags override the config file and environment.")
     p.add_argument("--burst", action="store_true", help="exit once the queue is drained")
     p.add_argument("--worker-id", help="name in the worker_id column (default: host:pid)")

@@ -70,6 +70,7 @@ _OUTPUTS_DIR_RULE = "a folder path whose last part is a name (not '.', '..' or t
 @dataclass(frozen=True)
 class OutputSettings:
     dir: str = _spec("outputs", nonblank=_OUTPUTS_DIR_RULE)
+    min_free_mb: int = _spec(256, lo=0, hi=1_048_576)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@
     ├── OutputError              the WAV file could not be written (disk full, permission, path)
     └── GeneratorError           raised by a backend for one request or a whole batch
         ├── TransientGeneratorError   worth retrying (CUDA OOM after halving, a flaky resource)
+        │   └── JobTimeoutError       the backend call overran worker.job_timeout_seconds
         └── PermanentGeneratorError   retrying cannot help (request above the model's limit)
 
 Foreign exceptions (SQLAlchemy, OSError, torch) are translated at the boundary that meets them.
@@ -89,6 +90,11 @@ class TransientGeneratorError(GeneratorError):
     """A failure that may pass: the daemon retries the job with backoff."""
 
     transient = True
+
+
+class JobTimeoutError(TransientGeneratorError):
+    """The backend call overran ``worker.job_timeout_seconds`` and was abandoned: charged to its
+    jobs as a transient failure (their attempt is spent), while the daemon exits for a fresh process."""
 
 
 class PermanentGeneratorError(GeneratorError):

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from dgxqueue.daemon.diskcheck import PAUSE_REASONS
 from dgxqueue.daemon.hooks import OUTCOMES, DaemonInfo, Hooks
 from dgxqueue.logs import get_logger
 from dgxqueue.storage.models import GenerationStatus
@@ -203,8 +204,18 @@ class DaemonMetrics(Hooks):
         self.ready = Gauge(
             "dgxqueue_ready", "1 once the generator is loaded and the daemon takes jobs; 0 while it "
             "loads.", registry=registry)
+        self.claims_paused = Gauge(
+            "dgxqueue_claims_paused", "1 while the daemon claims nothing because its outputs folder "
+            "cannot take files, by reason (disk_low, read_only, not_writable); it resumes by itself.",
+            ["reason"], registry=registry)
+        self.machine_fault = Gauge(
+            "dgxqueue_machine_fault", "1 once a machine fault (disk_full, read_only, permission, io_error, "
+            "memory, gpu) stopped the daemon, which gives its jobs back and exits for a restart.",
+            ["reason"], registry=registry)
         for result in RESCUE_RESULTS:
             self.rescued.labels(result)
+        for reason in PAUSE_REASONS:
+            self.claims_paused.labels(reason)
         # Each model's series, looked up once: labels() costs about as much as the update itself.
         self._series: dict[str, _ModelSeries] = {}
 
@@ -250,6 +261,13 @@ class DaemonMetrics(Hooks):
             series.generation.observe(generation_seconds)
         if outcome == "completed" and audio_seconds:
             series.audio.inc(audio_seconds)
+
+    def on_claims_paused(self, reason: str | None) -> None:
+        for label in PAUSE_REASONS:
+            self.claims_paused.labels(label).set(1 if label == reason else 0)
+
+    def on_machine_fault(self, reason: str) -> None:
+        self.machine_fault.labels(reason).set(1)
 
     def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
         if requeued:

@@ -6,13 +6,14 @@ import signal
 from types import FrameType
 
 from dgxqueue.config import Settings
-from dgxqueue.daemon.daemon import Daemon, new_worker_id
+from dgxqueue.daemon.daemon import EXIT_JOB_TIMEOUT, EXIT_MACHINE_FAULT, Daemon, new_worker_id
 from dgxqueue.daemon.hooks import DaemonInfo, HookChain, Hooks
 from dgxqueue.generators import Generator, create_generator
 from dgxqueue.storage.database import ensure_schema, get_engine
 from dgxqueue.systemd import Notifier
 
-__all__ = ["Daemon", "DaemonInfo", "HookChain", "Hooks", "new_worker_id", "run_worker"]
+__all__ = ["EXIT_JOB_TIMEOUT", "EXIT_MACHINE_FAULT", "Daemon", "DaemonInfo", "HookChain", "Hooks",
+           "new_worker_id", "run_worker"]
 
 
 def run_worker(
@@ -22,7 +23,9 @@ def run_worker(
     worker_id: str | None = None,
     generator: Generator | None = None,
 ) -> int:
-    """Build the daemon from settings, serve metrics, handle SIGTERM/SIGINT, run. Returns 0."""
+    """Build the daemon from settings, serve metrics, handle signals, run; returns
+    :meth:`Daemon.run`'s exit code. SIGTERM, SIGINT and SIGHUP all stop gracefully (a second one
+    at once): settings are read once, so a reload is a restart (``systemctl restart``)."""
     from prometheus_client import CollectorRegistry
 
     from dgxqueue.logs import LogHooks, configure_logging
@@ -44,7 +47,7 @@ def run_worker(
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         daemon.request_stop(immediate=daemon.stopping)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     server = None
     try:
         if settings.metrics.enabled:

@@ -4,6 +4,22 @@ One main thread owns the loop and every database call; the backend runs on the r
 so the loop keeps refreshing leases, rescuing, and pinging the systemd watchdog while a long job
 runs. :meth:`Daemon.run` is the thin loop; :meth:`Daemon.run_once` is one claim-and-process step
 that tests drive directly.
+
+Whose fault it is decides how the daemon ends (:meth:`Daemon.run` returns the exit code):
+
+- A job's error is recorded against that job (retried or failed); the daemon carries on.
+- A machine fault (:func:`~dgxqueue.daemon.retry.machine_fault`: the outputs disk full, read-only
+  or unwritable, memory gone, the GPU lost) stops claiming, gives every held job back with its
+  attempt refunded, and exits with :data:`EXIT_MACHINE_FAULT` for systemd to restart the process.
+  The jobs of the call that faulted are marked (``error_message`` starts ``machine fault (``); a
+  job that faults again while still marked, its last attempt having faulted too, is charged for
+  it as a transient failure. So a job that always faults costs at most two restarts per attempt.
+- A backend call past ``worker.job_timeout_seconds`` is charged to its jobs
+  (:class:`~dgxqueue.errors.JobTimeoutError`), everything else held goes back unspent, and the
+  daemon exits with :data:`EXIT_JOB_TIMEOUT`: Python cannot interrupt the stuck call, and only a
+  new process gets a clean GPU.
+- Before each claim the outputs folder is checked (:mod:`~dgxqueue.daemon.diskcheck`): short of
+  space, read-only or unwritable, the daemon claims nothing, says why, and resumes by itself.
 """
 
 from __future__ import annotations
@@ -25,13 +41,14 @@ from sqlalchemy.engine import Engine
 
 import dgxqueue
 from dgxqueue.config import Settings
+from dgxqueue.daemon.diskcheck import OutputsCheck, Problem
 from dgxqueue.daemon.executor import Outcome, Work, prepare, render
 from dgxqueue.daemon.hooks import DaemonInfo, Hooks
-from dgxqueue.daemon.retry import decide
+from dgxqueue.daemon.retry import MACHINE_FAULT_MARK, decide, describe, machine_fault
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.store import QueueStore
 from dgxqueue.daemon.waker import Waker, make_waker
-from dgxqueue.errors import DgxQueueError, TransientGeneratorError
+from dgxqueue.errors import DgxQueueError, JobTimeoutError, TransientGeneratorError
 from dgxqueue.generators import Generator, split_into_batches
 from dgxqueue.storage import repository
 from dgxqueue.storage.driver import is_transient_db_error
@@ -44,6 +61,12 @@ _SLICE = 0.25  # longest the loop blocks without looking at stop requests and ti
 # A backend call longer than a transaction's fixed cost (under 1 ms on both engines here) hides
 # the outcome write that runs beside it; see Daemon._claim_next_round.
 _HIDE_WRITES_AFTER = 0.001
+#: After a stop's grace period, how long the database calls of the shutdown may go on trying
+#: altogether (each connection attempt is bounded by the engine's connect timeout besides).
+SHUTDOWN_DB_SECONDS = 5.0
+#: Exit codes of :meth:`Daemon.run`; systemd restarts the daemon after either (Restart=on-failure).
+EXIT_MACHINE_FAULT = 75  # EX_TEMPFAIL: the machine failed (disk, memory, GPU); jobs given back
+EXIT_JOB_TIMEOUT = 124  # as timeout(1): a backend call overran its time limit and may never return
 
 
 def new_worker_id() -> str:
@@ -102,6 +125,11 @@ class Daemon:
         # One deadline for every held job, counted from the first claim or the last heartbeat: a
         # round of many short backend calls must still refresh the leases of the jobs waiting.
         self._next_heartbeat = 0.0
+        self.outputs_check = OutputsCheck(settings.outputs_dir, settings.outputs.min_free_mb)
+        self._paused: Problem | None = None  # the outputs check's last problem, while it lasts
+        self.exit_code = 0
+        self.fault: str | None = None  # a machine fault's reason: claim nothing more, then exit
+        self._fault_marks: dict[str, str] = {}  # job id -> error_message it is given back with
 
     # --- control --------------------------------------------------------------------------
 
@@ -119,13 +147,18 @@ class Daemon:
         else:
             self._stop_requested_at = self._stop_requested_at or time.monotonic()
             self._immediate = True
+        # Every database call from now on gives up by this time, so a stop during an outage is
+        # bounded; a later, immediate request may only bring it closer.
+        grace = 0.0 if self._immediate else self.config.grace_seconds
+        deadline = max(self._stop_requested_at + grace, time.monotonic()) + SHUTDOWN_DB_SECONDS
+        self.store.deadline = min(deadline, self.store.deadline or deadline)
         self.waker.wake()
 
     def healthy(self) -> bool:
         """False when the loop has stalled or a backend call overran its limit and is stuck.
         True while the generator loads (minutes, for a big model; systemd's TimeoutStartSec
         bounds that)."""
-        if self.runner.stuck_for() > 0:
+        if self.runner.stuck_for() > 0 or self.fault is not None:
             return False
         stall_limit = max(20.0, 2 * self.config.heartbeat_seconds + 15.0)
         return not self._loaded or time.monotonic() - self._last_loop < stall_limit
@@ -151,7 +184,8 @@ class Daemon:
                       batch_size=self.batch_size, engine=self.engine.dialect.name)
 
     def run(self, *, burst: bool = False) -> int:
-        """Run until stopped (or, with ``burst``, until the queue is drained). Returns 0."""
+        """Run until stopped (or, with ``burst``, until the queue is drained). Returns the exit
+        code: 0, :data:`EXIT_MACHINE_FAULT` or :data:`EXIT_JOB_TIMEOUT`."""
         self.start()
         try:
             while not self.stopping:
@@ -174,7 +208,7 @@ class Daemon:
                     self.waker.wait(1.0)
         finally:
             self.shutdown()
-        return 0
+        return self.exit_code
 
     def _idle_timeout(self, now: datetime) -> float:
         # Wake in time for the next watchdog ping, however short systemd's WatchdogSec is.
@@ -237,7 +271,7 @@ class Daemon:
         kept = False
         try:
             work, refused = prepare(jobs, self.generator)
-            self._done.extend(refused)
+            self._done.extend(self._sort_faults(refused))
             size = min(self.batch_size, self.generator.max_batch_size)
             batches = split_into_batches(work, lambda w: self.generator.batch_key(w.request), size)
             for i, batch in enumerate(batches):
@@ -253,7 +287,7 @@ class Daemon:
                 outcomes = self._wait(running, batch)
                 if outcomes is None:
                     break
-                self._done.extend(outcomes)
+                self._done.extend(self._sort_faults(outcomes))
             if self._may_claim() and not self._next:
                 self._claim_next_round()
             if not (self._may_claim() and self._next):  # no next round to write behind: write now
@@ -267,7 +301,54 @@ class Daemon:
         return len(jobs)
 
     def _may_claim(self) -> bool:
-        return not self.stopping and not self.runner.stuck
+        return not self.stopping and not self.runner.stuck and self._outputs_ok()
+
+    def _outputs_ok(self) -> bool:
+        """The outputs check passes; its problem is said once when it starts and once when it ends."""
+        problem = self.outputs_check.problem()
+        if problem != self._paused:
+            if problem is not None:
+                self.log.error("not claiming: the outputs folder cannot take files", reason=problem.reason,
+                               problem=problem.message)
+                self.notifier.status(f"paused: {problem.message}")
+            else:
+                self.log.info("outputs folder usable again; claiming", was=self._paused and self._paused.reason)
+                self.notifier.status(f"serving {', '.join(self.models)}")
+            self._paused = problem
+            self.hooks.on_claims_paused(problem.reason if problem else None)
+        return problem is None
+
+    def _sort_faults(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """The outcomes to record. Those that are a machine fault's are taken out: their jobs are
+        given back marked (or, marked already, charged for it), and the daemon stops to exit."""
+        faults = [(o, reason) for o in outcomes if o.error is not None and (reason := machine_fault(o.error))]
+        if not faults:
+            return outcomes
+        first, reason = faults[0]
+        assert first.error is not None
+        if self.fault is None:
+            self.fault, self.exit_code = reason, EXIT_MACHINE_FAULT
+            self.log.error("machine fault: claiming nothing more; held jobs go back unspent, then exit for a"
+                           " restart", reason=reason, error=describe(first.error), exit_code=EXIT_MACHINE_FAULT,
+                           jobs=[o.job.id for o, _ in faults])
+            self.notifier.status(f"machine fault ({reason}): giving jobs back, exiting")
+            self.hooks.on_machine_fault(reason)
+            self.request_stop(immediate=True)
+        ids = [o.job.id for o, _ in faults]
+        previous: dict[str, str | None] = {}
+        with self._outage_skips("could not read whether these jobs faulted before; giving them back"):
+            previous = self.store.error_messages(ids)
+        kept: list[Outcome] = [o for o in outcomes if o.job.id not in set(ids)]
+        for outcome, why in faults:
+            assert outcome.error is not None
+            text = f"{MACHINE_FAULT_MARK}{why}) {describe(outcome.error)}"
+            if (previous.get(outcome.job.id) or "").startswith(MACHINE_FAULT_MARK):
+                # Its last attempt faulted too: it may be the job's doing, so it pays this time.
+                error = TransientGeneratorError(f"{text}, on two attempts in a row: counted against the job")
+                kept.append(Outcome(outcome.job, error, outcome.generation_seconds))
+            else:
+                self._fault_marks[outcome.job.id] = f"{text}; given back, attempt not counted"
+        return kept
 
     def _claim_next_round(self) -> None:
         """Claim the next jobs, alone or with this round's outcomes.
@@ -343,11 +424,12 @@ class Daemon:
                     return None
             if now - started >= self.config.job_timeout_seconds:
                 self.runner.abandon()
-                error = TransientGeneratorError(
-                    f"job exceeded its time limit of {self.config.job_timeout_seconds:g} s"
-                )
-                self.log.error("generator call overran its time limit; daemon unhealthy until it returns",
-                               jobs=[w.job.id for w in batch])
+                error = JobTimeoutError(f"job exceeded its time limit of {self.config.job_timeout_seconds:g} s")
+                self.log.error("generator call overran its time limit: charged to its jobs; the rest go back"
+                               " unspent, then exit for a fresh process", jobs=[w.job.id for w in batch],
+                               exit_code=EXIT_JOB_TIMEOUT)
+                self.exit_code = EXIT_JOB_TIMEOUT
+                self.request_stop(immediate=True)
                 return [Outcome(w.job, error, now - started) for w in batch]
 
     def heartbeat(self) -> None:
@@ -414,7 +496,8 @@ class Daemon:
         outcomes = ["abandoned"] * len(jobs)  # unless written: left to the lease rescue
         with self._outage_skips("could not give jobs back; their leases will expire and be rescued",
                                 to_rescue=True, jobs=[j.id for j in jobs]):
-            outcomes = ["released" if ok else "fenced" for ok in self.store.release(jobs)]
+            released = self.store.release(jobs, self._fault_marks)
+            outcomes = ["released" if ok else "fenced" for ok in released]
         for job, outcome in zip(jobs, outcomes, strict=True):  # this daemon holds them no more
             self.hooks.on_job_finished(job, outcome, generation_seconds=None, audio_seconds=None, error=None)
 

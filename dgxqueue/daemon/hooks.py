@@ -59,6 +59,12 @@ class Hooks:
     def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
         """The rescuer returned expired jobs to the queue or failed them."""
 
+    def on_claims_paused(self, reason: str | None) -> None:
+        """The outputs check stopped claims for ``reason`` (see ``diskcheck``); None: they resume."""
+
+    def on_machine_fault(self, reason: str) -> None:
+        """A machine fault (see ``retry.machine_fault``): held jobs go back and the daemon exits."""
+
     def on_stop(self) -> None:
         """The daemon is exiting."""
 
@@ -100,6 +106,14 @@ class HookChain(Hooks):
     def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
         for hook in self.hooks:
             hook.on_rescued(requeued, failed)
+
+    def on_claims_paused(self, reason: str | None) -> None:
+        for hook in self.hooks:
+            hook.on_claims_paused(reason)
+
+    def on_machine_fault(self, reason: str) -> None:
+        for hook in self.hooks:
+            hook.on_machine_fault(reason)
 
     def on_stop(self) -> None:
         for hook in self.hooks:

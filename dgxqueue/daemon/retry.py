@@ -7,7 +7,9 @@ retries short database calls.)
 
 from __future__ import annotations
 
+import errno
 import random
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -37,6 +39,48 @@ def is_transient(error: BaseException, settings: WorkerSettings) -> bool:
     if isinstance(error, OutputError):
         return False
     return settings.retry_unexpected_errors
+
+
+#: An outputs folder that cannot take the file: the machine's fault, whichever job hit it first.
+_OUTPUT_FAULTS = {
+    errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
+    errno.EACCES: "permission", errno.EPERM: "permission", errno.EIO: "io_error", errno.ENOMEM: "memory",
+}
+#: CUDA's "sticky" errors: after one, every later call in the process fails, so only a new process
+#: (a new CUDA context) can run again. CUDA's out-of-memory error is not one: it stays the job's.
+_GPU_LOST = re.compile(
+    r"CUDA error: (an illegal memory access|unspecified launch failure|device-side assert|an illegal"
+    r" instruction|misaligned address|uncorrectable ECC error|the launch timed out|unknown error|no"
+    r" CUDA-capable device|CUDA-capable device\(s\) is/are busy or unavailable)|GPU is lost|fallen off the bus",
+    re.IGNORECASE,
+)
+#: How a job given back after a machine fault is marked in its row's ``error_message``.
+MACHINE_FAULT_MARK = "machine fault ("
+
+
+def machine_fault(error: BaseException) -> str | None:
+    """The reason when ``error`` is the machine's fault rather than the job's, else None.
+
+    The rule: a ``MemoryError`` anywhere in the chain (``memory``); a failed WAV write
+    (:class:`OutputError`) caused by a full disk or quota (``disk_full``), a read-only file system
+    (``read_only``), a permission error (``permission``), an I/O error (``io_error``) or ENOMEM;
+    a ``RuntimeError`` (torch's ``AcceleratorError`` is one) carrying one of CUDA's sticky errors
+    (``gpu``). Anything else is the job's.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):
+            return "memory"
+        if isinstance(current, OutputError) and isinstance(current.__cause__, OSError):
+            reason = _OUTPUT_FAULTS.get(current.__cause__.errno or 0)
+            if reason is not None:
+                return reason
+        if isinstance(current, RuntimeError) and _GPU_LOST.search(str(current)):
+            return "gpu"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def describe(error: BaseException) -> str:

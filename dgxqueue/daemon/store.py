@@ -11,7 +11,8 @@ own transaction, so a retry repeats the whole of it. Which errors are worth it i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -43,6 +44,16 @@ def _written(outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], written: set
     return [job.id in written for job, _ in outcomes]
 
 
+class _PastDeadline(tenacity.stop.stop_base):
+    """Stop retrying once the store's ``deadline`` has passed."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self.store = store
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self.store.deadline is not None and time.monotonic() >= self.store.deadline
+
+
 class QueueStore:
     """Claim, heartbeat, finish, release and rescue, for one daemon."""
 
@@ -61,10 +72,12 @@ class QueueStore:
         self.models = tuple(sorted(models))
         self.lease = lease
         self._link = Link(engine)  # the main loop's own connection for claims and outcomes
+        #: time.monotonic() after which a failing call is not tried again (a stop sets it)
+        self.deadline: float | None = None
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient_db_error),
             wait=tenacity.wait_exponential(multiplier=0.05, max=2.0) + tenacity.wait_random(0, 0.05),
-            stop=tenacity.stop_after_delay(retry_for_seconds),
+            stop=tenacity.stop_after_delay(retry_for_seconds) | _PastDeadline(self),
             before_sleep=_log_retry,
             sleep=sleep or tenacity.nap.sleep,
             reraise=True,
@@ -77,6 +90,8 @@ class QueueStore:
             return call()
         except Exception as exc:
             if not is_transient_db_error(exc):
+                raise
+            if self.deadline is not None and time.monotonic() >= self.deadline:
                 raise
             log.warning("database call failed, retrying", attempt=1, error=str(exc)[:300])
         return self._retrying(call)
@@ -125,9 +140,14 @@ class QueueStore:
         ))
         return _written(outcomes, written), claimed
 
-    def release(self, jobs: Sequence[ClaimedJob]) -> list[bool]:
-        """Give jobs back to the queue without spending their attempt (graceful stop)."""
-        return self.finish([(job, repository.release_values(job.attempt)) for job in jobs])
+    def release(self, jobs: Sequence[ClaimedJob], messages: Mapping[str, str] | None = None) -> list[bool]:
+        """Give jobs back to the queue without spending their attempt (graceful stop, machine
+        fault); ``messages``: the ``error_message`` to leave on some of them, by id."""
+        messages = messages or {}
+        return self.finish([(job, repository.release_values(job.attempt, messages.get(job.id))) for job in jobs])
+
+    def error_messages(self, ids: Sequence[str]) -> dict[str, str | None]:
+        return self._run(lambda s: repository.error_messages(s, ids))
 
     def rescue(self, now: datetime) -> tuple[list[str], list[str]]:
         def rescue(session: Session) -> tuple[list[str], list[str]]:

@@ -401,10 +401,20 @@ def retry_values(run_after: datetime, message: str) -> dict[str, Any]:
     return {"status": PENDING, "run_after": run_after, "error_message": storable_text(message)}
 
 
-def release_values(attempt: int) -> dict[str, Any]:
+def release_values(attempt: int, message: str | None = None) -> dict[str, Any]:
     """Give a job back without spending its attempt (graceful stop). The write is fenced on
-    ``attempts == attempt``, so setting ``attempt - 1`` undoes exactly the claim's increment."""
-    return {"status": PENDING, "attempts": attempt - 1, "claimed_at": None}
+    ``attempts == attempt``, so setting ``attempt - 1`` undoes exactly the claim's increment.
+    ``message``: why, in ``error_message`` (a machine fault); without it the last error stays."""
+    values: dict[str, Any] = {"status": PENDING, "attempts": attempt - 1, "claimed_at": None}
+    if message is not None:
+        values["error_message"] = storable_text(message)
+    return values
+
+
+def error_messages(session: Session, ids: Sequence[str]) -> dict[str, str | None]:
+    """The ``error_message`` of each of ``ids`` that exists."""
+    rows = session.execute(sa.select(G.c.id, G.c.error_message).where(G.c.id.in_(list(ids))))
+    return {job_id: message for job_id, message in rows}
 
 
 def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str]]:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from structlog.testing import capture_logs
 
 from dgxqueue.config import DatabaseSettings
-from dgxqueue.daemon import Daemon
+from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon
 from dgxqueue.daemon.store import QueueStore
 from dgxqueue.errors import InvalidStateError
 from dgxqueue.storage import (
@@ -109,6 +109,7 @@ def test_daemon__not_before_is_respected(engine: sa.Engine, db_url: str, outputs
     daemon = make_daemon(db_url, outputs, ScriptedGenerator())
     later = enqueue(db_url, "later", run_after=utcnow() + timedelta(hours=1))
     assert daemon.run_once() == 0
+    daemon.shutdown()  # closes its connection, which the garbage collector would warn about later
     assert row(db_url, later).status == "pending"
 
 
@@ -415,30 +416,23 @@ def test_daemon__call_ending_at_its_time_limit_keeps_its_outcomes(engine: sa.Eng
     assert daemon.healthy() and gen.executions[job_id] == 1
 
 
-def test_daemon__time_limit_gives_batches_not_started_to_the_next_round(engine: sa.Engine, db_url: str,
-                                                                          outputs: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A call past its time limit stops the round before the claim's later batches start. If the
-    stuck call returns before the round ends, those jobs run in the next round; they used to stay
-    held, never run nor given back, until their leases ran out."""
+def test_daemon__time_limit_charges_its_call_and_gives_the_rest_back(engine: sa.Engine, db_url: str,
+                                                                     outputs: Path) -> None:
+    """A call past its time limit is charged to its job (JobTimeoutError, attempt spent); the claim's
+    batches not started go back unspent, and the daemon stops with EXIT_JOB_TIMEOUT: the stuck call
+    may never return. It used to keep the daemon running, wedged, claiming nothing."""
     gen = ScriptedGenerator(max_batch_size=1)
     daemon = make_daemon(db_url, outputs, gen, batch_size=3, job_timeout_seconds=0.3, backoff_base_seconds=60.0)
-    may_claim = daemon._may_claim
-
-    def stuck_call_returns_now() -> bool:  # the moment that matters, made certain
-        if daemon.runner.stuck:
-            gen.gate.set()
-            wait_until(lambda: not daemon.runner.busy, 10, "the stuck call to return")
-        return may_claim()
-
-    monkeypatch.setattr(daemon, "_may_claim", stuck_call_returns_now)
     stuck = enqueue(db_url, "block")
     later = [enqueue(db_url, "fine"), enqueue(db_url, "fine")]
-    assert daemon.run_once() == 3
-    assert [job.id for job in daemon._next] == later  # the time limit's outcome is written with them
-    assert daemon.run_once() == 2
-    assert row(db_url, stuck).status == "pending" and "time limit" in (row(db_url, stuck).error_message or "")
-    assert [(row(db_url, j).status, row(db_url, j).attempts) for j in later] == [("completed", 1)] * 2
+    try:
+        assert daemon.run(burst=False) == EXIT_JOB_TIMEOUT
+    finally:
+        gen.gate.set()
+    job = row(db_url, stuck)
+    assert (job.status, job.attempts) == ("pending", 1) and "time limit of 0.3 s" in (job.error_message or "")
+    assert [(row(db_url, j).status, row(db_url, j).attempts) for j in later] == [("pending", 0)] * 2
+    assert [gen.executions[j] for j in later] == [0, 0]
     assert daemon._held == [] and daemon._next == [] and daemon._done == []
 
 
