@@ -11,9 +11,10 @@ Whose fault it is decides how the daemon ends (:meth:`Daemon.run` returns the ex
 - A machine fault (:func:`~dgxqueue.daemon.retry.machine_fault`: the outputs disk full, read-only
   or unwritable, memory gone, the GPU lost) stops claiming, gives every held job back with its
   attempt refunded, and exits with :data:`EXIT_MACHINE_FAULT` for systemd to restart the process.
-  The jobs of the call that faulted are marked (``error_message`` starts ``machine fault (``); a
-  job that faults again while still marked, its last attempt having faulted too, is charged for
-  it as a transient failure. So a job that always faults costs at most two restarts per attempt.
+  The jobs of the call that faulted are marked (``error_message`` starts ``machine fault (``). A
+  job that faults while still marked (its last attempt ended in a machine fault too) may be the
+  cause, so that fault is charged to it as a transient failure, and marked again. So a job that
+  always faults costs at most ``max_attempts + 1`` restarts before it is failed.
 - A backend call past ``worker.job_timeout_seconds`` is charged to its jobs
   (:class:`~dgxqueue.errors.JobTimeoutError`), everything else held goes back unspent, and the
   daemon exits with :data:`EXIT_JOB_TIMEOUT`: Python cannot interrupt the stuck call, and only a

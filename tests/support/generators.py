@@ -12,6 +12,8 @@ Prompt directives (anything else renders silence):
 - ``meta:nan``     audio with ``tempo`` NaN in its metadata, which JSON cannot hold
 - ``nul``          fail permanently with a NUL byte in the message (PostgreSQL text cannot hold it)
 - ``short``        audio one frame shorter than asked for
+- ``oom``          raise MemoryError (a backend out of memory), every time
+- ``alloc:M``      reserve M MiB (not touched, so it costs no RAM): MemoryError under an RLIMIT_AS
 
 Every execution is appended to ``log_path`` as one line ``<job_id> <pid>`` (O_APPEND writes of
 one short line are atomic), so a test can count how often each job really ran, across processes.
@@ -108,6 +110,10 @@ class ScriptedGenerator:
                 continue
             if prompt == "crash":
                 raise RuntimeError("scripted crash")
+            if prompt == "oom":
+                raise MemoryError("scripted: out of memory")
+            if prompt.startswith("alloc:"):
+                np.empty(int(prompt.split(":")[1]) << 20, dtype=np.uint8)  # reserved, freed at once
             if prompt == "none":
                 results.append(None)  # type: ignore[arg-type]  # what a broken backend does
                 continue
