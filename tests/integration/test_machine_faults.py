@@ -150,5 +150,5 @@ def test_outputs_check__look(tmp_path: Path, readonly_dir: Path, tiny_disk: Path
 def test_config__outputs_min_free_mb() -> None:
     """outputs.min_free_mb defaults to 256 and refuses a negative value, naming the key."""
     assert load_settings(env={}).outputs.min_free_mb == 256
-    with pytest.raises(ConfigError, match="outputs.min_free_mb"):
+    with pytest.raises(ConfigError, match=r"outputs\.min_free_mb"):
         load_settings(env={"DGXQUEUE_OUTPUTS_MIN_FREE_MB": "-1"})

@@ -187,3 +187,15 @@ def test_env_example__only_comments_and_assignments() -> None:
     assert "DATABASE_URL" in assignments
     load_settings(env={k: v for k, v in values.items() if k.startswith(("DGXQUEUE_", "DATABASE_URL"))})
     assert not {"CUDA_VISIBLE_DEVICES", "DGXQUEUE_METRICS_PORT"} & set(assignments)
+
+
+def test_worker__restarts_after_machine_fault_and_time_limit_exits_paced() -> None:
+    """Exit codes 75 (machine fault) and 124 (a stuck backend call) restart the daemon, not 78;
+    restarts are at least 10 s apart so a sick machine is no hot loop, and no start limit stops them."""
+    from dgxqueue.daemon import EXIT_JOB_TIMEOUT, EXIT_MACHINE_FAULT
+
+    worker = _settings("dgxqueue-worker@.service")
+    prevented = {int(code) for value in worker["RestartPreventExitStatus"] for code in value.split()}
+    assert prevented == {78} and not {EXIT_MACHINE_FAULT, EXIT_JOB_TIMEOUT} & prevented
+    assert int(worker["RestartSec"][0].removesuffix("s")) >= 10
+    assert worker["StartLimitIntervalSec"] == ["0"]
