@@ -201,6 +201,8 @@ def parse_json_object(field: str, text: str | None) -> dict[str, Any] | None:
 
 def output_path(settings: Settings, file_path: str) -> Path | None:
     """The absolute path of a job's WAV file (None if the path leaves the outputs folder)."""
+    if not isinstance(file_path, str):  # a row written by plain SQL: not a path
+        return None
     try:
         return resolve_output_path(settings.outputs_dir, file_path)
     except OutputError:
@@ -224,8 +226,17 @@ def print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+def seconds_text(value: object) -> str:
+    """A duration column's value; one that is not a number (plain SQL) is shown as stored."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:g}s"
+    return "-" if value is None else str(value)
+
+
 def when_text(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+    if not isinstance(value, datetime):  # not a time (a row written by plain SQL): shown as stored
+        return "-" if value is None else str(value)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # What a terminal would act on rather than show: C0 and C1 controls (ESC starts a sequence that can

@@ -26,6 +26,7 @@ from dgxqueue._cli_common import (
     print_json,
     resolve_id,
     safe,
+    seconds_text,
     table,
     when_text,
 )
@@ -83,8 +84,9 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
         print_json([job_dict(ctx.settings, job) for job in jobs])
         return EXIT_OK
     rows = [
-        [job.id, job.status, job.model_name, f"{job.duration_seconds:g}s", when_text(job.created_at),
-         " ".join(job.prompt.split())]
+        # str(): a row written by plain SQL may hold anything in any column.
+        [str(job.id), str(job.status), str(job.model_name), seconds_text(job.duration_seconds),
+         when_text(job.created_at), " ".join(str(job.prompt).split())]
         for job in jobs
     ]
     headers = ["ID", "STATUS", "MODEL", "DURATION", "CREATED (UTC)", "PROMPT"]

@@ -22,6 +22,7 @@ from dgxqueue import audio
 from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
 from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.rowvalues import unstorable_json
 from dgxqueue.storage.validation import steering_value
 
 
@@ -54,6 +55,10 @@ def job_metadata(job: ClaimedJob) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise PermanentGeneratorError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    # Checked before the render: its outcome would carry this metadata into a write that fails.
+    why = unstorable_json(metadata)
+    if why:
+        raise PermanentGeneratorError(f"{why}; the stored metadata cannot be written back")
     return dict(metadata)
 
 
@@ -91,6 +96,9 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
     ready: list[Work] = []
     refused: list[Outcome] = []
     for job in jobs:
+        if job.defect is not None:  # the row itself: retrying cannot help
+            refused.append(Outcome(job, PermanentGeneratorError(job.defect), 0.0))
+            continue
         try:
             request = to_request(job)
             generator.validate(request)
@@ -215,6 +223,11 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
             outcomes.append(Outcome(work.job, exc, generated))
             continue
         metadata = {**work.request.metadata, **extra, **measured}
+        why = unstorable_json(metadata)
+        if why:  # the outcome write must not fail on its data; the file stays, unrecorded
+            outcomes.append(Outcome(work.job, PermanentGeneratorError(f"{why}; the result cannot be recorded"),
+                                    generated))
+            continue
         outcomes.append(Outcome(
             work.job, None, generated + (time.perf_counter() - write_started), size,
             result.duration_seconds, metadata,

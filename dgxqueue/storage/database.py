@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dgxqueue.config import DEFAULT_DATABASE_URL, DatabaseSettings
 from dgxqueue.errors import ConfigError, SchemaError
+from dgxqueue.storage.rowvalues import register_postgresql_loaders
 
 _engines: dict[tuple[str, DatabaseSettings], Engine] = {}
 _engines_lock = threading.Lock()
@@ -54,9 +56,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+_lenient_text = functools.partial(str, encoding="utf-8", errors="replace")
+
+
 def _configure_sqlite(engine: Engine, settings: DatabaseSettings) -> None:
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Text that is not UTF-8 (stored by plain SQL, CAST(x'ff' AS TEXT)) reads with U+FFFD in
+        # place of the bad bytes: the driver's default raises, on every read of the row.
+        dbapi_connection.text_factory = _lenient_text
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(settings.sqlite_busy_timeout_ms)}")
         cursor.execute("PRAGMA journal_mode = WAL")
@@ -81,12 +89,16 @@ def create_engine(url: str | None = None, settings: DatabaseSettings | None = No
         engine = sa.create_engine(parsed, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000})
         _configure_sqlite(engine, settings)
         return engine
-    return sa.create_engine(
+    engine = sa.create_engine(
         # No pre-ping: it costs a round trip per transaction; a dead connection raises instead,
         # and the daemon's calls retry through tenacity (dgxqueue.daemon.store).
         parsed, pool_size=settings.pool_size, pool_recycle=3600,
         connect_args={"connect_timeout": 10},  # an unreachable host fails in 10 s, not the TCP timeout
     )
+    if engine.dialect.driver == "psycopg":
+        # A time Python cannot hold ('infinity', written by plain SQL) reads as its text, not an error.
+        sa.event.listen(engine, "connect", lambda dbapi_connection, _: register_postgresql_loaders(dbapi_connection))
+    return engine
 
 
 def get_engine(url: str | None = None, settings: DatabaseSettings | None = None) -> Engine:

@@ -14,13 +14,17 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
+import structlog
 from sqlalchemy.engine import Dialect
 
 from dgxqueue.storage import repository
-from dgxqueue.storage.driver import Compiled, Cursor, Link, Pending
+from dgxqueue.storage.driver import Compiled, Cursor, Link, Pending, is_transient_db_error
+from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.repository import ClaimedJob
 
 Outcome = tuple[str, int, Mapping[str, Any]]  # (job id, attempt, column values)
+log = structlog.get_logger("dgxqueue.store")
 
 
 @functools.lru_cache(maxsize=64)
@@ -48,14 +52,62 @@ def claim(
 
 
 def finish_many(link: Link, *, worker_id: str, outcomes: Sequence[Outcome]) -> set[str]:
-    """Record outcomes, each only if its attempt is still held; returns the ids written."""
+    """Record outcomes, each only if its attempt is still held; returns the ids written.
+
+    The outcomes' values are checked before (the executor refuses metadata the column cannot
+    hold); should the database still refuse a value, each outcome is written alone and the one
+    refused is recorded failed instead, naming the error (:func:`_finish_one_by_one`)."""
     if not outcomes:
         return set()
+    try:
+        return _finish_many(link, worker_id, outcomes)
+    except Exception as exc:
+        if not is_data_error(exc):
+            raise
+        return _finish_one_by_one(link, worker_id, outcomes, exc)
+
+
+def _finish_many(link: Link, worker_id: str, outcomes: Sequence[Outcome]) -> set[str]:
     groups = repository.group_by_keys(outcomes)
     # One statement (the usual case: every outcome a completion) runs in autocommit.
     with link.transaction(autocommit=len(groups) == 1, pipeline=len(groups) > 1) as cursor:
         done = _submit_outcomes(cursor, link.dialect, worker_id, groups)
     return {row[0] for pending in done for row in pending.rows}
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """An error a value caused, which writing the same values again cannot get past: the server's
+    data exception class (SQLSTATE 22: a number out of range, text it cannot store), the
+    driver's DataError, or a value the driver could not convert (SQLite: an integer past 64 bits)."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if is_transient_db_error(exc):
+            return False
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        return isinstance(exc, sa.exc.DataError) or sqlstate.startswith("22")
+    return isinstance(exc, ValueError | TypeError | OverflowError)
+
+
+def _finish_one_by_one(link: Link, worker_id: str, outcomes: Sequence[Outcome], error: Exception) -> set[str]:
+    """Each outcome in a transaction of its own; one the database refuses is recorded failed with
+    a message it can store. Only if that write fails too (not the data: the schema, say) does
+    the error pass, the batch's error first."""
+    written: set[str] = set()
+    for job_id, attempt, values in outcomes:
+        try:
+            written |= _finish_many(link, worker_id, [(job_id, attempt, values)])
+            continue
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            refused = exc
+        message = f"the outcome could not be stored: {type(refused).__name__}: {refused}"
+        log.error("outcome refused by the database; job recorded failed", job_id=job_id, error=message[:300])
+        try:
+            written |= _finish_many(link, worker_id, [
+                (job_id, attempt, repository.failed_values(utcnow(), message, None))])
+        except Exception as exc:
+            raise exc from error
+    return written
 
 
 def _submit_outcomes(
@@ -77,7 +129,13 @@ def finish_and_claim(
     its jobs asks for the next ones with the same commit (on PostgreSQL, the same round trip)."""
     served = sorted(models)
     claim_params = repository.claim_parameters(worker_id=worker_id, models=served, limit=limit, now=now, lease=lease)
-    with link.transaction(pipeline=True) as cursor:
-        done = _submit_outcomes(cursor, link.dialect, worker_id, repository.group_by_keys(outcomes))
-        claimed = cursor.submit(_claim(link.dialect, len(served)), claim_params)
+    try:
+        with link.transaction(pipeline=True) as cursor:
+            done = _submit_outcomes(cursor, link.dialect, worker_id, repository.group_by_keys(outcomes))
+            claimed = cursor.submit(_claim(link.dialect, len(served)), claim_params)
+    except Exception as exc:
+        if not is_data_error(exc):
+            raise
+        # Rolled back, claim included: the outcomes alone, and the next round claims.
+        return _finish_one_by_one(link, worker_id, outcomes, exc), []
     return {row[0] for pending in done for row in pending.rows}, repository.claimed_jobs(claimed.rows)

@@ -3,17 +3,23 @@
 Migration 001 is exactly the user's schema (``../shared/seed/DATABASE_SCHEMA.md``); the columns
 below the "queue" comment come from 002. ``alembic check`` keeps these models and the migrations
 equal.
+
+A column whose stored value is not of its type (a row written by plain SQL) reads back as
+:class:`~dgxqueue.storage.rowvalues.Unreadable`, its raw text, instead of raising.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dgxqueue.storage.rowvalues import read_json, read_time
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -49,8 +55,35 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         value = as_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else as_utc(value)
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], datetime | None]:
+        # Not the dialect's own parser, which raises on a value that is not a time: a row written
+        # by plain SQL (an epoch number, 'tomorrow') would then stop every read that touches it.
+        # Such a value comes back as rowvalues.Unreadable, its raw text (typed as a datetime for
+        # the ORM's sake: code that computes with a time checks its type).
+        return cast(Callable[[Any], "datetime | None"], read_time)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return cast("datetime | None", read_time(value))
+
+
+class MetadataJSON(sa.types.TypeDecorator[Any]):
+    """The ``metadata`` column (JSON): read as text and parsed here, so that a value that is not
+    JSON (SQLite stores anything) comes back as rowvalues.Unreadable instead of raising."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def column_expression(self, colexpr: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        # As text on both engines: psycopg would parse json itself, before this type sees it.
+        return sa.cast(colexpr, _JSONText())
+
+
+class _JSONText(sa.types.TypeDecorator[Any]):
+    impl = sa.Text
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return read_json(value)
 
 
 def as_utc(value: datetime) -> datetime:
@@ -86,7 +119,7 @@ class Generation(Base):
     generation_time_seconds: Mapped[float | None] = mapped_column(sa.Float)
     error_message: Mapped[str | None] = mapped_column(sa.Text)
     # The column is "metadata"; the attribute cannot be (SQLAlchemy reserves it).
-    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", sa.JSON)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", MetadataJSON)
 
     # --- queue columns (migration 002); every one has a server default or is nullable, so a
     # row inserted with only the specification's columns is claimed like any other.

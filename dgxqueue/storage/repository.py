@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dgxqueue.errors import InvalidStateError, JobNotFoundError
+from dgxqueue.storage import rowvalues
 from dgxqueue.storage.models import Generation, GenerationStatus, Prompt, UTCDateTime, as_utc, utcnow
 from dgxqueue.storage.validation import NewJob
 
@@ -221,12 +222,36 @@ class ClaimedJob:
     max_attempts: int
     created_at: datetime
     claimed_at: datetime
+    #: Why the row cannot run (each bad column named with its value); the daemon fails the job.
+    defect: str | None = None
 
 
 _CLAIM_COLUMNS = (
     G.c.id, G.c.prompt, G.c.model_name, G.c.duration_seconds, G.c.sample_rate, G.c.channels,
     G.c.file_path, G.c.metadata, G.c.attempts, G.c.max_attempts, G.c.created_at, G.c.claimed_at,
+    G.c.run_after,
 )
+
+# The start of a time as SQLite stores it ('2025-11-07 10:00:00'): text that sorts as a time.
+_TIME_TEXT: sa.ColumnElement[str] = sa.literal_column("'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'")
+
+
+def not_a_time(dialect: str, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """``column`` holds something other than a time: on SQLite a row written by plain SQL can
+    (an epoch number, 'tomorrow'), which compares with times as text or numbers do, meaningless;
+    PostgreSQL's column holds times only."""
+    if dialect != "sqlite":
+        return sa.false()
+    is_time: sa.ColumnElement[bool] = column.op("GLOB", is_comparison=True)(_TIME_TEXT)
+    return sa.not_(is_time)
+
+
+def due_condition(dialect: str, now: sa.ColumnElement[Any] | datetime) -> sa.ColumnElement[bool]:
+    """A pending row may run now. A ``run_after`` that is not a time counts as due, so that the
+    claim fails its job naming the column instead of the job waiting for ever (or running at a
+    moment its text happens to sort before)."""
+    run_after = G.c.run_after
+    return sa.or_(run_after.is_(None), run_after <= now, not_a_time(dialect, run_after))
 
 
 @functools.cache
@@ -236,7 +261,7 @@ def claim_statement(dialect: str, n_models: int) -> sa.Update:
     is compiled once instead of re-rendered on every claim."""
     served = [sa.bindparam(f"model_{i}", type_=sa.Text) for i in range(n_models)]
     now = sa.bindparam("now", type_=UTCDateTime())
-    due = sa.or_(G.c.run_after.is_(None), G.c.run_after <= now)
+    due = due_condition(dialect, now)
     candidates = (
         sa.select(G.c.id)
         .where(IS_PENDING, G.c.model_name.in_(served), due)
@@ -278,16 +303,35 @@ def claim_parameters(*, worker_id: str, models: Sequence[str], limit: int, now: 
 
 def claimed_jobs(rows: Iterable[Sequence[Any]]) -> list[ClaimedJob]:
     """Rows of the claim's RETURNING (in :data:`_CLAIM_COLUMNS` order), oldest job first."""
-    jobs = [
-        ClaimedJob(
-            id=r[0], prompt=r[1], model_name=r[2], duration_seconds=r[3], sample_rate=r[4],
-            channels=r[5], file_path=r[6], metadata=r[7], attempt=r[8], max_attempts=r[9],
-            created_at=r[10], claimed_at=r[11],
-        )
-        for r in rows
-    ]
+    jobs = [claimed_job(row) for row in rows]
     jobs.sort(key=lambda j: j.created_at)
     return jobs
+
+
+def claimed_job(row: Sequence[Any]) -> ClaimedJob:
+    """One claimed row. A row the daemon cannot use still becomes a job, with its ``defect``
+    said and usable stand-ins in the bad fields, so that its failure is recorded like any other
+    outcome (fenced) while the rest of the claim runs."""
+    values = dict(zip([column.name for column in _CLAIM_COLUMNS], row, strict=True))
+    defects = rowvalues.job_defects(values)
+    run_after = values["run_after"]
+    if run_after is not None and not isinstance(run_after, datetime):
+        defects.append(f"run_after must be a time or NULL, not {rowvalues.quote(run_after)}")
+    if not defects:
+        return ClaimedJob(
+            id=row[0], prompt=row[1], model_name=row[2], duration_seconds=row[3], sample_rate=row[4],
+            channels=row[5], file_path=row[6], metadata=row[7], attempt=row[8], max_attempts=row[9],
+            created_at=row[10], claimed_at=row[11],
+        )
+    claimed_at: datetime = values["claimed_at"]
+    return ClaimedJob(
+        id=values["id"], prompt=str(values["prompt"] or ""), model_name=values["model_name"],
+        duration_seconds=0.0, sample_rate=1, channels=1, file_path=str(values["file_path"] or ""),
+        metadata=None, attempt=values["attempts"],
+        max_attempts=values["attempts"],  # no retry: the row itself is the fault
+        created_at=values["created_at"] if isinstance(values["created_at"], datetime) else claimed_at,
+        claimed_at=claimed_at, defect="; ".join(defects),
+    )
 
 
 def extend_leases(
@@ -422,7 +466,9 @@ def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str
 
     A processing row without a lease is held by no daemon: written by plain SQL, or left by a
     downgrade to 001 and back, which drops the lease column. It counts as expired."""
-    expired = sa.and_(IS_PROCESSING, sa.or_(G.c.lease_expires_at < now, G.c.lease_expires_at.is_(None)))
+    lease = G.c.lease_expires_at  # one that is not a time (plain SQL) holds nothing either
+    dialect = session.get_bind().dialect.name
+    expired = sa.and_(IS_PROCESSING, sa.or_(lease < now, lease.is_(None), not_a_time(dialect, lease)))
     requeued = session.execute(
         sa.update(G).where(expired, G.c.attempts < G.c.max_attempts)
         .values(status=PENDING, worker_id=None, lease_expires_at=None, run_after=None,
@@ -441,7 +487,7 @@ def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str
 
 def has_work(session: Session, models: Iterable[str], now: datetime) -> bool:
     """Pending jobs of ``models`` that are due, or retries waiting on their backoff."""
-    waiting = sa.or_(G.c.run_after.is_(None), G.c.run_after <= now, G.c.attempts > 0)
+    waiting = sa.or_(due_condition(session.get_bind().dialect.name, now), G.c.attempts > 0)
     query = sa.select(G.c.id).where(
         G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting
     ).limit(1)
@@ -454,8 +500,9 @@ def next_due(session: Session, models: Iterable[str], now: datetime) -> datetime
         Generation.status == PENDING, Generation.model_name.in_(sorted(models)),
         Generation.run_after > now,
     )
-    value: datetime | None = session.execute(query).scalar_one_or_none()
-    return value
+    value = session.execute(query).scalar_one_or_none()
+    # Not a time (PostgreSQL's 'infinity', text SQLite sorts after now): nothing to wake up for.
+    return value if isinstance(value, datetime) else None
 
 
 # --- reads for stats and metrics ------------------------------------------------------------
@@ -496,7 +543,8 @@ def database_stats(session: Session) -> dict[str, Any]:
         "total_prompts": session.execute(sa.select(sa.func.count()).select_from(P)).scalar_one(),
         "average_generation_time_seconds": float(completed[0]) if completed[0] is not None else None,
         "total_audio_seconds": float(completed[1] or 0.0),
-        "oldest_pending_created_at": oldest.isoformat() if oldest else None,
+        # A value that is not a time (plain SQL) is shown as it is stored.
+        "oldest_pending_created_at": oldest.isoformat() if isinstance(oldest, datetime) else oldest,
     }
 
 
@@ -632,7 +680,8 @@ def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
                                   sa.func.set_config("statement_timeout", "5s", True)))
     for model, n, created in session.execute(_pending_levels(now or utcnow())).all():
         by_model[model] = by_model.get(model, 0) + n
-        if created is not None and (oldest is None or created < oldest):
+        # A created_at that is not a time (plain SQL) says nothing about waiting: skipped.
+        if isinstance(created, datetime) and (oldest is None or created < oldest):
             oldest = created
     estimate = _pg_row_estimate(session) if postgres else 0.0
     use_estimate = estimate > PG_EXACT_LIMIT

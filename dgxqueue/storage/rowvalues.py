@@ -1,0 +1,175 @@
+"""Values as rows really hold them: read without failing, checked before they are used or stored.
+
+A row written by plain SQL may hold anything SQLite stores (text in a time column, an epoch
+number, metadata that is not JSON) or what PostgreSQL accepts but Python cannot represent (the
+time ``infinity``, a year past 9999, a JSON number past a float's range). Reading such a value
+never raises: it comes back as :class:`Unreadable`, its raw text, which reads for humans show
+as it is and the daemon turns into that job's failure (:func:`job_defects`). Before a completed
+job's metadata is written, :func:`unstorable_json` names what neither engine could store, so an
+outcome write never fails on its data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+#: How much of a bad value a message quotes.
+QUOTE_LIMIT = 80
+
+
+class Unreadable(str):
+    """A stored value that is not of its column's type, kept as its raw text. Code that computes
+    with a column checks the type first; code that shows it prints the text."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, value: object) -> Unreadable:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return cls(bytes(value).decode("utf-8", "replace"))
+        return cls(value)
+
+
+def quote(value: object) -> str:
+    """``value`` as a message quotes it: ``repr``, cut to :data:`QUOTE_LIMIT` characters."""
+    text = repr(str(value) if isinstance(value, Unreadable) else value)
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT - 1] + "…"
+
+
+def read_time(value: object) -> datetime | Unreadable | None:
+    """A time column's value, timezone-aware in UTC; a naive value is UTC already. SQLite hands
+    over the stored text (or whatever else was stored), PostgreSQL a datetime or, through
+    :func:`register_postgresql_loaders`, an :class:`Unreadable` it could not convert."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if isinstance(value, str) and not isinstance(value, Unreadable):
+        try:
+            return read_time(datetime.fromisoformat(value))
+        except ValueError:
+            pass
+    return Unreadable.of(value)
+
+
+def read_json(value: object) -> Any:
+    """The metadata column's value (read as text) parsed, or :class:`Unreadable` when it is not
+    JSON. A number past a float's range parses as an infinity, which :func:`unstorable_json`
+    refuses when it would be written back."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or isinstance(value, Unreadable):
+        return Unreadable.of(value)
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):  # ValueError: also an integer of too many digits
+        return Unreadable(value)
+
+
+def _bad_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character, which PostgreSQL cannot store"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate, which is not valid Unicode"
+    return None
+
+
+def unstorable_json(value: Any, name: str = "metadata", depth: int = 0) -> str | None:
+    """Why ``value`` cannot be written to the metadata column of both engines (naming the key),
+    or None when it can."""
+    if depth > 100:  # json.dumps itself recurses; a value this deep is not metadata anyway
+        return f"{name} is nested more than 100 levels deep"
+    if value is None or isinstance(value, bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{name}={value!r}: JSON has no non-finite numbers"
+    if isinstance(value, str):
+        why = _bad_text(value)
+        return f"{name}={quote(value)} {why}" if why else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{name} has a key of type {type(key).__name__}: JSON keys are text"
+            why = _bad_text(key)
+            if why:
+                return f"{name} has a key {quote(key)} that {why}"
+            found = unstorable_json(item, f"{name}.{key}", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = unstorable_json(item, f"{name}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    return f"{name} is of type {type(value).__name__}, which JSON cannot hold"
+
+
+# --- a claimed row's columns, as the daemon needs them -------------------------------------
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad(column: str, value: object, expected: str) -> str:
+    return f"{column} must be {expected}, not {quote(value)}"
+
+
+def job_defects(values: Mapping[str, Any]) -> list[str]:
+    """What makes a claimed row unusable, one message per column naming it and its value.
+
+    The ranges a backend accepts are its own ``validate``'s business; this checks what every
+    backend may rely on: the types, and values no job can mean."""
+    found: list[str] = []
+    prompt = values["prompt"]
+    if not isinstance(prompt, str) or isinstance(prompt, Unreadable) or not prompt.strip():
+        found.append(_bad("prompt", prompt, "non-empty text"))
+    duration = values["duration_seconds"]
+    if not _number(duration) or duration <= 0:
+        found.append(_bad("duration_seconds", duration, "a finite number of seconds above 0"))
+    for column in ("sample_rate", "channels"):
+        value = values[column]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            found.append(_bad(column, value, "a positive integer"))
+    path = values["file_path"]
+    if not isinstance(path, str) or isinstance(path, Unreadable) or not path.strip():
+        found.append(_bad("file_path", path, "a relative path inside the outputs folder"))
+    metadata = values["metadata"]
+    if isinstance(metadata, Unreadable):
+        found.append(_bad("metadata", metadata, "JSON"))
+    elif metadata is not None and not isinstance(metadata, dict):
+        found.append(_bad("metadata", metadata, "a JSON object"))
+    max_attempts = values["max_attempts"]
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        found.append(_bad("max_attempts", max_attempts, "an integer of at least 1"))
+    created = values["created_at"]
+    if not isinstance(created, datetime):
+        found.append(_bad("created_at", created, "a time such as '2025-11-07 10:00:00'"))
+    return found
+
+
+# --- PostgreSQL: the driver converts times itself ------------------------------------------
+
+
+def register_postgresql_loaders(connection: Any) -> None:
+    """Make ``connection`` (psycopg) read ``timestamptz`` values Python cannot hold (infinity, a
+    year past 9999 or before 1) as :class:`Unreadable` instead of failing the whole fetch."""
+    from psycopg import DataError
+    from psycopg.types.datetime import TimestamptzLoader
+
+    class LenientTimestamptzLoader(TimestamptzLoader):
+        def load(self, data: Any) -> Any:
+            try:
+                return super().load(data)
+            except DataError:
+                return Unreadable.of(data)
+
+    connection.adapters.register_loader("timestamptz", LenientTimestamptzLoader)
