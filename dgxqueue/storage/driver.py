@@ -206,6 +206,10 @@ class Link:
             for pending in cursor.pending:
                 pending.resolve()
         except dialect.loaded_dbapi.Error as exc:
+            # Out of pipeline mode first: inside it, psycopg answers the rollback with
+            # PipelineAborted, which would replace this error (the one that says what failed).
+            with contextlib.suppress(dialect.loaded_dbapi.Error):
+                pipelined.close()
             disconnected = dialect.is_disconnect(exc, driver, cursor.raw)
             if disconnected:
                 # As SQLAlchemy does for a Session: the whole pool's connections of that age are
@@ -217,6 +221,8 @@ class Link:
             statement = cursor.current.sql if cursor.current else None
             raise _as_sqlalchemy(dialect, exc, statement, disconnected, before_first_write=not cursor.wrote) from exc
         except BaseException:
+            with contextlib.suppress(dialect.loaded_dbapi.Error):
+                pipelined.close()
             connection.rollback()
             raise
         finally:

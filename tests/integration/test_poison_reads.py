@@ -1,0 +1,150 @@
+"""Rows written by plain SQL with values no job can use: every read survives them, on both engines,
+and an outcome the database refuses fails its own job instead of the batch."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from dgxqueue.storage import (
+    fastqueue,
+    get_all_generations,
+    get_database_stats,
+    get_generation,
+    get_pending_generations,
+    repository,
+    session_scope,
+)
+from dgxqueue.storage.driver import Link
+from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.rowvalues import Unreadable
+from tests.support import poison
+
+LEASE = timedelta(seconds=60)
+
+
+def _poisons(engine: sa.Engine) -> list[poison.Poison]:
+    return poison.COMMON + (poison.SQLITE if engine.dialect.name == "sqlite" else poison.POSTGRES)
+
+
+def test_reads__survive_every_poison_row_and_show_raw_values(engine: sa.Engine, db_url: str) -> None:
+    """get_generation, the lists, stats, queue depth, has_work, next_due and the rescue all read
+    poison rows without raising; a value that is not of its column's type comes back as its text."""
+    poisons = _poisons(engine)
+    sqlite = engine.dialect.name == "sqlite"
+    poison.insert(db_url, [
+        *poison.poison_rows(poisons),
+        poison.row("lease-bad", status="processing", lease_expires_at="tomorrow" if sqlite else "infinity"),
+        poison.row("not-due", run_after="9999-12-31 00:00:00" if sqlite else "infinity"),
+    ])
+    with session_scope(engine) as s:
+        everyone = get_all_generations(s, limit=1000)
+        assert {g.id for g in everyone} >= {p.job_id for p in poisons}
+        assert len(get_pending_generations(s, limit=1000)) == len(poisons) + 1
+        stats = get_database_stats(s)
+        assert stats["total_generations"] == len(poisons) + 2
+        depth = repository.queue_depth(s)
+        assert depth.by_status["pending"] == len(poisons) + 1
+        assert repository.has_work(s, ["synth"], utcnow())
+        due = repository.next_due(s, ["synth"], utcnow())
+        # SQLite's far-off text is a time; PostgreSQL's 'infinity' is no time to wake at.
+        assert (due.year if due else None) == (9999 if sqlite else None)
+        if sqlite:
+            quotes = get_generation(s, "metadata-quotes")
+            words = get_generation(s, "created-words")
+            assert quotes is not None and isinstance(quotes.meta, Unreadable) and quotes.meta == "{'bpm': 90}"
+            assert words is not None and str(words.created_at) == "tomorrow 10:00"
+            assert stats["oldest_pending_created_at"] == "1733480000"  # sorts first, shown as stored
+        else:
+            minus = get_generation(s, "created-minus-infinity")
+            assert minus is not None and str(minus.created_at) == "-infinity"
+            assert stats["oldest_pending_created_at"] == "-infinity"
+        requeued, failed = repository.rescue_expired(s, utcnow())
+    # A lease that is not a time is held by nobody (SQLite); PostgreSQL's infinity is a time, far off.
+    assert (requeued, failed) == ((["lease-bad"], []) if sqlite else ([], []))
+
+
+def test_claim__each_poison_row_becomes_a_job_whose_defect_names_the_column(engine: sa.Engine, db_url: str) -> None:
+    """Both claim paths (Session and driver) return every poison row as a job with a defect naming
+    the column and quoting the value, and the good rows of the same claim as usual."""
+    poisons = _poisons(engine)
+    # Channels are the backend's to judge; metadata JSON holds but the column cannot is refused
+    # before the render (the executor): neither is a defect of the row itself.
+    defective = [p for p in poisons if p.column != "channels" and not p.named.startswith("metadata.")]
+    poison.insert(db_url, [*poison.poison_rows(poisons), poison.row("good-1"), poison.row("good-2")])
+    half = len(poisons) // 2
+    with session_scope(engine) as s:
+        first = repository.claim(s, worker_id="w", models=["synth"], limit=half, now=utcnow(), lease=LEASE)
+    link = Link(engine)
+    rest = fastqueue.claim(link, worker_id="w", models=["synth"], limit=100, now=utcnow(), lease=LEASE)
+    link.close()
+    jobs = {job.id: job for job in first + rest}
+    assert len(jobs) == len(poisons) + 2
+    for bad in defective:
+        defect = jobs[bad.job_id].defect
+        assert defect is not None and defect.startswith(bad.column), (bad, defect)
+    fine = {"good-1", "good-2"} | {p.job_id for p in poisons if p not in defective}
+    assert {job_id for job_id, job in jobs.items() if job.defect is None} == fine
+
+
+def test_finish_many__a_value_the_database_refuses_fails_only_its_job(engine: sa.Engine, db_url: str) -> None:
+    """An outcome the database cannot store (an integer past 64 bits) makes the batch be written one
+    outcome at a time: that job is recorded failed naming the error, the others as they were."""
+    poison.insert(db_url, [poison.row(f"j{i}", metadata='{"bpm": 90}') for i in range(3)])
+    link = Link(engine)
+    a, b, c = fastqueue.claim(link, worker_id="w", models=["synth"], limit=3, now=utcnow(), lease=LEASE)
+    now = utcnow()
+    written = fastqueue.finish_many(link, worker_id="w", outcomes=[
+        (a.id, a.attempt, repository.completed_values(now, 1.0, 2**70, {"peak": 0.5})),
+        (b.id, b.attempt, repository.completed_values(now, 1.0, 10, {"peak": 0.5})),
+        (c.id, c.attempt, repository.failed_values(now, "boom", None)),
+    ])
+    link.close()
+    assert written == {a.id, b.id, c.id}
+    with session_scope(engine) as s:
+        ra, rb, rc = (get_generation(s, job.id) for job in (a, b, c))
+        assert ra is not None and ra.status == "failed" and ra.meta == {"bpm": 90}
+        assert ra.error_message is not None and ra.error_message.startswith("the outcome could not be stored")
+        assert rb is not None and (rb.status, rb.file_size_bytes, rb.meta) == ("completed", 10, {"peak": 0.5})
+        assert rc is not None and (rc.status, rc.error_message) == ("failed", "boom")
+
+
+def test_finish_and_claim__a_refused_outcome_leaves_the_claim_for_the_next_round(engine: sa.Engine,
+                                                                                  db_url: str) -> None:
+    """With the claim in the same transaction, a refused outcome rolls the claim back too: the
+    outcomes are written one at a time and nothing is claimed (the next round claims)."""
+    poison.insert(db_url, [poison.row(f"j{i}") for i in range(4)])
+    link = Link(engine)
+    a, b = fastqueue.claim(link, worker_id="w", models=["synth"], limit=2, now=utcnow(), lease=LEASE)
+    now = utcnow()
+    written, claimed = fastqueue.finish_and_claim(link, worker_id="w", outcomes=[
+        (a.id, a.attempt, repository.completed_values(now, 1.0, 2**70, {})),
+        (b.id, b.attempt, repository.completed_values(now, 1.0, 10, {})),
+    ], models=["synth"], limit=2, now=now, lease=LEASE)
+    assert (written, claimed) == ({a.id, b.id}, [])
+    assert len(fastqueue.claim(link, worker_id="w", models=["synth"], limit=10, now=utcnow(), lease=LEASE)) == 2
+    link.close()
+    with session_scope(engine) as s:
+        assert [getattr(get_generation(s, job.id), "status", None) for job in (a, b)] == ["failed", "completed"]
+
+
+def test_finish_many__postgresql_refuses_infinity_and_nul_in_metadata(pg_db_url: str) -> None:
+    """The last line of defence on PostgreSQL, where json cannot hold an infinity and jsonb no NUL:
+    the outcome is recorded failed and the stored metadata stays as it was."""
+    from dgxqueue.storage import init_db
+
+    engine = init_db(pg_db_url)
+    poison.insert(pg_db_url, [poison.row(f"j{i}", metadata='{"bpm": 90}') for i in range(3)])
+    link = Link(engine)
+    jobs = fastqueue.claim(link, worker_id="w", models=["synth"], limit=3, now=utcnow(), lease=LEASE)
+    now = utcnow()
+    metadata: list[dict[str, object]] = [{"x": float("inf")}, {"a": "\x00"}, {"fine": 1}]
+    written = fastqueue.finish_many(link, worker_id="w", outcomes=[
+        (job.id, job.attempt, repository.completed_values(now, 1.0, 10, meta)) for job, meta in zip(jobs, metadata)
+    ])
+    link.close()
+    assert written == {job.id for job in jobs}
+    rows = poison.execute(pg_db_url, "SELECT id, status, metadata::text FROM generations ORDER BY id")
+    assert [(status, meta) for _, status, meta in rows] == [
+        ("failed", '{"bpm": 90}'), ("failed", '{"bpm": 90}'), ("completed", '{"fine": 1}')]
