@@ -561,7 +561,9 @@ def finished_jobs_before(
         .where(G.c.status.in_(sorted(set(statuses) & {COMPLETED, FAILED})), finished_at < before)
         .order_by(finished_at)
     )
-    return [(row.id, row.file_path) for row in session.execute(query)]
+    # A path stored as something other than text (plain SQL) is read as text, like every read.
+    return [(row.id, row.file_path if isinstance(row.file_path, str) else rowvalues.Unreadable.of(row.file_path))
+            for row in session.execute(query)]
 
 
 def delete_finished(session: Session, ids: Sequence[str], chunk: int = 500) -> list[str]:

@@ -60,3 +60,5 @@ def test_worker_burst__poison_rows_fail_alone_and_the_queue_drains(db_url: str, 
             assert done.returncode == 0, (args, done.stderr)
     if sqlite:
         assert "{'bpm': 90}" in cli.here("show", "metadata-quotes").stdout
+    pruned = cli.here("prune", "--older-than", "0s", "--delete-files", "--dry-run", "--json")
+    assert pruned.returncode == 0, pruned.stderr

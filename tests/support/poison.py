@@ -44,6 +44,7 @@ SQLITE = [
     Poison("run-after-words", "run_after", "tomorrow 10:00", "run_after"),
     Poison("rate-text", "sample_rate", "fast", "sample_rate"),
     Poison("prompt-blob", "prompt", b"\xff\xfe", "prompt"),
+    Poison("path-blob", "file_path", b"outputs/blob.wav", "file_path"),
     Poison("attempts-text", "max_attempts", "x", "max_attempts"),
 ]
 # What PostgreSQL accepts and Python cannot hold.
