@@ -312,25 +312,34 @@ def claimed_job(row: Sequence[Any]) -> ClaimedJob:
     """One claimed row. A row the daemon cannot use still becomes a job, with its ``defect``
     said and usable stand-ins in the bad fields, so that its failure is recorded like any other
     outcome (fenced) while the rest of the claim runs."""
+    if not rowvalues.usable_at_a_glance(row[1], row[3], row[4], row[5], row[6], row[7], row[9], row[10], row[12]):
+        defects = _defects(row)
+        if defects:
+            return _defective_job(row, "; ".join(defects))
+    return ClaimedJob(
+        id=row[0], prompt=row[1], model_name=row[2], duration_seconds=row[3], sample_rate=row[4],
+        channels=row[5], file_path=row[6], metadata=row[7], attempt=row[8], max_attempts=row[9],
+        created_at=row[10], claimed_at=row[11],
+    )
+
+
+def _defects(row: Sequence[Any]) -> list[str]:
     values = dict(zip([column.name for column in _CLAIM_COLUMNS], row, strict=True))
     defects = rowvalues.job_defects(values)
     run_after = values["run_after"]
     if run_after is not None and not isinstance(run_after, datetime):
         defects.append(f"run_after must be a time or NULL, not {rowvalues.quote(run_after)}")
-    if not defects:
-        return ClaimedJob(
-            id=row[0], prompt=row[1], model_name=row[2], duration_seconds=row[3], sample_rate=row[4],
-            channels=row[5], file_path=row[6], metadata=row[7], attempt=row[8], max_attempts=row[9],
-            created_at=row[10], claimed_at=row[11],
-        )
-    claimed_at: datetime = values["claimed_at"]
+    return defects
+
+
+def _defective_job(row: Sequence[Any], defect: str) -> ClaimedJob:
+    claimed_at: datetime = row[11]
     return ClaimedJob(
-        id=values["id"], prompt=str(values["prompt"] or ""), model_name=values["model_name"],
-        duration_seconds=0.0, sample_rate=1, channels=1, file_path=str(values["file_path"] or ""),
-        metadata=None, attempt=values["attempts"],
-        max_attempts=values["attempts"],  # no retry: the row itself is the fault
-        created_at=values["created_at"] if isinstance(values["created_at"], datetime) else claimed_at,
-        claimed_at=claimed_at, defect="; ".join(defects),
+        id=row[0], prompt=str(row[1] or ""), model_name=row[2], duration_seconds=0.0, sample_rate=1,
+        channels=1, file_path=str(row[6] or ""), metadata=None, attempt=row[8],
+        max_attempts=row[8],  # no retry: the row itself is the fault
+        created_at=row[10] if isinstance(row[10], datetime) else claimed_at, claimed_at=claimed_at,
+        defect=defect,
     )
 
 
