@@ -216,17 +216,15 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
                 raise PermanentGeneratorError(
                     f"backend returned {type(result).__name__}, not GeneratedAudio or an exception")
             _check_shape(result, work.request)
-            extra = _storable(result.metadata)
+            metadata = {**work.request.metadata, **_storable(result.metadata), **audio.measure(result)}
+            # Before the file: the outcome write must not fail on its data, and a job recorded
+            # failed leaves no file behind.
+            why = unstorable_json(metadata)
+            if why:
+                raise PermanentGeneratorError(f"{why}; the result cannot be recorded")
             size = audio.write_wav_atomic(path, result, sync_folder=False, folders=folders)
-            measured = audio.measure(result)
         except Exception as exc:  # this job's alone: the others of the batch are written
             outcomes.append(Outcome(work.job, exc, generated))
-            continue
-        metadata = {**work.request.metadata, **extra, **measured}
-        why = unstorable_json(metadata)
-        if why:  # the outcome write must not fail on its data; the file stays, unrecorded
-            outcomes.append(Outcome(work.job, PermanentGeneratorError(f"{why}; the result cannot be recorded"),
-                                    generated))
             continue
         outcomes.append(Outcome(
             work.job, None, generated + (time.perf_counter() - write_started), size,

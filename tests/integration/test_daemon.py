@@ -247,13 +247,17 @@ def test_daemon__backend_results_json_cannot_hold_fail_alone(engine: sa.Engine, 
     with a message naming it, before its file is written; numpy numbers in metadata are stored as
     plain numbers; the rest of the batch completes and the daemon keeps running."""
     gen = ScriptedGenerator(max_batch_size=8)
-    none, nan, numpy, fine = (enqueue(db_url, prompt) for prompt in ("none", "meta:nan", "meta:numpy", "fine"))
+    none, nan, nul, numpy, fine = (enqueue(db_url, prompt)
+                                   for prompt in ("none", "meta:nan", "meta:nul", "meta:numpy", "fine"))
     assert make_daemon(db_url, outputs, gen, batch_size=8).run(burst=True) == 0
     assert (row(db_url, none).status, row(db_url, none).attempts) == ("failed", 1)
     assert "backend returned NoneType, not GeneratedAudio" in (row(db_url, none).error_message or "")
     assert (row(db_url, nan).status, row(db_url, nan).attempts) == ("failed", 1)
     assert "metadata.tempo=nan" in (row(db_url, nan).error_message or "")
     assert not (outputs / f"{nan}.wav").exists()
+    assert (row(db_url, nul).status, row(db_url, nul).attempts) == ("failed", 1)
+    assert (row(db_url, nul).error_message or "").startswith("metadata.note='a\\x00b' holds a NUL")
+    assert not (outputs / f"{nul}.wav").exists()
     stored = row(db_url, numpy)
     assert stored.status == "completed" and stored.meta is not None
     assert (stored.meta["bpm"], stored.meta["bars"]) == (120.0, 8)

@@ -10,6 +10,7 @@ Prompt directives (anything else renders silence):
 - ``none``         return None instead of audio (a broken backend)
 - ``meta:numpy``   audio with numpy scalars in its metadata (``bpm`` float32 120, ``bars`` int64 8)
 - ``meta:nan``     audio with ``tempo`` NaN in its metadata, which JSON cannot hold
+- ``meta:nul``     audio with a NUL character in its metadata's ``note``, which PostgreSQL cannot store
 - ``nul``          fail permanently with a NUL byte in the message (PostgreSQL text cannot hold it)
 - ``short``        audio one frame shorter than asked for
 - ``oom``          raise MemoryError (a backend out of memory), every time
@@ -122,6 +123,8 @@ class ScriptedGenerator:
                 metadata.update(bpm=np.float32(120.0), bars=np.int64(8))
             if prompt == "meta:nan":
                 metadata.update(tempo=float("nan"))
+            if prompt == "meta:nul":
+                metadata.update(note="a\x00b")
             frames = round(request.duration_seconds * request.sample_rate) - (prompt == "short")
             samples = np.full((request.channels, frames), 0.25, dtype=np.float32)
             results.append(GeneratedAudio(samples=samples, sample_rate=request.sample_rate, metadata=metadata))
