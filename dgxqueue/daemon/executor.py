@@ -22,8 +22,7 @@ from dgxqueue import audio
 from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
 from dgxqueue.storage.repository import ClaimedJob
-from dgxqueue.storage.rowvalues import unstorable_json
-from dgxqueue.storage.validation import steering_value
+from dgxqueue.storage.validation import _unstorable, steering_value
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,13 @@ def job_metadata(job: ClaimedJob) -> dict[str, Any]:
     if why:
         raise PermanentGeneratorError(f"{why}; the stored metadata cannot be written back")
     return dict(metadata)
+
+
+def unstorable_json(metadata: Mapping[str, Any]) -> str | None:
+    """Why ``metadata`` cannot be written to the metadata column (naming the key), or None. The
+    door's rule, so that a job it accepted is never refused here for its own metadata."""
+    problem = _unstorable(metadata)
+    return None if problem is None else " ".join(problem)
 
 
 def job_seed(job: ClaimedJob) -> int:

@@ -4,9 +4,7 @@ A row written by plain SQL may hold anything SQLite stores (text in a time colum
 number, metadata that is not JSON) or what PostgreSQL accepts but Python cannot represent (the
 time ``infinity``, a year past 9999, a JSON number past a float's range). Reading such a value
 never raises: it comes back as :class:`Unreadable`, its raw text, which reads for humans show
-as it is and the daemon turns into that job's failure (:func:`job_defects`). Before a completed
-job's metadata is written, :func:`unstorable_json` names what neither engine could store, so an
-outcome write never fails on its data.
+as it is and the daemon turns into that job's failure (:func:`job_defects`).
 """
 
 from __future__ import annotations
@@ -58,8 +56,8 @@ def read_time(value: object) -> datetime | Unreadable | None:
 
 def read_json(value: object) -> Any:
     """The metadata column's value (read as text) parsed, or :class:`Unreadable` when it is not
-    JSON. A number past a float's range parses as an infinity, which :func:`unstorable_json`
-    refuses when it would be written back."""
+    JSON. A number past a float's range parses as an infinity, which the executor refuses
+    before it could be written back."""
     if value is None:
         return None
     if not isinstance(value, str) or isinstance(value, Unreadable):
@@ -68,48 +66,6 @@ def read_json(value: object) -> Any:
         return json.loads(value)
     except (ValueError, RecursionError):  # ValueError: also an integer of too many digits
         return Unreadable(value)
-
-
-def _bad_text(text: str) -> str | None:
-    if "\x00" in text:
-        return "holds a NUL character, which PostgreSQL cannot store"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "holds a lone surrogate, which is not valid Unicode"
-    return None
-
-
-def unstorable_json(value: Any, name: str = "metadata", depth: int = 0) -> str | None:
-    """Why ``value`` cannot be written to the metadata column of both engines (naming the key),
-    or None when it can."""
-    if depth > 100:  # json.dumps itself recurses; a value this deep is not metadata anyway
-        return f"{name} is nested more than 100 levels deep"
-    if value is None or isinstance(value, bool | int):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{name}={value!r}: JSON has no non-finite numbers"
-    if isinstance(value, str):
-        why = _bad_text(value)
-        return f"{name}={quote(value)} {why}" if why else None
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{name} has a key of type {type(key).__name__}: JSON keys are text"
-            why = _bad_text(key)
-            if why:
-                return f"{name} has a key {quote(key)} that {why}"
-            found = unstorable_json(item, f"{name}.{key}", depth + 1)
-            if found:
-                return found
-        return None
-    if isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            found = unstorable_json(item, f"{name}[{i}]", depth + 1)
-            if found:
-                return found
-        return None
-    return f"{name} is of type {type(value).__name__}, which JSON cannot hold"
 
 
 # --- a claimed row's columns, as the daemon needs them -------------------------------------

@@ -256,7 +256,7 @@ def test_daemon__backend_results_json_cannot_hold_fail_alone(engine: sa.Engine, 
     assert "metadata.tempo=nan" in (row(db_url, nan).error_message or "")
     assert not (outputs / f"{nan}.wav").exists()
     assert (row(db_url, nul).status, row(db_url, nul).attempts) == ("failed", 1)
-    assert (row(db_url, nul).error_message or "").startswith("metadata.note='a\\x00b' holds a NUL")
+    assert (row(db_url, nul).error_message or "").startswith("metadata.note holds a NUL character")
     assert not (outputs / f"{nul}.wav").exists()
     stored = row(db_url, numpy)
     assert stored.status == "completed" and stored.meta is not None

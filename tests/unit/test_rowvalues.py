@@ -1,4 +1,4 @@
-"""Reading a column's value never raises, and a value the columns cannot store is named."""
+"""Reading a column's value never raises, and a claimed row's unusable values are named."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dgxqueue.storage.rowvalues import Unreadable, job_defects, read_json, read_time, unstorable_json
+from dgxqueue.storage.rowvalues import Unreadable, job_defects, read_json, read_time
 
 GOOD: dict[str, Any] = {
     "prompt": "lo-fi", "duration_seconds": 1.0, "sample_rate": 8000, "channels": 1,
@@ -35,25 +35,6 @@ def test_read_json__what_is_not_json_comes_back_as_its_text(stored: object) -> N
     number stored in the column all read as Unreadable."""
     value = read_json(stored)
     assert isinstance(value, Unreadable) and value == str(stored)
-
-
-@pytest.mark.parametrize(("value", "named"), [
-    ({"x": float("inf")}, "metadata.x"),
-    ({"a": {"b": [1, float("nan")]}}, "metadata.a.b[1]"),
-    ({"a": "nul \x00"}, "metadata.a"),
-    ({"k\x00": 1}, "metadata has a key"),
-    ({"s": "\udc80"}, "metadata.s"),
-    ({"o": object()}, "metadata.o"),
-])
-def test_unstorable_json__names_the_key(value: dict[str, Any], named: str) -> None:
-    """Each value either engine cannot store is refused with the path of its key."""
-    why = unstorable_json(value)
-    assert why is not None and why.startswith(named)
-
-
-def test_unstorable_json__ordinary_metadata_passes() -> None:
-    """Numbers, text, lists and nested objects pass."""
-    assert unstorable_json({"bpm": 90, "key": "Am", "energy": 0.8, "tags": ["a", {"b": None}], "ok": True}) is None
 
 
 @pytest.mark.parametrize(("column", "value"), [
