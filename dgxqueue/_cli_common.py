@@ -279,9 +279,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
 
 
 def one_line(text: str) -> str:
-    """The first line of a message, so every error fits on one line of stderr."""
+    """The first line of a message, escaped (:func:`safe`), so every error fits on one line of
+    stderr: messages echo ids, keys and paths from argv, files and the database."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    return safe(lines[0]) if lines else ""
 
 
 # --- job ids: a full id, or a unique prefix of one as ``wait`` and ``demo`` show it ------------

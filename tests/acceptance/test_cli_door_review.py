@@ -1,0 +1,29 @@
+"""Hostile input at the command's door: what a review found getting past it, each pinned here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.acceptance.test_cli import Cli, assert_error
+
+# What the terminal must never receive raw, whatever a file, argv or the database holds.
+RAW_CONTROLS = ("\x1b", "\x07", "\x9b", "\u202e")
+
+
+def _write(path: Path, *lines: str) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_errors__echoed_input_is_escaped_on_stderr(cli: Cli) -> None:
+    """Error messages that echo an id, a JSON key or a metadata path show control characters escaped."""
+    cli.add("already here")
+    unknown_key = _write(cli.folder / "key.jsonl", '{"prompt": "x", "\\u001b]0;pwned\\u0007": 1}')
+    nul_in_key = _write(cli.folder / "meta.jsonl", '{"prompt": "x", "metadata": {"\\u001b[2J\\u009b": "a\\u0000"}}')
+    for args, code in ((("show", "abcd\x1b]0;pwned\x07"), 3), (("wait", "\u202eabcd", "-q"), 3),
+                       (("enqueue", "--jsonl", str(unknown_key)), 65), (("enqueue", "--jsonl", str(nul_in_key)), 65),
+                       (("enqueue", "x", "--metadata", '{"\\u001b[2J": "a\\u0000"}'), 65)):
+        done = cli.here(*args)
+        assert_error(done, code)
+        assert not [raw for raw in RAW_CONTROLS if raw in done.stderr], done.stderr
+        assert "\\x1b" in done.stderr or "\\u202e" in done.stderr, done.stderr
