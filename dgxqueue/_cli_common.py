@@ -319,12 +319,23 @@ def _after_prefix(prefix: str) -> str | None:
     return None
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def resolve_id(engine: Engine, text: str) -> str:
     """The id of the one job whose id is ``text`` or starts with it (at least 4 hex digits).
 
     No such job: :class:`JobNotFoundError` (exit 3). Several: :class:`CliError` with exit 65,
     listing them, as git answers an ambiguous short hash.
     """
+    if "\x00" in text or (not text.isascii() and not _encodable(text)):
+        # Undecodable argv bytes arrive as lone surrogates, which neither engine can bind or store.
+        raise JobNotFoundError(text)
     with session_scope(engine) as session:
         if repository.get_job(session, text) is not None:  # any id, a row written by plain SQL too
             return text

@@ -27,3 +27,13 @@ def test_errors__echoed_input_is_escaped_on_stderr(cli: Cli) -> None:
         assert_error(done, code)
         assert not [raw for raw in RAW_CONTROLS if raw in done.stderr], done.stderr
         assert "\\x1b" in done.stderr or "\\u202e" in done.stderr, done.stderr
+
+
+def test_resolve_id__undecodable_argv_is_not_found(cli: Cli) -> None:
+    """An id of bytes that are not UTF-8 (lone surrogates in argv) is not found (3), on every command."""
+    cli.add("already here")
+    before = cli.snapshot()
+    for command in ("show", "cancel", "retry", "wait"):
+        done = cli.here(command, "\udcff\udcfeabcd")
+        assert_error(done, 3, "not found", "\\udcff")
+    assert cli.snapshot() == before
