@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from dgxqueue._cli_common import (
     EX_DATAERR,
+    EX_IOERR,
     EXIT_OK,
     EXIT_USAGE,
     CliError,
@@ -139,6 +140,8 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
             if given:
                 raise CliError(f"--{given[0].replace('_', '-')} cannot be combined with --jsonl: each line "
                                "gives its job's fields", EXIT_USAGE)
+            if args.jsonl == "-" and sys.stdin is None:  # started with stdin closed (<&-)
+                raise CliError("--jsonl -: standard input is closed", EX_IOERR)
             stream = sys.stdin.buffer if args.jsonl == "-" else stack.enter_context(open(args.jsonl, "rb"))
             specs = read_jsonl(stream, ctx.settings)
     timeout = parse_number("timeout", args.timeout, float)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 from tests.acceptance.test_cli import Cli, assert_error
@@ -37,3 +39,12 @@ def test_resolve_id__undecodable_argv_is_not_found(cli: Cli) -> None:
         done = cli.here(command, "\udcff\udcfeabcd")
         assert_error(done, 3, "not found", "\\udcff")
     assert cli.snapshot() == before
+
+
+def test_enqueue__jsonl_from_a_closed_stdin(cli: Cli) -> None:
+    """``--jsonl -`` with standard input closed (``<&-``): exit 74 saying so, nothing written."""
+    done = subprocess.run(cli.command("enqueue", "--jsonl", "-"), cwd=cli.folder, env=cli.env, stdin=None,
+                          capture_output=True, text=True, timeout=60, check=False,
+                          preexec_fn=lambda: os.close(0))
+    assert_error(done, 74, "standard input is closed")
+    assert cli.snapshot() is None
