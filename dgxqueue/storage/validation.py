@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import reprlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath, PureWindowsPath
@@ -26,6 +27,10 @@ MAX_FILE_SIZE = 2**31 - 1
 _WAV_HEADER_BYTES = 44
 #: ``metadata.seed``: what torch.manual_seed and every backend accept (31 bits, as seed_for derives).
 MAX_SEED = 2**31 - 1
+#: Objects and arrays nested in ``metadata``, the outermost counted: a fixed bound, because how
+#: deep Python's recursive JSON encoder and decoder can go depends on the caller's stack, so a
+#: document the door encoded could fail at the insert or in the daemon reading it back.
+MAX_METADATA_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -161,12 +166,49 @@ def _unstorable(document: object) -> tuple[str, str] | None:
     return None
 
 
+class _Abridged:
+    """A value shown by :mod:`reprlib`: the full repr of shared nested lists can be endless."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return reprlib.repr(self.value)
+
+
+def _shape_fault(document: Mapping[str, Any], limits: JobSettings) -> str | None:
+    """Why a document is too deep or holds more values than its byte limit could (each takes at
+    least one byte), or None. Iterative, and it stops at the first fault, so a list holding
+    itself, or one list shared at every level, cannot make it run long."""
+    stack: list[tuple[object, int]] = [(document, 1)]
+    seen = 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > limits.max_metadata_bytes:
+            return f"more values than {limits.max_metadata_bytes} bytes can hold"
+        children: Iterable[object]
+        if isinstance(value, Mapping):
+            children = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if depth > MAX_METADATA_DEPTH:
+            return f"objects and arrays nested more than {MAX_METADATA_DEPTH} deep"
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
 def validate_metadata(value: object, limits: JobSettings) -> dict[str, Any] | None:
     if value is None:
         return None
     allowed = f"a JSON object of at most {limits.max_metadata_bytes} bytes"
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise ValidationError("metadata", value, allowed)
+    fault = _shape_fault(value, limits)
+    if fault is not None:  # before encoding: the encoder would recurse, or expand shared lists
+        raise ValidationError("metadata", _Abridged(value), f"{allowed}, not {fault}")
     try:
         # NaN is let through here so that _unstorable can name where it is.
         encoded = json.dumps(dict(value), separators=(",", ":"))
