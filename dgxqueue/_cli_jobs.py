@@ -207,9 +207,9 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         print(f"{verb} {result['generations']} generation(s) finished before {when_text(cutoff)} UTC"
               + (f" and {result['files']} file(s), {result['bytes']} bytes" if args.delete_files else ""))
         for file_path in skipped:
-            print(f"kept {file_path}: not inside the outputs folder {ctx.settings.outputs_dir.absolute()}")
+            print(f"kept {safe(file_path)}: not inside the outputs folder {safe(ctx.settings.outputs_dir.absolute())}")
         for file_path in kept:
-            print(f"kept {file_path}: a generation that stays still uses it")
+            print(f"kept {safe(file_path)}: a generation that stays still uses it")
     return EXIT_OK
 
 

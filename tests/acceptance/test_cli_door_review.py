@@ -6,6 +6,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import sqlalchemy as sa
+
+from dgxqueue.storage import complete_generation, dispose_engines, init_db, session_scope
+from dgxqueue.storage.repository import G
 from tests.acceptance.test_cli import Cli, assert_error
 
 # What the terminal must never receive raw, whatever a file, argv or the database holds.
@@ -48,3 +52,20 @@ def test_enqueue__jsonl_from_a_closed_stdin(cli: Cli) -> None:
                           preexec_fn=lambda: os.close(0))
     assert_error(done, 74, "standard input is closed")
     assert cli.snapshot() is None
+
+
+def test_prune__file_paths_it_keeps_are_escaped(cli: Cli) -> None:
+    """prune names the files it keeps (shared, or outside the outputs folder) with controls escaped."""
+    hostile = "outputs/\x1b]0;pwned\x07\u202e.wav"
+    [old, new, outside] = cli.add("old", "new", "outside")
+    engine = init_db(cli.url)
+    with session_scope(engine) as session:
+        complete_generation(session, old, 1.0, 44)
+    with engine.begin() as conn:  # two jobs share one file; a third names a path written by plain SQL
+        conn.execute(sa.update(G).where(G.c.id.in_([old, new])).values(file_path=hostile))
+        conn.execute(sa.update(G).where(G.c.id == outside).values(file_path="/tmp/\x1b[2J.wav", status="failed"))
+    dispose_engines()
+    done = cli.here("prune", "--older-than", "0s", "--delete-files")
+    assert done.returncode == 0, done.stderr
+    assert "\\x1b]0;pwned\\x07\\u202e.wav" in done.stdout and "/tmp/\\x1b[2J.wav" in done.stdout, done.stdout
+    assert not [raw for raw in RAW_CONTROLS if raw in done.stdout], done.stdout
