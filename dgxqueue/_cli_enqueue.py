@@ -61,8 +61,19 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def _lines(stream: IO[bytes]) -> Iterator[tuple[int, str]]:
-    for number, raw in enumerate(stream, 1):
+#: Room on a line beyond what its metadata may take: no job's other fields come near it.
+_LINE_SLACK_BYTES = 16 * 1024 * 1024
+
+
+def _lines(stream: IO[bytes], settings: Settings) -> Iterator[tuple[int, str]]:
+    # A "\u0041" escape is 6 bytes for 1 of the encoded metadata, whose size the door limits.
+    limit = _LINE_SLACK_BYTES + 6 * settings.jobs.max_metadata_bytes
+    number = 0
+    while raw := stream.readline(limit + 1):  # bounded: one huge line must not fill the memory
+        number += 1
+        if len(raw) > limit:
+            raise CliError(f"line {number}: longer than {limit} bytes, more than any job's fields take",
+                           EX_DATAERR)
         try:
             yield number, raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -74,7 +85,7 @@ def read_jsonl(stream: IO[bytes], settings: Settings) -> list[dict[str, Any]]:
     """One spec per non-blank line, each a JSON object of :func:`dgxqueue.enqueue`'s arguments
     (``run_after`` as an ISO time or a span such as ``10m``), every one validated."""
     specs = []
-    for number, line in _lines(stream):
+    for number, line in _lines(stream, settings):
         if not line.strip():
             continue
         try:

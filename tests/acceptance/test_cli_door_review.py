@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 from pathlib import Path
 
@@ -69,3 +70,20 @@ def test_prune__file_paths_it_keeps_are_escaped(cli: Cli) -> None:
     assert done.returncode == 0, done.stderr
     assert "\\x1b]0;pwned\\x07\\u202e.wav" in done.stdout and "/tmp/\\x1b[2J.wav" in done.stdout, done.stdout
     assert not [raw for raw in RAW_CONTROLS if raw in done.stdout], done.stdout
+
+
+def test_enqueue__jsonl_huge_line_is_refused_without_reading_it_whole(cli: Cli) -> None:
+    """A line far longer than any job (metadata of 200 MB) is refused with exit 65 in bounded memory,
+    where reading it whole ran out of a 600 MiB address space (internal error)."""
+    jobs = cli.folder / "jobs.jsonl"
+    with jobs.open("w") as out:
+        out.write('{"prompt": "ok"}\n{"prompt": "x", "metadata": {"k": "')
+        for _ in range(200):
+            out.write("a" * 1_000_000)
+        out.write('"}}\n')
+    limit = 600 * 1024 * 1024
+    done = subprocess.run(cli.command("enqueue", "--jsonl", str(jobs)), cwd=cli.folder, env=cli.env,
+                          capture_output=True, text=True, timeout=60, check=False,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert_error(done, 65, "line 2", "longer than")
+    assert cli.snapshot() is None
