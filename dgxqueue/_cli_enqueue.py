@@ -63,6 +63,7 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 #: Room on a line beyond what its metadata may take: no job's other fields come near it.
 _LINE_SLACK_BYTES = 16 * 1024 * 1024
+_BOM = b"\xef\xbb\xbf"
 
 
 def _lines(stream: IO[bytes], settings: Settings) -> Iterator[tuple[int, str]]:
@@ -74,6 +75,8 @@ def _lines(stream: IO[bytes], settings: Settings) -> Iterator[tuple[int, str]]:
         if len(raw) > limit:
             raise CliError(f"line {number}: longer than {limit} bytes, more than any job's fields take",
                            EX_DATAERR)
+        if number == 1 and raw.startswith(_BOM):  # editors on Windows start UTF-8 files with one
+            raw = raw[len(_BOM):]
         try:
             yield number, raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -70,6 +71,15 @@ def test_prune__file_paths_it_keeps_are_escaped(cli: Cli) -> None:
     assert done.returncode == 0, done.stderr
     assert "\\x1b]0;pwned\\x07\\u202e.wav" in done.stdout and "/tmp/\\x1b[2J.wav" in done.stdout, done.stdout
     assert not [raw for raw in RAW_CONTROLS if raw in done.stdout], done.stdout
+
+
+def test_enqueue__jsonl_first_line_may_start_with_a_bom(cli: Cli) -> None:
+    """A UTF-8 byte order mark before the first line (Windows editors write one) is not part of the JSON."""
+    jobs = cli.folder / "jobs.jsonl"
+    jobs.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\r\n{"prompt": "second"}\r\n')
+    done = cli.here("enqueue", "--jsonl", str(jobs), "--json")
+    assert done.returncode == 0, done.stderr
+    assert [row["prompt"] for row in json.loads(done.stdout)] == ["first", "second"]
 
 
 def test_enqueue__jsonl_huge_line_is_refused_without_reading_it_whole(cli: Cli) -> None:
