@@ -23,8 +23,8 @@ from sqlalchemy.engine import Engine
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
-from dgxqueue.storage import Generation, ensure_schema, get_engine, repository, session_scope
-from dgxqueue.storage.database import current_revision, head_revision, sqlite_path
+from dgxqueue.storage import Generation, repository, session_scope
+from dgxqueue.storage.database import describe_url, open_queue
 from dgxqueue.storage.driver import is_transient_db_error
 
 EXIT_OK = 0
@@ -67,33 +67,16 @@ class Context:
 def open_engine(settings: Settings, *, create: bool) -> Engine:
     """The engine of the configured database, at the newest schema.
 
-    ``create``: make the database (and migrate it) if needed, as ``enqueue`` and ``worker`` do.
-    Otherwise a missing SQLite file or an unmigrated database is reported (exit 69) and left
-    alone, so a mistyped ``DATABASE_URL`` never leaves an empty database behind.
+    ``create``: the producer's rule (``enqueue``): the built-in default location is created on
+    first use. Otherwise, and for any other location, a missing or unmigrated database is
+    reported (exit 69) and left alone, so a mistyped ``DATABASE_URL`` never leaves an empty
+    database behind (:func:`dgxqueue.storage.database.open_queue`).
     """
-    url = settings.database.url
-    path = sqlite_path(url)
-    if path is not None and not create and not path.exists():
-        raise CliError(
-            f"database file {path.absolute()} does not exist (check DATABASE_URL or database.url; "
-            "'dgxqueue db upgrade' creates it)", EX_UNAVAILABLE,
-        )
     try:
-        engine = get_engine(url, settings.database)
-        if create:
-            ensure_schema(engine)
-            return engine
-        with engine.connect() as conn:
-            current = current_revision(conn)
+        return open_queue(settings.database.url, settings.database, create="default" if create else "never")
     except OSError as exc:  # the SQLite folder or its lock file cannot be created
-        raise CliError(f"database {url} cannot be opened: {exc}", EX_UNAVAILABLE) from None
-    head = head_revision()
-    if current != head:
-        raise CliError(
-            f"database schema is at revision {current or 'none'}, this dgxqueue needs {head}: "
-            "run 'dgxqueue db upgrade'", EX_UNAVAILABLE,
-        )
-    return engine
+        raise CliError(f"database {describe_url(settings.database.url)} cannot be opened: {exc}",
+                       EX_UNAVAILABLE) from None
 
 
 # --- parsing command-line values: bad values are bad input (65), not usage errors (2) ------

@@ -2,9 +2,11 @@
 
 Each call opens its own transaction on the process-wide engine of its database and commits it
 before returning, so the returned ids are durable (as far as the engine's settings make them).
-The first call on a database brings its schema to head (:func:`dgxqueue.storage.ensure_schema`);
-later calls on it skip that check. A pooled connection the server has ended (it restarted, or
-closed it while idle) is replaced, and the call tried once more: nothing was written on it.
+The first call on a database checks it (:func:`dgxqueue.storage.database.open_queue`): only the
+built-in default location is created on first use; any other database must exist at the newest
+schema (``dgxqueue db upgrade``), else :class:`~dgxqueue.errors.SchemaError`. Later calls skip
+that check. A pooled connection the server has ended (it restarted, or closed it while idle) is
+replaced, and the call tried once more: nothing was written on it.
 
 Settings: pass ``settings`` to choose them; otherwise :func:`dgxqueue.config.load_settings` is run
 once per process and reused while ``$DGXQUEUE_CONFIG``, that file's modification time,
@@ -24,12 +26,12 @@ from sqlalchemy.engine import Engine
 
 from dgxqueue.config import Settings, load_settings
 from dgxqueue.storage import (
-    ensure_schema,
     fastinsert,
     get_engine,
     job_spec,
     prepare_generations,
 )
+from dgxqueue.storage.database import open_queue
 
 __all__ = ["enqueue", "enqueue_many"]
 
@@ -72,7 +74,7 @@ def default_settings() -> Settings:
 def _engine(database_url: str | None, settings: Settings) -> Engine:
     engine = get_engine(database_url or settings.database.url, settings.database)
     if engine not in _ready_engines:
-        ensure_schema(engine)
+        open_queue(database_url or settings.database.url, settings.database, create="default")
         with _lock:
             _ready_engines.add(engine)
     return engine

@@ -3,6 +3,11 @@
 One engine per database URL per process. SQLite connections get WAL, a busy timeout,
 ``synchronous`` (NORMAL by default) and foreign keys on every connect. ``init_db`` leaves any
 database at the newest migration, refusing one that is newer than this code.
+
+Who may create a database is decided in one place, :func:`open_queue`: migrations and ``demo``
+always; a producer only at the built-in default location; the worker never. So a mistyped
+``DATABASE_URL`` is reported (:class:`~dgxqueue.errors.SchemaError`) instead of becoming a second,
+empty queue.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
@@ -34,18 +39,53 @@ def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
 
 
+_URL_RULE = "an SQLAlchemy URL such as sqlite:///data/generations.db or postgresql://user@host:5432/dbname"
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password replaced by ``***``, even when the URL does not parse."""
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, userinfo = head.rpartition("://")
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}{sep}{user}{colon}{'***' if colon else ''}@{host}"
+
+
 def _parse(url: str) -> URL:
     try:
         parsed = make_url(url)
-    except sa.exc.ArgumentError:
-        raise ConfigError(
-            "database.url", url, "an SQLAlchemy URL such as sqlite:///data/generations.db"
-        ) from None
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ConfigError("database.url", hide_password(url), _URL_RULE) from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise ConfigError("database.url", url, "a sqlite:/// or postgresql+psycopg:// URL")
+        raise ConfigError("database.url", hide_password(url), "a sqlite:/// or postgresql:// URL")
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
     return parsed
+
+
+def describe_url(url: str) -> str:
+    """Where ``url`` points, for messages: the absolute SQLite path, or the server and database
+    with the password hidden."""
+    parsed = _parse(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        return str(path.absolute()) if path is not None else "an in-memory SQLite database"
+    shown = parsed.set(drivername="postgresql", port=parsed.port or 5432)
+    return shown.render_as_string(hide_password=True)
+
+
+def check_driver(url: str) -> None:
+    """Raise :class:`ConfigError` when the driver ``url`` needs is not installed."""
+    if _parse(url).get_backend_name() != "postgresql":
+        return
+    try:
+        import psycopg  # noqa: F401  (only whether it imports)
+    except ImportError as exc:
+        raise ConfigError(
+            "database.url", hide_password(url),
+            f"a database whose driver is installed: PostgreSQL needs pip install 'dgxqueue[postgres]' ({exc})",
+        ) from None
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -82,10 +122,8 @@ def create_engine(url: str | None = None, settings: DatabaseSettings | None = No
     settings = settings or DatabaseSettings()
     text_url = resolve_url(url)
     parsed = _parse(text_url)
+    check_driver(text_url)  # otherwise SQLAlchemy's first connect fails with a bare ImportError
     if parsed.get_backend_name() == "sqlite":
-        path = sqlite_path(text_url)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(parsed, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000})
         _configure_sqlite(engine, settings)
         return engine
@@ -232,6 +270,38 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(alembic_config(str(engine.url), conn), revision)
 
 
+def downgrade_losses(engine: Engine, revision: str) -> list[str]:
+    """The migrations a downgrade to ``revision`` would undo whose undoing drops tables or columns,
+    and the data in them (read from each script's ``downgrade``: ``drop_table``, ``drop_column``).
+
+    ``revision``: an id such as ``001``, ``base`` (before the first), or ``-N`` steps back. An id
+    that is not below the current one undoes nothing here; alembic reports it.
+    """
+    import inspect
+
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(alembic_config())
+    with engine.connect() as conn:
+        current = current_revision(conn)
+    chain = []
+    while current is not None:
+        script = scripts.get_revision(current)
+        if script is None:
+            break
+        chain.append(script)
+        current = script.down_revision if isinstance(script.down_revision, str) else None
+    if revision == "base":
+        undone = chain
+    elif revision.startswith("-") and revision[1:].isdigit():
+        undone = chain[: int(revision[1:])]
+    else:
+        ids = [script.revision for script in chain]
+        undone = chain[: ids.index(revision)] if revision in ids else []
+    return [script.revision for script in undone
+            if any(word in inspect.getsource(script.module.downgrade) for word in ("drop_table", "drop_column"))]
+
+
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
@@ -242,6 +312,8 @@ def downgrade(engine: Engine, revision: str) -> None:
 def ensure_schema(engine: Engine) -> str:
     """Bring the database to head; refuse one newer than this code. Returns the revision."""
     path = sqlite_path(str(engine.url)) if engine.dialect.name == "sqlite" else None
+    if path is not None:  # creating the database creates its folder; nothing else does
+        path.parent.mkdir(parents=True, exist_ok=True)
     if path is None or path.exists():  # a new SQLite file: its first connection switches it to WAL,
         with engine.connect() as conn:  # which races other first connections; take the lock below
             if _stored_revision(conn) == HEAD_REVISION:
@@ -273,3 +345,45 @@ def init_db(url: str | None = None) -> Engine:
     engine = get_engine(url)
     ensure_schema(engine)
     return engine
+
+
+CreatePolicy = Literal["always", "default", "never"]
+
+
+def open_queue(url: str | None = None, settings: DatabaseSettings | None = None, *,
+               create: CreatePolicy) -> Engine:
+    """The engine of a database at the newest schema, created or migrated only as ``create`` allows.
+
+    ``"always"``: create or upgrade it (``init_db``, ``db upgrade``, ``demo``). ``"default"``, the
+    producer's rule: only the built-in default location (``sqlite:///data/generations.db``) is
+    created on first use. ``"never"``, the worker's rule. A database that may not be created or
+    migrated and is missing, empty or at another revision raises :class:`SchemaError` naming its
+    location and ``dgxqueue db upgrade``; nothing is written.
+    """
+    text_url = resolve_url(url)
+    if create == "always" or (create == "default" and text_url == DEFAULT_DATABASE_URL):
+        engine = get_engine(text_url, settings)
+        ensure_schema(engine)
+        return engine
+    where = describe_url(text_url)
+    path = sqlite_path(text_url)
+    if path is not None and not path.exists():
+        raise SchemaError(f"no database at {where} (check DATABASE_URL or database.url; "
+                          "'dgxqueue db upgrade' creates it there)")
+    engine = get_engine(text_url, settings)
+    with engine.connect() as conn:
+        current = _stored_revision(conn)
+        if current == HEAD_REVISION:
+            return engine
+        has_tables = current is not None or sa.inspect(conn).has_table("generations")
+    if not has_tables:
+        raise SchemaError(f"the database at {where} has no dgxqueue tables (check DATABASE_URL or "
+                          "database.url; 'dgxqueue db upgrade' creates them there)")
+    from alembic.script import ScriptDirectory
+
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current is not None and current not in known:
+        raise SchemaError(f"the database at {where} is at schema revision {current!r}, newer than this "
+                          f"dgxqueue knows ({HEAD_REVISION!r}): upgrade dgxqueue")
+    raise SchemaError(f"the database at {where} is at schema revision {current or 'none'}, this dgxqueue "
+                      f"needs {HEAD_REVISION}: run 'dgxqueue db upgrade'")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dgxqueue.storage import dispose_engines, init_db
 from tests.support.processes import stop
 
 WATCHDOG_USEC = 2_000_000  # systemd's WatchdogSec=2s: a gap this long would get the daemon killed
@@ -74,6 +75,8 @@ def notify(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NotifySoc
 
 
 def start_daemon(tmp_path: Path, notify: NotifySocket, **env: str) -> subprocess.Popen[bytes]:
+    init_db(f"sqlite:///{tmp_path / 'generations.db'}")  # the worker never creates its database
+    dispose_engines()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DGXQUEUE_", "WATCHDOG_"))}
     full_env = {
         **clean, "DATABASE_URL": f"sqlite:///{tmp_path / 'generations.db'}",

@@ -88,9 +88,11 @@ def test_enqueue__reads_database_url_and_settings_from_the_environment(
 ) -> None:
     """Without arguments enqueue uses $DATABASE_URL and DGXQUEUE_* settings, reloaded when they change."""
     first, second = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    init_db(first)  # a configured database is never created by a producer
+    init_db(second)
     monkeypatch.setenv("DATABASE_URL", first)
     monkeypatch.setenv("DGXQUEUE_JOBS_DEFAULT_MODEL", "model-a")
-    a_id = dgxqueue.enqueue("beat")  # a new database: created at head by the first call
+    a_id = dgxqueue.enqueue("beat")
     assert default_settings() is default_settings()  # cached while nothing changes
     monkeypatch.setenv("DATABASE_URL", second)
     monkeypatch.setenv("DGXQUEUE_JOBS_DEFAULT_MODEL", "model-b")
