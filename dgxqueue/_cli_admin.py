@@ -35,8 +35,11 @@ from dgxqueue.config import Settings, settings_as_dict, toml_value
 from dgxqueue.errors import ConfigError
 from dgxqueue.storage import ensure_schema, get_engine
 from dgxqueue.storage.database import (
+    check_driver,
     current_revision,
+    describe_url,
     downgrade,
+    downgrade_losses,
     head_revision,
     sqlite_path,
     upgrade,
@@ -73,7 +76,7 @@ def worker_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_worker(ctx: Context, args: argparse.Namespace) -> int:
-    from dgxqueue.daemon import run_worker  # here, so the other commands start without it
+    from dgxqueue._cli_worker import run_worker  # here, so the other commands start without it
 
     code = run_worker(ctx.settings, burst=args.burst, worker_id=args.worker_id)
     if code != EXIT_OK:  # a machine fault or a stuck backend call, whose thread may never return
@@ -104,6 +107,9 @@ def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
             else:
                 upgrade(engine, args.revision)
             break
+        except OSError as exc:  # the SQLite folder or its lock file cannot be created
+            raise CliError(f"database {describe_url(ctx.settings.database.url)} cannot be created: {exc}",
+                           EX_UNAVAILABLE) from None
         except sa.exc.DBAPIError as exc:
             left = deadline - time.monotonic()
             if not database_unavailable(exc) or left < pause:
@@ -117,9 +123,21 @@ def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_db_downgrade(ctx: Context, args: argparse.Namespace) -> int:
+    from alembic.util import CommandError
+
     _must_exist(ctx.settings)
     engine = _raw_engine(ctx.settings)
-    downgrade(engine, args.revision)
+    losses = downgrade_losses(engine, args.revision)
+    if losses and not args.yes:
+        raise CliError(
+            f"db downgrade {args.revision} undoes migration {', '.join(losses)}, dropping tables or columns "
+            "and the data in them: back up first (dgxqueue db backup PATH), then add --yes to confirm",
+            EXIT_USAGE)
+    try:
+        downgrade(engine, args.revision)
+    except CommandError as exc:  # an unknown revision, or one above the current
+        raise CliError(f"db downgrade {args.revision}: {one_line(str(exc))} "
+                       "(REV: an id such as 002, base, or -N steps back)", EXIT_USAGE) from None
     print(f"database at revision {_revision_text(engine) or 'none (empty)'}")
     return EXIT_OK
 
@@ -263,15 +281,48 @@ def cmd_config_show(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_outputs(folder: Path) -> None:
+    """The outputs folder exists and is writable, or the nearest existing folder above it is."""
+    folder = folder.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError("outputs.dir", str(folder), f"a folder path ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "writable" if existing == folder else f"creatable ({existing} is not writable)"
+        raise ConfigError("outputs.dir", str(folder), f"a folder this user can write: it is not {what}")
+
+
+def _check_generator_limits(ctx: Context, generator: Any) -> None:
+    """Refuse ``jobs.*`` limits that let through requests the generator would fail at run time."""
+    import importlib.util
+
+    name = ctx.settings.generator.name
+    missing = [m for m in getattr(generator, "required_modules", ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        hint = getattr(generator, "install_hint", f"pip install 'dgxqueue[{name}]'")
+        raise ConfigError("generator.name", name, f"its extra installed: {hint} (missing {', '.join(missing)})")
+    longest = getattr(generator, "max_duration_seconds", None)
+    jobs = ctx.settings.jobs
+    if isinstance(longest, (int, float)):
+        for key, value in (("jobs.max_duration_seconds", jobs.max_duration_seconds),
+                           ("jobs.default_duration_seconds", jobs.default_duration_seconds)):
+            if value > longest:
+                raise ConfigError(key, value, f"at most {longest:g}, the longest audio generator {name} "
+                                              "renders (longer jobs would fail when they run)")
+
+
 def cmd_config_check(ctx: Context, args: argparse.Namespace) -> int:
     from dgxqueue.generators import create_generator
 
-    sqlite_path(ctx.settings.database.url)  # parses the URL: a bad one is a config error
+    check_driver(ctx.settings.database.url)  # parses the URL too: a bad one is a config error
     # Built as the worker builds it, so a mistyped option fails here rather than in the worker;
     # not loaded, which may need the model and a GPU.
-    create_generator(ctx.settings.generator.name, ctx.settings.generator.options)
+    generator = create_generator(ctx.settings.generator.name, ctx.settings.generator.options)
+    _check_generator_limits(ctx, generator)
+    _check_outputs(ctx.settings.outputs_dir)
     print(f"config ok (file: {ctx.config_path or 'none'}; generator {ctx.settings.generator.name}; "
-          f"database {_shown(ctx.settings)['database']['url']})")
+          f"database {_shown(ctx.settings)['database']['url']}; "
+          f"outputs {ctx.settings.outputs_dir.absolute()})")
     return EXIT_OK
 
 
@@ -297,8 +348,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--wait", metavar="SPAN", help="while the database is unavailable, try again for up to "
                    "SPAN (such as 5m): for a boot where it starts after this command")
     p.set_defaults(func=cmd_db_upgrade)
-    p = db.add_parser("downgrade", help="migrate back to REV (default: one step, -1)")
-    p.add_argument("revision", nargs="?", default="-1", metavar="REV")
+    p = db.add_parser("downgrade", help="migrate back to REV (default: one step, -1)",
+                      description="Migrate the schema back to REV. A step that drops tables or columns "
+                                  "(and their data) needs --yes; back up first (db backup).")
+    p.add_argument("revision", nargs="?", default="-1", metavar="REV",
+                   help="a revision id such as 002 or 001 ('db current' shows the one in use), 'base' "
+                        "(before the first: no dgxqueue tables), or -N for N steps back (default -1)")
+    p.add_argument("--yes", action="store_true", help="confirm a downgrade that drops tables or columns")
     p.set_defaults(func=cmd_db_downgrade)
     p = db.add_parser("current", help="print the schema revision")
     p.add_argument("--json", action="store_true")
@@ -319,6 +375,7 @@ def add_parsers(sub: Any) -> None:
     p = config.add_parser("show", help="print the effective settings (TOML, password hidden)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_config_show)
-    p = config.add_parser("check", help="validate the settings and the generator name (exit 78 if bad)")
+    p = config.add_parser("check", help="check what the worker needs: settings, database driver, generator "
+                          "and its extra, job limits it can honour, a writable outputs folder (exit 78 if not)")
     p.set_defaults(func=cmd_config_check)
 

@@ -74,6 +74,10 @@ class MusicGenGenerator:
     """
 
     name = "musicgen"
+    #: What the ``musicgen`` extra installs; ``dgxqueue config check`` looks for them without
+    #: importing them (importing torch takes seconds).
+    required_modules = ("torch", "transformers")
+    install_hint = INSTALL_HINT
 
     def __init__(
         self,

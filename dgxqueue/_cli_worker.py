@@ -1,0 +1,120 @@
+"""``dgxqueue worker``: build the daemon from settings, say where everything is, run it.
+
+The worker never creates or migrates its database (``open_queue(create="never")``): a mistyped
+``DATABASE_URL`` stops it with exit 69 naming the location, instead of leaving it idling on a
+second, empty queue. Its first log line names the database, the outputs folder and the address
+``/metrics`` really listens on. SIGTERM and SIGINT stop it gracefully from the moment the command
+starts, so a stop during start-up is a clean exit rather than death by the signal's default action.
+SIGHUP stops it too: settings are read once, so a reload is a restart (``systemctl restart``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from dgxqueue._cli_common import EX_UNAVAILABLE, CliError
+from dgxqueue.config import Settings
+from dgxqueue.errors import ConfigError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from dgxqueue.daemon import Daemon
+    from dgxqueue.metrics import MetricsServer
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGHUP handlers installed before anything slow: each one asks the
+    daemon to stop (the second one at once), remembered until the daemon exists."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.requests = 0
+        self.daemon: Daemon | None = None
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.requests += 1
+        if signum == signal.SIGINT and self.requests == 1 and os.isatty(2):
+            # os.write, not print: a signal handler may interrupt a write to sys.stderr.
+            os.write(2, (f"\ndgxqueue: stopping: no new jobs; the running ones get up to "
+                         f"{self.grace_seconds:g} s to finish. Ctrl-C again releases them at once "
+                         "(back to the queue).\n").encode())
+        if self.daemon is not None:
+            self.daemon.request_stop(immediate=self.daemon.stopping)
+
+    def attach(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        for _ in range(self.requests):
+            daemon.request_stop(immediate=daemon.stopping)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _start_metrics(settings: Settings, registry: CollectorRegistry, daemon: Daemon) -> MetricsServer:
+    """The ``/metrics`` server, or an error that says which setting to change."""
+    from dgxqueue.metrics import start_metrics_server
+
+    address, port = settings.metrics.address, settings.metrics.port
+    try:
+        return start_metrics_server(address, port, registry, is_healthy=daemon.healthy)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(
+                f"metrics.port {port} on {address} is already in use (another worker?): give this one "
+                "another port with --metrics-port N (0 picks a free one), or turn metrics off with "
+                "metrics.enabled = false", EX_UNAVAILABLE) from None
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError("metrics.address", address, f"an address of this machine ({exc})") from None
+        raise
+
+
+def run_worker(settings: Settings, *, burst: bool = False, worker_id: str | None = None) -> int:
+    """Check the database, build the daemon, serve metrics, log where everything is, run; returns
+    :meth:`Daemon.run`'s exit code (0, or the daemon's own for a machine fault or a stuck job)."""
+    signals = StopSignals(settings.worker.grace_seconds)  # first: a stop during start-up is clean
+    engine = None
+    server = None
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from dgxqueue.daemon import Daemon, HookChain, Hooks, new_worker_id
+        from dgxqueue.generators import create_generator
+        from dgxqueue.logs import LogHooks, configure_logging, get_logger
+        from dgxqueue.metrics import DaemonMetrics
+        from dgxqueue.storage.database import describe_url, open_queue
+        from dgxqueue.systemd import Notifier
+
+        configure_logging(settings.logging)
+        engine = open_queue(settings.database.url, settings.database, create="never")
+        backend = create_generator(settings.generator.name, settings.generator.options)
+        worker_id = worker_id or new_worker_id()
+        hooks: list[Hooks] = [LogHooks(worker_id=worker_id)]
+        registry = CollectorRegistry()
+        if settings.metrics.enabled:
+            hooks.insert(0, DaemonMetrics(
+                registry, engine, depth_cache_seconds=settings.metrics.depth_cache_seconds))
+        daemon = Daemon(settings, engine=engine, generator=backend, hooks=HookChain(hooks),
+                        notifier=Notifier(), worker_id=worker_id)
+        if settings.metrics.enabled:
+            server = _start_metrics(settings, registry, daemon)
+        get_logger("dgxqueue.worker").info(
+            "worker starting", worker_id=worker_id, database=describe_url(settings.database.url),
+            outputs=str(settings.outputs_dir.absolute()),
+            metrics=f"{server.url}/metrics" if server is not None else "off (metrics.enabled = false)",
+        )
+        signals.attach(daemon)
+        return daemon.run(burst=burst)
+    finally:
+        if server is not None:
+            server.close()
+        signals.restore()
+        if engine is not None:
+            engine.dispose()
