@@ -5,18 +5,23 @@ same Python), queues a few sample prompts, shows their progress, stops the daemo
 and prints where the WAV files are. The database is the configured one: by default the embedded
 SQLite file ``data/generations.db`` under the current folder, with the WAVs in ``outputs/``.
 The child gets a ``NOTIFY_SOCKET`` of ours, so the demo can say when the daemon is ready, exactly
-as systemd would learn it.
+as systemd would learn it, and stops it only once it is: a daemon still starting up could die of
+the SIGTERM before its handler exists (as when another daemon on the same database did the jobs
+first). The child runs in a session of its own, so a Ctrl-C on the terminal reaches the demo
+alone: the first stops the daemon gracefully, a second releases its running jobs at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +42,8 @@ from dgxqueue._cli_common import (
 )
 from dgxqueue._cli_wait import Progress, watch
 from dgxqueue.errors import ValidationError
-from dgxqueue.storage import create_generations, session_scope
+from dgxqueue.storage import create_generations, prepare_generations, session_scope
+from dgxqueue.storage.database import open_queue
 
 MODEL = "synth"
 SAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -65,15 +71,17 @@ def sample_specs(count: int, duration: float) -> list[dict[str, Any]]:
 
 @contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM to the demo ends it like Ctrl-C does, so its daemon is stopped too."""
+    """SIGTERM (or a closed terminal's SIGHUP) ends the demo like Ctrl-C does, so its daemon,
+    in a session of its own, is stopped too."""
     def handler(signum: int, frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class _Daemon:
@@ -91,9 +99,10 @@ class _Daemon:
         if ctx.config_path:
             command += ["--config", ctx.config_path]
         command += ["worker", "--generator", MODEL, "--models", MODEL, "--worker-id", f"demo-{os.getpid()}"]
+        self.ready = False
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env=env)
+                                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
         progress.line(f"daemon started (pid {self.process.pid}, synth generator); log: {self.log_path}")
 
     def check(self) -> str | None:
@@ -105,55 +114,97 @@ class _Daemon:
                 break
             fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
             if fields.get("READY") == "1":
+                self.ready = True
                 self.progress.line("daemon ready" + (f": {fields['STATUS']}" if fields.get("STATUS") else ""))
         code = self.process.poll()
         if code is not None:
             return f"the daemon exited with code {code} before the jobs finished; its log: {self.log_path}"
         return None
 
+    def wait_ready(self, timeout: float) -> None:
+        """Until the daemon says READY=1 or exits (bounded: start-up on a loaded machine is slow)."""
+        deadline = time.monotonic() + timeout
+        while not self.ready and self.process.poll() is None and time.monotonic() < deadline:
+            select.select([self.notify], [], [], 0.2)
+            self.check()
+
     def stop(self, grace: float) -> int:
-        """SIGTERM, as systemd sends it; SIGKILL only if it overstays the grace period."""
-        if self.process.poll() is None:
-            self.progress.line(f"stopping the daemon (SIGTERM to pid {self.process.pid})")
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace + 15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.notify.close()
+        """SIGTERM once it is ready, as systemd sends it; a Ctrl-C meanwhile sends the second
+        SIGTERM, which releases the running jobs at once; SIGKILL only past the grace period."""
+        try:
+            if self.process.poll() is None:
+                self.wait_ready(60.0)
+                self.progress.line(f"stopping the daemon (SIGTERM to pid {self.process.pid})")
+                self.process.send_signal(signal.SIGTERM)
+                self._wait(grace + 15)
+        except KeyboardInterrupt:
+            if self.process.poll() is None:
+                self.progress.line("releasing the running jobs now (a second SIGTERM)")
+                self.process.send_signal(signal.SIGTERM)
+                self._wait(15)
+            raise
+        finally:
+            self.notify.close()
         return self.process.returncode
+
+    def _wait(self, timeout: float) -> None:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _check_arguments(ctx: Context, count: int, duration: float) -> list[dict[str, Any]]:
+    """The sample jobs, checked as enqueue and the synth would check them, before anything starts."""
+    from dgxqueue.generators import create_generator
+
+    if not 1 <= count <= 100:
+        raise ValidationError("prompts", count, "an integer in [1, 100]")
+    longest = getattr(create_generator(MODEL), "max_duration_seconds", None)
+    if isinstance(longest, (int, float)) and duration > longest:
+        raise ValidationError("duration", duration, f"at most {longest:g} s, the longest the synth renders")
+    specs = sample_specs(count, duration)
+    prepare_generations(specs, limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
+    return specs
 
 
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
     count = parse_number("prompts", args.prompts, int)
     duration = parse_number("duration", args.duration, float)
-    if not 1 <= count <= 100:
-        raise ValidationError("prompts", count, "an integer in [1, 100]")
     timeout = parse_number("timeout", args.timeout, float)
+    specs = _check_arguments(ctx, count, duration)
     if timeout is None:
         timeout = max(120.0, 60.0 + 10.0 * count * duration)
-    engine = ctx.engine(create=True)  # migrate here, before the daemon starts
+    # The demo is asked for by name: it creates (or migrates) its database, before the daemon starts.
+    engine = open_queue(ctx.settings.database.url, ctx.settings.database, create="always")
     progress = Progress()
     folder = Path(tempfile.mkdtemp(prefix="dgxqueue-demo-"))
+    grace = ctx.settings.worker.grace_seconds
     daemon = None
     keep_log = True
     try:
         with _sigterm_interrupts():
             daemon = _Daemon(ctx, folder, progress)
-            with session_scope(engine) as session:
-                ids = create_generations(session, sample_specs(count, duration),
-                                         limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
-            progress.line(f"queued {count} prompt(s) of {duration:g}s each")
-            jobs = watch(engine, ids, timeout=timeout, progress=progress, alive=daemon.check)
-            code = daemon.stop(ctx.settings.worker.grace_seconds)
+            try:
+                with session_scope(engine) as session:
+                    ids = create_generations(session, specs, limits=ctx.settings.jobs,
+                                             outputs=ctx.settings.outputs)
+                progress.line(f"queued {count} prompt(s) of {duration:g}s each")
+                jobs = watch(engine, ids, timeout=timeout, progress=progress, alive=daemon.check)
+            except KeyboardInterrupt:
+                progress.line(f"interrupted: the daemon finishes its running jobs (up to {grace:g} s); "
+                              "Ctrl-C again releases them at once")
+                daemon.stop(grace)
+                raise
+            code = daemon.stop(grace)
             if code != 0:
                 raise CliError(f"the daemon exited with code {code} on SIGTERM; its log: {daemon.log_path}",
                                EX_SOFTWARE)
             keep_log = False
     finally:
-        if daemon is not None and daemon.process.poll() is None:
-            daemon.stop(ctx.settings.worker.grace_seconds)
+        if daemon is not None and daemon.process.poll() is None:  # an error while it ran
+            daemon.stop(grace)
         if not keep_log:
             for path in folder.iterdir():
                 path.unlink()
