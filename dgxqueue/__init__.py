@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from dgxqueue.api import enqueue, enqueue_many
+if TYPE_CHECKING:
+    from dgxqueue.api import enqueue, enqueue_many
 
 __all__ = ["__version__", "enqueue", "enqueue_many"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the API pulls in SQLAlchemy, which ``dgxqueue --version`` and every
+    # ``import dgxqueue.<module>`` would otherwise pay for.
+    if name in ("enqueue", "enqueue_many"):
+        from dgxqueue import api
+
+        value = getattr(api, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dgxqueue' has no attribute {name!r}")

@@ -28,40 +28,31 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
-import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import sqlalchemy as sa
+from dgxqueue import __version__
 
-from dgxqueue import __version__, _cli_admin, _cli_demo, _cli_jobs
-from dgxqueue._cli_common import (
-    EX_CONFIG,
-    EX_DATAERR,
-    EX_IOERR,
-    EX_SOFTWARE,
-    EX_UNAVAILABLE,
-    EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
-    EXIT_INVALID_STATE,
-    EXIT_NOT_FOUND,
-    CliError,
-    Context,
-    database_unavailable,
-    one_line,
-)
-from dgxqueue.config import load_settings
-from dgxqueue.errors import (
-    ConfigError,
-    DgxQueueError,
-    InvalidStateError,
-    JobNotFoundError,
-    SchemaError,
-    UnknownGeneratorError,
-    ValidationError,
-)
+# Each subcommand's module is imported only when that subcommand runs (or asks for its --help):
+# SQLAlchemy alone costs longer to import than ``--version`` should take. The help text is here so
+# that ``dgxqueue --help`` lists every subcommand without importing any of them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "worker": ("dgxqueue._cli_admin", "run the daemon (one per GPU)"),
+    "db": ("dgxqueue._cli_admin", "migrate, inspect, back up or reset the database"),
+    "config": ("dgxqueue._cli_admin", "show or check the settings"),
+    "enqueue": ("dgxqueue._cli_jobs", "queue one generation and print its id"),
+    "show": ("dgxqueue._cli_jobs", "show one generation"),
+    "list": ("dgxqueue._cli_jobs", "list generations, newest first"),
+    "stats": ("dgxqueue._cli_jobs", "counts by status and totals"),
+    "wait": ("dgxqueue._cli_jobs", "wait for jobs to finish, showing progress"),
+    "cancel": ("dgxqueue._cli_jobs", "cancel a pending generation (it becomes failed)"),
+    "retry": ("dgxqueue._cli_jobs", "send a failed generation back to the queue"),
+    "prune": ("dgxqueue._cli_jobs", "delete finished generations older than an age"),
+    "demo": ("dgxqueue._cli_demo", "start a daemon, queue sample prompts, wait, show the WAV files"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +62,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _LazyCommand(_Parser):
+    """A subcommand's stand-in: imports its module and hands the arguments to the real parser."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        return real_parser(self.prog.rpartition(" ")[2]).parse_known_args(args, namespace)
+
+
+def real_parser(command: str) -> argparse.ArgumentParser:
+    """The full parser of one subcommand, built by its module's ``add_parsers``."""
+    holder = _Parser(prog="dgxqueue").add_subparsers()
+    importlib.import_module(COMMANDS[command][0]).add_parsers(holder)
+    parser: argparse.ArgumentParser = holder.choices[command]
+    return parser
+
+
+def _top_parser(commands: type[argparse.ArgumentParser]) -> tuple[argparse.ArgumentParser, Any]:
     parser = _Parser(
         prog="dgxqueue",
         description="A persistent job queue and worker daemon for AI music generation.",
@@ -82,16 +89,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH",
                         help="config file (TOML); default $DGXQUEUE_CONFIG, else built-in defaults")
     parser.add_argument("--traceback", action="store_true", help="show the traceback of an internal error")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=commands)
     sub.required = True
-    _cli_admin.add_parsers(sub)
-    _cli_jobs.add_parsers(sub)
-    _cli_demo.add_parsers(sub)
+    return parser, sub
+
+
+def lazy_parser() -> argparse.ArgumentParser:
+    """The parser ``main`` uses: each subcommand's module is imported only if it is chosen."""
+    parser, sub = _top_parser(_LazyCommand)
+    for name, (_module, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole parser, every subcommand's module imported (for tests and documentation)."""
+    parser, sub = _top_parser(_Parser)
+    for module in dict.fromkeys(module for module, _text in COMMANDS.values()):
+        importlib.import_module(module).add_parsers(sub)
     return parser
 
 
 def _code_for(exc: BaseException) -> tuple[int, str] | None:
     """The exit code and one-line message for an error we expect, or None for a bug."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from dgxqueue._cli_common import (
+        EX_CONFIG,
+        EX_DATAERR,
+        EX_IOERR,
+        EX_SOFTWARE,
+        EX_UNAVAILABLE,
+        EXIT_INVALID_STATE,
+        EXIT_NOT_FOUND,
+        CliError,
+        database_unavailable,
+        one_line,
+    )
+    from dgxqueue.errors import (
+        ConfigError,
+        DgxQueueError,
+        InvalidStateError,
+        JobNotFoundError,
+        SchemaError,
+        UnknownGeneratorError,
+        ValidationError,
+    )
+
     if isinstance(exc, CliError):
         return exc.code, str(exc)
     if isinstance(exc, (ConfigError, UnknownGeneratorError)):
@@ -118,8 +164,10 @@ def _code_for(exc: BaseException) -> tuple[int, str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = lazy_parser().parse_args(argv)
+    from dgxqueue._cli_common import EX_SOFTWARE, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, Context, one_line
+    from dgxqueue.config import load_settings
+
     try:
         overrides: dict[str, Any] = args.overrides(args) if getattr(args, "overrides", None) else {}
         settings = load_settings(args.config, overrides=overrides)
@@ -139,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if known is None:
             if args.traceback:
                 raise
+            import sqlalchemy as sa
+
             if isinstance(exc, sa.exc.DBAPIError):  # the driver's own error, without SQLAlchemy's SQL
                 detail = f"database error {type(exc.orig).__name__}: {one_line(str(exc.orig))}"
             else:
