@@ -329,7 +329,9 @@ def cmd_config_check(ctx: Context, args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("worker", help="run the daemon (one per GPU)",
                        description="Run the daemon: claim jobs, generate, record. SIGTERM, SIGINT or SIGHUP stop it "
-                                   "gracefully. Flags override the config file and environment.")
+                                   "gracefully; a second one releases the running jobs at once. It never "
+                                   "creates or migrates its database: run 'dgxqueue db upgrade' first. "
+                                   "Flags override the config file and environment.")
     p.add_argument("--burst", action="store_true", help="exit once the queue is drained")
     p.add_argument("--worker-id", help="name in the worker_id column (default: host:pid)")
     p.add_argument("--generator", help="backend name (generator.name), e.g. synth, musicgen")

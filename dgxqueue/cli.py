@@ -14,12 +14,14 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 3     no generation with that id
 4     the job's status forbids it (cancel a running job, retry a completed one)
 65    bad input data (EX_DATAERR): a value out of range, bad JSON, bad time span
-69    database unavailable (EX_UNAVAILABLE): unreachable, missing, or not migrated
+69    unavailable (EX_UNAVAILABLE): database unreachable, missing, or not migrated (the worker
+      never creates one: ``db upgrade`` does); the metrics port is taken
 70    internal error (EX_SOFTWARE): a bug or a broken installation; ``--traceback``
 73    cannot create the output (EX_CANTCREAT): ``db backup`` target exists
 74    input/output error (EX_IOERR): a file could not be read or written
 75    temporary failure (EX_TEMPFAIL): ``--timeout`` passed, or the demo's daemon died
-78    configuration error (EX_CONFIG): names the key, the value and what is allowed
+78    configuration error (EX_CONFIG): names the key, the value and what is allowed; a
+      PostgreSQL URL without the ``postgres`` extra
 130   interrupted (Ctrl-C)
 141   stdout was closed early (``dgxqueue list | head``), as a shell reports SIGPIPE
 ====  ==============================================================================

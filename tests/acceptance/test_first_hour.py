@@ -256,6 +256,20 @@ def test_cli__version_and_help_do_not_import_sqlalchemy(argv: list[str]) -> None
     assert "dgxqueue" in imported and done.stdout
 
 
+def test_cli__lazy_help_table_matches_each_subcommand() -> None:
+    """The table `--help` lists without importing the modules names each subcommand's real help."""
+    import argparse
+
+    from dgxqueue.cli import COMMANDS, build_parser
+
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    real = {choice.dest: choice.help for choice in sub._choices_actions}
+    assert real == {name: text for name, (_module, text) in COMMANDS.items()}
+    for name, (module, _text) in COMMANDS.items():
+        assert sub.choices[name].get_default("func") is None or \
+            sub.choices[name].get_default("func").__module__ == module
+
+
 def test_package__enqueue_is_imported_on_first_use() -> None:
     """`import dgxqueue` does not import the API; `from dgxqueue import enqueue` still works."""
     code = ("import sys, dgxqueue; assert 'sqlalchemy' not in sys.modules; "
