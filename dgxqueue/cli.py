@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("dgxqueue._cli_admin", "run the daemon (one per GPU)"),
     "db": ("dgxqueue._cli_admin", "migrate, inspect, back up or reset the database"),
     "config": ("dgxqueue._cli_admin", "show or check the settings"),
-    "enqueue": ("dgxqueue._cli_jobs", "queue one generation and print its id"),
+    "enqueue": ("dgxqueue._cli_jobs", "queue generations and print their ids"),
     "show": ("dgxqueue._cli_jobs", "show one generation"),
     "list": ("dgxqueue._cli_jobs", "list generations, newest first"),
     "stats": ("dgxqueue._cli_jobs", "counts by status and totals"),

@@ -48,6 +48,7 @@ def _rename(url: str, ids: list[str], new_ids: list[str]) -> None:
 
 def test_enqueue__jsonl_queues_every_line_in_one_batch(cli: Cli) -> None:
     """Each non-blank line becomes a job with its fields; the ids are printed in order, one a line."""
+    cli.add()  # a configured database is never created by enqueue
     jobs = _write(cli.folder / "jobs.jsonl",
                   '{"prompt": "first", "duration_seconds": 2, "metadata": {"seed": 7}, "priority": 5}',
                   "",
@@ -63,6 +64,7 @@ def test_enqueue__jsonl_queues_every_line_in_one_batch(cli: Cli) -> None:
 
 def test_enqueue__jsonl_reads_stdin_and_prints_rows_as_json(cli: Cli) -> None:
     """``--jsonl -`` reads standard input; with --json the rows come back as a list."""
+    cli.add()  # a configured database is never created by enqueue
     done = subprocess.run(cli.command("enqueue", "--jsonl", "-", "--json"), cwd=cli.folder, env=cli.env,
                           input='{"prompt": "a"}\n{"prompt": "b"}\n', capture_output=True, text=True,
                           timeout=60, check=False)
@@ -129,6 +131,7 @@ def test_enqueue__refuses_what_the_daemon_would_refuse(cli: Cli, args: tuple[str
 
 def test_enqueue__warns_when_no_generator_serves_the_model(cli: Cli) -> None:
     """An unserved model is queued with a warning on stderr; configured or registered ones are quiet."""
+    cli.add()  # a configured database is never created by enqueue
     done = cli.here("enqueue", "x", "--model", "musicgen-huge")
     assert done.returncode == 0 and UUID.match(done.stdout.strip())
     assert "warning" in done.stderr and "'musicgen-huge'" in done.stderr and len(done.stderr.splitlines()) == 1
@@ -142,6 +145,7 @@ def test_enqueue__library_call_never_warns(sqlite_db_url: str, capfd: pytest.Cap
     """dgxqueue.enqueue stays quiet about models: the warning is the command's."""
     import dgxqueue
 
+    init_db(sqlite_db_url)
     dgxqueue.enqueue("x", model_name="musicgen-huge", database_url=sqlite_db_url)
     assert capfd.readouterr() == ("", "")
 
@@ -231,6 +235,7 @@ def _assert_escaped(text: str) -> None:
 
 def test_outputs__escape_terminal_control_characters(cli: Cli) -> None:
     """Prompts, errors and statuses from the database reach the terminal escaped, in every view."""
+    cli.add()  # a configured database is never created by enqueue
     done = cli.here("enqueue", HOSTILE)  # the door stores it: it is text, only printing it is unsafe
     job_id = done.stdout.strip()
     [other] = cli.add("plain")
