@@ -36,7 +36,8 @@ class StopSignals:
         self.grace_seconds = grace_seconds
         self.requests = 0
         self.daemon: Daemon | None = None
-        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in stops}
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.requests += 1
