@@ -149,8 +149,9 @@ def bare_sqlite(url: str, batch: int) -> float:
 
 def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> float:
     """The daemon's mandatory work with none of its Python: the same loop as the bare floor, but
-    running the daemon's own compiled statements (a claim that records the lease, an outcome
-    fenced on worker and attempt, one transaction for both, as ``finish_and_claim`` does), and
+    running the daemon's own compiled statements (a claim that records the lease and marks its
+    jobs started, an outcome fenced on worker and attempt, one transaction for both, as
+    ``finish_and_claim`` does), and
     with ``wav`` an atomic file per job as ``write_wav_atomic`` writes it (temporary file, fsync,
     rename, folder fsync). With ``thread`` the files are written on a second thread, handed over
     and back as the daemon hands a batch to its generator thread. No implementation of these
@@ -162,9 +163,9 @@ def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> 
     engine = get_engine(url)
     dialect = engine.dialect
     now = utcnow()
-    claim = fastqueue._claim(dialect, 1)
+    claim = fastqueue._claim(dialect, 1, True)  # one backend call per claim: the claim marks the start
     claim_params = claim.parameters(repository.claim_parameters(
-        worker_id="ceiling", models=["silence"], limit=batch, now=now, lease=timedelta(seconds=60)))
+        worker_id="ceiling", models=["silence"], limit=batch, lease=timedelta(seconds=60)))
     values = repository.completed_values(now, 0.001, 204, {"peak": 0.0, "rms": 0.0})
     keys = tuple(sorted(values))
     finish = fastqueue._finish_rows(dialect, keys, batch)
@@ -242,7 +243,8 @@ def steps_ceiling(url: str, batch: int) -> float:
     lease, models = timedelta(seconds=60), ["silence"]
     done = 0
     started = time.perf_counter()
-    claimed = fastqueue.claim(link, worker_id="steps", models=models, limit=batch, now=utcnow(), lease=lease)
+    # One backend call per claim: the claim marks its jobs started, as the daemon's does.
+    claimed = fastqueue.claim(link, worker_id="steps", models=models, limit=batch, lease=lease, start=True)
     while claimed:
         work, refused = prepare(claimed, generator)
         outcomes = refused + render(generator, work, outputs)
@@ -250,7 +252,7 @@ def steps_ceiling(url: str, batch: int) -> float:
         rows = [(o.job.id, o.job.attempt, repository.completed_values(now, o.generation_seconds, o.file_size,
                                                                       o.metadata)) for o in outcomes]
         written, claimed = fastqueue.finish_and_claim(link, worker_id="steps", outcomes=rows, models=models,
-                                                      limit=batch, now=now, lease=lease)
+                                                      limit=batch, lease=lease, start=True)
         assert len(written) == len(rows), "an outcome was fenced off: the ceiling did not do the work"
         done += len(rows)
     elapsed = time.perf_counter() - started
@@ -397,7 +399,7 @@ def claim_latency(url: str, backlog: int) -> float:
 
             session = Session(bind=conn)
             started = time.perf_counter()
-            jobs = repository.claim(session, worker_id="b", models=["silence"], limit=1, now=utcnow(),
+            jobs = repository.claim(session, worker_id="b", models=["silence"], limit=1,
                                     lease=timedelta(seconds=60))
             times.append((time.perf_counter() - started) * 1000)
             assert len(jobs) == 1

@@ -131,8 +131,7 @@ def bench_hooks(engine: Engine, calls: int) -> None:
     link = Link(engine)  # the daemon's own hot path: claim one, then write its outcome
     started = time.perf_counter()
     for _ in range(n):
-        [claimed] = fastqueue.claim(link, worker_id="w", models=["floor"], limit=1, now=datetime.now(UTC),
-                                    lease=lease)
+        [claimed] = fastqueue.claim(link, worker_id="w", models=["floor"], limit=1, lease=lease)
         fastqueue.finish_many(link, worker_id="w", outcomes=[
             (claimed.id, claimed.attempt, repo.completed_values(datetime.now(UTC), 0.0, 0, None))])
     floor = (time.perf_counter() - started) / n

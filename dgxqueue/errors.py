@@ -94,7 +94,8 @@ class TransientGeneratorError(GeneratorError):
 
 class JobTimeoutError(TransientGeneratorError):
     """The backend call overran ``worker.job_timeout_seconds`` and was abandoned: charged to its
-    jobs as a transient failure (their attempt is spent), while the daemon exits for a fresh process."""
+    jobs as a transient failure (their attempt is spent), while the daemon exits for a fresh process.
+    Its jobs are marked (``lease_losses``) and run alone next time: one may be what stalls it."""
 
 
 class PermanentGeneratorError(GeneratorError):

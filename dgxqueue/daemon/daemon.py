@@ -45,12 +45,13 @@ from dgxqueue.config import Settings
 from dgxqueue.daemon.diskcheck import OutputsCheck, Problem
 from dgxqueue.daemon.executor import Outcome, Work, prepare, render
 from dgxqueue.daemon.hooks import DaemonInfo, Hooks
+from dgxqueue.daemon.isolation import split_isolating, timeout_marks
 from dgxqueue.daemon.retry import MACHINE_FAULT_MARK, decide, describe, machine_fault
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.store import QueueStore
 from dgxqueue.daemon.waker import Waker, make_waker
 from dgxqueue.errors import DgxQueueError, JobTimeoutError, TransientGeneratorError
-from dgxqueue.generators import Generator, split_into_batches
+from dgxqueue.generators import Generator
 from dgxqueue.storage import repository
 from dgxqueue.storage.driver import is_transient_db_error
 from dgxqueue.storage.models import utcnow
@@ -112,6 +113,7 @@ class Daemon:
         self._held: list[ClaimedJob] = []  # claimed, outcome not yet written (includes _next)
         self._next: list[ClaimedJob] = []  # claimed with earlier outcomes; run_once starts them
         self._done: list[Outcome] = []  # outcomes to write while the next batch renders
+        self._premarked: set[str] = set()  # of _next: marked started by their claim (see _claim_starts)
         self._render_seconds = 0.0  # the last backend call's, timed on the runner thread
         # SQLite has one writer lock for every process: a transaction more per round slowed two
         # daemons from 1.36x to 0.98x the bare loop, more than hiding the write gained one.
@@ -197,11 +199,10 @@ class Daemon:
                 try:
                     if self.run_once():
                         continue
-                    now = self.clock()
-                    if burst and not self.store.has_work(now):
+                    if burst and not self.store.has_work():
                         self.log.info("burst: queue drained")
                         break
-                    self.waker.wait(self._idle_timeout(now))
+                    self.waker.wait(self._idle_timeout())
                 except Exception as exc:
                     if not is_transient_db_error(exc):
                         raise
@@ -211,13 +212,13 @@ class Daemon:
             self.shutdown()
         return self.exit_code
 
-    def _idle_timeout(self, now: datetime) -> float:
+    def _idle_timeout(self) -> float:
         # Wake in time for the next watchdog ping, however short systemd's WatchdogSec is.
         until_ping = max(0.0, self._next_watchdog - time.monotonic())
         timeout = min(self.config.poll_interval_seconds, 1.0, until_ping)
-        due = self.store.next_due(now)
+        due = self.store.next_due()  # by the database's clock, as the claim reads it
         if due is not None:
-            timeout = min(timeout, max(0.0, (due - now).total_seconds()))
+            timeout = min(timeout, max(0.0, due.total_seconds()))
         return timeout
 
     def tick(self) -> None:
@@ -245,7 +246,7 @@ class Daemon:
 
     def rescue(self) -> None:
         with self._outage_skips("rescue skipped: database unavailable"):
-            requeued, failed = self.store.rescue(self.clock())
+            requeued, failed = self.store.rescue()
             if requeued or failed:
                 self.hooks.on_rescued(requeued, failed)
 
@@ -266,6 +267,7 @@ class Daemon:
         if not self._next:  # with any outcomes a database outage left unwritten
             self._flush(claim_next=True)
         jobs, self._next = self._next, []
+        premarked, self._premarked = self._premarked, set()
         if not jobs:
             return 0
         self._render_seconds = 0.0  # no backend call this round (all refused): nothing hides a write
@@ -274,13 +276,19 @@ class Daemon:
             work, refused = prepare(jobs, self.generator)
             self._done.extend(self._sort_faults(refused))
             size = min(self.batch_size, self.generator.max_batch_size)
-            batches = split_into_batches(work, lambda w: self.generator.batch_key(w.request), size)
+            batches = split_isolating(work, lambda w: self.generator.batch_key(w.request), size)
+            self._unmark_not_first(jobs, premarked, batches)
             for i, batch in enumerate(batches):
                 if self.stopping or self.runner.busy:
                     # Not started: run next round, or given back below if there is none.
                     self._next = [w.job for later in batches[i:] for w in later]
                     break
                 self._heartbeat_if_due(time.monotonic())
+                if batch[0].job.suspect:  # alone: nothing else in flight if it kills the daemon again
+                    with self._outage_skips("could not write outcomes before a suspect job"):
+                        self._flush(claim_next=False)
+                if i > 0 or not {w.job.id for w in batch} <= premarked:
+                    self._mark_started(batch)
                 running = self._start(batch)
                 # An outage must not abandon the batch now rendering: its outcomes wait in _done.
                 with self._outage_skips("could not write outcomes yet; will try again after this batch"):
@@ -296,7 +304,7 @@ class Daemon:
             kept = self._may_claim()  # what _next holds runs next, and _done is written then
         finally:
             if not kept:  # a stop, a stuck backend or an error: give back what did not run
-                self._next = []
+                self._next, self._premarked = [], set()
                 # Finished jobs whose outcomes an outage left unwritten stay held (see _flush).
                 self._release(keep={o.job.id for o in self._done})
         return len(jobs)
@@ -364,11 +372,30 @@ class Daemon:
             self._claim_ahead()
 
     def _claim_ahead(self) -> None:
-        now = self.clock()
-        self._take(self.store.claim(self.batch_size, now), now)
+        now, start = self.clock(), self._claim_starts()
+        self._take(self.store.claim(self.batch_size, start=start), now, premarked=start)
 
-    def _take(self, jobs: list[ClaimedJob], now: datetime) -> None:
+    def _claim_starts(self) -> bool:
+        """Whether a claim now marks its jobs started: one made while no backend call runs, of
+        no more jobs than a call takes, so the next call usually runs them all (those it does not
+        are cleared first, see :meth:`_unmark_not_first`). It saves :meth:`_mark_started`'s
+        statement, and its row writes, on most calls."""
+        return not self.runner.busy and self.batch_size <= self.generator.max_batch_size
+
+    def _unmark_not_first(self, jobs: Sequence[ClaimedJob], premarked: set[str], batches: list[list[Work]]) -> None:
+        """Clear the claim's start marks of the jobs the first call will not run (refused, of
+        another batch key, suspects), before it starts."""
+        first = {w.job.id for w in batches[0]} if batches else set()
+        stale = [job for job in jobs if job.id in premarked and job.id not in first]
+        if stale:
+            with self._outage_skips("could not clear start marks; if the next call kills the daemon these are "
+                                    "charged too", jobs=[job.id for job in stale]):
+                self.store.mark_started(stale, started=False)
+
+    def _take(self, jobs: list[ClaimedJob], now: datetime, *, premarked: bool = False) -> None:
         """Hold claimed jobs; the next :meth:`run_once` starts them."""
+        if premarked:
+            self._premarked.update(job.id for job in jobs)
         if jobs:
             if not self._held:  # their leases run from now
                 self._next_heartbeat = time.monotonic() + self.config.heartbeat_seconds
@@ -389,6 +416,13 @@ class Daemon:
             if is_transient_db_error(exc):  # nothing was written: keep them for the next round
                 self._done = outcomes + self._done
             raise
+
+    def _mark_started(self, batch: list[Work]) -> None:
+        """Record, before the backend call, which jobs it starts: if it kills the daemon, the
+        lease rescue charges them and gives the jobs that had not started their attempt back."""
+        with self._outage_skips("could not mark jobs started; if this call kills the daemon they are "
+                                "charged nothing", jobs=[w.job.id for w in batch]):
+            self.store.mark_started([w.job for w in batch])
 
     def _start(self, batch: list[Work]) -> tuple[Future[list[Outcome]], float]:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
@@ -437,7 +471,7 @@ class Daemon:
         if not self._held:
             return
         with self._outage_skips("heartbeat failed: database unavailable"):
-            held = self.store.extend(self._held, self.clock())
+            held = self.store.extend(self._held)
             for job in self._held:
                 if job.id not in held:
                     self.log.warning("lease lost: another daemon may run this job; our outcome will be refused",
@@ -470,17 +504,19 @@ class Daemon:
                 values = repository.retry_values(decision.run_after, decision.message)
             else:
                 values = repository.failed_values(now, decision.message, outcome.generation_seconds)
+            values.update(timeout_marks(outcome))
             rows.append((job, values, "retried" if decision.retry else "failed", decision.message))
         pairs = [(job, values) for job, values, _, _ in rows]
         claimed: list[ClaimedJob] = []
+        start = self._claim_starts()
         if claim_next and self._may_claim():
-            written, claimed = self.store.finish_and_claim(pairs, self.batch_size, now)
+            written, claimed = self.store.finish_and_claim(pairs, self.batch_size, start=start)
         else:
             written = self.store.finish(pairs)
         recorded = {o.job.id: o for o in outcomes}
         # Before _take: a retry without backoff can be claimed again by this very transaction.
         self._held = [job for job in self._held if job.id not in recorded]
-        self._take(claimed, now)
+        self._take(claimed, now, premarked=start)
         for (job, _, kind, error), ok in zip(rows, written, strict=True):
             outcome = recorded[job.id]
             self.hooks.on_job_finished(
@@ -523,7 +559,7 @@ class Daemon:
             # Finished jobs whose outcomes could not be written stay held, as in run_once: given
             # back, they would render again with their attempt refunded.
             unwritten = {o.job.id for o in self._done}
-            self._done, self._next = [], []
+            self._done, self._next, self._premarked = [], [], set()
             if self._held:
                 self._release(keep=unwritten)
         finally:

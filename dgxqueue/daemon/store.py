@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -109,17 +109,28 @@ class QueueStore:
     def ping(self) -> None:
         self._run(lambda s: s.execute(sa.select(1)).scalar_one())
 
-    def claim(self, limit: int, now: datetime) -> list[ClaimedJob]:
+    # Every lease and due time is the database's clock (see repository.db_now), never the
+    # daemon's: no call here takes the time.
+
+    def claim(self, limit: int, *, start: bool = False) -> list[ClaimedJob]:
+        """Claim up to ``limit`` jobs; ``start`` marks them started (the next backend call runs them)."""
         return self._retry(lambda: fastqueue.claim(
-            self._link, worker_id=self.worker_id, models=self.models, limit=limit, now=now, lease=self.lease,
+            self._link, worker_id=self.worker_id, models=self.models, limit=limit, lease=self.lease, start=start,
         ))
 
-    def extend(self, jobs: Sequence[ClaimedJob], now: datetime) -> set[str]:
+    def extend(self, jobs: Sequence[ClaimedJob]) -> set[str]:
         """Refresh the leases of ``jobs``; returns the ids this daemon still holds."""
         pairs = [(job.id, job.attempt) for job in jobs]
         return self._run(lambda s: repository.extend_leases(
-            s, worker_id=self.worker_id, jobs=pairs, until=now + self.lease,
+            s, worker_id=self.worker_id, jobs=pairs, lease=self.lease,
         ))
+
+    def mark_started(self, jobs: Sequence[ClaimedJob], *, started: bool = True) -> set[str]:
+        """Record that a backend call starts ``jobs`` (before it does), or with ``started`` False
+        that it does not; returns the ids marked."""
+        ids = [job.id for job in jobs]
+        return self._retry(lambda: fastqueue.mark_started(self._link, worker_id=self.worker_id, ids=ids,
+                                                          started=started))
 
     def finish(self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]]) -> list[bool]:
         """Record several outcomes in one transaction; False where the write was fenced off."""
@@ -130,13 +141,14 @@ class QueueStore:
         return _written(outcomes, written)
 
     def finish_and_claim(
-        self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], limit: int, now: datetime
+        self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], limit: int, *, start: bool = False
     ) -> tuple[list[bool], list[ClaimedJob]]:
-        """:meth:`finish`, then claim up to ``limit`` more jobs, with one commit."""
+        """:meth:`finish`, then claim up to ``limit`` more jobs (``start``: as :meth:`claim`), with
+        one commit."""
         rows = _rows(outcomes)
         written, claimed = self._retry(lambda: fastqueue.finish_and_claim(
-            self._link, worker_id=self.worker_id, outcomes=rows, models=self.models, limit=limit, now=now,
-            lease=self.lease,
+            self._link, worker_id=self.worker_id, outcomes=rows, models=self.models, limit=limit,
+            lease=self.lease, start=start,
         ))
         return _written(outcomes, written), claimed
 
@@ -149,18 +161,18 @@ class QueueStore:
     def error_messages(self, ids: Sequence[str]) -> dict[str, str | None]:
         return self._run(lambda s: repository.error_messages(s, ids))
 
-    def rescue(self, now: datetime) -> tuple[list[str], list[str]]:
+    def rescue(self) -> tuple[list[str], list[str]]:
         def rescue(session: Session) -> tuple[list[str], list[str]]:
-            requeued, failed = repository.rescue_expired(session, now)
+            requeued, failed = repository.rescue_expired(session)
             if requeued:
                 repository.notify_models(session, self.models)
             return requeued, failed
         return self._run(rescue)
 
-    def has_work(self, now: datetime) -> bool:
+    def has_work(self) -> bool:
         """Due jobs, or retries waiting out their backoff, for this daemon's models (burst mode)."""
-        return self._run(lambda s: repository.has_work(s, self.models, now))
+        return self._run(lambda s: repository.has_work(s, self.models))
 
-    def next_due(self, now: datetime) -> datetime | None:
-        """When the earliest not-yet-due pending job of this daemon's models becomes due."""
-        return self._run(lambda s: repository.next_due(s, self.models, now))
+    def next_due(self) -> timedelta | None:
+        """How long until the earliest not-yet-due pending job of this daemon's models is due."""
+        return self._run(lambda s: repository.next_due(s, self.models))

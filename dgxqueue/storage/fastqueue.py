@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,8 +28,8 @@ log = structlog.get_logger("dgxqueue.store")
 
 
 @functools.lru_cache(maxsize=64)
-def _claim(dialect: Dialect, n_models: int) -> Compiled:
-    return Compiled.of(repository.claim_statement(dialect.name, n_models), dialect)
+def _claim(dialect: Dialect, n_models: int, start: bool = False) -> Compiled:
+    return Compiled.of(repository.claim_statement(dialect.name, n_models, start), dialect)
 
 
 @functools.lru_cache(maxsize=512)
@@ -39,16 +39,37 @@ def _finish_rows(dialect: Dialect, keys: tuple[str, ...], n: int) -> Compiled:
                        dialect)
 
 
+@functools.lru_cache(maxsize=128)
+def _started(dialect: Dialect, n: int, started: bool = True) -> Compiled:
+    # One shape per number of jobs on SQLite; on PostgreSQL ``n`` does not change the statement.
+    return Compiled.of(
+        repository.started_statement(dialect.name, n if dialect.name == "sqlite" else 0, started), dialect)
+
+
 def claim(
-    link: Link, *, worker_id: str, models: Sequence[str], limit: int, now: datetime, lease: timedelta
+    link: Link, *, worker_id: str, models: Sequence[str], limit: int, lease: timedelta, start: bool = False,
 ) -> list[ClaimedJob]:
     """Claim up to ``limit`` due pending jobs of ``models``, as :func:`repository.claim` does."""
     served = sorted(models)
-    statement = _claim(link.dialect, len(served))
-    params = repository.claim_parameters(worker_id=worker_id, models=served, limit=limit, now=now, lease=lease)
+    statement = _claim(link.dialect, len(served), start)
+    params = repository.claim_parameters(worker_id=worker_id, models=served, limit=limit, lease=lease)
     with link.transaction(autocommit=True) as cursor:
         claimed = cursor.submit(statement, params)
     return repository.claimed_jobs(claimed.rows)
+
+
+def mark_started(link: Link, *, worker_id: str, ids: Sequence[str], started: bool = True) -> set[str]:
+    """Record that a backend call starts the held jobs ``ids``, before it does; returns the ids
+    marked. One statement a call (:func:`repository.started_statement`), in autocommit on
+    PostgreSQL: one round trip, and its commit does not wait for the WAL flush. ``started``
+    False clears the marks."""
+    if not ids:
+        return set()
+    statement = _started(link.dialect, len(ids), started)
+    params = repository.started_parameters(link.dialect.name, worker_id, ids)
+    with link.transaction(autocommit=True) as cursor:
+        marked = cursor.submit(statement, params)
+    return {row[0] for row in marked.rows}
 
 
 def finish_many(link: Link, *, worker_id: str, outcomes: Sequence[Outcome]) -> set[str]:
@@ -123,16 +144,16 @@ def _submit_outcomes(
 
 def finish_and_claim(
     link: Link, *, worker_id: str, outcomes: Sequence[Outcome], models: Sequence[str], limit: int,
-    now: datetime, lease: timedelta,
+    lease: timedelta, start: bool = False,
 ) -> tuple[set[str], list[ClaimedJob]]:
     """:func:`finish_many` then :func:`claim`, in one transaction: a daemon that has just finished
     its jobs asks for the next ones with the same commit (on PostgreSQL, the same round trip)."""
     served = sorted(models)
-    claim_params = repository.claim_parameters(worker_id=worker_id, models=served, limit=limit, now=now, lease=lease)
+    claim_params = repository.claim_parameters(worker_id=worker_id, models=served, limit=limit, lease=lease)
     try:
         with link.transaction(pipeline=True) as cursor:
             done = _submit_outcomes(cursor, link.dialect, worker_id, repository.group_by_keys(outcomes))
-            claimed = cursor.submit(_claim(link.dialect, len(served)), claim_params)
+            claimed = cursor.submit(_claim(link.dialect, len(served), start), claim_params)
     except Exception as exc:
         if not is_data_error(exc):
             raise

@@ -130,6 +130,10 @@ class Generation(Base):
     worker_id: Mapped[str | None] = mapped_column(sa.Text)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # --- isolation columns (migration 004): set when a backend call starts the attempt, and how
+    # many attempts ended with the daemon dead (or the time limit) while the job ran.
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_losses: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0")
 
     __table_args__ = (
         sa.Index("idx_generations_status", "status"),

@@ -224,12 +224,20 @@ class ClaimedJob:
     claimed_at: datetime
     #: Why the row cannot run (each bad column named with its value); the daemon fails the job.
     defect: str | None = None
+    #: Attempts of this job that ended with its daemon dead or stalled (or the time limit) while
+    #: it ran: above 0, the job runs alone.
+    lease_losses: int = 0
+
+    @property
+    def suspect(self) -> bool:
+        """It may be what killed or stalled a daemon: it runs in a backend call of its own."""
+        return self.lease_losses > 0
 
 
 _CLAIM_COLUMNS = (
     G.c.id, G.c.prompt, G.c.model_name, G.c.duration_seconds, G.c.sample_rate, G.c.channels,
     G.c.file_path, G.c.metadata, G.c.attempts, G.c.max_attempts, G.c.created_at, G.c.claimed_at,
-    G.c.run_after,
+    G.c.run_after, G.c.lease_losses,
 )
 
 # The start of a time as SQLite stores it ('2025-11-07 10:00:00'): text that sorts as a time.
@@ -254,13 +262,45 @@ def due_condition(dialect: str, now: sa.ColumnElement[Any] | datetime) -> sa.Col
     return sa.or_(run_after.is_(None), run_after <= now, not_a_time(dialect, run_after))
 
 
+# --- the database's clock -------------------------------------------------------------------
+# Leases and due-ness are read from one clock, the database's, never a daemon host's: a lease
+# written on one host is judged by another host's rescuer, and a host's clock may be stepped.
+# SQLite (one host) reads the same clock as Python, in the text form UTCDateTime stores there
+# ('YYYY-MM-DD HH:MM:SS.ffffff', which sorts as text), so stored and computed times compare.
+
+_SQLITE_TIME = "%Y-%m-%d %H:%M:%f"  # %f: seconds with milliseconds; "000" makes microseconds
+
+
+def db_now(dialect: str) -> sa.ColumnElement[datetime]:
+    """The database's current time, as an SQL expression comparable with stored times."""
+    if dialect == "postgresql":
+        return sa.func.statement_timestamp(type_=UTCDateTime())
+    return sa.type_coerce(sa.func.strftime(_SQLITE_TIME, "now", type_=sa.Text).concat("000"), UTCDateTime())
+
+
+def db_later(dialect: str, seconds: sa.ColumnElement[float]) -> sa.ColumnElement[datetime]:
+    """The database's current time plus ``seconds`` (an SQL number)."""
+    if dialect == "postgresql":
+        return sa.func.statement_timestamp(type_=UTCDateTime()) + sa.func.make_interval(
+            0, 0, 0, 0, 0, 0, seconds, type_=sa.Interval())
+    shift = sa.func.printf("%+.3f seconds", seconds, type_=sa.Text)
+    return sa.type_coerce(sa.func.strftime(_SQLITE_TIME, "now", shift, type_=sa.Text).concat("000"), UTCDateTime())
+
+
+def lease_seconds(lease: timedelta) -> sa.BindParameter[float]:
+    return sa.bindparam("lease_seconds", lease.total_seconds(), type_=sa.Float)
+
+
 @functools.cache
-def claim_statement(dialect: str, n_models: int) -> sa.Update:
+def claim_statement(dialect: str, n_models: int, start: bool = False) -> sa.Update:
     """The claim, built once per dialect and number of models: constructing it cost more than
     running it on SQLite. One bind parameter per model, not an expanding IN, so the SQL text
-    is compiled once instead of re-rendered on every claim."""
+    is compiled once instead of re-rendered on every claim.
+
+    ``start``: the claimed jobs are marked started (:func:`started_statement`), for a daemon
+    whose next backend call runs them all, so that it needs no statement of its own."""
     served = [sa.bindparam(f"model_{i}", type_=sa.Text) for i in range(n_models)]
-    now = sa.bindparam("now", type_=UTCDateTime())
+    now = db_now(dialect)
     due = due_condition(dialect, now)
     candidates = (
         sa.select(G.c.id)
@@ -277,27 +317,27 @@ def claim_statement(dialect: str, n_models: int) -> sa.Update:
         sa.update(G)  # UPDATE ... FROM: with "id IN (SELECT ...)" SQLite scanned every pending row
         .where(G.c.id == chosen.c.id, IS_PENDING)
         .values(status=PROCESSING, worker_id=sa.bindparam("worker_id", type_=sa.Text),
-                attempts=G.c.attempts + 1, claimed_at=now,
-                lease_expires_at=sa.bindparam("lease_until", type_=UTCDateTime()))
+                attempts=G.c.attempts + 1, claimed_at=now, started_at=now if start else None,
+                lease_expires_at=db_later(dialect, sa.bindparam("lease_seconds", type_=sa.Float)))
         .returning(*_CLAIM_COLUMNS)
     )
 
 
 def claim(
-    session: Session, *, worker_id: str, models: Iterable[str], limit: int, now: datetime,
-    lease: timedelta,
+    session: Session, *, worker_id: str, models: Iterable[str], limit: int, lease: timedelta,
+    start: bool = False,
 ) -> list[ClaimedJob]:
-    """Claim up to ``limit`` due pending jobs of ``models`` in one UPDATE ... RETURNING."""
+    """Claim up to ``limit`` due pending jobs of ``models`` in one UPDATE ... RETURNING; due
+    and the lease by the database's clock."""
     served = sorted(models)
-    stmt = claim_statement(session.get_bind().dialect.name, len(served))
-    params = claim_parameters(worker_id=worker_id, models=served, limit=limit, now=now, lease=lease)
+    stmt = claim_statement(session.get_bind().dialect.name, len(served), start)
+    params = claim_parameters(worker_id=worker_id, models=served, limit=limit, lease=lease)
     return claimed_jobs(session.execute(stmt, params).all())
 
 
-def claim_parameters(*, worker_id: str, models: Sequence[str], limit: int, now: datetime,
-                     lease: timedelta) -> dict[str, Any]:
+def claim_parameters(*, worker_id: str, models: Sequence[str], limit: int, lease: timedelta) -> dict[str, Any]:
     """The bind values of :func:`claim_statement` (``models`` sorted)."""
-    return {"limit": limit, "now": now, "lease_until": now + lease, "worker_id": worker_id,
+    return {"limit": limit, "lease_seconds": lease.total_seconds(), "worker_id": worker_id,
             **{f"model_{i}": model for i, model in enumerate(models)}}
 
 
@@ -319,8 +359,14 @@ def claimed_job(row: Sequence[Any]) -> ClaimedJob:
     return ClaimedJob(
         id=row[0], prompt=row[1], model_name=row[2], duration_seconds=row[3], sample_rate=row[4],
         channels=row[5], file_path=row[6], metadata=row[7], attempt=row[8], max_attempts=row[9],
-        created_at=row[10], claimed_at=row[11],
+        created_at=row[10], claimed_at=row[11], lease_losses=_counter(row[13]),
     )
+
+
+def _counter(value: Any) -> int:
+    """A counter column as written: on SQLite plain SQL can store text there, which counts as 0
+    rather than stopping the daemon on a comparison."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _defects(row: Sequence[Any]) -> list[str]:
@@ -344,14 +390,16 @@ def _defective_job(row: Sequence[Any], defect: str) -> ClaimedJob:
 
 
 def extend_leases(
-    session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]], until: datetime
+    session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]], lease: timedelta
 ) -> set[str]:
-    """Push the lease of each (id, attempt) still held; returns the ids still held.
+    """Push the lease of each (id, attempt) still held to ``lease`` from now (the database's
+    clock); returns the ids still held.
 
     One statement per 500 jobs, not one per job: a daemon holding 128 jobs spent about 40 ms a
     heartbeat on PostgreSQL in round trips."""
     pairs = list(jobs)
     held: set[str] = set()
+    until = db_later(session.get_bind().dialect.name, lease_seconds(lease))
     for start in range(0, len(pairs), 500):  # two binds a job: well under SQLite's limit
         chunk = pairs[start:start + 500]
         held.update(session.execute(
@@ -470,48 +518,114 @@ def error_messages(session: Session, ids: Sequence[str]) -> dict[str, str | None
     return {job_id: message for job_id, message in rows}
 
 
-def rescue_expired(session: Session, now: datetime) -> tuple[list[str], list[str]]:
-    """Requeue jobs whose lease expired, or fail them once their attempts are spent.
+@functools.lru_cache(maxsize=128)
+def started_statement(dialect: str, n: int, started: bool = True) -> sa.Update:
+    """Mark the attempts of ``n`` jobs this daemon holds as started by a backend call (binds
+    ``h_worker`` and ``ids``, or ``id_0``... on SQLite): the lease rescue refunds the attempt of
+    a job that never started, and counts a lost lease against one that did. ``started`` False
+    clears the mark (of jobs a claim marked that the next call does not run)."""
+    if dialect == "postgresql":  # one statement for any n
+        chosen = sa.and_(
+            G.c.id == sa.func.any(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text))),
+            # Its commit does not wait for the WAL flush (no fsync per backend call): a mark lost
+            # to a server crash only makes the rescue refund the attempt, as if it never started.
+            sa.func.set_config("synchronous_commit", "off", True).is_not(None),
+        )
+    else:
+        chosen = G.c.id.in_([sa.bindparam(f"id_{i}", type_=sa.Text) for i in range(n)])
+    return (
+        sa.update(G)
+        .where(chosen, IS_PROCESSING, G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text))
+        .values(started_at=db_now(dialect) if started else None)
+        .returning(G.c.id)
+    )
+
+
+def started_parameters(dialect: str, worker_id: str, ids: Sequence[str]) -> dict[str, Any]:
+    """The bind values of :func:`started_statement` for ``ids``."""
+    if dialect == "postgresql":
+        return {"h_worker": worker_id, "ids": list(ids)}
+    return {"h_worker": worker_id, **{f"id_{i}": job_id for i, job_id in enumerate(ids)}}
+
+
+def mark_started(session: Session, *, worker_id: str, ids: Sequence[str], started: bool = True) -> set[str]:
+    """:func:`started_statement` through a Session; returns the ids marked (still held)."""
+    dialect = session.get_bind().dialect.name
+    statement = started_statement(dialect, len(ids), started)
+    return set(session.execute(statement, started_parameters(dialect, worker_id, ids)).scalars())
+
+
+def _losses_text(prefix: str, suffix: str) -> sa.ColumnElement[str]:
+    """``prefix || (lease_losses + 1) || suffix``: a message naming the count this update sets."""
+    count = sa.cast(G.c.lease_losses + 1, sa.Text)
+    return sa.literal(prefix, sa.Text) + count + sa.literal(suffix, sa.Text)
+
+
+def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
+    """Requeue jobs whose lease expired (by the database's clock), or fail them; returns the ids
+    (requeued, failed).
+
+    A job no backend call started gets its attempt back: its daemon died running another job.
+    A job that was running is marked (``lease_losses``), so that it runs alone next, and its
+    attempt is spent; it is failed only when its attempts are spent and it had already lost a
+    lease, so ran alone: a job that shared its last attempt with the job that killed the daemon
+    gets that attempt back.
 
     A processing row without a lease is held by no daemon: written by plain SQL, or left by a
     downgrade to 001 and back, which drops the lease column. It counts as expired."""
-    lease = G.c.lease_expires_at  # one that is not a time (plain SQL) holds nothing either
     dialect = session.get_bind().dialect.name
+    now = db_now(dialect)
+    lease = G.c.lease_expires_at  # one that is not a time (plain SQL) holds nothing either
     expired = sa.and_(IS_PROCESSING, sa.or_(lease < now, lease.is_(None), not_a_time(dialect, lease)))
+    released = {"status": PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
+                "claimed_at": None}
+    refunded = session.execute(
+        sa.update(G).where(expired, G.c.started_at.is_(None))
+        .values(attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
+                error_message="lease expired before it started: its daemon died or stalled running "
+                              "other jobs; requeued without spending an attempt", **released)
+        .returning(G.c.id)
+    ).scalars().all()
+    spent = G.c.attempts >= G.c.max_attempts
     requeued = session.execute(
-        sa.update(G).where(expired, G.c.attempts < G.c.max_attempts)
-        .values(status=PENDING, worker_id=None, lease_expires_at=None, run_after=None,
-                error_message="lease expired: the daemon running it died or stalled; requeued")
+        sa.update(G).where(expired, G.c.started_at.is_not(None), sa.or_(~spent, G.c.lease_losses == 0))
+        .values(attempts=sa.case((spent, G.c.attempts - 1), else_=G.c.attempts),
+                lease_losses=G.c.lease_losses + 1, started_at=None,
+                error_message=_losses_text("lease lost while it ran: its daemon died or stalled (",
+                                           " time(s)); requeued to run alone"), **released)
         .returning(G.c.id)
     ).scalars().all()
     failed = session.execute(
-        sa.update(G).where(expired, G.c.attempts >= G.c.max_attempts)
+        sa.update(G).where(expired, G.c.started_at.is_not(None))
         .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
-                error_message="lease expired on the last attempt: the daemon running it died "
-                              "or stalled every time")
+                lease_losses=G.c.lease_losses + 1,
+                error_message=_losses_text("killed its daemon ", " times: its lease expired while it ran "
+                                           "alone, on its last attempt"))
         .returning(G.c.id)
     ).scalars().all()
-    return list(requeued), list(failed)
+    return [*refunded, *requeued], list(failed)
 
 
-def has_work(session: Session, models: Iterable[str], now: datetime) -> bool:
+def has_work(session: Session, models: Iterable[str]) -> bool:
     """Pending jobs of ``models`` that are due, or retries waiting on their backoff."""
-    waiting = sa.or_(due_condition(session.get_bind().dialect.name, now), G.c.attempts > 0)
+    dialect = session.get_bind().dialect.name
+    waiting = sa.or_(due_condition(dialect, db_now(dialect)), G.c.attempts > 0)
     query = sa.select(G.c.id).where(
         G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting
     ).limit(1)
     return session.execute(query).first() is not None
 
 
-def next_due(session: Session, models: Iterable[str], now: datetime) -> datetime | None:
-    """The earliest future ``run_after`` among pending jobs of ``models``."""
-    query = sa.select(sa.func.min(Generation.run_after)).where(
-        Generation.status == PENDING, Generation.model_name.in_(sorted(models)),
-        Generation.run_after > now,
+def next_due(session: Session, models: Iterable[str]) -> timedelta | None:
+    """How long until the earliest not-yet-due pending job of ``models`` is due, by the
+    database's clock."""
+    now = db_now(session.get_bind().dialect.name)
+    query = sa.select(sa.func.min(G.c.run_after), now).where(
+        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), G.c.run_after > now,
     )
-    value = session.execute(query).scalar_one_or_none()
+    due, at = session.execute(query).one()
     # Not a time (PostgreSQL's 'infinity', text SQLite sorts after now): nothing to wake up for.
-    return value if isinstance(value, datetime) else None
+    return as_utc(due) - as_utc(at) if isinstance(due, datetime) and isinstance(at, datetime) else None
 
 
 # --- reads for stats and metrics ------------------------------------------------------------

@@ -7,7 +7,6 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from dgxqueue.storage import create_generations, repository, session_scope
-from dgxqueue.storage.models import utcnow
 
 
 def test_claim_plan__uses_claim_index_without_statistics(engine: sa.Engine) -> None:
@@ -16,9 +15,8 @@ def test_claim_plan__uses_claim_index_without_statistics(engine: sa.Engine) -> N
         create_generations(s, [{"prompt": f"p{i}", "model_name": "m"} for i in range(2000)])
     statement = repository.claim_statement(engine.dialect.name, 1)
     compiled = statement.compile(dialect=engine.dialect)
-    now = utcnow()
-    params = compiled.construct_params({"model_0": "m", "limit": 1, "now": now,
-                                        "lease_until": now + timedelta(seconds=60), "worker_id": "w"})
+    params = compiled.construct_params(repository.claim_parameters(
+        worker_id="w", models=["m"], limit=1, lease=timedelta(seconds=60)))
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
             plan_rows = conn.exec_driver_sql(

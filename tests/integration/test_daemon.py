@@ -43,6 +43,13 @@ def enqueue(url: str, prompt: str, model: str = "scripted", **kw: Any) -> str:
                                  sample_rate=8000, channels=1, **kw).id
 
 
+def expire_leases(url: str) -> None:
+    """Every lease runs out: as when the daemons holding them died long ago."""
+    with get_engine(url).begin() as conn:
+        conn.execute(sa.update(Generation).where(Generation.status == "processing")
+                     .values(lease_expires_at=utcnow() - timedelta(hours=1)))
+
+
 def row(url: str, job_id: str) -> Generation:
     with session_scope(get_engine(url)) as s:
         job = get_generation(s, job_id)
@@ -293,8 +300,9 @@ def test_daemon__fenced_write_is_refused(engine: sa.Engine, db_url: str, outputs
     thread.start()
     assert slow.entered.wait(10)
     # A is presumed dead: its lease is expired from the rescuer's point of view.
+    expire_leases(db_url)
     with session_scope(get_engine(db_url)) as s:
-        requeued, failed = repository.rescue_expired(s, utcnow() + timedelta(hours=1))
+        requeued, failed = repository.rescue_expired(s)
     assert requeued == [job_id] and failed == []
     hooks_b = RecordingHooks()
     daemon_b = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks_b, worker_id="B")
@@ -311,21 +319,21 @@ def test_daemon__fenced_write_is_refused(engine: sa.Engine, db_url: str, outputs
 
 
 def test_daemon__rescue_requeues_then_fails_expired_leases(engine: sa.Engine, db_url: str, outputs: Path) -> None:
-    """Expired leases go back to pending while attempts remain, then fail with a clear message."""
+    """Expired leases of a running job go back to pending while attempts remain, then fail with
+    a message that counts the daemons it took down."""
     hooks = RecordingHooks()
     daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks)
     job_id = enqueue(db_url, "fine", max_attempts=2)
-    later = utcnow() + timedelta(hours=1)
     for attempt in (1, 2):
         with session_scope(get_engine(db_url)) as s:
-            jobs = repository.claim(s, worker_id="dead", models=["scripted"], limit=1, now=utcnow(),
-                                    lease=timedelta(seconds=1))
-        assert [j.attempt for j in jobs] == [attempt]
-        daemon.clock = lambda: later
+            jobs = repository.claim(s, worker_id="dead", models=["scripted"], limit=1, lease=timedelta(seconds=1))
+            assert repository.mark_started(s, worker_id="dead", ids=[job_id]) == {job_id}
+        assert [(j.attempt, j.lease_losses) for j in jobs] == [(attempt, attempt - 1)]
+        expire_leases(db_url)
         daemon.rescue()
-        daemon.clock = utcnow
     job = row(db_url, job_id)
-    assert job.status == "failed" and "lease expired" in (job.error_message or "")
+    assert (job.status, job.attempts, job.lease_losses) == ("failed", 2, 2)
+    assert "killed its daemon 2 times" in (job.error_message or "")
     assert hooks.rescued == [([job_id], []), ([], [job_id])]
 
 
@@ -339,7 +347,7 @@ def test_daemon__rescue_requeues_processing_rows_without_a_lease(engine: sa.Engi
     with get_engine(db_url).begin() as conn:
         conn.execute(sa.update(Generation).where(Generation.id == orphan).values(status="processing"))
     with session_scope(get_engine(db_url)) as s:
-        [claimed] = repository.claim(s, worker_id="alive", models=["scripted"], limit=1, now=utcnow(),
+        [claimed] = repository.claim(s, worker_id="alive", models=["scripted"], limit=1,
                                      lease=timedelta(hours=1))
     assert claimed.id == held
     daemon.rescue()
@@ -705,7 +713,7 @@ def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, out
     daemon.store = QueueStore(engine, worker_id=daemon.worker_id, models=daemon.models,
                               lease=timedelta(seconds=30), retry_for_seconds=0.2)
     job_id = enqueue(url, "x")
-    daemon._held.extend(daemon.store.claim(1, utcnow()))
+    daemon._held.extend(daemon.store.claim(1))
     locker = sqlite3.connect(str(sqlite_path(url)), isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # holds the write lock: every write of the daemon is busy
     try:

@@ -4,7 +4,7 @@ the same rows and the same fencing as the repository's Session path, in fewer ro
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ def fill(engine: sa.Engine, n: int, **kw: Any) -> list[str]:
 
 
 def claim(link: Link, limit: int, worker: str = "w") -> list[repository.ClaimedJob]:
-    return fastqueue.claim(link, worker_id=worker, models=["m"], limit=limit, now=utcnow(), lease=LEASE)
+    return fastqueue.claim(link, worker_id=worker, models=["m"], limit=limit, lease=LEASE)
 
 
 def test_claim__returns_the_rows_as_the_session_path_reads_them(engine: sa.Engine) -> None:
@@ -94,17 +94,17 @@ def test_finish_and_claim__records_and_claims_in_one_transaction(engine: sa.Engi
         link, worker_id="w", outcomes=[
             (first[0].id, first[0].attempt, repository.completed_values(now, 1.0, 10, {})),
             (first[1].id, first[1].attempt + 5, repository.completed_values(now, 1.0, 10, {})),  # fenced
-        ], models=["m"], limit=2, now=now, lease=LEASE,
+        ], models=["m"], limit=2, lease=LEASE,
     )
     assert written == {first[0].id}
     assert [job.id for job in following] == ids[2:4]
     _, last = fastqueue.finish_and_claim(link, worker_id="w", outcomes=[
         (job.id, job.attempt, repository.completed_values(now, 1.0, 10, {})) for job in following
-    ], models=["m"], limit=10, now=now, lease=LEASE)
+    ], models=["m"], limit=10, lease=LEASE)
     assert [job.id for job in last] == ids[4:]
     _, none = fastqueue.finish_and_claim(link, worker_id="w", outcomes=[
         (job.id, job.attempt, repository.completed_values(now, 1.0, 10, {})) for job in last
-    ], models=["m"], limit=10, now=now, lease=LEASE)
+    ], models=["m"], limit=10, lease=LEASE)
     link.close()
     assert none == []
     with session_scope(engine) as s:
@@ -124,7 +124,7 @@ def test_finish_and_claim__two_links_never_share_a_job(engine: sa.Engine) -> Non
             _, held[name] = fastqueue.finish_and_claim(
                 link, worker_id=name, outcomes=[
                     (job.id, job.attempt, repository.completed_values(now, 0.1, 1, {})) for job in held[name]
-                ], models=["m"], limit=3, now=now, lease=LEASE,
+                ], models=["m"], limit=3, lease=LEASE,
             )
             seen += [job.id for job in held[name]]
     for link in links.values():
@@ -190,16 +190,18 @@ def test_is_transient__postgres_by_its_sqlstate(pg_db_url: str, errcode: str, tr
 
 
 def test_claim__aware_times_round_trip(engine: sa.Engine) -> None:
-    """``now`` and the lease are bound through the column type: stored as UTC on both engines."""
+    """The claim time and the lease, computed by the database, read back as aware UTC times on
+    both engines, the lease exactly its length after the claim."""
     fill(engine, 1)
     link = Link(engine)
-    now = datetime(2030, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
-    (job,) = fastqueue.claim(link, worker_id="w", models=["m"], limit=1, now=now, lease=LEASE)
+    before = utcnow()
+    (job,) = fastqueue.claim(link, worker_id="w", models=["m"], limit=1, lease=LEASE)
     link.close()
-    assert job.claimed_at == now
+    assert job.claimed_at.tzinfo is not None and abs(job.claimed_at - before) < timedelta(seconds=30)
     with session_scope(engine) as s:
         stored = get_generation(s, job.id)
-        assert stored is not None and stored.lease_expires_at == now + LEASE
+        assert stored is not None and stored.claimed_at == job.claimed_at
+        assert stored.lease_expires_at == job.claimed_at + LEASE
 
 
 def test_finish_many__a_large_batch_is_written_whole(engine: sa.Engine) -> None:
@@ -237,21 +239,22 @@ def test_extend_leases__one_statement_for_every_job_still_held(engine: sa.Engine
     link = Link(engine)
     held, stolen, retried = claim(link, 3)
     link.close()
-    until = datetime(2040, 1, 1, tzinfo=UTC)
+    far = timedelta(days=365)
     with session_scope(engine) as s:
         s.execute(sa.update(Generation).where(Generation.id == stolen.id).values(worker_id="other"))
         s.execute(sa.update(Generation).where(Generation.id == retried.id).values(attempts=2))
     with session_scope(engine) as s:
         kept = repository.extend_leases(s, worker_id="w", jobs=[(j.id, j.attempt) for j in (held, stolen, retried)],
-                                        until=until)
+                                        lease=far)
     assert kept == {held.id}
     with session_scope(engine) as s:
         leases = {j.id: getattr(get_generation(s, j.id), "lease_expires_at", None) for j in (held, stolen, retried)}
-    assert leases[held.id] == until and leases[stolen.id] != until and leases[retried.id] != until
+    extended = {job_id for job_id, until in leases.items() if until and until > utcnow() + far / 2}
+    assert extended == {held.id}
     many = fill(engine, 600)
     link = Link(engine)
     claimed = claim(link, 600)
     link.close()
     with session_scope(engine) as s:
         assert repository.extend_leases(s, worker_id="w", jobs=[(j.id, j.attempt) for j in claimed],
-                                        until=until) == set(many)
+                                        lease=far) == set(many)

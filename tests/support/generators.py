@@ -15,6 +15,7 @@ Prompt directives (anything else renders silence):
 - ``short``        audio one frame shorter than asked for
 - ``oom``          raise MemoryError (a backend out of memory), every time
 - ``alloc:M``      reserve M MiB (not touched, so it costs no RAM): MemoryError under an RLIMIT_AS
+- ``kill``         (:class:`KillingGenerator` only) SIGKILL the daemon's own process
 
 Every execution is appended to ``log_path`` as one line ``<job_id> <pid>`` (O_APPEND writes of
 one short line are atomic), so a test can count how often each job really ran, across processes.
@@ -23,6 +24,7 @@ one short line are atomic), so a test can count how often each job really ran, a
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections import Counter
 from collections.abc import Hashable, Sequence
@@ -57,6 +59,7 @@ class ScriptedGenerator:
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.executions: Counter[str] = Counter()
+        self.batches: list[list[str]] = []  # the job ids of each generate() call, in order
         self.loaded = False
         self.threads: dict[str, set[int]] = {"load": set(), "generate": set()}  # thread idents per call
 
@@ -92,6 +95,7 @@ class ScriptedGenerator:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
         self.threads["generate"].add(threading.get_ident())
+        self.batches.append([request.job_id for request in requests])
         results: list[GenerationOutcome] = []
         for request in requests:
             ran_before = self._record(request)
@@ -128,4 +132,21 @@ class ScriptedGenerator:
             frames = round(request.duration_seconds * request.sample_rate) - (prompt == "short")
             samples = np.full((request.channels, frames), 0.25, dtype=np.float32)
             results.append(GeneratedAudio(samples=samples, sample_rate=request.sample_rate, metadata=metadata))
+        return results
+
+
+class KillingGenerator(ScriptedGenerator):
+    """:class:`ScriptedGenerator` whose ``kill`` prompt SIGKILLs its own process when the batch
+    reaches it (the jobs before it render), as a crashing native library or the OOM killer
+    would: for daemon processes only. The job's execution is logged before the kill."""
+
+    name = "killing"
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
+        results: list[GenerationOutcome] = []
+        for request in requests:
+            if request.prompt == "kill":
+                self._record(request)
+                os.kill(os.getpid(), signal.SIGKILL)
+            results.extend(super().generate([request]))
         return results

@@ -152,10 +152,8 @@ def _fill(engine: Engine) -> None:
         for model, priority in [("a", 0), ("a", 5), ("a", 5), ("b", 1), ("b", 1), ("c", 0), ("c", 0)]:
             create_generation(session, "p", model_name=model, priority=priority)
     with session_scope(engine) as session:
-        repo.claim(session, worker_id="w", models=["c"], limit=1, now=datetime.now(UTC),
-                               lease=timedelta(minutes=5))
-        [done] = repo.claim(session, worker_id="w", models=["c"], limit=1, now=datetime.now(UTC),
-                            lease=timedelta(minutes=5))
+        repo.claim(session, worker_id="w", models=["c"], limit=1, lease=timedelta(minutes=5))
+        [done] = repo.claim(session, worker_id="w", models=["c"], limit=1, lease=timedelta(minutes=5))
         complete_generation(session, done.id, 1.0, 100)
         failed = create_generation(session, "p", model_name="b")
         repo.set_outcome(session, failed.id, GenerationStatus.FAILED, {"error_message": "x"})

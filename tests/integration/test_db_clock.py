@@ -1,0 +1,94 @@
+"""Leases and due times read the database's clock: a daemon whose own clock is off changes nothing."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from dgxqueue.storage import Generation, create_generation, get_engine, get_generation, repository, session_scope
+from dgxqueue.storage.models import utcnow
+from tests.support.daemons import RecordingHooks, make_daemon
+from tests.support.generators import ScriptedGenerator
+from tests.support.processes import wait_until
+
+SKEWS = pytest.mark.parametrize("skew", [-300.0, 120.0], ids=["5-minutes-slow", "120-s-fast"])
+
+
+def enqueue(url: str, prompt: str, **kw: object) -> str:
+    with session_scope(get_engine(url)) as s:
+        return create_generation(s, prompt=prompt, model_name="scripted", duration_seconds=0.05,
+                                 sample_rate=8000, channels=1, **kw).id  # type: ignore[arg-type]
+
+
+def row(url: str, job_id: str) -> Generation:
+    with session_scope(get_engine(url)) as s:
+        job = get_generation(s, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+@SKEWS
+def test_daemon_clock__a_skewed_daemon_keeps_its_leases(engine: sa.Engine, db_url: str, tmp_path: Path,
+                                                         skew: float) -> None:
+    """A daemon whose clock is off claims a job with a lease that is not born expired and its
+    heartbeat keeps it: another daemon's rescuer leaves the running job alone, and the skewed
+    daemon's rescuer leaves the other daemon's running job alone."""
+    outputs = tmp_path / "outputs"
+    gen = ScriptedGenerator()
+    skewed = make_daemon(db_url, outputs, gen, worker_id="skewed")
+    skewed.clock = lambda: utcnow() + timedelta(seconds=skew)
+    honest_hooks, skewed_hooks = RecordingHooks(), RecordingHooks()
+    honest = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=honest_hooks, worker_id="honest")
+    skewed_rescuer = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=skewed_hooks, worker_id="rescuer")
+    skewed_rescuer.clock = skewed.clock
+    job_id = enqueue(db_url, "block")
+    thread = threading.Thread(target=skewed.run_once)
+    thread.start()
+    try:
+        assert gen.entered.wait(10)
+        claimed = row(db_url, job_id)
+        first_lease = claimed.lease_expires_at
+        assert claimed.claimed_at is not None and first_lease is not None
+        assert abs(claimed.claimed_at - utcnow()) < timedelta(seconds=30)
+        wait_until(lambda: (lease := row(db_url, job_id).lease_expires_at) and lease > first_lease, 10, "a heartbeat")
+        honest.rescue()
+        enqueue(db_url, "fine")
+        with session_scope(get_engine(db_url)) as s:  # the other daemon's running job
+            [other] = repository.claim(s, worker_id="honest", models=["scripted"], limit=1,
+                                       lease=timedelta(seconds=30))
+        skewed_rescuer.rescue()
+        assert honest_hooks.rescued == [] and skewed_hooks.rescued == []
+        assert (row(db_url, job_id).status, row(db_url, job_id).worker_id) == ("processing", "skewed")
+        assert (row(db_url, other.id).status, row(db_url, other.id).worker_id) == ("processing", "honest")
+    finally:
+        gen.gate.set()
+        thread.join(10)
+        for daemon in (skewed, honest, skewed_rescuer):
+            daemon.shutdown()
+    assert (row(db_url, job_id).status, row(db_url, job_id).attempts) == ("completed", 1)
+
+
+@SKEWS
+def test_daemon_clock__a_skewed_daemon_claims_what_is_due(engine: sa.Engine, db_url: str, tmp_path: Path,
+                                                          skew: float) -> None:
+    """A daemon whose clock is off claims the job due a second ago, not the one due in a minute,
+    and waits a normal poll for it rather than spinning."""
+    daemon = make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator(), worker_id="skewed")
+    daemon.clock = lambda: utcnow() + timedelta(seconds=skew)
+    due = enqueue(db_url, "fine", run_after=utcnow() - timedelta(seconds=1))
+    enqueue(db_url, "fine", run_after=utcnow() + timedelta(seconds=60))
+    try:
+        daemon._claim_ahead()
+        assert [job.id for job in daemon._next] == [due]
+        daemon.tick()  # schedules the next watchdog ping, which also bounds the idle wait
+        assert daemon._idle_timeout() == pytest.approx(daemon.config.poll_interval_seconds)
+    finally:
+        daemon.shutdown()
+    with session_scope(get_engine(db_url)) as s:
+        waiting = repository.next_due(s, ["scripted"])
+    assert waiting is not None and timedelta(seconds=30) < waiting <= timedelta(seconds=60)

@@ -1,0 +1,148 @@
+"""Job isolation in-process, on real SQLite and PostgreSQL: what the lease rescue charges, and
+how the daemon runs a job suspected of killing daemons."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from dgxqueue.generators import GenerationOutcome, GenerationRequest
+from dgxqueue.storage import Generation, create_generation, get_engine, get_generation, repository, session_scope
+from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.repository import ClaimedJob
+from tests.support.daemons import RecordingHooks, make_daemon
+from tests.support.generators import ScriptedGenerator
+
+
+def enqueue(url: str, prompt: str, **columns: Any) -> str:
+    """A job; ``columns`` are then set by plain SQL, as any writer could."""
+    with session_scope(get_engine(url)) as s:
+        job_id = create_generation(s, prompt=prompt, model_name="scripted", duration_seconds=0.05,
+                                   sample_rate=8000, channels=1).id
+    if columns:
+        with get_engine(url).begin() as conn:
+            conn.execute(sa.update(Generation).where(Generation.id == job_id).values(**columns))
+    return job_id
+
+
+def row(url: str, job_id: str) -> Generation:
+    with session_scope(get_engine(url)) as s:
+        job = get_generation(s, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def test_rescue__refunds_jobs_never_started_and_fails_only_a_lone_repeat(engine: sa.Engine, db_url: str) -> None:
+    """Expired leases of a dead daemon's claim: a job no backend call started gets its attempt
+    back; a started one is marked and requeued; one that shared its last attempt gets it back
+    to run alone; one that had already lost a lease (so ran alone) fails, naming the count."""
+    unstarted = enqueue(db_url, "fine")
+    started = enqueue(db_url, "fine")
+    shared_last = enqueue(db_url, "fine", attempts=2)
+    lone_repeat = enqueue(db_url, "fine", attempts=2, lease_losses=1)
+    with session_scope(engine) as s:
+        claimed = repository.claim(s, worker_id="dead", models=["scripted"], limit=4, lease=timedelta(seconds=30))
+        assert {job.id for job in claimed} == {unstarted, started, shared_last, lone_repeat}
+        repository.mark_started(s, worker_id="dead", ids=[started, shared_last, lone_repeat])
+    with engine.begin() as conn:  # the daemon died long ago
+        conn.execute(sa.update(Generation).values(lease_expires_at=utcnow() - timedelta(hours=1)))
+    with session_scope(engine) as s:
+        requeued, failed = repository.rescue_expired(s)
+    assert set(requeued) == {unstarted, started, shared_last} and failed == [lone_repeat]
+    state = {job_id: (row(db_url, job_id).status, row(db_url, job_id).attempts, row(db_url, job_id).lease_losses)
+             for job_id in (unstarted, started, shared_last, lone_repeat)}
+    assert state == {unstarted: ("pending", 0, 0), started: ("pending", 1, 1), shared_last: ("pending", 2, 1),
+                     lone_repeat: ("failed", 3, 2)}
+    assert "without spending an attempt" in (row(db_url, unstarted).error_message or "")
+    assert "killed its daemon 2 times" in (row(db_url, lone_repeat).error_message or "")
+
+
+class Observing(ScriptedGenerator):
+    """Notes, at each call, which of the jobs ``ids`` are marked started."""
+
+    def __init__(self, url: str, ids: Sequence[str]) -> None:
+        super().__init__()
+        self.url, self.ids = url, ids
+        self.marked: list[set[str]] = []
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
+        self.marked.append({job_id for job_id in self.ids if row(self.url, job_id).started_at is not None})
+        return super().generate(requests)
+
+
+class Events(RecordingHooks):
+    """The main loop's events in order: backend calls started, outcomes written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def on_batch(self, size: int) -> None:
+        self.events.append("call")
+
+    def on_job_finished(self, job: ClaimedJob, outcome: str, *, generation_seconds: float | None,
+                        audio_seconds: float | None, error: str | None) -> None:
+        super().on_job_finished(job, outcome, generation_seconds=generation_seconds,
+                                audio_seconds=audio_seconds, error=error)
+        self.events.append(outcome)
+
+
+def test_daemon__suspects_run_alone_after_the_rest_with_nothing_in_flight(engine: sa.Engine, db_url: str,
+                                                                          tmp_path: Path) -> None:
+    """A claim holding jobs that lost leases before: the others share a backend call, then each
+    suspect runs in a call of its own, least suspect first, once every earlier outcome is
+    written; each call's jobs, and only those and earlier ones, are marked started when it runs."""
+    worst = enqueue(db_url, "fine", lease_losses=2)
+    suspect = enqueue(db_url, "fine", lease_losses=1)
+    trusted = [enqueue(db_url, "fine"), enqueue(db_url, "fine")]
+    gen, hooks = Observing(db_url, [worst, suspect, *trusted]), Events()
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, hooks=hooks, batch_size=8)
+    try:
+        assert daemon.run_once() == 4
+    finally:
+        daemon.shutdown()
+    assert gen.batches == [trusted, [suspect], [worst]]
+    assert gen.marked == [set(trusted), {*trusted, suspect}, {*trusted, suspect, worst}]
+    assert hooks.events == ["call", "completed", "completed", "call", "completed", "call", "completed"]
+    assert {row(db_url, j).status for j in (worst, suspect, *trusted)} == {"completed"}
+
+
+def test_daemon__time_limit_marks_the_job_to_run_alone(engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
+    """A job past its time limit is retried, marked as a job that may stall its daemon: its next
+    claim says it runs alone."""
+    gen = ScriptedGenerator()
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, job_timeout_seconds=0.3)
+    job_id = enqueue(db_url, "block")
+    try:
+        assert daemon.run_once() == 1
+    finally:
+        gen.gate.set()
+        daemon.shutdown()
+    job = row(db_url, job_id)
+    assert (job.status, job.lease_losses) == ("pending", 1) and "time limit" in (job.error_message or "")
+    with session_scope(engine) as s:
+        [again] = repository.claim(s, worker_id="w", models=["scripted"], limit=1, lease=timedelta(seconds=30))
+    assert again.suspect and again.lease_losses == 1
+
+
+def test_daemon__claims_mark_what_the_next_call_runs(engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
+    """A claim made while no call runs marks its jobs started (no statement of its own per
+    call), also when made with the last outcomes; and with calls smaller than the claim, each
+    call marks its own jobs: either way a job is marked when its call runs, never before."""
+    ids = [enqueue(db_url, "fine") for _ in range(4)]
+    gen = Observing(db_url, ids)
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, batch_size=1)
+    assert daemon.run(burst=True) == 0
+    assert gen.batches == [[job_id] for job_id in ids]
+    assert gen.marked == [set(ids[:k]) for k in range(1, 5)]
+    more = [enqueue(db_url, "fine") for _ in range(4)]
+    gen = Observing(db_url, more)
+    gen.max_batch_size = 2
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, batch_size=4)
+    assert daemon.run(burst=True) == 0
+    assert gen.batches == [more[:2], more[2:]] and gen.marked == [set(more[:2]), set(more)]
