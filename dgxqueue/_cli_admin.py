@@ -38,6 +38,7 @@ from dgxqueue.storage.database import (
     check_driver,
     current_revision,
     describe_url,
+    display_url,
     downgrade,
     downgrade_losses,
     head_revision,
@@ -153,7 +154,8 @@ def _raw_engine(settings: Settings) -> sa.Engine:
     try:
         return get_engine(settings.database.url, settings.database)
     except OSError as exc:
-        raise CliError(f"database {settings.database.url} cannot be opened: {exc}", EX_UNAVAILABLE) from None
+        raise CliError(f"database {describe_url(settings.database.url)} cannot be opened: {exc}",
+                       EX_UNAVAILABLE) from None
 
 
 def cmd_db_current(ctx: Context, args: argparse.Namespace) -> int:
@@ -225,7 +227,8 @@ def cmd_db_backup(ctx: Context, args: argparse.Namespace) -> int:
             _backup_postgres(url, partial)
             rows = None
         else:
-            raise CliError(f"cannot back up {url}: only SQLite files and PostgreSQL", EX_UNAVAILABLE)
+            raise CliError(f"cannot back up {describe_url(url)}: only SQLite files and PostgreSQL",
+                           EX_UNAVAILABLE)
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
@@ -257,8 +260,7 @@ def cmd_db_reset(ctx: Context, args: argparse.Namespace) -> int:
 
 def _shown(settings: Settings) -> dict[str, Any]:
     values = settings_as_dict(settings)
-    sqlite_path(values["database"]["url"])  # a URL that does not parse is a config error (78)
-    values["database"]["url"] = make_url(values["database"]["url"]).render_as_string(hide_password=True)
+    values["database"]["url"] = display_url(values["database"]["url"])  # one that does not parse: 78
     return values
 
 

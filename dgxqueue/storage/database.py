@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +43,13 @@ def resolve_url(url: str | None = None) -> str:
 _URL_RULE = "an SQLAlchemy URL such as sqlite:///data/generations.db or postgresql://user@host:5432/dbname"
 
 
+# libpq takes a password in the query too (``?password=...``); SQLAlchemy's hide_password does not hide it.
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
+
+
 def hide_password(url: str) -> str:
     """``url`` with its password replaced by ``***``, even when the URL does not parse."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     head, at, host = url.rpartition("@")
     if not at:
         return url
@@ -59,6 +65,11 @@ def _parse(url: str) -> URL:
         raise ConfigError("database.url", hide_password(url), _URL_RULE) from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError("database.url", hide_password(url), "a sqlite:/// or postgresql:// URL")
+    if parsed.host is not None and "@" in parsed.host:
+        # An '@' left in the password: the rest of the password would be taken for the host name,
+        # and shown as such (hidden passwords, driver errors) in every message.
+        raise ConfigError("database.url", hide_password(url),
+                          "a URL whose user name and password write '@' as %40 (and ':' as %3A, '/' as %2F)")
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
     return parsed
@@ -72,7 +83,13 @@ def describe_url(url: str) -> str:
         path = sqlite_path(url)
         return str(path.absolute()) if path is not None else "an in-memory SQLite database"
     shown = parsed.set(drivername="postgresql", port=parsed.port or 5432)
-    return shown.render_as_string(hide_password=True)
+    return _QUERY_PASSWORD.sub(r"\1***", shown.render_as_string(hide_password=True))
+
+
+def display_url(url: str) -> str:
+    """``url`` as settings show it: its password hidden, in the user part and in the query."""
+    _parse(url)  # a URL that does not parse is a config error
+    return _QUERY_PASSWORD.sub(r"\1***", make_url(url).render_as_string(hide_password=True))
 
 
 def check_driver(url: str) -> None:

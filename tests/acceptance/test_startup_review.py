@@ -1,0 +1,30 @@
+"""An attacker's review of start-up and the admin commands, each a real ``python -m dgxqueue``
+(or ``main()`` where a subprocess adds nothing): secrets in URLs, foreign databases, migrations
+racing, downgrades that drop data, a demo that cannot write its files."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.acceptance.test_cli import Cli, assert_error
+
+# --- passwords never shown --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("config", "show"), ("config", "check"), ("list",)])
+def test_database_url__unencoded_at_in_password_is_config_error_and_hidden(cli: Cli, command: tuple[str, ...]) -> None:
+    """A password with a bare '@': exit 78 asking for %40; no part of the password is printed
+    (it used to be shown as the host: 'u:***@ss-cret@host')."""
+    url = "postgresql://dgx:pa@ss-cret@127.0.0.1:5432/dgxqueue"
+    done = cli.here(*command, env={"DATABASE_URL": url})
+    assert_error(done, 78, "database.url", "%40")
+    assert "ss-cret" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", [("config", "show"), ("config", "check"), ("list",)])
+def test_database_url__password_in_query_hidden(cli: Cli, pg_db_url: str, command: tuple[str, ...]) -> None:
+    """libpq's ``?password=`` is hidden like the user-part password, in settings and in errors."""
+    url = f"{pg_db_url}&password=qu3ry-sekret"  # trust auth: libpq sends it, the server ignores it
+    done = cli.here(*command, env={"DATABASE_URL": url})
+    assert "qu3ry-sekret" not in done.stdout + done.stderr
+    assert "password=***" in done.stdout + done.stderr
