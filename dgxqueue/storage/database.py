@@ -17,6 +17,7 @@ import fcntl
 import functools
 import os
 import re
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -367,6 +368,34 @@ def init_db(url: str | None = None) -> Engine:
 CreatePolicy = Literal["always", "default", "never"]
 
 
+def _peek_sqlite(path: Path, where: str, settings: DatabaseSettings) -> tuple[str | None, bool]:
+    """The revision of the SQLite file at ``path`` and whether it has dgxqueue's tables, read
+    without the engine: its first connection switches the file to WAL for good, which must not
+    happen to another application's database that a mistyped URL points at."""
+    if path.is_dir():
+        raise SchemaError(f"the database path {where} is a folder, not a SQLite file (check DATABASE_URL "
+                          "or database.url)")
+    try:
+        conn = sqlite3.connect(path, timeout=settings.sqlite_busy_timeout_ms / 1000)
+    except sqlite3.Error as exc:
+        raise SchemaError(f"cannot open the database at {where}: {exc}") from None
+    try:
+        names = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('alembic_version', 'generations')")}
+        current = None
+        if "alembic_version" in names:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            current = row[0] if row is not None else None
+        return current, bool(names)
+    except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise  # unavailable for now, reported as such (69)
+        raise SchemaError(f"the file at {where} is not a SQLite database dgxqueue can read: {exc} "
+                          "(check DATABASE_URL or database.url)") from None
+    finally:
+        conn.close()
+
+
 def open_queue(url: str | None = None, settings: DatabaseSettings | None = None, *,
                create: CreatePolicy) -> Engine:
     """The engine of a database at the newest schema, created or migrated only as ``create`` allows.
@@ -387,12 +416,17 @@ def open_queue(url: str | None = None, settings: DatabaseSettings | None = None,
     if path is not None and not path.exists():
         raise SchemaError(f"no database at {where} (check DATABASE_URL or database.url; "
                           "'dgxqueue db upgrade' creates it there)")
-    engine = get_engine(text_url, settings)
-    with engine.connect() as conn:
-        current = _stored_revision(conn)
+    if path is not None:
+        current, has_tables = _peek_sqlite(path, where, settings or DatabaseSettings())
         if current == HEAD_REVISION:
-            return engine
-        has_tables = current is not None or sa.inspect(conn).has_table("generations")
+            return get_engine(text_url, settings)
+    else:
+        engine = get_engine(text_url, settings)
+        with engine.connect() as conn:
+            current = _stored_revision(conn)
+            if current == HEAD_REVISION:
+                return engine
+            has_tables = current is not None or sa.inspect(conn).has_table("generations")
     if not has_tables:
         raise SchemaError(f"the database at {where} has no dgxqueue tables (check DATABASE_URL or "
                           "database.url; 'dgxqueue db upgrade' creates them there)")

@@ -146,7 +146,7 @@ def test_database_error__a_failed_statement_exit_70_an_outage_exit_69(any_cli: C
         holder.close()
     assert _rows(cli.url, "SELECT status FROM generations") == [("pending",)]
     cli.db.write_bytes(b"not a database, " * 512)
-    assert_error(cli.here("list"), 69, "database unavailable", "not a database")
+    assert_error(cli.here("list"), 69, str(cli.db), "not a database")  # named since open_queue reads it itself
 
 
 # --- out-of-range input -------------------------------------------------------------------------

@@ -4,6 +4,9 @@ racing, downgrades that drop data, a demo that cannot write its files."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 from tests.acceptance.test_cli import Cli, assert_error
@@ -28,3 +31,30 @@ def test_database_url__password_in_query_hidden(cli: Cli, pg_db_url: str, comman
     done = cli.here(*command, env={"DATABASE_URL": url})
     assert "qu3ry-sekret" not in done.stdout + done.stderr
     assert "password=***" in done.stdout + done.stderr
+
+
+# --- a mistyped URL that names something else ----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("list",), ("enqueue", "a prompt"), ("worker", "--burst")])
+def test_open_queue__foreign_sqlite_database_left_in_its_journal_mode(cli: Cli, command: tuple[str, ...]) -> None:
+    """Another application's SQLite file: exit 69, and the file is not switched to WAL (which
+    persists in the file, and which the engine's first connection used to do)."""
+    with sqlite3.connect(cli.db) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    done = cli.here(*command, env={"DGXQUEUE_METRICS_ENABLED": "false"})
+    assert_error(done, 69, str(cli.db), "no dgxqueue tables")
+    with sqlite3.connect(cli.db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not Path(f"{cli.db}-wal").exists()
+
+
+def test_open_queue__folder_and_non_database_named_in_the_error(cli: Cli) -> None:
+    """A path that is a folder, or a file that is not a database: exit 69 naming the path (the
+    driver's 'unable to open database file' named nothing)."""
+    cli.db.mkdir()
+    assert_error(cli.here("list"), 69, str(cli.db), "is a folder")
+    cli.db.rmdir()
+    cli.db.write_text("not a database\n")
+    assert_error(cli.here("list"), 69, str(cli.db), "not a SQLite database")
+    assert cli.db.read_text() == "not a database\n"
