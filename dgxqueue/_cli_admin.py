@@ -35,6 +35,7 @@ from dgxqueue.config import Settings, settings_as_dict, toml_value
 from dgxqueue.errors import ConfigError
 from dgxqueue.storage import ensure_schema, get_engine
 from dgxqueue.storage.database import (
+    alembic_config,
     check_driver,
     current_revision,
     describe_url,
@@ -124,9 +125,17 @@ def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_db_downgrade(ctx: Context, args: argparse.Namespace) -> int:
+    from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
     _must_exist(ctx.settings)
+    # Only the forms whose losses are judged below: alembic also takes relative ones such as
+    # base+1 or 001+1, which would undo a migration that drops data without asking for --yes.
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    rev = args.revision
+    if not (rev == "base" or rev in known or (rev.startswith("-") and rev[1:].isdigit() and int(rev[1:]) > 0)):
+        raise CliError(f"db downgrade {rev}: REV must be a revision id ({', '.join(sorted(known))}), "
+                       "base, or -N for N steps back", EXIT_USAGE)
     engine = _raw_engine(ctx.settings)
     losses = downgrade_losses(engine, args.revision)
     if losses and not args.yes:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dgxqueue.storage.database import HEAD_REVISION
 from tests.acceptance.test_cli import Cli, assert_error
 
 # --- passwords never shown --------------------------------------------------------------------
@@ -58,3 +59,18 @@ def test_open_queue__folder_and_non_database_named_in_the_error(cli: Cli) -> Non
     cli.db.write_text("not a database\n")
     assert_error(cli.here("list"), 69, str(cli.db), "not a SQLite database")
     assert cli.db.read_text() == "not a database\n"
+
+
+# --- downgrades -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("revision", ["base+1", "001+1", "-0", "heads", "1"])
+def test_db_downgrade__forms_not_judged_for_losses_refused(cli: Cli, revision: str) -> None:
+    """alembic's relative forms (base+1 undoes 002, dropping its columns) and other odd ones:
+    exit 2 listing the accepted forms; the schema and its rows stay."""
+    cli.ok("db", "upgrade")
+    job = cli.enqueue()
+    done = cli.here("db", "downgrade", "--", revision)
+    assert_error(done, 2, "REV must be", "base", "-N")
+    assert cli.ok("db", "current").startswith(HEAD_REVISION)
+    assert job in cli.ok("list")
