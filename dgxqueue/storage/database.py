@@ -281,10 +281,19 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+def _make_sqlite_folder(engine: Engine) -> None:
+    path = sqlite_path(str(engine.url)) if engine.dialect.name == "sqlite" else None
+    if path is not None:  # creating the database creates its folder; nothing else does
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to ``revision`` under the migration lock: concurrent migrators on PostgreSQL
+    otherwise race on the same CREATE statements."""
     from alembic import command
 
-    with engine.begin() as conn:
+    _make_sqlite_folder(engine)
+    with _migration_lock(engine), engine.begin() as conn:
         command.upgrade(alembic_config(str(engine.url), conn), revision)
 
 
@@ -323,15 +332,14 @@ def downgrade_losses(engine: Engine, revision: str) -> list[str]:
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
-    with engine.begin() as conn:
+    with _migration_lock(engine), engine.begin() as conn:
         command.downgrade(alembic_config(str(engine.url), conn), revision)
 
 
 def ensure_schema(engine: Engine) -> str:
     """Bring the database to head; refuse one newer than this code. Returns the revision."""
+    _make_sqlite_folder(engine)
     path = sqlite_path(str(engine.url)) if engine.dialect.name == "sqlite" else None
-    if path is not None:  # creating the database creates its folder; nothing else does
-        path.parent.mkdir(parents=True, exist_ok=True)
     if path is None or path.exists():  # a new SQLite file: its first connection switches it to WAL,
         with engine.connect() as conn:  # which races other first connections; take the lock below
             if _stored_revision(conn) == HEAD_REVISION:

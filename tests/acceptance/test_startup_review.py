@@ -5,12 +5,15 @@ racing, downgrades that drop data, a demo that cannot write its files."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from dgxqueue.storage.database import HEAD_REVISION
 from tests.acceptance.test_cli import Cli, assert_error
+from tests.support.processes import wait_until
 
 # --- passwords never shown --------------------------------------------------------------------
 
@@ -74,3 +77,35 @@ def test_db_downgrade__forms_not_judged_for_losses_refused(cli: Cli, revision: s
     assert_error(done, 2, "REV must be", "base", "-N")
     assert cli.ok("db", "current").startswith(HEAD_REVISION)
     assert job in cli.ok("list")
+
+
+# --- migrations racing ------------------------------------------------------------------------------
+
+
+def test_db_upgrade__explicit_revision_concurrently_on_postgres(cli: Cli, pg_db_url: str) -> None:
+    """Four ``db upgrade 002`` released at once on an empty PostgreSQL schema: all exit 0 at 002
+    (without the migration lock, the losers failed with 70 on a duplicate CREATE TABLE)."""
+    engine = sa.create_engine(pg_db_url)
+    with engine.begin() as conn:  # alembic's own table, empty: every migrator reads it first
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+    env = {**cli.env, "DATABASE_URL": pg_db_url}
+    with engine.connect() as gate:
+        gate.execute(sa.text("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE"))
+        runs = [subprocess.Popen(cli.command("db", "upgrade", "002"), cwd=cli.folder, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+        pids = ",".join(str(run.pid) for run in runs)
+
+        def all_waiting() -> bool:  # on the gate (or, with the fix, on the migration lock)
+            with engine.connect() as conn:
+                waiting = conn.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND pid <> pg_backend_pid() AND query ILIKE ANY "
+                    "(ARRAY['%alembic_version%', '%pg_advisory_lock%'])")).scalar_one()
+            return bool(waiting >= 4) or any(run.poll() is not None for run in runs)
+
+        wait_until(all_waiting, timeout=90, what=f"4 migrators ({pids}) waiting", interval=0.2)
+        gate.rollback()  # releases them together
+    results = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+    engine.dispose()
+    assert [code for code, _out, _err in results] == [0] * 4, results
+    assert cli.ok("db", "current", env={"DATABASE_URL": pg_db_url}).startswith("002")
