@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from dgxqueue._cli_common import (
+    EX_CANTCREAT,
     EX_SOFTWARE,
+    EX_UNAVAILABLE,
     EXIT_JOB_FAILED,
     EXIT_OK,
     CliError,
@@ -41,9 +43,10 @@ from dgxqueue._cli_common import (
     table,
 )
 from dgxqueue._cli_wait import Progress, watch
+from dgxqueue.daemon.diskcheck import look
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage import create_generations, prepare_generations, session_scope
-from dgxqueue.storage.database import open_queue
+from dgxqueue.storage.database import describe_url, open_queue
 
 MODEL = "synth"
 SAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -166,6 +169,11 @@ def _check_arguments(ctx: Context, count: int, duration: float) -> list[dict[str
         raise ValidationError("duration", duration, f"at most {longest:g} s, the longest the synth renders")
     specs = sample_specs(count, duration)
     prepare_generations(specs, limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
+    # The daemon would start, then claim nothing while its outputs check fails: the demo sat out
+    # its whole timeout and said the jobs "keep going".
+    problem = look(ctx.settings.outputs_dir, ctx.settings.outputs.min_free_mb)
+    if problem is not None:
+        raise CliError(f"the daemon could not write the WAV files: {problem.message} (outputs.dir)", EX_CANTCREAT)
     return specs
 
 
@@ -177,7 +185,11 @@ def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
     if timeout is None:
         timeout = max(120.0, 60.0 + 10.0 * count * duration)
     # The demo is asked for by name: it creates (or migrates) its database, before the daemon starts.
-    engine = open_queue(ctx.settings.database.url, ctx.settings.database, create="always")
+    try:
+        engine = open_queue(ctx.settings.database.url, ctx.settings.database, create="always")
+    except OSError as exc:  # its folder cannot be created (a read-only working folder)
+        raise CliError(f"database {describe_url(ctx.settings.database.url)} cannot be created: {exc}",
+                       EX_UNAVAILABLE) from None
     progress = Progress()
     folder = Path(tempfile.mkdtemp(prefix="dgxqueue-demo-"))
     grace = ctx.settings.worker.grace_seconds

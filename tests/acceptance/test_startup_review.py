@@ -109,3 +109,25 @@ def test_db_upgrade__explicit_revision_concurrently_on_postgres(cli: Cli, pg_db_
     engine.dispose()
     assert [code for code, _out, _err in results] == [0] * 4, results
     assert cli.ok("db", "current", env={"DATABASE_URL": pg_db_url}).startswith("002")
+
+
+# --- demo ---------------------------------------------------------------------------------------
+
+
+def test_demo__outputs_that_cannot_take_files_refused_before_starting(cli: Cli) -> None:
+    """Outputs the daemon's check refuses (here: less free space than outputs.min_free_mb, 1 TiB): exit 73
+    at once naming the problem, nothing queued (the demo used to wait out its timeout while the
+    daemon, paused, claimed nothing)."""
+    done = cli("demo", "--prompts", "1", "--duration", "1", "--timeout", "20",
+               env={"DGXQUEUE_OUTPUTS_MIN_FREE_MB": "1048576"}, timeout=60)
+    assert_error(done, 73, "outputs.min_free_mb", "outputs.dir")
+    assert not cli.db.exists()
+
+
+def test_demo__database_folder_that_cannot_be_made_named(cli: Cli) -> None:
+    """A database whose folder cannot be created (a file is in the way, as a read-only working
+    folder would be): exit 69 naming the database, not a bare '[Errno 20] Not a directory' (74)."""
+    (cli.folder / "blocker").write_text("")
+    db = cli.folder / "blocker" / "data" / "generations.db"
+    done = cli.here("demo", "--prompts", "1", env={"DATABASE_URL": f"sqlite:///{db}"})
+    assert_error(done, 69, str(db), "cannot be created")
