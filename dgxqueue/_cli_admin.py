@@ -312,6 +312,11 @@ def _check_generator_limits(ctx: Context, generator: Any) -> None:
     if missing:
         hint = getattr(generator, "install_hint", f"pip install 'dgxqueue[{name}]'")
         raise ConfigError("generator.name", name, f"its extra installed: {hint} (missing {', '.join(missing)})")
+    model = getattr(generator, "model_id", None)  # MusicGen's generator.options.model
+    if isinstance(model, str) and (Path(model).is_absolute() or model.startswith(".")) and not Path(model).is_dir():
+        # The backend takes such a name for a folder only when load() runs: the worker stopped
+        # with 78 on a path that config check had passed.
+        raise ConfigError("generator.options.model", model, "an existing folder or a hub id")
     longest = getattr(generator, "max_duration_seconds", None)
     jobs = ctx.settings.jobs
     if isinstance(longest, (int, float)):

@@ -131,3 +131,19 @@ def test_demo__database_folder_that_cannot_be_made_named(cli: Cli) -> None:
     db = cli.folder / "blocker" / "data" / "generations.db"
     done = cli.here("demo", "--prompts", "1", env={"DATABASE_URL": f"sqlite:///{db}"})
     assert_error(done, 69, str(db), "cannot be created")
+
+
+# --- config check -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/musicgen-small", "./models/musicgen-smal"])
+def test_config_check__musicgen_model_folder_missing_is_78(cli: Cli, model: str) -> None:
+    """MusicGen with a local model folder that does not exist: config check says so (78) as the
+    worker would at load, instead of 'config ok'."""
+    config = cli.folder / "musicgen.toml"
+    config.write_text(f'[jobs]\nmax_duration_seconds = 30.0\n\n[generator]\nname = "musicgen"\n\n'
+                      f'[generator.options]\nmodel = "{model}"\n')
+    assert_error(cli.here("--config", str(config), "config", "check"), 78, "generator.options.model", model)
+    if not model.startswith("/"):  # a folder there: the check passes (loading it is the worker's)
+        (cli.folder / model).mkdir(parents=True)
+        assert cli.here("--config", str(config), "config", "check").returncode == 0
