@@ -398,8 +398,8 @@ def _peek_sqlite(path: Path, where: str, settings: DatabaseSettings) -> tuple[st
     except sqlite3.DatabaseError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
             raise  # unavailable for now, reported as such (69)
-        raise SchemaError(f"the file at {where} is not a SQLite database dgxqueue can read: {exc} "
-                          "(check DATABASE_URL or database.url)") from None
+        raise SchemaError(f"cannot read the database at {where}: {exc} (check DATABASE_URL or database.url)"
+                          ) from None
     finally:
         conn.close()
 

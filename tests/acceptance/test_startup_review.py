@@ -60,7 +60,7 @@ def test_open_queue__folder_and_non_database_named_in_the_error(cli: Cli) -> Non
     assert_error(cli.here("list"), 69, str(cli.db), "is a folder")
     cli.db.rmdir()
     cli.db.write_text("not a database\n")
-    assert_error(cli.here("list"), 69, str(cli.db), "not a SQLite database")
+    assert_error(cli.here("list"), 69, str(cli.db), "file is not a database")
     assert cli.db.read_text() == "not a database\n"
 
 
