@@ -125,7 +125,13 @@ def _configure_sqlite(engine: Engine, settings: DatabaseSettings) -> None:
         dbapi_connection.text_factory = _lenient_text
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(settings.sqlite_busy_timeout_ms)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            # A file this process may only read (a backup, which is not in WAL mode, on read-only
+            # media) is still readable; a write to it fails on its own, naming the cause.
+            if "readonly" not in str(exc):
+                raise
         # Validated against a fixed list in config: no user text reaches this statement.
         cursor.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
         cursor.execute("PRAGMA foreign_keys = ON")

@@ -4,8 +4,10 @@ racing, downgrades that drop data, a demo that cannot write its files."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,36 @@ def test_config_check__musicgen_model_folder_missing_is_78(cli: Cli, model: str)
     if not model.startswith("/"):  # a folder there: the check passes (loading it is the worker's)
         (cli.folder / model).mkdir(parents=True)
         assert cli.here("--config", str(config), "config", "check").returncode == 0
+
+
+# --- read-only media --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_backup(cli: Cli) -> Iterator[Path]:
+    """A ``db backup`` of a database with one job, seen through a read-only bind mount (root)."""
+    cli.ok("db", "upgrade")
+    cli.enqueue("kept in the backup")
+    folder, view = cli.folder / "backups", cli.folder / "read-only"
+    folder.mkdir()
+    view.mkdir()
+    cli.ok("db", "backup", str(folder / "b.db"))
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True).returncode == 0
+    if not mounted or subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], capture_output=True).returncode:
+        if mounted:
+            subprocess.run(["umount", str(view)], check=False)
+        if os.environ.get("CI"):
+            pytest.fail("cannot make a read-only bind mount; CI runs as root")
+        pytest.skip("needs root for a read-only bind mount")
+    try:
+        yield view / "b.db"
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_sqlite__backup_on_read_only_media_can_be_read(cli: Cli, read_only_backup: Path) -> None:
+    """A backup (not in WAL mode) on read-only media: list shows its jobs (the engine's switch to
+    WAL on connect failed with 'attempt to write a readonly database'); enqueue still refuses (69)."""
+    env = {"DATABASE_URL": f"sqlite:///{read_only_backup}"}
+    assert "kept in the backup" in cli.ok("list", env=env)
+    assert_error(cli("enqueue", "a new one", env=env), 69, "readonly")
