@@ -166,6 +166,16 @@ def _code_for(exc: BaseException) -> tuple[int, str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while the command's modules import (a few tenths of a second) printed Python's
+        # traceback; 130 is EXIT_INTERRUPTED, not imported from _cli_common, whose import is that.
+        print("dgxqueue: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = lazy_parser().parse_args(argv)
     from dgxqueue._cli_common import EX_SOFTWARE, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, Context, one_line
     from dgxqueue.config import load_settings

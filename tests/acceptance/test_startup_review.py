@@ -5,8 +5,10 @@ racing, downgrades that drop data, a demo that cannot write its files."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,3 +184,21 @@ def test_sqlite__backup_on_read_only_media_can_be_read(cli: Cli, read_only_backu
     env = {"DATABASE_URL": f"sqlite:///{read_only_backup}"}
     assert "kept in the backup" in cli.ok("list", env=env)
     assert_error(cli("enqueue", "a new one", env=env), 69, "readonly")
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------
+
+
+def test_main__ctrl_c_while_importing_is_one_line_not_a_traceback(cli: Cli) -> None:
+    """SIGINT in the first tenths of a second (the command's modules importing): 'dgxqueue:
+    interrupted' and 130, never Python's traceback."""
+    cli.ok("db", "upgrade")
+    for delay in (0.1, 0.2, 0.3):
+        run = subprocess.Popen(cli.command("list"), cwd=cli.folder, env=cli.env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        threading.Event().wait(delay)  # a point during start-up, not a synchronisation
+        run.send_signal(signal.SIGINT)
+        _out, err = run.communicate(timeout=60)
+        assert "Traceback" not in err, (delay, err)
+        if run.returncode != 0:  # 0: it had already finished
+            assert run.returncode in (130, -signal.SIGINT), (delay, run.returncode, err)
