@@ -30,6 +30,7 @@ from typing import Any
 
 from dgxqueue._cli_common import (
     EX_CANTCREAT,
+    EX_CONFIG,
     EX_SOFTWARE,
     EX_UNAVAILABLE,
     EXIT_JOB_FAILED,
@@ -44,7 +45,7 @@ from dgxqueue._cli_common import (
 )
 from dgxqueue._cli_wait import Progress, watch
 from dgxqueue.daemon.diskcheck import look
-from dgxqueue.errors import ValidationError
+from dgxqueue.errors import ConfigError, ValidationError
 from dgxqueue.storage import create_generations, prepare_generations, session_scope
 from dgxqueue.storage.database import describe_url, open_queue
 
@@ -164,7 +165,13 @@ def _check_arguments(ctx: Context, count: int, duration: float) -> list[dict[str
 
     if not 1 <= count <= 100:
         raise ValidationError("prompts", count, "an integer in [1, 100]")
-    longest = getattr(create_generator(MODEL), "max_duration_seconds", None)
+    try:  # built as its daemon will build it: with the configuration's [generator.options]
+        synth = create_generator(MODEL, ctx.settings.generator.options)
+    except ConfigError as exc:
+        raise CliError(f"the demo runs the synth generator, which cannot take this configuration's "
+                       f"[generator.options] ({exc}): run it without this configuration (no --config, "
+                       "no DGXQUEUE_CONFIG)", EX_CONFIG) from None
+    longest = getattr(synth, "max_duration_seconds", None)
     if isinstance(longest, (int, float)) and duration > longest:
         raise ValidationError("duration", duration, f"at most {longest:g} s, the longest the synth renders")
     specs = sample_specs(count, duration)

@@ -202,3 +202,15 @@ def test_main__ctrl_c_while_importing_is_one_line_not_a_traceback(cli: Cli) -> N
         assert "Traceback" not in err, (delay, err)
         if run.returncode != 0:  # 0: it had already finished
             assert run.returncode in (130, -signal.SIGINT), (delay, run.returncode, err)
+
+
+def test_demo__config_with_another_generators_options_refused_before_queueing(cli: Cli) -> None:
+    """A production config (MusicGen and its options): exit 78 before anything is queued (its
+    synth daemon used to exit 78 on those options, leaving a stray job and exit 75)."""
+    config = cli.folder / "production.toml"
+    config.write_text('[jobs]\nmax_duration_seconds = 30.0\n\n[generator]\nname = "musicgen"\n\n'
+                      '[generator.options]\nmodel = "facebook/musicgen-small"\n')
+    cli.ok("db", "upgrade")
+    done = cli("--config", str(config), "demo", "--prompts", "1", "--duration", "1", "--timeout", "60")
+    assert_error(done, 78, "synth", "generator.options", "--config")
+    assert cli.ok("list").splitlines()[1:] == []
