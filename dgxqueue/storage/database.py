@@ -342,6 +342,13 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(alembic_config(str(engine.url), conn), revision)
 
 
+#: The columns of the specification's ``generations`` table (migration 001), which a database made
+#: by the original schema script has and which dgxqueue adopts.
+_SPEC_COLUMNS = ("id", "prompt", "model_name", "model_version", "duration_seconds", "sample_rate", "channels",
+                 "file_path", "file_size_bytes", "status", "created_at", "completed_at",
+                 "generation_time_seconds", "error_message", "metadata")
+
+
 def ensure_schema(engine: Engine) -> str:
     """Bring the database to head; refuse one newer than this code. Returns the revision."""
     _make_sqlite_folder(engine)
@@ -366,7 +373,14 @@ def ensure_schema(engine: Engine) -> str:
                 f"(its newest is {head!r}): it was migrated by a newer dgxqueue; upgrade dgxqueue"
             )
         if current is None and sa.inspect(conn).has_table("generations"):
-            # A database made by the original schema script: adopt it as revision 001.
+            # A database made by the original schema script: adopt it as revision 001. Another
+            # application's table of that name is refused before anything is written to it.
+            columns = {column["name"] for column in sa.inspect(conn).get_columns("generations")}
+            missing = [name for name in _SPEC_COLUMNS if name not in columns]
+            if missing:
+                raise SchemaError(
+                    f"the database at {describe_url(str(engine.url))} has a table 'generations' that is not "
+                    f"dgxqueue's (no column {', '.join(missing)}): check DATABASE_URL or database.url")
             command.stamp(config, "001")
         command.upgrade(config, "head")
     return head

@@ -214,3 +214,18 @@ def test_demo__config_with_another_generators_options_refused_before_queueing(cl
     done = cli("--config", str(config), "demo", "--prompts", "1", "--duration", "1", "--timeout", "60")
     assert_error(done, 78, "synth", "generator.options", "--config")
     assert cli.ok("list").splitlines()[1:] == []
+
+
+def test_db_upgrade__another_applications_generations_table_refused_untouched(cli: Cli) -> None:
+    """A SQLite file whose 'generations' table is another application's: exit 69 naming the missing
+    columns, and nothing written (it used to be stamped 001, fail with 70 on 'no such column'
+    and leave an alembic_version table behind)."""
+    with sqlite3.connect(cli.db) as conn:
+        conn.execute("CREATE TABLE generations (id INTEGER PRIMARY KEY, title TEXT, score REAL)")
+        conn.execute("INSERT INTO generations (title, score) VALUES ('theirs', 1.5)")
+    done = cli.here("db", "upgrade")
+    assert_error(done, 69, str(cli.db), "not dgxqueue's", "model_name")
+    with sqlite3.connect(cli.db) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert tables == {"generations"}
+        assert conn.execute("SELECT title, score FROM generations").fetchall() == [("theirs", 1.5)]
