@@ -203,10 +203,13 @@ def _backup_postgres(url: str, target: Path) -> None:
         raise CliError("pg_dump is not on PATH: install the PostgreSQL client tools", EX_UNAVAILABLE)
     # libpq wants postgresql://; the password goes through the environment, not the command line.
     parsed = make_url(url).set(drivername="postgresql")
+    query = {key: value for key, value in parsed.query.items() if key.lower() != "password"}
+    password = parsed.password or next(
+        (value for key, value in parsed.query.items() if key.lower() == "password"), None)
     env = dict(os.environ)
-    if parsed.password:
-        env["PGPASSWORD"] = str(parsed.password)
-    dsn = parsed.set(password=None).render_as_string(hide_password=False)
+    if password:  # libpq's ?password= too: a command line is readable by every user (ps)
+        env["PGPASSWORD"] = str(password if isinstance(password, str) else password[-1])
+    dsn = parsed.set(password=None, query=query).render_as_string(hide_password=False)
     done = subprocess.run([pg_dump, "--format=custom", f"--file={target}", f"--dbname={dsn}"],
                           env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:

@@ -5,6 +5,7 @@ racing, downgrades that drop data, a demo that cannot write its files."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -229,3 +230,23 @@ def test_db_upgrade__another_applications_generations_table_refused_untouched(cl
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert tables == {"generations"}
         assert conn.execute("SELECT title, score FROM generations").fetchall() == [("theirs", 1.5)]
+
+
+def test_db_backup__postgres_password_never_on_pg_dumps_command_line(cli: Cli, pg_db_url: str) -> None:
+    """The password of ``?password=`` goes to pg_dump through PGPASSWORD, as the user-part one
+    does, never on its command line (readable by every user with ps). A wrapper on PATH records
+    the arguments and runs the real pg_dump."""
+    real = shutil.which("pg_dump")
+    assert real is not None, "the PostgreSQL client tools are needed"
+    bin_dir = cli.folder / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "pg_dump"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{cli.folder}/argv"\n'
+                       f'printf "%s" "$PGPASSWORD" > "{cli.folder}/pgpassword"\nexec "{real}" "$@"\n')
+    wrapper.chmod(0o755)
+    url = f"{pg_db_url}&password=qu3ry-sekret"  # trust auth: the server ignores it
+    env = {"DATABASE_URL": url, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cli.ok("db", "upgrade", env=env)
+    cli.ok("db", "backup", str(cli.folder / "b.dump"), env=env)
+    assert "qu3ry-sekret" not in (cli.folder / "argv").read_text()
+    assert (cli.folder / "pgpassword").read_text() == "qu3ry-sekret"
