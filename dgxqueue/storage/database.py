@@ -441,6 +441,10 @@ def open_queue(url: str | None = None, settings: DatabaseSettings | None = None,
         return engine
     where = describe_url(text_url)
     path = sqlite_path(text_url)
+    if path is None and _parse(text_url).get_backend_name() == "sqlite":
+        # 'db upgrade creates them there' would be false: each process gets its own, empty one.
+        raise SchemaError(f"{where} is empty in every process and shared with none: set DATABASE_URL "
+                          "or database.url to a SQLite file (sqlite:///data/generations.db) or PostgreSQL")
     if path is not None and not path.exists():
         raise SchemaError(f"no database at {where} (check DATABASE_URL or database.url; "
                           "'dgxqueue db upgrade' creates it there)")

@@ -250,3 +250,13 @@ def test_db_backup__postgres_password_never_on_pg_dumps_command_line(cli: Cli, p
     cli.ok("db", "backup", str(cli.folder / "b.dump"), env=env)
     assert "qu3ry-sekret" not in (cli.folder / "argv").read_text()
     assert (cli.folder / "pgpassword").read_text() == "qu3ry-sekret"
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_open_queue__in_memory_sqlite_says_to_use_a_file(cli: Cli, url: str) -> None:
+    """An in-memory SQLite URL for the worker or a reading command: exit 69 saying to use a file,
+    not 'db upgrade creates them there' (each process gets its own empty database)."""
+    for command in (("list",), ("worker", "--burst")):
+        done = cli.here(*command, env={"DATABASE_URL": url, "DGXQUEUE_METRICS_ENABLED": "false"})
+        assert_error(done, 69, "in-memory", "SQLite file")
+        assert "db upgrade" not in done.stderr
