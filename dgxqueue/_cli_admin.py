@@ -43,6 +43,7 @@ from dgxqueue.storage.database import (
     downgrade,
     downgrade_losses,
     head_revision,
+    peek_sqlite,
     sqlite_path,
     upgrade,
 )
@@ -169,7 +170,12 @@ def _raw_engine(settings: Settings) -> sa.Engine:
 
 def cmd_db_current(ctx: Context, args: argparse.Namespace) -> int:
     _must_exist(ctx.settings)
-    current, head = _revision_text(_raw_engine(ctx.settings)), head_revision()
+    path = sqlite_path(ctx.settings.database.url)
+    if path is not None:  # read without the engine, which would switch another application's file to WAL
+        current = peek_sqlite(path, describe_url(ctx.settings.database.url), ctx.settings.database)[0]
+    else:
+        current = _revision_text(_raw_engine(ctx.settings))
+    head = head_revision()
     if args.json:
         print_json({"current": current, "head": head, "up_to_date": current == head})
     else:

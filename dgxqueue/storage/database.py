@@ -396,7 +396,7 @@ def init_db(url: str | None = None) -> Engine:
 CreatePolicy = Literal["always", "default", "never"]
 
 
-def _peek_sqlite(path: Path, where: str, settings: DatabaseSettings) -> tuple[str | None, bool]:
+def peek_sqlite(path: Path, where: str, settings: DatabaseSettings) -> tuple[str | None, bool]:
     """The revision of the SQLite file at ``path`` and whether it has dgxqueue's tables, read
     without the engine: its first connection switches the file to WAL for good, which must not
     happen to another application's database that a mistyped URL points at."""
@@ -449,7 +449,7 @@ def open_queue(url: str | None = None, settings: DatabaseSettings | None = None,
         raise SchemaError(f"no database at {where} (check DATABASE_URL or database.url; "
                           "'dgxqueue db upgrade' creates it there)")
     if path is not None:
-        current, has_tables = _peek_sqlite(path, where, settings or DatabaseSettings())
+        current, has_tables = peek_sqlite(path, where, settings or DatabaseSettings())
         if current == HEAD_REVISION:
             return get_engine(text_url, settings)
     else:

@@ -260,3 +260,16 @@ def test_open_queue__in_memory_sqlite_says_to_use_a_file(cli: Cli, url: str) -> 
         done = cli.here(*command, env={"DATABASE_URL": url, "DGXQUEUE_METRICS_ENABLED": "false"})
         assert_error(done, 69, "in-memory", "SQLite file")
         assert "db upgrade" not in done.stderr
+
+
+def test_db_current__foreign_sqlite_file_read_not_changed(cli: Cli) -> None:
+    """db current on another application's SQLite file: 'none', and the file is not switched to
+    WAL; on a folder: exit 69 naming it (the driver's message named nothing)."""
+    with sqlite3.connect(cli.db) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    assert cli.here("db", "current").stdout.startswith("none")
+    with sqlite3.connect(cli.db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    cli.db.unlink()
+    cli.db.mkdir()
+    assert_error(cli.here("db", "current"), 69, str(cli.db), "is a folder")
