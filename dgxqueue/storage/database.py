@@ -59,6 +59,9 @@ def hide_password(url: str) -> str:
     return f"{scheme}{sep}{user}{colon}{'***' if colon else ''}@{host}"
 
 
+_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg")
+
+
 def _parse(url: str) -> URL:
     try:
         parsed = make_url(url)
@@ -73,6 +76,9 @@ def _parse(url: str) -> URL:
                           "a URL whose user name and password write '@' as %40 (and ':' as %3A, '/' as %2F)")
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
+    if parsed.drivername not in _DRIVERS:  # the waker and the row loaders are psycopg 3's
+        raise ConfigError("database.url", hide_password(url),
+                          "a URL for a supported driver: " + ", ".join(f"{d}://" for d in _DRIVERS))
     return parsed
 
 

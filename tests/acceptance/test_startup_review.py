@@ -273,3 +273,13 @@ def test_db_current__foreign_sqlite_file_read_not_changed(cli: Cli) -> None:
     cli.db.unlink()
     cli.db.mkdir()
     assert_error(cli.here("db", "current"), 69, str(cli.db), "is a folder")
+
+
+@pytest.mark.parametrize("driver", ["postgresql+psycopg2", "postgresql+asyncpg", "sqlite+pysqlcipher"])
+@pytest.mark.parametrize("command", [("config", "check"), ("list",)])
+def test_database_url__unsupported_driver_is_config_error(cli: Cli, driver: str, command: tuple[str, ...]) -> None:
+    """A driver dgxqueue does not use: exit 78 naming the supported ones ('config ok' and an
+    internal error, ModuleNotFoundError, before), the password hidden."""
+    done = cli.here(*command, env={"DATABASE_URL": f"{driver}://dgx:sekret-pw@127.0.0.1/dgxqueue"})
+    assert_error(done, 78, "database.url", "postgresql+psycopg://")
+    assert "sekret-pw" not in done.stdout + done.stderr
