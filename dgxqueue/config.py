@@ -259,12 +259,20 @@ def _merge(into: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: st
 
 def read_file(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
+        # utf-8-sig: a byte order mark, which Windows editors write, is skipped as TOML's own
+        # parsers in other languages do; a file that is not UTF-8 at all is a config error.
+        text = path.read_bytes().decode("utf-8-sig")
+        return tomllib.loads(text)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ConfigError("--config", str(path), "an existing TOML file") from None
+    except PermissionError as exc:
+        raise ConfigError("--config", str(path), f"a file this user can read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", str(path), f"a UTF-8 text file (byte {exc.start} is not UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", str(path), f"valid TOML ({exc})") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise ConfigError("--config", str(path), "valid TOML (nested too deeply)") from None
 
 
 def environment_layer(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -4,6 +4,7 @@ racing, downgrades that drop data, a demo that cannot write its files."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -283,3 +284,31 @@ def test_database_url__unsupported_driver_is_config_error(cli: Cli, driver: str,
     done = cli.here(*command, env={"DATABASE_URL": f"{driver}://dgx:sekret-pw@127.0.0.1/dgxqueue"})
     assert_error(done, 78, "database.url", "postgresql+psycopg://")
     assert "sekret-pw" not in done.stdout + done.stderr
+
+
+# --- config files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (None, ["an existing TOML file"]),  # a folder
+    (b"\xe4\xff\x00garbage", ["UTF-8"]),
+    (b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n", ["nested too deeply"]),
+])
+def test_config_file__unreadable_is_config_error(cli: Cli, content: bytes | None, words: list[str]) -> None:
+    """A --config that is a folder, not UTF-8, or nested past Python's stack: exit 78 naming
+    --config (74 or an internal error, 70, before)."""
+    config = cli.folder / "config.toml"
+    if content is None:
+        config.mkdir()
+    else:
+        config.write_bytes(content)
+    assert_error(cli.here("--config", str(config), "config", "check"), 78, "--config", *words)
+
+
+def test_config_file__byte_order_mark_accepted(cli: Cli) -> None:
+    """A config file saved with a UTF-8 byte order mark (Windows editors): read as written."""
+    config = cli.folder / "config.toml"
+    config.write_bytes(b"\xef\xbb\xbf[worker]\nbatch_size = 4\n")
+    done = cli.here("--config", str(config), "config", "show", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["worker"]["batch_size"] == 4
