@@ -141,8 +141,9 @@ def cmd_db_downgrade(ctx: Context, args: argparse.Namespace) -> int:
     losses = downgrade_losses(engine, args.revision)
     if losses and not args.yes:
         raise CliError(
-            f"db downgrade {args.revision} undoes migration {', '.join(losses)}, dropping tables or columns "
-            "and the data in them: back up first (dgxqueue db backup PATH), then add --yes to confirm",
+            f"db downgrade {args.revision} undoes migration {', '.join(losses)} of the database at "
+            f"{describe_url(ctx.settings.database.url)}, dropping tables or columns and the data in them: "
+            "back up first (dgxqueue db backup PATH), then add --yes to confirm",
             EXIT_USAGE)
     try:
         downgrade(engine, args.revision)
@@ -261,7 +262,8 @@ def cmd_db_backup(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_db_reset(ctx: Context, args: argparse.Namespace) -> int:
     if not args.yes:
-        raise CliError("db reset deletes every generation and prompt: add --yes to confirm", EXIT_USAGE)
+        raise CliError(f"db reset deletes every generation and prompt of the database at "
+                       f"{describe_url(ctx.settings.database.url)}: add --yes to confirm", EXIT_USAGE)
     engine = _raw_engine(ctx.settings)
     # Only dgxqueue's tables: the database may be shared with an application's own tables.
     alembic_version = sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32)))

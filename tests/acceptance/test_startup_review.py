@@ -312,3 +312,11 @@ def test_config_file__byte_order_mark_accepted(cli: Cli) -> None:
     done = cli.here("--config", str(config), "config", "show", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["worker"]["batch_size"] == 4
+
+
+def test_db_reset_and_downgrade__refusal_names_the_database(cli: Cli) -> None:
+    """Without --yes, db reset and a dropping db downgrade say which database they would empty:
+    a mistyped DATABASE_URL is the first hour's trap, and --yes is typed next."""
+    cli.ok("db", "upgrade")
+    assert_error(cli.here("db", "reset"), 2, str(cli.db), "--yes")
+    assert_error(cli.here("db", "downgrade", "base"), 2, str(cli.db), "--yes")
