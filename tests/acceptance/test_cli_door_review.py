@@ -77,6 +77,7 @@ def test_enqueue__jsonl_first_line_may_start_with_a_bom(cli: Cli) -> None:
     """A UTF-8 byte order mark before the first line (Windows editors write one) is not part of the JSON."""
     jobs = cli.folder / "jobs.jsonl"
     jobs.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\r\n{"prompt": "second"}\r\n')
+    cli.ok("db", "upgrade")  # producers create only the built-in default database
     done = cli.here("enqueue", "--jsonl", str(jobs), "--json")
     assert done.returncode == 0, done.stderr
     assert [row["prompt"] for row in json.loads(done.stdout)] == ["first", "second"]
