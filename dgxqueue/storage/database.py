@@ -54,7 +54,9 @@ def hide_password(url: str) -> str:
     head, at, host = url.rpartition("@")
     if not at:
         return url
-    scheme, sep, userinfo = head.rpartition("://")
+    scheme, sep, userinfo = head.partition("://")  # the first: a password may hold '://' itself
+    if not sep:
+        scheme, userinfo = "", head
     user, colon, _password = userinfo.partition(":")
     return f"{scheme}{sep}{user}{colon}{'***' if colon else ''}@{host}"
 

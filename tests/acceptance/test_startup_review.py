@@ -320,3 +320,13 @@ def test_db_reset_and_downgrade__refusal_names_the_database(cli: Cli) -> None:
     cli.ok("db", "upgrade")
     assert_error(cli.here("db", "reset"), 2, str(cli.db), "--yes")
     assert_error(cli.here("db", "downgrade", "base"), 2, str(cli.db), "--yes")
+
+
+@pytest.mark.parametrize("url", ["postgresql://dgx:pa://sekret-pw@127.0.0.1:x/dgxqueue",
+                                 "dgx:sekret-pw@127.0.0.1/dgxqueue"])
+def test_database_url__unparsable_with_password_hidden(cli: Cli, url: str) -> None:
+    """A URL that does not parse (a port that is no number, no scheme) is refused (78) with its
+    password hidden, also one that holds '://' (the scheme was split off at the last one)."""
+    done = cli.here("config", "show", env={"DATABASE_URL": url})
+    assert_error(done, 78, "database.url", "***")
+    assert "sekret-pw" not in done.stderr
