@@ -32,6 +32,7 @@ from dgxqueue._cli_common import (
     EX_CANTCREAT,
     EX_CONFIG,
     EX_SOFTWARE,
+    EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EXIT_JOB_FAILED,
     EXIT_OK,
@@ -210,7 +211,15 @@ def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
                     ids = create_generations(session, specs, limits=ctx.settings.jobs,
                                              outputs=ctx.settings.outputs)
                 progress.line(f"queued {count} prompt(s) of {duration:g}s each")
-                jobs = watch(engine, ids, timeout=timeout, progress=progress, alive=daemon.check)
+                try:
+                    jobs = watch(engine, ids, timeout=timeout, progress=progress, alive=daemon.check)
+                except CliError as exc:
+                    if exc.code != EX_TEMPFAIL or daemon.process.poll() is not None:
+                        raise  # not the timeout: the daemon died, and says so
+                    # wait's "they keep going" is false here: the demo stops the only daemon it started.
+                    raise CliError(f"timed out after {timeout:g}s with jobs unfinished; the demo stops its "
+                                   "daemon, so they stay queued until a worker runs them ('dgxqueue worker'; "
+                                   "'dgxqueue list --status pending' shows them)", EX_TEMPFAIL) from None
             except KeyboardInterrupt:
                 progress.line(f"interrupted: the daemon finishes its running jobs (up to {grace:g} s); "
                               "Ctrl-C again releases them at once")

@@ -330,3 +330,12 @@ def test_database_url__unparsable_with_password_hidden(cli: Cli, url: str) -> No
     done = cli.here("config", "show", env={"DATABASE_URL": url})
     assert_error(done, 78, "database.url", "***")
     assert "sekret-pw" not in done.stderr
+
+
+def test_demo__timeout_says_the_jobs_stay_queued(cli: Cli) -> None:
+    """demo --timeout 0: exit 75 saying the jobs stay queued for a worker, not wait's "they keep
+    going" (the demo stops the only daemon it started)."""
+    done = cli("demo", "--prompts", "1", "--duration", "1", "--timeout", "0", timeout=120)
+    assert done.returncode == 75, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "stay queued" in last and "dgxqueue worker" in last and "keep going" not in last, last
