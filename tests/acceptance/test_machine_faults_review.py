@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dgxqueue.daemon import EXIT_MACHINE_FAULT
-from dgxqueue.storage import init_db
+from dgxqueue.storage import get_engine, init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.acceptance.test_machine_faults import config, logged, mount, spawn
 from tests.support.generators import read_executions
@@ -215,3 +215,55 @@ def test_outputs_check__unsearchable_parent_pauses_claims_instead_of_exiting(
     finally:
         code = stop(process)
     assert code == 0, log.read_text()[-2000:]
+
+
+def cluster_pids(data: Path) -> list[int]:
+    """The postmaster of a private cluster and its children (the backends)."""
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == postmaster:
+                children.append(int(entry))
+    return [postmaster, *children]
+
+
+@pytest.mark.slow
+def test_stop__sigterm_while_postgres_hangs_is_bounded(tmp_path: Path) -> None:
+    """SIGTERM while the PostgreSQL server hangs (frozen, or a network path that drops packets
+    without a reset) and a job is held: the daemon exits within its grace period plus the
+    shutdown's database deadline and one connect timeout, as the unit's TimeoutStopSec assumes,
+    rather than waiting forever on a query the server never answers."""
+    from dgxqueue.daemon.daemon import SHUTDOWN_DB_SECONDS
+    from tests.support.pgcluster import private_cluster
+
+    with private_cluster() as cluster:
+        url = cluster.url
+        init_db(url)
+        [job_id] = enqueue(url, ["block"])
+        process = spawn(config(tmp_path, url, grace_seconds=1.0), tmp_path / "w.log")
+        frozen: list[int] = []
+        try:
+            wait_until(lambda: running(tmp_path, job_id), 60, "the job", alive=process)
+            wait_until(logged(tmp_path / "w.log", "daemon ready"), 60, "signals handled", alive=process)
+            frozen = cluster_pids(cluster.data)
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            process.send_signal(signal.SIGTERM)
+            bound = 1.0 + SHUTDOWN_DB_SECONDS + 10.0 + 10.0  # grace, deadline, connect timeout, slack
+            try:
+                code: int | None = process.wait(bound)
+            except subprocess.TimeoutExpired:
+                code = None
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        get_engine(url).dispose()
+    assert code == 0, f"still running {bound:g} s after SIGTERM: {(tmp_path / 'w.log').read_text()[-1500:]}"
