@@ -267,3 +267,31 @@ def test_stop__sigterm_while_postgres_hangs_is_bounded(tmp_path: Path) -> None:
                 process.wait()
         get_engine(url).dispose()
     assert code == 0, f"still running {bound:g} s after SIGTERM: {(tmp_path / 'w.log').read_text()[-1500:]}"
+
+
+def test_machine_fault__one_jobs_read_only_subfolder_fails_that_job_alone(
+        sqlite_db_url: str, tmp_path: Path) -> None:
+    """One job's file_path names a subfolder that is read-only (a read-only mount inside the
+    outputs folder) while the outputs folder itself takes files, and the other jobs of the same
+    batch are written: the job's own path is at fault, so that job fails alone and the daemon
+    carries on (exit 0 after the burst), instead of exiting 75 at every attempt of it."""
+    url = sqlite_db_url
+    init_db(url)
+    outputs = tmp_path / "outputs"
+    locked = outputs / "locked"
+    mount(locked, "size=1m,ro")
+    try:
+        enqueue(url, ["fine"] * 3, max_attempts=2)
+        [bad] = enqueue(url, ["fine"], max_attempts=2, file_path="outputs/locked/x.wav")
+        enqueue(url, ["fine"] * 3, max_attempts=2)
+        exits = []
+        for n in range(5):  # as systemd restarts it
+            process = spawn(config(tmp_path, url), tmp_path / f"w{n}.log", "--burst")
+            exits.append(process.wait(60))
+            if exits[-1] != EXIT_MACHINE_FAULT:
+                break
+        status, attempts, error = job(url, bad)
+    finally:
+        subprocess.run(["umount", "-l", str(locked)], check=True)
+    assert status == "failed", (status, attempts, error)
+    assert exits == [0], exits
