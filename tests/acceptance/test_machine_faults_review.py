@@ -295,3 +295,27 @@ def test_machine_fault__one_jobs_read_only_subfolder_fails_that_job_alone(
         subprocess.run(["umount", "-l", str(locked)], check=True)
     assert status == "failed", (status, attempts, error)
     assert exits == [0], exits
+
+
+def test_machine_fault__a_disk_that_stays_short_never_fails_the_jobs(
+        sqlite_db_url: str, tmp_path: Path) -> None:
+    """The outputs disk stays short of space (another program holds it: above outputs.min_free_mb,
+    below what one WAV needs, as with an exhausted quota) across restarts: the machine's fault, so
+    no job fails however often the daemon restarts; every job is still pending, unspent."""
+    url = sqlite_db_url
+    init_db(url)
+    outputs = tmp_path / "outputs"
+    mount(outputs, "size=8m")
+    try:
+        (outputs / "filler").write_bytes(b"\0" * (8 * 1024 - 1536) * 1024)  # 1.5 MiB left
+        ids = enqueue(url, ["fine"] * 3, max_attempts=2, duration_seconds=62.0, sample_rate=16000)  # 1.9 MiB
+        exits = []
+        for n in range(5):  # as systemd restarts it
+            process = spawn(config(tmp_path, url, min_free_mb=1), tmp_path / f"w{n}.log", "--burst")
+            exits.append(process.wait(60))
+            if exits[-1] != EXIT_MACHINE_FAULT:
+                break
+        states = [tuple(job(url, i)) for i in ids]
+    finally:
+        subprocess.run(["umount", "-l", str(outputs)], check=True)
+    assert {(s, a) for s, a, _ in states} == {("pending", 0)}, (exits, states)
