@@ -128,30 +128,39 @@ def test_machine_fault__mark_left_by_a_stop_does_not_charge_the_next_fault(
     init_db(url)
     [job_id] = enqueue(url, ["block"], max_attempts=3, duration_seconds=1.0)
     release = tmp_path / "release"
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        first = spawn(config(tmp_path, url), tmp_path / "first.log")
+        started.append(first)
+        wait_until(lambda: running(tmp_path, job_id, 1), 60, "the first attempt", alive=first)
+        fill(small_disk)
+        release.touch()
+        assert first.wait(60) == EXIT_MACHINE_FAULT, (tmp_path / "first.log").read_text()[-3000:]
+        assert job(url, job_id)[:2] == ("pending", 0)
+        release.unlink()
+        (small_disk / "filler").unlink()
 
-    first = spawn(config(tmp_path, url), tmp_path / "first.log")
-    wait_until(lambda: running(tmp_path, job_id, 1), 60, "the first attempt", alive=first)
-    fill(small_disk)
-    release.touch()
-    assert first.wait(60) == EXIT_MACHINE_FAULT, (tmp_path / "first.log").read_text()[-3000:]
-    assert job(url, job_id)[:2] == ("pending", 0)
-    release.unlink()
-    (small_disk / "filler").unlink()
+        second = spawn(config(tmp_path, url, grace_seconds=0.0), tmp_path / "second.log")
+        started.append(second)
+        wait_until(lambda: running(tmp_path, job_id, 2), 60, "the second attempt", alive=second)
+        wait_until(logged(tmp_path / "second.log", "daemon ready"), 60, "signals handled", alive=second)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0, (tmp_path / "second.log").read_text()[-3000:]
+        assert job(url, job_id)[:2] == ("pending", 0)
 
-    second = spawn(config(tmp_path, url, grace_seconds=0.0), tmp_path / "second.log")
-    wait_until(lambda: running(tmp_path, job_id, 2), 60, "the second attempt", alive=second)
-    wait_until(logged(tmp_path / "second.log", "daemon ready"), 60, "signals handled", alive=second)
-    second.send_signal(signal.SIGTERM)
-    assert second.wait(60) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    assert job(url, job_id)[:2] == ("pending", 0)
-
-    third = spawn(config(tmp_path, url), tmp_path / "third.log")
-    wait_until(lambda: running(tmp_path, job_id, 3), 60, "the third attempt", alive=third)
-    fill(small_disk)
-    release.touch()
-    assert third.wait(60) == EXIT_MACHINE_FAULT, (tmp_path / "third.log").read_text()[-3000:]
-    status, attempts, error = job(url, job_id)
-    assert (status, attempts) == ("pending", 0), (status, attempts, error)
+        third = spawn(config(tmp_path, url), tmp_path / "third.log")
+        started.append(third)
+        wait_until(lambda: running(tmp_path, job_id, 3), 60, "the third attempt", alive=third)
+        fill(small_disk)
+        release.touch()
+        assert third.wait(60) == EXIT_MACHINE_FAULT, (tmp_path / "third.log").read_text()[-3000:]
+        status, attempts, error = job(url, job_id)
+        assert (status, attempts) == ("pending", 0), (status, attempts, error)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def test_machine_fault__sqlite_disk_full_does_not_fail_a_rendered_job(tmp_path: Path) -> None:
@@ -287,7 +296,12 @@ def test_machine_fault__one_jobs_read_only_subfolder_fails_that_job_alone(
         exits = []
         for n in range(5):  # as systemd restarts it
             process = spawn(config(tmp_path, url), tmp_path / f"w{n}.log", "--burst")
-            exits.append(process.wait(60))
+            try:
+                exits.append(process.wait(60))
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
             if exits[-1] != EXIT_MACHINE_FAULT:
                 break
         status, attempts, error = job(url, bad)
@@ -312,7 +326,12 @@ def test_machine_fault__a_disk_that_stays_short_never_fails_the_jobs(
         exits = []
         for n in range(5):  # as systemd restarts it
             process = spawn(config(tmp_path, url, min_free_mb=1), tmp_path / f"w{n}.log", "--burst")
-            exits.append(process.wait(60))
+            try:
+                exits.append(process.wait(60))
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
             if exits[-1] != EXIT_MACHINE_FAULT:
                 break
         states = [tuple(job(url, i)) for i in ids]
