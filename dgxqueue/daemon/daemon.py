@@ -8,13 +8,14 @@ that tests drive directly.
 Whose fault it is decides how the daemon ends (:meth:`Daemon.run` returns the exit code):
 
 - A job's error is recorded against that job (retried or failed); the daemon carries on.
-- A machine fault (:func:`~dgxqueue.daemon.retry.machine_fault`: the outputs disk full, read-only
-  or unwritable, memory gone, the GPU lost) stops claiming, gives every held job back with its
-  attempt refunded, and exits with :data:`EXIT_MACHINE_FAULT` for systemd to restart the process.
-  The jobs of the call that faulted are marked (``error_message`` starts ``machine fault (``). A
-  job that faults while still marked (its last attempt ended in a machine fault too) may be the
-  cause, so that fault is charged to it as a transient failure, and marked again. So a job that
-  always faults costs at most ``max_attempts + 1`` restarts before it is failed.
+- A machine fault (:mod:`~dgxqueue.daemon.faults`: the outputs folder full, read-only, unwritable
+  or gone, as a test write confirms; memory or file descriptors gone; the GPU lost) stops
+  claiming, gives every held job back with its attempt refunded, and exits with
+  :data:`EXIT_MACHINE_FAULT` for systemd to restart the process. The jobs of the call that
+  faulted are marked (``error_message`` starts ``machine fault (``). A fault no test can confirm
+  (memory, descriptors, GPU) may be the job's doing: past a bounded number of refunds it is
+  charged to the job. A failed write that the test write clears is the job's own path's fault:
+  that job fails alone and the daemon carries on.
 - A backend call past ``worker.job_timeout_seconds`` is charged to its jobs
   (:class:`~dgxqueue.errors.JobTimeoutError`), everything else held goes back unspent, and the
   daemon exits with :data:`EXIT_JOB_TIMEOUT`: Python cannot interrupt the stuck call, and only a
@@ -44,13 +45,15 @@ import dgxqueue
 from dgxqueue.config import Settings
 from dgxqueue.daemon.diskcheck import OutputsCheck, Problem
 from dgxqueue.daemon.executor import Outcome, Work, prepare, render
+from dgxqueue.daemon.faults import judge
+from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
 from dgxqueue.daemon.hooks import DaemonInfo, Hooks
 from dgxqueue.daemon.isolation import split_isolating, timeout_marks
-from dgxqueue.daemon.retry import MACHINE_FAULT_MARK, decide, describe, machine_fault
+from dgxqueue.daemon.retry import decide, describe
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.store import QueueStore
 from dgxqueue.daemon.waker import Waker, make_waker
-from dgxqueue.errors import DgxQueueError, JobTimeoutError, TransientGeneratorError
+from dgxqueue.errors import DgxQueueError, JobTimeoutError
 from dgxqueue.generators import Generator
 from dgxqueue.storage import repository
 from dgxqueue.storage.driver import is_transient_db_error
@@ -133,6 +136,7 @@ class Daemon:
         self.exit_code = 0
         self.fault: str | None = None  # a machine fault's reason: claim nothing more, then exit
         self._fault_marks: dict[str, str] = {}  # job id -> error_message it is given back with
+        self._hard_stop = HardStop(self._overran, lambda: self.exit_code)
 
     # --- control --------------------------------------------------------------------------
 
@@ -155,6 +159,7 @@ class Daemon:
         grace = 0.0 if self._immediate else self.config.grace_seconds
         deadline = max(self._stop_requested_at + grace, time.monotonic()) + SHUTDOWN_DB_SECONDS
         self.store.deadline = min(deadline, self.store.deadline or deadline)
+        self._hard_stop.arm(self.store.deadline + HARD_STOP_MARGIN)  # a call the server never answers
         self.waker.wake()
 
     def healthy(self) -> bool:
@@ -189,6 +194,7 @@ class Daemon:
     def run(self, *, burst: bool = False) -> int:
         """Run until stopped (or, with ``burst``, until the queue is drained). Returns the exit
         code: 0, :data:`EXIT_MACHINE_FAULT` or :data:`EXIT_JOB_TIMEOUT`."""
+        self._hard_stop.start()
         self.start()
         try:
             while not self.stopping:
@@ -246,6 +252,8 @@ class Daemon:
 
     def rescue(self) -> None:
         with self._outage_skips("rescue skipped: database unavailable"):
+            if self._held:  # ours first: after an outage longer than a lease, it would take them back
+                self._refresh()
             requeued, failed = self.store.rescue()
             if requeued or failed:
                 self.hooks.on_rescued(requeued, failed)
@@ -328,36 +336,30 @@ class Daemon:
         return problem is None
 
     def _sort_faults(self, outcomes: list[Outcome]) -> list[Outcome]:
-        """The outcomes to record. Those that are a machine fault's are taken out: their jobs are
-        given back marked (or, marked already, charged for it), and the daemon stops to exit."""
-        faults = [(o, reason) for o in outcomes if o.error is not None and (reason := machine_fault(o.error))]
-        if not faults:
-            return outcomes
-        first, reason = faults[0]
-        assert first.error is not None
+        """The outcomes to record. Those that are a machine fault's (:func:`~dgxqueue.daemon.faults.judge`)
+        are taken out: their jobs are given back marked (or, past their refunds, charged), and the
+        daemon stops to exit."""
+        verdict = judge(outcomes, self.settings.outputs_dir, self._error_messages)
+        if verdict.own:
+            self.log.warning("the outputs folder takes files: the failed writes are the jobs' own", jobs=verdict.own)
+        if verdict.reason is None:
+            return verdict.outcomes
+        assert verdict.error is not None
         if self.fault is None:
-            self.fault, self.exit_code = reason, EXIT_MACHINE_FAULT
+            self.fault, self.exit_code = verdict.reason, EXIT_MACHINE_FAULT
             self.log.error("machine fault: claiming nothing more; held jobs go back unspent, then exit for a"
-                           " restart", reason=reason, error=describe(first.error), exit_code=EXIT_MACHINE_FAULT,
-                           jobs=[o.job.id for o, _ in faults])
-            self.notifier.status(f"machine fault ({reason}): giving jobs back, exiting")
-            self.hooks.on_machine_fault(reason)
+                           " restart", reason=verdict.reason, error=describe(verdict.error),
+                           exit_code=EXIT_MACHINE_FAULT, jobs=list(verdict.marks))
+            self.notifier.status(f"machine fault ({verdict.reason}): giving jobs back, exiting")
+            self.hooks.on_machine_fault(verdict.reason)
             self.request_stop(immediate=True)
-        ids = [o.job.id for o, _ in faults]
-        previous: dict[str, str | None] = {}
-        with self._outage_skips("could not read whether these jobs faulted before; giving them back"):
-            previous = self.store.error_messages(ids)
-        kept: list[Outcome] = [o for o in outcomes if o.job.id not in set(ids)]
-        for outcome, why in faults:
-            assert outcome.error is not None
-            text = f"{MACHINE_FAULT_MARK}{why}) {describe(outcome.error)}"
-            if (previous.get(outcome.job.id) or "").startswith(MACHINE_FAULT_MARK):
-                # Its last attempt faulted too: it may be the job's doing, so it pays this time.
-                error = TransientGeneratorError(f"{text}, on two attempts in a row: counted against the job")
-                kept.append(Outcome(outcome.job, error, outcome.generation_seconds))
-            else:
-                self._fault_marks[outcome.job.id] = f"{text}; given back, attempt not counted"
-        return kept
+        self._fault_marks.update(verdict.marks)
+        return verdict.outcomes
+
+    def _error_messages(self, ids: list[str]) -> dict[str, str | None]:
+        with self._outage_skips("could not read how often these jobs faulted before; giving them back"):
+            return self.store.error_messages(ids)
+        return {}
 
     def _claim_next_round(self) -> None:
         """Claim the next jobs, alone or with this round's outcomes.
@@ -471,11 +473,14 @@ class Daemon:
         if not self._held:
             return
         with self._outage_skips("heartbeat failed: database unavailable"):
-            held = self.store.extend(self._held)
-            for job in self._held:
-                if job.id not in held:
-                    self.log.warning("lease lost: another daemon may run this job; our outcome will be refused",
-                                     job_id=job.id, model=job.model_name, attempt=job.attempt)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        held = self.store.extend(self._held)
+        for job in self._held:
+            if job.id not in held:
+                self.log.warning("lease lost: another daemon may run this job; our outcome will be refused",
+                                 job_id=job.id, model=job.model_name, attempt=job.attempt)
 
     def record(self, outcomes: Sequence[Outcome], *, claim_next: bool = False) -> None:
         """Write each outcome (fenced), in one transaction, and tell the hooks.
@@ -570,3 +575,9 @@ class Daemon:
             self.waker.close()
             self.store.close()
             self.hooks.on_stop()
+            self._hard_stop.close()
+
+    def _overran(self) -> None:
+        self.log.error("the stop overran its time limit (a database call never returned): exiting now; the"
+                       " jobs still held are left to the lease rescue", jobs=[job.id for job in list(self._held)],
+                       exit_code=self.exit_code)

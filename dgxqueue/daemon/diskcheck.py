@@ -36,12 +36,22 @@ def _existing(folder: Path) -> Path:
 
 
 def look(folder: Path, min_free_mb: int) -> Problem | None:
-    """What stops ``folder`` from taking files now, or None. ``min_free_mb`` 0 skips the space check."""
-    path = _existing(folder)
+    """What stops ``folder`` from taking files now, or None. ``min_free_mb`` 0 skips the space check.
+
+    Total: whatever stops the folder from being examined (a parent it may not search, a name too
+    long, an I/O error) is a problem to pause on, never an error out of the claim loop."""
     try:
-        stats = os.statvfs(path)
-    except OSError as exc:
-        return Problem("not_writable", f"cannot examine the outputs folder {path}: {exc.strerror or exc}")
+        return _look(folder, min_free_mb)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return Problem("not_writable", f"cannot examine the outputs folder {folder}: {why}")
+
+
+def _look(folder: Path, min_free_mb: int) -> Problem | None:
+    path = _existing(folder)
+    stats = os.statvfs(path)
+    if not path.is_dir():
+        return Problem("not_writable", f"the outputs folder {path} is not a folder")
     if stats.f_flag & os.ST_RDONLY:
         return Problem("read_only", f"the outputs folder {path} is on a read-only file system")
     if not os.access(path, os.W_OK | os.X_OK):

@@ -28,15 +28,18 @@ _Processor = Callable[[Any], Any]
 # exceptions, insufficient resources, operator intervention (shutdowns), system errors.
 _RETRYABLE_PGCODES = {"40001", "40P01", "55P03"}
 _RETRYABLE_PGCLASSES = {"08", "53", "57", "58"}
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+# Busy and locked; and the machine's faults under the database file (an I/O error, its disk
+# full), which pass once the machine recovers, as a PostgreSQL server's full disk (53100) does.
+_SQLITE_TRANSIENT = {5, 6, 10, 13}  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
-    """Errors worth retrying: lost connections, locks, server restarts, serialization failures."""
+    """Errors worth retrying: lost connections, locks, server restarts, serialization failures, a
+    full disk."""
     if isinstance(exc, sa.exc.DBAPIError):
         code = getattr(exc.orig, "sqlite_errorcode", None)
-        if code is not None:  # SQLite raises OperationalError for syntax errors too: only busy/locked
-            return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+        if code is not None:  # SQLite raises OperationalError for syntax errors too: by its code
+            return code & 0xFF in _SQLITE_TRANSIENT
         if exc.connection_invalidated:
             return True
         sqlstate = getattr(exc.orig, "sqlstate", None)

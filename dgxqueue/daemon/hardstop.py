@@ -1,0 +1,65 @@
+"""A hard limit on a stop: the process ends when its shutdown overruns.
+
+The shutdown's database calls give up at the store's deadline, but only between tries: a
+statement sent to a server that stopped answering (frozen, or behind a network path that drops
+packets without a reset) waits for ever, and systemd would kill the daemon at TimeoutStopSec
+without a word. A thread watches a deadline set by the stop request and, past it, says what is
+left to the lease rescue and ends the process with the daemon's exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+#: How long after the store's deadline the shutdown may still run: one more connection attempt
+#: (the engine's connect timeout) may have started just before that deadline.
+HARD_STOP_MARGIN = 10.0
+_SAY_SECONDS = 2.0  # the last words may not block the exit: stdout may be a pipe nobody reads
+
+
+class HardStop:
+    """Calls ``say`` then ends the process with ``exit_code()`` once an armed deadline passes."""
+
+    def __init__(self, say: Callable[[], None], exit_code: Callable[[], int], *, poll: float = 0.25) -> None:
+        self._say = say
+        self._exit_code = exit_code
+        self._poll = poll
+        self._deadline: float | None = None
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="dgxqueue-hardstop", daemon=True)
+            self._thread.start()
+
+    def arm(self, deadline: float) -> None:
+        """End the process at ``deadline`` (``time.monotonic()``) unless closed by then; an earlier
+        one wins. Safe in a signal handler: it only stores a number."""
+        current = self._deadline
+        self._deadline = deadline if current is None else min(current, deadline)
+
+    def close(self) -> None:
+        """The shutdown is over: never end the process."""
+        self._closed.set()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self._poll):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() >= deadline and not self._closed.is_set():
+                self._end()
+
+    def _end(self) -> None:
+        def last_words() -> None:
+            self._say()
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+        speaker = threading.Thread(target=last_words, name="dgxqueue-hardstop-log", daemon=True)
+        speaker.start()
+        speaker.join(_SAY_SECONDS)
+        os._exit(self._exit_code())
