@@ -159,7 +159,9 @@ class QueueStore:
         return self.finish([(job, repository.release_values(job.attempt, messages.get(job.id))) for job in jobs])
 
     def error_messages(self, ids: Sequence[str]) -> dict[str, str | None]:
-        return self._run(lambda s: repository.error_messages(s, ids))
+        """On the held connection: after a machine fault (no file descriptors left) a new one may
+        not open."""
+        return self._retry(lambda: fastqueue.error_messages(self._link, ids))
 
     def rescue(self) -> tuple[list[str], list[str]]:
         def rescue(session: Session) -> tuple[list[str], list[str]]:

@@ -160,3 +160,16 @@ def finish_and_claim(
         # Rolled back, claim included: the outcomes alone, and the next round claims.
         return _finish_one_by_one(link, worker_id, outcomes, exc), []
     return {row[0] for pending in done for row in pending.rows}, repository.claimed_jobs(claimed.rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _error_message(dialect: Dialect) -> Compiled:
+    return Compiled.of(repository.error_message_statement(), dialect)
+
+
+def error_messages(link: Link, ids: Sequence[str]) -> dict[str, str | None]:
+    """The ``error_message`` of each of ``ids`` that exists, read on the link's own connection."""
+    statement = _error_message(link.dialect)
+    with link.transaction(autocommit=True) as cursor:
+        found = [(job_id, cursor.submit(statement, {"id": job_id})) for job_id in ids]
+    return {job_id: pending.rows[0][0] for job_id, pending in found if pending.rows}

@@ -512,6 +512,12 @@ def release_values(attempt: int, message: str | None = None) -> dict[str, Any]:
     return values
 
 
+def error_message_statement() -> sa.Select[tuple[str | None]]:
+    """The ``error_message`` of the job whose id is bound to ``id`` (the daemon reads it on the
+    connection it holds: after a machine fault a new one may not open)."""
+    return sa.select(G.c.error_message).where(G.c.id == sa.bindparam("id"))
+
+
 def error_messages(session: Session, ids: Sequence[str]) -> dict[str, str | None]:
     """The ``error_message`` of each of ``ids`` that exists."""
     rows = session.execute(sa.select(G.c.id, G.c.error_message).where(G.c.id.in_(list(ids))))
