@@ -518,12 +518,6 @@ def error_message_statement() -> sa.Select[tuple[str | None]]:
     return sa.select(G.c.error_message).where(G.c.id == sa.bindparam("id"))
 
 
-def error_messages(session: Session, ids: Sequence[str]) -> dict[str, str | None]:
-    """The ``error_message`` of each of ``ids`` that exists."""
-    rows = session.execute(sa.select(G.c.id, G.c.error_message).where(G.c.id.in_(list(ids))))
-    return {job_id: message for job_id, message in rows}
-
-
 @functools.lru_cache(maxsize=128)
 def started_statement(dialect: str, n: int, started: bool = True) -> sa.Update:
     """Mark the attempts of ``n`` jobs this daemon holds as started by a backend call (binds

@@ -15,6 +15,7 @@ from dgxqueue import audio
 from dgxqueue.config import load_settings
 from dgxqueue.daemon import EXIT_MACHINE_FAULT, Daemon, HookChain
 from dgxqueue.daemon.diskcheck import look
+from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
 from dgxqueue.daemon.retry import machine_fault
 from dgxqueue.errors import ConfigError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio
@@ -77,24 +78,26 @@ def test_machine_fault__memory_error_in_a_chain() -> None:
         assert machine_fault(exc) == "memory"
 
 
-def test_machine_fault__job_that_always_faults_fails_after_max_attempts_plus_one_runs(
+def test_machine_fault__job_that_always_faults_fails_after_its_refunds_and_attempts(
         engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
-    """A job whose every call raises MemoryError: its first fault is refunded, each later one is
-    charged, so it ends failed after max_attempts + 1 daemon runs, each of which exits 75; the
-    job queued behind it then completes on one attempt."""
+    """A job whose every call raises MemoryError (a fault no test can confirm): it is given back
+    unspent UNCONFIRMED_REFUNDS times, then each fault is charged, so it ends failed after
+    UNCONFIRMED_REFUNDS + max_attempts daemon runs, each of which exits 75; the job queued behind
+    it then completes on one attempt."""
     bad = enqueue(db_url, "oom", max_attempts=2)
     mate = enqueue(db_url, "fine")
     seen = []
-    for _ in range(5):
+    for _ in range(UNCONFIRMED_REFUNDS + 4):
         daemon = make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator(max_batch_size=1))
         code = daemon.run(burst=True)
         job = row(db_url, bad)
         seen.append((code, job.status, job.attempts))
         if job.status == "failed":
             break
-    assert seen == [(EXIT_MACHINE_FAULT, "pending", 0), (EXIT_MACHINE_FAULT, "pending", 1),
-                    (EXIT_MACHINE_FAULT, "failed", 2)]
-    assert (row(db_url, bad).error_message or "").startswith("machine fault (memory) MemoryError")
+    assert seen == [(EXIT_MACHINE_FAULT, "pending", 0)] * UNCONFIRMED_REFUNDS + [
+        (EXIT_MACHINE_FAULT, "pending", 1), (EXIT_MACHINE_FAULT, "failed", 2)]
+    assert (row(db_url, bad).error_message or "").startswith(
+        f"machine fault (memory) [unconfirmed {UNCONFIRMED_REFUNDS + 2} of {UNCONFIRMED_REFUNDS}] MemoryError")
     assert make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator()).run(burst=True) == 0
     assert (row(db_url, mate).status, row(db_url, mate).attempts) == ("completed", 1)
 
