@@ -210,7 +210,8 @@ class DaemonMetrics(Hooks):
             ["reason"], registry=registry)
         self.machine_fault = Gauge(
             "dgxqueue_machine_fault", "1 once a machine fault (disk_full, read_only, permission, io_error, "
-            "memory, gpu) stopped the daemon, which gives its jobs back and exits for a restart.",
+            "not_a_folder, memory, descriptors, gpu) stopped the daemon, which gives its jobs back and exits "
+            "for a restart.",
             ["reason"], registry=registry)
         for result in RESCUE_RESULTS:
             self.rescued.labels(result)

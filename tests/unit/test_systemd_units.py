@@ -21,6 +21,8 @@ import pytest
 
 from dgxqueue.cli import build_parser
 from dgxqueue.config import Settings, load_settings
+from dgxqueue.daemon.daemon import SHUTDOWN_DB_SECONDS
+from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS_DIR = REPO / "systemd"
@@ -127,7 +129,8 @@ def test_worker__notify_watchdog_and_stop_timeout_fit_the_daemon() -> None:
     assert worker["Restart"] == ["on-failure"]
     assert int(worker["WatchdogSec"][0].removesuffix("s")) >= 10
     stop_seconds = int(worker["TimeoutStopSec"][0].removesuffix("s"))
-    assert stop_seconds > Settings().worker.grace_seconds + 5
+    # The longest stop: the grace period, the shutdown's database calls, then the hard stop's margin.
+    assert stop_seconds > Settings().worker.grace_seconds + SHUTDOWN_DB_SECONDS + HARD_STOP_MARGIN
 
 
 def test_worker__one_gpu_and_one_metrics_port_per_instance() -> None:
