@@ -20,8 +20,9 @@ from dgxqueue.daemon.executor import Outcome
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS, judge, probe_write, tally, wav_size
 from dgxqueue.errors import OutputError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio
+from dgxqueue.storage import get_engine
 from dgxqueue.storage.driver import is_transient_db_error
-from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.models import Generation, utcnow
 from dgxqueue.storage.repository import ClaimedJob
 from tests.integration.test_daemon import enqueue, row
 from tests.support.daemons import RecordingHooks, make_daemon
@@ -133,8 +134,9 @@ def test_daemon__rescue_leaves_the_jobs_it_holds(db_url: str, tmp_path: Path) ->
     daemon = make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator(), hooks=hooks)
     job_id = enqueue(db_url, "fine")
     daemon._claim_ahead()
-    later = utcnow() + timedelta(hours=1)
-    daemon.clock = lambda: later
+    with get_engine(db_url).begin() as conn:  # the outage outlasted the lease
+        conn.execute(sa.update(Generation).where(Generation.id == job_id)
+                     .values(lease_expires_at=utcnow() - timedelta(hours=1)))
     daemon.rescue()
     job = row(db_url, job_id)
     assert (job.status, job.worker_id, hooks.rescued) == ("processing", daemon.worker_id, [])
