@@ -205,6 +205,13 @@ class Daemon:
                 try:
                     if self.run_once():
                         continue
+                    if burst and self._paused is not None and self.store.has_work():
+                        # A burst run must end: waiting for the outputs folder to recover is a
+                        # service's job, and a cron-driven drain would otherwise hang for good.
+                        self.log.error("burst: not drained: the outputs folder cannot take files",
+                                       reason=self._paused.reason, exit_code=EXIT_MACHINE_FAULT)
+                        self.exit_code = EXIT_MACHINE_FAULT
+                        break
                     if burst and not self.store.has_work():
                         self.log.info("burst: queue drained")
                         break

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from dgxqueue.daemon.daemon import EXIT_MACHINE_FAULT
 from dgxqueue.errors import UnknownGeneratorError
 from dgxqueue.generators import Generator, create_generator
 from dgxqueue.storage import Generation, create_generation, get_engine, get_generation, session_scope
@@ -95,26 +96,37 @@ def test_daemon_backend__unknown_backend_lists_the_known_ones() -> None:
         create_generator("musicgen-xl")
 
 
-def test_daemon_backend__disk_full_fails_job_and_daemon_goes_on(sqlite_db_url: str, tiny_disk: Path) -> None:
-    """A full disk fails the big job with the reason, leaves no partial file, and small jobs still complete."""
+def test_daemon_backend__full_disk_pauses_claims_and_burst_exits_75(sqlite_db_url: str, tiny_disk: Path) -> None:
+    """An outputs disk below outputs.min_free_mb: a burst run claims nothing and exits 75, the job untouched."""
     outputs = tiny_disk / "outputs"
     daemon = make_daemon(sqlite_db_url, outputs, create_generator("synth"), batch_size=1)
+    job_id = enqueue(sqlite_db_url, "synth", 8000, 0.25)
+    assert daemon.run(burst=True) == EXIT_MACHINE_FAULT
+    job = row(sqlite_db_url, job_id)
+    assert (job.status, job.attempts) == ("pending", 0)
+    assert not outputs.exists() or list(outputs.iterdir()) == []
+
+
+def test_daemon_backend__wav_larger_than_the_disk_is_given_back_unspent(sqlite_db_url: str, tiny_disk: Path) -> None:
+    """With the free-space check off, a WAV the disk cannot hold is the machine's fault (a test write of
+    its size fails too): the job goes back unspent and marked, the run exits 75, no partial file is left."""
+    outputs = tiny_disk / "outputs"
+    daemon = make_daemon(sqlite_db_url, outputs, create_generator("synth"), batch_size=1)
+    daemon.outputs_check.min_free_mb = 0
     big = enqueue(sqlite_db_url, "synth", 32000, 4.0)  # 256 KB of PCM on a 64 KiB disk
-    small = enqueue(sqlite_db_url, "synth", 8000, 0.25)  # 4 KB
-    daemon.run(burst=True)
-    failed = row(sqlite_db_url, big)
-    assert failed.status == "failed" and "No space left on device" in (failed.error_message or "")
-    assert failed.attempts == 1
-    assert row(sqlite_db_url, small).status == "completed"
-    assert sorted(p.name for p in outputs.iterdir()) == [f"{small}.wav"]
+    assert daemon.run(burst=True) == EXIT_MACHINE_FAULT
+    job = row(sqlite_db_url, big)
+    assert (job.status, job.attempts) == ("pending", 0)
+    assert (job.error_message or "").startswith("machine fault (disk_full)")
+    assert list(p for p in tiny_disk.rglob("*") if p.is_file()) == []
 
 
-def test_daemon_backend__unwritable_outputs_fails_job(sqlite_db_url: str, readonly_dir: Path) -> None:
-    """An outputs folder that cannot be written fails the job with the reason; nothing is left behind."""
+def test_daemon_backend__unwritable_outputs_pause_claims(sqlite_db_url: str, readonly_dir: Path) -> None:
+    """An outputs folder that cannot be written is the machine's: nothing is claimed, a burst run exits 75,
+    the job stays pending unspent and nothing is left behind."""
     daemon = make_daemon(sqlite_db_url, readonly_dir / "outputs", create_generator("synth"))
     job_id = enqueue(sqlite_db_url, "synth", 8000, 0.25)
-    daemon.run(burst=True)
+    assert daemon.run(burst=True) == EXIT_MACHINE_FAULT
     job = row(sqlite_db_url, job_id)
-    assert job.status == "failed" and "could not write" in (job.error_message or "")
-    assert job.attempts == 1
+    assert (job.status, job.attempts) == ("pending", 0)
     assert list(readonly_dir.iterdir()) == []
