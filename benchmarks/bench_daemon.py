@@ -247,13 +247,16 @@ def steps_ceiling(url: str, batch: int) -> float:
     claimed = fastqueue.claim(link, worker_id="steps", models=models, limit=batch, lease=lease, start=True)
     while claimed:
         work, refused = prepare(claimed, generator)
-        outcomes = refused + render(generator, work, outputs)
+        outcomes = refused + render(generator, work, outputs, "steps")
         now = utcnow()
         rows = [(o.job.id, o.job.attempt, repository.completed_values(now, o.generation_seconds, o.file_size,
                                                                       o.metadata)) for o in outcomes]
         written, claimed = fastqueue.finish_and_claim(link, worker_id="steps", outcomes=rows, models=models,
                                                       limit=batch, lease=lease, start=True)
         assert len(written) == len(rows), "an outcome was fenced off: the ceiling did not do the work"
+        for outcome in outcomes:  # each file renamed into place after its commit, as the daemon does
+            assert outcome.staged is not None
+            outcome.staged.publish()
         done += len(rows)
     elapsed = time.perf_counter() - started
     link.close()

@@ -2,7 +2,8 @@
 
 Run: ``.venv/bin/python benchmarks/bench_output.py [--jobs 3000] [--rounds 5]``. Fake claimed jobs
 for the ``silence`` backend (0.01 s of 8 kHz mono zeros, the job ``bench_daemon.py`` counts) go
-through :func:`executor.prepare` and :func:`executor.render` in batches of 1 and of 64, into a
+through :func:`executor.prepare` and :func:`executor.render` in batches of 1 and of 64, then
+each staged file is published (renamed into place, as the daemon does after the commit), into a
 fresh tmpfs folder (/dev/shm) per round, so the figures measure CPU, not a disk. A second pass
 times the steps one by one through the functions the executor calls. The floor, measured in the
 same run, is the least any atomic writer must do per file: open a temporary file O_CREAT|O_EXCL,
@@ -31,13 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgxqueue import audio
-from dgxqueue.daemon import executor
+from dgxqueue.daemon import executor, staging
 from dgxqueue.storage.repository import ClaimedJob
 from workers.silence import SilenceGenerator
 
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 DURATION, RATE = 0.01, 8000
-STEPS = ("prepare", "render", "  generate", "  write_wav", "  measure", "  sync", "total", "floor")
+STEPS = ("prepare", "render", "  generate", "  stage_wav", "  measure", "  sync", "publish", "total", "floor")
 
 
 def make_jobs(n: int) -> list[ClaimedJob]:
@@ -64,13 +65,18 @@ def in_fresh_folder(action: Callable[[Path], dict[str, float]]) -> dict[str, flo
 
 def executor_pass(jobs: Sequence[ClaimedJob], size: int, outputs: Path) -> dict[str, float]:
     generator = SilenceGenerator(max_batch_size=size)
-    spent = {"prepare": 0.0, "render": 0.0}
+    spent = {"prepare": 0.0, "render": 0.0, "publish": 0.0}
     for chunk in batches(jobs, size):
         started = time.perf_counter()
         work, refused = executor.prepare(chunk, generator)
         prepared = time.perf_counter()
-        outcomes = executor.render(generator, work, outputs)
-        spent["render"] += time.perf_counter() - prepared
+        outcomes = executor.render(generator, work, outputs, "bench")
+        rendered = time.perf_counter()
+        for outcome in outcomes:
+            assert outcome.staged is not None
+            outcome.staged.publish()
+        spent["publish"] += time.perf_counter() - rendered
+        spent["render"] += rendered - prepared
         spent["prepare"] += prepared - started
         assert not refused and all(o.error is None for o in outcomes), (refused, outcomes)
     return spent
@@ -79,7 +85,7 @@ def executor_pass(jobs: Sequence[ClaimedJob], size: int, outputs: Path) -> dict[
 def steps_pass(jobs: Sequence[ClaimedJob], size: int, outputs: Path) -> dict[str, float]:
     """The render's steps timed apart: the backend call, the writes, the measurements, the sync."""
     generator = SilenceGenerator(max_batch_size=size)
-    spent = dict.fromkeys(("  generate", "  write_wav", "  measure", "  sync"), 0.0)
+    spent = dict.fromkeys(("  generate", "  stage_wav", "  measure", "  sync"), 0.0)
     for chunk in batches(jobs, size):
         work, _ = executor.prepare(chunk, generator)
         root = audio.OutputRoot(outputs)
@@ -89,16 +95,16 @@ def steps_pass(jobs: Sequence[ClaimedJob], size: int, outputs: Path) -> dict[str
         t0 = time.perf_counter()
         results = generator.generate([w.request for w in work])
         t1 = time.perf_counter()
-        for path, result in zip(paths, results, strict=True):
+        for path, result, w in zip(paths, results, work, strict=True):
             assert not isinstance(result, BaseException)
-            audio.write_wav_atomic(path, result, sync_folder=False, folders=folders)
+            audio.stage_wav(path, result, tag=staging.tag(w.job.id, w.job.attempt, "bench"), folders=folders)
         t2 = time.perf_counter()
         for result in results:
             assert not isinstance(result, BaseException)
             audio.measure(result)
         t3 = time.perf_counter()
         folders.sync()
-        folders.close()
+        folders.close()  # the staged files are left as they are: "publish" is timed above
         t4 = time.perf_counter()
         for key, value in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             spent[key] += value
@@ -132,7 +138,7 @@ def measure_batch(jobs: Sequence[ClaimedJob], size: int, rounds: int) -> dict[st
         for run in (executor_pass, steps_pass, floor_pass):
             for key, seconds in in_fresh_folder(functools.partial(run, jobs, size)).items():
                 best[key] = min(best.get(key, float("inf")), seconds * 1e6 / len(jobs))
-    best["total"] = best["prepare"] + best["render"]
+    best["total"] = best["prepare"] + best["render"] + best["publish"]
     return best
 
 

@@ -15,6 +15,7 @@ import os
 import secrets
 import stat
 import struct
+import threading
 import wave
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dgxqueue import faultpoints
 from dgxqueue.errors import OutputError
 from dgxqueue.generators import GeneratedAudio
 
@@ -35,6 +37,7 @@ _HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
 _WAVE_FORMAT_PCM = 1
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NAME_MAX = 255  # bytes in one file name, on every file system Linux writes outputs to
 
 
 class OutputRoot:
@@ -165,12 +168,16 @@ class Folders:
     ``inside``: the real path of a folder every file must land in. A folder's real path is read
     from its open descriptor and checked against it, and every write, rename and fsync goes
     through that descriptor: a folder swapped for a symlink after the job's path was checked
-    (while the backend rendered, for minutes) is refused, not written through.
+    (while the backend rendered, for minutes) is refused, not written through. The folders
+    stay open while anyone holds them (:meth:`hold`, :meth:`release`): the batch that wrote
+    them, and each of its :class:`StagedWav` files until it is published or discarded.
     """
 
     def __init__(self, inside: str | None = None) -> None:
         self.inside = inside
         self._open: dict[str, int] = {}
+        self._holders = 1  # whoever made it, until release(); and each StagedWav not yet settled
+        self._lock = threading.Lock()
 
     def open(self, folder: str, target: str) -> int:
         """The descriptor of ``folder`` (made if missing), checked on first use."""
@@ -201,6 +208,18 @@ class Folders:
                 errors[folder] = exc
         return errors
 
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        """One holder fewer; the last one closes the folders."""
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self.close()
+
     def close(self) -> None:
         for fd in self._open.values():
             os.close(fd)
@@ -218,46 +237,141 @@ def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bo
     leaves the folder's fsync to the caller (:meth:`Folders.sync`, once for a
     whole batch). Missing folders are created. ``folders``: the batch's open folders
     (checked to lie in the outputs folder); without it the folder is opened for this file alone.
+    The daemon does not use this: its results wait for their commit (:func:`stage_wav`).
     """
     _check_shape(path, audio)
     data = _wav_bytes(audio)
     target = os.fspath(path)
-    folder, name = folder_of(target), target.rpartition(os.sep)[2]
-    # The name cut to 200 bytes: a 240-byte file name is valid, with 19 bytes more it is not.
-    short = name.encode()[:200].decode("utf-8", "ignore") if len(name) > 50 else name
-    tmp = f".{short}.{secrets.token_hex(6)}.tmp"
+    name = target.rpartition(os.sep)[2]
+    tmp = temporary_name(name, secrets.token_hex(6))
     own = folders is None
     opened = Folders() if folders is None else folders
-    fd = folder_fd = -1
+    try:
+        folder_fd = opened.open(folder_of(target), target)
+        _write_temporary(folder_fd, tmp, data, path)
+        try:
+            os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the original error is the one worth reporting
+                os.unlink(tmp, dir_fd=folder_fd)
+            raise
+        if sync_folder:
+            _fsync_folder(folder_fd, target)
+    except OSError as exc:
+        raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if own:
+            opened.close()
+    return len(data)
+
+
+def temporary_name(name: str, tag: str) -> str:
+    """``.<name>.<tag>.tmp``, the name cut so that the whole fits in a file name's 255 bytes."""
+    room = _NAME_MAX - len(tag.encode()) - 6  # the two dots and ".tmp"
+    if len(name) * 4 > room:  # cut by bytes, never inside a character
+        name = name.encode()[:max(0, room)].decode("utf-8", "ignore")
+    return f".{name}.{tag}.tmp"
+
+
+def _write_temporary(folder_fd: int, temp: str, data: bytearray, path: str | Path) -> None:
+    """Create ``temp`` (it must not exist), write ``data``, fsync and close it; on any error it
+    is removed again and an OSError becomes :class:`OutputError`."""
+    fd = -1
     created = False
     try:
-        folder_fd = opened.open(folder, target)
         # os.open rather than mkstemp: mode 0o666 lets the umask decide, as for any other file.
-        fd = os.open(tmp, _CREATE, 0o666, dir_fd=folder_fd)
+        fd = os.open(temp, _CREATE, 0o666, dir_fd=folder_fd)
         created = True
+        faultpoints.reached("temporary-created")
         written = os.write(fd, data)
         while written < len(data):  # a regular file takes it all at once, but write() may stop short
             written += os.write(fd, memoryview(data)[written:])
         os.fsync(fd)
         fd, closing = -1, fd  # closed even if close() reports an error
         os.close(closing)
-        os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-        created = False
-        if sync_folder:
-            _fsync_folder(folder_fd, target)
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
         if created:
             with contextlib.suppress(OSError):  # the original error is the one worth reporting
-                os.unlink(tmp, dir_fd=folder_fd)
+                os.unlink(temp, dir_fd=folder_fd)
         if isinstance(exc, OSError):
             raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
         raise
-    finally:
-        if own:
-            opened.close()
-    return len(data)
+
+
+def stage_wav(path: str, audio: GeneratedAudio, *, tag: str, folders: Folders) -> StagedWav:
+    """Write ``audio`` beside ``path`` under ``.<name>.<tag>.tmp``, fsynced, and leave it there
+    for the caller to :meth:`~StagedWav.publish` once the attempt it belongs to has committed.
+
+    The folder's fsync (which makes the temporary's name durable) is the caller's, once a batch
+    (:meth:`Folders.sync`); ``folders`` stays open until every staged file is settled. Errors as
+    :func:`write_wav_atomic`'s; nothing is left behind.
+    """
+    _check_shape(path, audio)
+    data = _wav_bytes(audio)
+    name = path.rpartition(os.sep)[2]
+    temp = temporary_name(name, tag)
+    try:
+        folder_fd = folders.open(folder_of(path), path)
+    except OSError as exc:
+        raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
+    _write_temporary(folder_fd, temp, data, path)
+    return StagedWav(folders, folder_fd, path, temp, name, len(data))
+
+
+class StagedWav:
+    """One attempt's WAV, complete and fsynced under a temporary name in its target's folder,
+    waiting for the attempt's outcome.
+
+    Exactly one of :meth:`publish` (rename it into place), :meth:`discard` (delete it) and
+    :meth:`leave` (keep it for the sweep to settle) takes effect; later calls do nothing. Each
+    goes through the folder's descriptor opened (and checked) when the file was written, so a
+    folder replaced by a link meanwhile is not followed.
+    """
+
+    __slots__ = ("_fd", "_folders", "_settled", "name", "path", "size", "temp")
+
+    def __init__(self, folders: Folders, folder_fd: int, path: str, temp: str, name: str, size: int) -> None:
+        folders.hold()
+        self._folders, self._fd = folders, folder_fd
+        self.path, self.temp, self.name, self.size = path, temp, name, size
+        self._settled = False
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        return True
+
+    def publish(self) -> None:
+        """Rename the file into place. Its folder is not fsynced here: the temporary's name is
+        durable already, and the sweep renames a temporary whose rename a crash lost."""
+        if not self._settle():
+            return
+        try:
+            os.replace(self.temp, self.name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        except FileNotFoundError:  # a sweep that read the same committed row renamed it first
+            pass
+        except OSError as exc:
+            raise OutputError(f"could not rename {self.temp} to {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            self._folders.release()
+
+    def discard(self) -> None:
+        """Delete the file: its attempt's outcome was not recorded, or not as completed."""
+        if not self._settle():
+            return
+        try:
+            with contextlib.suppress(OSError):  # what stays is the sweep's to delete
+                os.unlink(self.temp, dir_fd=self._fd)
+        finally:
+            self._folders.release()
+
+    def leave(self) -> None:
+        """Keep the file for the sweep (whether its outcome committed is not known here)."""
+        if self._settle():
+            self._folders.release()
 
 
 def folder_of(target: str) -> str:

@@ -30,9 +30,10 @@ import contextlib
 import os
 import random
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
@@ -42,9 +43,11 @@ import structlog
 from sqlalchemy.engine import Engine
 
 import dgxqueue
+from dgxqueue import faultpoints
 from dgxqueue.config import Settings
+from dgxqueue.daemon import staging
 from dgxqueue.daemon.diskcheck import OutputsCheck, Problem
-from dgxqueue.daemon.executor import Outcome, Work, prepare, render
+from dgxqueue.daemon.executor import Outcome, Work, discard, prepare, render
 from dgxqueue.daemon.faults import judge
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
 from dgxqueue.daemon.hooks import DaemonInfo, Hooks
@@ -53,12 +56,12 @@ from dgxqueue.daemon.retry import decide, describe
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.store import QueueStore
 from dgxqueue.daemon.waker import Waker, make_waker
-from dgxqueue.errors import DgxQueueError, JobTimeoutError
+from dgxqueue.errors import DgxQueueError, JobTimeoutError, OutputError
 from dgxqueue.generators import Generator
 from dgxqueue.storage import repository
 from dgxqueue.storage.driver import is_transient_db_error
 from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.repository import AttemptState, ClaimedJob
 from dgxqueue.systemd import Notifier
 
 log = structlog.get_logger("dgxqueue.daemon")
@@ -72,6 +75,36 @@ SHUTDOWN_DB_SECONDS = 5.0
 #: Exit codes of :meth:`Daemon.run`; systemd restarts the daemon after either (Restart=on-failure).
 EXIT_MACHINE_FAULT = 75  # EX_TEMPFAIL: the machine failed (disk, memory, GPU); jobs given back
 EXIT_JOB_TIMEOUT = 124  # as timeout(1): a backend call overran its time limit and may never return
+
+
+class _Handoff:
+    """One backend call's outcomes, passed from the runner thread to the main loop unless the
+    loop gave up on the call first: then the call's files are deleted, never published."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._delivered: list[Outcome] | None = None
+
+    def deliver(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """On the runner thread, as the call returns: its outcomes, or none if it was abandoned."""
+        with self._lock:
+            if not self._abandoned:
+                self._delivered = outcomes
+                return outcomes
+        discard(outcomes)
+        if any(o.error is None for o in outcomes):
+            log.warning("an abandoned backend call returned; its files were deleted, not published",
+                        jobs=[o.job.id for o in outcomes])
+        return []
+
+    def abandon(self) -> None:
+        """On the main loop, giving up on the call: outcomes delivered too late to be read are
+        discarded now, later ones as they arrive."""
+        with self._lock:
+            self._abandoned = True
+            late, self._delivered = self._delivered or [], None
+        discard(late)
 
 
 def new_worker_id() -> str:
@@ -118,6 +151,8 @@ class Daemon:
         self._done: list[Outcome] = []  # outcomes to write while the next batch renders
         self._premarked: set[str] = set()  # of _next: marked started by their claim (see _claim_starts)
         self._render_seconds = 0.0  # the last backend call's, timed on the runner thread
+        self._call = _Handoff()  # the running (or last) backend call's
+        self._next_sweep = 0.0
         # SQLite has one writer lock for every process: a transaction more per round slowed two
         # daemons from 1.36x to 0.98x the bare loop, more than hiding the write gained one.
         self._writes_behind = engine.dialect.name != "sqlite"
@@ -187,6 +222,7 @@ class Daemon:
         self._loaded, self._last_loop = True, time.monotonic()
         self.hooks.on_model_loaded(time.perf_counter() - started)
         self.store.ping()
+        self.sweep()  # results a crash left between their commit and their rename
         self.notifier.ready(f"serving {', '.join(self.models)}")
         self.log.info("daemon ready", generator=self.generator.name, models=list(self.models),
                       batch_size=self.batch_size, engine=self.engine.dialect.name)
@@ -264,6 +300,18 @@ class Daemon:
             requeued, failed = self.store.rescue()
             if requeued or failed:
                 self.hooks.on_rescued(requeued, failed)
+        if time.monotonic() >= self._next_sweep:
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Settle the temporary WAVs crashes left in the outputs folder (:func:`staging.sweep`):
+        now and once a lease period, the time after which a dead attempt's row is rescued."""
+        self._next_sweep = time.monotonic() + self.config.lease_seconds
+        with self._outage_skips("sweep of temporary files skipped: database unavailable"):
+            swept = staging.sweep(self.settings.outputs_dir, self.store.attempts)
+            if swept.published or swept.deleted:
+                self.log.info("swept temporary files", published=len(swept.published), deleted=len(swept.deleted),
+                              kept=swept.kept)
 
     def run_once(self) -> int:
         """Run the jobs claimed with the last outcomes, or claim a batch; record them. Returns how
@@ -436,13 +484,14 @@ class Daemon:
     def _start(self, batch: list[Work]) -> tuple[Future[list[Outcome]], float]:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
         self.hooks.on_batch(len(batch))
-        outputs = self.settings.outputs_dir
+        outputs, worker_id = self.settings.outputs_dir, self.worker_id
+        self._call = handoff = _Handoff()
 
         def call() -> list[Outcome]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()
-            outcomes = render(self.generator, batch, outputs)
+            outcomes = render(self.generator, batch, outputs, worker_id)
             self._render_seconds = time.monotonic() - started
-            return outcomes
+            return handoff.deliver(outcomes)
 
         return self.runner.submit(call), time.monotonic()
 
@@ -462,12 +511,12 @@ class Daemon:
                 assert self._stop_requested_at is not None
                 grace = 0.0 if self._immediate else self.config.grace_seconds
                 if now >= self._stop_requested_at + grace:
-                    self.runner.abandon()
+                    self._abandon_call()
                     self.log.warning("grace period over; giving running jobs back",
                                      jobs=[w.job.id for w in batch])
                     return None
             if now - started >= self.config.job_timeout_seconds:
-                self.runner.abandon()
+                self._abandon_call()
                 error = JobTimeoutError(f"job exceeded its time limit of {self.config.job_timeout_seconds:g} s")
                 self.log.error("generator call overran its time limit: charged to its jobs; the rest go back"
                                " unspent, then exit for a fresh process", jobs=[w.job.id for w in batch],
@@ -475,6 +524,11 @@ class Daemon:
                 self.exit_code = EXIT_JOB_TIMEOUT
                 self.request_stop(immediate=True)
                 return [Outcome(w.job, error, now - started) for w in batch]
+
+    def _abandon_call(self) -> None:
+        """Give up on the running call: its outcomes are not recorded and its files never published."""
+        self._call.abandon()
+        self.runner.abandon()
 
     def heartbeat(self) -> None:
         if not self._held:
@@ -521,10 +575,16 @@ class Daemon:
         pairs = [(job, values) for job, values, _, _ in rows]
         claimed: list[ClaimedJob] = []
         start = self._claim_starts()
+        staged = any(o.staged is not None for o in outcomes)
+        if staged:
+            faultpoints.reached("before-commit")
         if claim_next and self._may_claim():
             written, claimed = self.store.finish_and_claim(pairs, self.batch_size, start=start)
         else:
             written = self.store.finish(pairs)
+        if staged:
+            faultpoints.reached("after-commit")
+            written = self._publish(outcomes, written)
         recorded = {o.job.id: o for o in outcomes}
         # Before _take: a retry without backoff can be claimed again by this very transaction.
         self._held = [job for job in self._held if job.id not in recorded]
@@ -535,6 +595,47 @@ class Daemon:
                 job, kind if ok else "fenced", generation_seconds=outcome.generation_seconds,
                 audio_seconds=outcome.audio_seconds if kind == "completed" else None, error=error,
             )
+
+    def _publish(self, outcomes: Sequence[Outcome], written: list[bool]) -> list[bool]:
+        """Rename each committed result into place, straight after the commit: until then a
+        reader who sees the row completed finds no file at its path (or, after a crash in
+        between, until the sweep renames it). Delete the results whose write was fenced off.
+
+        A fenced result whose row is completed by this very attempt nonetheless (the commit's
+        reply was lost and the retried write found the job done) is published, and returned as
+        written. Whether that is so is asked once, only when some result was fenced; if the
+        database cannot answer, those files stay for the sweep to settle.
+        """
+        doubtful = [o.job.id for o, ok in zip(outcomes, written, strict=True) if o.staged is not None and not ok]
+        states: Mapping[str, AttemptState] = {}
+        if doubtful:
+            try:
+                states = self.store.attempts(doubtful)
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                self.log.warning("could not check fenced results; the sweep will settle their files",
+                                 jobs=doubtful, error=str(exc)[:300])
+                for outcome in outcomes:
+                    if outcome.job.id in doubtful and outcome.staged is not None:
+                        outcome.staged.leave()
+        me = staging.worker_hash(self.worker_id)
+        result: list[bool] = []
+        for outcome, ok in zip(outcomes, written, strict=True):
+            file, job = outcome.staged, outcome.job
+            if file is not None:
+                if not ok and job.id in states:
+                    ok = staging.verdict(states[job.id], job.attempt, me) is staging.Verdict.PUBLISH
+                if ok:
+                    try:
+                        file.publish()
+                    except OutputError as exc:  # the temporary stays: the sweep renames it later
+                        self.log.error("result recorded but not renamed into place; the sweep will retry",
+                                       job_id=job.id, attempt=job.attempt, error=str(exc))
+                else:
+                    file.discard()
+            result.append(ok)
+        return result
 
     def _release(self, keep: Collection[str] = ()) -> None:
         """Give back every held job but those in ``keep``, without spending their attempts."""
@@ -571,6 +672,9 @@ class Daemon:
             # Finished jobs whose outcomes could not be written stay held, as in run_once: given
             # back, they would render again with their attempt refunded.
             unwritten = {o.job.id for o in self._done}
+            for outcome in self._done:  # committed or not, unknown: the sweep settles their files
+                if outcome.staged is not None:
+                    outcome.staged.leave()
             self._done, self._next, self._premarked = [], [], set()
             if self._held:
                 self._release(keep=unwritten)

@@ -2,9 +2,10 @@
 
 :func:`prepare` turns claimed rows into generator requests and refuses the ones the backend
 rejects. :func:`render` resolves each job's output path (refusing one outside the outputs folder),
-runs one batch through the backend and writes each result atomically; it runs on the runner
-thread, so it touches no database and returns plain :class:`Outcome` values for the main loop
-to record.
+runs one batch through the backend and writes each result beside its path under a temporary name
+of its attempt (:mod:`~dgxqueue.daemon.staging`); it runs on the runner thread, so it touches no
+database and returns plain :class:`Outcome` values for the main loop to record. The main loop
+renames a result into place only once its outcome has committed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dgxqueue import audio
+from dgxqueue.daemon import staging
 from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
 from dgxqueue.storage.repository import ClaimedJob
@@ -36,7 +38,8 @@ class Work:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one attempt went. ``error`` is None for a completed job."""
+    """How one attempt went. ``error`` is None for a completed job, whose file waits in
+    ``staged`` until the outcome commits."""
 
     job: ClaimedJob
     error: BaseException | None
@@ -44,6 +47,14 @@ class Outcome:
     file_size: int = 0
     audio_seconds: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
+    staged: audio.StagedWav | None = None
+
+
+def discard(outcomes: Sequence[Outcome]) -> None:
+    """Delete the files of outcomes that will not be recorded (an abandoned call's)."""
+    for outcome in outcomes:
+        if outcome.staged is not None:
+            outcome.staged.discard()
 
 
 def job_metadata(job: ClaimedJob) -> dict[str, Any]:
@@ -168,8 +179,11 @@ def _json_value(value: Any, name: str) -> Any:
     raise PermanentGeneratorError(f"backend returned {name} of type {type(value).__name__}, which JSON cannot hold")
 
 
-def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path) -> list[Outcome]:
-    """Generate one batch in one backend call and write each file. Runs on the runner thread.
+def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worker_id: str) -> list[Outcome]:
+    """Generate one batch in one backend call and stage each file (written and fsynced under its
+    attempt's temporary name, ``worker_id`` naming the attempt with the job's ``attempt``; the
+    folders fsynced once). Runs on the runner thread. The caller publishes or discards each
+    completed outcome's ``staged`` file, after its outcome write.
 
     A job whose file would land outside ``outputs_dir`` fails without reaching the backend, and
     again at the write if a folder on its path became a link meanwhile.
@@ -178,10 +192,12 @@ def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path) -> li
     located, refused = locate(batch, root)
     if not located:
         return refused
-    return refused + _render(generator, [w for w, _ in located], [path for _, path in located], root.real)
+    paths = [path for _, path in located]
+    return refused + _render(generator, [w for w, _ in located], paths, root.real, worker_id)
 
 
-def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], inside: str) -> list[Outcome]:
+def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], inside: str,
+            worker_id: str) -> list[Outcome]:
     started = time.perf_counter()
     try:
         results = generator.generate([work.request for work in batch])
@@ -195,13 +211,15 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
     generated = time.perf_counter() - started
     folders = audio.Folders(inside)  # each folder opened and checked once a batch
     try:
-        outcomes = _write(batch, paths, results, generated, folders)
-        # One folder fsync per batch, not per file; an outcome counts as written only after it.
+        outcomes = _write(batch, paths, results, generated, folders, worker_id)
+        # One folder fsync per batch, not per file: the temporaries' names become durable before
+        # any outcome commits, so a crash after the commit leaves a temporary the sweep renames.
         failed = folders.sync()
     finally:
-        folders.close()
+        folders.release()  # the staged files hold the folders until they are settled
     if not failed:
         return outcomes
+    discard([o for o, folder in zip(outcomes, map(audio.folder_of, paths), strict=True) if folder in failed])
     return [
         Outcome(o.job, failed[folder], o.generation_seconds) if o.error is None and folder in failed else o
         for o, folder in zip(outcomes, map(audio.folder_of, paths), strict=True)
@@ -209,8 +227,8 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
 
 
 def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], generated: float,
-           folders: audio.Folders) -> list[Outcome]:
-    """Write each result's file (or record why not); the folders' fsync is the caller's."""
+           folders: audio.Folders, worker_id: str) -> list[Outcome]:
+    """Stage each result's file (or record why not); the folders' fsync is the caller's."""
     outcomes: list[Outcome] = []
     for work, path, result in zip(batch, paths, results, strict=True):
         if isinstance(result, BaseException):
@@ -228,12 +246,13 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
             why = unstorable_json(metadata)
             if why:
                 raise PermanentGeneratorError(f"{why}; the result cannot be recorded")
-            size = audio.write_wav_atomic(path, result, sync_folder=False, folders=folders)
+            job = work.job
+            staged = audio.stage_wav(path, result, tag=staging.tag(job.id, job.attempt, worker_id), folders=folders)
         except Exception as exc:  # this job's alone: the others of the batch are written
             outcomes.append(Outcome(work.job, exc, generated))
             continue
         outcomes.append(Outcome(
-            work.job, None, generated + (time.perf_counter() - write_started), size,
-            result.duration_seconds, metadata,
+            work.job, None, generated + (time.perf_counter() - write_started), staged.size,
+            result.duration_seconds, metadata, staged,
         ))
     return outcomes

@@ -163,6 +163,10 @@ class QueueStore:
         not open."""
         return self._retry(lambda: fastqueue.error_messages(self._link, ids))
 
+    def attempts(self, ids: Sequence[str]) -> dict[str, repository.AttemptState]:
+        """Where each of these jobs stands (for the files of its attempts)."""
+        return self._run(lambda s: repository.attempt_states(s, ids))
+
     def rescue(self) -> tuple[list[str], list[str]]:
         def rescue(session: Session) -> tuple[list[str], list[str]]:
             requeued, failed = repository.rescue_expired(session)

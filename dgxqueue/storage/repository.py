@@ -438,7 +438,7 @@ def finish_rows_statement(dialect: str, keys: tuple[str, ...], n: int) -> sa.Upd
         sa.update(G)
         .where(G.c.id == given.c.id, G.c.attempts == given.c.attempt, IS_PROCESSING,
                G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text))
-        .values(worker_id=None, lease_expires_at=None, **{key: given.c[key] for key in keys})
+        .values(lease_expires_at=None, **{key: given.c[key] for key in keys})
         .returning(G.c.id)
     )
 
@@ -478,6 +478,8 @@ def group_by_keys(
 
 def completed_values(now: datetime, generation_time: float, file_size: int,
                      metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A completed outcome. ``worker_id`` and ``attempts`` stay as the attempt that made the file
+    left them: the sweep publishes a temporary only for exactly that attempt."""
     return {"status": COMPLETED, "completed_at": now, "generation_time_seconds": generation_time,
             "file_size_bytes": file_size, "error_message": None, "metadata": dict(metadata or {})}
 
@@ -499,14 +501,14 @@ def failed_values(now: datetime, message: str, generation_time: float | None) ->
 
 
 def retry_values(run_after: datetime, message: str) -> dict[str, Any]:
-    return {"status": PENDING, "run_after": run_after, "error_message": storable_text(message)}
+    return {"status": PENDING, "run_after": run_after, "error_message": storable_text(message), "worker_id": None}
 
 
 def release_values(attempt: int, message: str | None = None) -> dict[str, Any]:
     """Give a job back without spending its attempt (graceful stop). The write is fenced on
     ``attempts == attempt``, so setting ``attempt - 1`` undoes exactly the claim's increment.
     ``message``: why, in ``error_message`` (a machine fault); without it the last error stays."""
-    values: dict[str, Any] = {"status": PENDING, "attempts": attempt - 1, "claimed_at": None}
+    values: dict[str, Any] = {"status": PENDING, "attempts": attempt - 1, "claimed_at": None, "worker_id": None}
     if message is not None:
         values["error_message"] = storable_text(message)
     return values
@@ -516,6 +518,27 @@ def error_message_statement() -> sa.Select[tuple[str | None]]:
     """The ``error_message`` of the job whose id is bound to ``id`` (the daemon reads it on the
     connection it holds: after a machine fault a new one may not open)."""
     return sa.select(G.c.error_message).where(G.c.id == sa.bindparam("id"))
+
+
+@dataclass(frozen=True)
+class AttemptState:
+    """Where a job stands, as far as a temporary WAV of one of its attempts is concerned."""
+
+    status: str
+    worker_id: str | None
+    attempts: int
+    file_path: str
+    file_size_bytes: int | None
+
+
+def attempt_states(session: Session, ids: Sequence[str], chunk: int = 500) -> dict[str, AttemptState]:
+    """The state of each job among ``ids`` that exists, by primary key, in chunks."""
+    states: dict[str, AttemptState] = {}
+    columns = (G.c.id, G.c.status, G.c.worker_id, G.c.attempts, G.c.file_path, G.c.file_size_bytes)
+    for start in range(0, len(ids), chunk):
+        for row in session.execute(sa.select(*columns).where(G.c.id.in_(ids[start:start + chunk]))):
+            states[row[0]] = AttemptState(*row[1:])
+    return states
 
 
 @functools.lru_cache(maxsize=128)

@@ -29,7 +29,7 @@ def test_sqlite_ceiling__completes_every_job_once(sqlite_db_url: str, ceiling: s
     assert CEILINGS[ceiling](sqlite_db_url) > 0
     with get_engine(sqlite_db_url).connect() as conn:
         rows = conn.execute(sa.text(
-            "SELECT status, attempts, worker_id, completed_at IS NOT NULL, file_size_bytes FROM generations"
+            "SELECT status, attempts, worker_id IS NOT NULL, completed_at IS NOT NULL, file_size_bytes FROM generations"
         )).all()
     assert len(rows) == 25
-    assert set(rows) == {("completed", 1, None, 1, 204)}
+    assert set(rows) == {("completed", 1, 1, 1, 204)}

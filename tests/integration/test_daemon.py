@@ -69,7 +69,7 @@ def test_daemon__burst_completes_jobs_and_writes_wavs(engine: sa.Engine, db_url:
     assert daemon.run(burst=True) == 0
     for job_id in ids:
         job = row(db_url, job_id)
-        assert job.status == "completed" and job.attempts == 1 and job.worker_id is None
+        assert job.status == "completed" and job.attempts == 1 and job.worker_id == daemon.worker_id
         assert job.completed_at is not None and job.generation_time_seconds is not None
         path = outputs / f"{job_id}.wav"
         assert job.file_size_bytes == path.stat().st_size
@@ -315,7 +315,7 @@ def test_daemon__fenced_write_is_refused(engine: sa.Engine, db_url: str, outputs
     assert hooks_b.outcomes(job_id) == ["completed"]
     assert hooks_a.outcomes(job_id) == ["fenced"]
     job = row(db_url, job_id)
-    assert (job.status, job.attempts, job.worker_id) == ("completed", 2, None)
+    assert (job.status, job.attempts, job.worker_id) == ("completed", 2, daemon_b.worker_id)
 
 
 def test_daemon__rescue_requeues_then_fails_expired_leases(engine: sa.Engine, db_url: str, outputs: Path) -> None:
@@ -633,7 +633,7 @@ def test_daemon__prefetch_claims_next_batch_while_one_renders(engine: sa.Engine,
     assert not thread.is_alive()
     for job_id in blocked + waiting + later:
         job = row(db_url, job_id)
-        assert (job.status, job.attempts, job.worker_id) == ("completed", 1, None)
+        assert (job.status, job.attempts, job.worker_id) == ("completed", 1, daemon.worker_id)
         assert hooks.outcomes(job_id) == ["completed"] and gen.executions[job_id] == 1
 
 

@@ -78,7 +78,7 @@ def test_finish_many__mixed_outcomes_each_fenced(engine: sa.Engine) -> None:
         assert all(r is not None for r in rows.values())
         d, f, r, st = (rows[j.id] for j in (done, failed, retried, stale))
         assert d is not None and (d.status, d.file_size_bytes, d.generation_time_seconds) == ("completed", 1234, 1.5)
-        assert d.meta == {"peak": 0.5} and d.worker_id is None and d.completed_at == now
+        assert d.meta == {"peak": 0.5} and d.worker_id == "w" and d.completed_at == now
         assert f is not None and (f.status, f.error_message) == ("failed", "boom")
         assert r is not None and (r.status, r.run_after, r.error_message) == ("pending", later, "again")
         assert st is not None and (st.status, st.worker_id) == ("processing", "w")

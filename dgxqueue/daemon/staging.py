@@ -1,0 +1,250 @@
+"""A result is published after its attempt commits: whose each temporary WAV is, and the sweep.
+
+An attempt writes its WAV beside the target as ``.<file name>.<job id>.<attempt>.<worker>.<nonce>.tmp``
+(``<worker>``: a hash of the daemon's worker id; ``<nonce>``: random, so a name is never reused),
+fsynced; its fenced outcome write commits the row; only then is the temporary renamed into place.
+An attempt whose write is fenced off, or whose call was abandoned at its time limit, deletes its
+temporary and never renames it, so the file at ``file_path`` is always the one the row's
+completed attempt made.
+
+A crash can leave temporaries behind. :func:`sweep` settles them, on daemon start and every
+lease period after: a temporary of the attempt its row records as completed is renamed into
+place (the crash came between the commit and the rename); one of the row's current
+``processing`` attempt is kept (that attempt may still commit, expired lease or not, until the
+rescuer takes the row back); every other one is deleted. The row is the authority, read after
+the folder was listed: an attempt that is neither cannot commit any more.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import functools
+import hashlib
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from dgxqueue import audio
+from dgxqueue.errors import OutputError
+from dgxqueue.storage.repository import COMPLETED, PROCESSING, AttemptState
+
+log = structlog.get_logger("dgxqueue.staging")
+_SAFE_ID = re.compile(r"[0-9A-Za-z-]{1,100}")  # a UUID, as our producers make them, is written as is
+_MAX_ENCODED_ID = 160  # leaves a temporary's name room for 49 bytes of the file's name
+_ATTEMPT = re.compile(r"-?[0-9]{1,20}")
+_HEX = re.compile(r"[0-9a-f]+")
+_WORKER_HEX, _NONCE_HEX = 10, 6
+
+Lookup = Callable[[Sequence[str]], Mapping[str, AttemptState]]
+
+
+@functools.lru_cache(maxsize=16)
+def worker_hash(worker_id: str) -> str:
+    """A short, stable stand-in for a worker id in file names (ids hold host names, any text)."""
+    return hashlib.blake2b(worker_id.encode("utf-8", "surrogatepass"), digest_size=_WORKER_HEX // 2).hexdigest()
+
+
+def _encode_id(job_id: str) -> str:
+    if _SAFE_ID.fullmatch(job_id):
+        return job_id
+    # Any other id (a row written by plain SQL): base64url, which has no '.' or '/'.
+    encoded = "_" + base64.urlsafe_b64encode(job_id.encode("utf-8", "surrogatepass")).rstrip(b"=").decode()
+    if len(encoded) > _MAX_ENCODED_ID:
+        raise OutputError(f"job id of {len(job_id)} characters is too long to name its temporary file"
+                          " (job ids are UUIDs)")
+    return encoded
+
+
+def _decode_id(text: str) -> str | None:
+    if _SAFE_ID.fullmatch(text):
+        return text
+    if not text.startswith("_") or len(text) > _MAX_ENCODED_ID:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text[1:] + "=" * (-len(text[1:]) % 4))
+        return raw.decode("utf-8", "surrogatepass")
+    except (ValueError, binascii.Error):
+        return None
+
+
+def tag(job_id: str, attempt: int, worker_id: str) -> str:
+    """The part of a temporary's name that says whose it is; a new nonce each call."""
+    return f"{_encode_id(job_id)}.{attempt}.{worker_hash(worker_id)}.{secrets.token_hex(_NONCE_HEX // 2)}"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The attempt a temporary belongs to, read back from its name."""
+
+    job_id: str
+    attempt: int
+    worker: str  # worker_hash() of its daemon's worker id
+
+
+def owner(name: str) -> Owner | None:
+    """The attempt that wrote the temporary called ``name``; None for any other name."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[:-4].rsplit(".", 4)
+    if len(parts) != 5:
+        return None
+    _, encoded, attempt, worker, nonce = parts
+    job_id = _decode_id(encoded)
+    if (job_id is None or not _ATTEMPT.fullmatch(attempt) or len(worker) != _WORKER_HEX
+            or len(nonce) != _NONCE_HEX or not _HEX.fullmatch(worker + nonce)):
+        return None
+    return Owner(job_id, int(attempt), worker)
+
+
+class Verdict(enum.Enum):
+    PUBLISH = "publish"  # the attempt the row records as completed
+    KEEP = "keep"  # the row's current attempt: it may still commit
+    DELETE = "delete"  # any other: it can never commit
+
+
+def verdict(state: AttemptState | None, attempt: int, worker: str) -> Verdict:
+    """What to do with a temporary of (``attempt``, ``worker``) given its row (None: deleted)."""
+    if (state is None or state.attempts != attempt or state.worker_id is None
+            or worker_hash(state.worker_id) != worker):
+        return Verdict.DELETE
+    if state.status == PROCESSING:
+        return Verdict.KEEP
+    return Verdict.PUBLISH if state.status == COMPLETED else Verdict.DELETE
+
+
+@dataclass
+class Swept:
+    """What one sweep did: file paths published, temporaries deleted, temporaries kept."""
+
+    published: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    kept: int = 0
+
+
+@dataclass(frozen=True)
+class _Found:
+    folder: str  # real path (walked without following links)
+    name: str
+    owner: Owner
+    size: int
+    mtime: float
+
+
+def sweep(outputs_dir: Path, lookup: Lookup) -> Swept:
+    """Publish the temporaries of completed attempts and delete those of dead ones, everywhere
+    under ``outputs_dir``. ``lookup`` reads the rows of the job ids found (the daemon's store).
+
+    The folders are walked without following links, and every rename and delete goes through
+    the descriptor of a folder reached that way. File system errors are logged, never raised;
+    database errors propagate (nothing was changed by then).
+    """
+    swept = Swept()
+    root = audio.OutputRoot(outputs_dir)
+    fds: dict[str, int] = {}
+    try:
+        try:
+            found = _walk(root.real, fds)
+        except OSError as exc:  # out of descriptors, say: the next sweep tries again
+            log.warning("sweep: could not list the outputs folder", folder=root.real, error=str(exc))
+            return swept
+        if not found:
+            return swept
+        states = lookup(sorted({f.owner.job_id for f in found}))
+        published: set[str] = set()
+        synced: set[str] = set()
+        for item in sorted(found, key=lambda f: f.mtime, reverse=True):  # the newest first
+            state = states.get(item.owner.job_id)
+            decision = verdict(state, item.owner.attempt, item.owner.worker)
+            if decision is Verdict.KEEP:
+                swept.kept += 1
+                continue
+            if decision is Verdict.PUBLISH and state is not None and item.owner.job_id not in published:
+                target = _publish(root, fds[item.folder], item, state)
+                if target is None:
+                    continue
+                published.add(item.owner.job_id)
+                swept.published.append(state.file_path)
+                synced.add(item.folder)
+                continue
+            if _unlink(fds[item.folder], item):
+                swept.deleted.append(os.path.join(item.folder, item.name))
+        for folder in synced:  # the renames made durable
+            try:
+                os.fsync(fds[folder])
+            except OSError as exc:
+                log.warning("sweep: could not sync a folder", folder=folder, error=str(exc))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return swept
+
+
+def _walk(top: str, fds: dict[str, int]) -> list[_Found]:
+    """Every temporary of ours under ``top``; ``fds`` gets a descriptor of each folder holding one."""
+    found: list[_Found] = []
+    if not os.path.isdir(top):
+        return found
+    for folder, _, files, folder_fd in os.fwalk(top, follow_symlinks=False):
+        for name in files:
+            who = owner(name) if name.startswith(".") else None
+            if who is None:
+                continue
+            try:
+                info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+            except OSError:  # gone meanwhile (published or deleted by its own daemon)
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            if folder not in fds:
+                fds[folder] = os.dup(folder_fd)
+            found.append(_Found(folder, name, who, info.st_size, info.st_mtime))
+    return found
+
+
+def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: AttemptState) -> str | None:
+    """Rename a completed attempt's temporary to its row's file; the target, or None if it must
+    stay (logged): the row's path no longer leads to this folder, or the size is not the row's."""
+    context = {"job_id": item.owner.job_id, "attempt": item.owner.attempt, "temporary": item.name}
+    try:
+        target = root.locate(state.file_path)
+    except OutputError as exc:
+        log.warning("sweep: a completed job's file path is not usable; its temporary stays", error=str(exc),
+                    **context)
+        return None
+    if audio.folder_of(target) != item.folder:
+        log.warning("sweep: a completed job's file path leads to another folder; its temporary stays",
+                    folder=item.folder, file_path=state.file_path, **context)
+        return None
+    if state.file_size_bytes != item.size:
+        log.warning("sweep: a completed job's temporary is not the size its row records; it stays",
+                    size=item.size, recorded=state.file_size_bytes, **context)
+        return None
+    try:
+        os.replace(item.name, os.path.basename(target), src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except FileNotFoundError:  # its own daemon renamed it meanwhile
+        return target
+    except OSError as exc:
+        log.warning("sweep: could not rename a completed job's temporary", error=str(exc), **context)
+        return None
+    log.info("sweep: published a result a crash left unrenamed", file_path=state.file_path, **context)
+    return target
+
+
+def _unlink(folder_fd: int, item: _Found) -> bool:
+    try:
+        os.unlink(item.name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("sweep: could not delete a stale temporary", temporary=item.name, folder=item.folder,
+                    error=str(exc))
+        return False
+    return True

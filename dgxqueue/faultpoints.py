@@ -1,0 +1,23 @@
+"""Test-only fault injection: a process that SIGKILLs itself at a named step of publishing a result.
+
+``DGXQUEUE_TEST_KILL_AT`` names the step; it is read once, at import. Unset (always, outside the
+acceptance tests) each point costs one comparison and does nothing. The steps, in order:
+
+- ``temporary-created``: the attempt's temporary WAV exists but holds nothing yet
+- ``before-commit``: the batch's temporaries are written and fsynced, their outcomes not committed
+- ``after-commit``: the outcomes are committed, the temporaries not yet renamed into place
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+STEPS = ("temporary-created", "before-commit", "after-commit")
+_KILL_AT = os.environ.get("DGXQUEUE_TEST_KILL_AT") or None
+
+
+def reached(step: str) -> None:
+    """Die here, as a power cut or the OOM killer would, when the tests asked for ``step``."""
+    if step == _KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
