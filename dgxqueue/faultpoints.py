@@ -1,7 +1,8 @@
 """Test-only fault injection: a process that SIGKILLs itself at a named step of publishing a result.
 
-``DGXQUEUE_TEST_KILL_AT`` names the step; it is read once, at import. Unset (always, outside the
-acceptance tests) each point costs one comparison and does nothing. The steps, in order:
+``DGXQ_TEST_KILL_AT`` names the step; it is read once, at import (not ``DGXQUEUE_``: that prefix
+belongs to the configuration). Unset (always, outside the acceptance tests) each point costs one
+comparison and does nothing. The steps, in order:
 
 - ``temporary-created``: the attempt's temporary WAV exists but holds nothing yet
 - ``before-commit``: the batch's temporaries are written and fsynced, their outcomes not committed
@@ -14,7 +15,7 @@ import os
 import signal
 
 STEPS = ("temporary-created", "before-commit", "after-commit")
-_KILL_AT = os.environ.get("DGXQUEUE_TEST_KILL_AT") or None
+_KILL_AT = os.environ.get("DGXQ_TEST_KILL_AT") or None
 
 
 def reached(step: str) -> None:

@@ -16,6 +16,8 @@ Prompt directives (anything else renders silence):
 - ``oom``          raise MemoryError (a backend out of memory), every time
 - ``alloc:M``      reserve M MiB (not touched, so it costs no RAM): MemoryError under an RLIMIT_AS
 - ``kill``         (:class:`KillingGenerator` only) SIGKILL the daemon's own process
+- ``... pid``      (a suffix to any of the above, or alone) audio at a level set by the process id,
+                   :func:`pid_level`, so a test can tell which daemon's attempt made a file
 
 Every execution is appended to ``log_path`` as one line ``<job_id> <pid>`` (O_APPEND writes of
 one short line are atomic), so a test can count how often each job really ran, across processes.
@@ -34,6 +36,12 @@ import numpy as np
 
 from dgxqueue.errors import PermanentGeneratorError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+
+
+def pid_level(pid: int) -> float:
+    """The sample value a ``pid`` job renders in process ``pid``: distinct for any two pids below
+    9973 apart, after 16-bit quantization too."""
+    return 0.05 + (pid % 9973) / 20000
 
 
 def read_executions(log_path: Path) -> Counter[str]:
@@ -99,7 +107,9 @@ class ScriptedGenerator:
         results: list[GenerationOutcome] = []
         for request in requests:
             ran_before = self._record(request)
-            prompt = request.prompt
+            prompt, level = request.prompt, 0.25
+            if prompt == "pid" or prompt.endswith(" pid"):
+                prompt, level = prompt.removesuffix("pid").rstrip(), pid_level(os.getpid())
             if prompt == "block":
                 self._wait_for_release()
             if prompt.startswith("work:"):
@@ -130,7 +140,7 @@ class ScriptedGenerator:
             if prompt == "meta:nul":
                 metadata.update(note="a\x00b")
             frames = round(request.duration_seconds * request.sample_rate) - (prompt == "short")
-            samples = np.full((request.channels, frames), 0.25, dtype=np.float32)
+            samples = np.full((request.channels, frames), level, dtype=np.float32)
             results.append(GeneratedAudio(samples=samples, sample_rate=request.sample_rate, metadata=metadata))
         return results
 
