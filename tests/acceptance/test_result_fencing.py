@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,19 +24,46 @@ ROW = sa.text("SELECT status, attempts, worker_id, file_path, file_size_bytes, c
               " WHERE id = :id")
 
 
+Spawn = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """start_worker, with every daemon still running at the end killed (a failed test's too)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(config: Path, log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        started.append(start_worker(config, log, env=env))
+        return started[-1]
+
+    yield spawn
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait(30)
+
+
 def enqueue(url: str, prompts: list[str]) -> list[str]:
     with session_scope(get_engine(url)) as s:
         return create_generations(s, [{"prompt": p, "model_name": "scripted", "duration_seconds": 0.01,
                                        "sample_rate": 8000, "channels": 1} for p in prompts])
 
 
-def row(url: str, job_id: str) -> sa.Row[tuple[str, int, str | None, str, int | None, object]]:
+def row(url: str, job_id: str) -> sa.Row[str, int, str | None, str, int | None, object]:
     with get_engine(url).connect() as conn:
         return conn.execute(ROW, {"id": job_id}).one()
 
 
 def temporaries(outputs: Path) -> list[str]:
     return sorted(p.name for p in outputs.rglob(".*.tmp")) if outputs.exists() else []
+
+
+def published(url: str, tmp_path: Path, job_id: str) -> bool:
+    """Completed, and renamed into place: a reader polling the row may see it completed a moment
+    before the file is there (the rename follows the commit)."""
+    status, _, _, file_path, _, _ = row(url, job_id)
+    return status == "completed" and (tmp_path / file_path).exists()
 
 
 def pid_of(worker_id: str) -> int:
@@ -82,24 +111,23 @@ def logged(log: Path, text: str) -> bool:
     return log.exists() and text in log.read_text()
 
 
-def test_daemon__a_stalled_attempt_never_replaces_the_finished_file(db_url: str, tmp_path: Path) -> None:
+def test_daemon__a_stalled_attempt_never_replaces_the_finished_file(db_url: str, tmp_path: Path, spawn: Spawn) -> None:
     """A daemon stopped (SIGSTOP) mid-render loses its lease; a second daemon completes the job;
     continued, the first one's result is fenced: the file stays the second attempt's, byte for
     byte, the row unchanged, no temporary left."""
     init_db(db_url)
     [job_id] = enqueue(db_url, ["block pid"])
-    lease = {"lease_seconds": 1.0, "heartbeat_seconds": 0.2}
-    stalled = start_worker(worker_config(tmp_path, db_url, release_path=tmp_path / "release-a", **lease),
+    lease: dict[str, Any] = {"lease_seconds": 1.0, "heartbeat_seconds": 0.2}
+    stalled = spawn(worker_config(tmp_path, db_url, release_path=tmp_path / "release-a", **lease),
                            tmp_path / "a.log")
     wait_until(lambda: read_executions(tmp_path / "executions.log")[job_id] == 1, 30, "the job to start",
                alive=stalled)
     stalled.send_signal(signal.SIGSTOP)
-    second: subprocess.Popen[bytes] | None = None
     try:
         (tmp_path / "release-b").touch()
-        second = start_worker(worker_config(tmp_path, db_url, release_path=tmp_path / "release-b", **lease),
+        second = spawn(worker_config(tmp_path, db_url, release_path=tmp_path / "release-b", **lease),
                               tmp_path / "b.log")
-        wait_until(lambda: row(db_url, job_id)[0] == "completed", 30, "the second attempt to complete", alive=second)
+        wait_until(lambda: published(db_url, tmp_path, job_id), 30, "the second attempt to complete", alive=second)
         finished = row(db_url, job_id)
         assert finished[1] == 2 and finished[2] is not None and pid_of(finished[2]) == second.pid
         data = assert_file_is_the_rows(db_url, tmp_path, job_id)
@@ -114,27 +142,26 @@ def test_daemon__a_stalled_attempt_never_replaces_the_finished_file(db_url: str,
     assert temporaries(tmp_path / "outputs") == []
 
 
-def test_daemon__a_call_abandoned_at_its_time_limit_never_publishes(db_url: str, tmp_path: Path) -> None:
+def test_daemon__a_call_abandoned_at_its_time_limit_never_publishes(db_url: str, tmp_path: Path, spawn: Spawn) -> None:
     """A backend call that overruns worker.job_timeout_seconds is recorded as failed for now; when
     it returns, after another daemon completed the retry, its file is deleted, not published."""
     init_db(db_url)
     [job_id] = enqueue(db_url, ["block pid"])
-    late = start_worker(worker_config(tmp_path, db_url, release_path=tmp_path / "release-a", job_timeout_seconds=0.5),
+    late = spawn(worker_config(tmp_path, db_url, release_path=tmp_path / "release-a", job_timeout_seconds=0.5),
                         tmp_path / "a.log")
     wait_until(lambda: row(db_url, job_id)[:2] == ("pending", 1), 30, "the call to overrun its time limit",
                alive=late)
     (tmp_path / "release-b").touch()
-    second = start_worker(worker_config(tmp_path, db_url, release_path=tmp_path / "release-b"), tmp_path / "b.log")
-    try:
-        wait_until(lambda: row(db_url, job_id)[0] == "completed", 30, "the retry to complete", alive=second)
-        finished = row(db_url, job_id)
-        assert finished[1] == 2 and finished[2] is not None and pid_of(finished[2]) == second.pid
-        data = assert_file_is_the_rows(db_url, tmp_path, job_id)
-        (tmp_path / "release-a").touch()
-        wait_until(lambda: logged(tmp_path / "a.log", "an abandoned backend call returned"), 30,
-                   "the abandoned call to return", alive=late)
-    finally:
-        assert stop(late) == 0 and stop(second) == 0
+    second = spawn(worker_config(tmp_path, db_url, release_path=tmp_path / "release-b"), tmp_path / "b.log")
+    wait_until(lambda: published(db_url, tmp_path, job_id), 30, "the retry to complete", alive=second)
+    finished = row(db_url, job_id)
+    assert finished[1] == 2 and finished[2] is not None and pid_of(finished[2]) == second.pid
+    data = assert_file_is_the_rows(db_url, tmp_path, job_id)
+    (tmp_path / "release-a").touch()
+    path = tmp_path / finished[3]
+    wait_until(lambda: logged(tmp_path / "a.log", "an abandoned backend call returned") or path.read_bytes() != data,
+               30, "the abandoned call to return (or its file to replace the finished one)", alive=late)
+    assert stop(late) == 0 and stop(second) == 0
     assert (tmp_path / finished[3]).read_bytes() == data
     assert row(db_url, job_id) == finished
     assert temporaries(tmp_path / "outputs") == []
@@ -142,7 +169,7 @@ def test_daemon__a_call_abandoned_at_its_time_limit_never_publishes(db_url: str,
 
 @pytest.mark.parametrize("step", faultpoints.STEPS)
 def test_daemon__killed_at_any_step_of_a_write_every_job_completes_once(db_url: str, tmp_path: Path,
-                                                                          step: str) -> None:
+                                                                          spawn: Spawn, step: str) -> None:
     """SIGKILL at each step of publishing (temporary created, written but not committed, committed
     but not renamed); a fresh daemon then completes every job exactly once, each file present and
     the one its row's attempt made, and no temporary left."""
@@ -151,19 +178,16 @@ def test_daemon__killed_at_any_step_of_a_write_every_job_completes_once(db_url: 
     ids = enqueue(db_url, ["pid"] * 3)
     outputs = tmp_path / "outputs"
     config = worker_config(tmp_path, db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
-    victim = start_worker(config, tmp_path / "victim.log", env={"DGXQ_TEST_KILL_AT": step})
-    assert victim.wait(60) == -signal.SIGKILL, (tmp_path / "victim.log").read_text()[-3000:]
+    victim = spawn(config, tmp_path / "victim.log", env={"DGXQ_TEST_KILL_AT": step})
+    assert victim.wait(30) == -signal.SIGKILL, (tmp_path / "victim.log").read_text()[-3000:]
     committed = step == "after-commit"
     assert {row(db_url, j)[0] for j in ids} == {"completed" if committed else "processing"}
     assert temporaries(outputs), "the victim died with a temporary written"
     assert not any((tmp_path / row(db_url, j)[3]).exists() for j in ids), "nothing is published before the commit"
-    fresh = start_worker(config, tmp_path / "fresh.log")
-    try:
-        wait_until(lambda: all(row(db_url, j)[0] == "completed" and (tmp_path / row(db_url, j)[3]).exists()
-                               for j in ids) and not temporaries(outputs),
-                   30, "every job completed, published, and the temporaries swept", alive=fresh)
-    finally:
-        assert stop(fresh) == 0, (tmp_path / "fresh.log").read_text()[-3000:]
+    fresh = spawn(config, tmp_path / "fresh.log")
+    wait_until(lambda: all(published(db_url, tmp_path, j) for j in ids) and not temporaries(outputs),
+               30, "every job completed, published, and the temporaries swept", alive=fresh)
+    assert stop(fresh) == 0, (tmp_path / "fresh.log").read_text()[-3000:]
     assert completions(db_url) == dict.fromkeys(ids, 1)
     for job_id in ids:
         assert_file_is_the_rows(db_url, tmp_path, job_id)
