@@ -1,0 +1,172 @@
+"""Results published after their commit, on real SQLite and PostgreSQL: the sweep that settles the
+temporaries crashes leave, and the daemon's own publish and discard."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from dgxqueue.audio import Folders, stage_wav
+from dgxqueue.daemon import staging
+from dgxqueue.daemon.executor import prepare, render
+from dgxqueue.generators import GeneratedAudio
+from dgxqueue.storage import Generation, create_generations, get_engine, init_db, repository, session_scope
+from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.repository import AttemptState
+from tests.support.daemons import RecordingHooks, make_daemon
+from tests.support.generators import ScriptedGenerator
+
+AUDIO = GeneratedAudio(samples=np.full((1, 80), 0.5, np.float32), sample_rate=8000)
+SIZE = 44 + 80 * 2
+
+
+def enqueue(url: str, n: int) -> list[str]:
+    with session_scope(get_engine(url)) as s:
+        return create_generations(s, [{"prompt": "fine", "model_name": "scripted", "duration_seconds": 0.01,
+                                       "sample_rate": 8000, "channels": 1} for _ in range(n)])
+
+
+def set_row(url: str, job_id: str, **values: Any) -> None:
+    with get_engine(url).begin() as conn:
+        conn.execute(sa.update(Generation).where(Generation.id == job_id).values(**values))
+
+
+def lookup(url: str) -> staging.Lookup:
+    def states(ids: Sequence[str]) -> dict[str, AttemptState]:
+        with session_scope(get_engine(url)) as s:
+            return repository.attempt_states(s, ids)
+    return states
+
+
+def stage(outputs: Path, job_id: str, attempt: int, worker: str, name: str | None = None) -> str:
+    """A temporary as a daemon leaves it when it dies: written, fsynced, not renamed."""
+    folders = Folders(str(outputs.resolve()))
+    staged = stage_wav(str(outputs / (name or f"{job_id}.wav")), AUDIO, tag=staging.tag(job_id, attempt, worker),
+                       folders=folders)
+    staged.leave()
+    folders.release()
+    return staged.temp
+
+
+def test_sweep__publishes_the_completed_attempt_keeps_the_running_one_deletes_the_rest(
+        db_url: str, tmp_path: Path) -> None:
+    """Temporaries crashes left: the completed attempt's is renamed into place, the running
+    attempt's (lease expired, not yet rescued) kept, every dead attempt's deleted; a user's own
+    hidden file is not touched."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    done, running, rescued, failed, wrong_size = enqueue(db_url, 5)
+    expired = utcnow() - timedelta(minutes=5)
+    set_row(db_url, done, status="completed", worker_id="w1", attempts=2, file_size_bytes=SIZE)
+    set_row(db_url, running, status="processing", worker_id="w1", attempts=1, lease_expires_at=expired)
+    set_row(db_url, rescued, status="pending", worker_id=None, attempts=1)
+    set_row(db_url, failed, status="failed", worker_id="w1", attempts=1)
+    set_row(db_url, wrong_size, status="completed", worker_id="w1", attempts=1, file_size_bytes=SIZE + 2)
+    kept = stage(outputs, running, 1, "w1")
+    stage(outputs, done, 2, "w1")
+    dead = [stage(outputs, done, 1, "w1"), stage(outputs, done, 2, "w2"), stage(outputs, running, 1, "w2"),
+            stage(outputs, rescued, 1, "w1"), stage(outputs, failed, 1, "w1"),
+            stage(outputs, "3f0c7d7e-0000-4000-8000-000000000000", 1, "w1")]  # a deleted job's
+    odd = stage(outputs, wrong_size, 1, "w1")
+    (outputs / ".notes.tmp").write_text("mine")
+    swept = staging.sweep(outputs, lookup(db_url))
+    assert swept.published == [f"outputs/{done}.wav"] and swept.kept == 1
+    assert sorted(os.path.basename(p) for p in swept.deleted) == sorted(dead)
+    assert sorted(os.listdir(outputs)) == sorted([".notes.tmp", f"{done}.wav", kept, odd])
+    assert (outputs / f"{done}.wav").stat().st_size == SIZE
+
+
+def test_sweep__settles_temporaries_in_subfolders(db_url: str, tmp_path: Path) -> None:
+    """A job whose file_path names a subfolder has its temporary there; the sweep finds it."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(db_url, 1)
+    set_row(db_url, job_id, status="completed", worker_id="w", attempts=1, file_size_bytes=SIZE,
+            file_path="outputs/a/b/song.wav")
+    (outputs / "a" / "b").mkdir(parents=True)
+    stage(outputs / "a" / "b", job_id, 1, "w", name="song.wav")
+    assert staging.sweep(outputs, lookup(db_url)).published == ["outputs/a/b/song.wav"]
+    assert os.listdir(outputs / "a" / "b") == ["song.wav"]
+
+
+def test_sweep__never_acts_through_a_link_out_of_the_outputs_folder(sqlite_db_url: str, tmp_path: Path) -> None:
+    """A folder inside outputs that is a link elsewhere is not walked: temporaries there (a dead
+    attempt's, a completed one's) stay as they are, nothing is renamed into that place."""
+    url = sqlite_db_url
+    init_db(url)
+    outputs, elsewhere = tmp_path / "outputs", tmp_path / "elsewhere"
+    outputs.mkdir()
+    elsewhere.mkdir()
+    (outputs / "out").symlink_to(elsewhere, target_is_directory=True)
+    done, dead = enqueue(url, 2)
+    set_row(url, done, status="completed", worker_id="w", attempts=1, file_size_bytes=SIZE,
+            file_path="outputs/out/x.wav")
+    set_row(url, dead, status="pending", worker_id=None, attempts=1)
+    names = sorted([stage(elsewhere, done, 1, "w", name="x.wav"), stage(elsewhere, dead, 1, "w")])
+    swept = staging.sweep(outputs, lookup(url))
+    assert swept == staging.Swept() and sorted(os.listdir(elsewhere)) == names
+
+
+def test_render__stages_each_file_without_publishing_it(db_url: str, tmp_path: Path) -> None:
+    """After the backend call a result exists only under its attempt's temporary name, beside its
+    path; the path itself appears only when the main loop publishes it."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(db_url, 1)
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(), worker_id="w")
+    [job] = daemon.store.claim(1, utcnow())
+    work, _ = prepare([job], daemon.generator)
+    [outcome] = render(daemon.generator, work, outputs, "w")
+    assert outcome.error is None and outcome.staged is not None
+    [temp] = os.listdir(outputs)
+    assert staging.owner(temp) == staging.Owner(job_id, 1, staging.worker_hash("w"))
+    outcome.staged.publish()
+    assert os.listdir(outputs) == [f"{job_id}.wav"]
+    daemon.shutdown()
+
+
+def test_daemon__a_fenced_result_is_deleted_and_never_replaces_the_file(db_url: str, tmp_path: Path) -> None:
+    """A result whose outcome write is fenced off (its row was taken back and completed by another
+    attempt meanwhile) is deleted; the completed attempt's file stays."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(db_url, 1)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks, worker_id="late")
+    [job] = daemon.store.claim(1, utcnow())
+    work, _ = prepare([job], daemon.generator)
+    outcomes = render(daemon.generator, work, outputs, daemon.worker_id)
+    outputs.joinpath(f"{job_id}.wav").write_bytes(b"the other attempt's")
+    set_row(db_url, job_id, status="completed", worker_id="other", attempts=2, file_size_bytes=19)
+    daemon.record(outcomes)
+    assert hooks.outcomes(job_id) == ["fenced"]
+    assert os.listdir(outputs) == [f"{job_id}.wav"]
+    assert outputs.joinpath(f"{job_id}.wav").read_bytes() == b"the other attempt's"
+    daemon.shutdown()
+
+
+def test_daemon__a_result_whose_commit_reply_was_lost_is_published(db_url: str, tmp_path: Path) -> None:
+    """The outcome committed but its reply was lost, so the retried write finds the job already
+    completed, by this very attempt: the file is published and the job counted completed, not fenced."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(db_url, 1)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks)
+    [job] = daemon.store.claim(1, utcnow())
+    work, _ = prepare([job], daemon.generator)
+    [outcome] = render(daemon.generator, work, outputs, daemon.worker_id)
+    values = repository.completed_values(utcnow(), 0.1, outcome.file_size, outcome.metadata)
+    assert daemon.store.finish([(job, values)]) == [True]  # the first try, whose reply never came
+    daemon.record([outcome])  # the retry
+    assert hooks.outcomes(job_id) == ["completed"]
+    assert os.listdir(outputs) == [f"{job_id}.wav"]
+    assert outputs.joinpath(f"{job_id}.wav").stat().st_size == outcome.file_size
+    daemon.shutdown()
