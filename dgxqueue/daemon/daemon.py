@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
@@ -61,7 +61,7 @@ from dgxqueue.generators import Generator
 from dgxqueue.storage import repository
 from dgxqueue.storage.driver import is_transient_db_error
 from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.repository import AttemptState, ClaimedJob
+from dgxqueue.storage.repository import ClaimedJob
 from dgxqueue.systemd import Notifier
 
 log = structlog.get_logger("dgxqueue.daemon")
@@ -603,39 +603,48 @@ class Daemon:
 
         A fenced result whose row is completed by this very attempt nonetheless (the commit's
         reply was lost and the retried write found the job done) is published, and returned as
-        written. Whether that is so is asked once, only when some result was fenced; if the
-        database cannot answer, those files stay for the sweep to settle.
+        written. Whether that is so is asked once, only when some result was fenced, after the
+        committed ones are in place; if the database cannot answer, those files stay for the
+        sweep to settle.
         """
-        doubtful = [o.job.id for o, ok in zip(outcomes, written, strict=True) if o.staged is not None and not ok]
-        states: Mapping[str, AttemptState] = {}
-        if doubtful:
-            try:
-                states = self.store.attempts(doubtful)
-            except Exception as exc:
-                if not is_transient_db_error(exc):
-                    raise
-                self.log.warning("could not check fenced results; the sweep will settle their files",
-                                 jobs=doubtful, error=str(exc)[:300])
-                for outcome in outcomes:
-                    if outcome.job.id in doubtful and outcome.staged is not None:
-                        outcome.staged.leave()
-        me = staging.worker_hash(self.worker_id)
-        result: list[bool] = []
+        doubtful: dict[str, Outcome] = {}
         for outcome, ok in zip(outcomes, written, strict=True):
-            file, job = outcome.staged, outcome.job
-            if file is not None:
-                if not ok and job.id in states:
-                    ok = staging.verdict(states[job.id], job.attempt, me) is staging.Verdict.PUBLISH
-                if ok:
-                    try:
-                        file.publish()
-                    except OutputError as exc:  # the temporary stays: the sweep renames it later
-                        self.log.error("result recorded but not renamed into place; the sweep will retry",
-                                       job_id=job.id, attempt=job.attempt, error=str(exc))
-                else:
-                    file.discard()
-            result.append(ok)
-        return result
+            if outcome.staged is None:
+                continue
+            if ok:
+                self._rename(outcome)
+            else:
+                doubtful[outcome.job.id] = outcome
+        if not doubtful:
+            return written
+        try:
+            states = self.store.attempts(list(doubtful))
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            self.log.warning("could not check fenced results; the sweep will settle their files",
+                             jobs=list(doubtful), error=str(exc)[:300])
+            for outcome in doubtful.values():
+                assert outcome.staged is not None
+                outcome.staged.leave()
+            return written
+        me, ours = staging.worker_hash(self.worker_id), set()
+        for job_id, outcome in doubtful.items():
+            if staging.verdict(states.get(job_id), outcome.job.attempt, me) is staging.Verdict.PUBLISH:
+                ours.add(job_id)
+                self._rename(outcome)
+            else:
+                assert outcome.staged is not None
+                outcome.staged.discard()
+        return [ok or o.job.id in ours for o, ok in zip(outcomes, written, strict=True)]
+
+    def _rename(self, outcome: Outcome) -> None:
+        assert outcome.staged is not None
+        try:
+            outcome.staged.publish()
+        except OutputError as exc:  # the temporary stays: the sweep renames it later
+            self.log.error("result recorded but not renamed into place; the sweep will retry",
+                           job_id=outcome.job.id, attempt=outcome.job.attempt, error=str(exc))
 
     def _release(self, keep: Collection[str] = ()) -> None:
         """Give back every held job but those in ``keep``, without spending their attempts."""
