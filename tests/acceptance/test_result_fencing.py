@@ -1,6 +1,8 @@
-"""A finished result is written once: daemon processes stalled, timed out and killed at every step
-of publishing a WAV, on real SQLite and PostgreSQL. The file at ``file_path`` is always the one
-the row's completed attempt made, and no temporary outlives the attempt that wrote it."""
+"""A finished result is written once: daemon processes stalled and killed at every step of
+publishing a WAV, on real SQLite and PostgreSQL. The file at ``file_path`` is always the one the
+row's completed attempt made, and no temporary outlives the attempt that wrote it. (A call
+abandoned at its time limit: tests/integration/test_staging.py, in-process, since the daemon
+exits soon after giving up on it.)"""
 
 from __future__ import annotations
 
@@ -137,31 +139,6 @@ def test_daemon__a_stalled_attempt_never_replaces_the_finished_file(db_url: str,
     wait_until(lambda: logged(tmp_path / "a.log", '"outcome": "fenced"'), 30, "the stalled attempt to be fenced",
                alive=stalled)
     assert stop(stalled) == 0 and stop(second) == 0
-    assert (tmp_path / finished[3]).read_bytes() == data
-    assert row(db_url, job_id) == finished
-    assert temporaries(tmp_path / "outputs") == []
-
-
-def test_daemon__a_call_abandoned_at_its_time_limit_never_publishes(db_url: str, tmp_path: Path, spawn: Spawn) -> None:
-    """A backend call that overruns worker.job_timeout_seconds is recorded as failed for now; when
-    it returns, after another daemon completed the retry, its file is deleted, not published."""
-    init_db(db_url)
-    [job_id] = enqueue(db_url, ["block pid"])
-    late = spawn(worker_config(tmp_path, db_url, release_path=tmp_path / "release-a", job_timeout_seconds=0.5),
-                        tmp_path / "a.log")
-    wait_until(lambda: row(db_url, job_id)[:2] == ("pending", 1), 30, "the call to overrun its time limit",
-               alive=late)
-    (tmp_path / "release-b").touch()
-    second = spawn(worker_config(tmp_path, db_url, release_path=tmp_path / "release-b"), tmp_path / "b.log")
-    wait_until(lambda: published(db_url, tmp_path, job_id), 30, "the retry to complete", alive=second)
-    finished = row(db_url, job_id)
-    assert finished[1] == 2 and finished[2] is not None and pid_of(finished[2]) == second.pid
-    data = assert_file_is_the_rows(db_url, tmp_path, job_id)
-    (tmp_path / "release-a").touch()
-    path = tmp_path / finished[3]
-    wait_until(lambda: logged(tmp_path / "a.log", "an abandoned backend call returned") or path.read_bytes() != data,
-               30, "the abandoned call to return (or its file to replace the finished one)", alive=late)
-    assert stop(late) == 0 and stop(second) == 0
     assert (tmp_path / finished[3]).read_bytes() == data
     assert row(db_url, job_id) == finished
     assert temporaries(tmp_path / "outputs") == []

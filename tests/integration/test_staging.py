@@ -21,14 +21,15 @@ from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.repository import AttemptState
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
+from tests.support.processes import wait_until
 
 AUDIO = GeneratedAudio(samples=np.full((1, 80), 0.5, np.float32), sample_rate=8000)
 SIZE = 44 + 80 * 2
 
 
-def enqueue(url: str, n: int) -> list[str]:
+def enqueue(url: str, n: int, prompt: str = "fine") -> list[str]:
     with session_scope(get_engine(url)) as s:
-        return create_generations(s, [{"prompt": "fine", "model_name": "scripted", "duration_seconds": 0.01,
+        return create_generations(s, [{"prompt": prompt, "model_name": "scripted", "duration_seconds": 0.01,
                                        "sample_rate": 8000, "channels": 1} for _ in range(n)])
 
 
@@ -169,4 +170,27 @@ def test_daemon__a_result_whose_commit_reply_was_lost_is_published(db_url: str, 
     assert hooks.outcomes(job_id) == ["completed"]
     assert os.listdir(outputs) == [f"{job_id}.wav"]
     assert outputs.joinpath(f"{job_id}.wav").stat().st_size == outcome.file_size
+    daemon.shutdown()
+
+
+def test_daemon__a_call_abandoned_at_its_time_limit_never_publishes(db_url: str, tmp_path: Path) -> None:
+    """A backend call past worker.job_timeout_seconds is charged and given up on; when it returns
+    anyway, after another attempt completed the job, its file is deleted, not renamed over that
+    attempt's."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(db_url, 1, prompt="block")
+    generator = ScriptedGenerator()
+    daemon = make_daemon(db_url, outputs, generator, job_timeout_seconds=0.2)
+    assert daemon.run_once() == 1
+    with get_engine(db_url).connect() as conn:
+        charged = conn.execute(sa.select(Generation.status, Generation.attempts).where(Generation.id == job_id)).one()
+    assert daemon.runner.busy and tuple(charged) == ("pending", 1)
+    outputs.mkdir(exist_ok=True)
+    outputs.joinpath(f"{job_id}.wav").write_bytes(b"the next attempt's")
+    set_row(db_url, job_id, status="completed", worker_id="next", attempts=2, file_size_bytes=18)
+    generator.gate.set()
+    wait_until(lambda: not daemon.runner.busy, 10, "the abandoned call to return")
+    assert os.listdir(outputs) == [f"{job_id}.wav"]
+    assert outputs.joinpath(f"{job_id}.wav").read_bytes() == b"the next attempt's"
     daemon.shutdown()
