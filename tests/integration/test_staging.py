@@ -122,7 +122,7 @@ def test_render__stages_each_file_without_publishing_it(db_url: str, tmp_path: P
     outputs = tmp_path / "outputs"
     [job_id] = enqueue(db_url, 1)
     daemon = make_daemon(db_url, outputs, ScriptedGenerator(), worker_id="w")
-    [job] = daemon.store.claim(1, utcnow())
+    [job] = daemon.store.claim(1)
     work, _ = prepare([job], daemon.generator)
     [outcome] = render(daemon.generator, work, outputs, "w")
     assert outcome.error is None and outcome.staged is not None
@@ -141,7 +141,7 @@ def test_daemon__a_fenced_result_is_deleted_and_never_replaces_the_file(db_url: 
     [job_id] = enqueue(db_url, 1)
     hooks = RecordingHooks()
     daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks, worker_id="late")
-    [job] = daemon.store.claim(1, utcnow())
+    [job] = daemon.store.claim(1)
     work, _ = prepare([job], daemon.generator)
     outcomes = render(daemon.generator, work, outputs, daemon.worker_id)
     outputs.joinpath(f"{job_id}.wav").write_bytes(b"the other attempt's")
@@ -161,7 +161,7 @@ def test_daemon__a_result_whose_commit_reply_was_lost_is_published(db_url: str, 
     [job_id] = enqueue(db_url, 1)
     hooks = RecordingHooks()
     daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks)
-    [job] = daemon.store.claim(1, utcnow())
+    [job] = daemon.store.claim(1)
     work, _ = prepare([job], daemon.generator)
     [outcome] = render(daemon.generator, work, outputs, daemon.worker_id)
     values = repository.completed_values(utcnow(), 0.1, outcome.file_size, outcome.metadata)
