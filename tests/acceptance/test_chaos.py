@@ -97,10 +97,10 @@ class Chaos:
                 self.unexpected.append(f"daemon{i} (pid {process.pid}) exited with {code} at the end")
 
 
-def _rows(url: str) -> list[sa.Row[tuple[str, str, str, int | None, object]]]:
+def _rows(url: str) -> list[tuple[str, str, str, int | None, object]]:
     with get_engine(url).connect() as conn:
-        return list(conn.execute(sa.text(
-            "SELECT id, status, file_path, file_size_bytes, metadata FROM generations")).all())
+        rows = conn.execute(sa.text("SELECT id, status, file_path, file_size_bytes, metadata FROM generations"))
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
 @pytest.mark.slow
@@ -131,7 +131,7 @@ def test_chaos__signals_across_three_daemons_leave_every_result_whole(db_url: st
     assert counts(db_url) == {"completed": JOBS}
 
     with get_engine(db_url).connect() as conn:
-        written = dict(conn.execute(sa.text("SELECT id, count(*) FROM completions GROUP BY id")).all())
+        written: dict[str, int] = dict(conn.execute(sa.text("SELECT id, count(*) FROM completions GROUP BY id")).all())
     assert len(written) == JOBS and set(written.values()) == {1}, "a job was recorded completed twice"
 
     # A last daemon sweeps what killed writes left behind; then the folder holds only results.
