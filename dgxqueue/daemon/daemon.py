@@ -582,21 +582,24 @@ class Daemon:
             written, claimed = self.store.finish_and_claim(pairs, self.batch_size, start=start)
         else:
             written = self.store.finish(pairs)
+        refused: set[str] = set()
         if staged:
             faultpoints.reached("after-commit")
-            written = self._publish(outcomes, written)
+            written, refused = self._publish(outcomes, written)
         recorded = {o.job.id: o for o in outcomes}
         # Before _take: a retry without backoff can be claimed again by this very transaction.
         self._held = [job for job in self._held if job.id not in recorded]
         self._take(claimed, now, premarked=start)
         for (job, _, kind, error), ok in zip(rows, written, strict=True):
             outcome = recorded[job.id]
+            if job.id in refused:  # the database refused the result: the row was failed instead
+                kind, ok, error = "failed", True, "the outcome could not be stored"
             self.hooks.on_job_finished(
                 job, kind if ok else "fenced", generation_seconds=outcome.generation_seconds,
                 audio_seconds=outcome.audio_seconds if kind == "completed" else None, error=error,
             )
 
-    def _publish(self, outcomes: Sequence[Outcome], written: list[bool]) -> list[bool]:
+    def _publish(self, outcomes: Sequence[Outcome], written: list[bool]) -> tuple[list[bool], set[str]]:
         """Rename each committed result into place, straight after the commit: until then a
         reader who sees the row completed finds no file at its path (or, after a crash in
         between, until the sweep renames it). Delete the results whose write was fenced off.
@@ -606,6 +609,9 @@ class Daemon:
         written. Whether that is so is asked once, only when some result was fenced, after the
         committed ones are in place; if the database cannot answer, those files stay for the
         sweep to settle.
+
+        Also returns the ids of results whose row this attempt recorded failed instead (the
+        database refused their values): their files are deleted like a fenced one's.
         """
         doubtful: dict[str, Outcome] = {}
         for outcome, ok in zip(outcomes, written, strict=True):
@@ -616,7 +622,7 @@ class Daemon:
             else:
                 doubtful[outcome.job.id] = outcome
         if not doubtful:
-            return written
+            return written, set()
         try:
             states = self.store.attempts(list(doubtful))
         except Exception as exc:
@@ -627,16 +633,20 @@ class Daemon:
             for outcome in doubtful.values():
                 assert outcome.staged is not None
                 outcome.staged.leave()
-            return written
-        me, ours = staging.worker_hash(self.worker_id), set()
+            return written, set()
+        me, ours, refused = staging.worker_hash(self.worker_id), set(), set()
         for job_id, outcome in doubtful.items():
-            if staging.verdict(states.get(job_id), outcome.job.attempt, me) is staging.Verdict.PUBLISH:
+            state = states.get(job_id)
+            if staging.verdict(state, outcome.job.attempt, me) is staging.Verdict.PUBLISH:
                 ours.add(job_id)
                 self._rename(outcome)
-            else:
-                assert outcome.staged is not None
-                outcome.staged.discard()
-        return [ok or o.job.id in ours for o, ok in zip(outcomes, written, strict=True)]
+                continue
+            assert outcome.staged is not None
+            outcome.staged.discard()
+            if (state is not None and state.status == repository.FAILED and state.attempts == outcome.job.attempt
+                    and state.worker_id is not None and staging.worker_hash(state.worker_id) == me):
+                refused.add(job_id)
+        return [ok or o.job.id in ours for o, ok in zip(outcomes, written, strict=True)], refused
 
     def _rename(self, outcome: Outcome) -> None:
         assert outcome.staged is not None

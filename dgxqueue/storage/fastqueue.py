@@ -111,7 +111,11 @@ def is_data_error(exc: BaseException) -> bool:
 def _finish_one_by_one(link: Link, worker_id: str, outcomes: Sequence[Outcome], error: Exception) -> set[str]:
     """Each outcome in a transaction of its own; one the database refuses is recorded failed with
     a message it can store. Only if that write fails too (not the data: the schema, say) does
-    the error pass, the batch's error first."""
+    the error pass, the batch's error first.
+
+    Returns the ids written as given: a job recorded failed instead is left out, so the caller
+    treats its result as not recorded (and never publishes its file) and finds the row failed by
+    its own attempt."""
     written: set[str] = set()
     for job_id, attempt, values in outcomes:
         try:
@@ -124,8 +128,7 @@ def _finish_one_by_one(link: Link, worker_id: str, outcomes: Sequence[Outcome], 
         message = f"the outcome could not be stored: {type(refused).__name__}: {refused}"
         log.error("outcome refused by the database; job recorded failed", job_id=job_id, error=message[:300])
         try:
-            written |= _finish_many(link, worker_id, [
-                (job_id, attempt, repository.failed_values(utcnow(), message, None))])
+            _finish_many(link, worker_id, [(job_id, attempt, repository.failed_values(utcnow(), message, None))])
         except Exception as exc:
             raise exc from error
     return written

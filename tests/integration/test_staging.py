@@ -3,6 +3,7 @@ temporaries crashes leave, and the daemon's own publish and discard."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -170,6 +171,29 @@ def test_daemon__a_result_whose_commit_reply_was_lost_is_published(db_url: str, 
     assert hooks.outcomes(job_id) == ["completed"]
     assert os.listdir(outputs) == [f"{job_id}.wav"]
     assert outputs.joinpath(f"{job_id}.wav").stat().st_size == outcome.file_size
+    daemon.shutdown()
+
+
+def test_daemon__a_result_the_database_refuses_is_recorded_failed_and_never_published(
+        db_url: str, tmp_path: Path) -> None:
+    """A completed result whose values the database refuses (a size past the column's range) is
+    recorded failed instead by the outcome write's last line of defence: its file is deleted, not
+    published beside a failed row, and the hooks count it failed."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(db_url, 1)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks)
+    [job] = daemon.store.claim(1)
+    work, _ = prepare([job], daemon.generator)
+    [outcome] = render(daemon.generator, work, outputs, daemon.worker_id)
+    daemon.record([dataclasses.replace(outcome, file_size=2**70)])
+    assert hooks.outcomes(job_id) == ["failed"]
+    assert os.listdir(outputs) == []
+    with get_engine(db_url).connect() as conn:
+        status, error = conn.execute(
+            sa.select(Generation.status, Generation.error_message).where(Generation.id == job_id)).one()
+    assert status == "failed" and (error or "").startswith("the outcome could not be stored")
     daemon.shutdown()
 
 
