@@ -24,7 +24,7 @@ from dgxqueue.daemon import staging
 from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
 from dgxqueue.storage.repository import ClaimedJob
-from dgxqueue.storage.validation import _unstorable, steering_value
+from dgxqueue.storage.validation import steering_value, unstorable
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def job_metadata(job: ClaimedJob) -> dict[str, Any]:
 def unstorable_json(metadata: Mapping[str, Any]) -> str | None:
     """Why ``metadata`` cannot be written to the metadata column (naming the key), or None. The
     door's rule, so that a job it accepted is never refused here for its own metadata."""
-    problem = _unstorable(metadata)
+    problem = unstorable(metadata)
     return None if problem is None else " ".join(problem)
 
 

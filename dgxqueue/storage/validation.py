@@ -137,7 +137,7 @@ def steering_value(key: str, value: object) -> int | float:
 STEERING_KEYS = ("seed", "guidance_scale", "temperature", "top_k")
 
 
-def _unstorable(document: object) -> tuple[str, str] | None:
+def unstorable(document: object) -> tuple[str, str] | None:
     """The path and fault of the first value in a decoded JSON document that PostgreSQL's JSON
     types cannot store: a lone surrogate, a NUL character, a non-finite number. Iterative, so a
     deep document cannot exhaust the stack."""
@@ -210,14 +210,14 @@ def validate_metadata(value: object, limits: JobSettings) -> dict[str, Any] | No
     if fault is not None:  # before encoding: the encoder would recurse, or expand shared lists
         raise ValidationError("metadata", _Abridged(value), f"{allowed}, not {fault}")
     try:
-        # NaN is let through here so that _unstorable can name where it is.
+        # NaN is let through here so that unstorable can name where it is.
         encoded = json.dumps(dict(value), separators=(",", ":"))
         loaded: dict[str, Any] = json.loads(encoded)
     except (TypeError, ValueError):
         raise ValidationError("metadata", value, allowed + " with JSON-serialisable values") from None
     except RecursionError:  # nested deeper than the encoder's recursion limit
         raise ValidationError("metadata", value, allowed + " nested less deeply") from None
-    problem = _unstorable(loaded)
+    problem = unstorable(loaded)
     if problem is not None:  # PostgreSQL would refuse the row, or a daemon reading it back
         where, fault = problem
         raise ValidationError("metadata", value, f"{allowed} without NUL characters, lone surrogates or"
