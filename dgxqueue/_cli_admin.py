@@ -358,7 +358,13 @@ def add_parsers(sub: Any) -> None:
                        description="Run the daemon: claim jobs, generate, record. SIGTERM, SIGINT or SIGHUP stop it "
                                    "gracefully; a second one releases the running jobs at once. It never "
                                    "creates or migrates its database: run 'dgxqueue db upgrade' first. "
-                                   "Flags override the config file and environment.")
+                                   "Flags override the config file and environment.",
+                       epilog="Exit codes: 0 stopped by a signal, or --burst drained the queue; 69 database "
+                              "unreachable, missing or not migrated, or the metrics port taken; 75 a machine "
+                              "fault (outputs disk, memory, GPU: jobs given back unspent), or --burst stopped "
+                              "by an outputs folder that takes no files; 78 bad configuration; 124 a backend "
+                              "call overran worker.job_timeout_seconds (its jobs charged, the rest given "
+                              "back). The systemd unit restarts the worker after any code but 0 and 78.")
     p.add_argument("--burst", action="store_true", help="exit once the queue is drained")
     p.add_argument("--worker-id", help="name in the worker_id column (default: host:pid)")
     p.add_argument("--generator", help="backend name (generator.name), e.g. synth, musicgen")

@@ -8,20 +8,27 @@ touches the database: defaults < ``--config``/``$DGXQUEUE_CONFIG`` < environment
 Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 
 ====  ==============================================================================
-0     success
+0     success; the worker stopped by a signal, or ``worker --burst`` drained the queue
 1     a job failed (``wait``, ``enqueue --wait``, ``demo``)
 2     usage error: unknown or missing argument; ``db reset`` without ``--yes``
-3     no generation with that id
+3     no generation with that id (or id prefix)
 4     the job's status forbids it (cancel a running job, retry a completed one)
-65    bad input data (EX_DATAERR): a value out of range, bad JSON, bad time span
+65    bad input data (EX_DATAERR): a value out of range, bad JSON, bad time span, a bad
+      ``enqueue --jsonl`` line (naming it); an id prefix that matches several jobs
 69    unavailable (EX_UNAVAILABLE): database unreachable, missing, or not migrated (the worker
       never creates one: ``db upgrade`` does); the metrics port is taken
 70    internal error (EX_SOFTWARE): a bug or a broken installation; ``--traceback``
 73    cannot create the output (EX_CANTCREAT): ``db backup`` target exists
-74    input/output error (EX_IOERR): a file could not be read or written
-75    temporary failure (EX_TEMPFAIL): ``--timeout`` passed, or the demo's daemon died
+74    input/output error (EX_IOERR): a file could not be read or written; ``enqueue --jsonl -``
+      with standard input closed
+75    temporary failure (EX_TEMPFAIL): ``--timeout`` passed, or the demo's daemon died; the
+      worker met a machine fault (disk, memory, GPU) and gave its jobs back unspent, or
+      ``worker --burst`` could not drain the queue because its outputs folder takes no files
 78    configuration error (EX_CONFIG): names the key, the value and what is allowed; a
-      PostgreSQL URL without the ``postgres`` extra
+      malformed database URL (its password never shown), a PostgreSQL URL without the
+      ``postgres`` extra
+124   the worker gave up on a backend call past ``worker.job_timeout_seconds`` (charged to its
+      jobs; the rest given back) and exited for a fresh process, as timeout(1) does
 130   interrupted (Ctrl-C)
 141   stdout was closed early (``dgxqueue list | head``), as a shell reports SIGPIPE
 ====  ==============================================================================
@@ -84,8 +91,10 @@ def _top_parser(commands: type[argparse.ArgumentParser]) -> tuple[argparse.Argum
     parser = _Parser(
         prog="dgxqueue",
         description="A persistent job queue and worker daemon for AI music generation.",
-        epilog="Exit codes: 0 ok, 1 job failed, 2 usage, 3 not found, 4 invalid state, 65 bad input, "
-               "69 database unavailable, 70 internal, 73/74 file errors, 75 timed out, 78 bad config.",
+        epilog="Exit codes: 0 ok, 1 job failed, 2 usage, 3 not found, 4 invalid state, 65 bad input "
+               "(or an ambiguous id prefix), 69 database unavailable (or the metrics port taken), 70 internal, "
+               "73/74 file errors, 75 timed out or a worker's machine fault, 78 bad config, 124 a worker's "
+               "backend call past its time limit, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"dgxqueue {__version__}")
     parser.add_argument("--config", metavar="PATH",
