@@ -42,7 +42,7 @@ _ready_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # schema checked at
 
 def _settings_key() -> tuple[Any, ...]:
     """What load_settings() depends on: the DGXQUEUE_* and DATABASE_URL variables, the file's mtime."""
-    # os.environ decodes every variable on iteration (~1.5 us each); on POSIX its bytes mapping
+    # os.environ decodes every variable on iteration, on every call; on POSIX its bytes mapping
     # can be filtered as it is.
     raw = getattr(os.environ, "_data", None)
     items: Iterable[tuple[Any, Any]] = raw.items() if isinstance(raw, dict) else os.environ.items()

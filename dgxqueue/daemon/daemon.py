@@ -66,8 +66,8 @@ from dgxqueue.systemd import Notifier
 
 log = structlog.get_logger("dgxqueue.daemon")
 _SLICE = 0.25  # longest the loop blocks without looking at stop requests and timers
-# A backend call longer than a transaction's fixed cost (under 1 ms on both engines here) hides
-# the outcome write that runs beside it; see Daemon._claim_next_round.
+# A backend call longer than a transaction's fixed cost (a round trip and a commit) hides the
+# outcome write that runs beside it; see Daemon._claim_next_round.
 _HIDE_WRITES_AFTER = 0.001
 #: After a stop's grace period, how long the database calls of the shutdown may go on trying
 #: altogether (each connection attempt is bounded by the engine's connect timeout besides).
@@ -153,8 +153,8 @@ class Daemon:
         self._render_seconds = 0.0  # the last backend call's, timed on the runner thread
         self._call = _Handoff()  # the running (or last) backend call's
         self._next_sweep = 0.0
-        # SQLite has one writer lock for every process: a transaction more per round slowed two
-        # daemons from 1.36x to 0.98x the bare loop, more than hiding the write gained one.
+        # SQLite has one writer lock for every process: a transaction more per round costs every
+        # daemon sharing the file more than hiding the write gains one.
         self._writes_behind = engine.dialect.name != "sqlite"
         self._stop_requested_at: float | None = None
         self._immediate = False
@@ -217,7 +217,7 @@ class Daemon:
         self.notifier.status(f"loading generator {self.generator.name}")
         started = time.perf_counter()
         # On the thread that will generate: torch's OpenMP pool belongs to the thread that first
-        # ran parallel work, and a second pool on the runner thread made CPU generation 1.6x slower.
+        # ran parallel work, and a second pool on the runner thread would fight it for the cores.
         self.runner.submit(self.generator.load).result()
         self._loaded, self._last_loop = True, time.monotonic()
         self.hooks.on_model_loaded(time.perf_counter() - started)
@@ -421,8 +421,8 @@ class Daemon:
 
         Alone, the outcomes are written while the next call renders, which hides the write but
         costs a transaction of its own (a round trip and a commit). On PostgreSQL that pays once a
-        backend call lasts longer than such a transaction (batch 64 of no-op jobs: 1.44-1.73x the
-        bare claim-10 loop, against 1.35x); shorter calls, and SQLite, save the commit instead."""
+        backend call lasts longer than such a transaction, since the write then costs the generator
+        nothing; shorter calls, and SQLite, save the commit instead."""
         if self._done and (not self._writes_behind or self._render_seconds < _HIDE_WRITES_AFTER):
             self._flush(claim_next=True)
         else:

@@ -85,7 +85,7 @@ class QueueStore:
 
     def _retry(self, call: Callable[[], T]) -> T:
         """``call()``, retried through transient errors. The first try is a plain call: tenacity's
-        bookkeeping costs about as much as a claim on SQLite, so it starts only on a failure."""
+        bookkeeping is a real share of a fast claim on SQLite, so it starts only on a failure."""
         try:
             return call()
         except Exception as exc:

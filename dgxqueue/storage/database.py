@@ -143,8 +143,8 @@ def _configure_sqlite(engine: Engine, settings: DatabaseSettings) -> None:
         # Validated against a fixed list in config: no user text reaches this statement.
         cursor.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
         cursor.execute("PRAGMA foreign_keys = ON")
-        # Negative: KiB, not pages. A daemon holds several connections, and SQLite's 2 MiB
-        # default each grew its RSS by 5% over its first 10,000 jobs; claims touch a few pages.
+        # Negative: KiB, not pages. A daemon holds several connections, and with SQLite's default
+        # cache on each its memory kept growing over its first jobs; claims touch a few pages.
         cursor.execute(f"PRAGMA cache_size = -{int(settings.sqlite_cache_kib)}")
         cursor.close()
 
@@ -244,7 +244,7 @@ def alembic_config(url: str | None = None, connection: sa.Connection | None = No
 
 
 #: The newest migration. Checked against alembic's script directory by the migration tests, so
-#: that a daemon whose database is already at head never loads alembic (about 10 MiB resident).
+#: that a daemon whose database is already at head never loads alembic (and never holds its memory).
 HEAD_REVISION = "004"
 
 

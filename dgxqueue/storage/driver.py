@@ -1,7 +1,7 @@
 """Hot paths on the bare DB-API connection: the repository's statements, compiled once.
 
-A Session and a Core execution context cost more than the statement itself on SQLite (tens of
-microseconds per call). The producer's insert (:mod:`fastinsert`) and the daemon's claim and
+A Session and a Core execution context cost more than the statement itself on SQLite, on every
+call. The producer's insert (:mod:`fastinsert`) and the daemon's claim and
 finish (:mod:`fastqueue`) therefore compile the repository's own Core constructs once per
 dialect, together with their bind and result processors, and run them on the pooled driver
 connection. Errors come out as SQLAlchemy's ``DBAPIError`` subclasses, as through a Session, so

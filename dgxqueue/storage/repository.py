@@ -395,8 +395,8 @@ def extend_leases(
     """Push the lease of each (id, attempt) still held to ``lease`` from now (the database's
     clock); returns the ids still held.
 
-    One statement per 500 jobs, not one per job: a daemon holding 128 jobs spent about 40 ms a
-    heartbeat on PostgreSQL in round trips."""
+    One statement per 500 jobs, not one per job: a round trip per held job made a heartbeat of
+    a daemon holding a large claim cost more than the work it protects."""
     pairs = list(jobs)
     held: set[str] = set()
     until = db_later(session.get_bind().dialect.name, lease_seconds(lease))
@@ -417,10 +417,10 @@ def finish_rows_statement(dialect: str, keys: tuple[str, ...], n: int) -> sa.Upd
     """``n`` fenced outcome writes setting ``keys`` as one ``UPDATE ... FROM <rows> RETURNING id``.
 
     PostgreSQL: the rows travel as one JSON document (``jsonb_to_recordset``), so the statement is
-    the same for any ``n`` and has two parameters: psycopg re-parses a query with over 50 on every
-    call, and dumping one array per column cost ~50 us per job in psycopg; ``json.dumps`` of the
-    batch costs a few. SQLite: ``WITH outcome(...) AS (VALUES ...)``, one bind per value (SQLite
-    has no ``AS outcome (id, ...)``); built once per shape.
+    the same for any ``n`` and has two parameters: psycopg caches its parse of a query only up to
+    a fixed number of parameters, and dumping one array per column costs far more per job in
+    psycopg than one ``json.dumps`` of the batch. SQLite: ``WITH outcome(...) AS (VALUES ...)``,
+    one bind per value (SQLite has no ``AS outcome (id, ...)``); built once per shape.
     """
     columns: list[sa.ColumnClause[Any]] = [
         sa.column("id", sa.Text), sa.column("attempt", sa.Integer),
@@ -822,7 +822,7 @@ def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
     postgres = session.get_bind().dialect.name == "postgresql"
     if postgres:
         # The planner cannot tell how few rows the recursion yields, prices the query high and
-        # would JIT-compile it: 15-150 ms of compiling for a read of well under 1 ms. A lock held
+        # would JIT-compile it: compiling costs far more than the read itself. A lock held
         # on the table (a migration) makes the read give up rather than wait with a connection.
         session.execute(sa.select(sa.func.set_config("jit", "off", True),
                                   sa.func.set_config("statement_timeout", "5s", True)))
