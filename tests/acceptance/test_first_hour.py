@@ -208,6 +208,8 @@ def test_db_downgrade__dropping_tables_or_columns_needs_yes(cli: Cli) -> None:
     assert_error(cli("db", "downgrade", "base"), 2, "--yes", "001")
     assert_error(cli.here("db", "downgrade", "001"), 2, "--yes", "002")
     assert cli.ok("db", "current").startswith(HEAD_REVISION)
+    assert_error(cli.here("db", "downgrade", "003"), 2, "--yes", "004")  # 004 drops its two columns
+    cli.ok("db", "downgrade", "003", "--yes")
     cli.ok("db", "downgrade", "002")  # 003 only adds a trigger (PostgreSQL): nothing to lose
     assert_error(cli.here("db", "downgrade"), 2, "--yes")
     cli.ok("db", "downgrade", "base", "--yes")

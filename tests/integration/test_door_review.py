@@ -9,7 +9,7 @@ import pytest
 import dgxqueue
 from dgxqueue.config import JobSettings
 from dgxqueue.errors import ValidationError
-from dgxqueue.storage import get_engine, get_generation, session_scope
+from dgxqueue.storage import get_engine, get_generation, init_db, session_scope
 from dgxqueue.storage.validation import MAX_METADATA_DEPTH, validate_metadata
 
 
@@ -30,6 +30,7 @@ def _deep_call(levels: int, depth: int) -> dict[str, Any] | None:
 
 def test_metadata__depth_bound_is_fixed_and_stored_on_each_engine(db_url: str) -> None:
     """Metadata at the depth bound is stored and read back; one level deeper is refused, naming the bound."""
+    init_db(db_url)  # producers create only the default database
     job_id = dgxqueue.enqueue("deep", metadata=_nested(MAX_METADATA_DEPTH), database_url=db_url)
     with session_scope(get_engine(db_url)) as session:
         job = get_generation(session, job_id)

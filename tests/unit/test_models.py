@@ -20,12 +20,14 @@ SPEC_GENERATIONS = [
     ("completed_at", UTCDateTime, True), ("generation_time_seconds", sa.Float, True),
     ("error_message", sa.Text, True), ("metadata", sa.JSON, True),
 ]
-# Migration 002's queue columns: nullable or with a server default, so spec-only inserts still work.
+# Migrations 002 and 004's queue columns: nullable or with a server default, so spec-only inserts still work.
 QUEUE_COLUMNS = [
     ("priority", sa.Integer, False, "0"), ("attempts", sa.Integer, False, "0"),
     ("max_attempts", sa.Integer, False, "3"), ("run_after", UTCDateTime, True, None),
     ("worker_id", sa.Text, True, None), ("claimed_at", UTCDateTime, True, None),
     ("lease_expires_at", UTCDateTime, True, None),
+    # Migration 004's isolation columns.
+    ("started_at", UTCDateTime, True, None), ("lease_losses", sa.Integer, False, "0"),
 ]
 SPEC_PROMPTS = [
     ("id", sa.Integer, False), ("text", sa.Text, False), ("used_count", sa.Integer, True),
@@ -54,7 +56,7 @@ def test_metadata__has_exactly_the_two_tables() -> None:
 
 
 def test_generations__columns_types_and_nullability_match_the_specification() -> None:
-    """generations has the spec's 15 columns, in order, with its types and NOT NULLs, then 002's."""
+    """generations has the spec's 15 columns, in order, with its types and NOT NULLs, then 002's and 004's."""
     names = [c.name for c in GENERATIONS.columns]
     assert names == [n for n, _, _ in SPEC_GENERATIONS] + [n for n, *_ in QUEUE_COLUMNS]
     for name, kind, nullable in SPEC_GENERATIONS:
