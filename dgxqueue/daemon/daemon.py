@@ -150,6 +150,10 @@ class Daemon:
         self._next: list[ClaimedJob] = []  # claimed with earlier outcomes; run_once starts them
         self._done: list[Outcome] = []  # outcomes to write while the next batch renders
         self._premarked: set[str] = set()  # of _next: marked started by their claim (see _claim_starts)
+        # Attempts superseded by a later claim of the same job by this daemon, by object identity:
+        # a refund (rescue of a job that never started) lets the claim hand back the same
+        # (worker, attempt) token, so only this daemon can tell its two attempts apart.
+        self._superseded: dict[int, ClaimedJob] = {}
         self._render_seconds = 0.0  # the last backend call's, timed on the runner thread
         self._call = _Handoff()  # the running (or last) backend call's
         self._next_sweep = 0.0
@@ -453,6 +457,9 @@ class Daemon:
         """Hold claimed jobs; the next :meth:`run_once` starts them."""
         if premarked:
             self._premarked.update(job.id for job in jobs)
+        claimed = {job.id for job in jobs}
+        for stale in [held for held in self._held if held.id in claimed]:
+            self._supersede(stale)
         if jobs:
             if not self._held:  # their leases run from now
                 self._next_heartbeat = time.monotonic() + self.config.heartbeat_seconds
@@ -460,10 +467,36 @@ class Daemon:
             self._held.extend(jobs)
             self.hooks.on_claimed(jobs, now)
 
+    def _supersede(self, stale: ClaimedJob) -> None:
+        """This daemon claimed ``stale``'s job again: its lease was lost and the job requeued
+        meanwhile. The older attempt is dead: its outcome must never be written (it would carry
+        the same fencing token as the new claim) and its file never published."""
+        self.log.warning("claimed again after its lease was lost: the earlier attempt is dropped",
+                         job_id=stale.id, attempt=stale.attempt)
+        self._held = [job for job in self._held if job is not stale]
+        if any(job is stale for job in self._next):  # never started: no outcome will come
+            self._next = [job for job in self._next if job is not stale]
+            self.hooks.on_job_finished(stale, "fenced", generation_seconds=None, audio_seconds=None, error=None)
+        else:  # started: its outcome is dropped when it arrives (see record)
+            self._superseded[id(stale)] = stale
+
+    def _drop_superseded(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        """The outcomes of live attempts; those of superseded ones are discarded, files included."""
+        live: list[Outcome] = []
+        for outcome in outcomes:
+            if self._superseded.pop(id(outcome.job), None) is None:
+                live.append(outcome)
+                continue
+            if outcome.staged is not None:
+                outcome.staged.discard()
+            self.hooks.on_job_finished(outcome.job, "fenced", generation_seconds=outcome.generation_seconds,
+                                       audio_seconds=None, error=None)
+        return live
+
     def _flush(self, *, claim_next: bool) -> None:
         """Write the outcomes in ``_done``; with ``claim_next``, claim the next jobs in the same
         transaction (or alone, when there is nothing to write)."""
-        outcomes, self._done = self._done, []
+        outcomes, self._done = self._drop_superseded(self._done), []
         try:
             if outcomes:
                 self.record(outcomes, claim_next=claim_next)
@@ -549,7 +582,11 @@ class Daemon:
         ``claim_next``: the same transaction claims the next jobs, which :meth:`run_once` then
         starts; it saves a commit per round.
         """
+        if self._superseded:
+            outcomes = self._drop_superseded(outcomes)
         if not outcomes:
+            if claim_next and self._may_claim():
+                self._claim_ahead()
             return
         now = self.clock()
         rows: list[tuple[ClaimedJob, dict[str, Any], str, str | None]] = []

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from dgxqueue.audio import Folders, stage_wav
+from dgxqueue.audio import Folders, read_wav, stage_wav
 from dgxqueue.daemon import staging
 from dgxqueue.daemon.executor import prepare, render
 from dgxqueue.generators import GeneratedAudio
 from dgxqueue.storage import Generation, create_generations, get_engine, init_db, repository, session_scope
 from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.repository import AttemptState
+from tests.support.chaos import ChaosGenerator
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
 from tests.support.processes import wait_until
@@ -194,6 +195,41 @@ def test_daemon__a_result_the_database_refuses_is_recorded_failed_and_never_publ
         status, error = conn.execute(
             sa.select(Generation.status, Generation.error_message).where(Generation.id == job_id)).one()
     assert status == "failed" and (error or "").startswith("the outcome could not be stored")
+    daemon.shutdown()
+
+
+def test_daemon__an_attempt_superseded_by_its_own_daemons_new_claim_is_never_recorded(
+        db_url: str, tmp_path: Path) -> None:
+    """A daemon whose lease lapsed can claim the requeued job again with the same fencing token
+    (the rescue refunded an attempt that never started): the earlier attempt's result, arriving
+    first, is dropped with its file, and the row and the file are the new attempt's."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(db_url, 1)
+    hooks = RecordingHooks()
+    generator = ChaosGenerator(models=["scripted"], work_seconds=0.0)
+    daemon = make_daemon(db_url, outputs, generator, hooks=hooks)
+    [first] = daemon.store.claim(1)
+    daemon._take([first], utcnow())
+    daemon._next.clear()  # started, as run_once starts what _next holds
+    [stale] = render(generator, prepare([first], generator)[0], outputs, daemon.worker_id)
+    # The lease lapsed and the rescue gave the attempt back; this daemon claims the job again.
+    set_row(db_url, job_id, status="pending", attempts=first.attempt - 1, worker_id=None, lease_expires_at=None)
+    [again] = daemon.store.claim(1)
+    assert (again.id, again.attempt) == (first.id, first.attempt)
+    daemon._take([again], utcnow())
+    daemon._next.clear()
+    [fresh] = render(generator, prepare([again], generator)[0], outputs, daemon.worker_id)
+    daemon.record([stale])
+    daemon.record([fresh])
+    assert hooks.outcomes(job_id) == ["fenced", "completed"]
+    assert os.listdir(outputs) == [f"{job_id}.wav"]
+    samples, _ = read_wav(outputs / f"{job_id}.wav")
+    with session_scope(get_engine(db_url)) as s:
+        row = s.get(Generation, job_id)
+        assert row is not None and row.status == "completed"
+        assert abs(float(np.abs(samples).max()) - row.meta["peak"]) < 2e-4
+        assert row.meta["level"] == fresh.metadata["level"]
     daemon.shutdown()
 
 
