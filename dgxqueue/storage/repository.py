@@ -254,12 +254,29 @@ def not_a_time(dialect: str, column: sa.ColumnElement[Any]) -> sa.ColumnElement[
     return sa.not_(is_time)
 
 
+# A time exactly as UTCDateTime stores it on SQLite: such text compares as the time it names.
+_STORED_TIME: sa.ColumnElement[str] = sa.literal_column(
+    "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]'")
+
+
+def comparable_time(dialect: str, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """``column`` in a form that compares as the time it names. On SQLite a row written by plain
+    SQL may hold another ISO 8601 form ('2026-12-06T10:00:00+02:00', a 'Z'), whose text sorts
+    by its separator and ignores its offset: it is rewritten as UTC in the stored form, by
+    SQLite's own parser; text that parser cannot read stays as it is."""
+    if dialect != "sqlite":
+        return column
+    normal = sa.func.strftime(_SQLITE_TIME, column, type_=sa.Text).concat("000")
+    stored: sa.ColumnElement[bool] = column.op("GLOB", is_comparison=True)(_STORED_TIME)
+    return sa.type_coerce(sa.case((stored, column), else_=sa.func.coalesce(normal, column)), UTCDateTime())
+
+
 def due_condition(dialect: str, now: sa.ColumnElement[Any] | datetime) -> sa.ColumnElement[bool]:
     """A pending row may run now. A ``run_after`` that is not a time counts as due, so that the
     claim fails its job naming the column instead of the job waiting for ever (or running at a
     moment its text happens to sort before)."""
     run_after = G.c.run_after
-    return sa.or_(run_after.is_(None), run_after <= now, not_a_time(dialect, run_after))
+    return sa.or_(run_after.is_(None), comparable_time(dialect, run_after) <= now, not_a_time(dialect, run_after))
 
 
 # --- the database's clock -------------------------------------------------------------------
@@ -599,7 +616,8 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     dialect = session.get_bind().dialect.name
     now = db_now(dialect)
     lease = G.c.lease_expires_at  # one that is not a time (plain SQL) holds nothing either
-    expired = sa.and_(IS_PROCESSING, sa.or_(lease < now, lease.is_(None), not_a_time(dialect, lease)))
+    expired = sa.and_(IS_PROCESSING, sa.or_(comparable_time(dialect, lease) < now, lease.is_(None),
+                                            not_a_time(dialect, lease)))
     released = {"status": PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
                 "claimed_at": None}
     refunded = session.execute(
@@ -642,9 +660,10 @@ def has_work(session: Session, models: Iterable[str]) -> bool:
 def next_due(session: Session, models: Iterable[str]) -> timedelta | None:
     """How long until the earliest not-yet-due pending job of ``models`` is due, by the
     database's clock."""
-    now = db_now(session.get_bind().dialect.name)
-    query = sa.select(sa.func.min(G.c.run_after), now).where(
-        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), G.c.run_after > now,
+    dialect = session.get_bind().dialect.name
+    now, run_after = db_now(dialect), comparable_time(dialect, G.c.run_after)
+    query = sa.select(sa.func.min(run_after, type_=UTCDateTime()), now).where(
+        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), run_after > now,
     )
     due, at = session.execute(query).one()
     # Not a time (PostgreSQL's 'infinity', text SQLite sorts after now): nothing to wake up for.

@@ -92,3 +92,39 @@ def test_daemon_clock__a_skewed_daemon_claims_what_is_due(engine: sa.Engine, db_
     with session_scope(get_engine(db_url)) as s:
         waiting = repository.next_due(s, ["scripted"])
     assert waiting is not None and timedelta(seconds=30) < waiting <= timedelta(seconds=60)
+
+
+def _set_time(url: str, job_id: str, column: str, text: str) -> None:
+    """Write ``text`` into a time column by plain SQL, as another program would."""
+    table = sa.table("generations", sa.column("id"), sa.column(column))
+    with get_engine(url).begin() as connection:
+        connection.execute(sa.update(table).where(table.c.id == job_id).values({column: text}))
+
+
+def test_db_clock__times_written_by_plain_sql_in_other_iso_forms_compare_as_times(engine: sa.Engine,
+                                                                                   db_url: str) -> None:
+    """A run_after or lease written by plain SQL as '2026-12-06T10:00:00+00:00', with a 'Z' or an
+    offset is judged by the time it names: due an hour ago is claimed and not waited for, a lease
+    that expired an hour ago is rescued, one that runs for another hour (written with an
+    offset) is left alone."""
+    hour = timedelta(hours=1)
+    ago, ahead = utcnow() - hour, utcnow() + hour
+    due_t, due_z, due_offset, later = (enqueue(db_url, f"p{i}") for i in range(4))
+    _set_time(db_url, due_t, "run_after", ago.strftime("%Y-%m-%dT%H:%M:%S+00:00"))
+    _set_time(db_url, due_z, "run_after", ago.strftime("%Y-%m-%d %H:%M:%SZ"))
+    # With an offset the text reads an hour off the other way: due an hour ago, due in an hour.
+    _set_time(db_url, due_offset, "run_after", ahead.strftime("%Y-%m-%dT%H:%M:%S+02:00"))
+    _set_time(db_url, later, "run_after", ago.strftime("%Y-%m-%d %H:%M:%S-02:00"))
+    with session_scope(engine) as s:
+        wait = repository.next_due(s, ["scripted"])
+        claimed = {job.id for job in repository.claim(s, worker_id="w", models=["scripted"], limit=10,
+                                                       lease=timedelta(seconds=60))}
+    assert claimed == {due_t, due_z, due_offset}
+    assert wait is not None and timedelta(minutes=50) < wait < timedelta(minutes=70)
+    expired, live = due_t, due_z
+    _set_time(db_url, expired, "lease_expires_at", ago.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00"))
+    _set_time(db_url, live, "lease_expires_at", ago.strftime("%Y-%m-%d %H:%M:%S-02:00"))
+    with session_scope(engine) as s:
+        requeued, failed = repository.rescue_expired(s)
+    assert (sorted(requeued), failed) == ([expired], [])
+    assert row(db_url, live).status == "processing"
