@@ -12,7 +12,9 @@ lease period after: a temporary of the attempt its row records as completed is r
 place (the crash came between the commit and the rename); one of the row's current
 ``processing`` attempt is kept (that attempt may still commit, expired lease or not, until the
 rescuer takes the row back); every other one is deleted. The row is the authority, read after
-the folder was listed: an attempt that is neither cannot commit any more.
+the folder was listed: an attempt that is neither cannot commit any more. A temporary of a job
+no row names is deleted only once it is :data:`UNKNOWN_JOB_GRACE` old: it may be another
+queue's (another database sharing the outputs folder), whose attempt may still commit it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,10 @@ _MAX_ENCODED_ID = 160  # leaves a temporary's name room for 49 bytes of the file
 _ATTEMPT = re.compile(r"-?[0-9]{1,20}")
 _HEX = re.compile(r"[0-9a-f]+")
 _WORKER_HEX, _NONCE_HEX = 10, 6
+
+#: Seconds before the sweep deletes a temporary of a job its database does not know: a deleted
+#: row's, or one another queue writing into the same outputs folder has yet to publish.
+UNKNOWN_JOB_GRACE = 24 * 3600.0
 
 Lookup = Callable[[Sequence[str]], Mapping[str, AttemptState]]
 
@@ -160,9 +167,12 @@ def sweep(outputs_dir: Path, lookup: Lookup) -> Swept:
         states = lookup(sorted({f.owner.job_id for f in found}))
         published: set[str] = set()
         synced: set[str] = set()
+        stale_before = time.time() - UNKNOWN_JOB_GRACE
         for item in sorted(found, key=lambda f: f.mtime, reverse=True):  # the newest first
             state = states.get(item.owner.job_id)
             decision = verdict(state, item.owner.attempt, item.owner.worker)
+            if state is None and item.mtime > stale_before:  # maybe another queue's, still to commit
+                decision = Verdict.KEEP
             if decision is Verdict.KEEP:
                 swept.kept += 1
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -74,15 +75,18 @@ def test_sweep__publishes_the_completed_attempt_keeps_the_running_one_deletes_th
     set_row(db_url, wrong_size, status="completed", worker_id="w1", attempts=1, file_size_bytes=SIZE + 2)
     kept = stage(outputs, running, 1, "w1")
     stage(outputs, done, 2, "w1")
+    deleted_job = stage(outputs, "3f0c7d7e-0000-4000-8000-000000000000", 1, "w1")  # a deleted job's, old
+    aged = time.time() - staging.UNKNOWN_JOB_GRACE - 60
+    os.utime(outputs / deleted_job, (aged, aged))
     dead = [stage(outputs, done, 1, "w1"), stage(outputs, done, 2, "w2"), stage(outputs, running, 1, "w2"),
-            stage(outputs, rescued, 1, "w1"), stage(outputs, failed, 1, "w1"),
-            stage(outputs, "3f0c7d7e-0000-4000-8000-000000000000", 1, "w1")]  # a deleted job's
+            stage(outputs, rescued, 1, "w1"), stage(outputs, failed, 1, "w1"), deleted_job]
     odd = stage(outputs, wrong_size, 1, "w1")
+    unknown = stage(outputs, "0b9d2f7e-0000-4000-8000-000000000000", 1, "w9")  # no row yet: maybe another queue's
     (outputs / ".notes.tmp").write_text("mine")
     swept = staging.sweep(outputs, lookup(db_url))
-    assert swept.published == [f"outputs/{done}.wav"] and swept.kept == 1
+    assert swept.published == [f"outputs/{done}.wav"] and swept.kept == 2
     assert sorted(os.path.basename(p) for p in swept.deleted) == sorted(dead)
-    assert sorted(os.listdir(outputs)) == sorted([".notes.tmp", f"{done}.wav", kept, odd])
+    assert sorted(os.listdir(outputs)) == sorted([".notes.tmp", f"{done}.wav", kept, odd, unknown])
     assert (outputs / f"{done}.wav").stat().st_size == SIZE
 
 
@@ -254,3 +258,30 @@ def test_daemon__a_call_abandoned_at_its_time_limit_never_publishes(db_url: str,
     assert os.listdir(outputs) == [f"{job_id}.wav"]
     assert outputs.joinpath(f"{job_id}.wav").read_bytes() == b"the next attempt's"
     daemon.shutdown()
+
+
+def test_sweep__leaves_another_queues_temporary_in_a_shared_outputs_folder(sqlite_db_url: str,
+                                                                             tmp_path: Path) -> None:
+    """Two queues (two databases) write into one outputs folder: one queue's sweep, which finds no
+    row for the other's job, does not delete the result that job's attempt is about to commit and
+    publish; that result lands at its file_path."""
+    theirs, ours = sqlite_db_url, f"sqlite:///{tmp_path / 'ours.db'}"
+    init_db(theirs)
+    init_db(ours)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(theirs, 1)
+    hooks = RecordingHooks()
+    daemon = make_daemon(theirs, outputs, ScriptedGenerator(), hooks=hooks, worker_id="theirs")
+    neighbour = make_daemon(ours, outputs, ScriptedGenerator(), worker_id="ours")
+    try:
+        [job] = daemon.store.claim(1)
+        work, _ = prepare([job], daemon.generator)
+        outcomes = render(daemon.generator, work, outputs, daemon.worker_id)
+        neighbour.sweep()  # between the staging and the commit
+        daemon.record(outcomes)
+        assert hooks.outcomes(job_id) == ["completed"]
+        assert os.listdir(outputs) == [f"{job_id}.wav"]
+        assert outputs.joinpath(f"{job_id}.wav").stat().st_size == outcomes[0].file_size
+    finally:
+        daemon.shutdown()
+        neighbour.shutdown()
