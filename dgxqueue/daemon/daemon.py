@@ -47,11 +47,11 @@ from dgxqueue import faultpoints
 from dgxqueue.config import Settings
 from dgxqueue.daemon import staging
 from dgxqueue.daemon.diskcheck import OutputsCheck, Problem
-from dgxqueue.daemon.executor import Outcome, Work, discard, prepare, render
+from dgxqueue.daemon.executor import Outcome, Work, discard, render
 from dgxqueue.daemon.faults import judge
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
 from dgxqueue.daemon.hooks import DaemonInfo, Hooks
-from dgxqueue.daemon.isolation import split_isolating, timeout_marks
+from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, timeout_marks, validate_alone
 from dgxqueue.daemon.retry import decide, describe
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.store import QueueStore
@@ -340,7 +340,7 @@ class Daemon:
         self._render_seconds = 0.0  # no backend call this round (all refused): nothing hides a write
         kept = False
         try:
-            work, refused = prepare(jobs, self.generator)
+            work, refused = prepare_isolating(jobs, self.generator)
             self._done.extend(self._sort_faults(refused))
             size = min(self.batch_size, self.generator.max_batch_size)
             batches = split_isolating(work, lambda w: self.generator.batch_key(w.request), size)
@@ -522,7 +522,8 @@ class Daemon:
 
         def call() -> list[Outcome]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()
-            outcomes = render(self.generator, batch, outputs, worker_id)
+            ready, refused = validate_alone(batch, self.generator)
+            outcomes = refused + render(self.generator, ready, outputs, worker_id) if ready else refused
             self._render_seconds = time.monotonic() - started
             return handoff.deliver(outcomes)
 

@@ -65,3 +65,32 @@ def test_daemons__a_job_that_kills_its_daemon_is_isolated_and_failed_alone(db_ur
     assert "killed its daemon 3 times" in (jobs[poison].error_message or "")
     # Each other job lost one lease, the one it shared with the poison, and completed at its next attempt.
     assert {(jobs[j].status, jobs[j].attempts, jobs[j].lease_losses) for j in others} == {("completed", 2, 1)}
+
+
+def test_daemons__a_job_whose_validate_kills_its_daemon_fails_alone(db_url: str, tmp_path: Path) -> None:
+    """A prompt whose validate() SIGKILLs the daemon, claimed with 7 others, daemons restarted
+    after each death: the 7 complete, it fails; the daemons do not die for ever."""
+    init_db(db_url)
+    spec = {"model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000, "channels": 1}
+    with session_scope(get_engine(db_url)) as s:
+        ids = create_generations(s, [{"prompt": p, **spec} for p in ["fine"] * 3 + ["kill"] + ["fine"] * 4])
+    poison, others = ids[3], ids[:3] + ids[4:]
+    config = write_config(tmp_path / "config.toml", {
+        "database": {"url": db_url},
+        "outputs": {"dir": str(tmp_path / "outputs")},
+        "generator": {"name": "tests.support.generators:ValidateKillingGenerator"},
+        "generator.options": {"log_path": str(tmp_path / "executions.log")},
+        "worker": {"batch_size": 8, "lease_seconds": 1.0, "heartbeat_seconds": 0.2,
+                   "rescue_interval_seconds": 0.2, "backoff_base_seconds": 0.0, "poll_interval_seconds": 0.2},
+        "metrics": {"enabled": False},
+    })
+    for run in range(8):  # the supervisor: restart after each death, once the dead one's leases ran out
+        wait_until(lambda: leases_ran_out(db_url), 30, "the dead daemon's leases to run out")
+        worker = start_worker(config, tmp_path / f"worker{run}.log", "--burst")
+        code = worker.wait(60)
+        assert code in (0, -signal.SIGKILL), (tmp_path / f"worker{run}.log").read_text()[-3000:]
+        if all(job.status in ("completed", "failed") for job in rows(db_url).values()):
+            break
+    jobs = rows(db_url)
+    assert {jobs[j].status for j in others} == {"completed"}, {j: jobs[j].error_message for j in others}
+    assert jobs[poison].status == "failed"

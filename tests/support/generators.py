@@ -160,3 +160,16 @@ class KillingGenerator(ScriptedGenerator):
                 os.kill(os.getpid(), signal.SIGKILL)
             results.extend(super().generate([request]))
         return results
+
+
+class ValidateKillingGenerator(ScriptedGenerator):
+    """:class:`ScriptedGenerator` whose ``validate`` SIGKILLs its own process on the ``kill``
+    prompt, as a tokenizer in a crashing native library would: for daemon processes only."""
+
+    name = "validate-killing"
+
+    def validate(self, request: GenerationRequest) -> None:
+        if request.prompt == "kill":
+            self._record(request)
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().validate(request)
