@@ -1,6 +1,6 @@
 """Whose fault a failed call is, the machine's or the job's, and what the job pays for it.
 
-:func:`~dgxqueue.daemon.retry.machine_fault` names a suspect from the error alone. A failed WAV
+:func:`~dgxqueue.machine_faults.machine_fault` names a suspect from the error alone. A failed WAV
 write is then put to the test: the daemon writes, fsyncs and removes a file of the same size in
 the outputs folder (:func:`probe_write`). Should that fail too, the outputs folder cannot take
 files: the machine's fault, confirmed, and its jobs go back unspent however often it happens.
@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgxqueue.daemon.executor import Outcome
-from dgxqueue.daemon.retry import MACHINE_FAULT_MARK, OUTPUT_FAULTS, PROBED_REASONS, describe, machine_fault
+from dgxqueue.daemon.retry import MACHINE_FAULT_MARK, describe
 from dgxqueue.errors import TransientGeneratorError
+from dgxqueue.machine_faults import OUTPUT_FAULTS, PROBED_REASONS, machine_fault
 from dgxqueue.storage.repository import ClaimedJob
 
 #: How many faults no test can confirm a job is given back for, unspent, before it pays for them.

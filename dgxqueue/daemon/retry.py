@@ -7,14 +7,13 @@ retries short database calls.)
 
 from __future__ import annotations
 
-import errno
 import random
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from dgxqueue.config import WorkerSettings
 from dgxqueue.errors import GeneratorError, OutputError
+from dgxqueue.machine_faults import machine_fault as machine_fault  # re-exported: its old home
 
 
 @dataclass(frozen=True)
@@ -41,56 +40,8 @@ def is_transient(error: BaseException, settings: WorkerSettings) -> bool:
     return settings.retry_unexpected_errors
 
 
-#: A WAV write that failed so may be the machine's fault (the outputs folder cannot take files) or
-#: the job's (its own subfolder cannot): a test write into the outputs folder tells which
-#: (:mod:`~dgxqueue.daemon.faults`).
-OUTPUT_FAULTS = {
-    errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
-    errno.EACCES: "permission", errno.EPERM: "permission", errno.EIO: "io_error",
-    errno.ENOTDIR: "not_a_folder", errno.ENOENT: "not_a_folder",
-}
-#: The process's resources, not a path's: the machine's fault whichever file met it.
-_RESOURCE_FAULTS = {errno.ENOMEM: "memory", errno.EMFILE: "descriptors", errno.ENFILE: "descriptors"}
-#: The reasons a test write can confirm; the others (memory, descriptors, gpu) no probe can see.
-PROBED_REASONS = frozenset(OUTPUT_FAULTS.values())
-#: CUDA's "sticky" errors: after one, every later call in the process fails, so only a new process
-#: (a new CUDA context) can run again. CUDA's out-of-memory error is not one: it stays the job's.
-_GPU_LOST = re.compile(
-    r"CUDA error: (an illegal memory access|unspecified launch failure|device-side assert|an illegal"
-    r" instruction|misaligned address|uncorrectable ECC error|the launch timed out|unknown error|no"
-    r" CUDA-capable device|CUDA-capable device\(s\) is/are busy or unavailable)|GPU is lost|fallen off the bus",
-    re.IGNORECASE,
-)
 #: How a job given back after a machine fault is marked in its row's ``error_message``.
 MACHINE_FAULT_MARK = "machine fault ("
-
-
-def machine_fault(error: BaseException) -> str | None:
-    """The reason when ``error`` is the machine's fault rather than the job's, else None.
-
-    The rule: a ``MemoryError`` anywhere in the chain (``memory``); a failed WAV write
-    (:class:`OutputError`) caused by ENOMEM (``memory``), no file descriptors left (EMFILE, ENFILE:
-    ``descriptors``), or, subject to the daemon's test write (:data:`PROBED_REASONS`), a full disk
-    or quota (``disk_full``), a read-only file system (``read_only``), a permission error
-    (``permission``), an I/O error (``io_error``) or a folder gone or replaced by a file
-    (``not_a_folder``); a ``RuntimeError`` (torch's ``AcceleratorError`` is one) carrying one of
-    CUDA's sticky errors (``gpu``). Anything else is the job's.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, MemoryError):
-            return "memory"
-        if isinstance(current, OutputError) and isinstance(current.__cause__, OSError):
-            code = current.__cause__.errno or 0
-            reason = _RESOURCE_FAULTS.get(code) or OUTPUT_FAULTS.get(code)
-            if reason is not None:
-                return reason
-        if isinstance(current, RuntimeError) and _GPU_LOST.search(str(current)):
-            return "gpu"
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def describe(error: BaseException) -> str:
