@@ -39,6 +39,7 @@ from dgxqueue.errors import (
     TransientGeneratorError,
 )
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+from dgxqueue.machine_faults import detached_machine_fault
 from dgxqueue.storage.validation import steering_value
 
 INSTALL_HINT = "pip install 'dgxqueue[musicgen]'"
@@ -71,6 +72,8 @@ class MusicGenGenerator:
     ``max_batch_size`` (default 16): prompts per ``generate`` call. Decoding is bound by per-token
     overhead, not by the GPU's arithmetic, so a wider batch costs little more wall time than one
     prompt: batch as wide as memory allows. A batch that runs out of memory is halved and retried.
+    A machine fault (:mod:`dgxqueue.machine_faults`: a lost GPU, a ``MemoryError``) fails the whole
+    call instead of its requests.
     """
 
     name = "musicgen"
@@ -248,9 +251,14 @@ class MusicGenGenerator:
             return self._render_once(batch, plan)
         except Exception as exc:
             oom = self._is_oom(exc)
+            fault = None if oom else detached_machine_fault(exc)
             error = f"{type(exc).__name__}: {exc}"
-        # Retried only here, after the except block: the exception's traceback holds the failed
-        # call's frames and every tensor in them, which empty_cache() cannot free while it lives.
+        # Retried or raised only here, after the except block: the exception's traceback holds the
+        # failed call's frames and every tensor in them, which empty_cache() cannot free while it lives.
+        if fault is not None:
+            # The machine's (a lost GPU, no memory): the whole call fails, so that the daemon gives
+            # the jobs back rather than each request failing for good, and exits for a new process.
+            raise fault
         if oom and self._device.startswith("cuda"):
             self._torch.cuda.empty_cache()
         if len(batch) == 1:

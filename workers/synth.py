@@ -88,8 +88,8 @@ class SynthGenerator:
                 outcomes.append(self.render(request))
             except PermanentGeneratorError as exc:
                 outcomes.append(exc)
-            except MemoryError:
-                outcomes.append(TransientGeneratorError(f"synth ran out of memory for job {request.job_id}"))
+            except MemoryError as exc:
+                outcomes.append(_out_of_memory(request, exc))
         return outcomes
 
     def render(self, request: GenerationRequest) -> GeneratedAudio:
@@ -103,6 +103,14 @@ class SynthGenerator:
         samples = arrange(stems, loop, frames, channels)
         master(samples, sr)
         return GeneratedAudio(samples=samples, sample_rate=sr, metadata=describe(style))
+
+
+def _out_of_memory(request: GenerationRequest, exc: MemoryError) -> TransientGeneratorError:
+    """The request's error, caused by a fresh ``MemoryError`` so that the daemon sees the machine's
+    fault and gives the job back; fresh, because ``exc``'s traceback holds the failed render's arrays."""
+    error = TransientGeneratorError(f"synth ran out of memory for job {request.job_id}")
+    error.__cause__ = MemoryError(str(exc))
+    return error
 
 
 def arrange(stems: dict[str, F32], loop: int, frames: int, channels: int) -> F32:

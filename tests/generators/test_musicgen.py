@@ -21,6 +21,7 @@ import pytest
 from dgxqueue.audio import read_wav, write_wav_atomic
 from dgxqueue.errors import ConfigError, PermanentGeneratorError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, create_generator
+from dgxqueue.machine_faults import machine_fault
 from tests.support.tiny_musicgen import PROMPTS, build_tiny_musicgen
 from workers.musicgen import MusicGenGenerator
 
@@ -315,6 +316,58 @@ def test_musicgen__failure_of_one_prompt_fails_only_that_job(
     assert isinstance(outcomes[1], PermanentGeneratorError)
     assert "this prompt breaks the model" in str(outcomes[1])
     assert isinstance(outcomes[2], GeneratedAudio)
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "gpu"),
+    (RuntimeError("CUDA error: device-side assert triggered"), "gpu"),
+    (MemoryError("cannot allocate"), "memory"),
+], ids=["illegal_access", "device_assert", "memory_error"])
+def test_musicgen__machine_fault_fails_the_call_freed(
+    mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None], fault: BaseException, reason: str
+) -> None:
+    """A lost GPU or a MemoryError fails the whole call, unsplit, with an error the daemon reads as
+    the machine's, holding neither the failed call's frames nor its tensors; it used to fail each
+    request for good ("MusicGen failed: ..."), and every later job the same way."""
+    held: list[weakref.ref[Any]] = []
+    sizes: list[int] = []
+
+    def broken_machine(real: Wrapper, **kwargs: Any) -> Any:
+        sizes.append(_batch_size(kwargs))
+        cache = torch.ones(1024)  # what the failed call holds
+        held.append(weakref.ref(cache))
+        raise fault
+
+    wrap_generate(broken_machine)
+    with pytest.raises(type(fault)) as caught:
+        mono.generate([_request(PROMPTS[0]), _request(PROMPTS[1])])
+    error = caught.value
+    assert machine_fault(error) == reason
+    assert sizes == [2]
+    assert error.__cause__ is None and error.__context__ is None
+    frames: list[str] = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "broken_machine" not in frames and "_render_once" not in frames, frames
+    assert held[0]() is None, "the failed call's tensor is still alive"
+
+
+def test_musicgen__job_errors_stay_the_jobs(
+    mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None]
+) -> None:
+    """An ordinary error still fails the request for good, and CUDA's out-of-memory error is still
+    halved and then a transient failure: neither is read as the machine's."""
+    def fail(real: Wrapper, **kwargs: Any) -> Any:
+        if kwargs["max_new_tokens"] > 30:
+            raise RuntimeError("CUDA error: out of memory")
+        raise ValueError("this prompt breaks the model")
+
+    wrap_generate(fail)
+    broken, oom = mono.generate([_request(PROMPTS[0]), _request(PROMPTS[1], duration=1.0)])
+    assert isinstance(broken, PermanentGeneratorError) and machine_fault(broken) is None
+    assert isinstance(oom, TransientGeneratorError) and machine_fault(oom) is None
 
 
 @pytest.mark.parametrize("model", ["{tmp}/no-such-model", "nobody/no-such-musicgen"])

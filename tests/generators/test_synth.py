@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any
 
 import numpy as np
 import pytest
 
 from dgxqueue.audio import measure
-from dgxqueue.errors import ConfigError, PermanentGeneratorError
+from dgxqueue.errors import ConfigError, PermanentGeneratorError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, create_generator
+from dgxqueue.machine_faults import machine_fault
 from workers.synth import SynthGenerator
 
 
@@ -156,3 +158,26 @@ def test_options__default_bpm_applies_when_the_prompt_names_no_genre() -> None:
     plain, trap = generator.generate(requests)
     assert isinstance(plain, GeneratedAudio) and isinstance(trap, GeneratedAudio)
     assert (plain.metadata["bpm"], trap.metadata["bpm"]) == (100, 140)
+
+
+def test_generate__memory_error_is_the_machines_and_frees_the_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError fails its own request with an error the daemon reads as the machine's (it used
+    to be a plain transient error, charged to the job), holding none of the failed render's
+    arrays; the other requests still render."""
+    generator = SynthGenerator()
+    real = generator.render
+    held: list[weakref.ref[Any]] = []
+
+    def render(request: GenerationRequest) -> GeneratedAudio:
+        if request.job_id == "big":
+            stems = np.ones(1024, np.float32)  # what the failed render holds
+            held.append(weakref.ref(stems))
+            raise MemoryError("Unable to allocate 80.0 GiB")
+        return real(request)
+
+    monkeypatch.setattr(generator, "render", render)
+    fine, big = generator.generate([_request("house", duration=0.2), _request("house", duration=0.2, job_id="big")])
+    assert isinstance(fine, GeneratedAudio)
+    assert isinstance(big, TransientGeneratorError) and machine_fault(big) == "memory"
+    assert big.__cause__ is not None and big.__cause__.__traceback__ is None
+    assert held[0]() is None, "the failed render's array is still alive"

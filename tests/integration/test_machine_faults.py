@@ -18,12 +18,13 @@ from dgxqueue.daemon.diskcheck import look
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
 from dgxqueue.daemon.retry import machine_fault
 from dgxqueue.errors import ConfigError, OutputError, PermanentGeneratorError
-from dgxqueue.generators import GeneratedAudio
+from dgxqueue.generators import GeneratedAudio, GenerationRequest
 from dgxqueue.metrics import DaemonMetrics
 from dgxqueue.storage import get_engine
 from tests.integration.test_daemon import enqueue, row
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
+from workers.synth import SynthGenerator
 
 
 def _write_error(folder: Path) -> OutputError:
@@ -100,6 +101,23 @@ def test_machine_fault__job_that_always_faults_fails_after_its_refunds_and_attem
         f"machine fault (memory) [unconfirmed {UNCONFIRMED_REFUNDS + 2} of {UNCONFIRMED_REFUNDS}] MemoryError")
     assert make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator()).run(burst=True) == 0
     assert (row(db_url, mate).status, row(db_url, mate).attempts) == ("completed", 1)
+
+
+def test_machine_fault__synth_memory_error_gives_the_job_back_and_exits_75(
+        engine: sa.Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in synth meeting a MemoryError: the daemon gives the job back unspent, marked,
+    and exits 75, instead of charging the job a transient failure."""
+    job_id = enqueue(db_url, "house", model="synth")
+    generator = SynthGenerator()
+
+    def render(request: GenerationRequest) -> GeneratedAudio:
+        raise MemoryError("Unable to allocate 80.0 GiB")
+
+    monkeypatch.setattr(generator, "render", render)
+    assert make_daemon(db_url, tmp_path / "outputs", generator).run(burst=True) == EXIT_MACHINE_FAULT
+    job = row(db_url, job_id)
+    assert (job.status, job.attempts) == ("pending", 0)
+    assert (job.error_message or "").startswith("machine fault (memory) [unconfirmed 1 of")
 
 
 def test_machine_fault__daemon_unhealthy_and_metric_set(engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
