@@ -93,7 +93,8 @@ class Chaos:
         self.stopped.clear()
         for i, process in enumerate(self.daemons):
             code = stop(process, timeout=60)
-            if code not in (*self.expected.pop(i, ()), 0):
+            # -SIGTERM: a daemon restarted a moment ago may still be importing, before its handlers.
+            if code not in (*self.expected.pop(i, ()), 0, -signal.SIGTERM):
                 self.unexpected.append(f"daemon{i} (pid {process.pid}) exited with {code} at the end")
 
 
@@ -110,13 +111,15 @@ def test_chaos__signals_across_three_daemons_leave_every_result_whole(db_url: st
     rng = random.Random(_seed())
     init_db(db_url)
     count_completions(db_url)
-    enqueue(db_url, [f"chaos {i}" for i in range(JOBS)], duration_seconds=0.05)
+    # A daemon killed or stopped past its lease while running a job spends that attempt, by
+    # design; enough attempts that no job runs out of them however the signals fall.
+    enqueue(db_url, [f"chaos {i}" for i in range(JOBS)], duration_seconds=0.05, max_attempts=50)
     chaos = Chaos(tmp_path, db_url, rng)
     pause = threading.Event()
     deadline = time.monotonic() + 240
     next_action = time.monotonic() + 0.5
     try:
-        while counts(db_url).get("completed", 0) < JOBS:
+        while sum(n for status, n in counts(db_url).items() if status in ("completed", "failed")) < JOBS:
             now = time.monotonic()
             assert now < deadline, f"not drained in time: {counts(db_url)}; actions {chaos.actions}"
             act = now >= next_action

@@ -231,7 +231,7 @@ def test_daemon__an_attempt_superseded_by_its_own_daemons_new_claim_is_never_rec
     samples, _ = read_wav(outputs / f"{job_id}.wav")
     with session_scope(get_engine(db_url)) as s:
         row = s.get(Generation, job_id)
-        assert row is not None and row.status == "completed"
+        assert row is not None and row.status == "completed" and row.meta is not None
         assert abs(float(np.abs(samples).max()) - row.meta["peak"]) < 2e-4
         assert row.meta["level"] == fresh.metadata["level"]
     daemon.shutdown()
