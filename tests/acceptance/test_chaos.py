@@ -17,7 +17,8 @@ import sqlalchemy as sa
 
 from dgxqueue.audio import read_wav, resolve_output_path
 from dgxqueue.storage import get_engine, init_db
-from tests.acceptance.test_daemon_processes import count_completions, counts, enqueue
+from tests.acceptance.test_daemon_processes import counts, enqueue
+from tests.support.completions import count_completions
 from tests.support.processes import start_worker, stop, worker_config
 
 CHAOS = "tests.support.chaos:ChaosGenerator"

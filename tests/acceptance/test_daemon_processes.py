@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
+from tests.support.completions import count_completions
 from tests.support.generators import read_executions
 from tests.support.processes import REPO, start_worker, stop, wait_until, worker_config
 
@@ -33,23 +34,6 @@ def job(url: str, job_id: str) -> sa.Row[str, int, str | None]:
     with get_engine(url).connect() as conn:
         return conn.execute(sa.text("SELECT status, attempts, error_message FROM generations WHERE id = :id"),
                             {"id": job_id}).one()
-
-
-def count_completions(url: str) -> None:
-    """A trigger that logs every write that marks a job completed, to prove each happens once."""
-    with get_engine(url).begin() as conn:
-        conn.execute(sa.text("CREATE TABLE completions (id TEXT NOT NULL)"))
-        if conn.dialect.name == "sqlite":
-            conn.execute(sa.text(
-                "CREATE TRIGGER log_completion AFTER UPDATE OF status ON generations"
-                " WHEN NEW.status = 'completed' BEGIN INSERT INTO completions VALUES (NEW.id); END"))
-        else:
-            conn.execute(sa.text(
-                "CREATE FUNCTION log_completion() RETURNS trigger LANGUAGE plpgsql AS"
-                " $$ BEGIN INSERT INTO completions VALUES (NEW.id); RETURN NEW; END $$"))
-            conn.execute(sa.text(
-                "CREATE TRIGGER log_completion AFTER UPDATE OF status ON generations FOR EACH ROW"
-                " WHEN (NEW.status = 'completed') EXECUTE FUNCTION log_completion()"))
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from dgxqueue import faultpoints
 from dgxqueue.audio import read_wav
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
+from tests.support.completions import count_completions
 from tests.support.generators import pid_level, read_executions
 from tests.support.processes import start_worker, stop, wait_until, worker_config
 
@@ -85,23 +86,6 @@ def assert_file_is_the_rows(url: str, tmp_path: Path, job_id: str) -> bytes:
     assert rate == 8000 and samples.shape == (1, 80)
     np.testing.assert_allclose(samples, pid_level(pid_of(worker_id)), atol=1 / 32767)
     return data
-
-
-def count_completions(url: str) -> None:
-    """A trigger that logs every write that marks a job completed, to prove each happens once."""
-    with get_engine(url).begin() as conn:
-        conn.execute(sa.text("CREATE TABLE completions (id TEXT NOT NULL)"))
-        if conn.dialect.name == "sqlite":
-            conn.execute(sa.text(
-                "CREATE TRIGGER log_completion AFTER UPDATE OF status ON generations"
-                " WHEN NEW.status = 'completed' BEGIN INSERT INTO completions VALUES (NEW.id); END"))
-        else:
-            conn.execute(sa.text(
-                "CREATE FUNCTION log_completion() RETURNS trigger LANGUAGE plpgsql AS"
-                " $$ BEGIN INSERT INTO completions VALUES (NEW.id); RETURN NEW; END $$"))
-            conn.execute(sa.text(
-                "CREATE TRIGGER log_completion AFTER UPDATE OF status ON generations FOR EACH ROW"
-                " WHEN (NEW.status = 'completed') EXECUTE FUNCTION log_completion()"))
 
 
 def completions(url: str) -> dict[str, int]:
