@@ -63,7 +63,7 @@ class Hooks:
         """The outputs check stopped claims for ``reason`` (see ``diskcheck``); None: they resume."""
 
     def on_machine_fault(self, reason: str) -> None:
-        """A machine fault (see ``retry.machine_fault``): held jobs go back and the daemon exits."""
+        """A machine fault (see ``dgxqueue.machine_faults.machine_fault``): held jobs go back and the daemon exits."""
 
     def on_stop(self) -> None:
         """The daemon is exiting."""

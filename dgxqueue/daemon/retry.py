@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 
 from dgxqueue.config import WorkerSettings
 from dgxqueue.errors import GeneratorError, OutputError
-from dgxqueue.machine_faults import machine_fault as machine_fault  # re-exported: its old home
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +65,6 @@ def mount(folder: Path, options: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a tmpfs (CI runs as root): {done.stderr.decode()}")
         pytest.skip("cannot mount a tmpfs (needs root)")
-
-
-@pytest.fixture
-def outputs_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs as the daemons' outputs folder."""
-    folder = tmp_path / "outputs"
-    mount(folder, "size=2m")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def logged(log: Path, text: str) -> Callable[[], bool]:

@@ -9,7 +9,6 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.acceptance.test_machine_faults import config, logged, mount, spawn
 from tests.support.generators import read_executions
 from tests.support.processes import REPO, stop, wait_until
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs mounted as the daemons' outputs folder."""
-    folder = tmp_path / "outputs"
-    mount(folder, "size=2m")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def fill(disk: Path) -> None:
@@ -120,7 +110,7 @@ def test_machine_fault__no_file_descriptors_left_does_not_fail_the_job(tmp_path:
 
 
 def test_machine_fault__mark_left_by_a_stop_does_not_charge_the_next_fault(
-        sqlite_db_url: str, tmp_path: Path, small_disk: Path) -> None:
+        sqlite_db_url: str, tmp_path: Path, outputs_disk: Path) -> None:
     """A job given back after a full disk (marked), then given back again by a graceful stop
     before it could finish, did not fault on its last attempt: when the disk fills again on its
     next attempt it is given back unspent once more, not charged as 'two attempts in a row'."""
@@ -133,12 +123,12 @@ def test_machine_fault__mark_left_by_a_stop_does_not_charge_the_next_fault(
         first = spawn(config(tmp_path, url), tmp_path / "first.log")
         started.append(first)
         wait_until(lambda: running(tmp_path, job_id, 1), 60, "the first attempt", alive=first)
-        fill(small_disk)
+        fill(outputs_disk)
         release.touch()
         assert first.wait(60) == EXIT_MACHINE_FAULT, (tmp_path / "first.log").read_text()[-3000:]
         assert job(url, job_id)[:2] == ("pending", 0)
         release.unlink()
-        (small_disk / "filler").unlink()
+        (outputs_disk / "filler").unlink()
 
         second = spawn(config(tmp_path, url, grace_seconds=0.0), tmp_path / "second.log")
         started.append(second)
@@ -151,7 +141,7 @@ def test_machine_fault__mark_left_by_a_stop_does_not_charge_the_next_fault(
         third = spawn(config(tmp_path, url), tmp_path / "third.log")
         started.append(third)
         wait_until(lambda: running(tmp_path, job_id, 3), 60, "the third attempt", alive=third)
-        fill(small_disk)
+        fill(outputs_disk)
         release.touch()
         assert third.wait(60) == EXIT_MACHINE_FAULT, (tmp_path / "third.log").read_text()[-3000:]
         status, attempts, error = job(url, job_id)

@@ -16,9 +16,9 @@ from dgxqueue.config import load_settings
 from dgxqueue.daemon import EXIT_MACHINE_FAULT, Daemon, HookChain
 from dgxqueue.daemon.diskcheck import look
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
-from dgxqueue.daemon.retry import machine_fault
 from dgxqueue.errors import ConfigError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest
+from dgxqueue.machine_faults import machine_fault
 from dgxqueue.metrics import DaemonMetrics
 from dgxqueue.storage import get_engine
 from tests.integration.test_daemon import enqueue, row
