@@ -11,9 +11,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from dgxqueue.generators import GenerationOutcome, GenerationRequest
-from dgxqueue.storage import Generation, create_generation, get_engine, get_generation, repository, session_scope
+from dgxqueue.storage import Generation, create_generation, get_engine, repository, session_scope
 from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.repository import ClaimedJob
+from tests.integration.test_db_clock import row
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
 
@@ -27,14 +28,6 @@ def enqueue(url: str, prompt: str, **columns: Any) -> str:
         with get_engine(url).begin() as conn:
             conn.execute(sa.update(Generation).where(Generation.id == job_id).values(**columns))
     return job_id
-
-
-def row(url: str, job_id: str) -> Generation:
-    with session_scope(get_engine(url)) as s:
-        job = get_generation(s, job_id)
-        assert job is not None
-        s.expunge(job)
-        return job
 
 
 def test_rescue__refunds_jobs_never_started_and_fails_only_a_lone_repeat(engine: sa.Engine, db_url: str) -> None:
