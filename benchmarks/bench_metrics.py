@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from dgxqueue.daemon.hooks import DaemonInfo
+from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics
 from dgxqueue.storage import create_generations, dispose_engines, fastqueue, init_db, session_scope
 from dgxqueue.storage import repository as repo

@@ -22,7 +22,7 @@ import structlog
 from structlog.typing import Processor
 
 from dgxqueue.config import LoggingSettings
-from dgxqueue.daemon.hooks import DaemonInfo, Hooks
+from dgxqueue.hooks import DaemonInfo, Hooks
 from dgxqueue.storage.repository import ClaimedJob
 
 __all__ = ["LogHooks", "configure_logging", "get_logger", "job_context"]

@@ -1,6 +1,6 @@
 """Prometheus metrics: counters and histograms fed by the daemon's hooks, queue depth read at scrape.
 
-:class:`DaemonMetrics` is a :class:`~dgxqueue.daemon.hooks.Hooks` observer that owns every metric
+:class:`DaemonMetrics` is a :class:`~dgxqueue.hooks.Hooks` observer that owns every metric
 of one daemon in the given registry. The queue depth (``dgxqueue_queue_*``) is not kept in memory:
 a collector reads it from the database when Prometheus scrapes, through
 :func:`~dgxqueue.storage.repository.queue_depth`, and keeps the answer ``depth_cache_seconds`` so
@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from dgxqueue.daemon.diskcheck import PAUSE_REASONS
-from dgxqueue.daemon.hooks import OUTCOMES, DaemonInfo, Hooks
+from dgxqueue.hooks import OUTCOMES, DaemonInfo, Hooks
 from dgxqueue.logs import get_logger
 from dgxqueue.storage.models import GenerationStatus
 from dgxqueue.storage.repository import ClaimedJob, QueueDepth, queue_depth

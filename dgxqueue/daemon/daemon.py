@@ -50,14 +50,14 @@ from dgxqueue.daemon.diskcheck import OutputsCheck, Problem
 from dgxqueue.daemon.executor import Outcome, Work, discard, render
 from dgxqueue.daemon.faults import judge
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
-from dgxqueue.daemon.hooks import DaemonInfo, Hooks
 from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, timeout_marks, validate_alone
+from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.daemon.retry import decide, describe
 from dgxqueue.daemon.runner import Runner
-from dgxqueue.daemon.store import QueueStore
 from dgxqueue.daemon.waker import Waker, make_waker
 from dgxqueue.errors import DgxQueueError, JobTimeoutError, OutputError
 from dgxqueue.generators import Generator
+from dgxqueue.hooks import DaemonInfo, Hooks
 from dgxqueue.storage import repository
 from dgxqueue.storage.driver import is_transient_db_error
 from dgxqueue.storage.models import utcnow
@@ -139,7 +139,7 @@ class Daemon:
         self.batch_size = settings.worker.batch_size or max(1, generator.max_batch_size)
         self.clock = clock
         self.rng = rng or random.Random()
-        self.store = QueueStore(
+        self.store = QueueClient(
             engine, worker_id=self.worker_id, models=self.models,
             lease=timedelta(seconds=settings.worker.lease_seconds),
         )

@@ -1,7 +1,7 @@
 """Retry decisions: a pure function of the attempt number and the error, stored in the row.
 
 Job retries are rows going back to ``pending`` with a ``run_after`` in the future, not a loop in
-memory, so a daemon that dies between attempts loses nothing. (tenacity, in ``store.py``, only
+memory, so a daemon that dies between attempts loses nothing. (tenacity, in ``daemon/queue_client.py``, only
 retries short database calls.)
 """
 

@@ -161,7 +161,7 @@ def create_engine(url: str | None = None, settings: DatabaseSettings | None = No
         return engine
     engine = sa.create_engine(
         # No pre-ping: it costs a round trip per transaction; a dead connection raises instead,
-        # and the daemon's calls retry through tenacity (dgxqueue.daemon.store).
+        # and the daemon's calls retry through tenacity (dgxqueue.daemon.queue_client).
         parsed, pool_size=settings.pool_size, pool_recycle=3600,
         connect_args={"connect_timeout": 10},  # an unreachable host fails in 10 s, not the TCP timeout
     )

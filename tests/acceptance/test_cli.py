@@ -499,7 +499,7 @@ def test_demo__from_a_fresh_folder_writes_the_wavs(tmp_path: Path) -> None:
 
 def test_parser__worker_flags_become_overrides() -> None:
     """The worker's flags map onto their config keys."""
-    from dgxqueue._cli_admin import worker_overrides
+    from dgxqueue.cli.admin import worker_overrides
 
     args = build_parser().parse_args(["worker", "--generator", "musicgen", "--models", "a, b",
                                       "--batch-size", "8", "--metrics-port", "9470", "--log-level", "debug"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dgxqueue._cli_common import CliError, resolve_id
+from dgxqueue.cli.common import CliError, resolve_id
 from dgxqueue.errors import JobNotFoundError, ValidationError
 from dgxqueue.storage import (
     complete_generation,

@@ -254,7 +254,7 @@ def test_cli__version_and_help_do_not_import_sqlalchemy(argv: list[str]) -> None
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=60, check=True)
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-    assert "sqlalchemy" not in imported and "dgxqueue._cli_jobs" not in imported
+    assert "sqlalchemy" not in imported and "dgxqueue.cli.jobs" not in imported
     assert "dgxqueue" in imported and done.stdout
 
 

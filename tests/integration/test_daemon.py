@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from dgxqueue.config import DatabaseSettings
 from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon
-from dgxqueue.daemon.store import QueueStore
+from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.errors import InvalidStateError
 from dgxqueue.storage import (
     Generation,
@@ -710,7 +710,7 @@ def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, out
     engine = create_engine(url, DatabaseSettings(sqlite_busy_timeout_ms=20))
     hooks = RecordingHooks()
     daemon = Daemon(make_settings(url, outputs), engine=engine, generator=ScriptedGenerator(), hooks=hooks)
-    daemon.store = QueueStore(engine, worker_id=daemon.worker_id, models=daemon.models,
+    daemon.store = QueueClient(engine, worker_id=daemon.worker_id, models=daemon.models,
                               lease=timedelta(seconds=30), retry_for_seconds=0.2)
     job_id = enqueue(url, "x")
     daemon._held.extend(daemon.store.claim(1))
@@ -760,7 +760,7 @@ def test_daemon__outage_while_a_batch_renders_keeps_it_and_every_outcome(sqlite_
 
     hooks = LockOnClaim()
     daemon = Daemon(make_settings(url, outputs, batch_size=2), engine=engine, generator=generator, hooks=hooks)
-    daemon.store = QueueStore(engine, worker_id=daemon.worker_id, models=daemon.models,
+    daemon.store = QueueClient(engine, worker_id=daemon.worker_id, models=daemon.models,
                               lease=timedelta(seconds=30), retry_for_seconds=0.2)
     first, second = enqueue(url, "fine"), enqueue(url, "block")
     results: list[int] = []
@@ -807,7 +807,7 @@ def test_daemon__stop_keeps_finished_jobs_whose_outcomes_it_could_not_write(sqli
     hooks = RecordingHooks()
     daemon = Daemon(make_settings(url, outputs, batch_size=1, prefetch=True), engine=engine, generator=generator,
                     hooks=hooks)
-    daemon.store = QueueStore(engine, worker_id=daemon.worker_id, models=daemon.models,
+    daemon.store = QueueClient(engine, worker_id=daemon.worker_id, models=daemon.models,
                               lease=timedelta(seconds=30), retry_for_seconds=1.0)
     finished, claimed = enqueue(url, "fine"), enqueue(url, "fine")
     assert daemon.run_once() == 1  # prefetch: the outcome waits for the next round, the next job is held

@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from dgxqueue.config import LoggingSettings
-from dgxqueue.daemon.hooks import DaemonInfo
+from dgxqueue.hooks import DaemonInfo
 from dgxqueue.logs import LogHooks, configure_logging, get_logger
 from dgxqueue.storage.repository import ClaimedJob
 

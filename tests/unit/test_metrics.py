@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy.engine import Engine
 
-from dgxqueue.daemon.hooks import DaemonInfo
+from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics, start_metrics_server
 from dgxqueue.storage import (
     GenerationStatus,

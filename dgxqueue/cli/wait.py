@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from dgxqueue._cli_common import (
+from dgxqueue.cli.common import (
     EX_TEMPFAIL,
     EXIT_JOB_FAILED,
     EXIT_OK,

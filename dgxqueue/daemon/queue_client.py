@@ -31,7 +31,7 @@ T = TypeVar("T")
 log = structlog.get_logger("dgxqueue.store")
 def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    # +1: the plain first try (QueueStore._retry) came before tenacity's attempts.
+    # +1: the plain first try (QueueClient._retry) came before tenacity's attempts.
     log.warning("database call failed, retrying", attempt=state.attempt_number + 1, error=str(exc)[:300])
 
 
@@ -47,14 +47,14 @@ def _written(outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], written: set
 class _PastDeadline(tenacity.stop.stop_base):
     """Stop retrying once the store's ``deadline`` has passed."""
 
-    def __init__(self, store: QueueStore) -> None:
+    def __init__(self, store: QueueClient) -> None:
         self.store = store
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return self.store.deadline is not None and time.monotonic() >= self.store.deadline
 
 
-class QueueStore:
+class QueueClient:
     """Claim, heartbeat, finish, release and rescue, for one daemon."""
 
     def __init__(

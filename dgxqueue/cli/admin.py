@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from dgxqueue._cli_common import (
+from dgxqueue.cli.common import (
     EX_CANTCREAT,
     EX_SOFTWARE,
     EX_UNAVAILABLE,
@@ -79,7 +79,7 @@ def worker_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_worker(ctx: Context, args: argparse.Namespace) -> int:
-    from dgxqueue._cli_worker import run_worker  # here, so the other commands start without it
+    from dgxqueue.cli.worker import run_worker  # here, so the other commands start without it
 
     code = run_worker(ctx.settings, burst=args.burst, worker_id=args.worker_id)
     if code != EXIT_OK:  # a machine fault or a stuck backend call, whose thread may never return

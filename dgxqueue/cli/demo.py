@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dgxqueue._cli_common import (
+from dgxqueue.cli.common import (
     EX_CANTCREAT,
     EX_CONFIG,
     EX_SOFTWARE,
@@ -44,7 +44,7 @@ from dgxqueue._cli_common import (
     print_json,
     table,
 )
-from dgxqueue._cli_wait import Progress, watch
+from dgxqueue.cli.wait import Progress, watch
 from dgxqueue.daemon.diskcheck import look
 from dgxqueue.errors import ConfigError, ValidationError
 from dgxqueue.storage import create_generations, prepare_generations, session_scope

@@ -1,6 +1,6 @@
 """The job subcommands: show, list, stats, wait, cancel, retry, prune (and enqueue's parser).
 
-Text read from the database is printed escaped (:func:`~dgxqueue._cli_common.safe`): a prompt or
+Text read from the database is printed escaped (:func:`~dgxqueue.cli.common.safe`): a prompt or
 error message holding terminal control sequences is shown, never obeyed.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from dgxqueue import _cli_enqueue
-from dgxqueue._cli_common import (
+from dgxqueue.cli import enqueue as enqueue_command
+from dgxqueue.cli.common import (
     EXIT_OK,
     Context,
     job_dict,
@@ -30,7 +30,7 @@ from dgxqueue._cli_common import (
     table,
     when_text,
 )
-from dgxqueue._cli_wait import Progress, finish, watch
+from dgxqueue.cli.wait import Progress, finish, watch
 from dgxqueue.errors import JobNotFoundError, ValidationError
 from dgxqueue.storage import (
     Generation,
@@ -214,7 +214,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    _cli_enqueue.add_parser(sub)
+    enqueue_command.add_parser(sub)
 
     id_help = "a job id, or a unique prefix of one (at least 4 hex digits, as 'wait' shows them)"
     p = sub.add_parser("show", help="show one generation",

@@ -16,7 +16,8 @@ from typing import IO, Any
 
 import sqlalchemy as sa
 
-from dgxqueue._cli_common import (
+from dgxqueue.api import enqueue_many
+from dgxqueue.cli.common import (
     EX_DATAERR,
     EX_IOERR,
     EXIT_OK,
@@ -30,8 +31,7 @@ from dgxqueue._cli_common import (
     print_json,
     safe,
 )
-from dgxqueue._cli_wait import Progress, finish, watch
-from dgxqueue.api import enqueue_many
+from dgxqueue.cli.wait import Progress, finish, watch
 from dgxqueue.config import Settings
 from dgxqueue.errors import ValidationError
 from dgxqueue.generators import available_generators, create_generator

@@ -49,18 +49,18 @@ from dgxqueue import __version__
 # SQLAlchemy alone costs longer to import than ``--version`` should take. The help text is here so
 # that ``dgxqueue --help`` lists every subcommand without importing any of them.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "worker": ("dgxqueue._cli_admin", "run the daemon (one per GPU)"),
-    "db": ("dgxqueue._cli_admin", "migrate, inspect, back up or reset the database"),
-    "config": ("dgxqueue._cli_admin", "show or check the settings"),
-    "enqueue": ("dgxqueue._cli_jobs", "queue generations and print their ids"),
-    "show": ("dgxqueue._cli_jobs", "show one generation"),
-    "list": ("dgxqueue._cli_jobs", "list generations, newest first"),
-    "stats": ("dgxqueue._cli_jobs", "counts by status and totals"),
-    "wait": ("dgxqueue._cli_jobs", "wait for jobs to finish, showing progress"),
-    "cancel": ("dgxqueue._cli_jobs", "cancel a pending generation (it becomes failed)"),
-    "retry": ("dgxqueue._cli_jobs", "send a failed generation back to the queue"),
-    "prune": ("dgxqueue._cli_jobs", "delete finished generations older than an age"),
-    "demo": ("dgxqueue._cli_demo", "start a daemon, queue sample prompts, wait, show the WAV files"),
+    "worker": ("dgxqueue.cli.admin", "run the daemon (one per GPU)"),
+    "db": ("dgxqueue.cli.admin", "migrate, inspect, back up or reset the database"),
+    "config": ("dgxqueue.cli.admin", "show or check the settings"),
+    "enqueue": ("dgxqueue.cli.jobs", "queue generations and print their ids"),
+    "show": ("dgxqueue.cli.jobs", "show one generation"),
+    "list": ("dgxqueue.cli.jobs", "list generations, newest first"),
+    "stats": ("dgxqueue.cli.jobs", "counts by status and totals"),
+    "wait": ("dgxqueue.cli.jobs", "wait for jobs to finish, showing progress"),
+    "cancel": ("dgxqueue.cli.jobs", "cancel a pending generation (it becomes failed)"),
+    "retry": ("dgxqueue.cli.jobs", "send a failed generation back to the queue"),
+    "prune": ("dgxqueue.cli.jobs", "delete finished generations older than an age"),
+    "demo": ("dgxqueue.cli.demo", "start a daemon, queue sample prompts, wait, show the WAV files"),
 }
 
 
@@ -127,7 +127,7 @@ def _code_for(exc: BaseException) -> tuple[int, str] | None:
 
     import sqlalchemy as sa
 
-    from dgxqueue._cli_common import (
+    from dgxqueue.cli.common import (
         EX_CONFIG,
         EX_DATAERR,
         EX_IOERR,
@@ -179,14 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:
         # Ctrl-C while the command's modules import (a few tenths of a second) printed Python's
-        # traceback; 130 is EXIT_INTERRUPTED, not imported from _cli_common, whose import is that.
+        # traceback; 130 is EXIT_INTERRUPTED, not imported from cli.common, whose import is that.
         print("dgxqueue: interrupted", file=sys.stderr)
         return 130
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = lazy_parser().parse_args(argv)
-    from dgxqueue._cli_common import EX_SOFTWARE, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, Context, one_line
+    from dgxqueue.cli.common import EX_SOFTWARE, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, Context, one_line
     from dgxqueue.config import load_settings
 
     try:

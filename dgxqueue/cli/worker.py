@@ -17,7 +17,7 @@ import socket
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from dgxqueue._cli_common import EX_UNAVAILABLE, CliError
+from dgxqueue.cli.common import EX_UNAVAILABLE, CliError
 from dgxqueue.config import Settings
 from dgxqueue.errors import ConfigError
 
