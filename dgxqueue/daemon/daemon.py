@@ -52,6 +52,7 @@ from dgxqueue.daemon.faults import judge
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
 from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, timeout_marks, validate_alone
 from dgxqueue.daemon.queue_client import QueueClient
+from dgxqueue.daemon.queue_protocol import DaemonQueue
 from dgxqueue.daemon.retry import decide, describe
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.waker import Waker, make_waker
@@ -119,7 +120,7 @@ class Daemon:
         self,
         settings: Settings,
         *,
-        engine: Engine,
+        engine: Engine | None = None,
         generator: Generator,
         hooks: Hooks | None = None,
         notifier: Notifier | None = None,
@@ -127,7 +128,10 @@ class Daemon:
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         waker: Waker | None = None,
+        queue: DaemonQueue | None = None,
     ) -> None:
+        """``queue``: the jobs to serve (by default a :class:`QueueClient` on ``engine``); a
+        daemon given its queue and its ``waker`` needs no engine (:mod:`dgxqueue.testing`)."""
         self.settings = settings
         self.config = settings.worker
         self.engine = engine
@@ -139,12 +143,18 @@ class Daemon:
         self.batch_size = settings.worker.batch_size or max(1, generator.max_batch_size)
         self.clock = clock
         self.rng = rng or random.Random()
-        self.store = QueueClient(
-            engine, worker_id=self.worker_id, models=self.models,
-            lease=timedelta(seconds=settings.worker.lease_seconds),
-        )
+        self.engine_name = engine.dialect.name if engine is not None else "memory"
+        if engine is not None:
+            queue = queue or QueueClient(
+                engine, worker_id=self.worker_id, models=self.models,
+                lease=timedelta(seconds=settings.worker.lease_seconds),
+            )
+            waker = waker or make_waker(engine, settings.worker.sqlite_check_interval_seconds)
+        if queue is None or waker is None:
+            raise TypeError("Daemon needs an engine, or both a queue and a waker")
+        self.store: DaemonQueue = queue
         self.runner = Runner()
-        self.waker = waker or make_waker(engine, settings.worker.sqlite_check_interval_seconds)
+        self.waker = waker
         self.log = log.bind(worker_id=self.worker_id)
         self._held: list[ClaimedJob] = []  # claimed, outcome not yet written (includes _next)
         self._next: list[ClaimedJob] = []  # claimed with earlier outcomes; run_once starts them
@@ -159,7 +169,7 @@ class Daemon:
         self._next_sweep = 0.0
         # SQLite has one writer lock for every process: a transaction more per round costs every
         # daemon sharing the file more than hiding the write gains one.
-        self._writes_behind = engine.dialect.name != "sqlite"
+        self._writes_behind = self.engine_name != "sqlite"
         self._stop_requested_at: float | None = None
         self._immediate = False
         self._stopping_sent = False
@@ -216,7 +226,7 @@ class Daemon:
         """Load the generator and check the database; then tell systemd we are ready."""
         self.hooks.on_start(DaemonInfo(
             worker_id=self.worker_id, generator=self.generator.name, models=self.models,
-            engine=self.engine.dialect.name, version=dgxqueue.__version__,
+            engine=self.engine_name, version=dgxqueue.__version__,
         ))
         self.notifier.status(f"loading generator {self.generator.name}")
         started = time.perf_counter()
@@ -229,7 +239,7 @@ class Daemon:
         self.sweep()  # results a crash left between their commit and their rename
         self.notifier.ready(f"serving {', '.join(self.models)}")
         self.log.info("daemon ready", generator=self.generator.name, models=list(self.models),
-                      batch_size=self.batch_size, engine=self.engine.dialect.name)
+                      batch_size=self.batch_size, engine=self.engine_name)
 
     def run(self, *, burst: bool = False) -> int:
         """Run until stopped (or, with ``burst``, until the queue is drained). Returns the exit
