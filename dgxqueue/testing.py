@@ -1,0 +1,320 @@
+"""An in-memory queue for tests: :class:`MemoryStore` holds the jobs, :class:`MemoryQueue` is one
+daemon's view of it (a :class:`~dgxqueue.daemon.queue_protocol.DaemonQueue`, as
+:class:`~dgxqueue.daemon.queue_client.QueueClient` is on a database).
+
+The rows have the ``generations`` table's columns and follow the SQL's rules (claim order and
+due-ness, leases and the fencing token, start marks, the rescue's refunds, ``lease_losses`` and
+failures, releases), with :attr:`MemoryStore.clock` standing in for the database's clock: give it
+a :class:`ManualClock` and time passes when a test says so. The same conformance suite runs
+against it, SQLite and PostgreSQL (``tests/conformance/``), so a daemon tested on it behaves as on
+a database::
+
+    store = MemoryStore(clock=ManualClock())
+    job_id = store.enqueue("a prompt", model_name="synth")
+    daemon = Daemon(settings, queue=store.client(worker_id="w", models=["synth"], lease=lease),
+                    generator=generator, waker=MemoryWaker(store), clock=store.clock)
+
+What it does not emulate, because in memory it cannot arise: values a column cannot hold (rows
+written by plain SQL: a time column holding words, metadata that is not JSON; see
+``docs/FAULTS.md``), values an engine refuses in an outcome (each engine's own limits), transient
+database errors and their retries, and concurrency beyond one lock (every call is atomic, as each
+is one transaction on a database). Producer inserts go through the door's validation
+(:func:`dgxqueue.storage.prepare_generations`); ``prompts`` is a counter of uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from dgxqueue.daemon.queue_protocol import OutcomeRow
+from dgxqueue.storage import job_spec, prepare_generations
+from dgxqueue.storage import repository as r
+from dgxqueue.storage.models import as_utc, utcnow
+from dgxqueue.storage.repository import AttemptState, ClaimedJob
+
+__all__ = ["ManualClock", "MemoryQueue", "MemoryStore", "MemoryWaker"]
+
+Row = dict[str, Any]
+
+# Each column with its server default (``attempts`` 0, ``max_attempts`` 3, ``lease_losses`` 0),
+# read from the table so that a new column needs no edit here.
+_BLANK: Row = {
+    column.name: int(column.server_default.arg) if isinstance(column.server_default, sa.DefaultClause)
+    and isinstance(column.server_default.arg, str) and column.server_default.arg.isdigit() else None
+    for column in r.G.columns
+}
+# The claim's RETURNING columns, in the order repository.claimed_jobs reads them.
+_CLAIMED = tuple(column.name for column in r._CLAIM_COLUMNS)
+
+
+class ManualClock:
+    """A clock that moves only when told to (:meth:`advance`): the database's clock in tests."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = as_utc(start) if start is not None else utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, by: timedelta | float) -> None:
+        self.now += by if isinstance(by, timedelta) else timedelta(seconds=by)
+
+
+def _stored(column: str, value: Any) -> Any:
+    """``value`` as the column would give it back: times in UTC, metadata as a JSON copy."""
+    if column not in _BLANK:
+        raise ValueError(f"generations has no column {column!r}")
+    if isinstance(value, datetime):
+        return as_utc(value)
+    if column == "metadata" and value is not None:
+        return json.loads(json.dumps(value))
+    return value
+
+
+class MemoryStore:
+    """The ``generations`` rows in memory, in insertion order, each call atomic under one lock."""
+
+    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+        #: The database's clock: leases, due-ness and the rescue read it (a :class:`ManualClock` in tests).
+        self.clock = clock
+        #: Every row by id, as the table holds it; read it to check a test's outcome.
+        self.jobs: dict[str, Row] = {}
+        #: How often each prompt was enqueued (the ``prompts`` table's ``used_count``).
+        self.prompts: Counter[str] = Counter()
+        #: Counts writes, as SQLite's ``PRAGMA data_version`` does: :class:`MemoryWaker` watches it.
+        self.version = 0
+        self.lock = threading.RLock()
+
+    def client(self, *, worker_id: str, models: Iterable[str], lease: timedelta) -> MemoryQueue:
+        """One daemon's view of the store, as :class:`~dgxqueue.daemon.queue_client.QueueClient`
+        is of a database."""
+        return MemoryQueue(self, worker_id=worker_id, models=models, lease=lease)
+
+    # --- the producer's side ---
+
+    def insert(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert validated rows (as :func:`~dgxqueue.storage.prepare_generations` makes them)
+        and count their prompts; all or none."""
+        new = [{**_BLANK, **{key: _stored(key, value) for key, value in row.items()}} for row in rows]
+        with self.lock:
+            taken = [row["id"] for row in new if row["id"] in self.jobs]
+            if taken or len({row["id"] for row in new}) < len(new):
+                raise ValueError(f"duplicate job id: {taken or 'within the batch'}")
+            for row in new:
+                self.jobs[row["id"]] = row
+                self.prompts[row["prompt"]] += 1
+            self.version += 1
+
+    def enqueue(self, prompt: str, *, priority: int = 0, **fields: Any) -> str:
+        """Validate one job as ``dgxqueue.enqueue`` does (default settings) and insert it; its id."""
+        [row] = prepare_generations([job_spec(prompt, priority=priority, **fields)])
+        self.insert([row])
+        return str(row["id"])
+
+    def reset(self) -> None:
+        """Forget every job and prompt."""
+        with self.lock:
+            self.jobs.clear()
+            self.prompts.clear()
+            self.version += 1
+
+    # --- the rescuer's side: every daemon's expired leases ---
+
+    def rescue(self) -> tuple[list[str], list[str]]:
+        """:func:`dgxqueue.storage.repository.rescue_expired`'s three updates, in its order."""
+        with self.lock:
+            now = self.clock()
+            expired = [row for row in self.jobs.values() if row["status"] == r.PROCESSING
+                       and (row["lease_expires_at"] is None or row["lease_expires_at"] < now)]
+            released = {"status": r.PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
+                        "claimed_at": None}
+            refunded, requeued, failed = [], [], []
+            for row in expired:
+                if row["started_at"] is None:  # its daemon died running other jobs
+                    row.update(released, attempts=max(row["attempts"] - 1, 0),
+                               error_message="lease expired before it started: its daemon died or stalled "
+                                             "running other jobs; requeued without spending an attempt")
+                    refunded.append(row["id"])
+            for row in expired:
+                if row["id"] in refunded:
+                    continue
+                spent = row["attempts"] >= row["max_attempts"]
+                losses = row["lease_losses"] + 1
+                if not spent or row["lease_losses"] == 0:
+                    row.update(released, attempts=row["attempts"] - 1 if spent else row["attempts"],
+                               lease_losses=losses, started_at=None,
+                               error_message=f"lease lost while it ran: its daemon died or stalled ({losses} "
+                                             "time(s)); requeued to run alone")
+                    requeued.append(row["id"])
+                else:
+                    row.update(status=r.FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
+                               lease_losses=losses,
+                               error_message=f"killed its daemon {losses} times: its lease expired while it "
+                                             "ran alone, on its last attempt")
+                    failed.append(row["id"])
+            if expired:
+                self.version += 1
+            return [*refunded, *requeued], failed
+
+
+class MemoryQueue:
+    """:class:`~dgxqueue.daemon.queue_protocol.DaemonQueue` on a :class:`MemoryStore`, for one daemon."""
+
+    def __init__(self, store: MemoryStore, *, worker_id: str, models: Iterable[str], lease: timedelta) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.models = tuple(sorted(models))
+        self.lease = lease
+        self.deadline: float | None = None  # nothing here is retried: kept for the daemon's sake
+        self.closed = False
+
+    def _held(self, job_id: str, attempt: int | None = None) -> Row | None:
+        """The row of ``job_id`` if this daemon holds it (that attempt of it, when given)."""
+        row = self.store.jobs.get(job_id)
+        if row is None or row["status"] != r.PROCESSING or row["worker_id"] != self.worker_id:
+            return None
+        return row if attempt is None or row["attempts"] == attempt else None
+
+    def _claim(self, limit: int, start: bool) -> list[ClaimedJob]:
+        now = self.store.clock()
+        due = [row for row in self.store.jobs.values()
+               if row["status"] == r.PENDING and row["model_name"] in self.models
+               and (row["run_after"] is None or row["run_after"] <= now)]
+        due.sort(key=lambda row: (-row["priority"], row["created_at"]))  # stable: insertion order breaks ties
+        chosen = due[:max(0, limit)]
+        for row in chosen:
+            row.update(status=r.PROCESSING, worker_id=self.worker_id, attempts=row["attempts"] + 1, claimed_at=now,
+                       started_at=now if start else None, lease_expires_at=now + self.lease)
+        if chosen:
+            self.store.version += 1
+        return r.claimed_jobs([tuple(copy.deepcopy(row[name]) for name in _CLAIMED) for row in chosen])
+
+    def _finish(self, outcomes: Sequence[OutcomeRow]) -> list[bool]:
+        written = []
+        for job, values in outcomes:
+            stored = {key: _stored(key, value) for key, value in values.items()}
+            row = self._held(job.id, job.attempt)
+            if row is not None:
+                row.update(lease_expires_at=None, **stored)
+            written.append(row is not None)
+        if any(written):
+            self.store.version += 1
+        return written
+
+    def claim(self, limit: int, *, start: bool = False) -> list[ClaimedJob]:
+        with self.store.lock:
+            return self._claim(limit, start)
+
+    def extend(self, jobs: Sequence[ClaimedJob]) -> set[str]:
+        with self.store.lock:
+            until = self.store.clock() + self.lease
+            held = [row for job in jobs if (row := self._held(job.id, job.attempt)) is not None]
+            for row in held:
+                row["lease_expires_at"] = until
+            return {row["id"] for row in held}
+
+    def mark_started(self, jobs: Sequence[ClaimedJob], *, started: bool = True) -> set[str]:
+        # As the SQL: by id and holder, whatever the attempt.
+        with self.store.lock:
+            now = self.store.clock()
+            held = [row for job in jobs if (row := self._held(job.id)) is not None]
+            for row in held:
+                row["started_at"] = now if started else None
+            return {row["id"] for row in held}
+
+    def finish(self, outcomes: Sequence[OutcomeRow]) -> list[bool]:
+        with self.store.lock:
+            return self._finish(outcomes)
+
+    def finish_and_claim(
+        self, outcomes: Sequence[OutcomeRow], limit: int, *, start: bool = False
+    ) -> tuple[list[bool], list[ClaimedJob]]:
+        with self.store.lock:
+            return self._finish(outcomes), self._claim(limit, start)
+
+    def release(self, jobs: Sequence[ClaimedJob], messages: Mapping[str, str] | None = None) -> list[bool]:
+        messages = messages or {}
+        return self.finish([(job, r.release_values(job.attempt, messages.get(job.id))) for job in jobs])
+
+    def error_messages(self, ids: Sequence[str]) -> dict[str, str | None]:
+        with self.store.lock:
+            return {job_id: self.store.jobs[job_id]["error_message"] for job_id in ids if job_id in self.store.jobs}
+
+    def attempts(self, ids: Sequence[str]) -> dict[str, AttemptState]:
+        with self.store.lock:
+            rows = [self.store.jobs[job_id] for job_id in ids if job_id in self.store.jobs]
+            return {row["id"]: AttemptState(row["status"], row["worker_id"], row["attempts"], row["file_path"],
+                                            row["file_size_bytes"]) for row in rows}
+
+    def rescue(self) -> tuple[list[str], list[str]]:
+        return self.store.rescue()
+
+    def _pending(self) -> list[Row]:
+        jobs = self.store.jobs.values()
+        return [row for row in jobs if row["status"] == r.PENDING and row["model_name"] in self.models]
+
+    def has_work(self) -> bool:
+        with self.store.lock:
+            now = self.store.clock()
+            return any(row["run_after"] is None or row["run_after"] <= now or row["attempts"] > 0
+                       for row in self._pending())
+
+    def next_due(self) -> timedelta | None:
+        with self.store.lock:
+            now = self.store.clock()
+            later = [row["run_after"] for row in self._pending()
+                     if row["run_after"] is not None and row["run_after"] > now]
+            return min(later) - now if later else None
+
+    def ping(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryWaker:
+    """The daemon's idle wait (:class:`~dgxqueue.daemon.waker.Waker`) on a :class:`MemoryStore`:
+    it returns as soon as the store was written or :meth:`wake` was called. On a
+    :class:`ManualClock` an idle wait makes the time pass at once instead, so a daemon waiting
+    out a retry's backoff does so in no time."""
+
+    def __init__(self, store: MemoryStore, interval: float = 0.005) -> None:
+        self._store = store
+        self._interval = interval
+        self._seen = store.version
+        self._woken = False  # a plain assignment: safe from a signal handler
+
+    def wait(self, timeout: float) -> bool:
+        clock = self._store.clock
+        deadline = time.monotonic() + timeout
+        while not self._changed():
+            if isinstance(clock, ManualClock):  # nothing else can happen: let the time pass
+                clock.advance(timeout)
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(self._interval, left))
+        return True
+
+    def _changed(self) -> bool:
+        version = self._store.version
+        changed = self._woken or version != self._seen
+        self._seen, self._woken = version, False
+        return changed
+
+    def wake(self) -> None:
+        self._woken = True
+
+    def close(self) -> None:
+        pass
