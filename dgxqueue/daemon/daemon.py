@@ -130,15 +130,16 @@ class Daemon:
         waker: Waker | None = None,
         queue: DaemonQueue | None = None,
     ) -> None:
-        """``queue``: the jobs to serve (by default a :class:`QueueClient` on ``engine``); a
-        daemon given its queue and its ``waker`` needs no engine (:mod:`dgxqueue.testing`)."""
+        """``queue``: the jobs to serve (by default a :class:`QueueClient` on ``engine``), whose
+        ``worker_id`` is the daemon's unless one is given; a daemon given its queue and its
+        ``waker`` needs no engine (:mod:`dgxqueue.testing`)."""
         self.settings = settings
         self.config = settings.worker
         self.engine = engine
         self.generator = generator
         self.hooks = hooks or Hooks()
         self.notifier = notifier or Notifier({})
-        self.worker_id = worker_id or new_worker_id()
+        self.worker_id = worker_id or (queue.worker_id if queue is not None else new_worker_id())
         self.models = tuple(sorted(settings.generator.models or generator.models))
         self.batch_size = settings.worker.batch_size or max(1, generator.max_batch_size)
         self.clock = clock
