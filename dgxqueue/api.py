@@ -25,13 +25,9 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from dgxqueue.config import Settings, load_settings
-from dgxqueue.storage import (
-    fastinsert,
-    get_engine,
-    job_spec,
-    prepare_generations,
-)
+from dgxqueue.storage import fastinsert, get_engine
 from dgxqueue.storage.database import open_queue
+from dgxqueue.storage.validation import JobSpec, validate_job, validate_jobs
 
 __all__ = ["enqueue", "enqueue_many"]
 
@@ -101,30 +97,30 @@ def enqueue(
     Left-out fields take the configured defaults (``jobs.default_*``). Bad input raises
     :class:`~dgxqueue.errors.ValidationError` and writes nothing.
     """
-    spec = job_spec(prompt, priority=priority, model_name=model_name, duration_seconds=duration_seconds,
-                    sample_rate=sample_rate, channels=channels, file_path=file_path, metadata=metadata,
-                    run_after=run_after, max_attempts=max_attempts, model_version=model_version)
     settings = settings or default_settings()
     engine = _engine(database_url, settings)
-    [row] = prepare_generations([spec], limits=settings.jobs, outputs=settings.outputs)
-    fastinsert.insert_jobs(engine, [row])
-    return str(row["id"])
+    job = validate_job(prompt, model_name=model_name, duration_seconds=duration_seconds, sample_rate=sample_rate,
+                       channels=channels, file_path=file_path, metadata=metadata, model_version=model_version,
+                       priority=priority, run_after=run_after, max_attempts=max_attempts,
+                       limits=settings.jobs, outputs=settings.outputs)
+    fastinsert.insert_committed(engine, [job])
+    return job.id
 
 
 def enqueue_many(
-    specs: Iterable[Mapping[str, Any]],
+    specs: Iterable[Mapping[str, Any] | JobSpec],
     *,
     database_url: str | None = None,
     settings: Settings | None = None,
 ) -> list[str]:
     """Queue many generations in one transaction (all or none); returns their ids in order.
 
-    Each spec holds the keyword arguments of :func:`enqueue` (``prompt`` required). Every spec is
-    validated before anything is written: one bad spec raises
-    :class:`~dgxqueue.errors.ValidationError` and writes nothing.
+    Each spec holds the keyword arguments of :func:`enqueue` (``prompt`` required), or is a
+    :class:`~dgxqueue.storage.JobSpec` validated already. Every spec is validated before anything
+    is written: one bad spec raises :class:`~dgxqueue.errors.ValidationError` and writes nothing.
     """
     settings = settings or default_settings()
     engine = _engine(database_url, settings)
-    rows = prepare_generations(specs, limits=settings.jobs, outputs=settings.outputs)
-    fastinsert.insert_jobs(engine, rows)  # one transaction, retried once on a connection found dead
-    return [str(row["id"]) for row in rows]
+    jobs = validate_jobs(specs, limits=settings.jobs, outputs=settings.outputs)
+    fastinsert.insert_committed(engine, jobs)  # one transaction, retried once on a connection found dead
+    return [job.id for job in jobs]

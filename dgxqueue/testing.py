@@ -19,7 +19,8 @@ written by plain SQL: a time column holding words, metadata that is not JSON; se
 ``docs/FAULTS.md``), values an engine refuses in an outcome (each engine's own limits), transient
 database errors and their retries, and concurrency beyond one lock (every call is atomic, as each
 is one transaction on a database). Producer inserts go through the door's validation
-(:func:`dgxqueue.storage.prepare_generations`); ``prompts`` is a counter of uses.
+(:func:`dgxqueue.storage.validate_job`) and become rows as the insert makes them
+(:func:`dgxqueue.storage.fastinsert.job_row`); ``prompts`` is a counter of uses.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from dgxqueue.daemon.queue_protocol import OutcomeRow
-from dgxqueue.storage import job_spec, prepare_generations
+from dgxqueue.storage import JobSpec, validate_job
 from dgxqueue.storage import repository as r
+from dgxqueue.storage.fastinsert import job_row
 from dgxqueue.storage.models import as_utc, utcnow
 from dgxqueue.storage.repository import AttemptState, ClaimedJob
 
@@ -101,9 +103,11 @@ class MemoryStore:
 
     # --- the producer's side ---
 
-    def insert(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert validated rows (as :func:`~dgxqueue.storage.prepare_generations` makes them)
-        and count their prompts; all or none."""
+    def insert(self, jobs: Sequence[JobSpec]) -> None:
+        """Insert validated jobs as the database's insert makes their rows, and count their
+        prompts; all or none."""
+        now = utcnow()  # as the producer stamps created_at: its own clock, not the database's
+        rows = [job_row(job, now) for job in jobs]
         new = [{**_BLANK, **{key: _stored(key, value) for key, value in row.items()}} for row in rows]
         with self.lock:
             taken = [row["id"] for row in new if row["id"] in self.jobs]
@@ -116,9 +120,9 @@ class MemoryStore:
 
     def enqueue(self, prompt: str, *, priority: int = 0, **fields: Any) -> str:
         """Validate one job as ``dgxqueue.enqueue`` does (default settings) and insert it; its id."""
-        [row] = prepare_generations([job_spec(prompt, priority=priority, **fields)])
-        self.insert([row])
-        return str(row["id"])
+        job = validate_job(prompt, priority=priority, **fields)
+        self.insert([job])
+        return job.id
 
     def reset(self) -> None:
         """Forget every job and prompt."""

@@ -47,7 +47,7 @@ from dgxqueue.cli.common import (
 from dgxqueue.cli.wait import Progress, watch
 from dgxqueue.daemon.diskcheck import look
 from dgxqueue.errors import ConfigError, ValidationError
-from dgxqueue.storage import create_generations, prepare_generations, session_scope
+from dgxqueue.storage import JobSpec, create_generations, session_scope, validate_jobs
 from dgxqueue.storage.database import describe_url, open_queue
 
 MODEL = "synth"
@@ -160,7 +160,7 @@ class _Daemon:
             self.process.wait()
 
 
-def _check_arguments(ctx: Context, count: int, duration: float) -> list[dict[str, Any]]:
+def _check_arguments(ctx: Context, count: int, duration: float) -> list[JobSpec]:
     """The sample jobs, checked as enqueue and the synth would check them, before anything starts."""
     from dgxqueue.generators import create_generator
 
@@ -175,14 +175,13 @@ def _check_arguments(ctx: Context, count: int, duration: float) -> list[dict[str
     longest = getattr(synth, "max_duration_seconds", None)
     if isinstance(longest, (int, float)) and duration > longest:
         raise ValidationError("duration", duration, f"at most {longest:g} s, the longest the synth renders")
-    specs = sample_specs(count, duration)
-    prepare_generations(specs, limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
+    jobs = validate_jobs(sample_specs(count, duration), limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
     # The daemon would start, then claim nothing while its outputs check fails: the demo sat out
     # its whole timeout and said the jobs "keep going".
     problem = look(ctx.settings.outputs_dir, ctx.settings.outputs.min_free_mb)
     if problem is not None:
         raise CliError(f"the daemon could not write the WAV files: {problem.message} (outputs.dir)", EX_CANTCREAT)
-    return specs
+    return jobs
 
 
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from dgxqueue.cli.wait import Progress, finish, watch
 from dgxqueue.config import Settings
 from dgxqueue.errors import ValidationError
 from dgxqueue.generators import available_generators, create_generator
-from dgxqueue.storage import Generation, prepare_generations, session_scope
+from dgxqueue.storage import Generation, JobSpec, session_scope, validate_jobs
 from dgxqueue.storage.models import utcnow
 
 #: The flags that set one job's fields; with ``--jsonl`` each line sets its own.
@@ -84,10 +84,10 @@ def _lines(stream: IO[bytes], settings: Settings) -> Iterator[tuple[int, str]]:
                            EX_DATAERR) from None
 
 
-def read_jsonl(stream: IO[bytes], settings: Settings) -> list[dict[str, Any]]:
-    """One spec per non-blank line, each a JSON object of :func:`dgxqueue.enqueue`'s arguments
-    (``run_after`` as an ISO time or a span such as ``10m``), every one validated."""
-    specs = []
+def read_jsonl(stream: IO[bytes], settings: Settings) -> list[JobSpec]:
+    """One job per non-blank line, each a JSON object of :func:`dgxqueue.enqueue`'s arguments
+    (``run_after`` as an ISO time or a span such as ``10m``), validated as it is read."""
+    jobs: list[JobSpec] = []
     for number, line in _lines(stream, settings):
         if not line.strip():
             continue
@@ -103,11 +103,10 @@ def read_jsonl(stream: IO[bytes], settings: Settings) -> list[dict[str, Any]]:
         try:
             if isinstance(spec.get("run_after"), str):
                 spec["run_after"] = parse_when("run_after", spec["run_after"], utcnow())
-            prepare_generations([spec], limits=settings.jobs, outputs=settings.outputs)
+            jobs += validate_jobs([spec], limits=settings.jobs, outputs=settings.outputs)
         except ValidationError as exc:
             raise CliError(f"line {number}: {exc}", EX_DATAERR) from None
-        specs.append(spec)
-    return specs
+    return jobs
 
 
 def served_models(settings: Settings) -> set[str]:
@@ -148,7 +147,7 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
         raise CliError("give the prompt, or --jsonl FILE for many jobs (not both)", EXIT_USAGE)
     with ExitStack() as stack:
         if args.jsonl is None:
-            specs = [_spec_from_flags(args)]
+            jobs = validate_jobs([_spec_from_flags(args)], limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
         else:
             given = [flag for flag in _JOB_FLAGS if getattr(args, flag) is not None]
             if given:
@@ -157,15 +156,14 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
             if args.jsonl == "-" and sys.stdin is None:  # started with stdin closed (<&-)
                 raise CliError("--jsonl -: standard input is closed", EX_IOERR)
             stream = sys.stdin.buffer if args.jsonl == "-" else stack.enter_context(open(args.jsonl, "rb"))
-            specs = read_jsonl(stream, ctx.settings)
+            jobs = read_jsonl(stream, ctx.settings)
     timeout = parse_number("timeout", args.timeout, float)
-    rows = prepare_generations(specs, limits=ctx.settings.jobs, outputs=ctx.settings.outputs)
     engine = ctx.engine(create=True)
-    ids = enqueue_many(specs, database_url=ctx.settings.database.url, settings=ctx.settings)
-    warn_unserved(ctx.settings, {str(row["model_name"]) for row in rows})
+    ids = enqueue_many(jobs, database_url=ctx.settings.database.url, settings=ctx.settings)
+    warn_unserved(ctx.settings, {job.model_name for job in jobs})
     if args.wait:
-        jobs = watch(engine, ids, timeout=timeout, progress=Progress(quiet=args.quiet))
-        return finish(ctx.settings, jobs, args.json)
+        finished = watch(engine, ids, timeout=timeout, progress=Progress(quiet=args.quiet))
+        return finish(ctx.settings, finished, args.json)
     if args.json:
         rows_out = [job_dict(ctx.settings, job) for job in _read_back(ctx, ids)]
         print_json(rows_out if args.jsonl is not None else rows_out[0])

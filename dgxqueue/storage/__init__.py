@@ -7,16 +7,16 @@ so several calls can share one transaction. Inputs are validated before anything
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.orm import Session
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from dgxqueue.config import JobSettings, OutputSettings
 from dgxqueue.errors import ValidationError
-from dgxqueue.storage import repository
+from dgxqueue.storage import fastinsert, repository
 from dgxqueue.storage.database import (
     create_engine,
     dispose_engines,
@@ -30,9 +30,10 @@ from dgxqueue.storage.database import (
 from dgxqueue.storage.models import Base, Generation, GenerationStatus, Prompt, utcnow
 from dgxqueue.storage.validation import (
     MAX_FILE_SIZE,
-    NewJob,
+    JobSpec,
+    validate_job,
+    validate_jobs,
     validate_limit,
-    validate_new_job,
     validate_prompt,
     validate_run_after,
     validate_status,
@@ -43,90 +44,31 @@ __all__ = [
     "complete_generation", "create_engine", "create_generation", "create_generations",
     "delete_generation", "dispose_engines", "ensure_schema", "fail_generation", "get_all_generations",
     "get_database_stats", "get_engine", "get_generation", "get_most_used_prompts",
-    "get_pending_generations", "get_session", "init_db", "job_spec", "prepare_generations", "resolve_url",
-    "retry_generation",
-    "session_scope", "track_prompt_usage",
+    "get_pending_generations", "get_session", "init_db", "resolve_url", "retry_generation",
+    "session_scope", "track_prompt_usage", "validate_job", "validate_jobs",
 ]
 
 _DEFAULT_LIMITS = JobSettings()
 _DEFAULT_OUTPUTS = OutputSettings()
 
-JobSpec = Mapping[str, Any]
-"""Keyword arguments of :func:`create_generation`, as a mapping (for :func:`create_generations`)."""
-
-
-_SPEC_KEYS = frozenset({"prompt", "model_name", "duration_seconds", "sample_rate", "channels", "file_path",
-                        "metadata", "model_version", "priority", "run_after", "max_attempts"})
-
-
-def _validate(spec: JobSpec, limits: JobSettings, index: int) -> NewJob:
-    if not isinstance(spec, Mapping):
-        raise ValidationError(f"specs[{index}]", spec, "a mapping of create_generation's keyword arguments")
-    if not _SPEC_KEYS.issuperset(spec):
-        unknown = sorted(set(spec) - _SPEC_KEYS)[0]
-        raise ValidationError(unknown, spec[unknown], "one of " + ", ".join(sorted(_SPEC_KEYS)))
-    return validate_new_job(
-        prompt=spec.get("prompt"),
-        model_name=spec.get("model_name", limits.default_model),
-        duration_seconds=spec.get("duration_seconds", limits.default_duration_seconds),
-        sample_rate=spec.get("sample_rate", limits.default_sample_rate),
-        channels=spec.get("channels", limits.default_channels),
-        file_path=spec.get("file_path"),
-        metadata=spec.get("metadata"),
-        model_version=spec.get("model_version"),
-        priority=spec.get("priority", 0),
-        run_after=spec.get("run_after"),
-        max_attempts=spec.get("max_attempts"),
-        limits=limits,
-    )
-
-
-def prepare_generations(
-    specs: Iterable[JobSpec],
-    *,
-    limits: JobSettings | None = None,
-    outputs: OutputSettings | None = None,
-) -> list[dict[str, Any]]:
-    """Validate every spec and turn it into a ``generations`` row with a new id. Writes nothing.
-
-    One bad spec raises :class:`~dgxqueue.errors.ValidationError`.
-    """
-    limits = limits or _DEFAULT_LIMITS
-    # The outputs folder's own name, as the daemon resolves it (audio.OutputRoot).
-    folder = os.path.basename(os.path.abspath((outputs or _DEFAULT_OUTPUTS).dir))
-    jobs = [_validate(spec, limits, i) for i, spec in enumerate(specs)]
-    for job in jobs:
-        if job.file_path is not None and not job.file_path.startswith(folder + "/"):
-            # The daemon would refuse it after a claim; the producer hears it now.
-            raise ValidationError("file_path", job.file_path, f"a relative path inside the outputs folder,"
-                                                               f" starting with '{folder}/'")
-    now = utcnow()
-    rows = []
-    for job in jobs:
-        job_id = repository.new_id()
-        rows.append(repository.job_row(job, job_id, now, f"{folder}/{job_id}.wav"))
-    return rows
-
 
 def create_generations(
     session: Session,
-    specs: Iterable[JobSpec],
+    specs: Iterable[Mapping[str, Any] | JobSpec],
     *,
     limits: JobSettings | None = None,
     outputs: OutputSettings | None = None,
 ) -> list[str]:
-    """Validate every spec first, then insert them all and count their prompts. Returns the ids.
+    """Validate every spec first, then insert them all and count their prompts, in the caller's
+    transaction. Returns the ids.
 
+    Each spec is a mapping of :func:`create_generation`'s keyword arguments, or a :class:`JobSpec`.
     One bad spec raises :class:`~dgxqueue.errors.ValidationError` and nothing is written.
     """
-    rows = prepare_generations(specs, limits=limits, outputs=outputs)
-    repository.insert_jobs(session, rows)
-    return [str(row["id"]) for row in rows]
-
-
-def job_spec(prompt: str, *, priority: int = 0, **optional: Any) -> dict[str, Any]:
-    """A :data:`JobSpec` from keyword arguments, leaving out those given as None (defaults apply)."""
-    return {"prompt": prompt, "priority": priority, **{k: v for k, v in optional.items() if v is not None}}
+    jobs = validate_jobs(specs, limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
+    if jobs:  # none: the session's transaction is not begun for nothing
+        fastinsert.insert_jobs(session.connection(), jobs, utcnow())
+    return [job.id for job in jobs]
 
 
 def create_generation(
@@ -151,11 +93,33 @@ def create_generation(
     ``file_path`` is relative to the folder that holds the outputs folder (``outputs/x.wav``); left
     out, it is ``outputs/<id>.wav``. ``priority``: higher runs first. ``run_after``: not before.
     """
-    spec = job_spec(prompt, priority=priority, model_name=model_name, duration_seconds=duration_seconds,
-                    sample_rate=sample_rate, channels=channels, file_path=file_path, metadata=metadata,
-                    model_version=model_version, run_after=run_after, max_attempts=max_attempts)
-    [job_id] = create_generations(session, [spec], limits=limits, outputs=outputs)
-    return repository.require_job(session, job_id)
+    job = validate_job(prompt, model_name=model_name, duration_seconds=duration_seconds, sample_rate=sample_rate,
+                       channels=channels, file_path=file_path, metadata=metadata, model_version=model_version,
+                       priority=priority, run_after=run_after, max_attempts=max_attempts,
+                       limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
+    now = utcnow()
+    fastinsert.insert_jobs(session.connection(), [job], now)
+    return _persistent(session, fastinsert.job_row(job, now))
+
+
+def _persistent(session: Session, row: Mapping[str, Any]) -> Generation:
+    """The row just inserted as the session's object, as if loaded, without reading it back."""
+    # As a query loads a row: the values go straight into the instance's dict, past the attribute
+    # events that Generation(**values) would fire for each column.
+    job: Generation = _GENERATIONS.class_manager.new_instance()
+    values = sa.orm.attributes.instance_dict(job)
+    for key, column in _GENERATION_COLUMNS:
+        if column.name in row:
+            values[key] = row[column.name]
+        elif column.server_default is None:
+            values[key] = None  # a column the insert leaves out is NULL, unless the server fills it
+    make_transient_to_detached(job)  # a column the server filled is loaded on first access
+    session.add(job)
+    return job
+
+
+_GENERATIONS = sa.inspect(Generation)
+_GENERATION_COLUMNS = tuple((prop.key, prop.columns[0]) for prop in _GENERATIONS.column_attrs)
 
 
 def get_generation(session: Session, generation_id: str) -> Generation | None:

@@ -1,33 +1,48 @@
-"""The producer's hot path: :func:`repository.insert_jobs` on a bare DB-API connection.
+"""The producers' one insert: validated jobs become pending rows and their prompts are counted.
 
-The statements are the repository's own Core constructs (the generation INSERT, the prompt upsert,
-``pg_notify``), compiled once per dialect by :mod:`driver`. One ``enqueue`` thus costs the driver's
-work plus a few dict operations, instead of a Session, a Core execution context and a
-statement-cache lookup per statement.
+Every producer path calls :func:`insert_jobs`: ``enqueue`` and ``enqueue_many`` (through
+:func:`insert_committed`), the specification's ``create_generation(s)`` on their session's
+connection, the CLI and the demo. The statements are the repository's own Core constructs (the
+generation INSERT, the prompt upsert, ``pg_notify``), compiled once per dialect by :mod:`driver`
+and run on the connection's DB-API cursor, inside the connection's transaction: one job costs the
+driver's work plus a few dict operations, not a Core execution context per statement.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import weakref
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Engine
 
 from dgxqueue.storage import repository
-from dgxqueue.storage.driver import Compiled, transaction
+from dgxqueue.storage.driver import Compiled, Cursor, _as_sqlalchemy
+from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.validation import JobSpec
 
-_JOB_COLUMNS = (
-    "id", "prompt", "model_name", "model_version", "duration_seconds", "sample_rate", "channels",
-    "file_path", "status", "created_at", "metadata", "priority", "attempts", "max_attempts", "run_after",
-)
+_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec))
+#: What every new row holds besides its specification's fields.
+_NEW_ROW = {"status": repository.PENDING, "attempts": 0, "lease_losses": 0}
+#: The columns the INSERT sets: the specification's fields, then the new-row values and ``created_at``.
+JOB_COLUMNS = (*_SPEC_FIELDS, *_NEW_ROW, "created_at")
 _PROMPT_COLUMNS = ("text", "used_count", "first_used_at", "last_used_at")
 
 
-@dataclass(frozen=True)
+def job_row(job: JobSpec, now: datetime) -> dict[str, Any]:
+    """The ``generations`` row ``job`` becomes, created at ``now``."""
+    row = {name: getattr(job, name) for name in _SPEC_FIELDS}
+    row.update(_NEW_ROW)
+    row["created_at"] = now
+    return row
+
+
+@dataclasses.dataclass(frozen=True)
 class _Statements:
     insert_job: Compiled
     upsert_prompt: Compiled
@@ -46,7 +61,7 @@ def _statements(dialect: Dialect) -> _Statements:
                                                sa.bindparam("model", type_=sa.Text)))
             notify = Compiled.of(call, dialect, ("channel", "model"))
         found = _cache[dialect] = _Statements(
-            insert_job=Compiled.of(sa.insert(repository.G), dialect, _JOB_COLUMNS),
+            insert_job=Compiled.of(sa.insert(repository.G), dialect, JOB_COLUMNS),
             # inline(): no RETURNING of the prompt's id, which nobody reads here.
             upsert_prompt=Compiled.of(
                 repository.prompt_upsert(dialect.name).inline(), dialect, _PROMPT_COLUMNS
@@ -56,36 +71,67 @@ def _statements(dialect: Dialect) -> _Statements:
     return found
 
 
-def insert_jobs(engine: Engine, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert validated job rows and count their prompts in one committed transaction.
+def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], now: datetime) -> None:
+    """Insert ``jobs`` as pending rows created at ``now`` and add their prompts' uses, in the
+    connection's transaction: the caller commits (or rolls back: then nothing was written).
 
-    The same writes as :func:`repository.insert_jobs`. Driver errors come out as SQLAlchemy's
-    ``DBAPIError`` subclasses, as they would through a Session; nothing is written on error.
-    A pooled connection found dead on the first statement (the server restarted, or ended it
-    while idle) is replaced once: nothing can have been written on it.
+    Prompts are upserted in one order, so concurrent producers neither deadlock nor lose a count.
+    A driver error comes out as SQLAlchemy's ``DBAPIError`` subclass, with ``before_first_write``
+    saying whether any statement had completed; a lost connection is invalidated.
     """
-    if not rows:
+    if not jobs:
         return
-    statements = _statements(engine.dialect)
-    now = rows[0]["created_at"]
-    counts = Counter(str(row["prompt"]) for row in rows) if len(rows) > 1 else {rows[0]["prompt"]: 1}
+    statements = _statements(connection.dialect)
+    rows = [job_row(job, now) for job in jobs]
+    counts = Counter(job.prompt for job in jobs) if len(jobs) > 1 else {jobs[0].prompt: 1}
     prompt_rows = [
         {"text": text, "used_count": n, "first_used_at": now, "last_used_at": now}
         for text, n in sorted(counts.items())  # sorted: concurrent batches lock in one order
     ]
-    models = sorted({str(row["model_name"]) for row in rows}) if statements.notify is not None else []
+    with _cursor(connection) as cursor:
+        cursor.executemany(statements.insert_job, rows)
+        cursor.executemany(statements.upsert_prompt, prompt_rows)
+        if statements.notify is not None:  # delivered when the transaction commits
+            models = sorted({job.model_name for job in jobs})
+            cursor.executemany(statements.notify,
+                               [{"channel": repository.NOTIFY_CHANNEL, "model": m} for m in models])
+
+
+@contextlib.contextmanager
+def _cursor(connection: sa.Connection) -> Iterator[Cursor]:
+    """The connection's DB-API cursor; a driver error raised as SQLAlchemy raises it."""
+    dialect = connection.dialect
+    proxied = connection.connection  # begins nothing: the caller's transaction holds the connection
+    cursor = Cursor(proxied)
     try:
-        _transaction(engine, statements, rows, prompt_rows, models)
+        yield cursor
+    except dialect.loaded_dbapi.Error as exc:
+        disconnected = dialect.is_disconnect(exc, proxied.dbapi_connection, cursor.raw)
+        if disconnected:
+            # As SQLAlchemy does on a disconnect: every pooled connection of that age is recycled,
+            # since a server restart ended all of them, not just this one.
+            connection.engine.pool._invalidate(proxied, exc, _checkin=False)
+            connection.invalidate(exc)
+        statement = cursor.current.sql if cursor.current else None
+        raise _as_sqlalchemy(dialect, exc, statement, disconnected, before_first_write=not cursor.wrote) from exc
+    finally:
+        cursor.raw.close()
+
+
+def insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> None:
+    """:func:`insert_jobs` in a transaction of its own, committed on return.
+
+    A pooled connection found dead on the first statement (the server restarted, or ended it
+    while idle) is replaced once: nothing can have been written on it.
+    """
+    try:
+        _insert_committed(engine, jobs)
     except sa.exc.DBAPIError as exc:
         if not (exc.connection_invalidated and getattr(exc, "before_first_write", False)):
             raise
-        _transaction(engine, statements, rows, prompt_rows, models)
+        _insert_committed(engine, jobs)
 
 
-def _transaction(engine: Engine, statements: _Statements, rows: Sequence[Mapping[str, Any]],
-                 prompt_rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> None:
-    with transaction(engine) as cursor:
-        cursor.executemany(statements.insert_job, rows)
-        cursor.executemany(statements.upsert_prompt, prompt_rows)
-        if statements.notify is not None:
-            cursor.executemany(statements.notify, [{"channel": repository.NOTIFY_CHANNEL, "model": m} for m in models])
+def _insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> None:
+    with engine.begin() as connection:
+        insert_jobs(connection, jobs, utcnow())

@@ -1,14 +1,12 @@
 """Every query dgxqueue runs lives here. Callers own the session and its transaction.
 
-Producer side: insert jobs and count prompts. Daemon side: claim, heartbeat, finish (fenced),
-release, rescue. Reads: lists, stats, queue depth. Nothing here builds SQL from strings.
+Producer side: the prompt upsert (the insert is :mod:`fastinsert`'s). Daemon side: claim,
+heartbeat, finish (fenced), release, rescue. Reads: lists, stats, queue depth. Nothing here builds SQL from strings.
 """
 
 from __future__ import annotations
 
 import functools
-import uuid
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,7 +19,6 @@ from sqlalchemy.orm import Session
 from dgxqueue.errors import InvalidStateError, JobNotFoundError
 from dgxqueue.storage import rowvalues
 from dgxqueue.storage.models import Generation, GenerationStatus, Prompt, UTCDateTime, as_utc, utcnow
-from dgxqueue.storage.validation import NewJob
 
 G = cast(sa.Table, Generation.__table__)
 P = cast(sa.Table, Prompt.__table__)
@@ -40,31 +37,7 @@ IS_PENDING = G.c.status == sa.literal_column("'pending'")
 IS_PROCESSING = G.c.status == sa.literal_column("'processing'")
 
 
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
 # --- producer side --------------------------------------------------------------------------
-
-
-def job_row(job: NewJob, job_id: str, now: datetime, default_file_path: str) -> dict[str, Any]:
-    return {
-        "id": job_id, "prompt": job.prompt, "model_name": job.model_name,
-        "model_version": job.model_version, "duration_seconds": job.duration_seconds,
-        "sample_rate": job.sample_rate, "channels": job.channels,
-        "file_path": job.file_path or default_file_path, "status": PENDING, "created_at": now,
-        "metadata": job.metadata, "priority": job.priority, "attempts": 0,
-        "max_attempts": job.max_attempts, "run_after": job.run_after,
-    }
-
-
-def insert_jobs(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert validated job rows and count their prompts, in the caller's transaction."""
-    if not rows:
-        return
-    session.execute(sa.insert(G), list(rows))
-    upsert_prompts(session, Counter(str(row["prompt"]) for row in rows), rows[0]["created_at"])
-    notify_models(session, {str(row["model_name"]) for row in rows})
 
 
 def notify_models(session: Session, models: Iterable[str]) -> None:

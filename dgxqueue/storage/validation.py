@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import reprlib
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from dgxqueue.config import MAX_MODEL_NAME_LENGTH, JobSettings
+from dgxqueue.config import MAX_MODEL_NAME_LENGTH, JobSettings, OutputSettings
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage.models import GenerationStatus
 
@@ -33,21 +36,31 @@ MAX_SEED = 2**31 - 1
 MAX_METADATA_DEPTH = 64
 
 
-@dataclass(frozen=True)
-class NewJob:
-    """A validated, normalised job, ready to insert."""
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A new job, validated and normalised at the door: what the insert writes, field for field.
 
+    Built by :func:`validate_job` and :func:`validate_jobs`, which check every field; the insert
+    adds what every new job shares (pending, created now, no attempts yet).
+    """
+
+    id: str
     prompt: str
     model_name: str
+    model_version: str | None
     duration_seconds: float
     sample_rate: int
     channels: int
-    file_path: str | None
+    file_path: str
     metadata: dict[str, Any] | None
-    model_version: str | None
     priority: int
-    run_after: datetime | None
     max_attempts: int
+    run_after: datetime | None
+
+
+#: The keys a job's mapping may hold: the keyword arguments of ``create_generation`` and ``enqueue``.
+SPEC_KEYS = frozenset({"prompt", "model_name", "duration_seconds", "sample_rate", "channels", "file_path",
+                       "metadata", "model_version", "priority", "run_after", "max_attempts"})
 
 
 def _text(field: str, value: object, limit: int) -> str:
@@ -258,8 +271,81 @@ def validate_limit(value: object, field: str = "limit", hi: int = 100_000) -> in
     return _integer(field, value, 0, hi)
 
 
-def validate_new_job(
+_DEFAULT_LIMITS = JobSettings()
+_DEFAULT_OUTPUTS = OutputSettings()
+
+
+@functools.lru_cache(maxsize=8)
+def _outputs_folder(outputs_dir: str) -> str:
+    # The outputs folder's own name, as the daemon resolves it (audio.OutputRoot).
+    return os.path.basename(os.path.abspath(outputs_dir))
+
+
+def validate_job(
+    prompt: object,
     *,
+    model_name: object = None,
+    duration_seconds: object = None,
+    sample_rate: object = None,
+    channels: object = None,
+    file_path: object = None,
+    metadata: object = None,
+    model_version: object = None,
+    priority: object = 0,
+    run_after: object = None,
+    max_attempts: object = None,
+    limits: JobSettings = _DEFAULT_LIMITS,
+    outputs: OutputSettings = _DEFAULT_OUTPUTS,
+) -> JobSpec:
+    """One job from keyword arguments, as ``create_generation`` and ``enqueue`` take them: a field
+    given as None takes its default (``jobs.default_*``; the file path ``<outputs>/<id>.wav``).
+
+    A bad field raises :class:`~dgxqueue.errors.ValidationError` naming it.
+    """
+    return _build(
+        prompt,
+        limits.default_model if model_name is None else model_name,
+        limits.default_duration_seconds if duration_seconds is None else duration_seconds,
+        limits.default_sample_rate if sample_rate is None else sample_rate,
+        limits.default_channels if channels is None else channels,
+        file_path, metadata, model_version, priority, run_after, max_attempts, limits, outputs,
+    )
+
+
+def validate_jobs(
+    specs: Iterable[Mapping[str, Any] | JobSpec],
+    *,
+    limits: JobSettings = _DEFAULT_LIMITS,
+    outputs: OutputSettings = _DEFAULT_OUTPUTS,
+) -> list[JobSpec]:
+    """Every job of a batch, each a mapping of :func:`validate_job`'s arguments (a left-out key
+    takes its default; a None is checked as given) or a :class:`JobSpec`, validated already.
+
+    One bad spec raises :class:`~dgxqueue.errors.ValidationError` naming its field.
+    """
+    jobs = []
+    for index, spec in enumerate(specs):
+        if isinstance(spec, JobSpec):
+            jobs.append(spec)
+            continue
+        if not isinstance(spec, Mapping):
+            raise ValidationError(f"specs[{index}]", spec, "a mapping of create_generation's keyword arguments")
+        if not SPEC_KEYS.issuperset(spec):
+            unknown = sorted(set(spec) - SPEC_KEYS)[0]
+            raise ValidationError(unknown, spec[unknown], "one of " + ", ".join(sorted(SPEC_KEYS)))
+        jobs.append(_build(
+            spec.get("prompt"),
+            spec.get("model_name", limits.default_model),
+            spec.get("duration_seconds", limits.default_duration_seconds),
+            spec.get("sample_rate", limits.default_sample_rate),
+            spec.get("channels", limits.default_channels),
+            spec.get("file_path"), spec.get("metadata"), spec.get("model_version"), spec.get("priority", 0),
+            spec.get("run_after"), spec.get("max_attempts"), limits, outputs,
+        ))
+    return jobs
+
+
+def _build(
     prompt: object,
     model_name: object,
     duration_seconds: object,
@@ -272,7 +358,8 @@ def validate_new_job(
     run_after: object,
     max_attempts: object,
     limits: JobSettings,
-) -> NewJob:
+    outputs: OutputSettings,
+) -> JobSpec:
     duration = validate_duration(duration_seconds, limits)
     rate = _integer("sample_rate", sample_rate, limits.min_sample_rate, limits.max_sample_rate)
     count = _integer("channels", channels, 1, limits.max_channels)
@@ -285,18 +372,21 @@ def validate_new_job(
         raise ValidationError("duration_seconds", duration_seconds, f"short enough for a WAV file of at most"
                               f" {MAX_FILE_SIZE} bytes, what file_size_bytes holds (at {rate} Hz and {count}"
                               f" channel(s) it would be {size} bytes)")
-    return NewJob(
-        prompt=validate_prompt(prompt, limits),
-        model_name=_text("model_name", model_name, MAX_MODEL_NAME_LENGTH).strip(),
-        duration_seconds=duration,
-        sample_rate=rate,
-        channels=count,
-        file_path=None if file_path is None else validate_file_path(file_path),
-        metadata=validate_metadata(metadata, limits),
-        model_version=None if model_version is None else _text("model_version", model_version, 200),
-        priority=_integer("priority", priority, *PRIORITY_RANGE),
-        run_after=validate_run_after(run_after),
-        max_attempts=_integer(
-            "max_attempts", limits.max_attempts if max_attempts is None else max_attempts, 1, 100
-        ),
+    text = validate_prompt(prompt, limits)
+    model = _text("model_name", model_name, MAX_MODEL_NAME_LENGTH).strip()
+    path = None if file_path is None else validate_file_path(file_path)
+    document = validate_metadata(metadata, limits)
+    version = None if model_version is None else _text("model_version", model_version, 200)
+    rank = _integer("priority", priority, *PRIORITY_RANGE)
+    not_before = validate_run_after(run_after)
+    attempts = _integer("max_attempts", limits.max_attempts if max_attempts is None else max_attempts, 1, 100)
+    folder = _outputs_folder(outputs.dir)
+    if path is not None and not path.startswith(folder + "/"):  # the daemon would refuse it after a claim
+        raise ValidationError("file_path", path, f"a relative path inside the outputs folder, starting with"
+                                                 f" '{folder}/'")
+    job_id = str(uuid.uuid4())
+    return JobSpec(
+        id=job_id, prompt=text, model_name=model, model_version=version, duration_seconds=duration,
+        sample_rate=rate, channels=count, file_path=f"{folder}/{job_id}.wav" if path is None else path,
+        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before,
     )

@@ -25,8 +25,8 @@ from dgxqueue.storage import (
     get_generation,
     get_most_used_prompts,
     init_db,
-    prepare_generations,
     session_scope,
+    validate_jobs,
 )
 from dgxqueue.storage.repository import NOTIFY_CHANNEL
 from tests.support.db import PG_ADMIN_URL
@@ -182,15 +182,17 @@ def test_enqueue__notifies_waiting_daemons_on_postgres(pg_db_url: str) -> None:
 
 
 def test_fastinsert__batches_count_repeated_prompts(engine: Engine) -> None:
-    """The direct insert path takes batches too: one row each, repeated prompts counted per use."""
-    rows = prepare_generations([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a", "metadata": {"k": 1}}])
-    fastinsert.insert_jobs(engine, rows)
-    fastinsert.insert_jobs(engine, [])
+    """The one insert takes batches too: one row each, repeated prompts counted per use."""
+    jobs = validate_jobs([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a", "metadata": {"k": 1}}])
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        fastinsert.insert_jobs(connection, jobs, now)
+        fastinsert.insert_jobs(connection, [], now)
     assert _rows(engine) == (3, 3)
     with session_scope(engine) as session:
         assert {p.text: p.used_count for p in get_most_used_prompts(session)} == {"a": 2, "b": 1}
-        stored = get_generation(session, rows[2]["id"])
-        assert stored is not None and stored.meta == {"k": 1} and stored.created_at == rows[2]["created_at"]
+        stored = get_generation(session, jobs[2].id)
+        assert stored is not None and stored.meta == {"k": 1} and stored.created_at == now
 
 
 def test_enqueue__survives_a_dropped_postgres_connection(pg_db_url: str) -> None:

@@ -17,7 +17,7 @@ import pytest
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import MAX_MODEL_NAME_LENGTH, Settings, load_settings
 from dgxqueue.errors import ConfigError
-from dgxqueue.storage import prepare_generations
+from dgxqueue.storage import validate_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Settings)}
@@ -145,8 +145,8 @@ def test_load_settings__job_default_outside_its_limits_names_the_default(
         _load_toml(tmp_path, bad)
     assert caught.value.key == key
     settings = _load_toml(tmp_path, good)
-    [row] = prepare_generations([{"prompt": "p"}], limits=settings.jobs)
-    assert row["model_name"] == settings.jobs.default_model.strip()
+    [job] = validate_jobs([{"prompt": "p"}], limits=settings.jobs)
+    assert job.model_name == settings.jobs.default_model.strip()
 
 
 @pytest.mark.parametrize(("bad", "good"), [
@@ -162,8 +162,8 @@ def test_load_settings__outputs_dir_must_end_in_a_folder_name(tmp_path: Path, ba
             _load_toml(tmp_path, text, env)
         assert caught.value.key == "outputs.dir" and "not '.', '..' or the root" in caught.value.allowed
     settings = _load_toml(tmp_path, f"[outputs]\ndir = {json.dumps(good)}\n")
-    [row] = prepare_generations([{"prompt": "p"}], outputs=settings.outputs)
-    target = resolve_output_path(settings.outputs_dir, row["file_path"])
+    [job] = validate_jobs([{"prompt": "p"}], outputs=settings.outputs)
+    target = resolve_output_path(settings.outputs_dir, job.file_path)
     assert target.parent == Path(os.path.abspath(settings.outputs_dir))
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from dgxqueue.config import JobSettings, OutputSettings
 from dgxqueue.errors import DgxQueueError, ValidationError
-from dgxqueue.storage import GenerationStatus, prepare_generations
+from dgxqueue.storage import GenerationStatus, validate_jobs
 from dgxqueue.storage.validation import (
     validate_duration,
     validate_file_path,
@@ -111,10 +111,10 @@ BAD_STEERING: list[tuple[str, object, str]] = [
 
 
 @pytest.mark.parametrize(("field", "value", "allowed"), BAD_INPUTS, ids=lambda v: repr(v)[:30])
-def test_prepare_generations__rejects_each_bad_field(field: str, value: object, allowed: str) -> None:
+def test_validate_jobs__rejects_each_bad_field(field: str, value: object, allowed: str) -> None:
     """Each bad field raises ValidationError (a ValueError under DgxQueueError) naming it and its range."""
     with pytest.raises(ValidationError) as caught:
-        prepare_generations([{**GOOD, field: value}])
+        validate_jobs([{**GOOD, field: value}])
     error = caught.value
     assert isinstance(error, ValueError) and isinstance(error, DgxQueueError)
     assert error.field == field
@@ -123,20 +123,20 @@ def test_prepare_generations__rejects_each_bad_field(field: str, value: object, 
 
 
 @pytest.mark.parametrize(("key", "value", "allowed"), BAD_STEERING, ids=lambda v: repr(v)[:30])
-def test_prepare_generations__rejects_each_bad_steering_key(key: str, value: object, allowed: str) -> None:
+def test_validate_jobs__rejects_each_bad_steering_key(key: str, value: object, allowed: str) -> None:
     """A steering key the generator would refuse is refused at the door, naming metadata.<key>."""
     with pytest.raises(ValidationError) as caught:
-        prepare_generations([{**GOOD, "metadata": {"bpm": 90, key: value}}])
+        validate_jobs([{**GOOD, "metadata": {"bpm": 90, key: value}}])
     assert caught.value.field == f"metadata.{key}"
     assert allowed in str(caught.value)
 
 
-def test_prepare_generations__accepts_good_steering_keys() -> None:
+def test_validate_jobs__accepts_good_steering_keys() -> None:
     """The edges the generators accept pass the door too: seed 0 and 2**31-1, top_k 0, guidance 1."""
     for metadata in ({"seed": 0, "top_k": 0, "guidance_scale": 1, "temperature": 1e-3},
                      {"seed": 2**31 - 1, "top_k": 250, "guidance_scale": 3.0, "temperature": 1}):
-        [row] = prepare_generations([{**GOOD, "metadata": metadata}])
-        assert row["metadata"] == metadata
+        [job] = validate_jobs([{**GOOD, "metadata": metadata}])
+        assert job.metadata == metadata
 
 
 def test_validate_metadata__allows_text_that_only_looks_like_an_escape() -> None:
@@ -155,36 +155,36 @@ def test_steering_value__the_daemon_and_musicgen_share_the_door_rule() -> None:
     assert vars(executor)["steering_value"] is validation.steering_value
 
 
-def test_prepare_generations__accepts_the_specification_example() -> None:
+def test_validate_jobs__accepts_the_specification_example() -> None:
     """The specification's create_generation example passes and keeps its values."""
-    [row] = prepare_generations([GOOD])
-    assert row["prompt"] == GOOD["prompt"] and row["status"] == "pending"
-    assert row["file_path"] == "outputs/a1b2.wav" and row["metadata"] == {"bpm": 140, "key": "Cm"}
-    assert row["duration_seconds"] == 16.0 and isinstance(row["duration_seconds"], float)
+    [job] = validate_jobs([GOOD])
+    assert job.prompt == GOOD["prompt"]
+    assert job.file_path == "outputs/a1b2.wav" and job.metadata == {"bpm": 140, "key": "Cm"}
+    assert job.duration_seconds == 16.0 and isinstance(job.duration_seconds, float)
 
 
-def test_prepare_generations__fills_defaults_and_an_output_path() -> None:
+def test_validate_jobs__fills_defaults_and_an_output_path() -> None:
     """Left-out fields take the configured defaults; the file path is <outputs folder>/<id>.wav."""
     limits = JobSettings(default_model="musicgen-small", default_duration_seconds=12.0)
-    [row] = prepare_generations([{"prompt": "lo-fi"}], limits=limits,
-                                outputs=OutputSettings(dir="/srv/music/renders/"))
-    assert (row["model_name"], row["duration_seconds"]) == ("musicgen-small", 12.0)
-    assert (row["sample_rate"], row["channels"], row["max_attempts"]) == (32000, 1, 3)
-    assert row["file_path"] == f"renders/{row['id']}.wav"
+    [job] = validate_jobs([{"prompt": "lo-fi"}], limits=limits,
+                          outputs=OutputSettings(dir="/srv/music/renders/"))
+    assert (job.model_name, job.duration_seconds) == ("musicgen-small", 12.0)
+    assert (job.sample_rate, job.channels, job.max_attempts) == (32000, 1, 3)
+    assert job.file_path == f"renders/{job.id}.wav"
 
 
-def test_prepare_generations__rejects_an_unknown_key() -> None:
+def test_validate_jobs__rejects_an_unknown_key() -> None:
     """A misspelt key is named as the field instead of being silently dropped."""
     with pytest.raises(ValidationError) as caught:
-        prepare_generations([{**GOOD, "sample_rat": 32000}])
+        validate_jobs([{**GOOD, "sample_rat": 32000}])
     assert caught.value.field == "sample_rat"
     assert "sample_rate" in caught.value.allowed
 
 
-def test_prepare_generations__one_bad_spec_fails_the_batch() -> None:
+def test_validate_jobs__one_bad_spec_fails_the_batch() -> None:
     """A batch with one bad spec raises for that spec (and so writes nothing)."""
     with pytest.raises(ValidationError) as caught:
-        prepare_generations([GOOD, GOOD, {**GOOD, "channels": 9}])
+        validate_jobs([GOOD, GOOD, {**GOOD, "channels": 9}])
     assert caught.value.field == "channels"
 
 
@@ -209,7 +209,7 @@ def test_validate_sample_rate__uses_the_configured_range() -> None:
     """Sample rate bounds come from the settings."""
     limits = JobSettings(min_sample_rate=16000, max_sample_rate=48000)
     with pytest.raises(ValidationError, match=r"\[16000, 48000\]") as caught:
-        prepare_generations([{**GOOD, "sample_rate": 8000}], limits=limits)
+        validate_jobs([{**GOOD, "sample_rate": 8000}], limits=limits)
     assert caught.value.field == "sample_rate"
 
 
