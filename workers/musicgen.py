@@ -11,11 +11,22 @@ What a request may ask for:
 - ``channels`` 1 or 2: a mono model's output is duplicated, a stereo model's is averaged.
 - ``metadata`` may override ``guidance_scale``, ``temperature`` and ``top_k`` for that job.
 
-Determinism: each ``generate`` call seeds torch with the seed of its *first* request. A job rendered
-alone, on the same device, model and versions, gives the same audio on every attempt (CUDA kernels
-may still differ in the last bits); a job batched with others shares their random stream and its
-padding, so a different batch composition gives different audio. A job whose producer chose
-``metadata.seed`` is only batched with jobs of the same seed, so that seed always applies.
+Two decoders, chosen by ``[generator.options] decode``:
+
+- ``"generate"`` (the default) hands each batch to transformers' ``model.generate``. Each call seeds
+  torch with the seed of its *first* request. A job rendered alone, on the same device, model and
+  versions, gives the same audio on every attempt (CUDA kernels may still differ in the last bits);
+  a job batched with others shares their random stream and its padding, so a different batch
+  composition gives different audio. A job whose producer chose ``metadata.seed`` is only batched
+  with jobs of the same seed, so that seed always applies. Only jobs of one length and one set of
+  sampling settings share a call.
+- ``"loop"`` runs our own decode loop (:mod:`workers.musicgen_decode`) over ``max_batch_size``
+  fixed slots: jobs of any length, settings and seed share a batch, a job joins as a slot frees
+  and leaves when its tokens are done, and its sampling noise is keyed by its own seed and step,
+  so it renders the same tokens alone, beside any companions and on retry (same device, dtype,
+  slot count and versions). Greedy decoding gives ``generate``'s tokens.
+
+Each result's metadata names the model's revision and every setting that decided its tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from dgxqueue.storage.validation import steering_value
 INSTALL_HINT = "pip install 'dgxqueue[musicgen]'"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _OVERRIDES = ("guidance_scale", "temperature", "top_k")
+_DECODERS = ("generate", "loop")
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +107,7 @@ class MusicGenGenerator:
         top_k: int = 250,
         do_sample: bool = True,
         max_duration_seconds: float = 30.0,
+        decode: str = "generate",
     ) -> None:
         def bad(key: str, value: object, allowed: str) -> ConfigError:
             return ConfigError(f"generator.options.{key}", value, allowed)
@@ -111,6 +124,8 @@ class MusicGenGenerator:
             raise bad("max_duration_seconds", max_duration_seconds, "a number in (0, 30], the model's limit")
         if not isinstance(do_sample, bool):
             raise bad("do_sample", do_sample, "true or false")
+        if decode not in _DECODERS:
+            raise bad("decode", decode, "one of " + ", ".join(_DECODERS))
         defaults: dict[str, float | int] = {}
         for key, value in zip(_OVERRIDES, (guidance_scale, temperature, top_k), strict=True):
             try:
@@ -127,10 +142,15 @@ class MusicGenGenerator:
         self._defaults = defaults
         self._device_option = device
         self._dtype_option = dtype
+        self.decode = decode
         self._torch: Any = None
         self._model: Any = None
         self._processor: Any = None
         self._device = "cpu"
+        self._provenance: dict[str, Any] = {}
+        # The loop's session, built at the first batch and kept; fewer slots after running out of memory.
+        self._session: Any = None
+        self._slots = max_batch_size
         # Every published MusicGen's geometry until load() reads the real config.
         self.sample_rate = 32000
         self._frame_rate = 50
@@ -176,6 +196,15 @@ class MusicGenGenerator:
         # channels' sets (8 codebooks), which are staggered side by side: still 3 extra steps, not 7.
         self._delay = int(config.decoder.num_codebooks) // int(config.decoder.audio_channels) - 1
         self._torch, self._model, self._processor, self._device = torch, model, processor, device
+        provenance = importlib.import_module("workers.musicgen_provenance")
+        self._provenance = {
+            "model": self.model_id,
+            "model_revision": provenance.model_revision(self.model_id),
+            "decode": self.decode,
+            "device": torch.device(device).type,
+            "dtype": dtype_name,
+            **provenance.software_versions(),
+        }
 
     def _plan(self, request: GenerationRequest) -> _Plan:
         """Check a request and work out its generation settings, or raise PermanentGeneratorError.
@@ -222,39 +251,50 @@ class MusicGenGenerator:
         self._plan(request)
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
-        """Same token count and sampling settings; an invalid request gets a batch of its own."""
+        """Same token count and sampling settings (any, for the loop); an invalid request is alone."""
         try:
-            return self._plan(request)
+            return self._group(self._plan(request))
         except GeneratorError:
             return ("invalid", request.job_id)
+
+    def _group(self, plan: _Plan) -> Hashable:
+        # The loop gives every slot its own length, settings and seed.
+        return "loop" if self.decode == "loop" else plan
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
         """Render compatible requests together; a bad request fails alone."""
         self.load()
         outcomes: dict[int, GenerationOutcome] = {}
-        groups: dict[_Plan, list[int]] = {}
+        plans: dict[int, _Plan] = {}
+        groups: dict[Hashable, list[int]] = {}
         for index, request in enumerate(requests):
             try:
-                groups.setdefault(self._plan(request), []).append(index)
+                plans[index] = self._plan(request)
             except GeneratorError as exc:
                 outcomes[index] = exc
-        for plan, indices in groups.items():
+                continue
+            groups.setdefault(self._group(plans[index]), []).append(index)
+        for indices in groups.values():
             for start in range(0, len(indices), self.max_batch_size):
                 chunk = indices[start : start + self.max_batch_size]
-                results = self._render([requests[i] for i in chunk], plan)
+                results = self._render([requests[i] for i in chunk], [plans[i] for i in chunk])
                 outcomes.update(zip(chunk, results, strict=True))
         return [outcomes[i] for i in range(len(requests))]
 
-    def _render(self, batch: list[GenerationRequest], plan: _Plan) -> list[GenerationOutcome]:
-        """One ``generate`` call; on failure, halve the batch and retry each half."""
+    def _render(self, batch: list[GenerationRequest], plans: list[_Plan]) -> list[GenerationOutcome]:
+        """One ``generate`` call or loop run; on failure, halve the batch and retry each half."""
         try:
-            return self._render_once(batch, plan)
+            return self._render_once(batch, plans)
         except Exception as exc:
             oom = self._is_oom(exc)
             fault = None if oom else detached_machine_fault(exc)
             error = f"{type(exc).__name__}: {exc}"
         # Retried or raised only here, after the except block: the exception's traceback holds the
         # failed call's frames and every tensor in them, which empty_cache() cannot free while it lives.
+        if self._session is not None:  # a failed run leaves its slots taken; and after an OOM, fewer slots
+            self._session = None
+            if oom:
+                self._slots = max(1, min(self._slots, len(batch)) // 2)
         if fault is not None:
             # The machine's (a lost GPU, no memory): the whole call fails, so that the daemon gives
             # the jobs back rather than each request failing for good, and exits for a new process.
@@ -268,13 +308,16 @@ class MusicGenGenerator:
         # Halving both fits memory after an OOM and isolates a request that breaks the batch.
         log.warning("musicgen_batch_split", batch_size=len(batch), out_of_memory=oom, error=error)
         half = len(batch) // 2
-        return self._render(batch[:half], plan) + self._render(batch[half:], plan)
+        return self._render(batch[:half], plans[:half]) + self._render(batch[half:], plans[half:])
 
     def _is_oom(self, exc: BaseException) -> bool:
         oom_type = getattr(self._torch.cuda, "OutOfMemoryError", ())
         return isinstance(exc, oom_type) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
-    def _render_once(self, batch: list[GenerationRequest], plan: _Plan) -> list[GenerationOutcome]:
+    def _render_once(self, batch: list[GenerationRequest], plans: list[_Plan]) -> list[GenerationOutcome]:
+        if self.decode == "loop":
+            return self._render_loop(batch, plans)
+        plan = plans[0]  # one group: every plan is the same
         torch = self._torch
         inputs = self._processor(text=[r.prompt for r in batch], padding=True, return_tensors="pt")
         sampling: dict[str, Any] = {"do_sample": self.do_sample, "guidance_scale": plan.guidance_scale}
@@ -284,11 +327,41 @@ class MusicGenGenerator:
         with torch.inference_mode():
             audio = self._model.generate(**inputs.to(self._device), max_new_tokens=plan.tokens, **sampling)
         values: npt.NDArray[np.float32] = audio.float().clamp(-1.0, 1.0).cpu().numpy()
-        metadata = {"model": self.model_id, "batch_size": len(batch), **sampling}
+        metadata = {**self._provenance, "batch_size": len(batch), "seed": batch[0].seed, **sampling}
         return [
             GeneratedAudio(self._shape(values[i], request), self.sample_rate, dict(metadata))
             for i, request in enumerate(batch)
         ]
+
+    def _render_loop(self, batch: list[GenerationRequest], plans: list[_Plan]) -> list[GenerationOutcome]:
+        """Every request through the loop's slots, joining as slots free up."""
+        decode: Any = importlib.import_module("workers.musicgen_decode")
+        if self._session is None:
+            frames = math.ceil(self.max_duration_seconds * self._frame_rate - 1e-9)
+            self._session = decode.DecodeSession(self._model, self._processor, slots=self._slots, max_frames=frames)
+        session = self._session
+        outcomes: dict[int, GenerationOutcome] = {}
+        jobs = []
+        for index, (request, plan) in enumerate(zip(batch, plans, strict=True)):
+            tokens = session.prompt_tokens(request.prompt)
+            if tokens > session.text_tokens:
+                outcomes[index] = PermanentGeneratorError(
+                    f"the prompt is {tokens} tokens; MusicGen's decode loop takes at most {session.text_tokens}"
+                )
+                continue
+            settings = decode.DecodeSettings(self.do_sample, plan.guidance_scale, plan.temperature, plan.top_k)
+            # Keyed by place in the batch: job ids need not be unique in a call.
+            jobs.append(decode.DecodeRequest(str(index), request.prompt, plan.tokens - self._delay, request.seed,
+                                             settings))
+        for result in session.run(jobs):
+            index = int(result.key)
+            request, plan = batch[index], plans[index]
+            metadata = {**self._provenance, "slots": session.slots, "seed": request.seed,
+                        "sampler": decode.SAMPLER, "do_sample": self.do_sample,
+                        "guidance_scale": plan.guidance_scale, "temperature": plan.temperature, "top_k": plan.top_k}
+            samples = np.clip(result.audio, -1.0, 1.0)
+            outcomes[index] = GeneratedAudio(self._shape(samples, request), self.sample_rate, metadata)
+        return [outcomes[i] for i in range(len(batch))]
 
     def _shape(self, samples: npt.NDArray[np.float32], request: GenerationRequest) -> npt.NDArray[np.float32]:
         """Match the request's channel count and exact frame count."""

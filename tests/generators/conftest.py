@@ -51,7 +51,7 @@ def _musicgen_options(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     return {"model": str(folder), "models": ["tiny-musicgen"], "device": "cpu"}
 
 
-def _build(name: str, tmp_path_factory: pytest.TempPathFactory) -> Backend:
+def _build(name: str, tmp_path_factory: pytest.TempPathFactory, extra: dict[str, Any]) -> Backend:
     too_many_channels = {"channels": 7}
     absurd_duration = {"duration_seconds": 1e6}
     if name == "silence":
@@ -63,7 +63,7 @@ def _build(name: str, tmp_path_factory: pytest.TempPathFactory) -> Backend:
         traits = {"sample_rate": 32000, "channels": (1, 2), "repeatable": True, "seed_sensitive": True,
                   "unservable": (too_many_channels, absurd_duration, {"sample_rate": 100})}
     else:  # musicgen: the tiny model is mono and renders at 32 kHz only, at most 30 s
-        options = _musicgen_options(tmp_path_factory)
+        options = _musicgen_options(tmp_path_factory) | extra
         traits = {"sample_rate": 32000, "channels": (1,), "repeatable": True, "seed_sensitive": True,
                   "unservable": (too_many_channels, absurd_duration, {"sample_rate": 44100})}
     generator = create_generator(name, options)
@@ -71,7 +71,9 @@ def _build(name: str, tmp_path_factory: pytest.TempPathFactory) -> Backend:
     return Backend(name=name, options=options, generator=generator, **traits)
 
 
-@pytest.fixture(scope="session", params=["silence", "synth", "musicgen"])
+@pytest.fixture(scope="session", params=["silence", "synth", "musicgen", "musicgen-loop"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Backend:
-    """Each registered backend, built once per session by its entry-point name and loaded."""
-    return _build(str(request.param), tmp_path_factory)
+    """Each registered backend, built once per session by its entry-point name and loaded; MusicGen
+    twice, with each of its decoders."""
+    name, _, variant = str(request.param).partition("-")
+    return _build(name, tmp_path_factory, {"decode": variant} if variant else {})

@@ -8,6 +8,7 @@ noise, so these tests pin structure: shapes, rates, limits, errors, batching and
 from __future__ import annotations
 
 import os
+import re
 import sys
 import wave
 import weakref
@@ -78,6 +79,19 @@ def stereo(tmp_path_factory: pytest.TempPathFactory) -> MusicGenGenerator:
     return _load(build_tiny_musicgen(tmp_path_factory.mktemp("musicgen-stereo"), stereo=True))
 
 
+@pytest.fixture(scope="module")
+def looped(mono: MusicGenGenerator) -> MusicGenGenerator:
+    """The same model through our decode loop, in 4 slots."""
+    return _load(Path(mono.model_id), decode="loop", max_batch_size=4)
+
+
+@pytest.fixture(params=["generate", "loop"])
+def either(request: pytest.FixtureRequest) -> MusicGenGenerator:
+    """The mono model through each decoder."""
+    generator: MusicGenGenerator = request.getfixturevalue("mono" if request.param == "generate" else "looped")
+    return generator
+
+
 Wrapper = Callable[..., Any]
 
 
@@ -96,8 +110,9 @@ def _batch_size(kwargs: dict[str, Any]) -> int:
     return int(kwargs["input_ids"].shape[0])
 
 
-def test_musicgen__batch_of_mixed_requests_has_exact_shapes(mono: MusicGenGenerator) -> None:
+def test_musicgen__batch_of_mixed_requests_has_exact_shapes(either: MusicGenGenerator) -> None:
     """A batch mixing durations and channel counts gives (channels, round(d*32000)) float32 each."""
+    mono = either
     requests = [
         _request(PROMPTS[0], duration=1.0, channels=1),
         _request(PROMPTS[1], duration=1.0, channels=2),
@@ -131,9 +146,10 @@ def test_musicgen__stereo_model_renders_two_distinct_channels(stereo: MusicGenGe
 
 
 def test_musicgen__same_prompt_and_seed_alone_repeat_different_prompts_differ(
-    mono: MusicGenGenerator,
+    either: MusicGenGenerator,
 ) -> None:
     """Rendered alone, a request repeats exactly; another prompt with the same seed sounds different."""
+    mono = either
     first = _audio(mono.generate([_request(PROMPTS[0])])[0]).samples
     again = _audio(mono.generate([_request(PROMPTS[0])])[0]).samples
     other = _audio(mono.generate([_request(PROMPTS[1])])[0]).samples
@@ -152,9 +168,10 @@ def test_musicgen__batch_and_sequential_agree_on_shapes(mono: MusicGenGenerator)
 
 @pytest.mark.parametrize("channels", [1, 2])
 def test_musicgen__wav_reads_back_with_exact_sample_count(
-    mono: MusicGenGenerator, tmp_path: Path, channels: int
+    either: MusicGenGenerator, tmp_path: Path, channels: int
 ) -> None:
     """The audio written as 16-bit PCM WAV reads back with the exact frame count, rate and channels."""
+    mono = either
     audio = _audio(mono.generate([_request(duration=0.63, channels=channels)])[0])
     path = tmp_path / "out.wav"
     assert write_wav_atomic(path, audio) == path.stat().st_size
@@ -167,8 +184,9 @@ def test_musicgen__wav_reads_back_with_exact_sample_count(
     assert np.allclose(samples, audio.samples, atol=1 / 32767)
 
 
-def test_musicgen__request_over_30_seconds_is_permanent(mono: MusicGenGenerator) -> None:
+def test_musicgen__request_over_30_seconds_is_permanent(either: MusicGenGenerator) -> None:
     """A request above the model's 30 s limit is refused naming the limit, and fails only itself."""
+    mono = either
     too_long = _request(duration=30.5, job_id="long")
     with pytest.raises(PermanentGeneratorError, match="30 s"):
         mono.validate(too_long)
@@ -396,7 +414,8 @@ def test_musicgen__validate_needs_no_weights() -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("max_batch_size", 0), ("temperature", -1.0), ("dtype", "int8"), ("max_duration_seconds", 60)],
+    [("max_batch_size", 0), ("temperature", -1.0), ("dtype", "int8"), ("max_duration_seconds", 60),
+     ("decode", "beam")],
 )
 def test_musicgen__bad_option_is_config_error(option: str, value: Any) -> None:
     """A bad [generator.options] value fails at construction, naming the key."""
@@ -410,3 +429,108 @@ def test_musicgen__registered_and_serves_name_from_model_id() -> None:
     assert isinstance(generator, MusicGenGenerator)
     assert isinstance(generator, Generator)
     assert generator.models == frozenset({"musicgen-small"})
+
+
+def test_musicgen__loop_stereo_renders_two_distinct_channels(stereo: MusicGenGenerator) -> None:
+    """The loop decodes a stereo model's interleaved codebooks into distinct left and right channels."""
+    looped = _load(Path(stereo.model_id), decode="loop", max_batch_size=2)
+    left, right = _audio(looped.generate([_request(PROMPTS[4], channels=2)])[0]).samples
+    assert not np.array_equal(left, right)
+
+
+def test_musicgen__loop_job_renders_the_same_audio_in_any_batch(looped: MusicGenGenerator) -> None:
+    """Through the loop a job's audio is the same alone and beside jobs of other lengths, settings and
+    chosen seeds, all in one batch: no batch needs to be split for a seed or a duration."""
+    job = _request(PROMPTS[0], duration=0.5, seed=11, job_id="job")
+    others = [
+        _request(PROMPTS[1], duration=1.0, seed=222, metadata={"seed": 222}, job_id="a"),
+        _request(PROMPTS[2], duration=0.2, seed=3, metadata={"guidance_scale": 1.5, "top_k": 5}, job_id="b"),
+        _request(PROMPTS[3], duration=0.7, seed=4, metadata={"temperature": 0.6}, job_id="c"),
+    ]
+    assert len({looped.batch_key(r) for r in [job, *others]}) == 1
+    alone = _audio(looped.generate([job])[0]).samples
+    together = looped.generate([others[0], job, *others[1:]])
+    assert np.array_equal(_audio(together[1]).samples, alone)
+    assert [_audio(o).samples.shape[1] for o in together] == [RATE, RATE // 2, round(0.2 * RATE), round(0.7 * RATE)]
+
+
+def test_musicgen__loop_greedy_audio_equals_generate(mono: MusicGenGenerator) -> None:
+    """With do_sample = false both decoders render the same audio for the same batch."""
+    requests = [_request(p, duration=0.4, seed=i) for i, p in enumerate(PROMPTS[:3])]
+    folder = Path(mono.model_id)
+    by_generate = _load(folder, do_sample=False).generate(requests)
+    by_loop = _load(folder, do_sample=False, decode="loop", max_batch_size=3).generate(requests)
+    for a, b in zip(by_generate, by_loop, strict=True):
+        assert np.allclose(_audio(a).samples, _audio(b).samples, atol=1e-6)
+
+
+@pytest.mark.parametrize("decode", ["generate", "loop"])
+def test_musicgen__metadata_names_revision_and_settings(mono: MusicGenGenerator, decode: str) -> None:
+    """Each result names the model's revision (a plain folder: the SHA-256 of its files), the
+    decoder, the seed and every sampling setting, so the WAV can be made again."""
+    generator = _load(Path(mono.model_id), decode=decode, max_batch_size=2)
+    metadata = _audio(generator.generate([_request(seed=99, metadata={"top_k": 7})])[0]).metadata
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", metadata["model_revision"])
+    assert metadata["model_revision"] == _audio(mono.generate([_request()])[0]).metadata["model_revision"]
+    assert {k: metadata[k] for k in ("decode", "seed", "top_k", "guidance_scale", "temperature", "do_sample")} == {
+        "decode": decode, "seed": 99, "top_k": 7, "guidance_scale": 3.0, "temperature": 1.0, "do_sample": True}
+    assert {"torch", "transformers", "dtype", "device", "model"} <= set(metadata)
+    if decode == "loop":
+        assert metadata["slots"] == 2 and "lowbias32" in metadata["sampler"]
+
+
+def test_musicgen__loop_oom_leaves_fewer_slots_not_failed_jobs(
+    mono: MusicGenGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory in a loop of more than one slot rebuilds it with half the slots; every job renders."""
+    import workers.musicgen_decode as decode
+
+    real = decode.DecodeSession.step
+    slot_counts: list[int] = []
+
+    def step(self: Any) -> Any:
+        slot_counts.append(self.slots)
+        if self.slots > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self)
+
+    monkeypatch.setattr(decode.DecodeSession, "step", step)
+    generator = _load(Path(mono.model_id), decode="loop", max_batch_size=4)
+    outcomes = generator.generate([_request(p, duration=0.1, seed=i) for i, p in enumerate(PROMPTS[:4])])
+    assert sorted(set(slot_counts)) == [1, 2, 4]
+    assert all(_audio(o).metadata["slots"] == 1 for o in outcomes)
+
+
+def test_musicgen__loop_prompt_too_long_fails_alone(looped: MusicGenGenerator) -> None:
+    """A prompt longer than the loop's text cache fails its own job for good; the others render."""
+    too_long = " ".join(PROMPTS * 8)
+    outcomes = looped.generate([_request(PROMPTS[0]), _request(too_long)])
+    assert isinstance(outcomes[0], GeneratedAudio)
+    assert isinstance(outcomes[1], PermanentGeneratorError) and "tokens" in str(outcomes[1])
+
+
+def test_musicgen__loop_machine_fault_fails_the_call_and_a_fresh_loop_follows(
+    mono: MusicGenGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost GPU inside the loop fails the whole call, unsplit, as the machine's; the next call
+    starts a new loop rather than one with the failed call's slots still taken."""
+    import workers.musicgen_decode as decode
+
+    real = decode.DecodeSession.step
+    calls: list[int] = []
+
+    def broken_once(self: Any) -> Any:
+        calls.append(self.free_slots)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self)
+
+    monkeypatch.setattr(decode.DecodeSession, "step", broken_once)
+    generator = _load(Path(mono.model_id), decode="loop", max_batch_size=2)
+    with pytest.raises(RuntimeError) as caught:
+        generator.generate([_request(PROMPTS[0], duration=0.1), _request(PROMPTS[1], duration=0.1)])
+    assert machine_fault(caught.value) == "gpu"
+    assert calls == [0]
+    outcomes = generator.generate([_request(PROMPTS[0], duration=0.1)])
+    assert isinstance(outcomes[0], GeneratedAudio)
+    assert calls[1] == 1, "the new loop starts with one of its two slots free"
