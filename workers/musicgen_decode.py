@@ -153,6 +153,7 @@ class DecodeSession:
         self._top_k = torch.full((slots,), self._vocab, dtype=torch.int64, device=device)
         self._seeds = torch.zeros(slots, dtype=torch.int64, device=device)
         self._occupants: list[_Occupant | None] = [None] * slots
+        self._occupied = torch.zeros(rows, dtype=torch.bool, device=device)  # both rows of each slot
         self._slot_rows = torch.arange(slots, device=device)
         self._columns = torch.arange(self._max_steps, device=device)
         # Cross-attention reads the cached text, but a layer runs that block only when given states.
@@ -196,6 +197,7 @@ class DecodeSession:
             self._top_k[slot] = self._vocab if settings.top_k is None else min(settings.top_k, self._vocab)
             self._seeds[slot] = request.seed
             self._positions[[slot, self.slots + slot]] = 0
+            self._occupied[[slot, self.slots + slot]] = True
         self._occupants[slot] = _Occupant(request, request.frames + self.delay)
         return slot
 
@@ -219,8 +221,7 @@ class DecodeSession:
             written = steps.view(-1, 1) + 1
             inside = (written >= self._offsets) & (written < self._offsets + self._frames.view(-1, 1))
             self._tokens[self._slot_rows, :, steps + 1] = torch.where(inside, tokens, self._start)
-            occupied = torch.tensor([o is not None for o in self._occupants], device=self.device)
-            self._positions += occupied.repeat(2)
+            self._positions += self._occupied
         finished = []
         for slot, occupant in enumerate(self._occupants):
             if occupant is None:
@@ -320,3 +321,4 @@ class DecodeSession:
     def _release(self, slot: int) -> None:
         self._occupants[slot] = None
         self._positions[[slot, self.slots + slot]] = 0
+        self._occupied[[slot, self.slots + slot]] = False
