@@ -7,7 +7,9 @@ What a request may ask for:
 
 - ``sample_rate`` must be the model's native rate (32000 Hz for every published MusicGen);
   anything else is refused with a :class:`~dgxqueue.errors.PermanentGeneratorError` naming it.
-- ``duration_seconds`` up to ``max_duration_seconds`` (30 s, what the model was trained on).
+- ``duration_seconds`` up to ``max_duration_seconds`` (30 s, what the model was trained on; with
+  ``decode = "loop"`` up to 3600 s, rendered in windows of ``window_seconds`` that each continue from
+  the last ``overlap_seconds`` of the one before).
 - ``channels`` 1 or 2: a mono model's output is duplicated, a stereo model's is averaged.
 - ``metadata`` may override ``guidance_scale``, ``temperature`` and ``top_k`` for that job.
 
@@ -108,6 +110,8 @@ class MusicGenGenerator:
         do_sample: bool = True,
         max_duration_seconds: float = 30.0,
         decode: str = "generate",
+        window_seconds: float = 30.0,
+        overlap_seconds: float = 12.0,
     ) -> None:
         def bad(key: str, value: object, allowed: str) -> ConfigError:
             return ConfigError(f"generator.options.{key}", value, allowed)
@@ -120,12 +124,19 @@ class MusicGenGenerator:
             raise bad("dtype", dtype, "one of " + ", ".join(_DTYPES))
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise bad("max_batch_size", max_batch_size, "an integer >= 1")
-        if not isinstance(max_duration_seconds, int | float) or not 0 < max_duration_seconds <= 30:
-            raise bad("max_duration_seconds", max_duration_seconds, "a number in (0, 30], the model's limit")
-        if not isinstance(do_sample, bool):
-            raise bad("do_sample", do_sample, "true or false")
         if decode not in _DECODERS:
             raise bad("decode", decode, "one of " + ", ".join(_DECODERS))
+        # Only the loop continues a window from the last; generate renders one window at most.
+        longest = 3600 if decode == "loop" else 30
+        if not isinstance(max_duration_seconds, int | float) or not 0 < max_duration_seconds <= longest:
+            raise bad("max_duration_seconds", max_duration_seconds,
+                      f"a number in (0, {longest}]" + (", the model's limit" if longest == 30 else ""))
+        if not isinstance(window_seconds, int | float) or not 0 < window_seconds <= 30:
+            raise bad("window_seconds", window_seconds, "a number in (0, 30], the model's limit")
+        if not isinstance(overlap_seconds, int | float) or not 0 <= overlap_seconds < window_seconds:
+            raise bad("overlap_seconds", overlap_seconds, f"a number in [0, window_seconds={window_seconds:g})")
+        if not isinstance(do_sample, bool):
+            raise bad("do_sample", do_sample, "true or false")
         defaults: dict[str, float | int] = {}
         for key, value in zip(_OVERRIDES, (guidance_scale, temperature, top_k), strict=True):
             try:
@@ -143,6 +154,7 @@ class MusicGenGenerator:
         self._device_option = device
         self._dtype_option = dtype
         self.decode = decode
+        self.window_seconds, self.overlap_seconds = float(window_seconds), float(overlap_seconds)
         self._torch: Any = None
         self._model: Any = None
         self._processor: Any = None
@@ -337,8 +349,11 @@ class MusicGenGenerator:
         """Every request through the loop's slots, joining as slots free up."""
         decode: Any = importlib.import_module("workers.musicgen_decode")
         if self._session is None:
-            frames = math.ceil(self.max_duration_seconds * self._frame_rate - 1e-9)
-            self._session = decode.DecodeSession(self._model, self._processor, slots=self._slots, max_frames=frames)
+            window = math.ceil(min(self.window_seconds, self.max_duration_seconds) * self._frame_rate - 1e-9)
+            self._session = decode.DecodeSession(
+                self._model, self._processor, slots=self._slots, max_frames=window,
+                overlap_frames=min(window - 1, round(self.overlap_seconds * self._frame_rate)),
+            )
         session = self._session
         outcomes: dict[int, GenerationOutcome] = {}
         jobs = []
@@ -356,7 +371,8 @@ class MusicGenGenerator:
         for result in session.run(jobs):
             index = int(result.key)
             request, plan = batch[index], plans[index]
-            metadata = {**self._provenance, "slots": session.slots, "seed": request.seed,
+            metadata = {**self._provenance, "slots": session.slots, "window_frames": session.max_frames,
+                        "overlap_frames": session.overlap_frames, "seed": request.seed,
                         "sampler": decode.SAMPLER, "do_sample": self.do_sample,
                         "guidance_scale": plan.guidance_scale, "temperature": plan.temperature, "top_k": plan.top_k}
             samples = np.clip(result.audio, -1.0, 1.0)

@@ -9,7 +9,11 @@ but one step at a time for a set of slots that each hold a job at its own step:
   (:mod:`workers.musicgen_cache`), each slot at its own position in the codebook delay pattern;
 - every slot has a conditional and an unconditional row (classifier-free guidance, its own
   scale), and its own temperature, top-k and seed (:mod:`workers.musicgen_sampling`);
-- a job that has all its tokens leaves at once, its audio decoded by the codec.
+- a job that has all its tokens leaves at once, its audio decoded by the codec;
+- a job longer than ``max_frames`` (the model's 30 s) is rendered in windows, each one continuing
+  from the last ``overlap_frames`` of the one before as its forced prefix (audiocraft's way of
+  extending MusicGen), in the same slot; its codes are decoded to audio once, whole, so the codec
+  leaves no seam.
 
 The API a service drives (all calls from one thread)::
 
@@ -23,18 +27,19 @@ The API a service drives (all calls from one thread)::
         session.free_slots              # how many more jobs add() accepts now
 
 ``add`` may be called between any two steps while ``free_slots`` is positive; ``run(requests)``
-does all of the above for a list. A job's tokens depend only on its prompt, settings, seed and
-the session's shape (slot count, lengths, device, dtype): not on its companions, its slot, or the
-step at which it joined. Matrix kernels pick their blocking by the batch's shape, so a session
-with another slot count may differ in the last bits of a logit, which changes a token only where
-two scores nearly tie.
+does all of the above for a list. Progress counts every step of every window.
+
+A job's tokens depend only on its prompt, settings, seed and the session's shape (slot count,
+lengths, overlap, device, dtype): not on its companions, its slot, or the step at which it joined.
+Matrix kernels pick their blocking by the batch's shape, so a session with another slot count may
+differ in the last bits of a logit, which changes a token only where two scores nearly tie.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,7 +75,7 @@ class DecodeSettings:
 
 @dataclass(frozen=True)
 class DecodeRequest:
-    """One job: ``frames`` codec frames (50 a second for every published MusicGen)."""
+    """One job: ``frames`` codec frames (50 a second for every published MusicGen), any number."""
 
     key: str
     prompt: str
@@ -102,17 +107,27 @@ class SlotProgress:
 @dataclass
 class _Occupant:
     request: DecodeRequest
+    windows: list[tuple[int, int]]  # (frames of forced prefix, new frames) of each window
     steps_total: int
     steps_done: int = 0
+    window: int = 0
+    window_steps: int = 0
+    codes: list[torch.Tensor] = field(default_factory=list)  # each finished window's new frames
 
 
 class DecodeSession:
-    """``slots`` jobs of up to ``max_frames`` frames and ``text_tokens`` prompt tokens each, decoded
-    together one step at a time on ``model``'s device and dtype."""
+    """``slots`` jobs of up to ``text_tokens`` prompt tokens each, decoded together one step at a time
+    on ``model``'s device and dtype, in windows of at most ``max_frames`` frames that overlap by
+    ``overlap_frames`` (two fifths of a window unless told: 12 s of 30, as audiocraft extends)."""
 
-    def __init__(self, model: Any, processor: Any, *, slots: int, max_frames: int, text_tokens: int = 256) -> None:
+    def __init__(self, model: Any, processor: Any, *, slots: int, max_frames: int, text_tokens: int = 256,
+                 overlap_frames: int | None = None) -> None:
         if slots < 1 or max_frames < 1 or text_tokens < 1:
             raise ValueError(f"slots, max_frames and text_tokens must be >= 1: {slots}, {max_frames}, {text_tokens}")
+        overlap = max_frames * 2 // 5 if overlap_frames is None else overlap_frames
+        if not 0 <= overlap < max_frames:
+            raise ValueError(f"overlap_frames must be in 0..{max_frames - 1}, got {overlap}")
+        self.overlap_frames = overlap
         self._model, self._processor = model, processor
         self._lm = model.decoder  # MusicgenForCausalLM: lm_heads on top of the decoder
         self._decoder = self._lm.model.decoder
@@ -152,6 +167,8 @@ class DecodeSession:
         self._temperature = torch.ones(slots, dtype=torch.float32, device=device)
         self._top_k = torch.full((slots,), self._vocab, dtype=torch.int64, device=device)
         self._seeds = torch.zeros(slots, dtype=torch.int64, device=device)
+        self._forced = torch.zeros(slots, dtype=torch.int64, device=device)  # prefix frames of the window
+        self._window_keys = torch.zeros(slots, dtype=torch.int64, device=device)  # the window, in the noise key
         self._occupants: list[_Occupant | None] = [None] * slots
         self._occupied = torch.zeros(rows, dtype=torch.bool, device=device)  # both rows of each slot
         self._slot_rows = torch.arange(slots, device=device)
@@ -178,8 +195,8 @@ class DecodeSession:
 
     def add(self, request: DecodeRequest) -> int:
         """Start ``request`` in a free slot at the next step; return the slot. ValueError if it cannot."""
-        if not 1 <= request.frames <= self.max_frames:
-            raise ValueError(f"{request.frames} frames is outside 1..{self.max_frames}")
+        if request.frames < 1:
+            raise ValueError(f"{request.frames} frames is outside 1..")
         if request.key in {o.request.key for o in self._occupants if o is not None}:
             raise ValueError(f"job {request.key!r} is already decoding")
         if not self.free_slots:
@@ -188,17 +205,17 @@ class DecodeSession:
         with torch.inference_mode():
             self._encode(slot, request.prompt)
             settings = request.settings
-            self._tokens[slot] = self._start
-            self._frames[slot] = request.frames
             self._guided[slot] = settings.guidance_scale > 1  # generate adds guidance only above 1
             self._scale[slot] = settings.guidance_scale
             self._sample[slot] = settings.do_sample
             self._temperature[slot] = settings.temperature
             self._top_k[slot] = self._vocab if settings.top_k is None else min(settings.top_k, self._vocab)
             self._seeds[slot] = request.seed
-            self._positions[[slot, self.slots + slot]] = 0
             self._occupied[[slot, self.slots + slot]] = True
-        self._occupants[slot] = _Occupant(request, request.frames + self.delay)
+        windows = self._windows(request.frames)
+        occupant = _Occupant(request, windows, sum(prefix + new + self.delay for prefix, new in windows))
+        self._occupants[slot] = occupant
+        self._start_window(slot, occupant)
         return slot
 
     def cancel(self, key: str) -> bool:
@@ -217,17 +234,30 @@ class DecodeSession:
             steps = self._positions[: self.slots]
             current = self._tokens[self._slot_rows, :, steps]
             tokens = self._choose(self._logits(current.repeat(2, 1)), steps)
-            # The delay pattern: each codebook is silent (the start token) before its offset and after its frames.
-            written = steps.view(-1, 1) + 1
-            inside = (written >= self._offsets) & (written < self._offsets + self._frames.view(-1, 1))
-            self._tokens[self._slot_rows, :, steps + 1] = torch.where(inside, tokens, self._start)
+            # The delay pattern: each codebook is silent (the start token) before its offset and after its
+            # frames; a continued window's first frames are forced to the end of the window before.
+            frame = (steps.view(-1, 1) + 1) - self._offsets
+            inside = (frame >= 0) & (frame < self._frames.view(-1, 1))
+            chosen = torch.where(inside, tokens, self._start)
+            kept = self._tokens[self._slot_rows, :, steps + 1]
+            self._tokens[self._slot_rows, :, steps + 1] = torch.where(frame < self._forced.view(-1, 1), kept, chosen)
             self._positions += self._occupied
         finished = []
         for slot, occupant in enumerate(self._occupants):
             if occupant is None:
                 continue
             occupant.steps_done += 1
-            if occupant.steps_done == occupant.steps_total:
+            occupant.window_steps += 1
+            prefix, new = occupant.windows[occupant.window]
+            if occupant.window_steps < prefix + new + self.delay:
+                continue
+            with torch.inference_mode():
+                where = self._offsets.view(-1, 1) + torch.arange(prefix, prefix + new, device=self.device)
+                occupant.codes.append(self._tokens[slot].gather(1, where))
+            occupant.window += 1
+            if occupant.window < len(occupant.windows):
+                self._start_window(slot, occupant)
+            else:
                 finished.append(self._finish(slot, occupant))
         return finished
 
@@ -241,6 +271,34 @@ class DecodeSession:
                 self.add(pending.popleft())
             done.update((r.key, r) for r in self.step())
         return [done[key] for key in order]
+
+    def _windows(self, frames: int) -> list[tuple[int, int]]:
+        """(forced prefix, new frames) of each window of a job of ``frames`` frames."""
+        windows = [(0, min(frames, self.max_frames))]
+        done = windows[0][1]
+        while done < frames:
+            new = min(self.max_frames - self.overlap_frames, frames - done)
+            windows.append((self.overlap_frames, new))
+            done += new
+        return windows
+
+    def _start_window(self, slot: int, occupant: _Occupant) -> None:
+        """Set ``slot`` at step 0 of its job's current window, the window's prefix written in place;
+        the text stays, what the previous window or occupant left in the self-attention rows goes."""
+        prefix, new = occupant.windows[occupant.window]
+        rows = [slot, self.slots + slot]
+        with torch.inference_mode():
+            for own in self._cache.self_attention_cache.layers:
+                own.clear_rows(rows)
+            self._tokens[slot] = self._start
+            if prefix:
+                where = self._offsets.view(-1, 1) + torch.arange(prefix, device=self.device)
+                self._tokens[slot].scatter_(1, where, torch.cat(occupant.codes, dim=1)[:, -prefix:])
+            self._forced[slot] = prefix
+            self._frames[slot] = prefix + new
+            self._window_keys[slot] = occupant.window << 16
+            self._positions[rows] = 0
+        occupant.window_steps = 0
 
     def _encode(self, slot: int, prompt: str) -> None:
         """Encode ``prompt`` as generate does and write its cross-attention keys and values into ``slot``."""
@@ -260,13 +318,11 @@ class DecodeSession:
         text = torch.zeros(2, self.text_tokens, states.shape[-1], dtype=self.dtype, device=self.device)
         text[0, :length] = states[0]
         rows = [slot, self.slots + slot]
-        for layer, cross, own in zip(self._layers, self._cache.cross_attention_cache.layers,
-                                     self._cache.self_attention_cache.layers, strict=True):
+        for layer, cross in zip(self._layers, self._cache.cross_attention_cache.layers, strict=True):
             shape = (2, self.text_tokens, self._heads, self._head_dim)
             attention = layer.encoder_attn
             cross.write_rows(rows, attention.k_proj(text).view(shape).transpose(1, 2),
                              attention.v_proj(text).view(shape).transpose(1, 2))
-            own.clear_rows(rows)
         self._text_mask[rows] = False
         self._text_mask[slot, :length] = True
         self._cross_mask = None
@@ -294,13 +350,12 @@ class DecodeSession:
 
     def _choose(self, logits: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         return choose_tokens(logits, guided=self._guided, guidance_scale=self._scale, sample=self._sample,
-                             temperature=self._temperature, top_k=self._top_k, seeds=self._seeds, steps=steps)
+                             temperature=self._temperature, top_k=self._top_k, seeds=self._seeds,
+                             steps=steps + self._window_keys)
 
     def _finish(self, slot: int, occupant: _Occupant) -> DecodeResult:
-        frames = occupant.request.frames
         with torch.inference_mode():
-            where = self._offsets.view(-1, 1) + torch.arange(frames, device=self.device)
-            codes = self._tokens[slot].gather(1, where)
+            codes = torch.cat(occupant.codes, dim=1)
             audio = self._decode_audio(codes)
         self._release(slot)
         return DecodeResult(occupant.request.key, codes.cpu().numpy(), audio, occupant.steps_total)

@@ -8,10 +8,11 @@ raw logits (float32), then division by the temperature, then keeping the ``top_k
 guided logits, as ``generate`` does with ``do_sample=False``.
 
 Sampling is Gumbel-max: the arg-max of the scores plus Gumbel noise draws from their softmax. The
-noise for token ``v`` of codebook ``k`` at a job's step ``n`` is a pure function of ``(seed, n, k,
-v)``: a counter-based generator (the ``lowbias32`` integer hash, chained over the key), so a slot
-draws from no shared stream and a job samples the same tokens whatever its companions, its slot,
-or when it joined. The hash is exact integer arithmetic kept below 2**63, identical on every device.
+noise for token ``v`` of codebook ``k`` at a job's step ``n`` (the session folds a long job's window
+into ``n``) is a pure function of ``(seed, n, k, v)``: a counter-based generator (the ``lowbias32``
+integer hash, chained over the key), so a slot draws from no shared stream and a job samples the
+same tokens whatever its companions, its slot, or when it joined. The hash is exact integer
+arithmetic kept below 2**63, identical on every device.
 """
 
 from __future__ import annotations

@@ -415,7 +415,7 @@ def test_musicgen__validate_needs_no_weights() -> None:
 @pytest.mark.parametrize(
     ("option", "value"),
     [("max_batch_size", 0), ("temperature", -1.0), ("dtype", "int8"), ("max_duration_seconds", 60),
-     ("decode", "beam")],
+     ("decode", "beam"), ("window_seconds", 31), ("overlap_seconds", 30.0)],
 )
 def test_musicgen__bad_option_is_config_error(option: str, value: Any) -> None:
     """A bad [generator.options] value fails at construction, naming the key."""
@@ -534,3 +534,17 @@ def test_musicgen__loop_machine_fault_fails_the_call_and_a_fresh_loop_follows(
     outcomes = generator.generate([_request(PROMPTS[0], duration=0.1)])
     assert isinstance(outcomes[0], GeneratedAudio)
     assert calls[1] == 1, "the new loop starts with one of its two slots free"
+
+
+def test_musicgen__loop_renders_past_the_window_by_continuation(mono: MusicGenGenerator) -> None:
+    """Through the loop a job may be longer than the model's window (here 1 s windows overlapping by
+    0.4 s, for 30 s and 12 s): it gets its exact length, and its metadata names the windowing; the
+    generate decoder still refuses more than 30 s."""
+    generator = _load(Path(mono.model_id), decode="loop", max_batch_size=2, max_duration_seconds=600,
+                      window_seconds=1.0, overlap_seconds=0.4)
+    assert generator.max_duration_seconds == 600
+    audio = _audio(generator.generate([_request(duration=2.5, seed=3)])[0])
+    assert audio.samples.shape == (1, round(2.5 * RATE))
+    assert (audio.metadata["window_frames"], audio.metadata["overlap_frames"]) == (50, 20)
+    with pytest.raises(ConfigError, match=r"max_duration_seconds"):
+        MusicGenGenerator(max_duration_seconds=31)
