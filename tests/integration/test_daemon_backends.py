@@ -29,14 +29,16 @@ BACKENDS: dict[str, tuple[str, dict[str, Any], int]] = {
     "synth": ("synth", {}, 22050),
     "silence": ("silence", {}, 16000),
     "musicgen": ("tiny-musicgen", {"models": ["tiny-musicgen"], "max_batch_size": 2}, 32000),
+    # MusicGen through our decode loop instead of generate.
+    "musicgen-loop": ("tiny-musicgen", {"models": ["tiny-musicgen"], "max_batch_size": 2, "decode": "loop"}, 32000),
 }
 
 
 def backend(name: str, tiny_model: Path) -> Generator:
     _, options, _ = BACKENDS[name]
-    if name == "musicgen":
+    if name.startswith("musicgen"):
         options = {**options, "model": str(tiny_model)}
-    return create_generator(name, options)
+    return create_generator(name.partition("-")[0], options)
 
 
 def enqueue(url: str, model: str, rate: int, duration: float, channels: int = 1, prompt: str = "a beat") -> str:
