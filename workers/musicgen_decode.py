@@ -196,7 +196,7 @@ class DecodeSession:
     def add(self, request: DecodeRequest) -> int:
         """Start ``request`` in a free slot at the next step; return the slot. ValueError if it cannot."""
         if request.frames < 1:
-            raise ValueError(f"{request.frames} frames is outside 1..")
+            raise ValueError(f"a job needs at least 1 frame, got {request.frames}")
         if request.key in {o.request.key for o in self._occupants if o is not None}:
             raise ValueError(f"job {request.key!r} is already decoding")
         if not self.free_slots:

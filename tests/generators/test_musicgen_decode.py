@@ -234,7 +234,7 @@ def test_session__cancel_one_of_four_leaves_the_others_unchanged(mono: Loaded) -
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"frames": 0}, "outside"), ({"prompt": " ".join(PROMPTS)}, "tokens"),
+    ({"frames": 0}, "at least 1 frame"), ({"prompt": " ".join(PROMPTS)}, "tokens"),
 ])
 def test_session__refuses_a_job_it_cannot_hold(mono: Loaded, change: dict[str, Any], message: str) -> None:
     """No frames, or a prompt longer than the text cache, is refused before it starts."""
