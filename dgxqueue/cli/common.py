@@ -174,6 +174,8 @@ def parse_json_object(field: str, text: str | None) -> dict[str, Any] | None:
         raise ValidationError(field, text, f"a JSON object ({exc.msg} at column {exc.colno})") from None
     except RecursionError:  # nested deeper than the parser's recursion limit
         raise ValidationError(field, text, "a JSON object nested less deeply") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise ValidationError(field, text, "a JSON object whose integers Python can read") from None
     if not isinstance(value, dict):
         raise ValidationError(field, text, "a JSON object such as '{\"bpm\": 120}'")
     return value

@@ -97,6 +97,8 @@ def read_jsonl(stream: IO[bytes], settings: Settings) -> list[JobSpec]:
             raise CliError(f"line {number}: not a JSON object ({exc.msg} at column {exc.colno})", EX_DATAERR) from None
         except RecursionError:
             raise CliError(f"line {number}: a JSON object nested too deeply", EX_DATAERR) from None
+        except ValueError as exc:  # an integer of more digits than Python converts
+            raise CliError(f"line {number}: not a JSON object Python can read ({exc})", EX_DATAERR) from None
         if not isinstance(spec, dict):
             raise CliError(f"line {number}: expected a JSON object such as {{\"prompt\": \"lo-fi beat\"}}, "
                            f"got {type(spec).__name__}", EX_DATAERR)

@@ -132,7 +132,10 @@ def _non_negative(field: str, value: object, kind: type) -> Any:
         raise ValidationError(field, value, f"a non-negative {'number' if kind is float else 'integer'}")
     if (isinstance(value, float) and not math.isfinite(value)) or value < 0:
         raise ValidationError(field, value, "a finite non-negative number")
-    return kind(value)
+    try:
+        return kind(value)
+    except OverflowError:  # an int past the largest float
+        raise ValidationError(field, value, "a finite non-negative number") from None
 
 
 def _file_size(value: object) -> int:

@@ -100,7 +100,8 @@ def validate_duration(value: object, limits: JobSettings) -> float:
     allowed = f"a finite number of seconds in (0, {limits.max_duration_seconds:g}]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError("duration_seconds", value, allowed)
-    if not math.isfinite(value) or value <= 0 or value > limits.max_duration_seconds:
+    # The range first: math.isfinite of an int past the largest float raises OverflowError.
+    if value <= 0 or value > limits.max_duration_seconds or not math.isfinite(value):
         raise ValidationError("duration_seconds", value, allowed)
     return float(value)
 
@@ -137,13 +138,19 @@ def steering_value(key: str, value: object) -> int | float:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError("an integer >= 0 (0 turns top-k off)")
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("a finite number")
-    if key == "guidance_scale" and value < 1:
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the largest float
+        raise ValueError("a finite number") from None
+    if not math.isfinite(number):
+        raise ValueError("a finite number")
+    if key == "guidance_scale" and number < 1:
         raise ValueError("a number >= 1 (1 turns classifier-free guidance off)")
-    if key == "temperature" and value <= 0:
+    if key == "temperature" and number <= 0:
         raise ValueError("a number > 0")
-    return float(value)
+    return number
 
 
 #: The metadata keys :func:`steering_value` checks.

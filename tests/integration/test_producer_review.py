@@ -1,0 +1,79 @@
+"""Review of the producer path: create_generation inside a caller's session with ORM work of its
+own, numbers no float holds, and JobSpecs made past the door, on a real SQLite file and the real
+PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+import dgxqueue
+from dgxqueue.cli import main as cli_main
+from dgxqueue.errors import ValidationError
+from dgxqueue.storage import (
+    complete_generation,
+    create_generation,
+)
+
+HUGE = 10**400
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("DGXQUEUE_") or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+
+
+def _uses(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT text, used_count FROM prompts")).tuples().all())
+
+
+def _count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM generations")).scalar_one())
+
+
+def test_producer_paths__an_integer_no_float_holds_is_refused_by_name(engine: Engine, db_url: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        dgxqueue.enqueue("beat", duration_seconds=HUGE, database_url=db_url)
+    assert caught.value.field == "duration_seconds"
+    with Session(engine) as session:
+        with pytest.raises(ValidationError) as caught:
+            create_generation(session, "beat", metadata={"guidance_scale": HUGE})
+        assert caught.value.field == "metadata.guidance_scale"
+        job = create_generation(session, "beat")
+        session.flush()
+        with pytest.raises(ValidationError) as caught:
+            complete_generation(session, job.id, generation_time=HUGE, file_size_bytes=10)
+        assert caught.value.field == "generation_time"
+        session.rollback()
+    assert _count(engine) == 0
+
+
+@pytest.mark.parametrize("line", [
+    '{"prompt": "beat", "duration_seconds": 1' + "0" * 5000 + "}",  # past Python's int digits limit
+    '{"prompt": "beat", "duration_seconds": 1' + "0" * 400 + "}",
+    '{"prompt": "beat", "metadata": {"temperature": 1' + "0" * 400 + "}}",
+], ids=["5000 digits", "400 digits", "400 digits in metadata"])
+def test_cli_jsonl__a_number_too_long_is_bad_input(sqlite_db_url: str, tmp_path: Any, line: str,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A line with a number Python cannot read or no float holds is refused naming the line
+    (exit 65), not an internal error (exit 70)."""
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "fine"}) + "\n" + line + "\n")
+    monkeypatch.setenv("DATABASE_URL", sqlite_db_url)
+    capsys.readouterr()
+    code = cli_main(["enqueue", "--jsonl", str(tmp_path / "jobs.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 65 and err.startswith("dgxqueue: error: line 2: "), err
+    code = cli_main(["enqueue", "beat", "--metadata", '{"bpm": 1' + "0" * 5000 + "}"])
+    err = capsys.readouterr().err
+    assert code == 65 and "metadata" in err, err
