@@ -9,7 +9,7 @@ import os
 import reprlib
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -41,7 +41,8 @@ class JobSpec:
     """A new job, validated and normalised at the door: what the insert writes, field for field.
 
     Built by :func:`validate_job` and :func:`validate_jobs`, which check every field; the insert
-    adds what every new job shares (pending, created now, no attempts yet).
+    adds what every new job shares (pending, created now, no attempts yet). Built any other way
+    (by hand, ``dataclasses.replace``) it raises TypeError: the insert trusts every JobSpec.
     """
 
     id: str
@@ -56,6 +57,14 @@ class JobSpec:
     priority: int
     max_attempts: int
     run_after: datetime | None
+    door: InitVar[object] = None
+
+    def __post_init__(self, door: object) -> None:
+        if door is not _DOOR:
+            raise TypeError("a JobSpec is made by validate_job or validate_jobs, which check its fields")
+
+
+_DOOR = object()
 
 
 #: The keys a job's mapping may hold: the keyword arguments of ``create_generation`` and ``enqueue``.
@@ -395,5 +404,5 @@ def _build(
     return JobSpec(
         id=job_id, prompt=text, model_name=model, model_version=version, duration_seconds=duration,
         sample_rate=rate, channels=count, file_path=f"{folder}/{job_id}.wav" if path is None else path,
-        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before,
+        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before, door=_DOOR,
     )

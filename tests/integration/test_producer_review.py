@@ -4,6 +4,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -17,8 +18,11 @@ import dgxqueue
 from dgxqueue.cli import main as cli_main
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage import (
+    JobSpec,
     complete_generation,
     create_generation,
+    create_generations,
+    validate_job,
 )
 
 HUGE = 10**400
@@ -55,6 +59,19 @@ def test_producer_paths__an_integer_no_float_holds_is_refused_by_name(engine: En
             complete_generation(session, job.id, generation_time=HUGE, file_size_bytes=10)
         assert caught.value.field == "generation_time"
         session.rollback()
+    assert _count(engine) == 0
+
+
+def test_enqueue_many__a_jobspec_made_past_the_door_is_refused(engine: Engine, db_url: str) -> None:
+    """enqueue_many and create_generations trust a JobSpec as validated, so one made by hand, or
+    changed with dataclasses.replace, must not come to exist: it would be written unchecked."""
+    good = validate_job("beat")
+    fields = {field.name: getattr(good, field.name) for field in dataclasses.fields(JobSpec)}
+    with pytest.raises((TypeError, ValueError)):
+        dgxqueue.enqueue_many([dataclasses.replace(good, file_path="../escape.wav")], database_url=db_url)
+    with pytest.raises(TypeError), Session(engine) as session:
+        create_generations(session, [JobSpec(**{**fields, "id": "not-a-uuid", "duration_seconds": -5.0})])
+        session.commit()
     assert _count(engine) == 0
 
 
