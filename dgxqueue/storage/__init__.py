@@ -67,7 +67,7 @@ def create_generations(
     """
     jobs = validate_jobs(specs, limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
     if jobs:  # none: the session's transaction is not begun for nothing
-        fastinsert.insert_jobs(session.connection(), jobs, utcnow())
+        fastinsert.insert_jobs(_flushed_connection(session), jobs, utcnow())
     return [job.id for job in jobs]
 
 
@@ -98,8 +98,17 @@ def create_generation(
                        priority=priority, run_after=run_after, max_attempts=max_attempts,
                        limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
     now = utcnow()
-    fastinsert.insert_jobs(session.connection(), [job], now)
+    fastinsert.insert_jobs(_flushed_connection(session), [job], now)
     return _persistent(session, fastinsert.job_row(job, now))
+
+
+def _flushed_connection(session: Session) -> sa.Connection:
+    """The session's connection, its pending changes flushed first as ``session.execute`` would
+    (unless autoflush is off): else a prompt row the caller added or changed is written after the
+    insert's upsert, and fails on the unique index or overwrites the count."""
+    if session.autoflush:
+        session.flush()
+    return session.connection()
 
 
 def _persistent(session: Session, row: Mapping[str, Any]) -> Generation:

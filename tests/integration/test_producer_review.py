@@ -19,11 +19,14 @@ from dgxqueue.cli import main as cli_main
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage import (
     JobSpec,
+    Prompt,
     complete_generation,
     create_generation,
     create_generations,
+    track_prompt_usage,
     validate_job,
 )
+from dgxqueue.storage.models import utcnow
 
 HUGE = 10**400
 
@@ -37,12 +40,50 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _uses(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        return dict(conn.execute(sa.text("SELECT text, used_count FROM prompts")).tuples().all())
+        return {text: count for text, count in conn.execute(sa.text("SELECT text, used_count FROM prompts"))}
 
 
 def _count(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.text("SELECT count(*) FROM generations")).scalar_one())
+
+
+def test_create_generation__flushes_the_callers_pending_objects_first(engine: Engine) -> None:
+    """As session.execute does: the caller's own pending objects reach the database before the
+    insert. Here the caller adds the prompt's row itself; the insert then counts a second use,
+    instead of inserting it too and the caller's commit failing on the unique index."""
+    with Session(engine) as session:
+        now = utcnow()
+        session.add(Prompt(text="by hand", used_count=1, first_used_at=now, last_used_at=now))
+        create_generation(session, "by hand")
+        create_generations(session, [{"prompt": "by hand"}])
+        session.commit()
+    assert _uses(engine) == {"by hand": 3}
+
+
+def test_create_generation__a_count_the_caller_reset_is_not_undone(engine: Engine) -> None:
+    """The caller resets a prompt's count, then queues it: the count is 1, not the reset written
+    over the insert's increment at the caller's commit."""
+    with Session(engine) as session:
+        prompt_id = track_prompt_usage(session, "reset me").id
+        create_generation(session, "reset me")
+        session.commit()
+    with Session(engine) as session:
+        prompt = session.get_one(Prompt, prompt_id)
+        prompt.used_count = 0
+        create_generation(session, "reset me")
+        session.commit()
+    assert _uses(engine) == {"reset me": 1}
+
+
+def test_create_generation__no_autoflush_is_respected(engine: Engine) -> None:
+    """A caller that turned autoflush off keeps its pending objects pending."""
+    with Session(engine) as session, session.no_autoflush:
+        now = utcnow()
+        session.add(Prompt(text="later", used_count=1, first_used_at=now, last_used_at=now))
+        create_generation(session, "other")
+        assert len(session.new) == 1
+        session.rollback()
 
 
 def test_producer_paths__an_integer_no_float_holds_is_refused_by_name(engine: Engine, db_url: str) -> None:
