@@ -130,8 +130,7 @@ def _daemon(folder: Path, generator: MusicGenGenerator, runner: Runner, jobs: in
         create_generations(s, [{"prompt": PROMPTS[i % len(PROMPTS)], "model_name": "bench",
                                 "duration_seconds": seconds, "sample_rate": 32000} for i in range(jobs)])
     settings = make_settings(url, outputs, batch_size=batch, heartbeat_seconds=5.0)
-    daemon = Daemon(settings, engine=get_engine(url), generator=generator)
-    daemon.runner = runner  # the thread that loaded the model
+    daemon = Daemon(settings, engine=get_engine(url), generator=generator, runner=runner)  # it loaded the model
     start = time.perf_counter()
     if daemon.run(burst=True) != 0:
         raise SystemExit("the daemon exited non-zero")

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from structlog.testing import capture_logs
 
 from dgxqueue.config import DatabaseSettings
-from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon
+from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon, new_worker_id
+from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.errors import InvalidStateError
 from dgxqueue.storage import (
@@ -330,7 +331,7 @@ def test_daemon__rescue_requeues_then_fails_expired_leases(engine: sa.Engine, db
             assert repository.mark_started(s, worker_id="dead", ids=[job_id]) == {job_id}
         assert [(j.attempt, j.lease_losses) for j in jobs] == [(attempt, attempt - 1)]
         expire_leases(db_url)
-        daemon.rescue()
+        daemon.rescuer.run_once()
     job = row(db_url, job_id)
     assert (job.status, job.attempts, job.lease_losses) == ("failed", 2, 2)
     assert "killed its daemon 2 times" in (job.error_message or "")
@@ -350,7 +351,7 @@ def test_daemon__rescue_requeues_processing_rows_without_a_lease(engine: sa.Engi
         [claimed] = repository.claim(s, worker_id="alive", models=["scripted"], limit=1,
                                      lease=timedelta(hours=1))
     assert claimed.id == held
-    daemon.rescue()
+    daemon.rescuer.run_once()
     assert (row(db_url, held).status, row(db_url, held).worker_id) == ("processing", "alive")
     assert row(db_url, orphan).status == "pending"
     assert daemon.run(burst=True) == 0 and row(db_url, orphan).status == "completed"
@@ -445,7 +446,7 @@ def test_daemon__time_limit_charges_its_call_and_gives_the_rest_back(engine: sa.
     assert (job.status, job.attempts) == ("pending", 1) and "time limit of 0.3 s" in (job.error_message or "")
     assert [(row(db_url, j).status, row(db_url, j).attempts) for j in later] == [("pending", 0)] * 2
     assert [gen.executions[j] for j in later] == [0, 0]
-    assert daemon._held == [] and daemon._next == [] and daemon._done == []
+    assert daemon.held.jobs == [] and daemon.held.next == [] and daemon.completer.pending == []
 
 
 def test_daemon__leases_renewed_through_a_round_of_short_calls(engine: sa.Engine, db_url: str,
@@ -679,7 +680,7 @@ def test_daemon__prefetch_burst_runs_each_job_once(engine: sa.Engine, db_url: st
             "completed", ["completed"], 1)
     assert (row(db_url, flaky).status, row(db_url, flaky).attempts) == ("completed", 2)
     assert hooks.outcomes(flaky) == ["retried", "completed"]
-    assert daemon._held == [] and daemon._next == [] and daemon._done == []
+    assert daemon.held.jobs == [] and daemon.held.next == [] and daemon.completer.pending == []
 
 
 def test_daemon__stuck_backend_gives_prefetched_jobs_back(engine: sa.Engine, db_url: str, outputs: Path) -> None:
@@ -696,9 +697,15 @@ def test_daemon__stuck_backend_gives_prefetched_jobs_back(engine: sa.Engine, db_
         assert row(db_url, stuck).status == "pending" and "time limit" in (row(db_url, stuck).error_message or "")
         job = row(db_url, prefetched)
         assert (job.status, job.attempts, job.worker_id) == ("pending", 0, None)
-        assert hooks.outcomes(prefetched) == ["released"] and daemon._held == [] and daemon._next == []
+        assert hooks.outcomes(prefetched) == ["released"] and daemon.held.jobs == [] and daemon.held.next == []
     finally:
         gen.gate.set()
+
+
+def impatient_store(engine: sa.Engine, retry_for_seconds: float) -> QueueClient:
+    """A queue client for the ScriptedGenerator's daemon that gives up on a locked database soon."""
+    return QueueClient(engine, worker_id=new_worker_id(), models=["scripted"], lease=timedelta(seconds=30),
+                       retry_for_seconds=retry_for_seconds)
 
 
 def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, outputs: Path) -> None:
@@ -709,18 +716,17 @@ def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, out
     init_db(url)
     engine = create_engine(url, DatabaseSettings(sqlite_busy_timeout_ms=20))
     hooks = RecordingHooks()
-    daemon = Daemon(make_settings(url, outputs), engine=engine, generator=ScriptedGenerator(), hooks=hooks)
-    daemon.store = QueueClient(engine, worker_id=daemon.worker_id, models=daemon.models,
-                              lease=timedelta(seconds=30), retry_for_seconds=0.2)
+    daemon = Daemon(make_settings(url, outputs), engine=engine, generator=ScriptedGenerator(), hooks=hooks,
+                    queue=impatient_store(engine, 0.2))
     job_id = enqueue(url, "x")
-    daemon._held.extend(daemon.store.claim(1))
+    daemon.held.jobs.extend(daemon.store.claim(1))
     locker = sqlite3.connect(str(sqlite_path(url)), isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # holds the write lock: every write of the daemon is busy
     try:
         with capture_logs() as logs:
-            daemon.heartbeat()
-            daemon.rescue()
-            daemon._release()
+            daemon.heartbeat.run_once()
+            daemon.rescuer.run_once()
+            daemon.completer.release()
     finally:
         locker.execute("ROLLBACK")
         locker.close()
@@ -733,8 +739,8 @@ def test_daemon__steps_skip_a_database_outage_and_log_it(sqlite_db_url: str, out
     job = row(url, job_id)
     assert job.status == "processing" and job.worker_id == daemon.worker_id
     # No longer held, so no longer in flight (the gauge counts it off): the rescue has it now.
-    assert daemon._held == [] and hooks.outcomes(job_id) == ["abandoned"]
-    with pytest.raises(ValueError, match="a bug"), daemon._outage_skips("not an outage"):
+    assert daemon.held.jobs == [] and hooks.outcomes(job_id) == ["abandoned"]
+    with pytest.raises(ValueError, match="a bug"), outage_skips(daemon.log, "not an outage"):
         raise ValueError("a bug")
     daemon.store.close()
     engine.dispose()
@@ -759,9 +765,8 @@ def test_daemon__outage_while_a_batch_renders_keeps_it_and_every_outcome(sqlite_
                 locker.execute("BEGIN IMMEDIATE")
 
     hooks = LockOnClaim()
-    daemon = Daemon(make_settings(url, outputs, batch_size=2), engine=engine, generator=generator, hooks=hooks)
-    daemon.store = QueueClient(engine, worker_id=daemon.worker_id, models=daemon.models,
-                              lease=timedelta(seconds=30), retry_for_seconds=0.2)
+    daemon = Daemon(make_settings(url, outputs, batch_size=2), engine=engine, generator=generator, hooks=hooks,
+                    queue=impatient_store(engine, 0.2))
     first, second = enqueue(url, "fine"), enqueue(url, "block")
     results: list[int] = []
     with capture_logs() as logs:
@@ -786,10 +791,10 @@ def test_daemon__outage_while_a_batch_renders_keeps_it_and_every_outcome(sqlite_
     with pytest.raises(sa.exc.OperationalError, match="database is locked"):
         daemon.run_once()  # claims the third job (the hook then takes the lock) and renders it
     locker.execute("ROLLBACK")
-    assert [o.job.id for o in daemon._done] == [third] and [j.id for j in daemon._held] == [third]
+    assert [o.job.id for o in daemon.completer.pending] == [third] and [j.id for j in daemon.held.jobs] == [third]
     assert row(url, third).status == "processing"
     assert daemon.run_once() == 0 and row(url, third).status == "completed"
-    assert generator.executions[third] == 1 and daemon._held == [] and daemon._done == []
+    assert generator.executions[third] == 1 and daemon.held.jobs == [] and daemon.completer.pending == []
     daemon.store.close()
     locker.close()
     engine.dispose()
@@ -806,12 +811,10 @@ def test_daemon__stop_keeps_finished_jobs_whose_outcomes_it_could_not_write(sqli
     generator = ScriptedGenerator(max_batch_size=1)
     hooks = RecordingHooks()
     daemon = Daemon(make_settings(url, outputs, batch_size=1, prefetch=True), engine=engine, generator=generator,
-                    hooks=hooks)
-    daemon.store = QueueClient(engine, worker_id=daemon.worker_id, models=daemon.models,
-                              lease=timedelta(seconds=30), retry_for_seconds=1.0)
+                    hooks=hooks, queue=impatient_store(engine, 1.0))
     finished, claimed = enqueue(url, "fine"), enqueue(url, "fine")
     assert daemon.run_once() == 1  # prefetch: the outcome waits for the next round, the next job is held
-    assert [o.job.id for o in daemon._done] == [finished] and [j.id for j in daemon._next] == [claimed]
+    assert [o.job.id for o in daemon.completer.pending] == [finished] and [j.id for j in daemon.held.next] == [claimed]
     locker = sqlite3.connect(str(sqlite_path(url)), isolation_level=None, check_same_thread=False)
     locker.execute("BEGIN IMMEDIATE")
     with capture_logs() as logs:
@@ -838,12 +841,12 @@ def writing_behind(db_url: str, outputs: Path, monkeypatch: pytest.MonkeyPatch, 
     """A daemon claiming one job at a time whose write-behind threshold is ``threshold`` (the default:
     any backend call is longer). With ``engine_rule`` each engine keeps its own choice (SQLite never
     writes behind); without it both engines write behind, as PostgreSQL does."""
-    from dgxqueue.daemon import daemon as daemon_module
+    from dgxqueue.daemon import completer
 
-    monkeypatch.setattr(daemon_module, "_HIDE_WRITES_AFTER", threshold)
+    monkeypatch.setattr(completer, "HIDE_WRITES_AFTER", threshold)
     daemon = make_daemon(db_url, outputs, ScriptedGenerator(max_batch_size=1), hooks=hooks, batch_size=1)
     if not engine_rule:
-        daemon._writes_behind = True
+        daemon.completer.writes_behind = True
     return daemon
 
 
@@ -860,15 +863,15 @@ def test_daemon__outcomes_written_behind_a_long_render_or_with_the_claim(
                             hooks=hooks)
     first, second = enqueue(db_url, "fine"), enqueue(db_url, "fine")
     assert daemon.run_once() == 1
-    assert [job.id for job in daemon._next] == [second]
+    assert [job.id for job in daemon.held.next] == [second]
     if slow and engine.dialect.name == "postgresql":
-        assert [o.job.id for o in daemon._done] == [first] and hooks.finished == []
+        assert [o.job.id for o in daemon.completer.pending] == [first] and hooks.finished == []
         assert row(db_url, first).status == "processing"
     else:
-        assert daemon._done == [] and hooks.outcomes(first) == ["completed"]
+        assert daemon.completer.pending == [] and hooks.outcomes(first) == ["completed"]
         assert row(db_url, first).status == "completed"
     assert daemon.run_once() == 1
-    assert daemon.run_once() == 0 and daemon._done == [] and daemon._held == []
+    assert daemon.run_once() == 0 and daemon.completer.pending == [] and daemon.held.jobs == []
     assert [row(db_url, j).status for j in (first, second)] == ["completed", "completed"]
     assert hooks.outcomes(first) == hooks.outcomes(second) == ["completed"]
 
@@ -882,13 +885,13 @@ def test_daemon__stop_writes_outcomes_left_behind_and_gives_claimed_jobs_back(
     daemon = writing_behind(db_url, outputs, monkeypatch, hooks=hooks)
     first, second = enqueue(db_url, "fine"), enqueue(db_url, "fine")
     assert daemon.run_once() == 1
-    assert [o.job.id for o in daemon._done] == [first] and [j.id for j in daemon._next] == [second]
+    assert [o.job.id for o in daemon.completer.pending] == [first] and [j.id for j in daemon.held.next] == [second]
     daemon.request_stop()
     daemon.shutdown()
     assert row(db_url, first).status == "completed" and hooks.outcomes(first) == ["completed"]
     job = row(db_url, second)
     assert (job.status, job.attempts, job.worker_id) == ("pending", 0, None)
-    assert hooks.outcomes(second) == ["released"] and daemon._held == []
+    assert hooks.outcomes(second) == ["released"] and daemon.held.jobs == []
 
 
 def test_daemon__a_round_without_a_backend_call_writes_its_outcomes_with_the_claim(
@@ -899,7 +902,7 @@ def test_daemon__a_round_without_a_backend_call_writes_its_outcomes_with_the_cla
     pile up unwritten outcomes."""
     daemon = writing_behind(db_url, outputs, monkeypatch)
     first, refused, third = enqueue(db_url, "fine"), enqueue(db_url, "invalid"), enqueue(db_url, "fine")
-    assert daemon.run_once() == 1 and [o.job.id for o in daemon._done] == [first]
+    assert daemon.run_once() == 1 and [o.job.id for o in daemon.completer.pending] == [first]
     assert daemon.run_once() == 1  # the refused job: no backend call
-    assert daemon._done == [] and [j.id for j in daemon._next] == [third]
+    assert daemon.completer.pending == [] and [j.id for j in daemon.held.next] == [third]
     assert row(db_url, first).status == "completed" and row(db_url, refused).status == "failed"

@@ -40,12 +40,11 @@ def test_daemon_clock__a_skewed_daemon_keeps_its_leases(engine: sa.Engine, db_ur
     daemon's rescuer leaves the other daemon's running job alone."""
     outputs = tmp_path / "outputs"
     gen = ScriptedGenerator()
-    skewed = make_daemon(db_url, outputs, gen, worker_id="skewed")
-    skewed.clock = lambda: utcnow() + timedelta(seconds=skew)
+    skewed = make_daemon(db_url, outputs, gen, worker_id="skewed", clock=lambda: utcnow() + timedelta(seconds=skew))
     honest_hooks, skewed_hooks = RecordingHooks(), RecordingHooks()
     honest = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=honest_hooks, worker_id="honest")
-    skewed_rescuer = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=skewed_hooks, worker_id="rescuer")
-    skewed_rescuer.clock = skewed.clock
+    skewed_rescuer = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=skewed_hooks, worker_id="rescuer",
+                                 clock=skewed.clock)
     job_id = enqueue(db_url, "block")
     thread = threading.Thread(target=skewed.run_once)
     thread.start()
@@ -56,12 +55,12 @@ def test_daemon_clock__a_skewed_daemon_keeps_its_leases(engine: sa.Engine, db_ur
         assert claimed.claimed_at is not None and first_lease is not None
         assert abs(claimed.claimed_at - utcnow()) < timedelta(seconds=30)
         wait_until(lambda: (lease := row(db_url, job_id).lease_expires_at) and lease > first_lease, 10, "a heartbeat")
-        honest.rescue()
+        honest.rescuer.run_once()
         enqueue(db_url, "fine")
         with session_scope(get_engine(db_url)) as s:  # the other daemon's running job
             [other] = repository.claim(s, worker_id="honest", models=["scripted"], limit=1,
                                        lease=timedelta(seconds=30))
-        skewed_rescuer.rescue()
+        skewed_rescuer.rescuer.run_once()
         assert honest_hooks.rescued == [] and skewed_hooks.rescued == []
         assert (row(db_url, job_id).status, row(db_url, job_id).worker_id) == ("processing", "skewed")
         assert (row(db_url, other.id).status, row(db_url, other.id).worker_id) == ("processing", "honest")
@@ -78,13 +77,13 @@ def test_daemon_clock__a_skewed_daemon_claims_what_is_due(engine: sa.Engine, db_
                                                           skew: float) -> None:
     """A daemon whose clock is off claims the job due a second ago, not the one due in a minute,
     and waits a normal poll for it rather than spinning."""
-    daemon = make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator(), worker_id="skewed")
-    daemon.clock = lambda: utcnow() + timedelta(seconds=skew)
+    daemon = make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator(), worker_id="skewed",
+                         clock=lambda: utcnow() + timedelta(seconds=skew))
     due = enqueue(db_url, "fine", run_after=utcnow() - timedelta(seconds=1))
     enqueue(db_url, "fine", run_after=utcnow() + timedelta(seconds=60))
     try:
-        daemon._claim_ahead()
-        assert [job.id for job in daemon._next] == [due]
+        daemon.claimer.run_once()
+        assert [job.id for job in daemon.held.next] == [due]
         daemon.tick()  # schedules the next watchdog ping, which also bounds the idle wait
         assert daemon._idle_timeout() == pytest.approx(daemon.config.poll_interval_seconds)
     finally:

@@ -133,11 +133,11 @@ def test_daemon__rescue_leaves_the_jobs_it_holds(db_url: str, tmp_path: Path) ->
     hooks = RecordingHooks()
     daemon = make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator(), hooks=hooks)
     job_id = enqueue(db_url, "fine")
-    daemon._claim_ahead()
+    daemon.claimer.run_once()
     with get_engine(db_url).begin() as conn:  # the outage outlasted the lease
         conn.execute(sa.update(Generation).where(Generation.id == job_id)
                      .values(lease_expires_at=utcnow() - timedelta(hours=1)))
-    daemon.rescue()
+    daemon.rescuer.run_once()
     job = row(db_url, job_id)
     assert (job.status, job.worker_id, hooks.rescued) == ("processing", daemon.worker_id, [])
     daemon.store.close()

@@ -152,7 +152,7 @@ def test_daemon__a_fenced_result_is_deleted_and_never_replaces_the_file(db_url: 
     outcomes = render(daemon.generator, work, outputs, daemon.worker_id)
     outputs.joinpath(f"{job_id}.wav").write_bytes(b"the other attempt's")
     set_row(db_url, job_id, status="completed", worker_id="other", attempts=2, file_size_bytes=19)
-    daemon.record(outcomes)
+    daemon.completer.record(outcomes)
     assert hooks.outcomes(job_id) == ["fenced"]
     assert os.listdir(outputs) == [f"{job_id}.wav"]
     assert outputs.joinpath(f"{job_id}.wav").read_bytes() == b"the other attempt's"
@@ -172,7 +172,7 @@ def test_daemon__a_result_whose_commit_reply_was_lost_is_published(db_url: str, 
     [outcome] = render(daemon.generator, work, outputs, daemon.worker_id)
     values = repository.completed_values(utcnow(), 0.1, outcome.file_size, outcome.metadata)
     assert daemon.store.finish([(job, values)]) == [True]  # the first try, whose reply never came
-    daemon.record([outcome])  # the retry
+    daemon.completer.record([outcome])  # the retry
     assert hooks.outcomes(job_id) == ["completed"]
     assert os.listdir(outputs) == [f"{job_id}.wav"]
     assert outputs.joinpath(f"{job_id}.wav").stat().st_size == outcome.file_size
@@ -192,7 +192,7 @@ def test_daemon__a_result_the_database_refuses_is_recorded_failed_and_never_publ
     [job] = daemon.store.claim(1)
     work, _ = prepare([job], daemon.generator)
     [outcome] = render(daemon.generator, work, outputs, daemon.worker_id)
-    daemon.record([dataclasses.replace(outcome, file_size=2**70)])
+    daemon.completer.record([dataclasses.replace(outcome, file_size=2**70)])
     assert hooks.outcomes(job_id) == ["failed"]
     assert os.listdir(outputs) == []
     with get_engine(db_url).connect() as conn:
@@ -214,18 +214,18 @@ def test_daemon__an_attempt_superseded_by_its_own_daemons_new_claim_is_never_rec
     generator = ChaosGenerator(models=["scripted"], work_seconds=0.0)
     daemon = make_daemon(db_url, outputs, generator, hooks=hooks)
     [first] = daemon.store.claim(1)
-    daemon._take([first], utcnow())
-    daemon._next.clear()  # started, as run_once starts what _next holds
+    daemon.claimer.take([first], utcnow())
+    daemon.held.next.clear()  # started, as run_once starts what _next holds
     [stale] = render(generator, prepare([first], generator)[0], outputs, daemon.worker_id)
     # The lease lapsed and the rescue gave the attempt back; this daemon claims the job again.
     set_row(db_url, job_id, status="pending", attempts=first.attempt - 1, worker_id=None, lease_expires_at=None)
     [again] = daemon.store.claim(1)
     assert (again.id, again.attempt) == (first.id, first.attempt)
-    daemon._take([again], utcnow())
-    daemon._next.clear()
+    daemon.claimer.take([again], utcnow())
+    daemon.held.next.clear()
     [fresh] = render(generator, prepare([again], generator)[0], outputs, daemon.worker_id)
-    daemon.record([stale])
-    daemon.record([fresh])
+    daemon.completer.record([stale])
+    daemon.completer.record([fresh])
     assert hooks.outcomes(job_id) == ["fenced", "completed"]
     assert os.listdir(outputs) == [f"{job_id}.wav"]
     samples, _ = read_wav(outputs / f"{job_id}.wav")
@@ -277,8 +277,8 @@ def test_sweep__leaves_another_queues_temporary_in_a_shared_outputs_folder(sqlit
         [job] = daemon.store.claim(1)
         work, _ = prepare([job], daemon.generator)
         outcomes = render(daemon.generator, work, outputs, daemon.worker_id)
-        neighbour.sweep()  # between the staging and the commit
-        daemon.record(outcomes)
+        neighbour.sweeper.run_once()  # between the staging and the commit
+        daemon.completer.record(outcomes)
         assert hooks.outcomes(job_id) == ["completed"]
         assert os.listdir(outputs) == [f"{job_id}.wav"]
         assert outputs.joinpath(f"{job_id}.wav").stat().st_size == outcomes[0].file_size

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from dgxqueue.config import Settings, load_settings
 from dgxqueue.daemon import Daemon, Hooks
 from dgxqueue.generators import Generator
 from dgxqueue.storage import get_engine, init_db
+from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.repository import ClaimedJob
 
 
@@ -51,8 +52,8 @@ class RecordingHooks(Hooks):
 
 
 def make_daemon(url: str, outputs: Path, generator: Generator, *, hooks: Hooks | None = None,
-                worker_id: str | None = None, **worker: Any) -> Daemon:
+                worker_id: str | None = None, clock: Callable[[], datetime] = utcnow, **worker: Any) -> Daemon:
     settings = make_settings(url, outputs, **worker)
     init_db(url)
     return Daemon(settings, engine=get_engine(url), generator=generator, hooks=hooks,
-                  worker_id=worker_id)
+                  worker_id=worker_id, clock=clock)
