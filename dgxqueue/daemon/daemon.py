@@ -145,8 +145,6 @@ class Daemon:
         self.worker_id = worker_id or (queue.worker_id if queue is not None else new_worker_id())
         self.models = tuple(sorted(settings.generator.models or generator.models))
         self.batch_size = settings.worker.batch_size or max(1, generator.max_batch_size)
-        self.clock = clock
-        self.rng = rng or random.Random()
         self.engine_name = engine.dialect.name if engine is not None else "memory"
         if engine is not None:
             queue = queue or QueueClient(
@@ -184,8 +182,8 @@ class Daemon:
             outputs_check=self.outputs_check, hooks=self.hooks, notifier=self.notifier, clock=clock, log=self.log,
         )
         self.completer = Completer(
-            self.store, self.held, self.claimer, settings=self.config,
-            writes_behind=self.engine_name != "sqlite", hooks=self.hooks, clock=clock, rng=self.rng, log=self.log,
+            self.store, self.held, self.claimer, settings=self.config, writes_behind=self.engine_name != "sqlite",
+            hooks=self.hooks, clock=clock, rng=rng or random.Random(), log=self.log,
         )
         self._hard_stop = HardStop(self._overran, lambda: self.exit_code)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -40,11 +40,14 @@ def test_daemon_clock__a_skewed_daemon_keeps_its_leases(engine: sa.Engine, db_ur
     daemon's rescuer leaves the other daemon's running job alone."""
     outputs = tmp_path / "outputs"
     gen = ScriptedGenerator()
-    skewed = make_daemon(db_url, outputs, gen, worker_id="skewed", clock=lambda: utcnow() + timedelta(seconds=skew))
+    def skewed_clock() -> datetime:
+        return utcnow() + timedelta(seconds=skew)
+
+    skewed = make_daemon(db_url, outputs, gen, worker_id="skewed", clock=skewed_clock)
     honest_hooks, skewed_hooks = RecordingHooks(), RecordingHooks()
     honest = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=honest_hooks, worker_id="honest")
     skewed_rescuer = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=skewed_hooks, worker_id="rescuer",
-                                 clock=skewed.clock)
+                                 clock=skewed_clock)
     job_id = enqueue(db_url, "block")
     thread = threading.Thread(target=skewed.run_once)
     thread.start()
