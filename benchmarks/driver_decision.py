@@ -377,23 +377,29 @@ def completed(engine: Engine) -> int:
         return int(conn.execute(sa.text("SELECT count(*) FROM generations WHERE status = 'completed'")).scalar_one())
 
 
-def timed(loop: Loop, engine: Engine, plain: Engine, jobs: int, batch: int) -> float:
-    """Jobs per second of one ``loop`` on ``engine`` over a queue refilled with ``jobs`` jobs
-    (through ``plain``, dgxqueue's own engine)."""
+Rates = dict[str, list[float]]  # jobs per second of each loop, one figure a run
+
+
+def timed(loop: Loop, engine: Engine, plain: Engine, jobs: int, batch: int) -> tuple[float, float]:
+    """One ``loop`` on ``engine`` over a queue refilled with ``jobs`` jobs (through ``plain``,
+    dgxqueue's own engine): jobs per second of wall-clock time and per second of this process's
+    CPU time."""
     refill(plain, jobs)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     done = loop(engine, batch)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if done != jobs or completed(plain) != jobs:
         raise AssertionError(f"{loop.__name__}: {done} jobs done, {completed(plain)} completed, of {jobs}")
-    return jobs / elapsed
+    return jobs / elapsed, jobs / cpu
 
 
-def measure(url: str, jobs: int, batch: int, rounds: int, contenders: dict[str, Loop]) -> dict[str, list[float]]:
+def measure(url: str, jobs: int, batch: int, rounds: int, contenders: dict[str, Loop]) -> tuple[Rates, Rates]:
     """``rounds`` runs of each contender, alternating, the order rotated each round; each loop
-    first runs once untimed on a small queue so that every statement is compiled and cached."""
+    first runs once untimed on a small queue so that every statement is compiled and cached.
+    Returns the wall-clock rates and the CPU-time rates."""
     on_core, plain = core_engine(url), create_engine(url)
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    wall: Rates = {name: [] for name in contenders}
+    cpu: Rates = {name: [] for name in contenders}
     try:
         for loop in contenders.values():
             timed(loop, on_core if loop in CORE_LOOPS else plain, plain, 3 * batch, batch)
@@ -401,29 +407,28 @@ def measure(url: str, jobs: int, batch: int, rounds: int, contenders: dict[str, 
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 loop = contenders[name]
-                rates[name].append(timed(loop, on_core if loop in CORE_LOOPS else plain, plain, jobs, batch))
+                rate, cpu_rate = timed(loop, on_core if loop in CORE_LOOPS else plain, plain, jobs, batch)
+                wall[name].append(rate)
+                cpu[name].append(cpu_rate)
     finally:
         plain.dispose()
         on_core.dispose()
-    return rates
+    return wall, cpu
 
 
-def report(kind: str, jobs: int, batch: int, rates: dict[str, list[float]], pairs: list[tuple[str, str]],
-           load_before: str) -> None:
-    print(f"\n== {kind}, batch {batch}, {jobs} jobs a run, {len(next(iter(rates.values())))} runs each"
-          f" (load average before {load_before}, after {_load()})")
-    print(f"  {'loop':<34}{'median jobs/s':>14}   runs")
+def report(title: str, rates: Rates, pairs: list[tuple[str, str]]) -> None:
+    print(f"  {title}")
+    print(f"    {'loop':<34}{'median':>9}   runs")
     for name, values in rates.items():
         runs = " ".join(f"{v:.0f}" for v in values)
-        print(f"  {name:<34}{statistics.median(values):>14.0f}   {runs}")
+        print(f"    {name:<34}{statistics.median(values):>9.0f}   {runs}")
     for b, a in pairs:
         per_round = [vb / va for vb, va in zip(rates[b], rates[a], strict=True)]
-        print(f"  ratio {b} / {a}: {statistics.median(rates[b]) / statistics.median(rates[a]):.3f} of medians;"
-              f" per round median {statistics.median(per_round):.3f} (range {min(per_round):.3f}-{max(per_round):.3f})")
-    for name in rates:
-        if name != "floor":
-            ratio = statistics.median(rates[name]) / statistics.median(rates["floor"])
-            print(f"  {name} / floor: {ratio:.3f}")
+        print(f"    {b} / {a}: {statistics.median(rates[b]) / statistics.median(rates[a]):.3f} (medians);"
+              f" per round median {statistics.median(per_round):.3f}, range {min(per_round):.3f}-{max(per_round):.3f}")
+    print("    to the floor (medians): " + ", ".join(
+        f"{name} {statistics.median(rates[name]) / statistics.median(rates['floor']):.3f}"
+        for name in rates if name != "floor"))
 
 
 def _load() -> str:
@@ -453,7 +458,12 @@ def main() -> None:
         with database(kind) as url:
             for batch, jobs in ((64, args.jobs), (1, args.jobs_batch_1)):
                 before = _load()
-                report(kind, jobs, batch, measure(url, jobs, batch, args.rounds, contenders), pairs, before)
+                wall, cpu = measure(url, jobs, batch, args.rounds, contenders)
+                print(f"\n== {kind}, batch {batch}, {jobs} jobs a run, {args.rounds} runs each"
+                      f" (load average before {before}, after {_load()})")
+                report("jobs/s, wall clock (the rule's measure)", wall, pairs)
+                report("jobs per CPU-second of this process (steadier under load; not the server's work)", cpu,
+                       pairs)
     print(f"\nload average at end: {_load()}")
 
 
