@@ -47,7 +47,6 @@ from dgxqueue.storage import (  # noqa: E402
     dispose_engines,
     get_engine,
     init_db,
-    repository,
     session_scope,
 )
 from dgxqueue.storage.models import utcnow  # noqa: E402
@@ -158,21 +157,26 @@ def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> 
     guarantees can beat it, so it bounds what a ratio target can ask."""
     from dgxqueue.audio import _wav_bytes
     from dgxqueue.generators import GeneratedAudio
-    from dgxqueue.storage import fastqueue
+    from dgxqueue.storage import queue as jobs_queue
+    from dgxqueue.storage.claimed import ClaimedJob
+    from dgxqueue.storage.engines import profile_of
+    from dgxqueue.storage.results import Completed, row_values
 
     engine = get_engine(url)
     dialect = engine.dialect
     now = utcnow()
-    claim = fastqueue._claim(dialect, 1, True)  # one backend call per claim: the claim marks the start
-    claim_params = claim.parameters(repository.claim_parameters(
+    claim = jobs_queue._claim(dialect, 1, True)  # one backend call per claim: the claim marks the start
+    claim_params = claim.parameters(jobs_queue.claim_parameters(
         worker_id="ceiling", models=["silence"], limit=batch, lease=timedelta(seconds=60)))
-    values = repository.completed_values(now, 0.001, 204, {"peak": 0.0, "rms": 0.0})
+    some_job = ClaimedJob("x", "p", "silence", 0.01, 8000, 1, "outputs/x.wav", None, 1, 3, now, now)
+    values = row_values(some_job, Completed(now, 0.001, 204, {"peak": 0.0, "rms": 0.0}))
     keys = tuple(sorted(values))
-    finish = fastqueue._finish_rows(dialect, keys, batch)
+    finish = jobs_queue._finish_rows(dialect, keys, batch)
+    profile = profile_of(dialect)
 
     def outcome_params(rows: list[tuple[Any, ...]]) -> Any:
-        return finish.parameters(repository.finish_rows_parameters(
-            "sqlite", "ceiling", keys, [(row[0], row[8], values) for row in rows]))
+        given = [(row[0], row[8], *[values[key] for key in keys]) for row in rows]
+        return finish.parameters({"h_worker": "ceiling", **profile.rows_parameters(("id", "attempt", *keys), given)})
 
     data = bytes(_wav_bytes(GeneratedAudio(samples=np.zeros((1, 80), np.float32), sample_rate=8000)))
     folder = tempfile.mkdtemp(dir=SHM)
@@ -233,8 +237,9 @@ def steps_ceiling(url: str, batch: int) -> float:
     all on one thread. No leases kept, no hooks, no hand-off to a generator thread, no signals:
     a daemon built from these steps, however its loop is arranged, cannot be faster."""
     from dgxqueue.daemon.executor import prepare, render
-    from dgxqueue.storage import fastqueue
+    from dgxqueue.storage import queue as jobs_queue
     from dgxqueue.storage.driver import Link
+    from dgxqueue.storage.results import Completed
 
     generator = SilenceGenerator(max_batch_size=batch)
     generator.load()
@@ -244,15 +249,14 @@ def steps_ceiling(url: str, batch: int) -> float:
     done = 0
     started = time.perf_counter()
     # One backend call per claim: the claim marks its jobs started, as the daemon's does.
-    claimed = fastqueue.claim(link, worker_id="steps", models=models, limit=batch, lease=lease, start=True)
+    claimed = jobs_queue.claim(link, worker_id="steps", models=models, limit=batch, lease=lease, start=True)
     while claimed:
         work, refused = prepare(claimed, generator)
         outcomes = refused + render(generator, work, outputs, "steps")
         now = utcnow()
-        rows = [(o.job.id, o.job.attempt, repository.completed_values(now, o.generation_seconds, o.file_size,
-                                                                      o.metadata)) for o in outcomes]
-        written, claimed = fastqueue.finish_and_claim(link, worker_id="steps", outcomes=rows, models=models,
-                                                      limit=batch, lease=lease, start=True)
+        rows = [(o.job, Completed(now, o.generation_seconds, o.file_size, o.metadata)) for o in outcomes]
+        written, claimed = jobs_queue.finish_and_claim(link, worker_id="steps", results=rows, models=models,
+                                                  limit=batch, lease=lease, start=True)
         assert len(written) == len(rows), "an outcome was fenced off: the ceiling did not do the work"
         for outcome in outcomes:  # each file renamed into place after its commit, as the daemon does
             assert outcome.staged is not None
@@ -395,15 +399,17 @@ def claim_latency(url: str, backlog: int) -> float:
                 " 'outputs/x.wav', 'pending', strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || i || ' seconds')"
                 " FROM g"), {"n": backlog})
             conn.execute(sa.text("ANALYZE"))
+    from dgxqueue.storage import queue as jobs_queue
+    from dgxqueue.storage.claimed import claimed_jobs
+    from dgxqueue.storage.engines import profile_of
+
+    statement = jobs_queue.claim_statement(profile_of(engine.dialect), 1)
+    params = jobs_queue.claim_parameters(worker_id="b", models=["silence"], limit=1, lease=timedelta(seconds=60))
     times = []
     for _ in range(200):
         with engine.connect() as conn, conn.begin() as txn:
-            from sqlalchemy.orm import Session
-
-            session = Session(bind=conn)
             started = time.perf_counter()
-            jobs = repository.claim(session, worker_id="b", models=["silence"], limit=1,
-                                    lease=timedelta(seconds=60))
+            jobs = claimed_jobs(conn.execute(statement, params).all())
             times.append((time.perf_counter() - started) * 1000)
             assert len(jobs) == 1
             txn.rollback()

@@ -35,9 +35,10 @@ from sqlalchemy.orm import Session
 
 from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics
-from dgxqueue.storage import create_generations, dispose_engines, fastqueue, init_db, session_scope
-from dgxqueue.storage import repository as repo
+from dgxqueue.storage import create_generations, dispose_engines, init_db, queue, reads, session_scope
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.driver import Link
+from dgxqueue.storage.results import Completed
 from tests.support.db import postgres_schema_url
 
 MIXES = {  # (pending every nth row, failed every nth row)
@@ -95,8 +96,8 @@ def bench_depth(engine: Engine, rows: int) -> None:
         fill_seconds = fill(engine, rows, pending_every, failed_every)
         with Session(engine) as session:
             floor = timed(lambda: session.execute(floor_sql).scalar_one(), 15)
-            depth_time = timed(lambda: repo.queue_depth(session), 15)
-            depth = repo.queue_depth(session)
+            depth_time = timed(lambda: reads.queue_depth(session), 15)
+            depth = reads.queue_depth(session)
         scrape = timed(partial(generate_latest, scraped(engine)), 15)
         print(f"{engine.dialect.name:10} {mix:8} {rows:>9,} rows (filled in {fill_seconds:.1f} s): "
               f"depth read best {depth_time[0] * 1e3:6.2f} ms, median {depth_time[1] * 1e3:6.2f} ms; "
@@ -110,7 +111,7 @@ def bench_hooks(engine: Engine, calls: int) -> None:
     metrics = DaemonMetrics(CollectorRegistry(), engine)
     metrics.on_start(DaemonInfo("bench", "synth", ("model-0",), engine.dialect.name, "0"))
     now = datetime.now(UTC)
-    job = repo.ClaimedJob("id", "p", "model-0", 10.0, 32000, 1, "x.wav", None, 1, 3, now, now)
+    job = ClaimedJob("id", "p", "model-0", 10.0, 32000, 1, "x.wav", None, 1, 3, now, now)
     jobs = [job]
 
     def one_job() -> None:
@@ -131,9 +132,8 @@ def bench_hooks(engine: Engine, calls: int) -> None:
     link = Link(engine)  # the daemon's own hot path: claim one, then write its outcome
     started = time.perf_counter()
     for _ in range(n):
-        [claimed] = fastqueue.claim(link, worker_id="w", models=["floor"], limit=1, lease=lease)
-        fastqueue.finish_many(link, worker_id="w", outcomes=[
-            (claimed.id, claimed.attempt, repo.completed_values(datetime.now(UTC), 0.0, 0, None))])
+        [claimed] = queue.claim(link, worker_id="w", models=["floor"], limit=1, lease=lease)
+        queue.finish(link, worker_id="w", results=[(claimed, Completed(datetime.now(UTC), 0.0, 0, None))])
     floor = (time.perf_counter() - started) / n
     link.close()
     print(f"hooks per job ({calls:,} jobs): {hooks * 1e6:.2f} us; no-op job floor on "

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from dgxqueue.config import Settings, load_settings
-from dgxqueue.storage import fastinsert, get_engine
+from dgxqueue.storage import get_engine, queue
 from dgxqueue.storage.database import open_queue
 from dgxqueue.storage.validation import JobSpec, validate_job, validate_jobs
 
@@ -103,7 +103,7 @@ def enqueue(
                        channels=channels, file_path=file_path, metadata=metadata, model_version=model_version,
                        priority=priority, run_after=run_after, max_attempts=max_attempts,
                        limits=settings.jobs, outputs=settings.outputs)
-    fastinsert.insert_committed(engine, [job])
+    queue.insert_committed(engine, [job])
     return job.id
 
 
@@ -122,5 +122,5 @@ def enqueue_many(
     settings = settings or default_settings()
     engine = _engine(database_url, settings)
     jobs = validate_jobs(specs, limits=settings.jobs, outputs=settings.outputs)
-    fastinsert.insert_committed(engine, jobs)  # one transaction, retried once on a connection found dead
+    queue.insert_committed(engine, jobs)  # one transaction, retried once on a connection found dead
     return [job.id for job in jobs]

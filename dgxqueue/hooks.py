@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
 
 #: Outcomes a finished attempt can have.
 #: ``abandoned``: a give-back that a database outage prevented; the lease rescue returns the job.

@@ -23,7 +23,7 @@ from structlog.typing import Processor
 
 from dgxqueue.config import LoggingSettings
 from dgxqueue.hooks import DaemonInfo, Hooks
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
 
 __all__ = ["LogHooks", "configure_logging", "get_logger", "job_context"]
 

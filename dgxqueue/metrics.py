@@ -3,7 +3,7 @@
 :class:`DaemonMetrics` is a :class:`~dgxqueue.hooks.Hooks` observer that owns every metric
 of one daemon in the given registry. The queue depth (``dgxqueue_queue_*``) is not kept in memory:
 a collector reads it from the database when Prometheus scrapes, through
-:func:`~dgxqueue.storage.repository.queue_depth`, and keeps the answer ``depth_cache_seconds`` so
+:func:`~dgxqueue.storage.reads.queue_depth`, and keeps the answer ``depth_cache_seconds`` so
 that several scrapers cannot hammer the database.
 
 Cost of a scrape, measured by ``benchmarks/bench_metrics.py`` on 1,000,000 rows: pending rows are
@@ -37,8 +37,9 @@ from sqlalchemy.orm import Session
 from dgxqueue.daemon.diskcheck import PAUSE_REASONS
 from dgxqueue.hooks import OUTCOMES, DaemonInfo, Hooks
 from dgxqueue.logs import get_logger
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.models import GenerationStatus
-from dgxqueue.storage.repository import ClaimedJob, QueueDepth, queue_depth
+from dgxqueue.storage.reads import QueueDepth, queue_depth
 
 __all__ = ["DURATION_BUCKETS", "DaemonMetrics", "MetricsServer", "QueueDepthCollector",
            "start_metrics_server"]

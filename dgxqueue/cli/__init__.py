@@ -136,7 +136,6 @@ def _code_for(exc: BaseException) -> tuple[int, str] | None:
         EXIT_INVALID_STATE,
         EXIT_NOT_FOUND,
         CliError,
-        database_unavailable,
         one_line,
     )
     from dgxqueue.errors import (
@@ -148,6 +147,7 @@ def _code_for(exc: BaseException) -> tuple[int, str] | None:
         UnknownGeneratorError,
         ValidationError,
     )
+    from dgxqueue.storage.dberrors import database_unavailable
 
     if isinstance(exc, CliError):
         return exc.code, str(exc)

@@ -26,7 +26,6 @@ from dgxqueue.cli.common import (
     EXIT_USAGE,
     CliError,
     Context,
-    database_unavailable,
     one_line,
     parse_span,
     print_json,
@@ -47,6 +46,7 @@ from dgxqueue.storage.database import (
     sqlite_path,
     upgrade,
 )
+from dgxqueue.storage.dberrors import database_unavailable
 from dgxqueue.storage.models import Base
 
 # --- worker -----------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import json
 import math
 import re
 import shutil
-import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,15 +16,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
-from dgxqueue.storage import Generation, repository, session_scope
+from dgxqueue.storage import Generation, reads, session_scope
 from dgxqueue.storage.database import describe_url, open_queue
-from dgxqueue.storage.driver import is_transient_db_error
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -82,30 +79,6 @@ def open_engine(settings: Settings, *, create: bool) -> Engine:
 # --- parsing command-line values: bad values are bad input (65), not usage errors (2) ------
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-# Errors that say the database cannot be used now, as opposed to one statement that failed: what
-# the daemon retries (is_transient_db_error), and what no retry fixes but a command cannot get
-# past either. PostgreSQL: authorization (28) and no such database (3D). SQLite primary result
-# codes: no permission, busy, locked, read-only, I/O error, corrupt, disk full, cannot open, not
-# a database.
-_PG_UNAVAILABLE_CLASSES = {"28", "3D"}
-_SQLITE_UNAVAILABLE = {3, 5, 6, 8, 10, 11, 13, 14, 26}
-
-
-def database_unavailable(exc: sa.exc.DBAPIError | sqlite3.DatabaseError) -> bool:
-    """Whether a database error means "database unavailable" (69) rather than a failed statement:
-    PostgreSQL reports "index row size exceeds" as an OperationalError too, yet no retry can help."""
-    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    sqlite_code = getattr(orig, "sqlite_errorcode", None)
-    if sqlite_code is not None:
-        return sqlite_code & 0xFF in _SQLITE_UNAVAILABLE
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate and sqlstate[:2] in _PG_UNAVAILABLE_CLASSES:
-        return True
-    return is_transient_db_error(exc)
-
-
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -322,7 +295,7 @@ def resolve_id(engine: Engine, text: str) -> str:
         # Undecodable argv bytes arrive as lone surrogates, which neither engine can bind or store.
         raise JobNotFoundError(text)
     with session_scope(engine) as session:
-        if repository.get_job(session, text) is not None:  # any id, a row written by plain SQL too
+        if reads.get_job(session, text) is not None:  # any id, a row written by plain SQL too
             return text
         prefix = _id_prefix(text)
         if prefix is None:
@@ -330,7 +303,7 @@ def resolve_id(engine: Engine, text: str) -> str:
         if len(prefix.replace("-", "")) < MIN_ID_PREFIX:
             raise ValidationError("id", text, f"a job id, or a unique prefix of one of at least {MIN_ID_PREFIX}"
                                               " hex digits")
-        found = repository.job_ids_between(session, prefix, _after_prefix(prefix), _CANDIDATES_SHOWN + 1)
+        found = reads.job_ids_between(session, prefix, _after_prefix(prefix), _CANDIDATES_SHOWN + 1)
     matches = [job_id for job_id in found if job_id.startswith(prefix)]
     if not matches:
         raise JobNotFoundError(text)

@@ -34,11 +34,12 @@ from dgxqueue.cli.wait import Progress, finish, watch
 from dgxqueue.errors import JobNotFoundError, ValidationError
 from dgxqueue.storage import (
     Generation,
+    admin,
     cancel_generation,
     get_all_generations,
     get_database_stats,
     get_generation,
-    repository,
+    reads,
     retry_generation,
     session_scope,
 )
@@ -168,10 +169,10 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         raise ValidationError("status", args.status, "completed, failed or both (comma-separated)")
     engine = ctx.engine()
     with session_scope(engine) as session:
-        victims = repository.finished_jobs_before(session, statuses, cutoff)
+        victims = reads.finished_jobs_before(session, statuses, cutoff)
         if not args.dry_run:
             # Files go only with rows really deleted, and only after the deletion is committed.
-            deleted = set(repository.delete_finished(session, [job_id for job_id, _ in victims]))
+            deleted = set(admin.delete_finished(session, [job_id for job_id, _ in victims]))
             victims = [(job_id, path) for job_id, path in victims if job_id in deleted]
         # Read in the deleting transaction: rows left then are the ones that still need the file.
         in_use = _paths_in_use(session, victims, deleted=not args.dry_run) if args.delete_files else set()

@@ -25,7 +25,7 @@ from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_protocol import DaemonQueue
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.hooks import Hooks
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.systemd import Notifier
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from random import Random
-from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
@@ -32,16 +31,17 @@ from dgxqueue.config import WorkerSettings
 from dgxqueue.daemon import staging
 from dgxqueue.daemon.claimer import Claimer
 from dgxqueue.daemon.executor import Outcome
-from dgxqueue.daemon.isolation import timeout_marks
+from dgxqueue.daemon.isolation import timed_out
 from dgxqueue.daemon.leases import Held
 from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_protocol import DaemonQueue
 from dgxqueue.daemon.retry import decide
 from dgxqueue.errors import DgxQueueError, OutputError
 from dgxqueue.hooks import Hooks
-from dgxqueue.storage import repository
-from dgxqueue.storage.driver import is_transient_db_error
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.storage.dberrors import is_transient_db_error
+from dgxqueue.storage.models import FAILED
+from dgxqueue.storage.results import Completed, Failed, Result, Retried
 
 # A backend call longer than a transaction's fixed cost (a round trip and a commit) hides the
 # outcome write that runs beside it; see Completer.claim_next_round.
@@ -125,7 +125,7 @@ class Completer:
             return
         now = self.clock()
         rows = [(outcome.job, *self._row_write(outcome, now)) for outcome in outcomes]
-        pairs = [(job, values) for job, values, _, _ in rows]
+        pairs = [(job, result) for job, result, _, _ in rows]
         claimed: list[ClaimedJob] = []
         start = claimer.starts()
         staged = any(o.staged is not None for o in outcomes)
@@ -152,13 +152,12 @@ class Completer:
                 audio_seconds=outcome.audio_seconds if kind == "completed" else None, error=error,
             )
 
-    def _row_write(self, outcome: Outcome, now: datetime) -> tuple[dict[str, Any], str, str | None]:
-        """What ``outcome`` writes in its job's row: the values, the hooks' label for it
+    def _row_write(self, outcome: Outcome, now: datetime) -> tuple[Result, str, str | None]:
+        """What ``outcome`` comes to: the result storage records, the hooks' label for it
         (completed, retried or failed) and the error message it records."""
         job = outcome.job
         if outcome.error is None:
-            return repository.completed_values(
-                now, outcome.generation_seconds, outcome.file_size, outcome.metadata), "completed", None
+            return Completed(now, outcome.generation_seconds, outcome.file_size, outcome.metadata), "completed", None
         if not isinstance(outcome.error, DgxQueueError):  # a bug, not a refusal: keep the traceback
             self.log.error("unexpected error in the generator", job_id=job.id, model=job.model_name,
                            attempt=job.attempt, exc_info=outcome.error)
@@ -166,11 +165,10 @@ class Completer:
                           now=now, settings=self.settings, rng=self.rng)
         if decision.retry:
             assert decision.run_after is not None
-            values = repository.retry_values(decision.run_after, decision.message)
-        else:
-            values = repository.failed_values(now, decision.message, outcome.generation_seconds)
-        values.update(timeout_marks(outcome))
-        return values, "retried" if decision.retry else "failed", decision.message
+            return (Retried(decision.run_after, decision.message, timed_out=timed_out(outcome)), "retried",
+                    decision.message)
+        return (Failed(now, decision.message, outcome.generation_seconds, timed_out=timed_out(outcome)), "failed",
+                decision.message)
 
     def release(self, keep: Collection[str] = (), marks: Mapping[str, str] | None = None) -> None:
         """Give back every held job but those in ``keep``, without spending their attempts;
@@ -248,7 +246,7 @@ class Completer:
                 continue
             assert outcome.staged is not None
             outcome.staged.discard()
-            if (state is not None and state.status == repository.FAILED and state.attempts == outcome.job.attempt
+            if (state is not None and state.status == FAILED and state.attempts == outcome.job.attempt
                     and state.worker_id is not None and staging.worker_hash(state.worker_id) == me):
                 refused.add(job_id)
         return [ok or o.job.id in ours for o, ok in zip(outcomes, written, strict=True)], refused

@@ -65,7 +65,8 @@ from dgxqueue.daemon.waker import Waker, make_waker
 from dgxqueue.errors import JobTimeoutError
 from dgxqueue.generators import Generator
 from dgxqueue.hooks import DaemonInfo, Hooks
-from dgxqueue.storage.driver import is_transient_db_error
+from dgxqueue.storage.dberrors import is_transient_db_error
+from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import utcnow
 from dgxqueue.systemd import Notifier
 
@@ -181,8 +182,9 @@ class Daemon:
             max_call_size=lambda: generator.max_batch_size, runner=self.runner, stopping=lambda: self.stopping,
             outputs_check=self.outputs_check, hooks=self.hooks, notifier=self.notifier, clock=clock, log=self.log,
         )
+        writes_behind = profile_of(engine.dialect).writes_behind if engine is not None else True
         self.completer = Completer(
-            self.store, self.held, self.claimer, settings=self.config, writes_behind=self.engine_name != "sqlite",
+            self.store, self.held, self.claimer, settings=self.config, writes_behind=writes_behind,
             hooks=self.hooks, clock=clock, rng=rng or random.Random(), log=self.log,
         )
         self._hard_stop = HardStop(self._overran, lambda: self.exit_code)

@@ -23,7 +23,7 @@ from dgxqueue import audio
 from dgxqueue.daemon import staging
 from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.validation import steering_value, unstorable
 
 

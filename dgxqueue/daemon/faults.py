@@ -28,7 +28,7 @@ from dgxqueue.daemon.executor import Outcome
 from dgxqueue.daemon.retry import MACHINE_FAULT_MARK, describe
 from dgxqueue.errors import TransientGeneratorError
 from dgxqueue.machine_faults import OUTPUT_FAULTS, PROBED_REASONS, machine_fault
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
 
 #: How many faults no test can confirm a job is given back for, unspent, before it pays for them.
 UNCONFIRMED_REFUNDS = 5

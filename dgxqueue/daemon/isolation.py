@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
 
 from dgxqueue.daemon.executor import Outcome, Work, prepare, to_request
 from dgxqueue.errors import JobTimeoutError
 from dgxqueue.generators import Generator, split_into_batches
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
 
 
 def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work], list[Outcome]]:
@@ -56,8 +55,7 @@ def split_isolating(work: Sequence[Work], key: Callable[[Work], Hashable], size:
     return split_into_batches(trusted, key, size) + [[w] for w in suspects]
 
 
-def timeout_marks(outcome: Outcome) -> dict[str, Any]:
-    """The column values that mark a job whose call overran the time limit as suspect."""
-    if isinstance(outcome.error, JobTimeoutError):
-        return {"lease_losses": outcome.job.lease_losses + 1}
-    return {}
+def timed_out(outcome: Outcome) -> bool:
+    """The job's call overran the time limit: its result marks it suspect (storage counts it
+    in ``lease_losses``)."""
+    return isinstance(outcome.error, JobTimeoutError)

@@ -24,7 +24,7 @@ from dgxqueue.daemon import staging
 from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_protocol import DaemonQueue
 from dgxqueue.hooks import Hooks
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
 
 
 @dataclass

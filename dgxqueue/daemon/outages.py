@@ -13,7 +13,7 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from dgxqueue.storage.driver import is_transient_db_error
+from dgxqueue.storage.dberrors import is_transient_db_error
 
 
 @contextlib.contextmanager

@@ -1,12 +1,12 @@
 """The daemon's database calls, each one short transaction retried through hiccups.
 
-Claims and outcomes, once or more per job, take :mod:`~dgxqueue.storage.fastqueue`'s driver-level
-path; the rarer calls go through a Session and the repository.
+Every call is one of :mod:`dgxqueue.storage.queue`'s operations: claims and results, once or
+more per job, on the main loop's own connection; the rarer calls through a Session.
 
 tenacity retries a call when the database is briefly unavailable: SQLite's ``database is
 locked``, a PostgreSQL restart, a dropped connection, a serialization failure. Each call is its
 own transaction, so a retry repeats the whole of it. Which errors are worth it is
-:func:`dgxqueue.storage.driver.is_transient_db_error` (the CLI's exit codes use it too).
+:func:`dgxqueue.storage.dberrors.is_transient_db_error` (the CLI's exit codes use it too).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import tenacity
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from dgxqueue.storage import fastqueue, repository
+from dgxqueue.storage import queue
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.database import session_scope
-from dgxqueue.storage.driver import Link, is_transient_db_error
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.dberrors import is_transient_db_error
+from dgxqueue.storage.driver import Link
+from dgxqueue.storage.results import Released, Result
 
 T = TypeVar("T")
 log = structlog.get_logger("dgxqueue.store")
@@ -35,13 +37,8 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
     log.warning("database call failed, retrying", attempt=state.attempt_number + 1, error=str(exc)[:300])
 
 
-def _rows(outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]]) -> list[fastqueue.Outcome]:
-    """Outcomes as fastqueue takes them: the fencing token (id, attempt) and the values."""
-    return [(job.id, job.attempt, values) for job, values in outcomes]
-
-
-def _written(outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], written: set[str]) -> list[bool]:
-    return [job.id in written for job, _ in outcomes]
+def _written(results: Sequence[tuple[ClaimedJob, Result]], written: set[str]) -> list[bool]:
+    return [job.id in written for job, _ in results]
 
 
 class _PastDeadline(tenacity.stop.stop_base):
@@ -109,19 +106,19 @@ class QueueClient:
     def ping(self) -> None:
         self._run(lambda s: s.execute(sa.select(1)).scalar_one())
 
-    # Every lease and due time is the database's clock (see repository.db_now), never the
+    # Every lease and due time is the database's clock (see engines.Profile), never the
     # daemon's: no call here takes the time.
 
     def claim(self, limit: int, *, start: bool = False) -> list[ClaimedJob]:
         """Claim up to ``limit`` jobs; ``start`` marks them started (the next backend call runs them)."""
-        return self._retry(lambda: fastqueue.claim(
+        return self._retry(lambda: queue.claim(
             self._link, worker_id=self.worker_id, models=self.models, limit=limit, lease=self.lease, start=start,
         ))
 
     def extend(self, jobs: Sequence[ClaimedJob]) -> set[str]:
         """Refresh the leases of ``jobs``; returns the ids this daemon still holds."""
         pairs = [(job.id, job.attempt) for job in jobs]
-        return self._run(lambda s: repository.extend_leases(
+        return self._run(lambda s: queue.extend(
             s, worker_id=self.worker_id, jobs=pairs, lease=self.lease,
         ))
 
@@ -129,56 +126,54 @@ class QueueClient:
         """Record that a backend call starts ``jobs`` (before it does), or with ``started`` False
         that it does not; returns the ids marked."""
         ids = [job.id for job in jobs]
-        return self._retry(lambda: fastqueue.mark_started(self._link, worker_id=self.worker_id, ids=ids,
-                                                          started=started))
+        return self._retry(lambda: queue.mark_started(self._link, worker_id=self.worker_id, ids=ids,
+                                                      started=started))
 
-    def finish(self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]]) -> list[bool]:
-        """Record several outcomes in one transaction; False where the write was fenced off."""
-        if not outcomes:
+    def finish(self, results: Sequence[tuple[ClaimedJob, Result]]) -> list[bool]:
+        """Record several jobs' results in one transaction; False where the write was fenced off."""
+        if not results:
             return []
-        rows = _rows(outcomes)
-        written = self._retry(lambda: fastqueue.finish_many(self._link, worker_id=self.worker_id, outcomes=rows))
-        return _written(outcomes, written)
+        written = self._retry(lambda: queue.finish(self._link, worker_id=self.worker_id, results=results))
+        return _written(results, written)
 
     def finish_and_claim(
-        self, outcomes: Sequence[tuple[ClaimedJob, dict[str, Any]]], limit: int, *, start: bool = False
+        self, results: Sequence[tuple[ClaimedJob, Result]], limit: int, *, start: bool = False
     ) -> tuple[list[bool], list[ClaimedJob]]:
         """:meth:`finish`, then claim up to ``limit`` more jobs (``start``: as :meth:`claim`), with
         one commit."""
-        rows = _rows(outcomes)
-        written, claimed = self._retry(lambda: fastqueue.finish_and_claim(
-            self._link, worker_id=self.worker_id, outcomes=rows, models=self.models, limit=limit,
+        written, claimed = self._retry(lambda: queue.finish_and_claim(
+            self._link, worker_id=self.worker_id, results=results, models=self.models, limit=limit,
             lease=self.lease, start=start,
         ))
-        return _written(outcomes, written), claimed
+        return _written(results, written), claimed
 
     def release(self, jobs: Sequence[ClaimedJob], messages: Mapping[str, str] | None = None) -> list[bool]:
         """Give jobs back to the queue without spending their attempt (graceful stop, machine
         fault); ``messages``: the ``error_message`` to leave on some of them, by id."""
         messages = messages or {}
-        return self.finish([(job, repository.release_values(job.attempt, messages.get(job.id))) for job in jobs])
+        return self.finish([(job, Released(messages.get(job.id))) for job in jobs])
 
     def error_messages(self, ids: Sequence[str]) -> dict[str, str | None]:
         """On the held connection: after a machine fault (no file descriptors left) a new one may
         not open."""
-        return self._retry(lambda: fastqueue.error_messages(self._link, ids))
+        return self._retry(lambda: queue.error_messages(self._link, ids))
 
-    def attempts(self, ids: Sequence[str]) -> dict[str, repository.AttemptState]:
+    def attempts(self, ids: Sequence[str]) -> dict[str, queue.AttemptState]:
         """Where each of these jobs stands (for the files of its attempts)."""
-        return self._run(lambda s: repository.attempt_states(s, ids))
+        return self._run(lambda s: queue.attempt_states(s, ids))
 
     def rescue(self) -> tuple[list[str], list[str]]:
         def rescue(session: Session) -> tuple[list[str], list[str]]:
-            requeued, failed = repository.rescue_expired(session)
+            requeued, failed = queue.rescue_expired(session)
             if requeued:
-                repository.notify_models(session, self.models)
+                queue.notify(session, self.models)
             return requeued, failed
         return self._run(rescue)
 
     def has_work(self) -> bool:
         """Due jobs, or retries waiting out their backoff, for this daemon's models (burst mode)."""
-        return self._run(lambda s: repository.has_work(s, self.models))
+        return self._run(lambda s: queue.has_work(s, self.models))
 
     def next_due(self) -> timedelta | None:
         """How long until the earliest not-yet-due pending job of this daemon's models is due."""
-        return self._run(lambda s: repository.next_due(s, self.models))
+        return self._run(lambda s: queue.next_due(s, self.models))

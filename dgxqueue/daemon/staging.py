@@ -37,7 +37,8 @@ import structlog
 
 from dgxqueue import audio
 from dgxqueue.errors import OutputError
-from dgxqueue.storage.repository import COMPLETED, PROCESSING, AttemptState
+from dgxqueue.storage.models import COMPLETED, PROCESSING
+from dgxqueue.storage.queue import AttemptState
 
 log = structlog.get_logger("dgxqueue.staging")
 _SAFE_ID = re.compile(r"[0-9A-Za-z-]{1,100}")  # a UUID, as our producers make them, is written as is

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
-from dgxqueue.storage.repository import NOTIFY_CHANNEL
+from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.queue import NOTIFY_CHANNEL
 
 
 class Waker(Protocol):
@@ -164,6 +165,7 @@ class PostgresWaker:
 
 
 def make_waker(engine: Engine, sqlite_interval: float) -> Waker:
-    if engine.dialect.name == "postgresql":
+    """The waker the engine's profile names: LISTEN, or polling ``PRAGMA data_version``."""
+    if profile_of(engine.dialect).waker == "listen":
         return PostgresWaker(engine)
     return SQLiteWaker(engine, sqlite_interval)

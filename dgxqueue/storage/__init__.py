@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 
 from dgxqueue.config import JobSettings, OutputSettings
 from dgxqueue.errors import ValidationError
-from dgxqueue.storage import fastinsert, repository
+from dgxqueue.storage import admin, queue, reads
 from dgxqueue.storage.database import (
     create_engine,
     dispose_engines,
@@ -28,6 +28,7 @@ from dgxqueue.storage.database import (
     session_scope,
 )
 from dgxqueue.storage.models import Base, Generation, GenerationStatus, Prompt, utcnow
+from dgxqueue.storage.results import storable_text
 from dgxqueue.storage.validation import (
     MAX_FILE_SIZE,
     JobSpec,
@@ -67,7 +68,7 @@ def create_generations(
     """
     jobs = validate_jobs(specs, limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
     if jobs:  # none: the session's transaction is not begun for nothing
-        fastinsert.insert_jobs(_flushed_connection(session), jobs, utcnow())
+        queue.insert_jobs(_flushed_connection(session), jobs, utcnow())
     return [job.id for job in jobs]
 
 
@@ -98,8 +99,8 @@ def create_generation(
                        priority=priority, run_after=run_after, max_attempts=max_attempts,
                        limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
     now = utcnow()
-    fastinsert.insert_jobs(_flushed_connection(session), [job], now)
-    return _persistent(session, fastinsert.job_row(job, now))
+    queue.insert_jobs(_flushed_connection(session), [job], now)
+    return _persistent(session, queue.job_row(job, now))
 
 
 def _flushed_connection(session: Session) -> sa.Connection:
@@ -133,7 +134,7 @@ _GENERATION_COLUMNS = tuple((prop.key, prop.columns[0]) for prop in _GENERATIONS
 
 def get_generation(session: Session, generation_id: str) -> Generation | None:
     """The generation with this id, or None."""
-    return repository.get_job(session, generation_id)
+    return reads.get_job(session, generation_id)
 
 
 def _non_negative(field: str, value: object, kind: type) -> Any:
@@ -171,26 +172,26 @@ def complete_generation(
         from dgxqueue.storage.validation import validate_metadata
 
         values["metadata"] = validate_metadata(metadata, _DEFAULT_LIMITS)
-    return repository.set_outcome(session, generation_id, GenerationStatus.COMPLETED, values)
+    return admin.set_outcome(session, generation_id, GenerationStatus.COMPLETED, values)
 
 
 def fail_generation(session: Session, generation_id: str, error_message: str) -> Generation:
     """Mark a pending or processing generation failed with its reason."""
     if not isinstance(error_message, str) or not error_message.strip():
         raise ValidationError("error_message", error_message, "non-empty text")
-    return repository.set_outcome(
-        session, generation_id, GenerationStatus.FAILED, {"error_message": repository.storable_text(error_message)}
+    return admin.set_outcome(
+        session, generation_id, GenerationStatus.FAILED, {"error_message": storable_text(error_message)}
     )
 
 
 def cancel_generation(session: Session, generation_id: str) -> Generation:
     """Cancel a pending generation (recorded as failed, 'cancelled by request')."""
-    return repository.cancel_job(session, generation_id)
+    return admin.cancel_job(session, generation_id)
 
 
 def retry_generation(session: Session, generation_id: str, run_after: datetime | None = None) -> Generation:
     """Send a failed generation back to the queue with fresh attempts."""
-    return repository.retry_job(session, generation_id, validate_run_after(run_after))
+    return admin.retry_job(session, generation_id, validate_run_after(run_after))
 
 
 def get_all_generations(
@@ -201,31 +202,31 @@ def get_all_generations(
 ) -> list[Generation]:
     """Generations, newest first (completed ones by completion time), optionally of one status."""
     chosen = None if status is None else validate_status(status)
-    return repository.list_jobs(
+    return reads.list_jobs(
         session, chosen, validate_limit(limit), validate_limit(offset, "offset", 10**9)
     )
 
 
 def get_pending_generations(session: Session, limit: int = 100) -> list[Generation]:
     """Pending generations in the order the daemon will claim them."""
-    return repository.pending_jobs(session, validate_limit(limit))
+    return reads.pending_jobs(session, validate_limit(limit))
 
 
 def get_most_used_prompts(session: Session, limit: int = 10) -> list[Prompt]:
     """Prompts by use count, most used first."""
-    return repository.most_used_prompts(session, validate_limit(limit))
+    return reads.most_used_prompts(session, validate_limit(limit))
 
 
 def delete_generation(session: Session, generation_id: str) -> bool:
     """Delete a generation row (not its file). True if it existed."""
-    return repository.delete_job(session, generation_id)
+    return admin.delete_job(session, generation_id)
 
 
 def track_prompt_usage(session: Session, prompt: str, *, limits: JobSettings | None = None) -> Prompt:
     """Count one use of ``prompt`` (atomic upsert) and return its row."""
     text = validate_prompt(prompt, limits or _DEFAULT_LIMITS)
-    repository.upsert_prompts(session, {text: 1}, utcnow())
-    found = repository.get_prompt(session, text)
+    queue.upsert_prompts(session, {text: 1}, utcnow())
+    found = reads.get_prompt(session, text)
     assert found is not None
     session.refresh(found)
     return found
@@ -233,4 +234,4 @@ def track_prompt_usage(session: Session, prompt: str, *, limits: JobSettings | N
 
 def get_database_stats(session: Session) -> dict[str, Any]:
     """Totals: ``total_generations``, counts by status, prompts, average time, audio seconds."""
-    return repository.database_stats(session)
+    return reads.database_stats(session)

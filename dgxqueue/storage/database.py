@@ -1,7 +1,7 @@
 """Engines, sessions and schema set-up (``init_db``).
 
-One engine per database URL per process. SQLite connections get WAL, a busy timeout,
-``synchronous`` (NORMAL by default) and foreign keys on every connect. ``init_db`` leaves any
+One engine per database URL per process, configured by its engine's profile
+(:mod:`~dgxqueue.storage.engines`: SQLite's pragmas, PostgreSQL's pool). ``init_db`` leaves any
 database at the newest migration, refusing one that is newer than this code.
 
 Who may create a database is decided in one place, :func:`open_queue`: migrations and ``demo``
@@ -13,8 +13,6 @@ empty queue.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
 import os
 import re
 import sqlite3
@@ -29,11 +27,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dgxqueue.config import DEFAULT_DATABASE_URL, DatabaseSettings
 from dgxqueue.errors import ConfigError, SchemaError
-from dgxqueue.storage.rowvalues import register_postgresql_loaders
+from dgxqueue.storage.engines import BACKENDS, profile_for, profile_of
 
 _engines: dict[tuple[str, DatabaseSettings], Engine] = {}
 _engines_lock = threading.Lock()
-_MIGRATION_LOCK_KEY = 0x64677871  # "dgxq": PostgreSQL advisory lock held while migrating
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -69,15 +66,14 @@ def _parse(url: str) -> URL:
         parsed = make_url(url)
     except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError("database.url", hide_password(url), _URL_RULE) from None
-    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+    if parsed.get_backend_name() not in BACKENDS:
         raise ConfigError("database.url", hide_password(url), "a sqlite:/// or postgresql:// URL")
     if parsed.host is not None and "@" in parsed.host:
         # An '@' left in the password: the rest of the password would be taken for the host name,
         # and shown as such (hidden passwords, driver errors) in every message.
         raise ConfigError("database.url", hide_password(url),
                           "a URL whose user name and password write '@' as %40 (and ':' as %3A, '/' as %2F)")
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
+    parsed = parsed.set(drivername=profile_for(parsed).driver_name(parsed.drivername))
     if parsed.drivername not in _DRIVERS:  # the waker and the row loaders are psycopg 3's
         raise ConfigError("database.url", hide_password(url),
                           "a URL for a supported driver: " + ", ".join(f"{d}://" for d in _DRIVERS))
@@ -88,7 +84,7 @@ def describe_url(url: str) -> str:
     """Where ``url`` points, for messages: the absolute SQLite path, or the server and database
     with the password hidden."""
     parsed = _parse(url)
-    if parsed.get_backend_name() == "sqlite":
+    if profile_for(parsed).is_file:
         path = sqlite_path(url)
         return str(path.absolute()) if path is not None else "an in-memory SQLite database"
     shown = parsed.set(drivername="postgresql", port=parsed.port or 5432)
@@ -103,7 +99,7 @@ def display_url(url: str) -> str:
 
 def check_driver(url: str) -> None:
     """Raise :class:`ConfigError` when the driver ``url`` needs is not installed."""
-    if _parse(url).get_backend_name() != "postgresql":
+    if profile_for(_parse(url)).is_file:
         return
     try:
         import psycopg  # noqa: F401  (only whether it imports)
@@ -117,57 +113,20 @@ def check_driver(url: str) -> None:
 def sqlite_path(url: str) -> Path | None:
     """The file behind a SQLite URL (None for in-memory or another engine)."""
     parsed = _parse(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    if not profile_for(parsed).is_file or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
 
 
-_lenient_text = functools.partial(str, encoding="utf-8", errors="replace")
-
-
-def _configure_sqlite(engine: Engine, settings: DatabaseSettings) -> None:
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Text that is not UTF-8 (stored by plain SQL, CAST(x'ff' AS TEXT)) reads with U+FFFD in
-        # place of the bad bytes: the driver's default raises, on every read of the row.
-        dbapi_connection.text_factory = _lenient_text
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(settings.sqlite_busy_timeout_ms)}")
-        try:
-            cursor.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.OperationalError as exc:
-            # A file this process may only read (a backup, which is not in WAL mode, on read-only
-            # media) is still readable; a write to it fails on its own, naming the cause.
-            if "readonly" not in str(exc):
-                raise
-        # Validated against a fixed list in config: no user text reaches this statement.
-        cursor.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        # Negative: KiB, not pages. A daemon holds several connections, and with SQLite's default
-        # cache on each its memory kept growing over its first jobs; claims touch a few pages.
-        cursor.execute(f"PRAGMA cache_size = -{int(settings.sqlite_cache_kib)}")
-        cursor.close()
-
-
 def create_engine(url: str | None = None, settings: DatabaseSettings | None = None) -> Engine:
-    """A new engine for ``url`` with the per-connection settings applied."""
+    """A new engine for ``url`` with its engine's per-connection settings applied."""
     settings = settings or DatabaseSettings()
     text_url = resolve_url(url)
     parsed = _parse(text_url)
     check_driver(text_url)  # otherwise SQLAlchemy's first connect fails with a bare ImportError
-    if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(parsed, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000})
-        _configure_sqlite(engine, settings)
-        return engine
-    engine = sa.create_engine(
-        # No pre-ping: it costs a round trip per transaction; a dead connection raises instead,
-        # and the daemon's calls retry through tenacity (dgxqueue.daemon.queue_client).
-        parsed, pool_size=settings.pool_size, pool_recycle=3600,
-        connect_args={"connect_timeout": 10},  # an unreachable host fails in 10 s, not the TCP timeout
-    )
-    if engine.dialect.driver == "psycopg":
-        # A time Python cannot hold ('infinity', written by plain SQL) reads as its text, not an error.
-        sa.event.listen(engine, "connect", lambda dbapi_connection, _: register_postgresql_loaders(dbapi_connection))
+    profile = profile_for(parsed)
+    engine = sa.create_engine(parsed, **profile.engine_options(settings))
+    profile.configure(engine, settings)
     return engine
 
 
@@ -270,33 +229,14 @@ def current_revision(connection: sa.Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-@contextlib.contextmanager
-def _migration_lock(engine: Engine) -> Iterator[None]:
-    """One migrator at a time: an advisory lock on PostgreSQL, a file lock beside SQLite."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            conn.execute(sa.select(sa.func.pg_advisory_lock(_MIGRATION_LOCK_KEY)))
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sa.select(sa.func.pg_advisory_unlock(_MIGRATION_LOCK_KEY)))
-                conn.commit()
-        return
+def _migration_lock(engine: Engine) -> contextlib.AbstractContextManager[None]:
+    """One migrator at a time (the engine's own lock)."""
     path = sqlite_path(str(engine.url))
-    if path is None:
-        yield
-        return
-    with open(f"{path}.migrate-lock", "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return profile_of(engine.dialect).migration_lock(engine, None if path is None else str(path))
 
 
 def _make_sqlite_folder(engine: Engine) -> None:
-    path = sqlite_path(str(engine.url)) if engine.dialect.name == "sqlite" else None
+    path = sqlite_path(str(engine.url))
     if path is not None:  # creating the database creates its folder; nothing else does
         path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -360,7 +300,7 @@ _SPEC_COLUMNS = ("id", "prompt", "model_name", "model_version", "duration_second
 def ensure_schema(engine: Engine) -> str:
     """Bring the database to head; refuse one newer than this code. Returns the revision."""
     _make_sqlite_folder(engine)
-    path = sqlite_path(str(engine.url)) if engine.dialect.name == "sqlite" else None
+    path = sqlite_path(str(engine.url))
     if path is None or path.exists():  # a new SQLite file: its first connection switches it to WAL,
         with engine.connect() as conn:  # which races other first connections; take the lock below
             if _stored_revision(conn) == HEAD_REVISION:
@@ -449,7 +389,7 @@ def open_queue(url: str | None = None, settings: DatabaseSettings | None = None,
         return engine
     where = describe_url(text_url)
     path = sqlite_path(text_url)
-    if path is None and _parse(text_url).get_backend_name() == "sqlite":
+    if path is None and profile_for(_parse(text_url)).is_file:
         # 'db upgrade creates them there' would be false: each process gets its own, empty one.
         raise SchemaError(f"{where} is empty in every process and shared with none: set DATABASE_URL "
                           "or database.url to a SQLite file (sqlite:///data/generations.db) or PostgreSQL")

@@ -1,12 +1,11 @@
-"""Hot paths on the bare DB-API connection: the repository's statements, compiled once.
+"""Hot paths on the bare DB-API connection: the queue's statements, compiled once.
 
 A Session and a Core execution context cost more than the statement itself on SQLite, on every
-call. The producer's insert (:mod:`fastinsert`) and the daemon's claim and
-finish (:mod:`fastqueue`) therefore compile the repository's own Core constructs once per
-dialect, together with their bind and result processors, and run them on the pooled driver
-connection. Errors come out as SQLAlchemy's ``DBAPIError`` subclasses, as through a Session, so
-callers' retry rules are unchanged. Nothing here writes SQL: it only compiles what the
-repository builds.
+call. The queue's hot calls (:mod:`~dgxqueue.storage.queue`: insert, claim, mark started,
+finish) therefore compile their Core constructs once per dialect, together with their bind and
+result processors, and run them on the pooled driver connection. Errors come out as
+SQLAlchemy's ``DBAPIError`` subclasses, as through a Session, so callers' retry rules are
+unchanged. Nothing here writes SQL: it only compiles what the queue builds.
 """
 
 from __future__ import annotations
@@ -20,35 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.sql.expression import ClauseElement
 
+from dgxqueue.storage.engines import profile_of
+
 _REQUIRED = object()
 _Processor = Callable[[Any], Any]
-
-
-# Serialization failure, deadlock, lock not available; and whole SQLSTATE classes: connection
-# exceptions, insufficient resources, operator intervention (shutdowns), system errors.
-_RETRYABLE_PGCODES = {"40001", "40P01", "55P03"}
-_RETRYABLE_PGCLASSES = {"08", "53", "57", "58"}
-# Busy and locked; and the machine's faults under the database file (an I/O error, its disk
-# full), which pass once the machine recovers, as a PostgreSQL server's full disk (53100) does.
-_SQLITE_TRANSIENT = {5, 6, 10, 13}  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL
-
-
-def is_transient_db_error(exc: BaseException) -> bool:
-    """Errors worth retrying: lost connections, locks, server restarts, serialization failures, a
-    full disk."""
-    if isinstance(exc, sa.exc.DBAPIError):
-        code = getattr(exc.orig, "sqlite_errorcode", None)
-        if code is not None:  # SQLite raises OperationalError for syntax errors too: by its code
-            return code & 0xFF in _SQLITE_TRANSIENT
-        if exc.connection_invalidated:
-            return True
-        sqlstate = getattr(exc.orig, "sqlstate", None)
-        if sqlstate:  # the server answered: its code says whether trying again can help (psycopg
-            # raises OperationalError for 'index row size exceeds' too, which never passes)
-            return sqlstate in _RETRYABLE_PGCODES or sqlstate[:2] in _RETRYABLE_PGCLASSES
-        # No code: the connection itself failed (refused, closed, timed out).
-        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
-    return isinstance(exc, sa.exc.TimeoutError)  # pool checkout timed out
 
 
 @dataclass(frozen=True)
@@ -187,8 +161,9 @@ class Link:
             self._connection = self._checkout()
         connection = self._connection
         driver: Any = connection.dbapi_connection
-        autocommit = autocommit and dialect.name == "postgresql"
-        pipeline = pipeline and dialect.name == "postgresql"
+        profile = profile_of(dialect)
+        autocommit = autocommit and profile.one_round_trip
+        pipeline = pipeline and profile.one_round_trip
         cursor = Cursor(connection, pipelined=pipeline)
         pipelined = contextlib.ExitStack()
         try:
@@ -196,12 +171,8 @@ class Link:
                 driver.autocommit = True
             if pipeline:
                 pipelined.enter_context(driver.pipeline())
-            if dialect.name == "sqlite":
-                # Explicitly: Python's sqlite3 opens a transaction only before a statement that
-                # starts with INSERT/UPDATE/DELETE, so a WITH ... UPDATE would commit on its own.
-                # IMMEDIATE takes the write lock now, under the busy timeout, instead of failing
-                # with SQLITE_BUSY_SNAPSHOT when a read turns into a write.
-                cursor.raw.execute("BEGIN IMMEDIATE")
+            if profile.begin is not None:  # SQLite's BEGIN IMMEDIATE (engines.SQLiteProfile says why)
+                cursor.raw.execute(profile.begin)
             yield cursor
             if not autocommit:
                 connection.commit()

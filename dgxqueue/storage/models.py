@@ -183,3 +183,17 @@ class Prompt(Base):
 
     def __repr__(self) -> str:
         return f"Prompt(text={self.text!r}, used_count={self.used_count})"
+
+
+# The tables and statuses as Core statements use them.
+G = cast(sa.Table, Generation.__table__)
+P = cast(sa.Table, Prompt.__table__)
+PENDING, PROCESSING = GenerationStatus.PENDING.value, GenerationStatus.PROCESSING.value
+COMPLETED, FAILED = GenerationStatus.COMPLETED.value, GenerationStatus.FAILED.value
+
+# The statuses as SQL literals, not bind parameters: the partial indexes (WHERE status = 'pending',
+# WHERE status = 'processing') can only serve a query whose predicate is known when it is planned,
+# which a PostgreSQL generic plan for a prepared statement, or SQLite's planner, cannot assume of a
+# parameter. Constants of this module, never user input.
+IS_PENDING = G.c.status == sa.literal_column("'pending'")
+IS_PROCESSING = G.c.status == sa.literal_column("'processing'")

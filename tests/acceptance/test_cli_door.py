@@ -21,7 +21,7 @@ from dgxqueue.storage import (
     init_db,
     session_scope,
 )
-from dgxqueue.storage.repository import G
+from dgxqueue.storage.models import G
 from tests.acceptance.test_cli import UUID, Cli, assert_error
 
 # A prompt that would retitle the terminal window and clear the screen if printed as it is.

@@ -11,7 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from dgxqueue.storage import complete_generation, dispose_engines, init_db, session_scope
-from dgxqueue.storage.repository import G
+from dgxqueue.storage.models import G
 from tests.acceptance.test_cli import Cli, assert_error
 
 # What the terminal must never receive raw, whatever a file, argv or the database holds.

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = [
     "dgxqueue/__init__.py",
     "dgxqueue/py.typed",
-    "dgxqueue/storage/repository.py",
+    "dgxqueue/storage/queue.py",
     "dgxqueue/daemon/daemon.py",
     "dgxqueue/_alembic/env.py",
     "dgxqueue/_alembic/alembic.ini",

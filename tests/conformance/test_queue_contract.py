@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from datetime import timedelta, timezone
 
+from dgxqueue.storage.repository import AttemptState
+
 from dgxqueue.daemon.executor import Outcome
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS, tally
 from dgxqueue.daemon.isolation import timeout_marks
 from dgxqueue.daemon.retry import MACHINE_FAULT_MARK
 from dgxqueue.errors import JobTimeoutError
-from dgxqueue.storage.repository import AttemptState
 from tests.support.queues import LEASE, MODEL, QueueBackend, completed, failed, ids, retried
 
 PAST_LEASE = LEASE.total_seconds() + 5

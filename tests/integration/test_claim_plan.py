@@ -6,16 +6,17 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from dgxqueue.storage import create_generations, repository, session_scope
+from dgxqueue.storage import create_generations, queue, session_scope
+from dgxqueue.storage.engines import profile_of
 
 
 def test_claim_plan__uses_claim_index_without_statistics(engine: sa.Engine) -> None:
     """Without ANALYZE, the claim reads idx_generations_claim and finds rows by primary key."""
     with session_scope(engine) as s:
         create_generations(s, [{"prompt": f"p{i}", "model_name": "m"} for i in range(2000)])
-    statement = repository.claim_statement(engine.dialect.name, 1)
+    statement = queue.claim_statement(profile_of(engine.dialect), 1)
     compiled = statement.compile(dialect=engine.dialect)
-    params = compiled.construct_params(repository.claim_parameters(
+    params = compiled.construct_params(queue.claim_parameters(
         worker_id="w", models=["m"], limit=1, lease=timedelta(seconds=60)))
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":

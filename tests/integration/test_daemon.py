@@ -26,12 +26,12 @@ from dgxqueue.storage import (
     get_engine,
     get_generation,
     init_db,
-    repository,
+    queue,
     session_scope,
 )
 from dgxqueue.storage.database import sqlite_path
-from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.repository import G
+from dgxqueue.storage.models import G, utcnow
+from tests.support import queue_calls
 from tests.support.daemons import RecordingHooks, make_daemon, make_settings
 from tests.support.generators import ScriptedGenerator
 from tests.support.processes import wait_until
@@ -303,7 +303,7 @@ def test_daemon__fenced_write_is_refused(engine: sa.Engine, db_url: str, outputs
     # A is presumed dead: its lease is expired from the rescuer's point of view.
     expire_leases(db_url)
     with session_scope(get_engine(db_url)) as s:
-        requeued, failed = repository.rescue_expired(s)
+        requeued, failed = queue.rescue_expired(s)
     assert requeued == [job_id] and failed == []
     hooks_b = RecordingHooks()
     daemon_b = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks_b, worker_id="B")
@@ -326,9 +326,9 @@ def test_daemon__rescue_requeues_then_fails_expired_leases(engine: sa.Engine, db
     daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks)
     job_id = enqueue(db_url, "fine", max_attempts=2)
     for attempt in (1, 2):
-        with session_scope(get_engine(db_url)) as s:
-            jobs = repository.claim(s, worker_id="dead", models=["scripted"], limit=1, lease=timedelta(seconds=1))
-            assert repository.mark_started(s, worker_id="dead", ids=[job_id]) == {job_id}
+        jobs = queue_calls.claim(get_engine(db_url), worker_id="dead", models=["scripted"], limit=1,
+                                 lease=timedelta(seconds=1))
+        assert queue_calls.mark_started(get_engine(db_url), worker_id="dead", ids=[job_id]) == {job_id}
         assert [(j.attempt, j.lease_losses) for j in jobs] == [(attempt, attempt - 1)]
         expire_leases(db_url)
         daemon.rescuer.run_once()
@@ -347,9 +347,8 @@ def test_daemon__rescue_requeues_processing_rows_without_a_lease(engine: sa.Engi
     orphan, held = enqueue(db_url, "fine"), enqueue(db_url, "fine")
     with get_engine(db_url).begin() as conn:
         conn.execute(sa.update(Generation).where(Generation.id == orphan).values(status="processing"))
-    with session_scope(get_engine(db_url)) as s:
-        [claimed] = repository.claim(s, worker_id="alive", models=["scripted"], limit=1,
-                                     lease=timedelta(hours=1))
+    [claimed] = queue_calls.claim(get_engine(db_url), worker_id="alive", models=["scripted"], limit=1,
+                                  lease=timedelta(hours=1))
     assert claimed.id == held
     daemon.rescuer.run_once()
     assert (row(db_url, held).status, row(db_url, held).worker_id) == ("processing", "alive")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dgxqueue.storage import Generation, create_generation, get_engine, get_generation, repository, session_scope
+from dgxqueue.storage import Generation, create_generation, get_engine, get_generation, queue, session_scope
 from dgxqueue.storage.models import utcnow
+from tests.support import queue_calls
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
 from tests.support.processes import wait_until
@@ -60,9 +61,8 @@ def test_daemon_clock__a_skewed_daemon_keeps_its_leases(engine: sa.Engine, db_ur
         wait_until(lambda: (lease := row(db_url, job_id).lease_expires_at) and lease > first_lease, 10, "a heartbeat")
         honest.rescuer.run_once()
         enqueue(db_url, "fine")
-        with session_scope(get_engine(db_url)) as s:  # the other daemon's running job
-            [other] = repository.claim(s, worker_id="honest", models=["scripted"], limit=1,
-                                       lease=timedelta(seconds=30))
+        [other] = queue_calls.claim(get_engine(db_url), worker_id="honest", models=["scripted"], limit=1,
+                                    lease=timedelta(seconds=30))  # the other daemon's running job
         skewed_rescuer.rescuer.run_once()
         assert honest_hooks.rescued == [] and skewed_hooks.rescued == []
         assert (row(db_url, job_id).status, row(db_url, job_id).worker_id) == ("processing", "skewed")
@@ -92,7 +92,7 @@ def test_daemon_clock__a_skewed_daemon_claims_what_is_due(engine: sa.Engine, db_
     finally:
         daemon.shutdown()
     with session_scope(get_engine(db_url)) as s:
-        waiting = repository.next_due(s, ["scripted"])
+        waiting = queue.next_due(s, ["scripted"])
     assert waiting is not None and timedelta(seconds=30) < waiting <= timedelta(seconds=60)
 
 
@@ -118,15 +118,15 @@ def test_db_clock__times_written_by_plain_sql_in_other_iso_forms_compare_as_time
     _set_time(db_url, due_offset, "run_after", ahead.strftime("%Y-%m-%dT%H:%M:%S+02:00"))
     _set_time(db_url, later, "run_after", ago.strftime("%Y-%m-%d %H:%M:%S-02:00"))
     with session_scope(engine) as s:
-        wait = repository.next_due(s, ["scripted"])
-        claimed = {job.id for job in repository.claim(s, worker_id="w", models=["scripted"], limit=10,
-                                                       lease=timedelta(seconds=60))}
+        wait = queue.next_due(s, ["scripted"])
+    claimed = {job.id for job in queue_calls.claim(engine, worker_id="w", models=["scripted"], limit=10,
+                                                   lease=timedelta(seconds=60))}
     assert claimed == {due_t, due_z, due_offset}
     assert wait is not None and timedelta(minutes=50) < wait < timedelta(minutes=70)
     expired, live = due_t, due_z
     _set_time(db_url, expired, "lease_expires_at", ago.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00"))
     _set_time(db_url, live, "lease_expires_at", ago.strftime("%Y-%m-%d %H:%M:%S-02:00"))
     with session_scope(engine) as s:
-        requeued, failed = repository.rescue_expired(s)
+        requeued, failed = queue.rescue_expired(s)
     assert (sorted(requeued), failed) == ([expired], [])
     assert row(db_url, live).status == "processing"

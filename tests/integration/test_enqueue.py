@@ -20,15 +20,15 @@ from dgxqueue.errors import SchemaError, ValidationError
 from dgxqueue.storage import (
     create_generation,
     dispose_engines,
-    fastinsert,
     get_engine,
     get_generation,
     get_most_used_prompts,
     init_db,
+    queue,
     session_scope,
     validate_jobs,
 )
-from dgxqueue.storage.repository import NOTIFY_CHANNEL
+from dgxqueue.storage.queue import NOTIFY_CHANNEL
 from tests.support.db import PG_ADMIN_URL
 from tests.unit.test_validation import BAD_INPUTS
 
@@ -181,13 +181,13 @@ def test_enqueue__notifies_waiting_daemons_on_postgres(pg_db_url: str) -> None:
     assert received == [(NOTIFY_CHANNEL, "musicgen-small"), (NOTIFY_CHANNEL, "synth")]
 
 
-def test_fastinsert__batches_count_repeated_prompts(engine: Engine) -> None:
+def test_insert_jobs__batches_count_repeated_prompts(engine: Engine) -> None:
     """The one insert takes batches too: one row each, repeated prompts counted per use."""
     jobs = validate_jobs([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a", "metadata": {"k": 1}}])
     now = datetime.now(UTC)
     with engine.begin() as connection:
-        fastinsert.insert_jobs(connection, jobs, now)
-        fastinsert.insert_jobs(connection, [], now)
+        queue.insert_jobs(connection, jobs, now)
+        queue.insert_jobs(connection, [], now)
     assert _rows(engine) == (3, 3)
     with session_scope(engine) as session:
         assert {p.text: p.used_count for p in get_most_used_prompts(session)} == {"a": 2, "b": 1}

@@ -21,9 +21,9 @@ from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS, judge, probe_write, tall
 from dgxqueue.errors import OutputError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio
 from dgxqueue.storage import get_engine
-from dgxqueue.storage.driver import is_transient_db_error
+from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.storage.dberrors import is_transient_db_error
 from dgxqueue.storage.models import Generation, utcnow
-from dgxqueue.storage.repository import ClaimedJob
 from tests.integration.test_daemon import enqueue, row
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator

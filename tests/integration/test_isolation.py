@@ -11,10 +11,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from dgxqueue.generators import GenerationOutcome, GenerationRequest
-from dgxqueue.storage import Generation, create_generation, get_engine, repository, session_scope
+from dgxqueue.storage import Generation, create_generation, get_engine, queue, session_scope
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.repository import ClaimedJob
 from tests.integration.test_db_clock import row
+from tests.support import queue_calls
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
 
@@ -38,14 +39,13 @@ def test_rescue__refunds_jobs_never_started_and_fails_only_a_lone_repeat(engine:
     started = enqueue(db_url, "fine")
     shared_last = enqueue(db_url, "fine", attempts=2)
     lone_repeat = enqueue(db_url, "fine", attempts=2, lease_losses=1)
-    with session_scope(engine) as s:
-        claimed = repository.claim(s, worker_id="dead", models=["scripted"], limit=4, lease=timedelta(seconds=30))
-        assert {job.id for job in claimed} == {unstarted, started, shared_last, lone_repeat}
-        repository.mark_started(s, worker_id="dead", ids=[started, shared_last, lone_repeat])
+    claimed = queue_calls.claim(engine, worker_id="dead", models=["scripted"], limit=4, lease=timedelta(seconds=30))
+    assert {job.id for job in claimed} == {unstarted, started, shared_last, lone_repeat}
+    queue_calls.mark_started(engine, worker_id="dead", ids=[started, shared_last, lone_repeat])
     with engine.begin() as conn:  # the daemon died long ago
         conn.execute(sa.update(Generation).values(lease_expires_at=utcnow() - timedelta(hours=1)))
     with session_scope(engine) as s:
-        requeued, failed = repository.rescue_expired(s)
+        requeued, failed = queue.rescue_expired(s)
     assert set(requeued) == {unstarted, started, shared_last} and failed == [lone_repeat]
     state = {job_id: (row(db_url, job_id).status, row(db_url, job_id).attempts, row(db_url, job_id).lease_losses)
              for job_id in (unstarted, started, shared_last, lone_repeat)}
@@ -118,8 +118,7 @@ def test_daemon__time_limit_marks_the_job_to_run_alone(engine: sa.Engine, db_url
         daemon.shutdown()
     job = row(db_url, job_id)
     assert (job.status, job.lease_losses) == ("pending", 1) and "time limit" in (job.error_message or "")
-    with session_scope(engine) as s:
-        [again] = repository.claim(s, worker_id="w", models=["scripted"], limit=1, lease=timedelta(seconds=30))
+    [again] = queue_calls.claim(engine, worker_id="w", models=["scripted"], limit=1, lease=timedelta(seconds=30))
     assert again.suspect and again.lease_losses == 1
 
 

@@ -8,16 +8,17 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from dgxqueue.storage import (
-    fastqueue,
     get_all_generations,
     get_database_stats,
     get_generation,
     get_pending_generations,
-    repository,
+    queue,
+    reads,
     session_scope,
 )
 from dgxqueue.storage.driver import Link
 from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.results import Completed, Failed
 from dgxqueue.storage.rowvalues import Unreadable
 from tests.support import poison
 
@@ -44,10 +45,10 @@ def test_reads__survive_every_poison_row_and_show_raw_values(engine: sa.Engine, 
         assert len(get_pending_generations(s, limit=1000)) == len(poisons) + 1
         stats = get_database_stats(s)
         assert stats["total_generations"] == len(poisons) + 2
-        depth = repository.queue_depth(s)
+        depth = reads.queue_depth(s)
         assert depth.by_status["pending"] == len(poisons) + 1
-        assert repository.has_work(s, ["synth"])
-        due = repository.next_due(s, ["synth"])
+        assert queue.has_work(s, ["synth"])
+        due = queue.next_due(s, ["synth"])
         # SQLite's far-off text is a time; PostgreSQL's 'infinity' is no time to wake at.
         assert (due is not None and due > timedelta(days=365 * 7000)) if sqlite else due is None
         if sqlite:
@@ -60,24 +61,23 @@ def test_reads__survive_every_poison_row_and_show_raw_values(engine: sa.Engine, 
             minus = get_generation(s, "created-minus-infinity")
             assert minus is not None and str(minus.created_at) == "-infinity"
             assert stats["oldest_pending_created_at"] == "-infinity"
-        requeued, failed = repository.rescue_expired(s)
+        requeued, failed = queue.rescue_expired(s)
     # A lease that is not a time is held by nobody (SQLite); PostgreSQL's infinity is a time, far off.
     assert (requeued, failed) == ((["lease-bad"], []) if sqlite else ([], []))
 
 
 def test_claim__each_poison_row_becomes_a_job_whose_defect_names_the_column(engine: sa.Engine, db_url: str) -> None:
-    """Both claim paths (Session and driver) return every poison row as a job with a defect naming
-    the column and quoting the value, and the good rows of the same claim as usual."""
+    """The claim returns every poison row as a job with a defect naming the column and quoting the
+    value, and the good rows of the same claim as usual, whichever claim the row falls in."""
     poisons = _poisons(engine)
     # Channels are the backend's to judge; metadata JSON holds but the column cannot is refused
     # before the render (the executor): neither is a defect of the row itself.
     defective = [p for p in poisons if p.column != "channels" and not p.named.startswith("metadata.")]
     poison.insert(db_url, [*poison.poison_rows(poisons), poison.row("good-1"), poison.row("good-2")])
     half = len(poisons) // 2
-    with session_scope(engine) as s:
-        first = repository.claim(s, worker_id="w", models=["synth"], limit=half, lease=LEASE)
     link = Link(engine)
-    rest = fastqueue.claim(link, worker_id="w", models=["synth"], limit=100, lease=LEASE)
+    first = queue.claim(link, worker_id="w", models=["synth"], limit=half, lease=LEASE)
+    rest = queue.claim(link, worker_id="w", models=["synth"], limit=100, lease=LEASE)
     link.close()
     jobs = {job.id: job for job in first + rest}
     assert len(jobs) == len(poisons) + 2
@@ -88,17 +88,17 @@ def test_claim__each_poison_row_becomes_a_job_whose_defect_names_the_column(engi
     assert {job_id for job_id, job in jobs.items() if job.defect is None} == fine
 
 
-def test_finish_many__a_value_the_database_refuses_fails_only_its_job(engine: sa.Engine, db_url: str) -> None:
+def test_finish__a_value_the_database_refuses_fails_only_its_job(engine: sa.Engine, db_url: str) -> None:
     """An outcome the database cannot store (an integer past 64 bits) makes the batch be written one
     outcome at a time: that job is recorded failed naming the error, the others as they were."""
     poison.insert(db_url, [poison.row(f"j{i}", metadata='{"bpm": 90}') for i in range(3)])
     link = Link(engine)
-    a, b, c = fastqueue.claim(link, worker_id="w", models=["synth"], limit=3, lease=LEASE)
+    a, b, c = queue.claim(link, worker_id="w", models=["synth"], limit=3, lease=LEASE)
     now = utcnow()
-    written = fastqueue.finish_many(link, worker_id="w", outcomes=[
-        (a.id, a.attempt, repository.completed_values(now, 1.0, 2**70, {"peak": 0.5})),
-        (b.id, b.attempt, repository.completed_values(now, 1.0, 10, {"peak": 0.5})),
-        (c.id, c.attempt, repository.failed_values(now, "boom", None)),
+    written = queue.finish(link, worker_id="w", results=[
+        (a, Completed(now, 1.0, 2**70, {"peak": 0.5})),
+        (b, Completed(now, 1.0, 10, {"peak": 0.5})),
+        (c, Failed(now, "boom")),
     ])
     link.close()
     assert written == {b.id, c.id}, "a job recorded failed instead is not reported as written"
@@ -116,20 +116,20 @@ def test_finish_and_claim__a_refused_outcome_leaves_the_claim_for_the_next_round
     outcomes are written one at a time and nothing is claimed (the next round claims)."""
     poison.insert(db_url, [poison.row(f"j{i}") for i in range(4)])
     link = Link(engine)
-    a, b = fastqueue.claim(link, worker_id="w", models=["synth"], limit=2, lease=LEASE)
+    a, b = queue.claim(link, worker_id="w", models=["synth"], limit=2, lease=LEASE)
     now = utcnow()
-    written, claimed = fastqueue.finish_and_claim(link, worker_id="w", outcomes=[
-        (a.id, a.attempt, repository.completed_values(now, 1.0, 2**70, {})),
-        (b.id, b.attempt, repository.completed_values(now, 1.0, 10, {})),
+    written, claimed = queue.finish_and_claim(link, worker_id="w", results=[
+        (a, Completed(now, 1.0, 2**70, {})),
+        (b, Completed(now, 1.0, 10, {})),
     ], models=["synth"], limit=2, lease=LEASE)
     assert (written, claimed) == ({b.id}, [])
-    assert len(fastqueue.claim(link, worker_id="w", models=["synth"], limit=10, lease=LEASE)) == 2
+    assert len(queue.claim(link, worker_id="w", models=["synth"], limit=10, lease=LEASE)) == 2
     link.close()
     with session_scope(engine) as s:
         assert [getattr(get_generation(s, job.id), "status", None) for job in (a, b)] == ["failed", "completed"]
 
 
-def test_finish_many__postgresql_refuses_infinity_and_nul_in_metadata(pg_db_url: str) -> None:
+def test_finish__postgresql_refuses_infinity_and_nul_in_metadata(pg_db_url: str) -> None:
     """The last line of defence on PostgreSQL, where json cannot hold an infinity and jsonb no NUL:
     the outcome is recorded failed and the stored metadata stays as it was."""
     from dgxqueue.storage import init_db
@@ -137,11 +137,11 @@ def test_finish_many__postgresql_refuses_infinity_and_nul_in_metadata(pg_db_url:
     engine = init_db(pg_db_url)
     poison.insert(pg_db_url, [poison.row(f"j{i}", metadata='{"bpm": 90}') for i in range(3)])
     link = Link(engine)
-    jobs = fastqueue.claim(link, worker_id="w", models=["synth"], limit=3, lease=LEASE)
+    jobs = queue.claim(link, worker_id="w", models=["synth"], limit=3, lease=LEASE)
     now = utcnow()
     metadata: list[dict[str, object]] = [{"x": float("inf")}, {"a": "\x00"}, {"fine": 1}]
-    written = fastqueue.finish_many(link, worker_id="w", outcomes=[
-        (job.id, job.attempt, repository.completed_values(now, 1.0, 10, meta)) for job, meta in zip(jobs, metadata)
+    written = queue.finish(link, worker_id="w", results=[
+        (job, Completed(now, 1.0, 10, meta)) for job, meta in zip(jobs, metadata)
     ])
     link.close()
     assert written == {jobs[2].id}

@@ -23,7 +23,7 @@ from dgxqueue.storage import (
     get_session,
     session_scope,
 )
-from dgxqueue.storage.repository import G
+from dgxqueue.storage.models import G
 
 FIELDS: dict[str, Any] = {
     "model_name": "synth", "duration_seconds": 12.5, "sample_rate": 44100, "channels": 2,

@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from dgxqueue.storage import create_generations, dispose_engines, init_db, session_scope
-from dgxqueue.storage import repository as repo
+from dgxqueue.storage.models import G
 from tests.support.processes import SCRIPTED, free_port, start_worker, stop, wait_until, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +95,7 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
     enqueue("synth", ["lo-fi piano 85 BPM", "trap 140 BPM in Cm", "house 124 BPM"])
     with session_scope(engine) as session:  # a job whose daemon died: the rescuer requeues it
         [dead] = create_generations(session, [{"prompt": "techno", "model_name": "synth", "duration_seconds": 0.5}])
-        session.execute(sa.update(repo.G).where(repo.G.c.id == dead).values(
+        session.execute(sa.update(G).where(G.c.id == dead).values(
             status="processing", worker_id="dead", attempts=1,
             lease_expires_at=datetime.now(UTC) - timedelta(minutes=5)))
     wait_until(finished, 60, "the first jobs", alive=processes[0])

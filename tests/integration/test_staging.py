@@ -18,9 +18,10 @@ from dgxqueue.audio import Folders, read_wav, stage_wav
 from dgxqueue.daemon import staging
 from dgxqueue.daemon.executor import prepare, render
 from dgxqueue.generators import GeneratedAudio
-from dgxqueue.storage import Generation, create_generations, get_engine, init_db, repository, session_scope
+from dgxqueue.storage import Generation, create_generations, get_engine, init_db, queue, session_scope
 from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.repository import AttemptState
+from dgxqueue.storage.queue import AttemptState
+from dgxqueue.storage.results import Completed
 from tests.support.chaos import ChaosGenerator
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
@@ -44,7 +45,7 @@ def set_row(url: str, job_id: str, **values: Any) -> None:
 def lookup(url: str) -> staging.Lookup:
     def states(ids: Sequence[str]) -> dict[str, AttemptState]:
         with session_scope(get_engine(url)) as s:
-            return repository.attempt_states(s, ids)
+            return queue.attempt_states(s, ids)
     return states
 
 
@@ -170,8 +171,8 @@ def test_daemon__a_result_whose_commit_reply_was_lost_is_published(db_url: str, 
     [job] = daemon.store.claim(1)
     work, _ = prepare([job], daemon.generator)
     [outcome] = render(daemon.generator, work, outputs, daemon.worker_id)
-    values = repository.completed_values(utcnow(), 0.1, outcome.file_size, outcome.metadata)
-    assert daemon.store.finish([(job, values)]) == [True]  # the first try, whose reply never came
+    result = Completed(utcnow(), 0.1, outcome.file_size, outcome.metadata)
+    assert daemon.store.finish([(job, result)]) == [True]  # the first try, whose reply never came
     daemon.completer.record([outcome])  # the retry
     assert hooks.outcomes(job_id) == ["completed"]
     assert os.listdir(outputs) == [f"{job_id}.wav"]

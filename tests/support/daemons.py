@@ -11,8 +11,8 @@ from dgxqueue.config import Settings, load_settings
 from dgxqueue.daemon import Daemon, Hooks
 from dgxqueue.generators import Generator
 from dgxqueue.storage import get_engine, init_db
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.repository import ClaimedJob
 
 
 def make_settings(url: str, outputs: Path, **worker: Any) -> Settings:

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from dgxqueue.storage.repository import ClaimedJob, G
 
 from dgxqueue import api
 from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.daemon.queue_protocol import DaemonQueue, OutcomeRow
 from dgxqueue.storage import dispose_engines, init_db, repository
 from dgxqueue.storage.models import UTCDateTime
-from dgxqueue.storage.repository import ClaimedJob, G
 from dgxqueue.testing import ManualClock, MemoryStore
 from tests.support.daemons import make_settings
 

@@ -17,7 +17,7 @@ import structlog
 from dgxqueue.config import LoggingSettings
 from dgxqueue.hooks import DaemonInfo
 from dgxqueue.logs import LogHooks, configure_logging, get_logger
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 JOB_KEYS = {"job_id", "model", "attempt", "worker_id"}

@@ -22,12 +22,15 @@ from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics, start_metrics_server
 from dgxqueue.storage import (
     GenerationStatus,
+    admin,
     complete_generation,
     create_generation,
     init_db,
     session_scope,
 )
-from dgxqueue.storage import repository as repo
+from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.storage.models import G
+from tests.support import queue_calls
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -52,8 +55,8 @@ def registry() -> CollectorRegistry:
     return CollectorRegistry()
 
 
-def job(model: str = "synth", created: datetime = T0, claimed: datetime | None = None) -> repo.ClaimedJob:
-    return repo.ClaimedJob("id-1", "a prompt", model, 10.0, 32000, 1, "outputs/x.wav", None, 1, 3,
+def job(model: str = "synth", created: datetime = T0, claimed: datetime | None = None) -> ClaimedJob:
+    return ClaimedJob("id-1", "a prompt", model, 10.0, 32000, 1, "outputs/x.wav", None, 1, 3,
                            created, claimed or created + timedelta(seconds=3))
 
 
@@ -151,12 +154,12 @@ def _fill(engine: Engine) -> None:
     with session_scope(engine) as session:
         for model, priority in [("a", 0), ("a", 5), ("a", 5), ("b", 1), ("b", 1), ("c", 0), ("c", 0)]:
             create_generation(session, "p", model_name=model, priority=priority)
+    queue_calls.claim(engine, worker_id="w", models=["c"], limit=1, lease=timedelta(minutes=5))
+    [done] = queue_calls.claim(engine, worker_id="w", models=["c"], limit=1, lease=timedelta(minutes=5))
     with session_scope(engine) as session:
-        repo.claim(session, worker_id="w", models=["c"], limit=1, lease=timedelta(minutes=5))
-        [done] = repo.claim(session, worker_id="w", models=["c"], limit=1, lease=timedelta(minutes=5))
         complete_generation(session, done.id, 1.0, 100)
         failed = create_generation(session, "p", model_name="b")
-        repo.set_outcome(session, failed.id, GenerationStatus.FAILED, {"error_message": "x"})
+        admin.set_outcome(session, failed.id, GenerationStatus.FAILED, {"error_message": "x"})
 
 
 def test_queue_depth__equals_rows_in_database(engine: Engine, registry: CollectorRegistry) -> None:
@@ -195,7 +198,7 @@ def test_queue_depth__oldest_pending_age_from_created_at(
     with session_scope(sqlite_engine) as session:
         low = create_generation(session, "p", model_name="a", priority=0)
         create_generation(session, "p", model_name="a", priority=9)
-        session.execute(sa.update(repo.G).where(repo.G.c.id == low.id)
+        session.execute(sa.update(G).where(G.c.id == low.id)
                         .values(created_at=T0 - timedelta(seconds=90)))
     assert value(registry, "dgxqueue_queue_oldest_pending_age_seconds") == 90
 

@@ -13,7 +13,7 @@ from dgxqueue.daemon import staging
 from dgxqueue.daemon.staging import Owner, Verdict, owner, tag, verdict, worker_hash
 from dgxqueue.errors import OutputError
 from dgxqueue.generators import GeneratedAudio
-from dgxqueue.storage.repository import AttemptState
+from dgxqueue.storage.queue import AttemptState
 
 UUID = "0b7f3a52-6d0e-4c5e-9f43-2a1c8e7d9b10"
 

@@ -1,4 +1,4 @@
-"""The repository's read and maintenance queries agree with the rows, on both engines."""
+"""The read and administration queries (storage.reads, storage.admin) agree with the rows, on both engines."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from dgxqueue.storage import Generation, create_generations, get_engine, init_db, session_scope
-from dgxqueue.storage import repository as repo
+from dgxqueue.storage import Generation, admin, create_generations, get_engine, init_db, reads, session_scope
 
 
 def _fill(engine: Engine) -> list[str]:
@@ -39,18 +38,18 @@ def test_pending_reads__per_model_and_oldest(engine: Engine) -> None:
     """pending_by_model counts pending rows per model; oldest_pending_created_at is the first one's."""
     ids = _fill(engine)
     with session_scope(engine) as session:
-        assert repo.pending_by_model(session) == {"synth": 3, "musicgen-small": 1}
+        assert reads.pending_by_model(session) == {"synth": 3, "musicgen-small": 1}
         first = session.get(Generation, ids[0])
         assert first is not None
-        assert repo.oldest_pending_created_at(session) == first.created_at
-        assert repo.count_by_status(session) == {"pending": 4, "processing": 1, "completed": 1, "failed": 1}
+        assert reads.oldest_pending_created_at(session) == first.created_at
+        assert reads.count_by_status(session) == {"pending": 4, "processing": 1, "completed": 1, "failed": 1}
 
 
 def test_queue_depth__equals_the_rows(engine: Engine) -> None:
     """queue_depth's counts by status and model, and the oldest pending time, match the table."""
     ids = _fill(engine)
     with session_scope(engine) as session:
-        depth = repo.queue_depth(session)
+        depth = reads.queue_depth(session)
         first = session.get(Generation, ids[0])
     assert depth.by_status == {"pending": 4, "processing": 1, "completed": 1, "failed": 1}
     assert depth.pending_by_model == {"synth": 3, "musicgen-small": 1}
@@ -67,19 +66,19 @@ def test_queue_depth__oldest_is_of_the_jobs_that_may_run(engine: Engine) -> None
     with session_scope(engine) as session:
         [due] = create_generations(session, [{"prompt": "now"}])
     with session_scope(engine) as session:
-        depth = repo.queue_depth(session)
+        depth = reads.queue_depth(session)
         assert depth.by_status["pending"] == 2
         assert depth.oldest_pending_created_at == session.get(Generation, due).created_at  # type: ignore[union-attr]
         session.execute(sa.delete(Generation).where(Generation.id == due))
-        assert repo.queue_depth(session).oldest_pending_created_at is None
-        assert repo.queue_depth(session, later).oldest_pending_created_at == session.get(
+        assert reads.queue_depth(session).oldest_pending_created_at is None
+        assert reads.queue_depth(session, later).oldest_pending_created_at == session.get(
             Generation, scheduled).created_at  # type: ignore[union-attr]
 
 
 def test_queue_depth__empty_queue(engine: Engine) -> None:
     """On an empty table every count is zero and there is no oldest pending job."""
     with session_scope(engine) as session:
-        depth = repo.queue_depth(session)
+        depth = reads.queue_depth(session)
     assert set(depth.by_status.values()) == {0} and depth.pending_by_model == {}
     assert depth.oldest_pending_created_at is None
 
@@ -89,12 +88,12 @@ def test_finished_jobs_before__and_delete_jobs_remove_only_finished(engine: Engi
     ids = _fill(engine)
     later = datetime.now(UTC) + timedelta(minutes=1)
     with session_scope(engine) as session:
-        victims = repo.finished_jobs_before(session, ["completed", "failed", "pending"], later)
+        victims = reads.finished_jobs_before(session, ["completed", "failed", "pending"], later)
         assert sorted(job_id for job_id, _ in victims) == sorted(ids[5:])
-        assert repo.finished_jobs_before(session, ["completed"], datetime(2000, 1, 1, tzinfo=UTC)) == []
-        assert repo.delete_jobs(session, [*ids[5:], ids[0]], chunk=1) == 2  # the pending one stays
+        assert reads.finished_jobs_before(session, ["completed"], datetime(2000, 1, 1, tzinfo=UTC)) == []
+        assert admin.delete_jobs(session, [*ids[5:], ids[0]], chunk=1) == 2  # the pending one stays
     with session_scope(engine) as session:
-        assert repo.count_by_status(session) == {"pending": 4, "processing": 1, "completed": 0, "failed": 0}
+        assert reads.count_by_status(session) == {"pending": 4, "processing": 1, "completed": 0, "failed": 0}
 
 
 def test_queue_depth__gives_up_on_a_locked_table(pg_db_url: str) -> None:
@@ -105,9 +104,9 @@ def test_queue_depth__gives_up_on_a_locked_table(pg_db_url: str) -> None:
     holder.execute(sa.text("LOCK TABLE generations IN ACCESS EXCLUSIVE MODE"))
     try:
         with pytest.raises(sa.exc.OperationalError, match="statement timeout"), session_scope(engine) as session:
-            repo.queue_depth(session)
+            reads.queue_depth(session)
     finally:
         holder.rollback()
         holder.close()
     with session_scope(engine) as session:
-        assert repo.queue_depth(session).by_status["pending"] == 0
+        assert reads.queue_depth(session).by_status["pending"] == 0

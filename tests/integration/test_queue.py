@@ -1,8 +1,9 @@
-"""The daemon's driver-level hot path (storage.fastqueue, storage.driver) on real SQLite and PostgreSQL:
-the same rows and the same fencing as the repository's Session path, in fewer round trips."""
+"""The queue's operations (storage.queue on storage.driver) on real SQLite and PostgreSQL: the
+rows they write, their fencing, and how their errors are classified."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -13,15 +14,17 @@ import sqlalchemy as sa
 
 from dgxqueue.storage import (
     create_generations,
-    fastqueue,
     get_engine,
     get_generation,
     init_db,
-    repository,
+    queue,
     session_scope,
 )
-from dgxqueue.storage.driver import Link, is_transient_db_error
+from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.storage.dberrors import is_transient_db_error
+from dgxqueue.storage.driver import Link
 from dgxqueue.storage.models import Generation, utcnow
+from dgxqueue.storage.results import Completed, Failed, Retried
 
 LEASE = timedelta(seconds=60)
 
@@ -36,8 +39,8 @@ def fill(engine: sa.Engine, n: int, **kw: Any) -> list[str]:
     return ids
 
 
-def claim(link: Link, limit: int, worker: str = "w") -> list[repository.ClaimedJob]:
-    return fastqueue.claim(link, worker_id=worker, models=["m"], limit=limit, lease=LEASE)
+def claim(link: Link, limit: int, worker: str = "w") -> list[ClaimedJob]:
+    return queue.claim(link, worker_id=worker, models=["m"], limit=limit, lease=LEASE)
 
 
 def test_claim__returns_the_rows_as_the_session_path_reads_them(engine: sa.Engine) -> None:
@@ -57,19 +60,19 @@ def test_claim__returns_the_rows_as_the_session_path_reads_them(engine: sa.Engin
             assert (job.prompt, job.duration_seconds, job.sample_rate) == (stored.prompt, 1.0, 8000)
 
 
-def test_finish_many__mixed_outcomes_each_fenced(engine: sa.Engine) -> None:
-    """Completions, failures and retries of one batch (three statement shapes) are all written; an
-    outcome whose attempt is no longer held is refused and not reported as written."""
+def test_finish__mixed_results_each_fenced(engine: sa.Engine) -> None:
+    """Completions, failures and retries of one batch (three statement shapes) are all written; a
+    result whose attempt is no longer held is refused and not reported as written."""
     fill(engine, 4)
     link = Link(engine)
     done, failed, retried, stale = claim(link, 4)
     now = utcnow()
     later = now + timedelta(minutes=5)
-    written = fastqueue.finish_many(link, worker_id="w", outcomes=[
-        (done.id, done.attempt, repository.completed_values(now, 1.5, 1234, {"peak": 0.5})),
-        (failed.id, failed.attempt, repository.failed_values(now, "boom", 0.1)),
-        (retried.id, retried.attempt, repository.retry_values(later, "again")),
-        (stale.id, stale.attempt + 1, repository.completed_values(now, 1.0, 1, {})),  # not our attempt
+    written = queue.finish(link, worker_id="w", results=[
+        (done, Completed(now, 1.5, 1234, {"peak": 0.5})),
+        (failed, Failed(now, "boom", 0.1)),
+        (retried, Retried(later, "again")),
+        (dataclasses.replace(stale, attempt=stale.attempt + 1), Completed(now, 1.0, 1, {})),  # not our attempt
     ])
     link.close()
     assert written == {done.id, failed.id, retried.id}
@@ -85,25 +88,25 @@ def test_finish_many__mixed_outcomes_each_fenced(engine: sa.Engine) -> None:
 
 
 def test_finish_and_claim__records_and_claims_in_one_transaction(engine: sa.Engine) -> None:
-    """The next jobs are claimed with the outcomes; a fenced outcome does not stop the claim."""
+    """The next jobs are claimed with the results; a fenced result does not stop the claim."""
     ids = fill(engine, 5)
     link = Link(engine)
     first = claim(link, 2)
     now = utcnow()
-    written, following = fastqueue.finish_and_claim(
-        link, worker_id="w", outcomes=[
-            (first[0].id, first[0].attempt, repository.completed_values(now, 1.0, 10, {})),
-            (first[1].id, first[1].attempt + 5, repository.completed_values(now, 1.0, 10, {})),  # fenced
+    written, following = queue.finish_and_claim(
+        link, worker_id="w", results=[
+            (first[0], Completed(now, 1.0, 10, {})),
+            (dataclasses.replace(first[1], attempt=first[1].attempt + 5), Completed(now, 1.0, 10, {})),  # fenced
         ], models=["m"], limit=2, lease=LEASE,
     )
     assert written == {first[0].id}
     assert [job.id for job in following] == ids[2:4]
-    _, last = fastqueue.finish_and_claim(link, worker_id="w", outcomes=[
-        (job.id, job.attempt, repository.completed_values(now, 1.0, 10, {})) for job in following
+    _, last = queue.finish_and_claim(link, worker_id="w", results=[
+        (job, Completed(now, 1.0, 10, {})) for job in following
     ], models=["m"], limit=10, lease=LEASE)
     assert [job.id for job in last] == ids[4:]
-    _, none = fastqueue.finish_and_claim(link, worker_id="w", outcomes=[
-        (job.id, job.attempt, repository.completed_values(now, 1.0, 10, {})) for job in last
+    _, none = queue.finish_and_claim(link, worker_id="w", results=[
+        (job, Completed(now, 1.0, 10, {})) for job in last
     ], models=["m"], limit=10, lease=LEASE)
     link.close()
     assert none == []
@@ -121,9 +124,9 @@ def test_finish_and_claim__two_links_never_share_a_job(engine: sa.Engine) -> Non
     while any(held.values()):
         for name, link in links.items():
             now = utcnow()
-            _, held[name] = fastqueue.finish_and_claim(
-                link, worker_id=name, outcomes=[
-                    (job.id, job.attempt, repository.completed_values(now, 0.1, 1, {})) for job in held[name]
+            _, held[name] = queue.finish_and_claim(
+                link, worker_id=name, results=[
+                    (job, Completed(now, 0.1, 1, {})) for job in held[name]
                 ], models=["m"], limit=3, lease=LEASE,
             )
             seen += [job.id for job in held[name]]
@@ -195,7 +198,7 @@ def test_claim__aware_times_round_trip(engine: sa.Engine) -> None:
     fill(engine, 1)
     link = Link(engine)
     before = utcnow()
-    (job,) = fastqueue.claim(link, worker_id="w", models=["m"], limit=1, lease=LEASE)
+    (job,) = queue.claim(link, worker_id="w", models=["m"], limit=1, lease=LEASE)
     link.close()
     assert job.claimed_at.tzinfo is not None and abs(job.claimed_at - before) < timedelta(seconds=30)
     with session_scope(engine) as s:
@@ -204,14 +207,14 @@ def test_claim__aware_times_round_trip(engine: sa.Engine) -> None:
         assert stored.lease_expires_at == job.claimed_at + LEASE
 
 
-def test_finish_many__a_large_batch_is_written_whole(engine: sa.Engine) -> None:
+def test_finish__a_large_batch_is_written_whole(engine: sa.Engine) -> None:
     """100 completions (past psycopg's 50-parameter query cache, and 800 SQLite binds) in one call."""
     fill(engine, 100)
     link = Link(engine)
     jobs = claim(link, 100)
     now = utcnow()
-    written = fastqueue.finish_many(link, worker_id="w", outcomes=[
-        (job.id, job.attempt, repository.completed_values(now, 0.5, i, {"i": i})) for i, job in enumerate(jobs)
+    written = queue.finish(link, worker_id="w", results=[
+        (job, Completed(now, 0.5, i, {"i": i})) for i, job in enumerate(jobs)
     ])
     link.close()
     assert written == {job.id for job in jobs}
@@ -231,7 +234,7 @@ def test_link__an_unreachable_server_is_a_transient_sqlalchemy_error() -> None:
     engine.dispose()
 
 
-def test_extend_leases__one_statement_for_every_job_still_held(engine: sa.Engine) -> None:
+def test_extend__one_statement_for_every_job_still_held(engine: sa.Engine) -> None:
     """A heartbeat pushes the lease of each job this daemon still holds at that attempt, in one
     statement for hundreds of jobs, and names the ones it lost: taken over by another daemon,
     or claimed again as a later attempt."""
@@ -244,8 +247,7 @@ def test_extend_leases__one_statement_for_every_job_still_held(engine: sa.Engine
         s.execute(sa.update(Generation).where(Generation.id == stolen.id).values(worker_id="other"))
         s.execute(sa.update(Generation).where(Generation.id == retried.id).values(attempts=2))
     with session_scope(engine) as s:
-        kept = repository.extend_leases(s, worker_id="w", jobs=[(j.id, j.attempt) for j in (held, stolen, retried)],
-                                        lease=far)
+        kept = queue.extend(s, worker_id="w", jobs=[(j.id, j.attempt) for j in (held, stolen, retried)], lease=far)
     assert kept == {held.id}
     with session_scope(engine) as s:
         leases = {j.id: getattr(get_generation(s, j.id), "lease_expires_at", None) for j in (held, stolen, retried)}
@@ -256,5 +258,4 @@ def test_extend_leases__one_statement_for_every_job_still_held(engine: sa.Engine
     claimed = claim(link, 600)
     link.close()
     with session_scope(engine) as s:
-        assert repository.extend_leases(s, worker_id="w", jobs=[(j.id, j.attempt) for j in claimed],
-                                        lease=far) == set(many)
+        assert queue.extend(s, worker_id="w", jobs=[(j.id, j.attempt) for j in claimed], lease=far) == set(many)

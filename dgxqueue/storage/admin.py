@@ -1,0 +1,88 @@
+"""Administration: mark, cancel, retry and delete jobs (the specification's calls and the CLI's).
+
+Callers own the session and its transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from dgxqueue.errors import InvalidStateError
+from dgxqueue.storage.models import COMPLETED, FAILED, PENDING, PROCESSING, G, Generation, GenerationStatus, utcnow
+from dgxqueue.storage.reads import require_job
+
+CANCELLED_MESSAGE = "cancelled by request"
+
+
+def delete_job(session: Session, job_id: str) -> bool:
+    result = session.execute(sa.delete(G).where(G.c.id == job_id))
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def set_outcome(
+    session: Session, job_id: str, status: GenerationStatus, values: Mapping[str, Any]
+) -> Generation:
+    """The specification's complete/fail: from pending or processing, unfenced (producer side)."""
+    result = session.execute(
+        sa.update(G)
+        .where(G.c.id == job_id, G.c.status.in_((PENDING, PROCESSING)))
+        .values(status=status.value, completed_at=utcnow(), worker_id=None, lease_expires_at=None,
+                **values)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        job = require_job(session, job_id)
+        raise InvalidStateError(f"generation {job_id} is already {job.status}; cannot mark it {status}")
+    return require_job(session, job_id)
+
+
+def cancel_job(session: Session, job_id: str) -> Generation:
+    """Cancel a pending job: it becomes failed with a 'cancelled' message. Running jobs refuse."""
+    result = session.execute(
+        sa.update(G).where(G.c.id == job_id, G.c.status == PENDING)
+        .values(status=FAILED, error_message=CANCELLED_MESSAGE, completed_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        job = require_job(session, job_id)
+        raise InvalidStateError(
+            f"generation {job_id} is {job.status}; only pending jobs can be cancelled"
+            + (" (it is running; wait for it or stop its daemon)" if job.status == PROCESSING else "")
+        )
+    return require_job(session, job_id)
+
+
+def retry_job(session: Session, job_id: str, run_after: datetime | None = None) -> Generation:
+    """Send a failed job back to pending with a fresh set of attempts."""
+    result = session.execute(
+        sa.update(G).where(G.c.id == job_id, G.c.status == FAILED)
+        .values(status=PENDING, attempts=0, error_message=None, completed_at=None,
+                run_after=run_after, worker_id=None, claimed_at=None, lease_expires_at=None,
+                generation_time_seconds=None, file_size_bytes=None)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        job = require_job(session, job_id)
+        raise InvalidStateError(f"generation {job_id} is {job.status}; only failed jobs can be retried")
+    return require_job(session, job_id)
+
+
+def delete_finished(session: Session, ids: Sequence[str], chunk: int = 500) -> list[str]:
+    """Delete the finished jobs among ``ids``, in chunks (SQLite limits bound parameters).
+
+    Returns the ids really deleted: a job retried meanwhile is pending again and stays.
+    """
+    deleted: list[str] = []
+    for start in range(0, len(ids), chunk):
+        deleted.extend(session.execute(
+            sa.delete(G).where(G.c.id.in_(ids[start:start + chunk]), G.c.status.in_((COMPLETED, FAILED)))
+            .returning(G.c.id)
+        ).scalars())
+    return deleted
+
+
+def delete_jobs(session: Session, ids: Sequence[str], chunk: int = 500) -> int:
+    """Delete finished jobs by id, in chunks; returns how many went."""
+    return len(delete_finished(session, ids, chunk))

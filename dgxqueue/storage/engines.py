@@ -1,0 +1,338 @@
+"""Every difference between the engines dgxqueue runs on, one profile per engine (SQLite, PostgreSQL).
+
+A profile says how its engine connects (pragmas, loaders), locks a claim's rows, reads and
+shifts the database's clock, notifies idle daemons, shapes a statement over many rows, commits
+(autocommit, pipelining), upserts, estimates a table's rows and serialises migrations. Code
+elsewhere asks a profile (:func:`profile_of`, cached per dialect) instead of testing an engine's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import sqlite3
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Dialect, Engine
+from sqlalchemy.orm import Session
+
+from dgxqueue.config import DatabaseSettings
+from dgxqueue.storage.models import UTCDateTime, as_utc
+from dgxqueue.storage.rowvalues import register_postgresql_loaders
+
+_MIGRATION_LOCK_KEY = 0x64677871  # "dgxq": PostgreSQL advisory lock held while migrating
+_SQLITE_TIME = "%Y-%m-%d %H:%M:%f"  # %f: seconds with milliseconds; "000" makes microseconds
+# The start of a time as SQLite stores it ('2025-11-07 10:00:00'): text that sorts as a time.
+_TIME_TEXT: sa.ColumnElement[str] = sa.literal_column("'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'")
+# A time exactly as UTCDateTime stores it on SQLite: such text compares as the time it names.
+_STORED_TIME: sa.ColumnElement[str] = sa.literal_column(
+    "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]'")
+
+
+class Profile:
+    """What one engine does its own way. Leases and due-ness are read from one clock, the
+    database's, never a daemon host's: a lease written on one host is judged by another host's
+    rescuer, and a host's clock may be stepped."""
+
+    name: ClassVar[str]
+    #: One statement serves any number of rows (arrays or JSON bound whole); otherwise one
+    #: statement per number of rows, built and compiled once each.
+    any_count: ClassVar[bool]
+    #: A single statement runs in autocommit and several are pipelined with their BEGIN and
+    #: COMMIT, so that each call costs one round trip.
+    one_round_trip: ClassVar[bool]
+    #: What a transaction on a bare driver connection starts with, if anything.
+    begin: ClassVar[str | None]
+    #: Producers NOTIFY idle daemons, which LISTEN; otherwise daemons poll ``PRAGMA data_version``.
+    waker: ClassVar[Literal["listen", "data_version"]]
+    #: The daemon writes a batch's results in a transaction of their own behind the next render,
+    #: instead of with the next claim (which on SQLite only added a commit).
+    writes_behind: ClassVar[bool]
+    #: The database is a file this host opens (no server, no user, no network).
+    is_file: ClassVar[bool]
+
+    def driver_name(self, drivername: str) -> str:
+        """The SQLAlchemy driver a URL's scheme means here."""
+        return drivername
+
+    def now(self) -> sa.ColumnElement[datetime]:
+        """The database's current time, as an SQL expression comparable with stored times."""
+        raise NotImplementedError
+
+    def later(self, seconds: sa.ColumnElement[float]) -> sa.ColumnElement[datetime]:
+        """The database's current time plus ``seconds`` (an SQL number)."""
+        raise NotImplementedError
+
+    def comparable_time(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        """``column`` in a form that compares as the time it names."""
+        return column
+
+    def not_a_time(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+        """``column`` holds something other than a time."""
+        return sa.false()
+
+    def claimable(self, candidates: sa.Select[Any]) -> sa.Select[Any]:
+        """The claim's candidate rows, locked as the engine allows concurrent claims."""
+        return candidates
+
+    def notify(self) -> sa.Select[Any] | None:
+        """The statement that wakes daemons (binds ``channel`` and ``model``), if the engine has one."""
+        return None
+
+    def insert(self, table: sa.Table) -> Any:
+        """An INSERT that takes ``on_conflict_do_update``."""
+        raise NotImplementedError
+
+    def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
+        """``n`` rows of ``columns`` given as bind values (see :meth:`rows_parameters`)."""
+        raise NotImplementedError
+
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+        """The bind values of :meth:`rows_of` for ``rows`` (values in ``names`` order)."""
+        raise NotImplementedError
+
+    def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
+        """``column`` is one of ``n`` ids bound by :meth:`ids_parameters`."""
+        raise NotImplementedError
+
+    def ids_parameters(self, ids: Sequence[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def configure(self, engine: Engine, settings: DatabaseSettings) -> None:
+        """Apply the per-connection settings to a new engine."""
+
+    def engine_options(self, settings: DatabaseSettings) -> dict[str, Any]:
+        """``sa.create_engine``'s keyword arguments."""
+        raise NotImplementedError
+
+    def prepare_depth_read(self, session: Session) -> None:
+        """Session settings for the queue-depth read (metrics)."""
+
+    def row_estimate(self, session: Session, table: sa.Table) -> float:
+        """The engine's own estimate of ``table``'s rows, 0 when it keeps none."""
+        return 0.0
+
+    @contextlib.contextmanager
+    def migration_lock(self, engine: Engine, path: str | None) -> Iterator[None]:
+        """One migrator at a time (``path``: the database file, if it is one)."""
+        yield
+
+
+class SQLiteProfile(Profile):
+    name = "sqlite"
+    any_count = False
+    one_round_trip = False
+    # Explicitly: Python's sqlite3 opens a transaction only before a statement that starts with
+    # INSERT/UPDATE/DELETE, so a WITH ... UPDATE would commit on its own. IMMEDIATE takes the
+    # write lock now, under the busy timeout, instead of failing with SQLITE_BUSY_SNAPSHOT when
+    # a read turns into a write.
+    begin = "BEGIN IMMEDIATE"
+    waker = "data_version"
+    writes_behind = False
+    is_file = True
+
+    # SQLite (one host) reads the same clock as Python, in the text form UTCDateTime stores there
+    # ('YYYY-MM-DD HH:MM:SS.ffffff', which sorts as text), so stored and computed times compare.
+    def now(self) -> sa.ColumnElement[datetime]:
+        return sa.type_coerce(sa.func.strftime(_SQLITE_TIME, "now", type_=sa.Text).concat("000"), UTCDateTime())
+
+    def later(self, seconds: sa.ColumnElement[float]) -> sa.ColumnElement[datetime]:
+        shift = sa.func.printf("%+.3f seconds", seconds, type_=sa.Text)
+        return sa.type_coerce(sa.func.strftime(_SQLITE_TIME, "now", shift, type_=sa.Text).concat("000"),
+                              UTCDateTime())
+
+    def comparable_time(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        """A row written by plain SQL may hold another ISO 8601 form ('2026-12-06T10:00:00+02:00',
+        a 'Z'), whose text sorts by its separator and ignores its offset: it is rewritten as UTC in
+        the stored form, by SQLite's own parser; text that parser cannot read stays as it is."""
+        normal = sa.func.strftime(_SQLITE_TIME, column, type_=sa.Text).concat("000")
+        stored: sa.ColumnElement[bool] = column.op("GLOB", is_comparison=True)(_STORED_TIME)
+        return sa.type_coerce(sa.case((stored, column), else_=sa.func.coalesce(normal, column)), UTCDateTime())
+
+    def not_a_time(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+        """A row written by plain SQL can hold an epoch number or 'tomorrow', which compares with
+        times as text or numbers do, meaningless."""
+        is_time: sa.ColumnElement[bool] = column.op("GLOB", is_comparison=True)(_TIME_TEXT)
+        return sa.not_(is_time)
+
+    def insert(self, table: sa.Table) -> Any:
+        return sqlite.insert(table)
+
+    def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
+        # WITH name(...) AS (VALUES ...), one bind per value: SQLite has no AS name (id, ...).
+        return sa.values(*columns, name=name).data(
+            [tuple(sa.bindparam(f"o{i}_{column.name}", type_=column.type) for column in columns) for i in range(n)]
+        ).cte(name)
+
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for i, row in enumerate(rows):
+            params.update((f"o{i}_{name}", value) for name, value in zip(names, row, strict=True))
+        return params
+
+    def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
+        return column.in_([sa.bindparam(f"id_{i}", type_=sa.Text) for i in range(n)])
+
+    def ids_parameters(self, ids: Sequence[str]) -> dict[str, Any]:
+        return {f"id_{i}": job_id for i, job_id in enumerate(ids)}
+
+    def engine_options(self, settings: DatabaseSettings) -> dict[str, Any]:
+        return {"connect_args": {"timeout": settings.sqlite_busy_timeout_ms / 1000}}
+
+    def configure(self, engine: Engine, settings: DatabaseSettings) -> None:
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Text that is not UTF-8 (stored by plain SQL, CAST(x'ff' AS TEXT)) reads with U+FFFD in
+            # place of the bad bytes: the driver's default raises, on every read of the row.
+            dbapi_connection.text_factory = _lenient_text
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {int(settings.sqlite_busy_timeout_ms)}")
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                # A file this process may only read (a backup, which is not in WAL mode, on read-only
+                # media) is still readable; a write to it fails on its own, naming the cause.
+                if "readonly" not in str(exc):
+                    raise
+            # Validated against a fixed list in config: no user text reaches this statement.
+            cursor.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            # Negative: KiB, not pages. A daemon holds several connections, and with SQLite's default
+            # cache on each its memory kept growing over its first jobs; claims touch a few pages.
+            cursor.execute(f"PRAGMA cache_size = -{int(settings.sqlite_cache_kib)}")
+            cursor.close()
+
+    @contextlib.contextmanager
+    def migration_lock(self, engine: Engine, path: str | None) -> Iterator[None]:
+        """A file lock beside the database file."""
+        if path is None:
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _lenient_text(data: bytes) -> str:
+    return str(data, encoding="utf-8", errors="replace")
+
+
+class PostgreSQLProfile(Profile):
+    name = "postgresql"
+    any_count = True
+    one_round_trip = True
+    begin = None
+    waker = "listen"
+    writes_behind = True
+    is_file = False
+
+    def driver_name(self, drivername: str) -> str:
+        return "postgresql+psycopg" if drivername == "postgresql" else drivername  # psycopg 3, not psycopg2
+
+    def now(self) -> sa.ColumnElement[datetime]:
+        return sa.func.statement_timestamp(type_=UTCDateTime())
+
+    def later(self, seconds: sa.ColumnElement[float]) -> sa.ColumnElement[datetime]:
+        return sa.func.statement_timestamp(type_=UTCDateTime()) + sa.func.make_interval(
+            0, 0, 0, 0, 0, 0, seconds, type_=sa.Interval())
+
+    def claimable(self, candidates: sa.Select[Any]) -> sa.Select[Any]:
+        return candidates.with_for_update(skip_locked=True)
+
+    def notify(self) -> sa.Select[Any] | None:
+        return sa.select(sa.func.pg_notify(sa.bindparam("channel", type_=sa.Text),
+                                           sa.bindparam("model", type_=sa.Text)))
+
+    def insert(self, table: sa.Table) -> Any:
+        return postgresql.insert(table)
+
+    def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
+        # The rows travel as one JSON document (jsonb_to_recordset), so the statement is the same
+        # for any n and has one parameter: psycopg caches its parse of a query only up to a fixed
+        # number of parameters, and dumping one array per column costs far more per row in
+        # psycopg than one json.dumps of the batch.
+        rows = sa.bindparam("rows", type_=postgresql.JSONB)
+        return sa.func.jsonb_to_recordset(rows).table_valued(*columns).render_derived(name=name, with_types=True)
+
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+        return {"rows": [{name: _as_json(value) for name, value in zip(names, row, strict=True)} for row in rows]}
+
+    def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
+        return column == sa.func.any(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text)))
+
+    def ids_parameters(self, ids: Sequence[str]) -> dict[str, Any]:
+        return {"ids": list(ids)}
+
+    def engine_options(self, settings: DatabaseSettings) -> dict[str, Any]:
+        # No pre-ping: it costs a round trip per transaction; a dead connection raises instead,
+        # and the daemon's calls retry through tenacity (dgxqueue.daemon.queue_client).
+        return {"pool_size": settings.pool_size, "pool_recycle": 3600,
+                "connect_args": {"connect_timeout": 10}}  # an unreachable host fails in 10 s
+
+    def configure(self, engine: Engine, settings: DatabaseSettings) -> None:
+        if engine.dialect.driver == "psycopg":
+            # A time Python cannot hold ('infinity', written by plain SQL) reads as its text, not an error.
+            sa.event.listen(engine, "connect", lambda connection, _: register_postgresql_loaders(connection))
+
+    def prepare_depth_read(self, session: Session) -> None:
+        # The planner cannot tell how few rows the recursion yields, prices the query high and
+        # would JIT-compile it: compiling costs far more than the read itself. A lock held
+        # on the table (a migration) makes the read give up rather than wait with a connection.
+        session.execute(sa.select(sa.func.set_config("jit", "off", True),
+                                  sa.func.set_config("statement_timeout", "5s", True)))
+
+    def row_estimate(self, session: Session, table: sa.Table) -> float:
+        """The planner's estimate (pg_class scaled to the table's current size; 0 before ANALYZE)."""
+        pg_class = sa.table("pg_class", sa.column("oid"), sa.column("reltuples"), sa.column("relpages"))
+        pages_now = sa.func.pg_relation_size(pg_class.c.oid) / sa.cast(
+            sa.func.current_setting("block_size"), sa.Integer
+        )
+        estimate = sa.case(
+            (sa.and_(pg_class.c.reltuples > 0, pg_class.c.relpages > 0),
+             pg_class.c.reltuples / pg_class.c.relpages * pages_now),
+            else_=0,
+        )
+        oid = sa.cast(sa.literal(table.name), postgresql.REGCLASS)
+        value = session.execute(sa.select(estimate).where(pg_class.c.oid == oid)).scalar_one_or_none()
+        return float(value or 0)
+
+    @contextlib.contextmanager
+    def migration_lock(self, engine: Engine, path: str | None) -> Iterator[None]:
+        """An advisory lock: concurrent migrators otherwise race on the same CREATE statements."""
+        with engine.connect() as conn:
+            conn.execute(sa.select(sa.func.pg_advisory_lock(_MIGRATION_LOCK_KEY)))
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.select(sa.func.pg_advisory_unlock(_MIGRATION_LOCK_KEY)))
+                conn.commit()
+
+
+def _as_json(value: Any) -> Any:
+    """A column value as ``jsonb_to_recordset`` reads it: times as ISO 8601 in UTC."""
+    return as_utc(value).isoformat() if isinstance(value, datetime) else value
+
+
+_PROFILES: dict[str, Profile] = {profile.name: profile for profile in (SQLiteProfile(), PostgreSQLProfile())}
+#: The backends a URL may name.
+BACKENDS = tuple(_PROFILES)
+
+
+@functools.cache
+def profile_of(dialect: Dialect) -> Profile:
+    """The profile of ``dialect``'s engine (looked up once per dialect)."""
+    return _PROFILES[dialect.name]
+
+
+def profile_for(url: URL) -> Profile:
+    """The profile of the engine a parsed URL names."""
+    return _PROFILES[url.get_backend_name()]

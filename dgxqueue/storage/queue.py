@@ -1,0 +1,539 @@
+"""The queue's operations: insert, claim, mark started, heartbeat, finish, rescue, and the
+daemon's small reads, each statement next to the call that runs it.
+
+The hot calls (insert, claim, mark started, finish) run on a bare driver connection
+(:mod:`~dgxqueue.storage.driver`), their statements compiled once per engine and shape; on
+PostgreSQL each of them is one round trip (autocommit, or a pipeline with its BEGIN and COMMIT).
+The rare ones (heartbeat, rescue, the reads) take the caller's Session. Engine differences come
+from :mod:`~dgxqueue.storage.engines`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.orm import Session
+
+from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
+from dgxqueue.storage.dberrors import is_data_error
+from dgxqueue.storage.driver import Compiled, Cursor, Link, Pending, _as_sqlalchemy
+from dgxqueue.storage.engines import Profile, profile_of
+from dgxqueue.storage.models import (
+    FAILED,
+    IS_PENDING,
+    IS_PROCESSING,
+    PENDING,
+    PROCESSING,
+    G,
+    P,
+    UTCDateTime,
+    as_utc,
+    utcnow,
+)
+from dgxqueue.storage.results import Failed, Result, row_values
+from dgxqueue.storage.validation import JobSpec
+
+#: PostgreSQL channel a producer notifies (payload: the model name) so idle daemons wake at once.
+NOTIFY_CHANNEL = "dgxqueue_jobs"
+log = structlog.get_logger("dgxqueue.store")
+
+
+def due_condition(profile: Profile, now: sa.ColumnElement[Any] | datetime) -> sa.ColumnElement[bool]:
+    """A pending row may run now. A ``run_after`` that is not a time counts as due, so that the
+    claim fails its job naming the column instead of the job waiting for ever (or running at a
+    moment its text happens to sort before)."""
+    run_after = G.c.run_after
+    return sa.or_(run_after.is_(None), profile.comparable_time(run_after) <= now, profile.not_a_time(run_after))
+
+
+# --- insert ---------------------------------------------------------------------------------
+
+_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec))
+#: What every new row holds besides its specification's fields.
+_NEW_ROW = {"status": PENDING, "attempts": 0, "lease_losses": 0}
+#: The columns the INSERT sets: the specification's fields, then the new-row values and ``created_at``.
+JOB_COLUMNS = (*_SPEC_FIELDS, *_NEW_ROW, "created_at")
+_PROMPT_COLUMNS = ("text", "used_count", "first_used_at", "last_used_at")
+
+
+def job_row(job: JobSpec, now: datetime) -> dict[str, Any]:
+    """The ``generations`` row ``job`` becomes, created at ``now``."""
+    row = {name: getattr(job, name) for name in _SPEC_FIELDS}
+    row.update(_NEW_ROW)
+    row["created_at"] = now
+    return row
+
+
+@functools.cache
+def prompt_upsert(profile: Profile) -> sa.Insert:
+    """``INSERT INTO prompts ... ON CONFLICT (text) DO UPDATE`` adding to ``used_count`` (built
+    once per engine: constructing the ON CONFLICT clause costs more than executing it)."""
+    insert = profile.insert(P)
+    upsert: sa.Insert = insert.on_conflict_do_update(
+        index_elements=[P.c.text],
+        set_={
+            "used_count": sa.func.coalesce(P.c.used_count, 0) + insert.excluded.used_count,
+            "last_used_at": insert.excluded.last_used_at,
+        },
+    )
+    return upsert
+
+
+def _prompt_rows(counts: Mapping[str, int], now: datetime) -> list[dict[str, Any]]:
+    # Sorted so concurrent batches take row locks in the same order and cannot deadlock.
+    return [{"text": text, "used_count": n, "first_used_at": now, "last_used_at": now}
+            for text, n in sorted(counts.items())]
+
+
+@dataclass(frozen=True)
+class _Insert:
+    job: Compiled
+    upsert_prompt: Compiled
+    notify: Compiled | None
+
+
+@functools.lru_cache(maxsize=8)
+def _insert(dialect: Dialect) -> _Insert:
+    profile = profile_of(dialect)
+    notify = profile.notify()
+    return _Insert(
+        job=Compiled.of(sa.insert(G), dialect, JOB_COLUMNS),
+        # inline(): no RETURNING of the prompt's id, which nobody reads here.
+        upsert_prompt=Compiled.of(prompt_upsert(profile).inline(), dialect, _PROMPT_COLUMNS),
+        notify=None if notify is None else Compiled.of(notify, dialect, ("channel", "model")),
+    )
+
+
+def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], now: datetime) -> None:
+    """Insert ``jobs`` as pending rows created at ``now``, add their prompts' uses and wake the
+    daemons serving them, in the connection's transaction: the caller commits (or rolls back:
+    then nothing was written). Every producer path calls it.
+
+    Prompts are upserted in one order, so concurrent producers neither deadlock nor lose a count.
+    A driver error comes out as SQLAlchemy's ``DBAPIError`` subclass, with ``before_first_write``
+    saying whether any statement had completed; a lost connection is invalidated.
+    """
+    if not jobs:
+        return
+    statements = _insert(connection.dialect)
+    rows = [job_row(job, now) for job in jobs]
+    counts = Counter(job.prompt for job in jobs) if len(jobs) > 1 else {jobs[0].prompt: 1}
+    with _cursor(connection) as cursor:
+        cursor.executemany(statements.job, rows)
+        cursor.executemany(statements.upsert_prompt, _prompt_rows(counts, now))
+        if statements.notify is not None:  # delivered when the transaction commits
+            models = sorted({job.model_name for job in jobs})
+            cursor.executemany(statements.notify, [{"channel": NOTIFY_CHANNEL, "model": m} for m in models])
+
+
+@contextlib.contextmanager
+def _cursor(connection: sa.Connection) -> Iterator[Cursor]:
+    """The connection's DB-API cursor; a driver error raised as SQLAlchemy raises it."""
+    dialect = connection.dialect
+    proxied = connection.connection  # begins nothing: the caller's transaction holds the connection
+    cursor = Cursor(proxied)
+    try:
+        yield cursor
+    except dialect.loaded_dbapi.Error as exc:
+        disconnected = dialect.is_disconnect(exc, proxied.dbapi_connection, cursor.raw)
+        if disconnected:
+            # As SQLAlchemy does on a disconnect: every pooled connection of that age is recycled,
+            # since a server restart ended all of them, not just this one.
+            connection.engine.pool._invalidate(proxied, exc, _checkin=False)
+            connection.invalidate(exc)
+        statement = cursor.current.sql if cursor.current else None
+        raise _as_sqlalchemy(dialect, exc, statement, disconnected, before_first_write=not cursor.wrote) from exc
+    finally:
+        cursor.raw.close()
+
+
+def insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> None:
+    """:func:`insert_jobs` in a transaction of its own, committed on return.
+
+    A pooled connection found dead on the first statement (the server restarted, or ended it
+    while idle) is replaced once: nothing can have been written on it.
+    """
+    try:
+        _insert_committed(engine, jobs)
+    except sa.exc.DBAPIError as exc:
+        if not (exc.connection_invalidated and getattr(exc, "before_first_write", False)):
+            raise
+        _insert_committed(engine, jobs)
+
+
+def _insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> None:
+    with engine.begin() as connection:
+        insert_jobs(connection, jobs, utcnow())
+
+
+def upsert_prompts(session: Session, counts: Mapping[str, int], now: datetime) -> None:
+    """Add ``counts`` to each prompt's ``used_count`` in one atomic upsert per distinct text."""
+    session.execute(prompt_upsert(profile_of(session.get_bind().dialect)), _prompt_rows(counts, now))
+
+
+def notify(session: Session, models: Iterable[str]) -> None:
+    """Wake daemons serving ``models`` when the transaction commits (where the engine notifies;
+    SQLite daemons notice commits by themselves)."""
+    statement = profile_of(session.get_bind().dialect).notify()
+    if statement is not None:
+        for model in sorted(models):
+            session.execute(statement, {"channel": NOTIFY_CHANNEL, "model": model})
+
+
+# --- claim ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def claim_statement(profile: Profile, n_models: int, start: bool = False) -> sa.Update:
+    """The claim, one statement built once per engine and number of models (constructing it
+    cost more than running it on SQLite). One bind parameter per model, not an expanding IN, so
+    the SQL text is compiled once. ``start``: the claimed jobs are marked started as well
+    (:func:`mark_started`), for a daemon whose next backend call runs them all."""
+    served = [sa.bindparam(f"model_{i}", type_=sa.Text) for i in range(n_models)]
+    now = profile.now()
+    candidates = profile.claimable(
+        sa.select(G.c.id)
+        .where(IS_PENDING, G.c.model_name.in_(served), due_condition(profile, now))
+        .order_by(G.c.priority.desc(), G.c.created_at)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+    )
+    # MATERIALIZED: evaluated exactly once. A plain IN (subquery) may be re-run per outer row on
+    # PostgreSQL, and with LIMIT ... SKIP LOCKED that claims more rows than asked for.
+    chosen = candidates.cte("candidates").prefix_with("MATERIALIZED")
+    return (
+        sa.update(G)  # UPDATE ... FROM: with "id IN (SELECT ...)" SQLite scanned every pending row
+        .where(G.c.id == chosen.c.id, IS_PENDING)
+        .values(status=PROCESSING, worker_id=sa.bindparam("worker_id", type_=sa.Text),
+                attempts=G.c.attempts + 1, claimed_at=now, started_at=now if start else None,
+                lease_expires_at=profile.later(sa.bindparam("lease_seconds", type_=sa.Float)))
+        .returning(*CLAIM_COLUMNS)
+    )
+
+
+def claim_parameters(*, worker_id: str, models: Sequence[str], limit: int, lease: timedelta) -> dict[str, Any]:
+    """The bind values of :func:`claim_statement` (``models`` sorted)."""
+    return {"limit": limit, "lease_seconds": lease.total_seconds(), "worker_id": worker_id,
+            **{f"model_{i}": model for i, model in enumerate(models)}}
+
+
+@functools.lru_cache(maxsize=64)
+def _claim(dialect: Dialect, n_models: int, start: bool = False) -> Compiled:
+    return Compiled.of(claim_statement(profile_of(dialect), n_models, start), dialect)
+
+
+def claim(
+    link: Link, *, worker_id: str, models: Sequence[str], limit: int, lease: timedelta, start: bool = False,
+) -> list[ClaimedJob]:
+    """Claim up to ``limit`` due pending jobs of ``models`` in one UPDATE ... RETURNING, oldest
+    first; due and the lease by the database's clock."""
+    served = sorted(models)
+    params = claim_parameters(worker_id=worker_id, models=served, limit=limit, lease=lease)
+    with link.transaction(autocommit=True) as cursor:
+        claimed = cursor.submit(_claim(link.dialect, len(served), start), params)
+    return claimed_jobs(claimed.rows)
+
+
+# --- mark started ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=128)
+def _started(dialect: Dialect, n: int, started: bool = True) -> Compiled:
+    """Mark the attempts of ``n`` held jobs as started by a backend call (binds ``h_worker`` and
+    the ids): the lease rescue refunds the attempt of a job that never started, and counts a
+    lost lease against one that did. ``started`` False clears the mark."""
+    profile = profile_of(dialect)
+    chosen = profile.id_in(G.c.id, n)
+    if profile.one_round_trip:
+        # Its commit does not wait for the WAL flush (no fsync per backend call): a mark lost
+        # to a server crash only makes the rescue refund the attempt, as if it never started.
+        chosen = sa.and_(chosen, sa.func.set_config("synchronous_commit", "off", True).is_not(None))
+    statement = (
+        sa.update(G)
+        .where(chosen, IS_PROCESSING, G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text))
+        .values(started_at=profile.now() if started else None)
+        .returning(G.c.id)
+    )
+    return Compiled.of(statement, dialect)
+
+
+def mark_started(link: Link, *, worker_id: str, ids: Sequence[str], started: bool = True) -> set[str]:
+    """Record that a backend call starts the held jobs ``ids``, before it does; returns the ids
+    marked. ``started`` False clears the marks (jobs a claim marked that the next call does not run)."""
+    if not ids:
+        return set()
+    profile = profile_of(link.dialect)
+    statement = _started(link.dialect, 0 if profile.any_count else len(ids), started)
+    with link.transaction(autocommit=True) as cursor:
+        marked = cursor.submit(statement, {"h_worker": worker_id, **profile.ids_parameters(ids)})
+    return {row[0] for row in marked.rows}
+
+
+# --- heartbeat ------------------------------------------------------------------------------
+
+
+def extend(session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]], lease: timedelta) -> set[str]:
+    """Push the lease of each (id, attempt) still held to ``lease`` from now (the database's
+    clock); returns the ids still held. One statement per 500 jobs, not one per job: a round
+    trip per held job made a heartbeat of a large claim cost more than the work it protects."""
+    pairs = list(jobs)
+    held: set[str] = set()
+    until = profile_of(session.get_bind().dialect).later(
+        sa.bindparam("lease_seconds", lease.total_seconds(), type_=sa.Float))
+    for start in range(0, len(pairs), 500):  # two binds a job: well under SQLite's limit
+        held.update(session.execute(
+            sa.update(G)
+            .where(G.c.status == PROCESSING, G.c.worker_id == worker_id,
+                   sa.tuple_(G.c.id, G.c.attempts).in_(pairs[start:start + 500]))
+            .values(lease_expires_at=until)
+            .returning(G.c.id)
+        ).scalars())
+    return held
+
+
+# --- finish ---------------------------------------------------------------------------------
+
+_Row = tuple[str, int, Mapping[str, Any]]  # (job id, attempt, the columns its result sets)
+
+
+@functools.lru_cache(maxsize=512)
+def _finish_rows(dialect: Dialect, keys: tuple[str, ...], n: int) -> Compiled:
+    """``n`` fenced writes setting ``keys`` as one ``UPDATE ... FROM <rows> RETURNING id``, each
+    only where its attempt is still held (built once per shape)."""
+    columns: list[sa.ColumnClause[Any]] = [
+        sa.column("id", sa.Text), sa.column("attempt", sa.Integer),
+        *(sa.column(key, G.c[key].type) for key in keys),
+    ]
+    given = profile_of(dialect).rows_of(columns, n, "outcome")
+    statement = (
+        sa.update(G)
+        .where(G.c.id == given.c.id, G.c.attempts == given.c.attempt, IS_PROCESSING,
+               G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text))
+        .values(lease_expires_at=None, **{key: given.c[key] for key in keys})
+        .returning(G.c.id)
+    )
+    return Compiled.of(statement, dialect)
+
+
+def _groups(rows: Sequence[_Row]) -> dict[tuple[str, ...], list[_Row]]:
+    """Rows grouped by the columns they set: each group is one statement's shape."""
+    groups: dict[tuple[str, ...], list[_Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(sorted(row[2])), []).append(row)
+    return groups
+
+
+def _submit_rows(cursor: Cursor, dialect: Dialect, worker_id: str,
+                 groups: Mapping[tuple[str, ...], Sequence[_Row]]) -> list[Pending]:
+    """One ``UPDATE ... FROM <rows> RETURNING id`` per group."""
+    profile = profile_of(dialect)
+    submitted = []
+    for keys, group in groups.items():
+        names = ("id", "attempt", *keys)
+        params = profile.rows_parameters(
+            names, [(job_id, attempt, *[values[key] for key in keys]) for job_id, attempt, values in group])
+        statement = _finish_rows(dialect, keys, 0 if profile.any_count else len(group))
+        submitted.append(cursor.submit(statement, {"h_worker": worker_id, **params}))
+    return submitted
+
+
+def _rows(results: Sequence[tuple[ClaimedJob, Result]]) -> list[_Row]:
+    return [(job.id, job.attempt, row_values(job, result)) for job, result in results]
+
+
+def _write(link: Link, worker_id: str, rows: Sequence[_Row]) -> set[str]:
+    groups = _groups(rows)
+    # One statement (the usual case: every result a completion) runs in autocommit.
+    with link.transaction(autocommit=len(groups) == 1, pipeline=len(groups) > 1) as cursor:
+        done = _submit_rows(cursor, link.dialect, worker_id, groups)
+    return {row[0] for pending in done for row in pending.rows}
+
+
+def finish(link: Link, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]]) -> set[str]:
+    """Record each job's result, only where its attempt is still held; returns the ids written.
+
+    The values are checked before (the executor refuses metadata the column cannot hold);
+    should the database still refuse a value, each result is written alone and the one refused
+    is recorded failed instead, naming the error (:func:`_finish_one_by_one`)."""
+    if not results:
+        return set()
+    rows = _rows(results)
+    try:
+        return _write(link, worker_id, rows)
+    except Exception as exc:
+        if not is_data_error(exc):
+            raise
+        return _finish_one_by_one(link, worker_id, results, rows, exc)
+
+
+def _finish_one_by_one(link: Link, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]],
+                       rows: Sequence[_Row], error: Exception) -> set[str]:
+    """Each result in a transaction of its own; one the database refuses is recorded failed with
+    a message it can store. Only if that write fails too (not the data: the schema, say) does
+    the error pass, the batch's error first.
+
+    Returns the ids written as given: a job recorded failed instead is left out, so the caller
+    treats its result as not recorded (and never publishes its file) and finds the row failed by
+    its own attempt."""
+    written: set[str] = set()
+    for (job, _), row in zip(results, rows, strict=True):
+        try:
+            written |= _write(link, worker_id, [row])
+            continue
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            refused = exc
+        message = f"the outcome could not be stored: {type(refused).__name__}: {refused}"
+        log.error("outcome refused by the database; job recorded failed", job_id=job.id, error=message[:300])
+        try:
+            _write(link, worker_id, _rows([(job, Failed(utcnow(), message))]))
+        except Exception as exc:
+            raise exc from error
+    return written
+
+
+def finish_and_claim(
+    link: Link, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]], models: Sequence[str],
+    limit: int, lease: timedelta, start: bool = False,
+) -> tuple[set[str], list[ClaimedJob]]:
+    """:func:`finish` then :func:`claim`, in one transaction: a daemon that has just finished
+    its jobs asks for the next ones with the same commit (on PostgreSQL, the same round trip)."""
+    served = sorted(models)
+    params = claim_parameters(worker_id=worker_id, models=served, limit=limit, lease=lease)
+    rows = _rows(results)
+    try:
+        with link.transaction(pipeline=True) as cursor:
+            done = _submit_rows(cursor, link.dialect, worker_id, _groups(rows))
+            claimed = cursor.submit(_claim(link.dialect, len(served), start), params)
+    except Exception as exc:
+        if not is_data_error(exc):
+            raise
+        # Rolled back, claim included: the results alone, and the next round claims.
+        return _finish_one_by_one(link, worker_id, results, rows, exc), []
+    return {row[0] for pending in done for row in pending.rows}, claimed_jobs(claimed.rows)
+
+
+# --- rescue ---------------------------------------------------------------------------------
+
+
+def _losses_text(prefix: str, suffix: str) -> sa.ColumnElement[str]:
+    """``prefix || (lease_losses + 1) || suffix``: a message naming the count this update sets."""
+    count = sa.cast(G.c.lease_losses + 1, sa.Text)
+    return sa.literal(prefix, sa.Text) + count + sa.literal(suffix, sa.Text)
+
+
+def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
+    """Requeue jobs whose lease expired (by the database's clock), or fail them; returns the ids
+    (requeued, failed).
+
+    A job no backend call started gets its attempt back: its daemon died running another job.
+    A job that was running is marked (``lease_losses``), so that it runs alone next, and its
+    attempt is spent; it is failed only when its attempts are spent and it had already lost a
+    lease, so ran alone: a job that shared its last attempt with the job that killed the daemon
+    gets that attempt back.
+
+    A processing row without a lease is held by no daemon: written by plain SQL, or left by a
+    downgrade to 001 and back, which drops the lease column. It counts as expired."""
+    profile = profile_of(session.get_bind().dialect)
+    now = profile.now()
+    lease = G.c.lease_expires_at  # one that is not a time (plain SQL) holds nothing either
+    expired = sa.and_(IS_PROCESSING, sa.or_(profile.comparable_time(lease) < now, lease.is_(None),
+                                            profile.not_a_time(lease)))
+    released = {"status": PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
+                "claimed_at": None}
+    refunded = session.execute(
+        sa.update(G).where(expired, G.c.started_at.is_(None))
+        .values(attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
+                error_message="lease expired before it started: its daemon died or stalled running "
+                              "other jobs; requeued without spending an attempt", **released)
+        .returning(G.c.id)
+    ).scalars().all()
+    spent = G.c.attempts >= G.c.max_attempts
+    requeued = session.execute(
+        sa.update(G).where(expired, G.c.started_at.is_not(None), sa.or_(~spent, G.c.lease_losses == 0))
+        .values(attempts=sa.case((spent, G.c.attempts - 1), else_=G.c.attempts),
+                lease_losses=G.c.lease_losses + 1, started_at=None,
+                error_message=_losses_text("lease lost while it ran: its daemon died or stalled (",
+                                           " time(s)); requeued to run alone"), **released)
+        .returning(G.c.id)
+    ).scalars().all()
+    failed = session.execute(
+        sa.update(G).where(expired, G.c.started_at.is_not(None))
+        .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
+                lease_losses=G.c.lease_losses + 1,
+                error_message=_losses_text("killed its daemon ", " times: its lease expired while it ran "
+                                           "alone, on its last attempt"))
+        .returning(G.c.id)
+    ).scalars().all()
+    return [*refunded, *requeued], list(failed)
+
+
+# --- the daemon's reads ---------------------------------------------------------------------
+
+
+def has_work(session: Session, models: Iterable[str]) -> bool:
+    """Pending jobs of ``models`` that are due, or retries waiting on their backoff."""
+    profile = profile_of(session.get_bind().dialect)
+    waiting = sa.or_(due_condition(profile, profile.now()), G.c.attempts > 0)
+    query = sa.select(G.c.id).where(
+        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting
+    ).limit(1)
+    return session.execute(query).first() is not None
+
+
+def next_due(session: Session, models: Iterable[str]) -> timedelta | None:
+    """How long until the earliest not-yet-due pending job of ``models`` is due, by the
+    database's clock."""
+    profile = profile_of(session.get_bind().dialect)
+    now, run_after = profile.now(), profile.comparable_time(G.c.run_after)
+    query = sa.select(sa.func.min(run_after, type_=UTCDateTime()), now).where(
+        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), run_after > now,
+    )
+    due, at = session.execute(query).one()
+    # Not a time (PostgreSQL's 'infinity', text SQLite sorts after now): nothing to wake up for.
+    return as_utc(due) - as_utc(at) if isinstance(due, datetime) and isinstance(at, datetime) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _error_message(dialect: Dialect) -> Compiled:
+    return Compiled.of(sa.select(G.c.error_message).where(G.c.id == sa.bindparam("id")), dialect)
+
+
+def error_messages(link: Link, ids: Sequence[str]) -> dict[str, str | None]:
+    """The ``error_message`` of each of ``ids`` that exists, read on the link's own connection
+    (after a machine fault, such as no file descriptors left, a new one may not open)."""
+    statement = _error_message(link.dialect)
+    with link.transaction(autocommit=True) as cursor:
+        found = [(job_id, cursor.submit(statement, {"id": job_id})) for job_id in ids]
+    return {job_id: pending.rows[0][0] for job_id, pending in found if pending.rows}
+
+
+@dataclass(frozen=True)
+class AttemptState:
+    """Where a job stands, as far as a temporary WAV of one of its attempts is concerned."""
+
+    status: str
+    worker_id: str | None
+    attempts: int
+    file_path: str
+    file_size_bytes: int | None
+
+
+def attempt_states(session: Session, ids: Sequence[str], chunk: int = 500) -> dict[str, AttemptState]:
+    """The state of each job among ``ids`` that exists, by primary key, in chunks."""
+    states: dict[str, AttemptState] = {}
+    columns = [G.c[f.name] for f in dataclasses.fields(AttemptState)]
+    for start in range(0, len(ids), chunk):
+        for row in session.execute(sa.select(G.c.id, *columns).where(G.c.id.in_(ids[start:start + chunk]))):
+            states[row[0]] = AttemptState(*row[1:])
+    return states
