@@ -47,6 +47,7 @@ from dgxqueue.storage.database import (
     upgrade,
 )
 from dgxqueue.storage.dberrors import database_unavailable
+from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import Base
 
 # --- worker -----------------------------------------------------------------------------------
@@ -239,10 +240,10 @@ def cmd_db_backup(ctx: Context, args: argparse.Namespace) -> int:
     os.close(fd)
     partial = Path(name)
     try:
-        if engine.dialect.name == "sqlite" and source is not None:
+        if source is not None:  # a SQLite file
             partial.unlink()
             rows: int | None = _backup_sqlite(source, partial, ctx.settings.database.sqlite_busy_timeout_ms)
-        elif engine.dialect.name == "postgresql":
+        elif not profile_of(engine.dialect).is_file:  # a server: PostgreSQL
             _backup_postgres(url, partial)
             rows = None
         else:

@@ -146,7 +146,7 @@ class Daemon:
         self.worker_id = worker_id or (queue.worker_id if queue is not None else new_worker_id())
         self.models = tuple(sorted(settings.generator.models or generator.models))
         self.batch_size = settings.worker.batch_size or max(1, generator.max_batch_size)
-        self.engine_name = engine.dialect.name if engine is not None else "memory"
+        self.engine_name = engine.name if engine is not None else "memory"
         if engine is not None:
             queue = queue or QueueClient(
                 engine, worker_id=self.worker_id, models=self.models,
