@@ -20,7 +20,7 @@ written by plain SQL: a time column holding words, metadata that is not JSON; se
 database errors and their retries, and concurrency beyond one lock (every call is atomic, as each
 is one transaction on a database). Producer inserts go through the door's validation
 (:func:`dgxqueue.storage.validate_job`) and become rows as the insert makes them
-(:func:`dgxqueue.storage.fastinsert.job_row`); ``prompts`` is a counter of uses.
+(:func:`dgxqueue.storage.queue.job_row`); ``prompts`` is a counter of uses.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dgxqueue.daemon.queue_protocol import OutcomeRow
+from dgxqueue.daemon.queue_protocol import JobResult
 from dgxqueue.storage import JobSpec, validate_job
-from dgxqueue.storage import repository as r
-from dgxqueue.storage.fastinsert import job_row
-from dgxqueue.storage.models import as_utc, utcnow
-from dgxqueue.storage.repository import AttemptState, ClaimedJob
+from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
+from dgxqueue.storage.models import FAILED, PENDING, PROCESSING, G, as_utc, utcnow
+from dgxqueue.storage.queue import AttemptState, job_row
+from dgxqueue.storage.results import Released, row_values
 
 __all__ = ["ManualClock", "MemoryQueue", "MemoryStore", "MemoryWaker"]
 
@@ -52,10 +52,10 @@ Row = dict[str, Any]
 _BLANK: Row = {
     column.name: int(column.server_default.arg) if isinstance(column.server_default, sa.DefaultClause)
     and isinstance(column.server_default.arg, str) and column.server_default.arg.isdigit() else None
-    for column in r.G.columns
+    for column in G.columns
 }
-# The claim's RETURNING columns, in the order repository.claimed_jobs reads them.
-_CLAIMED = tuple(column.name for column in r._CLAIM_COLUMNS)
+# The claim's RETURNING columns, in the order claimed_jobs reads them.
+_CLAIMED = tuple(column.name for column in CLAIM_COLUMNS)
 
 
 class ManualClock:
@@ -134,12 +134,12 @@ class MemoryStore:
     # --- the rescuer's side: every daemon's expired leases ---
 
     def rescue(self) -> tuple[list[str], list[str]]:
-        """:func:`dgxqueue.storage.repository.rescue_expired`'s three updates, in its order."""
+        """:func:`dgxqueue.storage.queue.rescue_expired`'s three updates, in its order."""
         with self.lock:
             now = self.clock()
-            expired = [row for row in self.jobs.values() if row["status"] == r.PROCESSING
+            expired = [row for row in self.jobs.values() if row["status"] == PROCESSING
                        and (row["lease_expires_at"] is None or row["lease_expires_at"] < now)]
-            released = {"status": r.PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
+            released = {"status": PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
                         "claimed_at": None}
             refunded, requeued, failed = [], [], []
             for row in expired:
@@ -160,7 +160,7 @@ class MemoryStore:
                                              "time(s)); requeued to run alone")
                     requeued.append(row["id"])
                 else:
-                    row.update(status=r.FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
+                    row.update(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
                                lease_losses=losses,
                                error_message=f"killed its daemon {losses} times: its lease expired while it "
                                              "ran alone, on its last attempt")
@@ -184,28 +184,28 @@ class MemoryQueue:
     def _held(self, job_id: str, attempt: int | None = None) -> Row | None:
         """The row of ``job_id`` if this daemon holds it (that attempt of it, when given)."""
         row = self.store.jobs.get(job_id)
-        if row is None or row["status"] != r.PROCESSING or row["worker_id"] != self.worker_id:
+        if row is None or row["status"] != PROCESSING or row["worker_id"] != self.worker_id:
             return None
         return row if attempt is None or row["attempts"] == attempt else None
 
     def _claim(self, limit: int, start: bool) -> list[ClaimedJob]:
         now = self.store.clock()
         due = [row for row in self.store.jobs.values()
-               if row["status"] == r.PENDING and row["model_name"] in self.models
+               if row["status"] == PENDING and row["model_name"] in self.models
                and (row["run_after"] is None or row["run_after"] <= now)]
         due.sort(key=lambda row: (-row["priority"], row["created_at"]))  # stable: insertion order breaks ties
         chosen = due[:max(0, limit)]
         for row in chosen:
-            row.update(status=r.PROCESSING, worker_id=self.worker_id, attempts=row["attempts"] + 1, claimed_at=now,
+            row.update(status=PROCESSING, worker_id=self.worker_id, attempts=row["attempts"] + 1, claimed_at=now,
                        started_at=now if start else None, lease_expires_at=now + self.lease)
         if chosen:
             self.store.version += 1
-        return r.claimed_jobs([tuple(copy.deepcopy(row[name]) for name in _CLAIMED) for row in chosen])
+        return claimed_jobs([tuple(copy.deepcopy(row[name]) for name in _CLAIMED) for row in chosen])
 
-    def _finish(self, outcomes: Sequence[OutcomeRow]) -> list[bool]:
+    def _finish(self, results: Sequence[JobResult]) -> list[bool]:
         written = []
-        for job, values in outcomes:
-            stored = {key: _stored(key, value) for key, value in values.items()}
+        for job, result in results:
+            stored = {key: _stored(key, value) for key, value in row_values(job, result).items()}
             row = self._held(job.id, job.attempt)
             if row is not None:
                 row.update(lease_expires_at=None, **stored)
@@ -235,19 +235,19 @@ class MemoryQueue:
                 row["started_at"] = now if started else None
             return {row["id"] for row in held}
 
-    def finish(self, outcomes: Sequence[OutcomeRow]) -> list[bool]:
+    def finish(self, results: Sequence[JobResult]) -> list[bool]:
         with self.store.lock:
-            return self._finish(outcomes)
+            return self._finish(results)
 
     def finish_and_claim(
-        self, outcomes: Sequence[OutcomeRow], limit: int, *, start: bool = False
+        self, results: Sequence[JobResult], limit: int, *, start: bool = False
     ) -> tuple[list[bool], list[ClaimedJob]]:
         with self.store.lock:
-            return self._finish(outcomes), self._claim(limit, start)
+            return self._finish(results), self._claim(limit, start)
 
     def release(self, jobs: Sequence[ClaimedJob], messages: Mapping[str, str] | None = None) -> list[bool]:
         messages = messages or {}
-        return self.finish([(job, r.release_values(job.attempt, messages.get(job.id))) for job in jobs])
+        return self.finish([(job, Released(messages.get(job.id))) for job in jobs])
 
     def error_messages(self, ids: Sequence[str]) -> dict[str, str | None]:
         with self.store.lock:
@@ -264,7 +264,7 @@ class MemoryQueue:
 
     def _pending(self) -> list[Row]:
         jobs = self.store.jobs.values()
-        return [row for row in jobs if row["status"] == r.PENDING and row["model_name"] in self.models]
+        return [row for row in jobs if row["status"] == PENDING and row["model_name"] in self.models]
 
     def has_work(self) -> bool:
         with self.store.lock:

@@ -6,7 +6,7 @@ implementation keeps are pinned by one conformance suite (``tests/conformance/``
 
 - A claim takes due pending jobs of the daemon's models, highest ``priority`` first, then oldest;
   it counts an attempt and gives the job a lease, both by the queue's own clock.
-- ``(worker_id, attempt)`` is the fencing token: a heartbeat, a start mark or an outcome applies
+- ``(worker_id, attempt)`` is the fencing token: a heartbeat, a start mark or a result applies
   only while this daemon still holds that attempt, so a daemon that lost a lease changes nothing.
 - The rescue requeues jobs whose lease expired, refunding the attempt of a job no backend call
   started; a job that was running spends it and is marked (``lease_losses``) to run alone, and is
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
-from dgxqueue.storage.repository import AttemptState, ClaimedJob
+from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.storage.queue import AttemptState
+from dgxqueue.storage.results import Result
 
-#: One outcome to record: the attempt it belongs to (its fencing token) and the row's new columns.
-OutcomeRow = tuple[ClaimedJob, dict[str, Any]]
+#: One result to record: the attempt it belongs to (its fencing token) and what it came to.
+JobResult = tuple[ClaimedJob, Result]
 
 
 class DaemonQueue(Protocol):
@@ -50,12 +52,12 @@ class DaemonQueue(Protocol):
         returns the ids marked."""
         ...
 
-    def finish(self, outcomes: Sequence[OutcomeRow]) -> list[bool]:
-        """Record outcomes together; False where the write was fenced off."""
+    def finish(self, results: Sequence[JobResult]) -> list[bool]:
+        """Record results together; False where the write was fenced off."""
         ...
 
     def finish_and_claim(
-        self, outcomes: Sequence[OutcomeRow], limit: int, *, start: bool = False
+        self, results: Sequence[JobResult], limit: int, *, start: bool = False
     ) -> tuple[list[bool], list[ClaimedJob]]:
         """:meth:`finish`, then :meth:`claim`, at once (a retry without backoff may come back)."""
         ...

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from datetime import timedelta, timezone
 
-from dgxqueue.storage.repository import AttemptState
-
 from dgxqueue.daemon.executor import Outcome
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS, tally
-from dgxqueue.daemon.isolation import timeout_marks
+from dgxqueue.daemon.isolation import timed_out
 from dgxqueue.daemon.retry import MACHINE_FAULT_MARK
 from dgxqueue.errors import JobTimeoutError
+from dgxqueue.storage.queue import AttemptState
+from dgxqueue.storage.results import Retried
 from tests.support.queues import LEASE, MODEL, QueueBackend, completed, failed, ids, retried
 
 PAST_LEASE = LEASE.total_seconds() + 5
@@ -231,12 +231,12 @@ def test_finish__a_retry_waits_out_its_backoff(backend: QueueBackend) -> None:
 
 
 def test_finish__a_time_limit_marks_the_job_to_run_alone(backend: QueueBackend) -> None:
-    """An outcome of a call past its time limit marks the job suspect, so its next attempt runs alone."""
+    """A result of a call past its time limit marks the job suspect, so its next attempt runs alone."""
     backend.enqueue()
     queue = backend.queue()
     [job] = queue.claim(1)
-    marks = timeout_marks(Outcome(job, JobTimeoutError("over its limit"), 60.0))
-    queue.finish([(job, {**retried(job, backend.now())[1], **marks})])
+    overran = timed_out(Outcome(job, JobTimeoutError("over its limit"), 60.0))
+    queue.finish([(job, Retried(backend.now(), "try again", timed_out=overran))])
     [again] = queue.claim(1)
     assert (again.attempt, again.lease_losses, again.suspect) == (2, 1, True)
 

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from dgxqueue.storage.repository import ClaimedJob, G
 
 from dgxqueue import api
 from dgxqueue.daemon.queue_client import QueueClient
-from dgxqueue.daemon.queue_protocol import DaemonQueue, OutcomeRow
-from dgxqueue.storage import dispose_engines, init_db, repository
-from dgxqueue.storage.models import UTCDateTime
+from dgxqueue.daemon.queue_protocol import DaemonQueue, JobResult
+from dgxqueue.storage import dispose_engines, init_db
+from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.models import G, UTCDateTime
+from dgxqueue.storage.results import Completed, Failed, Retried
 from dgxqueue.testing import ManualClock, MemoryStore
 from tests.support.daemons import make_settings
 
@@ -77,7 +79,7 @@ class DatabaseBackend(QueueBackend):
 
     def now(self) -> datetime:
         with self.engine.connect() as conn:
-            now: datetime = conn.execute(sa.select(repository.db_now(self.engine.dialect.name))).scalar_one()
+            now: datetime = conn.execute(sa.select(profile_of(self.engine.dialect).now())).scalar_one()
         return now
 
     def advance(self, seconds: float) -> None:
@@ -146,19 +148,19 @@ def open_backend(name: str, tmp_path: Path) -> Iterator[QueueBackend]:
             backend.close()
 
 
-# --- outcomes as the daemon records them ---
+# --- results as the daemon records them ---
 
 
-def completed(job: ClaimedJob, *, size: int = 1234, metadata: dict[str, Any] | None = None) -> OutcomeRow:
-    return job, repository.completed_values(job.claimed_at, 0.5, size, metadata)
+def completed(job: ClaimedJob, *, size: int = 1234, metadata: dict[str, Any] | None = None) -> JobResult:
+    return job, Completed(job.claimed_at, 0.5, size, metadata)
 
 
-def failed(job: ClaimedJob, message: str = "it failed") -> OutcomeRow:
-    return job, repository.failed_values(job.claimed_at, message, 0.5)
+def failed(job: ClaimedJob, message: str = "it failed") -> JobResult:
+    return job, Failed(job.claimed_at, message, 0.5)
 
 
-def retried(job: ClaimedJob, run_after: datetime, message: str = "try again") -> OutcomeRow:
-    return job, repository.retry_values(run_after, message)
+def retried(job: ClaimedJob, run_after: datetime, message: str = "try again") -> JobResult:
+    return job, Retried(run_after, message)
 
 
 def ids(jobs: Sequence[ClaimedJob]) -> list[str]:

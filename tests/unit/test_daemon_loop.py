@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dgxqueue.storage.repository import ClaimedJob
 
 from dgxqueue.daemon import EXIT_MACHINE_FAULT, Daemon
 from dgxqueue.daemon.faults import tally
 from dgxqueue.generators import GenerationOutcome, GenerationRequest
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.testing import ManualClock, MemoryQueue, MemoryStore, MemoryWaker
 from tests.support.daemons import RecordingHooks, make_settings
 from tests.support.generators import ScriptedGenerator
