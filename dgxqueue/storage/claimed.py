@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,11 +34,11 @@ class ClaimedJob:
     max_attempts: int
     created_at: datetime
     claimed_at: datetime
-    #: Why the row cannot run (each bad column named with its value); the daemon fails the job.
-    defect: str | None = None
     #: Attempts of this job that ended with its daemon dead or stalled (or the time limit) while
     #: it ran: above 0, the job runs alone.
     lease_losses: int = 0
+    #: Why the row cannot run (each bad column named with its value); the daemon fails the job.
+    defect: str | None = None
 
     @property
     def suspect(self) -> bool:
@@ -46,29 +47,36 @@ class ClaimedJob:
 
 
 _COLUMN_OF = {"attempt": "attempts"}  # a field whose column has another name
-_FIELDS = tuple(f.name for f in dataclasses.fields(ClaimedJob) if f.name != "defect")
-#: What the claim returns, by name: the job's fields, and the columns only judged (run_after).
+_FIELDS = tuple(f.name for f in dataclasses.fields(ClaimedJob))[:-1]  # all but the defect, in order
+#: What the claim returns: the job's fields in their order, then the columns only judged (run_after).
 CLAIM_COLUMNS: tuple[sa.ColumnElement[Any], ...] = (
     *(G.c[_COLUMN_OF.get(name, name)] for name in _FIELDS), G.c.run_after,
 )
 _NAMES = (*_FIELDS, "run_after")
+_AT = {name: i for i, name in enumerate(_NAMES)}  # a returned column's place, by name
+_GLANCE = operator.itemgetter(*(_AT[name] for name in (
+    "prompt", "duration_seconds", "sample_rate", "channels", "file_path", "metadata", "max_attempts",
+    "created_at", "run_after")))
+_LOSSES = _AT["lease_losses"]
 
 
 def claimed_jobs(rows: Iterable[Sequence[Any]]) -> list[ClaimedJob]:
     """Rows of the claim's RETURNING (:data:`CLAIM_COLUMNS`), oldest job first."""
-    jobs = [claimed_job(dict(zip(_NAMES, row, strict=True))) for row in rows]
+    jobs = [claimed_job(row) for row in rows]
     jobs.sort(key=lambda j: j.created_at)
     return jobs
 
 
-def claimed_job(values: dict[str, Any]) -> ClaimedJob:
-    """One claimed row, by column name. A row the daemon cannot use still becomes a job, with its
-    ``defect`` said and usable stand-ins in the bad fields, so that its failure is recorded like
-    any other result (fenced) while the rest of the claim runs."""
-    if not rowvalues.usable_at_a_glance(values):
-        defects = _defects(values)
-        if defects:
-            return _defective_job(values, "; ".join(defects))
+def claimed_job(row: Sequence[Any]) -> ClaimedJob:
+    """One claimed row. A row the daemon cannot use still becomes a job, with its ``defect``
+    said and usable stand-ins in the bad fields, so that its failure is recorded like any other
+    result (fenced) while the rest of the claim runs."""
+    if rowvalues.usable_at_a_glance(*_GLANCE(row)) and type(row[_LOSSES]) is int:
+        return ClaimedJob(*row[:len(_FIELDS)])  # the fields, in the claim's order
+    values = dict(zip(_NAMES, row, strict=True))
+    defects = _defects(values)
+    if defects:
+        return _defective_job(values, "; ".join(defects))
     del values["run_after"]
     values["lease_losses"] = _counter(values["lease_losses"])
     return ClaimedJob(**values)

@@ -79,19 +79,17 @@ def _bad(column: str, value: object, expected: str) -> str:
     return f"{column} must be {expected}, not {quote(value)}"
 
 
-def usable_at_a_glance(values: Mapping[str, Any]) -> bool:
+def usable_at_a_glance(prompt: Any, duration: Any, sample_rate: Any, channels: Any, file_path: Any,
+                       metadata: Any, max_attempts: Any, created_at: Any, run_after: Any) -> bool:
     """True for a row as our producers write it: the claim's fast path, a strict subset of what
     :func:`job_defects` accepts, which judges the rest."""
-    prompt, duration, file_path = values["prompt"], values["duration_seconds"], values["file_path"]
-    sample_rate, channels, metadata = values["sample_rate"], values["channels"], values["metadata"]
-    max_attempts, run_after = values["max_attempts"], values["run_after"]
     return (
         type(prompt) is str and bool(prompt.strip())
         # SQLite returns a whole REAL as an integer through RETURNING
         and (type(duration) is float or type(duration) is int) and 0 < duration < math.inf
         and type(sample_rate) is int and sample_rate > 0 and type(channels) is int and channels > 0
         and type(file_path) is str and bool(file_path.strip()) and (metadata is None or type(metadata) is dict)
-        and type(max_attempts) is int and max_attempts > 0 and type(values["created_at"]) is datetime
+        and type(max_attempts) is int and max_attempts > 0 and type(created_at) is datetime
         and (run_after is None or type(run_after) is datetime)
     )
 
