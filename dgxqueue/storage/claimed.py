@@ -20,7 +20,8 @@ class ClaimedJob:
     """A job this daemon now holds; ``attempt`` with ``worker_id`` is its fencing token.
 
     Each field but ``defect`` is the claimed row's column of the same name (``attempt``: the
-    ``attempts`` the claim set): a field added here is returned by the claim."""
+    ``attempts`` the claim set): a field added here (before ``defect``, which stays last) is
+    returned by the claim."""
 
     id: str
     prompt: str
@@ -48,6 +49,8 @@ class ClaimedJob:
 
 _COLUMN_OF = {"attempt": "attempts"}  # a field whose column has another name
 _FIELDS = tuple(f.name for f in dataclasses.fields(ClaimedJob))[:-1]  # all but the defect, in order
+# The fast path builds a job from the row positionally: that holds while the defect comes last.
+assert dataclasses.fields(ClaimedJob)[-1].name == "defect", "ClaimedJob's last field must be its defect"
 #: What the claim returns: the job's fields in their order, then the columns only judged (run_after).
 CLAIM_COLUMNS: tuple[sa.ColumnElement[Any], ...] = (
     *(G.c[_COLUMN_OF.get(name, name)] for name in _FIELDS), G.c.run_after,
