@@ -3,18 +3,18 @@
 Decides issue 16's question about :mod:`dgxqueue.storage.driver`: does running the daemon's hot
 statements on a plain SQLAlchemy Core ``Connection`` (``connection.execute(statement, params)``,
 SQLAlchemy's compiled cache) cost more than 20% of no-op throughput at batch 64, compared with the
-hand-written layer (:mod:`~dgxqueue.storage.fastqueue` on :class:`~dgxqueue.storage.driver.Link`)?
+hand-written layer (:mod:`~dgxqueue.storage.queue` on :class:`~dgxqueue.storage.driver.Link`)?
 
 Each engine, each batch size, runs three loops over the same pre-inserted jobs, alternating
 (ABCABC..., the order rotated each round so that a drifting machine favours none):
 
 - **floor**: a bare DB-API loop (sqlite3 / psycopg) running the same compiled statements with
   the same transaction shapes, rows fetched raw: no queue can do the same work for less.
-- **(a) hand-written**: ``fastqueue.claim`` once, then ``fastqueue.finish_and_claim`` until the
+- **(a) hand-written**: ``queue.claim`` once, then ``queue.finish_and_claim`` until the
   queue is empty, as the daemon's rounds do with a no-op generator (each claim marks its jobs
   started, so no ``mark_started`` statement runs).
 - **(b) Core**: :class:`CoreQueue`, the same calls on one held Core ``Connection`` with the
-  repository's own statement builders: a sketch of what replacing the hand-written layer takes.
+  queue's own statement builders: a sketch of what replacing the hand-written layer takes.
 
 Every round starts from an emptied, vacuumed table refilled with the same number of pending jobs;
 after each loop the benchmark checks that every job was completed. SQLite is a real file in WAL
@@ -49,28 +49,35 @@ from sqlalchemy.engine import Connection, Engine
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgxqueue.config import DatabaseSettings
-from dgxqueue.storage import create_generations, repository
+from dgxqueue.storage import create_generations
+from dgxqueue.storage import queue as jobs_queue
+from dgxqueue.storage.claimed import ClaimedJob, claimed_jobs
 from dgxqueue.storage.database import create_engine, ensure_schema, session_scope
 from dgxqueue.storage.driver import Compiled, Link
-from dgxqueue.storage.fastqueue import claim, finish_and_claim, finish_many
+from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.repository import ClaimedJob
+from dgxqueue.storage.queue import Row, claim, finish, finish_and_claim
+from dgxqueue.storage.results import Completed, Result, row_values
 
 PG_ADMIN_URL = os.environ.get("DGXQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MODEL = "silence"
 MODELS = [MODEL]
 LEASE = timedelta(seconds=300)
 WORKER = "bench"
-Outcome = tuple[str, int, Mapping[str, Any]]
+Outcome = tuple[ClaimedJob, Result]
 #: One loop over the filled queue: (engine, batch) -> jobs completed; raises if one was fenced.
 Loop = Callable[[Engine, int], int]
 
 
+#: A stand-in job and result: what a completion's row write sets does not depend on the job.
+_SOME_JOB = ClaimedJob("x", "p", MODEL, 0.01, 8000, 1, "outputs/x.wav", None, 1, 3, utcnow(), utcnow())
+_DONE = Completed(utcnow(), 0.0, 0, None)
+
+
 def outcomes_of(jobs: Sequence[ClaimedJob]) -> list[Outcome]:
-    """A no-op generator's results, as the daemon's ``record`` turns them into column values."""
+    """A no-op generator's results, as the daemon's completer records them."""
     now = utcnow()
-    return [(job.id, job.attempt, repository.completed_values(now, 0.0001, 204, {"peak": 0.0, "rms": 0.0}))
-            for job in jobs]
+    return [(job, Completed(now, 0.0001, 204, {"peak": 0.0, "rms": 0.0})) for job in jobs]
 
 
 # --- (a) the hand-written layer ------------------------------------------------------------------
@@ -83,7 +90,7 @@ def hand_written(engine: Engine, batch: int) -> int:
         claimed = claim(link, worker_id=WORKER, models=MODELS, limit=batch, lease=LEASE, start=True)
         while claimed:
             outcomes = outcomes_of(claimed)
-            written, claimed = finish_and_claim(link, worker_id=WORKER, outcomes=outcomes, models=MODELS,
+            written, claimed = finish_and_claim(link, worker_id=WORKER, results=outcomes, models=MODELS,
                                                 limit=batch, lease=LEASE, start=True)
             if len(written) != len(outcomes):
                 raise AssertionError("an outcome was fenced off")
@@ -103,7 +110,7 @@ def hand_written_behind(engine: Engine, batch: int) -> int:
         while claimed:
             outcomes = outcomes_of(claimed)
             claimed = claim(link, worker_id=WORKER, models=MODELS, limit=batch, lease=LEASE, start=True)
-            done += len(finish_many(link, worker_id=WORKER, outcomes=outcomes))
+            done += len(finish(link, worker_id=WORKER, results=outcomes))
     finally:
         link.close()
     return done
@@ -130,9 +137,9 @@ def core_engine(url: str) -> Engine:
 
 
 class CoreQueue:
-    """fastqueue's claim, finish_many and finish_and_claim on one held Core ``Connection``.
+    """The queue's claim, finish and finish_and_claim on one held Core ``Connection``.
 
-    The statements are the repository's, executed with ``Connection.execute`` (SQLAlchemy's
+    The statements are the queue's, executed with ``Connection.execute`` (SQLAlchemy's
     compiled cache, bind and result processing, error translation). On PostgreSQL a single
     statement runs with the connection switched to AUTOCOMMIT for the call, as ``Link`` does;
     several run between BEGIN and COMMIT, each its own round trip (Core reads a statement's
@@ -141,8 +148,8 @@ class CoreQueue:
     def __init__(self, engine: Engine, *, values_as_text: bool = False) -> None:
         self.values_as_text = values_as_text and engine.dialect.name == "sqlite"
         self.connection = engine.connect()
-        self.dialect = engine.dialect.name
-        self.postgresql = self.dialect == "postgresql"
+        self.profile = profile_of(engine.dialect)
+        self.postgresql = self.profile.one_round_trip
         self.isolation = self.connection.default_isolation_level
 
     def close(self) -> None:
@@ -161,17 +168,17 @@ class CoreQueue:
             connection.execution_options(isolation_level=self.isolation)
 
     def _finish_statements(self, outcomes: Sequence[Outcome]) -> list[tuple[sa.Executable, dict[str, Any]]]:
-        build = _values_as_text if self.values_as_text else repository.finish_rows_statement
+        build = _values_as_text if self.values_as_text else jobs_queue.finish_rows_statement
         return [
-            (build(self.dialect, keys, 0 if self.postgresql else len(rows)),
-             repository.finish_rows_parameters(self.dialect, WORKER, keys, rows))
-            for keys, rows in repository.group_by_keys(outcomes).items()
+            (build(self.profile, keys, 0 if self.postgresql else len(rows)),
+             jobs_queue.finish_rows_parameters(self.profile, WORKER, keys, rows))
+            for keys, rows in jobs_queue.group_rows(jobs_queue.rows_of(outcomes)).items()
         ]
 
     def claim(self, limit: int, start: bool) -> list[ClaimedJob]:
-        statement = repository.claim_statement(self.dialect, len(MODELS), start)
-        params = repository.claim_parameters(worker_id=WORKER, models=MODELS, limit=limit, lease=LEASE)
-        return repository.claimed_jobs(self._single(statement, params))
+        statement = jobs_queue.claim_statement(self.profile, len(MODELS), start)
+        params = jobs_queue.claim_parameters(worker_id=WORKER, models=MODELS, limit=limit, lease=LEASE)
+        return claimed_jobs(self._single(statement, params))
 
     def finish_many(self, outcomes: Sequence[Outcome]) -> set[str]:
         statements = self._finish_statements(outcomes)
@@ -184,21 +191,21 @@ class CoreQueue:
     def finish_and_claim(self, outcomes: Sequence[Outcome], limit: int, start: bool) -> tuple[set[str],
                                                                                             list[ClaimedJob]]:
         connection = self.connection
-        claim_statement = repository.claim_statement(self.dialect, len(MODELS), start)
-        claim_params = repository.claim_parameters(worker_id=WORKER, models=MODELS, limit=limit, lease=LEASE)
+        claim_statement = jobs_queue.claim_statement(self.profile, len(MODELS), start)
+        claim_params = jobs_queue.claim_parameters(worker_id=WORKER, models=MODELS, limit=limit, lease=LEASE)
         with connection.begin():
             written = {row[0] for statement, params in self._finish_statements(outcomes)
                        for row in connection.execute(statement, params)}
             claimed = connection.execute(claim_statement, claim_params).all()
-        return written, repository.claimed_jobs(claimed)
+        return written, claimed_jobs(claimed)
 
 
 @functools.lru_cache(maxsize=512)
-def _values_as_text(dialect: str, keys: tuple[str, ...], n: int) -> sa.TextualSelect:
+def _values_as_text(profile: Profile, keys: tuple[str, ...], n: int) -> sa.TextualSelect:
     """The SQLite outcome write as ``text()`` of its own SQL, with its typed binds: SQLAlchemy
     does not cache a statement holding a multi-row ``VALUES`` (it compiles it on every call),
     and this says how much of Core's cost is that recompilation."""
-    statement = repository.finish_rows_statement(dialect, keys, n)
+    statement = jobs_queue.finish_rows_statement(profile, keys, n)
     compiled: Any = statement.compile(dialect=sqlite_dialect(paramstyle="named"))
     binds = [sa.bindparam(name, compiled.params[name], type_=bind.type) for bind, name in compiled.bind_names.items()]
     return sa.text(compiled.string).bindparams(*binds).columns(sa.column("id", sa.Text))
@@ -251,16 +258,17 @@ def _floor_statements(engine: Engine, batch: int) -> tuple[str, Any, Callable[[i
     """The claim's SQL and parameters, and the outcome write's SQL by number of rows, as the daemon
     compiles them; and the columns a completion sets."""
     dialect = engine.dialect
-    claim_sql = Compiled.of(repository.claim_statement(dialect.name, len(MODELS), True), dialect)
-    claim_params = claim_sql.parameters(repository.claim_parameters(worker_id=WORKER, models=MODELS, limit=batch,
+    profile = profile_of(dialect)
+    claim_sql = Compiled.of(jobs_queue.claim_statement(profile, len(MODELS), True), dialect)
+    claim_params = claim_sql.parameters(jobs_queue.claim_parameters(worker_id=WORKER, models=MODELS, limit=batch,
                                                                     lease=LEASE))
-    keys = tuple(sorted(repository.completed_values(utcnow(), 0.0, 0, None)))
+    keys = tuple(sorted(row_values(_SOME_JOB, _DONE)))
     shapes: dict[int, Compiled] = {}
 
     def finish_sql(n: int) -> Compiled:
-        n = 0 if dialect.name == "postgresql" else n
+        n = 0 if profile.any_count else n
         if n not in shapes:
-            shapes[n] = Compiled.of(repository.finish_rows_statement(dialect.name, keys, n), dialect)
+            shapes[n] = Compiled.of(jobs_queue.finish_rows_statement(profile, keys, n), dialect)
         return shapes[n]
 
     finish_sql(batch)
@@ -272,12 +280,12 @@ def floor(engine: Engine, batch: int) -> int:
     what the work itself costs, with the least Python a queue could wrap it in."""
     claim_sql, claim_params, finish_sql, keys = _floor_statements(engine, batch)
     dialect = engine.dialect.name
+    profile = profile_of(engine.dialect)
 
     def finish_params(rows: Sequence[Sequence[Any]]) -> Any:
-        now = utcnow()
-        values = repository.completed_values(now, 0.0001, 204, {"peak": 0.0, "rms": 0.0})
-        outcomes = [(row[0], row[8], values) for row in rows]
-        return finish_sql(len(rows)).parameters(repository.finish_rows_parameters(dialect, WORKER, keys, outcomes))
+        values = row_values(_SOME_JOB, Completed(utcnow(), 0.0001, 204, {"peak": 0.0, "rms": 0.0}))
+        outcomes: list[Row] = [(row[0], row[8], values) for row in rows]
+        return finish_sql(len(rows)).parameters(jobs_queue.finish_rows_parameters(profile, WORKER, keys, outcomes))
 
     done = 0
     if dialect == "sqlite":

@@ -302,56 +302,66 @@ def extend(session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]],
 
 # --- finish ---------------------------------------------------------------------------------
 
-_Row = tuple[str, int, Mapping[str, Any]]  # (job id, attempt, the columns its result sets)
+#: A result as its row's write: (job id, attempt, the columns the result sets).
+Row = tuple[str, int, Mapping[str, Any]]
 
 
-@functools.lru_cache(maxsize=512)
-def _finish_rows(dialect: Dialect, keys: tuple[str, ...], n: int) -> Compiled:
+@functools.cache
+def finish_rows_statement(profile: Profile, keys: tuple[str, ...], n: int) -> sa.Update:
     """``n`` fenced writes setting ``keys`` as one ``UPDATE ... FROM <rows> RETURNING id``, each
-    only where its attempt is still held (built once per shape)."""
+    only where its attempt is still held; ``n`` matters only where the engine needs one
+    statement per number of rows (built once per shape)."""
     columns: list[sa.ColumnClause[Any]] = [
         sa.column("id", sa.Text), sa.column("attempt", sa.Integer),
         *(sa.column(key, G.c[key].type) for key in keys),
     ]
-    given = profile_of(dialect).rows_of(columns, n, "outcome")
-    statement = (
+    given = profile.rows_of(columns, 0 if profile.any_count else n, "outcome")
+    return (
         sa.update(G)
         .where(G.c.id == given.c.id, G.c.attempts == given.c.attempt, IS_PROCESSING,
                G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text))
         .values(lease_expires_at=None, **{key: given.c[key] for key in keys})
         .returning(G.c.id)
     )
-    return Compiled.of(statement, dialect)
 
 
-def _groups(rows: Sequence[_Row]) -> dict[tuple[str, ...], list[_Row]]:
+def finish_rows_parameters(profile: Profile, worker_id: str, keys: tuple[str, ...],
+                           rows: Sequence[Row]) -> dict[str, Any]:
+    """The bind values of :func:`finish_rows_statement` for ``rows`` that all set ``keys``."""
+    given = [(job_id, attempt, *[values[key] for key in keys]) for job_id, attempt, values in rows]
+    return {"h_worker": worker_id, **profile.rows_parameters(("id", "attempt", *keys), given)}
+
+
+@functools.lru_cache(maxsize=512)
+def _finish_rows(dialect: Dialect, keys: tuple[str, ...], n: int) -> Compiled:
+    profile = profile_of(dialect)
+    return Compiled.of(finish_rows_statement(profile, keys, 0 if profile.any_count else n), dialect)
+
+
+def group_rows(rows: Sequence[Row]) -> dict[tuple[str, ...], list[Row]]:
     """Rows grouped by the columns they set: each group is one statement's shape."""
-    groups: dict[tuple[str, ...], list[_Row]] = {}
+    groups: dict[tuple[str, ...], list[Row]] = {}
     for row in rows:
         groups.setdefault(tuple(sorted(row[2])), []).append(row)
     return groups
 
 
 def _submit_rows(cursor: Cursor, dialect: Dialect, worker_id: str,
-                 groups: Mapping[tuple[str, ...], Sequence[_Row]]) -> list[Pending]:
+                 groups: Mapping[tuple[str, ...], Sequence[Row]]) -> list[Pending]:
     """One ``UPDATE ... FROM <rows> RETURNING id`` per group."""
     profile = profile_of(dialect)
-    submitted = []
-    for keys, group in groups.items():
-        names = ("id", "attempt", *keys)
-        params = profile.rows_parameters(
-            names, [(job_id, attempt, *[values[key] for key in keys]) for job_id, attempt, values in group])
-        statement = _finish_rows(dialect, keys, 0 if profile.any_count else len(group))
-        submitted.append(cursor.submit(statement, {"h_worker": worker_id, **params}))
-    return submitted
+    return [cursor.submit(_finish_rows(dialect, keys, len(group)),
+                          finish_rows_parameters(profile, worker_id, keys, group))
+            for keys, group in groups.items()]
 
 
-def _rows(results: Sequence[tuple[ClaimedJob, Result]]) -> list[_Row]:
+def rows_of(results: Sequence[tuple[ClaimedJob, Result]]) -> list[Row]:
+    """Each job's result as its row's write."""
     return [(job.id, job.attempt, row_values(job, result)) for job, result in results]
 
 
-def _write(link: Link, worker_id: str, rows: Sequence[_Row]) -> set[str]:
-    groups = _groups(rows)
+def _write(link: Link, worker_id: str, rows: Sequence[Row]) -> set[str]:
+    groups = group_rows(rows)
     # One statement (the usual case: every result a completion) runs in autocommit.
     with link.transaction(autocommit=len(groups) == 1, pipeline=len(groups) > 1) as cursor:
         done = _submit_rows(cursor, link.dialect, worker_id, groups)
@@ -366,7 +376,7 @@ def finish(link: Link, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Re
     is recorded failed instead, naming the error (:func:`_finish_one_by_one`)."""
     if not results:
         return set()
-    rows = _rows(results)
+    rows = rows_of(results)
     try:
         return _write(link, worker_id, rows)
     except Exception as exc:
@@ -376,7 +386,7 @@ def finish(link: Link, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Re
 
 
 def _finish_one_by_one(link: Link, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]],
-                       rows: Sequence[_Row], error: Exception) -> set[str]:
+                       rows: Sequence[Row], error: Exception) -> set[str]:
     """Each result in a transaction of its own; one the database refuses is recorded failed with
     a message it can store. Only if that write fails too (not the data: the schema, say) does
     the error pass, the batch's error first.
@@ -396,7 +406,7 @@ def _finish_one_by_one(link: Link, worker_id: str, results: Sequence[tuple[Claim
         message = f"the outcome could not be stored: {type(refused).__name__}: {refused}"
         log.error("outcome refused by the database; job recorded failed", job_id=job.id, error=message[:300])
         try:
-            _write(link, worker_id, _rows([(job, Failed(utcnow(), message))]))
+            _write(link, worker_id, rows_of([(job, Failed(utcnow(), message))]))
         except Exception as exc:
             raise exc from error
     return written
@@ -410,10 +420,10 @@ def finish_and_claim(
     its jobs asks for the next ones with the same commit (on PostgreSQL, the same round trip)."""
     served = sorted(models)
     params = claim_parameters(worker_id=worker_id, models=served, limit=limit, lease=lease)
-    rows = _rows(results)
+    rows = rows_of(results)
     try:
         with link.transaction(pipeline=True) as cursor:
-            done = _submit_rows(cursor, link.dialect, worker_id, _groups(rows))
+            done = _submit_rows(cursor, link.dialect, worker_id, group_rows(rows))
             claimed = cursor.submit(_claim(link.dialect, len(served), start), params)
     except Exception as exc:
         if not is_data_error(exc):
