@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import itertools
 import sqlite3
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -170,10 +171,7 @@ class SQLiteProfile(Profile):
         ).cte(name)
 
     def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        for i, row in enumerate(rows):
-            params.update((f"o{i}_{name}", value) for name, value in zip(names, row, strict=True))
-        return params
+        return dict(zip(_bind_names(tuple(names), len(rows)), itertools.chain.from_iterable(rows), strict=True))
 
     def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
         return column.in_([sa.bindparam(f"id_{i}", type_=sa.Text) for i in range(n)])
@@ -219,6 +217,12 @@ class SQLiteProfile(Profile):
                 yield
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bind_names(names: tuple[str, ...], n: int) -> tuple[str, ...]:
+    """The bind names of :meth:`SQLiteProfile.rows_of`'s ``n`` rows, row by row (made once per shape)."""
+    return tuple(f"o{i}_{name}" for i in range(n) for name in names)
 
 
 def _lenient_text(data: bytes) -> str:
