@@ -30,7 +30,7 @@ from dgxqueue import faultpoints
 from dgxqueue.config import WorkerSettings
 from dgxqueue.daemon import staging
 from dgxqueue.daemon.claimer import Claimer
-from dgxqueue.daemon.executor import Outcome
+from dgxqueue.daemon.executor import Attempt
 from dgxqueue.daemon.isolation import timed_out
 from dgxqueue.daemon.leases import Held
 from dgxqueue.daemon.outages import outage_skips
@@ -76,7 +76,7 @@ class Completer:
         self.clock = clock
         self.rng = rng
         self.log = log
-        self.pending: list[Outcome] = []  # outcomes not yet written
+        self.pending: list[Attempt] = []  # outcomes not yet written
 
     # --- the strategies -------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ class Completer:
 
     # --- one write ------------------------------------------------------------------------
 
-    def record(self, outcomes: Sequence[Outcome], *, claim_next: bool = False) -> None:
+    def record(self, outcomes: Sequence[Attempt], *, claim_next: bool = False) -> None:
         """Write each outcome (fenced), in one transaction, and tell the hooks.
 
         ``claim_next``: the same transaction claims the next jobs, which the next round then
@@ -152,7 +152,7 @@ class Completer:
                 audio_seconds=outcome.audio_seconds if kind == "completed" else None, error=error,
             )
 
-    def _row_write(self, outcome: Outcome, now: datetime) -> tuple[Result, str, str | None]:
+    def _row_write(self, outcome: Attempt, now: datetime) -> tuple[Result, str, str | None]:
         """What ``outcome`` comes to: the result storage records, the hooks' label for it
         (completed, retried or failed) and the error message it records."""
         job = outcome.job
@@ -188,10 +188,10 @@ class Completer:
 
     # --- files and superseded attempts ----------------------------------------------------
 
-    def drop_superseded(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+    def drop_superseded(self, outcomes: Sequence[Attempt]) -> list[Attempt]:
         """The outcomes of live attempts; those of attempts a later claim of the same job
         superseded (see :meth:`Claimer.take`) are discarded, files included."""
-        live: list[Outcome] = []
+        live: list[Attempt] = []
         for outcome in outcomes:
             if self.held.superseded.pop(id(outcome.job), None) is None:
                 live.append(outcome)
@@ -202,7 +202,7 @@ class Completer:
                                        audio_seconds=None, error=None)
         return live
 
-    def _publish(self, outcomes: Sequence[Outcome], written: list[bool]) -> tuple[list[bool], set[str]]:
+    def _publish(self, outcomes: Sequence[Attempt], written: list[bool]) -> tuple[list[bool], set[str]]:
         """Rename each committed result into place, straight after the commit: until then a
         reader who sees the row completed finds no file at its path (or, after a crash in
         between, until the sweep renames it). Delete the results whose write was fenced off.
@@ -216,7 +216,7 @@ class Completer:
         Also returns the ids of results whose row this attempt recorded failed instead (the
         database refused their values): their files are deleted like a fenced one's.
         """
-        doubtful: dict[str, Outcome] = {}
+        doubtful: dict[str, Attempt] = {}
         for outcome, ok in zip(outcomes, written, strict=True):
             if outcome.staged is None:
                 continue
@@ -251,7 +251,7 @@ class Completer:
                 refused.add(job_id)
         return [ok or o.job.id in ours for o, ok in zip(outcomes, written, strict=True)], refused
 
-    def _rename(self, outcome: Outcome) -> None:
+    def _rename(self, outcome: Attempt) -> None:
         assert outcome.staged is not None
         try:
             outcome.staged.publish()

@@ -51,7 +51,7 @@ from dgxqueue.config import Settings
 from dgxqueue.daemon.claimer import Claimer
 from dgxqueue.daemon.completer import Completer
 from dgxqueue.daemon.diskcheck import OutputsCheck
-from dgxqueue.daemon.executor import Outcome, Work, discard, render
+from dgxqueue.daemon.executor import Attempt, Work, discard, render
 from dgxqueue.daemon.faults import judge
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
 from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, validate_alone
@@ -87,9 +87,9 @@ class _Handoff:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._abandoned = False
-        self._delivered: list[Outcome] | None = None
+        self._delivered: list[Attempt] | None = None
 
-    def deliver(self, outcomes: list[Outcome]) -> list[Outcome]:
+    def deliver(self, outcomes: list[Attempt]) -> list[Attempt]:
         """On the runner thread, as the call returns: its outcomes, or none if it was abandoned."""
         with self._lock:
             if not self._abandoned:
@@ -361,7 +361,7 @@ class Daemon:
                 completer.release(keep={o.job.id for o in completer.pending}, marks=self._fault_marks)
         return len(jobs)
 
-    def _sort_faults(self, outcomes: list[Outcome]) -> list[Outcome]:
+    def _sort_faults(self, outcomes: list[Attempt]) -> list[Attempt]:
         """The outcomes to record. Those that are a machine fault's (:func:`~dgxqueue.daemon.faults.judge`)
         are taken out: their jobs are given back marked (or, past their refunds, charged), and the
         daemon stops to exit."""
@@ -394,13 +394,13 @@ class Daemon:
                           "charged nothing", jobs=[w.job.id for w in batch]):
             self.store.mark_started([w.job for w in batch])
 
-    def _start(self, batch: list[Work]) -> tuple[Future[list[Outcome]], float]:
+    def _start(self, batch: list[Work]) -> tuple[Future[list[Attempt]], float]:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
         self.hooks.on_batch(len(batch))
         outputs, worker_id = self.settings.outputs_dir, self.worker_id
         self._call = handoff = _Handoff()
 
-        def call() -> list[Outcome]:  # timed where it runs: the main loop may be busy writing
+        def call() -> list[Attempt]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()
             ready, refused = validate_alone(batch, self.generator)
             outcomes = refused + render(self.generator, ready, outputs, worker_id) if ready else refused
@@ -409,7 +409,7 @@ class Daemon:
 
         return self.runner.submit(call), time.monotonic()
 
-    def _wait(self, running: tuple[Future[list[Outcome]], float], batch: list[Work]) -> list[Outcome] | None:
+    def _wait(self, running: tuple[Future[list[Attempt]], float], batch: list[Work]) -> list[Attempt] | None:
         """Wait for a started batch while heartbeating; None when a stop gave up on it."""
         future, started = running
         while True:
@@ -437,7 +437,7 @@ class Daemon:
                                exit_code=EXIT_JOB_TIMEOUT)
                 self.exit_code = EXIT_JOB_TIMEOUT
                 self.request_stop(immediate=True)
-                return [Outcome(w.job, error, now - started) for w in batch]
+                return [Attempt(w.job, error, now - started) for w in batch]
 
     def _abandon_call(self) -> None:
         """Give up on the running call: its outcomes are not recorded and its files never published."""

@@ -4,7 +4,7 @@
 rejects. :func:`render` resolves each job's output path (refusing one outside the outputs folder),
 runs one batch through the backend and writes each result beside its path under a temporary name
 of its attempt (:mod:`~dgxqueue.daemon.staging`); it runs on the runner thread, so it touches no
-database and returns plain :class:`Outcome` values for the main loop to record. The main loop
+database and returns plain :class:`Attempt` values for the main loop to record. The main loop
 renames a result into place only once its outcome has committed.
 """
 
@@ -37,7 +37,7 @@ class Work:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Attempt:
     """How one attempt went. ``error`` is None for a completed job, whose file waits in
     ``staged`` until the outcome commits."""
 
@@ -50,7 +50,7 @@ class Outcome:
     staged: audio.StagedWav | None = None
 
 
-def discard(outcomes: Sequence[Outcome]) -> None:
+def discard(outcomes: Sequence[Attempt]) -> None:
     """Delete the files of outcomes that will not be recorded (an abandoned call's)."""
     for outcome in outcomes:
         if outcome.staged is not None:
@@ -99,22 +99,22 @@ def to_request(job: ClaimedJob) -> GenerationRequest:
     )
 
 
-def _refusal(job: ClaimedJob, exc: Exception) -> Outcome:
+def _refusal(job: ClaimedJob, exc: Exception) -> Attempt:
     error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))
-    return Outcome(job, error, 0.0)
+    return Attempt(job, error, 0.0)
 
 
-def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work], list[Outcome]]:
+def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work], list[Attempt]]:
     """Split claimed jobs into runnable work and immediate failures (requests the backend refuses).
 
     Any other exception (a row no producer of ours writes, a bug in ``validate``) fails only its
     job, decided like an unexpected error from the backend, instead of stopping the daemon on
     the same row at every restart."""
     ready: list[Work] = []
-    refused: list[Outcome] = []
+    refused: list[Attempt] = []
     for job in jobs:
         if job.defect is not None:  # the row itself: retrying cannot help
-            refused.append(Outcome(job, PermanentGeneratorError(job.defect), 0.0))
+            refused.append(Attempt(job, PermanentGeneratorError(job.defect), 0.0))
             continue
         try:
             request = to_request(job)
@@ -123,16 +123,16 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
             refused.append(_refusal(job, exc))
             continue
         except Exception as exc:
-            refused.append(Outcome(job, exc, 0.0))
+            refused.append(Attempt(job, exc, 0.0))
             continue
         ready.append(Work(job, request))
     return ready, refused
 
 
-def locate(batch: Sequence[Work], root: audio.OutputRoot) -> tuple[list[tuple[Work, str]], list[Outcome]]:
+def locate(batch: Sequence[Work], root: audio.OutputRoot) -> tuple[list[tuple[Work, str]], list[Attempt]]:
     """Each job's output path, or its failure when that path is not inside the outputs folder."""
     located: list[tuple[Work, str]] = []
-    refused: list[Outcome] = []
+    refused: list[Attempt] = []
     for work in batch:
         try:
             located.append((work, root.locate(work.job.file_path)))
@@ -179,7 +179,7 @@ def _json_value(value: Any, name: str) -> Any:
     raise PermanentGeneratorError(f"backend returned {name} of type {type(value).__name__}, which JSON cannot hold")
 
 
-def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worker_id: str) -> list[Outcome]:
+def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worker_id: str) -> list[Attempt]:
     """Generate one batch in one backend call and stage each file (written and fsynced under its
     attempt's temporary name, ``worker_id`` naming the attempt with the job's ``attempt``; the
     folders fsynced once). Runs on the runner thread. The caller publishes or discards each
@@ -197,7 +197,7 @@ def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worke
 
 
 def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], inside: str,
-            worker_id: str) -> list[Outcome]:
+            worker_id: str) -> list[Attempt]:
     started = time.perf_counter()
     try:
         results = generator.generate([work.request for work in batch])
@@ -207,7 +207,7 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
             )
     except Exception as exc:  # the whole batch failed: every job gets this error
         elapsed = time.perf_counter() - started
-        return [Outcome(work.job, exc, elapsed) for work in batch]
+        return [Attempt(work.job, exc, elapsed) for work in batch]
     generated = time.perf_counter() - started
     folders = audio.Folders(inside)  # each folder opened and checked once a batch
     try:
@@ -221,18 +221,18 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
         return outcomes
     discard([o for o, folder in zip(outcomes, map(audio.folder_of, paths), strict=True) if folder in failed])
     return [
-        Outcome(o.job, failed[folder], o.generation_seconds) if o.error is None and folder in failed else o
+        Attempt(o.job, failed[folder], o.generation_seconds) if o.error is None and folder in failed else o
         for o, folder in zip(outcomes, map(audio.folder_of, paths), strict=True)
     ]
 
 
 def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], generated: float,
-           folders: audio.Folders, worker_id: str) -> list[Outcome]:
+           folders: audio.Folders, worker_id: str) -> list[Attempt]:
     """Stage each result's file (or record why not); the folders' fsync is the caller's."""
-    outcomes: list[Outcome] = []
+    outcomes: list[Attempt] = []
     for work, path, result in zip(batch, paths, results, strict=True):
         if isinstance(result, BaseException):
-            outcomes.append(Outcome(work.job, result, generated))
+            outcomes.append(Attempt(work.job, result, generated))
             continue
         write_started = time.perf_counter()
         try:
@@ -249,9 +249,9 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
             job = work.job
             staged = audio.stage_wav(path, result, tag=staging.tag(job.id, job.attempt, worker_id), folders=folders)
         except Exception as exc:  # this job's alone: the others of the batch are written
-            outcomes.append(Outcome(work.job, exc, generated))
+            outcomes.append(Attempt(work.job, exc, generated))
             continue
-        outcomes.append(Outcome(
+        outcomes.append(Attempt(
             work.job, None, generated + (time.perf_counter() - write_started), staged.size,
             result.duration_seconds, metadata, staged,
         ))

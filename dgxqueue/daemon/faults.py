@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgxqueue.daemon.executor import Outcome
+from dgxqueue.daemon.executor import Attempt
 from dgxqueue.daemon.retry import MACHINE_FAULT_MARK, describe
 from dgxqueue.errors import TransientGeneratorError
 from dgxqueue.machine_faults import OUTPUT_FAULTS, PROBED_REASONS, machine_fault
@@ -44,7 +44,7 @@ class Verdict:
     the jobs to give back unspent, with their ``error_message``; ``reason`` and ``error``: the
     machine's fault, or None; ``own``: the jobs whose failed write the test write cleared."""
 
-    outcomes: list[Outcome]
+    outcomes: list[Attempt]
     marks: dict[str, str] = field(default_factory=dict)
     reason: str | None = None
     error: BaseException | None = None
@@ -96,7 +96,7 @@ def _mark(reason: str, count: int) -> str:
     return f"{text} [unconfirmed {count} of {UNCONFIRMED_REFUNDS}]" if count else text
 
 
-def judge(outcomes: Sequence[Outcome], outputs: Path,
+def judge(outcomes: Sequence[Attempt], outputs: Path,
           read_messages: Callable[[list[str]], Mapping[str, str | None]]) -> Verdict:
     """Sort a batch's outcomes by whose fault they are. ``read_messages``: the jobs' stored
     ``error_message`` by id (where their tally is kept)."""
@@ -129,7 +129,7 @@ def judge(outcomes: Sequence[Outcome], outputs: Path,
         if count + 1 > UNCONFIRMED_REFUNDS:
             error = TransientGeneratorError(f"{text}; given back {UNCONFIRMED_REFUNDS} times already: counted"
                                             " against the job")
-            kept.append(Outcome(outcome.job, error, outcome.generation_seconds))
+            kept.append(Attempt(outcome.job, error, outcome.generation_seconds))
         else:
             marks[outcome.job.id] = f"{text}; given back, attempt not counted"
     first, reason = faults[0]

@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Hashable, Sequence
 
-from dgxqueue.daemon.executor import Outcome, Work, prepare, to_request
+from dgxqueue.daemon.executor import Attempt, Work, prepare, to_request
 from dgxqueue.errors import JobTimeoutError
 from dgxqueue.generators import Generator, split_into_batches
 from dgxqueue.storage.claimed import ClaimedJob
 
 
-def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work], list[Outcome]]:
+def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work], list[Attempt]]:
     """:func:`~dgxqueue.daemon.executor.prepare`, but a suspect is not validated here: its own
     backend call does that (:func:`validate_alone`), after its start mark."""
     work, refused = prepare([job for job in jobs if not job.suspect], generator)
@@ -40,7 +40,7 @@ def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple
     return work, refused
 
 
-def validate_alone(batch: Sequence[Work], generator: Generator) -> tuple[list[Work], list[Outcome]]:
+def validate_alone(batch: Sequence[Work], generator: Generator) -> tuple[list[Work], list[Attempt]]:
     """A suspect's batch validated, in its own backend call; any other batch as it is."""
     if not any(work.job.suspect for work in batch):
         return list(batch), []
@@ -55,7 +55,7 @@ def split_isolating(work: Sequence[Work], key: Callable[[Work], Hashable], size:
     return split_into_batches(trusted, key, size) + [[w] for w in suspects]
 
 
-def timed_out(outcome: Outcome) -> bool:
+def timed_out(outcome: Attempt) -> bool:
     """The job's call overran the time limit: its result marks it suspect (storage counts it
     in ``lease_losses``)."""
     return isinstance(outcome.error, JobTimeoutError)

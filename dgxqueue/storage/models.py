@@ -99,6 +99,10 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
+_DEDUPE_HELD = "status IN ('pending', 'processing') AND dedupe_key IS NOT NULL"
+_EXPIRING = "status = 'pending' AND expires_at IS NOT NULL"
+
+
 class Generation(Base):
     """One generation job (a row of ``generations``)."""
 
@@ -134,6 +138,16 @@ class Generation(Base):
     # many attempts ended with the daemon dead (or the time limit) while the job ran.
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_losses: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0")
+    # --- producer and operator columns (migration 005), all nullable: the latest progress a
+    # generator reported, a cancel of a running job and when a job ended cancelled or expired,
+    # when a pending job stops being wanted, and the key that makes an enqueue idempotent.
+    progress_done: Mapped[int | None] = mapped_column(sa.Integer)
+    progress_total: Mapped[int | None] = mapped_column(sa.Integer)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    dedupe_key: Mapped[str | None] = mapped_column(sa.Text)
 
     __table_args__ = (
         sa.Index("idx_generations_status", "status"),
@@ -143,6 +157,16 @@ class Generation(Base):
             "idx_generations_lease", "lease_expires_at",
             sqlite_where=sa.text("status = 'processing'"),
             postgresql_where=sa.text("status = 'processing'"),
+        ),
+        # At most one unfinished job holds a dedupe key; a finished one frees it.
+        sa.Index(
+            "uq_generations_dedupe_key", "dedupe_key", unique=True,
+            sqlite_where=sa.text(_DEDUPE_HELD), postgresql_where=sa.text(_DEDUPE_HELD),
+        ),
+        # The expiry sweep reads pending rows that have an expiry only.
+        sa.Index(
+            "idx_generations_expires_at", "expires_at",
+            sqlite_where=sa.text(_EXPIRING), postgresql_where=sa.text(_EXPIRING),
         ),
     )
 
@@ -197,3 +221,31 @@ COMPLETED, FAILED = GenerationStatus.COMPLETED.value, GenerationStatus.FAILED.va
 # parameter. Constants of this module, never user input.
 IS_PENDING = G.c.status == sa.literal_column("'pending'")
 IS_PROCESSING = G.c.status == sa.literal_column("'processing'")
+
+
+class PausedModel(Base):
+    """A model no daemon claims until it is resumed (a row of ``paused_models``)."""
+
+    __tablename__ = "paused_models"
+
+    model_name: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    paused_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class DaemonRecord(Base):
+    """A live daemon as it registered itself (a row of ``daemons``); its heartbeat moves
+    ``expires_at`` on, a clean stop deletes it, and a row past ``expires_at`` is stale."""
+
+    __tablename__ = "daemons"
+
+    id: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    host: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    pid: Mapped[int] = mapped_column(sa.Integer, nullable=False)
+    generator: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    models: Mapped[str] = mapped_column(sa.Text, nullable=False)  # a JSON list of model names
+    version: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    holding: Mapped[str | None] = mapped_column(sa.Text)  # a JSON list of the job ids it holds

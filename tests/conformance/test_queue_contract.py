@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta, timezone
 
-from dgxqueue.daemon.executor import Outcome
+from dgxqueue.daemon.executor import Attempt
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS, tally
 from dgxqueue.daemon.isolation import timed_out
 from dgxqueue.daemon.retry import MACHINE_FAULT_MARK
@@ -235,7 +235,7 @@ def test_finish__a_time_limit_marks_the_job_to_run_alone(backend: QueueBackend) 
     backend.enqueue()
     queue = backend.queue()
     [job] = queue.claim(1)
-    overran = timed_out(Outcome(job, JobTimeoutError("over its limit"), 60.0))
+    overran = timed_out(Attempt(job, JobTimeoutError("over its limit"), 60.0))
     queue.finish([(job, Retried(backend.now(), "try again", timed_out=overran))])
     [again] = queue.claim(1)
     assert (again.attempt, again.lease_losses, again.suspect) == (2, 1, True)

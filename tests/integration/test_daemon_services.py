@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from dgxqueue.daemon.claimer import Claimer
 from dgxqueue.daemon.completer import Completer
 from dgxqueue.daemon.diskcheck import OutputsCheck
-from dgxqueue.daemon.executor import Outcome
+from dgxqueue.daemon.executor import Attempt
 from dgxqueue.daemon.leases import Heartbeat, Held, Rescuer, Sweeper
 from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.daemon.runner import Runner
@@ -92,10 +92,10 @@ def set_lease(url: str, job_id: str, seconds: float) -> None:
                      .values(lease_expires_at=utcnow() + timedelta(seconds=seconds)))
 
 
-def failed(services: Services, job_id: str) -> Outcome:
+def failed(services: Services, job_id: str) -> Attempt:
     """A permanent failure of the held job ``job_id``: recorded failed, never retried."""
     [job] = [job for job in services.held.jobs if job.id == job_id]
-    return Outcome(job, PermanentGeneratorError("refused"), 0.01)
+    return Attempt(job, PermanentGeneratorError("refused"), 0.01)
 
 
 def test_claimer__run_once_claims_a_batch_and_holds_it_for_the_next_round(sqlite_db_url: str, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from dgxqueue import audio
 from dgxqueue.daemon.diskcheck import look
-from dgxqueue.daemon.executor import Outcome
+from dgxqueue.daemon.executor import Attempt
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS, judge, probe_write, tally, wav_size
 from dgxqueue.errors import OutputError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio
@@ -53,7 +53,7 @@ def test_judge__read_only_subfolder_of_a_writable_outputs_folder_is_the_jobs_own
     """A write refused by the job's own read-only subfolder, while the outputs folder passes the
     test write: no machine fault; the job's error is recorded as it is."""
     error = _failed_write(readonly_dir / "x.wav")
-    outcome = Outcome(_job(), error, 0.0)
+    outcome = Attempt(_job(), error, 0.0)
     verdict = judge([outcome], tmp_path, _none)
     assert (verdict.reason, verdict.marks, verdict.own) == (None, {}, ["j1"])
     assert verdict.outcomes == [outcome]
@@ -62,7 +62,7 @@ def test_judge__read_only_subfolder_of_a_writable_outputs_folder_is_the_jobs_own
 def test_judge__outputs_folder_that_fails_the_test_write_is_the_machines(readonly_dir: Path) -> None:
     """The same error with the outputs folder itself read-only: the machine's, the job given back
     marked, with the reason the test write met."""
-    verdict = judge([Outcome(_job(), _failed_write(readonly_dir / "x.wav"), 0.0)], readonly_dir, _none)
+    verdict = judge([Attempt(_job(), _failed_write(readonly_dir / "x.wav"), 0.0)], readonly_dir, _none)
     assert verdict.reason == "read_only" and verdict.outcomes == []
     assert verdict.marks["j1"].startswith("machine fault (read_only) OutputError")
 
@@ -72,7 +72,7 @@ def test_judge__outputs_folder_replaced_by_a_file_is_the_machines(tmp_path: Path
     machine's fault (not_a_folder), not the job's."""
     outputs = tmp_path / "outputs"
     outputs.write_bytes(b"")
-    verdict = judge([Outcome(_job(), _failed_write(outputs / "x.wav"), 0.0)], outputs, _none)
+    verdict = judge([Attempt(_job(), _failed_write(outputs / "x.wav"), 0.0)], outputs, _none)
     assert verdict.reason == "not_a_folder" and list(verdict.marks) == ["j1"]
 
 
@@ -92,10 +92,10 @@ def test_judge__unconfirmed_faults_counted_in_the_mark_then_charged() -> None:
     job = _job()
     stored: dict[str, str | None] = {}
     for count in range(1, UNCONFIRMED_REFUNDS + 1):
-        verdict = judge([Outcome(job, MemoryError(), 0.0)], Path("/nonexistent"), lambda ids: stored)
+        verdict = judge([Attempt(job, MemoryError(), 0.0)], Path("/nonexistent"), lambda ids: stored)
         assert verdict.reason == "memory" and tally(verdict.marks["j1"]) == count
         stored = {"j1": verdict.marks["j1"]}
-    verdict = judge([Outcome(job, MemoryError(), 0.0)], Path("/nonexistent"), lambda ids: stored)
+    verdict = judge([Attempt(job, MemoryError(), 0.0)], Path("/nonexistent"), lambda ids: stored)
     [charged] = verdict.outcomes
     assert verdict.marks == {} and isinstance(charged.error, TransientGeneratorError)
     assert tally(str(charged.error)) == UNCONFIRMED_REFUNDS + 1

@@ -28,6 +28,11 @@ QUEUE_COLUMNS = [
     ("lease_expires_at", UTCDateTime, True, None),
     # Migration 004's isolation columns.
     ("started_at", UTCDateTime, True, None), ("lease_losses", sa.Integer, False, "0"),
+    # Migration 005's producer and operator columns: all nullable.
+    ("progress_done", sa.Integer, True, None), ("progress_total", sa.Integer, True, None),
+    ("cancel_requested_at", UTCDateTime, True, None), ("cancelled_at", UTCDateTime, True, None),
+    ("expires_at", UTCDateTime, True, None), ("expired_at", UTCDateTime, True, None),
+    ("dedupe_key", sa.Text, True, None),
 ]
 SPEC_PROMPTS = [
     ("id", sa.Integer, False), ("text", sa.Text, False), ("used_count", sa.Integer, True),
@@ -50,13 +55,14 @@ def _server_default(column: sa.Column[object]) -> str | None:
     return str(default.arg)
 
 
-def test_metadata__has_exactly_the_two_tables() -> None:
-    """The schema holds exactly the specification's two tables."""
-    assert set(Base.metadata.tables) == {"generations", "prompts"}
+def test_metadata__has_the_two_tables_and_the_operators_two() -> None:
+    """The schema holds the specification's two tables, and migration 005's paused models and
+    daemon registry."""
+    assert set(Base.metadata.tables) == {"generations", "prompts", "paused_models", "daemons"}
 
 
 def test_generations__columns_types_and_nullability_match_the_specification() -> None:
-    """generations has the spec's 15 columns, in order, with its types and NOT NULLs, then 002's and 004's."""
+    """generations has the spec's 15 columns, in order, with its types and NOT NULLs, then 002's, 004's and 005's."""
     names = [c.name for c in GENERATIONS.columns]
     assert names == [n for n, _, _ in SPEC_GENERATIONS] + [n for n, *_ in QUEUE_COLUMNS]
     for name, kind, nullable in SPEC_GENERATIONS:
@@ -95,6 +101,7 @@ def test_indexes__names_and_columns_match_the_specification() -> None:
     assert {i.name for i in GENERATIONS.indexes} == {
         "idx_generations_status", "idx_generations_created_at", "idx_generations_model_name",
         "idx_generations_completed_at", "idx_generations_claim", "idx_generations_lease",
+        "uq_generations_dedupe_key", "idx_generations_expires_at",
     }
     assert {i.name for i in PROMPTS.indexes} == {"idx_prompts_text"}
     assert [c.name for c in _index(GENERATIONS, "idx_generations_status").columns] == ["status"]
