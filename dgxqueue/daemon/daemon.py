@@ -134,9 +134,13 @@ class Daemon:
         runner: Runner | None = None,
     ) -> None:
         """``queue``: the jobs to serve (by default a :class:`QueueClient` on ``engine``), whose
-        ``worker_id`` is the daemon's unless one is given; a daemon given its queue and its
-        ``waker`` needs no engine (:mod:`dgxqueue.testing`). ``runner``: the thread that runs the
-        backend (one that loaded it already)."""
+        ``worker_id`` the daemon takes (a different ``worker_id`` is refused); a daemon given its
+        queue and its ``waker`` needs no engine (:mod:`dgxqueue.testing`). ``runner``: the thread
+        that runs the backend (one that loaded it already)."""
+        if queue is not None and worker_id is not None and worker_id != queue.worker_id:
+            # Files are named after the daemon's id and rows signed with the queue's: the sweep
+            # would take this daemon's own temporaries for a dead attempt's and delete them.
+            raise ValueError(f"worker_id {worker_id!r} is not its queue's ({queue.worker_id!r})")
         self.settings = settings
         self.config = settings.worker
         self.engine = engine

@@ -197,3 +197,17 @@ def test_daemon__takes_its_worker_id_from_the_queue(harness: Harness) -> None:
     assert daemon.worker_id == "gpu-3"
     daemon.run(burst=True)
     assert harness.store.jobs[job_id]["worker_id"] == "gpu-3"
+
+
+def test_daemon__refuses_a_worker_id_other_than_its_queues(harness: Harness) -> None:
+    """The daemon names its temporaries after its own worker id and the queue signs the rows with
+    its own: with two ids, every sweep would take this daemon's temporaries, in flight or
+    committed, for a dead attempt's and delete them. A daemon given the queue's id, or none, is built."""
+    settings = make_settings("sqlite:///unused.db", harness.outputs)
+    with pytest.raises(ValueError, match="worker_id"):
+        Daemon(settings, worker_id="a", queue=harness.queue("b"), generator=harness.generator,
+               waker=MemoryWaker(harness.store))
+    for worker_id in ("b", None):
+        daemon = Daemon(settings, worker_id=worker_id, queue=harness.queue("b"), generator=harness.generator,
+                        waker=MemoryWaker(harness.store))
+        assert daemon.worker_id == "b"
