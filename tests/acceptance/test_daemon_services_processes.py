@@ -1,0 +1,119 @@
+"""Review of the daemon's split into services (issue 16): the lease services' cadences, as real
+daemon processes with real signals, on real SQLite and PostgreSQL.
+
+Each test runs a second daemon beside the one under test that serves another model: it claims
+nothing, so the job stays with the first, but its rescuer and sweeper run on their own cadence.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
+from dgxqueue.storage.models import G
+from tests.support.generators import read_executions
+from tests.support.processes import start_worker, stop, wait_until, worker_config
+
+
+def enqueue(url: str, prompts: list[str]) -> list[str]:
+    with session_scope(get_engine(url)) as s:
+        return create_generations(s, [{"prompt": p, "model_name": "scripted", "duration_seconds": 0.01,
+                                       "sample_rate": 8000, "channels": 1} for p in prompts])
+
+
+def row(url: str, job_id: str) -> sa.Row[str, int, datetime | None, str | None]:
+    with get_engine(url).connect() as conn:
+        return conn.execute(sa.select(G.c.status, G.c.attempts, G.c.lease_expires_at, G.c.file_path)
+                            .where(G.c.id == job_id)).one()
+
+
+def bystander(tmp_path: Path, url: str, *, lease_seconds: float) -> subprocess.Popen[bytes]:
+    """A daemon that serves another model: it claims none of the test's jobs, and is ready."""
+    config = worker_config(tmp_path, url, models=["another"], rescue_interval_seconds=0.2, lease_seconds=lease_seconds)
+    log = tmp_path / "bystander.log"
+    process = start_worker(config, log)
+    wait_until(lambda: log.exists() and "daemon ready" in log.read_text(), 60, "the bystander to be ready",
+               alive=process)
+    return process
+
+
+def test_daemon__a_call_longer_than_the_lease_keeps_its_job_from_a_rescuing_daemon(db_url: str,
+                                                                                   tmp_path: Path) -> None:
+    """A backend call four leases long: the heartbeat keeps extending the lease while it runs, so
+    another daemon's rescue (every 0.2 s) never takes the job; it runs once, on its first attempt."""
+    init_db(db_url)
+    [job_id] = enqueue(db_url, ["work:6"])
+    watcher = bystander(tmp_path, db_url, lease_seconds=1.5)
+    # Its own rescuer, which refreshes its leases too, held off: only the heartbeat keeps them.
+    holder = start_worker(worker_config(tmp_path, db_url, lease_seconds=1.5, heartbeat_seconds=0.3,
+                                        rescue_interval_seconds=3600.0), tmp_path / "holder.log")
+    try:
+        executions = tmp_path / "executions.log"
+        wait_until(lambda: read_executions(executions)[job_id] == 1, 30, "the job to start", alive=holder)
+        first = row(db_url, job_id).lease_expires_at
+        assert first is not None
+        # Past the first lease's end by two leases, the call still running.
+        extended = wait_until(lambda: (lease := row(db_url, job_id).lease_expires_at) is not None
+                              and lease > first + timedelta(seconds=3), 30, "the lease to be extended", alive=holder)
+        assert extended and row(db_url, job_id).status == "processing"
+        wait_until(lambda: row(db_url, job_id).status == "completed", 30, "the job to complete", alive=holder)
+        assert stop(holder) == 0 and stop(watcher) == 0
+    finally:
+        for process in (holder, watcher):
+            if process.poll() is None:
+                process.kill()
+    assert row(db_url, job_id)[:2] == ("completed", 1)
+    assert read_executions(executions)[job_id] == 1
+    assert "lease lost" not in (tmp_path / "holder.log").read_text()
+
+
+def test_daemon__a_running_daemon_rescues_a_killed_ones_job_on_its_cadence(db_url: str, tmp_path: Path) -> None:
+    """An already-running daemon's rescuer (not only a starting one's) requeues the job of a
+    daemon killed mid-call once its lease expires; a daemon that serves the model then runs it."""
+    init_db(db_url)
+    [job_id] = enqueue(db_url, ["block"])
+    config = worker_config(tmp_path, db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
+    victim = start_worker(config, tmp_path / "victim.log")
+    executions = tmp_path / "executions.log"
+    wait_until(lambda: read_executions(executions)[job_id] == 1, 30, "the job to start", alive=victim)
+    watcher = bystander(tmp_path, db_url, lease_seconds=1.0)
+    try:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        assert row(db_url, job_id).status == "processing"
+        wait_until(lambda: row(db_url, job_id).status == "pending", 15, "the bystander's rescue", alive=watcher)
+        assert row(db_url, job_id).attempts == 1  # spent: the killed call had started it
+        assert stop(watcher) == 0
+    finally:
+        for process in (victim, watcher):
+            if process.poll() is None:
+                process.kill()
+
+
+def test_daemon__a_running_daemon_sweeps_a_killed_ones_committed_file_within_a_lease(db_url: str,
+                                                                                    tmp_path: Path) -> None:
+    """A daemon killed between its commit and its rename leaves a completed row whose file is
+    still a temporary; an already-running daemon's sweeper (once a lease period, not only at
+    start) renames it into place."""
+    init_db(db_url)
+    [job_id] = enqueue(db_url, ["fine"])
+    watcher = bystander(tmp_path, db_url, lease_seconds=1.5)
+    config = worker_config(tmp_path, db_url, lease_seconds=1.5)
+    victim = start_worker(config, tmp_path / "victim.log", env={"DGXQ_TEST_KILL_AT": "after-commit"})
+    try:
+        assert victim.wait(60) == -signal.SIGKILL
+        status, _, _, file_path = row(db_url, job_id)
+        assert status == "completed" and file_path is not None
+        target = tmp_path / file_path
+        assert not target.exists()
+        wait_until(target.exists, 15, "the bystander's sweep to publish the file", alive=watcher)
+        assert stop(watcher) == 0
+    finally:
+        for process in (victim, watcher):
+            if process.poll() is None:
+                process.kill()
