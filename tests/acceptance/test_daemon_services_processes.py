@@ -117,3 +117,31 @@ def test_daemon__a_running_daemon_sweeps_a_killed_ones_committed_file_within_a_l
         for process in (victim, watcher):
             if process.poll() is None:
                 process.kill()
+
+
+def test_daemon__sighup_then_sigterm_gives_the_running_and_prefetched_jobs_back_at_once(db_url: str,
+                                                                                     tmp_path: Path) -> None:
+    """With worker.prefetch, a job claimed ahead and one written behind the running call: SIGHUP
+    starts a graceful stop (a long grace), and a SIGTERM then ends it at once. The finished job's
+    outcome is written; the running job and the one claimed ahead go back pending with their
+    attempts unspent; exit 0 well inside the grace period."""
+    init_db(db_url)
+    finished, running, ahead, queued = enqueue(db_url, ["work:0.2", "block", "fine", "fine"])
+    config = worker_config(tmp_path, db_url, grace_seconds=600.0, prefetch=True, batch_size=1)
+    process = start_worker(config, tmp_path / "w.log")
+    try:
+        executions = tmp_path / "executions.log"
+        wait_until(lambda: read_executions(executions)[running] == 1, 30, "the blocking job to start", alive=process)
+        wait_until(lambda: row(db_url, ahead).status == "processing", 30, "the claim ahead", alive=process)
+        process.send_signal(signal.SIGHUP)
+        log = tmp_path / "w.log"
+        wait_until(lambda: '"stopping"' in log.read_text(), 30, "the stop to begin", alive=process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert row(db_url, finished)[:2] == ("completed", 1)
+    assert row(db_url, running)[:2] == ("pending", 0) and row(db_url, ahead)[:2] == ("pending", 0)
+    assert row(db_url, queued)[:2] == ("pending", 0)
+    assert read_executions(tmp_path / "executions.log")[ahead] == 0
