@@ -14,15 +14,17 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from dgxqueue.daemon import EXIT_MACHINE_FAULT
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
 from dgxqueue.storage.models import G
+from tests.acceptance.test_machine_faults import assert_given_back, config, logged, spawn
 from tests.support.generators import read_executions
 from tests.support.processes import start_worker, stop, wait_until, worker_config
 
 
-def enqueue(url: str, prompts: list[str]) -> list[str]:
+def enqueue(url: str, prompts: list[str], duration_seconds: float = 0.01) -> list[str]:
     with session_scope(get_engine(url)) as s:
-        return create_generations(s, [{"prompt": p, "model_name": "scripted", "duration_seconds": 0.01,
+        return create_generations(s, [{"prompt": p, "model_name": "scripted", "duration_seconds": duration_seconds,
                                        "sample_rate": 8000, "channels": 1} for p in prompts])
 
 
@@ -145,3 +147,23 @@ def test_daemon__sighup_then_sigterm_gives_the_running_and_prefetched_jobs_back_
     assert row(db_url, running)[:2] == ("pending", 0) and row(db_url, ahead)[:2] == ("pending", 0)
     assert row(db_url, queued)[:2] == ("pending", 0)
     assert read_executions(tmp_path / "executions.log")[ahead] == 0
+
+
+def test_machine_fault__full_disk_on_postgres_writes_the_finished_outcomes_and_exits_75(
+        pg_db_url: str, tmp_path: Path, outputs_disk: Path) -> None:
+    """The outputs disk fills while a PostgreSQL daemon writes each call's outcomes behind the
+    next call (a job a call): the outcomes of the calls that finished are written before it exits
+    75, each completed row with its file in place; every other job is pending, its attempt unspent."""
+    url = pg_db_url
+    init_db(url)
+    (outputs_disk / "filler").write_bytes(b"\0" * (2048 - 64) * 1024)  # room for about eight files
+    ids = enqueue(url, ["fine"] * 24, duration_seconds=0.5)
+    process = spawn(config(tmp_path, url, batch_size=1), tmp_path / "w.log")
+    assert process.wait(60) == EXIT_MACHINE_FAULT, (tmp_path / "w.log").read_text()[-3000:]
+    assert logged(tmp_path / "w.log", '"reason": "disk_full"')()
+    assert_given_back(url, "disk_full")
+    done = [row(url, job_id) for job_id in ids if row(url, job_id).status == "completed"]
+    assert done, "some files fit before the disk filled"
+    for status, attempts, _, file_path in done:
+        assert attempts == 1 and file_path is not None and (tmp_path / file_path).exists()
+    assert not list(outputs_disk.rglob(".*.tmp"))
