@@ -367,8 +367,8 @@ def test_db__upgrade_current_downgrade(cli: Cli) -> None:
     assert f"revision {head_revision()}" in cli.ok("db", "upgrade")
     assert json.loads(cli.ok("db", "current", "--json")) == {
         "current": head_revision(), "head": head_revision(), "up_to_date": True}
-    assert_error(cli.here("db", "downgrade"), 2, "--yes")  # 004 drops columns: asked first
-    assert "revision 003" in cli.ok("db", "downgrade", "--yes")  # one step back from 004
+    assert_error(cli.here("db", "downgrade"), 2, "--yes")  # 005 drops tables and columns: asked first
+    assert "revision 004" in cli.ok("db", "downgrade", "--yes")  # one step back from 005
     assert not json.loads(cli.here("db", "current", "--json").stdout)["up_to_date"]
     assert_error(cli.here("list"), 69, "db upgrade")
     assert cli.here("db", "upgrade").returncode == 0
