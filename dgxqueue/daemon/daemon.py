@@ -302,7 +302,6 @@ class Daemon:
         now = time.monotonic()
         self._last_loop = now
         self.heartbeat.run_if_due(now)
-        self.registration.run_if_due(now)
         if self.healthy():  # a call stuck past its time limit stops the liveness signals too
             self.hooks.on_loop(now)
         if self.stopping and not self._stopping_sent:
@@ -313,6 +312,7 @@ class Daemon:
             self.notifier.watchdog()
             self._next_watchdog = now + min(1.0, (self.notifier.watchdog_interval or 2.0) / 2)
         self.rescuer.run_if_due(now)
+        self.registration.run_if_due(now)  # last: the registry waits behind the leases and the watchdog
 
     def run_once(self) -> int:
         """Run the jobs claimed with the last outcomes, or claim a batch; record them. Returns how

@@ -49,7 +49,7 @@ class Registration:
         self._try("register", self._register)
 
     def run_if_due(self, now: float) -> None:
-        if now >= self.due:
+        if self.started and now >= self.due:  # not before start(): a daemon still loading is not serving
             self.due = now + self.interval
             self.run_once()
 
