@@ -1,4 +1,5 @@
-"""The producer's front door: ``enqueue`` one job or ``enqueue_many`` in one transaction.
+"""The producer's front door: ``enqueue`` one job or ``enqueue_many`` in one transaction; and
+``live_daemons``, the registry of the daemons serving the queue.
 
 Each call opens its own transaction on the process-wide engine of its database and commits it
 before returning, so the returned ids are durable (as far as the engine's settings make them).
@@ -25,11 +26,12 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from dgxqueue.config import Settings, load_settings
-from dgxqueue.storage import get_engine, queue
+from dgxqueue.storage import get_engine, queue, registry, session_scope
 from dgxqueue.storage.database import open_queue
+from dgxqueue.storage.registry import LiveDaemon
 from dgxqueue.storage.validation import JobSpec, validate_job, validate_jobs
 
-__all__ = ["enqueue", "enqueue_many"]
+__all__ = ["enqueue", "enqueue_many", "live_daemons"]
 
 _lock = threading.Lock()
 _settings_cache: dict[tuple[Any, ...], Settings] = {}
@@ -124,3 +126,15 @@ def enqueue_many(
     jobs = validate_jobs(specs, limits=settings.jobs, outputs=settings.outputs)
     queue.insert_committed(engine, jobs)  # one transaction, retried once on a connection found dead
     return [job.id for job in jobs]
+
+
+def live_daemons(
+    *, include_stale: bool = False, database_url: str | None = None, settings: Settings | None = None,
+) -> list[LiveDaemon]:
+    """The daemons registered on the queue's database, oldest first: live ones (refreshed within
+    their lease), and with ``include_stale`` also those whose entry went stale (marked ``stale``).
+    Each says its host, pid, generator, models, version, start, last heartbeat and the job ids it
+    holds (see :mod:`dgxqueue.storage.registry`)."""
+    settings = settings or default_settings()
+    with session_scope(_engine(database_url, settings)) as session:
+        return registry.daemons(session, include_stale=include_stale)

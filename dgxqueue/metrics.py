@@ -13,6 +13,9 @@ the table's total (exact on SQLite, where ``count(*)`` walks pages; on PostgreSQ
 estimate once the table is past 100,000 rows, since ``count(*)`` there reads every row). Only the
 pending count grows with the backlog. A database error during a scrape drops the depth samples
 (stale numbers would mislead), logs it, and counts it in ``dgxqueue_queue_depth_scrape_errors_total``.
+With the depth, the same read counts the live daemons serving each model from the registry
+(``dgxqueue_live_daemons``, 0 for a model with jobs pending and no daemon), so an alert can say
+"jobs pending for a model no daemon serves".
 
 :func:`start_metrics_server` serves ``/metrics`` and ``/healthz`` from a daemon thread.
 """
@@ -40,6 +43,7 @@ from dgxqueue.logs import get_logger
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.models import GenerationStatus
 from dgxqueue.storage.reads import QueueDepth, queue_depth
+from dgxqueue.storage.registry import live_per_model
 
 __all__ = ["DURATION_BUCKETS", "DaemonMetrics", "MetricsServer", "QueueDepthCollector",
            "start_metrics_server"]
@@ -76,6 +80,7 @@ class QueueDepthCollector(Collector):
         self._read_at: float | None = None
         self._reading: threading.Thread | None = None  # one read at a time; scrapes share its answer
         self._depth: QueueDepth | None = None
+        self._live: dict[str, int] | None = None  # live daemons per model, read with the depth
         self._query_seconds = 0.0
         self.errors = 0
         #: Models this daemon serves: reported at 0 when none of theirs is pending, not left out.
@@ -102,25 +107,28 @@ class QueueDepthCollector(Collector):
 
     def _read(self) -> None:
         started = time.perf_counter()
-        depth = None
+        depth, live = None, None
         try:
             with Session(self._engine) as session:
                 depth = queue_depth(session)
+                live = live_per_model(session)
         except Exception as exc:  # any failure must leave the rest of the scrape intact
             with self._lock:
                 self.errors += 1
             log.warning("queue depth query failed", error=repr(exc))
         with self._lock:
             self._depth, self._query_seconds, self._reading = depth, time.perf_counter() - started, None
+            self._live = live if depth is not None else None
 
     def describe(self) -> Iterable[Metric]:
         # Without describe() the registry would call collect(), i.e. query, at registration.
         return self._families(None)
 
     def collect(self) -> Iterable[Metric]:
-        return self._families(self.depth())
+        depth = self.depth()
+        return self._families(depth, self._live if depth is not None else None)
 
-    def _families(self, depth: QueueDepth | None) -> list[Metric]:
+    def _families(self, depth: QueueDepth | None, live: dict[str, int] | None = None) -> list[Metric]:
         jobs = GaugeMetricFamily(
             "dgxqueue_queue_jobs",
             "Jobs in the database by status (completed is PostgreSQL's estimate past 100k rows).",
@@ -135,6 +143,10 @@ class QueueDepthCollector(Collector):
             "dgxqueue_queue_depth_query_seconds", "Database time of the last queue depth read.")
         errors = CounterMetricFamily(
             "dgxqueue_queue_depth_scrape_errors", "Queue depth reads that failed during a scrape.")
+        daemons = GaugeMetricFamily(
+            "dgxqueue_live_daemons",
+            "Live daemons serving each model, from the registry (0 for a model with jobs pending and none).",
+            labels=["model"])
         if depth is not None:
             for status in GenerationStatus:
                 jobs.add_metric([status.value], depth.by_status.get(status.value, 0))
@@ -144,8 +156,11 @@ class QueueDepthCollector(Collector):
             created = depth.oldest_pending_created_at
             oldest.add_metric([], max(0.0, (self._now() - created).total_seconds()) if created else 0.0)
             query.add_metric([], self._query_seconds)
+            if live is not None:
+                for model in sorted(set(counts) | set(live)):
+                    daemons.add_metric([model], live.get(model, 0))
         errors.add_metric([], self.errors)
-        return [jobs, pending, oldest, query, errors]
+        return [jobs, pending, oldest, query, errors, daemons]
 
 
 class _ModelSeries(NamedTuple):

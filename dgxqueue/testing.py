@@ -41,6 +41,7 @@ from dgxqueue.storage import JobSpec, validate_job
 from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
 from dgxqueue.storage.models import FAILED, PENDING, PROCESSING, G, as_utc, utcnow
 from dgxqueue.storage.queue import AttemptState, job_row
+from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
 from dgxqueue.storage.results import Released, row_values
 
 __all__ = ["ManualClock", "MemoryQueue", "MemoryStore", "MemoryWaker"]
@@ -94,6 +95,8 @@ class MemoryStore:
         self.prompts: Counter[str] = Counter()
         #: Counts writes, as SQLite's ``PRAGMA data_version`` does: :class:`MemoryWaker` watches it.
         self.version = 0
+        #: The registry of live daemons by id (the ``daemons`` table's rows, lists as tuples).
+        self.daemons: dict[str, Row] = {}
         self.lock = threading.RLock()
 
     def client(self, *, worker_id: str, models: Iterable[str], lease: timedelta) -> MemoryQueue:
@@ -130,6 +133,14 @@ class MemoryStore:
             self.jobs.clear()
             self.prompts.clear()
             self.version += 1
+
+    def live_daemons(self, *, include_stale: bool = False) -> list[LiveDaemon]:
+        """:func:`dgxqueue.storage.registry.daemons` on the store's registry."""
+        with self.lock:
+            now = self.clock()
+            found = [LiveDaemon(**row, heartbeat_age=max(now - row["heartbeat_at"], timedelta(0)),
+                                stale=row["expires_at"] < now) for row in self.daemons.values()]
+        return sorted((d for d in found if include_stale or not d.stale), key=lambda d: (d.started_at, d.id))
 
     # --- the rescuer's side: every daemon's expired leases ---
 
@@ -278,6 +289,36 @@ class MemoryQueue:
             later = [row["run_after"] for row in self._pending()
                      if row["run_after"] is not None and row["run_after"] > now]
             return min(later) - now if later else None
+
+    def register(self, entry: DaemonEntry) -> None:
+        with self.store.lock:
+            now = self.store.clock()
+            self.store.daemons[entry.id] = {
+                "id": entry.id, "host": entry.host, "pid": entry.pid, "generator": entry.generator,
+                "models": tuple(entry.models), "version": entry.version, "started_at": now, "heartbeat_at": now,
+                "expires_at": now + self.lease, "holding": (),
+            }
+
+    def refresh_registration(self, holding: Sequence[str]) -> bool:
+        with self.store.lock:
+            row = self.store.daemons.get(self.worker_id)
+            if row is None:
+                return False
+            now = self.store.clock()
+            row.update(heartbeat_at=now, expires_at=now + self.lease, holding=tuple(holding))
+            return True
+
+    def unregister(self) -> None:
+        with self.store.lock:
+            self.store.daemons.pop(self.worker_id, None)
+
+    def forget_dead_daemons(self) -> list[str]:
+        with self.store.lock:
+            cutoff = self.store.clock() - self.lease * (FORGET_AFTER_LEASES - 1)
+            gone = [daemon_id for daemon_id, row in self.store.daemons.items() if row["expires_at"] < cutoff]
+            for daemon_id in gone:
+                del self.store.daemons[daemon_id]
+            return gone
 
     def ping(self) -> None:
         pass

@@ -1,7 +1,7 @@
 """The ``dgxqueue`` command (also ``python -m dgxqueue``).
 
 Subcommands: ``worker``, ``enqueue``, ``show``, ``list``, ``stats``, ``wait``, ``cancel``,
-``retry``, ``prune``, ``db upgrade|downgrade|current|backup|reset``, ``config show|check`` and
+``retry``, ``prune``, ``workers``, ``db upgrade|downgrade|current|backup|reset``, ``config show|check`` and
 ``demo``. Each has ``--help``; most have ``--json``. Settings are parsed once, before anything
 touches the database: defaults < ``--config``/``$DGXQUEUE_CONFIG`` < environment < flags.
 
@@ -60,6 +60,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cancel": ("dgxqueue.cli.jobs", "cancel a pending generation (it becomes failed)"),
     "retry": ("dgxqueue.cli.jobs", "send a failed generation back to the queue"),
     "prune": ("dgxqueue.cli.jobs", "delete finished generations older than an age"),
+    "workers": ("dgxqueue.cli.workers", "list the live daemons"),
     "demo": ("dgxqueue.cli.demo", "start a daemon, queue sample prompts, wait, show the WAV files"),
 }
 

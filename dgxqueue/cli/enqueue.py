@@ -2,7 +2,8 @@
 
 Every job is validated before anything is written: one bad line refuses the whole batch (exit 65)
 naming its line number and field. A job whose model no configured or registered generator serves
-is queued with a warning on stderr; it waits until a daemon serving that model runs.
+is queued with a warning on stderr; it waits until a daemon serving that model runs. So is a job
+whose model no live daemon serves now (the registry, :mod:`dgxqueue.storage.registry`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dgxqueue.cli.wait import Progress, finish, watch
 from dgxqueue.config import Settings
 from dgxqueue.errors import ValidationError
 from dgxqueue.generators import available_generators, create_generator
-from dgxqueue.storage import Generation, JobSpec, session_scope, validate_jobs
+from dgxqueue.storage import Generation, JobSpec, registry, session_scope, validate_jobs
 from dgxqueue.storage.models import utcnow
 
 #: The flags that set one job's fields; with ``--jsonl`` each line sets its own.
@@ -127,12 +128,29 @@ def served_models(settings: Settings) -> set[str]:
     return served
 
 
-def warn_unserved(settings: Settings, models: Iterable[str]) -> None:
-    unserved = sorted(set(models) - served_models(settings))
-    for model in unserved:
-        print(f"dgxqueue: warning: no configured or registered generator serves model {safe(repr(model))}; "
-              "the job waits until a daemon serving it runs (check --model or jobs.default_model)",
-              file=sys.stderr)
+def warn_unserved(settings: Settings, models: Iterable[str], live: dict[str, int] | None = None) -> None:
+    """One warning per model that no live daemon serves (``live``: daemons per model, None when
+    the registry could not be read): that no generator here serves it (a typo?), or else that
+    none serving it runs now."""
+    wanted = sorted(set(models) - set(live or {}))
+    known = served_models(settings) if wanted else set()
+    for model in wanted:
+        if model not in known:
+            print(f"dgxqueue: warning: no configured or registered generator serves model {safe(repr(model))}; "
+                  "the job waits until a daemon serving it runs (check --model or jobs.default_model)",
+                  file=sys.stderr)
+        elif live is not None:
+            print(f"dgxqueue: warning: no live daemon serves model {safe(repr(model))} now; the job waits until "
+                  "one starts ('dgxqueue workers' lists the live daemons)", file=sys.stderr)
+
+
+def _live_per_model(engine: sa.Engine) -> dict[str, int] | None:
+    """Live daemons per model; None if the registry cannot be read (only a warning depends on it)."""
+    try:
+        with session_scope(engine) as session:
+            return registry.live_per_model(session)
+    except sa.exc.SQLAlchemyError:
+        return None
 
 
 def _read_back(ctx: Context, ids: list[str]) -> list[Generation]:
@@ -162,7 +180,7 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
     timeout = parse_number("timeout", args.timeout, float)
     engine = ctx.engine(create=True)
     ids = enqueue_many(jobs, database_url=ctx.settings.database.url, settings=ctx.settings)
-    warn_unserved(ctx.settings, {job.model_name for job in jobs})
+    warn_unserved(ctx.settings, {job.model_name for job in jobs}, _live_per_model(engine))
     if args.wait:
         finished = watch(engine, ids, timeout=timeout, progress=Progress(quiet=args.quiet))
         return finish(ctx.settings, finished, args.json)

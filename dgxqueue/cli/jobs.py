@@ -40,6 +40,7 @@ from dgxqueue.storage import (
     get_database_stats,
     get_generation,
     reads,
+    registry,
     retry_generation,
     session_scope,
 )
@@ -99,11 +100,20 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _models(session: Session) -> dict[str, dict[str, int]]:
+    """Pending jobs and live daemons per model, for every model that has either."""
+    pending = reads.queue_depth(session).pending_by_model
+    live = registry.live_per_model(session)
+    return {model: {"pending": pending.get(model, 0), "live_daemons": live.get(model, 0)}
+            for model in sorted(set(pending) | set(live), key=str)}
+
+
 def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     with session_scope(ctx.engine()) as session:
         stats = get_database_stats(session)
+        models = _models(session)
     if args.json:
-        print_json(stats)
+        print_json({**stats, "models": models})
         return EXIT_OK
     average = stats["average_generation_time_seconds"]
     rows = [[status, str(count)] for status, count in stats["by_status"].items()]
@@ -115,6 +125,11 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         ["oldest pending since", stats["oldest_pending_created_at"] or "-"],
     ]
     print(table(["", "GENERATIONS"], rows))
+    if models:
+        print()
+        print(table(["MODEL", "PENDING", "LIVE DAEMONS"],
+                    [[str(model), str(n["pending"]), str(n["live_daemons"]) + ("  (none serves it)" if n["pending"]
+                      and not n["live_daemons"] else "")] for model, n in models.items()], stretch=0))
     return EXIT_OK
 
 
@@ -233,7 +248,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("stats", help="counts by status and totals", description="Counts by status, totals.")
+    p = sub.add_parser("stats", help="counts by status and totals",
+                       description="Counts by status, totals; pending jobs per model beside the number of live "
+                                   "daemons serving it (dgxqueue workers lists them).")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
 

@@ -59,6 +59,7 @@ from dgxqueue.daemon.leases import Heartbeat, Held, Rescuer, Sweeper
 from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.daemon.queue_protocol import DaemonQueue
+from dgxqueue.daemon.registration import Registration, entry_for
 from dgxqueue.daemon.retry import describe
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.waker import Waker, make_waker
@@ -179,8 +180,13 @@ class Daemon:
         self.held = Held()
         self.heartbeat = Heartbeat(self.store, self.held, interval=self.config.heartbeat_seconds, log=self.log)
         self.sweeper = Sweeper(self.store, settings.outputs_dir, interval=self.config.lease_seconds, log=self.log)
+        # Refreshed at the heartbeat's cadence, whether or not any job is held.
+        self.registration = Registration(self.store, self.held, entry_for(self.store, generator.name,
+                                                                          dgxqueue.__version__),
+                                         interval=self.config.heartbeat_seconds, log=self.log)
         self.rescuer = Rescuer(self.store, self.heartbeat, self.sweeper, self.hooks,
-                               interval=self.config.rescue_interval_seconds, log=self.log)
+                               interval=self.config.rescue_interval_seconds, log=self.log,
+                               forget_dead=self.registration.forget_dead)
         self.claimer = Claimer(
             self.store, self.held, self.heartbeat, batch_size=self.batch_size,
             max_call_size=lambda: generator.max_batch_size, runner=self.runner, stopping=lambda: self.stopping,
@@ -242,6 +248,7 @@ class Daemon:
         self._loaded, self._last_loop = True, time.monotonic()
         self.hooks.on_model_loaded(time.perf_counter() - started)
         self.store.ping()
+        self.registration.start(time.monotonic())
         self.sweeper.run_once()  # results a crash left between their commit and their rename
         self.notifier.ready(f"serving {', '.join(self.models)}")
         self.log.info("daemon ready", generator=self.generator.name, models=list(self.models),
@@ -305,6 +312,7 @@ class Daemon:
             self.notifier.watchdog()
             self._next_watchdog = now + min(1.0, (self.notifier.watchdog_interval or 2.0) / 2)
         self.rescuer.run_if_due(now)
+        self.registration.run_if_due(now)  # last: the registry waits behind the leases and the watchdog
 
     def run_once(self) -> int:
         """Run the jobs claimed with the last outcomes, or claim a batch; record them. Returns how
@@ -469,6 +477,7 @@ class Daemon:
                 self._stopping_sent = True
                 self.notifier.stopping()
             self.runner.close()
+            self.registration.stop()  # after the jobs went back: the entry said what it held
             self.waker.close()
             self.store.close()
             self.hooks.on_stop()

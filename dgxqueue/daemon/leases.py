@@ -9,12 +9,14 @@ thread, so there is nothing to start or stop.
   the completer (which removes them as their outcomes are written) and the heartbeat.
 - :class:`Heartbeat`: extends the held jobs' leases, and warns of a lease another daemon took.
 - :class:`Rescuer`: returns expired leases of any daemon to ``pending`` (refreshing ours first),
-  then, once a lease period, the :class:`Sweeper` settles the temporary WAVs dead attempts left.
+  forgets dead daemons' registry entries, then, once a lease period, the :class:`Sweeper`
+  settles the temporary WAVs dead attempts left.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,9 +110,11 @@ class Rescuer:
     attempts are spent), then sweeps when that is due."""
 
     def __init__(self, store: DaemonQueue, heartbeat: Heartbeat, sweeper: Sweeper, hooks: Hooks, *,
-                 interval: float, log: FilteringBoundLogger) -> None:
+                 interval: float, log: FilteringBoundLogger, forget_dead: Callable[[], None] | None = None) -> None:
+        """``forget_dead``: deletes dead daemons' registry entries (it logs its own failures)."""
         self.store = store
         self.heartbeat = heartbeat
+        self.forget_dead = forget_dead
         self.sweeper = sweeper
         self.hooks = hooks
         self.interval = interval
@@ -129,4 +133,6 @@ class Rescuer:
             requeued, failed = self.store.rescue()
             if requeued or failed:
                 self.hooks.on_rescued(requeued, failed)
+        if self.forget_dead is not None:
+            self.forget_dead()
         self.sweeper.run_if_due(time.monotonic())

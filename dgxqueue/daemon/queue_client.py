@@ -22,7 +22,7 @@ import tenacity
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from dgxqueue.storage import queue
+from dgxqueue.storage import queue, registry
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.database import session_scope
 from dgxqueue.storage.dberrors import is_transient_db_error
@@ -30,6 +30,9 @@ from dgxqueue.storage.driver import Link
 from dgxqueue.storage.results import Released, Result
 
 T = TypeVar("T")
+#: How long a registry write is retried: it records the daemon for operators, and must not hold
+#: up the job work behind it (the next heartbeat writes it again).
+REGISTRY_RETRY_SECONDS = 2.0
 log = structlog.get_logger("dgxqueue.store")
 def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
@@ -79,8 +82,10 @@ class QueueClient:
             sleep=sleep or tenacity.nap.sleep,
             reraise=True,
         )
+        self._registry_retrying = self._retrying.copy(
+            stop=tenacity.stop_after_delay(min(retry_for_seconds, REGISTRY_RETRY_SECONDS)) | _PastDeadline(self))
 
-    def _retry(self, call: Callable[[], T]) -> T:
+    def _retry(self, call: Callable[[], T], retrying: tenacity.Retrying | None = None) -> T:
         """``call()``, retried through transient errors. The first try is a plain call: tenacity's
         bookkeeping is a real share of a fast claim on SQLite, so it starts only on a failure."""
         try:
@@ -91,14 +96,14 @@ class QueueClient:
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 raise
             log.warning("database call failed, retrying", attempt=1, error=str(exc)[:300])
-        return self._retrying(call)
+        return (retrying or self._retrying)(call)
 
-    def _run(self, fn: Callable[[Session], T]) -> T:
+    def _run(self, fn: Callable[[Session], T], retrying: tenacity.Retrying | None = None) -> T:
         def attempt() -> T:
             with session_scope(self.engine) as session:
                 return fn(session)
 
-        return self._retry(attempt)
+        return self._retry(attempt, retrying)
 
     def close(self) -> None:
         self._link.close()
@@ -177,3 +182,19 @@ class QueueClient:
     def next_due(self) -> timedelta | None:
         """How long until the earliest not-yet-due pending job of this daemon's models is due."""
         return self._run(lambda s: queue.next_due(s, self.models))
+
+    # The registry of live daemons: short retries (REGISTRY_RETRY_SECONDS); the caller logs a failure.
+
+    def register(self, entry: registry.DaemonEntry) -> None:
+        self._run(lambda s: registry.register(s, entry, lease=self.lease), self._registry_retrying)
+
+    def refresh_registration(self, holding: Sequence[str]) -> bool:
+        ids = list(holding)
+        return self._run(lambda s: registry.refresh(s, self.worker_id, ids, lease=self.lease),
+                         self._registry_retrying)
+
+    def unregister(self) -> None:
+        self._run(lambda s: registry.unregister(s, self.worker_id), self._registry_retrying)
+
+    def forget_dead_daemons(self) -> list[str]:
+        return self._run(lambda s: registry.forget_dead(s, lease=self.lease), self._registry_retrying)

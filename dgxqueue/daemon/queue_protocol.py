@@ -12,6 +12,9 @@ implementation keeps are pinned by one conformance suite (``tests/conformance/``
   started; a job that was running spends it and is marked (``lease_losses``) to run alone, and is
   failed once its attempts are spent after it already ran alone.
 - A release gives a job back without spending its attempt.
+- The registry of live daemons (:mod:`dgxqueue.storage.registry`): a registered daemon is live
+  for one lease period after its last refresh, then stale; a stale entry is forgotten
+  :data:`~dgxqueue.storage.registry.FORGET_AFTER_LEASES` lease periods after its last refresh.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Protocol
 
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.queue import AttemptState
+from dgxqueue.storage.registry import DaemonEntry
 from dgxqueue.storage.results import Result
 
 #: One result to record: the attempt it belongs to (its fencing token) and what it came to.
@@ -86,6 +90,23 @@ class DaemonQueue(Protocol):
 
     def next_due(self) -> timedelta | None:
         """How long until the earliest not-yet-due pending job of this daemon's models is due."""
+        ...
+
+    def register(self, entry: DaemonEntry) -> None:
+        """Record this daemon in the registry (``entry.id`` is ``worker_id``), live for a lease."""
+        ...
+
+    def refresh_registration(self, holding: Sequence[str]) -> bool:
+        """Keep this daemon's entry live another lease and record the job ids it holds; False if
+        the entry is gone (forgotten after a long outage): register again."""
+        ...
+
+    def unregister(self) -> None:
+        """Remove this daemon's entry (a clean stop)."""
+        ...
+
+    def forget_dead_daemons(self) -> list[str]:
+        """Delete every daemon's entry stale for long enough (see the registry); their ids."""
         ...
 
     def ping(self) -> None:

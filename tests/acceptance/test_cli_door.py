@@ -130,15 +130,19 @@ def test_enqueue__refuses_what_the_daemon_would_refuse(cli: Cli, args: tuple[str
 
 
 def test_enqueue__warns_when_no_generator_serves_the_model(cli: Cli) -> None:
-    """An unserved model is queued with a warning on stderr; configured or registered ones are quiet."""
+    """An unserved model is queued with a warning on stderr; configured or registered ones, with no
+    daemon running, with the warning that no live daemon serves them (one line either way)."""
     cli.add()  # a configured database is never created by enqueue
     done = cli.here("enqueue", "x", "--model", "musicgen-huge")
     assert done.returncode == 0 and UUID.match(done.stdout.strip())
     assert "warning" in done.stderr and "'musicgen-huge'" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert "generator serves" in done.stderr
     for model in ("synth", "musicgen-small", "silence"):  # the configured one and registered defaults
-        assert cli.here("enqueue", "x", "--model", model).stderr == ""
+        done = cli.here("enqueue", "x", "--model", model)
+        assert done.stderr.splitlines() == [f"dgxqueue: warning: no live daemon serves model '{model}' now; the job "
+                                            "waits until one starts ('dgxqueue workers' lists the live daemons)"]
     configured = {"DGXQUEUE_GENERATOR_MODELS": "house-model,other"}  # generator.models, configured here
-    assert cli.here("enqueue", "x", "--model", "house-model", env=configured).stderr == ""
+    assert "no live daemon" in cli.here("enqueue", "x", "--model", "house-model", env=configured).stderr
 
 
 def test_enqueue__library_call_never_warns(sqlite_db_url: str, capfd: pytest.CaptureFixture[str]) -> None:

@@ -14,10 +14,11 @@ import sqlalchemy as sa
 from dgxqueue import api
 from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.daemon.queue_protocol import DaemonQueue, JobResult
-from dgxqueue.storage import dispose_engines, init_db
+from dgxqueue.storage import dispose_engines, init_db, registry, session_scope
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import G, UTCDateTime
+from dgxqueue.storage.registry import LiveDaemon
 from dgxqueue.storage.results import Completed, Failed, Retried
 from dgxqueue.testing import ManualClock, MemoryStore
 from tests.support.daemons import make_settings
@@ -25,6 +26,7 @@ from tests.support.daemons import make_settings
 LEASE = timedelta(seconds=30)
 MODEL = "scripted"
 _TIMES = [column for column in G.columns if isinstance(column.type, UTCDateTime)]
+_DAEMON_TIMES = [column for column in registry.D.columns if isinstance(column.type, UTCDateTime)]
 
 
 class QueueBackend:
@@ -49,6 +51,10 @@ class QueueBackend:
 
     def row(self, job_id: str) -> dict[str, Any]:
         """The job's row, by column name."""
+        raise NotImplementedError
+
+    def daemons(self, *, include_stale: bool = False) -> list[LiveDaemon]:
+        """The registry of live daemons, as ``dgxqueue workers`` reads it."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -89,10 +95,17 @@ class DatabaseBackend(QueueBackend):
                 moved = {column.name: value - shift for column, value in zip(_TIMES, row[1:], strict=True)
                          if value is not None}
                 conn.execute(sa.update(G).where(G.c.id == row[0]).values(**moved))
+            for row in conn.execute(sa.select(registry.D.c.id, *_DAEMON_TIMES)).all():
+                moved = {column.name: value - shift for column, value in zip(_DAEMON_TIMES, row[1:], strict=True)}
+                conn.execute(sa.update(registry.D).where(registry.D.c.id == row[0]).values(**moved))
 
     def row(self, job_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
             return dict(conn.execute(sa.select(G).where(G.c.id == job_id)).mappings().one())
+
+    def daemons(self, *, include_stale: bool = False) -> list[LiveDaemon]:
+        with session_scope(self.engine) as session:
+            return registry.daemons(session, include_stale=include_stale)
 
     def close(self) -> None:
         for client in self._queues:
@@ -123,6 +136,9 @@ class MemoryBackend(QueueBackend):
 
     def row(self, job_id: str) -> dict[str, Any]:
         return dict(self.store.jobs[job_id])
+
+    def daemons(self, *, include_stale: bool = False) -> list[LiveDaemon]:
+        return self.store.live_daemons(include_stale=include_stale)
 
 
 def open_backend(name: str, tmp_path: Path) -> Iterator[QueueBackend]:
