@@ -14,7 +14,8 @@
     └── GeneratorError           raised by a backend for one request or a whole batch
         ├── TransientGeneratorError   worth retrying (CUDA OOM after halving, a flaky resource)
         │   └── JobTimeoutError       the backend call overran worker.job_timeout_seconds
-        └── PermanentGeneratorError   retrying cannot help (request above the model's limit)
+        ├── PermanentGeneratorError   retrying cannot help (request above the model's limit)
+        └── JobCancelledError         the job was cancelled while it ran (never retried)
 
 Foreign exceptions (SQLAlchemy, OSError, torch) are translated at the boundary that meets them.
 """
@@ -100,3 +101,8 @@ class JobTimeoutError(TransientGeneratorError):
 
 class PermanentGeneratorError(GeneratorError):
     """A failure that retrying cannot fix: the job is failed at once with this message."""
+
+
+class JobCancelledError(GeneratorError):
+    """The job was cancelled while it ran: a backend returns it for a request it stopped early,
+    and the daemon records it for any cancelled request, whatever the backend returned."""

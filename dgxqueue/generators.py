@@ -5,6 +5,12 @@ A backend is loaded once per daemon (the model stays warm) and then asked to ren
 :class:`~dgxqueue.errors.GeneratorError` per request, in order, so one bad request fails only its
 own job. Raising from :meth:`Generator.generate` fails (or retries) the whole batch.
 
+A request carries a :class:`JobControl`, the one channel between the daemon and a running
+request: the backend may report progress on it (``request.control.report(done, total)``) and may
+look at ``request.control.cancelled`` to stop that request early, returning a
+:class:`~dgxqueue.errors.JobCancelledError` for it. Both are optional: a backend that does neither
+still works; its progress is simply unknown, and a cancelled request's result is discarded.
+
 Backends are found by name in the entry-point group ``dgxqueue.generators`` or as a
 ``module:attr`` path; the object found is called with the ``[generator.options]`` table from
 config as keyword arguments and must return a :class:`Generator`. Both are checked when the backend
@@ -31,9 +37,38 @@ ENTRY_POINT_GROUP = "dgxqueue.generators"
 T = TypeVar("T")
 
 
+class JobControl:
+    """Progress reported by a backend and a cancel asked by the daemon, for one request.
+
+    Thread-safe without a lock: each side writes one attribute with a single assignment (the
+    backend the ``(done, total)`` pair, the daemon the cancel flag), and the other only reads it,
+    so a report costs the generator thread an attribute store and nothing else."""
+
+    __slots__ = ("_cancelled", "progress")
+
+    def __init__(self) -> None:
+        #: The latest ``(steps done, steps total)``, or None before the first report.
+        self.progress: tuple[int, int] | None = None
+        self._cancelled = False
+
+    def report(self, done: int, total: int) -> None:
+        """On the generator thread: ``done`` of ``total`` steps are finished (total > 0)."""
+        self.progress = (int(done), int(total))
+
+    @property
+    def cancelled(self) -> bool:
+        """The job was cancelled: a backend that checks this may stop the request early."""
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """On the daemon's thread: ask the backend to stop this request."""
+        self._cancelled = True
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One job as a backend sees it. ``seed`` is derived from the job id, so reruns agree."""
+    """One job as a backend sees it. ``seed`` is derived from the job id, so reruns agree.
+    ``control``: progress reports and a cancel flag (see :class:`JobControl`)."""
 
     job_id: str
     prompt: str
@@ -43,6 +78,7 @@ class GenerationRequest:
     channels: int
     seed: int
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    control: JobControl = field(default_factory=JobControl, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
