@@ -40,7 +40,7 @@ from dgxqueue.daemon.queue_protocol import JobResult
 from dgxqueue.storage import JobSpec, validate_job
 from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
 from dgxqueue.storage.models import FAILED, PENDING, PROCESSING, G, as_utc, utcnow
-from dgxqueue.storage.queue import AttemptState, job_row
+from dgxqueue.storage.queue import AttemptState, Beat, Progress, job_row
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
 from dgxqueue.storage.results import Released, row_values
 
@@ -126,6 +126,28 @@ class MemoryStore:
         job = validate_job(prompt, priority=priority, **fields)
         self.insert([job])
         return job.id
+
+    def cancel(self, job_id: str) -> Row:
+        """:func:`dgxqueue.storage.admin.cancel_job`'s rule: a pending job fails at once, a running
+        one gets ``cancel_requested_at`` for its daemon's heartbeat; a finished one refuses."""
+        from dgxqueue.errors import InvalidStateError, JobNotFoundError
+        from dgxqueue.storage.admin import CANCELLED_MESSAGE
+
+        with self.lock:
+            row = self.jobs.get(job_id)
+            if row is None:
+                raise JobNotFoundError(job_id)
+            now = self.clock()
+            if row["status"] == PENDING:
+                row.update(status=FAILED, error_message=CANCELLED_MESSAGE, completed_at=now,
+                           cancel_requested_at=now, cancelled_at=now)
+            elif row["status"] == PROCESSING:
+                row["cancel_requested_at"] = row["cancel_requested_at"] or now
+            else:
+                raise InvalidStateError(f"generation {job_id} is already {row['status']}; only pending or running "
+                                        "jobs can be cancelled")
+            self.version += 1
+            return dict(row)
 
     def reset(self) -> None:
         """Forget every job and prompt."""
@@ -229,13 +251,17 @@ class MemoryQueue:
         with self.store.lock:
             return self._claim(limit, start)
 
-    def extend(self, jobs: Sequence[ClaimedJob]) -> set[str]:
+    def extend(self, jobs: Sequence[ClaimedJob], progress: Progress | None = None) -> Beat:
         with self.store.lock:
             until = self.store.clock() + self.lease
             held = [row for job in jobs if (row := self._held(job.id, job.attempt)) is not None]
+            progress = progress or {}
             for row in held:
                 row["lease_expires_at"] = until
-            return {row["id"] for row in held}
+                if row["id"] in progress:
+                    row["progress_done"], row["progress_total"] = progress[row["id"]]
+            return Beat({row["id"] for row in held},
+                        {row["id"] for row in held if row["cancel_requested_at"] is not None})
 
     def mark_started(self, jobs: Sequence[ClaimedJob], *, started: bool = True) -> set[str]:
         # As the SQL: by id and holder, whatever the attempt.
@@ -360,6 +386,9 @@ class MemoryWaker:
 
     def wake(self) -> None:
         self._woken = True
+
+    def cancels(self) -> set[str]:
+        return set()  # the heartbeat reads cancels from the store
 
     def close(self) -> None:
         pass

@@ -120,11 +120,12 @@ class QueueClient:
             self._link, worker_id=self.worker_id, models=self.models, limit=limit, lease=self.lease, start=start,
         ))
 
-    def extend(self, jobs: Sequence[ClaimedJob]) -> set[str]:
-        """Refresh the leases of ``jobs``; returns the ids this daemon still holds."""
+    def extend(self, jobs: Sequence[ClaimedJob], progress: queue.Progress | None = None) -> queue.Beat:
+        """Refresh the leases of ``jobs`` and write their ``progress``; returns the ids this
+        daemon still holds and those whose cancel was asked."""
         pairs = [(job.id, job.attempt) for job in jobs]
         return self._run(lambda s: queue.extend(
-            s, worker_id=self.worker_id, jobs=pairs, lease=self.lease,
+            s, worker_id=self.worker_id, jobs=pairs, lease=self.lease, progress=progress,
         ))
 
     def mark_started(self, jobs: Sequence[ClaimedJob], *, started: bool = True) -> set[str]:

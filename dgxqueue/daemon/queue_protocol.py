@@ -15,6 +15,8 @@ implementation keeps are pinned by one conformance suite (``tests/conformance/``
 - The registry of live daemons (:mod:`dgxqueue.storage.registry`): a registered daemon is live
   for one lease period after its last refresh, then stale; a stale entry is forgotten
   :data:`~dgxqueue.storage.registry.FORGET_AFTER_LEASES` lease periods after its last refresh.
+- A heartbeat writes the progress given for held jobs and reports which held jobs have a cancel
+  asked (``cancel_requested_at``); a cancelled result fails the job with ``cancelled_at`` set.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from dgxqueue.storage.claimed import ClaimedJob
-from dgxqueue.storage.queue import AttemptState
+from dgxqueue.storage.queue import AttemptState, Beat, Progress
 from dgxqueue.storage.registry import DaemonEntry
 from dgxqueue.storage.results import Result
 
@@ -47,8 +49,10 @@ class DaemonQueue(Protocol):
         """Claim up to ``limit`` due jobs, oldest first; ``start`` marks them started too."""
         ...
 
-    def extend(self, jobs: Sequence[ClaimedJob]) -> set[str]:
-        """Refresh the leases of ``jobs``; returns the ids this daemon still holds."""
+    def extend(self, jobs: Sequence[ClaimedJob], progress: Progress | None = None) -> Beat:
+        """Refresh the leases of ``jobs`` (fenced on each attempt) and write the ``progress``
+        given for some of them, in one statement; returns the ids this daemon still holds and,
+        of those, the ones whose cancel was asked."""
         ...
 
     def mark_started(self, jobs: Sequence[ClaimedJob], *, started: bool = True) -> set[str]:

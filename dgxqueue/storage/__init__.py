@@ -185,7 +185,8 @@ def fail_generation(session: Session, generation_id: str, error_message: str) ->
 
 
 def cancel_generation(session: Session, generation_id: str) -> Generation:
-    """Cancel a pending generation (recorded as failed, 'cancelled by request')."""
+    """Cancel a generation: a pending one is failed at once ('cancelled by request'); a running
+    one is marked for its daemon to stop (see :func:`dgxqueue.storage.admin.cancel_job`)."""
     return admin.cancel_job(session, generation_id)
 
 

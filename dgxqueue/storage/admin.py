@@ -13,10 +13,15 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from dgxqueue.errors import InvalidStateError
+from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import COMPLETED, FAILED, PENDING, PROCESSING, G, Generation, GenerationStatus, utcnow
 from dgxqueue.storage.reads import require_job
 
 CANCELLED_MESSAGE = "cancelled by request"
+CANCELLED_RUNNING_MESSAGE = "cancelled by request while it ran"
+#: PostgreSQL channel a cancel of a running job notifies (payload: the job id), so its daemon
+#: stops it at once instead of at its next heartbeat.
+CANCEL_CHANNEL = "dgxqueue_cancel"
 
 
 def delete_job(session: Session, job_id: str) -> bool:
@@ -41,18 +46,31 @@ def set_outcome(
 
 
 def cancel_job(session: Session, job_id: str) -> Generation:
-    """Cancel a pending job: it becomes failed with a 'cancelled' message. Running jobs refuse."""
+    """Cancel a job. A pending one becomes failed at once ('cancelled by request', ``cancelled_at``
+    set). A running one gets ``cancel_requested_at``: its daemon notices at its next heartbeat
+    (on PostgreSQL at once, through :data:`CANCEL_CHANNEL`), stops it and records it failed with
+    ``cancelled_at``. Until then it stays ``processing``; a result that commits first wins (the
+    job completes and keeps ``cancel_requested_at`` as a trace). Finished jobs refuse."""
+    now = utcnow()
     result = session.execute(
         sa.update(G).where(G.c.id == job_id, G.c.status == PENDING)
-        .values(status=FAILED, error_message=CANCELLED_MESSAGE, completed_at=utcnow())
+        .values(status=FAILED, error_message=CANCELLED_MESSAGE, completed_at=now, cancel_requested_at=now,
+                cancelled_at=now)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        job = require_job(session, job_id)
-        raise InvalidStateError(
-            f"generation {job_id} is {job.status}; only pending jobs can be cancelled"
-            + (" (it is running; wait for it or stop its daemon)" if job.status == PROCESSING else "")
-        )
-    return require_job(session, job_id)
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        return require_job(session, job_id)
+    asked = session.execute(
+        sa.update(G).where(G.c.id == job_id, G.c.status == PROCESSING)
+        .values(cancel_requested_at=sa.func.coalesce(G.c.cancel_requested_at, now))
+    )
+    if asked.rowcount == 1:  # type: ignore[attr-defined]
+        statement = profile_of(session.get_bind().dialect).notify()
+        if statement is not None:  # delivered when the transaction commits
+            session.execute(statement, {"channel": CANCEL_CHANNEL, "model": job_id})
+        return require_job(session, job_id)
+    job = require_job(session, job_id)
+    raise InvalidStateError(f"generation {job_id} is already {job.status}; only pending or running jobs can be "
+                            "cancelled")
 
 
 def retry_job(session: Session, job_id: str, run_after: datetime | None = None) -> Generation:
@@ -61,7 +79,8 @@ def retry_job(session: Session, job_id: str, run_after: datetime | None = None) 
         sa.update(G).where(G.c.id == job_id, G.c.status == FAILED)
         .values(status=PENDING, attempts=0, error_message=None, completed_at=None,
                 run_after=run_after, worker_id=None, claimed_at=None, lease_expires_at=None,
-                generation_time_seconds=None, file_size_bytes=None)
+                generation_time_seconds=None, file_size_bytes=None, cancel_requested_at=None, cancelled_at=None,
+                progress_done=None, progress_total=None)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         job = require_job(session, job_id)

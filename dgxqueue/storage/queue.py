@@ -281,23 +281,52 @@ def mark_started(link: Link, *, worker_id: str, ids: Sequence[str], started: boo
 # --- heartbeat ------------------------------------------------------------------------------
 
 
-def extend(session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]], lease: timedelta) -> set[str]:
+#: The latest progress of some held jobs, by id: (steps done, steps total).
+Progress = Mapping[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a heartbeat found: the ids still held, and of those the ones whose cancel was asked."""
+
+    held: set[str]
+    cancel_requested: set[str] = dataclasses.field(default_factory=set)
+
+
+def _progress_column(column: sa.Column[Any], values: Mapping[str, int]) -> sa.ColumnElement[Any]:
+    """``CASE id WHEN ... THEN <value> ELSE <column> END``: each job's own value, in one statement."""
+    return sa.case({job_id: sa.literal(value, sa.Integer) for job_id, value in values.items()},
+                   value=G.c.id, else_=column)
+
+
+def extend(session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]], lease: timedelta,
+           progress: Progress | None = None) -> Beat:
     """Push the lease of each (id, attempt) still held to ``lease`` from now (the database's
-    clock); returns the ids still held. One statement per 500 jobs, not one per job: a round
+    clock), write the ``progress`` given for some of them, and read which have a cancel asked;
+    returns the ids still held and those. One statement per 500 jobs, not one per job: a round
     trip per held job made a heartbeat of a large claim cost more than the work it protects."""
     pairs = list(jobs)
-    held: set[str] = set()
+    beat = Beat(set())
     until = profile_of(session.get_bind().dialect).later(
         sa.bindparam("lease_seconds", lease.total_seconds(), type_=sa.Float))
-    for start in range(0, len(pairs), 500):  # two binds a job: well under SQLite's limit
-        held.update(session.execute(
+    progress = progress or {}
+    for start in range(0, len(pairs), 500):  # a few binds a job: well under SQLite's limit
+        chunk = pairs[start:start + 500]
+        values: dict[str, Any] = {"lease_expires_at": until}
+        given = {job_id: progress[job_id] for job_id, _ in chunk if job_id in progress}
+        if given:
+            values["progress_done"] = _progress_column(G.c.progress_done, {k: v[0] for k, v in given.items()})
+            values["progress_total"] = _progress_column(G.c.progress_total, {k: v[1] for k, v in given.items()})
+        for job_id, cancel in session.execute(
             sa.update(G)
-            .where(G.c.status == PROCESSING, G.c.worker_id == worker_id,
-                   sa.tuple_(G.c.id, G.c.attempts).in_(pairs[start:start + 500]))
-            .values(lease_expires_at=until)
-            .returning(G.c.id)
-        ).scalars())
-    return held
+            .where(G.c.status == PROCESSING, G.c.worker_id == worker_id, sa.tuple_(G.c.id, G.c.attempts).in_(chunk))
+            .values(**values)
+            .returning(G.c.id, G.c.cancel_requested_at.is_not(None))
+        ):
+            beat.held.add(job_id)
+            if cancel:
+                beat.cancel_requested.add(job_id)
+    return beat
 
 
 # --- finish ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """An attempt's result as the daemon hands it to storage, and the columns its row gets.
 
 The daemon decides what an attempt came to (:class:`Completed`, :class:`Failed`,
-:class:`Retried`, :class:`Released`); :func:`row_values` turns that into the row's columns,
+:class:`Retried`, :class:`Released`, :class:`Cancelled`); :func:`row_values` turns that into the row's columns,
 which :func:`dgxqueue.storage.queue.finish` writes fenced on the attempt.
 """
 
@@ -55,7 +55,18 @@ class Released:
     message: str | None = None
 
 
-Result = Completed | Failed | Retried | Released
+@dataclass(frozen=True)
+class Cancelled:
+    """The job was cancelled while it ran (``cancel_requested_at`` set): failed for good, with
+    ``cancelled_at``, never retried. Fenced on the attempt like every result: a completion that
+    committed first stands."""
+
+    finished_at: datetime
+    message: str
+    generation_seconds: float | None = None
+
+
+Result = Completed | Failed | Retried | Released | Cancelled
 
 MAX_ERROR_MESSAGE = 10_000
 
@@ -81,6 +92,9 @@ def row_values(job: ClaimedJob, result: Result) -> dict[str, Any]:
         if result.message is not None:
             values["error_message"] = storable_text(result.message)
         return values
+    if isinstance(result, Cancelled):
+        return {"status": FAILED, "completed_at": result.finished_at, "cancelled_at": result.finished_at,
+                "error_message": storable_text(result.message), "generation_time_seconds": result.generation_seconds}
     if isinstance(result, Failed):
         values = {"status": FAILED, "completed_at": result.finished_at,
                   "error_message": storable_text(result.message),
