@@ -7,7 +7,7 @@ thread and must be quick.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -15,7 +15,8 @@ from dgxqueue.storage.claimed import ClaimedJob
 
 #: Outcomes a finished attempt can have.
 #: ``abandoned``: a give-back that a database outage prevented; the lease rescue returns the job.
-OUTCOMES = ("completed", "failed", "retried", "released", "fenced", "abandoned")
+#: ``cancelled``: failed because its cancel was asked while it ran; counted apart from ``failed``.
+OUTCOMES = ("completed", "failed", "retried", "released", "fenced", "abandoned", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Hooks:
         error: str | None,
     ) -> None:
         """An attempt ended with one of :data:`OUTCOMES`."""
+
+    def on_progress(self, progress: Mapping[str, tuple[int, int]]) -> None:
+        """The heartbeat wrote progress: the latest (done, total) of each held job that reported."""
 
     def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
         """The rescuer returned expired jobs to the queue or failed them."""
@@ -102,6 +106,10 @@ class HookChain(Hooks):
         for hook in self.hooks:
             hook.on_job_finished(job, outcome, generation_seconds=generation_seconds,
                                  audio_seconds=audio_seconds, error=error)
+
+    def on_progress(self, progress: Mapping[str, tuple[int, int]]) -> None:
+        for hook in self.hooks:
+            hook.on_progress(progress)
 
     def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
         for hook in self.hooks:

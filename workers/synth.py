@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from dgxqueue.errors import ConfigError, PermanentGeneratorError, TransientGeneratorError
-from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+from dgxqueue.errors import ConfigError, JobCancelledError, PermanentGeneratorError, TransientGeneratorError
+from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest, JobControl
 from workers._synth_compose import write_loop
 from workers._synth_render import F32
 from workers._synth_style import Style, parse_style
@@ -84,23 +84,26 @@ class SynthGenerator:
         outcomes: list[GenerationOutcome] = []
         for request in requests:
             try:
+                if request.control.cancelled:  # asked while an earlier request rendered
+                    raise JobCancelledError(f"synth: job {request.job_id} cancelled before it rendered")
                 self.validate(request)
                 outcomes.append(self.render(request))
-            except PermanentGeneratorError as exc:
+            except (PermanentGeneratorError, JobCancelledError) as exc:
                 outcomes.append(exc)
             except MemoryError as exc:
                 outcomes.append(_out_of_memory(request, exc))
         return outcomes
 
     def render(self, request: GenerationRequest) -> GeneratedAudio:
-        """Render one validated request."""
+        """Render one validated request, reporting the frames arranged so far as its progress
+        (and stopping between loops once it is cancelled)."""
         prompt = request.prompt.encode("utf-8", "surrogatepass")  # a row by plain SQL may hold anything
         rng = np.random.default_rng([request.seed % (1 << 64), zlib.crc32(prompt)])
         style = parse_style(request.prompt, rng, self.default_bpm)
         sr, channels = request.sample_rate, request.channels
         frames = round(request.duration_seconds * sr)
         stems, loop = write_loop(style, sr, channels, rng, frames)
-        samples = arrange(stems, loop, frames, channels)
+        samples = arrange(stems, loop, frames, channels, request.control)
         master(samples, sr)
         return GeneratedAudio(samples=samples, sample_rate=sr, metadata=describe(style))
 
@@ -113,12 +116,17 @@ def _out_of_memory(request: GenerationRequest, exc: MemoryError) -> TransientGen
     return error
 
 
-def arrange(stems: dict[str, F32], loop: int, frames: int, channels: int) -> F32:
-    """Overlap-add the loop's stems, loop after loop, switching stems on and off by section."""
+def arrange(stems: dict[str, F32], loop: int, frames: int, channels: int, control: JobControl | None = None) -> F32:
+    """Overlap-add the loop's stems, loop after loop, switching stems on and off by section.
+    ``control``: the frames done are reported after each loop, and a cancel stops between loops."""
     length = next(iter(stems.values())).shape[1]
     count = max(1, math.ceil(frames / loop))
     out = np.zeros((channels, max(frames, (count - 1) * loop + length)), np.float32)
     for k in range(count):
+        if control is not None:
+            if control.cancelled:
+                raise JobCancelledError(f"synth: cancelled after {k * loop} of {frames} frames")
+            control.report(min(frames, k * loop), frames)
         intro = k == 0 and count >= 4
         breakdown = count >= 5 and k % 4 == 3 and k != count - 1
         muted = {"kick", "snare", "bass"} if intro else {"kick", "bass"} if breakdown else set()
@@ -127,6 +135,8 @@ def arrange(stems: dict[str, F32], loop: int, frames: int, channels: int) -> F32
         for name, stem in stems.items():
             if name not in muted:
                 out[:, k * loop : k * loop + stem.shape[1]] += stem
+    if control is not None:
+        control.report(frames, frames)
     return np.ascontiguousarray(out[:, :frames])
 
 

@@ -12,7 +12,7 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 1     a job failed (``wait``, ``enqueue --wait``, ``demo``)
 2     usage error: unknown or missing argument; ``db reset`` without ``--yes``
 3     no generation with that id (or id prefix)
-4     the job's status forbids it (cancel a running job, retry a completed one)
+4     the job's status forbids it (cancel a finished job, retry a completed one)
 65    bad input data (EX_DATAERR): a value out of range, bad JSON, bad time span, a bad
       ``enqueue --jsonl`` line (naming it); an id prefix that matches several jobs
 69    unavailable (EX_UNAVAILABLE): database unreachable, missing, or not migrated (the worker
@@ -57,7 +57,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("dgxqueue.cli.jobs", "list generations, newest first"),
     "stats": ("dgxqueue.cli.jobs", "counts by status and totals"),
     "wait": ("dgxqueue.cli.jobs", "wait for jobs to finish, showing progress"),
-    "cancel": ("dgxqueue.cli.jobs", "cancel a pending generation (it becomes failed)"),
+    "cancel": ("dgxqueue.cli.jobs", "cancel a generation (a running one is stopped by its daemon)"),
     "retry": ("dgxqueue.cli.jobs", "send a failed generation back to the queue"),
     "prune": ("dgxqueue.cli.jobs", "delete finished generations older than an age"),
     "workers": ("dgxqueue.cli.workers", "list the live daemons"),

@@ -149,6 +149,8 @@ def _change(ctx: Context, args: argparse.Namespace, verb: str) -> int:
         job = change(session, job_id)
     if args.json:
         print_json(job_dict(ctx.settings, job))
+    elif verb == "cancelled" and job.status == "processing":
+        print(f"cancel requested {safe(job.id)} (running: its daemon stops it within a heartbeat)")
     else:
         print(f"{verb} {safe(job.id)}")
     return EXIT_OK
@@ -264,7 +266,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_wait)
 
-    for name, func, text in (("cancel", cmd_cancel, "Cancel a pending generation (it becomes failed)"),
+    for name, func, text in (("cancel", cmd_cancel, "Cancel a generation (running: its daemon stops it)"),
                              ("retry", cmd_retry, "Send a failed generation back to the queue")):
         p = sub.add_parser(name, help=text.lower(), description=text + ". Exit 4 if its status forbids "
                            "it, 3 if no job matches, 65 if a prefix matches several.")

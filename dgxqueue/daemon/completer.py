@@ -30,18 +30,18 @@ from dgxqueue import faultpoints
 from dgxqueue.config import WorkerSettings
 from dgxqueue.daemon import staging
 from dgxqueue.daemon.claimer import Claimer
-from dgxqueue.daemon.executor import Attempt
+from dgxqueue.daemon.executor import Attempt, cancelled
 from dgxqueue.daemon.isolation import timed_out
 from dgxqueue.daemon.leases import Held
 from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_protocol import DaemonQueue
 from dgxqueue.daemon.retry import decide
-from dgxqueue.errors import DgxQueueError, OutputError
+from dgxqueue.errors import DgxQueueError, JobCancelledError, OutputError
 from dgxqueue.hooks import Hooks
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.dberrors import is_transient_db_error
 from dgxqueue.storage.models import FAILED
-from dgxqueue.storage.results import Completed, Failed, Result, Retried
+from dgxqueue.storage.results import Cancelled, Completed, Failed, Result, Retried
 
 # A backend call longer than a transaction's fixed cost (a round trip and a commit) hides the
 # outcome write that runs beside it; see Completer.claim_next_round.
@@ -117,12 +117,13 @@ class Completer:
         starts; it saves a commit per round.
         """
         claimer = self.claimer
-        if self.held.superseded:
+        if self.held.superseded or self.held.ended:
             outcomes = self.drop_superseded(outcomes)
         if not outcomes:
             if claim_next and claimer.may_claim():
                 claimer.run_once()
             return
+        outcomes = [self._unless_cancelled(outcome) for outcome in outcomes]
         now = self.clock()
         rows = [(outcome.job, *self._row_write(outcome, now)) for outcome in outcomes]
         pairs = [(job, result) for job, result, _, _ in rows]
@@ -152,10 +153,34 @@ class Completer:
                 audio_seconds=outcome.audio_seconds if kind == "completed" else None, error=error,
             )
 
+    def cancel_running(self, jobs: Sequence[ClaimedJob], waiting: Collection[str] = ()) -> None:
+        """Record ``jobs`` cancelled now (a cancel was noticed): the row ends within a heartbeat
+        of the request. Their backend call may still run, except for those in ``waiting`` (taken
+        out of the next round): its outcome for them is dropped when it comes. An outage leaves
+        them to be recorded with their call's outcomes."""
+        if not jobs:
+            return
+        with outage_skips(self.log, "could not record cancels yet; recorded with their call's outcomes",
+                          jobs=[job.id for job in jobs]):
+            self.record([cancelled(job) for job in jobs])
+            self.held.ended.update((id(job), job) for job in jobs if job.id not in waiting)
+
+    def _unless_cancelled(self, outcome: Attempt) -> Attempt:
+        """A result of a job whose cancel was noticed before its outcome is written becomes the
+        cancellation, its file discarded: of a cancel and a completion, the first to commit wins."""
+        if not self.held.cancelled(outcome.job.id) or isinstance(outcome.error, JobCancelledError):
+            return outcome
+        if outcome.staged is not None:
+            outcome.staged.discard()
+        return cancelled(outcome.job, outcome.generation_seconds)
+
     def _row_write(self, outcome: Attempt, now: datetime) -> tuple[Result, str, str | None]:
         """What ``outcome`` comes to: the result storage records, the hooks' label for it
-        (completed, retried or failed) and the error message it records."""
+        (completed, retried, failed or cancelled) and the error message it records."""
         job = outcome.job
+        if isinstance(outcome.error, JobCancelledError):  # never retried
+            message = str(outcome.error) or "cancelled by request while it ran"
+            return Cancelled(now, message, outcome.generation_seconds), "cancelled", message
         if outcome.error is None:
             return Completed(now, outcome.generation_seconds, outcome.file_size, outcome.metadata), "completed", None
         if not isinstance(outcome.error, DgxQueueError):  # a bug, not a refusal: keep the traceback
@@ -176,6 +201,8 @@ class Completer:
         held = self.held
         jobs = [job for job in held.jobs if job.id not in keep]
         held.jobs = [job for job in held.jobs if job.id in keep]
+        for job in jobs:
+            held.controls.pop(job.id, None)
         if not jobs:
             return
         outcomes = ["abandoned"] * len(jobs)  # unless written: left to the lease rescue
@@ -193,6 +220,10 @@ class Completer:
         superseded (see :meth:`Claimer.take`) are discarded, files included."""
         live: list[Attempt] = []
         for outcome in outcomes:
+            if self.held.ended.pop(id(outcome.job), None) is not None:  # recorded cancelled while it ran
+                if outcome.staged is not None:
+                    outcome.staged.discard()
+                continue
             if self.held.superseded.pop(id(outcome.job), None) is None:
                 live.append(outcome)
                 continue

@@ -32,6 +32,7 @@ Whose fault it is decides how the daemon ends (:meth:`Daemon.run` returns the ex
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import socket
@@ -178,7 +179,8 @@ class Daemon:
         self._fault_marks: dict[str, str] = {}  # job id -> error_message it is given back with
         # The services, each given what it needs; they share the jobs held.
         self.held = Held()
-        self.heartbeat = Heartbeat(self.store, self.held, interval=self.config.heartbeat_seconds, log=self.log)
+        self.heartbeat = Heartbeat(self.store, self.held, interval=self.config.heartbeat_seconds, log=self.log,
+                                   hooks=self.hooks)
         self.sweeper = Sweeper(self.store, settings.outputs_dir, interval=self.config.lease_seconds, log=self.log)
         # Refreshed at the heartbeat's cadence, whether or not any job is held.
         self.registration = Registration(self.store, self.held, entry_for(self.store, generator.name,
@@ -198,6 +200,7 @@ class Daemon:
             hooks=self.hooks, clock=clock, rng=rng or random.Random(), log=self.log,
         )
         self._hard_stop = HardStop(self._overran, lambda: self.exit_code)
+        self.heartbeat.on_cancel = self._cancel_now
 
     # --- control --------------------------------------------------------------------------
 
@@ -301,6 +304,8 @@ class Daemon:
         """Housekeeping on every round: liveness, watchdog, STOPPING, leases, rescue."""
         now = time.monotonic()
         self._last_loop = now
+        if self.held.jobs and self.waker.cancels() & {job.id for job in self.held.jobs}:
+            self.heartbeat.run_once()  # a cancel notified (PostgreSQL): the beat reads it now
         self.heartbeat.run_if_due(now)
         if self.healthy():  # a call stuck past its time limit stops the liveness signals too
             self.hooks.on_loop(now)
@@ -338,6 +343,7 @@ class Daemon:
         kept = False
         try:
             work, refused = prepare_isolating(jobs, self.generator)
+            work = [self._controlled(w) for w in work]
             completer.pending.extend(self._sort_faults(refused))
             size = min(self.batch_size, self.generator.max_batch_size)
             batches = split_isolating(work, lambda w: self.generator.batch_key(w.request), size)
@@ -415,11 +421,30 @@ class Daemon:
         def call() -> list[Attempt]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()
             ready, refused = validate_alone(batch, self.generator)
+            ready = [self._controlled(w) for w in ready]
             outcomes = refused + render(self.generator, ready, outputs, worker_id) if ready else refused
             self._render_seconds = time.monotonic() - started
             return handoff.deliver(outcomes)
 
         return self.runner.submit(call), time.monotonic()
+
+    def _cancel_now(self, ids: set[str]) -> None:
+        """Jobs whose cancel the heartbeat just noticed (their controls are set, so the backend
+        may stop them): those held but not in a running call are taken out of the next round, and
+        all are recorded cancelled now rather than when their call returns."""
+        held = self.held
+        waiting = {job.id for job in held.next if job.id in ids}
+        held.next = [job for job in held.next if job.id not in ids]
+        held.premarked -= ids
+        self.completer.cancel_running([job for job in held.jobs if job.id in ids], waiting)
+
+    def _controlled(self, work: Work) -> Work:
+        """``work`` with its request carrying the job's control (progress and cancel, shared with
+        the heartbeat)."""
+        control = self.held.control(work.job.id)
+        if work.request.control is control:
+            return work
+        return Work(work.job, dataclasses.replace(work.request, control=control))
 
     def _wait(self, running: tuple[Future[list[Attempt]], float], batch: list[Work]) -> list[Attempt] | None:
         """Wait for a started batch while heartbeating; None when a stop gave up on it."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from dgxqueue import audio
 from dgxqueue.daemon import staging
-from dgxqueue.errors import DgxQueueError, GeneratorError, OutputError, PermanentGeneratorError
+from dgxqueue.errors import DgxQueueError, GeneratorError, JobCancelledError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.validation import steering_value, unstorable
@@ -196,8 +196,19 @@ def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worke
     return refused + _render(generator, [w for w, _ in located], paths, root.real, worker_id)
 
 
+def cancelled(job: ClaimedJob, generation_seconds: float = 0.0) -> Attempt:
+    """The attempt of a job whose cancel was asked while it ran."""
+    return Attempt(job, JobCancelledError("cancelled by request while it ran"), generation_seconds)
+
+
 def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], inside: str,
             worker_id: str) -> list[Attempt]:
+    stopped = [cancelled(work.job) for work in batch if work.request.control.cancelled]
+    if stopped:  # cancelled before its call began: the backend never sees it
+        kept = [(work, path) for work, path in zip(batch, paths, strict=True) if not work.request.control.cancelled]
+        if not kept:
+            return stopped
+        return stopped + _render(generator, [w for w, _ in kept], [p for _, p in kept], inside, worker_id)
     started = time.perf_counter()
     try:
         results = generator.generate([work.request for work in batch])
@@ -231,6 +242,9 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
     """Stage each result's file (or record why not); the folders' fsync is the caller's."""
     outcomes: list[Attempt] = []
     for work, path, result in zip(batch, paths, results, strict=True):
+        if work.request.control.cancelled:  # whatever the backend returned: never written
+            outcomes.append(cancelled(work.job, generated))
+            continue
         if isinstance(result, BaseException):
             outcomes.append(Attempt(work.job, result, generated))
             continue

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
+from dgxqueue.storage.admin import CANCEL_CHANNEL
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.queue import NOTIFY_CHANNEL
 
@@ -28,6 +29,10 @@ class Waker(Protocol):
     def wake(self) -> None:
         """Make a current or the next :meth:`wait` return at once. Safe from a signal handler: it
         takes no lock."""
+
+    def cancels(self) -> set[str]:
+        """Without blocking: the ids of jobs whose cancel was notified since the last call (empty
+        where the engine has no notifications; the heartbeat reads cancels anyway)."""
 
     def close(self) -> None: ...
 
@@ -100,6 +105,9 @@ class SQLiteWaker:
     def wake(self) -> None:
         self._pipe.poke()
 
+    def cancels(self) -> set[str]:
+        return set()
+
     def _drop(self) -> None:
         if self._connection is not None:
             with contextlib.suppress(Exception):
@@ -112,12 +120,36 @@ class SQLiteWaker:
 
 
 class PostgresWaker:
-    """LISTENs on a dedicated autocommit connection; reconnects after a server restart."""
+    """LISTENs on a dedicated autocommit connection; reconnects after a server restart. Also
+    listens on :data:`~dgxqueue.storage.admin.CANCEL_CHANNEL`: a cancel is kept for
+    :meth:`cancels`, not taken as work."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._pipe = _SelfPipe()
         self._connection: Any = None
+        self._cancels: set[str] = set()
+        self._woken = False  # a job notification read by cancels(): the next wait returns at once
+
+    def _sort(self, notifies: Any) -> bool:
+        """Keep the cancels among ``notifies``; True if any other (work) came."""
+        work = False
+        for notify in notifies:
+            if notify.channel == CANCEL_CHANNEL:
+                self._cancels.add(notify.payload)
+            else:
+                work = True
+        return work
+
+    def cancels(self) -> set[str]:
+        try:
+            connection = self._listen()
+            if self._sort(connection.notifies(timeout=0)):
+                self._woken = True
+        except Exception:  # the server went away: the heartbeat still reads cancels
+            self._drop()
+        found, self._cancels = self._cancels, set()
+        return found
 
     def _listen(self) -> Any:
         if self._connection is None:
@@ -128,13 +160,15 @@ class PostgresWaker:
             dsn = url.render_as_string(hide_password=False)
             connection = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
             connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+            connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CANCEL_CHANNEL)))
             self._connection = connection
         return self._connection
 
     def wait(self, timeout: float) -> bool:
         try:
             connection = self._listen()
-            if list(connection.notifies(timeout=0)):
+            if self._woken or self._sort(connection.notifies(timeout=0)):
+                self._woken = False
                 return True
             with selectors.DefaultSelector() as selector:
                 selector.register(connection.fileno(), selectors.EVENT_READ)
@@ -143,7 +177,7 @@ class PostgresWaker:
             if not ready:
                 return False
             self._pipe.drain()
-            list(connection.notifies(timeout=0))
+            self._sort(connection.notifies(timeout=0))
             return True
         except Exception:  # the server went away: reconnect next time; meanwhile poll the queue
             self._drop()
