@@ -33,6 +33,7 @@ Each result's metadata names the model's revision and every setting that decided
 
 from __future__ import annotations
 
+import collections
 import importlib
 import math
 import os
@@ -48,10 +49,11 @@ import structlog
 from dgxqueue.errors import (
     ConfigError,
     GeneratorError,
+    JobCancelledError,
     PermanentGeneratorError,
     TransientGeneratorError,
 )
-from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest, JobControl
 from dgxqueue.machine_faults import detached_machine_fault
 from dgxqueue.storage.validation import steering_value
 
@@ -336,14 +338,20 @@ class MusicGenGenerator:
         if self.do_sample:  # greedy decoding warns about sampling settings it would ignore
             sampling |= {"temperature": plan.temperature, "top_k": plan.top_k}
         torch.manual_seed(batch[0].seed)
+        watch = _Watch([r.control for r in batch], plan.tokens, torch)
         with torch.inference_mode():
-            audio = self._model.generate(**inputs.to(self._device), max_new_tokens=plan.tokens, **sampling)
+            audio = self._model.generate(**inputs.to(self._device), max_new_tokens=plan.tokens,
+                                         stopping_criteria=self._criteria([watch]), **sampling)
         values: npt.NDArray[np.float32] = audio.float().clamp(-1.0, 1.0).cpu().numpy()
         metadata = {**self._provenance, "batch_size": len(batch), "seed": batch[0].seed, **sampling}
         return [
-            GeneratedAudio(self._shape(values[i], request), self.sample_rate, dict(metadata))
+            _cancelled(request) if request.control.cancelled
+            else GeneratedAudio(self._shape(values[i], request), self.sample_rate, dict(metadata))
             for i, request in enumerate(batch)
         ]
+
+    def _criteria(self, criteria: list[Any]) -> Any:
+        return importlib.import_module("transformers").StoppingCriteriaList(criteria)
 
     def _render_loop(self, batch: list[GenerationRequest], plans: list[_Plan]) -> list[GenerationOutcome]:
         """Every request through the loop's slots, joining as slots free up."""
@@ -368,7 +376,10 @@ class MusicGenGenerator:
             # Keyed by place in the batch: job ids need not be unique in a call.
             jobs.append(decode.DecodeRequest(str(index), request.prompt, plan.tokens - self._delay, request.seed,
                                              settings))
-        for result in session.run(jobs):
+        for result in _run_watched(session, jobs, [r.control for r in batch]):
+            if isinstance(result, str):  # cancelled: its slot was freed, the others went on
+                outcomes[int(result)] = _cancelled(batch[int(result)])
+                continue
             index = int(result.key)
             request, plan = batch[index], plans[index]
             metadata = {**self._provenance, "slots": session.slots, "window_frames": session.max_frames,
@@ -392,3 +403,65 @@ class MusicGenGenerator:
         kept = min(frames, samples.shape[1])
         out[:, :kept] = samples[:, :kept]
         return out
+
+
+def _cancelled(request: GenerationRequest) -> JobCancelledError:
+    return JobCancelledError(f"musicgen: job {request.job_id} cancelled while it decoded")
+
+
+class _Watch:
+    """A stopping criterion called once per decoding step of ``generate``: it reports each
+    request's step and stops the rows of a cancelled one (per sequence: the others decode on,
+    their tokens untouched). Per step it costs a few attribute stores and, only once some
+    request is cancelled, one small mask."""
+
+    def __init__(self, controls: list[JobControl], total: int, torch: Any) -> None:
+        self.controls = controls
+        self.total = total
+        self.torch = torch
+        self.start: int | None = None
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        length = int(input_ids.shape[-1])
+        if self.start is None:
+            self.start = length - 1
+        done = min(self.total, length - self.start)
+        stopped = [control.cancelled for control in self.controls]
+        for control, cancelled in zip(self.controls, stopped, strict=True):
+            if not cancelled:  # a stopped row's progress stays where it stopped
+                control.report(done, self.total)
+        rows = int(input_ids.shape[0])
+        if not any(stopped) or rows % len(self.controls):
+            return self.torch.zeros(rows, dtype=self.torch.bool, device=input_ids.device)
+        # Rows are request-major (each request's codebooks, then the next request's).
+        per = rows // len(self.controls)
+        mask = self.torch.tensor(stopped, dtype=self.torch.bool).repeat_interleave(per)
+        return mask.to(input_ids.device)
+
+
+def _run_watched(session: Any, requests: list[Any], controls: list[JobControl]) -> list[Any]:
+    """``session.run(requests)``, reporting each slot's steps after every step and cancelling the
+    slot of a cancelled request (:meth:`DecodeSession.cancel` leaves the other slots untouched).
+    Returns each request's result, or its key where it was cancelled, in the order given."""
+    pending = collections.deque(requests)
+    order = [r.key for r in pending]
+    done: dict[str, Any] = {}
+    while pending or session.busy:
+        while pending and session.free_slots:
+            request = pending.popleft()
+            if controls[int(request.key)].cancelled:
+                done[request.key] = request.key
+                continue
+            session.add(request)
+        for slot in session.progress():
+            control = controls[int(slot.key)]
+            if control.cancelled and session.cancel(slot.key):
+                done[slot.key] = slot.key
+            else:
+                control.report(slot.steps_done, slot.steps_total)
+        for result in session.step():
+            done[result.key] = result
+            control = controls[int(result.key)]
+            if control.progress is not None:  # its last step freed the slot: report it complete
+                control.report(control.progress[1], control.progress[1])
+    return [done[key] for key in order]

@@ -7,6 +7,7 @@ noise, so these tests pin structure: shapes, rates, limits, errors, batching and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -20,8 +21,8 @@ import numpy as np
 import pytest
 
 from dgxqueue.audio import read_wav, write_wav_atomic
-from dgxqueue.errors import ConfigError, PermanentGeneratorError, TransientGeneratorError
-from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, create_generator
+from dgxqueue.errors import ConfigError, JobCancelledError, PermanentGeneratorError, TransientGeneratorError
+from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, JobControl, create_generator
 from dgxqueue.machine_faults import machine_fault
 from tests.support.tiny_musicgen import PROMPTS, build_tiny_musicgen
 from workers.musicgen import MusicGenGenerator
@@ -548,3 +549,53 @@ def test_musicgen__loop_renders_past_the_window_by_continuation(mono: MusicGenGe
     assert (audio.metadata["window_frames"], audio.metadata["overlap_frames"]) == (50, 20)
     with pytest.raises(ConfigError, match=r"max_duration_seconds"):
         MusicGenGenerator(max_duration_seconds=31)
+
+
+class _CancelAt(JobControl):
+    """A control whose cancel comes from the generator thread at step ``at``, standing in for the
+    daemon's (which sets the same flag from its own thread)."""
+
+    __slots__ = ("at", "reports")
+
+    def __init__(self, at: int | None) -> None:
+        super().__init__()
+        self.at = at
+        self.reports: list[tuple[int, int]] = []
+
+    def report(self, done: int, total: int) -> None:
+        super().report(done, total)
+        self.reports.append((done, total))
+        if self.at is not None and done >= self.at:
+            self.cancel()
+
+
+def _batch_of_four(cancel: int | None) -> list[GenerationRequest]:
+    controls = [_CancelAt(5 if i == cancel else None) for i in range(4)]
+    return [dataclasses.replace(_request(PROMPTS[i], seed=7, job_id=f"job-{i}"), control=controls[i])
+            for i in range(4)]
+
+
+def test_musicgen__cancel_one_of_a_batch_of_four_keeps_the_others_audio(either: MusicGenGenerator) -> None:
+    """A request cancelled at step 5 stops (a JobCancelledError, its decoding cut short) while the
+    other three render exactly the audio they render when nobody is cancelled."""
+    reference = either.generate(_batch_of_four(None))
+    requests = _batch_of_four(2)
+    outcomes = either.generate(requests)
+    assert isinstance(outcomes[2], JobCancelledError)
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(_audio(outcomes[i]).samples, _audio(reference[i]).samples)
+    stopped = requests[2].control
+    assert isinstance(stopped, _CancelAt)
+    last_done, total = stopped.reports[-1]
+    assert 5 <= last_done < total  # it stopped reporting once cancelled: no further decoding of it
+
+
+def test_musicgen__reports_progress_up_to_its_total(either: MusicGenGenerator) -> None:
+    """Every request's progress rises, step by step, to done == total."""
+    requests = _batch_of_four(None)
+    either.generate(requests)
+    for request in requests:
+        reports = request.control.reports  # type: ignore[attr-defined]
+        assert len(reports) > 3
+        assert [d for d, _ in reports] == sorted(d for d, _ in reports)
+        assert reports[-1][0] == reports[-1][1] > 0
