@@ -317,14 +317,14 @@ def extend(session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]],
         if given:
             values["progress_done"] = _progress_column(G.c.progress_done, {k: v[0] for k, v in given.items()})
             values["progress_total"] = _progress_column(G.c.progress_total, {k: v[1] for k, v in given.items()})
-        for job_id, cancel in session.execute(
+        for job_id, asked in session.execute(
             sa.update(G)
             .where(G.c.status == PROCESSING, G.c.worker_id == worker_id, sa.tuple_(G.c.id, G.c.attempts).in_(chunk))
             .values(**values)
-            .returning(G.c.id, G.c.cancel_requested_at.is_not(None))
+            .returning(G.c.id, G.c.cancel_requested_at)
         ):
             beat.held.add(job_id)
-            if cancel:
+            if asked is not None:
                 beat.cancel_requested.add(job_id)
     return beat
 

@@ -112,7 +112,7 @@ def test_extend__refreshes_the_leases_it_still_holds(backend: QueueBackend) -> N
     queue = backend.queue()
     [job] = queue.claim(1)
     backend.advance(20)
-    assert queue.extend([job]) == {job_id}
+    assert queue.extend([job]).held == {job_id}
     backend.advance(20)  # past the first lease, within the second
     assert queue.rescue() == ([], [])
     assert backend.row(job_id)["status"] == "processing"
@@ -130,7 +130,7 @@ def test_extend__not_an_attempt_it_no_longer_holds(backend: QueueBackend) -> Non
     backend.advance(PAST_LEASE)  # every lease, "taken"'s and the retry's, runs out
     queue.rescue()
     assert set(ids(backend.queue("b").claim(5))) == {taken_id, retried_id}
-    assert queue.extend([done, taken, old, again]) == set()
+    assert queue.extend([done, taken, old, again]).held == set()
 
 
 # --- start marks ---

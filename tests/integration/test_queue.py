@@ -247,7 +247,7 @@ def test_extend__one_statement_for_every_job_still_held(engine: sa.Engine) -> No
         s.execute(sa.update(Generation).where(Generation.id == stolen.id).values(worker_id="other"))
         s.execute(sa.update(Generation).where(Generation.id == retried.id).values(attempts=2))
     with session_scope(engine) as s:
-        kept = queue.extend(s, worker_id="w", jobs=[(j.id, j.attempt) for j in (held, stolen, retried)], lease=far)
+        kept = queue.extend(s, worker_id="w", jobs=[(j.id, j.attempt) for j in (held, stolen, retried)], lease=far).held
     assert kept == {held.id}
     with session_scope(engine) as s:
         leases = {j.id: getattr(get_generation(s, j.id), "lease_expires_at", None) for j in (held, stolen, retried)}
@@ -258,4 +258,4 @@ def test_extend__one_statement_for_every_job_still_held(engine: sa.Engine) -> No
     claimed = claim(link, 600)
     link.close()
     with session_scope(engine) as s:
-        assert queue.extend(s, worker_id="w", jobs=[(j.id, j.attempt) for j in claimed], lease=far) == set(many)
+        assert queue.extend(s, worker_id="w", jobs=[(j.id, j.attempt) for j in claimed], lease=far).held == set(many)

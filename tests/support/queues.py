@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from dgxqueue import api
 from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.daemon.queue_protocol import DaemonQueue, JobResult
-from dgxqueue.storage import dispose_engines, init_db, registry, session_scope
+from dgxqueue.storage import cancel_generation, dispose_engines, init_db, registry, session_scope
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import G, UTCDateTime
@@ -55,6 +55,10 @@ class QueueBackend:
 
     def daemons(self, *, include_stale: bool = False) -> list[LiveDaemon]:
         """The registry of live daemons, as ``dgxqueue workers`` reads it."""
+        raise NotImplementedError
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel the job as an operator does (``dgxqueue cancel``); its status afterwards."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -107,6 +111,10 @@ class DatabaseBackend(QueueBackend):
         with session_scope(self.engine) as session:
             return registry.daemons(session, include_stale=include_stale)
 
+    def cancel(self, job_id: str) -> str:
+        with session_scope(self.engine) as session:
+            return str(cancel_generation(session, job_id).status)
+
     def close(self) -> None:
         for client in self._queues:
             client.close()
@@ -139,6 +147,9 @@ class MemoryBackend(QueueBackend):
 
     def daemons(self, *, include_stale: bool = False) -> list[LiveDaemon]:
         return self.store.live_daemons(include_stale=include_stale)
+
+    def cancel(self, job_id: str) -> str:
+        return str(self.store.cancel(job_id)["status"])
 
 
 def open_backend(name: str, tmp_path: Path) -> Iterator[QueueBackend]:

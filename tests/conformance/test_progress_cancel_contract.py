@@ -1,0 +1,74 @@
+"""Progress and cancelling a running job keep the same rules on SQLite, PostgreSQL and in memory
+(issue 17): the heartbeat writes progress fenced on the attempt and reports held jobs whose
+cancel was asked; a cancelled result fails the job with ``cancelled_at`` and is never retried."""
+
+from __future__ import annotations
+
+import pytest
+
+from dgxqueue.errors import InvalidStateError
+from dgxqueue.storage.results import Cancelled
+from tests.support.queues import QueueBackend, completed
+
+
+def test_extend__writes_the_progress_given_and_leaves_the_rest(backend: QueueBackend) -> None:
+    """One heartbeat writes each job's own progress; a job given none keeps what it had."""
+    first, second = backend.enqueue("first"), backend.enqueue("second")
+    queue = backend.queue()
+    jobs = queue.claim(2)
+    assert queue.extend(jobs, {first: (3, 10), second: (1, 4)}).held == {first, second}
+    assert queue.extend(jobs, {first: (7, 10)}).held == {first, second}
+    assert (backend.row(first)["progress_done"], backend.row(first)["progress_total"]) == (7, 10)
+    assert (backend.row(second)["progress_done"], backend.row(second)["progress_total"]) == (1, 4)
+
+
+def test_extend__progress_of_an_attempt_no_longer_held_is_not_written(backend: QueueBackend) -> None:
+    """Progress is fenced like the lease: a finished job's row is left as its result wrote it."""
+    job_id = backend.enqueue()
+    queue = backend.queue()
+    [job] = queue.claim(1)
+    assert queue.finish([completed(job)]) == [True]
+    assert queue.extend([job], {job_id: (5, 10)}).held == set()
+    assert backend.row(job_id)["progress_done"] is None
+
+
+def test_cancel__a_running_job_is_reported_by_the_next_heartbeat(backend: QueueBackend) -> None:
+    """A cancel of a processing job only asks: it stays processing, and the heartbeat of the daemon
+    holding it reports it (and no other)."""
+    job_id, other = backend.enqueue("stop me"), backend.enqueue("keep me")
+    queue = backend.queue()
+    jobs = queue.claim(2)
+    assert queue.extend(jobs).cancel_requested == set()
+    assert backend.cancel(job_id) == "processing"
+    assert backend.row(job_id)["cancel_requested_at"] is not None
+    beat = queue.extend(jobs)
+    assert (beat.held, beat.cancel_requested) == ({job_id, other}, {job_id})
+
+
+def test_cancel__a_pending_job_fails_at_once_a_finished_one_refuses(backend: QueueBackend) -> None:
+    """A pending job is failed by the cancel itself, with cancelled_at; a finished one refuses."""
+    done = backend.enqueue("done")
+    queue = backend.queue()
+    [job] = queue.claim(1)
+    queue.finish([completed(job)])
+    fresh = backend.enqueue("fresh")
+    assert backend.cancel(fresh) == "failed"
+    row = backend.row(fresh)
+    assert row["cancelled_at"] is not None and row["error_message"] == "cancelled by request"
+    with pytest.raises(InvalidStateError):
+        backend.cancel(done)
+
+
+def test_finish__a_cancelled_result_fails_the_job_for_good(backend: QueueBackend) -> None:
+    """The Cancelled result: failed, cancelled_at set, its message kept, no retry whatever the
+    attempts left; fenced like every result."""
+    job_id = backend.enqueue(max_attempts=5)
+    queue = backend.queue()
+    [job] = queue.claim(1)
+    backend.cancel(job_id)
+    assert queue.finish([(job, Cancelled(backend.now(), "cancelled by request while it ran"))]) == [True]
+    row = backend.row(job_id)
+    assert (row["status"], row["error_message"]) == ("failed", "cancelled by request while it ran")
+    assert row["cancelled_at"] is not None and row["completed_at"] is not None
+    assert queue.claim(1) == []
+    assert queue.finish([(job, Cancelled(backend.now(), "again"))]) == [False]
