@@ -26,7 +26,7 @@ import http.server
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -192,7 +192,8 @@ class DaemonMetrics(Hooks):
             ["version", "generator", "engine", "worker_id"], registry=registry)
         self.finished = Counter(
             "dgxqueue_jobs_finished", "Attempts finished, by outcome "
-            "(completed, failed, retried, released back to the queue, fenced off) and model.",
+            "(completed, failed, retried, released back to the queue, fenced off, abandoned, cancelled while it "
+            "ran: apart from failed) and model.",
             ["outcome", "model"], registry=registry)
         self.rescued = Counter(
             "dgxqueue_jobs_rescued", "Jobs whose lease expired that this daemon's rescuer "
@@ -211,6 +212,14 @@ class DaemonMetrics(Hooks):
             registry=registry)
         self.in_flight = Gauge(
             "dgxqueue_jobs_in_flight", "Jobs this daemon holds right now.", registry=registry)
+        # Progress as two series per daemon, not one per job: a job label would grow the series
+        # without bound (every job id ever run), and per-job progress is in the row already.
+        self.progress_ratio = Gauge(
+            "dgxqueue_progress_ratio", "Mean progress (0..1) of the jobs this daemon runs that report "
+            "progress, as last written to their rows.", registry=registry)
+        self.progress_jobs = Gauge(
+            "dgxqueue_progress_jobs", "Jobs this daemon holds that report progress.", registry=registry)
+        self._progress: dict[str, float] = {}
         self.model_load = Gauge(
             "dgxqueue_model_load_seconds", "How long the generator took to load.", registry=registry)
         self.last_loop = Gauge(
@@ -268,9 +277,20 @@ class DaemonMetrics(Hooks):
     def on_batch(self, size: int) -> None:
         self.batch_size.observe(size)
 
+    def on_progress(self, progress: Mapping[str, tuple[int, int]]) -> None:
+        self._progress = {job_id: min(1.0, done / total) for job_id, (done, total) in progress.items() if total > 0}
+        self._show_progress()
+
+    def _show_progress(self) -> None:
+        values = self._progress.values()
+        self.progress_jobs.set(len(values))
+        self.progress_ratio.set(sum(values) / len(values) if values else 0.0)
+
     def on_job_finished(self, job: ClaimedJob, outcome: str, *, generation_seconds: float | None,
                         audio_seconds: float | None, error: str | None) -> None:
         self.in_flight.dec()
+        if self._progress.pop(job.id, None) is not None:
+            self._show_progress()
         series = self._series.get(job.model_name) or self._model(job.model_name)
         counter = series.finished.get(outcome) or self.finished.labels(outcome, job.model_name)
         counter.inc()

@@ -30,7 +30,7 @@ from dgxqueue.cli.common import (
     table,
     when_text,
 )
-from dgxqueue.cli.wait import Progress, finish, watch
+from dgxqueue.cli.wait import Progress, finish, fraction, watch
 from dgxqueue.errors import JobNotFoundError, ValidationError
 from dgxqueue.storage import (
     Generation,
@@ -63,6 +63,9 @@ def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     path = row["output_path"]
     if job.status == "completed":  # a completed job's file may have been deleted or moved since
         row["output_exists"] = path is not None and Path(path).is_file()
+    share = fraction(job)
+    if share is not None:
+        row["progress"] = f"{job.progress_done}/{job.progress_total} ({share * 100:.0f}%)"
     if args.json:
         print_json(row)
         return EXIT_OK
@@ -87,7 +90,8 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [
         # str(): a row written by plain SQL may hold anything in any column.
-        [str(job.id), str(job.status), str(job.model_name), seconds_text(job.duration_seconds),
+        [str(job.id), "cancelled" if job.status == "failed" and job.cancelled_at is not None else str(job.status),
+         str(job.model_name), seconds_text(job.duration_seconds),
          when_text(job.created_at), " ".join(str(job.prompt).split())]
         for job in jobs
     ]
@@ -117,6 +121,7 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         return EXIT_OK
     average = stats["average_generation_time_seconds"]
     rows = [[status, str(count)] for status, count in stats["by_status"].items()]
+    rows.insert(4, ["  of which cancelled", str(stats["cancelled_generations"])])
     rows += [
         ["total", str(stats["total_generations"])],
         ["distinct prompts", str(stats["total_prompts"])],

@@ -1,7 +1,8 @@
 """Waiting for jobs with a progress display on stderr (``wait``, ``enqueue --wait``, ``demo``).
 
 The database is read every half second; nothing spins. Each status change gets a line of its
-own; on a terminal a last line also counts the seconds.
+own, and so does a running job's progress at each tenth (so a log stays short); on a terminal a
+last line also counts the seconds and draws the running jobs' progress as a bar with an ETA.
 """
 
 from __future__ import annotations
@@ -34,18 +35,54 @@ POLL_SECONDS = 0.5
 SHORT_ID = 8
 
 
+def fraction(job: Generation) -> float | None:
+    """How far a running job is (0..1), from the progress its daemon wrote; None if unknown."""
+    done, total = job.progress_done, job.progress_total
+    if not isinstance(done, int) or not isinstance(total, int) or total <= 0:
+        return None
+    return min(1.0, max(0.0, done / total))
+
+
 def _describe(job: Generation) -> str:
     """One line on a job's state, its text from the database escaped (:func:`safe`)."""
     if job.status == "processing":
-        return f"processing (attempt {job.attempts}/{job.max_attempts}, {safe(job.worker_id or '?')})"
+        share = fraction(job)
+        at = "" if share is None else f" {int(share * 10) * 10}%"  # by tenths: a line per tenth, not per write
+        if job.cancel_requested_at is not None:
+            at += " (cancel requested)"
+        return f"processing (attempt {job.attempts}/{job.max_attempts}, {safe(job.worker_id or '?')}){at}"
     if job.status == "pending" and job.attempts:
         return f"pending (retry after attempt {job.attempts}: {safe(job.error_message or 'no reason')})"
     if job.status == "completed":
         took = job.generation_time_seconds
         return "completed" + (f" in {took:.2f}s" if took is not None else "")
     if job.status == "failed":
-        return f"failed: {safe(job.error_message or 'no reason given')}"
+        kind = "cancelled" if job.cancelled_at is not None else "failed"
+        return f"{kind}: {safe(job.error_message or 'no reason given')}"
     return safe(job.status)
+
+
+class Eta:
+    """The time left, from how fast the progress moved since it was first seen."""
+
+    def __init__(self) -> None:
+        self._first: tuple[float, float] | None = None
+
+    def seconds(self, share: float, now: float) -> float | None:
+        if self._first is None or share < self._first[1]:  # a new attempt starts over
+            self._first = (now, share)
+            return None
+        since, start = self._first
+        if share <= start or now <= since:
+            return None
+        return (now - since) / (share - start) * (1.0 - share)
+
+
+def bar(share: float, eta: float | None, width: int = 20) -> str:
+    """``[#########-----------]  45% ETA 12s``"""
+    filled = round(share * width)
+    left = "" if eta is None else f" ETA {eta:.0f}s"
+    return f"[{'#' * filled}{'-' * (width - filled)}] {share * 100:3.0f}%{left}"
 
 
 def finish(settings: Settings, jobs: list[Generation], as_json: bool) -> int:
@@ -70,6 +107,7 @@ class Progress:
         self.live = sys.stderr.isatty() and not quiet
         self.started = time.monotonic()
         self._live_shown = False
+        self.eta = Eta()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -138,7 +176,12 @@ def watch(
         if all(job.status in FINISHED for job in jobs):
             progress.done()
             return jobs
-        progress.tick(summary(jobs))
+        shares = [share for job in jobs if job.status == "processing" and (share := fraction(job)) is not None]
+        if shares:  # the running jobs' mean progress, with the time left at its pace so far
+            share = sum(shares) / len(shares)
+            progress.tick(f"{summary(jobs)}  {bar(share, progress.eta.seconds(share, time.monotonic()))}")
+        else:
+            progress.tick(summary(jobs))
         if problem:
             progress.done()
             raise CliError(problem, EX_TEMPFAIL)

@@ -113,6 +113,9 @@ def database_stats(session: Session) -> dict[str, Any]:
         "total_generations": sum(counts.values()),
         "by_status": counts,
         **{f"{status}_generations": n for status, n in counts.items()},
+        # Cancelled jobs are failed ones with cancelled_at: counted apart, inside "failed".
+        "cancelled_generations": session.execute(
+            sa.select(sa.func.count()).where(G.c.status == FAILED, G.c.cancelled_at.is_not(None))).scalar_one(),
         "total_prompts": session.execute(sa.select(sa.func.count()).select_from(P)).scalar_one(),
         "average_generation_time_seconds": float(completed[0]) if completed[0] is not None else None,
         "total_audio_seconds": float(completed[1] or 0.0),
