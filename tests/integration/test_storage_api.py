@@ -217,16 +217,21 @@ def test_fail_generation__records_the_error(scope: Scope) -> None:
     assert caught.value.field == "error_message"
 
 
-def test_cancel_generation__fails_a_pending_job_only(scope: Scope) -> None:
-    """Cancelling a pending job marks it failed 'cancelled by request'; a running one refuses."""
+def test_cancel_generation__fails_a_pending_job_and_asks_a_running_one(scope: Scope) -> None:
+    """Cancelling a pending job marks it failed 'cancelled by request'; a running one stays
+    running with cancel_requested_at set (its daemon stops it); a finished one refuses."""
     gen_id, running_id = _new(scope), _new(scope)
     with scope() as session:
         session.execute(sa.update(Generation).where(Generation.id == running_id).values(status="processing"))
     with scope() as session:
         cancelled = cancel_generation(session, gen_id)
         assert (cancelled.status, cancelled.error_message) == ("failed", "cancelled by request")
-    with pytest.raises(InvalidStateError, match="it is running"), scope() as session:
-        cancel_generation(session, running_id)
+    with scope() as session:
+        asked = cancel_generation(session, running_id)
+        assert (asked.status, asked.cancelled_at) == ("processing", None)
+        assert asked.cancel_requested_at is not None
+    with pytest.raises(InvalidStateError, match="already failed"), scope() as session:
+        cancel_generation(session, gen_id)
     with pytest.raises(JobNotFoundError), scope() as session:
         cancel_generation(session, str(uuid.uuid4()))
 

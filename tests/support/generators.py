@@ -7,6 +7,8 @@ Prompt directives (anything else renders silence):
 - ``crash``        raise an unexpected RuntimeError
 - ``block``        wait until ``gate`` is set (in-process) or ``release_path`` exists (processes)
 - ``work:S``       take S seconds, like a GPU would (simulated work, not synchronisation)
+- ``steps:N``      report progress k/N for k = 0..N, waiting before each step for ``steps``
+                   (a semaphore the test releases); stops early, cancelled, once its control says so
 - ``none``         return None instead of audio (a broken backend)
 - ``meta:numpy``   audio with numpy scalars in its metadata (``bpm`` float32 120, ``bars`` int64 8)
 - ``meta:nan``     audio with ``tempo`` NaN in its metadata, which JSON cannot hold
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dgxqueue.errors import PermanentGeneratorError, TransientGeneratorError
+from dgxqueue.errors import JobCancelledError, PermanentGeneratorError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
 
 
@@ -65,6 +67,7 @@ class ScriptedGenerator:
         self.log_path = Path(log_path) if log_path else None
         self.release_path = Path(release_path) if release_path else None
         self.gate = threading.Event()
+        self.steps = threading.Semaphore(0)
         self.entered = threading.Event()
         self.executions: Counter[str] = Counter()
         self.batches: list[list[str]] = []  # the job ids of each generate() call, in order
@@ -112,6 +115,21 @@ class ScriptedGenerator:
                 prompt, level = prompt.removesuffix("pid").rstrip(), pid_level(os.getpid())
             if prompt == "block":
                 self._wait_for_release()
+            if prompt.startswith("steps:"):
+                total = int(prompt.split(":")[1])
+                request.control.report(0, total)
+                stopped = False
+                for k in range(1, total + 1):
+                    while not self.steps.acquire(timeout=0.01):
+                        if request.control.cancelled:
+                            break
+                    if request.control.cancelled:
+                        stopped = True
+                        break
+                    request.control.report(k, total)
+                if stopped:
+                    results.append(JobCancelledError(f"scripted: cancelled at step {k} of {total}"))
+                    continue
             if prompt.startswith("work:"):
                 threading.Event().wait(float(prompt.split(":")[1]))
             if prompt.startswith("transient:") and ran_before < int(prompt.split(":")[1]):
