@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -46,7 +47,7 @@ def test_progress__moves_in_the_row_while_the_job_runs(engine: sa.Engine, db_url
         wait_until(lambda: progress(db_url, job_id) == (0, 3), 10, "progress 0/3 in the row")
         for k in (1, 2):
             gen.steps.release()
-            wait_until(lambda k=k: progress(db_url, job_id) == (k, 3), 10, f"progress {k}/3 in the row")
+            wait_until(lambda: progress(db_url, job_id) == (k, 3), 10, f"progress {k}/3 in the row")
             assert row(db_url, job_id).status == "processing"
         gen.steps.release()
     finally:
@@ -63,7 +64,12 @@ def test_progress__unchanged_progress_is_not_written_again(engine: sa.Engine, db
     daemon = make_daemon(db_url, outputs, gen, heartbeat_seconds=30.0, lease_seconds=60.0)
     beats: list[object] = []
     real = daemon.store.extend
-    daemon.store.extend = lambda jobs, progress=None: beats.append(progress) or real(jobs, progress)  # type: ignore[method-assign]
+
+    def spy(jobs: Any, progress: Any = None) -> Any:
+        beats.append(progress)
+        return real(jobs, progress)
+
+    daemon.store.extend = spy  # type: ignore[method-assign]
     job_id = enqueue(db_url, "steps:2")
     thread = threading.Thread(target=daemon.run_once)
     thread.start()
