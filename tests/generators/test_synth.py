@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from dgxqueue.audio import measure
-from dgxqueue.errors import ConfigError, PermanentGeneratorError, TransientGeneratorError
-from dgxqueue.generators import GeneratedAudio, GenerationRequest, create_generator
+from dgxqueue.errors import ConfigError, JobCancelledError, PermanentGeneratorError, TransientGeneratorError
+from dgxqueue.generators import GeneratedAudio, GenerationRequest, JobControl, create_generator
 from dgxqueue.machine_faults import machine_fault
 from workers.synth import SynthGenerator
 
@@ -181,3 +181,39 @@ def test_generate__memory_error_is_the_machines_and_frees_the_render(monkeypatch
     assert isinstance(big, TransientGeneratorError) and machine_fault(big) == "memory"
     assert big.__cause__ is not None and big.__cause__.__traceback__ is None
     assert held[0]() is None, "the failed render's array is still alive"
+
+
+class _CancelAfter(JobControl):
+    __slots__ = ("after", "reports")
+
+    def __init__(self, after: int | None) -> None:
+        super().__init__()
+        self.after = after
+        self.reports: list[tuple[int, int]] = []
+
+    def report(self, done: int, total: int) -> None:
+        super().report(done, total)
+        self.reports.append((done, total))
+        if self.after is not None and len(self.reports) >= self.after:
+            self.cancel()
+
+
+def test_synth__reports_frames_arranged_up_to_all_of_them() -> None:
+    """The synth reports the frames it has arranged, loop by loop, ending at every frame."""
+    control = _CancelAfter(None)
+    request = dataclasses.replace(_request("lofi", duration=60.0, rate=8000, channels=1), control=control)
+    SynthGenerator().generate([request])
+    done = [d for d, _ in control.reports]
+    assert len(done) > 3 and done == sorted(done)
+    assert control.reports[-1] == (480_000, 480_000)
+
+
+def test_synth__a_cancel_stops_its_request_between_loops_and_spares_the_others() -> None:
+    """Cancelled mid-arrangement, a request ends JobCancelledError before its last frame; the
+    next request of the batch renders exactly as it does alone."""
+    stopped = dataclasses.replace(_request("lofi", duration=60.0, rate=8000, channels=1), control=_CancelAfter(2))
+    other = _request("techno", rate=8000, channels=1)
+    outcomes = SynthGenerator().generate([stopped, other])
+    assert isinstance(outcomes[0], JobCancelledError)
+    assert stopped.control.reports[-1][0] < 480_000  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(_render(other).samples, outcomes[1].samples)  # type: ignore[union-attr]
