@@ -9,6 +9,9 @@
   daemon writes the rows once a second; off: neither is installed, as before progress existed.
 
 Each figure is the median of ``--rounds`` pairs, on and off run back to back, with the ratio.
+On a shared host those ratios carry the host's noise, so it also prints the parts' own costs,
+which that noise hardly moves: a ``report`` call, the stopping criterion's call per decoding
+step, and the heartbeat's statement for 4 held jobs with and without their progress.
 
     .venv/bin/python benchmarks/bench_progress.py [--jobs 3000] [--rounds 5] [--engines sqlite,postgres]
         [--musicgen-seconds 8] [--skip-musicgen]
@@ -111,6 +114,51 @@ def pairs(rounds: int, run: Any) -> tuple[float, float, float, float, float]:
     return statistics.median(on), statistics.median(off), statistics.median(ratios), min(ratios), max(ratios)
 
 
+def _per_call(fn: Any, n: int) -> float:
+    """Seconds per call of ``fn``, the best of 5 runs of ``n`` calls."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - started) / n)
+    return best
+
+
+def parts(engines: list[str]) -> None:
+    """The cost of each part progress adds, alone."""
+    import torch
+
+    from dgxqueue.generators import JobControl
+
+    control = JobControl()
+    print(f"JobControl.report: {_per_call(lambda: control.report(5, 10), 200_000) * 1e9:.0f} ns a call")
+    watch = musicgen._Watch([JobControl() for _ in range(4)], 400, torch)
+    ids = torch.zeros((4 * 4, 100), dtype=torch.long)  # 4 requests x 4 codebooks, as generate passes them
+    print(f"stopping criterion, batch of 4: {_per_call(lambda: watch(ids, None), 20_000) * 1e6:.1f} us a step")
+    for engine in engines:
+        with database(engine) as url:
+            init_db(url)
+            fill(url, 4)
+            plain, with_progress = _heartbeat_costs(url)
+            print(f"heartbeat statement, 4 jobs, {engine}: {plain * 1e3:.2f} ms plain, {with_progress * 1e3:.2f} ms "
+                  "with progress (at most one a second)")
+
+
+def _heartbeat_costs(url: str) -> tuple[float, float]:
+    from datetime import timedelta
+
+    from dgxqueue.daemon.queue_client import QueueClient
+
+    client = QueueClient(get_engine(url), worker_id="w", models=["silence"], lease=timedelta(seconds=60))
+    held = client.claim(4)
+    progress = {job.id: (3, 10) for job in held}
+    try:
+        return _per_call(lambda: client.extend(held), 200), _per_call(lambda: client.extend(held, progress), 200)
+    finally:
+        client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--jobs", type=int, default=3000)
@@ -118,10 +166,14 @@ def main() -> None:
     parser.add_argument("--engines", default="sqlite,postgres")
     parser.add_argument("--musicgen-seconds", type=float, default=8.0)
     parser.add_argument("--skip-musicgen", action="store_true")
+    parser.add_argument("--only-parts", action="store_true", help="only the parts' own costs")
     args = parser.parse_args()
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # the daemon's info lines off
+    parts(args.engines.split(","))
+    if args.only_parts:
+        return
     for engine in args.engines.split(","):
         with database(engine) as url:
             init_db(url)

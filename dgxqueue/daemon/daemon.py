@@ -252,6 +252,7 @@ class Daemon:
         self.hooks.on_model_loaded(time.perf_counter() - started)
         self.store.ping()
         self.registration.start(time.monotonic())
+        self.waker.wait(0)  # connects a listening waker now: a cancel's NOTIFY must reach the first jobs
         self.sweeper.run_once()  # results a crash left between their commit and their rename
         self.notifier.ready(f"serving {', '.join(self.models)}")
         self.log.info("daemon ready", generator=self.generator.name, models=list(self.models),

@@ -142,9 +142,13 @@ class PostgresWaker:
         return work
 
     def cancels(self) -> set[str]:
+        # Never connects: called on every round of the loop while a job runs, where a connect
+        # to a server that is down would stall the heartbeat; the next idle wait reconnects.
+        if self._connection is None:
+            found, self._cancels = self._cancels, set()
+            return found
         try:
-            connection = self._listen()
-            if self._sort(connection.notifies(timeout=0)):
+            if self._sort(self._connection.notifies(timeout=0)):
                 self._woken = True
         except Exception:  # the server went away: the heartbeat still reads cancels
             self._drop()

@@ -158,6 +158,7 @@ def test_cancel__postgres_notify_reaches_the_daemon_before_its_heartbeat(
     nothing reporting progress, the job still ends within a couple of seconds."""
     gen = ScriptedGenerator()
     daemon = make_daemon(pg_db_url, outputs, gen, heartbeat_seconds=30.0, lease_seconds=60.0)
+    daemon.start()  # its waker listens from the start
     job_id = enqueue(pg_db_url, "block")
     thread = threading.Thread(target=daemon.run_once)
     thread.start()
