@@ -20,12 +20,13 @@ step, and the heartbeat's statement for 4 held jobs with and without their progr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,44 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_daemon import SHM, clear, database, fill  # noqa: E402
 from dgxqueue.daemon import Daemon  # noqa: E402
 from dgxqueue.generators import GenerationOutcome, GenerationRequest, Generator, create_generator  # noqa: E402
-from dgxqueue.storage import get_engine, init_db  # noqa: E402
+from dgxqueue.storage import create_generations, dispose_engines, get_engine, init_db, session_scope  # noqa: E402
 from tests.support.daemons import make_settings  # noqa: E402
+from tests.support.db import postgres_schema_url  # noqa: E402
 from workers import musicgen  # noqa: E402
 from workers.silence import SilenceGenerator  # noqa: E402
+
+SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+@contextlib.contextmanager
+def database(engine: str) -> Iterator[str]:
+    """An empty database of ``engine`` (as bench_daemon.py makes them)."""
+    if engine == "postgres":
+        with postgres_schema_url() as url:
+            yield url
+            dispose_engines()
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            yield f"sqlite:///{folder}/bench.db"
+            dispose_engines()
+
+
+def fill(url: str, n: int, model: str = "silence", duration: float = 0.01, rate: int = 8000) -> None:
+    specs = [{"prompt": f"house beat take {i % 50}", "model_name": model, "duration_seconds": duration,
+              "sample_rate": rate, "channels": 1} for i in range(n)]
+    with session_scope(get_engine(url)) as s:
+        create_generations(s, specs)
+
+
+def clear(url: str) -> None:
+    """Empty the table and vacuum it, so each run starts on a table without the last one's dead rows."""
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM generations"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM"))
 
 
 class ReportingSilence(SilenceGenerator):
