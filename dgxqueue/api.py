@@ -26,12 +26,12 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from dgxqueue.config import Settings, load_settings
-from dgxqueue.storage import get_engine, queue, registry, session_scope
+from dgxqueue.storage import admin, get_engine, queue, reads, registry, session_scope
 from dgxqueue.storage.database import open_queue
 from dgxqueue.storage.registry import LiveDaemon
 from dgxqueue.storage.validation import JobSpec, validate_job, validate_jobs
 
-__all__ = ["enqueue", "enqueue_many", "live_daemons"]
+__all__ = ["enqueue", "enqueue_many", "live_daemons", "pause", "paused_models", "resume"]
 
 _lock = threading.Lock()
 _settings_cache: dict[tuple[Any, ...], Settings] = {}
@@ -138,3 +138,27 @@ def live_daemons(
     settings = settings or default_settings()
     with session_scope(_engine(database_url, settings)) as session:
         return registry.daemons(session, include_stale=include_stale)
+
+
+def pause(model: str, reason: str | None = None, *, database_url: str | None = None,
+          settings: Settings | None = None) -> bool:
+    """Stop every daemon claiming ``model``, from its next claim; jobs already running finish.
+    Returns False if it was paused already (``reason`` then replaces the one recorded)."""
+    settings = settings or default_settings()
+    with session_scope(_engine(database_url, settings)) as session:
+        return admin.pause_model(session, model, reason)
+
+
+def resume(model: str, *, database_url: str | None = None, settings: Settings | None = None) -> bool:
+    """Let daemons claim ``model`` again; idle ones are woken at once on PostgreSQL, and notice
+    the change by themselves on SQLite. Returns False if it was not paused."""
+    settings = settings or default_settings()
+    with session_scope(_engine(database_url, settings)) as session:
+        return admin.resume_model(session, model)
+
+
+def paused_models(*, database_url: str | None = None, settings: Settings | None = None) -> dict[str, str | None]:
+    """Each paused model with its reason."""
+    settings = settings or default_settings()
+    with session_scope(_engine(database_url, settings)) as session:
+        return reads.paused_models(session)

@@ -139,6 +139,10 @@ class QueueDepthCollector(Collector):
             "dgxqueue_queue_oldest_pending_age_seconds",
             "Age of the oldest pending job that is due (0 when none is): a job scheduled for later,"
             " or a retry waiting out its backoff, is not waiting to be claimed yet.")
+        paused = GaugeMetricFamily(
+            "dgxqueue_model_paused",
+            "1 while the model is paused (no daemon claims it), else 0: a growing queue of a paused"
+            " model is not a stuck one.", labels=["model"])
         query = GaugeMetricFamily(
             "dgxqueue_queue_depth_query_seconds", "Database time of the last queue depth read.")
         errors = CounterMetricFamily(
@@ -153,6 +157,8 @@ class QueueDepthCollector(Collector):
             counts = {model: 0 for model in self.models} | dict(depth.pending_by_model)
             for model, n in sorted(counts.items()):
                 pending.add_metric([model], n)
+            for model in sorted(set(counts) | depth.paused):
+                paused.add_metric([model], 1 if model in depth.paused else 0)
             created = depth.oldest_pending_created_at
             oldest.add_metric([], max(0.0, (self._now() - created).total_seconds()) if created else 0.0)
             query.add_metric([], self._query_seconds)
@@ -160,7 +166,7 @@ class QueueDepthCollector(Collector):
                 for model in sorted(set(counts) | set(live)):
                     daemons.add_metric([model], live.get(model, 0))
         errors.add_metric([], self.errors)
-        return [jobs, pending, oldest, query, errors, daemons]
+        return [jobs, pending, oldest, paused, query, errors, daemons]
 
 
 class _ModelSeries(NamedTuple):

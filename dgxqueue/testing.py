@@ -4,7 +4,7 @@ daemon's view of it (a :class:`~dgxqueue.daemon.queue_protocol.DaemonQueue`, as
 
 The rows have the ``generations`` table's columns and follow the SQL's rules (claim order and
 due-ness, leases and the fencing token, start marks, the rescue's refunds, ``lease_losses`` and
-failures, releases), with :attr:`MemoryStore.clock` standing in for the database's clock: give it
+failures, releases, paused models), with :attr:`MemoryStore.clock` standing in for the database's clock: give it
 a :class:`ManualClock` and time passes when a test says so. The same conformance suite runs
 against it, SQLite and PostgreSQL (``tests/conformance/``), so a daemon tested on it behaves as on
 a database::
@@ -93,6 +93,8 @@ class MemoryStore:
         self.jobs: dict[str, Row] = {}
         #: How often each prompt was enqueued (the ``prompts`` table's ``used_count``).
         self.prompts: Counter[str] = Counter()
+        #: The paused models (``paused_models``), with their reasons: no claim takes their jobs.
+        self.paused: dict[str, str | None] = {}
         #: Counts writes, as SQLite's ``PRAGMA data_version`` does: :class:`MemoryWaker` watches it.
         self.version = 0
         #: The registry of live daemons by id (the ``daemons`` table's rows, lists as tuples).
@@ -150,10 +152,11 @@ class MemoryStore:
             return dict(row)
 
     def reset(self) -> None:
-        """Forget every job and prompt."""
+        """Forget every job, prompt and pause."""
         with self.lock:
             self.jobs.clear()
             self.prompts.clear()
+            self.paused.clear()
             self.version += 1
 
     def live_daemons(self, *, include_stale: bool = False) -> list[LiveDaemon]:
@@ -163,6 +166,25 @@ class MemoryStore:
             found = [LiveDaemon(**row, heartbeat_age=max(now - row["heartbeat_at"], timedelta(0)),
                                 stale=row["expires_at"] < now) for row in self.daemons.values()]
         return sorted((d for d in found if include_stale or not d.stale), key=lambda d: (d.started_at, d.id))
+
+    # --- the operator's side ---
+
+    def pause(self, model: str, reason: str | None = None) -> bool:
+        """:func:`dgxqueue.storage.admin.pause_model`: no claim takes ``model``'s jobs until resumed."""
+        with self.lock:
+            added = model not in self.paused
+            self.paused[model] = reason
+            self.version += 1
+            return added
+
+    def resume(self, model: str) -> bool:
+        """:func:`dgxqueue.storage.admin.resume_model`; the change wakes :class:`MemoryWaker`."""
+        with self.lock:
+            if model not in self.paused:
+                return False
+            del self.paused[model]
+            self.version += 1
+            return True
 
     # --- the rescuer's side: every daemon's expired leases ---
 
@@ -225,6 +247,7 @@ class MemoryQueue:
         now = self.store.clock()
         due = [row for row in self.store.jobs.values()
                if row["status"] == PENDING and row["model_name"] in self.models
+               and row["model_name"] not in self.store.paused
                and (row["run_after"] is None or row["run_after"] <= now)]
         due.sort(key=lambda row: (-row["priority"], row["created_at"]))  # stable: insertion order breaks ties
         chosen = due[:max(0, limit)]
@@ -301,7 +324,8 @@ class MemoryQueue:
 
     def _pending(self) -> list[Row]:
         jobs = self.store.jobs.values()
-        return [row for row in jobs if row["status"] == PENDING and row["model_name"] in self.models]
+        return [row for row in jobs if row["status"] == PENDING and row["model_name"] in self.models
+                and row["model_name"] not in self.store.paused]
 
     def has_work(self) -> bool:
         with self.store.lock:

@@ -1,8 +1,9 @@
 """The ``dgxqueue`` command (also ``python -m dgxqueue``).
 
 Subcommands: ``worker``, ``enqueue``, ``show``, ``list``, ``stats``, ``wait``, ``cancel``,
-``retry``, ``prune``, ``workers``, ``db upgrade|downgrade|current|backup|reset``, ``config show|check`` and
-``demo``. Each has ``--help``; most have ``--json``. Settings are parsed once, before anything
+``retry``, ``prune``, ``workers``, ``pause``, ``resume``, ``db upgrade|downgrade|current|backup|reset``,
+``config show|check`` and ``demo``. Each has ``--help``; most have ``--json``. Settings are parsed
+once, before anything
 touches the database: defaults < ``--config``/``$DGXQUEUE_CONFIG`` < environment < flags.
 
 Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
@@ -61,6 +62,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retry": ("dgxqueue.cli.jobs", "send a failed generation back to the queue"),
     "prune": ("dgxqueue.cli.jobs", "delete finished generations older than an age"),
     "workers": ("dgxqueue.cli.workers", "list the live daemons"),
+    "pause": ("dgxqueue.cli.models", "stop every daemon claiming a model"),
+    "resume": ("dgxqueue.cli.models", "let daemons claim a paused model again"),
     "demo": ("dgxqueue.cli.demo", "start a daemon, queue sample prompts, wait, show the WAV files"),
 }
 

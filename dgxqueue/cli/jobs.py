@@ -135,6 +135,8 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         print(table(["MODEL", "PENDING", "LIVE DAEMONS"],
                     [[str(model), str(n["pending"]), str(n["live_daemons"]) + ("  (none serves it)" if n["pending"]
                       and not n["live_daemons"] else "")] for model, n in models.items()], stretch=0))
+    for model, reason in stats["paused_models"].items():
+        print(f"paused: {safe(model)}" + (f" ({safe(reason)})" if reason else ""))
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""Administration: mark, cancel, retry and delete jobs (the specification's calls and the CLI's).
+"""Administration: mark, cancel, retry and delete jobs (the specification's calls and the CLI's),
+and pause or resume the claiming of a model.
 
 Callers own the session and its transaction.
 """
@@ -13,8 +14,19 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from dgxqueue.errors import InvalidStateError
+from dgxqueue.storage import queue
 from dgxqueue.storage.engines import profile_of
-from dgxqueue.storage.models import COMPLETED, FAILED, PENDING, PROCESSING, G, Generation, GenerationStatus, utcnow
+from dgxqueue.storage.models import (
+    COMPLETED,
+    FAILED,
+    PAUSED,
+    PENDING,
+    PROCESSING,
+    G,
+    Generation,
+    GenerationStatus,
+    utcnow,
+)
 from dgxqueue.storage.reads import require_job
 
 CANCELLED_MESSAGE = "cancelled by request"
@@ -105,3 +117,32 @@ def delete_finished(session: Session, ids: Sequence[str], chunk: int = 500) -> l
 def delete_jobs(session: Session, ids: Sequence[str], chunk: int = 500) -> int:
     """Delete finished jobs by id, in chunks; returns how many went."""
     return len(delete_finished(session, ids, chunk))
+
+
+# --- pause and resume ------------------------------------------------------------------------
+
+
+def pause_model(session: Session, model: str, reason: str | None = None) -> bool:
+    """Stop every daemon claiming ``model`` (from its next claim; running jobs finish). Returns
+    False when it was paused already (its reason is then replaced, its time kept)."""
+    insert = profile_of(session.get_bind().dialect).insert(PAUSED)
+    added = session.execute(
+        insert.on_conflict_do_nothing(index_elements=[PAUSED.c.model_name])
+        .values(model_name=model, paused_at=utcnow(), reason=reason)
+        .returning(PAUSED.c.model_name)
+    ).first()
+    if added is None:
+        session.execute(sa.update(PAUSED).where(PAUSED.c.model_name == model).values(reason=reason))
+    return added is not None
+
+
+def resume_model(session: Session, model: str) -> bool:
+    """Let daemons claim ``model`` again, waking the idle ones when the transaction commits (where
+    the engine notifies). Returns False when it was not paused."""
+    gone = session.execute(
+        sa.delete(PAUSED).where(PAUSED.c.model_name == model).returning(PAUSED.c.model_name)
+    ).first()
+    if gone is not None:
+        queue.notify(session, [model])
+    return gone is not None
+

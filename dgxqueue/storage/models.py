@@ -233,6 +233,9 @@ class PausedModel(Base):
     reason: Mapped[str | None] = mapped_column(sa.Text)
 
 
+PAUSED = cast(sa.Table, PausedModel.__table__)
+
+
 class DaemonRecord(Base):
     """A live daemon as it registered itself (a row of ``daemons``); its heartbeat moves
     ``expires_at`` on, a clean stop deletes it, and a row past ``expires_at`` is stale."""

@@ -32,6 +32,7 @@ from dgxqueue.storage.models import (
     FAILED,
     IS_PENDING,
     IS_PROCESSING,
+    PAUSED,
     PENDING,
     PROCESSING,
     G,
@@ -54,6 +55,12 @@ def due_condition(profile: Profile, now: sa.ColumnElement[Any] | datetime) -> sa
     moment its text happens to sort before)."""
     run_after = G.c.run_after
     return sa.or_(run_after.is_(None), profile.comparable_time(run_after) <= now, profile.not_a_time(run_after))
+
+
+def not_paused() -> sa.ColumnElement[bool]:
+    """The row's model is not paused (``paused_models``), checked in the statement that reads it,
+    so a pause takes effect at every daemon's next claim and a resume the same way."""
+    return ~sa.exists().where(PAUSED.c.model_name == G.c.model_name)
 
 
 # --- insert ---------------------------------------------------------------------------------
@@ -203,7 +210,7 @@ def claim_statement(profile: Profile, n_models: int, start: bool = False) -> sa.
     now = profile.now()
     candidates = profile.claimable(
         sa.select(G.c.id)
-        .where(IS_PENDING, G.c.model_name.in_(served), due_condition(profile, now))
+        .where(IS_PENDING, G.c.model_name.in_(served), due_condition(profile, now), not_paused())
         .order_by(G.c.priority.desc(), G.c.created_at)
         .limit(sa.bindparam("limit", type_=sa.Integer))
     )
@@ -521,22 +528,23 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
 
 
 def has_work(session: Session, models: Iterable[str]) -> bool:
-    """Pending jobs of ``models`` that are due, or retries waiting on their backoff."""
+    """Pending jobs of ``models`` that are due, or retries waiting on their backoff; a paused
+    model's jobs are not work (a burst worker whose only jobs are paused exits)."""
     profile = profile_of(session.get_bind().dialect)
     waiting = sa.or_(due_condition(profile, profile.now()), G.c.attempts > 0)
     query = sa.select(G.c.id).where(
-        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting
+        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting, not_paused()
     ).limit(1)
     return session.execute(query).first() is not None
 
 
 def next_due(session: Session, models: Iterable[str]) -> timedelta | None:
     """How long until the earliest not-yet-due pending job of ``models`` is due, by the
-    database's clock."""
+    database's clock (paused models left out)."""
     profile = profile_of(session.get_bind().dialect)
     now, run_after = profile.now(), profile.comparable_time(G.c.run_after)
     query = sa.select(sa.func.min(run_after, type_=UTCDateTime()), now).where(
-        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), run_after > now,
+        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), run_after > now, not_paused(),
     )
     due, at = session.execute(query).one()
     # Not a time (PostgreSQL's 'infinity', text SQLite sorts after now): nothing to wake up for.

@@ -19,6 +19,7 @@ from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import (
     COMPLETED,
     FAILED,
+    PAUSED,
     PENDING,
     PROCESSING,
     G,
@@ -121,7 +122,14 @@ def database_stats(session: Session) -> dict[str, Any]:
         "total_audio_seconds": float(completed[1] or 0.0),
         # A value that is not a time (plain SQL) is shown as it is stored.
         "oldest_pending_created_at": oldest.isoformat() if isinstance(oldest, datetime) else oldest,
+        "paused_models": paused_models(session),
     }
+
+
+def paused_models(session: Session) -> dict[str, str | None]:
+    """Each paused model with its reason, by name."""
+    return {name: reason for name, reason in session.execute(
+        sa.select(PAUSED.c.model_name, PAUSED.c.reason).order_by(PAUSED.c.model_name))}
 
 
 def finished_jobs_before(
@@ -160,6 +168,7 @@ class QueueDepth:
     pending_by_model: dict[str, int]
     oldest_pending_created_at: datetime | None  # of the pending jobs that are due
     completed_is_estimate: bool
+    paused: frozenset[str] = frozenset()  # the models no daemon claims
 
 
 def _pending_levels(now: datetime) -> sa.Select[Any]:
@@ -226,4 +235,5 @@ def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
     counts = {PENDING: pending, PROCESSING: row[1], FAILED: row[2]}
     # The parts come from different statements (and, on PostgreSQL, an estimate): never below 0.
     counts[COMPLETED] = max(0, int(row[0]) - pending - row[1] - row[2])
-    return QueueDepth(counts, by_model, oldest, use_estimate)
+    paused = frozenset(session.scalars(sa.select(PAUSED.c.model_name)))
+    return QueueDepth(counts, by_model, oldest, use_estimate, paused)

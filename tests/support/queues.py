@@ -61,6 +61,13 @@ class QueueBackend:
         """Cancel the job as an operator does (``dgxqueue cancel``); its status afterwards."""
         raise NotImplementedError
 
+    def pause(self, model: str = MODEL) -> None:
+        """Pause ``model`` as an operator does."""
+        raise NotImplementedError
+
+    def resume(self, model: str = MODEL) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -115,6 +122,12 @@ class DatabaseBackend(QueueBackend):
         with session_scope(self.engine) as session:
             return str(cancel_generation(session, job_id).status)
 
+    def pause(self, model: str = MODEL) -> None:
+        api.pause(model, database_url=self.url, settings=self.settings)
+
+    def resume(self, model: str = MODEL) -> None:
+        api.resume(model, database_url=self.url, settings=self.settings)
+
     def close(self) -> None:
         for client in self._queues:
             client.close()
@@ -150,6 +163,12 @@ class MemoryBackend(QueueBackend):
 
     def cancel(self, job_id: str) -> str:
         return str(self.store.cancel(job_id)["status"])
+
+    def pause(self, model: str = MODEL) -> None:
+        self.store.pause(model)
+
+    def resume(self, model: str = MODEL) -> None:
+        self.store.resume(model)
 
 
 def open_backend(name: str, tmp_path: Path) -> Iterator[QueueBackend]:

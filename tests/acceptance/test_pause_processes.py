@@ -1,0 +1,60 @@
+"""Pause and resume with real daemon processes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dgxqueue import api
+from dgxqueue.storage import init_db
+from tests.acceptance.test_cli import Cli
+from tests.acceptance.test_daemon_processes import enqueue, job
+from tests.support.daemons import make_settings
+from tests.support.generators import read_executions
+from tests.support.processes import start_worker, stop, wait_until, worker_config
+
+
+def test_daemon__stops_claiming_a_paused_model_and_resumes(db_url: str, tmp_path: Path) -> None:
+    """A running daemon finishes the job it holds when its model is paused, claims no new job of
+    that model (while it still claims another model's, enqueued later), and claims it once resumed."""
+    init_db(db_url)
+    settings = make_settings(db_url, tmp_path / "outputs")
+    log = tmp_path / "executions.log"
+    [running] = enqueue(db_url, ["block"])
+    config = worker_config(tmp_path, db_url, models=["other", "scripted"])
+    worker = start_worker(config, tmp_path / "worker.log")
+    wait_until(lambda: read_executions(log).get(running) == 1, 30, "the blocking job to start", alive=worker)
+    api.pause("scripted", "test", database_url=db_url, settings=settings)
+    [held] = enqueue(db_url, ["held"])
+    [later] = enqueue(db_url, ["later"], model_name="other")
+    (tmp_path / "release").touch()
+    wait_until(lambda: job(db_url, running)[0] == "completed", 30, "the running job to finish", alive=worker)
+    wait_until(lambda: job(db_url, later)[0] == "completed", 30, "the other model's job", alive=worker)
+    assert job(db_url, held)[0] == "pending" and held not in read_executions(log)
+    api.resume("scripted", database_url=db_url, settings=settings)
+    wait_until(lambda: job(db_url, held)[0] == "completed", 30, "the resumed job", alive=worker)
+    assert stop(worker) == 0
+
+
+def test_burst_worker__exits_when_its_only_jobs_are_paused(db_url: str, tmp_path: Path) -> None:
+    """``worker --burst`` does not wait on a paused model's jobs: it exits 0, leaving them pending."""
+    init_db(db_url)
+    settings = make_settings(db_url, tmp_path / "outputs")
+    [held] = enqueue(db_url, ["held"])
+    api.pause("scripted", database_url=db_url, settings=settings)
+    worker = start_worker(worker_config(tmp_path, db_url), tmp_path / "worker.log", "--burst")
+    assert worker.wait(60) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    assert job(db_url, held)[0] == "pending"
+
+
+def test_cli__pause_resume_and_stats(cli: Cli) -> None:
+    """``dgxqueue pause``/``resume`` change the pause and say what they did; ``stats`` lists it."""
+    cli.ok("db", "upgrade")
+    assert cli.ok("pause", "synth", "--reason", "new GPU").strip() == "paused: synth"
+    assert cli.ok("pause", "synth").strip() == "already paused (reason updated): synth"
+    assert "paused: synth" in cli.ok("stats")
+    assert json.loads(cli.ok("stats", "--json"))["paused_models"] == {"synth": None}
+    assert json.loads(cli.ok("resume", "synth", "--json")) == {"model": "synth", "paused": False, "was_paused": True}
+    assert cli.ok("resume", "synth").strip() == "was not paused: synth"
+    assert "paused" not in cli.ok("stats")
+    assert cli("pause").returncode == 2
