@@ -91,12 +91,16 @@ def enqueue(
     run_after: datetime | None = None,
     max_attempts: int | None = None,
     model_version: str | None = None,
+    expires_at: datetime | None = None,
+    ttl: float | None = None,
     database_url: str | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Queue one generation and count its prompt, committed; returns its id (a UUID v4).
 
-    Left-out fields take the configured defaults (``jobs.default_*``). Bad input raises
+    Left-out fields take the configured defaults (``jobs.default_*``). ``expires_at`` (a
+    timezone-aware datetime) or ``ttl`` (seconds from now): a job still pending then is failed as
+    expired without being run. Bad input raises
     :class:`~dgxqueue.errors.ValidationError` and writes nothing.
     """
     settings = settings or default_settings()
@@ -104,7 +108,7 @@ def enqueue(
     job = validate_job(prompt, model_name=model_name, duration_seconds=duration_seconds, sample_rate=sample_rate,
                        channels=channels, file_path=file_path, metadata=metadata, model_version=model_version,
                        priority=priority, run_after=run_after, max_attempts=max_attempts,
-                       limits=settings.jobs, outputs=settings.outputs)
+                       expires_at=expires_at, ttl=ttl, limits=settings.jobs, outputs=settings.outputs)
     queue.insert_committed(engine, [job])
     return job.id
 

@@ -63,6 +63,9 @@ class Hooks:
     def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
         """The rescuer returned expired jobs to the queue or failed them."""
 
+    def on_expired(self, jobs: Sequence[tuple[str, str]]) -> None:
+        """The rescuer failed pending jobs (id, model) that were past their ``expires_at``."""
+
     def on_claims_paused(self, reason: str | None) -> None:
         """The outputs check stopped claims for ``reason`` (see ``diskcheck``); None: they resume."""
 
@@ -114,6 +117,10 @@ class HookChain(Hooks):
     def on_rescued(self, requeued: Sequence[str], failed: Sequence[str]) -> None:
         for hook in self.hooks:
             hook.on_rescued(requeued, failed)
+
+    def on_expired(self, jobs: Sequence[tuple[str, str]]) -> None:
+        for hook in self.hooks:
+            hook.on_expired(jobs)
 
     def on_claims_paused(self, reason: str | None) -> None:
         for hook in self.hooks:

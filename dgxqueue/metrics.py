@@ -22,6 +22,7 @@ With the depth, the same read counts the live daemons serving each model from th
 
 from __future__ import annotations
 
+import collections
 import http.server
 import socket
 import threading
@@ -204,6 +205,10 @@ class DaemonMetrics(Hooks):
         self.rescued = Counter(
             "dgxqueue_jobs_rescued", "Jobs whose lease expired that this daemon's rescuer "
             "requeued or failed.", ["result"], registry=registry)
+        self.expired = Counter(
+            "dgxqueue_jobs_expired", "Pending jobs past their expires_at that this daemon's rescuer "
+            "failed without running them, by model (not counted in dgxqueue_jobs_finished).",
+            ["model"], registry=registry)
         self.generation = Histogram(
             "dgxqueue_generation_duration_seconds", "Time the generator spent on an attempt "
             "(its batch's time), by model.", ["model"], buckets=DURATION_BUCKETS, registry=registry)
@@ -262,6 +267,7 @@ class DaemonMetrics(Hooks):
         self.build_info.labels(info.version, info.generator, info.engine, info.worker_id).set(1)
         for model in info.models:
             self._model(model)
+            self.expired.labels(model)
         self.depth.models = info.models
         self.last_loop.set(self._wall_clock())
         self.ready.set(0)
@@ -304,6 +310,10 @@ class DaemonMetrics(Hooks):
             series.generation.observe(generation_seconds)
         if outcome == "completed" and audio_seconds:
             series.audio.inc(audio_seconds)
+
+    def on_expired(self, jobs: Sequence[tuple[str, str]]) -> None:
+        for model, n in collections.Counter(model for _, model in jobs).items():
+            self.expired.labels(model).inc(n)
 
     def on_claims_paused(self, reason: str | None) -> None:
         for label in PAUSE_REASONS:

@@ -4,7 +4,7 @@ daemon's view of it (a :class:`~dgxqueue.daemon.queue_protocol.DaemonQueue`, as
 
 The rows have the ``generations`` table's columns and follow the SQL's rules (claim order and
 due-ness, leases and the fencing token, start marks, the rescue's refunds, ``lease_losses`` and
-failures, releases, paused models), with :attr:`MemoryStore.clock` standing in for the database's clock: give it
+failures, releases, paused models, expiry), with :attr:`MemoryStore.clock` standing in for the database's clock: give it
 a :class:`ManualClock` and time passes when a test says so. The same conformance suite runs
 against it, SQLite and PostgreSQL (``tests/conformance/``), so a daemon tested on it behaves as on
 a database::
@@ -40,7 +40,7 @@ from dgxqueue.daemon.queue_protocol import JobResult
 from dgxqueue.storage import JobSpec, validate_job
 from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
 from dgxqueue.storage.models import FAILED, PENDING, PROCESSING, G, as_utc, utcnow
-from dgxqueue.storage.queue import AttemptState, Beat, Progress, job_row
+from dgxqueue.storage.queue import EXPIRED_MESSAGE, AttemptState, Beat, Progress, job_row
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
 from dgxqueue.storage.results import Released, row_values
 
@@ -57,6 +57,10 @@ _BLANK: Row = {
 }
 # The claim's RETURNING columns, in the order claimed_jobs reads them.
 _CLAIMED = tuple(column.name for column in CLAIM_COLUMNS)
+
+
+def _expired(row: Row, now: datetime) -> bool:
+    return row["expires_at"] is not None and row["expires_at"] <= now
 
 
 class ManualClock:
@@ -186,7 +190,18 @@ class MemoryStore:
             self.version += 1
             return True
 
-    # --- the rescuer's side: every daemon's expired leases ---
+    # --- the rescuer's side: every daemon's expired leases, and expired pending jobs ---
+
+    def expire(self) -> list[tuple[str, str]]:
+        """:func:`dgxqueue.storage.queue.expire_pending`: pending jobs past ``expires_at`` fail unrun."""
+        with self.lock:
+            now = self.clock()
+            rows = [row for row in self.jobs.values() if row["status"] == PENDING and _expired(row, now)]
+            for row in rows:
+                row.update(status=FAILED, expired_at=now, completed_at=now, error_message=EXPIRED_MESSAGE)
+            if rows:
+                self.version += 1
+            return [(row["id"], row["model_name"]) for row in rows]
 
     def rescue(self) -> tuple[list[str], list[str]]:
         """:func:`dgxqueue.storage.queue.rescue_expired`'s three updates, in its order."""
@@ -247,7 +262,7 @@ class MemoryQueue:
         now = self.store.clock()
         due = [row for row in self.store.jobs.values()
                if row["status"] == PENDING and row["model_name"] in self.models
-               and row["model_name"] not in self.store.paused
+               and row["model_name"] not in self.store.paused and not _expired(row, now)
                and (row["run_after"] is None or row["run_after"] <= now)]
         due.sort(key=lambda row: (-row["priority"], row["created_at"]))  # stable: insertion order breaks ties
         chosen = due[:max(0, limit)]
@@ -322,6 +337,9 @@ class MemoryQueue:
     def rescue(self) -> tuple[list[str], list[str]]:
         return self.store.rescue()
 
+    def expire(self) -> list[tuple[str, str]]:
+        return self.store.expire()
+
     def _pending(self) -> list[Row]:
         jobs = self.store.jobs.values()
         return [row for row in jobs if row["status"] == PENDING and row["model_name"] in self.models
@@ -330,8 +348,8 @@ class MemoryQueue:
     def has_work(self) -> bool:
         with self.store.lock:
             now = self.store.clock()
-            return any(row["run_after"] is None or row["run_after"] <= now or row["attempts"] > 0
-                       for row in self._pending())
+            return any((row["run_after"] is None or row["run_after"] <= now or row["attempts"] > 0)
+                       and not _expired(row, now) for row in self._pending())
 
     def next_due(self) -> timedelta | None:
         with self.store.lock:

@@ -28,6 +28,7 @@ from dgxqueue.cli.common import (
     job_dict,
     parse_json_object,
     parse_number,
+    parse_span,
     parse_when,
     print_json,
     safe,
@@ -41,7 +42,7 @@ from dgxqueue.storage.models import utcnow
 
 #: The flags that set one job's fields; with ``--jsonl`` each line sets its own.
 _JOB_FLAGS = ("duration", "model", "sample_rate", "channels", "priority", "not_before", "metadata",
-              "file_path", "max_attempts")
+              "file_path", "max_attempts", "ttl", "expires_at")
 
 
 def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,6 +60,12 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         spec["metadata"] = parse_json_object("metadata", args.metadata)
     if args.not_before is not None:
         spec["run_after"] = parse_when("not_before", args.not_before, utcnow())
+    if args.expires_at is not None:
+        spec["expires_at"] = parse_when("expires_at", args.expires_at, utcnow())
+    if args.ttl is not None:
+        text = args.ttl.strip()
+        spec["ttl"] = (parse_span("ttl", text).total_seconds() if text[-1:].lower() in "smhdw"
+                       else parse_number("ttl", text, float))
     return spec
 
 
@@ -104,8 +111,9 @@ def read_jsonl(stream: IO[bytes], settings: Settings) -> list[JobSpec]:
             raise CliError(f"line {number}: expected a JSON object such as {{\"prompt\": \"lo-fi beat\"}}, "
                            f"got {type(spec).__name__}", EX_DATAERR)
         try:
-            if isinstance(spec.get("run_after"), str):
-                spec["run_after"] = parse_when("run_after", spec["run_after"], utcnow())
+            for key in ("run_after", "expires_at"):
+                if isinstance(spec.get(key), str):
+                    spec[key] = parse_when(key, spec[key], utcnow())
             jobs += validate_jobs([spec], limits=settings.jobs, outputs=settings.outputs)
         except ValidationError as exc:
             raise CliError(f"line {number}: {exc}", EX_DATAERR) from None
@@ -205,7 +213,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--jsonl", metavar="FILE",
                    help="read jobs from FILE ('-': stdin), one JSON object a line with enqueue's fields: "
                         "prompt, duration_seconds, model_name, metadata, priority, sample_rate, channels, "
-                        "file_path, max_attempts, model_version, run_after; all go in one transaction")
+                        "file_path, max_attempts, model_version, run_after, expires_at, ttl; all go in one "
+                        "transaction")
     p.add_argument("--duration", metavar="SECONDS",
                    help="length of the audio (default: jobs.default_duration_seconds)")
     p.add_argument("--model", help="model name; a daemon serving it claims it (default: jobs.default_model)")
@@ -214,6 +223,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--priority", help="higher runs first, -1000..1000 (default 0)")
     p.add_argument("--not-before", metavar="WHEN",
                    help="not before WHEN: an ISO time (local unless it has an offset) or a span (10m, 2h)")
+    p.add_argument("--ttl", metavar="SECONDS",
+                   help="fail the job as expired, unrun, if still pending this long from now (120, 10m, 2h)")
+    p.add_argument("--expires-at", metavar="WHEN",
+                   help="as --ttl, at WHEN: an ISO time (local unless it has an offset) or a span (10m)")
     p.add_argument("--metadata", metavar="JSON", help="a JSON object, e.g. '{\"bpm\": 120, \"key\": \"Am\"}'")
     p.add_argument("--file-path", help="the WAV's path, relative to the folder holding the outputs folder")
     p.add_argument("--max-attempts", metavar="N", help="attempts before failing (default: jobs.max_attempts)")

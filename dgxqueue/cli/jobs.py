@@ -123,6 +123,7 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     rows = [[status, str(count)] for status, count in stats["by_status"].items()]
     rows.insert(4, ["  of which cancelled", str(stats["cancelled_generations"])])
     rows += [
+        ["  of failed: expired", str(stats["expired_generations"])],
         ["total", str(stats["total_generations"])],
         ["distinct prompts", str(stats["total_prompts"])],
         ["average generation time", "-" if average is None else f"{average:.2f}s"],

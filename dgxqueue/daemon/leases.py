@@ -170,7 +170,7 @@ class Sweeper:
 
 class Rescuer:
     """Returns the jobs whose lease expired, any daemon's, to ``pending`` (or fails them once their
-    attempts are spent), then sweeps when that is due."""
+    attempts are spent), fails the pending jobs past their ``expires_at``, then sweeps when that is due."""
 
     def __init__(self, store: DaemonQueue, heartbeat: Heartbeat, sweeper: Sweeper, hooks: Hooks, *,
                  interval: float, log: FilteringBoundLogger, forget_dead: Callable[[], None] | None = None) -> None:
@@ -196,6 +196,9 @@ class Rescuer:
             requeued, failed = self.store.rescue()
             if requeued or failed:
                 self.hooks.on_rescued(requeued, failed)
+            expired = self.store.expire()
+            if expired:
+                self.hooks.on_expired(expired)
         if self.forget_dead is not None:
             self.forget_dead()
         self.sweeper.run_if_due(time.monotonic())

@@ -176,6 +176,10 @@ class QueueClient:
             return requeued, failed
         return self._run(rescue)
 
+    def expire(self) -> list[tuple[str, str]]:
+        """Fail the pending jobs past their ``expires_at``, whatever their model; (id, model) of each."""
+        return self._run(queue.expire_pending)
+
     def has_work(self) -> bool:
         """Due jobs, or retries waiting out their backoff, for this daemon's models (burst mode)."""
         return self._run(lambda s: queue.has_work(s, self.models))

@@ -88,6 +88,11 @@ class DaemonQueue(Protocol):
         (requeued, failed)."""
         ...
 
+    def expire(self) -> list[tuple[str, str]]:
+        """Fail every pending job past its ``expires_at`` without running it, whatever its model;
+        returns (id, model) of each."""
+        ...
+
     def has_work(self) -> bool:
         """Due jobs of this daemon's models, or retries waiting out their backoff."""
         ...

@@ -63,6 +63,13 @@ def not_paused() -> sa.ColumnElement[bool]:
     return ~sa.exists().where(PAUSED.c.model_name == G.c.model_name)
 
 
+def not_expired(profile: Profile, now: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """A pending row is still wanted: no ``expires_at``, or one still ahead by the database's
+    clock. One that is not a time (plain SQL) expires nothing: the job runs, as it would without."""
+    expires_at = G.c.expires_at
+    return sa.or_(expires_at.is_(None), profile.comparable_time(expires_at) > now, profile.not_a_time(expires_at))
+
+
 # --- insert ---------------------------------------------------------------------------------
 
 _SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec))
@@ -210,7 +217,8 @@ def claim_statement(profile: Profile, n_models: int, start: bool = False) -> sa.
     now = profile.now()
     candidates = profile.claimable(
         sa.select(G.c.id)
-        .where(IS_PENDING, G.c.model_name.in_(served), due_condition(profile, now), not_paused())
+        .where(IS_PENDING, G.c.model_name.in_(served), due_condition(profile, now), not_paused(),
+               not_expired(profile, now))
         .order_by(G.c.priority.desc(), G.c.created_at)
         .limit(sa.bindparam("limit", type_=sa.Integer))
     )
@@ -524,6 +532,28 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     return [*refunded, *requeued], list(failed)
 
 
+# --- expiry ---------------------------------------------------------------------------------
+
+EXPIRED_MESSAGE = "expired: still pending at its expires_at, so it was not run"
+
+
+def expire_pending(session: Session) -> list[tuple[str, str]]:
+    """Fail every pending job whose ``expires_at`` has passed (by the database's clock), without
+    running it, in one UPDATE over ``idx_generations_expires_at``; returns (id, model) of each.
+    An ``expires_at`` that is not a time (plain SQL) is left alone, as the claim leaves it."""
+    profile = profile_of(session.get_bind().dialect)
+    now = profile.now()
+    expires_at = G.c.expires_at
+    rows = session.execute(
+        sa.update(G)
+        .where(IS_PENDING, expires_at.is_not(None), profile.comparable_time(expires_at) <= now,
+               sa.not_(profile.not_a_time(expires_at)))
+        .values(status=FAILED, expired_at=now, completed_at=now, error_message=EXPIRED_MESSAGE)
+        .returning(G.c.id, G.c.model_name)
+    ).all()
+    return [(row[0], row[1]) for row in rows]
+
+
 # --- the daemon's reads ---------------------------------------------------------------------
 
 
@@ -531,9 +561,10 @@ def has_work(session: Session, models: Iterable[str]) -> bool:
     """Pending jobs of ``models`` that are due, or retries waiting on their backoff; a paused
     model's jobs are not work (a burst worker whose only jobs are paused exits)."""
     profile = profile_of(session.get_bind().dialect)
-    waiting = sa.or_(due_condition(profile, profile.now()), G.c.attempts > 0)
+    now = profile.now()
+    waiting = sa.or_(due_condition(profile, now), G.c.attempts > 0)
     query = sa.select(G.c.id).where(
-        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting, not_paused()
+        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting, not_paused(), not_expired(profile, now),
     ).limit(1)
     return session.execute(query).first() is not None
 

@@ -122,6 +122,10 @@ def database_stats(session: Session) -> dict[str, Any]:
         "total_audio_seconds": float(completed[1] or 0.0),
         # A value that is not a time (plain SQL) is shown as it is stored.
         "oldest_pending_created_at": oldest.isoformat() if isinstance(oldest, datetime) else oldest,
+        # Failed without running because they were still pending at their expires_at.
+        "expired_generations": session.execute(
+            sa.select(sa.func.count()).select_from(G).where(G.c.status == FAILED, G.c.expired_at.is_not(None))
+        ).scalar_one(),
         "paused_models": paused_models(session),
     }
 

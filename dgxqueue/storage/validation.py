@@ -10,7 +10,7 @@ import reprlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import InitVar, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -57,6 +57,7 @@ class JobSpec:
     priority: int
     max_attempts: int
     run_after: datetime | None
+    expires_at: datetime | None
     door: InitVar[object] = None
 
     def __post_init__(self, door: object) -> None:
@@ -69,7 +70,10 @@ _DOOR = object()
 
 #: The keys a job's mapping may hold: the keyword arguments of ``create_generation`` and ``enqueue``.
 SPEC_KEYS = frozenset({"prompt", "model_name", "duration_seconds", "sample_rate", "channels", "file_path",
-                       "metadata", "model_version", "priority", "run_after", "max_attempts"})
+                       "metadata", "model_version", "priority", "run_after", "max_attempts",
+                       "expires_at", "ttl"})
+#: The longest ``ttl``: ten years, far past any wait a user would sit through.
+MAX_TTL_SECONDS = 10 * 365 * 86400
 
 
 def _text(field: str, value: object, limit: int) -> str:
@@ -283,6 +287,27 @@ def validate_run_after(value: object) -> datetime | None:
         raise ValidationError("run_after", value, allowed) from None
 
 
+def validate_expiry(expires_at: object, ttl: object, now: datetime | None = None) -> datetime | None:
+    """When a job still pending stops being wanted: ``expires_at`` (a timezone-aware datetime) or
+    ``ttl`` (seconds from ``now``, the producer's clock), not both."""
+    if expires_at is not None and ttl is not None:
+        raise ValidationError("ttl", ttl, "left out when expires_at is given (one expiry, not two)")
+    if ttl is not None:
+        allowed = f"a finite number of seconds in (0, {MAX_TTL_SECONDS}]"
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL_SECONDS:
+            raise ValidationError("ttl", ttl, allowed)
+        return (now or datetime.now(UTC)) + timedelta(seconds=float(ttl))
+    if expires_at is None:
+        return None
+    allowed = "a timezone-aware datetime between years 1 and 9999 in UTC"
+    if not isinstance(expires_at, datetime) or expires_at.utcoffset() is None:
+        raise ValidationError("expires_at", expires_at, allowed)
+    try:
+        return expires_at.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError("expires_at", expires_at, allowed) from None
+
+
 def validate_limit(value: object, field: str = "limit", hi: int = 100_000) -> int:
     return _integer(field, value, 0, hi)
 
@@ -310,11 +335,14 @@ def validate_job(
     priority: object = 0,
     run_after: object = None,
     max_attempts: object = None,
+    expires_at: object = None,
+    ttl: object = None,
     limits: JobSettings = _DEFAULT_LIMITS,
     outputs: OutputSettings = _DEFAULT_OUTPUTS,
 ) -> JobSpec:
     """One job from keyword arguments, as ``create_generation`` and ``enqueue`` take them: a field
     given as None takes its default (``jobs.default_*``; the file path ``<outputs>/<id>.wav``).
+    ``expires_at`` or ``ttl`` (seconds from now): a job still pending then fails as expired.
 
     A bad field raises :class:`~dgxqueue.errors.ValidationError` naming it.
     """
@@ -325,6 +353,7 @@ def validate_job(
         limits.default_sample_rate if sample_rate is None else sample_rate,
         limits.default_channels if channels is None else channels,
         file_path, metadata, model_version, priority, run_after, max_attempts, limits, outputs,
+        validate_expiry(expires_at, ttl),
     )
 
 
@@ -357,6 +386,7 @@ def validate_jobs(
             spec.get("channels", limits.default_channels),
             spec.get("file_path"), spec.get("metadata"), spec.get("model_version"), spec.get("priority", 0),
             spec.get("run_after"), spec.get("max_attempts"), limits, outputs,
+            validate_expiry(spec.get("expires_at"), spec.get("ttl")),
         ))
     return jobs
 
@@ -375,6 +405,7 @@ def _build(
     max_attempts: object,
     limits: JobSettings,
     outputs: OutputSettings,
+    expires_at: datetime | None = None,
 ) -> JobSpec:
     duration = validate_duration(duration_seconds, limits)
     rate = _integer("sample_rate", sample_rate, limits.min_sample_rate, limits.max_sample_rate)
@@ -404,5 +435,6 @@ def _build(
     return JobSpec(
         id=job_id, prompt=text, model_name=model, model_version=version, duration_seconds=duration,
         sample_rate=rate, channels=count, file_path=f"{folder}/{job_id}.wav" if path is None else path,
-        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before, door=_DOOR,
+        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before, expires_at=expires_at,
+        door=_DOOR,
     )

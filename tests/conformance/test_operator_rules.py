@@ -1,4 +1,4 @@
-"""Operator rules of the queue (pause, resume), on SQLite, PostgreSQL and the in-memory queue."""
+"""Operator rules of the queue (pause, resume, expiry), on SQLite, PostgreSQL and the in-memory queue."""
 
 from __future__ import annotations
 
@@ -50,3 +50,49 @@ def test_resume__the_next_claim_takes_the_jobs(backend: QueueBackend) -> None:
     assert queue.claim(5) == []
     backend.resume()
     assert ids(queue.claim(5)) == [first, second]
+
+
+# --- expiry ---
+
+
+def test_expiry__a_job_past_its_expires_at_is_never_claimed(backend: QueueBackend) -> None:
+    """The claim leaves out a pending job whose expires_at has passed, even before the sweep."""
+    job_id = backend.enqueue("soon gone", expires_at=backend.now() + timedelta(seconds=60))
+    kept = backend.enqueue("kept", expires_at=backend.now() + timedelta(seconds=600))
+    queue = backend.queue()
+    backend.advance(61)
+    assert ids(queue.claim(5)) == [kept]
+    assert backend.row(job_id)["status"] == "pending"
+
+
+def test_expiry__the_sweep_fails_expired_pending_jobs_unrun(backend: QueueBackend) -> None:
+    """expire() fails each pending job past its expires_at, marks it expired and says so; a job
+    without an expiry, one not yet expired, and a running one are left alone."""
+    gone = backend.enqueue("gone", ttl=60)
+    later = backend.enqueue("later", ttl=600)
+    plain = backend.enqueue("plain")
+    queue = backend.queue()
+    running = backend.enqueue("running", ttl=60)
+    backend.pause("other")  # nothing to do with it: another model's pause
+    claimed = queue.claim(4)
+    assert set(ids(claimed)) == {gone, later, plain, running}
+    for job in claimed:  # give them back, but keep one running
+        if job.id != running:
+            queue.release([job])
+    backend.advance(61)
+    assert queue.expire() == [(gone, "scripted")]
+    row = backend.row(gone)
+    assert row["status"] == "failed" and row["expired_at"] is not None and row["completed_at"] is not None
+    assert "expired" in row["error_message"]
+    assert [backend.row(i)["status"] for i in (later, plain, running)] == ["pending", "pending", "processing"]
+    assert queue.expire() == []
+    assert set(ids(queue.claim(5))) == {later, plain}
+
+
+def test_expiry__a_burst_daemon_has_no_work_in_expired_jobs(backend: QueueBackend) -> None:
+    """has_work ignores an expired pending job, so a burst worker does not wait on it."""
+    backend.enqueue("gone", ttl=60)
+    queue = backend.queue()
+    assert queue.has_work()
+    backend.advance(61)
+    assert not queue.has_work()

@@ -1,4 +1,4 @@
-"""Pause and resume with real daemon processes, on SQLite and PostgreSQL."""
+"""Pause, resume and expiry with real daemon processes (and the commands), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from dgxqueue import api
-from dgxqueue.storage import init_db
+from dgxqueue.storage import get_database_stats, get_engine, init_db, session_scope
 from tests.acceptance.test_cli import Cli
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.support.daemons import make_settings
@@ -58,3 +58,35 @@ def test_cli__pause_resume_and_stats(cli: Cli) -> None:
     assert cli.ok("resume", "synth").strip() == "was not paused: synth"
     assert "paused" not in cli.ok("stats")
     assert cli("pause").returncode == 2
+
+
+def test_daemon__fails_an_expired_pending_job_without_running_it(db_url: str, tmp_path: Path) -> None:
+    """A job still pending at its expires_at (here: its model paused) is failed as expired by a
+    running daemon's rescuer, never run; stats count it apart."""
+    init_db(db_url)
+    settings = make_settings(db_url, tmp_path / "outputs")
+    api.pause("scripted", database_url=db_url, settings=settings)
+    job_id = api.enqueue("gone", model_name="scripted", duration_seconds=0.01, sample_rate=8000, channels=1,
+                         ttl=0.5, database_url=db_url, settings=settings)
+    worker = start_worker(worker_config(tmp_path, db_url), tmp_path / "worker.log")
+    wait_until(lambda: job(db_url, job_id)[0] == "failed", 30, "the job to expire", alive=worker)
+    assert stop(worker) == 0
+    _, attempts, error = job(db_url, job_id)
+    assert attempts == 0 and error is not None and "expired" in error
+    assert job_id not in read_executions(tmp_path / "executions.log")
+    with session_scope(get_engine(db_url)) as session:
+        stats = get_database_stats(session)
+    assert stats["expired_generations"] == 1 and stats["failed_generations"] == 1
+
+
+def test_cli__enqueue_with_an_expiry(cli: Cli) -> None:
+    """``--ttl`` and ``--expires-at`` set the job's expires_at; a bad one is bad input naming it."""
+    cli.ok("db", "upgrade")
+    row = json.loads(cli.ok("enqueue", "beat", "--ttl", "10m", "--json"))
+    assert row["expires_at"] is not None
+    row = json.loads(cli.ok("enqueue", "beat", "--expires-at", "2099-01-01T00:00+00:00", "--json"))
+    assert row["expires_at"].startswith("2099-01-01T00:00:00")
+    refused = cli("enqueue", "beat", "--ttl", "-5")
+    assert refused.returncode == 65 and "ttl" in refused.stderr
+    refused = cli("enqueue", "beat", "--ttl", "60", "--expires-at", "1h")
+    assert refused.returncode == 65 and "ttl" in refused.stderr
