@@ -93,6 +93,7 @@ def enqueue(
     model_version: str | None = None,
     expires_at: datetime | None = None,
     ttl: float | None = None,
+    dedupe_key: str | None = None,
     database_url: str | None = None,
     settings: Settings | None = None,
 ) -> str:
@@ -100,7 +101,8 @@ def enqueue(
 
     Left-out fields take the configured defaults (``jobs.default_*``). ``expires_at`` (a
     timezone-aware datetime) or ``ttl`` (seconds from now): a job still pending then is failed as
-    expired without being run. Bad input raises
+    expired without being run. ``dedupe_key``: while an unfinished (pending or processing) job
+    holds the key, that job's id comes back and nothing is inserted. Bad input raises
     :class:`~dgxqueue.errors.ValidationError` and writes nothing.
     """
     settings = settings or default_settings()
@@ -108,9 +110,9 @@ def enqueue(
     job = validate_job(prompt, model_name=model_name, duration_seconds=duration_seconds, sample_rate=sample_rate,
                        channels=channels, file_path=file_path, metadata=metadata, model_version=model_version,
                        priority=priority, run_after=run_after, max_attempts=max_attempts,
-                       expires_at=expires_at, ttl=ttl, limits=settings.jobs, outputs=settings.outputs)
-    queue.insert_committed(engine, [job])
-    return job.id
+                       expires_at=expires_at, ttl=ttl, dedupe_key=dedupe_key,
+                       limits=settings.jobs, outputs=settings.outputs)
+    return queue.insert_committed(engine, [job])[0]
 
 
 def enqueue_many(
@@ -128,8 +130,7 @@ def enqueue_many(
     settings = settings or default_settings()
     engine = _engine(database_url, settings)
     jobs = validate_jobs(specs, limits=settings.jobs, outputs=settings.outputs)
-    queue.insert_committed(engine, jobs)  # one transaction, retried once on a connection found dead
-    return [job.id for job in jobs]
+    return queue.insert_committed(engine, jobs)  # one transaction, retried once on a connection found dead
 
 
 def live_daemons(

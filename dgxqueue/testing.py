@@ -4,10 +4,10 @@ daemon's view of it (a :class:`~dgxqueue.daemon.queue_protocol.DaemonQueue`, as
 
 The rows have the ``generations`` table's columns and follow the SQL's rules (claim order and
 due-ness, leases and the fencing token, start marks, the rescue's refunds, ``lease_losses`` and
-failures, releases, paused models, expiry), with :attr:`MemoryStore.clock` standing in for the database's clock: give it
-a :class:`ManualClock` and time passes when a test says so. The same conformance suite runs
-against it, SQLite and PostgreSQL (``tests/conformance/``), so a daemon tested on it behaves as on
-a database::
+failures, releases, paused models, expiry, dedupe keys), with :attr:`MemoryStore.clock`
+standing in for the database's clock: give it a :class:`ManualClock` and time passes when a
+test says so. The same conformance suite runs against it, SQLite and PostgreSQL
+(``tests/conformance/``), so a daemon tested on it behaves as on a database::
 
     store = MemoryStore(clock=ManualClock())
     job_id = store.enqueue("a prompt", model_name="synth")
@@ -112,9 +112,10 @@ class MemoryStore:
 
     # --- the producer's side ---
 
-    def insert(self, jobs: Sequence[JobSpec]) -> None:
+    def insert(self, jobs: Sequence[JobSpec]) -> list[str]:
         """Insert validated jobs as the database's insert makes their rows, and count their
-        prompts; all or none."""
+        prompts; all or none. A job whose ``dedupe_key`` an unfinished job holds is not inserted:
+        its place in the answer holds the holder's id."""
         now = utcnow()  # as the producer stamps created_at: its own clock, not the database's
         rows = [job_row(job, now) for job in jobs]
         new = [{**_BLANK, **{key: _stored(key, value) for key, value in row.items()}} for row in rows]
@@ -122,16 +123,26 @@ class MemoryStore:
             taken = [row["id"] for row in new if row["id"] in self.jobs]
             if taken or len({row["id"] for row in new}) < len(new):
                 raise ValueError(f"duplicate job id: {taken or 'within the batch'}")
+            holders = {row["dedupe_key"]: row["id"] for row in self.jobs.values()
+                       if row["dedupe_key"] is not None and row["status"] in (PENDING, PROCESSING)}
+            ids = []
             for row in new:
+                key = row["dedupe_key"]
+                if key is not None and key in holders:
+                    ids.append(holders[key])
+                    continue
+                if key is not None:
+                    holders[key] = row["id"]
                 self.jobs[row["id"]] = row
                 self.prompts[row["prompt"]] += 1
+                ids.append(row["id"])
             self.version += 1
+            return ids
 
     def enqueue(self, prompt: str, *, priority: int = 0, **fields: Any) -> str:
         """Validate one job as ``dgxqueue.enqueue`` does (default settings) and insert it; its id."""
         job = validate_job(prompt, priority=priority, **fields)
-        self.insert([job])
-        return job.id
+        return self.insert([job])[0]
 
     def cancel(self, job_id: str) -> Row:
         """:func:`dgxqueue.storage.admin.cancel_job`'s rule: a pending job fails at once, a running

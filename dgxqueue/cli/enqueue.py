@@ -42,7 +42,7 @@ from dgxqueue.storage.models import utcnow
 
 #: The flags that set one job's fields; with ``--jsonl`` each line sets its own.
 _JOB_FLAGS = ("duration", "model", "sample_rate", "channels", "priority", "not_before", "metadata",
-              "file_path", "max_attempts", "ttl", "expires_at")
+              "file_path", "max_attempts", "ttl", "expires_at", "dedupe_key")
 
 
 def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,6 +62,8 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         spec["run_after"] = parse_when("not_before", args.not_before, utcnow())
     if args.expires_at is not None:
         spec["expires_at"] = parse_when("expires_at", args.expires_at, utcnow())
+    if args.dedupe_key is not None:
+        spec["dedupe_key"] = args.dedupe_key
     if args.ttl is not None:
         text = args.ttl.strip()
         spec["ttl"] = (parse_span("ttl", text).total_seconds() if text[-1:].lower() in "smhdw"
@@ -213,7 +215,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--jsonl", metavar="FILE",
                    help="read jobs from FILE ('-': stdin), one JSON object a line with enqueue's fields: "
                         "prompt, duration_seconds, model_name, metadata, priority, sample_rate, channels, "
-                        "file_path, max_attempts, model_version, run_after, expires_at, ttl; all go in one "
+                        "file_path, max_attempts, model_version, run_after, expires_at, ttl, dedupe_key; all go in one "
                         "transaction")
     p.add_argument("--duration", metavar="SECONDS",
                    help="length of the audio (default: jobs.default_duration_seconds)")
@@ -223,6 +225,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--priority", help="higher runs first, -1000..1000 (default 0)")
     p.add_argument("--not-before", metavar="WHEN",
                    help="not before WHEN: an ISO time (local unless it has an offset) or a span (10m, 2h)")
+    p.add_argument("--dedupe-key", metavar="KEY",
+                   help="if an unfinished job holds KEY, print its id instead of queueing another")
     p.add_argument("--ttl", metavar="SECONDS",
                    help="fail the job as expired, unrun, if still pending this long from now (120, 10m, 2h)")
     p.add_argument("--expires-at", metavar="WHEN",

@@ -67,9 +67,9 @@ def create_generations(
     One bad spec raises :class:`~dgxqueue.errors.ValidationError` and nothing is written.
     """
     jobs = validate_jobs(specs, limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
-    if jobs:  # none: the session's transaction is not begun for nothing
-        queue.insert_jobs(_flushed_connection(session), jobs, utcnow())
-    return [job.id for job in jobs]
+    if not jobs:  # none: the session's transaction is not begun for nothing
+        return []
+    return queue.insert_jobs(_flushed_connection(session), jobs, utcnow())
 
 
 def create_generation(

@@ -99,7 +99,8 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
-_DEDUPE_HELD = "status IN ('pending', 'processing') AND dedupe_key IS NOT NULL"
+#: The dedupe index's predicate: the insert's ON CONFLICT names it as written here.
+DEDUPE_HELD_SQL = "status IN ('pending', 'processing') AND dedupe_key IS NOT NULL"
 _EXPIRING = "status = 'pending' AND expires_at IS NOT NULL"
 
 
@@ -161,7 +162,7 @@ class Generation(Base):
         # At most one unfinished job holds a dedupe key; a finished one frees it.
         sa.Index(
             "uq_generations_dedupe_key", "dedupe_key", unique=True,
-            sqlite_where=sa.text(_DEDUPE_HELD), postgresql_where=sa.text(_DEDUPE_HELD),
+            sqlite_where=sa.text(DEDUPE_HELD_SQL), postgresql_where=sa.text(DEDUPE_HELD_SQL),
         ),
         # The expiry sweep reads pending rows that have an expiry only.
         sa.Index(

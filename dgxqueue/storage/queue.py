@@ -29,6 +29,7 @@ from dgxqueue.storage.dberrors import is_data_error
 from dgxqueue.storage.driver import Compiled, Cursor, Link, Pending, _as_sqlalchemy
 from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import (
+    DEDUPE_HELD_SQL,
     FAILED,
     IS_PENDING,
     IS_PROCESSING,
@@ -109,9 +110,18 @@ def _prompt_rows(counts: Mapping[str, int], now: datetime) -> list[dict[str, Any
             for text, n in sorted(counts.items())]
 
 
+#: The unique partial index's predicate, as literals: the ON CONFLICT must name it to infer the
+#: index, and neither engine can prove a predicate with bind parameters implies it.
+DEDUPE_HELD = sa.text(DEDUPE_HELD_SQL)
+#: Inserts of a keyed job tried while its holder keeps finishing between our two statements.
+_DEDUPE_TRIES = 5
+
+
 @dataclass(frozen=True)
 class _Insert:
     job: Compiled
+    keyed_job: Compiled
+    holder: Compiled
     upsert_prompt: Compiled
     notify: Compiled | None
 
@@ -120,34 +130,73 @@ class _Insert:
 def _insert(dialect: Dialect) -> _Insert:
     profile = profile_of(dialect)
     notify = profile.notify()
+    keyed = (profile.insert(G)
+             .on_conflict_do_nothing(index_elements=[G.c.dedupe_key], index_where=DEDUPE_HELD)
+             .returning(G.c.id))
+    holder = sa.select(G.c.id).where(G.c.dedupe_key == sa.bindparam("dedupe_key", type_=sa.Text), DEDUPE_HELD)
     return _Insert(
         job=Compiled.of(sa.insert(G), dialect, JOB_COLUMNS),
+        keyed_job=Compiled.of(keyed, dialect, JOB_COLUMNS),
+        holder=Compiled.of(holder, dialect),
         # inline(): no RETURNING of the prompt's id, which nobody reads here.
         upsert_prompt=Compiled.of(prompt_upsert(profile).inline(), dialect, _PROMPT_COLUMNS),
         notify=None if notify is None else Compiled.of(notify, dialect, ("channel", "model")),
     )
 
 
-def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], now: datetime) -> None:
+def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], now: datetime) -> list[str]:
     """Insert ``jobs`` as pending rows created at ``now``, add their prompts' uses and wake the
     daemons serving them, in the connection's transaction: the caller commits (or rolls back:
-    then nothing was written). Every producer path calls it.
+    then nothing was written). Every producer path calls it. Returns each job's id, in order.
+
+    A job with a ``dedupe_key`` that an unfinished job holds is not inserted (nor its prompt
+    counted): its place in the answer holds the holder's id (:func:`_insert_keyed`).
 
     Prompts are upserted in one order, so concurrent producers neither deadlock nor lose a count.
     A driver error comes out as SQLAlchemy's ``DBAPIError`` subclass, with ``before_first_write``
     saying whether any statement had completed; a lost connection is invalidated.
     """
     if not jobs:
-        return
+        return []
     statements = _insert(connection.dialect)
-    rows = [job_row(job, now) for job in jobs]
-    counts = Counter(job.prompt for job in jobs) if len(jobs) > 1 else {jobs[0].prompt: 1}
+    ids = [job.id for job in jobs]
+    inserted: Sequence[JobSpec] = jobs
     with _cursor(connection) as cursor:
-        cursor.executemany(statements.job, rows)
+        if any(job.dedupe_key is not None for job in jobs):
+            plain = [job for job in jobs if job.dedupe_key is None]
+            if plain:
+                cursor.executemany(statements.job, [job_row(job, now) for job in plain])
+            for i, job in enumerate(jobs):
+                if job.dedupe_key is not None:
+                    ids[i] = _insert_keyed(cursor, statements, job, now)
+            inserted = [job for i, job in enumerate(jobs) if ids[i] == job.id]
+            if not inserted:
+                return ids
+        else:
+            cursor.executemany(statements.job, [job_row(job, now) for job in jobs])
+        counts = Counter(job.prompt for job in inserted) if len(inserted) > 1 else {inserted[0].prompt: 1}
         cursor.executemany(statements.upsert_prompt, _prompt_rows(counts, now))
         if statements.notify is not None:  # delivered when the transaction commits
-            models = sorted({job.model_name for job in jobs})
+            models = sorted({job.model_name for job in inserted})
             cursor.executemany(statements.notify, [{"channel": NOTIFY_CHANNEL, "model": m} for m in models])
+    return ids
+
+
+def _insert_keyed(cursor: Cursor, statements: _Insert, job: JobSpec, now: datetime) -> str:
+    """Insert ``job`` unless an unfinished job holds its key; the id of the one that holds it then.
+
+    ``INSERT ... ON CONFLICT (dedupe_key) WHERE <held> DO NOTHING`` is atomic against concurrent
+    producers on both engines (PostgreSQL waits for a concurrent insert of the key to commit or
+    roll back; SQLite has one writer). Should the holder finish between the insert and the read
+    of it, the key is free again and the insert is tried anew."""
+    row = job_row(job, now)
+    for _ in range(_DEDUPE_TRIES):
+        if cursor.submit(statements.keyed_job, row).rows:
+            return job.id
+        held = cursor.submit(statements.holder, {"dedupe_key": job.dedupe_key}).rows
+        if held:
+            return str(held[0][0])
+    raise RuntimeError(f"dedupe_key {job.dedupe_key!r}: its holder kept finishing; {_DEDUPE_TRIES} inserts failed")
 
 
 @contextlib.contextmanager
@@ -171,23 +220,23 @@ def _cursor(connection: sa.Connection) -> Iterator[Cursor]:
         cursor.raw.close()
 
 
-def insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> None:
-    """:func:`insert_jobs` in a transaction of its own, committed on return.
+def insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> list[str]:
+    """:func:`insert_jobs` in a transaction of its own, committed on return; the ids it gives.
 
     A pooled connection found dead on the first statement (the server restarted, or ended it
     while idle) is replaced once: nothing can have been written on it.
     """
     try:
-        _insert_committed(engine, jobs)
+        return _insert_committed(engine, jobs)
     except sa.exc.DBAPIError as exc:
         if not (exc.connection_invalidated and getattr(exc, "before_first_write", False)):
             raise
-        _insert_committed(engine, jobs)
+        return _insert_committed(engine, jobs)
 
 
-def _insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> None:
+def _insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> list[str]:
     with engine.begin() as connection:
-        insert_jobs(connection, jobs, utcnow())
+        return insert_jobs(connection, jobs, utcnow())
 
 
 def upsert_prompts(session: Session, counts: Mapping[str, int], now: datetime) -> None:

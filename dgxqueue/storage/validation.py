@@ -58,6 +58,7 @@ class JobSpec:
     max_attempts: int
     run_after: datetime | None
     expires_at: datetime | None
+    dedupe_key: str | None
     door: InitVar[object] = None
 
     def __post_init__(self, door: object) -> None:
@@ -71,7 +72,8 @@ _DOOR = object()
 #: The keys a job's mapping may hold: the keyword arguments of ``create_generation`` and ``enqueue``.
 SPEC_KEYS = frozenset({"prompt", "model_name", "duration_seconds", "sample_rate", "channels", "file_path",
                        "metadata", "model_version", "priority", "run_after", "max_attempts",
-                       "expires_at", "ttl"})
+                       "expires_at", "ttl", "dedupe_key"})
+MAX_DEDUPE_KEY_LENGTH = 200
 #: The longest ``ttl``: ten years, far past any wait a user would sit through.
 MAX_TTL_SECONDS = 10 * 365 * 86400
 
@@ -337,12 +339,14 @@ def validate_job(
     max_attempts: object = None,
     expires_at: object = None,
     ttl: object = None,
+    dedupe_key: object = None,
     limits: JobSettings = _DEFAULT_LIMITS,
     outputs: OutputSettings = _DEFAULT_OUTPUTS,
 ) -> JobSpec:
     """One job from keyword arguments, as ``create_generation`` and ``enqueue`` take them: a field
     given as None takes its default (``jobs.default_*``; the file path ``<outputs>/<id>.wav``).
     ``expires_at`` or ``ttl`` (seconds from now): a job still pending then fails as expired.
+    ``dedupe_key``: while an unfinished job holds it, the insert returns that job instead.
 
     A bad field raises :class:`~dgxqueue.errors.ValidationError` naming it.
     """
@@ -353,7 +357,7 @@ def validate_job(
         limits.default_sample_rate if sample_rate is None else sample_rate,
         limits.default_channels if channels is None else channels,
         file_path, metadata, model_version, priority, run_after, max_attempts, limits, outputs,
-        validate_expiry(expires_at, ttl),
+        validate_expiry(expires_at, ttl), dedupe_key,
     )
 
 
@@ -386,7 +390,7 @@ def validate_jobs(
             spec.get("channels", limits.default_channels),
             spec.get("file_path"), spec.get("metadata"), spec.get("model_version"), spec.get("priority", 0),
             spec.get("run_after"), spec.get("max_attempts"), limits, outputs,
-            validate_expiry(spec.get("expires_at"), spec.get("ttl")),
+            validate_expiry(spec.get("expires_at"), spec.get("ttl")), spec.get("dedupe_key"),
         ))
     return jobs
 
@@ -406,6 +410,7 @@ def _build(
     limits: JobSettings,
     outputs: OutputSettings,
     expires_at: datetime | None = None,
+    dedupe_key: object = None,
 ) -> JobSpec:
     duration = validate_duration(duration_seconds, limits)
     rate = _integer("sample_rate", sample_rate, limits.min_sample_rate, limits.max_sample_rate)
@@ -427,6 +432,7 @@ def _build(
     rank = _integer("priority", priority, *PRIORITY_RANGE)
     not_before = validate_run_after(run_after)
     attempts = _integer("max_attempts", limits.max_attempts if max_attempts is None else max_attempts, 1, 100)
+    key = None if dedupe_key is None else _text("dedupe_key", dedupe_key, MAX_DEDUPE_KEY_LENGTH)
     folder = _outputs_folder(outputs.dir)
     if path is not None and not path.startswith(folder + "/"):  # the daemon would refuse it after a claim
         raise ValidationError("file_path", path, f"a relative path inside the outputs folder, starting with"
@@ -436,5 +442,5 @@ def _build(
         id=job_id, prompt=text, model_name=model, model_version=version, duration_seconds=duration,
         sample_rate=rate, channels=count, file_path=f"{folder}/{job_id}.wav" if path is None else path,
         metadata=document, priority=rank, max_attempts=attempts, run_after=not_before, expires_at=expires_at,
-        door=_DOOR,
+        dedupe_key=key, door=_DOOR,
     )

@@ -90,3 +90,12 @@ def test_cli__enqueue_with_an_expiry(cli: Cli) -> None:
     assert refused.returncode == 65 and "ttl" in refused.stderr
     refused = cli("enqueue", "beat", "--ttl", "60", "--expires-at", "1h")
     assert refused.returncode == 65 and "ttl" in refused.stderr
+
+
+def test_cli__enqueue_with_a_dedupe_key(cli: Cli) -> None:
+    """``--dedupe-key`` prints the unfinished holder's id instead of queueing another job."""
+    cli.ok("db", "upgrade")
+    first = cli.enqueue("beat", "--dedupe-key", "click-1")
+    assert cli.enqueue("beat", "--dedupe-key", "click-1") == first
+    assert cli.enqueue("beat", "--dedupe-key", "click-2") != first
+    assert cli("enqueue", "beat", "--dedupe-key", "").returncode == 65

@@ -96,3 +96,19 @@ def test_expiry__a_burst_daemon_has_no_work_in_expired_jobs(backend: QueueBacken
     assert queue.has_work()
     backend.advance(61)
     assert not queue.has_work()
+
+
+# --- dedupe ---
+
+
+def test_dedupe__one_unfinished_job_per_key(backend: QueueBackend) -> None:
+    """An enqueue with a key an unfinished job holds returns that job; once it has finished, the
+    key makes a new job."""
+    first = backend.enqueue("first", dedupe_key="k")
+    assert backend.enqueue("again", dedupe_key="k") == first
+    queue = backend.queue()
+    [job] = queue.claim(5)
+    assert backend.enqueue("while it runs", dedupe_key="k") == first
+    queue.finish([completed(job)])
+    second = backend.enqueue("after", dedupe_key="k")
+    assert second != first and backend.row(second)["status"] == "pending"

@@ -26,6 +26,24 @@ def enqueue_many_times(url: str, prompt: str, times: int, barrier: Any, results:
         results.put(("error", traceback.format_exc()))
 
 
+def enqueue_with_key(url: str, key: str, times: int, barrier: Any, results: Any) -> None:
+    """Warm up, wait for every sibling at ``barrier``, then enqueue ``times`` jobs with dedupe key
+    ``key``, one transaction each. Puts ("ok", the ids returned) or ("error", traceback)."""
+    try:
+        import dgxqueue
+        from dgxqueue.config import load_settings
+        from dgxqueue.storage import init_db
+
+        init_db(url)
+        settings = load_settings(env={})
+        barrier.wait(timeout=60)
+        ids = [dgxqueue.enqueue("deduplicated", dedupe_key=key, database_url=url, settings=settings)
+               for _ in range(times)]
+        results.put(("ok", ids))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
 def init_db_at_once(url: str, barrier: Any, results: Any) -> None:
     """Wait for every sibling at ``barrier``, then run ``init_db(url)``. Puts the revision or the error."""
     try:

@@ -1,0 +1,83 @@
+"""Idempotent enqueue (``dedupe_key``) on SQLite and PostgreSQL: one job per key while it is
+unfinished, concurrent producers included; the key is free again once the job has finished."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from dgxqueue import api
+from dgxqueue.config import Settings
+from dgxqueue.errors import ValidationError
+from dgxqueue.storage import create_generations, init_db, queue, session_scope
+from dgxqueue.storage.driver import Link
+from tests.support.daemons import make_settings
+from tests.support.producers import enqueue_with_key, run_in_processes
+
+_LEASE = timedelta(seconds=30)
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path) -> Settings:
+    init_db(db_url)
+    return make_settings(db_url, tmp_path / "outputs")
+
+
+def _count(engine: Engine, sql: str, **params: object) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(sql), params).scalar_one())
+
+
+def test_dedupe__an_unfinished_holder_is_returned_and_its_prompt_not_counted_again(
+        db_url: str, settings: Settings, engine: Engine) -> None:
+    first = api.enqueue("beat", dedupe_key="user-1:click-9", database_url=db_url, settings=settings)
+    again = api.enqueue("other words", dedupe_key="user-1:click-9", database_url=db_url, settings=settings)
+    assert again == first
+    assert _count(engine, "SELECT count(*) FROM generations") == 1
+    assert _count(engine, "SELECT coalesce(sum(used_count), 0) FROM prompts") == 1
+    [job] = queue.claim(Link(engine), worker_id="w", models=[settings.jobs.default_model], limit=1, lease=_LEASE)
+    assert job.id == first  # running, it still holds the key
+    assert api.enqueue("beat", dedupe_key="user-1:click-9", database_url=db_url, settings=settings) == first
+
+
+def test_dedupe__a_finished_holder_frees_the_key(db_url: str, settings: Settings, engine: Engine) -> None:
+    """Once the holder has completed or failed, the same key makes a new job."""
+    first = api.enqueue("beat", dedupe_key="k", database_url=db_url, settings=settings)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE generations SET status = 'failed' WHERE id = :id"), {"id": first})
+    second = api.enqueue("beat", dedupe_key="k", database_url=db_url, settings=settings)
+    assert second != first
+    assert _count(engine, "SELECT count(*) FROM generations WHERE dedupe_key = 'k'") == 2
+    assert _count(engine, "SELECT used_count FROM prompts") == 2
+
+
+def test_dedupe__within_one_batch_and_through_the_specifications_call(
+        db_url: str, settings: Settings, engine: Engine) -> None:
+    ids = api.enqueue_many([{"prompt": "a", "dedupe_key": "x"}, {"prompt": "b"}, {"prompt": "c", "dedupe_key": "x"}],
+                           database_url=db_url, settings=settings)
+    assert ids[0] == ids[2] != ids[1]
+    with session_scope(engine) as session:
+        assert create_generations(session, [{"prompt": "d", "dedupe_key": "x"}]) == [ids[0]]
+    assert _count(engine, "SELECT count(*) FROM generations") == 2
+
+
+@pytest.mark.parametrize("key", ["", "   ", "k" * 201, 5])
+def test_dedupe__a_bad_key_is_refused_naming_it(db_url: str, settings: Settings, key: object) -> None:
+    with pytest.raises(ValidationError) as caught:
+        api.enqueue("beat", dedupe_key=key, database_url=db_url, settings=settings)  # type: ignore[arg-type]
+    assert caught.value.field == "dedupe_key"
+
+
+def test_dedupe__eight_concurrent_producers_one_key_make_one_job(db_url: str, engine: Engine) -> None:
+    """8 processes enqueue with one key at once (5 times each): exactly one job, every one of
+    them given its id, and the prompt counted once."""
+    init_db(db_url)
+    results = run_in_processes(enqueue_with_key, [(db_url, "double-click", 5)] * 8)
+    returned = {job_id for ids in results for job_id in ids}
+    assert len(returned) == 1
+    assert _count(engine, "SELECT count(*) FROM generations") == 1
+    assert _count(engine, "SELECT used_count FROM prompts") == 1
