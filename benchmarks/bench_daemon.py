@@ -175,8 +175,8 @@ def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> 
     profile = profile_of(dialect)
 
     def outcome_params(rows: list[tuple[Any, ...]]) -> Any:
-        given = [(row[0], row[8], *[values[key] for key in keys]) for row in rows]
-        return finish.parameters({"h_worker": "ceiling", **profile.rows_parameters(("id", "attempt", *keys), given)})
+        given = [(row[0], row[8], values) for row in rows]
+        return finish.parameters(jobs_queue.finish_rows_parameters(profile, "ceiling", keys, given))
 
     data = bytes(_wav_bytes(GeneratedAudio(samples=np.zeros((1, 80), np.float32), sample_rate=8000)))
     folder = tempfile.mkdtemp(dir=SHM)

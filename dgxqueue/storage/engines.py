@@ -12,8 +12,9 @@ import contextlib
 import fcntl
 import functools
 import itertools
+import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
@@ -93,8 +94,10 @@ class Profile:
         """``n`` rows of ``columns`` given as bind values (see :meth:`rows_parameters`)."""
         raise NotImplementedError
 
-    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
-        """The bind values of :meth:`rows_of` for ``rows`` (values in ``names`` order)."""
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]],
+                        json_names: Collection[str] = ()) -> dict[str, Any]:
+        """The bind values of :meth:`rows_of` for ``rows`` (values in ``names`` order);
+        ``json_names``: the columns of a JSON type among ``names``."""
         raise NotImplementedError
 
     def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
@@ -170,7 +173,8 @@ class SQLiteProfile(Profile):
             [tuple(sa.bindparam(f"o{i}_{column.name}", type_=column.type) for column in columns) for i in range(n)]
         ).cte(name)
 
-    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]],
+                        json_names: Collection[str] = ()) -> dict[str, Any]:
         return dict(zip(_bind_names(tuple(names), len(rows)), itertools.chain.from_iterable(rows), strict=True))
 
     def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
@@ -264,10 +268,21 @@ class PostgreSQLProfile(Profile):
         # number of parameters, and dumping one array per column costs far more per row in
         # psycopg than one json.dumps of the batch.
         rows = sa.bindparam("rows", type_=postgresql.JSONB)
-        return sa.func.jsonb_to_recordset(rows).table_valued(*columns).render_derived(name=name, with_types=True)
+        if not any(_is_json(column) for column in columns):
+            return sa.func.jsonb_to_recordset(rows).table_valued(*columns).render_derived(name=name, with_types=True)
+        # A JSON column's value travels as its text (rows_parameters), which json keeps as
+        # written, as the insert's does: read from the jsonb document it would come back
+        # normalised (keys sorted, 1e20 an integer, -0.0 as 0.0).
+        given = sa.func.jsonb_to_recordset(rows).table_valued(
+            *(sa.column(column.name, sa.Text) if _is_json(column) else column for column in columns)
+        ).render_derived(name=f"{name}_text", with_types=True)
+        return sa.select(*(_json_of(given.c[column.name], column.type).label(column.name) if _is_json(column)
+                           else given.c[column.name] for column in columns)).subquery(name)
 
-    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
-        return {"rows": [{name: _as_json(value) for name, value in zip(names, row, strict=True)} for row in rows]}
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]],
+                        json_names: Collection[str] = ()) -> dict[str, Any]:
+        return {"rows": [{name: _json_text(value) if name in json_names else _as_json(value)
+                          for name, value in zip(names, row, strict=True)} for row in rows]}
 
     def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
         return column == sa.func.any(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text)))
@@ -319,6 +334,20 @@ class PostgreSQLProfile(Profile):
             finally:
                 conn.execute(sa.select(sa.func.pg_advisory_unlock(_MIGRATION_LOCK_KEY)))
                 conn.commit()
+
+
+def _is_json(column: sa.ColumnClause[Any]) -> bool:
+    return isinstance(getattr(column.type, "impl_instance", column.type), sa.JSON)
+
+
+def _json_of(text: sa.ColumnElement[Any], type_: sa.types.TypeEngine[Any]) -> sa.ColumnElement[Any]:
+    """JSON text as the column's json, kept as written; refused where the insert's jsonb document
+    refused it (a NUL, which json takes but no jsonb or text can hold)."""
+    return sa.case((sa.cast(text, postgresql.JSONB).is_(None), sa.null()), else_=sa.cast(text, type_))
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def _as_json(value: Any) -> Any:

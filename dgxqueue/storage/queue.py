@@ -329,7 +329,13 @@ def finish_rows_parameters(profile: Profile, worker_id: str, keys: tuple[str, ..
                            rows: Sequence[Row]) -> dict[str, Any]:
     """The bind values of :func:`finish_rows_statement` for ``rows`` that all set ``keys``."""
     given = [(job_id, attempt, *[values[key] for key in keys]) for job_id, attempt, values in rows]
-    return {"h_worker": worker_id, **profile.rows_parameters(("id", "attempt", *keys), given)}
+    return {"h_worker": worker_id, **profile.rows_parameters(("id", "attempt", *keys), given, _json_keys(keys))}
+
+
+@functools.cache
+def _json_keys(keys: tuple[str, ...]) -> frozenset[str]:
+    """The columns among ``keys`` of a JSON type, whose values the engine may send as text."""
+    return frozenset(key for key in keys if isinstance(getattr(G.c[key].type, "impl_instance", None), sa.JSON))
 
 
 @functools.lru_cache(maxsize=512)
