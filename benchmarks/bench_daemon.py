@@ -238,13 +238,13 @@ def steps_ceiling(url: str, batch: int) -> float:
     a daemon built from these steps, however its loop is arranged, cannot be faster."""
     from dgxqueue.daemon.executor import prepare, render
     from dgxqueue.storage import queue as jobs_queue
-    from dgxqueue.storage.driver import Link
+    from dgxqueue.storage.precompiled import HeldConnection
     from dgxqueue.storage.results import Completed
 
     generator = SilenceGenerator(max_batch_size=batch)
     generator.load()
     outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
-    link = Link(get_engine(url))
+    link = HeldConnection(get_engine(url))
     lease, models = timedelta(seconds=60), ["silence"]
     done = 0
     started = time.perf_counter()
