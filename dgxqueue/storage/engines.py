@@ -14,9 +14,9 @@ import functools
 import itertools
 import json
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
-from datetime import datetime
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Collection, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -24,8 +24,7 @@ from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.orm import Session
 
 from dgxqueue.config import DatabaseSettings
-from dgxqueue.storage.models import UTCDateTime, as_utc
-from dgxqueue.storage.rowvalues import register_postgresql_loaders
+from dgxqueue.storage.rowvalues import read_time, register_postgresql_loaders
 
 _MIGRATION_LOCK_KEY = 0x64677871  # "dgxq": PostgreSQL advisory lock held while migrating
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%f"  # %f: seconds with milliseconds; "000" makes microseconds
@@ -34,6 +33,39 @@ _TIME_TEXT: sa.ColumnElement[str] = sa.literal_column("'[0-9][0-9][0-9][0-9]-[0-
 # A time exactly as UTCDateTime stores it on SQLite: such text compares as the time it names.
 _STORED_TIME: sa.ColumnElement[str] = sa.literal_column(
     "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]'")
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` in UTC, timezone-aware; a naive value is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """A TIMESTAMP that always holds UTC and always comes back timezone-aware.
+
+    SQLite has no time zones, so values are stored there as naive UTC text (which also sorts
+    correctly as text); PostgreSQL stores ``timestamp with time zone``. Which one is the engine
+    profile's :attr:`Profile.naive_times`.
+    """
+
+    impl = sa.TIMESTAMP(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = as_utc(value)
+        return value.replace(tzinfo=None) if dialect.name in _NAIVE_TIMES else value
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], datetime | None]:
+        # Not the dialect's own parser, which raises on a value that is not a time: a row written
+        # by plain SQL (an epoch number, 'tomorrow') would then stop every read that touches it.
+        # Such a value comes back as rowvalues.Unreadable, its raw text (typed as a datetime for
+        # the ORM's sake: code that computes with a time checks its type).
+        return cast(Callable[[Any], "datetime | None"], read_time)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return cast("datetime | None", read_time(value))
 
 
 class Profile:
@@ -57,6 +89,8 @@ class Profile:
     writes_behind: ClassVar[bool]
     #: The database is a file this host opens (no server, no user, no network).
     is_file: ClassVar[bool]
+    #: Times are stored without a time zone, as naive UTC (:class:`UTCDateTime`).
+    naive_times: ClassVar[bool]
 
     def driver_name(self, drivername: str) -> str:
         """The SQLAlchemy driver a URL's scheme means here."""
@@ -139,6 +173,7 @@ class SQLiteProfile(Profile):
     waker = "data_version"
     writes_behind = False
     is_file = True
+    naive_times = True
 
     # SQLite (one host) reads the same clock as Python, in the text form UTCDateTime stores there
     # ('YYYY-MM-DD HH:MM:SS.ffffff', which sorts as text), so stored and computed times compare.
@@ -241,6 +276,7 @@ class PostgreSQLProfile(Profile):
     waker = "listen"
     writes_behind = True
     is_file = False
+    naive_times = False
 
     def driver_name(self, drivername: str) -> str:
         return "postgresql+psycopg" if drivername == "postgresql" else drivername  # psycopg 3, not psycopg2
@@ -358,6 +394,9 @@ def _as_json(value: Any) -> Any:
 _PROFILES: dict[str, Profile] = {profile.name: profile for profile in (SQLiteProfile(), PostgreSQLProfile())}
 #: The backends a URL may name.
 BACKENDS = tuple(_PROFILES)
+#: The engines whose profile stores naive times: a set by name, as cheap per bind as testing
+#: the name; a dialect without a profile (compiling for display) binds aware times.
+_NAIVE_TIMES = frozenset(name for name, profile in _PROFILES.items() if profile.naive_times)
 
 
 @functools.cache
