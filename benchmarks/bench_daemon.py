@@ -175,8 +175,8 @@ def sqlite_ceiling(url: str, batch: int, *, wav: bool, thread: bool = False) -> 
     profile = profile_of(dialect)
 
     def outcome_params(rows: list[tuple[Any, ...]]) -> Any:
-        given = [(row[0], row[8], *[values[key] for key in keys]) for row in rows]
-        return finish.parameters({"h_worker": "ceiling", **profile.rows_parameters(("id", "attempt", *keys), given)})
+        given = [(row[0], row[8], values) for row in rows]
+        return finish.parameters(jobs_queue.finish_rows_parameters(profile, "ceiling", keys, given))
 
     data = bytes(_wav_bytes(GeneratedAudio(samples=np.zeros((1, 80), np.float32), sample_rate=8000)))
     folder = tempfile.mkdtemp(dir=SHM)
@@ -238,13 +238,13 @@ def steps_ceiling(url: str, batch: int) -> float:
     a daemon built from these steps, however its loop is arranged, cannot be faster."""
     from dgxqueue.daemon.executor import prepare, render
     from dgxqueue.storage import queue as jobs_queue
-    from dgxqueue.storage.driver import Link
+    from dgxqueue.storage.precompiled import HeldConnection
     from dgxqueue.storage.results import Completed
 
     generator = SilenceGenerator(max_batch_size=batch)
     generator.load()
     outputs = Path(tempfile.mkdtemp(dir=SHM)) / "outputs"
-    link = Link(get_engine(url))
+    link = HeldConnection(get_engine(url))
     lease, models = timedelta(seconds=60), ["silence"]
     done = 0
     started = time.perf_counter()

@@ -37,7 +37,7 @@ from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics
 from dgxqueue.storage import create_generations, dispose_engines, init_db, queue, reads, session_scope
 from dgxqueue.storage.claimed import ClaimedJob
-from dgxqueue.storage.driver import Link
+from dgxqueue.storage.precompiled import HeldConnection
 from dgxqueue.storage.results import Completed
 from tests.support.db import postgres_schema_url
 
@@ -129,7 +129,7 @@ def bench_hooks(engine: Engine, calls: int) -> None:
     n = 2000
     with session_scope(engine) as session:
         create_generations(session, [{"prompt": "p", "model_name": "floor"}] * n)
-    link = Link(engine)  # the daemon's own hot path: claim one, then write its outcome
+    link = HeldConnection(engine)  # the daemon's own hot path: claim one, then write its outcome
     started = time.perf_counter()
     for _ in range(n):
         [claimed] = queue.claim(link, worker_id="w", models=["floor"], limit=1, lease=lease)

@@ -1,9 +1,10 @@
 """The daemon's no-op hot loop through the hand-written statement layer and through plain Core.
 
-Decides issue 16's question about :mod:`dgxqueue.storage.driver`: does running the daemon's hot
-statements on a plain SQLAlchemy Core ``Connection`` (``connection.execute(statement, params)``,
-SQLAlchemy's compiled cache) cost more than 20% of no-op throughput at batch 64, compared with the
-hand-written layer (:mod:`~dgxqueue.storage.queue` on :class:`~dgxqueue.storage.driver.Link`)?
+Decides issue 16's question about :mod:`dgxqueue.storage.precompiled` (then ``storage/driver.py``):
+does running the daemon's hot statements on a plain SQLAlchemy Core ``Connection``
+(``connection.execute(statement, params)``, SQLAlchemy's compiled cache) cost more than 20% of
+no-op throughput at batch 64, compared with the
+hand-written layer (:mod:`~dgxqueue.storage.queue` on :class:`~dgxqueue.storage.precompiled.HeldConnection`)?
 
 Each engine, each batch size, runs three loops over the same pre-inserted jobs, alternating
 (ABCABC..., the order rotated each round so that a drifting machine favours none):
@@ -53,9 +54,9 @@ from dgxqueue.storage import create_generations
 from dgxqueue.storage import queue as jobs_queue
 from dgxqueue.storage.claimed import ClaimedJob, claimed_jobs
 from dgxqueue.storage.database import create_engine, ensure_schema, session_scope
-from dgxqueue.storage.driver import Compiled, Link
 from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.precompiled import Compiled, HeldConnection
 from dgxqueue.storage.queue import Row, claim, finish, finish_and_claim
 from dgxqueue.storage.results import Completed, Result, row_values
 
@@ -84,7 +85,7 @@ def outcomes_of(jobs: Sequence[ClaimedJob]) -> list[Outcome]:
 
 
 def hand_written(engine: Engine, batch: int) -> int:
-    link = Link(engine)
+    link = HeldConnection(engine)
     done = 0
     try:
         claimed = claim(link, worker_id=WORKER, models=MODELS, limit=batch, lease=LEASE, start=True)
@@ -103,7 +104,7 @@ def hand_written(engine: Engine, batch: int) -> int:
 def hand_written_behind(engine: Engine, batch: int) -> int:
     """The write-behind shape (claim alone, outcomes alone), which the daemon takes on PostgreSQL
     when a backend call outlasts a transaction."""
-    link = Link(engine)
+    link = HeldConnection(engine)
     done = 0
     try:
         claimed = claim(link, worker_id=WORKER, models=MODELS, limit=batch, lease=LEASE, start=True)
@@ -141,7 +142,7 @@ class CoreQueue:
 
     The statements are the queue's, executed with ``Connection.execute`` (SQLAlchemy's
     compiled cache, bind and result processing, error translation). On PostgreSQL a single
-    statement runs with the connection switched to AUTOCOMMIT for the call, as ``Link`` does;
+    statement runs with the connection switched to AUTOCOMMIT for the call, as ``HeldConnection`` does;
     several run between BEGIN and COMMIT, each its own round trip (Core reads a statement's
     rows as it runs it, so it cannot use psycopg's pipeline mode)."""
 

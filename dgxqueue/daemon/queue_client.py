@@ -26,7 +26,7 @@ from dgxqueue.storage import queue, registry
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.database import session_scope
 from dgxqueue.storage.dberrors import is_transient_db_error
-from dgxqueue.storage.driver import Link
+from dgxqueue.storage.precompiled import HeldConnection
 from dgxqueue.storage.results import Released, Result
 
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class QueueClient:
         self.worker_id = worker_id
         self.models = tuple(sorted(models))
         self.lease = lease
-        self._link = Link(engine)  # the main loop's own connection for claims and outcomes
+        self._link = HeldConnection(engine)  # the main loop's own connection for claims and outcomes
         #: time.monotonic() after which a failing call is not tried again (a stop sets it)
         self.deadline: float | None = None
         self._retrying = tenacity.Retrying(

@@ -12,10 +12,11 @@ import contextlib
 import fcntl
 import functools
 import itertools
+import json
 import sqlite3
-from collections.abc import Iterator, Sequence
-from datetime import datetime
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Collection, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,8 +24,7 @@ from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.orm import Session
 
 from dgxqueue.config import DatabaseSettings
-from dgxqueue.storage.models import UTCDateTime, as_utc
-from dgxqueue.storage.rowvalues import register_postgresql_loaders
+from dgxqueue.storage.rowvalues import read_time, register_postgresql_loaders
 
 _MIGRATION_LOCK_KEY = 0x64677871  # "dgxq": PostgreSQL advisory lock held while migrating
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%f"  # %f: seconds with milliseconds; "000" makes microseconds
@@ -33,6 +33,39 @@ _TIME_TEXT: sa.ColumnElement[str] = sa.literal_column("'[0-9][0-9][0-9][0-9]-[0-
 # A time exactly as UTCDateTime stores it on SQLite: such text compares as the time it names.
 _STORED_TIME: sa.ColumnElement[str] = sa.literal_column(
     "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]'")
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` in UTC, timezone-aware; a naive value is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """A TIMESTAMP that always holds UTC and always comes back timezone-aware.
+
+    SQLite has no time zones, so values are stored there as naive UTC text (which also sorts
+    correctly as text); PostgreSQL stores ``timestamp with time zone``. Which one is the engine
+    profile's :attr:`Profile.naive_times`.
+    """
+
+    impl = sa.TIMESTAMP(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = as_utc(value)
+        return value.replace(tzinfo=None) if dialect.name in _NAIVE_TIMES else value
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], datetime | None]:
+        # Not the dialect's own parser, which raises on a value that is not a time: a row written
+        # by plain SQL (an epoch number, 'tomorrow') would then stop every read that touches it.
+        # Such a value comes back as rowvalues.Unreadable, its raw text (typed as a datetime for
+        # the ORM's sake: code that computes with a time checks its type).
+        return cast(Callable[[Any], "datetime | None"], read_time)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return cast("datetime | None", read_time(value))
 
 
 class Profile:
@@ -56,6 +89,8 @@ class Profile:
     writes_behind: ClassVar[bool]
     #: The database is a file this host opens (no server, no user, no network).
     is_file: ClassVar[bool]
+    #: Times are stored without a time zone, as naive UTC (:class:`UTCDateTime`).
+    naive_times: ClassVar[bool]
 
     def driver_name(self, drivername: str) -> str:
         """The SQLAlchemy driver a URL's scheme means here."""
@@ -93,8 +128,10 @@ class Profile:
         """``n`` rows of ``columns`` given as bind values (see :meth:`rows_parameters`)."""
         raise NotImplementedError
 
-    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
-        """The bind values of :meth:`rows_of` for ``rows`` (values in ``names`` order)."""
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]],
+                        json_names: Collection[str] = ()) -> dict[str, Any]:
+        """The bind values of :meth:`rows_of` for ``rows`` (values in ``names`` order);
+        ``json_names``: the columns of a JSON type among ``names``."""
         raise NotImplementedError
 
     def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
@@ -136,6 +173,7 @@ class SQLiteProfile(Profile):
     waker = "data_version"
     writes_behind = False
     is_file = True
+    naive_times = True
 
     # SQLite (one host) reads the same clock as Python, in the text form UTCDateTime stores there
     # ('YYYY-MM-DD HH:MM:SS.ffffff', which sorts as text), so stored and computed times compare.
@@ -170,7 +208,8 @@ class SQLiteProfile(Profile):
             [tuple(sa.bindparam(f"o{i}_{column.name}", type_=column.type) for column in columns) for i in range(n)]
         ).cte(name)
 
-    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]],
+                        json_names: Collection[str] = ()) -> dict[str, Any]:
         return dict(zip(_bind_names(tuple(names), len(rows)), itertools.chain.from_iterable(rows), strict=True))
 
     def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
@@ -237,6 +276,7 @@ class PostgreSQLProfile(Profile):
     waker = "listen"
     writes_behind = True
     is_file = False
+    naive_times = False
 
     def driver_name(self, drivername: str) -> str:
         return "postgresql+psycopg" if drivername == "postgresql" else drivername  # psycopg 3, not psycopg2
@@ -264,10 +304,21 @@ class PostgreSQLProfile(Profile):
         # number of parameters, and dumping one array per column costs far more per row in
         # psycopg than one json.dumps of the batch.
         rows = sa.bindparam("rows", type_=postgresql.JSONB)
-        return sa.func.jsonb_to_recordset(rows).table_valued(*columns).render_derived(name=name, with_types=True)
+        if not any(_is_json(column) for column in columns):
+            return sa.func.jsonb_to_recordset(rows).table_valued(*columns).render_derived(name=name, with_types=True)
+        # A JSON column's value travels as its text (rows_parameters), which json keeps as
+        # written, as the insert's does: read from the jsonb document it would come back
+        # normalised (keys sorted, 1e20 an integer, -0.0 as 0.0).
+        given = sa.func.jsonb_to_recordset(rows).table_valued(
+            *(sa.column(column.name, sa.Text) if _is_json(column) else column for column in columns)
+        ).render_derived(name=f"{name}_text", with_types=True)
+        return sa.select(*(_json_of(given.c[column.name], column.type).label(column.name) if _is_json(column)
+                           else given.c[column.name] for column in columns)).subquery(name)
 
-    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
-        return {"rows": [{name: _as_json(value) for name, value in zip(names, row, strict=True)} for row in rows]}
+    def rows_parameters(self, names: Sequence[str], rows: Sequence[Sequence[Any]],
+                        json_names: Collection[str] = ()) -> dict[str, Any]:
+        return {"rows": [{name: _json_text(value) if name in json_names else _as_json(value)
+                          for name, value in zip(names, row, strict=True)} for row in rows]}
 
     def id_in(self, column: sa.ColumnElement[str], n: int) -> sa.ColumnElement[bool]:
         return column == sa.func.any(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text)))
@@ -321,6 +372,20 @@ class PostgreSQLProfile(Profile):
                 conn.commit()
 
 
+def _is_json(column: sa.ColumnClause[Any]) -> bool:
+    return isinstance(getattr(column.type, "impl_instance", column.type), sa.JSON)
+
+
+def _json_of(text: sa.ColumnElement[Any], type_: sa.types.TypeEngine[Any]) -> sa.ColumnElement[Any]:
+    """JSON text as the column's json, kept as written; refused where the insert's jsonb document
+    refused it (a NUL, which json takes but no jsonb or text can hold)."""
+    return sa.case((sa.cast(text, postgresql.JSONB).is_(None), sa.null()), else_=sa.cast(text, type_))
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
 def _as_json(value: Any) -> Any:
     """A column value as ``jsonb_to_recordset`` reads it: times as ISO 8601 in UTC."""
     return as_utc(value).isoformat() if isinstance(value, datetime) else value
@@ -329,6 +394,9 @@ def _as_json(value: Any) -> Any:
 _PROFILES: dict[str, Profile] = {profile.name: profile for profile in (SQLiteProfile(), PostgreSQLProfile())}
 #: The backends a URL may name.
 BACKENDS = tuple(_PROFILES)
+#: The engines whose profile stores naive times: a set by name, as cheap per bind as testing
+#: the name; a dialect without a profile (compiling for display) binds aware times.
+_NAIVE_TIMES = frozenset(name for name, profile in _PROFILES.items() if profile.naive_times)
 
 
 @functools.cache

@@ -11,7 +11,6 @@ A column whose stored value is not of its type (a row written by plain SQL) read
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -19,7 +18,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dgxqueue.storage.rowvalues import read_json, read_time
+# The time type binds as each engine stores a time, which its profile says (engines imports no model).
+from dgxqueue.storage.engines import UTCDateTime as UTCDateTime
+from dgxqueue.storage.engines import as_utc as as_utc
+from dgxqueue.storage.rowvalues import read_json
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -37,33 +39,6 @@ class GenerationStatus(enum.StrEnum):
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
-
-
-class UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """A TIMESTAMP that always holds UTC and always comes back timezone-aware.
-
-    SQLite has no time zones, so values are stored there as naive UTC text (which also sorts
-    correctly as text); PostgreSQL stores ``timestamp with time zone``.
-    """
-
-    impl = sa.TIMESTAMP(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        value = as_utc(value)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], datetime | None]:
-        # Not the dialect's own parser, which raises on a value that is not a time: a row written
-        # by plain SQL (an epoch number, 'tomorrow') would then stop every read that touches it.
-        # Such a value comes back as rowvalues.Unreadable, its raw text (typed as a datetime for
-        # the ORM's sake: code that computes with a time checks its type).
-        return cast(Callable[[Any], "datetime | None"], read_time)
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        return cast("datetime | None", read_time(value))
 
 
 class MetadataJSON(sa.types.TypeDecorator[Any]):
@@ -84,11 +59,6 @@ class _JSONText(sa.types.TypeDecorator[Any]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         return read_json(value)
-
-
-def as_utc(value: datetime) -> datetime:
-    """``value`` in UTC, timezone-aware; a naive value is taken to be UTC already."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def utcnow() -> datetime:

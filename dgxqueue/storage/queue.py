@@ -2,7 +2,7 @@
 daemon's small reads, each statement next to the call that runs it.
 
 The hot calls (insert, claim, mark started, finish) run on a bare driver connection
-(:mod:`~dgxqueue.storage.driver`), their statements compiled once per engine and shape; on
+(:mod:`~dgxqueue.storage.precompiled`), their statements compiled once per engine and shape; on
 PostgreSQL each of them is one round trip (autocommit, or a pipeline with its BEGIN and COMMIT).
 The rare ones (heartbeat, rescue, the reads) take the caller's Session. Engine differences come
 from :mod:`~dgxqueue.storage.engines`.
@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session
 
 from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
 from dgxqueue.storage.dberrors import is_data_error
-from dgxqueue.storage.driver import Compiled, Cursor, Link, Pending, _as_sqlalchemy
 from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import (
     DEDUPE_HELD_SQL,
@@ -42,6 +41,7 @@ from dgxqueue.storage.models import (
     as_utc,
     utcnow,
 )
+from dgxqueue.storage.precompiled import Compiled, Cursor, HeldConnection, Pending, _as_sqlalchemy
 from dgxqueue.storage.results import Failed, Result, row_values
 from dgxqueue.storage.validation import JobSpec
 
@@ -296,7 +296,7 @@ def _claim(dialect: Dialect, n_models: int, start: bool = False) -> Compiled:
 
 
 def claim(
-    link: Link, *, worker_id: str, models: Sequence[str], limit: int, lease: timedelta, start: bool = False,
+    link: HeldConnection, *, worker_id: str, models: Sequence[str], limit: int, lease: timedelta, start: bool = False,
 ) -> list[ClaimedJob]:
     """Claim up to ``limit`` due pending jobs of ``models`` in one UPDATE ... RETURNING, oldest
     first; due and the lease by the database's clock."""
@@ -330,7 +330,7 @@ def _started(dialect: Dialect, n: int, started: bool = True) -> Compiled:
     return Compiled.of(statement, dialect)
 
 
-def mark_started(link: Link, *, worker_id: str, ids: Sequence[str], started: bool = True) -> set[str]:
+def mark_started(link: HeldConnection, *, worker_id: str, ids: Sequence[str], started: bool = True) -> set[str]:
     """Record that a backend call starts the held jobs ``ids``, before it does; returns the ids
     marked. ``started`` False clears the marks (jobs a claim marked that the next call does not run)."""
     if not ids:
@@ -422,7 +422,13 @@ def finish_rows_parameters(profile: Profile, worker_id: str, keys: tuple[str, ..
                            rows: Sequence[Row]) -> dict[str, Any]:
     """The bind values of :func:`finish_rows_statement` for ``rows`` that all set ``keys``."""
     given = [(job_id, attempt, *[values[key] for key in keys]) for job_id, attempt, values in rows]
-    return {"h_worker": worker_id, **profile.rows_parameters(("id", "attempt", *keys), given)}
+    return {"h_worker": worker_id, **profile.rows_parameters(("id", "attempt", *keys), given, _json_keys(keys))}
+
+
+@functools.cache
+def _json_keys(keys: tuple[str, ...]) -> frozenset[str]:
+    """The columns among ``keys`` of a JSON type, whose values the engine may send as text."""
+    return frozenset(key for key in keys if isinstance(getattr(G.c[key].type, "impl_instance", None), sa.JSON))
 
 
 @functools.lru_cache(maxsize=512)
@@ -453,7 +459,7 @@ def rows_of(results: Sequence[tuple[ClaimedJob, Result]]) -> list[Row]:
     return [(job.id, job.attempt, row_values(job, result)) for job, result in results]
 
 
-def _write(link: Link, worker_id: str, rows: Sequence[Row]) -> set[str]:
+def _write(link: HeldConnection, worker_id: str, rows: Sequence[Row]) -> set[str]:
     groups = group_rows(rows)
     # One statement (the usual case: every result a completion) runs in autocommit.
     with link.transaction(autocommit=len(groups) == 1, pipeline=len(groups) > 1) as cursor:
@@ -461,7 +467,7 @@ def _write(link: Link, worker_id: str, rows: Sequence[Row]) -> set[str]:
     return {row[0] for pending in done for row in pending.rows}
 
 
-def finish(link: Link, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]]) -> set[str]:
+def finish(link: HeldConnection, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]]) -> set[str]:
     """Record each job's result, only where its attempt is still held; returns the ids written.
 
     The values are checked before (the executor refuses metadata the column cannot hold);
@@ -478,7 +484,7 @@ def finish(link: Link, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Re
         return _finish_one_by_one(link, worker_id, results, rows, exc)
 
 
-def _finish_one_by_one(link: Link, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]],
+def _finish_one_by_one(link: HeldConnection, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]],
                        rows: Sequence[Row], error: Exception) -> set[str]:
     """Each result in a transaction of its own; one the database refuses is recorded failed with
     a message it can store. Only if that write fails too (not the data: the schema, say) does
@@ -506,7 +512,7 @@ def _finish_one_by_one(link: Link, worker_id: str, results: Sequence[tuple[Claim
 
 
 def finish_and_claim(
-    link: Link, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]], models: Sequence[str],
+    link: HeldConnection, *, worker_id: str, results: Sequence[tuple[ClaimedJob, Result]], models: Sequence[str],
     limit: int, lease: timedelta, start: bool = False,
 ) -> tuple[set[str], list[ClaimedJob]]:
     """:func:`finish` then :func:`claim`, in one transaction: a daemon that has just finished
@@ -636,7 +642,7 @@ def _error_message(dialect: Dialect) -> Compiled:
     return Compiled.of(sa.select(G.c.error_message).where(G.c.id == sa.bindparam("id")), dialect)
 
 
-def error_messages(link: Link, ids: Sequence[str]) -> dict[str, str | None]:
+def error_messages(link: HeldConnection, ids: Sequence[str]) -> dict[str, str | None]:
     """The ``error_message`` of each of ``ids`` that exists, read on the link's own connection
     (after a machine fault, such as no file descriptors left, a new one may not open)."""
     statement = _error_message(link.dialect)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.support.queues import QueueBackend, completed
 
 #: Key order, a float that is a whole number, -0.0, a big int and a float at the limits: what
@@ -14,14 +12,9 @@ ODD = {"z": 1, "a": 1e20, "n": -0.0, "f": 0.1, "big": 10**30, "tiny": 5e-324,
        "nested": {"y": [1.0, True, None], "b": "\u00fc\U0001f600"}}
 
 
-def test_finish__keeps_the_metadata_as_given(backend: QueueBackend, request: pytest.FixtureRequest) -> None:
+def test_finish__keeps_the_metadata_as_given(backend: QueueBackend) -> None:
     """A completion's metadata reads back as the daemon wrote it, as the producer's insert keeps
     a job's: key order, floats and ints, on every backend."""
-    if backend.name == "postgres":
-        # Known divergence: finish_rows_statement sends outcomes as one jsonb document, which
-        # normalises the metadata. Sending it as JSON text cast to json keeps it, but lets a NUL
-        # through that jsonb refuses today (test_poison_reads): the fix needs both.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="PostgreSQL's finish normalises metadata (jsonb)"))
     job_id = backend.enqueue("odd metadata", metadata=ODD)
     assert json.dumps(backend.row(job_id)["metadata"]) == json.dumps(ODD)
     queue = backend.queue("me")

@@ -16,8 +16,8 @@ from dgxqueue.storage import (
     reads,
     session_scope,
 )
-from dgxqueue.storage.driver import Link
 from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.precompiled import HeldConnection
 from dgxqueue.storage.results import Completed, Failed
 from dgxqueue.storage.rowvalues import Unreadable
 from tests.support import poison
@@ -75,7 +75,7 @@ def test_claim__each_poison_row_becomes_a_job_whose_defect_names_the_column(engi
     defective = [p for p in poisons if p.column != "channels" and not p.named.startswith("metadata.")]
     poison.insert(db_url, [*poison.poison_rows(poisons), poison.row("good-1"), poison.row("good-2")])
     half = len(poisons) // 2
-    link = Link(engine)
+    link = HeldConnection(engine)
     first = queue.claim(link, worker_id="w", models=["synth"], limit=half, lease=LEASE)
     rest = queue.claim(link, worker_id="w", models=["synth"], limit=100, lease=LEASE)
     link.close()
@@ -92,7 +92,7 @@ def test_finish__a_value_the_database_refuses_fails_only_its_job(engine: sa.Engi
     """An outcome the database cannot store (an integer past 64 bits) makes the batch be written one
     outcome at a time: that job is recorded failed naming the error, the others as they were."""
     poison.insert(db_url, [poison.row(f"j{i}", metadata='{"bpm": 90}') for i in range(3)])
-    link = Link(engine)
+    link = HeldConnection(engine)
     a, b, c = queue.claim(link, worker_id="w", models=["synth"], limit=3, lease=LEASE)
     now = utcnow()
     written = queue.finish(link, worker_id="w", results=[
@@ -115,7 +115,7 @@ def test_finish_and_claim__a_refused_outcome_leaves_the_claim_for_the_next_round
     """With the claim in the same transaction, a refused outcome rolls the claim back too: the
     outcomes are written one at a time and nothing is claimed (the next round claims)."""
     poison.insert(db_url, [poison.row(f"j{i}") for i in range(4)])
-    link = Link(engine)
+    link = HeldConnection(engine)
     a, b = queue.claim(link, worker_id="w", models=["synth"], limit=2, lease=LEASE)
     now = utcnow()
     written, claimed = queue.finish_and_claim(link, worker_id="w", results=[
@@ -136,7 +136,7 @@ def test_finish__postgresql_refuses_infinity_and_nul_in_metadata(pg_db_url: str)
 
     engine = init_db(pg_db_url)
     poison.insert(pg_db_url, [poison.row(f"j{i}", metadata='{"bpm": 90}') for i in range(3)])
-    link = Link(engine)
+    link = HeldConnection(engine)
     jobs = queue.claim(link, worker_id="w", models=["synth"], limit=3, lease=LEASE)
     now = utcnow()
     metadata: list[dict[str, object]] = [{"x": float("inf")}, {"a": "\x00"}, {"fine": 1}]

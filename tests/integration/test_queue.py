@@ -1,4 +1,4 @@
-"""The queue's operations (storage.queue on storage.driver) on real SQLite and PostgreSQL: the
+"""The queue's operations (storage.queue on storage.precompiled) on real SQLite and PostgreSQL: the
 rows they write, their fencing, and how their errors are classified."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dgxqueue.storage import (
 )
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.dberrors import is_transient_db_error
-from dgxqueue.storage.driver import Link
 from dgxqueue.storage.models import Generation, utcnow
+from dgxqueue.storage.precompiled import HeldConnection
 from dgxqueue.storage.results import Completed, Failed, Retried
 
 LEASE = timedelta(seconds=60)
@@ -39,14 +39,14 @@ def fill(engine: sa.Engine, n: int, **kw: Any) -> list[str]:
     return ids
 
 
-def claim(link: Link, limit: int, worker: str = "w") -> list[ClaimedJob]:
+def claim(link: HeldConnection, limit: int, worker: str = "w") -> list[ClaimedJob]:
     return queue.claim(link, worker_id=worker, models=["m"], limit=limit, lease=LEASE)
 
 
 def test_claim__returns_the_rows_as_the_session_path_reads_them(engine: sa.Engine) -> None:
     """Types come back through the column processors: aware datetimes, JSON as dicts."""
     ids = fill(engine, 3, metadata={"bpm": 120, "tags": ["a"]}, priority=2)
-    link = Link(engine)
+    link = HeldConnection(engine)
     jobs = claim(link, 2)
     link.close()
     assert [job.id for job in jobs] == ids[:2]
@@ -64,7 +64,7 @@ def test_finish__mixed_results_each_fenced(engine: sa.Engine) -> None:
     """Completions, failures and retries of one batch (three statement shapes) are all written; a
     result whose attempt is no longer held is refused and not reported as written."""
     fill(engine, 4)
-    link = Link(engine)
+    link = HeldConnection(engine)
     done, failed, retried, stale = claim(link, 4)
     now = utcnow()
     later = now + timedelta(minutes=5)
@@ -90,7 +90,7 @@ def test_finish__mixed_results_each_fenced(engine: sa.Engine) -> None:
 def test_finish_and_claim__records_and_claims_in_one_transaction(engine: sa.Engine) -> None:
     """The next jobs are claimed with the results; a fenced result does not stop the claim."""
     ids = fill(engine, 5)
-    link = Link(engine)
+    link = HeldConnection(engine)
     first = claim(link, 2)
     now = utcnow()
     written, following = queue.finish_and_claim(
@@ -118,7 +118,7 @@ def test_finish_and_claim__records_and_claims_in_one_transaction(engine: sa.Engi
 def test_finish_and_claim__two_links_never_share_a_job(engine: sa.Engine) -> None:
     """Two daemons alternating chained claims: every job is claimed exactly once."""
     ids = fill(engine, 40)
-    links = {name: Link(engine) for name in ("a", "b")}
+    links = {name: HeldConnection(engine) for name in ("a", "b")}
     held = {name: claim(link, 3, worker=name) for name, link in links.items()}
     seen = [job.id for jobs in held.values() for job in jobs]
     while any(held.values()):
@@ -141,7 +141,7 @@ def test_link__replaces_a_connection_the_server_ended(pg_db_url: str) -> None:
     init_db(pg_db_url)
     engine = get_engine(pg_db_url)
     fill(engine, 2)
-    link = Link(engine)
+    link = HeldConnection(engine)
     assert len(claim(link, 1)) == 1
     with link.transaction() as cursor:
         cursor.raw.execute("SELECT pg_backend_pid()")
@@ -196,7 +196,7 @@ def test_claim__aware_times_round_trip(engine: sa.Engine) -> None:
     """The claim time and the lease, computed by the database, read back as aware UTC times on
     both engines, the lease exactly its length after the claim."""
     fill(engine, 1)
-    link = Link(engine)
+    link = HeldConnection(engine)
     before = utcnow()
     (job,) = queue.claim(link, worker_id="w", models=["m"], limit=1, lease=LEASE)
     link.close()
@@ -210,7 +210,7 @@ def test_claim__aware_times_round_trip(engine: sa.Engine) -> None:
 def test_finish__a_large_batch_is_written_whole(engine: sa.Engine) -> None:
     """100 completions (past psycopg's 50-parameter query cache, and 800 SQLite binds) in one call."""
     fill(engine, 100)
-    link = Link(engine)
+    link = HeldConnection(engine)
     jobs = claim(link, 100)
     now = utcnow()
     written = queue.finish(link, worker_id="w", results=[
@@ -227,7 +227,7 @@ def test_link__an_unreachable_server_is_a_transient_sqlalchemy_error() -> None:
     """Checking out a connection while the server is down (or starting up) raises SQLAlchemy's
     OperationalError, which the daemon retries, not the driver's own, which would stop it."""
     engine = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:1/test", connect_args={"connect_timeout": 5})
-    link = Link(engine)
+    link = HeldConnection(engine)
     with pytest.raises(sa.exc.OperationalError) as down:
         claim(link, 1)
     assert is_transient_db_error(down.value) and getattr(down.value, "before_first_write", False)
@@ -239,7 +239,7 @@ def test_extend__one_statement_for_every_job_still_held(engine: sa.Engine) -> No
     statement for hundreds of jobs, and names the ones it lost: taken over by another daemon,
     or claimed again as a later attempt."""
     fill(engine, 3)
-    link = Link(engine)
+    link = HeldConnection(engine)
     held, stolen, retried = claim(link, 3)
     link.close()
     far = timedelta(days=365)
@@ -254,7 +254,7 @@ def test_extend__one_statement_for_every_job_still_held(engine: sa.Engine) -> No
     extended = {job_id for job_id, until in leases.items() if until and until > utcnow() + far / 2}
     assert extended == {held.id}
     many = fill(engine, 600)
-    link = Link(engine)
+    link = HeldConnection(engine)
     claimed = claim(link, 600)
     link.close()
     with session_scope(engine) as s:

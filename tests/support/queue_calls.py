@@ -1,4 +1,4 @@
-"""The queue's hot calls on an engine, for tests that act as a daemon would (each on a Link of its own)."""
+"""The queue's hot calls on an engine, for tests that act as a daemon would (each on a HeldConnection of its own)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import sqlalchemy as sa
 
 from dgxqueue.storage import queue
 from dgxqueue.storage.claimed import ClaimedJob
-from dgxqueue.storage.driver import Link
+from dgxqueue.storage.precompiled import HeldConnection
 
 
 def claim(engine: sa.Engine, *, worker_id: str, models: Sequence[str], limit: int, lease: timedelta,
           start: bool = False) -> list[ClaimedJob]:
-    link = Link(engine)
+    link = HeldConnection(engine)
     try:
         return queue.claim(link, worker_id=worker_id, models=models, limit=limit, lease=lease, start=start)
     finally:
@@ -22,7 +22,7 @@ def claim(engine: sa.Engine, *, worker_id: str, models: Sequence[str], limit: in
 
 
 def mark_started(engine: sa.Engine, *, worker_id: str, ids: Sequence[str], started: bool = True) -> set[str]:
-    link = Link(engine)
+    link = HeldConnection(engine)
     try:
         return queue.mark_started(link, worker_id=worker_id, ids=ids, started=started)
     finally:

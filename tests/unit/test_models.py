@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -180,3 +181,22 @@ def test_utc_datetime__is_a_timestamp_with_time_zone() -> None:
     """The column type is TIMESTAMP (WITH TIME ZONE on PostgreSQL), as the spec's TIMESTAMP."""
     assert str(sa.Column("t", UTCDateTime()).type.compile(dialect=POSTGRES)) == "TIMESTAMP WITH TIME ZONE"
     assert str(sa.Column("t", UTCDateTime()).type.compile(dialect=SQLITE)) == "TIMESTAMP"
+
+
+def test_utc_datetime__binds_aware_utc_on_an_engine_without_a_profile() -> None:
+    """A dialect with no engine profile (compiling for display, say) gets aware UTC, as PostgreSQL does."""
+    given = datetime(2025, 11, 7, 12, 0, tzinfo=PLUS_TWO)
+    assert UTCDateTime().process_bind_param(given, sa.engine.default.DefaultDialect()) == datetime(
+        2025, 11, 7, 10, 0, tzinfo=UTC)
+
+
+def test_engine_names__are_tested_only_in_storage_engines() -> None:
+    """Every engine difference lives in storage/engines.py's profiles: no other module of the
+    package or the workers tests a dialect's name."""
+    root = Path(__file__).resolve().parents[2]
+    engines = root / "dgxqueue" / "storage" / "engines.py"
+    found = [f"{path.relative_to(root)}:{number}"
+             for folder in ("dgxqueue", "workers") for path in sorted((root / folder).rglob("*.py"))
+             if path != engines
+             for number, line in enumerate(path.read_text().splitlines(), 1) if "dialect.name" in line]
+    assert found == []

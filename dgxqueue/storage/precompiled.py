@@ -1,4 +1,4 @@
-"""Hot paths on the bare DB-API connection: the queue's statements, compiled once.
+"""The queue's statements, compiled once and run on a held DB-API connection (HeldConnection).
 
 A Session and a Core execution context cost more than the statement itself on SQLite, on every
 call. The queue's hot calls (:mod:`~dgxqueue.storage.queue`: insert, claim, mark started,
@@ -135,7 +135,7 @@ class Cursor:
         self.wrote = True
 
 
-class Link:
+class HeldConnection:
     """A pooled connection kept checked out for one thread's repeated hot-path calls (the
     daemon's main loop), which saves a pool checkout and reset per call. A connection found
     broken is given back to the pool as invalid, and the next call checks out a fresh one."""
@@ -236,8 +236,8 @@ def _as_sqlalchemy(dialect: Dialect, exc: Exception, statement: str | None, disc
 
 @contextlib.contextmanager
 def transaction(engine: Engine) -> Iterator[Cursor]:
-    """:meth:`Link.transaction` on a connection checked out for this one transaction."""
-    link = Link(engine)
+    """:meth:`HeldConnection.transaction` on a connection checked out for this one transaction."""
+    link = HeldConnection(engine)
     try:
         with link.transaction() as cursor:
             yield cursor
