@@ -14,7 +14,7 @@ from dgxqueue import api
 from dgxqueue.config import Settings
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage import create_generations, init_db, queue, session_scope
-from dgxqueue.storage.driver import Link
+from dgxqueue.storage.precompiled import HeldConnection
 from tests.support.daemons import make_settings
 from tests.support.producers import enqueue_with_key, run_in_processes
 
@@ -39,7 +39,7 @@ def test_dedupe__an_unfinished_holder_is_returned_and_its_prompt_not_counted_aga
     assert again == first
     assert _count(engine, "SELECT count(*) FROM generations") == 1
     assert _count(engine, "SELECT coalesce(sum(used_count), 0) FROM prompts") == 1
-    [job] = queue.claim(Link(engine), worker_id="w", models=[settings.jobs.default_model], limit=1, lease=_LEASE)
+    [job] = queue.claim(HeldConnection(engine), worker_id="w", models=[settings.jobs.default_model], limit=1, lease=_LEASE)
     assert job.id == first  # running, it still holds the key
     assert api.enqueue("beat", dedupe_key="user-1:click-9", database_url=db_url, settings=settings) == first
 

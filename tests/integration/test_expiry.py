@@ -19,7 +19,7 @@ from dgxqueue.errors import ValidationError
 from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics
 from dgxqueue.storage import get_engine, init_db, queue, session_scope, validate_job
-from dgxqueue.storage.driver import Link
+from dgxqueue.storage.precompiled import HeldConnection
 from tests.support import poison
 from tests.support.daemons import make_settings
 
@@ -59,7 +59,7 @@ def test_sweep__an_unreadable_expires_at_stops_nothing(sqlite_db_url: str) -> No
                                   poison.row("past", expires_at="2020-01-01 00:00:00.000000")])
     with session_scope(engine) as s:
         assert queue.expire_pending(s) == [("past", "synth")]
-    claimed = queue.claim(Link(engine), worker_id="w", models=["synth"], limit=10, lease=LEASE)
+    claimed = queue.claim(HeldConnection(engine), worker_id="w", models=["synth"], limit=10, lease=LEASE)
     assert sorted(job.id for job in claimed) == ["number", "words"]
 
 
