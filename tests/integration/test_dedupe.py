@@ -39,7 +39,8 @@ def test_dedupe__an_unfinished_holder_is_returned_and_its_prompt_not_counted_aga
     assert again == first
     assert _count(engine, "SELECT count(*) FROM generations") == 1
     assert _count(engine, "SELECT coalesce(sum(used_count), 0) FROM prompts") == 1
-    [job] = queue.claim(HeldConnection(engine), worker_id="w", models=[settings.jobs.default_model], limit=1, lease=_LEASE)
+    [job] = queue.claim(HeldConnection(engine), worker_id="w", models=[settings.jobs.default_model], limit=1,
+                        lease=_LEASE)
     assert job.id == first  # running, it still holds the key
     assert api.enqueue("beat", dedupe_key="user-1:click-9", database_url=db_url, settings=settings) == first
 
