@@ -186,14 +186,18 @@ def _missing(job_id: str) -> _State:
     raise JobNotFoundError(job_id)
 
 
-def _read(engine: Engine, ids: Iterable[str], connection: sa.Connection | None = None) -> dict[str, _State]:
-    """The rows of ``ids`` that exist, by id."""
+def _read(engine: Engine, ids: Iterable[str], connection: sa.Connection | None = None, *,
+          ended_only: bool = False) -> dict[str, _State]:
+    """The rows of ``ids`` that exist, by id; ``ended_only``: only those that have ended (a
+    waiter's re-check reads little more than the index while its jobs run)."""
     wanted = list(ids)
     found: dict[str, _State] = {}
     with contextlib.ExitStack() as stack:
         conn = connection if connection is not None else stack.enter_context(engine.connect())
         for start in range(0, len(wanted), _CHUNK):
             query = sa.select(*_COLUMNS).where(G.c.id.in_(wanted[start:start + _CHUNK]))
+            if ended_only:
+                query = query.where(G.c.status.in_(sorted(FINISHED)))
             for row in conn.execute(query):
                 found[row[0]] = _State(*row[1:])
         if connection is not None:
@@ -306,7 +310,8 @@ def _engine_of(jobs: Sequence[Job]) -> Engine:
 def wait_all(jobs: Sequence[Job], timeout: float | None = None, *, _listener: _Listener | None = None) -> list[str]:
     """Block until every job of ``jobs`` (one database's) is completed or failed; returns their
     statuses in order, each handle refreshed. :class:`~dgxqueue.errors.WaitTimeoutError` after
-    ``timeout`` seconds (the handles then hold the rows as last read)."""
+    ``timeout`` seconds (the handles then hold the rows as they stand);
+    :class:`~dgxqueue.errors.JobNotFoundError` if a job's row is deleted."""
     if not jobs:
         return []
     engine = _engine_of(jobs)
@@ -323,23 +328,28 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None, *, _listener: _L
                 if listener.stopped:
                     raise _Stopped
                 if deadline is not None and now >= deadline:
+                    states.update(_read(engine, waiting, connection))  # the handles as they stand now
                     _apply(jobs, states)
                     raise WaitTimeoutError(timeout or 0.0, sorted(waiting))
                 pause = RECHECK_SECONDS - (now - checked)
                 if deadline is not None:
                     pause = min(pause, deadline - now)
                 woke = listener.wait(max(0.0, pause))
-                if woke is None or time.monotonic() - checked >= RECHECK_SECONDS:
-                    changed = _read(engine, waiting, connection)
+                if time.monotonic() - checked >= RECHECK_SECONDS:
+                    # Whole rows, whatever was announced: also finds a job deleted meanwhile.
+                    rows = _read(engine, waiting, connection)
                     checked = time.monotonic()
-                elif woke & waiting:
-                    changed = _read(engine, woke & waiting, connection)
+                    if missing := waiting - rows.keys():
+                        raise JobNotFoundError(min(missing))
+                    states.update(rows)
+                    ended = {job_id for job_id in waiting if rows[job_id].status in FINISHED}
+                elif woke is None or woke & waiting:
+                    rows = _read(engine, waiting if woke is None else woke & waiting, connection, ended_only=True)
+                    states.update(rows)
+                    ended = set(rows)
                 else:
                     continue
-                states.update(changed)
-                waiting = {job_id for job_id in waiting if _ended(states, job_id) is False}
-            # Every job has ended: one more read, so the handles hold the final rows whole.
-            states.update(_read(engine, by_id, connection))
+                waiting.difference_update(ended)
     finally:
         if _listener is None:
             listener.close()
@@ -348,6 +358,7 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None, *, _listener: _L
 
 
 def _ended(states: dict[str, _State], job_id: str) -> bool:
+    """The job has ended; :class:`~dgxqueue.errors.JobNotFoundError` if it has no row."""
     state = states.get(job_id)
     if state is None:
         raise JobNotFoundError(job_id)
