@@ -98,13 +98,16 @@ def test_events__carry_id_and_status_of_each_outcome(pg_db_url: str, tmp_path: P
         ok, bad = submit(settings, "fine"), submit(settings, "permanent")
         many = [submit(settings, "fine") for _ in range(60)]  # more than one payload's worth (40)
         daemon = start_worker(config, tmp_path / "w.log", "--burst")
+        ours = {job.id for job in (ok, bad, *many)}
         seen: dict[str, str] = {}
         payloads: list[str] = []
         deadline = time.monotonic() + 30
+        # NOTIFY is per database, not per schema: other tests' queues in this database are heard too.
         while len(seen) < 62 and time.monotonic() < deadline:
             for notify in listener.notifies(timeout=1.0, stop_after=1):
                 payloads.append(notify.payload)
-                seen.update({event["id"]: event["status"] for event in json.loads(notify.payload)})
+                seen.update({event["id"]: event["status"] for event in json.loads(notify.payload)
+                             if event["id"] in ours})
         assert daemon.wait(30) == 0
     assert seen[ok.id] == "completed" and seen[bad.id] == "failed"
     assert all(seen[job.id] == "completed" for job in many) and len(seen) == 62
@@ -189,3 +192,16 @@ def test_wait_async__cancelling_the_task_stops_the_wait(db_url: str, tmp_path: P
 
     asyncio.run(main())
     wait_until(lambda: threading.active_count() <= before, 5, "the waiting thread to end")
+
+
+def test_import__handles_are_exported_lazily() -> None:
+    """``import dgxqueue`` stays free of SQLAlchemy; dgxqueue.submit loads it on first use."""
+    import subprocess
+    import sys
+
+    from tests.support.processes import REPO
+
+    code = ("import sys, dgxqueue; assert 'sqlalchemy' not in sys.modules; "
+            "assert callable(dgxqueue.submit) and dgxqueue.Job and dgxqueue.get_job; "
+            "assert 'sqlalchemy' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -27,8 +27,10 @@ def listen(url: str) -> psycopg.Connection[tuple[object, ...]]:
     return connection
 
 
-def received(connection: psycopg.Connection[tuple[object, ...]]) -> list[list[dict[str, str]]]:
-    return [json.loads(notify.payload) for notify in connection.notifies(timeout=0.5)]
+def received(connection: psycopg.Connection[tuple[object, ...]], ours: set[str]) -> list[list[dict[str, str]]]:
+    """The payloads naming jobs of ``ours``: NOTIFY is per database, and other tests' schemas share it."""
+    payloads = [json.loads(notify.payload) for notify in connection.notifies(timeout=0.5)]
+    return [payload for payload in payloads if any(event["id"] in ours for event in payload)]
 
 
 def test_finish__publishes_each_written_row_in_bounded_payloads(pg_db_url: str) -> None:
@@ -48,7 +50,7 @@ def test_finish__publishes_each_written_row_in_bounded_payloads(pg_db_url: str) 
     results.append((dataclasses.replace(jobs[100], attempt=5), Completed(now, 1.0, 1, {})))  # fenced out
     written = queue.finish(link, worker_id="w", results=results)
     link.close()
-    payloads = received(listener)
+    payloads = received(listener, {job.id for job in jobs})
     listener.close()
     events = {event["id"]: event["status"] for payload in payloads for event in payload}
     assert set(events) == written and len(written) == 100
@@ -75,7 +77,7 @@ def test_finish__an_overlong_id_is_written_but_not_announced(pg_db_url: str) -> 
     jobs = queue.claim(link, worker_id="w", models=["m"], limit=2, lease=timedelta(minutes=1))
     written = queue.finish(link, worker_id="w", results=[(job, Completed(utcnow(), 1.0, 1, {})) for job in jobs])
     link.close()
-    payloads = received(listener)
+    payloads = received(listener, {short, long_id})
     listener.close()
     assert written == {short, long_id}
     assert payloads == [[{"id": short, "status": "completed"}]]
