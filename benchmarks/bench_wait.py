@@ -35,7 +35,8 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_daemon import database  # noqa: E402
+from bench_daemon import database  # noqa: E402
+
 from dgxqueue.config import load_settings  # noqa: E402
 from dgxqueue.storage import get_engine, init_db  # noqa: E402
 from dgxqueue.storage.models import G, UTCDateTime, as_utc  # noqa: E402

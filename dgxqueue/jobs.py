@@ -34,13 +34,14 @@ from sqlalchemy.engine import Engine
 from dgxqueue.api import _engine, default_settings, enqueue
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import Settings
-from dgxqueue.errors import JobNotFoundError, OutputError, WaitTimeoutError
+from dgxqueue.errors import InvalidStateError, JobNotFoundError, OutputError, WaitTimeoutError
 from dgxqueue.storage import admin, session_scope
 from dgxqueue.storage.engines import profile_of
-from dgxqueue.storage.models import PENDING, PROCESSING, G, utcnow
+from dgxqueue.storage.models import PROCESSING, G, utcnow
 from dgxqueue.storage.queue import EVENTS_CHANNEL
+from dgxqueue.storage.reads import require_job
 
-__all__ = ["FINISHED", "Job", "Progress", "get_job", "submit", "wait_all", "wait_all_async"]
+__all__ = ["FINISHED", "ChangeListener", "Job", "Progress", "get_job", "submit", "wait_all", "wait_all_async"]
 
 #: The statuses a job ends in.
 FINISHED = frozenset({"completed", "failed"})
@@ -156,14 +157,21 @@ class Job:
         ``cancel_requested_at`` is set and the status stays ``processing``: its daemon stops it and
         records the outcome. A finished job raises :class:`~dgxqueue.errors.InvalidStateError`.
         """
-        with session_scope(self._engine) as session:
-            requested = session.execute(
-                sa.update(G).where(G.c.id == self.id, G.c.status == PROCESSING)
-                .values(cancel_requested_at=sa.func.coalesce(G.c.cancel_requested_at, utcnow()))
-                .returning(G.c.id)
-            ).first()
-            if requested is None:  # pending (or finished: cancel_job says which)
-                admin.cancel_job(session, self.id)
+        for _ in range(2):  # a pending job claimed meanwhile is asked to stop instead
+            with session_scope(self._engine) as session:
+                requested = session.execute(
+                    sa.update(G).where(G.c.id == self.id, G.c.status == PROCESSING)
+                    .values(cancel_requested_at=sa.func.coalesce(G.c.cancel_requested_at, utcnow()))
+                    .returning(G.c.id)
+                ).first()
+                if requested is not None:
+                    break
+                try:
+                    admin.cancel_job(session, self.id)  # pending; a finished job raises
+                    break
+                except InvalidStateError:
+                    if require_job(session, self.id).status != PROCESSING:
+                        raise
         return self.refresh().status
 
 
@@ -172,8 +180,7 @@ def submit(prompt: str, **spec: Any) -> Job:
     settings = spec.get("settings") or default_settings()
     spec["settings"] = settings
     job_id = enqueue(prompt, **spec)
-    engine = _engine(spec.get("database_url"), settings)
-    return Job(job_id, engine, settings, _State(PENDING, None, None, None, None, None, None))
+    return Job(job_id, _engine(spec.get("database_url"), settings), settings)
 
 
 def get_job(job_id: str, *, database_url: str | None = None, settings: Settings | None = None) -> Job:
@@ -208,7 +215,7 @@ def _read(engine: Engine, ids: Iterable[str], connection: sa.Connection | None =
 # --- waiting --------------------------------------------------------------------------------
 
 
-class _Listener:
+class ChangeListener:
     """What wakes a waiter: events naming jobs (PostgreSQL), or a changed database (SQLite).
 
     :meth:`wait` returns the ids announced (PostgreSQL), ``None`` when anything may have changed,
@@ -223,16 +230,20 @@ class _Listener:
         self._listen: Any = None
         self._sqlite: Any = None
         self._version: int | None = None
-        if profile_of(engine.dialect).waker == "listen":
-            import psycopg
-            from psycopg import sql
-
-            url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            self._listen = psycopg.connect(url, autocommit=True, connect_timeout=10)
-            self._listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
+        self._events = profile_of(engine.dialect).waker == "listen"
+        if self._events:
+            self._connect()
         else:
             self._sqlite = engine.raw_connection()
             self._version = self._data_version()
+
+    def _connect(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        url = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._listen = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        self._listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
 
     def _data_version(self) -> int:
         cursor = self._sqlite.cursor()
@@ -243,7 +254,7 @@ class _Listener:
             cursor.close()
 
     def wait(self, timeout: float) -> set[str] | None:
-        if self._listen is not None:
+        if self._events:
             return self._wait_events(timeout)
         deadline = time.monotonic() + timeout
         while not self.stopped:
@@ -257,15 +268,31 @@ class _Listener:
             self._sleep(min(SQLITE_CHECK_SECONDS, remaining))
         return set()
 
-    def _wait_events(self, timeout: float) -> set[str]:
-        announced: set[str] = set()
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._listen.fileno(), selectors.EVENT_READ)
-            selector.register(self._read_fd, selectors.EVENT_READ)
-            if not self._take(announced):
-                selector.select(timeout)
-                self._take(announced)
-        return announced
+    def _wait_events(self, timeout: float) -> set[str] | None:
+        import psycopg
+
+        try:
+            if self._listen is None:  # lost: events meanwhile were missed, so anything may have changed
+                self._connect()
+                return None
+            announced: set[str] = set()
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._listen.fileno(), selectors.EVENT_READ)
+                selector.register(self._read_fd, selectors.EVENT_READ)
+                if not self._take(announced):
+                    selector.select(timeout)
+                    self._take(announced)
+            return announced
+        except psycopg.Error:  # the server went away: listen again next time, pausing meanwhile
+            self._drop_listen()
+            self._sleep(min(timeout, 1.0))
+            return None
+
+    def _drop_listen(self) -> None:
+        if self._listen is not None:
+            with contextlib.suppress(Exception):
+                self._listen.close()
+            self._listen = None
 
     def _take(self, into: set[str]) -> bool:
         """Add the ids of the events received so far; True if there were any."""
@@ -286,11 +313,17 @@ class _Listener:
         with contextlib.suppress(OSError):
             os.write(self._write_fd, b"x")
 
+    def __enter__(self) -> ChangeListener:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        for connection in (self._listen, self._sqlite):
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    connection.close()
+        self._drop_listen()
+        if self._sqlite is not None:
+            with contextlib.suppress(Exception):
+                self._sqlite.close()
         for fd in (self._read_fd, self._write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -307,7 +340,8 @@ def _engine_of(jobs: Sequence[Job]) -> Engine:
     return next(iter(engines.values()))
 
 
-def wait_all(jobs: Sequence[Job], timeout: float | None = None, *, _listener: _Listener | None = None) -> list[str]:
+def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
+             _listener: ChangeListener | None = None) -> list[str]:
     """Block until every job of ``jobs`` (one database's) is completed or failed; returns their
     statuses in order, each handle refreshed. :class:`~dgxqueue.errors.WaitTimeoutError` after
     ``timeout`` seconds (the handles then hold the rows as they stand);
@@ -316,7 +350,7 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None, *, _listener: _L
         return []
     engine = _engine_of(jobs)
     deadline = None if timeout is None else time.monotonic() + timeout
-    listener = _listener or _Listener(engine)  # listening before the first read: nothing is missed
+    listener = _listener or ChangeListener(engine)  # listening before the first read: nothing is missed
     try:
         with engine.connect() as connection:
             by_id = {job.id: job for job in jobs}
@@ -377,7 +411,7 @@ async def wait_all_async(jobs: Sequence[Job], timeout: float | None = None) -> l
     thread's wait at once."""
     if not jobs:
         return []
-    listener = await asyncio.to_thread(_Listener, _engine_of(jobs))
+    listener = await asyncio.to_thread(ChangeListener, _engine_of(jobs))
 
     def run() -> list[str]:
         try:
