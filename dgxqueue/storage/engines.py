@@ -90,9 +90,10 @@ class Profile:
         return None
 
     def announce(self, write: sa.Update, channel: str) -> sa.Update | sa.Select[Any]:
-        """``write`` (an UPDATE of ``generations`` returning ``id``), publishing each row it writes
-        as ``{"id", "status"}`` on ``channel`` when it commits, where the engine has events;
-        still returning the ids, so callers read it as they read ``write``."""
+        """``write`` (an UPDATE of ``generations`` returning ``id`` and maybe more), publishing each
+        row it writes as ``{"id", "status"}`` on ``channel`` when it commits, where the engine has
+        events; still returning what ``write`` returns (which must not include ``status``), so
+        callers read it as they read ``write``."""
         return write
 
     def insert(self, table: sa.Table) -> Any:
@@ -283,7 +284,9 @@ class PostgreSQLProfile(Profile):
         ).group_by(events.c.part).cte("sent")
         # A CTE that reads is run only as far as something reads it: the count makes it run whole.
         published = sa.select(sa.func.count()).select_from(sent).scalar_subquery()
-        return sa.select(done.c.id).where(published >= sa.literal_column("0", sa.Integer))
+        # What ``write`` returns, without the status added above (reading write's own columns here
+        # would memoize them on the cached statement, and the next copy would lose the status).
+        return sa.select(*list(done.c)[:-1]).where(published >= sa.literal_column("0", sa.Integer))
 
     def insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)

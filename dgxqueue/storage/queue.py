@@ -602,13 +602,13 @@ def expire_pending(session: Session) -> list[tuple[str, str]]:
     profile = profile_of(session.get_bind().dialect)
     now = profile.now()
     expires_at = G.c.expires_at
-    rows = session.execute(
+    rows = session.execute(profile.announce(  # a completion event each, as a daemon's outcome
         sa.update(G)
         .where(IS_PENDING, expires_at.is_not(None), profile.comparable_time(expires_at) <= now,
                sa.not_(profile.not_a_time(expires_at)))
         .values(status=FAILED, expired_at=now, completed_at=now, error_message=EXPIRED_MESSAGE)
-        .returning(G.c.id, G.c.model_name)
-    ).all()
+        .returning(G.c.id, G.c.model_name), EVENTS_CHANNEL,
+    )).all()
     return [(row[0], row[1]) for row in rows]
 
 

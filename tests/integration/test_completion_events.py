@@ -81,3 +81,19 @@ def test_finish__an_overlong_id_is_written_but_not_announced(pg_db_url: str) -> 
     listener.close()
     assert written == {short, long_id}
     assert payloads == [[{"id": short, "status": "completed"}]]
+
+
+def test_expiry__a_pending_job_failed_as_expired_is_announced(pg_db_url: str) -> None:
+    """The rescuer's expiry fails pending jobs unrun: each is published as failed, like a daemon's outcome."""
+    init_db(pg_db_url)
+    engine = get_engine(pg_db_url)
+    with session_scope(engine) as s:
+        [job_id] = create_generations(s, [{"prompt": "p", **SPEC}])
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE generations SET expires_at = now() - interval '1 second'"))
+    listener = listen(pg_db_url)
+    with session_scope(engine) as s:
+        assert queue.expire_pending(s) == [(job_id, "m")]
+    payloads = received(listener, {job_id})
+    listener.close()
+    assert payloads == [[{"id": job_id, "status": "failed"}]]
