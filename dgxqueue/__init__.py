@@ -8,18 +8,22 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from dgxqueue.api import enqueue, enqueue_many, pause, paused_models, resume
+    from dgxqueue.jobs import Job, get_job, submit, wait_all, wait_all_async
 
-__all__ = ["__version__", "enqueue", "enqueue_many", "pause", "paused_models", "resume"]
-_API = frozenset(__all__) - {"__version__"}
+__all__ = ["Job", "__version__", "enqueue", "enqueue_many", "get_job", "pause", "paused_models", "resume",
+           "submit", "wait_all", "wait_all_async"]
+#: The module each lazily imported name comes from.
+_LAZY = {**dict.fromkeys(("enqueue", "enqueue_many", "pause", "paused_models", "resume"), "api"),
+         **dict.fromkeys(("Job", "get_job", "submit", "wait_all", "wait_all_async"), "jobs")}
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use: the API pulls in SQLAlchemy, which ``dgxqueue --version`` and every
     # ``import dgxqueue.<module>`` would otherwise pay for.
-    if name in _API:
-        from dgxqueue import api
+    if name in _LAZY:
+        import importlib
 
-        value = getattr(api, name)
+        value = getattr(importlib.import_module(f"dgxqueue.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'dgxqueue' has no attribute {name!r}")

@@ -7,6 +7,7 @@
     ├── ValidationError          bad input at the door; also a ValueError; names the field
     ├── JobNotFoundError         no generation with that id; also a LookupError
     ├── InvalidStateError        the job is not in a state that allows the operation
+    ├── WaitTimeoutError         a job handle's wait ran out of time; also a TimeoutError
     ├── SchemaError              the database is newer than this code, or unreachable schema
     ├── LeaseLostError           this daemon no longer holds the attempt it tries to finish
     ├── UnknownGeneratorError    no backend registered under that name; lists those that exist
@@ -63,6 +64,16 @@ class JobNotFoundError(DgxQueueError, LookupError):
 
 class InvalidStateError(DgxQueueError):
     """The job's status does not allow the operation (cancel a running job, retry a pending one)."""
+
+
+class WaitTimeoutError(DgxQueueError, TimeoutError):
+    """A wait for jobs to end ran out of time; ``unfinished`` names those still going (they keep going)."""
+
+    def __init__(self, timeout: float, unfinished: list[str]) -> None:
+        self.timeout = timeout
+        self.unfinished = unfinished
+        super().__init__(f"timed out after {timeout:g}s waiting for {len(unfinished)} job(s), "
+                         f"first {unfinished[0] if unfinished else '-'}")
 
 
 class SchemaError(DgxQueueError):

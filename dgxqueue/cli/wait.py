@@ -1,8 +1,10 @@
 """Waiting for jobs with a progress display on stderr (``wait``, ``enqueue --wait``, ``demo``).
 
-The database is read every half second; nothing spins. Each status change gets a line of its
-own, and so does a running job's progress at each tenth (so a log stays short); on a terminal a
-last line also counts the seconds and draws the running jobs' progress as a bar with an ETA.
+The jobs are read again as soon as something may have changed (a completion event on
+PostgreSQL, a commit on SQLite: :class:`dgxqueue.jobs.ChangeListener`, as a job handle's wait),
+and at least every half second for the display; nothing spins. Each status change gets a line of
+its own, and so does a running job's progress at each tenth (so a log stays short); on a terminal
+a last line also counts the seconds and draws the running jobs' progress as a bar with an ETA.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dgxqueue.cli.common import (
 )
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError
+from dgxqueue.jobs import ChangeListener
 from dgxqueue.storage import Generation, session_scope
 
 POLL_SECONDS = 0.5
@@ -150,11 +153,17 @@ def watch(
     progress: Progress,
     alive: Callable[[], str | None] | None = None,
 ) -> list[Generation]:
-    """Poll until every job is completed or failed; returns them in the order of ``ids``.
+    """Read the jobs until every one is completed or failed; returns them in the order of ``ids``.
 
     ``alive`` is asked on each round; a message from it (the daemon died) stops the wait.
     Raises :class:`CliError` with exit code 75 when ``timeout`` seconds pass first.
     """
+    with ChangeListener(engine) as listener:
+        return _watch(engine, ids, timeout=timeout, progress=progress, alive=alive, listener=listener)
+
+
+def _watch(engine: Engine, ids: Sequence[str], *, timeout: float | None, progress: Progress,
+           alive: Callable[[], str | None] | None, listener: ChangeListener) -> list[Generation]:
     deadline = None if timeout is None else time.monotonic() + timeout
     seen: dict[str, str] = {}
     query = sa.select(Generation).where(Generation.id.in_(list(ids)))
@@ -193,4 +202,4 @@ def watch(
                 f"they keep going: 'dgxqueue wait {safe(waiting[0])}'", EX_TEMPFAIL,
             )
         pause = POLL_SECONDS if deadline is None else min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))
-        time.sleep(pause)
+        listener.wait(pause)

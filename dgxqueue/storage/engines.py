@@ -27,6 +27,10 @@ from dgxqueue.config import DatabaseSettings
 from dgxqueue.storage.rowvalues import read_time, register_postgresql_loaders
 
 _MIGRATION_LOCK_KEY = 0x64677871  # "dgxq": PostgreSQL advisory lock held while migrating
+#: Events a PostgreSQL completion payload holds at most, and the longest event (as JSON text)
+#: it holds: a payload (``[{"id" : ..., "status" : ...}, ...]``) stays under NOTIFY's 8000 bytes.
+EVENTS_PER_NOTIFY = 40
+EVENT_MAX_BYTES = 190
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%f"  # %f: seconds with milliseconds; "000" makes microseconds
 # The start of a time as SQLite stores it ('2025-11-07 10:00:00'): text that sorts as a time.
 _TIME_TEXT: sa.ColumnElement[str] = sa.literal_column("'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'")
@@ -119,6 +123,13 @@ class Profile:
     def notify(self) -> sa.Select[Any] | None:
         """The statement that wakes daemons (binds ``channel`` and ``model``), if the engine has one."""
         return None
+
+    def announce(self, write: sa.Update, channel: str) -> sa.Update | sa.Select[Any]:
+        """``write`` (an UPDATE of ``generations`` returning ``id`` and maybe more), publishing each
+        row it writes as ``{"id", "status"}`` on ``channel`` when it commits, where the engine has
+        events; still returning what ``write`` returns (which must not include ``status``), so
+        callers read it as they read ``write``."""
+        return write
 
     def insert(self, table: sa.Table) -> Any:
         """An INSERT that takes ``on_conflict_do_update``."""
@@ -295,6 +306,28 @@ class PostgreSQLProfile(Profile):
         return sa.select(sa.func.pg_notify(sa.bindparam("channel", type_=sa.Text),
                                            sa.bindparam("model", type_=sa.Text)))
 
+    def announce(self, write: sa.Update, channel: str) -> sa.Update | sa.Select[Any]:
+        # One statement, so the daemon's autocommit finish stays one round trip; NOTIFY joins the
+        # transaction the rows are written in. EVENTS_PER_NOTIFY events to a payload, and an event
+        # longer than EVENT_MAX_BYTES (an id written by plain SQL) left out: a payload over the
+        # server's 8000 bytes would fail the outcome's write itself.
+        table = write.table
+        done = write.returning(table.c.status).cte("done")
+        event = sa.func.json_build_object(_sql_text("id"), done.c.id, _sql_text("status"), done.c.status,
+                                          type_=postgresql.JSON)
+        part = (sa.func.row_number().over() - 1) // sa.literal_column(str(EVENTS_PER_NOTIFY), sa.Integer)
+        events = sa.select(event.label("event"), part.label("part")).where(
+            sa.func.octet_length(sa.cast(event, sa.Text)) <= sa.literal_column(str(EVENT_MAX_BYTES), sa.Integer),
+        ).subquery("events")
+        sent = sa.select(
+            sa.func.pg_notify(_sql_text(channel), sa.cast(sa.func.json_agg(events.c.event), sa.Text))
+        ).group_by(events.c.part).cte("sent")
+        # A CTE that reads is run only as far as something reads it: the count makes it run whole.
+        published = sa.select(sa.func.count()).select_from(sent).scalar_subquery()
+        # What ``write`` returns, without the status added above (reading write's own columns here
+        # would memoize them on the cached statement, and the next copy would lose the status).
+        return sa.select(*list(done.c)[:-1]).where(published >= sa.literal_column("0", sa.Integer))
+
     def insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)
 
@@ -384,6 +417,11 @@ def _json_of(text: sa.ColumnElement[Any], type_: sa.types.TypeEngine[Any]) -> sa
 
 def _json_text(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
+
+
+def _sql_text(constant: str) -> sa.ColumnElement[str]:
+    """A constant of our own (a channel, a JSON key) as an SQL string literal, not a parameter."""
+    return sa.literal_column("'" + constant.replace("'", "''") + "'", sa.Text)
 
 
 def _as_json(value: Any) -> Any:

@@ -47,6 +47,9 @@ from dgxqueue.storage.validation import JobSpec
 
 #: PostgreSQL channel a producer notifies (payload: the model name) so idle daemons wake at once.
 NOTIFY_CHANNEL = "dgxqueue_jobs"
+#: PostgreSQL channel every recorded outcome is published on, with the write (README: "Completion
+#: events"); payload: a JSON array of ``{"id": ..., "status": ...}``.
+EVENTS_CHANNEL = "dgxqueue_events"
 log = structlog.get_logger("dgxqueue.store")
 
 
@@ -434,7 +437,8 @@ def _json_keys(keys: tuple[str, ...]) -> frozenset[str]:
 @functools.lru_cache(maxsize=512)
 def _finish_rows(dialect: Dialect, keys: tuple[str, ...], n: int) -> Compiled:
     profile = profile_of(dialect)
-    return Compiled.of(finish_rows_statement(profile, keys, 0 if profile.any_count else n), dialect)
+    write = finish_rows_statement(profile, keys, 0 if profile.any_count else n)
+    return Compiled.of(profile.announce(write, EVENTS_CHANNEL), dialect)
 
 
 def group_rows(rows: Sequence[Row]) -> dict[tuple[str, ...], list[Row]]:
@@ -552,7 +556,9 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     gets that attempt back.
 
     A processing row without a lease is held by no daemon: written by plain SQL, or left by a
-    downgrade to 001 and back, which drops the lease column. It counts as expired."""
+    downgrade to 001 and back, which drops the lease column. It counts as expired.
+
+    Each row written is published as a completion event, as a daemon's finish is."""
     profile = profile_of(session.get_bind().dialect)
     now = profile.now()
     lease = G.c.lease_expires_at  # one that is not a time (plain SQL) holds nothing either
@@ -560,31 +566,34 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
                                             profile.not_a_time(lease)))
     released = {"status": PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
                 "claimed_at": None}
-    refunded = session.execute(
+    def run(write: sa.Update) -> list[str]:
+        return list(session.execute(profile.announce(write, EVENTS_CHANNEL)).scalars())
+
+    refunded = run(
         sa.update(G).where(expired, G.c.started_at.is_(None))
         .values(attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
                 error_message="lease expired before it started: its daemon died or stalled running "
                               "other jobs; requeued without spending an attempt", **released)
         .returning(G.c.id)
-    ).scalars().all()
+    )
     spent = G.c.attempts >= G.c.max_attempts
-    requeued = session.execute(
+    requeued = run(
         sa.update(G).where(expired, G.c.started_at.is_not(None), sa.or_(~spent, G.c.lease_losses == 0))
         .values(attempts=sa.case((spent, G.c.attempts - 1), else_=G.c.attempts),
                 lease_losses=G.c.lease_losses + 1, started_at=None,
                 error_message=_losses_text("lease lost while it ran: its daemon died or stalled (",
                                            " time(s)); requeued to run alone"), **released)
         .returning(G.c.id)
-    ).scalars().all()
-    failed = session.execute(
+    )
+    failed = run(
         sa.update(G).where(expired, G.c.started_at.is_not(None))
         .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
                 lease_losses=G.c.lease_losses + 1,
                 error_message=_losses_text("killed its daemon ", " times: its lease expired while it ran "
                                            "alone, on its last attempt"))
         .returning(G.c.id)
-    ).scalars().all()
-    return [*refunded, *requeued], list(failed)
+    )
+    return [*refunded, *requeued], failed
 
 
 # --- expiry ---------------------------------------------------------------------------------
@@ -599,13 +608,13 @@ def expire_pending(session: Session) -> list[tuple[str, str]]:
     profile = profile_of(session.get_bind().dialect)
     now = profile.now()
     expires_at = G.c.expires_at
-    rows = session.execute(
+    rows = session.execute(profile.announce(  # a completion event each, as a daemon's outcome
         sa.update(G)
         .where(IS_PENDING, expires_at.is_not(None), profile.comparable_time(expires_at) <= now,
                sa.not_(profile.not_a_time(expires_at)))
         .values(status=FAILED, expired_at=now, completed_at=now, error_message=EXPIRED_MESSAGE)
-        .returning(G.c.id, G.c.model_name)
-    ).all()
+        .returning(G.c.id, G.c.model_name), EVENTS_CHANNEL,
+    )).all()
     return [(row[0], row[1]) for row in rows]
 
 

@@ -1,0 +1,426 @@
+"""Job handles for producers: submit a job, read where it stands, wait for its end, cancel it.
+
+:func:`submit` takes :func:`~dgxqueue.api.enqueue`'s arguments and returns a :class:`Job`;
+:func:`get_job` rebuilds one from an id. A handle holds the row as last read: :meth:`Job.refresh`
+reads it again, :meth:`Job.wait` blocks until the job is ``completed`` or ``failed``.
+
+Waiting does not poll the jobs' rows in a loop. On PostgreSQL the waiter LISTENs on the
+completion events channel (:data:`~dgxqueue.storage.queue.EVENTS_CHANNEL`) and reads a row
+again when an event names it; on SQLite it reads ``PRAGMA data_version`` (a counter that changes
+when another connection commits, read without a lock) every :data:`SQLITE_CHECK_SECONDS` and
+reads the rows only when it changed. Either way every :data:`RECHECK_SECONDS` the rows are read
+anyway, so an outcome no event announced (written by plain SQL, or while the listening
+connection was being replaced) is still seen. Each wait uses a connection of its own, closed on
+return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import selectors
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from dgxqueue.api import _engine, default_settings, enqueue
+from dgxqueue.audio import resolve_output_path
+from dgxqueue.config import Settings
+from dgxqueue.errors import InvalidStateError, JobNotFoundError, OutputError, WaitTimeoutError
+from dgxqueue.storage import admin, session_scope
+from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.models import PROCESSING, G, utcnow
+from dgxqueue.storage.queue import EVENTS_CHANNEL
+from dgxqueue.storage.reads import require_job
+
+__all__ = ["FINISHED", "ChangeListener", "Job", "Progress", "get_job", "submit", "wait_all", "wait_all_async"]
+
+#: The statuses a job ends in.
+FINISHED = frozenset({"completed", "failed"})
+#: How often a SQLite waiter reads the change counter (a read of a few bytes, no lock).
+SQLITE_CHECK_SECONDS = 0.02
+#: How often a waiter reads its jobs' rows whatever it was told: the bound on missing an outcome.
+RECHECK_SECONDS = 5.0
+_CHUNK = 500  # ids per read: under SQLite's bound-parameter limit
+
+_COLUMNS = (G.c.id, G.c.status, G.c.progress_done, G.c.progress_total, G.c.file_path, G.c.error_message,
+            G.c.completed_at, G.c.cancel_requested_at)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a daemon last reported of a running job: ``done`` of ``total`` steps."""
+
+    done: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        """``done / total`` between 0 and 1 (0 while the total is unknown)."""
+        return min(1.0, max(0.0, self.done / self.total)) if self.total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _State:
+    status: str
+    progress_done: int | None
+    progress_total: int | None
+    file_path: Any
+    error_message: str | None
+    completed_at: datetime | None
+    cancel_requested_at: datetime | None
+
+
+class Job:
+    """A handle on one job: its id and its row as last read (:meth:`refresh` reads it again)."""
+
+    def __init__(self, job_id: str, engine: Engine, settings: Settings, state: _State | None = None) -> None:
+        self.id = job_id
+        self._engine = engine
+        self._settings = settings
+        self._state = state if state is not None else _read(engine, [job_id]).get(job_id) or _missing(job_id)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, status={self.status!r})"
+
+    def refresh(self) -> Job:
+        """Read the row again; returns the handle. :class:`JobNotFoundError` if it was deleted."""
+        self._state = _read(self._engine, [self.id]).get(self.id) or _missing(self.id)
+        return self
+
+    @property
+    def status(self) -> str:
+        """``pending``, ``processing``, ``completed`` or ``failed``, as last read."""
+        return self._state.status
+
+    @property
+    def finished(self) -> bool:
+        return self._state.status in FINISHED
+
+    @property
+    def progress(self) -> Progress | None:
+        """The progress a daemon last reported, as last read; None until one reports any."""
+        done, total = self._state.progress_done, self._state.progress_total
+        return None if done is None or total is None else Progress(done, total)
+
+    @property
+    def output_path(self) -> Path | None:
+        """Where the WAV file is once the job completed (None before, or for a path outside the
+        outputs folder, which only plain SQL can write)."""
+        if self._state.status != "completed" or not isinstance(self._state.file_path, str):
+            return None
+        try:
+            return resolve_output_path(self._settings.outputs_dir, self._state.file_path)
+        except OutputError:
+            return None
+
+    @property
+    def error(self) -> str | None:
+        """Why the job failed; for a pending job, why its previous attempt did not finish."""
+        return self._state.error_message
+
+    @property
+    def completed_at(self) -> datetime | None:
+        return self._state.completed_at
+
+    @property
+    def cancel_requested(self) -> bool:
+        """A cancel of the running job was asked for and its daemon has not ended it yet."""
+        return self._state.cancel_requested_at is not None
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the job is completed or failed, and return that status (the handle is
+        refreshed). :class:`~dgxqueue.errors.WaitTimeoutError` after ``timeout`` seconds (None:
+        no limit); the job keeps going."""
+        wait_all([self], timeout)
+        return self.status
+
+    async def wait_async(self, timeout: float | None = None) -> str:
+        """:meth:`wait` for a caller in an event loop: the wait runs in a worker thread
+        (``asyncio.to_thread``) on its own connection, so the loop keeps running. Cancelling the
+        awaiting task ends that thread's wait at once."""
+        await wait_all_async([self], timeout)
+        return self.status
+
+    def cancel(self) -> str:
+        """Cancel the job; returns its status afterwards.
+
+        A pending job becomes ``failed`` now ("cancelled by request"). For a processing job,
+        ``cancel_requested_at`` is set and the status stays ``processing``: its daemon stops it and
+        records the outcome. A finished job raises :class:`~dgxqueue.errors.InvalidStateError`.
+        """
+        for _ in range(2):  # a pending job claimed meanwhile is asked to stop instead
+            with session_scope(self._engine) as session:
+                requested = session.execute(
+                    sa.update(G).where(G.c.id == self.id, G.c.status == PROCESSING)
+                    .values(cancel_requested_at=sa.func.coalesce(G.c.cancel_requested_at, utcnow()))
+                    .returning(G.c.id)
+                ).first()
+                if requested is not None:
+                    break
+                try:
+                    admin.cancel_job(session, self.id)  # pending; a finished job raises
+                    break
+                except InvalidStateError:
+                    if require_job(session, self.id).status != PROCESSING:
+                        raise
+        return self.refresh().status
+
+
+def submit(prompt: str, **spec: Any) -> Job:
+    """:func:`~dgxqueue.api.enqueue` (the same arguments), returning a :class:`Job` handle."""
+    settings = spec.get("settings") or default_settings()
+    spec["settings"] = settings
+    job_id = enqueue(prompt, **spec)
+    return Job(job_id, _engine(spec.get("database_url"), settings), settings)
+
+
+def get_job(job_id: str, *, database_url: str | None = None, settings: Settings | None = None) -> Job:
+    """A handle on an existing job; :class:`~dgxqueue.errors.JobNotFoundError` if there is none."""
+    settings = settings or default_settings()
+    return Job(job_id, _engine(database_url, settings), settings)
+
+
+def _missing(job_id: str) -> _State:
+    raise JobNotFoundError(job_id)
+
+
+def _read(engine: Engine, ids: Iterable[str], connection: sa.Connection | None = None, *,
+          ended_only: bool = False) -> dict[str, _State]:
+    """The rows of ``ids`` that exist, by id; ``ended_only``: only those that have ended (a
+    waiter's re-check reads little more than the index while its jobs run)."""
+    wanted = list(ids)
+    found: dict[str, _State] = {}
+    with contextlib.ExitStack() as stack:
+        conn = connection if connection is not None else stack.enter_context(engine.connect())
+        for start in range(0, len(wanted), _CHUNK):
+            query = sa.select(*_COLUMNS).where(G.c.id.in_(wanted[start:start + _CHUNK]))
+            if ended_only:
+                query = query.where(G.c.status.in_(sorted(FINISHED)))
+            for row in conn.execute(query):
+                found[row[0]] = _State(*row[1:])
+        if connection is not None:
+            conn.rollback()  # a snapshot ends with the read, so the next read sees new commits
+    return found
+
+
+# --- waiting --------------------------------------------------------------------------------
+
+
+class ChangeListener:
+    """What wakes a waiter: events naming jobs (PostgreSQL), or a changed database (SQLite).
+
+    :meth:`wait` returns the ids announced (PostgreSQL), ``None`` when anything may have changed,
+    or an empty set when nothing did; :meth:`stop` (any thread) makes it return at once."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self.stopped = False
+        self._listen: Any = None
+        self._sqlite: Any = None
+        self._version: int | None = None
+        self._events = profile_of(engine.dialect).waker == "listen"
+        if self._events:
+            self._connect()
+        else:
+            self._sqlite = engine.raw_connection()
+            self._version = self._data_version()
+
+    def _connect(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        url = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._listen = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        self._listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
+
+    def _data_version(self) -> int:
+        cursor = self._sqlite.cursor()
+        try:
+            cursor.execute("PRAGMA data_version")
+            return int(cursor.fetchone()[0])
+        finally:
+            cursor.close()
+
+    def wait(self, timeout: float) -> set[str] | None:
+        if self._events:
+            return self._wait_events(timeout)
+        deadline = time.monotonic() + timeout
+        while not self.stopped:
+            version = self._data_version()
+            if version != self._version:
+                self._version = version
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return set()
+            self._sleep(min(SQLITE_CHECK_SECONDS, remaining))
+        return set()
+
+    def _wait_events(self, timeout: float) -> set[str] | None:
+        import psycopg
+
+        try:
+            if self._listen is None:  # lost: events meanwhile were missed, so anything may have changed
+                self._connect()
+                return None
+            announced: set[str] = set()
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._listen.fileno(), selectors.EVENT_READ)
+                selector.register(self._read_fd, selectors.EVENT_READ)
+                if not self._take(announced):
+                    selector.select(timeout)
+                    self._take(announced)
+            return announced
+        except psycopg.Error:  # the server went away: listen again next time, pausing meanwhile
+            self._drop_listen()
+            self._sleep(min(timeout, 1.0))
+            return None
+
+    def _drop_listen(self) -> None:
+        if self._listen is not None:
+            with contextlib.suppress(Exception):
+                self._listen.close()
+            self._listen = None
+
+    def _take(self, into: set[str]) -> bool:
+        """Add the ids of the events received so far; True if there were any."""
+        got = False
+        for notify in self._listen.notifies(timeout=0):
+            got = True
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                into.update(str(event["id"]) for event in json.loads(notify.payload))
+        return got
+
+    def _sleep(self, seconds: float) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._read_fd, selectors.EVENT_READ)
+            selector.select(seconds)
+
+    def stop(self) -> None:
+        self.stopped = True
+        with contextlib.suppress(OSError):
+            os.write(self._write_fd, b"x")
+
+    def __enter__(self) -> ChangeListener:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._drop_listen()
+        if self._sqlite is not None:
+            with contextlib.suppress(Exception):
+                self._sqlite.close()
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class _Stopped(Exception):
+    """The awaiting task of :func:`wait_all_async` was cancelled: its thread stops waiting."""
+
+
+def _engine_of(jobs: Sequence[Job]) -> Engine:
+    engines = {id(job._engine): job._engine for job in jobs}
+    if len(engines) > 1:
+        raise ValueError("wait_all: the jobs are in different databases; wait for each database's jobs apart")
+    return next(iter(engines.values()))
+
+
+def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
+             _listener: ChangeListener | None = None) -> list[str]:
+    """Block until every job of ``jobs`` (one database's) is completed or failed; returns their
+    statuses in order, each handle refreshed. :class:`~dgxqueue.errors.WaitTimeoutError` after
+    ``timeout`` seconds (the handles then hold the rows as they stand);
+    :class:`~dgxqueue.errors.JobNotFoundError` if a job's row is deleted."""
+    if not jobs:
+        return []
+    engine = _engine_of(jobs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    listener = _listener or ChangeListener(engine)  # listening before the first read: nothing is missed
+    try:
+        with engine.connect() as connection:
+            by_id = {job.id: job for job in jobs}
+            states = _read(engine, by_id, connection)
+            waiting = {job_id for job_id in by_id if _ended(states, job_id) is False}
+            checked = time.monotonic()
+            while waiting:
+                now = time.monotonic()
+                if listener.stopped:
+                    raise _Stopped
+                if deadline is not None and now >= deadline:
+                    states.update(_read(engine, waiting, connection))  # the handles as they stand now
+                    _apply(jobs, states)
+                    raise WaitTimeoutError(timeout or 0.0, sorted(waiting))
+                pause = RECHECK_SECONDS - (now - checked)
+                if deadline is not None:
+                    pause = min(pause, deadline - now)
+                woke = listener.wait(max(0.0, pause))
+                if time.monotonic() - checked >= RECHECK_SECONDS:
+                    # Whole rows, whatever was announced: also finds a job deleted meanwhile.
+                    rows = _read(engine, waiting, connection)
+                    checked = time.monotonic()
+                    if missing := waiting - rows.keys():
+                        raise JobNotFoundError(min(missing))
+                    states.update(rows)
+                    ended = {job_id for job_id in waiting if rows[job_id].status in FINISHED}
+                elif woke is None or woke & waiting:
+                    rows = _read(engine, waiting if woke is None else woke & waiting, connection, ended_only=True)
+                    states.update(rows)
+                    ended = set(rows)
+                else:
+                    continue
+                waiting.difference_update(ended)
+    finally:
+        if _listener is None:
+            listener.close()
+    _apply(jobs, states)
+    return [job.status for job in jobs]
+
+
+def _ended(states: dict[str, _State], job_id: str) -> bool:
+    """The job has ended; :class:`~dgxqueue.errors.JobNotFoundError` if it has no row."""
+    state = states.get(job_id)
+    if state is None:
+        raise JobNotFoundError(job_id)
+    return state.status in FINISHED
+
+
+def _apply(jobs: Sequence[Job], states: dict[str, _State]) -> None:
+    for job in jobs:
+        if job.id in states:
+            job._state = states[job.id]
+
+
+async def wait_all_async(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
+    """:func:`wait_all` without blocking the event loop: it runs in a worker thread
+    (``asyncio.to_thread``) on connections of its own; cancelling the awaiting task stops that
+    thread's wait at once."""
+    if not jobs:
+        return []
+    listener = await asyncio.to_thread(ChangeListener, _engine_of(jobs))
+
+    def run() -> list[str]:
+        try:
+            return wait_all(jobs, timeout, _listener=listener)
+        finally:
+            listener.close()  # in the thread: it alone uses the listener until it returns
+
+    try:
+        return await asyncio.to_thread(run)
+    except asyncio.CancelledError:
+        listener.stop()  # to_thread cannot interrupt its thread: this ends that thread's wait
+        raise
