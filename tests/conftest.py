@@ -16,16 +16,25 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from dgxqueue.storage import dispose_engines, get_engine, init_db
-from tests.support.db import postgres_schema_url, sqlite_url
+from tests.support.db import build_sqlite_template, postgres_database_url, sqlite_url, sqlite_url_at_head
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file at head, migrated once per session (per xdist worker) and copied per test."""
+    return build_sqlite_template(tmp_path_factory.mktemp("sqlite-template"))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database URL, once per engine."""
+    """A database URL of its own, once per engine: empty, or at head when the test also asks for
+    ``engine`` (a copy of a template migrated once: migrating is what the migration tests test)."""
+    at_head = "engine" in request.fixturenames
     if request.param == "sqlite":
-        yield sqlite_url(tmp_path)
+        yield sqlite_url_at_head(tmp_path, request.getfixturevalue("sqlite_template")) if at_head \
+            else sqlite_url(tmp_path)
     else:
-        with postgres_schema_url() as url:
+        with postgres_database_url(at_head=at_head) as url:
             yield url
             dispose_engines()
             return
@@ -40,14 +49,15 @@ def sqlite_db_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def pg_db_url() -> Iterator[str]:
-    with postgres_schema_url() as url:
+    """An empty PostgreSQL database of its own."""
+    with postgres_database_url() as url:
         yield url
         dispose_engines()
 
 
 @pytest.fixture
 def engine(db_url: str) -> Engine:
-    """A migrated database on each engine."""
+    """A database at head on each engine (``db_url`` is its URL)."""
     init_db(db_url)
     return get_engine(db_url)
 
@@ -82,3 +92,4 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
     folder.chmod(0o555)
     yield folder
     folder.chmod(0o755)
+
