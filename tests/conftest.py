@@ -1,5 +1,6 @@
 """Shared fixtures (``db_url`` runs a test on a real SQLite file and on real PostgreSQL) and the
-collection rules: the ``postgres`` and ``slow`` markers."""
+collection rules: the ``postgres``, ``slow`` and ``serial`` markers, slow tests first, the xdist
+groups of tests that must share a worker, and serial tests alone."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ import os
 # No model hub is reachable: huggingface_hub reads these once, at its first import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# An xdist worker has one core's share: with torch's thread per core, the workers' threads wait on each other.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import contextlib
+import fcntl
+import json
 import subprocess
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -96,7 +104,7 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
     folder.chmod(0o755)
 
 
-# --- collection: markers ---------------------------------------------------------------------------
+# --- collection: markers, order, xdist groups ----------------------------------------------------
 
 #: Fixtures that give a test a database on the PostgreSQL server; so does any fixture's or
 #: parametrisation's value "postgres" (db_url's, the conformance suite's backend).
@@ -147,6 +155,10 @@ SLOW = frozenset({
 #: Fixtures that take seconds to build: every test that uses one is slow (its first user pays).
 SLOW_FIXTURES = frozenset({"prometheus"})
 SLOW_SECONDS = 5.0
+#: Timing-sensitive tests that fail when another test loads the machine: no other test runs beside them.
+SERIAL = frozenset({
+    "tests/acceptance/test_startup_review.py::test_main__ctrl_c_while_importing_is_one_line_not_a_traceback",
+})
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -168,24 +180,107 @@ def _uses_postgres(item: pytest.Function) -> bool:
     return bool(POSTGRES_NAMES & _code_names(item.function.__code__))
 
 
+def _xdist_group(item: pytest.Function) -> str | None:
+    """Tests that start a private PostgreSQL cluster run one at a time (each initdb and server
+    takes a core); tests that share a module-scoped fixture run where it is built, once."""
+    if "private_cluster" in _code_names(item.function.__code__):
+        return "private-pg-cluster"
+    for name in item.fixturenames:
+        definitions = item._fixtureinfo.name2fixturedefs.get(name, ())
+        if definitions and definitions[-1].scope == "module":
+            return str(item.module.__name__)
+    return None
+
+
 def _check_names(items: list[pytest.Function]) -> None:
-    """A renamed or removed test would drop out of SLOW unnoticed: name what matches nothing."""
+    """A renamed or removed test would drop out of SLOW or SERIAL unnoticed: name what matches nothing."""
     modules = {item.nodeid.split("::")[0]: item.module for item in items}
-    for entry in sorted(SLOW):
+    for entry in sorted(SLOW | SERIAL):
         path, function = entry.split("::")
         if path in modules and not hasattr(modules[path], function):
             raise pytest.UsageError(f"tests/conftest.py names {entry}, which does not exist")
 
 
+def _worker_run_folder(config: pytest.Config) -> Path | None:
+    """In an xdist worker, the run's basetemp, shared by its workers (each gets a folder in it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or config.option.basetemp is None:
+        return None
+    return Path(config.option.basetemp).parent
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     functions = [item for item in items if isinstance(item, pytest.Function)]
     _check_names(functions)
+    groups: dict[str, str] = {}
     for item in functions:
         if _uses_postgres(item):
             item.add_marker(pytest.mark.postgres)
         if item.nodeid.split("[")[0] in SLOW or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+        if item.nodeid.split("[")[0] in SERIAL:
+            item.add_marker(pytest.mark.serial)
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+            groups[item.nodeid] = group
+    run = _worker_run_folder(config)
+    if run is not None:  # for the scheduler below, in the controller
+        (run / f"groups-{os.environ['PYTEST_XDIST_WORKER']}.json").write_text(json.dumps(groups))
+    # Slow tests first, so that parallel workers do not end on one long test while the rest idle.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadgroup with the groups above. xdist's own reads the xdist_group marks by adding
+    them to each test's id, which pytest 9.2 no longer lets it change (pytest-xdist issue 1386):
+    the tests of a group were spread over the workers. Here the workers write each test's group
+    into the run's basetemp when they collect, and the controller reads it when it schedules,
+    after every worker has collected."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    run = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]  # as xdist gives its workers
+
+    class GroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = {}
+                for path in run.glob("groups-*.json"):
+                    self.groups.update(json.loads(path.read_text()))
+            return self.groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
+
+
+@contextlib.contextmanager
+def _turn(item: pytest.Item) -> Iterator[None]:
+    """Under xdist, a ``serial`` test runs alone and any other beside any other: a readers-writer
+    lock on files shared by this run's workers, with a turnstile so that a waiting serial test
+    stops new tests from starting instead of waiting for a moment when none runs."""
+    run = _worker_run_folder(item.config)
+    if run is None:
+        yield
+        return
+    alone = item.get_closest_marker("serial") is not None
+    with (run / "serial.gate").open("a") as gate, (run / "serial.lock").open("a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files releases both locks
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    with _turn(item):
+        return (yield)
 
 
 _unmarked_slow: list[tuple[float, str]] = []
