@@ -5,10 +5,15 @@ groups of tests that must share a worker, and serial tests alone."""
 from __future__ import annotations
 
 import os
+import signal
 
 # No model hub is reachable: huggingface_hub reads these once, at its first import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A shell starts a background job (nohup pytest ... &) with SIGINT ignored, and every command a test
+# starts would inherit that: the Ctrl-C tests need it to interrupt, as at a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # An xdist worker has one core's share: with torch's thread per core, the workers' threads wait on each other.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
