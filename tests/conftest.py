@@ -1,31 +1,55 @@
-"""Shared fixtures: ``db_url`` runs a test on a real SQLite file and on real PostgreSQL."""
+"""Shared fixtures (``db_url`` runs a test on a real SQLite file and on real PostgreSQL) and the
+collection rules: the ``postgres``, ``slow`` and ``serial`` markers, slow tests first, the xdist
+groups of tests that must share a worker, and serial tests alone."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 # No model hub is reachable: huggingface_hub reads these once, at its first import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A shell starts a background job (nohup pytest ... &) with SIGINT ignored, and every command a test
+# starts would inherit that: the Ctrl-C tests need it to interrupt, as at a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+# An xdist worker has one core's share: with torch's thread per core, the workers' threads wait on each other.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import contextlib
+import fcntl
+import json
 import subprocess
+import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
 
 from dgxqueue.storage import dispose_engines, get_engine, init_db
-from tests.support.db import postgres_schema_url, sqlite_url
+from tests.support.db import build_sqlite_template, postgres_database_url, sqlite_url, sqlite_url_at_head
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file at head, migrated once per session (per xdist worker) and copied per test."""
+    return build_sqlite_template(tmp_path_factory.mktemp("sqlite-template"))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database URL, once per engine."""
+    """A database URL of its own, once per engine: empty, or at head when the test also asks for
+    ``engine`` (a copy of a template migrated once: migrating is what the migration tests test)."""
+    at_head = "engine" in request.fixturenames
     if request.param == "sqlite":
-        yield sqlite_url(tmp_path)
+        yield sqlite_url_at_head(tmp_path, request.getfixturevalue("sqlite_template")) if at_head \
+            else sqlite_url(tmp_path)
     else:
-        with postgres_schema_url() as url:
+        with postgres_database_url(at_head=at_head) as url:
             yield url
             dispose_engines()
             return
@@ -40,14 +64,15 @@ def sqlite_db_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def pg_db_url() -> Iterator[str]:
-    with postgres_schema_url() as url:
+    """An empty PostgreSQL database of its own."""
+    with postgres_database_url() as url:
         yield url
         dispose_engines()
 
 
 @pytest.fixture
 def engine(db_url: str) -> Engine:
-    """A migrated database on each engine."""
+    """A database at head on each engine (``db_url`` is its URL)."""
     init_db(db_url)
     return get_engine(db_url)
 
@@ -82,3 +107,197 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
     folder.chmod(0o555)
     yield folder
     folder.chmod(0o755)
+
+
+# --- collection: markers, order, xdist groups ----------------------------------------------------
+
+#: Fixtures that give a test a database on the PostgreSQL server; so does any fixture's or
+#: parametrisation's value "postgres" (db_url's, the conformance suite's backend).
+POSTGRES_FIXTURES = frozenset({"pg_db_url"})
+#: Names whose use in a test's own code means it talks to a PostgreSQL server itself.
+POSTGRES_NAMES = frozenset({"private_cluster", "PG_ADMIN_URL", "postgres_database_url", "postgres_schema_url"})
+#: Tests that take more than about 2 s each on an idle 2-core machine (``path::function``, every
+#: parametrisation). The summary names unlisted tests that take over SLOW_SECONDS.
+SLOW = frozenset({
+    "tests/acceptance/test_chaos.py::test_chaos__signals_across_three_daemons_leave_every_result_whole",
+    "tests/acceptance/test_cli.py::test_db__upgrade_current_downgrade",
+    "tests/acceptance/test_cli.py::test_demo__from_a_fresh_folder_writes_the_wavs",
+    "tests/acceptance/test_cli.py::test_enqueue_wait__with_a_running_worker_then_sigterm",
+    "tests/acceptance/test_cli_edges.py::test_db_upgrade__wait_outlasts_a_database_that_starts_later",
+    "tests/acceptance/test_daemon_processes.py::test_daemon__sigkill_mid_job_is_rescued_by_another",
+    "tests/acceptance/test_daemon_processes.py::test_daemon__sqlite_lock_storm_loses_nothing",
+    "tests/acceptance/test_daemon_processes.py::test_daemon__survives_postgres_restart",
+    "tests/acceptance/test_daemon_processes.py::test_daemon__survives_terminated_connections",
+    "tests/acceptance/test_daemon_processes.py::test_daemons__four_processes_complete_2000_jobs_exactly_once",
+    "tests/acceptance/test_first_hour.py::test_db_downgrade__dropping_tables_or_columns_needs_yes",
+    "tests/acceptance/test_first_hour.py::test_demo__first_ctrl_c_on_a_terminal_says_what_the_second_does",
+    "tests/acceptance/test_first_hour.py::test_demo__with_another_daemon_on_the_same_database",
+    "tests/acceptance/test_first_hour.py::test_worker__older_schema_exit_69_and_left_alone",
+    "tests/acceptance/test_isolation_processes.py::test_daemons__a_job_that_kills_its_daemon_is_isolated_and_failed_alone",
+    "tests/acceptance/test_isolation_processes.py::test_daemons__a_job_whose_validate_kills_its_daemon_fails_alone",
+    "tests/acceptance/test_machine_faults.py::test_job_timeout__hanging_prompt_costs_max_attempts_restarts_and_the_queue_moves",
+    "tests/acceptance/test_machine_faults.py::test_machine_fault__full_disk_gives_jobs_back_exits_75_then_pauses_until_space_returns",
+    "tests/acceptance/test_machine_faults.py::test_machine_fault__read_only_remount_gives_jobs_back_and_exits_75",
+    "tests/acceptance/test_machine_faults.py::test_stop__sigterm_while_postgres_is_down_is_bounded_and_the_job_rescued",
+    "tests/acceptance/test_machine_faults_review.py::test_machine_fault__a_disk_that_stays_short_never_fails_the_jobs",
+    "tests/acceptance/test_machine_faults_review.py::test_machine_fault__mark_left_by_a_stop_does_not_charge_the_next_fault",
+    "tests/acceptance/test_machine_faults_review.py::test_stop__sigterm_while_postgres_hangs_is_bounded",
+    "tests/acceptance/test_packaging.py::test_wheel__holds_dgxqueue_workers_and_migrations_only",
+    "tests/acceptance/test_poison_rows.py::test_worker_burst__poison_rows_fail_alone_and_the_queue_drains",
+    "tests/acceptance/test_result_fencing.py::test_daemon__a_stalled_attempt_never_replaces_the_finished_file",
+    "tests/acceptance/test_result_fencing.py::test_daemon__killed_at_any_step_of_a_write_every_job_completes_once",
+    "tests/acceptance/test_sd_notify_daemon.py::test_daemon__ready_watchdog_stopping_in_order",
+    "tests/acceptance/test_sd_notify_daemon.py::test_daemon__stalled_loop_stops_watchdog",
+    "tests/acceptance/test_startup_review.py::test_db_downgrade__forms_not_judged_for_losses_refused",
+    "tests/acceptance/test_startup_review.py::test_db_upgrade__explicit_revision_concurrently_on_postgres",
+    "tests/integration/test_daemon.py::test_daemon__leases_renewed_through_a_round_of_short_calls",
+    "tests/integration/test_repository_reads.py::test_queue_depth__gives_up_on_a_locked_table",
+    "tests/migrations/test_migrations.py::test_init_db__concurrent_processes_on_a_new_database",
+    "tests/migrations/test_migrations.py::test_migrations__round_trip_through_the_alembic_cli",
+    "tests/migrations/test_migrations.py::test_wheel__installed_package_finds_its_migrations",
+    "tests/unit/test_metrics.py::test_queue_depth__a_database_that_never_answers_costs_the_depth_not_the_scrape",
+})
+#: Fixtures that take seconds to build: every test that uses one is slow (its first user pays).
+SLOW_FIXTURES = frozenset({"prometheus"})
+SLOW_SECONDS = 5.0
+#: Timing-sensitive tests that fail when another test loads the machine: no other test runs beside them.
+SERIAL = frozenset({
+    "tests/acceptance/test_startup_review.py::test_main__ctrl_c_while_importing_is_one_line_not_a_traceback",
+})
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """Every global, attribute and imported name ``code`` and the functions inside it refer to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _uses_postgres(item: pytest.Function) -> bool:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(isinstance(value, str) and value == "postgres"
+                                    for value in callspec.params.values()):
+        return True
+    if POSTGRES_FIXTURES & set(item.fixturenames):
+        return True
+    return bool(POSTGRES_NAMES & _code_names(item.function.__code__))
+
+
+def _xdist_group(item: pytest.Function) -> str | None:
+    """Tests that start a private PostgreSQL cluster run one at a time (each initdb and server
+    takes a core); tests that share a module-scoped fixture run where it is built, once."""
+    if "private_cluster" in _code_names(item.function.__code__):
+        return "private-pg-cluster"
+    for name in item.fixturenames:
+        definitions = item._fixtureinfo.name2fixturedefs.get(name, ())
+        if definitions and definitions[-1].scope == "module":
+            return str(item.module.__name__)
+    return None
+
+
+def _check_names(items: list[pytest.Function]) -> None:
+    """A renamed or removed test would drop out of SLOW or SERIAL unnoticed: name what matches nothing."""
+    modules = {item.nodeid.split("::")[0]: item.module for item in items}
+    for entry in sorted(SLOW | SERIAL):
+        path, function = entry.split("::")
+        if path in modules and not hasattr(modules[path], function):
+            raise pytest.UsageError(f"tests/conftest.py names {entry}, which does not exist")
+
+
+def _worker_run_folder(config: pytest.Config) -> Path | None:
+    """In an xdist worker, the run's basetemp, shared by its workers (each gets a folder in it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or config.option.basetemp is None:
+        return None
+    return Path(config.option.basetemp).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    functions = [item for item in items if isinstance(item, pytest.Function)]
+    _check_names(functions)
+    groups: dict[str, str] = {}
+    for item in functions:
+        if _uses_postgres(item):
+            item.add_marker(pytest.mark.postgres)
+        if item.nodeid.split("[")[0] in SLOW or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+        if item.nodeid.split("[")[0] in SERIAL:
+            item.add_marker(pytest.mark.serial)
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+            groups[item.nodeid] = group
+    run = _worker_run_folder(config)
+    if run is not None:  # for the scheduler below, in the controller
+        (run / f"groups-{os.environ['PYTEST_XDIST_WORKER']}.json").write_text(json.dumps(groups))
+    # Slow tests first, so that parallel workers do not end on one long test while the rest idle.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadgroup with the groups above. xdist's own reads the xdist_group marks by adding
+    them to each test's id, which pytest 9.2 no longer lets it change (pytest-xdist issue 1386):
+    the tests of a group were spread over the workers. Here the workers write each test's group
+    into the run's basetemp when they collect, and the controller reads it when it schedules,
+    after every worker has collected."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    run = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]  # as xdist gives its workers
+
+    class GroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = {}
+                for path in run.glob("groups-*.json"):
+                    self.groups.update(json.loads(path.read_text()))
+            return self.groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
+
+
+@contextlib.contextmanager
+def _turn(item: pytest.Item) -> Iterator[None]:
+    """Under xdist, a ``serial`` test runs alone and any other beside any other: a readers-writer
+    lock on files shared by this run's workers, with a turnstile so that a waiting serial test
+    stops new tests from starting instead of waiting for a moment when none runs."""
+    run = _worker_run_folder(item.config)
+    if run is None:
+        yield
+        return
+    alone = item.get_closest_marker("serial") is not None
+    with (run / "serial.gate").open("a") as gate, (run / "serial.lock").open("a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files releases both locks
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    with _turn(item):
+        return (yield)
+
+
+_unmarked_slow: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.duration > SLOW_SECONDS and "slow" not in report.keywords:
+        _unmarked_slow.append((report.duration, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _unmarked_slow:
+        terminalreporter.write_sep("-", f"over {SLOW_SECONDS:g} s and not marked slow (see SLOW in tests/conftest.py)")
+        for duration, nodeid in sorted(_unmarked_slow, reverse=True):
+            terminalreporter.write_line(f"{duration:6.1f} s  {nodeid}")

@@ -65,9 +65,10 @@ def test_worker__database_without_tables_exit_69(cli: Cli) -> None:
 def test_worker__empty_postgres_exit_69_password_hidden(cli: Cli, pg_db_url: str) -> None:
     """A PostgreSQL database without dgxqueue's tables: exit 69 naming host, port and database,
     never the password; no table is created."""
-    url = sa.engine.make_url(pg_db_url).set(password="sekret-pw").render_as_string(hide_password=False)
+    where = sa.engine.make_url(pg_db_url)
+    url = where.set(password="sekret-pw").render_as_string(hide_password=False)
     done = cli("worker", env={**QUIET_DAEMON, "DATABASE_URL": url})
-    assert_error(done, 69, "127.0.0.1:5432/test", "no dgxqueue tables", "db upgrade")
+    assert_error(done, 69, f"{where.host}:{where.port}/{where.database}", "no dgxqueue tables", "db upgrade")
     assert "sekret-pw" not in done.stderr + done.stdout
     engine = sa.create_engine(pg_db_url)
     with engine.connect() as conn:

@@ -34,10 +34,15 @@ def test_database_url__unencoded_at_in_password_is_config_error_and_hidden(cli: 
     assert "ss-cret" not in done.stdout + done.stderr
 
 
+def _with_query_password(url: str) -> str:
+    return sa.engine.make_url(url).update_query_dict({"password": "qu3ry-sekret"}).render_as_string(
+        hide_password=False)
+
+
 @pytest.mark.parametrize("command", [("config", "show"), ("config", "check"), ("list",)])
 def test_database_url__password_in_query_hidden(cli: Cli, pg_db_url: str, command: tuple[str, ...]) -> None:
     """libpq's ``?password=`` is hidden like the user-part password, in settings and in errors."""
-    url = f"{pg_db_url}&password=qu3ry-sekret"  # trust auth: libpq sends it, the server ignores it
+    url = _with_query_password(pg_db_url)  # trust auth: libpq sends it, the server ignores it
     done = cli.here(*command, env={"DATABASE_URL": url})
     assert "qu3ry-sekret" not in done.stdout + done.stderr
     assert "password=***" in done.stdout + done.stderr
@@ -105,7 +110,7 @@ def test_db_upgrade__explicit_revision_concurrently_on_postgres(cli: Cli, pg_db_
             with engine.connect() as conn:
                 waiting = conn.execute(sa.text(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND pid <> pg_backend_pid() AND query ILIKE ANY "
+                    "AND pid <> pg_backend_pid() AND datname = current_database() AND query ILIKE ANY "
                     "(ARRAY['%alembic_version%', '%pg_advisory_lock%'])")).scalar_one()
             return bool(waiting >= 4) or any(run.poll() is not None for run in runs)
 
@@ -245,7 +250,7 @@ def test_db_backup__postgres_password_never_on_pg_dumps_command_line(cli: Cli, p
     wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{cli.folder}/argv"\n'
                        f'printf "%s" "$PGPASSWORD" > "{cli.folder}/pgpassword"\nexec "{real}" "$@"\n')
     wrapper.chmod(0o755)
-    url = f"{pg_db_url}&password=qu3ry-sekret"  # trust auth: the server ignores it
+    url = _with_query_password(pg_db_url)  # trust auth: the server ignores it
     env = {"DATABASE_URL": url, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     cli.ok("db", "upgrade", env=env)
     cli.ok("db", "backup", str(cli.folder / "b.dump"), env=env)

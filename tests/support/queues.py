@@ -173,7 +173,7 @@ class MemoryBackend(QueueBackend):
 
 def open_backend(name: str, tmp_path: Path) -> Iterator[QueueBackend]:
     """The backend ``name`` ("sqlite", "postgres" or "memory"), closed afterwards."""
-    from tests.support.db import postgres_schema_url, sqlite_url
+    from tests.support.db import postgres_database_url, sqlite_url
 
     backend: QueueBackend
     if name == "memory":
@@ -186,7 +186,7 @@ def open_backend(name: str, tmp_path: Path) -> Iterator[QueueBackend]:
         finally:
             backend.close()
         return
-    with postgres_schema_url() as url:
+    with postgres_database_url(at_head=True) as url:
         backend = DatabaseBackend(name, url, tmp_path / "outputs")
         try:
             yield backend

@@ -1,18 +1,18 @@
 """The benchmark's ceilings do the work they stand for: each job claimed and completed through the
-daemon's own statements (benchmarks run by hand; nothing is timed here)."""
+daemon's own statements (benchmarks run by hand; nothing is timed here). It lives beside the
+benchmark it checks and runs with the suite (``testpaths``): ``tests/`` never imports ``benchmarks/``."""
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import bench_daemon  # pytest puts this folder on sys.path (it has no __init__.py)
 import pytest
 import sqlalchemy as sa
 
-from dgxqueue.storage import get_engine, init_db
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import bench_daemon
+from dgxqueue.storage import dispose_engines, get_engine, init_db
+from tests.support.db import sqlite_url
 
 CEILINGS = {
     "SQL": lambda url: bench_daemon.sqlite_ceiling(url, 1, wav=False),
@@ -20,6 +20,12 @@ CEILINGS = {
     "SQL + WAVs, 2nd thread": lambda url: bench_daemon.sqlite_ceiling(url, 1, wav=True, thread=True),
     "steps inline": lambda url: bench_daemon.steps_ceiling(url, 1),
 }
+
+
+@pytest.fixture
+def sqlite_db_url(tmp_path: Path) -> Iterator[str]:
+    yield sqlite_url(tmp_path)
+    dispose_engines()
 
 
 @pytest.mark.parametrize("ceiling", list(CEILINGS))
