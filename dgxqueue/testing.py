@@ -40,7 +40,7 @@ from dgxqueue.daemon.queue_protocol import JobResult
 from dgxqueue.storage import JobSpec, validate_job
 from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
 from dgxqueue.storage.models import FAILED, PENDING, PROCESSING, G, as_utc, utcnow
-from dgxqueue.storage.queue import EXPIRED_MESSAGE, AttemptState, Beat, Progress, job_row
+from dgxqueue.storage.queue import EXPIRED_MESSAGE, RESCUED_CANCEL_MESSAGE, AttemptState, Beat, Progress, job_row
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
 from dgxqueue.storage.results import Released, row_values
 
@@ -222,7 +222,13 @@ class MemoryStore:
                        and (row["lease_expires_at"] is None or row["lease_expires_at"] < now)]
             released = {"status": PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
                         "claimed_at": None}
-            refunded, requeued, failed = [], [], []
+            refunded, requeued, failed, cancelled = [], [], [], []
+            for row in expired:
+                if row["cancel_requested_at"] is not None:  # its daemon died before stopping it
+                    row.update(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
+                               cancelled_at=now, error_message=RESCUED_CANCEL_MESSAGE)
+                    cancelled.append(row["id"])
+            expired = [row for row in expired if row["id"] not in cancelled]
             for row in expired:
                 if row["started_at"] is None:  # its daemon died running other jobs
                     row.update(released, attempts=max(row["attempts"] - 1, 0),
@@ -246,9 +252,9 @@ class MemoryStore:
                                error_message=f"killed its daemon {losses} times: its lease expired while it "
                                              "ran alone, on its last attempt")
                     failed.append(row["id"])
-            if expired:
+            if expired or cancelled:
                 self.version += 1
-            return [*refunded, *requeued], failed
+            return [*refunded, *requeued], [*cancelled, *failed]
 
 
 class MemoryQueue:

@@ -545,6 +545,10 @@ def _losses_text(prefix: str, suffix: str) -> sa.ColumnElement[str]:
     return sa.literal(prefix, sa.Text) + count + sa.literal(suffix, sa.Text)
 
 
+#: Why the rescue failed a running job whose cancel was asked: its daemon died before stopping it.
+RESCUED_CANCEL_MESSAGE = "cancelled by request while it ran (its daemon died before stopping it)"
+
+
 def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     """Requeue jobs whose lease expired (by the database's clock), or fail them; returns the ids
     (requeued, failed).
@@ -553,7 +557,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     A job that was running is marked (``lease_losses``), so that it runs alone next, and its
     attempt is spent; it is failed only when its attempts are spent and it had already lost a
     lease, so ran alone: a job that shared its last attempt with the job that killed the daemon
-    gets that attempt back.
+    gets that attempt back. A job whose cancel was asked is failed as cancelled, whatever its attempts.
 
     A processing row without a lease is held by no daemon: written by plain SQL, or left by a
     downgrade to 001 and back, which drops the lease column. It counts as expired.
@@ -569,6 +573,13 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     def run(write: sa.Update) -> list[str]:
         return list(session.execute(profile.announce(write, EVENTS_CHANNEL)).scalars())
 
+    # A cancel was asked and its daemon died before acting on it: requeued, the job would run again.
+    cancelled = run(
+        sa.update(G).where(expired, G.c.cancel_requested_at.is_not(None))
+        .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now, cancelled_at=now,
+                error_message=RESCUED_CANCEL_MESSAGE)
+        .returning(G.c.id)
+    )
     refunded = run(
         sa.update(G).where(expired, G.c.started_at.is_(None))
         .values(attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
@@ -593,7 +604,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
                                            "alone, on its last attempt"))
         .returning(G.c.id)
     )
-    return [*refunded, *requeued], failed
+    return [*refunded, *requeued], [*cancelled, *failed]
 
 
 # --- expiry ---------------------------------------------------------------------------------

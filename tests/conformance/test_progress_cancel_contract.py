@@ -8,7 +8,7 @@ import pytest
 
 from dgxqueue.errors import InvalidStateError
 from dgxqueue.storage.results import Cancelled
-from tests.support.queues import QueueBackend, completed
+from tests.support.queues import LEASE, QueueBackend, completed
 
 
 def test_extend__writes_the_progress_given_and_leaves_the_rest(backend: QueueBackend) -> None:
@@ -72,3 +72,20 @@ def test_finish__a_cancelled_result_fails_the_job_for_good(backend: QueueBackend
     assert row["cancelled_at"] is not None and row["completed_at"] is not None
     assert queue.claim(1) == []
     assert queue.finish([(job, Cancelled(backend.now(), "again"))]) == [False]
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_rescue__a_job_whose_cancel_was_asked_fails_cancelled_not_requeued(backend: QueueBackend,
+                                                                            started: bool) -> None:
+    """A cancel asked of a running job whose daemon then died is honoured by the rescue: the job
+    fails cancelled instead of going back to pending to be run again (or to wait for ever)."""
+    job_id = backend.enqueue(max_attempts=5)
+    dead = backend.queue("dead")
+    dead.claim(1, start=started)
+    assert backend.cancel(job_id) == "processing"
+    backend.advance(LEASE.total_seconds() + 5)
+    assert backend.queue("rescuer").rescue() == ([], [job_id])
+    row = backend.row(job_id)
+    assert row["status"] == "failed" and row["error_message"].startswith("cancelled by request while it ran")
+    assert row["cancelled_at"] is not None and row["completed_at"] is not None
+    assert backend.queue("other").claim(1) == []
