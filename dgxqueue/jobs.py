@@ -109,7 +109,10 @@ class Job:
     def progress(self) -> Progress | None:
         """The progress a daemon last reported, as last read; None until one reports any."""
         done, total = self._state.progress_done, self._state.progress_total
-        return None if done is None or total is None else Progress(done, total)
+        # Plain SQL can store text or a float beyond INTEGER on SQLite: that is no progress.
+        if type(done) is not int or type(total) is not int:
+            return None
+        return Progress(done, total)
 
     @property
     def output_path(self) -> Path | None:

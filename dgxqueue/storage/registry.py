@@ -63,10 +63,15 @@ class LiveDaemon:
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "host": self.host, "pid": self.pid, "generator": self.generator,
-                "models": list(self.models), "version": self.version, "started_at": self.started_at.isoformat(),
-                "heartbeat_at": self.heartbeat_at.isoformat(), "expires_at": self.expires_at.isoformat(),
+                "models": list(self.models), "version": self.version, "started_at": _iso(self.started_at),
+                "heartbeat_at": _iso(self.heartbeat_at), "expires_at": _iso(self.expires_at),
                 "heartbeat_age_seconds": round(self.heartbeat_age.total_seconds(), 3),
                 "holding": list(self.holding), "stale": self.stale}
+
+
+def _iso(value: object) -> str:
+    """A time in ISO form; anything else (plain SQL wrote a non-time on SQLite) as its text."""
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 def _seconds(lease: timedelta) -> sa.ColumnElement[float]:
