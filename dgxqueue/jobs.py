@@ -37,7 +37,7 @@ from dgxqueue.config import Settings
 from dgxqueue.errors import InvalidStateError, JobNotFoundError, OutputError, WaitTimeoutError
 from dgxqueue.storage import admin, session_scope
 from dgxqueue.storage.engines import profile_of
-from dgxqueue.storage.models import PROCESSING, G, utcnow
+from dgxqueue.storage.models import PROCESSING, G
 from dgxqueue.storage.queue import EVENTS_CHANNEL
 from dgxqueue.storage.reads import require_job
 
@@ -161,18 +161,13 @@ class Job:
         records the outcome. A finished job raises :class:`~dgxqueue.errors.InvalidStateError`.
         """
         for _ in range(2):  # a pending job claimed meanwhile is asked to stop instead
-            with session_scope(self._engine) as session:
-                requested = session.execute(
-                    sa.update(G).where(G.c.id == self.id, G.c.status == PROCESSING)
-                    .values(cancel_requested_at=sa.func.coalesce(G.c.cancel_requested_at, utcnow()))
-                    .returning(G.c.id)
-                ).first()
-                if requested is not None:
-                    break
-                try:
-                    admin.cancel_job(session, self.id)  # pending; a finished job raises
-                    break
-                except InvalidStateError:
+            try:
+                # The CLI's call: on PostgreSQL it also wakes the running job's daemon at once.
+                with session_scope(self._engine) as session:
+                    admin.cancel_job(session, self.id)
+                break
+            except InvalidStateError:
+                with session_scope(self._engine) as session:
                     if require_job(session, self.id).status != PROCESSING:
                         raise
         return self.refresh().status

@@ -19,6 +19,7 @@ from dgxqueue.config import Settings, load_settings
 from dgxqueue.errors import InvalidStateError, JobNotFoundError, WaitTimeoutError
 from dgxqueue.jobs import Job
 from dgxqueue.storage import get_engine, init_db
+from dgxqueue.storage.admin import CANCEL_CHANNEL
 from dgxqueue.storage.queue import EVENTS_CHANNEL
 from tests.support.generators import read_executions
 from tests.support.processes import start_worker, stop, wait_until, worker_config
@@ -205,3 +206,21 @@ def test_import__handles_are_exported_lazily() -> None:
             "assert callable(dgxqueue.submit) and dgxqueue.Job and dgxqueue.get_job; "
             "assert 'sqlalchemy' in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_cancel__of_a_processing_job_wakes_its_daemon_at_once(pg_db_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL a handle's cancel of a running job is announced on the cancel channel, as the
+    CLI's is, so the daemon stops it at once rather than at its next heartbeat."""
+    _, settings = setup(pg_db_url, tmp_path)
+    job = submit(settings, "fine")
+    set_status(pg_db_url, job.id, "processing")
+    url = get_engine(pg_db_url).url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CANCEL_CHANNEL}")
+        assert job.cancel() == "processing"
+        heard: list[str] = []
+        deadline = time.monotonic() + 10
+        # NOTIFY is per database: other tests' cancels may be heard too.
+        while job.id not in heard and time.monotonic() < deadline:
+            heard.extend(notify.payload for notify in listener.notifies(timeout=1.0, stop_after=1))
+    assert job.id in heard
