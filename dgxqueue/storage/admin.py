@@ -85,18 +85,34 @@ def cancel_job(session: Session, job_id: str) -> Generation:
                             "cancelled")
 
 
+#: The generations table under another name: a retry looks for another row holding its key.
+_HOLDER = G.alias("holder")
+
+
 def retry_job(session: Session, job_id: str, run_after: datetime | None = None) -> Generation:
-    """Send a failed job back to pending with a fresh set of attempts."""
+    """Send a failed job back to pending with a fresh set of attempts. An expired job loses its
+    expiry (else the next rescue would expire it again, unrun); a job whose ``dedupe_key`` another
+    unfinished job holds now is refused (the key's index allows one holder)."""
+    holder = sa.select(_HOLDER.c.id).where(
+        _HOLDER.c.dedupe_key == G.c.dedupe_key, _HOLDER.c.id != G.c.id,
+        _HOLDER.c.status.in_((PENDING, PROCESSING)))
     result = session.execute(
-        sa.update(G).where(G.c.id == job_id, G.c.status == FAILED)
+        sa.update(G).where(G.c.id == job_id, G.c.status == FAILED, ~holder.exists())
         .values(status=PENDING, attempts=0, error_message=None, completed_at=None,
                 run_after=run_after, worker_id=None, claimed_at=None, lease_expires_at=None,
                 generation_time_seconds=None, file_size_bytes=None, cancel_requested_at=None, cancelled_at=None,
-                progress_done=None, progress_total=None)
+                progress_done=None, progress_total=None,
+                expires_at=sa.case((G.c.expired_at.is_(None), G.c.expires_at), else_=None), expired_at=None)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         job = require_job(session, job_id)
-        raise InvalidStateError(f"generation {job_id} is {job.status}; only failed jobs can be retried")
+        if job.status != FAILED:
+            raise InvalidStateError(f"generation {job_id} is {job.status}; only failed jobs can be retried")
+        held_by = session.execute(
+            sa.select(G.c.id).where(G.c.dedupe_key == job.dedupe_key, G.c.status.in_((PENDING, PROCESSING)))
+        ).scalar()
+        raise InvalidStateError(f"generation {job_id} cannot be retried: its dedupe_key is held by the unfinished "
+                                f"job {held_by}")
     return require_job(session, job_id)
 
 
