@@ -45,13 +45,15 @@ def set_outcome(
     session: Session, job_id: str, status: GenerationStatus, values: Mapping[str, Any]
 ) -> Generation:
     """The specification's complete/fail: from pending or processing, unfenced (producer side)."""
-    result = session.execute(
+    profile = profile_of(session.get_bind().dialect)
+    ended = session.execute(profile.announce(  # an outcome: published as a daemon's is
         sa.update(G)
         .where(G.c.id == job_id, G.c.status.in_((PENDING, PROCESSING)))
         .values(status=status.value, completed_at=utcnow(), worker_id=None, lease_expires_at=None,
                 **values)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+        .returning(G.c.id), queue.EVENTS_CHANNEL,
+    )).first()
+    if ended is None:
         job = require_job(session, job_id)
         raise InvalidStateError(f"generation {job_id} is already {job.status}; cannot mark it {status}")
     return require_job(session, job_id)
@@ -64,12 +66,15 @@ def cancel_job(session: Session, job_id: str) -> Generation:
     ``cancelled_at``. Until then it stays ``processing``; a result that commits first wins (the
     job completes and keeps ``cancel_requested_at`` as a trace). Finished jobs refuse."""
     now = utcnow()
-    result = session.execute(
+    profile = profile_of(session.get_bind().dialect)
+    # An outcome no daemon records: published here, as a daemon's are, for listeners and waiters.
+    ended = session.execute(profile.announce(
         sa.update(G).where(G.c.id == job_id, G.c.status == PENDING)
         .values(status=FAILED, error_message=CANCELLED_MESSAGE, completed_at=now, cancel_requested_at=now,
                 cancelled_at=now)
-    )
-    if result.rowcount == 1:  # type: ignore[attr-defined]
+        .returning(G.c.id), queue.EVENTS_CHANNEL,
+    )).first()
+    if ended is not None:
         return require_job(session, job_id)
     asked = session.execute(
         sa.update(G).where(G.c.id == job_id, G.c.status == PROCESSING)

@@ -224,3 +224,20 @@ def test_cancel__of_a_processing_job_wakes_its_daemon_at_once(pg_db_url: str, tm
         while job.id not in heard and time.monotonic() < deadline:
             heard.extend(notify.payload for notify in listener.notifies(timeout=1.0, stop_after=1))
     assert job.id in heard
+
+
+def test_events__a_cancel_of_a_pending_job_is_published(pg_db_url: str, tmp_path: Path) -> None:
+    """A pending job cancelled (handle or CLI) ends without a daemon: its outcome is published on
+    the events channel all the same, so a web app listening hears it and a waiter wakes at once."""
+    _, settings = setup(pg_db_url, tmp_path)
+    job = submit(settings, "fine")
+    url = get_engine(pg_db_url).url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {EVENTS_CHANNEL}")
+        assert job.cancel() == "failed"
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + 10
+        while job.id not in seen and time.monotonic() < deadline:  # other tests' events too
+            for notify in listener.notifies(timeout=1.0, stop_after=1):
+                seen.update({event["id"]: event["status"] for event in json.loads(notify.payload)})
+    assert seen.get(job.id) == "failed"
