@@ -295,6 +295,8 @@ class MemoryQueue:
         for job, result in results:
             stored = {key: _stored(key, value) for key, value in row_values(job, result).items()}
             row = self._held(job.id, job.attempt)
+            if row is not None and stored.get("status") == PENDING and row["cancel_requested_at"] is not None:
+                row = None  # never back to pending once a cancel was asked: the rescue fails it cancelled
             if row is not None:
                 row.update(lease_expires_at=None, **stored)
             written.append(row is not None)

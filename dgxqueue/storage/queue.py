@@ -412,10 +412,15 @@ def finish_rows_statement(profile: Profile, keys: tuple[str, ...], n: int) -> sa
         *(sa.column(key, G.c[key].type) for key in keys),
     ]
     given = profile.rows_of(columns, 0 if profile.any_count else n, "outcome")
+    fence = [G.c.id == given.c.id, G.c.attempts == given.c.attempt, IS_PROCESSING,
+             G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text)]
+    if "status" in keys:
+        # A job whose cancel was asked is never sent back to pending (a release or a retry): it
+        # would be run again. Left processing, its lease's rescue fails it as cancelled.
+        fence.append(sa.or_(given.c.status != PENDING, G.c.cancel_requested_at.is_(None)))
     return (
         sa.update(G)
-        .where(G.c.id == given.c.id, G.c.attempts == given.c.attempt, IS_PROCESSING,
-               G.c.worker_id == sa.bindparam("h_worker", type_=sa.Text))
+        .where(*fence)
         .values(lease_expires_at=None, **{key: given.c[key] for key in keys})
         .returning(G.c.id)
     )

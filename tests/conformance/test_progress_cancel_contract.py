@@ -89,3 +89,18 @@ def test_rescue__a_job_whose_cancel_was_asked_fails_cancelled_not_requeued(backe
     assert row["status"] == "failed" and row["error_message"].startswith("cancelled by request while it ran")
     assert row["cancelled_at"] is not None and row["completed_at"] is not None
     assert backend.queue("other").claim(1) == []
+
+
+def test_release__of_a_job_whose_cancel_was_asked_leaves_it_to_fail_cancelled(backend: QueueBackend) -> None:
+    """A daemon stopping gives back its jobs; one whose cancel was asked after its last heartbeat
+    is not sent back to pending (another daemon would run it again): the rescue of its lease
+    fails it as cancelled."""
+    job_id = backend.enqueue()
+    stopping = backend.queue("stopping")
+    jobs = stopping.claim(1)
+    assert backend.cancel(job_id) == "processing"
+    assert stopping.release(jobs) == [False]
+    assert backend.queue("other").claim(1) == []
+    backend.advance(LEASE.total_seconds() + 5)
+    assert backend.queue("rescuer").rescue() == ([], [job_id])
+    assert backend.row(job_id)["cancelled_at"] is not None
