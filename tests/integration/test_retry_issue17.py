@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -16,7 +17,7 @@ from dgxqueue.storage import cancel_generation, retry_generation, session_scope
 from dgxqueue.storage.queue import expire_pending
 
 
-def _enqueue(db_url: str, tmp_path: Path, prompt: str, **spec: object) -> str:
+def _enqueue(db_url: str, tmp_path: Path, prompt: str, **spec: Any) -> str:
     settings = load_settings(env={}, overrides={"outputs": {"dir": str(tmp_path / "out")}})
     return api.enqueue(prompt, database_url=db_url, settings=settings, **spec)
 
