@@ -274,7 +274,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_wait)
 
-    for name, func, text in (("cancel", cmd_cancel, "Cancel a generation (running: its daemon stops it)"),
+    for name, func, text in (("cancel", cmd_cancel, "Cancel a generation (a running one is stopped by its daemon)"),
                              ("retry", cmd_retry, "Send a failed generation back to the queue")):
         p = sub.add_parser(name, help=text.lower(), description=text + ". Exit 4 if its status forbids "
                            "it, 3 if no job matches, 65 if a prefix matches several.")
