@@ -9,6 +9,7 @@
     ├── InvalidStateError        the job is not in a state that allows the operation
     ├── WaitTimeoutError         a job handle's wait ran out of time; also a TimeoutError
     ├── SchemaError              the database is newer than this code, or unreachable schema
+    ├── TransferError            a copy or archive met a row it cannot move exactly, or a mismatch
     ├── LeaseLostError           this daemon no longer holds the attempt it tries to finish
     ├── UnknownGeneratorError    no backend registered under that name; lists those that exist
     ├── OutputError              the WAV file could not be written (disk full, permission, path)
@@ -78,6 +79,11 @@ class WaitTimeoutError(DgxQueueError, TimeoutError):
 
 class SchemaError(DgxQueueError):
     """The database schema cannot be used by this version of dgxqueue."""
+
+
+class TransferError(DgxQueueError):
+    """``db copy`` or ``archive`` found a row the other database holds differently, a value the
+    other engine cannot hold, or a verification that did not match; nothing was overwritten."""
 
 
 class LeaseLostError(DgxQueueError):

@@ -7,6 +7,7 @@ comparison and does nothing. The steps, in order:
 - ``temporary-created``: the attempt's temporary WAV exists but holds nothing yet
 - ``before-commit``: the batch's temporaries are written and fsynced, their outcomes not committed
 - ``after-commit``: the outcomes are committed, the temporaries not yet renamed into place
+- ``archive-committed`` (``dgxqueue archive``, not the daemon): a batch is committed at the archive, not yet deleted at the source
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import signal
 
 STEPS = ("temporary-created", "before-commit", "after-commit")
+#: The archive's step (dgxqueue.storage.transfer), apart: the daemon's tests run every one of STEPS.
+ARCHIVE_STEP = "archive-committed"
 _KILL_AT = os.environ.get("DGXQ_TEST_KILL_AT") or None
 
 

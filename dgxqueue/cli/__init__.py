@@ -1,7 +1,8 @@
 """The ``dgxqueue`` command (also ``python -m dgxqueue``).
 
 Subcommands: ``worker``, ``enqueue``, ``show``, ``list``, ``stats``, ``wait``, ``cancel``,
-``retry``, ``prune``, ``workers``, ``pause``, ``resume``, ``db upgrade|downgrade|current|backup|reset``,
+``retry``, ``prune``, ``archive``, ``workers``, ``pause``, ``resume``,
+``db upgrade|downgrade|current|backup|reset|copy``,
 ``config show|check`` and ``demo``. Each has ``--help``; most have ``--json``. Settings are parsed
 once, before anything
 touches the database: defaults < ``--config``/``$DGXQUEUE_CONFIG`` < environment < flags.
@@ -15,7 +16,8 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 3     no generation with that id (or id prefix)
 4     the job's status forbids it (cancel a finished job, retry a completed one)
 65    bad input data (EX_DATAERR): a value out of range, bad JSON, bad time span, a bad
-      ``enqueue --jsonl`` line (naming it); an id prefix that matches several jobs
+      ``enqueue --jsonl`` line (naming it); an id prefix that matches several jobs; ``db copy``
+      or ``archive`` met a row the other database holds differently, or a failed verification
 69    unavailable (EX_UNAVAILABLE): database unreachable, missing, or not migrated (the worker
       never creates one: ``db upgrade`` does); the metrics port is taken
 70    internal error (EX_SOFTWARE): a bug or a broken installation; ``--traceback``
@@ -24,7 +26,8 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
       with standard input closed
 75    temporary failure (EX_TEMPFAIL): ``--timeout`` passed, or the demo's daemon died; the
       worker met a machine fault (disk, memory, GPU) and gave its jobs back unspent, or
-      ``worker --burst`` could not drain the queue because its outputs folder takes no files
+      ``worker --burst`` could not drain the queue because its outputs folder takes no files;
+      ``db copy`` while daemons are live on either database
 78    configuration error (EX_CONFIG): names the key, the value and what is allowed; a
       malformed database URL (its password never shown), a PostgreSQL URL without the
       ``postgres`` extra
@@ -61,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cancel": ("dgxqueue.cli.jobs", "cancel a generation (a running one is stopped by its daemon)"),
     "retry": ("dgxqueue.cli.jobs", "send a failed generation back to the queue"),
     "prune": ("dgxqueue.cli.jobs", "delete finished generations older than an age"),
+    "archive": ("dgxqueue.cli.dbmove", "move finished generations to an archive database"),
     "workers": ("dgxqueue.cli.workers", "list the live daemons"),
     "pause": ("dgxqueue.cli.models", "stop every daemon claiming a model"),
     "resume": ("dgxqueue.cli.models", "let daemons claim a paused model again"),

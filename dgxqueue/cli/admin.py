@@ -1,4 +1,5 @@
-"""The operator's subcommands: worker, db (upgrade, downgrade, current, backup, reset), config."""
+"""The operator's subcommands: worker, db (upgrade, downgrade, current, backup, reset; copy is in
+dgxqueue.cli.dbmove), config."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from dgxqueue.cli.common import (
     parse_span,
     print_json,
 )
+from dgxqueue.cli.dbmove import add_copy_parser
 from dgxqueue.config import Settings, settings_as_dict, toml_value
 from dgxqueue.errors import ConfigError
 from dgxqueue.storage import ensure_schema, get_engine
@@ -403,6 +405,7 @@ def add_parsers(sub: Any) -> None:
     p = db.add_parser("reset", help="drop dgxqueue's tables and recreate them empty; other tables stay (needs --yes)")
     p.add_argument("--yes", action="store_true", help="really delete every generation and prompt")
     p.set_defaults(func=cmd_db_reset)
+    add_copy_parser(db)
 
     config = sub.add_parser("config", help="show or check the settings",
                             description="Settings: defaults < config file < environment < flags."

@@ -171,6 +171,15 @@ class Profile:
         """One migrator at a time (``path``: the database file, if it is one)."""
         yield
 
+    def byte_order(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        """``column`` sorting text by its UTF-8 bytes, as every engine can: a copy's checksum reads
+        both databases in the same order (SQLite's default collation already compares bytes)."""
+        return column
+
+    def follow_ids(self, session: Session, table: sa.Table) -> None:
+        """Move the sequence that numbers ``table``'s integer primary key past its highest id, after
+        rows were inserted with their ids (a copy). SQLite's AUTOINCREMENT follows by itself."""
+
 
 class SQLiteProfile(Profile):
     name = "sqlite"
@@ -391,6 +400,17 @@ class PostgreSQLProfile(Profile):
         oid = sa.cast(sa.literal(table.name), postgresql.REGCLASS)
         value = session.execute(sa.select(estimate).where(pg_class.c.oid == oid)).scalar_one_or_none()
         return float(value or 0)
+
+    def byte_order(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        # The "C" collation compares bytes; the database's default (en_US.UTF-8) does not.
+        return column.collate("C") if isinstance(column.type, sa.String) else column
+
+    def follow_ids(self, session: Session, table: sa.Table) -> None:
+        (column,) = table.primary_key.columns
+        sequence = sa.func.pg_get_serial_sequence(sa.literal(table.name), sa.literal(column.name), type_=sa.Text)
+        last = sa.func.pg_sequence_last_value(sa.cast(sequence, postgresql.REGCLASS))
+        session.execute(sa.select(sa.func.setval(sequence, sa.func.max(column))).select_from(table)
+                        .having(sa.func.max(column) > sa.func.coalesce(last, 0)))
 
     @contextlib.contextmanager
     def migration_lock(self, engine: Engine, path: str | None) -> Iterator[None]:

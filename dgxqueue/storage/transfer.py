@@ -1,0 +1,354 @@
+"""Moving rows between two databases of dgxqueue's schema: a whole queue (``db copy``) or its
+finished generations (``archive``), in batches that a rerun after a kill never duplicates.
+
+Rows are read through the models' types (times as aware datetimes, metadata parsed) and written
+with their primary keys, every column the model has: a column a later migration adds is moved
+without a change here. A row already at the target is left alone when it is identical (a run that
+died after committing it) and refused, never overwritten, when it differs. "Identical" compares
+values in a normal form (a time as UTC ISO text, JSON with sorted keys, a float as a float), the
+form the per-table checksum is also computed over.
+
+Callers own the engines; each batch is a transaction of its own on each side.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from dgxqueue import faultpoints
+from dgxqueue.errors import TransferError
+from dgxqueue.storage.database import session_scope
+from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.models import COMPLETED, FAILED, PAUSED, G, P, as_utc
+from dgxqueue.storage.rowvalues import Unreadable, quote
+
+__all__ = ["COPIED", "FINISHED", "ArchiveReport", "Digest", "archive", "archive_preview", "check_target",
+           "copy_queue", "digest", "put_rows", "verify"]
+
+#: The tables a copy moves, in this order. The registry of live daemons (``daemons``) is not
+#: moved: its rows are processes attached to the source, and a copy refuses to run beside any.
+COPIED: tuple[sa.Table, ...] = (P, G, PAUSED)
+#: The statuses a job never leaves by itself (a cancelled or expired job is a failed one).
+FINISHED = (COMPLETED, FAILED)
+#: Keys looked up per statement (SQLite limits bound parameters).
+_CHUNK = 500
+
+Row = tuple[Any, ...]
+#: Called after each batch: table name, rows read so far, rows in the table, rows inserted by it.
+Progress = Callable[[str, int, int, int], None]
+
+
+def _key_column(table: sa.Table) -> sa.Column[Any]:
+    (column,) = table.primary_key.columns
+    return column
+
+
+def _key_index(table: sa.Table) -> int:
+    return list(table.columns).index(_key_column(table))
+
+
+def _is_json(column: sa.ColumnElement[Any]) -> bool:
+    return isinstance(getattr(column.type, "impl_instance", column.type), sa.JSON)
+
+
+@functools.cache
+def _writable(table: sa.Table) -> sa.Table:
+    """``table`` as a copy writes it: a JSON column's None as SQL NULL (``sa.JSON`` would store the
+    JSON text 'null', a different value), every other column with its model type."""
+    return sa.Table(table.name, sa.MetaData(), *(
+        sa.Column(column.name, sa.JSON(none_as_null=True) if _is_json(column) else column.type,
+                  primary_key=column.primary_key, autoincrement=False)
+        for column in table.columns))
+
+
+def _normal_value(column: sa.Column[Any], value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, Unreadable):
+        return {"unreadable": str(value)}
+    if isinstance(value, datetime):
+        return as_utc(value).isoformat()
+    if _is_json(column):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(column.type, sa.Float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(float(value))  # SQLite may hand a whole REAL back as an int
+    return value
+
+
+def normal(table: sa.Table, row: Row) -> tuple[Any, ...]:
+    """``row`` (values in ``table.columns`` order) in the form two engines agree on."""
+    return tuple(_normal_value(column, value) for column, value in zip(table.columns, row, strict=True))
+
+
+def _defect(table: sa.Table, row: Row) -> str | None:
+    """Why ``row`` cannot be written exactly elsewhere: a value that is not of its column's type
+    (plain SQL can store anything in SQLite; it reads back as rowvalues.Unreadable), or None."""
+    for column, value in zip(table.columns, row, strict=True):
+        if value is None:
+            continue
+        if isinstance(value, Unreadable):
+            return f"column {column.name} holds {quote(value)}, not a value of its type"
+        if _is_json(column):
+            continue
+        expected = column.type.python_type
+        fits = isinstance(value, int | float) and not isinstance(value, bool) if expected is float \
+            else isinstance(value, expected)
+        if not fits:
+            return f"column {column.name} holds {quote(value)}, not a {expected.__name__}"
+    return None
+
+
+def _difference(table: sa.Table, ours: Row, theirs: Row) -> str:
+    for column, a, b in zip(table.columns, normal(table, ours), normal(table, theirs), strict=True):
+        if a != b:
+            return f"{column.name} is {quote(a)} there, {quote(b)} here"
+    return "identical"
+
+
+def _rows_by_key(session: Session, table: sa.Table, keys: Sequence[Any]) -> dict[Any, Row]:
+    key, index = _key_column(table), _key_index(table)
+    found: dict[Any, Row] = {}
+    for start in range(0, len(keys), _CHUNK):
+        for row in session.execute(sa.select(*table.columns).where(key.in_(keys[start:start + _CHUNK]))):
+            found[row[index]] = tuple(row)
+    return found
+
+
+def put_rows(session: Session, table: sa.Table, rows: Sequence[Row]) -> tuple[list[Row], dict[Any, str]]:
+    """Insert each of ``rows`` whose key ``table`` lacks; leave an identical row as it is.
+
+    Returns the rows inserted, and by key why each other row was refused: the target holds it
+    differently, or it holds a value the target cannot take as it is. Nothing is overwritten.
+    """
+    index = _key_index(table)
+    refused: dict[Any, str] = {}
+    wanted: dict[Any, Row] = {}
+    for row in rows:
+        reason = _defect(table, row)
+        if reason is None:
+            wanted[row[index]] = row
+        else:
+            refused[row[index]] = reason
+    present = _rows_by_key(session, table, list(wanted))
+    for key, there in present.items():
+        if normal(table, there) != normal(table, wanted[key]):
+            refused[key] = f"the target holds a different row ({_difference(table, there, wanted[key])})"
+    new = [row for key, row in wanted.items() if key not in present]
+    if new:
+        writable = _writable(table)
+        names = [column.name for column in table.columns]
+        insert = profile_of(session.get_bind().dialect).insert(writable)
+        session.connection().execute(
+            insert.on_conflict_do_nothing(index_elements=[writable.c[_key_column(table).name]]),
+            [dict(zip(names, row, strict=True)) for row in new])
+    return new, refused
+
+
+def _batches(engine: Engine, table: sa.Table, size: int,
+             where: Sequence[sa.ColumnElement[bool]] = ()) -> Iterator[list[Row]]:
+    """``table``'s rows in key order, ``size`` at a time, each batch read in a transaction of its
+    own (keyset paging: a long copy holds no read transaction open)."""
+    key, index = _key_column(table), _key_index(table)
+    last: Any = None
+    while True:
+        query = sa.select(*table.columns).where(*where).order_by(key).limit(size)
+        if last is not None:
+            query = query.where(key > last)
+        with session_scope(engine) as session:
+            rows = [tuple(row) for row in session.execute(query)]
+        if not rows:
+            return
+        yield rows
+        last = rows[-1][index]
+
+
+# --- copy -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A table's row count and the SHA-256 of its rows in normal form, in key order (bytewise)."""
+
+    rows: int
+    sha256: str
+
+
+def digest(session: Session, table: sa.Table) -> Digest:
+    """Computed here, not by either engine, so that both sides are hashed alike."""
+    profile = profile_of(session.get_bind().dialect)
+    query = sa.select(*table.columns).order_by(profile.byte_order(_key_column(table)))
+    hasher, count = hashlib.sha256(), 0
+    for row in session.execute(query.execution_options(yield_per=1000)):
+        hasher.update(json.dumps(normal(table, tuple(row)), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        hasher.update(b"\n")
+        count += 1
+    return Digest(count, hasher.hexdigest())
+
+
+def check_target(source: Engine, target: Engine, batch_size: int = 1000) -> None:
+    """Refuse, before anything is written, a target holding a row the source lacks or holds
+    differently: it is another queue (or was written to since an earlier copy)."""
+    for table in COPIED:
+        index = _key_index(table)
+        for rows in _batches(target, table, batch_size):
+            with session_scope(source) as session:
+                theirs = _rows_by_key(session, table, [row[index] for row in rows])
+            for row in rows:
+                key = row[index]
+                if key not in theirs:
+                    raise TransferError(
+                        f"the target already holds {table.name} row {quote(key)}, which the source does not: "
+                        "copy into an empty database, or one that an earlier copy from this source filled")
+                if normal(table, row) != normal(table, theirs[key]):
+                    raise TransferError(f"the target's {table.name} row {quote(key)} differs from the source's "
+                                        f"({_difference(table, row, theirs[key])}); nothing was copied")
+
+
+def _numbered(table: sa.Table) -> bool:
+    key = _key_column(table)
+    return key.autoincrement is True and isinstance(key.type, sa.Integer)
+
+
+def copy_queue(source: Engine, target: Engine, *, batch_size: int, progress: Progress) -> dict[str, Digest]:
+    """Copy every row of :data:`COPIED` from ``source`` to ``target`` (both at head), then
+    :func:`verify`. Idempotent: rows the target holds identically are skipped."""
+    check_target(source, target)
+    for table in COPIED:
+        with session_scope(source) as session:
+            total = session.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+        done = 0
+        for rows in _batches(source, table, batch_size):
+            with session_scope(target) as session:
+                new, refused = put_rows(session, table, rows)
+                if refused:
+                    key, reason = next(iter(refused.items()))
+                    raise TransferError(f"{table.name} row {quote(key)} cannot be copied: {reason} "
+                                        f"({len(refused)} such rows in this batch)")
+            done += len(rows)
+            progress(table.name, done, total, len(new))
+        if _numbered(table):
+            with session_scope(target) as session:
+                profile_of(target.dialect).follow_ids(session, table)
+    return verify(source, target)
+
+
+def verify(source: Engine, target: Engine) -> dict[str, Digest]:
+    """Each table of :data:`COPIED` holds the same rows on both sides, or :class:`TransferError`."""
+    digests: dict[str, Digest] = {}
+    for table in COPIED:
+        with session_scope(source) as session:
+            ours = digest(session, table)
+        with session_scope(target) as session:
+            theirs = digest(session, table)
+        if ours != theirs:
+            raise TransferError(
+                f"verification failed for {table.name}: {ours.rows} rows here (sha256 {ours.sha256[:16]}), "
+                f"{theirs.rows} at the target ({theirs.sha256[:16]}); was the source written during the copy? "
+                "Stop its producers and daemons and run the copy again")
+        digests[table.name] = ours
+    return digests
+
+
+# --- archive ----------------------------------------------------------------------------------
+
+
+def _archivable(cutoff: datetime, skip: Sequence[str] = ()) -> list[sa.ColumnElement[bool]]:
+    """Finished before ``cutoff`` (by ``completed_at``; by ``created_at`` where a row written by
+    plain SQL lacks it, as prune does)."""
+    finished_at = sa.func.coalesce(G.c.completed_at, G.c.created_at)
+    where = [G.c.status.in_(FINISHED), finished_at < cutoff]
+    if skip:
+        where.append(G.c.id.not_in(sorted(skip)))
+    return where
+
+
+def archive_preview(session: Session, cutoff: datetime) -> dict[str, int]:
+    """How many generations of each finished status an archive would move now."""
+    query = sa.select(G.c.status, sa.func.count()).where(*_archivable(cutoff)).group_by(G.c.status)
+    return {str(status): int(count) for status, count in session.execute(query)}
+
+
+def count_prompts(session: Session, rows: Sequence[Row]) -> None:
+    """Count the archived generations ``rows`` in the archive's ``prompts``: ``used_count`` is
+    how many archived jobs used a text, first/last_used_at their earliest and latest creation.
+    Called in the transaction that inserts ``rows``, for rows really inserted, so a rerun never
+    counts one twice."""
+    columns = [column.name for column in G.columns]
+    text_at, created_at = columns.index("prompt"), columns.index("created_at")
+    uses: dict[str, list[datetime]] = {}
+    for row in rows:
+        uses.setdefault(row[text_at], []).append(row[created_at])
+    if not uses:
+        return
+    insert = profile_of(session.get_bind().dialect).insert(P)
+    given = insert.excluded
+    statement = insert.on_conflict_do_update(index_elements=[P.c.text], set_={
+        "used_count": sa.func.coalesce(P.c.used_count, 0) + given.used_count,
+        "first_used_at": sa.case((given.first_used_at < P.c.first_used_at, given.first_used_at),
+                                 else_=P.c.first_used_at),
+        "last_used_at": sa.case((given.last_used_at > P.c.last_used_at, given.last_used_at),
+                                else_=P.c.last_used_at),
+    })
+    session.connection().execute(statement, [
+        {"text": text, "used_count": len(times), "first_used_at": min(times), "last_used_at": max(times)}
+        for text, times in sorted(uses.items())])
+
+
+@dataclass
+class ArchiveReport:
+    """What an archive run did: rows moved, rows an earlier run had already inserted (deleted here
+    now), and the rows left here, by id, with the reason."""
+
+    moved: int = 0
+    already: int = 0
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class _Refused(Exception):
+    def __init__(self, refused: dict[Any, str]) -> None:
+        super().__init__(f"{len(refused)} rows refused")
+        self.refused = refused
+
+
+def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int,
+            progress: Callable[[ArchiveReport], None]) -> ArchiveReport:
+    """Move the generations finished before ``cutoff`` from ``source`` to ``target``.
+
+    Each batch: DELETE ... RETURNING at the source (which locks the rows: nothing changes them
+    until this transaction ends), insert them at the target and commit there, then commit the
+    deletion. A crash before the target's commit loses both halves; after it, only the
+    deletion, and the next run finds the rows identical at the target and deletes them here.
+    A row the target holds differently stays here, reported, never overwritten.
+    """
+    report = ArchiveReport()
+    while True:
+        try:
+            with session_scope(source) as here:
+                chosen = sa.select(G.c.id).where(*_archivable(cutoff, list(report.refused))) \
+                    .order_by(G.c.id).limit(batch_size)
+                rows = [tuple(row) for row in here.execute(
+                    sa.delete(G).where(G.c.id.in_(chosen.scalar_subquery())).returning(*G.columns))]
+                if not rows:
+                    return report
+                with session_scope(target) as there:
+                    new, refused = put_rows(there, G, rows)
+                    if refused:
+                        raise _Refused(refused)  # both transactions roll back; the batch is redone without them
+                    count_prompts(there, new)
+                faultpoints.reached(faultpoints.ARCHIVE_STEP)
+        except _Refused as exc:
+            report.refused.update({str(key): reason for key, reason in exc.refused.items()})
+            continue
+        report.moved += len(new)
+        report.already += len(rows) - len(new)
+        progress(report)
