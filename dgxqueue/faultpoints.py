@@ -7,7 +7,8 @@ comparison and does nothing. The steps, in order:
 - ``temporary-created``: the attempt's temporary WAV exists but holds nothing yet
 - ``before-commit``: the batch's temporaries are written and fsynced, their outcomes not committed
 - ``after-commit``: the outcomes are committed, the temporaries not yet renamed into place
-- ``archive-committed`` (``dgxqueue archive``, not the daemon): a batch is committed at the archive, not yet deleted at the source
+- ``archive-committed`` (``dgxqueue archive``, not the daemon): a batch is committed at the archive,
+  not yet deleted at the source
 """
 
 from __future__ import annotations

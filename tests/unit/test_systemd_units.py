@@ -86,9 +86,10 @@ def _verify(root: Path, unit: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_units__every_file_is_tested() -> None:
-    """The worker template, migrate, prune service and timer are all there."""
+    """The worker template, migrate, prune and archive services and timers are all there."""
     assert set(UNIT_FILES) == {"dgxqueue-worker@.service", "dgxqueue-migrate.service",
-                               "dgxqueue-prune.service", "dgxqueue-prune.timer"}
+                               "dgxqueue-prune.service", "dgxqueue-prune.timer",
+                               "dgxqueue-archive.service", "dgxqueue-archive.timer"}
 
 
 @pytest.mark.parametrize("unit", ["dgxqueue-worker@0.service", "dgxqueue-worker@7.service",
@@ -169,9 +170,9 @@ def test_units__exec_start_is_a_valid_dgxqueue_command(unit: str) -> None:
     args = build_parser().parse_args(argv[1:])
     assert args.config == "/etc/dgxqueue/config.toml"
     expected = {"dgxqueue-worker@.service": "worker", "dgxqueue-migrate.service": "db",
-                "dgxqueue-prune.service": "prune"}[unit]
+                "dgxqueue-prune.service": "prune", "dgxqueue-archive.service": "archive"}[unit]
     assert args.command == expected
-    if expected == "prune":
+    if expected in ("prune", "archive"):
         assert args.older_than == "30d"
 
 
