@@ -208,10 +208,12 @@ def check_target(source: Engine, target: Engine, batch_size: int = 1000) -> None
                 if key not in theirs:
                     raise TransferError(
                         f"the target already holds {table.name} row {quote(key)}, which the source does not: "
-                        "copy into an empty database, or one that an earlier copy from this source filled")
+                        "copy into an empty database, or one that an earlier copy from this source filled; "
+                        "nothing was copied")
                 if normal(table, row) != normal(table, theirs[key]):
                     raise TransferError(f"the target's {table.name} row {quote(key)} differs from the source's "
-                                        f"({_difference(table, row, theirs[key])}); nothing was copied")
+                                        f"({_difference(table, row, theirs[key])}); nothing was copied (empty the "
+                                        "target with 'dgxqueue db reset' pointed at it, then copy again)")
 
 
 def _numbered(table: sa.Table) -> bool:
