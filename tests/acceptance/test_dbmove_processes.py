@@ -4,22 +4,28 @@ nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import random
 import signal
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import sqlalchemy as sa
 
+from dgxqueue.cli import main
 from dgxqueue.storage import create_engine, create_generations, dispose_engines, session_scope, track_prompt_usage
 from dgxqueue.storage.models import PAUSED, G, P, utcnow
 from dgxqueue.storage.transfer import COPIED
 from tests.support.db import postgres_database_url, sqlite_url
 from tests.support.processes import start_worker, stop, wait_until, worker_config
 from tests.support.transfer import (
+    dgxqueue_env,
     fill_queue,
     popen_dgxqueue,
     register_daemon,
@@ -109,6 +115,7 @@ def test_db_copy__killed_after_its_first_batch_then_rerun_gives_the_same_result(
         if line.startswith("copied generations:"):
             process.send_signal(signal.SIGKILL)
             break
+    process.stdout.close()
     assert process.wait(60) == -signal.SIGKILL, "".join(seen)
     partial = len(table_rows(pg_target, G))
     assert 4 <= partial < len(table_rows(source, G))
@@ -144,13 +151,25 @@ def test_db_copy__refuses_a_target_holding_other_jobs_and_writes_nothing(tmp_pat
     assert {table.name: table_rows(target, table) for table in COPIED} == before
 
 
+def _here(source: str, *args: str) -> tuple[int, str]:
+    """``main(ARGS)`` in this process (a subprocess costs a second of start-up per case): the exit
+    code and stderr."""
+    err = io.StringIO()
+    with mock.patch.dict(os.environ, dgxqueue_env(source), clear=True), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(err):
+        code = main(list(args))
+    dispose_engines()
+    return code, err.getvalue()
+
+
 def test_db_copy_and_archive__bad_input_names_the_field_and_writes_nothing(tmp_path: Path) -> None:
     source = sqlite_url(tmp_path)
     fill_queue(source)
     before = table_rows(source, G)
     target = tmp_path / "target.db"
+    done = run_dgxqueue(source, "db", "copy", "--to", "postgresql://u@host:notaport/db")  # one as a process
+    assert (done.returncode, len(done.stderr.splitlines())) == (65, 1) and "to=" in done.stderr
     cases = [
-        (("db", "copy", "--to", "postgresql://u@host:notaport/db"), "to="),
         (("db", "copy", "--to", "mysql://u@host/db"), "to="),
         (("db", "copy", "--to", "sqlite://"), "to="),
         (("db", "copy", "--to", source), "a database other than the source"),
@@ -160,9 +179,9 @@ def test_db_copy_and_archive__bad_input_names_the_field_and_writes_nothing(tmp_p
         (("archive", "--older-than", "30d", "--to", f"sqlite:///{target}", "--batch-size", "many"), "batch_size="),
     ]
     for args, field in cases:
-        done = run_dgxqueue(source, *args)
-        assert done.returncode == 65, (args, done.stderr)
-        assert field in done.stderr and len(done.stderr.splitlines()) == 1, (args, done.stderr)
+        code, err = _here(source, *args)
+        assert code == 65, (args, err)
+        assert field in err and len(err.splitlines()) == 1, (args, err)
     assert not target.exists()
     assert table_rows(source, G) == before
 
