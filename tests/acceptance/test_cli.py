@@ -146,7 +146,7 @@ def test_cli__help_as_module_lists_every_subcommand(cli: Cli, capsys: pytest.Cap
 @pytest.mark.parametrize("argv", [
     ["worker"], ["enqueue"], ["show"], ["list"], ["stats"], ["wait"], ["cancel"], ["retry"], ["prune"],
     ["db"], ["db", "upgrade"], ["db", "downgrade"], ["db", "current"], ["db", "backup"], ["db", "reset"],
-    ["config"], ["config", "show"], ["config", "check"], ["demo"],
+    ["db", "copy"], ["archive"], ["config"], ["config", "show"], ["config", "check"], ["demo"],
 ])
 def test_cli__every_subcommand_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Each subcommand answers --help with a usage text and exit code 0."""

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from dgxqueue.errors import TransferError
 from dgxqueue.storage import create_engine, dispose_engines, ensure_schema, session_scope
 from dgxqueue.storage.models import G
-from dgxqueue.storage.transfer import copy_queue, put_rows, verify
+from dgxqueue.storage.transfer import archive, copy_queue, normal, put_rows, verify
 from tests.support.db import postgres_database_url, sqlite_url
 from tests.support.transfer import fill_queue
 
@@ -84,3 +84,47 @@ def test_put_rows__identical_left_different_and_unreadable_refused(engines: tupl
         new, refused = put_rows(session, G, rows)
     assert new == []
     assert set(refused) == {"e-5", "a-1"} and "error_message" in refused["a-1"]
+
+
+def test_copy_queue__back_from_postgres_to_a_new_sqlite_file(engines: tuple[sa.Engine, sa.Engine],
+                                                             tmp_path: Path) -> None:
+    """Any pair of engines: the PostgreSQL copy copied on to SQLite holds the same rows."""
+    source, middle = engines
+    copy_queue(source, middle, batch_size=3, progress=lambda *_: None)
+    last = create_engine(sqlite_url(tmp_path))
+    ensure_schema(last)
+    try:
+        assert copy_queue(middle, last, batch_size=3, progress=lambda *_: None) == verify(source, middle)
+    finally:
+        last.dispose()
+
+
+def test_archive__from_postgres_moves_only_old_finished_rows_whole(engines: tuple[sa.Engine, sa.Engine],
+                                                                   tmp_path: Path) -> None:
+    """Rows read back by DELETE ... RETURNING on PostgreSQL arrive as a SELECT reads them (times,
+    metadata); unfinished and recent rows stay."""
+    source, queue = engines
+    copy_queue(source, queue, batch_size=50, progress=lambda *_: None)
+    old = datetime(2025, 1, 1, tzinfo=UTC)
+    with queue.begin() as conn:
+        conn.execute(sa.update(G).where(G.c.status.in_(("completed", "failed"))).values(completed_at=old))
+        conn.execute(sa.update(G).where(G.c.id.in_(("a-1", "é-3"))).values(
+            status="completed", completed_at=old, metadata={"bpm": 120, "tags": ["x"]}))
+    with session_scope(queue) as session:
+        before = {row[0]: row for row in (tuple(r) for r in session.execute(sa.select(*G.columns)))}
+    moved = [job_id for job_id, row in before.items()
+             if row[list(G.columns.keys()).index("status")] in ("completed", "failed")]
+    archive_engine = create_engine(sqlite_url(tmp_path))
+    ensure_schema(archive_engine)
+    try:
+        report = archive(queue, archive_engine, datetime(2025, 6, 1, tzinfo=UTC), batch_size=2,
+                         progress=lambda _: None)
+        assert (report.moved, report.already, report.refused) == (len(moved), 0, {})
+        with session_scope(archive_engine) as session:
+            there = {row[0]: tuple(row) for row in session.execute(sa.select(*G.columns))}
+        with session_scope(queue) as session:
+            left = {row[0] for row in session.execute(sa.select(G.c.id))}
+    finally:
+        archive_engine.dispose()
+    assert sorted(there) == sorted(moved) and left == set(before) - set(moved)
+    assert {k: normal(G, v) for k, v in there.items()} == {k: normal(G, before[k]) for k in moved}
