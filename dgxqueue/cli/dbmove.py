@@ -150,6 +150,8 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
 
     try:
         report = archive(source, target, cutoff, batch_size=size, progress=progress)
+    except TransferError as exc:
+        raise CliError(str(exc), EX_DATAERR) from None
     finally:
         target.dispose()
     if args.json:

@@ -95,6 +95,8 @@ class Profile:
     is_file: ClassVar[bool]
     #: Times are stored without a time zone, as naive UTC (:class:`UTCDateTime`).
     naive_times: ClassVar[bool]
+    #: The largest value an INTEGER column holds (a copy refuses a row the target cannot hold).
+    max_integer: ClassVar[int]
 
     def driver_name(self, drivername: str) -> str:
         """The SQLAlchemy driver a URL's scheme means here."""
@@ -194,6 +196,7 @@ class SQLiteProfile(Profile):
     writes_behind = False
     is_file = True
     naive_times = True
+    max_integer = 2**63 - 1
 
     # SQLite (one host) reads the same clock as Python, in the text form UTCDateTime stores there
     # ('YYYY-MM-DD HH:MM:SS.ffffff', which sorts as text), so stored and computed times compare.
@@ -297,6 +300,7 @@ class PostgreSQLProfile(Profile):
     writes_behind = True
     is_file = False
     naive_times = False
+    max_integer = 2**31 - 1  # INTEGER is 4 bytes here
 
     def driver_name(self, drivername: str) -> str:
         return "postgresql+psycopg" if drivername == "postgresql" else drivername  # psycopg 3, not psycopg2

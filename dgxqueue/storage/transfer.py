@@ -90,9 +90,10 @@ def normal(table: sa.Table, row: Row) -> tuple[Any, ...]:
     return tuple(_normal_value(column, value) for column, value in zip(table.columns, row, strict=True))
 
 
-def _defect(table: sa.Table, row: Row) -> str | None:
-    """Why ``row`` cannot be written exactly elsewhere: a value that is not of its column's type
-    (plain SQL can store anything in SQLite; it reads back as rowvalues.Unreadable), or None."""
+def _defect(table: sa.Table, row: Row, max_integer: int) -> str | None:
+    """Why ``row`` cannot be written exactly at a target whose INTEGER holds up to ``max_integer``:
+    a value that is not of its column's type (plain SQL can store anything in SQLite; it reads back
+    as rowvalues.Unreadable), or an integer too large there; None when it can."""
     for column, value in zip(table.columns, row, strict=True):
         if value is None:
             continue
@@ -105,6 +106,8 @@ def _defect(table: sa.Table, row: Row) -> str | None:
             else isinstance(value, expected)
         if not fits:
             return f"column {column.name} holds {quote(value)}, not a {expected.__name__}"
+        if expected is int and not -max_integer - 1 <= value <= max_integer:
+            return f"column {column.name} holds {value}, more than the target's INTEGER holds ({max_integer})"
     return None
 
 
@@ -131,10 +134,11 @@ def put_rows(session: Session, table: sa.Table, rows: Sequence[Row]) -> tuple[li
     differently, or it holds a value the target cannot take as it is. Nothing is overwritten.
     """
     index = _key_index(table)
+    profile = profile_of(session.get_bind().dialect)
     refused: dict[Any, str] = {}
     wanted: dict[Any, Row] = {}
     for row in rows:
-        reason = _defect(table, row)
+        reason = _defect(table, row, profile.max_integer)
         if reason is None:
             wanted[row[index]] = row
         else:
@@ -147,10 +151,14 @@ def put_rows(session: Session, table: sa.Table, rows: Sequence[Row]) -> tuple[li
     if new:
         writable = _writable(table)
         names = [column.name for column in table.columns]
-        insert = profile_of(session.get_bind().dialect).insert(writable)
-        session.connection().execute(
-            insert.on_conflict_do_nothing(index_elements=[writable.c[_key_column(table).name]]),
-            [dict(zip(names, row, strict=True)) for row in new])
+        insert = profile.insert(writable).on_conflict_do_nothing(index_elements=[writable.c[_key_column(table).name]])
+        try:
+            session.connection().execute(insert, [dict(zip(names, row, strict=True)) for row in new])
+        except (sa.exc.DataError, sa.exc.IntegrityError) as exc:  # what the checks above cannot foresee
+            first, last = new[0][index], new[-1][index]
+            cause = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            raise TransferError(f"{table.name} rows {quote(first)} to {quote(last)} cannot be written at the "
+                                f"target: {cause}") from None
     return new, refused
 
 

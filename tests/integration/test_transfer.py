@@ -68,22 +68,25 @@ def test_verify__a_row_changed_at_the_target_fails_naming_the_table(engines: tup
         copy_queue(source, target, batch_size=50, progress=lambda *_: None)
 
 
-def test_put_rows__identical_left_different_and_unreadable_refused(engines: tuple[sa.Engine, sa.Engine]) -> None:
+def test_put_rows__identical_left_different_unreadable_and_too_large_refused(
+        engines: tuple[sa.Engine, sa.Engine]) -> None:
     source, target = engines
     with source.begin() as conn:  # plain SQL: a time that is no time
         conn.execute(sa.text("UPDATE generations SET completed_at = 'tomorrow' WHERE id = 'e-5'"))
+        conn.execute(sa.update(G).where(G.c.id == "B-2").values(file_size_bytes=2**40))  # SQLite's INTEGER holds it
     with session_scope(source) as session:
         rows = [tuple(row) for row in session.execute(sa.select(*G.columns).where(G.c.id.in_(ODD_IDS)))]
     with session_scope(target) as session:
         new, refused = put_rows(session, G, rows)
-    assert len(new) == len(ODD_IDS) - 1
+    assert len(new) == len(ODD_IDS) - 2
     assert "completed_at" in refused["e-5"] and "tomorrow" in refused["e-5"]
+    assert "file_size_bytes" in refused["B-2"] and "INTEGER" in refused["B-2"]
     with target.begin() as conn:
         conn.execute(sa.update(G).where(G.c.id == "a-1").values(error_message="changed"))
     with session_scope(target) as session:
         new, refused = put_rows(session, G, rows)
     assert new == []
-    assert set(refused) == {"e-5", "a-1"} and "error_message" in refused["a-1"]
+    assert set(refused) == {"e-5", "B-2", "a-1"} and "error_message" in refused["a-1"]
 
 
 def test_copy_queue__back_from_postgres_to_a_new_sqlite_file(engines: tuple[sa.Engine, sa.Engine],
