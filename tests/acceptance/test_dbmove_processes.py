@@ -264,20 +264,24 @@ def test_archive__sigkill_at_random_points_every_finished_job_in_exactly_one_dat
 
     seed = random.randrange(1 << 30)
     chance = random.Random(seed)
+    killed_mid_run = 0
     for _ in range(6):
         process = popen_dgxqueue(source, *args)
         assert process.stdout is not None
+        reported = 0
         for _line in range(chance.randrange(4)):
             if not process.stdout.readline():
                 break
+            reported += 1
         # Not a wait for anything: a random point inside the next batch, where the kill lands.
         threading.Event().wait(chance.uniform(0, 0.05))
         process.send_signal(signal.SIGKILL)
-        process.wait(60)
+        killed_mid_run += process.wait(60) == -signal.SIGKILL and reported > 0
         process.stdout.close()
         _in_one_or_both_identical(source, pg_target, old, kept, originals)
         _archive_counts_match(pg_target)
 
+    assert killed_mid_run, f"no run was killed after a batch (seed {seed}): the test tested nothing"
     last = run_dgxqueue(source, *args)
     assert last.returncode == 0, (seed, last.stderr)
     assert not _in_one_or_both_identical(source, pg_target, old, kept, originals), seed
