@@ -30,10 +30,10 @@ from dgxqueue.errors import TransferError
 from dgxqueue.storage.database import session_scope
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import COMPLETED, FAILED, PAUSED, G, P, as_utc
-from dgxqueue.storage.rowvalues import Unreadable, quote
+from dgxqueue.storage.rowvalues import Unreadable, quote, read_json
 
 __all__ = ["COPIED", "FINISHED", "ArchiveReport", "Digest", "archive", "archive_preview", "check_target",
-           "copy_queue", "digest", "put_rows", "verify"]
+           "copy_queue", "digest", "loaded", "normal", "put_rows", "stored_columns", "verify"]
 
 #: The tables a copy moves, in this order. The registry of live daemons (``daemons``) is not
 #: moved: its rows are processes attached to the source, and a copy refuses to run beside any.
@@ -71,6 +71,26 @@ def _writable(table: sa.Table) -> sa.Table:
         for column in table.columns))
 
 
+def stored_columns(table: sa.Table) -> list[sa.ColumnElement[Any]]:
+    """``table``'s columns as a copy reads them: a JSON column as its stored text, so that SQL NULL
+    and the JSON value ``null`` stay apart (the model's type reads both as None)."""
+    return [sa.cast(column, sa.Text).label(column.name) if _is_json(column) else column for column in table.columns]
+
+
+def loaded(table: sa.Table, row: Sequence[Any]) -> Row:
+    """A row read by :func:`stored_columns` with its JSON parsed: the JSON ``null`` as
+    ``sa.JSON.NULL`` (which the write stores as such), text that is not JSON as Unreadable."""
+    return tuple(_json_value(value) if _is_json(column) else value
+                 for column, value in zip(table.columns, row, strict=True))
+
+
+def _json_value(text: Any) -> Any:
+    if text is None:
+        return None
+    value = read_json(text)
+    return sa.JSON.NULL if value is None else value
+
+
 def _normal_value(column: sa.Column[Any], value: Any) -> Any:
     if value is None:
         return None
@@ -79,7 +99,8 @@ def _normal_value(column: sa.Column[Any], value: Any) -> Any:
     if isinstance(value, datetime):
         return as_utc(value).isoformat()
     if _is_json(column):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(None if value is sa.JSON.NULL else value, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False)
     if isinstance(column.type, sa.Float) and isinstance(value, int | float) and not isinstance(value, bool):
         return repr(float(value))  # SQLite may hand a whole REAL back as an int
     return value
@@ -122,8 +143,8 @@ def _rows_by_key(session: Session, table: sa.Table, keys: Sequence[Any]) -> dict
     key, index = _key_column(table), _key_index(table)
     found: dict[Any, Row] = {}
     for start in range(0, len(keys), _CHUNK):
-        for row in session.execute(sa.select(*table.columns).where(key.in_(keys[start:start + _CHUNK]))):
-            found[row[index]] = tuple(row)
+        for row in session.execute(sa.select(*stored_columns(table)).where(key.in_(keys[start:start + _CHUNK]))):
+            found[row[index]] = loaded(table, row)
     return found
 
 
@@ -169,11 +190,11 @@ def _batches(engine: Engine, table: sa.Table, size: int,
     key, index = _key_column(table), _key_index(table)
     last: Any = None
     while True:
-        query = sa.select(*table.columns).where(*where).order_by(key).limit(size)
+        query = sa.select(*stored_columns(table)).where(*where).order_by(key).limit(size)
         if last is not None:
             query = query.where(key > last)
         with session_scope(engine) as session:
-            rows = [tuple(row) for row in session.execute(query)]
+            rows = [loaded(table, row) for row in session.execute(query)]
         if not rows:
             return
         yield rows
@@ -194,11 +215,11 @@ class Digest:
 def digest(session: Session, table: sa.Table) -> Digest:
     """Computed here, not by either engine, so that both sides are hashed alike."""
     profile = profile_of(session.get_bind().dialect)
-    query = sa.select(*table.columns).order_by(profile.byte_order(_key_column(table)))
+    query = sa.select(*stored_columns(table)).order_by(profile.byte_order(_key_column(table)))
     hasher, count = hashlib.sha256(), 0
     for row in session.execute(query.execution_options(yield_per=1000)):
-        hasher.update(json.dumps(normal(table, tuple(row)), ensure_ascii=False).encode("utf-8", "surrogatepass"))
-        hasher.update(b"\n")
+        line = json.dumps(normal(table, loaded(table, row)), ensure_ascii=False)
+        hasher.update(line.encode("utf-8", "surrogatepass") + b"\n")
         count += 1
     return Digest(count, hasher.hexdigest())
 
@@ -346,8 +367,8 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
             with session_scope(source) as here:
                 chosen = sa.select(G.c.id).where(*_archivable(cutoff, list(report.refused))) \
                     .order_by(G.c.id).limit(batch_size)
-                rows = [tuple(row) for row in here.execute(
-                    sa.delete(G).where(G.c.id.in_(chosen.scalar_subquery())).returning(*G.columns))]
+                rows = [loaded(G, row) for row in here.execute(
+                    sa.delete(G).where(G.c.id.in_(chosen.scalar_subquery())).returning(*stored_columns(G)))]
                 if not rows:
                     return report
                 with session_scope(target) as there:

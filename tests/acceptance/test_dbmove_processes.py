@@ -129,6 +129,8 @@ def test_db_copy__killed_after_its_first_batch_then_rerun_gives_the_same_result(
 
 
 def test_db_copy__refuses_live_daemons_naming_them_and_writes_nothing(tmp_path: Path) -> None:
+    """Live on the source: refused before the target is even created; live on the target: refused
+    before a row is copied."""
     source = sqlite_url(tmp_path)
     fill_queue(source)
     register_daemon(source, "gpu-host:4242")
@@ -137,6 +139,20 @@ def test_db_copy__refuses_live_daemons_naming_them_and_writes_nothing(tmp_path: 
     assert done.returncode == 75
     assert "gpu-host:4242" in done.stderr and len(done.stderr.splitlines()) == 1
     assert not target.exists()
+    engine = create_engine(source)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM daemons"))
+    engine.dispose()
+    fill_queue(f"sqlite:///{target}")  # only to migrate it: a daemon of its own serves it
+    engine = create_engine(f"sqlite:///{target}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM generations"))
+        conn.execute(sa.text("DELETE FROM prompts"))
+    engine.dispose()
+    register_daemon(f"sqlite:///{target}", "target-host:7")
+    done = run_dgxqueue(source, "db", "copy", "--to", f"sqlite:///{target}")
+    assert done.returncode == 75 and "target-host:7" in done.stderr and "target" in done.stderr
+    assert table_rows(f"sqlite:///{target}", G) == {}
 
 
 def test_db_copy__refuses_a_target_holding_other_jobs_and_writes_nothing(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from dgxqueue.errors import TransferError
 from dgxqueue.storage import create_engine, dispose_engines, ensure_schema, session_scope
 from dgxqueue.storage.models import G
-from dgxqueue.storage.transfer import archive, copy_queue, normal, put_rows, verify
+from dgxqueue.storage.transfer import archive, copy_queue, loaded, normal, put_rows, stored_columns, verify
 from tests.support.db import postgres_database_url, sqlite_url
 from tests.support.transfer import fill_queue
 
@@ -37,7 +37,8 @@ def engines(tmp_path: Path) -> Iterator[tuple[sa.Engine, sa.Engine]]:
     fill_queue(url)
     source = create_engine(url)
     with source.begin() as conn:
-        conn.execute(sa.insert(G), [_job(job_id) for job_id in ODD_IDS])
+        conn.execute(sa.insert(G), [_job(job_id) for job_id in ODD_IDS])  # metadata: the JSON null
+        conn.execute(sa.update(G).where(G.c.id.in_(ODD_IDS[:3])).values(metadata=sa.null()))  # SQL NULL
     with postgres_database_url() as target_url:
         target = create_engine(target_url)
         ensure_schema(target)
@@ -55,6 +56,11 @@ def test_copy_queue__odd_ids_and_every_state_verify_on_postgres(engines: tuple[s
     assert digests["generations"].rows == 8 + len(ODD_IDS)
     assert sum(new for table, _, _, new in seen if table == "generations") == digests["generations"].rows
     assert verify(source, target) == digests
+    nulls = sa.select(sa.func.count()).select_from(G).where(G.c.metadata.is_(None))
+    json_nulls = sa.select(sa.func.count()).select_from(G).where(sa.cast(G.c.metadata, sa.Text) == "null")
+    with source.connect() as here, target.connect() as there:  # SQL NULL and the JSON null stay apart
+        assert there.execute(nulls).scalar_one() == here.execute(nulls).scalar_one() == 3
+        assert there.execute(json_nulls).scalar_one() == here.execute(json_nulls).scalar_one() == len(ODD_IDS) - 3
 
 
 def test_verify__a_row_changed_at_the_target_fails_naming_the_table(engines: tuple[sa.Engine, sa.Engine]) -> None:
@@ -75,7 +81,7 @@ def test_put_rows__identical_left_different_unreadable_and_too_large_refused(
         conn.execute(sa.text("UPDATE generations SET completed_at = 'tomorrow' WHERE id = 'e-5'"))
         conn.execute(sa.update(G).where(G.c.id == "B-2").values(file_size_bytes=2**40))  # SQLite's INTEGER holds it
     with session_scope(source) as session:
-        rows = [tuple(row) for row in session.execute(sa.select(*G.columns).where(G.c.id.in_(ODD_IDS)))]
+        rows = [loaded(G, row) for row in session.execute(sa.select(*stored_columns(G)).where(G.c.id.in_(ODD_IDS)))]
     with session_scope(target) as session:
         new, refused = put_rows(session, G, rows)
     assert len(new) == len(ODD_IDS) - 2
@@ -114,7 +120,7 @@ def test_archive__from_postgres_moves_only_old_finished_rows_whole(engines: tupl
         conn.execute(sa.update(G).where(G.c.id.in_(("a-1", "é-3"))).values(
             status="completed", completed_at=old, metadata={"bpm": 120, "tags": ["x"]}))
     with session_scope(queue) as session:
-        before = {row[0]: row for row in (tuple(r) for r in session.execute(sa.select(*G.columns)))}
+        before = {row[0]: loaded(G, row) for row in session.execute(sa.select(*stored_columns(G)))}
     moved = [job_id for job_id, row in before.items()
              if row[list(G.columns.keys()).index("status")] in ("completed", "failed")]
     archive_engine = create_engine(sqlite_url(tmp_path))
@@ -124,7 +130,7 @@ def test_archive__from_postgres_moves_only_old_finished_rows_whole(engines: tupl
                          progress=lambda _: None)
         assert (report.moved, report.already, report.refused) == (len(moved), 0, {})
         with session_scope(archive_engine) as session:
-            there = {row[0]: tuple(row) for row in session.execute(sa.select(*G.columns))}
+            there = {row[0]: loaded(G, row) for row in session.execute(sa.select(*stored_columns(G)))}
         with session_scope(queue) as session:
             left = {row[0] for row in session.execute(sa.select(G.c.id))}
     finally:

@@ -23,7 +23,7 @@ from dgxqueue.storage import (
     session_scope,
 )
 from dgxqueue.storage.models import G, utcnow
-from dgxqueue.storage.transfer import normal
+from dgxqueue.storage.transfer import loaded, normal, stored_columns
 
 REPO = Path(__file__).resolve().parents[2]
 #: The states a copy must carry over, one job each (``fill_queue``'s keys).
@@ -37,7 +37,8 @@ def table_rows(url: str, table: sa.Table) -> dict[Any, tuple[Any, ...]]:
         with engine.connect() as conn:
             (key,) = table.primary_key.columns
             index = list(table.columns).index(key)
-            return {row[index]: normal(table, tuple(row)) for row in conn.execute(sa.select(*table.columns))}
+            return {row[index]: normal(table, loaded(table, row))
+                    for row in conn.execute(sa.select(*stored_columns(table)))}
     finally:
         engine.dispose()
 
