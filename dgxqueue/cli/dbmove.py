@@ -158,8 +158,9 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
         print_json({"dry_run": False, "cutoff": cutoff.isoformat(), "to": describe_url(to), "moved": report.moved,
                     "already_archived": report.already, "refused": report.refused})
     else:
+        earlier = f" ({report.already} had been inserted there by an interrupted run)" if report.already else ""
         print(f"archived {report.moved + report.already} generations finished before {cutoff:%Y-%m-%d %H:%M:%S} UTC "
-              f"to {describe_url(to)} ({report.already} had been inserted there by an interrupted run)")
+              f"to {describe_url(to)}{earlier}")
     if report.refused:
         job_id, reason = next(iter(report.refused.items()))
         raise CliError(f"{len(report.refused)} generation(s) left here, the archive holding them differently: "
