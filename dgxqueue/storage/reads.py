@@ -140,7 +140,9 @@ def finished_jobs_before(
     session: Session, statuses: Iterable[str], before: datetime
 ) -> list[tuple[str, str]]:
     """(id, file_path) of jobs in ``statuses`` that finished before ``before`` (created, if unset)."""
-    finished_at = sa.func.coalesce(G.c.completed_at, G.c.created_at)
+    # A time plain SQL wrote in another ISO form compares as the time it names, not as its text.
+    profile = profile_of(session.get_bind().dialect)
+    finished_at = profile.comparable_time(sa.func.coalesce(G.c.completed_at, G.c.created_at))
     query = (
         sa.select(G.c.id, G.c.file_path)
         .where(G.c.status.in_(sorted(set(statuses) & {COMPLETED, FAILED})), finished_at < before)

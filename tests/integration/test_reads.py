@@ -110,3 +110,19 @@ def test_queue_depth__gives_up_on_a_locked_table(pg_db_url: str) -> None:
         holder.close()
     with session_scope(engine) as session:
         assert reads.queue_depth(session).by_status["pending"] == 0
+
+
+def test_finished_jobs_before__reads_a_time_plain_sql_wrote_in_another_iso_form(sqlite_db_url: str) -> None:
+    """A completed_at written by plain SQL as '...T...+02:00' names a time two hours before its digits:
+    prune compares the time it names, not its text (which sorts by the 'T' after every stored time)."""
+    init_db(sqlite_db_url)
+    engine = get_engine(sqlite_db_url)
+    ids = _fill(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE generations SET status='completed', completed_at=:t WHERE id=:id"),
+                           {"t": "2026-01-01T01:00:00+02:00", "id": ids[0]})
+    with session_scope(engine) as session:
+        before = reads.finished_jobs_before(session, ["completed"], datetime(2025, 12, 31, 23, 30, tzinfo=UTC))
+        after = reads.finished_jobs_before(session, ["completed"], datetime(2025, 12, 31, 23, 0, tzinfo=UTC))
+    assert ids[0] in [job_id for job_id, _ in before]
+    assert ids[0] not in [job_id for job_id, _ in after]
