@@ -275,12 +275,17 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError("--config", str(path), "valid TOML (nested too deeply)") from None
 
 
+#: DGXQUEUE_ variables that are not settings: the config file's path, and the status page's token
+#: (a secret: were it read as a setting, the error for its unknown section would print it).
+_NOT_SETTINGS = frozenset({"DGXQUEUE_CONFIG", "DGXQUEUE_WEB_TOKEN"})
+
+
 def environment_layer(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     layer: dict[str, dict[str, Any]] = {}
     if env.get("DATABASE_URL"):
         layer.setdefault("database", {})["url"] = env["DATABASE_URL"]
     for name, value in env.items():
-        if not name.startswith("DGXQUEUE_") or name == "DGXQUEUE_CONFIG":
+        if not name.startswith("DGXQUEUE_") or name in _NOT_SETTINGS:
             continue
         rest = name[len("DGXQUEUE_"):].lower()
         for section in _SECTION_TYPES:

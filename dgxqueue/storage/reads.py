@@ -212,6 +212,18 @@ def _pending_levels(now: datetime) -> sa.Select[Any]:
     ).where(levels.c.priority.is_not(None))
 
 
+def oldest_due_per_model(session: Session, now: datetime | None = None) -> dict[str, datetime]:
+    """Each model's oldest pending job that may run now (its ``created_at``), by the skip scan
+    of :func:`queue_depth`; models with none due are left out."""
+    profile_of(session.get_bind().dialect).prepare_depth_read(session)
+    oldest: dict[str, datetime] = {}
+    for model, _n, created in session.execute(_pending_levels(now or utcnow())).all():
+        # A created_at that is not a time (plain SQL) says nothing about waiting: skipped.
+        if isinstance(created, datetime) and (model not in oldest or created < oldest[model]):
+            oldest[model] = created
+    return oldest
+
+
 def _inline(status: str) -> sa.BindParameter[str]:
     # Rendered into the SQL, so PostgreSQL's generic plans can still prove the partial indexes.
     return sa.literal(status, literal_execute=True)

@@ -1,0 +1,244 @@
+"""Reads for the status page (``dgxqueue web``): the jobs list, the overview, the running jobs.
+
+Callers own the session. Nothing here writes.
+
+The jobs list is newest first, ``(created_at DESC, id DESC)``, paginated by keyset (a cursor that
+holds the last row's ``created_at`` and ``id``), never by offset: a page deep in a table of
+millions of rows costs what the first page costs, a range read on ``idx_generations_created_at``
+(the specification's index). ``benchmarks/bench_web_jobs.py`` measures it beside the bare SQL.
+Text search is one function, :func:`prompt_matches`, so that another search (full-text) can
+replace it without touching the list.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from dgxqueue.errors import ValidationError
+from dgxqueue.storage import reads
+from dgxqueue.storage.models import (
+    COMPLETED,
+    FAILED,
+    IS_PROCESSING,
+    G,
+    GenerationStatus,
+    utcnow,
+)
+
+__all__ = ["MAX_PAGE", "THROUGHPUT_WINDOWS", "JobFilter", "JobPage", "Overview", "RunningJob", "decode_cursor",
+           "encode_cursor", "jobs_page", "jobs_statement", "overview", "prompt_matches", "running_jobs"]
+
+#: The most rows one page of the list holds.
+MAX_PAGE = 500
+#: The windows (minutes) over which the overview counts finished jobs.
+THROUGHPUT_WINDOWS = (1, 5, 15)
+#: The columns a list row shows (the job page reads the whole row).
+LIST_COLUMNS = (G.c.id, G.c.prompt, G.c.model_name, G.c.status, G.c.created_at, G.c.completed_at,
+                G.c.duration_seconds, G.c.attempts, G.c.max_attempts, G.c.progress_done, G.c.progress_total,
+                G.c.error_message, G.c.worker_id, G.c.cancel_requested_at, G.c.file_path)
+_LIKE_ESCAPE = "\\"
+#: The most running rows the daemons page reads (a GPU box runs a few dozen at most).
+MAX_RUNNING = 1000
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What the jobs list is narrowed to; every field optional. ``since``/``until`` bound
+    ``created_at`` (``since`` <= created_at < ``until``), timezone-aware."""
+
+    status: GenerationStatus | None = None
+    model: str | None = None
+    text: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page: its rows (mappings of :data:`LIST_COLUMNS`) and the cursor of the next page
+    (None on the last one)."""
+
+    rows: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    """An opaque cursor (URL-safe) for the page after the row (``created_at``, ``job_id``)."""
+    text = f"{created_at.astimezone(UTC).isoformat()}|{job_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The row a cursor points after; :class:`ValidationError` naming ``cursor`` if it is not one."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        when, _, job_id = text.partition("|")
+        created_at = datetime.fromisoformat(when)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValidationError("cursor", cursor, "a cursor returned by a previous page") from None
+    if not job_id or created_at.tzinfo is None:
+        raise ValidationError("cursor", cursor, "a cursor returned by a previous page")
+    return created_at, job_id
+
+
+def prompt_matches(text: str) -> sa.ColumnElement[bool]:
+    """Rows whose prompt holds ``text`` (case-insensitive for ASCII on SQLite, as LIKE is; ILIKE on
+    PostgreSQL). The one place text search is defined: a full-text index replaces this."""
+    escaped = text.replace(_LIKE_ESCAPE, _LIKE_ESCAPE * 2).replace("%", _LIKE_ESCAPE + "%")
+    escaped = escaped.replace("_", _LIKE_ESCAPE + "_")
+    return G.c.prompt.ilike(f"%{escaped}%", escape=_LIKE_ESCAPE)
+
+
+def _conditions(where: JobFilter) -> list[sa.ColumnElement[bool]]:
+    found: list[sa.ColumnElement[bool]] = []
+    if where.status is not None:
+        found.append(G.c.status == where.status.value)
+    if where.model is not None:
+        found.append(G.c.model_name == where.model)
+    if where.text:
+        found.append(prompt_matches(where.text))
+    if where.since is not None:
+        found.append(G.c.created_at >= where.since)
+    if where.until is not None:
+        found.append(G.c.created_at < where.until)
+    return found
+
+
+def jobs_statement(where: JobFilter, limit: int, after: tuple[datetime, str] | None) -> sa.Select[Any]:
+    """The page's statement: ``limit`` rows of :data:`LIST_COLUMNS` after the cursor's row."""
+    conditions = _conditions(where)
+    if after is not None:
+        created_at, job_id = after
+        # "<=" on its own is the index's range; the OR only sorts out the ties at its edge.
+        conditions += [G.c.created_at <= created_at,
+                       sa.or_(G.c.created_at < created_at, G.c.id < job_id)]
+    return (sa.select(*LIST_COLUMNS).where(*conditions)
+            .order_by(G.c.created_at.desc(), G.c.id.desc()).limit(limit))
+
+
+def jobs_page(session: Session, where: JobFilter, *, limit: int = 50, cursor: str | None = None) -> JobPage:
+    """A page of the jobs list, newest first, after ``cursor`` (None: the first page)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise ValidationError("limit", limit, f"an integer in [1, {MAX_PAGE}]")
+    after = decode_cursor(cursor) if cursor else None
+    # One row more than asked says whether a next page exists.
+    rows = [dict(row) for row in session.execute(jobs_statement(where, limit + 1, after)).mappings()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1] if rows else None
+    next_cursor = None
+    if more and last is not None and isinstance(last["created_at"], datetime):
+        next_cursor = encode_cursor(last["created_at"], str(last["id"]))
+    return JobPage(rows, next_cursor)
+
+
+# --- the overview ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLine:
+    """One model's line of the overview."""
+
+    pending: int = 0
+    processing: int = 0
+    oldest_due_age_seconds: float | None = None  # of its oldest pending job that may run now
+    paused: bool = False
+    paused_reason: str | None = None
+    live_daemons: int = 0
+    #: finished jobs per window: {"completed": {1: n, 5: n, 15: n}, "failed": {...}}
+    finished: dict[str, dict[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The queue at a glance: rows per status (completed is PostgreSQL's estimate past
+    :data:`~dgxqueue.storage.reads.PG_EXACT_LIMIT` rows), a line per model, throughput."""
+
+    now: datetime
+    by_status: dict[str, int]
+    completed_is_estimate: bool
+    models: dict[str, ModelLine]
+    #: finished jobs of every model per window (minutes): {"completed": {1: n, ...}, "failed": {...}}
+    finished: dict[str, dict[int, int]]
+
+
+def _finished_since(session: Session, now: datetime) -> dict[tuple[str, str], dict[int, int]]:
+    """(model, status) -> finished jobs per window, from one range read of ``completed_at``'s index."""
+    since = {minutes: now - timedelta(minutes=minutes) for minutes in THROUGHPUT_WINDOWS}
+    longest = since[max(THROUGHPUT_WINDOWS)]
+    sums = [sa.func.sum(sa.case((G.c.completed_at >= since[m], 1), else_=0)) for m in THROUGHPUT_WINDOWS]
+    query = (sa.select(G.c.model_name, G.c.status, *sums)
+             .where(G.c.completed_at >= longest, G.c.status.in_((COMPLETED, FAILED)))
+             .group_by(G.c.model_name, G.c.status))
+    return {(row[0], row[1]): {m: int(row[2 + i] or 0) for i, m in enumerate(THROUGHPUT_WINDOWS)}
+            for row in session.execute(query)}
+
+
+def _processing_by_model(session: Session) -> dict[str, int]:
+    rows = session.execute(sa.select(G.c.model_name, sa.func.count()).where(IS_PROCESSING).group_by(G.c.model_name))
+    return {model: n for model, n in rows}
+
+
+def overview(session: Session, live_per_model: dict[str, int], now: datetime | None = None) -> Overview:
+    """The overview, from indexed reads only (no read grows with the finished rows but the
+    throughput's, which reads the last :data:`THROUGHPUT_WINDOWS` minutes of completions).
+    ``live_per_model``: how many live daemons serve each model (the registry's)."""
+    now = now or utcnow()
+    depth = reads.queue_depth(session, now)
+    oldest = reads.oldest_due_per_model(session, now)
+    processing = _processing_by_model(session)
+    finished = _finished_since(session, now)
+    paused = reads.paused_models(session)
+    names = sorted(set(depth.pending_by_model) | set(processing) | set(paused) | set(live_per_model)
+                   | {model for model, _ in finished})
+    models: dict[str, ModelLine] = {}
+    for name in names:
+        created = oldest.get(name)
+        age = (now - created).total_seconds() if isinstance(created, datetime) else None
+        models[name] = ModelLine(
+            pending=depth.pending_by_model.get(name, 0), processing=processing.get(name, 0),
+            oldest_due_age_seconds=None if age is None else max(0.0, age),
+            paused=name in paused, paused_reason=paused.get(name), live_daemons=live_per_model.get(name, 0),
+            finished={status: finished.get((name, status), dict.fromkeys(THROUGHPUT_WINDOWS, 0))
+                      for status in (COMPLETED, FAILED)})
+    totals = {status: {m: sum(counts[m] for (_, s), counts in finished.items() if s == status)
+                       for m in THROUGHPUT_WINDOWS} for status in (COMPLETED, FAILED)}
+    return Overview(now, depth.by_status, depth.completed_is_estimate, models, totals)
+
+
+# --- running jobs, for the daemons page --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A processing row as the daemons page shows it."""
+
+    id: str
+    prompt: str
+    model_name: str
+    worker_id: str | None
+    progress_done: int | None
+    progress_total: int | None
+    started_at: datetime | None
+    cancel_requested: bool
+
+
+def running_jobs(session: Session) -> list[RunningJob]:
+    """Every processing row (at most :data:`MAX_RUNNING`), oldest claim first."""
+    query = (sa.select(G.c.id, G.c.prompt, G.c.model_name, G.c.worker_id, G.c.progress_done, G.c.progress_total,
+                       G.c.started_at, G.c.cancel_requested_at)
+             .where(IS_PROCESSING).order_by(G.c.claimed_at, G.c.id).limit(MAX_RUNNING))
+    # Plain SQL can store anything on SQLite: a progress that is not an integer is no progress.
+    return [RunningJob(str(row.id), str(row.prompt), str(row.model_name), row.worker_id,
+                       row.progress_done if type(row.progress_done) is int else None,
+                       row.progress_total if type(row.progress_total) is int else None,
+                       row.started_at if isinstance(row.started_at, datetime) else None,
+                       row.cancel_requested_at is not None)
+            for row in session.execute(query)]
