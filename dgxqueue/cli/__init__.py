@@ -3,7 +3,7 @@
 Subcommands: ``worker``, ``enqueue``, ``show``, ``list``, ``stats``, ``wait``, ``cancel``,
 ``retry``, ``prune``, ``archive``, ``workers``, ``pause``, ``resume``,
 ``db upgrade|downgrade|current|backup|reset|copy``,
-``config show|check`` and ``demo``. Each has ``--help``; most have ``--json``. Settings are parsed
+``config show|check``, ``demo`` and ``web``. Each has ``--help``; most have ``--json``. Settings are parsed
 once, before anything
 touches the database: defaults < ``--config``/``$DGXQUEUE_CONFIG`` < environment < flags.
 
@@ -69,6 +69,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pause": ("dgxqueue.cli.models", "stop every daemon claiming a model"),
     "resume": ("dgxqueue.cli.models", "let daemons claim a paused model again"),
     "demo": ("dgxqueue.cli.demo", "start a daemon, queue sample prompts, wait, show the WAV files"),
+    "web": ("dgxqueue.cli.web", "serve the status page (overview, daemons, jobs, listen)"),
 }
 
 

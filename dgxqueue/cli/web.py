@@ -1,0 +1,78 @@
+"""The ``web`` subcommand: serve the status page (:mod:`dgxqueue.web`, the ``web`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from dgxqueue.cli.common import EX_CONFIG, EX_IOERR, EXIT_OK, CliError, Context, parse_number
+
+TOKEN_VARIABLE = "DGXQUEUE_WEB_TOKEN"  # noqa: S105  (the name of the variable, not a token)
+MIN_TOKEN_LENGTH = 16
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    """The token from ``--token-file`` or ``$DGXQUEUE_WEB_TOKEN`` (never echoed in an error)."""
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"--token-file {args.token_file} cannot be read: {type(exc).__name__}", EX_IOERR) from None
+        where = f"--token-file {args.token_file}"
+    else:
+        token = os.environ.get(TOKEN_VARIABLE, "").strip()
+        where = f"${TOKEN_VARIABLE}"
+    if not token:
+        if args.token_file:
+            raise CliError(f"{where} is empty", EX_CONFIG)
+        return None
+    if len(token) < MIN_TOKEN_LENGTH or any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise CliError(f"the token in {where} must be at least {MIN_TOKEN_LENGTH} printable characters without "
+                       "spaces (for example: openssl rand -hex 32)", EX_CONFIG)
+    return token
+
+
+def cmd_web(ctx: Context, args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from dgxqueue.web import WebOptions, create_app
+        from dgxqueue.web.security import is_loopback
+    except ImportError as exc:
+        raise CliError(f"the status page needs the web extra (pip install 'dgxqueue[web]'): {exc}", EX_CONFIG) \
+            from None
+    port = parse_number("--port", args.port, int)
+    if not 0 <= port <= 65535:
+        raise CliError(f"--port {port} is not a TCP port (0..65535)", EX_CONFIG)
+    token = read_token(args)
+    loopback = is_loopback(args.host)
+    if not loopback and token is None:
+        raise CliError(f"--host {args.host} is not a loopback address: give a token (--token-file or "
+                       f"${TOKEN_VARIABLE}), or keep the default 127.0.0.1 behind a reverse proxy", EX_CONFIG)
+    engine = ctx.engine()
+    app = create_app(WebOptions(settings=ctx.settings, engine=engine, read_only=args.read_only, token=token,
+                                loopback_only=loopback and token is None))
+    # No access log: a first request may carry ?token= in its address.
+    config = uvicorn.Config(app, host=args.host, port=port, access_log=False, log_level="warning",
+                            server_header=False, proxy_headers=False)
+    server = uvicorn.Server(config)
+    print(f"dgxqueue web: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{port}/"
+          f"{' (read-only)' if args.read_only else ''}{' (token required)' if token else ''}", flush=True)
+    server.run()
+    return EXIT_OK
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "web", help="serve the status page (overview, daemons, jobs, listen)",
+        description="Serve the status page and its JSON API (needs the web extra: pip install 'dgxqueue[web]'). "
+                    "Binds 127.0.0.1 by default; any other address needs a token (--token-file or "
+                    f"${TOKEN_VARIABLE}), sent as 'Authorization: Bearer TOKEN' or entered once in the login form.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", default="8470", help="TCP port (default 8470)")
+    p.add_argument("--read-only", action="store_true", help="show only: cancel, retry, pause and enqueue are refused")
+    p.add_argument("--token-file", metavar="PATH",
+                   help=f"file holding the access token (else ${TOKEN_VARIABLE}); required off loopback")
+    p.set_defaults(func=cmd_web)

@@ -1,0 +1,235 @@
+"""The Starlette application: pages, the JSON API under ``/api/``, the actions and the files.
+
+Handlers are plain functions (Starlette runs them on its thread pool), each opening a short
+session of its own. Every action is a POST checked by :meth:`Guard.csrf_ok` and refused in
+read-only mode; it answers JSON to a client that asks for it (``Accept: application/json``) and
+otherwise redirects back to the page the form came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from dgxqueue import __version__, api
+from dgxqueue.config import Settings
+from dgxqueue.errors import InvalidStateError, JobNotFoundError, ValidationError
+from dgxqueue.jobs import Job
+from dgxqueue.storage import admin, retry_generation, session_scope
+from dgxqueue.web import views
+from dgxqueue.web.files import file_response
+from dgxqueue.web.security import CSRF_FIELD, CSRF_HEADER, Guard, GuardMiddleware, form_value, safe_next
+
+#: How often the pages poll the API for live values (milliseconds).
+POLL_MS = 1500
+_STATIC = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class WebOptions:
+    """What ``dgxqueue web`` was started with."""
+
+    settings: Settings
+    engine: Engine
+    read_only: bool = False
+    token: str | None = None
+    loopback_only: bool = True
+
+    def __repr__(self) -> str:  # never the token
+        return f"WebOptions(read_only={self.read_only}, token={'set' if self.token else None})"
+
+
+class _Failure(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+def create_app(options: WebOptions) -> Starlette:
+    """The application for ``options`` (its guard draws a fresh CSRF secret)."""
+    guard = Guard(token=options.token, loopback_only=options.loopback_only)
+    source = views.Source(options.engine, options.settings.outputs_dir)
+    templates = Environment(loader=PackageLoader("dgxqueue.web", "templates"),
+                            autoescape=select_autoescape(default=True, default_for_string=True))
+    templates.globals.update(version=__version__, read_only=options.read_only, poll_ms=POLL_MS,
+                             statuses=["pending", "processing", "completed", "failed"], login=guard.token is not None)
+
+    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        nonce = request.state.csrf_nonce
+        html = templates.get_template(name).render(request=request, csrf=guard.csrf_token(nonce),
+                                                   path=request.url.path, **context)
+        return HTMLResponse(html, status_code=status)
+
+    def wants_json(request: Request) -> bool:
+        return "application/json" in request.headers.get("accept", "")
+
+    def failure(request: Request, exc: Exception) -> Response:
+        status, field = 500, None
+        if isinstance(exc, _Failure):
+            status, field = exc.status, exc.field
+        elif isinstance(exc, ValidationError):
+            status, field = 400, exc.field
+        elif isinstance(exc, JobNotFoundError):
+            status = 404
+        elif isinstance(exc, InvalidStateError):
+            status = 409
+        if request.url.path.startswith("/api/") or wants_json(request):
+            return JSONResponse({"error": str(exc), "field": field}, status_code=status)
+        return page(request, "error.html", status=status, message=str(exc))
+
+    def handler(function: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        def run(request: Request) -> Response:
+            try:
+                return function(request)
+            except (_Failure, ValidationError, JobNotFoundError, InvalidStateError) as exc:
+                return failure(request, exc)
+        return run
+
+    # --- pages ----------------------------------------------------------------------------
+
+    def overview_page(request: Request) -> Response:
+        return page(request, "overview.html", overview=views.read_overview(source),
+                    defaults=options.settings.jobs)
+
+    def daemons_page(request: Request) -> Response:
+        return page(request, "daemons.html", data=views.read_daemons(source))
+
+    def jobs_page(request: Request) -> Response:
+        params = request.query_params
+        where = views.parse_filter(params)
+        data = views.read_jobs(source, where, views.parse_limit(params.get("limit")), params.get("cursor"))
+        next_url = None
+        if data["next_cursor"]:
+            kept = [(k, v) for k, v in params.multi_items() if k != "cursor"]
+            next_url = "/jobs?" + urlencode([*kept, ("cursor", data["next_cursor"])])
+        return page(request, "jobs.html", data=data, params=params, next_url=next_url,
+                    first_url="/jobs?" + urlencode([(k, v) for k, v in params.multi_items() if k != "cursor"]))
+
+    def job_page(request: Request) -> Response:
+        return page(request, "job.html", job=views.read_job(source, request.path_params["job_id"]))
+
+    def login_page(request: Request) -> Response:
+        return page(request, "login.html", next=safe_next(request.query_params.get("next")), failed=False)
+
+    async def login_post(request: Request) -> Response:
+        form = await request.form()
+        next_path = safe_next(form_value(form, "next"))
+        if guard.token is not None and guard.token_ok(form_value(form, "token")):
+            return guard.login_response(request, next_path)
+        return page(request, "login.html", status=401, next=next_path, failed=guard.token is not None)
+
+    def files(request: Request) -> Response:
+        return file_response(request, source.outputs_dir, request.path_params["path"],
+                             download=request.query_params.get("download") == "1")
+
+    # --- JSON API -------------------------------------------------------------------------
+
+    def api_overview(request: Request) -> Response:
+        return JSONResponse(views.read_overview(source))
+
+    def api_daemons(request: Request) -> Response:
+        return JSONResponse(views.read_daemons(source))
+
+    def api_jobs(request: Request) -> Response:
+        params = request.query_params
+        return JSONResponse(views.read_jobs(source, views.parse_filter(params), views.parse_limit(params.get("limit")),
+                                            params.get("cursor")))
+
+    def api_job(request: Request) -> Response:
+        return JSONResponse(views.read_job(source, request.path_params["job_id"]))
+
+    # --- actions --------------------------------------------------------------------------
+
+    def action(function: Callable[[Request, dict[str, str]], tuple[dict[str, Any], str]]) -> Callable[..., Any]:
+        """A POST: read-only refusal, CSRF check, then ``function``, which returns its JSON and
+        the page to go back to."""
+        async def run(request: Request) -> Response:
+            form = {k: v for k, v in (await request.form()).multi_items() if isinstance(v, str)}
+            try:
+                if options.read_only:
+                    raise _Failure(403, "read-only mode: actions are disabled")
+                if not guard.csrf_ok(request, request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)):
+                    raise _Failure(403, "missing or wrong CSRF token: reload the page and try again")
+                result, back = await run_in_threadpool(function, request, form)
+            except (_Failure, ValidationError, JobNotFoundError, InvalidStateError) as exc:
+                return failure(request, exc)
+            if wants_json(request):
+                return JSONResponse(result)
+            return RedirectResponse(safe_next(form.get("next") or back), status_code=303)
+        return run
+
+    def cancel(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
+        job_id = request.path_params["job_id"]
+        # The handle's cancel: a pending job claimed meanwhile is asked to stop instead.
+        status = Job(job_id, options.engine, options.settings).cancel()
+        return {"id": job_id, "status": status}, f"/jobs/{job_id}"
+
+    def retry(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
+        job_id = request.path_params["job_id"]
+        with session_scope(options.engine) as session:
+            status = retry_generation(session, job_id).status
+        return {"id": job_id, "status": status}, f"/jobs/{job_id}"
+
+    def model_name(form: dict[str, str]) -> str:
+        model = (form.get("model") or "").strip()
+        if not model:
+            raise ValidationError("model", form.get("model"), "a model name")
+        return model
+
+    def pause(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
+        model = model_name(form)
+        with session_scope(options.engine) as session:
+            added = admin.pause_model(session, model, (form.get("reason") or "").strip() or None)
+        return {"model": model, "paused": True, "already_paused": not added}, "/"
+
+    def resume(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
+        model = model_name(form)
+        with session_scope(options.engine) as session:
+            removed = admin.resume_model(session, model)
+        return {"model": model, "paused": False, "was_paused": removed}, "/"
+
+    def enqueue(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
+        duration = (form.get("duration_seconds") or "").strip()
+        try:
+            seconds = float(duration) if duration else None
+        except ValueError:
+            raise ValidationError("duration_seconds", duration, "a number of seconds") from None
+        job_id = api.enqueue(form.get("prompt", ""), model_name=(form.get("model") or "").strip() or None,
+                             duration_seconds=seconds, settings=options.settings)
+        return {"id": job_id, "status": "pending"}, f"/jobs/{job_id}"
+
+    routes = [
+        Route("/", handler(overview_page)),
+        Route("/daemons", handler(daemons_page)),
+        Route("/jobs", handler(jobs_page)),
+        Route("/jobs/{job_id}", handler(job_page)),
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login_post, methods=["POST"]),
+        Route("/files/{path:path}", files, methods=["GET", "HEAD"]),
+        Route("/api/overview", handler(api_overview)),
+        Route("/api/daemons", handler(api_daemons)),
+        Route("/api/jobs", handler(api_jobs), methods=["GET"]),
+        Route("/api/jobs", action(enqueue), methods=["POST"]),
+        Route("/api/jobs/{job_id}", handler(api_job)),
+        Route("/api/jobs/{job_id}/cancel", action(cancel), methods=["POST"]),
+        Route("/api/jobs/{job_id}/retry", action(retry), methods=["POST"]),
+        Route("/api/models/pause", action(pause), methods=["POST"]),
+        Route("/api/models/resume", action(resume), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=_STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes)
+    app.add_middleware(GuardMiddleware, guard=guard)
+    return app

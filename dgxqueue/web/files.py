@@ -1,0 +1,129 @@
+"""Serving the WAV files: only from inside the outputs folder, with range requests.
+
+A path is taken relative to the outputs folder. It is refused (404, the same answer as a missing
+file, so the page says nothing of what exists outside) when it is empty, absolute, holds a NUL, a
+``.`` or ``..`` component or a hidden name (the daemon's temporaries start with a dot), or when it
+resolves (symlinks followed) outside the folder. The file is opened with ``O_NOFOLLOW`` and the
+opened descriptor's own path is checked again, so a link swapped in between the check and the
+open serves nothing either.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+_CHUNK = 1 << 16
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".flac": "audio/flac", ".ogg": "audio/ogg"}
+
+
+class NotServable(Exception):
+    """The path names no servable file inside the outputs folder (answered 404)."""
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    fd: int
+    size: int
+    name: str
+
+
+def open_output(outputs_dir: Path, relative: str) -> OpenedFile:
+    """Open the regular file ``relative`` names inside ``outputs_dir`` for reading (see the module)."""
+    parts = relative.split("/")
+    if (not relative or "\x00" in relative or "\\" in relative or relative.startswith("/")
+            or any(part in ("", ".", "..") or part.startswith(".") for part in parts)):
+        raise NotServable(relative)
+    root = os.path.realpath(outputs_dir)
+    target = os.path.realpath(os.path.join(root, *parts))
+    if not target.startswith(root + os.sep):
+        raise NotServable(relative)
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        raise NotServable(relative) from None
+    try:
+        info = os.fstat(fd)
+        opened = os.readlink(f"/proc/self/fd/{fd}")  # what was really opened, after any swap
+        if not stat.S_ISREG(info.st_mode) or not opened.startswith(root + os.sep):
+            raise NotServable(relative)
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenedFile(fd, info.st_size, os.path.basename(target))
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """The first and last byte a ``Range`` header asks for; None to send the whole file (no
+    header, another unit, several ranges or a malformed one, which RFC 9110 lets a server
+    ignore); ``"unsatisfiable"`` when it starts past the end."""
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # the last N bytes
+        length = int(last)
+        if length == 0:
+            return "unsatisfiable"
+        return max(0, size - length), size - 1
+    start = int(first)
+    end = size - 1 if not last else min(int(last), size - 1)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, end
+
+
+def _chunks(fd: int, start: int, length: int) -> Iterator[bytes]:
+    try:
+        position, left = start, length
+        while left > 0:
+            data = os.pread(fd, min(_CHUNK, left), position)
+            if not data:  # the file shrank meanwhile: end early rather than loop
+                return
+            position += len(data)
+            left -= len(data)
+            yield data
+    finally:
+        os.close(fd)
+
+
+def file_response(request: Request, outputs_dir: Path, relative: str, *, download: bool) -> Response:
+    """The file as a 200, 206 (one range) or 416 response; 404 for any path :func:`open_output` refuses."""
+    try:
+        opened = open_output(outputs_dir, relative)
+    except NotServable:
+        return Response("no such file", status_code=404, media_type="text/plain")
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-store"}
+    if download:
+        headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(opened.name)}"
+    media_type = _TYPES.get(os.path.splitext(opened.name)[1].lower(), "application/octet-stream")
+    wanted = parse_range(request.headers.get("range"), opened.size)
+    if wanted == "unsatisfiable":
+        os.close(opened.fd)
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{opened.size}"})
+    status, start, length = 200, 0, opened.size
+    if isinstance(wanted, tuple):
+        start, end = wanted
+        status, length = 206, end - start + 1
+        headers["Content-Range"] = f"bytes {start}-{end}/{opened.size}"
+    headers["Content-Length"] = str(length)
+    if request.method == "HEAD":
+        os.close(opened.fd)
+        return Response(status_code=status, headers=headers, media_type=media_type)
+    return StreamingResponse(_chunks(opened.fd, start, length), status_code=status, headers=headers,
+                             media_type=media_type)

@@ -1,0 +1,173 @@
+"""What the pages and the JSON API show, read from the database into JSON-ready dicts.
+
+The pages and the API share these functions, so the API holds the same data as the page.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from sqlalchemy.engine import Engine
+
+from dgxqueue.audio import resolve_output_path
+from dgxqueue.errors import OutputError, ValidationError
+from dgxqueue.storage import Generation, browse, reads, registry, session_scope
+from dgxqueue.storage.browse import JobFilter
+from dgxqueue.storage.models import GenerationStatus
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the pages read from: the queue's engine and the outputs folder."""
+
+    engine: Engine
+    outputs_dir: Path
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if value is None or isinstance(value, bool | int | float | str | list | dict):
+        return value
+    return str(value)
+
+
+def fraction(done: Any, total: Any) -> float | None:
+    if type(done) is not int or type(total) is not int or total <= 0:
+        return None
+    return min(1.0, max(0.0, done / total))
+
+
+def file_url(source: Source, file_path: Any) -> str | None:
+    """The ``/files/...`` address of a job's file, or None when its path leaves the outputs folder."""
+    if not isinstance(file_path, str):
+        return None
+    try:
+        absolute = resolve_output_path(source.outputs_dir, file_path)
+    except OutputError:
+        return None
+    root = os.path.realpath(source.outputs_dir)
+    relative = os.path.relpath(absolute, root)
+    return "/files/" + "/".join(quote(part) for part in relative.split(os.sep))
+
+
+def list_row(source: Source, row: Mapping[str, Any]) -> dict[str, Any]:
+    shown = {key: _value(value) for key, value in row.items() if key != "file_path"}
+    shown["progress"] = fraction(row["progress_done"], row["progress_total"])
+    shown["cancel_requested"] = row["cancel_requested_at"] is not None
+    shown["audio_url"] = file_url(source, row["file_path"]) if row["status"] == "completed" else None
+    return shown
+
+
+def job_detail(source: Source, job: Generation) -> dict[str, Any]:
+    """Every column of the job (``metadata`` under its column's name), and what the page adds."""
+    row: dict[str, Any] = {}
+    for column in Generation.__table__.columns:
+        row[column.name] = _value(getattr(job, "meta" if column.name == "metadata" else column.name))
+    row["progress"] = fraction(job.progress_done, job.progress_total)
+    url = file_url(source, job.file_path) if job.status == "completed" else None
+    if url is not None:
+        try:
+            exists = resolve_output_path(source.outputs_dir, job.file_path).is_file()
+        except OutputError:
+            exists = False
+        url = url if exists else None
+    row["audio_url"] = url
+    row["download_url"] = None if url is None else url + "?download=1"
+    return row
+
+
+def read_job(source: Source, job_id: str) -> dict[str, Any]:
+    with session_scope(source.engine) as session:
+        return job_detail(source, reads.require_job(session, job_id))
+
+
+def read_jobs(source: Source, where: JobFilter, limit: int, cursor: str | None) -> dict[str, Any]:
+    with session_scope(source.engine) as session:
+        page = browse.jobs_page(session, where, limit=limit, cursor=cursor)
+    return {"jobs": [list_row(source, row) for row in page.rows], "next_cursor": page.next_cursor}
+
+
+def read_overview(source: Source) -> dict[str, Any]:
+    with session_scope(source.engine) as session:
+        live = registry.daemons(session)
+        per_model: dict[str, int] = {}
+        for daemon in live:
+            for model in set(daemon.models):
+                per_model[model] = per_model.get(model, 0) + 1
+        overview = browse.overview(session, per_model)
+    return {
+        "now": _value(overview.now),
+        "by_status": overview.by_status,
+        "completed_is_estimate": overview.completed_is_estimate,
+        "total": sum(overview.by_status.values()),
+        "live_daemons": len(live),
+        "finished": {status: {str(m): n for m, n in counts.items()} for status, counts in overview.finished.items()},
+        "models": [{"model": name, "pending": line.pending, "processing": line.processing,
+                    "oldest_due_age_seconds": line.oldest_due_age_seconds, "paused": line.paused,
+                    "paused_reason": line.paused_reason, "live_daemons": line.live_daemons,
+                    "finished": {status: {str(m): n for m, n in counts.items()}
+                                 for status, counts in line.finished.items()}}
+                   for name, line in overview.models.items()],
+    }
+
+
+def read_daemons(source: Source) -> dict[str, Any]:
+    with session_scope(source.engine) as session:
+        live = registry.daemons(session, include_stale=True)
+        running = browse.running_jobs(session)
+    by_worker: dict[str | None, list[dict[str, Any]]] = {}
+    for job in running:
+        by_worker.setdefault(job.worker_id, []).append({
+            "id": job.id, "prompt": job.prompt, "model_name": job.model_name,
+            "progress_done": job.progress_done, "progress_total": job.progress_total,
+            "progress": fraction(job.progress_done, job.progress_total),
+            "started_at": _value(job.started_at), "cancel_requested": job.cancel_requested})
+    daemons = [{**daemon.as_dict(), "jobs": by_worker.pop(daemon.id, [])} for daemon in live]
+    others = [job for jobs in by_worker.values() for job in jobs]
+    return {"daemons": daemons, "other_running": others}
+
+
+def parse_filter(params: Mapping[str, str]) -> JobFilter:
+    """The jobs list's filter from query parameters (``status``, ``model``, ``q``, ``since``,
+    ``until``); a bad value raises :class:`ValidationError` naming its parameter."""
+    status_text = (params.get("status") or "").strip()
+    status = None
+    if status_text:
+        try:
+            status = GenerationStatus(status_text)
+        except ValueError:
+            raise ValidationError("status", status_text, "one of " + ", ".join(s.value for s in GenerationStatus)) \
+                from None
+    return JobFilter(status=status, model=(params.get("model") or "").strip() or None,
+                     text=params.get("q") or None, since=parse_time("since", params.get("since")),
+                     until=parse_time("until", params.get("until")))
+
+
+def parse_time(name: str, text: str | None) -> datetime | None:
+    """An ISO 8601 time; without an offset it is UTC (the page shows every time in UTC)."""
+    if not text or not text.strip():
+        return None
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValidationError(name, text, "an ISO 8601 time such as 2026-12-06T10:00 (UTC)") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def parse_limit(text: str | None, default: int = 50) -> int:
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValidationError("limit", text, f"an integer in [1, {browse.MAX_PAGE}]") from None
+    if not 1 <= value <= browse.MAX_PAGE:
+        raise ValidationError("limit", text, f"an integer in [1, {browse.MAX_PAGE}]")
+    return value
