@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
-from dgxqueue.cli.common import EX_CONFIG, EX_IOERR, EXIT_OK, CliError, Context, parse_number
+from dgxqueue.cli.common import EX_CONFIG, EX_IOERR, EX_UNAVAILABLE, EXIT_OK, CliError, Context, parse_number
 
 TOKEN_VARIABLE = "DGXQUEUE_WEB_TOKEN"  # noqa: S105  (the name of the variable, not a token)
 MIN_TOKEN_LENGTH = 16
@@ -52,6 +53,12 @@ def cmd_web(ctx: Context, args: argparse.Namespace) -> int:
         raise CliError(f"--host {args.host} is not a loopback address: give a token (--token-file or "
                        f"${TOKEN_VARIABLE}), or keep the default 127.0.0.1 behind a reverse proxy", EX_CONFIG)
     engine = ctx.engine()
+    try:  # bound here, so a taken port is one line and exit 69 (uvicorn would exit 1 after a log line)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        listener = socket.create_server((args.host, port), family=family)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host} port {port}: {exc.strerror or exc}", EX_UNAVAILABLE) from None
+    port = listener.getsockname()[1]
     app = create_app(WebOptions(settings=ctx.settings, engine=engine, read_only=args.read_only, token=token,
                                 loopback_only=loopback and token is None))
     # No access log: a first request may carry ?token= in its address.
@@ -60,7 +67,7 @@ def cmd_web(ctx: Context, args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     print(f"dgxqueue web: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{port}/"
           f"{' (read-only)' if args.read_only else ''}{' (token required)' if token else ''}", flush=True)
-    server.run()
+    server.run(sockets=[listener])
     return EXIT_OK
 
 
@@ -71,7 +78,7 @@ def add_parsers(sub: Any) -> None:
                     "Binds 127.0.0.1 by default; any other address needs a token (--token-file or "
                     f"${TOKEN_VARIABLE}), sent as 'Authorization: Bearer TOKEN' or entered once in the login form.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", default="8470", help="TCP port (default 8470)")
+    p.add_argument("--port", default="8470", help="TCP port (default 8470; 0: any free port, printed)")
     p.add_argument("--read-only", action="store_true", help="show only: cancel, retry, pause and enqueue are refused")
     p.add_argument("--token-file", metavar="PATH",
                    help=f"file holding the access token (else ${TOKEN_VARIABLE}); required off loopback")

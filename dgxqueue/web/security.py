@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from starlette.datastructures import URL, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -175,7 +175,7 @@ class GuardMiddleware:
         if given is not None and request.method == "GET" and guard.token_ok(given):
             # Into the cookie, and out of the address bar and history.
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            target = str(URL(path=request.url.path, query=urlencode(rest)))
+            target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
             return guard.login_response(request, target)
         if guard.authorized(request):
             return None
