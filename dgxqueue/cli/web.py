@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ def cmd_web(ctx: Context, args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     print(f"dgxqueue web: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{port}/"
           f"{' (read-only)' if args.read_only else ''}{' (token required)' if token else ''}", flush=True)
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers
+    # it found: these make that a plain exit 0, as for the worker stopped by a signal.
+    stopped: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _frame: stopped.append(number))
     server.run(sockets=[listener])
     return EXIT_OK
 

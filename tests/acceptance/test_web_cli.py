@@ -1,0 +1,110 @@
+"""``dgxqueue web`` as a process: refusals before it binds, the token off loopback (never shown),
+raw paths that try to leave the outputs folder, and the missing extra."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dgxqueue.storage import dispose_engines
+from tests.support.db import build_sqlite_template, sqlite_url_at_head
+from tests.support.processes import REPO, free_port, stop, wait_until, write_config
+
+TOKEN = "a-long-enough-token-0123456789"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Iterator[Path]:
+    (tmp_path / "template").mkdir()
+    url = sqlite_url_at_head(tmp_path, build_sqlite_template(tmp_path / "template"))
+    (tmp_path / "outputs").mkdir()
+    yield write_config(tmp_path / "config.toml", {"database": {"url": url},
+                                                  "outputs": {"dir": str(tmp_path / "outputs")}})
+    dispose_engines()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DGXQUEUE_") and k != "DATABASE_URL"}
+    return {**env, "PYTHONPATH": str(REPO), **extra}
+
+
+def _run(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", *args], cwd=REPO,
+                          env=env or _env(), capture_output=True, text=True, timeout=60)
+
+
+def test_web_cli__off_loopback_without_a_token_is_refused(config: Path, tmp_path: Path) -> None:
+    """A non-loopback --host without a token exits 78 naming what to do; a short token is refused
+    without being echoed; an empty or unreadable token file too; a port in use is 69, one line."""
+    refused = _run(config, "--host", "0.0.0.0", "--port", str(free_port()))
+    assert refused.returncode == 78 and "--token-file" in refused.stderr and refused.stdout == ""
+    short = _run(config, "--host", "0.0.0.0", env=_env(DGXQUEUE_WEB_TOKEN="tiny-secret"))
+    assert short.returncode == 78 and "tiny-secret" not in short.stderr + short.stdout
+    (tmp_path / "empty").write_text("\n")
+    assert _run(config, "--host", "0.0.0.0", "--token-file", str(tmp_path / "empty")).returncode == 78
+    assert _run(config, "--token-file", str(tmp_path / "missing")).returncode == 74
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = _run(config, "--port", str(taken.getsockname()[1]))
+    assert busy.returncode == 69 and "cannot listen" in busy.stderr and len(busy.stderr.splitlines()) == 1
+
+
+def test_web_cli__without_the_web_extra_says_how_to_install_it(config: Path) -> None:
+    """Without starlette importable, the command exits 78 naming the extra."""
+    code = ("import sys; sys.modules['starlette'] = None; from dgxqueue.cli import main; "
+            f"sys.exit(main(['--config', {str(config)!r}, 'web']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 78 and "pip install 'dgxqueue[web]'" in result.stderr
+
+
+def _get(port: int, path: str, token: str | None = None) -> tuple[int, bytes]:
+    """A GET with the path sent exactly as given (http.client normalizes nothing)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_web_cli__token_required_on_every_address_and_never_printed(config: Path, tmp_path: Path) -> None:
+    """Bound to every address with a token file: no token is 401, the token passes, raw '../'
+    paths are 404 with a token too, and neither the output nor the log holds the token."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    (tmp_path / "secret.txt").write_text("outside the outputs folder")
+    port = free_port()
+    log = tmp_path / "web.log"
+    with log.open("ab") as out:
+        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--host", "0.0.0.0",
+                                "--port", str(port), "--token-file", str(token_file)],
+                               cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: b"http://0.0.0.0" in log.read_bytes(), 30, "the server's first line", alive=web)
+        wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
+        assert _get(port, "/api/overview")[0] == 401
+        assert _get(port, "/api/overview", "wrong-" + TOKEN)[0] == 401
+        assert _get(port, "/api/overview", TOKEN)[0] == 200
+        assert _get(port, f"/jobs?token={TOKEN}")[0] == 303
+        for path in ["/files/../secret.txt", "/files/../../etc/passwd", "/files/%2e%2e/secret.txt",
+                     "/files/./../secret.txt"]:
+            status, body = _get(port, path, TOKEN)
+            assert status == 404 and b"outside" not in body, path
+    finally:
+        assert stop(web) == 0
+    assert TOKEN not in log.read_text()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return _get(port, "/login")[0] == 200
+    except OSError:
+        return False
