@@ -5,119 +5,26 @@ process works on."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
 
-from dgxqueue.storage import create_generations, dispose_engines, get_engine, session_scope
-from tests.support.db import build_sqlite_template, sqlite_url_at_head
 from tests.support.paced import release_step
-from tests.support.processes import REPO, free_port, start_worker, stop, wait_until, write_config
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-WAIT = 30.0  # seconds: the page polls every 1.5 s, the daemon heartbeats every 0.2 s
-
-
-@dataclass
-class Stack:
-    url: str  # the database
-    base: str  # the page
-    gates: Path
-    driver: WebDriver
-    worker: subprocess.Popen[bytes]
-    web: subprocess.Popen[bytes]
-
-    def enqueue(self, prompt: str, model: str = "scripted", seconds: float = 1.0) -> str:
-        with session_scope(get_engine(self.url)) as session:
-            (job_id,) = create_generations(session, [{"prompt": prompt, "model_name": model,
-                                                      "duration_seconds": seconds, "sample_rate": 8000,
-                                                      "channels": 1}])
-        return job_id
-
-    def status(self, job_id: str) -> str:
-        with get_engine(self.url).connect() as conn:
-            return str(conn.execute(sa.text("SELECT status FROM generations WHERE id = :id"), {"id": job_id}).scalar())
-
-    def wait_status(self, job_id: str, status: str) -> None:
-        wait_until(lambda: self.status(job_id) == status, WAIT, f"job {job_id} to be {status}", alive=self.worker)
-
-    def open(self, path: str) -> None:
-        self.driver.get(self.base + path)
-
-    def wait(self, condition: Any, what: str) -> Any:
-        return WebDriverWait(self.driver, WAIT, poll_frequency=0.05).until(condition, what)
-
-
-def _answers(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/api/overview", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, ConnectionError):
-        return False
+from tests.support.webstack import Stack, browser_available, web_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    if not browser_available():
         if os.environ.get("CI"):
             pytest.fail("CI must run the browser tests: install chromium and chromium-driver")
         pytest.skip("no /usr/bin/chromium and /usr/bin/chromedriver")
-    tmp = tmp_path_factory.mktemp("web")
-    url = sqlite_url_at_head(tmp, build_sqlite_template(tmp_path_factory.mktemp("template")))
-    gates = tmp / "gates"
-    gates.mkdir()
-    config = write_config(tmp / "config.toml", {
-        "database": {"url": url},
-        "outputs": {"dir": str(tmp / "outputs")},
-        "generator": {"name": "tests.support.paced:PacedGenerator"},
-        "generator.options": {"gate_dir": str(gates)},
-        "worker": {"lease_seconds": 30.0, "heartbeat_seconds": 0.2, "poll_interval_seconds": 0.2,
-                   "backoff_base_seconds": 0.0},
-        "metrics": {"enabled": False},
-        "logging": {"format": "json", "level": "info"},
-    })
-    worker = start_worker(config, tmp / "worker.log")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("DATABASE_URL", None)
-    with (tmp / "web.log").open("ab") as log:
-        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
-                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,900", "--autoplay-policy=no-user-gesture-required"]:
-        options.add_argument(argument)
-    driver = None
-    try:
-        wait_until(lambda: _answers(base), 30, "the page to answer", alive=web)
-        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-        yield Stack(url, base, gates, driver, worker, web)
-    finally:
-        if driver is not None:
-            driver.quit()
-        web_code = stop(web)
-        worker_code = stop(worker)
-        dispose_engines()
-        assert web_code == 0, (tmp / "web.log").read_text()[-3000:]
-        assert worker_code == 0, (tmp / "worker.log").read_text()[-3000:]
-        shutil.rmtree(gates, ignore_errors=True)
+    with web_stack(tmp_path_factory.mktemp("web")) as running:
+        yield running
 
 
 def _no_alert(driver: WebDriver) -> bool:
@@ -139,8 +46,8 @@ def test_browser__overview_updates_when_a_daemon_completes_a_job(stack: Stack) -
     stack.wait(lambda d: int(d.find_element(By.CSS_SELECTOR, '[data-k="by_status.completed"]').text) == before + 1,
                "the completed count to go up")
     assert stack.driver.execute_script("return window.notReloaded === true;")
-    row = stack.driver.find_element(By.CSS_SELECTOR, 'tr[data-model="scripted"]')
-    assert "claiming" in row.text
+    stack.wait(lambda d: "claiming" in d.find_element(By.CSS_SELECTOR, 'tr[data-model="scripted"]').text,
+               "the model's line")
 
 
 def test_browser__progress_bar_moves_as_the_daemon_reports(stack: Stack) -> None:
@@ -149,18 +56,17 @@ def test_browser__progress_bar_moves_as_the_daemon_reports(stack: Stack) -> None
     stack.open("/daemons")
     bar = f'tr[data-job="{job}"] progress'
 
-    def value(driver: WebDriver) -> float | None:
-        found = driver.find_elements(By.CSS_SELECTOR, bar)
-        return float(found[0].get_attribute("value") or "nan") if found else None
+    def value(driver: WebDriver) -> Any:  # read in one script: the page replaces its elements every poll
+        return driver.execute_script("const b = document.querySelector(arguments[0]);"
+                                     "return b ? [b.value, b.max] : null;", bar)
 
-    stack.wait(lambda d: value(d) == 0.0, "the bar at 0 of 4")
-    assert stack.driver.find_element(By.CSS_SELECTOR, bar).get_attribute("max") == "4"
+    stack.wait(lambda d: value(d) == [0, 4], "the bar at 0 of 4")
     for step in (1, 2, 3):
         release_step(stack.gates, job, step)
-        stack.wait(lambda d, step=step: value(d) == step, f"the bar at {step} of 4")
+        stack.wait(lambda d, step=step: value(d) == [step, 4], f"the bar at {step} of 4")
     release_step(stack.gates, job, 4)
     stack.wait_status(job, "completed")
-    stack.wait(lambda d: not d.find_elements(By.CSS_SELECTOR, bar), "the finished job to leave the daemon")
+    stack.wait(lambda d: value(d) is None, "the finished job to leave the daemon")
 
 
 def test_browser__audio_loads_and_reports_its_duration(stack: Stack) -> None:
@@ -185,14 +91,14 @@ def test_browser__cancel_and_retry_through_the_buttons(stack: Stack) -> None:
     stack.open(f"/jobs/{job}")
     stack.driver.find_element(By.XPATH, "//button[text()='Cancel']").click()
     stack.wait(lambda d: d.find_element(By.ID, "status").text == "failed", "the page to show the job failed")
-    assert "cancelled" in stack.driver.find_element(By.ID, "error").text
+    stack.wait(lambda d: "cancelled" in d.find_element(By.ID, "error").text, "the cancel's message")
     stack.driver.find_element(By.XPATH, "//button[text()='Retry']").click()
     stack.wait(lambda d: d.find_element(By.ID, "status").text in ("pending", "processing"), "the job queued again")
     stack.wait_status(job, "processing")
     release_step(stack.gates, job, 1)
     release_step(stack.gates, job, 2)
     stack.wait(lambda d: d.find_element(By.ID, "status").text == "completed", "the page to show the job completed")
-    assert stack.driver.find_elements(By.ID, "player")
+    stack.wait(lambda d: d.find_elements(By.ID, "player"), "the player of the completed job")
 
 
 def test_browser__a_prompt_holding_script_is_shown_as_text(stack: Stack) -> None:
@@ -211,6 +117,8 @@ def test_browser__a_prompt_holding_script_is_shown_as_text(stack: Stack) -> None
     stack.open("/")
     stack.driver.execute_script("window.notReloaded = true;")
     stack.wait(lambda d: d.find_element(By.ID, "updated").text.startswith("updated"), "a live update")
-    row = stack.driver.find_element(By.XPATH, f"//tr[@data-model='{model}']")
-    assert row.find_element(By.TAG_NAME, "td").text == model and not row.find_elements(By.TAG_NAME, "i")
+    cells = stack.driver.execute_script(  # in one script: the page replaces the rows every poll
+        "const row = document.querySelector(`tr[data-model='${arguments[0]}']`);"
+        "return [row.cells[0].textContent, row.querySelectorAll('i').length];", model)
+    assert cells == [model, 0]
     assert _no_alert(stack.driver) and stack.driver.execute_script("return window.notReloaded && !window.pwned;")
