@@ -21,6 +21,9 @@ from dgxqueue.storage import Generation, browse, reads, registry, session_scope
 from dgxqueue.storage.browse import JobFilter
 from dgxqueue.storage.models import GenerationStatus
 
+#: The running jobs the overview lists (the daemons page lists them all).
+RUNNING_SHOWN = 20
+
 
 @dataclass(frozen=True)
 class Source:
@@ -102,6 +105,7 @@ def read_overview(source: Source) -> dict[str, Any]:
             for model in set(daemon.models):
                 per_model[model] = per_model.get(model, 0) + 1
         overview = browse.overview(session, per_model)
+        running = browse.running_jobs(session)
     return {
         "now": _value(overview.now),
         "by_status": overview.by_status,
@@ -109,6 +113,8 @@ def read_overview(source: Source) -> dict[str, Any]:
         "total": sum(overview.by_status.values()),
         "live_daemons": len(live),
         "finished": {status: {str(m): n for m, n in counts.items()} for status, counts in overview.finished.items()},
+        "running": [_running(job) for job in running[:RUNNING_SHOWN]],
+        "running_total": len(running),
         "models": [{"model": name, "pending": line.pending, "processing": line.processing,
                     "oldest_due_age_seconds": line.oldest_due_age_seconds, "paused": line.paused,
                     "paused_reason": line.paused_reason, "live_daemons": line.live_daemons,
@@ -118,17 +124,20 @@ def read_overview(source: Source) -> dict[str, Any]:
     }
 
 
+def _running(job: browse.RunningJob) -> dict[str, Any]:
+    return {"id": job.id, "prompt": job.prompt, "model_name": job.model_name, "worker_id": job.worker_id,
+            "progress_done": job.progress_done, "progress_total": job.progress_total,
+            "progress": fraction(job.progress_done, job.progress_total),
+            "started_at": _value(job.started_at), "cancel_requested": job.cancel_requested}
+
+
 def read_daemons(source: Source) -> dict[str, Any]:
     with session_scope(source.engine) as session:
         live = registry.daemons(session, include_stale=True)
         running = browse.running_jobs(session)
     by_worker: dict[str | None, list[dict[str, Any]]] = {}
     for job in running:
-        by_worker.setdefault(job.worker_id, []).append({
-            "id": job.id, "prompt": job.prompt, "model_name": job.model_name,
-            "progress_done": job.progress_done, "progress_total": job.progress_total,
-            "progress": fraction(job.progress_done, job.progress_total),
-            "started_at": _value(job.started_at), "cancel_requested": job.cancel_requested})
+        by_worker.setdefault(job.worker_id, []).append(_running(job))
     daemons = [{**daemon.as_dict(), "jobs": by_worker.pop(daemon.id, [])} for daemon in live]
     others = [job for jobs in by_worker.values() for job in jobs]
     return {"daemons": daemons, "other_running": others}

@@ -61,6 +61,7 @@ def test_web_api__overview_daemons_jobs_and_one_job(engine: Engine, settings: Se
         assert models["synth"]["finished"]["completed"]["15"] == 1
         assert models["synth"]["finished"]["failed"]["1"] == 1
         assert overview["finished"]["completed"] == {"1": 1, "5": 1, "15": 1}
+        assert [(j["id"], j["worker_id"], j["progress"]) for j in overview["running"]] == [(running, "box-1-abc", 0.3)]
 
         daemons = browser.get("/api/daemons").json()["daemons"]
         assert [d["id"] for d in daemons] == ["box-1-abc"]

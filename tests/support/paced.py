@@ -1,9 +1,10 @@
 """A backend whose jobs advance one progress step per file the test creates, for daemon processes.
 
-``paced:N`` reports progress 0/N, then k/N once the file ``<gate_dir>/<job_id>-<k>`` exists, for
-k = 1..N, and renders its audio after the last step; it stops, cancelled, as soon as its control
-says so. Any other prompt is :class:`~tests.support.generators.ScriptedGenerator`'s (a plain
-prompt renders a constant level of the requested duration at once).
+A prompt ``paced:N`` (or metadata ``{"paced": N}``, whatever the prompt) reports progress 0/N,
+then k/N once the file ``<gate_dir>/<job_id>-<k>`` exists, for k = 1..N, and renders its audio
+after the last step; it stops, cancelled, as soon as its control says so. Any other prompt is
+:class:`~tests.support.generators.ScriptedGenerator`'s (a plain prompt renders a constant level of
+the requested duration at once).
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ class PacedGenerator(ScriptedGenerator):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
         results: list[GenerationOutcome] = []
         for request in requests:
-            if not request.prompt.startswith("paced:"):
+            steps = request.metadata.get("paced")
+            if steps is None and request.prompt.startswith("paced:"):
+                steps = request.prompt.split(":")[1]
+            if steps is None:
                 results.extend(super().generate([request]))
                 continue
-            total = int(request.prompt.split(":")[1])
+            total = int(steps)
             request.control.report(0, total)
             wait = threading.Event()
             stopped = False

@@ -39,11 +39,12 @@ class Stack:
     workers: list[subprocess.Popen[bytes]]
     web: subprocess.Popen[bytes]
 
-    def enqueue(self, prompt: str, model: str = "scripted", seconds: float = 1.0) -> str:
+    def enqueue(self, prompt: str, model: str = "scripted", seconds: float = 1.0,
+                metadata: dict[str, Any] | None = None) -> str:
         with session_scope(get_engine(self.url)) as session:
             (job_id,) = create_generations(session, [{"prompt": prompt, "model_name": model,
                                                       "duration_seconds": seconds, "sample_rate": 8000,
-                                                      "channels": 1}])
+                                                      "channels": 1, "metadata": metadata}])
         return job_id
 
     def status(self, job_id: str) -> str:

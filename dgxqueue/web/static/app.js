@@ -59,6 +59,23 @@
       return tr;
     });
     body.replaceChildren(...rows);
+    const running = data.running.map((j) => jobRow(j, [j.model_name, j.prompt, j.worker_id || "-"]));
+    if (running.length === 0) {
+      const tr = el("tr");
+      tr.append(el("td", "nothing running", { colspan: "5", class: "muted" }));
+      running.push(tr);
+    }
+    document.querySelector("#running tbody").replaceChildren(...running);
+  }
+
+  // A running job's row: its link, the given cells (the prompt's class keeps its line breaks), its bar.
+  function jobRow(j, cells) {
+    const tr = el("tr", null, { "data-job": j.id });
+    const link = el("td");
+    link.append(el("a", j.id.slice(0, 8), { href: `/jobs/${encodeURIComponent(j.id)}` }));
+    tr.append(link, ...cells.map((text) => el("td", text, text === j.prompt ? { class: "prompt" } : {})),
+      progressCell(j.progress_done, j.progress_total));
+    return tr;
   }
 
   function renderDaemons(data) {
@@ -79,14 +96,7 @@
         tr.append(el("td", "idle", { colspan: "4", class: "muted" }));
         table.tBodies[0].append(tr);
       }
-      for (const j of d.jobs) {
-        const tr = el("tr", null, { "data-job": j.id });
-        const link = el("td");
-        link.append(el("a", j.id.slice(0, 8), { href: `/jobs/${encodeURIComponent(j.id)}` }));
-        tr.append(link, el("td", j.model_name), el("td", j.prompt, { class: "prompt" }),
-          progressCell(j.progress_done, j.progress_total));
-        table.tBodies[0].append(tr);
-      }
+      for (const j of d.jobs) table.tBodies[0].append(jobRow(j, [j.model_name, j.prompt]));
       section.append(table);
       return section;
     });
