@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from sqlalchemy.engine import Engine
 
-from dgxqueue.audio import resolve_output_path
+from dgxqueue.audio import OutputRoot, resolve_output_path
 from dgxqueue.errors import OutputError, ValidationError
 from dgxqueue.storage import Generation, browse, reads, registry, session_scope
 from dgxqueue.storage.browse import JobFilter
@@ -47,24 +47,24 @@ def fraction(done: Any, total: Any) -> float | None:
     return min(1.0, max(0.0, done / total))
 
 
-def file_url(source: Source, file_path: Any) -> str | None:
-    """The ``/files/...`` address of a job's file, or None when its path leaves the outputs folder."""
+def file_url(root: OutputRoot, file_path: Any) -> str | None:
+    """The ``/files/...`` address of a job's file, or None when its path leaves the outputs folder.
+    ``root``: one per page, so the folder's real path is looked up once, not once a row."""
     if not isinstance(file_path, str):
         return None
     try:
-        absolute = resolve_output_path(source.outputs_dir, file_path)
+        absolute = root.locate(file_path)
     except OutputError:
         return None
-    root = os.path.realpath(source.outputs_dir)
-    relative = os.path.relpath(absolute, root)
+    relative = os.path.relpath(absolute, root.real)
     return "/files/" + "/".join(quote(part) for part in relative.split(os.sep))
 
 
-def list_row(source: Source, row: Mapping[str, Any]) -> dict[str, Any]:
+def list_row(root: OutputRoot, row: Mapping[str, Any]) -> dict[str, Any]:
     shown = {key: _value(value) for key, value in row.items() if key != "file_path"}
     shown["progress"] = fraction(row["progress_done"], row["progress_total"])
     shown["cancel_requested"] = row["cancel_requested_at"] is not None
-    shown["audio_url"] = file_url(source, row["file_path"]) if row["status"] == "completed" else None
+    shown["audio_url"] = file_url(root, row["file_path"]) if row["status"] == "completed" else None
     return shown
 
 
@@ -74,7 +74,7 @@ def job_detail(source: Source, job: Generation) -> dict[str, Any]:
     for column in Generation.__table__.columns:
         row[column.name] = _value(getattr(job, "meta" if column.name == "metadata" else column.name))
     row["progress"] = fraction(job.progress_done, job.progress_total)
-    url = file_url(source, job.file_path) if job.status == "completed" else None
+    url = file_url(OutputRoot(source.outputs_dir), job.file_path) if job.status == "completed" else None
     if url is not None:
         try:
             exists = resolve_output_path(source.outputs_dir, job.file_path).is_file()
@@ -94,7 +94,8 @@ def read_job(source: Source, job_id: str) -> dict[str, Any]:
 def read_jobs(source: Source, where: JobFilter, limit: int, cursor: str | None) -> dict[str, Any]:
     with session_scope(source.engine) as session:
         page = browse.jobs_page(session, where, limit=limit, cursor=cursor)
-    return {"jobs": [list_row(source, row) for row in page.rows], "next_cursor": page.next_cursor}
+    root = OutputRoot(source.outputs_dir)
+    return {"jobs": [list_row(root, row) for row in page.rows], "next_cursor": page.next_cursor}
 
 
 def read_overview(source: Source) -> dict[str, Any]:

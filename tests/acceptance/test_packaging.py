@@ -24,6 +24,9 @@ EXPECTED = [
     "dgxqueue/_alembic/env.py",
     "dgxqueue/_alembic/alembic.ini",
     "dgxqueue/_alembic/versions/001_initial_schema.py",
+    "dgxqueue/web/app.py",  # the status page: its templates and static files are not Python
+    "dgxqueue/web/templates/overview.html",
+    "dgxqueue/web/static/app.js",
     "workers/__init__.py",
     "workers/synth.py",
     "workers/musicgen.py",
