@@ -19,7 +19,7 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
       ``enqueue --jsonl`` line (naming it); an id prefix that matches several jobs; ``db copy``
       or ``archive`` met a row the other database holds differently, or a failed verification
 69    unavailable (EX_UNAVAILABLE): database unreachable, missing, or not migrated (the worker
-      never creates one: ``db upgrade`` does); the metrics port is taken
+      never creates one: ``db upgrade`` does); the metrics port (or ``web``'s) is taken
 70    internal error (EX_SOFTWARE): a bug or a broken installation; ``--traceback``
 73    cannot create the output (EX_CANTCREAT): ``db backup`` target exists
 74    input/output error (EX_IOERR): a file could not be read or written; ``enqueue --jsonl -``
@@ -30,7 +30,7 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
       ``db copy`` while daemons are live on either database
 78    configuration error (EX_CONFIG): names the key, the value and what is allowed; a
       malformed database URL (its password never shown), a PostgreSQL URL without the
-      ``postgres`` extra
+      ``postgres`` extra; ``web`` without the ``web`` extra, or off loopback without a token
 124   the worker gave up on a backend call past ``worker.job_timeout_seconds`` (charged to its
       jobs; the rest given back) and exited for a fresh process, as timeout(1) does
 130   interrupted (Ctrl-C)
