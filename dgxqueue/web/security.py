@@ -135,19 +135,10 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
-        refused = self._refusal(request)
-        if refused is not None:
-            await refused(scope, receive, send)
-            return
         nonce = request.cookies.get(CSRF_COOKIE)
-        if not nonce:
-            nonce = new_csrf_nonce()
-            # Seen by the handlers (their forms carry the token for it) and sent with the response.
-            scope.setdefault("state", {})["csrf_nonce"] = nonce
-            new_cookie = nonce
-        else:
-            scope.setdefault("state", {})["csrf_nonce"] = nonce
-            new_cookie = None
+        new_cookie = None if nonce else new_csrf_nonce()
+        # Seen by the handlers (their forms carry the token for it); a new one is sent as a cookie.
+        scope.setdefault("state", {})["csrf_nonce"] = nonce or new_cookie
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -160,6 +151,10 @@ class GuardMiddleware:
                                                  f"SameSite=Strict{secure}")
             await send(message)
 
+        refused = self._refusal(request)
+        if refused is not None:
+            await refused(scope, receive, send_with_headers)
+            return
         await self.app(scope, receive, send_with_headers)
 
     def _refusal(self, request: Request) -> Callable[[Scope, Receive, Send], Awaitable[None]] | None:

@@ -208,7 +208,8 @@ def test_web_token__required_off_loopback(engine: Engine, settings: Settings) ->
     the login form sets the same cookie, which never holds the token itself."""
     secret = "s3cret-token-of-some-length"
     with client(settings, token=secret, loopback_only=False) as browser:
-        assert browser.get("/api/overview").status_code == 401
+        refused = browser.get("/api/overview")
+        assert refused.status_code == 401 and refused.headers["x-frame-options"] == "DENY"
         assert browser.get("/files/x.wav").status_code == 401
         assert browser.get("/api/overview", headers={"Authorization": "Bearer wrong-token"}).status_code == 401
         assert browser.get("/").headers["location"].startswith("/login")
