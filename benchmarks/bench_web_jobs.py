@@ -11,7 +11,9 @@ row), analyzes it, then times (best and median of 15, after one warm-up):
   rows (the floor), and the ratio;
 - the same deep page by OFFSET, the pagination the list does not use, for scale;
 - filtered first pages (a status, a model, a text search, a time range) through ``jobs_page``;
-- the first page through the whole HTTP handler (Starlette's TestClient, in process).
+- the first page through the whole HTTP handler (Starlette's TestClient, in process);
+- the overview's read (what each open overview polls every 1.5 s) beside the metrics' depth read,
+  with the newest rows finished 100 a second up to now (90,000 in its 15-minute window).
 
 PostgreSQL comes from ``$DGXQ_TEST_PG_URL`` (as in the tests); a private schema is dropped after.
 """
@@ -33,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from dgxqueue.config import load_settings
-from dgxqueue.storage import dispose_engines, init_db
+from dgxqueue.storage import browse, dispose_engines, init_db, reads
 from dgxqueue.storage.browse import JobFilter, encode_cursor, jobs_page
 from dgxqueue.storage.models import GenerationStatus
 from tests.support.db import postgres_schema_url
@@ -51,20 +53,26 @@ def fill(engine: Engine, rows: int) -> float:
         source = "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < :rows) SELECT n FROM s"
         # As SQLAlchemy stores a time on SQLite (microseconds included), so the text compares alike.
         created = "datetime('2024-01-01', '+' || n || ' seconds') || '.000000'"
+        finished = "datetime(:now, '-' || ((:rows - n) / 100.0) || ' seconds') || '.000000'"
         row_id = "printf('%032d', n)"
         prompt = "'a prompt about ' || n"
     else:
         source = "SELECT n FROM generate_series(1, :rows) AS n"
         created = "timestamptz '2024-01-01 00:00:00+00' + n * interval '1 second'"
+        finished = "CAST(:now AS timestamptz) - ((:rows - n) / 100.0) * interval '1 second'"
         row_id, prompt = "lpad(n::text, 32, '0')", "'a prompt about ' || n"
     insert = f"""INSERT INTO generations (id, prompt, model_name, duration_seconds, sample_rate, channels,
-        file_path, status, created_at, priority, attempts, max_attempts)
+        file_path, status, created_at, completed_at, priority, attempts, max_attempts)
         SELECT {row_id}, {prompt}, 'model-' || ((n / 7) % 4), 10.0, 32000, 1, 'outputs/x.wav', {status},
-               {created}, n % 3, 0, 3 FROM ({source}) AS source"""
+               {created}, CASE WHEN {status} IN ('completed', 'failed') THEN {finished} END, n % 3, 0, 3
+          FROM ({source}) AS source"""
+    sqlite = engine.dialect.name == "sqlite"
     started = time.perf_counter()
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM generations"))
-        conn.execute(sa.text(insert), {"rows": rows})
+        # The newest rows finished 100 a second up to now: the overview's last 15 minutes hold 90,000.
+        now = datetime.now(UTC)
+        conn.execute(sa.text(insert), {"rows": rows, "now": now.replace(tzinfo=None) if sqlite else now})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("VACUUM ANALYZE generations" if engine.dialect.name == "postgresql" else "ANALYZE"))
     return time.perf_counter() - started
@@ -123,6 +131,9 @@ def bench(engine: Engine, rows: int) -> None:
                                                 until=START + timedelta(seconds=rows // 2 + 3600))),
         ]:
             _line(f"first page, {name}", timed(functools.partial(jobs_page, session, where, limit=PAGE), 5))
+        _line("overview (browse.overview)", timed(lambda: browse.overview(session, {}), 5),
+              timed(lambda: reads.queue_depth(session), 5))
+        print("    (overview's floor: reads.queue_depth, the metrics scrape's read, which it includes)")
     _http_first_page(engine)
 
 

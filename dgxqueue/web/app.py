@@ -8,6 +8,8 @@ otherwise redirects back to the page the form came from.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,9 @@ class WebOptions:
     read_only: bool = False
     token: str | None = None
     loopback_only: bool = True
+    #: The overview is read at most once in this many seconds, whoever asks (each open overview
+    #: polls it): its throughput counts read the last 15 minutes of finished rows.
+    overview_cache_seconds: float = 1.0
 
     def __repr__(self) -> str:  # never the token
         return f"WebOptions(read_only={self.read_only}, token={'set' if self.token else None})"
@@ -66,6 +71,18 @@ def create_app(options: WebOptions) -> Starlette:
                             autoescape=select_autoescape(default=True, default_for_string=True))
     templates.globals.update(version=__version__, read_only=options.read_only, poll_ms=POLL_MS,
                              statuses=["pending", "processing", "completed", "failed"], login=guard.token is not None)
+
+    overview_lock = threading.Lock()
+    overview_cache: list[tuple[float, dict[str, Any]]] = []
+
+    def read_overview() -> dict[str, Any]:
+        with overview_lock:  # one reader at a time; the others take its result
+            now = time.monotonic()
+            if overview_cache and now - overview_cache[0][0] < options.overview_cache_seconds:
+                return overview_cache[0][1]
+            value = views.read_overview(source)
+            overview_cache[:] = [(time.monotonic(), value)]
+            return value
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         nonce = request.state.csrf_nonce
@@ -101,7 +118,7 @@ def create_app(options: WebOptions) -> Starlette:
     # --- pages ----------------------------------------------------------------------------
 
     def overview_page(request: Request) -> Response:
-        return page(request, "overview.html", overview=views.read_overview(source),
+        return page(request, "overview.html", overview=read_overview(),
                     defaults=options.settings.jobs)
 
     def daemons_page(request: Request) -> Response:
@@ -138,7 +155,7 @@ def create_app(options: WebOptions) -> Starlette:
     # --- JSON API -------------------------------------------------------------------------
 
     def api_overview(request: Request) -> Response:
-        return JSONResponse(views.read_overview(source))
+        return JSONResponse(read_overview())
 
     def api_daemons(request: Request) -> Response:
         return JSONResponse(views.read_daemons(source))

@@ -247,3 +247,13 @@ def test_web_pages__escape_prompts_and_errors(engine: Engine, settings: Settings
             assert "script-src 'self'" in page.headers["content-security-policy"]
         shown = browser.get(f"/jobs/{job}").text
         assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in shown and "&lt;iframe" in shown
+
+
+def test_web_overview__read_once_per_cache_period(engine: Engine, settings: Settings) -> None:
+    """Within the cache period every caller gets the same overview (one read for many open pages);
+    with no cache each call reads again."""
+    with client(settings, overview_cache_seconds=3600.0) as cached, client(settings) as fresh:
+        before = cached.get("/api/overview").json()["by_status"]["pending"]
+        _jobs(engine, ["one more"])
+        assert cached.get("/api/overview").json()["by_status"]["pending"] == before
+        assert fresh.get("/api/overview").json()["by_status"]["pending"] == before + 1

@@ -21,6 +21,7 @@ _CSRF = re.compile(r'<meta name="csrf-token" content="([0-9a-f]+)">')
 
 def client(settings: Settings, **options: Any) -> TestClient:
     """A client of the application on ``settings``' database (options: read_only, token, loopback_only)."""
+    options.setdefault("overview_cache_seconds", 0.0)  # each read sees the test's last write
     app = create_app(WebOptions(settings=settings, engine=get_engine(settings.database.url), **options))
     return TestClient(app, base_url=BASE, follow_redirects=False)
 
