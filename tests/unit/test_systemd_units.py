@@ -86,10 +86,10 @@ def _verify(root: Path, unit: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_units__every_file_is_tested() -> None:
-    """The worker template, migrate, prune and archive services and timers are all there."""
+    """The worker template, migrate, prune and archive services and timers, and the status page, are all there."""
     assert set(UNIT_FILES) == {"dgxqueue-worker@.service", "dgxqueue-migrate.service",
                                "dgxqueue-prune.service", "dgxqueue-prune.timer",
-                               "dgxqueue-archive.service", "dgxqueue-archive.timer"}
+                               "dgxqueue-archive.service", "dgxqueue-archive.timer", "dgxqueue-web.service"}
 
 
 @pytest.mark.parametrize("unit", ["dgxqueue-worker@0.service", "dgxqueue-worker@7.service",
@@ -110,11 +110,12 @@ def test_verify__harness_catches_a_bad_value(unit_root: Path, tmp_path: Path) ->
     assert "sixty" in done.stdout + done.stderr
 
 
-def test_security__worker_exposure_is_ok(tmp_path: Path) -> None:
-    """`systemd-analyze security --offline=yes` rates the worker's exposure 2.0 or below ("OK")."""
+@pytest.mark.parametrize("unit", ["dgxqueue-worker@.service", "dgxqueue-web.service"])
+def test_security__worker_exposure_is_ok(tmp_path: Path, unit: str) -> None:
+    """`systemd-analyze security --offline=yes` rates the worker's and the status page's exposure
+    2.0 or below ("OK")."""
     done = subprocess.run(
-        [_systemd_analyze(), "security", "--offline=yes", "--no-pager",
-         str(UNITS_DIR / "dgxqueue-worker@.service")],
+        [_systemd_analyze(), "security", "--offline=yes", "--no-pager", str(UNITS_DIR / unit)],
         capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", done.stdout)
@@ -170,8 +171,11 @@ def test_units__exec_start_is_a_valid_dgxqueue_command(unit: str) -> None:
     args = build_parser().parse_args(argv[1:])
     assert args.config == "/etc/dgxqueue/config.toml"
     expected = {"dgxqueue-worker@.service": "worker", "dgxqueue-migrate.service": "db",
-                "dgxqueue-prune.service": "prune", "dgxqueue-archive.service": "archive"}[unit]
+                "dgxqueue-prune.service": "prune", "dgxqueue-archive.service": "archive",
+                "dgxqueue-web.service": "web"}[unit]
     assert args.command == expected
+    if expected == "web":  # loopback: no token needed, none to leak into the unit
+        assert (args.host, args.token_file, args.read_only) == ("127.0.0.1", None, False)
     if expected in ("prune", "archive"):
         assert args.older_than == "30d"
 
