@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import sqlalchemy as sa
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
@@ -30,6 +31,7 @@ from dgxqueue.config import Settings
 from dgxqueue.errors import InvalidStateError, JobNotFoundError, ValidationError
 from dgxqueue.jobs import Job
 from dgxqueue.storage import admin, retry_generation, session_scope
+from dgxqueue.storage.dberrors import database_unavailable
 from dgxqueue.web import views
 from dgxqueue.web.files import file_response
 from dgxqueue.web.security import CSRF_FIELD, CSRF_HEADER, Guard, GuardMiddleware, form_value, safe_next
@@ -252,6 +254,15 @@ def create_app(options: WebOptions) -> Starlette:
         Route("/api/models/resume", action(resume), methods=["POST"]),
         Mount("/static", StaticFiles(directory=_STATIC), name="static"),
     ]
-    app = Starlette(routes=routes)
+    async def database_error(request: Request, exc: Exception) -> Response:
+        # One line, without the statement: the page may be shown to people who should not read SQL.
+        assert isinstance(exc, sa.exc.DBAPIError)
+        status = 503 if database_unavailable(exc) else 500
+        message = f"database {'unavailable' if status == 503 else 'error'}: {type(exc.orig).__name__}"
+        if request.url.path.startswith("/api/") or wants_json(request):
+            return JSONResponse({"error": message, "field": None}, status_code=status)
+        return page(request, "error.html", status=status, message=message)
+
+    app = Starlette(routes=routes, exception_handlers={sa.exc.DBAPIError: database_error})
     app.add_middleware(GuardMiddleware, guard=guard)
     return app

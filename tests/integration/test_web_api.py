@@ -257,3 +257,16 @@ def test_web_overview__read_once_per_cache_period(engine: Engine, settings: Sett
         _jobs(engine, ["one more"])
         assert cached.get("/api/overview").json()["by_status"]["pending"] == before
         assert fresh.get("/api/overview").json()["by_status"]["pending"] == before + 1
+
+
+def test_web_api__a_database_error_is_one_line_without_sql(engine: Engine, settings: Settings) -> None:
+    """A statement the database refuses (here: its table gone) is a 500 naming the error's kind,
+    never the SQL; the page says the same in its error page."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE generations"))
+    with client(settings) as browser:
+        refused = browser.get("/api/jobs")
+        assert refused.status_code == 500 and refused.json()["error"].startswith("database error: ")
+        assert "SELECT" not in refused.text
+        page = browser.get("/jobs")
+        assert page.status_code == 500 and "database error" in page.text and "SELECT" not in page.text

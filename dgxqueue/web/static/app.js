@@ -134,6 +134,8 @@
       if (response.ok) {
         render(await response.json());
         document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+      } else {
+        document.getElementById("updated").textContent = `not updated: HTTP ${response.status}`;
       }
     } catch (e) {
       document.getElementById("updated").textContent = "not reachable";
