@@ -76,20 +76,37 @@ def not_expired(profile: Profile, now: sa.ColumnElement[Any]) -> sa.ColumnElemen
 
 # --- insert ---------------------------------------------------------------------------------
 
-_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec))
+#: The JobSpec fields that are columns as they stand; ``expires_at`` is computed by the insert.
+_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec) if field.name not in ("expires_at", "ttl"))
 #: What every new row holds besides its specification's fields.
 _NEW_ROW = {"status": PENDING, "attempts": 0, "lease_losses": 0}
-#: The columns the INSERT sets: the specification's fields, then the new-row values and ``created_at``.
+#: The columns the INSERT sets from parameters: the specification's fields, then the new-row
+#: values and ``created_at``; ``expires_at`` comes from :func:`_expiry`'s expression.
 JOB_COLUMNS = (*_SPEC_FIELDS, *_NEW_ROW, "created_at")
 _PROMPT_COLUMNS = ("text", "used_count", "first_used_at", "last_used_at")
+#: The parameters of :func:`_expiry`: an ``expires_at`` given as a time, or a ``ttl`` in seconds.
+EXPIRY_GIVEN, EXPIRY_TTL = "expiry_given", "expiry_ttl"
 
 
 def job_row(job: JobSpec, now: datetime) -> dict[str, Any]:
-    """The ``generations`` row ``job`` becomes, created at ``now``."""
+    """The ``generations`` row ``job`` becomes, created at ``now``, with the parameters of its
+    ``expires_at`` (:data:`EXPIRY_GIVEN`, :data:`EXPIRY_TTL`); its ``expires_at`` is the one given
+    (None for a ``ttl``, which only the database's clock turns into a time)."""
     row = {name: getattr(job, name) for name in _SPEC_FIELDS}
     row.update(_NEW_ROW)
     row["created_at"] = now
+    row["expires_at"] = job.expires_at
+    row[EXPIRY_GIVEN] = job.expires_at
+    row[EXPIRY_TTL] = job.ttl
     return row
+
+
+def _expiry(profile: Profile) -> sa.ColumnElement[Any]:
+    """The new row's ``expires_at``: the time given, or the database's now plus the ``ttl``, so
+    that a producer whose clock is off by an hour expires nothing an hour early or late."""
+    ttl = sa.cast(sa.bindparam(EXPIRY_TTL, type_=sa.Float), sa.Float)  # typed: PostgreSQL cannot infer a NULL's
+    given = sa.bindparam(EXPIRY_GIVEN, type_=UTCDateTime())
+    return sa.case((ttl.is_(None), given), else_=profile.later(ttl))
 
 
 @functools.cache
@@ -133,12 +150,13 @@ class _Insert:
 def _insert(dialect: Dialect) -> _Insert:
     profile = profile_of(dialect)
     notify = profile.notify()
-    keyed = (profile.insert(G)
+    expires_at = _expiry(profile)
+    keyed = (profile.insert(G).values(expires_at=expires_at)
              .on_conflict_do_nothing(index_elements=[G.c.dedupe_key], index_where=DEDUPE_HELD)
              .returning(G.c.id))
     holder = sa.select(G.c.id).where(G.c.dedupe_key == sa.bindparam("dedupe_key", type_=sa.Text), DEDUPE_HELD)
     return _Insert(
-        job=Compiled.of(sa.insert(G), dialect, JOB_COLUMNS),
+        job=Compiled.of(sa.insert(G).values(expires_at=expires_at), dialect, JOB_COLUMNS),
         keyed_job=Compiled.of(keyed, dialect, JOB_COLUMNS),
         holder=Compiled.of(holder, dialect),
         # inline(): no RETURNING of the prompt's id, which nobody reads here.
