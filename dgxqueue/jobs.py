@@ -16,7 +16,6 @@ return.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -147,9 +146,9 @@ class Job:
         return self.status
 
     async def wait_async(self, timeout: float | None = None) -> str:
-        """:meth:`wait` for a caller in an event loop: the wait runs in a worker thread
-        (``asyncio.to_thread``) on its own connection, so the loop keeps running. Cancelling the
-        awaiting task ends that thread's wait at once."""
+        """:meth:`wait` for a caller in an event loop, awaited without blocking the loop or
+        starting a thread (:func:`wait_all_async`). Cancelling the awaiting task ends the wait
+        at once and closes its connection."""
         await wait_all_async([self], timeout)
         return self.status
 
@@ -327,10 +326,6 @@ class ChangeListener:
                 os.close(fd)
 
 
-class _Stopped(Exception):
-    """The awaiting task of :func:`wait_all_async` was cancelled: its thread stops waiting."""
-
-
 def _engine_of(jobs: Sequence[Job]) -> Engine:
     engines = {id(job._engine): job._engine for job in jobs}
     if len(engines) > 1:
@@ -338,8 +333,7 @@ def _engine_of(jobs: Sequence[Job]) -> Engine:
     return next(iter(engines.values()))
 
 
-def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
-             _listener: ChangeListener | None = None) -> list[str]:
+def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
     """Block until every job of ``jobs`` (one database's) is completed or failed; returns their
     statuses in order, each handle refreshed. :class:`~dgxqueue.errors.WaitTimeoutError` after
     ``timeout`` seconds (the handles then hold the rows as they stand);
@@ -348,7 +342,7 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
         return []
     engine = _engine_of(jobs)
     deadline = None if timeout is None else time.monotonic() + timeout
-    listener = _listener or ChangeListener(engine)  # listening before the first read: nothing is missed
+    listener = ChangeListener(engine)  # listening before the first read: nothing is missed
     try:
         with engine.connect() as connection:
             by_id = {job.id: job for job in jobs}
@@ -357,10 +351,11 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
             checked = time.monotonic()
             while waiting:
                 now = time.monotonic()
-                if listener.stopped:
-                    raise _Stopped
                 if deadline is not None and now >= deadline:
-                    states.update(_read(engine, waiting, connection))  # the handles as they stand now
+                    rows = _read(engine, waiting, connection)  # the handles as they stand now
+                    if missing := waiting - rows.keys():  # deleted meanwhile: gone, not late
+                        raise JobNotFoundError(min(missing))
+                    states.update(rows)
                     _apply(jobs, states)
                     raise WaitTimeoutError(timeout or 0.0, sorted(waiting))
                 pause = RECHECK_SECONDS - (now - checked)
@@ -383,8 +378,7 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
                     continue
                 waiting.difference_update(ended)
     finally:
-        if _listener is None:
-            listener.close()
+        listener.close()
     _apply(jobs, states)
     return [job.status for job in jobs]
 
@@ -404,21 +398,8 @@ def _apply(jobs: Sequence[Job], states: dict[str, _State]) -> None:
 
 
 async def wait_all_async(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
-    """:func:`wait_all` without blocking the event loop: it runs in a worker thread
-    (``asyncio.to_thread``) on connections of its own; cancelling the awaiting task stops that
-    thread's wait at once."""
-    if not jobs:
-        return []
-    listener = await asyncio.to_thread(ChangeListener, _engine_of(jobs))
+    """:func:`wait_all` without blocking the event loop or starting a thread
+    (:func:`dgxqueue.jobs_async.wait_all_async`); cancelling the awaiting task ends the wait."""
+    from dgxqueue.jobs_async import wait_all_async as wait
 
-    def run() -> list[str]:
-        try:
-            return wait_all(jobs, timeout, _listener=listener)
-        finally:
-            listener.close()  # in the thread: it alone uses the listener until it returns
-
-    try:
-        return await asyncio.to_thread(run)
-    except asyncio.CancelledError:
-        listener.stop()  # to_thread cannot interrupt its thread: this ends that thread's wait
-        raise
+    return await wait(jobs, timeout)
