@@ -106,12 +106,14 @@ class Job:
 
     @property
     def progress(self) -> Progress | None:
-        """The progress a daemon last reported, as last read; None until one reports any."""
+        """The progress a daemon last reported, as last read (``done`` within 0..``total``);
+        None until one reports any."""
         done, total = self._state.progress_done, self._state.progress_total
-        # Plain SQL can store text or a float beyond INTEGER on SQLite: that is no progress.
-        if type(done) is not int or type(total) is not int:
+        # Plain SQL can store text or a float beyond INTEGER on SQLite: that is no progress; nor
+        # is a total that is not positive. As the CLI reads it (cli.wait.fraction).
+        if type(done) is not int or type(total) is not int or total <= 0:
             return None
-        return Progress(done, total)
+        return Progress(min(max(done, 0), total), total)
 
     @property
     def output_path(self) -> Path | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -93,3 +94,21 @@ def test_metrics_and_stats__a_paused_model_name_stored_as_a_blob(tmp_path: Path)
     with session_scope(get_engine(url)) as session:
         shown = json.loads(json.dumps(database_stats(session)))
     assert shown["paused_models"] == {"blob": "\ufffd", "synth": "42"}
+
+
+@pytest.mark.parametrize(("done", "total", "shown"), [
+    (-5, 10, (0, 10)), (15, 10, (10, 10)), (0, -3, None), (7, 0, None), (5, None, None), (None, 10, None),
+])
+def test_job_handle__progress_written_by_plain_sql_out_of_range(
+    db_url: str, tmp_path: Path, done: int | None, total: int | None, shown: tuple[int, int] | None,
+) -> None:
+    """The handle's progress follows the CLI's reading of the same row (``show``, ``wait``): a
+    total that is not positive is no progress, and ``done`` stays within 0..total."""
+    init_db(db_url)
+    settings = load_settings(env={}, overrides={"outputs": {"dir": str(tmp_path / "outputs")}})
+    job_id = api.enqueue("odd", database_url=db_url, settings=settings)
+    with get_engine(db_url).begin() as connection:
+        connection.execute(sa.text("UPDATE generations SET status = 'processing', progress_done = :d,"
+                                   " progress_total = :t WHERE id = :i"), {"d": done, "t": total, "i": job_id})
+    progress = get_job(job_id, database_url=db_url, settings=settings).progress
+    assert (None if progress is None else (progress.done, progress.total)) == shown
