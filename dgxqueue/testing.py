@@ -144,6 +144,12 @@ class MemoryStore:
             ids = []
             for row in new:
                 key = row["dedupe_key"]
+                holder = self.jobs.get(holders.get(key, ""))
+                if holder is not None and holder["status"] == PENDING and _expired(holder, inserted):
+                    # Never to run: expired now, as the insert does, and the key is free.
+                    holder.update(status=FAILED, expired_at=inserted, completed_at=inserted,
+                                  error_message=EXPIRED_MESSAGE)
+                    del holders[key]
                 if key is not None and key in holders:
                     ids.append(holders[key])
                     continue

@@ -142,6 +142,7 @@ class _Insert:
     job: Compiled
     keyed_job: Compiled
     holder: Compiled
+    expire_holder: Compiled
     upsert_prompt: Compiled
     notify: Compiled | None
 
@@ -155,10 +156,14 @@ def _insert(dialect: Dialect) -> _Insert:
              .on_conflict_do_nothing(index_elements=[G.c.dedupe_key], index_where=DEDUPE_HELD)
              .returning(G.c.id))
     holder = sa.select(G.c.id).where(G.c.dedupe_key == sa.bindparam("dedupe_key", type_=sa.Text), DEDUPE_HELD)
+    expire_holder = profile.announce(
+        _expire(profile).where(G.c.dedupe_key == sa.bindparam("dedupe_key", type_=sa.Text)).returning(G.c.id),
+        EVENTS_CHANNEL)
     return _Insert(
         job=Compiled.of(sa.insert(G).values(expires_at=expires_at), dialect, JOB_COLUMNS),
         keyed_job=Compiled.of(keyed, dialect, JOB_COLUMNS),
         holder=Compiled.of(holder, dialect),
+        expire_holder=Compiled.of(expire_holder, dialect),
         # inline(): no RETURNING of the prompt's id, which nobody reads here.
         upsert_prompt=Compiled.of(prompt_upsert(profile).inline(), dialect, _PROMPT_COLUMNS),
         notify=None if notify is None else Compiled.of(notify, dialect, ("channel", "model")),
@@ -214,6 +219,11 @@ def _insert_keyed(cursor: Cursor, statements: _Insert, job: JobSpec, now: dateti
     for _ in range(_DEDUPE_TRIES):
         if cursor.submit(statements.keyed_job, row).rows:
             return job.id
+        # A pending holder past its expires_at will never run: handing it back would give the
+        # caller a job that can only fail as expired. It is expired now (as the sweep would),
+        # which frees the key for this insert.
+        if cursor.submit(statements.expire_holder, {"dedupe_key": job.dedupe_key}).rows:
+            continue
         held = cursor.submit(statements.holder, {"dedupe_key": job.dedupe_key}).rows
         if held:
             return str(held[0][0])
@@ -640,16 +650,21 @@ def expire_pending(session: Session) -> list[tuple[str, str]]:
     running it, in one UPDATE over ``idx_generations_expires_at``; returns (id, model) of each.
     An ``expires_at`` that is not a time (plain SQL) is left alone, as the claim leaves it."""
     profile = profile_of(session.get_bind().dialect)
-    now = profile.now()
-    expires_at = G.c.expires_at
     rows = session.execute(profile.announce(  # a completion event each, as a daemon's outcome
-        sa.update(G)
-        .where(IS_PENDING, expires_at.is_not(None), profile.comparable_time(expires_at) <= now,
-               sa.not_(profile.not_a_time(expires_at)))
-        .values(status=FAILED, expired_at=now, completed_at=now, error_message=EXPIRED_MESSAGE)
-        .returning(G.c.id, G.c.model_name), EVENTS_CHANNEL,
+        _expire(profile).returning(G.c.id, G.c.model_name), EVENTS_CHANNEL,
     )).all()
     return [(row[0], row[1]) for row in rows]
+
+
+def _expire(profile: Profile) -> sa.Update:
+    """Fail the pending jobs whose ``expires_at`` has passed by the database's clock (one that
+    is not a time, from plain SQL, is left alone, as the claim leaves it)."""
+    now = profile.now()
+    expires_at = G.c.expires_at
+    return (sa.update(G)
+            .where(IS_PENDING, expires_at.is_not(None), profile.comparable_time(expires_at) <= now,
+                   sa.not_(profile.not_a_time(expires_at)))
+            .values(status=FAILED, expired_at=now, completed_at=now, error_message=EXPIRED_MESSAGE))
 
 
 # --- the daemon's reads ---------------------------------------------------------------------

@@ -3,7 +3,7 @@ unfinished, concurrent producers included; the key is free again once the job ha
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,32 @@ def test_dedupe__a_finished_holder_frees_the_key(db_url: str, settings: Settings
     assert second != first
     assert _count(engine, "SELECT count(*) FROM generations WHERE dedupe_key = 'k'") == 2
     assert _count(engine, "SELECT used_count FROM prompts") == 2
+
+
+def test_dedupe__a_pending_holder_past_its_expiry_frees_the_key(
+        db_url: str, settings: Settings, engine: Engine) -> None:
+    """A pending holder whose expires_at has passed will never run (no claim takes it); until a
+    rescuer's sweep marked it, an enqueue with its key returned it: the user's new request got a
+    job that could only end failed as expired. The enqueue now expires it and makes a new job;
+    a holder still in time, or running past its expiry (it finishes), is still returned."""
+    first = api.enqueue("beat", dedupe_key="k", ttl=60, database_url=db_url, settings=settings)
+    with engine.begin() as conn:  # the first holder expired a minute ago; no daemon swept it
+        conn.execute(sa.text("UPDATE generations SET expires_at = :t WHERE id = :id"),
+                     {"t": datetime.now(UTC) - timedelta(minutes=1), "id": first})
+    second = api.enqueue("beat", dedupe_key="k", ttl=60, database_url=db_url, settings=settings)
+    assert second != first
+    with engine.connect() as conn:
+        status, expired_at, message = conn.execute(sa.text(
+            "SELECT status, expired_at, error_message FROM generations WHERE id = :id"), {"id": first}).one()
+    assert (status, message) == ("failed", queue.EXPIRED_MESSAGE) and expired_at is not None
+    assert api.enqueue("beat", dedupe_key="k", database_url=db_url, settings=settings) == second
+    [job] = queue.claim(HeldConnection(engine), worker_id="w", models=[settings.jobs.default_model], limit=1,
+                        lease=_LEASE)
+    with engine.begin() as conn:  # running past its expiry: it finishes, so it holds the key
+        conn.execute(sa.text("UPDATE generations SET expires_at = :t WHERE id = :id"),
+                     {"t": datetime.now(UTC) - timedelta(minutes=1), "id": second})
+    assert job.id == second
+    assert api.enqueue("beat", dedupe_key="k", database_url=db_url, settings=settings) == second
 
 
 def test_dedupe__within_one_batch_and_through_the_specifications_call(
