@@ -314,6 +314,29 @@ def validate_expiry(expires_at: object, ttl: object) -> tuple[datetime | None, f
         raise ValidationError("expires_at", expires_at, allowed) from None
 
 
+def validate_model_name(value: object) -> str:
+    """A model's name as a job stores it (surrounding blanks dropped): for pause and resume,
+    which otherwise store or look for a name no job has."""
+    return _text("model_name", value, MAX_MODEL_NAME_LENGTH).strip()
+
+
+#: The longest reason a pause records.
+MAX_PAUSE_REASON_LENGTH = 1000
+
+
+def validate_pause_reason(value: object) -> str | None:
+    if value is None:
+        return None
+    allowed = f"None or text of up to {MAX_PAUSE_REASON_LENGTH} characters without NUL bytes"
+    if not isinstance(value, str) or "\x00" in value or len(value) > MAX_PAUSE_REASON_LENGTH:
+        raise ValidationError("reason", value, allowed)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from undecodable bytes in argv
+        raise ValidationError("reason", value, allowed + " (it is not valid Unicode: a lone surrogate)") from None
+    return value
+
+
 def validate_limit(value: object, field: str = "limit", hi: int = 100_000) -> int:
     return _integer(field, value, 0, hi)
 
