@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import selectors
 import time
@@ -33,7 +34,7 @@ from sqlalchemy.engine import Engine
 from dgxqueue.api import _engine, default_settings, enqueue
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import Settings
-from dgxqueue.errors import InvalidStateError, JobNotFoundError, OutputError, WaitTimeoutError
+from dgxqueue.errors import InvalidStateError, JobNotFoundError, OutputError, ValidationError, WaitTimeoutError
 from dgxqueue.storage import admin, session_scope
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import PROCESSING, G
@@ -340,10 +341,10 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
     statuses in order, each handle refreshed. :class:`~dgxqueue.errors.WaitTimeoutError` after
     ``timeout`` seconds (the handles then hold the rows as they stand);
     :class:`~dgxqueue.errors.JobNotFoundError` if a job's row is deleted."""
+    deadline = deadline_of(timeout)
     if not jobs:
         return []
     engine = _engine_of(jobs)
-    deadline = None if timeout is None else time.monotonic() + timeout
     listener = ChangeListener(engine)  # listening before the first read: nothing is missed
     try:
         with engine.connect() as connection:
@@ -383,6 +384,17 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
         listener.close()
     _apply(jobs, states)
     return [job.status for job in jobs]
+
+
+def deadline_of(timeout: object) -> float | None:
+    """The ``time.monotonic()`` a wait of ``timeout`` seconds ends at (None: no limit). A NaN
+    compares false with every time, so it would wait for ever: refused, as anything that is
+    not a number of seconds, with :class:`~dgxqueue.errors.ValidationError`."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout):
+        raise ValidationError("timeout", timeout, "None (no limit) or a number of seconds")
+    return time.monotonic() + timeout
 
 
 def _ended(states: dict[str, _State], job_id: str) -> bool:

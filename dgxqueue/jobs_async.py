@@ -42,6 +42,7 @@ from dgxqueue.jobs import (
     _ended,
     _engine_of,
     _State,
+    deadline_of,
 )
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import G
@@ -206,10 +207,10 @@ async def wait_all_async(jobs: Sequence[Job], timeout: float | None = None) -> l
     """:func:`~dgxqueue.jobs.wait_all` for a caller in an event loop: the same answers and errors,
     awaited without blocking the loop or starting a thread. Cancelling the awaiting task ends
     the wait and closes its connection."""
+    deadline = deadline_of(timeout)
     if not jobs:
         return []
     engine = _engine_of(jobs)
-    deadline = None if timeout is None else time.monotonic() + timeout
     changes: _SQLiteChanges | _PostgreSQLChanges = (
         _PostgreSQLChanges(engine) if profile_of(engine.dialect).waker == "listen" else _SQLiteChanges(engine))
     try:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 import dgxqueue
 from dgxqueue.config import Settings
-from dgxqueue.errors import JobNotFoundError, WaitTimeoutError
+from dgxqueue.errors import JobNotFoundError, ValidationError, WaitTimeoutError
 from dgxqueue.jobs import Job
 from dgxqueue.storage import get_engine, init_db
 from tests.support.daemons import make_settings
@@ -188,3 +188,17 @@ def test_wait__a_job_deleted_meanwhile_is_not_found_even_on_timeout(db_url: str,
 def _delete(url: str, job_id: str) -> None:
     with get_engine(url).begin() as conn:
         conn.execute(sa.text("DELETE FROM generations WHERE id = :id"), {"id": job_id})
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), "5", True, [1]], ids=["nan", "text", "bool", "list"])
+def test_wait__a_timeout_that_is_not_a_number_is_refused(db_url: str, tmp_path: Path, timeout: Any) -> None:
+    """A NaN timeout waited for ever (every comparison with it is false): refused, as other
+    values that are not a number of seconds, with a ValidationError naming it (sync and async)."""
+    settings = setup(db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    with pytest.raises(ValidationError) as caught:
+        job.wait(timeout)
+    assert caught.value.field == "timeout"
+    with pytest.raises(ValidationError) as caught:
+        asyncio.run(job.wait_async(timeout))
+    assert caught.value.field == "timeout"
