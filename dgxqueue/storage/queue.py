@@ -192,9 +192,12 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], now: datetim
             plain = [job for job in jobs if job.dedupe_key is None]
             if plain:
                 cursor.executemany(statements.job, [job_row(job, now) for job in plain])
-            for i, job in enumerate(jobs):
-                if job.dedupe_key is not None:
-                    ids[i] = _insert_keyed(cursor, statements, job, now)
+            # In key order, as the prompts are upserted: on PostgreSQL a keyed insert waits for a
+            # concurrent transaction's uncommitted holder of its key, so two batches holding the
+            # same keys in opposite orders deadlocked.
+            keyed = sorted((job.dedupe_key, i) for i, job in enumerate(jobs) if job.dedupe_key is not None)
+            for _, i in keyed:
+                ids[i] = _insert_keyed(cursor, statements, jobs[i], now)
             inserted = [job for i, job in enumerate(jobs) if ids[i] == job.id]
             if not inserted:
                 return ids

@@ -16,7 +16,7 @@ from dgxqueue.errors import ValidationError
 from dgxqueue.storage import create_generations, init_db, queue, session_scope
 from dgxqueue.storage.precompiled import HeldConnection
 from tests.support.daemons import make_settings
-from tests.support.producers import enqueue_with_key, run_in_processes
+from tests.support.producers import enqueue_keyed_batches, enqueue_with_key, run_in_processes
 
 _LEASE = timedelta(seconds=30)
 
@@ -108,3 +108,15 @@ def test_dedupe__eight_concurrent_producers_one_key_make_one_job(db_url: str, en
     assert len(returned) == 1
     assert _count(engine, "SELECT count(*) FROM generations") == 1
     assert _count(engine, "SELECT used_count FROM prompts") == 1
+
+
+def test_dedupe__concurrent_batches_with_keys_in_opposite_orders(db_url: str, engine: Engine) -> None:
+    """Two producers each enqueue batches holding the same keys, one in the other's reverse
+    order: neither fails (on PostgreSQL each keyed insert waits for the other transaction's
+    uncommitted holder, so opposite orders deadlocked) and each key ends with one job."""
+    keys = [f"k{i}" for i in range(8)]
+    answers = run_in_processes(enqueue_keyed_batches, [(db_url, keys, 30), (db_url, keys[::-1], 30)])
+    first, second = answers
+    for i in range(30):
+        assert first[i] == second[i][::-1]
+    assert _count(engine, "SELECT count(*) FROM generations") == 8 * 30
