@@ -34,6 +34,9 @@ import numpy.typing as npt
 from dgxqueue.errors import ConfigError, GeneratorError, UnknownGeneratorError
 
 ENTRY_POINT_GROUP = "dgxqueue.generators"
+#: The largest step count a progress report keeps: ``progress_done``/``progress_total`` are
+#: INTEGER columns, 32-bit on PostgreSQL, and a value past them failed the heartbeat's write.
+MAX_PROGRESS_STEPS = 2**31 - 1
 T = TypeVar("T")
 
 
@@ -52,8 +55,22 @@ class JobControl:
         self._cancelled = False
 
     def report(self, done: int, total: int) -> None:
-        """On the generator thread: ``done`` of ``total`` steps are finished (total > 0)."""
-        self.progress = (int(done), int(total))
+        """On the generator thread: ``done`` of ``total`` steps are finished (total > 0).
+
+        Never raises: progress is a display, and a backend's odd report must not cost its job or
+        the daemon (the heartbeat writes it). ``done`` is kept between 0 and ``total``; counts
+        past :data:`MAX_PROGRESS_STEPS` are scaled down together, keeping their fraction; a
+        report without a positive total, or of values that are not numbers, is ignored."""
+        try:
+            steps, of = int(done), int(total)
+        except (TypeError, ValueError, OverflowError):  # None, NaN, an infinity
+            return
+        if of <= 0:
+            return
+        steps = min(max(steps, 0), of)
+        if of > MAX_PROGRESS_STEPS:
+            steps, of = steps * MAX_PROGRESS_STEPS // of, MAX_PROGRESS_STEPS
+        self.progress = (steps, of)
 
     @property
     def cancelled(self) -> bool:

@@ -16,9 +16,9 @@ return.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
+import math
 import os
 import selectors
 import time
@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 from dgxqueue.api import _engine, default_settings, enqueue
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import Settings
-from dgxqueue.errors import InvalidStateError, JobNotFoundError, OutputError, WaitTimeoutError
+from dgxqueue.errors import InvalidStateError, JobNotFoundError, OutputError, ValidationError, WaitTimeoutError
 from dgxqueue.storage import admin, session_scope
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import PROCESSING, G
@@ -107,12 +107,14 @@ class Job:
 
     @property
     def progress(self) -> Progress | None:
-        """The progress a daemon last reported, as last read; None until one reports any."""
+        """The progress a daemon last reported, as last read (``done`` within 0..``total``);
+        None until one reports any."""
         done, total = self._state.progress_done, self._state.progress_total
-        # Plain SQL can store text or a float beyond INTEGER on SQLite: that is no progress.
-        if type(done) is not int or type(total) is not int:
+        # Plain SQL can store text or a float beyond INTEGER on SQLite: that is no progress; nor
+        # is a total that is not positive. As the CLI reads it (cli.wait.fraction).
+        if type(done) is not int or type(total) is not int or total <= 0:
             return None
-        return Progress(done, total)
+        return Progress(min(max(done, 0), total), total)
 
     @property
     def output_path(self) -> Path | None:
@@ -147,9 +149,9 @@ class Job:
         return self.status
 
     async def wait_async(self, timeout: float | None = None) -> str:
-        """:meth:`wait` for a caller in an event loop: the wait runs in a worker thread
-        (``asyncio.to_thread``) on its own connection, so the loop keeps running. Cancelling the
-        awaiting task ends that thread's wait at once."""
+        """:meth:`wait` for a caller in an event loop, awaited without blocking the loop or
+        starting a thread (:func:`wait_all_async`). Cancelling the awaiting task ends the wait
+        at once and closes its connection."""
         await wait_all_async([self], timeout)
         return self.status
 
@@ -327,10 +329,6 @@ class ChangeListener:
                 os.close(fd)
 
 
-class _Stopped(Exception):
-    """The awaiting task of :func:`wait_all_async` was cancelled: its thread stops waiting."""
-
-
 def _engine_of(jobs: Sequence[Job]) -> Engine:
     engines = {id(job._engine): job._engine for job in jobs}
     if len(engines) > 1:
@@ -338,17 +336,16 @@ def _engine_of(jobs: Sequence[Job]) -> Engine:
     return next(iter(engines.values()))
 
 
-def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
-             _listener: ChangeListener | None = None) -> list[str]:
+def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
     """Block until every job of ``jobs`` (one database's) is completed or failed; returns their
     statuses in order, each handle refreshed. :class:`~dgxqueue.errors.WaitTimeoutError` after
     ``timeout`` seconds (the handles then hold the rows as they stand);
     :class:`~dgxqueue.errors.JobNotFoundError` if a job's row is deleted."""
+    deadline = deadline_of(timeout)
     if not jobs:
         return []
     engine = _engine_of(jobs)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    listener = _listener or ChangeListener(engine)  # listening before the first read: nothing is missed
+    listener = ChangeListener(engine)  # listening before the first read: nothing is missed
     try:
         with engine.connect() as connection:
             by_id = {job.id: job for job in jobs}
@@ -357,10 +354,11 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
             checked = time.monotonic()
             while waiting:
                 now = time.monotonic()
-                if listener.stopped:
-                    raise _Stopped
                 if deadline is not None and now >= deadline:
-                    states.update(_read(engine, waiting, connection))  # the handles as they stand now
+                    rows = _read(engine, waiting, connection)  # the handles as they stand now
+                    if missing := waiting - rows.keys():  # deleted meanwhile: gone, not late
+                        raise JobNotFoundError(min(missing))
+                    states.update(rows)
                     _apply(jobs, states)
                     raise WaitTimeoutError(timeout or 0.0, sorted(waiting))
                 pause = RECHECK_SECONDS - (now - checked)
@@ -383,10 +381,20 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None, *,
                     continue
                 waiting.difference_update(ended)
     finally:
-        if _listener is None:
-            listener.close()
+        listener.close()
     _apply(jobs, states)
     return [job.status for job in jobs]
+
+
+def deadline_of(timeout: object) -> float | None:
+    """The ``time.monotonic()`` a wait of ``timeout`` seconds ends at (None: no limit). A NaN
+    compares false with every time, so it would wait for ever: refused, as anything that is
+    not a number of seconds, with :class:`~dgxqueue.errors.ValidationError`."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout):
+        raise ValidationError("timeout", timeout, "None (no limit) or a number of seconds")
+    return time.monotonic() + timeout
 
 
 def _ended(states: dict[str, _State], job_id: str) -> bool:
@@ -404,21 +412,8 @@ def _apply(jobs: Sequence[Job], states: dict[str, _State]) -> None:
 
 
 async def wait_all_async(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
-    """:func:`wait_all` without blocking the event loop: it runs in a worker thread
-    (``asyncio.to_thread``) on connections of its own; cancelling the awaiting task stops that
-    thread's wait at once."""
-    if not jobs:
-        return []
-    listener = await asyncio.to_thread(ChangeListener, _engine_of(jobs))
+    """:func:`wait_all` without blocking the event loop or starting a thread
+    (:func:`dgxqueue.jobs_async.wait_all_async`); cancelling the awaiting task ends the wait."""
+    from dgxqueue.jobs_async import wait_all_async as wait
 
-    def run() -> list[str]:
-        try:
-            return wait_all(jobs, timeout, _listener=listener)
-        finally:
-            listener.close()  # in the thread: it alone uses the listener until it returns
-
-    try:
-        return await asyncio.to_thread(run)
-    except asyncio.CancelledError:
-        listener.stop()  # to_thread cannot interrupt its thread: this ends that thread's wait
-        raise
+    return await wait(jobs, timeout)

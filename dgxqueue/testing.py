@@ -40,7 +40,16 @@ from dgxqueue.daemon.queue_protocol import JobResult
 from dgxqueue.storage import JobSpec, validate_job
 from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
 from dgxqueue.storage.models import FAILED, PENDING, PROCESSING, G, as_utc, utcnow
-from dgxqueue.storage.queue import EXPIRED_MESSAGE, RESCUED_CANCEL_MESSAGE, AttemptState, Beat, Progress, job_row
+from dgxqueue.storage.queue import (
+    EXPIRED_MESSAGE,
+    EXPIRY_GIVEN,
+    EXPIRY_TTL,
+    RESCUED_CANCEL_MESSAGE,
+    AttemptState,
+    Beat,
+    Progress,
+    job_row,
+)
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
 from dgxqueue.storage.results import Released, row_values
 
@@ -118,8 +127,15 @@ class MemoryStore:
         its place in the answer holds the holder's id."""
         now = utcnow()  # as the producer stamps created_at: its own clock, not the database's
         rows = [job_row(job, now) for job in jobs]
-        new = [{**_BLANK, **{key: _stored(key, value) for key, value in row.items()}} for row in rows]
+        for row in rows:
+            del row[EXPIRY_GIVEN]  # the row holds it as expires_at already
         with self.lock:
+            inserted = self.clock()  # a ttl counts from the database's clock, as the insert's does
+            for row in rows:
+                ttl = row.pop(EXPIRY_TTL)
+                if ttl is not None:
+                    row["expires_at"] = inserted + timedelta(seconds=ttl)
+            new = [{**_BLANK, **{key: _stored(key, value) for key, value in row.items()}} for row in rows]
             taken = [row["id"] for row in new if row["id"] in self.jobs]
             if taken or len({row["id"] for row in new}) < len(new):
                 raise ValueError(f"duplicate job id: {taken or 'within the batch'}")
@@ -128,6 +144,12 @@ class MemoryStore:
             ids = []
             for row in new:
                 key = row["dedupe_key"]
+                holder = self.jobs.get(holders.get(key, ""))
+                if holder is not None and holder["status"] == PENDING and _expired(holder, inserted):
+                    # Never to run: expired now, as the insert does, and the key is free.
+                    holder.update(status=FAILED, expired_at=inserted, completed_at=inserted,
+                                  error_message=EXPIRED_MESSAGE)
+                    del holders[key]
                 if key is not None and key in holders:
                     ids.append(holders[key])
                     continue

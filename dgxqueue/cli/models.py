@@ -12,20 +12,22 @@ from dgxqueue.storage import admin, session_scope
 def cmd_pause(ctx: Context, args: argparse.Namespace) -> int:
     with session_scope(ctx.engine()) as session:
         added = admin.pause_model(session, args.model, args.reason)
+    model = args.model.strip()  # as stored: pause_model validated it
     if args.json:
-        print_json({"model": args.model, "paused": True, "already_paused": not added, "reason": args.reason})
+        print_json({"model": model, "paused": True, "already_paused": not added, "reason": args.reason})
     else:
-        print(f"{'paused' if added else 'already paused (reason updated)'}: {safe(args.model)}")
+        print(f"{'paused' if added else 'already paused (reason updated)'}: {safe(model)}")
     return EXIT_OK
 
 
 def cmd_resume(ctx: Context, args: argparse.Namespace) -> int:
     with session_scope(ctx.engine()) as session:
         removed = admin.resume_model(session, args.model)
+    model = args.model.strip()
     if args.json:
-        print_json({"model": args.model, "paused": False, "was_paused": removed})
+        print_json({"model": model, "paused": False, "was_paused": removed})
     else:
-        print(f"{'resumed' if removed else 'was not paused'}: {safe(args.model)}")
+        print(f"{'resumed' if removed else 'was not paused'}: {safe(model)}")
     return EXIT_OK
 
 

@@ -28,6 +28,7 @@ from dgxqueue.storage.models import (
     utcnow,
 )
 from dgxqueue.storage.reads import require_job
+from dgxqueue.storage.validation import validate_model_name, validate_pause_reason
 
 CANCELLED_MESSAGE = "cancelled by request"
 CANCELLED_RUNNING_MESSAGE = "cancelled by request while it ran"
@@ -145,7 +146,10 @@ def delete_jobs(session: Session, ids: Sequence[str], chunk: int = 500) -> int:
 
 def pause_model(session: Session, model: str, reason: str | None = None) -> bool:
     """Stop every daemon claiming ``model`` (from its next claim; running jobs finish). Returns
-    False when it was paused already (its reason is then replaced, its time kept)."""
+    False when it was paused already (its reason is then replaced, its time kept). ``model`` is
+    read as enqueue reads it (blanks around it dropped); bad input raises
+    :class:`~dgxqueue.errors.ValidationError`."""
+    model, reason = validate_model_name(model), validate_pause_reason(reason)
     insert = profile_of(session.get_bind().dialect).insert(PAUSED)
     added = session.execute(
         insert.on_conflict_do_nothing(index_elements=[PAUSED.c.model_name])
@@ -159,11 +163,14 @@ def pause_model(session: Session, model: str, reason: str | None = None) -> bool
 
 def resume_model(session: Session, model: str) -> bool:
     """Let daemons claim ``model`` again, waking the idle ones when the transaction commits (where
-    the engine notifies). Returns False when it was not paused."""
+    the engine notifies). Returns False when it was not paused. ``model`` is read as
+    :func:`pause_model` reads it; a name stored as given (plain SQL) is resumed too."""
+    name = validate_model_name(model)
+    names = sorted({name, model}) if isinstance(model, str) else [name]
     gone = session.execute(
-        sa.delete(PAUSED).where(PAUSED.c.model_name == model).returning(PAUSED.c.model_name)
+        sa.delete(PAUSED).where(PAUSED.c.model_name.in_(names)).returning(PAUSED.c.model_name)
     ).first()
     if gone is not None:
-        queue.notify(session, [model])
+        queue.notify(session, [name])
     return gone is not None
 

@@ -137,6 +137,17 @@ class Profile:
         """An INSERT that takes ``on_conflict_do_update``."""
         raise NotImplementedError
 
+    def unpooled_reader(self, engine: Engine) -> Any:
+        """A DB-API connection of its own, outside ``engine``'s pool, whose reads never wait for
+        a lock (where the engine has file locks): for a reader in an event loop, which neither a
+        pool checkout nor a busy wait may block. The caller closes it."""
+        raise NotImplementedError
+
+    async def async_connection(self, engine: Engine) -> Any:
+        """An asyncio driver connection (autocommit) to ``engine``'s database, outside its pool,
+        reading values as the engine's connections do; where the driver has one."""
+        raise NotImplementedError
+
     def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
         """``n`` rows of ``columns`` given as bind values (see :meth:`rows_parameters`)."""
         raise NotImplementedError
@@ -224,6 +235,20 @@ class SQLiteProfile(Profile):
 
     def insert(self, table: sa.Table) -> Any:
         return sqlite.insert(table)
+
+    def unpooled_reader(self, engine: Engine) -> Any:
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        # Busy timeout 0: a read that meets a lock (rare in WAL mode: a recovery, a checkpoint
+        # that truncates) fails at once instead of sleeping on the caller's event loop.
+        connect: Any = sqlite3.connect  # the dialect's arguments, typed loosely as it gives them
+        connection = connect(*cargs, **{**cparams, "timeout": 0})
+        try:
+            connection.text_factory = _lenient_text
+            connection.execute("PRAGMA query_only = ON")  # a reader: nothing it runs can write
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
     def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
         # WITH name(...) AS (VALUES ...), one bind per value: SQLite has no AS name (id, ...).
@@ -343,6 +368,14 @@ class PostgreSQLProfile(Profile):
 
     def insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)
+
+    async def async_connection(self, engine: Engine) -> Any:
+        import psycopg
+
+        url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        connection = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10)
+        register_postgresql_loaders(connection)  # as configure() does for the engine's connections
+        return connection
 
     def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
         # The rows travel as one JSON document (jsonb_to_recordset), so the statement is the same

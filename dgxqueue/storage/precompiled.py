@@ -68,13 +68,18 @@ class Compiled:
 
     def rows(self, cursor: Any) -> list[list[Any]]:
         """The rows of a RETURNING statement just run, each value through its column's processor."""
-        codes = tuple(column[1] for column in cursor.description)
+        return self.processed(cursor.description, cursor.fetchall())
+
+    def processed(self, description: Sequence[Any], fetched: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """``fetched`` (a cursor's rows, whatever fetched them: an async cursor too) with each
+        value through its column's processor; ``description``: that cursor's."""
+        codes = tuple(column[1] for column in description)
         processors = self._results.get(codes)
         if processors is None:
             processors = self._results[codes] = tuple(
                 kind.result_processor(self.dialect, code) for kind, code in zip(self.result_types, codes, strict=True)
             )
-        rows = [list(row) for row in cursor.fetchall()]
+        rows = [list(row) for row in fetched]
         for i, process in enumerate(processors):
             if process is not None:
                 for row in rows:

@@ -76,20 +76,37 @@ def not_expired(profile: Profile, now: sa.ColumnElement[Any]) -> sa.ColumnElemen
 
 # --- insert ---------------------------------------------------------------------------------
 
-_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec))
+#: The JobSpec fields that are columns as they stand; ``expires_at`` is computed by the insert.
+_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec) if field.name not in ("expires_at", "ttl"))
 #: What every new row holds besides its specification's fields.
 _NEW_ROW = {"status": PENDING, "attempts": 0, "lease_losses": 0}
-#: The columns the INSERT sets: the specification's fields, then the new-row values and ``created_at``.
+#: The columns the INSERT sets from parameters: the specification's fields, then the new-row
+#: values and ``created_at``; ``expires_at`` comes from :func:`_expiry`'s expression.
 JOB_COLUMNS = (*_SPEC_FIELDS, *_NEW_ROW, "created_at")
 _PROMPT_COLUMNS = ("text", "used_count", "first_used_at", "last_used_at")
+#: The parameters of :func:`_expiry`: an ``expires_at`` given as a time, or a ``ttl`` in seconds.
+EXPIRY_GIVEN, EXPIRY_TTL = "expiry_given", "expiry_ttl"
 
 
 def job_row(job: JobSpec, now: datetime) -> dict[str, Any]:
-    """The ``generations`` row ``job`` becomes, created at ``now``."""
+    """The ``generations`` row ``job`` becomes, created at ``now``, with the parameters of its
+    ``expires_at`` (:data:`EXPIRY_GIVEN`, :data:`EXPIRY_TTL`); its ``expires_at`` is the one given
+    (None for a ``ttl``, which only the database's clock turns into a time)."""
     row = {name: getattr(job, name) for name in _SPEC_FIELDS}
     row.update(_NEW_ROW)
     row["created_at"] = now
+    row["expires_at"] = job.expires_at
+    row[EXPIRY_GIVEN] = job.expires_at
+    row[EXPIRY_TTL] = job.ttl
     return row
+
+
+def _expiry(profile: Profile) -> sa.ColumnElement[Any]:
+    """The new row's ``expires_at``: the time given, or the database's now plus the ``ttl``, so
+    that a producer whose clock is off by an hour expires nothing an hour early or late."""
+    ttl = sa.cast(sa.bindparam(EXPIRY_TTL, type_=sa.Float), sa.Float)  # typed: PostgreSQL cannot infer a NULL's
+    given = sa.bindparam(EXPIRY_GIVEN, type_=UTCDateTime())
+    return sa.case((ttl.is_(None), given), else_=profile.later(ttl))
 
 
 @functools.cache
@@ -125,6 +142,7 @@ class _Insert:
     job: Compiled
     keyed_job: Compiled
     holder: Compiled
+    expire_holder: Compiled
     upsert_prompt: Compiled
     notify: Compiled | None
 
@@ -133,14 +151,19 @@ class _Insert:
 def _insert(dialect: Dialect) -> _Insert:
     profile = profile_of(dialect)
     notify = profile.notify()
-    keyed = (profile.insert(G)
+    expires_at = _expiry(profile)
+    keyed = (profile.insert(G).values(expires_at=expires_at)
              .on_conflict_do_nothing(index_elements=[G.c.dedupe_key], index_where=DEDUPE_HELD)
              .returning(G.c.id))
     holder = sa.select(G.c.id).where(G.c.dedupe_key == sa.bindparam("dedupe_key", type_=sa.Text), DEDUPE_HELD)
+    expire_holder = profile.announce(
+        _expire(profile).where(G.c.dedupe_key == sa.bindparam("dedupe_key", type_=sa.Text)).returning(G.c.id),
+        EVENTS_CHANNEL)
     return _Insert(
-        job=Compiled.of(sa.insert(G), dialect, JOB_COLUMNS),
+        job=Compiled.of(sa.insert(G).values(expires_at=expires_at), dialect, JOB_COLUMNS),
         keyed_job=Compiled.of(keyed, dialect, JOB_COLUMNS),
         holder=Compiled.of(holder, dialect),
+        expire_holder=Compiled.of(expire_holder, dialect),
         # inline(): no RETURNING of the prompt's id, which nobody reads here.
         upsert_prompt=Compiled.of(prompt_upsert(profile).inline(), dialect, _PROMPT_COLUMNS),
         notify=None if notify is None else Compiled.of(notify, dialect, ("channel", "model")),
@@ -169,9 +192,12 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], now: datetim
             plain = [job for job in jobs if job.dedupe_key is None]
             if plain:
                 cursor.executemany(statements.job, [job_row(job, now) for job in plain])
-            for i, job in enumerate(jobs):
-                if job.dedupe_key is not None:
-                    ids[i] = _insert_keyed(cursor, statements, job, now)
+            # In key order, as the prompts are upserted: on PostgreSQL a keyed insert waits for a
+            # concurrent transaction's uncommitted holder of its key, so two batches holding the
+            # same keys in opposite orders deadlocked.
+            keyed = sorted((job.dedupe_key, i) for i, job in enumerate(jobs) if job.dedupe_key is not None)
+            for _, i in keyed:
+                ids[i] = _insert_keyed(cursor, statements, jobs[i], now)
             inserted = [job for i, job in enumerate(jobs) if ids[i] == job.id]
             if not inserted:
                 return ids
@@ -196,6 +222,11 @@ def _insert_keyed(cursor: Cursor, statements: _Insert, job: JobSpec, now: dateti
     for _ in range(_DEDUPE_TRIES):
         if cursor.submit(statements.keyed_job, row).rows:
             return job.id
+        # A pending holder past its expires_at will never run: handing it back would give the
+        # caller a job that can only fail as expired. It is expired now (as the sweep would),
+        # which frees the key for this insert.
+        if cursor.submit(statements.expire_holder, {"dedupe_key": job.dedupe_key}).rows:
+            continue
         held = cursor.submit(statements.holder, {"dedupe_key": job.dedupe_key}).rows
         if held:
             return str(held[0][0])
@@ -622,16 +653,21 @@ def expire_pending(session: Session) -> list[tuple[str, str]]:
     running it, in one UPDATE over ``idx_generations_expires_at``; returns (id, model) of each.
     An ``expires_at`` that is not a time (plain SQL) is left alone, as the claim leaves it."""
     profile = profile_of(session.get_bind().dialect)
-    now = profile.now()
-    expires_at = G.c.expires_at
     rows = session.execute(profile.announce(  # a completion event each, as a daemon's outcome
-        sa.update(G)
-        .where(IS_PENDING, expires_at.is_not(None), profile.comparable_time(expires_at) <= now,
-               sa.not_(profile.not_a_time(expires_at)))
-        .values(status=FAILED, expired_at=now, completed_at=now, error_message=EXPIRED_MESSAGE)
-        .returning(G.c.id, G.c.model_name), EVENTS_CHANNEL,
+        _expire(profile).returning(G.c.id, G.c.model_name), EVENTS_CHANNEL,
     )).all()
     return [(row[0], row[1]) for row in rows]
+
+
+def _expire(profile: Profile) -> sa.Update:
+    """Fail the pending jobs whose ``expires_at`` has passed by the database's clock (one that
+    is not a time, from plain SQL, is left alone, as the claim leaves it)."""
+    now = profile.now()
+    expires_at = G.c.expires_at
+    return (sa.update(G)
+            .where(IS_PENDING, expires_at.is_not(None), profile.comparable_time(expires_at) <= now,
+                   sa.not_(profile.not_a_time(expires_at)))
+            .values(status=FAILED, expired_at=now, completed_at=now, error_message=EXPIRED_MESSAGE))
 
 
 # --- the daemon's reads ---------------------------------------------------------------------

@@ -130,9 +130,15 @@ def database_stats(session: Session) -> dict[str, Any]:
     }
 
 
+def _text(value: Any) -> Any:
+    """A text column's value as text: SQLite keeps a BLOB that plain SQL stored in one, which
+    sorts apart from text (the metrics sort model names) and which JSON cannot encode."""
+    return value if value is None or isinstance(value, str) else rowvalues.Unreadable.of(value)
+
+
 def paused_models(session: Session) -> dict[str, str | None]:
     """Each paused model with its reason, by name."""
-    return {name: reason for name, reason in session.execute(
+    return {_text(name): _text(reason) for name, reason in session.execute(
         sa.select(PAUSED.c.model_name, PAUSED.c.reason).order_by(PAUSED.c.model_name))}
 
 
@@ -240,7 +246,8 @@ def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
     oldest: datetime | None = None
     profile = profile_of(session.get_bind().dialect)
     profile.prepare_depth_read(session)
-    for model, n, created in session.execute(_pending_levels(now or utcnow())).all():
+    for stored, n, created in session.execute(_pending_levels(now or utcnow())).all():
+        model = _text(stored)
         by_model[model] = by_model.get(model, 0) + n
         # A created_at that is not a time (plain SQL) says nothing about waiting: skipped.
         if isinstance(created, datetime) and (oldest is None or created < oldest):
@@ -253,5 +260,5 @@ def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
     counts = {PENDING: pending, PROCESSING: row[1], FAILED: row[2]}
     # The parts come from different statements (and, on PostgreSQL, an estimate): never below 0.
     counts[COMPLETED] = max(0, int(row[0]) - pending - row[1] - row[2])
-    paused = frozenset(session.scalars(sa.select(PAUSED.c.model_name)))
+    paused = frozenset(_text(name) for name in session.scalars(sa.select(PAUSED.c.model_name)))
     return QueueDepth(counts, by_model, oldest, use_estimate, paused)

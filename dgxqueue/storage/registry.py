@@ -124,7 +124,7 @@ def _names(text: object) -> tuple[str, ...]:
         return ()
     try:
         value = json.loads(str(text))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the decoder goes
         return (str(text),)
     return tuple(str(item) for item in value) if isinstance(value, list) else (str(value),)
 

@@ -10,7 +10,7 @@ import reprlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import InitVar, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -59,6 +59,9 @@ class JobSpec:
     run_after: datetime | None
     expires_at: datetime | None
     dedupe_key: str | None
+    #: Seconds from the database's clock at the insert to the job's ``expires_at`` (then None):
+    #: the insert computes it, so a producer whose clock is off cannot move it.
+    ttl: float | None = None
     door: InitVar[object] = None
 
     def __post_init__(self, door: object) -> None:
@@ -289,25 +292,49 @@ def validate_run_after(value: object) -> datetime | None:
         raise ValidationError("run_after", value, allowed) from None
 
 
-def validate_expiry(expires_at: object, ttl: object, now: datetime | None = None) -> datetime | None:
-    """When a job still pending stops being wanted: ``expires_at`` (a timezone-aware datetime) or
-    ``ttl`` (seconds from ``now``, the producer's clock), not both."""
+def validate_expiry(expires_at: object, ttl: object) -> tuple[datetime | None, float | None]:
+    """When a job still pending stops being wanted, as (``expires_at``, ``ttl``): ``expires_at`` (a
+    timezone-aware datetime) or ``ttl`` (seconds, counted by the insert from the database's clock,
+    never the producer's), not both."""
     if expires_at is not None and ttl is not None:
         raise ValidationError("ttl", ttl, "left out when expires_at is given (one expiry, not two)")
     if ttl is not None:
         allowed = f"a finite number of seconds in (0, {MAX_TTL_SECONDS}]"
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL_SECONDS:
             raise ValidationError("ttl", ttl, allowed)
-        return (now or datetime.now(UTC)) + timedelta(seconds=float(ttl))
+        return None, float(ttl)
     if expires_at is None:
-        return None
+        return None, None
     allowed = "a timezone-aware datetime between years 1 and 9999 in UTC"
     if not isinstance(expires_at, datetime) or expires_at.utcoffset() is None:
         raise ValidationError("expires_at", expires_at, allowed)
     try:
-        return expires_at.astimezone(UTC)
+        return expires_at.astimezone(UTC), None
     except OverflowError:
         raise ValidationError("expires_at", expires_at, allowed) from None
+
+
+def validate_model_name(value: object) -> str:
+    """A model's name as a job stores it (surrounding blanks dropped): for pause and resume,
+    which otherwise store or look for a name no job has."""
+    return _text("model_name", value, MAX_MODEL_NAME_LENGTH).strip()
+
+
+#: The longest reason a pause records.
+MAX_PAUSE_REASON_LENGTH = 1000
+
+
+def validate_pause_reason(value: object) -> str | None:
+    if value is None:
+        return None
+    allowed = f"None or text of up to {MAX_PAUSE_REASON_LENGTH} characters without NUL bytes"
+    if not isinstance(value, str) or "\x00" in value or len(value) > MAX_PAUSE_REASON_LENGTH:
+        raise ValidationError("reason", value, allowed)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from undecodable bytes in argv
+        raise ValidationError("reason", value, allowed + " (it is not valid Unicode: a lone surrogate)") from None
+    return value
 
 
 def validate_limit(value: object, field: str = "limit", hi: int = 100_000) -> int:
@@ -345,7 +372,8 @@ def validate_job(
 ) -> JobSpec:
     """One job from keyword arguments, as ``create_generation`` and ``enqueue`` take them: a field
     given as None takes its default (``jobs.default_*``; the file path ``<outputs>/<id>.wav``).
-    ``expires_at`` or ``ttl`` (seconds from now): a job still pending then fails as expired.
+    ``expires_at`` or ``ttl`` (seconds from the insert, by the database's clock): a job still
+    pending then fails as expired.
     ``dedupe_key``: while an unfinished job holds it, the insert returns that job instead.
 
     A bad field raises :class:`~dgxqueue.errors.ValidationError` naming it.
@@ -409,7 +437,7 @@ def _build(
     max_attempts: object,
     limits: JobSettings,
     outputs: OutputSettings,
-    expires_at: datetime | None = None,
+    expiry: tuple[datetime | None, float | None] = (None, None),
     dedupe_key: object = None,
 ) -> JobSpec:
     duration = validate_duration(duration_seconds, limits)
@@ -441,6 +469,6 @@ def _build(
     return JobSpec(
         id=job_id, prompt=text, model_name=model, model_version=version, duration_seconds=duration,
         sample_rate=rate, channels=count, file_path=f"{folder}/{job_id}.wav" if path is None else path,
-        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before, expires_at=expires_at,
-        dedupe_key=key, door=_DOOR,
+        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before, expires_at=expiry[0],
+        dedupe_key=key, ttl=expiry[1], door=_DOOR,
     )

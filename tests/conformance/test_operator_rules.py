@@ -101,6 +101,18 @@ def test_expiry__a_burst_daemon_has_no_work_in_expired_jobs(backend: QueueBacken
 # --- dedupe ---
 
 
+def test_dedupe__a_pending_holder_past_its_expiry_frees_the_key(backend: QueueBackend) -> None:
+    """A pending holder past its expires_at, not yet swept, is expired by the enqueue that meets
+    it, which makes a new job: the caller never gets back a job that cannot run."""
+    first = backend.enqueue("first", dedupe_key="k", ttl=60)
+    backend.advance(61)
+    second = backend.enqueue("again", dedupe_key="k")
+    assert second != first and backend.row(second)["status"] == "pending"
+    row = backend.row(first)
+    assert row["status"] == "failed" and row["expired_at"] is not None and "expired" in row["error_message"]
+    assert backend.enqueue("once more", dedupe_key="k") == second
+
+
 def test_dedupe__one_unfinished_job_per_key(backend: QueueBackend) -> None:
     """An enqueue with a key an unfinished job holds returns that job; once it has finished, the
     key makes a new job."""

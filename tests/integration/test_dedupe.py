@@ -3,7 +3,7 @@ unfinished, concurrent producers included; the key is free again once the job ha
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from dgxqueue.errors import ValidationError
 from dgxqueue.storage import create_generations, init_db, queue, session_scope
 from dgxqueue.storage.precompiled import HeldConnection
 from tests.support.daemons import make_settings
-from tests.support.producers import enqueue_with_key, run_in_processes
+from tests.support.producers import enqueue_keyed_batches, enqueue_with_key, run_in_processes
 
 _LEASE = timedelta(seconds=30)
 
@@ -56,6 +56,32 @@ def test_dedupe__a_finished_holder_frees_the_key(db_url: str, settings: Settings
     assert _count(engine, "SELECT used_count FROM prompts") == 2
 
 
+def test_dedupe__a_pending_holder_past_its_expiry_frees_the_key(
+        db_url: str, settings: Settings, engine: Engine) -> None:
+    """A pending holder whose expires_at has passed will never run (no claim takes it); until a
+    rescuer's sweep marked it, an enqueue with its key returned it: the user's new request got a
+    job that could only end failed as expired. The enqueue now expires it and makes a new job;
+    a holder still in time, or running past its expiry (it finishes), is still returned."""
+    first = api.enqueue("beat", dedupe_key="k", ttl=60, database_url=db_url, settings=settings)
+    with engine.begin() as conn:  # the first holder expired a minute ago; no daemon swept it
+        conn.execute(sa.text("UPDATE generations SET expires_at = :t WHERE id = :id"),
+                     {"t": datetime.now(UTC) - timedelta(minutes=1), "id": first})
+    second = api.enqueue("beat", dedupe_key="k", ttl=60, database_url=db_url, settings=settings)
+    assert second != first
+    with engine.connect() as conn:
+        status, expired_at, message = conn.execute(sa.text(
+            "SELECT status, expired_at, error_message FROM generations WHERE id = :id"), {"id": first}).one()
+    assert (status, message) == ("failed", queue.EXPIRED_MESSAGE) and expired_at is not None
+    assert api.enqueue("beat", dedupe_key="k", database_url=db_url, settings=settings) == second
+    [job] = queue.claim(HeldConnection(engine), worker_id="w", models=[settings.jobs.default_model], limit=1,
+                        lease=_LEASE)
+    with engine.begin() as conn:  # running past its expiry: it finishes, so it holds the key
+        conn.execute(sa.text("UPDATE generations SET expires_at = :t WHERE id = :id"),
+                     {"t": datetime.now(UTC) - timedelta(minutes=1), "id": second})
+    assert job.id == second
+    assert api.enqueue("beat", dedupe_key="k", database_url=db_url, settings=settings) == second
+
+
 def test_dedupe__within_one_batch_and_through_the_specifications_call(
         db_url: str, settings: Settings, engine: Engine) -> None:
     ids = api.enqueue_many([{"prompt": "a", "dedupe_key": "x"}, {"prompt": "b"}, {"prompt": "c", "dedupe_key": "x"}],
@@ -82,3 +108,15 @@ def test_dedupe__eight_concurrent_producers_one_key_make_one_job(db_url: str, en
     assert len(returned) == 1
     assert _count(engine, "SELECT count(*) FROM generations") == 1
     assert _count(engine, "SELECT used_count FROM prompts") == 1
+
+
+def test_dedupe__concurrent_batches_with_keys_in_opposite_orders(db_url: str, engine: Engine) -> None:
+    """Two producers each enqueue batches holding the same keys, one in the other's reverse
+    order: neither fails (on PostgreSQL each keyed insert waits for the other transaction's
+    uncommitted holder, so opposite orders deadlocked) and each key ends with one job."""
+    keys = [f"k{i}" for i in range(8)]
+    answers = run_in_processes(enqueue_keyed_batches, [(db_url, keys, 30), (db_url, keys[::-1], 30)])
+    first, second = answers
+    for i in range(30):
+        assert first[i] == second[i][::-1]
+    assert _count(engine, "SELECT count(*) FROM generations") == 8 * 30

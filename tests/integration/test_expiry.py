@@ -3,6 +3,9 @@ plain SQL, the rescuer's hook and the metric."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -19,9 +22,13 @@ from dgxqueue.errors import ValidationError
 from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics
 from dgxqueue.storage import get_engine, init_db, queue, session_scope, validate_job
+from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.models import G
 from dgxqueue.storage.precompiled import HeldConnection
+from dgxqueue.testing import ManualClock, MemoryStore
 from tests.support import poison
 from tests.support.daemons import make_settings
+from tests.support.processes import REPO
 
 LEASE = timedelta(seconds=30)
 
@@ -41,13 +48,79 @@ def test_door__a_bad_expiry_is_refused_naming_its_field(fields: dict[str, object
     assert caught.value.field == field
 
 
-def test_door__ttl_and_expires_at_become_one_utc_time() -> None:
+def test_door__expires_at_becomes_utc_and_ttl_stays_seconds() -> None:
+    """The door keeps a ttl as seconds: only the insert, on the database's clock, makes it a time."""
     zone = datetime(2030, 1, 1, 12, tzinfo=UTC).astimezone(ZoneInfo("Europe/Paris"))
     assert validate_job("beat", expires_at=zone).expires_at == datetime(2030, 1, 1, 12, tzinfo=UTC)
-    before = datetime.now(UTC)
-    expires = validate_job("beat", ttl=90).expires_at
-    assert expires is not None
-    assert before + timedelta(seconds=90) <= expires <= datetime.now(UTC) + timedelta(seconds=90)
+    job = validate_job("beat", ttl=90)
+    assert (job.expires_at, job.ttl) == (None, 90.0)
+
+
+# A producer whose clock is off: every datetime.now/utcnow and time.time in the process reads
+# SKEW seconds away from the host's (and the database's) clock, before dgxqueue is imported.
+_SKEWED_PRODUCER = """
+import datetime as _dt, sys, time
+skew, Real = float(sys.argv[2]), _dt.datetime
+class Skewed(Real):  # its times are Skewed too: libraries imported later check for this class
+    @classmethod
+    def _of(cls, real):
+        return cls.combine(real.date(), real.timetz())
+    @classmethod
+    def now(cls, tz=None):
+        return cls._of(Real.now(tz) + _dt.timedelta(seconds=skew))
+    @classmethod
+    def utcnow(cls):
+        return cls._of(Real.utcnow() + _dt.timedelta(seconds=skew))
+_real_time = time.time
+time.time = lambda: _real_time() + skew
+_dt.datetime = Skewed
+import dgxqueue
+from dgxqueue.config import load_settings
+from dgxqueue.storage import create_generations, get_engine, session_scope
+url, settings = sys.argv[1], load_settings(env={})
+ids = [dgxqueue.enqueue("late", ttl=600, database_url=url, settings=settings)]
+ids += dgxqueue.enqueue_many([{"prompt": "late", "ttl": 600}, {"prompt": "keyed", "ttl": 600, "dedupe_key": "k"}],
+                            database_url=url, settings=settings)
+with session_scope(get_engine(url)) as session:
+    ids += create_generations(session, [{"prompt": "late", "ttl": 600}])
+print(" ".join(ids))
+"""
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["hour-fast", "hour-slow"])
+def test_ttl__counts_from_the_database_clock_not_a_skewed_producers(db_url: str, skew: float) -> None:
+    """A producer process whose clock is an hour off enqueues with ttl=600 (through enqueue,
+    enqueue_many with and without a dedupe key, create_generations): each expires_at is the
+    database's now at the insert plus 600 s, not the producer's now plus 600 s."""
+    init_db(db_url)
+    engine = get_engine(db_url)
+    profile = profile_of(engine.dialect)
+
+    def db_now() -> datetime:
+        with engine.connect() as conn:
+            now = conn.execute(sa.select(profile.now())).scalar_one()
+        assert isinstance(now, datetime)
+        return now
+
+    before = db_now()
+    done = subprocess.run([sys.executable, "-c", _SKEWED_PRODUCER, db_url, str(skew)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert done.returncode == 0, done.stderr
+    after = db_now()
+    ids = done.stdout.split()
+    with engine.connect() as conn:
+        expiries = conn.execute(sa.select(G.c.expires_at).where(G.c.id.in_(ids))).scalars().all()
+    assert len(ids) == len(expiries) == 4
+    for expires in expiries:
+        assert before + timedelta(seconds=599) <= expires <= after + timedelta(seconds=601), (expires, before)
+
+
+def test_ttl__the_memory_store_counts_from_its_clock() -> None:
+    """The in-memory queue stands in for the database: a ttl counts from its clock."""
+    clock = ManualClock(datetime(2031, 5, 1, tzinfo=UTC))
+    store = MemoryStore(clock=clock)
+    job_id = store.enqueue("beat", ttl=60)
+    assert store.jobs[job_id]["expires_at"] == datetime(2031, 5, 1, 0, 1, tzinfo=UTC)
 
 
 def test_sweep__an_unreadable_expires_at_stops_nothing(sqlite_db_url: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -14,9 +15,10 @@ from sqlalchemy.engine import Engine
 
 from dgxqueue import api
 from dgxqueue.config import Settings
+from dgxqueue.errors import ValidationError
 from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics
-from dgxqueue.storage import get_database_stats, init_db, session_scope
+from dgxqueue.storage import get_database_stats, init_db, queue, session_scope
 from dgxqueue.storage.queue import NOTIFY_CHANNEL
 from tests.support.daemons import make_settings
 
@@ -69,3 +71,34 @@ def test_resume__notifies_idle_daemons(pg_db_url: str, tmp_path: Path) -> None:
         while model not in payloads and time.monotonic() < deadline:
             payloads += [n.payload for n in listener.notifies(timeout=deadline - time.monotonic(), stop_after=1)]
     assert model in payloads
+
+
+def test_pause__a_model_name_is_read_as_enqueue_reads_it(db_url: str, settings: Settings, engine: Engine) -> None:
+    """``pause("synth ")`` pauses the jobs enqueued as ``model_name="synth "`` (stored stripped),
+    instead of storing a name no job has and reporting it paused; resume reads it the same way."""
+    api.enqueue("p", model_name="synth ", database_url=db_url, settings=settings)
+    assert api.pause(" synth\t", "typed with spaces", database_url=db_url, settings=settings) is True
+    assert api.paused_models(database_url=db_url, settings=settings) == {"synth": "typed with spaces"}
+    with session_scope(engine) as session:
+        assert not queue.has_work(session, ["synth"])
+    assert api.resume("synth ", database_url=db_url, settings=settings) is True
+    assert api.paused_models(database_url=db_url, settings=settings) == {}
+
+
+@pytest.mark.parametrize(("model", "reason", "field"), [
+    ("", None, "model_name"), ("   ", None, "model_name"), (None, None, "model_name"), (123, None, "model_name"),
+    ("x" * 5000, None, "model_name"), ("a\x00b", None, "model_name"), ("synth", "a\x00b", "reason"),
+    ("synth", 42, "reason"),
+])
+def test_pause__bad_input_is_refused_naming_its_field(db_url: str, settings: Settings, model: Any, reason: Any,
+                                                      field: str) -> None:
+    """Bad input raises ValidationError naming the field, and nothing is stored (it was stored
+    as given, or failed with the driver's error: NOT NULL, a NUL byte on PostgreSQL)."""
+    with pytest.raises(ValidationError) as caught:
+        api.pause(model, reason, database_url=db_url, settings=settings)
+    assert caught.value.field == field
+    if field == "model_name":
+        with pytest.raises(ValidationError) as caught:
+            api.resume(model, database_url=db_url, settings=settings)
+        assert caught.value.field == field
+    assert api.paused_models(database_url=db_url, settings=settings) == {}

@@ -172,3 +172,57 @@ def test_cancel__postgres_notify_reaches_the_daemon_before_its_heartbeat(
         gen.gate.set()
         thread.join(20)
         daemon.waker.close()
+
+
+class _Reports(ScriptedGenerator):
+    """Reports one (done, total) pair for each request, then runs its prompt (``block``: waits)."""
+
+    def __init__(self, done: Any, total: Any) -> None:
+        super().__init__()
+        self.value = (done, total)
+
+    def generate(self, requests: Any) -> Any:
+        for request in requests:
+            request.control.report(*self.value)
+        return super().generate(requests)
+
+
+@pytest.mark.parametrize(("reported", "stored"), [
+    ((3_000_000_000, 6_000_000_000), (1_073_741_823, 2**31 - 1)),  # past PostgreSQL's INTEGER: scaled
+    ((2**70, 2**71), (1_073_741_823, 2**31 - 1)),  # past SQLite's 64-bit INTEGER too
+    ((-5, 10), (0, 10)),
+    ((15, 10), (10, 10)),
+    ((5, 0), (None, None)),  # no total: no progress
+    ((float("nan"), 10), (None, None)),
+], ids=["past-int32", "past-int64", "negative", "done-past-total", "zero-total", "nan"])
+def test_progress__a_backends_report_out_of_range_is_bounded_not_fatal(
+    engine: sa.Engine, db_url: str, outputs: Path, reported: tuple[Any, Any], stored: tuple[int | None, int | None],
+) -> None:
+    """Progress is a display: a backend reporting values the columns cannot hold (a count of
+    samples past 2**31) or that make no sense must neither stop the daemon (its heartbeat's
+    write failed, so run_once raised and the job went back to pending, to crash the next daemon
+    too) nor cost the job; the row gets the report bounded, its fraction kept."""
+    gen = _Reports(*reported)
+    daemon = make_daemon(db_url, outputs, gen, heartbeat_seconds=HEARTBEAT)
+    job_id = enqueue(db_url, "block")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            daemon.run_once()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert gen.entered.wait(10)
+        first = row(db_url, job_id).lease_expires_at
+        wait_until(lambda: errors or row(db_url, job_id).lease_expires_at != first, 10, "a heartbeat after the report")
+        assert not errors
+        assert progress(db_url, job_id) == stored
+    finally:
+        gen.gate.set()
+        thread.join(20)
+    assert not errors
+    assert row(db_url, job_id).status == "completed"

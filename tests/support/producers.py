@@ -44,6 +44,25 @@ def enqueue_with_key(url: str, key: str, times: int, barrier: Any, results: Any)
         results.put(("error", traceback.format_exc()))
 
 
+def enqueue_keyed_batches(url: str, keys: list[str], times: int, barrier: Any, results: Any) -> None:
+    """Warm up, wait for every sibling at ``barrier``, then ``times`` times enqueue one batch
+    (one transaction) holding a job for each key of ``keys``, in that order, after marking the
+    previous round's jobs finished. Puts ("ok", the batches' ids) or ("error", traceback)."""
+    try:
+        import dgxqueue
+        from dgxqueue.config import load_settings
+        from dgxqueue.storage import init_db
+
+        init_db(url)
+        settings = load_settings(env={})
+        barrier.wait(timeout=60)
+        batches = [dgxqueue.enqueue_many([{"prompt": "batch", "dedupe_key": f"{key}-{i}"} for key in keys],
+                                         database_url=url, settings=settings) for i in range(times)]
+        results.put(("ok", batches))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
 def init_db_at_once(url: str, barrier: Any, results: Any) -> None:
     """Wait for every sibling at ``barrier``, then run ``init_db(url)``. Puts the revision or the error."""
     try:

@@ -1,0 +1,204 @@
+"""wait_async on real SQLite files and real PostgreSQL: awaited on the loop itself (no thread,
+the loop keeps ticking), one connection of its own, closed when the wait ends or is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import dgxqueue
+from dgxqueue.config import Settings
+from dgxqueue.errors import JobNotFoundError, ValidationError, WaitTimeoutError
+from dgxqueue.jobs import Job
+from dgxqueue.storage import get_engine, init_db
+from tests.support.daemons import make_settings
+from tests.support.processes import wait_until
+
+SPEC: dict[str, Any] = {"model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000, "channels": 1}
+TICK = 0.01
+
+
+def setup(url: str, tmp_path: Path) -> Settings:
+    init_db(url)
+    return make_settings(url, tmp_path / "outputs")
+
+
+def connections(url: str) -> int:
+    """This process's connections to the database: descriptors open on the SQLite file, or the
+    PostgreSQL database's backends (the pool's count as well, and stay). SQLite defers closing a
+    connection's descriptor while another connection of the process holds a lock on the file
+    (in WAL mode, every open one) and gives it to the next connection opened: one closed wait
+    may leave one descriptor open, but waits one after another must not add more."""
+    engine = get_engine(url)
+    if engine.dialect.name == "sqlite":
+        path = os.path.realpath(str(engine.url.database))
+        fds = Path("/proc/self/fd").iterdir()
+        return sum(1 for fd in fds if _target(fd) == path)
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                        " AND pid <> pg_backend_pid()")).scalar_one())
+
+
+def _target(fd: Path) -> str | None:
+    try:
+        return os.readlink(fd)
+    except OSError:  # closed meanwhile (the listing's own descriptor)
+        return None
+
+
+async def ticking(task: asyncio.Task[Any], ticks: int) -> tuple[float, set[int]]:
+    """Tick ``ticks`` times beside ``task``: the longest gap between ticks and the thread counts seen."""
+    longest, threads = 0.0, set()
+    last = time.monotonic()
+    for _ in range(ticks):
+        await asyncio.sleep(TICK)
+        now = time.monotonic()
+        longest, last = max(longest, now - last), now
+        threads.add(threading.active_count())
+        assert not task.done(), task
+    return longest, threads
+
+
+def test_wait_async__waits_on_the_loop_without_a_thread(db_url: str, tmp_path: Path) -> None:
+    """While wait_async waits, another coroutine keeps ticking every 10 ms, no thread is started,
+    and the wait holds one connection of its own; a cancel of the job (its outcome) ends the
+    wait, and the connection is closed."""
+    settings = setup(db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    base, threads = connections(db_url), threading.active_count()
+
+    async def main() -> tuple[str, float, set[int], int]:
+        waiting = asyncio.create_task(job.wait_async(30))
+        longest, seen = await ticking(waiting, 40)
+        during = connections(db_url)
+        dgxqueue.get_job(job.id, settings=settings).cancel()  # a pending job: failed now, announced
+        return await asyncio.wait_for(waiting, 10), longest, seen, during
+
+    for _ in range(3):
+        status, longest, seen, during = asyncio.run(main())
+        assert status == "failed" and job.status == "failed"
+        assert seen == {threads}
+        assert longest < 0.25, longest
+        assert during > base
+        job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    _closed(db_url, base)
+
+
+def test_wait_async__cancelling_the_task_leaves_nothing_behind(db_url: str, tmp_path: Path) -> None:
+    """Cancelling the awaiting task ends the wait at once: no thread goes on, its connection closes."""
+    settings = setup(db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    base, threads = connections(db_url), threading.active_count()
+
+    async def main() -> float:
+        waiting = asyncio.create_task(job.wait_async(60))
+        await ticking(waiting, 20)
+        assert connections(db_url) > base
+        started = time.monotonic()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return time.monotonic() - started
+
+    for _ in range(3):
+        assert asyncio.run(main()) < 1.0
+        assert threading.active_count() == threads
+    _closed(db_url, base)
+
+
+def _closed(url: str, base: int) -> None:
+    """The waits' connections are closed: none is left of the last one but what SQLite defers."""
+    deferred = 1 if get_engine(url).dialect.name == "sqlite" else 0
+    wait_until(lambda: connections(url) <= base + deferred, 10, "the waits' connections to close")
+
+
+def test_wait_async__times_out_with_the_handle_refreshed(db_url: str, tmp_path: Path) -> None:
+    settings = setup(db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    with get_engine(db_url).begin() as conn:
+        conn.execute(sa.text("UPDATE generations SET status = 'processing', progress_done = 3, progress_total = 9"))
+    with pytest.raises(WaitTimeoutError) as caught:
+        asyncio.run(dgxqueue.wait_all_async([job], 0.3))
+    assert caught.value.unfinished == [job.id]
+    assert job.status == "processing" and job.progress is not None and job.progress.done == 3
+
+
+def test_wait_async__a_deleted_job_is_not_found(db_url: str, tmp_path: Path) -> None:
+    """A job whose row is gone (pruned) before or during the wait raises JobNotFoundError."""
+    settings = setup(db_url, tmp_path)
+    gone, later = (dgxqueue.submit("fine", **SPEC, settings=settings) for _ in range(2))
+    delete = sa.text("DELETE FROM generations WHERE id = :id")
+    with get_engine(db_url).begin() as conn:
+        conn.execute(delete, {"id": gone.id})
+    with pytest.raises(JobNotFoundError):
+        asyncio.run(gone.wait_async(5))
+
+    async def main() -> None:
+        waiting = asyncio.create_task(later.wait_async(30))
+        await ticking(waiting, 5)
+        with get_engine(db_url).begin() as conn:
+            conn.execute(delete, {"id": later.id})
+        await waiting
+
+    with pytest.raises(JobNotFoundError):
+        asyncio.run(main())
+
+
+def test_wait_async__many_waiters_at_once_need_no_pool(db_url: str, tmp_path: Path) -> None:
+    """Thirty requests waiting at once in one loop (a web app): every wait ends when its job
+    does, none waits for a connection from the engine's pool (which holds fewer)."""
+    settings = setup(db_url, tmp_path)
+    jobs: list[Job] = [dgxqueue.submit(f"fine {i}", **SPEC, settings=settings) for i in range(30)]
+
+    async def main() -> list[str]:
+        waiting = asyncio.gather(*(job.wait_async(30) for job in jobs))
+        await asyncio.sleep(0.2)
+        with get_engine(db_url).begin() as conn:
+            conn.execute(sa.text("UPDATE generations SET status = 'completed'"))
+        return await asyncio.wait_for(waiting, 20)
+
+    assert asyncio.run(main()) == ["completed"] * 30
+
+
+def test_wait__a_job_deleted_meanwhile_is_not_found_even_on_timeout(db_url: str, tmp_path: Path) -> None:
+    """A wait that times out before its periodic re-read still says the job is gone, not that it
+    timed out (the handle would be refreshed from a row that does not exist): sync and async."""
+    settings = setup(db_url, tmp_path)
+    for wait in ("sync", "async"):
+        job = dgxqueue.submit("fine", **SPEC, settings=settings)
+        timer = threading.Timer(0.2, _delete, (db_url, job.id))
+        timer.start()
+        try:
+            with pytest.raises(JobNotFoundError):
+                if wait == "sync":
+                    job.wait(1.0)
+                else:
+                    asyncio.run(job.wait_async(1.0))
+        finally:
+            timer.join()
+
+
+def _delete(url: str, job_id: str) -> None:
+    with get_engine(url).begin() as conn:
+        conn.execute(sa.text("DELETE FROM generations WHERE id = :id"), {"id": job_id})
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), "5", True, [1]], ids=["nan", "text", "bool", "list"])
+def test_wait__a_timeout_that_is_not_a_number_is_refused(db_url: str, tmp_path: Path, timeout: Any) -> None:
+    """A NaN timeout waited for ever (every comparison with it is false): refused, as other
+    values that are not a number of seconds, with a ValidationError naming it (sync and async)."""
+    settings = setup(db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    with pytest.raises(ValidationError) as caught:
+        job.wait(timeout)
+    assert caught.value.field == "timeout"
+    with pytest.raises(ValidationError) as caught:
+        asyncio.run(job.wait_async(timeout))
+    assert caught.value.field == "timeout"
