@@ -365,11 +365,19 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
     while True:
         try:
             with session_scope(source) as here:
-                chosen = sa.select(G.c.id).where(*_archivable(cutoff, list(report.refused))) \
-                    .order_by(G.c.id).limit(batch_size)
+                where = _archivable(cutoff, list(report.refused))
+                chosen = sa.select(G.c.id).where(*where).order_by(G.c.id).limit(batch_size)
+                # The conditions again on the deleted row itself: on PostgreSQL a row changed by a
+                # transaction that committed while this DELETE waited for its lock (a failed job
+                # retried) is rechecked in its new version, the subquery's choice is not.
                 rows = [loaded(G, row) for row in here.execute(
-                    sa.delete(G).where(G.c.id.in_(chosen.scalar_subquery())).returning(*stored_columns(G)))]
+                    sa.delete(G).where(G.c.id.in_(chosen.scalar_subquery()), *where)
+                    .returning(*stored_columns(G)))]
                 if not rows:
+                    # Empty also when another writer (a prune) deleted every chosen row while
+                    # this DELETE waited for them: the end only when nothing is left to choose.
+                    if here.execute(sa.select(sa.exists().where(*where))).scalar_one():
+                        continue
                     return report
                 with session_scope(target) as there:
                     new, refused = put_rows(there, G, rows)
