@@ -9,6 +9,7 @@ import io
 import os
 import random
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -339,3 +340,27 @@ def test_archive__a_row_the_archive_holds_differently_stays_here_and_exits_65(tm
     assert clash in done.stderr and "error_message" in done.stderr
     assert set(table_rows(source, G)) - set(kept) == {clash}
     assert old - {clash} <= set(table_rows(target, G))
+
+
+def _alias_of(url: str) -> str:
+    """The same PostgreSQL database under a URL that names the server otherwise: a host name
+    libpq only uses for authentication, the address given as ``hostaddr`` (as a connection
+    pooler or a second DNS name would also look)."""
+    parsed = sa.engine.make_url(url)
+    address = socket.gethostbyname(parsed.host or "127.0.0.1")
+    return parsed.set(host="the-queue-server", query={**parsed.query, "hostaddr": address}) \
+        .render_as_string(hide_password=False)
+
+
+def test_db_copy_and_archive__refuse_the_source_itself_under_another_url(pg_target: str) -> None:
+    """Archive into its own database would find each row 'already archived' there and delete it:
+    both commands ask the servers, not the URLs, whether the target is the source."""
+    old, kept = _archive_queue(pg_target, old=6)
+    before = table_rows(pg_target, G)
+    alias = _alias_of(pg_target)
+    for args in (("archive", "--older-than", "30d", "--to", alias), ("db", "copy", "--to", alias)):
+        done = run_dgxqueue(pg_target, *args)
+        assert done.returncode == 65, (args, done.stdout, done.stderr)
+        assert "a database other than the source" in done.stderr, done.stderr
+    assert table_rows(pg_target, G) == before
+    assert old <= set(before) and set(kept) <= set(before)
