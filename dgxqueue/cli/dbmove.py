@@ -37,7 +37,7 @@ from dgxqueue.storage.database import (
     sqlite_path,
 )
 from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.transfer import ArchiveReport, archive, archive_preview, copy_queue
+from dgxqueue.storage.transfer import ArchiveReport, archive, archive_preview, copy_queue, database_identity
 
 DEFAULT_BATCH = 500
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "", None})
@@ -80,9 +80,19 @@ def _refuse_itself(source: str, target: str) -> None:
         raise ValidationError("to", hide_password(target), f"a database other than the source ({describe_url(source)})")
 
 
-def _open_target(ctx: Context, url: str) -> sa.Engine:
+def _open_target(ctx: Context, url: str, source: sa.Engine) -> sa.Engine:
+    """The target, refused (before anything is written there) when the servers say it is the
+    source under another URL, then migrated."""
     engine = create_engine(url, ctx.settings.database)
-    ensure_schema(engine)  # the same migration as `db upgrade`, under its lock
+    try:
+        if database_identity(engine) == database_identity(source):
+            raise ValidationError("to", hide_password(url),
+                                  f"a database other than the source ({describe_url(str(source.url))}), which it "
+                                  "reaches under another name")
+        ensure_schema(engine)  # the same migration as `db upgrade`, under its lock
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
@@ -101,7 +111,7 @@ def cmd_db_copy(ctx: Context, args: argparse.Namespace) -> int:
     _refuse_itself(ctx.settings.database.url, to)
     source = ctx.engine()
     _refuse_live(source, "source")  # before the target is created or migrated: nothing written yet
-    target = _open_target(ctx, to)
+    target = _open_target(ctx, to, source)
     try:
         _refuse_live(target, "target")
 
@@ -142,7 +152,7 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
             print(f"would archive {sum(counts.values())} generations finished before {cutoff:%Y-%m-%d %H:%M:%S} "
                   f"UTC ({shown}) to {describe_url(to)}")
         return EXIT_OK
-    target = _open_target(ctx, to)
+    target = _open_target(ctx, to, source)
 
     def progress(report: ArchiveReport) -> None:
         if not args.json:

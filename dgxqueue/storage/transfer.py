@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +34,7 @@ from dgxqueue.storage.models import COMPLETED, FAILED, PAUSED, G, P, as_utc
 from dgxqueue.storage.rowvalues import Unreadable, quote, read_json
 
 __all__ = ["COPIED", "FINISHED", "ArchiveReport", "Digest", "archive", "archive_preview", "check_target",
-           "copy_queue", "digest", "loaded", "normal", "put_rows", "stored_columns", "verify"]
+           "copy_queue", "database_identity", "digest", "loaded", "normal", "put_rows", "stored_columns", "verify"]
 
 #: The tables a copy moves, in this order. The registry of live daemons (``daemons``) is not
 #: moved: its rows are processes attached to the source, and a copy refuses to run beside any.
@@ -202,6 +203,25 @@ def _batches(engine: Engine, table: sa.Table, size: int,
 
 
 # --- copy -------------------------------------------------------------------------------------
+
+
+def database_identity(engine: Engine) -> tuple[Any, ...]:
+    """Which database ``engine`` reaches, as the database itself tells: a SQLite file's device and
+    inode; a PostgreSQL cluster's system identifier, the database and the schema the tables are
+    found in. URLs cannot tell: a pooler, a second host name or a ``hostaddr`` reach the same
+    database, and an archive into its own source deletes each row it finds "already archived"."""
+    with engine.connect() as conn:
+        if profile_of(engine.dialect).is_file:
+            files = {row[1]: row[2] for row in conn.execute(sa.text("PRAGMA database_list"))}
+            if not files.get("main"):
+                return ("memory", id(engine))
+            stat = os.stat(files["main"])
+            return ("file", stat.st_dev, stat.st_ino)
+        control = sa.func.pg_control_system().table_valued("system_identifier")
+        system = conn.execute(sa.select(control.c.system_identifier)).scalar_one()
+        where = conn.execute(sa.select(sa.func.current_database(), sa.func.current_schema())).one()
+        return ("server", system, *where)
+
 
 
 @dataclass(frozen=True)
