@@ -1,5 +1,6 @@
-"""archive beside other writers on PostgreSQL, where rows are locked, not the whole database: a
-job retried, or rows pruned, while archive's DELETE waits for their locks."""
+"""copy and archive beside other writers: a producer enqueuing during a copy; on PostgreSQL, where
+rows are locked, not the whole database, a job retried or rows pruned while archive's DELETE waits
+for their locks."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dgxqueue.storage import create_engine, dispose_engines, ensure_schema
+from dgxqueue.errors import TransferError
+from dgxqueue.storage import create_engine, create_generations, dispose_engines, ensure_schema, session_scope
 from dgxqueue.storage.admin import retry_job
 from dgxqueue.storage.models import G
-from dgxqueue.storage.transfer import ArchiveReport, archive
+from dgxqueue.storage.transfer import ArchiveReport, archive, copy_queue, verify
 from tests.support.db import postgres_database_url, sqlite_url
 from tests.support.processes import wait_until
+from tests.support.transfer import fill_queue, run_dgxqueue
 
 OLD = datetime(2025, 1, 1, tzinfo=UTC)
 CUTOFF = datetime(2025, 6, 1, tzinfo=UTC)
@@ -116,3 +119,37 @@ def test_archive__rows_a_concurrent_prune_deleted_do_not_end_the_run(engines: tu
     assert _ids(source) == set()
     assert _ids(target) == set(rest)
     assert report.moved == len(rest)
+
+
+def test_copy_queue__a_producer_during_the_copy_the_message_says_what_makes_a_rerun_pass(tmp_path: Path) -> None:
+    """A job enqueued on the source mid-copy counts its prompt again, a row already copied: the
+    verification fails, and a plain rerun refuses that prompt (it never overwrites). The
+    message must name the step that works: empty the target, then copy again."""
+    (tmp_path / "source").mkdir()
+    url = sqlite_url(tmp_path / "source")
+    fill_queue(url, extra=4)
+    source = create_engine(url)
+
+    def produce(table: str, done: int, total: int, new: int) -> None:
+        if table == "generations" and done == 2:  # the prompts are copied by now
+            with session_scope(source) as session:
+                create_generations(session, [{"prompt": "lofi piano 0 ✓", "model_name": "synth",
+                                              "duration_seconds": 0.5}])
+
+    with postgres_database_url() as target_url:
+        target = create_engine(target_url)
+        ensure_schema(target)
+        try:
+            with pytest.raises(TransferError, match="verification failed") as failed:
+                copy_queue(source, target, batch_size=2, progress=produce)
+            with pytest.raises(TransferError, match="differs from the source's"):  # a plain rerun
+                copy_queue(source, target, batch_size=2, progress=lambda *_: None)
+            assert "db reset" in str(failed.value), str(failed.value)
+            reset = run_dgxqueue(target_url, "db", "reset", "--yes")
+            assert reset.returncode == 0, reset.stderr
+            digests = copy_queue(source, target, batch_size=2, progress=lambda *_: None)
+            assert verify(source, target) == digests
+        finally:
+            target.dispose()
+            source.dispose()
+            dispose_engines()
