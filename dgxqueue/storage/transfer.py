@@ -305,7 +305,10 @@ def verify(source: Engine, target: Engine) -> dict[str, Digest]:
             raise TransferError(
                 f"verification failed for {table.name}: {ours.rows} rows here (sha256 {ours.sha256[:16]}), "
                 f"{theirs.rows} at the target ({theirs.sha256[:16]}); was the source written during the copy? "
-                "Stop its producers and daemons and run the copy again")
+                # A rerun copies rows added since but refuses rows changed since (it never
+                # overwrites), and every enqueue changes a prompt's count: only an empty target works.
+                "Stop its producers and daemons, empty the target ('dgxqueue db reset --yes' with DATABASE_URL "
+                "pointed at it), then copy again")
         digests[table.name] = ours
     return digests
 
