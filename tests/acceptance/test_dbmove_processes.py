@@ -364,3 +364,35 @@ def test_db_copy_and_archive__refuse_the_source_itself_under_another_url(pg_targ
         assert "a database other than the source" in done.stderr, done.stderr
     assert table_rows(pg_target, G) == before
     assert old <= set(before) and set(kept) <= set(before)
+
+
+def test_db_copy__a_daemon_that_started_on_the_source_during_the_copy_is_refused(tmp_path: Path) -> None:
+    """The check before the copy is not enough: a daemon that starts meanwhile and has changed
+    nothing yet lets the verification pass, then works on the old queue (a job both queues hold
+    runs twice). The copy waits on a lock the test holds at the target while the daemon starts."""
+    source = sqlite_url(tmp_path)
+    fill_queue(source)
+    with postgres_database_url(at_head=True) as target:
+        engine = create_engine(target)
+        try:
+            with engine.connect() as hold:
+                holder = hold.execute(sa.select(sa.func.pg_backend_pid())).scalar_one()
+                hold.execute(sa.text("LOCK TABLE paused_models IN ACCESS EXCLUSIVE MODE"))
+                process = popen_dgxqueue(source, "db", "copy", "--to", target)
+                activity = sa.table("pg_stat_activity", sa.column("pid"))
+                blocked = sa.select(sa.func.count()).select_from(activity).where(
+                    sa.func.array_position(sa.func.pg_blocking_pids(activity.c.pid), holder).is_not(None))
+
+                def waiting() -> bool:
+                    with engine.connect() as watcher:  # a new snapshot of pg_stat_activity each time
+                        return bool(watcher.execute(blocked).scalar_one())
+
+                wait_until(waiting, 60, "the copy waiting for the held lock", alive=process)  # type: ignore[arg-type]
+                register_daemon(source, "late-host:99")
+                hold.commit()
+            output, _ = process.communicate(timeout=120)
+        finally:
+            engine.dispose()
+            dispose_engines()
+    assert process.returncode == 75, output
+    assert "late-host:99" in output and "done" not in output, output
