@@ -96,13 +96,13 @@ def _open_target(ctx: Context, url: str, source: sa.Engine) -> sa.Engine:
     return engine
 
 
-def _refuse_live(engine: sa.Engine, which: str) -> None:
+def _refuse_live(engine: sa.Engine, which: str, when: str = "") -> None:
     with session_scope(engine) as session:
         live = registry.daemons(session)
     if live:
         names = ", ".join(f"{safe(d.id)} ({safe(d.host)} pid {d.pid})" for d in live)
-        raise CliError(f"{len(live)} daemon(s) are live on the {which} ({describe_url(str(engine.url))}): {names}; "
-                       "stop them (systemctl stop 'dgxqueue-worker@*') and run db copy again", EX_TEMPFAIL)
+        raise CliError(f"{len(live)} daemon(s) {when}are live on the {which} ({describe_url(str(engine.url))}): "
+                       f"{names}; stop them (systemctl stop 'dgxqueue-worker@*') and run db copy again", EX_TEMPFAIL)
 
 
 def cmd_db_copy(ctx: Context, args: argparse.Namespace) -> int:
@@ -123,6 +123,9 @@ def cmd_db_copy(ctx: Context, args: argparse.Namespace) -> int:
             digests = copy_queue(source, target, batch_size=size, progress=progress)
         except TransferError as exc:
             raise CliError(str(exc), EX_DATAERR) from None
+        # Again after the verification: a daemon started meanwhile that has changed nothing yet
+        # passes it, and would go on working on the old queue, whose jobs the target holds too.
+        _refuse_live(source, "source", "started during the copy and ")
     finally:
         target.dispose()
     if args.json:
