@@ -137,3 +137,22 @@ def test_archive__from_postgres_moves_only_old_finished_rows_whole(engines: tupl
         archive_engine.dispose()
     assert sorted(there) == sorted(moved) and left == set(before) - set(moved)
     assert {k: normal(G, v) for k, v in there.items()} == {k: normal(G, before[k]) for k in moved}
+
+
+def test_archive__a_row_the_archive_rejects_stays_here_reported_and_the_rest_of_its_batch_moves(
+        engines: tuple[sa.Engine, sa.Engine]) -> None:
+    """PostgreSQL refuses a NUL character, which SQLite holds: that row stays in the queue,
+    reported, and its batch's other rows are archived; a poison row must not stop every
+    later (timer) run at the same batch."""
+    source, target = engines
+    old = datetime(2025, 1, 1, tzinfo=UTC)
+    finished = {"status": "completed", "created_at": old, "completed_at": old}
+    with source.begin() as conn:
+        conn.execute(sa.insert(G), [_job(f"old-{i}", **finished) for i in range(5)])
+        conn.execute(sa.update(G).where(G.c.id == "old-2").values(prompt="before\x00after"))
+    report = archive(source, target, datetime(2025, 6, 1, tzinfo=UTC), batch_size=4, progress=lambda _: None)
+    assert set(report.refused) == {"old-2"} and "NUL" in report.refused["old-2"], report.refused
+    assert report.moved == 4
+    with source.connect() as here, target.connect() as there:
+        assert set(here.execute(sa.select(G.c.id).where(G.c.id.like("old-%"))).scalars()) == {"old-2"}
+        assert set(there.execute(sa.select(G.c.id)).scalars()) == {"old-0", "old-1", "old-3", "old-4"}
