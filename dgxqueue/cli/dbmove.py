@@ -176,8 +176,8 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
               f"to {describe_url(to)}{earlier}")
     if report.refused:
         job_id, reason = next(iter(report.refused.items()))
-        raise CliError(f"{len(report.refused)} generation(s) left here, the archive holding them differently: "
-                       f"{safe(job_id)}: {reason}", EX_DATAERR)
+        raise CliError(f"{len(report.refused)} generation(s) left here, the archive holding them differently or "
+                       f"rejecting them: {safe(job_id)}: {reason}", EX_DATAERR)
     return EXIT_OK
 
 

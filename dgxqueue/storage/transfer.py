@@ -179,8 +179,8 @@ def put_rows(session: Session, table: sa.Table, rows: Sequence[Row]) -> tuple[li
         except (sa.exc.DataError, sa.exc.IntegrityError) as exc:  # what the checks above cannot foresee
             first, last = new[0][index], new[-1][index]
             cause = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
-            raise TransferError(f"{table.name} rows {quote(first)} to {quote(last)} cannot be written at the "
-                                f"target: {cause}") from None
+            which = f"row {quote(first)}" if len(new) == 1 else f"rows {quote(first)} to {quote(last)}"
+            raise TransferError(f"{table.name} {which} cannot be written at the target: {cause}") from None
     return new, refused
 
 
@@ -385,11 +385,16 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
     A row the target holds differently stays here, reported, never overwritten.
     """
     report = ArchiveReport()
+    # Rows still to redo one at a time after the archive rejected a batch (a value it cannot
+    # hold, such as a NUL character in a prompt for PostgreSQL): the rejected row stays here,
+    # reported, instead of failing that batch on every run and archiving nothing after it.
+    single = 0
+    rows: list[Row] = []
     while True:
         try:
             with session_scope(source) as here:
                 where = _archivable(cutoff, list(report.refused))
-                chosen = sa.select(G.c.id).where(*where).order_by(G.c.id).limit(batch_size)
+                chosen = sa.select(G.c.id).where(*where).order_by(G.c.id).limit(1 if single else batch_size)
                 # The conditions again on the deleted row itself: on PostgreSQL a row changed by a
                 # transaction that committed while this DELETE waited for its lock (a failed job
                 # retried) is rechecked in its new version, the subquery's choice is not.
@@ -411,6 +416,14 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
         except _Refused as exc:
             report.refused.update({str(key): reason for key, reason in exc.refused.items()})
             continue
+        except TransferError as exc:  # both transactions rolled back
+            if len(rows) > 1:
+                single = len(rows)
+                continue
+            report.refused[str(rows[0][_key_index(G)])] = str(exc)
+            single = max(single - 1, 0)
+            continue
+        single = max(single - 1, 0)
         report.moved += len(new)
         report.already += len(rows) - len(new)
         progress(report)
