@@ -207,8 +207,9 @@ def _batches(engine: Engine, table: sa.Table, size: int,
 
 def database_identity(engine: Engine) -> tuple[Any, ...]:
     """Which database ``engine`` reaches, as the database itself tells: a SQLite file's device and
-    inode; a PostgreSQL cluster's system identifier, the database and the schema the tables are
-    found in. URLs cannot tell: a pooler, a second host name or a ``hostaddr`` reach the same
+    inode; for PostgreSQL the server's start time (to the microsecond; readable by any role, unlike
+    the cluster's system identifier on managed servers), the database and the schema the tables
+    are found in. URLs cannot tell: a pooler, a second host name or a ``hostaddr`` reach the same
     database, and an archive into its own source deletes each row it finds "already archived"."""
     with engine.connect() as conn:
         if profile_of(engine.dialect).is_file:
@@ -217,10 +218,8 @@ def database_identity(engine: Engine) -> tuple[Any, ...]:
                 return ("memory", id(engine))
             stat = os.stat(files["main"])
             return ("file", stat.st_dev, stat.st_ino)
-        control = sa.func.pg_control_system().table_valued("system_identifier")
-        system = conn.execute(sa.select(control.c.system_identifier)).scalar_one()
-        where = conn.execute(sa.select(sa.func.current_database(), sa.func.current_schema())).one()
-        return ("server", system, *where)
+        return ("server", *conn.execute(sa.select(sa.func.pg_postmaster_start_time(), sa.func.current_database(),
+                                                  sa.func.current_schema())).one())
 
 
 
