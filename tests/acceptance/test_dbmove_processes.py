@@ -396,3 +396,22 @@ def test_db_copy__a_daemon_that_started_on_the_source_during_the_copy_is_refused
             dispose_engines()
     assert process.returncode == 75, output
     assert "late-host:99" in output and "done" not in output, output
+
+
+def test_archive__a_row_whose_id_is_not_text_is_reported_and_the_run_ends(tmp_path: Path) -> None:
+    """Plain SQL can key a SQLite row by a blob: the archive refuses it (not a str), and must
+    then leave it out of the next batch, not choose and refuse it forever under the write lock."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "arc").mkdir()
+    source, target = sqlite_url(tmp_path / "src"), sqlite_url(tmp_path / "arc")
+    old, kept = _archive_queue(source, old=3)
+    engine = create_engine(source)
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(*G.columns).where(G.c.id == sorted(old)[0])).mappings().one()
+        conn.execute(sa.insert(G).values({**row, "id": b"\x00\xff"}))
+    engine.dispose()
+    done = run_dgxqueue(source, "archive", "--older-than", "30d", "--to", target, timeout=60)
+    assert done.returncode == 65, done.stderr
+    assert "not a str" in done.stderr, done.stderr
+    assert set(table_rows(target, G)) == old
+    assert set(table_rows(source, G)) == set(kept) | {b"\x00\xff"}
