@@ -315,13 +315,14 @@ def verify(source: Engine, target: Engine) -> dict[str, Digest]:
 # --- archive ----------------------------------------------------------------------------------
 
 
-def _archivable(cutoff: datetime, skip: Sequence[str] = ()) -> list[sa.ColumnElement[bool]]:
+def _archivable(cutoff: datetime, skip: Sequence[Any] = ()) -> list[sa.ColumnElement[bool]]:
     """Finished before ``cutoff`` (by ``completed_at``; by ``created_at`` where a row written by
-    plain SQL lacks it, as prune does)."""
+    plain SQL lacks it, as prune does), and not one of the keys ``skip`` as stored (a key
+    written by plain SQL may be a blob or a number: its text would match nothing)."""
     finished_at = sa.func.coalesce(G.c.completed_at, G.c.created_at)
     where = [G.c.status.in_(FINISHED), finished_at < cutoff]
     if skip:
-        where.append(G.c.id.not_in(sorted(skip)))
+        where.append(G.c.id.not_in(list(skip)))
     return where
 
 
@@ -389,10 +390,11 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
     # reported, instead of failing that batch on every run and archiving nothing after it.
     single = 0
     rows: list[Row] = []
+    skip: list[Any] = []  # the refused rows' keys as stored; the report names them as text
     while True:
         try:
             with session_scope(source) as here:
-                where = _archivable(cutoff, list(report.refused))
+                where = _archivable(cutoff, skip)
                 chosen = sa.select(G.c.id).where(*where).order_by(G.c.id).limit(1 if single else batch_size)
                 # The conditions again on the deleted row itself: on PostgreSQL a row changed by a
                 # transaction that committed while this DELETE waited for its lock (a failed job
@@ -414,12 +416,14 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
                 faultpoints.reached(faultpoints.ARCHIVE_STEP)
         except _Refused as exc:
             report.refused.update({str(key): reason for key, reason in exc.refused.items()})
+            skip.extend(exc.refused)
             continue
         except TransferError as exc:  # both transactions rolled back
             if len(rows) > 1:
                 single = len(rows)
                 continue
             report.refused[str(rows[0][_key_index(G)])] = str(exc)
+            skip.append(rows[0][_key_index(G)])
             single = max(single - 1, 0)
             continue
         single = max(single - 1, 0)
