@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from dgxqueue import faultpoints
 from dgxqueue.errors import TransferError
 from dgxqueue.storage.database import session_scope
-from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import COMPLETED, FAILED, PAUSED, G, P, as_utc
 from dgxqueue.storage.rowvalues import Unreadable, quote, read_json
 
@@ -315,11 +315,12 @@ def verify(source: Engine, target: Engine) -> dict[str, Digest]:
 # --- archive ----------------------------------------------------------------------------------
 
 
-def _archivable(cutoff: datetime, skip: Sequence[Any] = ()) -> list[sa.ColumnElement[bool]]:
+def _archivable(profile: Profile, cutoff: datetime, skip: Sequence[Any] = ()) -> list[sa.ColumnElement[bool]]:
     """Finished before ``cutoff`` (by ``completed_at``; by ``created_at`` where a row written by
-    plain SQL lacks it, as prune does), and not one of the keys ``skip`` as stored (a key
-    written by plain SQL may be a blob or a number: its text would match nothing)."""
-    finished_at = sa.func.coalesce(G.c.completed_at, G.c.created_at)
+    plain SQL lacks it, as prune does, comparing another ISO form as the time it names), and not
+    one of the keys ``skip`` as stored (a key written by plain SQL may be a blob or a number: its
+    text would match nothing)."""
+    finished_at = profile.comparable_time(sa.func.coalesce(G.c.completed_at, G.c.created_at))
     where = [G.c.status.in_(FINISHED), finished_at < cutoff]
     if skip:
         where.append(G.c.id.not_in(list(skip)))
@@ -328,7 +329,8 @@ def _archivable(cutoff: datetime, skip: Sequence[Any] = ()) -> list[sa.ColumnEle
 
 def archive_preview(session: Session, cutoff: datetime) -> dict[str, int]:
     """How many generations of each finished status an archive would move now."""
-    query = sa.select(G.c.status, sa.func.count()).where(*_archivable(cutoff)).group_by(G.c.status)
+    profile = profile_of(session.get_bind().dialect)
+    query = sa.select(G.c.status, sa.func.count()).where(*_archivable(profile, cutoff)).group_by(G.c.status)
     return {str(status): int(count) for status, count in session.execute(query)}
 
 
@@ -394,7 +396,7 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
     while True:
         try:
             with session_scope(source) as here:
-                where = _archivable(cutoff, skip)
+                where = _archivable(profile_of(source.dialect), cutoff, skip)
                 chosen = sa.select(G.c.id).where(*where).order_by(G.c.id).limit(1 if single else batch_size)
                 # The conditions again on the deleted row itself: on PostgreSQL a row changed by a
                 # transaction that committed while this DELETE waited for its lock (a failed job

@@ -170,14 +170,14 @@ def test_archive__a_row_the_archive_rejects_stays_here_reported_and_the_rest_of_
 def test_archive__finished_times_plain_sql_wrote_in_another_iso_form_compare_as_times(
         engines: tuple[sa.Engine, sa.Engine]) -> None:
     """As prune compares them: '2025-01-01T10:00:00Z' finished before the cutoff, 12:00 that day
-    (its text sorts after the stored form's, by the 'T'); '2024-12-31T23:30:00-23:00' after it
-    (22:30 UTC, its offset ignored by a comparison of text)."""
+    (its text sorts after the stored form's, by the 'T'); '2024-12-31T23:30:00-13:00' after it
+    (12:30 UTC, its offset ignored by a comparison of text)."""
     source, target = engines
     cutoff = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
     with source.begin() as conn:
         conn.execute(sa.insert(G), [_job(job_id, status="completed") for job_id in ("iso-old", "iso-new")])
         conn.execute(sa.text("UPDATE generations SET completed_at = '2025-01-01T10:00:00Z' WHERE id = 'iso-old'"))
-        conn.execute(sa.text("UPDATE generations SET completed_at = '2024-12-31T23:30:00-23:00' WHERE id = 'iso-new'"))
+        conn.execute(sa.text("UPDATE generations SET completed_at = '2024-12-31T23:30:00-13:00' WHERE id = 'iso-new'"))
     with session_scope(source) as session:
         assert archive_preview(session, cutoff) == {"completed": 1}
     report = archive(source, target, cutoff, batch_size=10, progress=lambda _: None)
