@@ -23,7 +23,7 @@ from dgxqueue.cli import main
 from dgxqueue.storage import create_engine, create_generations, dispose_engines, session_scope, track_prompt_usage
 from dgxqueue.storage.models import PAUSED, G, P, utcnow
 from dgxqueue.storage.transfer import COPIED
-from tests.support.db import postgres_database_url, sqlite_url
+from tests.support.db import postgres_database_url, postgres_schema_url, sqlite_url
 from tests.support.processes import start_worker, stop, wait_until, worker_config
 from tests.support.transfer import (
     dgxqueue_env,
@@ -415,3 +415,14 @@ def test_archive__a_row_whose_id_is_not_text_is_reported_and_the_run_ends(tmp_pa
     assert "not a str" in done.stderr, done.stderr
     assert set(table_rows(target, G)) == old
     assert set(table_rows(source, G)) == set(kept) | {b"\x00\xff"}
+
+
+def test_db_copy__to_another_schema_of_the_same_postgres_database() -> None:
+    """Two queues in one database, apart by ``search_path``: the target is not the source
+    (the servers say so), and the copy goes through."""
+    with postgres_schema_url() as source, postgres_schema_url() as target:
+        fill_queue(source)
+        done = run_dgxqueue(source, "db", "copy", "--to", target)
+        assert done.returncode == 0, done.stderr
+        _same_tables(source, target)
+        dispose_engines()
