@@ -62,13 +62,15 @@ def batch_size(text: str | None) -> int:
 
 
 def _place(url: str) -> tuple[Any, ...]:
-    """Where a URL's data lives: the SQLite file, or the server's host, port and database."""
+    """Where a URL's data lives: the SQLite file, or the server's host, port and database, with
+    the URL's options (a ``search_path`` puts another queue in the same database). Only a
+    first check, before anything is opened: _open_target asks the databases themselves."""
     path = sqlite_path(url)
     if path is not None:
         return ("file", path.resolve())
     parsed = make_url(url)
     host = "loopback" if parsed.host in _LOOPBACK else parsed.host
-    return ("server", host, parsed.port or 5432, parsed.database)
+    return ("server", host, parsed.port or 5432, parsed.database, sorted(parsed.query.items()))
 
 
 def _refuse_itself(source: str, target: str) -> None:
