@@ -37,7 +37,7 @@ from dgxqueue.storage.database import (
     sqlite_path,
 )
 from dgxqueue.storage.models import utcnow
-from dgxqueue.storage.transfer import ArchiveReport, archive, archive_preview, copy_queue
+from dgxqueue.storage.transfer import ArchiveReport, archive, archive_preview, copy_queue, database_identity
 
 DEFAULT_BATCH = 500
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "", None})
@@ -62,13 +62,15 @@ def batch_size(text: str | None) -> int:
 
 
 def _place(url: str) -> tuple[Any, ...]:
-    """Where a URL's data lives: the SQLite file, or the server's host, port and database."""
+    """Where a URL's data lives: the SQLite file, or the server's host, port and database, with
+    the URL's options (a ``search_path`` puts another queue in the same database). Only a
+    first check, before anything is opened: _open_target asks the databases themselves."""
     path = sqlite_path(url)
     if path is not None:
         return ("file", path.resolve())
     parsed = make_url(url)
     host = "loopback" if parsed.host in _LOOPBACK else parsed.host
-    return ("server", host, parsed.port or 5432, parsed.database)
+    return ("server", host, parsed.port or 5432, parsed.database, sorted(parsed.query.items()))
 
 
 def _refuse_itself(source: str, target: str) -> None:
@@ -80,19 +82,29 @@ def _refuse_itself(source: str, target: str) -> None:
         raise ValidationError("to", hide_password(target), f"a database other than the source ({describe_url(source)})")
 
 
-def _open_target(ctx: Context, url: str) -> sa.Engine:
+def _open_target(ctx: Context, url: str, source: sa.Engine) -> sa.Engine:
+    """The target, refused (before anything is written there) when the servers say it is the
+    source under another URL, then migrated."""
     engine = create_engine(url, ctx.settings.database)
-    ensure_schema(engine)  # the same migration as `db upgrade`, under its lock
+    try:
+        if database_identity(engine) == database_identity(source):
+            raise ValidationError("to", hide_password(url),
+                                  f"a database other than the source ({describe_url(str(source.url))}), which it "
+                                  "reaches under another name")
+        ensure_schema(engine)  # the same migration as `db upgrade`, under its lock
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
-def _refuse_live(engine: sa.Engine, which: str) -> None:
+def _refuse_live(engine: sa.Engine, which: str, when: str = "") -> None:
     with session_scope(engine) as session:
         live = registry.daemons(session)
     if live:
         names = ", ".join(f"{safe(d.id)} ({safe(d.host)} pid {d.pid})" for d in live)
-        raise CliError(f"{len(live)} daemon(s) are live on the {which} ({describe_url(str(engine.url))}): {names}; "
-                       "stop them (systemctl stop 'dgxqueue-worker@*') and run db copy again", EX_TEMPFAIL)
+        raise CliError(f"{len(live)} daemon(s) {when}are live on the {which} ({describe_url(str(engine.url))}): "
+                       f"{names}; stop them (systemctl stop 'dgxqueue-worker@*') and run db copy again", EX_TEMPFAIL)
 
 
 def cmd_db_copy(ctx: Context, args: argparse.Namespace) -> int:
@@ -101,7 +113,7 @@ def cmd_db_copy(ctx: Context, args: argparse.Namespace) -> int:
     _refuse_itself(ctx.settings.database.url, to)
     source = ctx.engine()
     _refuse_live(source, "source")  # before the target is created or migrated: nothing written yet
-    target = _open_target(ctx, to)
+    target = _open_target(ctx, to, source)
     try:
         _refuse_live(target, "target")
 
@@ -113,6 +125,9 @@ def cmd_db_copy(ctx: Context, args: argparse.Namespace) -> int:
             digests = copy_queue(source, target, batch_size=size, progress=progress)
         except TransferError as exc:
             raise CliError(str(exc), EX_DATAERR) from None
+        # Again after the verification: a daemon started meanwhile that has changed nothing yet
+        # passes it, and would go on working on the old queue, whose jobs the target holds too.
+        _refuse_live(source, "source", "started during the copy and ")
     finally:
         target.dispose()
     if args.json:
@@ -142,7 +157,7 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
             print(f"would archive {sum(counts.values())} generations finished before {cutoff:%Y-%m-%d %H:%M:%S} "
                   f"UTC ({shown}) to {describe_url(to)}")
         return EXIT_OK
-    target = _open_target(ctx, to)
+    target = _open_target(ctx, to, source)
 
     def progress(report: ArchiveReport) -> None:
         if not args.json:
@@ -163,8 +178,8 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
               f"to {describe_url(to)}{earlier}")
     if report.refused:
         job_id, reason = next(iter(report.refused.items()))
-        raise CliError(f"{len(report.refused)} generation(s) left here, the archive holding them differently: "
-                       f"{safe(job_id)}: {reason}", EX_DATAERR)
+        raise CliError(f"{len(report.refused)} generation(s) left here, the archive holding them differently or "
+                       f"rejecting them: {safe(job_id)}: {reason}", EX_DATAERR)
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,12 +29,12 @@ from sqlalchemy.orm import Session
 from dgxqueue import faultpoints
 from dgxqueue.errors import TransferError
 from dgxqueue.storage.database import session_scope
-from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import COMPLETED, FAILED, PAUSED, G, P, as_utc
 from dgxqueue.storage.rowvalues import Unreadable, quote, read_json
 
 __all__ = ["COPIED", "FINISHED", "ArchiveReport", "Digest", "archive", "archive_preview", "check_target",
-           "copy_queue", "digest", "loaded", "normal", "put_rows", "stored_columns", "verify"]
+           "copy_queue", "database_identity", "digest", "loaded", "normal", "put_rows", "stored_columns", "verify"]
 
 #: The tables a copy moves, in this order. The registry of live daemons (``daemons``) is not
 #: moved: its rows are processes attached to the source, and a copy refuses to run beside any.
@@ -178,8 +179,8 @@ def put_rows(session: Session, table: sa.Table, rows: Sequence[Row]) -> tuple[li
         except (sa.exc.DataError, sa.exc.IntegrityError) as exc:  # what the checks above cannot foresee
             first, last = new[0][index], new[-1][index]
             cause = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
-            raise TransferError(f"{table.name} rows {quote(first)} to {quote(last)} cannot be written at the "
-                                f"target: {cause}") from None
+            which = f"row {quote(first)}" if len(new) == 1 else f"rows {quote(first)} to {quote(last)}"
+            raise TransferError(f"{table.name} {which} cannot be written at the target: {cause}") from None
     return new, refused
 
 
@@ -202,6 +203,24 @@ def _batches(engine: Engine, table: sa.Table, size: int,
 
 
 # --- copy -------------------------------------------------------------------------------------
+
+
+def database_identity(engine: Engine) -> tuple[Any, ...]:
+    """Which database ``engine`` reaches, as the database itself tells: a SQLite file's device and
+    inode; for PostgreSQL the server's start time (to the microsecond; readable by any role, unlike
+    the cluster's system identifier on managed servers), the database and the schema the tables
+    are found in. URLs cannot tell: a pooler, a second host name or a ``hostaddr`` reach the same
+    database, and an archive into its own source deletes each row it finds "already archived"."""
+    with engine.connect() as conn:
+        if profile_of(engine.dialect).is_file:
+            files = {row[1]: row[2] for row in conn.execute(sa.text("PRAGMA database_list"))}
+            if not files.get("main"):
+                return ("memory", id(engine))
+            stat = os.stat(files["main"])
+            return ("file", stat.st_dev, stat.st_ino)
+        return ("server", *conn.execute(sa.select(sa.func.pg_postmaster_start_time(), sa.func.current_database(),
+                                                  sa.func.current_schema())).one())
+
 
 
 @dataclass(frozen=True)
@@ -285,7 +304,10 @@ def verify(source: Engine, target: Engine) -> dict[str, Digest]:
             raise TransferError(
                 f"verification failed for {table.name}: {ours.rows} rows here (sha256 {ours.sha256[:16]}), "
                 f"{theirs.rows} at the target ({theirs.sha256[:16]}); was the source written during the copy? "
-                "Stop its producers and daemons and run the copy again")
+                # A rerun copies rows added since but refuses rows changed since (it never
+                # overwrites), and every enqueue changes a prompt's count: only an empty target works.
+                "Stop its producers and daemons, empty the target ('dgxqueue db reset --yes' with DATABASE_URL "
+                "pointed at it), then copy again")
         digests[table.name] = ours
     return digests
 
@@ -293,19 +315,22 @@ def verify(source: Engine, target: Engine) -> dict[str, Digest]:
 # --- archive ----------------------------------------------------------------------------------
 
 
-def _archivable(cutoff: datetime, skip: Sequence[str] = ()) -> list[sa.ColumnElement[bool]]:
+def _archivable(profile: Profile, cutoff: datetime, skip: Sequence[Any] = ()) -> list[sa.ColumnElement[bool]]:
     """Finished before ``cutoff`` (by ``completed_at``; by ``created_at`` where a row written by
-    plain SQL lacks it, as prune does)."""
-    finished_at = sa.func.coalesce(G.c.completed_at, G.c.created_at)
+    plain SQL lacks it, as prune does, comparing another ISO form as the time it names), and not
+    one of the keys ``skip`` as stored (a key written by plain SQL may be a blob or a number: its
+    text would match nothing)."""
+    finished_at = profile.comparable_time(sa.func.coalesce(G.c.completed_at, G.c.created_at))
     where = [G.c.status.in_(FINISHED), finished_at < cutoff]
     if skip:
-        where.append(G.c.id.not_in(sorted(skip)))
+        where.append(G.c.id.not_in(list(skip)))
     return where
 
 
 def archive_preview(session: Session, cutoff: datetime) -> dict[str, int]:
     """How many generations of each finished status an archive would move now."""
-    query = sa.select(G.c.status, sa.func.count()).where(*_archivable(cutoff)).group_by(G.c.status)
+    profile = profile_of(session.get_bind().dialect)
+    query = sa.select(G.c.status, sa.func.count()).where(*_archivable(profile, cutoff)).group_by(G.c.status)
     return {str(status): int(count) for status, count in session.execute(query)}
 
 
@@ -362,14 +387,28 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
     A row the target holds differently stays here, reported, never overwritten.
     """
     report = ArchiveReport()
+    # Rows still to redo one at a time after the archive rejected a batch (a value it cannot
+    # hold, such as a NUL character in a prompt for PostgreSQL): the rejected row stays here,
+    # reported, instead of failing that batch on every run and archiving nothing after it.
+    single = 0
+    rows: list[Row] = []
+    skip: list[Any] = []  # the refused rows' keys as stored; the report names them as text
     while True:
         try:
             with session_scope(source) as here:
-                chosen = sa.select(G.c.id).where(*_archivable(cutoff, list(report.refused))) \
-                    .order_by(G.c.id).limit(batch_size)
+                where = _archivable(profile_of(source.dialect), cutoff, skip)
+                chosen = sa.select(G.c.id).where(*where).order_by(G.c.id).limit(1 if single else batch_size)
+                # The conditions again on the deleted row itself: on PostgreSQL a row changed by a
+                # transaction that committed while this DELETE waited for its lock (a failed job
+                # retried) is rechecked in its new version, the subquery's choice is not.
                 rows = [loaded(G, row) for row in here.execute(
-                    sa.delete(G).where(G.c.id.in_(chosen.scalar_subquery())).returning(*stored_columns(G)))]
+                    sa.delete(G).where(G.c.id.in_(chosen.scalar_subquery()), *where)
+                    .returning(*stored_columns(G)))]
                 if not rows:
+                    # Empty also when another writer (a prune) deleted every chosen row while
+                    # this DELETE waited for them: the end only when nothing is left to choose.
+                    if here.execute(sa.select(sa.exists().where(*where))).scalar_one():
+                        continue
                     return report
                 with session_scope(target) as there:
                     new, refused = put_rows(there, G, rows)
@@ -379,7 +418,17 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
                 faultpoints.reached(faultpoints.ARCHIVE_STEP)
         except _Refused as exc:
             report.refused.update({str(key): reason for key, reason in exc.refused.items()})
+            skip.extend(exc.refused)
             continue
+        except TransferError as exc:  # both transactions rolled back
+            if len(rows) > 1:
+                single = len(rows)
+                continue
+            report.refused[str(rows[0][_key_index(G)])] = str(exc)
+            skip.append(rows[0][_key_index(G)])
+            single = max(single - 1, 0)
+            continue
+        single = max(single - 1, 0)
         report.moved += len(new)
         report.already += len(rows) - len(new)
         progress(report)

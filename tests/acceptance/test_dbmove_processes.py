@@ -9,6 +9,7 @@ import io
 import os
 import random
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,7 +23,7 @@ from dgxqueue.cli import main
 from dgxqueue.storage import create_engine, create_generations, dispose_engines, session_scope, track_prompt_usage
 from dgxqueue.storage.models import PAUSED, G, P, utcnow
 from dgxqueue.storage.transfer import COPIED
-from tests.support.db import postgres_database_url, sqlite_url
+from tests.support.db import postgres_database_url, postgres_schema_url, sqlite_url
 from tests.support.processes import start_worker, stop, wait_until, worker_config
 from tests.support.transfer import (
     dgxqueue_env,
@@ -339,3 +340,89 @@ def test_archive__a_row_the_archive_holds_differently_stays_here_and_exits_65(tm
     assert clash in done.stderr and "error_message" in done.stderr
     assert set(table_rows(source, G)) - set(kept) == {clash}
     assert old - {clash} <= set(table_rows(target, G))
+
+
+def _alias_of(url: str) -> str:
+    """The same PostgreSQL database under a URL that names the server otherwise: a host name
+    libpq only uses for authentication, the address given as ``hostaddr`` (as a connection
+    pooler or a second DNS name would also look)."""
+    parsed = sa.engine.make_url(url)
+    address = socket.gethostbyname(parsed.host or "127.0.0.1")
+    return parsed.set(host="the-queue-server", query={**parsed.query, "hostaddr": address}) \
+        .render_as_string(hide_password=False)
+
+
+def test_db_copy_and_archive__refuse_the_source_itself_under_another_url(pg_target: str) -> None:
+    """Archive into its own database would find each row 'already archived' there and delete it:
+    both commands ask the servers, not the URLs, whether the target is the source."""
+    old, kept = _archive_queue(pg_target, old=6)
+    before = table_rows(pg_target, G)
+    alias = _alias_of(pg_target)
+    for args in (("archive", "--older-than", "30d", "--to", alias), ("db", "copy", "--to", alias)):
+        done = run_dgxqueue(pg_target, *args)
+        assert done.returncode == 65, (args, done.stdout, done.stderr)
+        assert "a database other than the source" in done.stderr, done.stderr
+    assert table_rows(pg_target, G) == before
+    assert old <= set(before) and set(kept) <= set(before)
+
+
+def test_db_copy__a_daemon_that_started_on_the_source_during_the_copy_is_refused(tmp_path: Path) -> None:
+    """The check before the copy is not enough: a daemon that starts meanwhile and has changed
+    nothing yet lets the verification pass, then works on the old queue (a job both queues hold
+    runs twice). The copy waits on a lock the test holds at the target while the daemon starts."""
+    source = sqlite_url(tmp_path)
+    fill_queue(source)
+    with postgres_database_url(at_head=True) as target:
+        engine = create_engine(target)
+        try:
+            with engine.connect() as hold:
+                holder = hold.execute(sa.select(sa.func.pg_backend_pid())).scalar_one()
+                hold.execute(sa.text("LOCK TABLE paused_models IN ACCESS EXCLUSIVE MODE"))
+                process = popen_dgxqueue(source, "db", "copy", "--to", target)
+                activity = sa.table("pg_stat_activity", sa.column("pid"))
+                blocked = sa.select(sa.func.count()).select_from(activity).where(
+                    sa.func.array_position(sa.func.pg_blocking_pids(activity.c.pid), holder).is_not(None))
+
+                def waiting() -> bool:
+                    with engine.connect() as watcher:  # a new snapshot of pg_stat_activity each time
+                        return bool(watcher.execute(blocked).scalar_one())
+
+                wait_until(waiting, 60, "the copy waiting for the held lock", alive=process)  # type: ignore[arg-type]
+                register_daemon(source, "late-host:99")
+                hold.commit()
+            output, _ = process.communicate(timeout=120)
+        finally:
+            engine.dispose()
+            dispose_engines()
+    assert process.returncode == 75, output
+    assert "late-host:99" in output and "done" not in output, output
+
+
+def test_archive__a_row_whose_id_is_not_text_is_reported_and_the_run_ends(tmp_path: Path) -> None:
+    """Plain SQL can key a SQLite row by a blob: the archive refuses it (not a str), and must
+    then leave it out of the next batch, not choose and refuse it forever under the write lock."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "arc").mkdir()
+    source, target = sqlite_url(tmp_path / "src"), sqlite_url(tmp_path / "arc")
+    old, kept = _archive_queue(source, old=3)
+    engine = create_engine(source)
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(*G.columns).where(G.c.id == sorted(old)[0])).mappings().one()
+        conn.execute(sa.insert(G).values({**row, "id": b"\x00\xff"}))
+    engine.dispose()
+    done = run_dgxqueue(source, "archive", "--older-than", "30d", "--to", target, timeout=60)
+    assert done.returncode == 65, done.stderr
+    assert "not a str" in done.stderr, done.stderr
+    assert set(table_rows(target, G)) == old
+    assert set(table_rows(source, G)) == set(kept) | {b"\x00\xff"}
+
+
+def test_db_copy__to_another_schema_of_the_same_postgres_database() -> None:
+    """Two queues in one database, apart by ``search_path``: the target is not the source
+    (the servers say so), and the copy goes through."""
+    with postgres_schema_url() as source, postgres_schema_url() as target:
+        fill_queue(source)
+        done = run_dgxqueue(source, "db", "copy", "--to", target)
+        assert done.returncode == 0, done.stderr
+        _same_tables(source, target)
+        dispose_engines()

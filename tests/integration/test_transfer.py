@@ -14,7 +14,16 @@ import sqlalchemy as sa
 from dgxqueue.errors import TransferError
 from dgxqueue.storage import create_engine, dispose_engines, ensure_schema, session_scope
 from dgxqueue.storage.models import G
-from dgxqueue.storage.transfer import archive, copy_queue, loaded, normal, put_rows, stored_columns, verify
+from dgxqueue.storage.transfer import (
+    archive,
+    archive_preview,
+    copy_queue,
+    loaded,
+    normal,
+    put_rows,
+    stored_columns,
+    verify,
+)
 from tests.support.db import postgres_database_url, sqlite_url
 from tests.support.transfer import fill_queue
 
@@ -137,3 +146,42 @@ def test_archive__from_postgres_moves_only_old_finished_rows_whole(engines: tupl
         archive_engine.dispose()
     assert sorted(there) == sorted(moved) and left == set(before) - set(moved)
     assert {k: normal(G, v) for k, v in there.items()} == {k: normal(G, before[k]) for k in moved}
+
+
+def test_archive__a_row_the_archive_rejects_stays_here_reported_and_the_rest_of_its_batch_moves(
+        engines: tuple[sa.Engine, sa.Engine]) -> None:
+    """PostgreSQL refuses a NUL character, which SQLite holds: that row stays in the queue,
+    reported, and its batch's other rows are archived; a poison row must not stop every
+    later (timer) run at the same batch."""
+    source, target = engines
+    old = datetime(2025, 1, 1, tzinfo=UTC)
+    finished = {"status": "completed", "created_at": old, "completed_at": old}
+    with source.begin() as conn:
+        conn.execute(sa.insert(G), [_job(f"old-{i}", **finished) for i in range(5)])
+        conn.execute(sa.update(G).where(G.c.id == "old-2").values(prompt="before\x00after"))
+    report = archive(source, target, datetime(2025, 6, 1, tzinfo=UTC), batch_size=4, progress=lambda _: None)
+    assert set(report.refused) == {"old-2"} and "NUL" in report.refused["old-2"], report.refused
+    assert report.moved == 4
+    with source.connect() as here, target.connect() as there:
+        assert set(here.execute(sa.select(G.c.id).where(G.c.id.like("old-%"))).scalars()) == {"old-2"}
+        assert set(there.execute(sa.select(G.c.id)).scalars()) == {"old-0", "old-1", "old-3", "old-4"}
+
+
+def test_archive__finished_times_plain_sql_wrote_in_another_iso_form_compare_as_times(
+        engines: tuple[sa.Engine, sa.Engine]) -> None:
+    """As prune compares them: '2025-01-01T10:00:00Z' finished before the cutoff, 12:00 that day
+    (its text sorts after the stored form's, by the 'T'); '2024-12-31T23:30:00-13:00' after it
+    (12:30 UTC, its offset ignored by a comparison of text)."""
+    source, target = engines
+    cutoff = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+    with source.begin() as conn:
+        conn.execute(sa.insert(G), [_job(job_id, status="completed") for job_id in ("iso-old", "iso-new")])
+        conn.execute(sa.text("UPDATE generations SET completed_at = '2025-01-01T10:00:00Z' WHERE id = 'iso-old'"))
+        conn.execute(sa.text("UPDATE generations SET completed_at = '2024-12-31T23:30:00-13:00' WHERE id = 'iso-new'"))
+    with session_scope(source) as session:
+        assert archive_preview(session, cutoff) == {"completed": 1}
+    report = archive(source, target, cutoff, batch_size=10, progress=lambda _: None)
+    assert (report.moved, report.refused) == (1, {})
+    with source.connect() as here, target.connect() as there:
+        assert set(there.execute(sa.select(G.c.id)).scalars()) == {"iso-old"}
+        assert here.execute(sa.select(G.c.id).where(G.c.id == "iso-new")).scalar_one() == "iso-new"
