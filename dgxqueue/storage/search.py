@@ -1,0 +1,101 @@
+"""Search generations by the words of their prompt, the same way on SQLite and PostgreSQL.
+
+The semantics, which both engines obey (migration 006 builds their indexes):
+
+- A *word* is a run of letters (Unicode categories L*) and decimal digits (Nd). Everything else
+  (spaces, punctuation, symbols, emoji, combining marks) separates words and is otherwise
+  ignored: "lo-fi" is the two words "lo" and "fi"; "x²" is "x".
+- A query is split into words the same way. A generation matches when, for **every** query
+  word, its prompt has a word that **starts with** it, in any order: "lofi pia" finds
+  "Piano, LoFi". Case is ignored, accents are not ("cafe" does not find "café").
+- Nothing in a query is syntax: quotes, ``*``, ``AND``/``OR``/``NOT``, ``NEAR(`` are
+  punctuation (ignored) or plain words ("and" finds "andante").
+- A query without any letter or digit, longer than :data:`MAX_QUERY_CHARS`, with more than
+  :data:`MAX_QUERY_WORDS` words or a word over :data:`MAX_WORD_CHARS` characters raises
+  :class:`~dgxqueue.errors.ValidationError` naming the field ``search``.
+- Results: newest first (``created_at``, then ``id``, descending), optionally of one status
+  and one model.
+
+Where the engines' own Unicode tables differ, so may the results; known cases: a Turkish dotted
+capital I (PostgreSQL lowers 'İ' to 'i' and a combining dot; FTS5 keeps it), and letters added
+to Unicode after version 6.1 (FTS5's tables).
+
+Callers own the session. :func:`prompt_search_clause` is the WHERE clause alone, for a list of
+generations built elsewhere (a web page's job list).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from dgxqueue.errors import ValidationError
+from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.models import G, Generation, GenerationStatus
+from dgxqueue.storage.validation import validate_limit, validate_status
+
+MAX_QUERY_CHARS = 1000
+MAX_QUERY_WORDS = 32
+#: PostgreSQL's index keeps a word's first 200 characters (migration 006): a longer query word
+#: could not be a prefix of an indexed one there, while it could on SQLite.
+MAX_WORD_CHARS = 200
+_WORD_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Nd"})
+
+
+def search_words(query: object) -> list[str]:
+    """The words of ``query`` (as the module docstring defines them), validated."""
+    if not isinstance(query, str):
+        raise ValidationError("search", query, "a text of words to search prompts for")
+    if len(query) > MAX_QUERY_CHARS:
+        raise ValidationError("search", query, f"at most {MAX_QUERY_CHARS} characters")
+    words: list[str] = []
+    current: list[str] = []
+    for char in query + " ":
+        if unicodedata.category(char) in _WORD_CATEGORIES:
+            current.append(char)
+        elif current:
+            words.append("".join(current))
+            current = []
+    if not words:
+        raise ValidationError("search", query, "at least one letter or digit (punctuation and symbols are ignored)")
+    if len(words) > MAX_QUERY_WORDS:
+        raise ValidationError("search", query, f"at most {MAX_QUERY_WORDS} words")
+    long = next((word for word in words if len(word) > MAX_WORD_CHARS), None)
+    if long is not None:
+        raise ValidationError("search", query, f"words of at most {MAX_WORD_CHARS} characters "
+                              f"(one has {len(long)})")
+    return list(dict.fromkeys(words))  # a repeated word asks nothing more
+
+
+def prompt_search_clause(session: Session, query: str) -> sa.ColumnElement[bool]:
+    """A condition on the ``generations`` table (not an alias of it): its prompt matches
+    ``query``, through the engine's search index. Raises ValidationError for a bad query."""
+    return profile_of(session.get_bind().dialect).prompt_matches(G, search_words(query))
+
+
+def _search(session: Session, query: str, status: GenerationStatus | str | None, model: str | None,
+            limit: int, offset: int, columns: Any) -> sa.Select[Any]:
+    statement = sa.select(columns).where(prompt_search_clause(session, query))
+    if status is not None:
+        statement = statement.where(G.c.status == validate_status(status).value)
+    if model is not None:
+        if not isinstance(model, str):
+            raise ValidationError("model", model, "a model name (text)")
+        statement = statement.where(G.c.model_name == model)
+    return (statement.order_by(G.c.created_at.desc(), G.c.id.desc())
+            .limit(validate_limit(limit)).offset(validate_limit(offset, "offset", 10**9)))
+
+
+def search_ids(session: Session, query: str, *, status: GenerationStatus | str | None = None,
+               model: str | None = None, limit: int = 100, offset: int = 0) -> list[str]:
+    """Ids of the generations whose prompt matches ``query``, newest first."""
+    return list(session.scalars(_search(session, query, status, model, limit, offset, G.c.id)))
+
+
+def search_jobs(session: Session, query: str, *, status: GenerationStatus | str | None = None,
+                model: str | None = None, limit: int = 100, offset: int = 0) -> list[Generation]:
+    """The generations whose prompt matches ``query``, newest first."""
+    return list(session.scalars(_search(session, query, status, model, limit, offset, Generation)))
