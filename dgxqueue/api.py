@@ -177,8 +177,8 @@ def search_generations(
     """The generations whose prompt has, for every word of ``query``, a word starting with it
     (case ignored, punctuation ignored, nothing in ``query`` read as syntax), newest first;
     optionally of one ``status`` and one ``model``. The same rows on SQLite and PostgreSQL
-    (:mod:`dgxqueue.storage.search` defines a word). A query without a letter or digit raises
-    :class:`~dgxqueue.errors.ValidationError` naming the field ``search``."""
+    (:mod:`dgxqueue.storage.search` defines a word); a query of punctuation only finds nothing. An
+    empty query raises :class:`~dgxqueue.errors.ValidationError` naming the field ``search``."""
     settings = settings or default_settings()
     with session_scope(_engine(database_url, settings)) as session:
         return search.search_jobs(session, query, status=status, model=model, limit=limit, offset=offset)

@@ -46,24 +46,25 @@ _TRIGGERS = {
 }
 
 # PostgreSQL -----------------------------------------------------------------------------------
-# lower() maps a final sigma to 'ς' where FTS5 folds it to 'σ': both become 'σ'.
-_WORDS = """
+# lower() maps a capital sigma at a word's end to the final sigma (U+03C2), which FTS5 folds to
+# the plain sigma (U+03C3): both become the plain sigma.
+_WORDS = r"""
     CREATE OR REPLACE FUNCTION dgxqueue_prompt_words(prompt text) RETURNS tsvector
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
         SELECT array_to_tsvector(ARRAY(
             SELECT left(word, 200)
-            FROM regexp_split_to_table(translate(lower(prompt COLLATE "und-x-icu"), 'ς', 'σ'),
+            FROM regexp_split_to_table(translate(lower(prompt COLLATE "und-x-icu"), U&'\03C2', U&'\03C3'),
                                        '[^[:alnum:]]+') AS word
             WHERE word <> ''))
     $$"""
 # Each word of the terms a prefix, all of them required. The words hold letters and digits only
 # (no quote, colon or backslash), so each quoted one is read back as one lexeme.
-_QUERY = """
+_QUERY = r"""
     CREATE OR REPLACE FUNCTION dgxqueue_prompt_query(terms text[]) RETURNS tsquery
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
         SELECT coalesce(string_agg(quote_literal(left(word, 200)) || ':*', ' & ')::tsquery, ''::tsquery)
         FROM unnest(terms) AS term,
-             regexp_split_to_table(translate(lower(term COLLATE "und-x-icu"), 'ς', 'σ'),
+             regexp_split_to_table(translate(lower(term COLLATE "und-x-icu"), U&'\03C2', U&'\03C3'),
                                    '[^[:alnum:]]+') AS word
         WHERE word <> ''
     $$"""

@@ -10,7 +10,8 @@ The semantics, which both engines obey (migration 006 builds their indexes):
   "Piano, LoFi". Case is ignored, accents are not ("cafe" does not find "café").
 - Nothing in a query is syntax: quotes, ``*``, ``AND``/``OR``/``NOT``, ``NEAR(`` are
   punctuation (ignored) or plain words ("and" finds "andante").
-- A query without any letter or digit, longer than :data:`MAX_QUERY_CHARS`, with more than
+- A query of punctuation or symbols only (``"``, ``*``, an emoji) has no word and finds nothing.
+- An empty query (or only spaces), one longer than :data:`MAX_QUERY_CHARS`, with more than
   :data:`MAX_QUERY_WORDS` words or a word over :data:`MAX_WORD_CHARS` characters raises
   :class:`~dgxqueue.errors.ValidationError` naming the field ``search``.
 - Results: newest first (``created_at``, then ``id``, descending), optionally of one status
@@ -46,7 +47,8 @@ _WORD_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Nd"})
 
 
 def search_words(query: object) -> list[str]:
-    """The words of ``query`` (as the module docstring defines them), validated."""
+    """The words of ``query`` (as the module docstring defines them), validated; none for a
+    query of punctuation only."""
     if not isinstance(query, str):
         raise ValidationError("search", query, "a text of words to search prompts for")
     if len(query) > MAX_QUERY_CHARS:
@@ -59,8 +61,8 @@ def search_words(query: object) -> list[str]:
         elif current:
             words.append("".join(current))
             current = []
-    if not words:
-        raise ValidationError("search", query, "at least one letter or digit (punctuation and symbols are ignored)")
+    if not query.strip():
+        raise ValidationError("search", query, "words to search prompts for (it is empty)")
     if len(words) > MAX_QUERY_WORDS:
         raise ValidationError("search", query, f"at most {MAX_QUERY_WORDS} words")
     long = next((word for word in words if len(word) > MAX_WORD_CHARS), None)
@@ -73,7 +75,10 @@ def search_words(query: object) -> list[str]:
 def prompt_search_clause(session: Session, query: str) -> sa.ColumnElement[bool]:
     """A condition on the ``generations`` table (not an alias of it): its prompt matches
     ``query``, through the engine's search index. Raises ValidationError for a bad query."""
-    return profile_of(session.get_bind().dialect).prompt_matches(G, search_words(query))
+    words = search_words(query)
+    if not words:
+        return sa.false()
+    return profile_of(session.get_bind().dialect).prompt_matches(G, words)
 
 
 def _search(session: Session, query: str, status: GenerationStatus | str | None, model: str | None,
