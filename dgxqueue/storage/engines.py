@@ -234,11 +234,11 @@ class SQLiteProfile(Profile):
     def prompt_matches(self, table: sa.Table, words: Sequence[str]) -> sa.ColumnElement[bool]:
         # Each word a quoted FTS5 string (a quote inside doubled) with a prefix star, all of them
         # required: no word is read as FTS5 syntax (AND, NEAR, a column filter), and the query
-        # travels as one bound value.
+        # travels as one bound value (of a name of its own: the clause joins queries built elsewhere).
         query = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
         rowid = sa.literal_column(f"{table.name}.rowid")
         return rowid.in_(sa.select(_FTS.c.rowid).where(
-            _FTS.c.generations_search.op("MATCH", is_comparison=True)(sa.bindparam("search", query, type_=sa.Text))))
+            _FTS.c.generations_search.op("MATCH", is_comparison=True)(sa.bindparam(None, query, type_=sa.Text))))
 
     def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
         # WITH name(...) AS (VALUES ...), one bind per value: SQLite has no AS name (id, ...).
@@ -361,7 +361,7 @@ class PostgreSQLProfile(Profile):
 
     def prompt_matches(self, table: sa.Table, words: Sequence[str]) -> sa.ColumnElement[bool]:
         # The indexed expression as migration 006 wrote it, so the planner uses its GIN index.
-        terms = sa.bindparam("search", list(words), type_=postgresql.ARRAY(sa.Text))
+        terms = sa.bindparam(None, list(words), type_=postgresql.ARRAY(sa.Text))  # a name of its own
         return sa.func.dgxqueue_prompt_words(table.c.prompt, type_=postgresql.TSVECTOR).op(
             "@@", is_comparison=True)(sa.func.dgxqueue_prompt_query(terms, type_=postgresql.TSQUERY))
 

@@ -22,8 +22,9 @@ import sqlalchemy as sa
 import dgxqueue
 from dgxqueue.cli.dbmaint import EXIT_DAMAGED
 from dgxqueue.config import load_settings
-from dgxqueue.storage import get_engine, init_db
+from dgxqueue.storage import get_engine, init_db, session_scope
 from dgxqueue.storage.models import G
+from dgxqueue.storage.search import search_ids
 from tests.support.processes import start_worker, stop, wait_until, worker_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,3 +194,7 @@ def test_db_vacuum__shrinks_the_file_while_a_daemon_works(sqlite_db_url: str, tm
     log = (tmp_path / "worker.log").read_text()
     assert '"level": "error"' not in log and "Traceback" not in log, log[-3000:]
     assert _cli(url, "db", "check", "--full").returncode == 0
+    # The VACUUM kept the rowids the search index is keyed by: its entries still name their rows.
+    with session_scope(get_engine(url)) as session:
+        assert sorted(search_ids(session, "during the VACUUM", limit=10_000)) == sorted(during)
+        assert len(search_ids(session, "job", limit=10_000)) == 50

@@ -3,6 +3,7 @@ queries, odd ones included, and the index kept by every write."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import unicodedata
@@ -160,7 +161,7 @@ def test_list_search__cli_prints_the_matches(engine: Engine, tmp_path: Path) -> 
     done = subprocess.run([sys.executable, "-m", "dgxqueue", "list", "--search", "LOFI pia", "--json"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    assert [row["id"] for row in __import__("json").loads(done.stdout)] == [rows[1][0]]
+    assert [row["id"] for row in json.loads(done.stdout)] == [rows[1][0]]
     done = subprocess.run([sys.executable, "-m", "dgxqueue", "list", "--search", " "],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False)
     assert done.returncode == 65 and "search=" in done.stderr
