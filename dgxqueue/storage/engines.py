@@ -236,7 +236,7 @@ class SQLiteProfile(Profile):
         # required: no word is read as FTS5 syntax (AND, NEAR, a column filter), and the query
         # travels as one bound value (of a name of its own: the clause joins queries built elsewhere).
         query = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
-        rowid = sa.literal_column(f"{table.name}.rowid")
+        rowid: sa.ColumnElement[int] = sa.literal_column(f"{table.name}.rowid", sa.Integer)
         return rowid.in_(sa.select(_FTS.c.rowid).where(
             _FTS.c.generations_search.op("MATCH", is_comparison=True)(sa.bindparam(None, query, type_=sa.Text))))
 

@@ -184,7 +184,7 @@ def _check_postgres(url: str, full: bool, settings: DatabaseSettings) -> CheckRe
                          "rebuild it with REINDEX" for name in invalid]
             if full:
                 # The whole row as text: every page of the table and its TOAST read, and decoded.
-                row = sa.literal_column(table)  # a name from TABLES, not user text
+                row: sa.ColumnElement[Any] = sa.literal_column(table)  # a name from TABLES, not user text
                 conn.execute(sa.select(sa.func.count(sa.func.length(sa.cast(row, sa.Text)))).select_from(
                     sa.table(table)))
     if facts.get("revision") != HEAD_REVISION:

@@ -187,7 +187,8 @@ def test_db_vacuum__shrinks_the_file_while_a_daemon_works(sqlite_db_url: str, tm
 
         def all_completed() -> bool:
             with engine.connect() as conn:
-                statuses = dict(conn.execute(sa.select(G.c.status, sa.func.count()).group_by(G.c.status)).all())
+                counted = conn.execute(sa.select(G.c.status, sa.func.count()).group_by(G.c.status)).all()
+            statuses: dict[str, int] = dict(counted)
             return statuses == {"completed": len(ids)}
 
         wait_until(all_completed, 60, "every job to complete", alive=process)

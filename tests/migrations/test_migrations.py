@@ -81,7 +81,8 @@ def _search_objects(engine: Engine) -> set[str]:
                 "AND type IN ('table', 'trigger')").scalars())
         return set(conn.exec_driver_sql(
             "SELECT relname FROM pg_class WHERE relname = 'idx_generations_prompt_search' "
-            "UNION ALL SELECT proname FROM pg_proc WHERE proname IN ('dgxqueue_prompt_words', 'dgxqueue_prompt_query')").scalars())
+            "UNION ALL SELECT proname FROM pg_proc "
+            "WHERE proname IN ('dgxqueue_prompt_words', 'dgxqueue_prompt_query')").scalars())
 
 
 SQLITE_SEARCH = {"generations_search", "generations_search_data", "generations_search_idx",
