@@ -19,7 +19,7 @@ from dgxqueue.config import load_settings
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage import get_engine, init_db, session_scope
 from dgxqueue.storage.models import G
-from dgxqueue.storage.search import MAX_WORD_CHARS, prompt_search_clause, search_ids
+from dgxqueue.storage.search import MAX_WORD_CHARS, matching_rows, prompt_search_clause, search_ids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,3 +181,32 @@ def test_search__db_reset_leaves_no_stale_entries(sqlite_db_url: str, tmp_path: 
     rows = _fill(engine, ["new words"])
     assert _search(engine, "old") == []
     assert _search(engine, "new") == [rows[0][0]]
+
+
+def test_matching_rows__a_subquery_to_sort_and_page(engine: Engine) -> None:
+    """The matches as a subquery, joined and sorted by a query built elsewhere."""
+    rows = _fill(engine, ["lofi piano", "lofi guitar", "rock"])
+    with session_scope(engine) as session:
+        matches = matching_rows(session, "lofi", status="pending")
+        query = sa.select(G.c.prompt).join(matches, matches.c.id == G.c.id).order_by(matches.c.created_at)
+        assert list(session.scalars(query)) == ["lofi piano", "lofi guitar"]
+    assert rows
+
+
+def test_search__plan_reads_the_search_index_for_a_rare_word(engine: Engine) -> None:
+    """With 5,000 rows analyzed, a search for a word no row has goes through the search index (FTS5's
+    virtual table, or the GIN index), not a walk of the created_at index testing every row."""
+    _fill(engine, [f"lofi piano take{n}" for n in range(5000)])
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE")
+    with session_scope(engine) as session:
+        matches = matching_rows(session, "take99999")
+        statement = sa.select(matches.c.id).order_by(matches.c.created_at.desc()).limit(20)
+        compiled = statement.compile(dialect=engine.dialect)
+        explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+        plan = " ".join(str(row[-1]) for row in session.connection().exec_driver_sql(
+            explain + str(compiled), compiled.params if engine.dialect.name != "sqlite" else tuple(
+                compiled.params[name] for name in compiled.positiontup or ())))
+    expected = "VIRTUAL TABLE INDEX" if engine.dialect.name == "sqlite" else "idx_generations_prompt_search"
+    assert expected in plan, plan
+    assert _search(engine, "take99999") == [] and len(_search(engine, "take4999")) == 1
