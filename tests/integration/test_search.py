@@ -194,9 +194,9 @@ def test_matching_rows__a_subquery_to_sort_and_page(engine: Engine) -> None:
 
 
 def test_search__plan_reads_the_search_index_for_a_rare_word(engine: Engine) -> None:
-    """With 5,000 rows analyzed, a search for a word no row has goes through the search index (FTS5's
+    """With 30,000 rows analyzed, a search for a word no row has goes through the search index (FTS5's
     virtual table, or the GIN index), not a walk of the created_at index testing every row."""
-    _fill(engine, [f"lofi piano take{n}" for n in range(5000)])
+    _fill(engine, [f"lofi piano take{n}" for n in range(30_000)])
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("ANALYZE")
     with session_scope(engine) as session:
@@ -209,4 +209,4 @@ def test_search__plan_reads_the_search_index_for_a_rare_word(engine: Engine) -> 
                 compiled.params[name] for name in compiled.positiontup or ())))
     expected = "VIRTUAL TABLE INDEX" if engine.dialect.name == "sqlite" else "idx_generations_prompt_search"
     assert expected in plan, plan
-    assert _search(engine, "take99999") == [] and len(_search(engine, "take4999")) == 1
+    assert _search(engine, "take99999") == [] and len(_search(engine, "take29999")) == 1
