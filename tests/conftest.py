@@ -128,6 +128,7 @@ SLOW = frozenset({
     "tests/acceptance/test_dbmove_processes.py::test_archive__sigkill_at_random_points_every_finished_job_in_exactly_one_database",
     "tests/acceptance/test_dbmove_processes.py::test_db_copy__every_status_to_postgres_then_a_daemon_finishes_the_pending",
     "tests/acceptance/test_dbmove_processes.py::test_db_copy__killed_after_its_first_batch_then_rerun_gives_the_same_result",
+    "tests/acceptance/test_db_maintenance.py::test_db_check__overwritten_pages_exit_damaged",
     "tests/acceptance/test_db_maintenance.py::test_db_vacuum__shrinks_the_file_while_a_daemon_works",
     "tests/acceptance/test_daemon_processes.py::test_daemon__sqlite_lock_storm_loses_nothing",
     "tests/acceptance/test_daemon_processes.py::test_daemon__survives_postgres_restart",

@@ -13,8 +13,8 @@ from dgxqueue.cli.common import EXIT_OK, Context, print_json, safe
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage.maintenance import check_database, vacuum_database
 
-#: ``db check`` found the database damaged: a failed integrity check, an invalid index, a
-#: search index out of step with its rows, or a schema revision other than this dgxqueue's.
+#: ``db check`` found the database damaged: a failed integrity check, an invalid index, or a
+#: search index out of step with its rows.
 EXIT_DAMAGED = 5
 
 
@@ -74,7 +74,7 @@ def add_db_parsers(db: Any) -> None:
                                   "against its rows) on the file opened read-only, with page counts and the "
                                   "write-ahead log's size. PostgreSQL: the server answers, the schema revision, "
                                   "row counts, every index valid (--full: every row read). Exit 0 healthy, "
-                                  "5 damaged, 69 unreachable.")
+                                  "5 damaged, 69 unreachable or without dgxqueue's tables.")
     p.add_argument("--full", action="store_true", help="the thorough check (reads every page; slower)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_db_check)

@@ -144,7 +144,7 @@ def _check_sqlite(path: Path, full: bool, settings: DatabaseSettings) -> CheckRe
         if code not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
             raise  # busy, no permission, I/O: unavailable, not a verdict on the file
         problems = [f"SQLite: {exc}"]
-    return CheckReport(where, checked, facts, problems)
+    return CheckReport(where, checked, _with_head(facts), problems)
 
 
 @contextlib.contextmanager
@@ -157,7 +157,7 @@ def _server(url: str, settings: DatabaseSettings) -> Iterator[sa.Engine]:
 
 
 def _check_postgres(url: str, full: bool, settings: DatabaseSettings) -> CheckReport:
-    checked = ["the server answers", "schema revision", "row counts",
+    checked = ["the server answers", "schema revision (an older one is not damage)", "row counts",
                "every index of generations and prompts valid (pg_index.indisvalid)"]
     if full:
         checked.append("every row of generations and prompts read (a damaged page raises)")
@@ -187,10 +187,17 @@ def _check_postgres(url: str, full: bool, settings: DatabaseSettings) -> CheckRe
                 row: sa.ColumnElement[Any] = sa.literal_column(table)  # a name from TABLES, not user text
                 conn.execute(sa.select(sa.func.count(sa.func.length(sa.cast(row, sa.Text)))).select_from(
                     sa.table(table)))
-    if facts.get("revision") != HEAD_REVISION:
-        problems.append(f"schema revision {facts.get('revision')} is not this dgxqueue's {HEAD_REVISION}: "
-                        "run 'dgxqueue db upgrade'")
-    return CheckReport(describe_url(url), checked, facts, problems)
+    if facts["revision"] is None:
+        raise SchemaError(f"the database at {describe_url(url)} has no dgxqueue tables (check DATABASE_URL "
+                          "or database.url; 'dgxqueue db upgrade' creates them there)")
+    return CheckReport(describe_url(url), checked, _with_head(facts), problems)
+
+
+def _with_head(facts: dict[str, Any]) -> dict[str, Any]:
+    """An older or newer schema is not damage: said beside the revision, for the operator."""
+    if facts.get("revision") not in (None, HEAD_REVISION):
+        facts["revision"] = f"{facts['revision']} (this dgxqueue's is {HEAD_REVISION}: see 'dgxqueue db upgrade')"
+    return facts
 
 
 def _file_of(url: str) -> Path | None:

@@ -202,3 +202,16 @@ def test_db_vacuum__shrinks_the_file_while_a_daemon_works(sqlite_db_url: str, tm
     with session_scope(get_engine(url)) as session:
         assert sorted(search_ids(session, "during the VACUUM", limit=10_000)) == sorted(during)
         assert len(search_ids(session, "job", limit=10_000)) == 50
+
+
+def test_db_check__older_schema_is_not_damage_and_an_empty_server_is_unavailable(
+        sqlite_db_url: str, pg_db_url: str) -> None:
+    """A database at an older revision is healthy (the revision says 'db upgrade'); a PostgreSQL
+    database without dgxqueue's tables exits 69, not 5."""
+    from dgxqueue.storage.database import upgrade
+
+    upgrade(get_engine(sqlite_db_url), "005")
+    done = _cli(sqlite_db_url, "db", "check", "--full")
+    assert done.returncode == 0 and "005 (this dgxqueue's is 006" in done.stdout, done.stdout + done.stderr
+    done = _cli(pg_db_url, "db", "check")
+    assert done.returncode == 69 and "no dgxqueue tables" in done.stderr, done.stdout + done.stderr
