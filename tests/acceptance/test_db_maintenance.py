@@ -180,6 +180,7 @@ def test_db_vacuum__shrinks_the_file_while_a_daemon_works(sqlite_db_url: str, tm
         assert done.returncode == 0, done.stdout + done.stderr
         report = json.loads(done.stdout)
         assert report["after_bytes"] < report["before_bytes"] / 3, report
+        assert report["done"] == ["search index: FTS5 'optimize'", "VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"]
         assert path.stat().st_size < report["before_bytes"] / 3  # the file itself, not only the sum
         ids += during
         assert len(during) > 1
