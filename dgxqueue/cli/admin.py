@@ -1,7 +1,5 @@
 """The operator's subcommands: worker, db (upgrade, downgrade, current, backup, reset; copy is in
-dgxqueue.cli.dbmove), config."""
-"""The operator's subcommands: worker, db (upgrade, downgrade, current, backup, reset; check and
-vacuum from :mod:`dgxqueue.cli.dbmaint`), config."""
+dgxqueue.cli.dbmove, check and vacuum in dgxqueue.cli.dbmaint), config."""
 
 from __future__ import annotations
 
