@@ -31,8 +31,8 @@ from dgxqueue.cli.common import (
     parse_span,
     print_json,
 )
-from dgxqueue.cli.dbmove import add_copy_parser
 from dgxqueue.cli.dbmaint import add_db_parsers
+from dgxqueue.cli.dbmove import add_copy_parser
 from dgxqueue.config import Settings, settings_as_dict, toml_value
 from dgxqueue.errors import ConfigError
 from dgxqueue.storage import ensure_schema, get_engine
