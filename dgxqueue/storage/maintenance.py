@@ -122,6 +122,9 @@ def _search_index_problems(conn: sqlite3.Connection) -> list[str]:
         problems.append(f"search index: {missing} generation(s) not indexed")
     if stale:
         problems.append(f"search index: {stale} entr(y/ies) for generations that no longer exist")
+    if problems:  # derived data: rebuilt from the rows, nothing lost
+        problems.append("rebuild the search index from the rows: sqlite3 FILE \"INSERT INTO "
+                        "generations_search(generations_search) VALUES ('rebuild')\"")
     return problems
 
 

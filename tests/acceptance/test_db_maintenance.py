@@ -216,3 +216,23 @@ def test_db_check__older_schema_is_not_damage_and_an_empty_server_is_unavailable
     assert done.returncode == 0 and "005 (this dgxqueue's is 006" in done.stdout, done.stdout + done.stderr
     done = _cli(pg_db_url, "db", "check")
     assert done.returncode == 69 and "no dgxqueue tables" in done.stderr, done.stdout + done.stderr
+
+
+def test_db_check__full_finds_rows_the_search_index_misses(sqlite_db_url: str) -> None:
+    """A row written while the index's trigger was missing: the quick check passes, the full one
+    exits 5 naming the search index and how to rebuild it; after that rebuild it is healthy."""
+    _fill_finished(sqlite_db_url, 10)
+    path = Path(sqlite_db_url.removeprefix("sqlite:///"))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP TRIGGER generations_search_insert")
+        conn.execute("INSERT INTO generations (id, prompt, model_name, duration_seconds, sample_rate, channels, "
+                     "file_path, status, created_at) VALUES ('x', 'unindexed words', 'm', 1, 32000, 1, 'o.wav', "
+                     "'pending', '2026-01-01 00:00:00')")
+        conn.commit()
+    assert _cli(sqlite_db_url, "db", "check").returncode == 0
+    done = _cli(sqlite_db_url, "db", "check", "--full")
+    assert done.returncode == EXIT_DAMAGED and "1 generation(s) not indexed" in done.stdout, done.stdout
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO generations_search(generations_search) VALUES ('rebuild')")
+        conn.commit()
+    assert _cli(sqlite_db_url, "db", "check", "--full").returncode == 0
