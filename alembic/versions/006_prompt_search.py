@@ -13,7 +13,8 @@ PostgreSQL: a GIN index on ``dgxqueue_prompt_words(prompt)``, a tsvector built f
 themselves (``array_to_tsvector``), not by ``to_tsvector``'s parser: that one keeps hyphenated
 words, versions ('1.5'), hosts and e-mail addresses whole, and FTS5 has no such tokens, so the
 engines would disagree. Lower case and letters come from the ICU root collation, not the
-database's locale (a database made with LC_CTYPE=C would know only ASCII letters). Words are cut
+database's locale (a database made with LC_CTYPE=C would know only ASCII letters); a server built
+without ICU falls back to the database's own collation. Words are cut
 to 200 characters (a tsvector word holds at most 2047 bytes, and a longer one would fail the
 insert). ``dgxqueue_prompt_query(terms)`` makes the matching tsquery, every word a prefix.
 
@@ -53,7 +54,7 @@ _WORDS = r"""
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
         SELECT array_to_tsvector(ARRAY(
             SELECT left(word, 200)
-            FROM regexp_split_to_table(translate(lower(prompt COLLATE "und-x-icu"), U&'\03C2', U&'\03C3'),
+            FROM regexp_split_to_table(translate(lower(prompt COLLATE "{collation}"), U&'\03C2', U&'\03C3'),
                                        '[^[:alnum:]]+') AS word
             WHERE word <> ''))
     $$"""
@@ -64,7 +65,7 @@ _QUERY = r"""
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
         SELECT coalesce(string_agg(quote_literal(left(word, 200)) || ':*', ' & ')::tsquery, ''::tsquery)
         FROM unnest(terms) AS term,
-             regexp_split_to_table(translate(lower(term COLLATE "und-x-icu"), U&'\03C2', U&'\03C3'),
+             regexp_split_to_table(translate(lower(term COLLATE "{collation}"), U&'\03C2', U&'\03C3'),
                                    '[^[:alnum:]]+') AS word
         WHERE word <> ''
     $$"""
@@ -79,7 +80,11 @@ def _run(statement: str) -> None:
 def upgrade() -> None:
     # Engine names are tested here as migration 003 does: a migration's DDL is fixed in time.
     if op.get_context().dialect.name == "postgresql":
-        for statement in (_WORDS, _QUERY, _INDEX):
+        # A server built without ICU has no such collation: the database's own then decides what
+        # a letter and a lower case are (with LC_CTYPE=C, ASCII only), which README warns of.
+        icu = op.get_bind().exec_driver_sql("SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'").first()
+        collation = "und-x-icu" if icu is not None else "default"
+        for statement in (_WORDS.format(collation=collation), _QUERY.format(collation=collation), _INDEX):
             _run(statement)
         return
     # `db reset` drops dgxqueue's tables but not this one, whose rowids would then name other rows.
