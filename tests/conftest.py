@@ -166,7 +166,6 @@ SLOW = frozenset({
     "tests/integration/test_daemon.py::test_daemon__leases_renewed_through_a_round_of_short_calls",
     "tests/integration/test_reads.py::test_queue_depth__gives_up_on_a_locked_table",
     "tests/integration/test_search.py::test_search__plan_reads_the_search_index_for_a_rare_word",
-    "tests/integration/test_repository_reads.py::test_queue_depth__gives_up_on_a_locked_table",
     "tests/migrations/test_migrations.py::test_init_db__concurrent_processes_on_a_new_database",
     "tests/migrations/test_migrations.py::test_migrations__round_trip_through_the_alembic_cli",
     "tests/migrations/test_migrations.py::test_wheel__installed_package_finds_its_migrations",

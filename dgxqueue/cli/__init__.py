@@ -2,12 +2,8 @@
 
 Subcommands: ``worker``, ``enqueue``, ``show``, ``list``, ``stats``, ``wait``, ``cancel``,
 ``retry``, ``prune``, ``archive``, ``workers``, ``pause``, ``resume``,
-``db upgrade|downgrade|current|backup|reset|copy``,
-``config show|check``, ``demo`` and ``web``. Each has ``--help``; most have ``--json``. Settings are parsed
-``retry``, ``prune``, ``workers``, ``pause``, ``resume``,
-``db upgrade|downgrade|current|backup|reset|check|vacuum``,
 ``db upgrade|downgrade|current|backup|reset|copy|check|vacuum``,
-``config show|check`` and ``demo``. Each has ``--help``; most have ``--json``. Settings are parsed
+``config show|check``, ``demo`` and ``web``. Each has ``--help``; most have ``--json``. Settings are parsed
 once, before anything
 touches the database: defaults < ``--config``/``$DGXQUEUE_CONFIG`` < environment < flags.
 
