@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from dgxqueue.api import enqueue, enqueue_many, pause, paused_models, resume
+    from dgxqueue.api import enqueue, enqueue_many, pause, paused_models, resume, search_generations
     from dgxqueue.jobs import Job, get_job, submit, wait_all, wait_all_async
 
 __all__ = ["Job", "__version__", "enqueue", "enqueue_many", "get_job", "pause", "paused_models", "resume",
-           "submit", "wait_all", "wait_all_async"]
+           "search_generations", "submit", "wait_all", "wait_all_async"]
 #: The module each lazily imported name comes from.
-_LAZY = {**dict.fromkeys(("enqueue", "enqueue_many", "pause", "paused_models", "resume"), "api"),
+_LAZY = {**dict.fromkeys(("enqueue", "enqueue_many", "pause", "paused_models", "resume", "search_generations"),
+                         "api"),
          **dict.fromkeys(("Job", "get_job", "submit", "wait_all", "wait_all_async"), "jobs")}
 
 

@@ -26,12 +26,13 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from dgxqueue.config import Settings, load_settings
-from dgxqueue.storage import admin, get_engine, queue, reads, registry, session_scope
+from dgxqueue.storage import admin, get_engine, queue, reads, registry, search, session_scope
 from dgxqueue.storage.database import open_queue
+from dgxqueue.storage.models import Generation, GenerationStatus
 from dgxqueue.storage.registry import LiveDaemon
 from dgxqueue.storage.validation import JobSpec, validate_job, validate_jobs
 
-__all__ = ["enqueue", "enqueue_many", "live_daemons", "pause", "paused_models", "resume"]
+__all__ = ["enqueue", "enqueue_many", "live_daemons", "pause", "paused_models", "resume", "search_generations"]
 
 _lock = threading.Lock()
 _settings_cache: dict[tuple[Any, ...], Settings] = {}
@@ -167,3 +168,17 @@ def paused_models(*, database_url: str | None = None, settings: Settings | None 
     settings = settings or default_settings()
     with session_scope(_engine(database_url, settings)) as session:
         return reads.paused_models(session)
+
+
+def search_generations(
+    query: str, *, status: GenerationStatus | str | None = None, model: str | None = None, limit: int = 100,
+    offset: int = 0, database_url: str | None = None, settings: Settings | None = None,
+) -> list[Generation]:
+    """The generations whose prompt has, for every word of ``query``, a word starting with it
+    (case ignored, punctuation ignored, nothing in ``query`` read as syntax), newest first;
+    optionally of one ``status`` and one ``model``. The same rows on SQLite and PostgreSQL
+    (:mod:`dgxqueue.storage.search` defines a word); a query of punctuation only finds nothing. An
+    empty query raises :class:`~dgxqueue.errors.ValidationError` naming the field ``search``."""
+    settings = settings or default_settings()
+    with session_scope(_engine(database_url, settings)) as session:
+        return search.search_jobs(session, query, status=status, model=model, limit=limit, offset=offset)

@@ -2,7 +2,7 @@
 
 Subcommands: ``worker``, ``enqueue``, ``show``, ``list``, ``stats``, ``wait``, ``cancel``,
 ``retry``, ``prune``, ``archive``, ``workers``, ``pause``, ``resume``,
-``db upgrade|downgrade|current|backup|reset|copy``,
+``db upgrade|downgrade|current|backup|reset|copy|check|vacuum``,
 ``config show|check``, ``demo`` and ``web``. Each has ``--help``; most have ``--json``. Settings are parsed
 once, before anything
 touches the database: defaults < ``--config``/``$DGXQUEUE_CONFIG`` < environment < flags.
@@ -15,6 +15,7 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 2     usage error: unknown or missing argument; ``db reset`` without ``--yes``
 3     no generation with that id (or id prefix)
 4     the job's status forbids it (cancel a finished job, retry a completed one)
+5     ``db check`` found the database damaged
 65    bad input data (EX_DATAERR): a value out of range, bad JSON, bad time span, a bad
       ``enqueue --jsonl`` line (naming it); an id prefix that matches several jobs; ``db copy``
       or ``archive`` met a row the other database holds differently, or a failed verification
@@ -100,7 +101,8 @@ def _top_parser(commands: type[argparse.ArgumentParser]) -> tuple[argparse.Argum
     parser = _Parser(
         prog="dgxqueue",
         description="A persistent job queue and worker daemon for AI music generation.",
-        epilog="Exit codes: 0 ok, 1 job failed, 2 usage, 3 not found, 4 invalid state, 65 bad input "
+        epilog="Exit codes: 0 ok, 1 job failed, 2 usage, 3 not found, 4 invalid state, 5 db check found damage, "
+               "65 bad input "
                "(or an ambiguous id prefix), 69 database unavailable (or the metrics port taken), 70 internal, "
                "73/74 file errors, 75 timed out or a worker's machine fault, 78 bad config, 124 a worker's "
                "backend call past its time limit, 130 interrupted.",

@@ -1,5 +1,5 @@
 """The operator's subcommands: worker, db (upgrade, downgrade, current, backup, reset; copy is in
-dgxqueue.cli.dbmove), config."""
+dgxqueue.cli.dbmove, check and vacuum in dgxqueue.cli.dbmaint), config."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from dgxqueue.cli.common import (
     parse_span,
     print_json,
 )
+from dgxqueue.cli.dbmaint import add_db_parsers
 from dgxqueue.cli.dbmove import add_copy_parser
 from dgxqueue.config import Settings, settings_as_dict, toml_value
 from dgxqueue.errors import ConfigError
@@ -406,6 +407,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--yes", action="store_true", help="really delete every generation and prompt")
     p.set_defaults(func=cmd_db_reset)
     add_copy_parser(db)
+    add_db_parsers(db)  # check, vacuum
 
     config = sub.add_parser("config", help="show or check the settings",
                             description="Settings: defaults < config file < environment < flags."

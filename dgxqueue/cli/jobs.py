@@ -42,6 +42,7 @@ from dgxqueue.storage import (
     reads,
     registry,
     retry_generation,
+    search,
     session_scope,
 )
 from dgxqueue.storage.models import utcnow
@@ -84,7 +85,10 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
     limit = parse_number("limit", args.limit, int)
     offset = parse_number("offset", args.offset, int)
     with session_scope(ctx.engine()) as session:
-        jobs = get_all_generations(session, status=args.status, limit=limit, offset=offset)
+        if args.search is not None:
+            jobs = search.search_jobs(session, args.search, status=args.status, limit=limit, offset=offset)
+        else:
+            jobs = get_all_generations(session, status=args.status, limit=limit, offset=offset)
     if args.json:
         print_json([job_dict(ctx.settings, job) for job in jobs])
         return EXIT_OK
@@ -255,6 +259,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--status", help="pending, processing, completed or failed")
     p.add_argument("--limit", default="20", help="at most this many rows (default 20)")
     p.add_argument("--offset", default="0", help="skip this many rows first")
+    p.add_argument("--search", metavar="WORDS",
+                   help="only prompts having, for every word, a word that starts with it (case and "
+                        "punctuation ignored; newest created first), e.g. --search 'lofi piano'")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 

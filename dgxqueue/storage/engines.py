@@ -148,6 +148,12 @@ class Profile:
         reading values as the engine's connections do; where the driver has one."""
         raise NotImplementedError
 
+    def prompt_matches(self, table: sa.Table, words: Sequence[str]) -> sa.ColumnElement[bool]:
+        """``table``'s (``generations``) prompt has, for each of ``words`` (runs of letters and
+        digits), a word that starts with it, through migration 006's index
+        (:mod:`dgxqueue.storage.search` says the semantics)."""
+        raise NotImplementedError
+
     def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
         """``n`` rows of ``columns`` given as bind values (see :meth:`rows_parameters`)."""
         raise NotImplementedError
@@ -249,6 +255,15 @@ class SQLiteProfile(Profile):
             connection.close()
             raise
         return connection
+
+    def prompt_matches(self, table: sa.Table, words: Sequence[str]) -> sa.ColumnElement[bool]:
+        # Each word a quoted FTS5 string (a quote inside doubled) with a prefix star, all of them
+        # required: no word is read as FTS5 syntax (AND, NEAR, a column filter), and the query
+        # travels as one bound value (of a name of its own: the clause joins queries built elsewhere).
+        query = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
+        rowid: sa.ColumnElement[int] = sa.literal_column(f"{table.name}.rowid", sa.Integer)
+        return rowid.in_(sa.select(_FTS.c.rowid).where(
+            _FTS.c.generations_search.op("MATCH", is_comparison=True)(sa.bindparam(None, query, type_=sa.Text))))
 
     def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
         # WITH name(...) AS (VALUES ...), one bind per value: SQLite has no AS name (id, ...).
@@ -377,6 +392,12 @@ class PostgreSQLProfile(Profile):
         register_postgresql_loaders(connection)  # as configure() does for the engine's connections
         return connection
 
+    def prompt_matches(self, table: sa.Table, words: Sequence[str]) -> sa.ColumnElement[bool]:
+        # The indexed expression as migration 006 wrote it, so the planner uses its GIN index.
+        terms = sa.bindparam(None, list(words), type_=postgresql.ARRAY(sa.Text))  # a name of its own
+        return sa.func.dgxqueue_prompt_words(table.c.prompt, type_=postgresql.TSVECTOR).op(
+            "@@", is_comparison=True)(sa.func.dgxqueue_prompt_query(terms, type_=postgresql.TSQUERY))
+
     def rows_of(self, columns: Sequence[sa.ColumnClause[Any]], n: int, name: str) -> sa.FromClause:
         # The rows travel as one JSON document (jsonb_to_recordset), so the statement is the same
         # for any n and has one parameter: psycopg caches its parse of a query only up to a fixed
@@ -460,6 +481,10 @@ class PostgreSQLProfile(Profile):
             finally:
                 conn.execute(sa.select(sa.func.pg_advisory_unlock(_MIGRATION_LOCK_KEY)))
                 conn.commit()
+
+
+#: Migration 006's FTS5 table (its hidden column of the table's own name takes MATCH).
+_FTS = sa.table("generations_search", sa.column("rowid", sa.Integer), sa.column("generations_search", sa.Text))
 
 
 def _is_json(column: sa.ColumnClause[Any]) -> bool:

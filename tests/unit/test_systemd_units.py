@@ -180,6 +180,16 @@ def test_units__exec_start_is_a_valid_dgxqueue_command(unit: str) -> None:
         assert args.older_than == "30d"
 
 
+def test_prune_unit__vacuums_after_a_large_prune() -> None:
+    """The prune service gives the space back afterwards: `db vacuum` with a free-page threshold
+    (a plain number: '%' is a specifier in unit files)."""
+    [command] = _settings("dgxqueue-prune.service")["ExecStartPost"]
+    argv = shlex.split(command)
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.db_command, args.min_free) == ("db", "vacuum", "0.2")
+    assert args.config == "/etc/dgxqueue/config.toml" and "%" not in command
+
+
 def test_env_example__only_comments_and_assignments() -> None:
     """The EnvironmentFile example parses: prose comments, and VAR=value lines (active or '#VAR=')."""
     assignments: list[str] = []

@@ -1,0 +1,238 @@
+"""`dgxqueue db check` and `db vacuum` as an operator runs them: on a populated SQLite file, one
+whose pages were overwritten on purpose, a real PostgreSQL database, and while a real daemon
+process works on the file being vacuumed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+import dgxqueue
+from dgxqueue.cli.dbmaint import EXIT_DAMAGED
+from dgxqueue.config import load_settings
+from dgxqueue.storage import get_engine, init_db, session_scope
+from dgxqueue.storage.models import G
+from dgxqueue.storage.search import search_ids
+from tests.support.processes import start_worker, stop, wait_until, worker_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(REPO)}
+    env.pop("DGXQUEUE_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "dgxqueue", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout, check=False)
+
+
+def _fill_finished(url: str, n: int, *, prompt_chars: int = 400) -> None:
+    """``n`` completed generations finished 40 days ago, each with its own long prompt."""
+    old = datetime.now(UTC) - timedelta(days=40)
+    rng = random.Random(n)
+    words = ["lofi", "piano", "trap", "808", "ambient", "strings", "drone", "jazz", "night", "rain"]
+    rows = [{"id": f"{i:08d}-0000-4000-8000-{i:012d}", "model_name": "old", "duration_seconds": 1.0,
+             "prompt": " ".join(rng.choice(words) + str(rng.randrange(1000)) for _ in range(prompt_chars // 8)),
+             "sample_rate": 32000, "channels": 1, "file_path": f"outputs/{i}.wav", "status": "completed",
+             "created_at": old, "completed_at": old} for i in range(n)]
+    engine = init_db(url)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(G), rows)
+
+
+def _checkpoint(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def test_db_check__healthy_sqlite_exits_0(sqlite_db_url: str) -> None:
+    """A populated, sound file: quick and full checks exit 0, say healthy, show the page counts."""
+    _fill_finished(sqlite_db_url, 500)
+    for flags in ([], ["--full"]):
+        done = _cli(sqlite_db_url, "db", "check", *flags, "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        assert report["healthy"] and report["problems"] == [] and report["revision"] == "006"
+        assert report["page_count"] > 10 and report["page_size"] == 4096 and "wal_bytes" in report
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_db_check__overwritten_pages_exit_damaged(sqlite_db_url: str, tmp_path: Path, full: bool) -> None:
+    """A copy of a real populated file with the middle of some of the generations table's pages
+    overwritten: the check exits 5 and says DAMAGED; the file is opened read-only (its bytes stay
+    as they were, nothing goes to its write-ahead log)."""
+    _fill_finished(sqlite_db_url, 2000)
+    source = Path(sqlite_db_url.removeprefix("sqlite:///"))
+    get_engine(sqlite_db_url).dispose()
+    _checkpoint(source)
+    copy = tmp_path / "copy" / "generations.db"
+    copy.parent.mkdir()
+    shutil.copyfile(source, copy)
+    copy_url = f"sqlite:///{copy}"
+    assert _cli(copy_url, "db", "check").returncode == 0  # sound before the damage
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [row[0] for row in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'generations' AND pagetype = 'leaf' ORDER BY pageno")]
+    assert len(pages) > 20
+    rng = random.Random(7)
+    with copy.open("r+b") as file:
+        for page in pages[len(pages) // 2: len(pages) // 2 + 3]:
+            file.seek((page - 1) * page_size + page_size // 4)
+            file.write(bytes(rng.randrange(256) for _ in range(page_size // 2)))
+    damaged = copy.read_bytes()
+    done = _cli(copy_url, "db", "check", *(["--full"] if full else []))
+    assert done.returncode == EXIT_DAMAGED, done.stdout + done.stderr
+    assert "DAMAGED" in done.stdout and "backup" in done.stdout
+    # Read-only: the file's bytes are as they were; a WAL file's reader may create an empty -wal
+    # and the -shm index beside it (as any reader does), never write to the file through them.
+    assert copy.read_bytes() == damaged
+    assert not Path(f"{copy}-wal").exists() or Path(f"{copy}-wal").stat().st_size == 0
+
+
+def test_db_check__a_file_that_is_not_a_database_is_damaged(tmp_path: Path) -> None:
+    """Garbage where the database should be: damaged (5), not a crash."""
+    path = tmp_path / "generations.db"
+    path.write_bytes(os.urandom(8192))
+    done = _cli(f"sqlite:///{path}", "db", "check")
+    assert done.returncode == EXIT_DAMAGED, done.stdout + done.stderr
+    assert "DAMAGED" in done.stdout
+
+
+def test_db_check__postgresql_says_what_it_checked_and_finds_an_invalid_index(pg_db_url: str) -> None:
+    """PostgreSQL: healthy at head (exit 0, the checks named, row counts); an index marked invalid
+    (as a failed CREATE INDEX CONCURRENTLY leaves it) exits 5 naming it."""
+    _fill_finished(pg_db_url, 50)
+    done = _cli(pg_db_url, "db", "check", "--full", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["generations_rows"] == 50 and report["revision"] == "006"
+    assert any("indisvalid" in check for check in report["checked"])
+    with get_engine(pg_db_url).begin() as conn:
+        conn.exec_driver_sql("UPDATE pg_index SET indisvalid = false "
+                             "WHERE indexrelid = 'idx_generations_model_name'::regclass")
+    done = _cli(pg_db_url, "db", "check")
+    assert done.returncode == EXIT_DAMAGED and "idx_generations_model_name" in done.stdout
+
+
+def test_db_vacuum__postgresql_reports_bytes(pg_db_url: str) -> None:
+    """VACUUM (ANALYZE) of both tables runs outside a transaction and reports sizes."""
+    _fill_finished(pg_db_url, 200)
+    with get_engine(pg_db_url).begin() as conn:
+        conn.execute(sa.delete(G))
+    done = _cli(pg_db_url, "db", "vacuum", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["before_bytes"] > 0 and report["done"] == ['VACUUM (ANALYZE) generations',
+                                                            'VACUUM (ANALYZE) prompts']
+
+
+def test_db_vacuum__min_free_skips_a_full_file(sqlite_db_url: str) -> None:
+    """--min-free 20%: a file with no free pages is left alone; a bad share exits 65 naming it."""
+    _fill_finished(sqlite_db_url, 100)
+    done = _cli(sqlite_db_url, "db", "vacuum", "--min-free", "20%", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["skipped"], done.stdout + done.stderr
+    done = _cli(sqlite_db_url, "db", "vacuum", "--min-free", "120%")
+    assert done.returncode == 65 and "min_free" in done.stderr
+
+
+def test_db_vacuum__shrinks_the_file_while_a_daemon_works(sqlite_db_url: str, tmp_path: Path) -> None:
+    """After a prune deleted most rows, `db vacuum` shrinks the file while a real daemon process
+    claims and finishes jobs and a producer keeps enqueueing: the vacuum succeeds, every job
+    completes, the daemon logs no error and exits 0 on SIGTERM."""
+    url = sqlite_db_url
+    _fill_finished(url, 20_000)
+    settings = load_settings(env={}, overrides={"database": {"url": url}})
+    path = Path(url.removeprefix("sqlite:///"))
+    process = start_worker(worker_config(tmp_path, url), tmp_path / "worker.log")
+    ids: list[str] = []
+    try:
+        ids += dgxqueue.enqueue_many([{"prompt": f"job {i}", "model_name": "scripted"} for i in range(50)],
+                                     database_url=url, settings=settings)
+        done = _cli(url, "prune", "--older-than", "30d", "--json")
+        assert done.returncode == 0 and json.loads(done.stdout)["generations"] == 20_000, done.stderr
+        vacuumed = threading.Event()
+        during: list[str] = []
+
+        def produce() -> None:  # enqueues until the vacuum is over, a job at a time
+            while not vacuumed.is_set():
+                during.append(dgxqueue.enqueue("during the vacuum", model_name="scripted", database_url=url,
+                                               settings=settings))
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        try:
+            done = _cli(url, "db", "vacuum", "--json")
+        finally:
+            vacuumed.set()
+            producer.join(60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        assert report["after_bytes"] < report["before_bytes"] / 3, report
+        assert report["done"] == ["search index: FTS5 'optimize'", "VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"]
+        assert path.stat().st_size < report["before_bytes"] / 3  # the file itself, not only the sum
+        ids += during
+        assert len(during) > 1
+        engine = get_engine(url)
+
+        def all_completed() -> bool:
+            with engine.connect() as conn:
+                counted = conn.execute(sa.select(G.c.status, sa.func.count()).group_by(G.c.status)).all()
+            statuses: dict[str, int] = dict(counted)
+            return statuses == {"completed": len(ids)}
+
+        wait_until(all_completed, 60, "every job to complete", alive=process)
+    finally:
+        code = stop(process)
+    assert code == 0
+    log = (tmp_path / "worker.log").read_text()
+    assert '"level": "error"' not in log and "Traceback" not in log, log[-3000:]
+    assert _cli(url, "db", "check", "--full").returncode == 0
+    # The VACUUM kept the rowids the search index is keyed by: its entries still name their rows.
+    with session_scope(get_engine(url)) as session:
+        assert sorted(search_ids(session, "during the VACUUM", limit=10_000)) == sorted(during)
+        assert len(search_ids(session, "job", limit=10_000)) == 50
+
+
+def test_db_check__older_schema_is_not_damage_and_an_empty_server_is_unavailable(
+        sqlite_db_url: str, pg_db_url: str) -> None:
+    """A database at an older revision is healthy (the revision says 'db upgrade'); a PostgreSQL
+    database without dgxqueue's tables exits 69, not 5."""
+    from dgxqueue.storage.database import upgrade
+
+    upgrade(get_engine(sqlite_db_url), "005")
+    done = _cli(sqlite_db_url, "db", "check", "--full")
+    assert done.returncode == 0 and "005 (this dgxqueue's is 006" in done.stdout, done.stdout + done.stderr
+    done = _cli(pg_db_url, "db", "check")
+    assert done.returncode == 69 and "no dgxqueue tables" in done.stderr, done.stdout + done.stderr
+
+
+def test_db_check__full_finds_rows_the_search_index_misses(sqlite_db_url: str) -> None:
+    """A row written while the index's trigger was missing: the quick check passes, the full one
+    exits 5 naming the search index and how to rebuild it; after that rebuild it is healthy."""
+    _fill_finished(sqlite_db_url, 10)
+    path = Path(sqlite_db_url.removeprefix("sqlite:///"))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP TRIGGER generations_search_insert")
+        conn.execute("INSERT INTO generations (id, prompt, model_name, duration_seconds, sample_rate, channels, "
+                     "file_path, status, created_at) VALUES ('x', 'unindexed words', 'm', 1, 32000, 1, 'o.wav', "
+                     "'pending', '2026-01-01 00:00:00')")
+        conn.commit()
+    assert _cli(sqlite_db_url, "db", "check").returncode == 0
+    done = _cli(sqlite_db_url, "db", "check", "--full")
+    assert done.returncode == EXIT_DAMAGED and "1 generation(s) not indexed" in done.stdout, done.stdout
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO generations_search(generations_search) VALUES ('rebuild')")
+        conn.commit()
+    assert _cli(sqlite_db_url, "db", "check", "--full").returncode == 0
