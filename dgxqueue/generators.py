@@ -139,7 +139,7 @@ class SlotGenerator(Protocol):
     continuous = true``): a running batch of ``slots`` requests that advances one step at a time.
 
     The daemon calls every method below from one thread (its runner's), between steps: it
-    :meth:`start`\ s the requests it claimed while a slot is free, calls :meth:`step`, and writes
+    starts (:meth:`start`) the requests it claimed while a slot is free, calls :meth:`step`, and writes
     each request that :meth:`step` returns finished at once, while the others decode on. Requests
     are keyed by ``job_id``. A backend that has the methods but cannot serve slots now (MusicGen
     with ``decode = "generate"``) has ``slots == 0``; see :func:`serves_slots`."""
