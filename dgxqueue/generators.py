@@ -144,9 +144,10 @@ class SlotGenerator(Protocol):
     are keyed by ``job_id``. A backend that has the methods but cannot serve slots now (MusicGen
     with ``decode = "generate"``) has ``slots == 0``; see :func:`serves_slots`."""
 
-    #: How many requests decode at once; 0 when this backend cannot run slots. It may shrink (after
-    #: running out of memory) but never while requests decode in slots it would lose.
-    slots: int
+    @property
+    def slots(self) -> int:
+        """How many requests decode at once; 0 when this backend cannot run slots. It may shrink
+        (after running out of memory), only in a :meth:`step` that frees every slot."""
 
     @property
     def free_slots(self) -> int:

@@ -82,6 +82,7 @@ class Continuous:
         self.running: dict[str, _Slot] = {}  # by job id; the main thread's alone
         self._claim_due = 0.0
         self._unmarked: set[str] = set()  # waiting suspects whose claim's start mark was cleared
+        self._joining_now = 0  # jobs the running step starts: in no slot yet, and no longer held.next
 
     # --- claiming -------------------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class Continuous:
         held = self.daemon.held
         if any(job.suspect for job in held.next) or any(s.work.job.suspect for s in self.running.values()):
             return 0
-        return max(0, self.generator.slots - len(self.running) - len(held.next))
+        return max(0, self.generator.slots - len(self.running) - self._joining_now - len(held.next))
 
     def claim(self) -> int:
         """Claim up to :meth:`room` jobs, marked started (they join at the next step); how many."""
@@ -175,11 +176,13 @@ class Continuous:
         """One backend call (cancels, joins, a step, staged files); the database work beside it."""
         daemon = self.daemon
         now = time.monotonic()
-        stopped = [key for key in self.running if daemon.held.cancelled(key)]
+        # The request's own control: a cancel recorded at once (Completer.cancel_running) no longer
+        # holds the job, nor its control in Held.controls.
+        stopped = [key for key, s in self.running.items() if s.work.request.control.cancelled]
         limit = daemon.config.job_timeout_seconds
         overdue = [key for key, s in self.running.items() if key not in stopped and now - s.joined >= limit]
         future = daemon.runner.submit(self._call(joining, stopped + overdue))
-        begun = time.monotonic()
+        begun, self._joining_now = time.monotonic(), len(joining)
         left = [self.running.pop(key) for key in stopped + overdue]
         daemon.completer.pending.extend(cancelled(s.work.job, now - s.joined) for s in left[: len(stopped)])
         if overdue:
@@ -198,6 +201,8 @@ class Continuous:
         except Exception as exc:
             self._failed(exc, joining, time.monotonic() - begun)
             return
+        finally:
+            self._joining_now = 0
         if step is None:
             return
         self.running.update((s.work.job.id, s) for s in step.joined)
