@@ -85,7 +85,7 @@ def test_continuous__a_job_joins_the_running_batch_and_leaves_first(db_url: str,
     init_db(db_url)
     worker = start_worker(_config(tmp_path, db_url, model), tmp_path / "worker.log")
     try:
-        (a,) = _enqueue(db_url, tmp_path, 8.0)
+        (a,) = _enqueue(db_url, tmp_path, 5.0)
         _started(db_url, a, worker)
         (b,) = _enqueue(db_url, tmp_path, 0.5)
         wait_until(lambda: _row(db_url, b)["status"] == "completed", WAIT, "B to complete", alive=worker)
@@ -95,7 +95,7 @@ def test_continuous__a_job_joins_the_running_batch_and_leaves_first(db_url: str,
         assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     row_a, row_b = _row(db_url, a), _row(db_url, b)
     assert row_b["completed_at"] < row_a["completed_at"]
-    assert _frames(tmp_path, row_a) == 8 * 32000 and _frames(tmp_path, row_b) == 16000
+    assert _frames(tmp_path, row_a) == 5 * 32000 and _frames(tmp_path, row_b) == 16000
     generator = create_generator("musicgen", _options(model))
     generator.load()
     request = GenerationRequest(job_id=b, prompt=row_b["prompt"], model_name="tiny", duration_seconds=0.5,
