@@ -12,7 +12,8 @@ slots renders per wall second). Modes:
 - ``batch-loop``: the same decode loop and slots, claimed and rendered a batch at a time;
 - ``batch-generate``: today's default, ``model.generate`` a batch at a time (one length a batch).
 
-Prints p50/p95/max of ``completed_at - created_at`` per mode (both stamped by this machine's clock).
+Prints p50/p95/max of ``completed_at - created_at`` per mode (both stamped by this machine's clock),
+and each mode's wall time from the first arrival to the last completion.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# One torch thread here and in the daemons (they inherit it): on a loaded 2-core machine a second
+# thread makes each tiny step wait for it (docs/results/2026-12-06-musicgen-cpu.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -77,8 +81,10 @@ def schedule(jobs: int, rate: float, seed: int) -> list[tuple[float, float]]:
     return out
 
 
-def run_mode(name: str, model: Path, slots: int, arrivals: list[tuple[float, float]], folder: Path) -> list[float]:
-    """Feed ``arrivals`` to a daemon in mode ``name``; each job's seconds from enqueue to its WAV."""
+def run_mode(name: str, model: Path, slots: int, arrivals: list[tuple[float, float]],
+             folder: Path) -> tuple[list[float], float]:
+    """Feed ``arrivals`` to a daemon in mode ``name``; each job's seconds from enqueue to its WAV,
+    and the seconds from the first enqueue to the last WAV."""
     extra, continuous = MODES[name]
     folder.mkdir()
     url = f"sqlite:///{folder / 'queue.db'}"
@@ -120,7 +126,8 @@ def run_mode(name: str, model: Path, slots: int, arrivals: list[tuple[float, flo
     bad = [r.status for r in rows if r.status != "completed"]
     if bad:
         raise SystemExit(f"{name}: {len(bad)} jobs did not complete ({bad[:3]}); see {log}")
-    return [(_time(r.completed_at) - _time(r.created_at)) for r in rows]
+    span = max(_time(r.completed_at) for r in rows) - min(_time(r.created_at) for r in rows)
+    return [(_time(r.completed_at) - _time(r.created_at)) for r in rows], span
 
 
 def _time(value: Any) -> float:
@@ -162,11 +169,12 @@ def main() -> None:
         print(f"capacity {audio_per_second:.2f} audio-s/s with {args.slots} slots; load {args.load:.0%}: "
               f"{rate:.2f} jobs/s, {args.jobs} jobs of {', '.join(f'{d:g}' for d in DURATIONS)} s over "
               f"{arrivals[-1][0]:.1f} s")
-        print(f"{'mode':16} {'p50 s':>7} {'p95 s':>7} {'max s':>7}")
+        print(f"{'mode':16} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'span s':>7}  load (1, 5, 15 min)")
         for name in args.modes.split(","):
-            waits = run_mode(name, model, args.slots, arrivals, Path(tmp) / name)
-            print(f"{name:16} {_quantile(waits, 0.5):7.2f} {_quantile(waits, 0.95):7.2f} {max(waits):7.2f}",
-                  flush=True)
+            waits, span = run_mode(name, model, args.slots, arrivals, Path(tmp) / name)
+            load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(f"{name:16} {_quantile(waits, 0.5):7.2f} {_quantile(waits, 0.95):7.2f} {max(waits):7.2f}"
+                  f" {span:7.1f}  {load}", flush=True)
 
 
 if __name__ == "__main__":
