@@ -25,8 +25,9 @@ heartbeats and rescues: the GPU never waits on the database.
   unspent to join again; a machine fault (:mod:`~dgxqueue.daemon.faults`) stops the daemon as in
   the ordinary loop; anything else gives them back marked, each up to
   :data:`~dgxqueue.daemon.faults.UNCONFIRMED_REFUNDS` times (:func:`~dgxqueue.daemon.faults.refund`).
-- **A suspect** (:mod:`~dgxqueue.daemon.isolation`) joins an empty batch and runs alone: nothing
-  is claimed while it waits or runs.
+- **A suspect** (:mod:`~dgxqueue.daemon.isolation`), and each job of a step that failed here (not
+  for memory), joins an empty batch and runs alone: nothing is claimed while it waits or runs. So
+  a job that breaks every step it is in is charged alone, not its companions.
 - **A stop** claims and starts nothing more; the running jobs decode to their end within the
   grace period (:meth:`Continuous.drain`), and whatever is held after it goes back unspent.
 """
@@ -83,6 +84,10 @@ class Continuous:
         self._claim_due = 0.0
         self._unmarked: set[str] = set()  # waiting suspects whose claim's start mark was cleared
         self._joining_now = 0  # jobs the running step starts: in no slot yet, and no longer held.next
+        # Jobs that were in a step that failed (not for memory): any one may be what broke it, so
+        # each runs alone until it leaves a step with an outcome; one that breaks the step alone
+        # is charged alone (faults.refund), never again its companions.
+        self._doubted: set[str] = set()
 
     # --- claiming -------------------------------------------------------------------------
 
@@ -90,7 +95,7 @@ class Continuous:
         """How many jobs a claim may take: the free slots not promised to jobs claimed already;
         none while a suspect waits or runs (it runs alone)."""
         held = self.daemon.held
-        if any(job.suspect for job in held.next) or any(s.work.job.suspect for s in self.running.values()):
+        if any(map(self._alone, held.next)) or any(self._alone(s.work.job) for s in self.running.values()):
             return 0
         return max(0, self.generator.slots - len(self.running) - self._joining_now - len(held.next))
 
@@ -150,13 +155,13 @@ class Continuous:
         before the backend sees them go to the completer. A suspect joins only an empty batch."""
         daemon, held = self.daemon, self.daemon.held
         free = self.generator.slots - len(self.running)
-        if not held.next or free <= 0 or any(s.work.job.suspect for s in self.running.values()):
+        if not held.next or free <= 0 or any(self._alone(s.work.job) for s in self.running.values()):
             return []
-        trusted = [job for job in held.next if not job.suspect]
+        trusted = [job for job in held.next if not self._alone(job)]
         taken = trusted[:free] if trusted else ([held.next[0]] if not self.running else [])
         ids = {id(job) for job in taken}
         held.next = [job for job in held.next if id(job) not in ids]
-        waiting = [job for job in held.next if job.suspect and job.id not in self._unmarked]
+        waiting = [job for job in held.next if self._alone(job) and job.id not in self._unmarked]
         self._mark(waiting, started=False)  # a waiting suspect is not charged if the batch kills the daemon
         self._unmarked.update(job.id for job in waiting)
         again = [job for job in taken if job.id in self._unmarked]
@@ -166,6 +171,10 @@ class Continuous:
         work, refused = prepare_isolating(taken, daemon.generator)
         daemon.completer.pending.extend(daemon._sort_faults(refused))
         return [daemon._controlled(w) for w in work]
+
+    def _alone(self, job: ClaimedJob) -> bool:
+        """A suspect, or a job that was in a step that failed here: it joins an empty batch."""
+        return job.suspect or job.id in self._doubted
 
     def _mark(self, jobs: list[ClaimedJob], *, started: bool) -> None:
         if jobs:
@@ -208,6 +217,7 @@ class Continuous:
         self.running.update((s.work.job.id, s) for s in step.joined)
         for outcome in step.outcomes:
             self.running.pop(outcome.job.id, None)
+            self._doubted.discard(outcome.job.id)  # it got through a step alone
         daemon.completer.pending.extend(daemon._sort_faults(step.outcomes))
 
     def _call(self, joining: list[Work], leaving: list[str]) -> Callable[[], _Step]:
@@ -305,6 +315,7 @@ class Continuous:
                              error=f"{type(exc).__name__}: {exc}")
             verdict = refund(attempts, "step", daemon._error_messages)
             marks, kept = verdict.marks, verdict.outcomes
+            self._doubted.update(job.id for job in jobs)
         daemon.completer.pending.extend(kept)
         back = {job.id for job in jobs} - {o.job.id for o in kept}
         if back:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import OutputSettings
 from dgxqueue.daemon import Daemon
+from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
 from dgxqueue.errors import CapacityError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
@@ -25,7 +26,8 @@ RATE = 8000
 
 
 class Slots:
-    """A SlotGenerator: a job of prompt ``steps:N`` finishes after N steps; ``hang`` never does.
+    """A SlotGenerator: a job of prompt ``steps:N`` finishes after N steps; ``hang`` never does;
+    ``poison`` makes every step it is in raise.
     ``fail_once``: the first step raises it (every job in a slot is dropped), and a CapacityError
     halves the slots as MusicGen does."""
 
@@ -42,7 +44,7 @@ class Slots:
     def load(self) -> None: ...
 
     def validate(self, request: GenerationRequest) -> None:
-        if request.prompt != "hang" and not request.prompt.startswith("steps:"):
+        if request.prompt not in ("hang", "poison") and not request.prompt.startswith("steps:"):
             raise PermanentGeneratorError(f"unknown prompt {request.prompt!r}")
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
@@ -62,12 +64,15 @@ class Slots:
     def start(self, request: GenerationRequest) -> None:
         self.validate(request)
         assert self.free_slots > 0, "started with no slot free"
-        steps = 10**9 if request.prompt == "hang" else int(request.prompt.split(":")[1])
+        steps = 10**9 if request.prompt in ("hang", "poison") else int(request.prompt.split(":")[1])
         self.running[request.job_id] = (request, steps)
         self.peak = max(self.peak, len(self.running))
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
         self._pause.wait(0.002)  # a step's work, simulated
+        if any(request.prompt == "poison" for request, _ in self.running.values()):
+            self.running = {}
+            raise RuntimeError("a step that a poison job breaks, every time")
         if self.fail_once is not None and self.running:
             error, self.fail_once = self.fail_once, None
             if isinstance(error, CapacityError):
@@ -149,3 +154,18 @@ def test_continuous__a_job_past_its_time_limit_leaves_its_slot_and_the_others_go
     assert [r["status"] for r in rest] == ["completed", "completed"]
     assert hung["status"] == "failed" and "time limit" in (hung["error_message"] or "")
     assert generator.peak <= 2
+
+
+def test_continuous__a_job_that_breaks_every_step_is_charged_alone(sqlite_db_url: str, tmp_path: Path) -> None:
+    """A job that breaks every step it is in drags its companions down once: after that each of
+    them runs alone, so they complete on their first counted attempt, and it alone is charged
+    until it fails."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(sqlite_db_url, outputs, "poison", "steps:3", "steps:4")
+    generator, hooks = Slots(4), RecordingHooks()
+    assert _daemon(sqlite_db_url, outputs, generator, hooks).run(burst=True) == 0
+    poison, *rest = _rows(sqlite_db_url, ids)
+    assert [(r["status"], r["attempts"]) for r in rest] == [("completed", 1)] * 2
+    assert all(hooks.outcomes(r["id"]) == ["released", "completed"] for r in rest)
+    assert poison["status"] == "failed" and "a step that a poison job breaks" in (poison["error_message"] or "")
+    assert hooks.outcomes(ids[0]).count("released") == UNCONFIRMED_REFUNDS  # then charged
