@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import OutputSettings
-from dgxqueue.daemon import Daemon
+from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
 from dgxqueue.errors import CapacityError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
@@ -27,7 +27,7 @@ RATE = 8000
 
 class Slots:
     """A SlotGenerator: a job of prompt ``steps:N`` finishes after N steps; ``hang`` never does;
-    ``poison`` makes every step it is in raise.
+    ``poison`` makes every step it is in raise; ``stall`` makes it hang for 3 s.
     ``fail_once``: the first step raises it (every job in a slot is dropped), and a CapacityError
     halves the slots as MusicGen does."""
 
@@ -44,7 +44,7 @@ class Slots:
     def load(self) -> None: ...
 
     def validate(self, request: GenerationRequest) -> None:
-        if request.prompt not in ("hang", "poison") and not request.prompt.startswith("steps:"):
+        if request.prompt not in ("hang", "poison", "stall") and not request.prompt.startswith("steps:"):
             raise PermanentGeneratorError(f"unknown prompt {request.prompt!r}")
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
@@ -64,12 +64,14 @@ class Slots:
     def start(self, request: GenerationRequest) -> None:
         self.validate(request)
         assert self.free_slots > 0, "started with no slot free"
-        steps = 10**9 if request.prompt in ("hang", "poison") else int(request.prompt.split(":")[1])
+        steps = 10**9 if request.prompt in ("hang", "poison", "stall") else int(request.prompt.split(":")[1])
         self.running[request.job_id] = (request, steps)
         self.peak = max(self.peak, len(self.running))
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
         self._pause.wait(0.002)  # a step's work, simulated
+        if any(request.prompt == "stall" for request, _ in self.running.values()):
+            self._pause.wait(3.0)  # a step that hangs (simulated), past the time limit
         if any(request.prompt == "poison" for request, _ in self.running.values()):
             self.running = {}
             raise RuntimeError("a step that a poison job breaks, every time")
@@ -169,3 +171,18 @@ def test_continuous__a_job_that_breaks_every_step_is_charged_alone(sqlite_db_url
     assert all(hooks.outcomes(r["id"]) == ["released", "completed"] for r in rest)
     assert poison["status"] == "failed" and "a step that a poison job breaks" in (poison["error_message"] or "")
     assert hooks.outcomes(ids[0]).count("released") == UNCONFIRMED_REFUNDS  # then charged
+
+
+def test_continuous__a_step_past_the_time_limit_charges_its_slots_and_exits_124(sqlite_db_url: str,
+                                                                                tmp_path: Path) -> None:
+    """A step that hangs past the time limit is a stuck call, as in the claim-a-batch loop: the
+    jobs in its slots are charged the time limit (retried later), and the daemon exits 124 for a
+    fresh process."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(sqlite_db_url, outputs, "stall", "steps:50")
+    daemon = _daemon(sqlite_db_url, outputs, Slots(4), RecordingHooks(), job_timeout_seconds=0.5,
+                     backoff_base_seconds=60.0)
+    assert daemon.run(burst=True) == EXIT_JOB_TIMEOUT
+    rows = _rows(sqlite_db_url, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("pending", 1)] * 2
+    assert all("time limit" in (r["error_message"] or "") for r in rows)
