@@ -172,6 +172,7 @@ SLOW = frozenset({
     "tests/migrations/test_migrations.py::test_wheel__installed_package_finds_its_migrations",
     "tests/unit/test_metrics.py::test_queue_depth__a_database_that_never_answers_costs_the_depth_not_the_scrape",
     "tests/generators/test_musicgen_slots.py::test_musicgen_slots__a_late_joiner_leaves_first_with_its_audio_alone",
+    "tests/generators/test_musicgen_slots.py::test_musicgen_slots__cancel_frees_its_slot_and_the_others_decode_on",
 })
 #: Fixtures that take seconds to build: every test that uses one is slow (its first user pays).
 SLOW_FIXTURES = frozenset({"prometheus"})
