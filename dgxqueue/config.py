@@ -78,6 +78,9 @@ class GeneratorSettings:
     name: str = _spec("synth")
     models: list[str] = _spec([])  # noqa: RUF009  (_spec returns a field with a default_factory)
     options: dict[str, Any] = _spec({})  # noqa: RUF009
+    # Continuous batching: a running batch of slots that jobs join and leave between steps
+    # (dgxqueue.daemon.continuous); needs a backend with slots (musicgen with decode = "loop").
+    continuous: bool = _spec(False)
 
 
 @dataclass(frozen=True)

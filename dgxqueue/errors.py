@@ -15,7 +15,8 @@
     ├── OutputError              the WAV file could not be written (disk full, permission, path)
     └── GeneratorError           raised by a backend for one request or a whole batch
         ├── TransientGeneratorError   worth retrying (CUDA OOM after halving, a flaky resource)
-        │   └── JobTimeoutError       the backend call overran worker.job_timeout_seconds
+        │   ├── JobTimeoutError       the backend call overran worker.job_timeout_seconds
+        │   └── CapacityError         a running batch ran out of memory; the backend has fewer slots
         ├── PermanentGeneratorError   retrying cannot help (request above the model's limit)
         └── JobCancelledError         the job was cancelled while it ran (never retried)
 
@@ -114,6 +115,11 @@ class JobTimeoutError(TransientGeneratorError):
     """The backend call overran ``worker.job_timeout_seconds`` and was abandoned: charged to its
     jobs as a transient failure (their attempt is spent), while the daemon exits for a fresh process.
     Its jobs are marked (``lease_losses``) and run alone next time: one may be what stalls it."""
+
+
+class CapacityError(TransientGeneratorError):
+    """A running batch of slots ran out of memory: every request in a slot was dropped and the
+    backend has fewer slots now. The daemon gives those jobs back unspent to join again."""
 
 
 class PermanentGeneratorError(GeneratorError):

@@ -150,6 +150,50 @@ class Generator(Protocol):
         """Render every request; one result or error per request, in order."""
 
 
+@runtime_checkable
+class SlotGenerator(Protocol):
+    """What a backend adds to :class:`Generator` for continuous batching (``[generator]
+    continuous = true``): a running batch of ``slots`` requests that advances one step at a time.
+
+    The daemon calls every method below from one thread (its runner's), between steps: it
+    starts (:meth:`start`) the requests it claimed while a slot is free, calls :meth:`step`, and writes
+    each request that :meth:`step` returns finished at once, while the others decode on. Requests
+    are keyed by ``job_id``. A backend that has the methods but cannot serve slots now (MusicGen
+    with ``decode = "generate"``) has ``slots == 0``; see :func:`serves_slots`."""
+
+    @property
+    def slots(self) -> int:
+        """How many requests decode at once; 0 when this backend cannot run slots. It may shrink
+        (after running out of memory), only in a :meth:`step` that frees every slot."""
+
+    @property
+    def free_slots(self) -> int:
+        """How many more requests :meth:`start` accepts before the next step."""
+
+    def start(self, request: GenerationRequest) -> None:
+        """Put ``request`` in a free slot, to decode from the next step. A
+        :class:`~dgxqueue.errors.GeneratorError` refuses that request alone (the others are not
+        touched). ``request.control`` may be used for progress and is read for cancels."""
+
+    def step(self) -> list[tuple[str, GenerationOutcome]]:
+        """Advance every occupied slot by one step; the requests that finished, by ``job_id``,
+        their slots free again. Raising ends every request in a slot, which are all freed: a
+        :class:`~dgxqueue.errors.CapacityError` says the backend ran out of memory and has fewer
+        slots now (the daemon gives the requests back unspent); anything else is judged like a
+        failed call."""
+
+    def cancel(self, job_id: str) -> bool:
+        """Free the slot of ``job_id``; False when it holds none. The other slots decode on."""
+
+
+def serves_slots(generator: object) -> bool:
+    """``generator`` implements :class:`SlotGenerator` and has slots now."""
+    if not isinstance(generator, SlotGenerator):
+        return False
+    slots = generator.slots
+    return isinstance(slots, int) and not isinstance(slots, bool) and slots > 0
+
+
 #: What :func:`create_generator` checks on the object a factory returns, so that a backend
 #: missing a member fails at start-up naming it, not later inside the daemon's loop.
 PROTOCOL_ATTRIBUTES = ("name", "models", "max_batch_size")

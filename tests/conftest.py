@@ -124,6 +124,10 @@ SLOW = frozenset({
     "tests/acceptance/test_cli.py::test_demo__from_a_fresh_folder_writes_the_wavs",
     "tests/acceptance/test_cli.py::test_enqueue_wait__with_a_running_worker_then_sigterm",
     "tests/acceptance/test_cli_edges.py::test_db_upgrade__wait_outlasts_a_database_that_starts_later",
+    "tests/acceptance/test_continuous_processes.py::test_continuous__a_job_joins_the_running_batch_and_leaves_first",
+    "tests/acceptance/test_continuous_processes.py::test_continuous__cancel_of_one_running_job_leaves_the_others_decoding",
+    "tests/acceptance/test_continuous_processes.py::test_continuous__sigkill_jobs_in_slots_are_rescued",
+    "tests/acceptance/test_continuous_processes.py::test_continuous__sigterm_during_a_running_batch",
     "tests/acceptance/test_daemon_processes.py::test_daemon__sigkill_mid_job_is_rescued_by_another",
     "tests/acceptance/test_dbmove_processes.py::test_archive__sigkill_at_random_points_every_finished_job_in_exactly_one_database",
     "tests/acceptance/test_dbmove_processes.py::test_db_copy__every_status_to_postgres_then_a_daemon_finishes_the_pending",
@@ -170,6 +174,8 @@ SLOW = frozenset({
     "tests/migrations/test_migrations.py::test_migrations__round_trip_through_the_alembic_cli",
     "tests/migrations/test_migrations.py::test_wheel__installed_package_finds_its_migrations",
     "tests/unit/test_metrics.py::test_queue_depth__a_database_that_never_answers_costs_the_depth_not_the_scrape",
+    "tests/generators/test_musicgen_slots.py::test_musicgen_slots__a_late_joiner_leaves_first_with_its_audio_alone",
+    "tests/generators/test_musicgen_slots.py::test_musicgen_slots__cancel_frees_its_slot_and_the_others_decode_on",
 })
 #: Fixtures that take seconds to build: every test that uses one is slow (its first user pays).
 SLOW_FIXTURES = frozenset({"prometheus"})

@@ -47,6 +47,7 @@ import numpy.typing as npt
 import structlog
 
 from dgxqueue.errors import (
+    CapacityError,
     ConfigError,
     GeneratorError,
     JobCancelledError,
@@ -165,6 +166,8 @@ class MusicGenGenerator:
         # The loop's session, built at the first batch and kept; fewer slots after running out of memory.
         self._session: Any = None
         self._slots = max_batch_size
+        # The requests started in the session's slots through start() (continuous batching), by job id.
+        self._started: dict[str, tuple[GenerationRequest, _Plan]] = {}
         # Every published MusicGen's geometry until load() reads the real config.
         self.sample_rate = 32000
         self._frame_rate = 50
@@ -306,7 +309,7 @@ class MusicGenGenerator:
         # Retried or raised only here, after the except block: the exception's traceback holds the
         # failed call's frames and every tensor in them, which empty_cache() cannot free while it lives.
         if self._session is not None:  # a failed run leaves its slots taken; and after an OOM, fewer slots
-            self._session = None
+            self._session, self._started = None, {}
             if oom:
                 self._slots = max(1, min(self._slots, len(batch)) // 2)
         if fault is not None:
@@ -353,41 +356,121 @@ class MusicGenGenerator:
     def _criteria(self, criteria: list[Any]) -> Any:
         return importlib.import_module("transformers").StoppingCriteriaList(criteria)
 
-    def _render_loop(self, batch: list[GenerationRequest], plans: list[_Plan]) -> list[GenerationOutcome]:
-        """Every request through the loop's slots, joining as slots free up."""
-        decode: Any = importlib.import_module("workers.musicgen_decode")
+    def _loop_session(self) -> Any:
+        """The loop's session, built on first use with the current slot count."""
         if self._session is None:
+            decode: Any = importlib.import_module("workers.musicgen_decode")
             window = math.ceil(min(self.window_seconds, self.max_duration_seconds) * self._frame_rate - 1e-9)
             self._session = decode.DecodeSession(
                 self._model, self._processor, slots=self._slots, max_frames=window,
                 overlap_frames=min(window - 1, round(self.overlap_seconds * self._frame_rate)),
             )
+        return self._session
+
+    def _decode_request(self, key: str, request: GenerationRequest, plan: _Plan) -> Any:
+        """The loop's request for ``request``; a prompt too long for its text cache is refused."""
+        decode: Any = importlib.import_module("workers.musicgen_decode")
+        session = self._loop_session()
+        tokens = session.prompt_tokens(request.prompt)
+        if tokens > session.text_tokens:
+            raise PermanentGeneratorError(
+                f"the prompt is {tokens} tokens; MusicGen's decode loop takes at most {session.text_tokens}"
+            )
+        settings = decode.DecodeSettings(self.do_sample, plan.guidance_scale, plan.temperature, plan.top_k)
+        return decode.DecodeRequest(key, request.prompt, plan.tokens - self._delay, request.seed, settings)
+
+    def _loop_audio(self, result: Any, request: GenerationRequest, plan: _Plan) -> GeneratedAudio:
         session = self._session
+        metadata = {**self._provenance, "slots": session.slots, "window_frames": session.max_frames,
+                    "overlap_frames": session.overlap_frames, "seed": request.seed,
+                    "sampler": importlib.import_module("workers.musicgen_decode").SAMPLER,
+                    "do_sample": self.do_sample, "guidance_scale": plan.guidance_scale,
+                    "temperature": plan.temperature, "top_k": plan.top_k}
+        samples = np.clip(result.audio, -1.0, 1.0)
+        return GeneratedAudio(self._shape(samples, request), self.sample_rate, metadata)
+
+    # --- continuous batching (dgxqueue.generators.SlotGenerator), decode = "loop" only -----------
+
+    @property
+    def slots(self) -> int:
+        """The loop's slot count (fewer after running out of memory); 0 with ``decode = "generate"``,
+        which cannot join a running batch."""
+        return self._slots if self.decode == "loop" else 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self._started)
+
+    def start(self, request: GenerationRequest) -> None:
+        """Put ``request`` in a free slot of the loop, to decode from the next :meth:`step`."""
+        if self.decode != "loop":
+            raise PermanentGeneratorError('musicgen: slots need decode = "loop"')
+        self.load()
+        plan = self._plan(request)
+        if request.job_id in self._started:
+            raise PermanentGeneratorError(f"musicgen: job {request.job_id} is decoding already")
+        if not self.free_slots:
+            raise TransientGeneratorError(f"musicgen: all {self._slots} slots are taken")
+        self._loop_session().add(self._decode_request(request.job_id, request, plan))
+        self._started[request.job_id] = (request, plan)
+
+    def step(self) -> list[tuple[str, GenerationOutcome]]:
+        """One decoding step of every slot; each job that finished, with its audio."""
+        if not self._started:
+            return []
+        session = self._session
+        try:
+            results = session.step()
+        except Exception as exc:
+            oom = self._is_oom(exc)
+            fault = None if oom else detached_machine_fault(exc)
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            done: list[tuple[str, GenerationOutcome]] = []
+            for result in results:
+                request, plan = self._started.pop(result.key)
+                request.control.report(result.steps, result.steps)
+                done.append((result.key, self._loop_audio(result, request, plan)))
+            for slot in session.progress():
+                self._started[slot.key][0].control.report(slot.steps_done, slot.steps_total)
+            return done
+        # Raised only after the except block, so the failed step's tensors can be freed (see _render).
+        held = len(self._started)
+        self._session, self._started = None, {}
+        if fault is not None:
+            raise fault
+        if not oom:
+            raise TransientGeneratorError(f"MusicGen's decode step failed: {error}")
+        if self._device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+        if held > 1 and self._slots > 1:
+            self._slots = max(1, min(self._slots, held) // 2)
+            log.warning("musicgen_slots_halved", slots=self._slots, error=error)
+            raise CapacityError(f"out of memory decoding {held} jobs on {self._device}; {self._slots} slots now")
+        raise TransientGeneratorError(f"out of memory decoding one job on {self._device}")
+
+    def cancel(self, job_id: str) -> bool:
+        """Free the slot of ``job_id``; the other slots decode on, untouched."""
+        if self._started.pop(job_id, None) is None:
+            return False
+        return bool(self._session.cancel(job_id))
+
+    def _render_loop(self, batch: list[GenerationRequest], plans: list[_Plan]) -> list[GenerationOutcome]:
+        """Every request through the loop's slots, joining as slots free up."""
+        session = self._loop_session()
         outcomes: dict[int, GenerationOutcome] = {}
         jobs = []
         for index, (request, plan) in enumerate(zip(batch, plans, strict=True)):
-            tokens = session.prompt_tokens(request.prompt)
-            if tokens > session.text_tokens:
-                outcomes[index] = PermanentGeneratorError(
-                    f"the prompt is {tokens} tokens; MusicGen's decode loop takes at most {session.text_tokens}"
-                )
-                continue
-            settings = decode.DecodeSettings(self.do_sample, plan.guidance_scale, plan.temperature, plan.top_k)
-            # Keyed by place in the batch: job ids need not be unique in a call.
-            jobs.append(decode.DecodeRequest(str(index), request.prompt, plan.tokens - self._delay, request.seed,
-                                             settings))
+            try:  # keyed by place in the batch: job ids need not be unique in a call
+                jobs.append(self._decode_request(str(index), request, plan))
+            except PermanentGeneratorError as exc:
+                outcomes[index] = exc
         for result in _run_watched(session, jobs, [r.control for r in batch]):
             if isinstance(result, str):  # cancelled: its slot was freed, the others went on
                 outcomes[int(result)] = _cancelled(batch[int(result)])
                 continue
             index = int(result.key)
-            request, plan = batch[index], plans[index]
-            metadata = {**self._provenance, "slots": session.slots, "window_frames": session.max_frames,
-                        "overlap_frames": session.overlap_frames, "seed": request.seed,
-                        "sampler": decode.SAMPLER, "do_sample": self.do_sample,
-                        "guidance_scale": plan.guidance_scale, "temperature": plan.temperature, "top_k": plan.top_k}
-            samples = np.clip(result.audio, -1.0, 1.0)
-            outcomes[index] = GeneratedAudio(self._shape(samples, request), self.sample_rate, metadata)
+            outcomes[index] = self._loop_audio(result, batch[index], plans[index])
         return [outcomes[i] for i in range(len(batch))]
 
     def _shape(self, samples: npt.NDArray[np.float32], request: GenerationRequest) -> npt.NDArray[np.float32]:

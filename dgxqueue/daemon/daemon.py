@@ -36,13 +36,13 @@ import dataclasses
 import os
 import random
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
+from typing import cast
 
 import structlog
 from sqlalchemy.engine import Engine
@@ -51,8 +51,9 @@ import dgxqueue
 from dgxqueue.config import Settings
 from dgxqueue.daemon.claimer import Claimer
 from dgxqueue.daemon.completer import Completer
+from dgxqueue.daemon.continuous import Continuous
 from dgxqueue.daemon.diskcheck import OutputsCheck
-from dgxqueue.daemon.executor import Attempt, Work, discard, render
+from dgxqueue.daemon.executor import Attempt, Handoff, Work, render
 from dgxqueue.daemon.faults import judge
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
 from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, validate_alone
@@ -64,8 +65,8 @@ from dgxqueue.daemon.registration import Registration, entry_for
 from dgxqueue.daemon.retry import describe
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.waker import Waker, make_waker
-from dgxqueue.errors import JobTimeoutError
-from dgxqueue.generators import Generator
+from dgxqueue.errors import ConfigError, JobTimeoutError
+from dgxqueue.generators import Generator, SlotGenerator, serves_slots
 from dgxqueue.hooks import DaemonInfo, Hooks
 from dgxqueue.storage.dberrors import is_transient_db_error
 from dgxqueue.storage.engines import profile_of
@@ -80,36 +81,6 @@ SHUTDOWN_DB_SECONDS = 5.0
 #: Exit codes of :meth:`Daemon.run`; systemd restarts the daemon after either (Restart=on-failure).
 EXIT_MACHINE_FAULT = 75  # EX_TEMPFAIL: the machine failed (disk, memory, GPU); jobs given back
 EXIT_JOB_TIMEOUT = 124  # as timeout(1): a backend call overran its time limit and may never return
-
-
-class _Handoff:
-    """One backend call's outcomes, passed from the runner thread to the main loop unless the
-    loop gave up on the call first: then the call's files are deleted, never published."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._abandoned = False
-        self._delivered: list[Attempt] | None = None
-
-    def deliver(self, outcomes: list[Attempt]) -> list[Attempt]:
-        """On the runner thread, as the call returns: its outcomes, or none if it was abandoned."""
-        with self._lock:
-            if not self._abandoned:
-                self._delivered = outcomes
-                return outcomes
-        discard(outcomes)
-        if any(o.error is None for o in outcomes):
-            log.warning("an abandoned backend call returned; its files were deleted, not published",
-                        jobs=[o.job.id for o in outcomes])
-        return []
-
-    def abandon(self) -> None:
-        """On the main loop, giving up on the call: outcomes delivered too late to be read are
-        discarded now, later ones as they arrive."""
-        with self._lock:
-            self._abandoned = True
-            late, self._delivered = self._delivered or [], None
-        discard(late)
 
 
 def new_worker_id() -> str:
@@ -166,7 +137,7 @@ class Daemon:
         self.waker = waker
         self.log = log.bind(worker_id=self.worker_id)
         self._render_seconds = 0.0  # the last backend call's, timed on the runner thread
-        self._call = _Handoff()  # the running (or last) backend call's
+        self._call = Handoff()  # the running (or last) backend call's
         self._stop_requested_at: float | None = None
         self._immediate = False
         self._stopping_sent = False
@@ -201,6 +172,13 @@ class Daemon:
         )
         self._hard_stop = HardStop(self._overran, lambda: self.exit_code)
         self.heartbeat.on_cancel = self._cancel_now
+        #: The running batch of slots, with ``[generator] continuous = true``; else None.
+        self.continuous: Continuous | None = None
+        if settings.generator.continuous:
+            if not serves_slots(generator):
+                raise ConfigError("generator.continuous", True, "false, or a backend with slots (dgxqueue.generators."
+                                  f"SlotGenerator; musicgen with decode = \"loop\"); {generator.name} has none")
+            self.continuous = Continuous(self, cast(SlotGenerator, generator))
 
     # --- control --------------------------------------------------------------------------
 
@@ -288,6 +266,8 @@ class Daemon:
                         raise
                     self.log.error("database unavailable; will retry", error=str(exc)[:300])
                     self.waker.wait(1.0)
+            if self.continuous is not None:  # stopping: the running batch decodes on within the grace
+                self.continuous.drain()
         finally:
             self.shutdown()
         return self.exit_code
@@ -329,8 +309,12 @@ class Daemon:
         <dgxqueue.daemon.completer.Completer.claim_next_round>`), with this round's last outcomes
         or alone, leaving them pending to be written while the next round's first call renders.
         With ``worker.prefetch`` the claim is made while the last call renders, and the last
-        outcomes are left pending the same way.
+        outcomes are left pending the same way. With ``[generator] continuous`` it is one step of
+        the running batch instead (:meth:`Continuous.run_once
+        <dgxqueue.daemon.continuous.Continuous.run_once>`).
         """
+        if self.continuous is not None:  # a running batch of slots instead of rounds of batches
+            return self.continuous.run_once()
         if self.stopping:
             return 0
         held, completer, claimer = self.held, self.completer, self.claimer
@@ -417,7 +401,7 @@ class Daemon:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
         self.hooks.on_batch(len(batch))
         outputs, worker_id = self.settings.outputs_dir, self.worker_id
-        self._call = handoff = _Handoff()
+        self._call = handoff = Handoff()
 
         def call() -> list[Attempt]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()

@@ -11,6 +11,7 @@ renames a result into place only once its outcome has committed.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from dgxqueue import audio
 from dgxqueue.daemon import staging
@@ -25,6 +27,8 @@ from dgxqueue.errors import DgxQueueError, GeneratorError, JobCancelledError, Ou
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.validation import steering_value, unstorable
+
+log = structlog.get_logger("dgxqueue.daemon")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,36 @@ def discard(outcomes: Sequence[Attempt]) -> None:
     for outcome in outcomes:
         if outcome.staged is not None:
             outcome.staged.discard()
+
+
+class Handoff:
+    """One backend call's outcomes, passed from the runner thread to the main loop unless the
+    loop gave up on the call first: then the call's files are deleted, never published."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._delivered: list[Attempt] | None = None
+
+    def deliver(self, outcomes: list[Attempt]) -> list[Attempt]:
+        """On the runner thread, as the call returns: its outcomes, or none if it was abandoned."""
+        with self._lock:
+            if not self._abandoned:
+                self._delivered = outcomes
+                return outcomes
+        discard(outcomes)
+        if any(o.error is None for o in outcomes):
+            log.warning("an abandoned backend call returned; its files were deleted, not published",
+                        jobs=[o.job.id for o in outcomes])
+        return []
+
+    def abandon(self) -> None:
+        """On the main loop, giving up on the call: outcomes delivered too late to be read are
+        discarded now, later ones as they arrive."""
+        with self._lock:
+            self._abandoned = True
+            late, self._delivered = self._delivered or [], None
+        discard(late)
 
 
 def job_metadata(job: ClaimedJob) -> dict[str, Any]:
@@ -219,7 +253,14 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
     except Exception as exc:  # the whole batch failed: every job gets this error
         elapsed = time.perf_counter() - started
         return [Attempt(work.job, exc, elapsed) for work in batch]
-    generated = time.perf_counter() - started
+    return stage(batch, paths, results, time.perf_counter() - started, inside, worker_id)
+
+
+def stage(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], generated: float, inside: str,
+          worker_id: str) -> list[Attempt]:
+    """Stage the file of each result (in order with ``batch`` and its located ``paths``), or record
+    why not; the folders fsynced once. ``inside``: the outputs folder's real path. Runs on the
+    runner thread."""
     folders = audio.Folders(inside)  # each folder opened and checked once a batch
     try:
         outcomes = _write(batch, paths, results, generated, folders, worker_id)

@@ -134,3 +134,26 @@ def judge(outcomes: Sequence[Attempt], outputs: Path,
             marks[outcome.job.id] = f"{text}; given back, attempt not counted"
     first, reason = faults[0]
     return Verdict(kept, marks, reason, first.error, own)
+
+
+def refund(outcomes: Sequence[Attempt], reason: str,
+           read_messages: Callable[[list[str]], Mapping[str, str | None]]) -> Verdict:
+    """The jobs of a running batch that failed as a whole (a decoding step raised: every slot's
+    job was dropped, and which one caused it cannot be told) go back unspent, marked, each up to
+    :data:`UNCONFIRMED_REFUNDS` times; later ones are charged like an unconfirmed machine fault,
+    so a job that always breaks the step fails in the end. The daemon goes on: ``reason`` stays
+    out of the verdict."""
+    messages = read_messages([o.job.id for o in outcomes])
+    kept: list[Attempt] = []
+    marks: dict[str, str] = {}
+    for outcome in outcomes:
+        assert outcome.error is not None
+        count = tally(messages.get(outcome.job.id)) + 1
+        text = f"{_mark(reason, count)} {describe(outcome.error)}"
+        if count > UNCONFIRMED_REFUNDS:
+            error = TransientGeneratorError(f"{text}; given back {UNCONFIRMED_REFUNDS} times already: counted"
+                                            " against the job")
+            kept.append(Attempt(outcome.job, error, outcome.generation_seconds))
+        else:
+            marks[outcome.job.id] = f"{text}; given back, attempt not counted"
+    return Verdict(kept, marks)

@@ -1,0 +1,322 @@
+"""Continuous batching: a running batch of slots that jobs join and leave between decoding steps.
+
+With ``[generator] continuous = true`` and a backend with slots
+(:class:`~dgxqueue.generators.SlotGenerator`, e.g. MusicGen with ``decode = "loop"``),
+:class:`Continuous` takes the place of the claim-a-batch round of
+:meth:`Daemon.run_once <dgxqueue.daemon.daemon.Daemon.run_once>`. Each round is one backend call
+on the runner's thread: cancel the slots of cancelled or overdue jobs, start the jobs claimed
+since the last step, run one step, stage the WAV of each job that finished. While that call
+runs, the main thread (which owns every database call, as in the ordinary loop) writes the
+outcomes of the jobs that finished at the step before, claims into the slots that are free,
+heartbeats and rescues: the GPU never waits on the database.
+
+- **Claims stay the one atomic statement**, marking the jobs started (they join at the next
+  step), of at most the free slots not promised to jobs claimed already: no job is held that an
+  idle daemon could run. A claim is made when the waker says the table changed, else once a
+  poll interval.
+- **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
+  a finished job's file is staged on the runner thread and published after its write commits.
+- **Cancels** free the job's slot at the next step; the other slots decode on.
+- **Time limits** are per job: one past ``worker.job_timeout_seconds`` leaves its slot, charged
+  with :class:`~dgxqueue.errors.JobTimeoutError`. A step that itself overruns the limit is a
+  stuck call, handled as the ordinary loop handles one (charged, exit for a fresh process).
+- **A step that raises** drops every job in a slot. Out of memory
+  (:class:`~dgxqueue.errors.CapacityError`: the backend has fewer slots now) gives them back
+  unspent to join again; a machine fault (:mod:`~dgxqueue.daemon.faults`) stops the daemon as in
+  the ordinary loop; anything else gives them back marked, each up to
+  :data:`~dgxqueue.daemon.faults.UNCONFIRMED_REFUNDS` times (:func:`~dgxqueue.daemon.faults.refund`).
+- **A suspect** (:mod:`~dgxqueue.daemon.isolation`), and each job of a step that failed here (not
+  for memory), joins an empty batch and runs alone: nothing is claimed while it waits or runs. So
+  a job that breaks every step it is in is charged alone, not its companions.
+- **A stop** claims and starts nothing more; the running jobs decode to their end within the
+  grace period (:meth:`Continuous.drain`), and whatever is held after it goes back unspent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from dgxqueue import audio
+from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, stage
+from dgxqueue.daemon.faults import refund
+from dgxqueue.daemon.isolation import prepare_isolating
+from dgxqueue.daemon.outages import outage_skips
+from dgxqueue.errors import CapacityError, GeneratorError, JobTimeoutError, PermanentGeneratorError
+from dgxqueue.generators import GenerationOutcome, SlotGenerator
+from dgxqueue.machine_faults import machine_fault
+from dgxqueue.storage.claimed import ClaimedJob
+
+if TYPE_CHECKING:
+    from dgxqueue.daemon.daemon import Daemon
+
+_SLICE = 0.25  # longest a wait for a step blocks without looking at stop requests and timers
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A job decoding in a slot: its work, its file's path, when it joined (``time.monotonic()``)."""
+
+    work: Work
+    path: str
+    joined: float
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What one backend call did: the jobs it started, and the outcomes of the jobs that left."""
+
+    joined: list[_Slot]
+    outcomes: list[Attempt]
+
+
+class Continuous:
+    """The daemon's running batch: claims into free slots, one step a round, finished jobs written at once."""
+
+    def __init__(self, daemon: Daemon, generator: SlotGenerator) -> None:
+        self.daemon = daemon
+        self.generator = generator
+        self.running: dict[str, _Slot] = {}  # by job id; the main thread's alone
+        self._claim_due = 0.0
+        self._unmarked: set[str] = set()  # waiting suspects whose claim's start mark was cleared
+        self._joining_now = 0  # jobs the running step starts: in no slot yet, and no longer held.next
+        # Jobs that were in a step that failed (not for memory): any one may be what broke it, so
+        # each runs alone until it leaves a step with an outcome; one that breaks the step alone
+        # is charged alone (faults.refund), never again its companions.
+        self._doubted: set[str] = set()
+
+    # --- claiming -------------------------------------------------------------------------
+
+    def room(self) -> int:
+        """How many jobs a claim may take: the free slots not promised to jobs claimed already;
+        none while a suspect waits or runs (it runs alone)."""
+        held = self.daemon.held
+        if any(map(self._alone, held.next)) or any(self._alone(s.work.job) for s in self.running.values()):
+            return 0
+        return max(0, self.generator.slots - len(self.running) - self._joining_now - len(held.next))
+
+    def claim(self) -> int:
+        """Claim up to :meth:`room` jobs, marked started (they join at the next step); how many."""
+        daemon = self.daemon
+        room = self.room()
+        if room <= 0 or not daemon.claimer.may_claim():
+            return 0
+        self._claim_due = time.monotonic() + daemon.config.poll_interval_seconds
+        now = daemon.claimer.clock()
+        jobs = daemon.store.claim(room, start=True)
+        daemon.claimer.take(jobs, now, premarked=True)
+        return len(jobs)
+
+    def _claim_wanted(self) -> bool:
+        # The waker first: it is how a job enqueued now joins at the next step, not a poll later.
+        return self.room() > 0 and (self.daemon.waker.wait(0) or time.monotonic() >= self._claim_due)
+
+    # --- the round ------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """One round: start the jobs claimed into free slots and run a step; idle, write what is
+        left and claim. Returns how many jobs it ran or claimed (0: idle, nothing to claim)."""
+        daemon = self.daemon
+        if daemon.stopping:
+            return 0
+        joining = self._joining()
+        if self.running or joining:
+            self._step(joining)
+            return len(self.running) + len(joining) or 1
+        completer = daemon.completer
+        if completer.pending:
+            completer.flush(claim_next=False)
+        return self.claim()
+
+    def drain(self) -> None:
+        """After a stop: decode the running jobs to their end within the grace period (none if the
+        stop is immediate); the shutdown gives back whatever is still held."""
+        daemon = self.daemon
+        while self.running and not daemon.runner.busy and not self._grace_over():
+            self._step([])
+        if self.running:
+            daemon.log.warning("grace period over; giving running jobs back", jobs=sorted(self.running))
+            self.running = {}
+
+    def _grace_over(self) -> bool:
+        daemon = self.daemon
+        at = daemon._stop_requested_at
+        if at is None:
+            return False
+        grace = 0.0 if daemon._immediate else daemon.config.grace_seconds
+        return time.monotonic() >= at + grace
+
+    def _joining(self) -> list[Work]:
+        """The held jobs that join at the next step, as many as slots are free; those refused
+        before the backend sees them go to the completer. A suspect joins only an empty batch."""
+        daemon, held = self.daemon, self.daemon.held
+        free = self.generator.slots - len(self.running)
+        if not held.next or free <= 0 or any(self._alone(s.work.job) for s in self.running.values()):
+            return []
+        trusted = [job for job in held.next if not self._alone(job)]
+        taken = trusted[:free] if trusted else ([held.next[0]] if not self.running else [])
+        ids = {id(job) for job in taken}
+        held.next = [job for job in held.next if id(job) not in ids]
+        waiting = [job for job in held.next if self._alone(job) and job.id not in self._unmarked]
+        self._mark(waiting, started=False)  # a waiting suspect is not charged if the batch kills the daemon
+        self._unmarked.update(job.id for job in waiting)
+        again = [job for job in taken if job.id in self._unmarked]
+        self._mark(again, started=True)  # it runs alone now: the GPU is idle anyway
+        self._unmarked -= {job.id for job in taken}
+        held.premarked -= {job.id for job in taken}
+        work, refused = prepare_isolating(taken, daemon.generator)
+        daemon.completer.pending.extend(daemon._sort_faults(refused))
+        return [daemon._controlled(w) for w in work]
+
+    def _alone(self, job: ClaimedJob) -> bool:
+        """A suspect, or a job that was in a step that failed here: it joins an empty batch."""
+        return job.suspect or job.id in self._doubted
+
+    def _mark(self, jobs: list[ClaimedJob], *, started: bool) -> None:
+        if jobs:
+            with outage_skips(self.daemon.log, "could not change start marks", jobs=[job.id for job in jobs]):
+                self.daemon.store.mark_started(jobs, started=started)
+
+    def _step(self, joining: list[Work]) -> None:
+        """One backend call (cancels, joins, a step, staged files); the database work beside it."""
+        daemon = self.daemon
+        now = time.monotonic()
+        # The request's own control: a cancel recorded at once (Completer.cancel_running) no longer
+        # holds the job, nor its control in Held.controls.
+        stopped = [key for key, s in self.running.items() if s.work.request.control.cancelled]
+        limit = daemon.config.job_timeout_seconds
+        overdue = [key for key, s in self.running.items() if key not in stopped and now - s.joined >= limit]
+        future = daemon.runner.submit(self._call(joining, stopped + overdue))
+        begun, self._joining_now = time.monotonic(), len(joining)
+        left = [self.running.pop(key) for key in stopped + overdue]
+        daemon.completer.pending.extend(cancelled(s.work.job, now - s.joined) for s in left[: len(stopped)])
+        if overdue:
+            daemon.log.error("job overran its time limit: its slot is freed, the others decode on", jobs=overdue)
+            error = JobTimeoutError(f"job exceeded its time limit of {limit:g} s")
+            daemon.completer.pending.extend(Attempt(s.work.job, error, now - s.joined) for s in left[len(stopped):])
+        # While the step runs: the outcomes of the last one, then a claim into the free slots.
+        with outage_skips(daemon.log, "could not write outcomes or claim yet; will try again after this step"):
+            if daemon.completer.pending:
+                daemon.completer.flush(claim_next=False)
+            if self._claim_wanted():
+                self.claim()
+        daemon.tick()
+        try:
+            step = self._wait(future, begun, joining)
+        except Exception as exc:
+            self._failed(exc, joining, time.monotonic() - begun)
+            return
+        finally:
+            self._joining_now = 0
+        if step is None:
+            return
+        self.running.update((s.work.job.id, s) for s in step.joined)
+        for outcome in step.outcomes:
+            self.running.pop(outcome.job.id, None)
+            self._doubted.discard(outcome.job.id)  # it got through a step alone
+        daemon.completer.pending.extend(daemon._sort_faults(step.outcomes))
+
+    def _call(self, joining: list[Work], leaving: list[str]) -> Callable[[], _Step]:
+        """The backend call of one round, for the runner's thread."""
+        daemon, generator = self.daemon, self.generator
+        outputs, worker_id = daemon.settings.outputs_dir, daemon.worker_id
+        slots = dict(self.running)  # the runner's own copy: the main thread changes running meanwhile
+        daemon._call = handoff = Handoff()
+
+        def call() -> _Step:
+            for key in leaving:
+                generator.cancel(key)
+            root = audio.OutputRoot(outputs)
+            located, outcomes = locate(joining, root) if joining else ([], [])
+            joined: list[_Slot] = []
+            for work, path in located:
+                if work.request.control.cancelled:
+                    outcomes.append(cancelled(work.job))
+                    continue
+                try:
+                    if work.job.suspect:  # validated in its own call, after its start mark
+                        daemon.generator.validate(work.request)
+                    generator.start(work.request)
+                except Exception as exc:  # this job's alone: the others join
+                    error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))
+                    outcomes.append(Attempt(work.job, error, 0.0))
+                    continue
+                joined.append(_Slot(work, path, time.monotonic()))
+            finished = generator.step()
+            if finished:
+                outcomes += self._stage(finished, {**slots, **{s.work.job.id: s for s in joined}},
+                                        root.real, worker_id)
+            return _Step(joined, handoff.deliver(outcomes))
+
+        return call
+
+    @staticmethod
+    def _stage(finished: list[tuple[str, GenerationOutcome]], slots: dict[str, _Slot], inside: str,
+               worker_id: str) -> list[Attempt]:
+        """Stage the files of the jobs that finished, each timed from when it joined."""
+        done = time.monotonic()
+        mine = [(slots[key], result) for key, result in finished if key in slots]
+        staged = stage([s.work for s, _ in mine], [s.path for s, _ in mine], [r for _, r in mine], 0.0, inside,
+                       worker_id)
+        return [replace(o, generation_seconds=o.generation_seconds + done - s.joined)
+                for o, (s, _) in zip(staged, mine, strict=True)]
+
+    def _wait(self, future: Future[_Step], begun: float, joining: list[Work]) -> _Step | None:
+        """The step's result, heartbeating meanwhile; None when a stop or the time limit gave up on it."""
+        daemon = self.daemon
+        while True:
+            try:
+                return future.result(timeout=_SLICE)
+            except FutureTimeout:
+                pass
+            daemon.tick()
+            if future.done():
+                continue
+            if daemon.stopping and self._grace_over():
+                daemon._abandon_call()
+                daemon.log.warning("grace period over during a step; giving running jobs back",
+                                   jobs=sorted(self.running))
+                self.running = {}
+                return None
+            if time.monotonic() - begun >= daemon.config.job_timeout_seconds:
+                daemon._abandon_call()
+                jobs = [s.work.job for s in self.running.values()] + [w.job for w in joining]
+                daemon.log.error("a decoding step overran the time limit: charged to the jobs in its slots; the"
+                                 " rest go back unspent, then exit for a fresh process", jobs=[j.id for j in jobs])
+                from dgxqueue.daemon.daemon import EXIT_JOB_TIMEOUT  # here: that module imports this one
+
+                daemon.exit_code = EXIT_JOB_TIMEOUT
+                daemon.request_stop(immediate=True)
+                error = JobTimeoutError(f"job exceeded its time limit of {daemon.config.job_timeout_seconds:g} s")
+                daemon.completer.pending.extend(Attempt(job, error, time.monotonic() - begun) for job in jobs)
+                self.running = {}
+                return None
+
+    def _failed(self, exc: Exception, joining: list[Work], elapsed: float) -> None:
+        """A step raised: every job in a slot was dropped. See the module's docstring for who pays."""
+        daemon = self.daemon
+        jobs = [s.work.job for s in self.running.values()] + [w.job for w in joining]
+        self.running = {}
+        attempts = [Attempt(job, exc, elapsed) for job in jobs]
+        if machine_fault(exc) is not None:
+            daemon.completer.pending.extend(daemon._sort_faults(attempts))
+            return
+        if isinstance(exc, CapacityError):
+            daemon.log.warning("out of memory: the jobs in slots go back unspent; fewer slots now",
+                               slots=self.generator.slots, jobs=[job.id for job in jobs], error=str(exc))
+            marks: dict[str, str] = {}
+            kept: list[Attempt] = []
+        else:
+            daemon.log.error("a decoding step failed: the jobs in slots go back", jobs=[job.id for job in jobs],
+                             error=f"{type(exc).__name__}: {exc}")
+            verdict = refund(attempts, "step", daemon._error_messages)
+            marks, kept = verdict.marks, verdict.outcomes
+            self._doubted.update(job.id for job in jobs)
+        daemon.completer.pending.extend(kept)
+        back = {job.id for job in jobs} - {o.job.id for o in kept}
+        if back:
+            daemon.completer.release(keep={job.id for job in daemon.held.jobs} - back, marks=marks)

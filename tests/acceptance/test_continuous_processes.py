@@ -1,0 +1,183 @@
+"""Continuous batching with a real daemon process on the tiny MusicGen, on CPU: jobs join a running
+batch and leave it as they finish; cancel, SIGTERM and SIGKILL with jobs in slots."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from dgxqueue import audio
+from dgxqueue.config import OutputSettings
+from dgxqueue.generators import GeneratedAudio, GenerationRequest, create_generator, seed_for
+from dgxqueue.storage import cancel_generation, create_generations, get_engine, init_db, session_scope
+from tests.support.processes import start_worker, stop, wait_until, write_config
+
+pytest.importorskip("torch", reason="the musicgen backend needs the extra: pip install .[musicgen]")
+pytest.importorskip("transformers", reason="the musicgen backend needs the extra: pip install .[musicgen]")
+
+SLOTS = 4
+WAIT = 180.0  # the 2-core test machine is shared: generous bounds, never sleeps
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.support.tiny_musicgen import build_tiny_musicgen
+
+    return build_tiny_musicgen(tmp_path_factory.mktemp("continuous-musicgen"))
+
+
+def _options(model: Path) -> dict[str, Any]:
+    return {"model": str(model), "models": ["tiny"], "device": "cpu", "decode": "loop", "max_batch_size": SLOTS}
+
+
+def _config(tmp: Path, url: str, model: Path, **worker: Any) -> Path:
+    return write_config(tmp / "config.toml", {
+        "database": {"url": url},
+        "outputs": {"dir": str(tmp / "outputs")},
+        "generator": {"name": "musicgen", "continuous": True},
+        "generator.options": _options(model),
+        "worker": {"lease_seconds": 30.0, "heartbeat_seconds": 0.2, "rescue_interval_seconds": 0.5,
+                   "poll_interval_seconds": 0.5, "backoff_base_seconds": 0.0, **worker},
+        "metrics": {"enabled": False},
+        "logging": {"format": "json", "level": "info"},
+    })
+
+
+def _enqueue(url: str, tmp: Path, *durations: float) -> list[str]:
+    prompts = ["lofi hip hop beat with warm piano", "epic orchestral trailer music", "upbeat synthwave",
+               "calm ambient pads", "funky disco groove", "dark techno with a heavy kick"]
+    with session_scope(get_engine(url)) as s:
+        return create_generations(s, [
+            {"prompt": prompts[i % len(prompts)], "model_name": "tiny", "duration_seconds": d, "sample_rate": 32000,
+             "channels": 1} for i, d in enumerate(durations)
+        ], outputs=OutputSettings(dir=str(tmp / "outputs")))
+
+
+def _row(url: str, job_id: str) -> sa.RowMapping:
+    with get_engine(url).connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT status, progress_done, progress_total, cancelled_at, completed_at, error_message, attempts,"
+            " file_path, prompt, duration_seconds FROM generations WHERE id = :id"), {"id": job_id}).mappings().one()
+
+
+def _wav(tmp: Path, row: sa.RowMapping) -> Path:
+    return audio.resolve_output_path(tmp / "outputs", row["file_path"])
+
+
+def _frames(tmp: Path, row: sa.RowMapping) -> int:
+    return int(audio.read_wav(_wav(tmp, row))[0].shape[-1])
+
+
+def _started(url: str, job_id: str, worker: subprocess.Popen[bytes]) -> None:
+    wait_until(lambda: (r := _row(url, job_id))["status"] == "processing" and (r["progress_done"] or 0) > 0, WAIT,
+               f"job {job_id} decoding", alive=worker)
+
+
+def test_continuous__a_job_joins_the_running_batch_and_leaves_first(db_url: str, tmp_path: Path, model: Path) -> None:
+    """Job B, enqueued while the long job A decodes, joins A's running batch and completes before
+    A; both WAVs read back at their lengths, and B's samples equal B rendered alone with its seed."""
+    init_db(db_url)
+    worker = start_worker(_config(tmp_path, db_url, model), tmp_path / "worker.log")
+    try:
+        (a,) = _enqueue(db_url, tmp_path, 5.0)
+        _started(db_url, a, worker)
+        (b,) = _enqueue(db_url, tmp_path, 0.5)
+        wait_until(lambda: _row(db_url, b)["status"] == "completed", WAIT, "B to complete", alive=worker)
+        assert _row(db_url, a)["status"] == "processing", "B waited for A's batch to end"
+        wait_until(lambda: _row(db_url, a)["status"] == "completed", WAIT, "A to complete", alive=worker)
+    finally:
+        assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    row_a, row_b = _row(db_url, a), _row(db_url, b)
+    assert row_b["completed_at"] < row_a["completed_at"]
+    assert _frames(tmp_path, row_a) == 5 * 32000 and _frames(tmp_path, row_b) == 16000
+    generator = create_generator("musicgen", _options(model))
+    generator.load()
+    request = GenerationRequest(job_id=b, prompt=row_b["prompt"], model_name="tiny", duration_seconds=0.5,
+                                sample_rate=32000, channels=1, seed=seed_for(b))
+    (alone,) = generator.generate([request])
+    assert isinstance(alone, GeneratedAudio)
+    audio.write_wav_atomic(tmp_path / "alone.wav", alone)
+    assert np.array_equal(audio.read_wav(tmp_path / "alone.wav")[0], audio.read_wav(_wav(tmp_path, row_b))[0])
+
+
+def test_continuous__cancel_of_one_running_job_leaves_the_others_decoding(sqlite_db_url: str, tmp_path: Path,
+                                                                         model: Path) -> None:
+    """Three jobs decode together; the one cancelled mid-way ends cancelled with no file, the
+    other two complete at their lengths after it."""
+    url = sqlite_db_url
+    init_db(url)
+    ids = _enqueue(url, tmp_path, 4.0, 4.0, 4.0)
+    worker = start_worker(_config(tmp_path, url, model), tmp_path / "worker.log")
+    try:
+        for job_id in ids:
+            _started(url, job_id, worker)
+        with session_scope(get_engine(url)) as s:
+            assert cancel_generation(s, ids[1]).status == "processing"
+        wait_until(lambda: _row(url, ids[1])["status"] == "failed", WAIT, "the cancelled job to end", alive=worker)
+        assert {_row(url, j)["status"] for j in (ids[0], ids[2])} == {"processing"}
+        wait_until(lambda: all(_row(url, j)["status"] == "completed" for j in (ids[0], ids[2])), WAIT,
+                   "the other two to complete", alive=worker)
+    finally:
+        assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    cancelled = _row(url, ids[1])
+    assert cancelled["cancelled_at"] is not None and cancelled["error_message"] == "cancelled by request while it ran"
+    assert not _wav(tmp_path, cancelled).exists()
+    assert all(_frames(tmp_path, _row(url, j)) == 4 * 32000 for j in (ids[0], ids[2]))
+
+
+@pytest.mark.parametrize(("grace", "ends"), [(120.0, "completed"), (0.0, "pending")])
+def test_continuous__sigterm_during_a_running_batch(sqlite_db_url: str, tmp_path: Path, model: Path, grace: float,
+                                                   ends: str) -> None:
+    """SIGTERM with jobs in slots: within a long grace they decode to their end and are recorded;
+    with none they go back pending, attempt refunded; a job claimed nowhere stays pending. Exit 0."""
+    url = sqlite_db_url
+    init_db(url)
+    ids = _enqueue(url, tmp_path, 3.0, 3.0)
+    worker = start_worker(_config(tmp_path, url, model, grace_seconds=grace), tmp_path / "worker.log")
+    try:
+        for job_id in ids:
+            _started(url, job_id, worker)
+        (later,) = _enqueue(url, tmp_path, 0.5)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(WAIT) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    finally:
+        stop(worker)
+    rows = [_row(url, j) for j in ids]
+    assert [r["status"] for r in rows] == [ends, ends]
+    if ends == "completed":
+        assert all(_frames(tmp_path, r) == 3 * 32000 for r in rows)
+    else:
+        assert [r["attempts"] for r in rows] == [0, 0]
+    assert _row(url, later)["status"] in ("pending", "completed")
+
+
+def test_continuous__sigkill_jobs_in_slots_are_rescued(sqlite_db_url: str, tmp_path: Path, model: Path) -> None:
+    """SIGKILL with jobs in slots: their leases expire, the rescue requeues them, and a second
+    daemon renders them (each alone, as suspects), WAVs at their lengths."""
+    url = sqlite_db_url
+    init_db(url)
+    ids = _enqueue(url, tmp_path, 3.0, 3.0)
+    config = _config(tmp_path, url, model, lease_seconds=2.0)
+    worker = start_worker(config, tmp_path / "worker.log")
+    try:
+        for job_id in ids:
+            _started(url, job_id, worker)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert {_row(url, j)["status"] for j in ids} == {"processing"}
+    second = start_worker(config, tmp_path / "second.log")
+    try:
+        wait_until(lambda: all(_row(url, j)["status"] == "completed" for j in ids), WAIT,
+                   "the rescued jobs to complete", alive=second)
+    finally:
+        assert stop(second) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    rows = [_row(url, j) for j in ids]
+    assert [r["attempts"] for r in rows] == [2, 2]
+    assert all(_frames(tmp_path, r) == 3 * 32000 for r in rows)

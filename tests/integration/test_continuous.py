@@ -1,0 +1,188 @@
+"""The continuous daemon in process on a SlotGenerator of the tests' own: what a failed step, running
+out of memory and a job's time limit cost whom. (The tiny MusicGen in daemon processes:
+tests/acceptance/test_continuous_processes.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from dgxqueue.audio import resolve_output_path
+from dgxqueue.config import OutputSettings
+from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon
+from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
+from dgxqueue.errors import CapacityError, PermanentGeneratorError
+from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
+from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
+from tests.support.daemons import RecordingHooks, make_settings
+
+RATE = 8000
+
+
+class Slots:
+    """A SlotGenerator: a job of prompt ``steps:N`` finishes after N steps; ``hang`` never does;
+    ``poison`` makes every step it is in raise; ``stall`` makes it hang for 3 s.
+    ``fail_once``: the first step raises it (every job in a slot is dropped), and a CapacityError
+    halves the slots as MusicGen does."""
+
+    name = "slots"
+    models = frozenset({"slots"})
+
+    def __init__(self, slots: int = 4, fail_once: Exception | None = None) -> None:
+        self.max_batch_size = self._slots = slots
+        self.fail_once = fail_once
+        self.running: dict[str, tuple[GenerationRequest, int]] = {}  # job id -> (request, steps left)
+        self.peak = 0  # most jobs in slots at once
+        self._pause = threading.Event()
+
+    def load(self) -> None: ...
+
+    def validate(self, request: GenerationRequest) -> None:
+        if request.prompt not in ("hang", "poison", "stall") and not request.prompt.startswith("steps:"):
+            raise PermanentGeneratorError(f"unknown prompt {request.prompt!r}")
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        return "all"
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
+        raise AssertionError("a continuous daemon never calls generate")
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def free_slots(self) -> int:
+        return self._slots - len(self.running)
+
+    def start(self, request: GenerationRequest) -> None:
+        self.validate(request)
+        assert self.free_slots > 0, "started with no slot free"
+        steps = 10**9 if request.prompt in ("hang", "poison", "stall") else int(request.prompt.split(":")[1])
+        self.running[request.job_id] = (request, steps)
+        self.peak = max(self.peak, len(self.running))
+
+    def step(self) -> list[tuple[str, GenerationOutcome]]:
+        self._pause.wait(0.002)  # a step's work, simulated
+        if any(request.prompt == "stall" for request, _ in self.running.values()):
+            self._pause.wait(3.0)  # a step that hangs (simulated), past the time limit
+        if any(request.prompt == "poison" for request, _ in self.running.values()):
+            self.running = {}
+            raise RuntimeError("a step that a poison job breaks, every time")
+        if self.fail_once is not None and self.running:
+            error, self.fail_once = self.fail_once, None
+            if isinstance(error, CapacityError):
+                self._slots = max(1, self._slots // 2)
+            self.running = {}
+            raise error
+        done: list[tuple[str, GenerationOutcome]] = []
+        for key, (request, left) in list(self.running.items()):
+            if left <= 1:
+                del self.running[key]
+                samples = np.full((request.channels, round(request.duration_seconds * RATE)), 0.1, np.float32)
+                done.append((key, GeneratedAudio(samples, RATE)))
+            else:
+                self.running[key] = (request, left - 1)
+        return done
+
+    def cancel(self, job_id: str) -> bool:
+        return self.running.pop(job_id, None) is not None
+
+
+def _daemon(url: str, outputs: Path, generator: Slots, hooks: RecordingHooks, **worker: Any) -> Daemon:
+    settings = make_settings(url, outputs, **worker)
+    settings = dataclasses.replace(settings, generator=dataclasses.replace(settings.generator, continuous=True))
+    init_db(url)
+    return Daemon(settings, engine=get_engine(url), generator=generator, hooks=hooks)
+
+
+def _enqueue(url: str, outputs: Path, *prompts: str) -> list[str]:
+    init_db(url)
+    with session_scope(get_engine(url)) as s:
+        return create_generations(s, [{"prompt": p, "model_name": "slots", "duration_seconds": 0.25,
+                                       "sample_rate": RATE, "channels": 1} for p in prompts],
+                                  outputs=OutputSettings(dir=str(outputs)))
+
+
+def _rows(url: str, ids: list[str]) -> list[sa.RowMapping]:
+    with get_engine(url).connect() as conn:
+        found = {r["id"]: r for r in conn.execute(sa.text(
+            "SELECT id, status, attempts, error_message, file_path FROM generations")).mappings()}
+    return [found[i] for i in ids]
+
+
+def test_continuous__out_of_memory_gives_the_jobs_back_unspent_and_fewer_slots_finish_them(
+        sqlite_db_url: str, tmp_path: Path) -> None:
+    """A step out of memory (CapacityError) drops every job in a slot: they go back pending with
+    their attempt refunded, rejoin the halved slots and complete on their first counted attempt."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(sqlite_db_url, outputs, "steps:3", "steps:5", "steps:2", "steps:4")
+    generator, hooks = Slots(4, CapacityError("out of memory decoding 4 jobs; 2 slots now")), RecordingHooks()
+    assert _daemon(sqlite_db_url, outputs, generator, hooks).run(burst=True) == 0
+    rows = _rows(sqlite_db_url, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 1)] * 4
+    assert generator.slots == 2 and all(hooks.outcomes(i) == ["released", "completed"] for i in ids)
+    assert all(resolve_output_path(outputs, r["file_path"]).is_file() for r in rows)
+
+
+def test_continuous__a_failed_step_gives_its_jobs_back_marked(sqlite_db_url: str, tmp_path: Path) -> None:
+    """A step that raises something else drops its jobs too: given back marked with the failure and
+    unspent (up to the refund limit), they complete after."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(sqlite_db_url, outputs, "steps:3", "steps:3")
+    generator, hooks = Slots(4, RuntimeError("a bug in the step")), RecordingHooks()
+    assert _daemon(sqlite_db_url, outputs, generator, hooks).run(burst=True) == 0
+    rows = _rows(sqlite_db_url, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 1)] * 2
+    assert all(hooks.outcomes(i) == ["released", "completed"] for i in ids)
+
+
+def test_continuous__a_job_past_its_time_limit_leaves_its_slot_and_the_others_go_on(
+        sqlite_db_url: str, tmp_path: Path) -> None:
+    """A job that never finishes is charged its time limit each attempt, alone; the jobs that
+    joined with it and after it complete, and the daemon does not exit for it."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(sqlite_db_url, outputs, "hang", "steps:20", "steps:2")
+    generator, hooks = Slots(2), RecordingHooks()
+    daemon = _daemon(sqlite_db_url, outputs, generator, hooks, job_timeout_seconds=0.3)
+    assert daemon.run(burst=True) == 0
+    hung, *rest = _rows(sqlite_db_url, ids)
+    assert [r["status"] for r in rest] == ["completed", "completed"]
+    assert hung["status"] == "failed" and "time limit" in (hung["error_message"] or "")
+    assert generator.peak <= 2
+
+
+def test_continuous__a_job_that_breaks_every_step_is_charged_alone(sqlite_db_url: str, tmp_path: Path) -> None:
+    """A job that breaks every step it is in drags its companions down once: after that each of
+    them runs alone, so they complete on their first counted attempt, and it alone is charged
+    until it fails."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(sqlite_db_url, outputs, "poison", "steps:3", "steps:4")
+    generator, hooks = Slots(4), RecordingHooks()
+    assert _daemon(sqlite_db_url, outputs, generator, hooks).run(burst=True) == 0
+    poison, *rest = _rows(sqlite_db_url, ids)
+    assert [(r["status"], r["attempts"]) for r in rest] == [("completed", 1)] * 2
+    assert all(hooks.outcomes(r["id"]) == ["released", "completed"] for r in rest)
+    assert poison["status"] == "failed" and "a step that a poison job breaks" in (poison["error_message"] or "")
+    assert hooks.outcomes(ids[0]).count("released") == UNCONFIRMED_REFUNDS  # then charged
+
+
+def test_continuous__a_step_past_the_time_limit_charges_its_slots_and_exits_124(sqlite_db_url: str,
+                                                                                tmp_path: Path) -> None:
+    """A step that hangs past the time limit is a stuck call, as in the claim-a-batch loop: the
+    jobs in its slots are charged the time limit (retried later), and the daemon exits 124 for a
+    fresh process."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(sqlite_db_url, outputs, "stall", "steps:50")
+    daemon = _daemon(sqlite_db_url, outputs, Slots(4), RecordingHooks(), job_timeout_seconds=0.5,
+                     backoff_base_seconds=60.0)
+    assert daemon.run(burst=True) == EXIT_JOB_TIMEOUT
+    rows = _rows(sqlite_db_url, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("pending", 1)] * 2
+    assert all("time limit" in (r["error_message"] or "") for r in rows)
