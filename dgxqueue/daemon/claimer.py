@@ -68,7 +68,8 @@ class Claimer:
     def _outputs_ok(self) -> bool:
         """The outputs check passes; its problem is said once when it starts and once when it ends."""
         problem = self.outputs_check.problem()
-        if problem != self.paused:
+        # Compared by reason: the message's free space moves with every file written, the pause doesn't.
+        if (problem and problem.reason) != (self.paused and self.paused.reason):
             if problem is not None:
                 self.log.error("not claiming: the outputs folder cannot take files", reason=problem.reason,
                                problem=problem.message)
@@ -76,8 +77,8 @@ class Claimer:
             else:
                 self.log.info("outputs folder usable again; claiming", was=self.paused and self.paused.reason)
                 self.notifier.status(f"serving {', '.join(self.store.models)}")
-            self.paused = problem
             self.hooks.on_claims_paused(problem.reason if problem else None)
+        self.paused = problem
         return problem is None
 
     def run_once(self) -> list[ClaimedJob]:

@@ -6,6 +6,7 @@ at least one test on a real SQLite file."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -159,6 +160,21 @@ def test_claimer__the_outputs_pause_is_said_once_and_lifts_by_itself(memory: Mem
     s.outputs_check.min_free_mb = 0
     assert s.claimer.may_claim() and s.claimer.may_claim()
     assert s.claimer.paused is None and s.hooks.paused == ["disk_low", None]
+
+
+def test_claimer__a_disk_low_pause_is_said_once_while_the_free_space_moves(memory: MemoryBackend,
+                                                                          tmp_path: Path) -> None:
+    """The free space in the problem's message changes with every file any process writes; the
+    pause is still one pause, said once (the claims-paused hook and the log), not once per check."""
+    s = services(memory, tmp_path / "outputs")
+    s.outputs_check.min_free_mb = 2**40
+    assert not s.claimer.may_claim()
+    first = s.claimer.paused
+    (tmp_path / "ballast").write_bytes(os.urandom(4 * 2**20))  # 4 MiB fewer free, whatever else runs
+    os.sync()
+    assert not s.claimer.may_claim()
+    assert first is not None and s.claimer.paused is not None and s.claimer.paused.message != first.message
+    assert s.hooks.paused == ["disk_low"]
 
 
 def test_heartbeat__run_once_extends_held_leases_and_warns_of_a_lost_one(sqlite: DatabaseBackend,
