@@ -73,7 +73,10 @@ def _parse(url: str) -> URL:
         # and shown as such (hidden passwords, driver errors) in every message.
         raise ConfigError("database.url", hide_password(url),
                           "a URL whose user name and password write '@' as %40 (and ':' as %3A, '/' as %2F)")
-    parsed = parsed.set(drivername=profile_for(parsed).driver_name(parsed.drivername))
+    profile = profile_for(parsed)
+    parsed = parsed.set(drivername=profile.driver_name(parsed.drivername))
+    if problem := profile.url_problem(parsed.query):
+        raise ConfigError("database.url", hide_password(url), problem)
     if parsed.drivername not in _DRIVERS:  # the waker and the row loaders are psycopg 3's
         raise ConfigError("database.url", hide_password(url),
                           "a URL for a supported driver: " + ", ".join(f"{d}://" for d in _DRIVERS))

@@ -14,7 +14,7 @@ import functools
 import itertools
 import json
 import sqlite3
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, cast
 
@@ -101,6 +101,11 @@ class Profile:
     def driver_name(self, drivername: str) -> str:
         """The SQLAlchemy driver a URL's scheme means here."""
         return drivername
+
+    def url_problem(self, query: Mapping[str, str | tuple[str, ...]]) -> str | None:
+        """What is wrong with a URL's query options for this engine's driver, if anything: said
+        when the URL is read, not as a driver error at the first connection."""
+        return None
 
     def now(self) -> sa.ColumnElement[datetime]:
         """The database's current time, as an SQL expression comparable with stored times."""
@@ -344,6 +349,19 @@ class PostgreSQLProfile(Profile):
 
     def driver_name(self, drivername: str) -> str:
         return "postgresql+psycopg" if drivername == "postgresql" else drivername  # psycopg 3, not psycopg2
+
+    def url_problem(self, query: Mapping[str, str | tuple[str, ...]]) -> str | None:
+        try:
+            from psycopg import ProgrammingError
+            from psycopg.conninfo import make_conninfo
+        except ImportError:  # no driver: check_driver says so
+            return None
+        options = {key: value[-1] if isinstance(value, tuple) else value for key, value in query.items()}
+        try:
+            make_conninfo("", **options)  # libpq's own parser: its list of options
+        except ProgrammingError as exc:
+            return f"a URL whose options libpq knows ({str(exc).strip()})"
+        return None
 
     def now(self) -> sa.ColumnElement[datetime]:
         return sa.func.statement_timestamp(type_=UTCDateTime())

@@ -28,6 +28,18 @@ def test_create_engine__postgresql_means_psycopg3() -> None:
         engine.dispose()
 
 
+def test_create_engine__refuses_an_option_libpq_does_not_know() -> None:
+    """A PostgreSQL URL with an option libpq has not got (a typo: sslmod=) is a ConfigError on
+    database.url when it is read, password hidden, not an internal error at the first connection;
+    options libpq knows pass."""
+    with pytest.raises(ConfigError) as caught:
+        create_engine("postgresql://postgres:s3cret@127.0.0.1:5432/test?sslmod=require")
+    assert caught.value.key == "database.url" and "sslmod" in caught.value.allowed
+    assert "s3cret" not in str(caught.value)
+    engine = create_engine("postgresql://postgres@127.0.0.1:5432/test?sslmode=disable&application_name=dgxq")
+    engine.dispose()
+
+
 def test_resolve_url__argument_then_environment_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """An explicit URL wins over $DATABASE_URL, which wins over sqlite:///data/generations.db."""
     monkeypatch.delenv("DATABASE_URL", raising=False)
