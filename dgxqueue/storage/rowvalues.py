@@ -45,7 +45,10 @@ def read_time(value: object) -> datetime | Unreadable | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # year 1 at +05:00 is before year 1 in UTC: shown as stored
+            return Unreadable(value.isoformat())
     if isinstance(value, str) and not isinstance(value, Unreadable):
         try:
             return read_time(datetime.fromisoformat(value))

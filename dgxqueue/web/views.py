@@ -5,6 +5,7 @@ The pages and the API share these functions, so the API holds the same data as t
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from urllib.parse import quote
 from sqlalchemy.engine import Engine
 
 from dgxqueue.audio import OutputRoot, resolve_output_path
-from dgxqueue.errors import OutputError, ValidationError
+from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
 from dgxqueue.storage import Generation, browse, reads, registry, session_scope
 from dgxqueue.storage.browse import JobFilter
 from dgxqueue.storage.models import GenerationStatus
@@ -36,7 +37,15 @@ class Source:
 def _value(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
-    if value is None or isinstance(value, bool | int | float | str | list | dict):
+    if isinstance(value, float) and not math.isfinite(value):
+        # Stored by plain SQL (both engines take infinity; metadata's 1e999 parses as one), and
+        # not JSON: JSONResponse would refuse the whole list. Shown as text, as Unreadable is.
+        return str(value)
+    if isinstance(value, list):
+        return [_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _value(item) for key, item in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
 

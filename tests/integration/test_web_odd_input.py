@@ -1,0 +1,78 @@
+"""The status page against what an attacker sends and what plain SQL stores: numbers that are not
+finite, times at the edge of Python's range, NUL bytes (which PostgreSQL text cannot hold), Range
+headers with thousands of digits, an empty file. Every answer is a page, a typed 4xx or the data;
+never a 500."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from dgxqueue.config import Settings
+from dgxqueue.storage import session_scope
+from tests.support.daemons import make_settings
+from tests.support.web import client, csrf_token
+
+#: Times that parse, but whose offset carries them past year 1 or year 9999 in UTC.
+EDGE_TIMES = ("0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00")
+
+
+@pytest.fixture
+def settings(engine: Engine, db_url: str, tmp_path: Path) -> Settings:
+    return make_settings(db_url, tmp_path / "outputs")
+
+
+def _insert(engine: Engine, job_id: str, **values: Any) -> None:
+    """A row as plain SQL writes it (bound values, no model checks)."""
+    row: dict[str, Any] = {"id": job_id, "prompt": "odd", "model_name": "synth", "duration_seconds": 1.0,
+                           "sample_rate": 8000, "channels": 1, "file_path": f"{job_id}.wav", "status": "pending",
+                           "created_at": "2026-12-06T10:00:00+00:00", **values}
+    # Untyped columns: the values go to the driver as they are, past the models' time and JSON types.
+    table = sa.table("generations", *(sa.column(name) for name in row))
+    with session_scope(engine) as session:
+        session.execute(sa.insert(table).values(row))
+
+
+def _strict_json(text: str) -> Any:
+    """JSON as a browser's JSON.parse reads it: NaN and Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in the API's JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def test_web_odd_rows__non_finite_numbers_and_edge_times_keep_every_page_up(engine: Engine,
+                                                                             settings: Settings) -> None:
+    """A duration and a generation time of infinity, metadata holding a number past a float's
+    range (both engines store them) and, on SQLite, a time text whose offset takes it past the
+    datetime range: every page and every API read answers 200, in strict JSON."""
+    _insert(engine, "inf-duration", duration_seconds=float("inf"))
+    _insert(engine, "huge-metadata", status="completed", generation_time_seconds=float("-inf"),
+            completed_at="2026-12-06T10:00:01+00:00", metadata='{"bpm": 1e999, "list": [1e999]}')
+    ids = ["inf-duration", "huge-metadata"]
+    if engine.dialect.name == "sqlite":  # PostgreSQL's timestamptz holds no such text
+        _insert(engine, "edge-created", created_at=EDGE_TIMES[0])
+        _insert(engine, "edge-completed", status="completed", completed_at=EDGE_TIMES[1])
+        _insert(engine, "edge-running", status="processing", started_at=EDGE_TIMES[0], claimed_at=EDGE_TIMES[1])
+        ids += ["edge-created", "edge-completed", "edge-running"]
+    with client(settings) as browser:
+        for url in ["/", "/daemons", "/jobs", *(f"/jobs/{job_id}" for job_id in ids)]:
+            assert browser.get(url).status_code == 200, url
+        for url in ["/api/overview", "/api/daemons", "/api/jobs", *(f"/api/jobs/{job_id}" for job_id in ids)]:
+            answer = browser.get(url)
+            assert answer.status_code == 200, (url, answer.text)
+            _strict_json(answer.text)
+        listed = _strict_json(browser.get("/api/jobs").text)["jobs"]
+        assert sorted(job["id"] for job in listed) == sorted(ids)
+        assert _strict_json(browser.get("/api/jobs/inf-duration").text)["duration_seconds"] == "inf"
+        assert _strict_json(browser.get("/api/jobs/huge-metadata").text)["metadata"] == {"bpm": "inf",
+                                                                                         "list": ["inf"]}
