@@ -82,9 +82,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         when, _, job_id = text.partition("|")
         created_at = datetime.fromisoformat(when)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        if created_at.tzinfo is not None:
+            created_at = created_at.astimezone(UTC)  # OverflowError past year 1 or 9999, as bound
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ValidationError("cursor", cursor, "a cursor returned by a previous page") from None
-    if not job_id or created_at.tzinfo is None:
+    # A NUL: PostgreSQL refuses it as a parameter, and no id holds one.
+    if not job_id or "\x00" in job_id or created_at.tzinfo is None:
         raise ValidationError("cursor", cursor, "a cursor returned by a previous page")
     return created_at, job_id
 

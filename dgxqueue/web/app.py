@@ -27,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dgxqueue import __version__, api
-from dgxqueue.config import Settings
+from dgxqueue.config import MAX_MODEL_NAME_LENGTH, Settings
 from dgxqueue.errors import InvalidStateError, JobNotFoundError, ValidationError
 from dgxqueue.jobs import Job
 from dgxqueue.storage import admin, retry_generation, session_scope
@@ -195,28 +195,42 @@ def create_app(options: WebOptions) -> Starlette:
             return RedirectResponse(safe_next(form.get("next") or back), status_code=303)
         return run
 
+    def job_id_of(request: Request) -> str:
+        job_id: str = request.path_params["job_id"]
+        if "\x00" in job_id:  # no row holds one, and PostgreSQL refuses to compare it
+            raise JobNotFoundError(job_id)
+        return job_id
+
     def cancel(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
-        job_id = request.path_params["job_id"]
+        job_id = job_id_of(request)
         # The handle's cancel: a pending job claimed meanwhile is asked to stop instead.
         status = Job(job_id, options.engine, options.settings).cancel()
         return {"id": job_id, "status": status}, f"/jobs/{job_id}"
 
     def retry(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
-        job_id = request.path_params["job_id"]
+        job_id = job_id_of(request)
         with session_scope(options.engine) as session:
             status = retry_generation(session, job_id).status
         return {"id": job_id, "status": status}, f"/jobs/{job_id}"
 
     def model_name(form: dict[str, str]) -> str:
         model = (form.get("model") or "").strip()
-        if not model:
-            raise ValidationError("model", form.get("model"), "a model name")
+        # The limits an enqueued model name has (PostgreSQL refuses a NUL: a 500 otherwise).
+        if not model or "\x00" in model or len(model) > MAX_MODEL_NAME_LENGTH:
+            raise ValidationError("model", form.get("model"),
+                                  f"a model name of 1 to {MAX_MODEL_NAME_LENGTH} characters without NUL bytes")
         return model
 
+    def reason_of(form: dict[str, str]) -> str | None:
+        reason = (form.get("reason") or "").strip()
+        if "\x00" in reason:
+            raise ValidationError("reason", reason, "text without NUL bytes")
+        return reason or None
+
     def pause(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
-        model = model_name(form)
+        model, reason = model_name(form), reason_of(form)
         with session_scope(options.engine) as session:
-            added = admin.pause_model(session, model, (form.get("reason") or "").strip() or None)
+            added = admin.pause_model(session, model, reason)
         return {"model": model, "paused": True, "already_paused": not added}, "/"
 
     def resume(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:

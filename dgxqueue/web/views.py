@@ -96,6 +96,8 @@ def job_detail(source: Source, job: Generation) -> dict[str, Any]:
 
 
 def read_job(source: Source, job_id: str) -> dict[str, Any]:
+    if "\x00" in job_id:  # no row holds one (PostgreSQL text cannot), and PostgreSQL refuses to compare it
+        raise JobNotFoundError(job_id)
     with session_scope(source.engine) as session:
         return job_detail(source, reads.require_job(session, job_id))
 
@@ -164,9 +166,16 @@ def parse_filter(params: Mapping[str, str]) -> JobFilter:
         except ValueError:
             raise ValidationError("status", status_text, "one of " + ", ".join(s.value for s in GenerationStatus)) \
                 from None
-    return JobFilter(status=status, model=(params.get("model") or "").strip() or None,
-                     text=params.get("q") or None, since=parse_time("since", params.get("since")),
+    return JobFilter(status=status, model=_no_nul("model", (params.get("model") or "").strip()) or None,
+                     text=_no_nul("q", params.get("q") or "") or None, since=parse_time("since", params.get("since")),
                      until=parse_time("until", params.get("until")))
+
+
+def _no_nul(name: str, text: str) -> str:
+    # PostgreSQL refuses a NUL in any text parameter (a 500 otherwise); no row can hold one.
+    if "\x00" in text:
+        raise ValidationError(name, text, "text without NUL bytes")
+    return text
 
 
 def parse_time(name: str, text: str | None) -> datetime | None:
@@ -175,9 +184,10 @@ def parse_time(name: str, text: str | None) -> datetime | None:
         return None
     try:
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
+        # OverflowError: an offset that carries year 1 or 9999 out of range in UTC.
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ValidationError(name, text, "an ISO 8601 time such as 2026-12-06T10:00 (UTC)") from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def parse_limit(text: str | None, default: int = 50) -> int:

@@ -76,3 +76,31 @@ def test_web_odd_rows__non_finite_numbers_and_edge_times_keep_every_page_up(engi
         assert _strict_json(browser.get("/api/jobs/inf-duration").text)["duration_seconds"] == "inf"
         assert _strict_json(browser.get("/api/jobs/huge-metadata").text)["metadata"] == {"bpm": "inf",
                                                                                          "list": ["inf"]}
+
+
+def test_web_odd_input__edge_times_and_nul_bytes_are_typed_refusals(engine: Engine, settings: Settings) -> None:
+    """since/until/cursor past the datetime range and NUL bytes in a filter, a cursor, a job id,
+    a model name or a pause reason: 400 naming the field (404 for a job id), nothing written."""
+    _insert(engine, "a-job")
+    with client(settings) as browser:
+        for params, field in [({"since": EDGE_TIMES[0]}, "since"), ({"until": EDGE_TIMES[1]}, "until"),
+                              ({"cursor": _cursor(f"{EDGE_TIMES[0]}|x")}, "cursor"),
+                              ({"cursor": _cursor("2026-12-06T10:00:00+00:00|a\x00b")}, "cursor"),
+                              ({"model": "a\x00b"}, "model"), ({"q": "a\x00b"}, "q")]:
+            answer = browser.get("/api/jobs", params=params)
+            assert answer.status_code == 400 and answer.json()["field"] == field, (params, answer.text)
+            page = browser.get("/jobs", params=params)
+            assert page.status_code == 400, params
+        assert browser.get("/api/jobs/a%00b").status_code == 404
+        assert browser.get("/jobs/a%00b").status_code == 404
+        headers = {"X-CSRF-Token": csrf_token(browser), "Accept": "application/json"}
+        for path in ["/api/jobs/a%00b/cancel", "/api/jobs/a%00b/retry"]:
+            assert browser.post(path, headers=headers).status_code == 404, path
+        for data, field in [({"model": "a\x00b"}, "model"), ({"model": "m" * 201}, "model"),
+                            ({"model": "synth", "reason": "why\x00"}, "reason")]:
+            for path in ["/api/models/pause", "/api/models/resume"]:
+                if path.endswith("resume") and field == "reason":
+                    continue
+                answer = browser.post(path, data=data, headers=headers)
+                assert answer.status_code == 400 and answer.json()["field"] == field, (path, data, answer.text)
+        assert _strict_json(browser.get("/api/overview").text)["models"][0]["paused"] is False
