@@ -23,6 +23,9 @@ from starlette.responses import Response, StreamingResponse
 
 _CHUNK = 1 << 16
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+#: Past any file's size: a position written with more digits is read as this (int() refuses
+#: more than 4300 digits, and no file is that large).
+_FAR = 10**19
 _TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".flac": "audio/flac", ".ogg": "audio/ogg"}
 
 
@@ -62,6 +65,13 @@ def open_output(outputs_dir: Path, relative: str) -> OpenedFile:
     return OpenedFile(fd, info.st_size, os.path.basename(target))
 
 
+def _position(digits: str) -> int | None:
+    if not digits:
+        return None
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) < 19 else _FAR
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     """The first and last byte a ``Range`` header asks for; None to send the whole file (no
     header, another unit, several ranges or a malformed one, which RFC 9110 lets a server
@@ -71,17 +81,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     match = _RANGE.fullmatch(header.strip())
     if match is None:
         return None
-    first, last = match.groups()
-    if not first and not last:
+    first, last = (_position(text) for text in match.groups())
+    if first is None and last is None:
         return None
-    if not first:  # the last N bytes
-        length = int(last)
-        if length == 0:
+    if first is None:  # the last N bytes
+        assert last is not None
+        if last == 0 or size == 0:  # no byte to send (RFC 9110, 14.1.2)
             return "unsatisfiable"
-        return max(0, size - length), size - 1
-    start = int(first)
-    end = size - 1 if not last else min(int(last), size - 1)
-    if last and int(last) < start:
+        return max(0, size - last), size - 1
+    start = first
+    end = size - 1 if last is None else min(last, size - 1)
+    if last is not None and last < start:
         return None
     if start >= size:
         return "unsatisfiable"

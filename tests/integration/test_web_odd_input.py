@@ -104,3 +104,25 @@ def test_web_odd_input__edge_times_and_nul_bytes_are_typed_refusals(engine: Engi
                 answer = browser.post(path, data=data, headers=headers)
                 assert answer.status_code == 400 and answer.json()["field"] == field, (path, data, answer.text)
         assert _strict_json(browser.get("/api/overview").text)["models"][0]["paused"] is False
+
+
+def test_web_files__huge_range_numbers_and_an_empty_file(settings: Settings) -> None:
+    """A Range whose numbers have thousands of digits is a whole file or a 416, never a 500; a
+    suffix range of an empty file is 416 (no byte to send), not a 206 of "bytes 0--1/0"."""
+    settings.outputs_dir.mkdir(parents=True, exist_ok=True)
+    data = bytes(range(256)) * 4
+    (settings.outputs_dir / "a.wav").write_bytes(data)
+    (settings.outputs_dir / "empty.wav").write_bytes(b"")
+    many = "1" * 5000
+    with client(settings) as browser:
+        past = browser.get("/files/a.wav", headers={"Range": f"bytes={many}-"})
+        assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(data)}"
+        tail = browser.get("/files/a.wav", headers={"Range": f"bytes=-{many}"})
+        assert tail.status_code == 206 and tail.content == data
+        rest = browser.get("/files/a.wav", headers={"Range": f"bytes=10-{many}"})
+        assert rest.status_code == 206 and rest.content == data[10:]
+        assert rest.headers["content-range"] == f"bytes 10-{len(data) - 1}/{len(data)}"
+        padded = browser.get("/files/a.wav", headers={"Range": f"bytes={'0' * 5000}5-{'0' * 30}9"})
+        assert padded.status_code == 206 and padded.content == data[5:10]
+        empty = browser.get("/files/empty.wav", headers={"Range": "bytes=-5"})
+        assert empty.status_code == 416 and empty.headers["content-range"] == "bytes */0"
