@@ -186,6 +186,9 @@ class Profile:
     def prepare_depth_read(self, session: Session) -> None:
         """Session settings for the queue-depth read (metrics)."""
 
+    def prepare_page_read(self, session: Session) -> None:
+        """Session settings for a read of the status page (``dgxqueue web``)."""
+
     def row_estimate(self, session: Session, table: sa.Table) -> float:
         """The engine's own estimate of ``table``'s rows, 0 when it keeps none."""
         return 0.0
@@ -461,6 +464,12 @@ class PostgreSQLProfile(Profile):
         # on the table (a migration) makes the read give up rather than wait with a connection.
         session.execute(sa.select(sa.func.set_config("jit", "off", True),
                                   sa.func.set_config("statement_timeout", "5s", True)))
+
+    def prepare_page_read(self, session: Session) -> None:
+        # A lock held on a table (a migration, VACUUM FULL) makes the read give up (503) rather
+        # than wait with a connection: the pages poll every 1.5 s, and waiting reads would hold
+        # every connection of the pool, so that nothing else is answered until the lock goes.
+        session.execute(sa.select(sa.func.set_config("lock_timeout", "2s", True)))
 
     def row_estimate(self, session: Session, table: sa.Table) -> float:
         """The planner's estimate (pg_class scaled to the table's current size; 0 before ANALYZE)."""

@@ -277,6 +277,14 @@ def create_app(options: WebOptions) -> Starlette:
             return JSONResponse({"error": message, "field": None}, status_code=status)
         return page(request, "error.html", status=status, message=message)
 
-    app = Starlette(routes=routes, exception_handlers={sa.exc.DBAPIError: database_error})
+    async def pool_exhausted(request: Request, exc: Exception) -> Response:
+        # Every connection busy (reads waiting on a slow database): unavailable, as a lost one is.
+        message = "database unavailable: no free connection (TimeoutError)"
+        if request.url.path.startswith("/api/") or wants_json(request):
+            return JSONResponse({"error": message, "field": None}, status_code=503)
+        return page(request, "error.html", status=503, message=message)
+
+    app = Starlette(routes=routes, exception_handlers={sa.exc.DBAPIError: database_error,
+                                                       sa.exc.TimeoutError: pool_exhausted})
     app.add_middleware(GuardMiddleware, guard=guard)
     return app

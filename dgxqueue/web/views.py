@@ -5,9 +5,10 @@ The pages and the API share these functions, so the API holds the same data as t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from dgxqueue.audio import OutputRoot, resolve_output_path
 from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
 from dgxqueue.storage import Generation, browse, reads, registry, session_scope
 from dgxqueue.storage.browse import JobFilter
+from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import GenerationStatus
 
 #: The running jobs the overview lists (the daemons page lists them all).
@@ -32,6 +35,13 @@ class Source:
 
     engine: Engine
     outputs_dir: Path
+
+
+@contextlib.contextmanager
+def _reading(source: Source) -> Iterator[Session]:
+    with session_scope(source.engine) as session:
+        profile_of(source.engine.dialect).prepare_page_read(session)
+        yield session
 
 
 def _value(value: Any) -> Any:
@@ -98,19 +108,19 @@ def job_detail(source: Source, job: Generation) -> dict[str, Any]:
 def read_job(source: Source, job_id: str) -> dict[str, Any]:
     if "\x00" in job_id:  # no row holds one (PostgreSQL text cannot), and PostgreSQL refuses to compare it
         raise JobNotFoundError(job_id)
-    with session_scope(source.engine) as session:
+    with _reading(source) as session:
         return job_detail(source, reads.require_job(session, job_id))
 
 
 def read_jobs(source: Source, where: JobFilter, limit: int, cursor: str | None) -> dict[str, Any]:
-    with session_scope(source.engine) as session:
+    with _reading(source) as session:
         page = browse.jobs_page(session, where, limit=limit, cursor=cursor)
     root = OutputRoot(source.outputs_dir)
     return {"jobs": [list_row(root, row) for row in page.rows], "next_cursor": page.next_cursor}
 
 
 def read_overview(source: Source) -> dict[str, Any]:
-    with session_scope(source.engine) as session:
+    with _reading(source) as session:
         live = registry.daemons(session)
         per_model: dict[str, int] = {}
         for daemon in live:
@@ -144,7 +154,7 @@ def _running(job: browse.RunningJob) -> dict[str, Any]:
 
 
 def read_daemons(source: Source) -> dict[str, Any]:
-    with session_scope(source.engine) as session:
+    with _reading(source) as session:
         live = registry.daemons(session, include_stale=True)
         running = browse.running_jobs(session)
     by_worker: dict[str | None, list[dict[str, Any]]] = {}

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from starlette.testclient import TestClient
 
 from dgxqueue.config import Settings
 from dgxqueue.storage import session_scope
+from dgxqueue.web import WebOptions, create_app
 from tests.support.daemons import make_settings
-from tests.support.web import client, csrf_token
+from tests.support.web import BASE, client, csrf_token
 
 #: Times that parse, but whose offset carries them past year 1 or year 9999 in UTC.
 EDGE_TIMES = ("0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00")
@@ -126,3 +129,45 @@ def test_web_files__huge_range_numbers_and_an_empty_file(settings: Settings) -> 
         assert padded.status_code == 206 and padded.content == data[5:10]
         empty = browser.get("/files/empty.wav", headers={"Range": "bytes=-5"})
         assert empty.status_code == 416 and empty.headers["content-range"] == "bytes */0"
+
+
+def test_web_db_busy__an_exhausted_pool_is_503_not_a_bare_500(engine: Engine, db_url: str,
+                                                               settings: Settings) -> None:
+    """Every connection of the pool held (pollers waiting on a slow database): the page and the
+    API answer 503 "database unavailable" in one line, as for a lost connection, instead of
+    Starlette's bare 500; the next request after a connection returns is served."""
+    small = sa.create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    app = create_app(WebOptions(settings=settings, engine=small, overview_cache_seconds=0.0))
+    try:
+        with TestClient(app, base_url=BASE, follow_redirects=False) as browser:
+            with small.connect():
+                busy = browser.get("/api/jobs")
+                assert busy.status_code == 503, busy.text
+                assert busy.json()["error"].startswith("database unavailable")
+                page = browser.get("/jobs")
+                assert page.status_code == 503 and "database unavailable" in page.text
+            assert browser.get("/api/jobs").status_code == 200
+    finally:
+        small.dispose()
+
+
+def test_web_db_busy__a_locked_table_is_503_not_a_hang(engine: Engine, db_url: str, settings: Settings) -> None:
+    """PostgreSQL: the generations table locked (a migration, VACUUM FULL): each read of the page
+    and the API gives up within seconds with 503 rather than holding its connection until the
+    lock goes (the pool would run dry and every later poll wait too); served again after."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's readers (WAL) do not wait for a writer")
+    _insert(engine, "a-job")
+    with client(settings) as browser, engine.connect() as locker:
+        # The server ends the locking session after 25 s idle, so that a read which waits for
+        # the lock (the bug) comes back as a failure rather than hanging the test.
+        locker.execute(sa.text("SET idle_in_transaction_session_timeout = '25s'"))
+        locker.execute(sa.text("LOCK TABLE generations IN ACCESS EXCLUSIVE MODE"))
+        started = time.monotonic()
+        for url in ["/api/jobs", "/api/jobs/a-job", "/api/overview", "/jobs"]:
+            answer = browser.get(url)
+            assert answer.status_code == 503, (url, answer.text)
+        assert time.monotonic() - started < 20
+        locker.rollback()
+        for url in ["/api/jobs", "/api/jobs/a-job", "/api/overview", "/api/daemons"]:
+            assert browser.get(url).status_code == 200, url
