@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import sqlalchemy as sa
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -72,6 +72,8 @@ def create_app(options: WebOptions) -> Starlette:
     source = views.Source(options.engine, options.settings.outputs_dir)
     templates = Environment(loader=PackageLoader("dgxqueue.web", "templates"),
                             autoescape=select_autoescape(default=True, default_for_string=True))
+    # A job id as one path segment: an id written by plain SQL may hold "?", "#" or "%".
+    templates.filters["urlpart"] = lambda value: quote(str(value), safe="")
     templates.globals.update(version=__version__, read_only=options.read_only, poll_ms=POLL_MS,
                              statuses=["pending", "processing", "completed", "failed"], login=guard.token is not None)
 
@@ -205,13 +207,13 @@ def create_app(options: WebOptions) -> Starlette:
         job_id = job_id_of(request)
         # The handle's cancel: a pending job claimed meanwhile is asked to stop instead.
         status = Job(job_id, options.engine, options.settings).cancel()
-        return {"id": job_id, "status": status}, f"/jobs/{job_id}"
+        return {"id": job_id, "status": status}, f"/jobs/{quote(job_id, safe='')}"
 
     def retry(request: Request, form: dict[str, str]) -> tuple[dict[str, Any], str]:
         job_id = job_id_of(request)
         with session_scope(options.engine) as session:
             status = retry_generation(session, job_id).status
-        return {"id": job_id, "status": status}, f"/jobs/{job_id}"
+        return {"id": job_id, "status": status}, f"/jobs/{quote(job_id, safe='')}"
 
     def model_name(form: dict[str, str]) -> str:
         model = (form.get("model") or "").strip()

@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from dgxqueue.storage import get_engine, session_scope
 from tests.support.paced import release_step
 from tests.support.webstack import Stack, browser_available, web_stack
 
@@ -122,3 +124,22 @@ def test_browser__a_prompt_holding_script_is_shown_as_text(stack: Stack) -> None
         "return [row.cells[0].textContent, row.querySelectorAll('i').length];", model)
     assert cells == [model, 0]
     assert _no_alert(stack.driver) and stack.driver.execute_script("return window.notReloaded && !window.pwned;")
+
+
+def test_browser__odd_status_and_id_written_by_plain_sql(stack: Stack) -> None:
+    """A status holding a carriage return (which the HTML parser turns into a line feed) leaves
+    the job page polling, not reloading on every poll for ever; a job id holding ``?`` and ``#``
+    links to its own page from the jobs list."""
+    row = {"prompt": "odd row from plain sql", "model_name": "nobody", "duration_seconds": 1.0,
+           "sample_rate": 8000, "channels": 1, "file_path": "odd.wav", "created_at": "2026-12-06T10:00:00+00:00"}
+    untyped = sa.table("generations", *(sa.column(name) for name in ["id", "status", *row]))
+    with session_scope(get_engine(stack.url)) as session:
+        session.execute(sa.insert(untyped).values([{**row, "id": "odd-status", "status": "processing\r"},
+                                                   {**row, "id": "odd?id=1#here", "status": "pending"}]))
+    stack.open("/jobs/odd-status")
+    stack.driver.execute_script("window.notReloaded = true;")
+    stack.wait(lambda d: d.find_element(By.ID, "updated").text.startswith("updated"), "a live update")
+    assert stack.driver.execute_script("return window.notReloaded === true;")
+    stack.open("/jobs?q=odd+row+from+plain+sql&status=pending")
+    stack.driver.find_element(By.CSS_SELECTOR, "td a").click()
+    stack.wait(lambda d: d.find_element(By.TAG_NAME, "h2").text == "Job odd?id=1#here", "the job's own page")

@@ -106,7 +106,9 @@
 
   function renderJob(data) {
     const status = document.getElementById("status");
-    if (status.textContent !== data.status) {
+    // The status as JSON: the text the HTML parser made of it may differ (a carriage return
+    // becomes a line feed), and a reload on every poll would never end.
+    if (JSON.parse(status.dataset.status) !== data.status) {
       location.reload();  // the buttons and the player depend on the status
       return;
     }
