@@ -247,8 +247,14 @@ def create_app(options: WebOptions) -> Starlette:
             seconds = float(duration) if duration else None
         except ValueError:
             raise ValidationError("duration_seconds", duration, "a number of seconds") from None
-        job_id = api.enqueue(form.get("prompt", ""), model_name=(form.get("model") or "").strip() or None,
-                             duration_seconds=seconds, settings=options.settings)
+        try:
+            job_id = api.enqueue(form.get("prompt", ""), model_name=(form.get("model") or "").strip() or None,
+                                 duration_seconds=seconds, settings=options.settings)
+        except ValidationError as exc:
+            if exc.field != "model_name":
+                raise
+            # The form's field is "model": the refusal names what the user typed into.
+            raise ValidationError("model", exc.value, exc.allowed) from None
         return {"id": job_id, "status": "pending"}, f"/jobs/{job_id}"
 
     routes = [

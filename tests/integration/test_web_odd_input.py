@@ -171,3 +171,16 @@ def test_web_db_busy__a_locked_table_is_503_not_a_hang(engine: Engine, db_url: s
         locker.rollback()
         for url in ["/api/jobs", "/api/jobs/a-job", "/api/overview", "/api/daemons"]:
             assert browser.get(url).status_code == 200, url
+
+
+def test_web_enqueue__a_refusal_names_the_form_field(engine: Engine, settings: Settings) -> None:
+    """The enqueue form's fields are prompt, model and duration_seconds: a refusal names the one
+    the user typed into (model, not the column model_name), and writes nothing."""
+    with client(settings) as browser:
+        headers = {"X-CSRF-Token": csrf_token(browser), "Accept": "application/json"}
+        for data, field in [({"prompt": "ok", "model": "m\x00"}, "model"),
+                            ({"prompt": "ok", "model": "m" * 201}, "model"), ({"prompt": ""}, "prompt"),
+                            ({"prompt": "ok", "duration_seconds": "1e999"}, "duration_seconds")]:
+            answer = browser.post("/api/jobs", data=data, headers=headers)
+            assert answer.status_code == 400 and answer.json()["field"] == field, (data, answer.text)
+        assert browser.get("/api/overview").json()["total"] == 0
