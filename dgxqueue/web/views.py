@@ -160,7 +160,8 @@ def read_daemons(source: Source) -> dict[str, Any]:
     by_worker: dict[str | None, list[dict[str, Any]]] = {}
     for job in running:
         by_worker.setdefault(job.worker_id, []).append(_running(job))
-    daemons = [{**daemon.as_dict(), "jobs": by_worker.pop(daemon.id, [])} for daemon in live]
+    # _value: a pid stored by plain SQL may be a float SQLite kept, infinity included.
+    daemons = [{**_value(daemon.as_dict()), "jobs": by_worker.pop(daemon.id, [])} for daemon in live]
     others = [job for jobs in by_worker.values() for job in jobs]
     return {"daemons": daemons, "other_running": others}
 

@@ -184,3 +184,20 @@ def test_web_enqueue__a_refusal_names_the_form_field(engine: Engine, settings: S
             answer = browser.post("/api/jobs", data=data, headers=headers)
             assert answer.status_code == 400 and answer.json()["field"] == field, (data, answer.text)
         assert browser.get("/api/overview").json()["total"] == 0
+
+
+def test_web_odd_rows__a_daemon_row_holding_infinity(engine: Engine, settings: Settings) -> None:
+    """SQLite: a daemon row whose pid is infinity (plain SQL; SQLite keeps a REAL in an INTEGER
+    column) still lets the daemons page and its API answer, in strict JSON."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's integer column holds no infinity")
+    row = {"id": "odd-daemon", "host": "box", "pid": float("inf"), "generator": "synth", "models": '["synth"]',
+           "version": "1", "started_at": "2026-12-06T10:00:00+00:00", "heartbeat_at": "2026-12-06T10:00:00+00:00",
+           "expires_at": "2999-01-01T00:00:00+00:00", "holding": "[]"}
+    with session_scope(engine) as session:
+        session.execute(sa.insert(sa.table("daemons", *(sa.column(name) for name in row))).values(row))
+    with client(settings) as browser:
+        answer = browser.get("/api/daemons")
+        assert answer.status_code == 200, answer.text
+        assert [d["pid"] for d in _strict_json(answer.text)["daemons"]] == ["inf"]
+        assert browser.get("/daemons").status_code == 200 and browser.get("/").status_code == 200
