@@ -6,8 +6,9 @@ The jobs list is newest first, ``(created_at DESC, id DESC)``, paginated by keys
 holds the last row's ``created_at`` and ``id``), never by offset: a page deep in a table of
 millions of rows costs what the first page costs, a range read on ``idx_generations_created_at``
 (the specification's index). ``benchmarks/bench_web_jobs.py`` measures it beside the bare SQL.
-Text search is one function, :func:`prompt_matches`, so that another search (full-text) can
-replace it without touching the list.
+A text filter is the prompt search of :mod:`dgxqueue.storage.search` (words as word prefixes,
+through migration 006's index, as ``dgxqueue list --search``): its matches are found first and
+the page is cut from them, so a rare word costs what the index costs, not a walk of the table.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from dgxqueue.errors import ValidationError
-from dgxqueue.storage import reads
+from dgxqueue.storage import reads, search
 from dgxqueue.storage.models import (
     COMPLETED,
     FAILED,
@@ -34,7 +35,7 @@ from dgxqueue.storage.models import (
 )
 
 __all__ = ["MAX_PAGE", "THROUGHPUT_WINDOWS", "JobFilter", "JobPage", "Overview", "RunningJob", "decode_cursor",
-           "encode_cursor", "jobs_page", "jobs_statement", "overview", "prompt_matches", "running_jobs"]
+           "encode_cursor", "jobs_page", "jobs_statement", "overview", "running_jobs"]
 
 #: The most rows one page of the list holds.
 MAX_PAGE = 500
@@ -44,7 +45,6 @@ THROUGHPUT_WINDOWS = (1, 5, 15)
 LIST_COLUMNS = (G.c.id, G.c.prompt, G.c.model_name, G.c.status, G.c.created_at, G.c.completed_at,
                 G.c.duration_seconds, G.c.attempts, G.c.max_attempts, G.c.progress_done, G.c.progress_total,
                 G.c.error_message, G.c.worker_id, G.c.cancel_requested_at, G.c.file_path)
-_LIKE_ESCAPE = "\\"
 #: The most running rows the daemons page reads (a GPU box runs a few dozen at most).
 MAX_RUNNING = 1000
 
@@ -92,22 +92,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, job_id
 
 
-def prompt_matches(text: str) -> sa.ColumnElement[bool]:
-    """Rows whose prompt holds ``text`` (case-insensitive for ASCII on SQLite, as LIKE is; ILIKE on
-    PostgreSQL). The one place text search is defined: a full-text index replaces this."""
-    escaped = text.replace(_LIKE_ESCAPE, _LIKE_ESCAPE * 2).replace("%", _LIKE_ESCAPE + "%")
-    escaped = escaped.replace("_", _LIKE_ESCAPE + "_")
-    return G.c.prompt.ilike(f"%{escaped}%", escape=_LIKE_ESCAPE)
-
-
 def _conditions(where: JobFilter) -> list[sa.ColumnElement[bool]]:
     found: list[sa.ColumnElement[bool]] = []
     if where.status is not None:
         found.append(G.c.status == where.status.value)
     if where.model is not None:
         found.append(G.c.model_name == where.model)
-    if where.text:
-        found.append(prompt_matches(where.text))
     if where.since is not None:
         found.append(G.c.created_at >= where.since)
     if where.until is not None:
@@ -115,16 +105,20 @@ def _conditions(where: JobFilter) -> list[sa.ColumnElement[bool]]:
     return found
 
 
-def jobs_statement(where: JobFilter, limit: int, after: tuple[datetime, str] | None) -> sa.Select[Any]:
-    """The page's statement: ``limit`` rows of :data:`LIST_COLUMNS` after the cursor's row."""
+def jobs_statement(where: JobFilter, limit: int, after: tuple[datetime, str] | None,
+                   matches: sa.Subquery | None = None) -> sa.Select[Any]:
+    """The page's statement: ``limit`` rows of :data:`LIST_COLUMNS` after the cursor's row, among
+    ``matches`` (ids and created_at of the rows a text search found) when given."""
     conditions = _conditions(where)
+    # Sorted and cut by the search's own columns when there is one (search.matching_rows says why).
+    order = (G.c.created_at, G.c.id) if matches is None else (matches.c.created_at, matches.c.id)
     if after is not None:
         created_at, job_id = after
         # "<=" on its own is the index's range; the OR only sorts out the ties at its edge.
-        conditions += [G.c.created_at <= created_at,
-                       sa.or_(G.c.created_at < created_at, G.c.id < job_id)]
-    return (sa.select(*LIST_COLUMNS).where(*conditions)
-            .order_by(G.c.created_at.desc(), G.c.id.desc()).limit(limit))
+        conditions += [order[0] <= created_at, sa.or_(order[0] < created_at, order[1] < job_id)]
+    source = G if matches is None else G.join(matches, matches.c.id == G.c.id)
+    return (sa.select(*LIST_COLUMNS).select_from(source).where(*conditions)
+            .order_by(order[0].desc(), order[1].desc()).limit(limit))
 
 
 def jobs_page(session: Session, where: JobFilter, *, limit: int = 50, cursor: str | None = None) -> JobPage:
@@ -133,7 +127,8 @@ def jobs_page(session: Session, where: JobFilter, *, limit: int = 50, cursor: st
         raise ValidationError("limit", limit, f"an integer in [1, {MAX_PAGE}]")
     after = decode_cursor(cursor) if cursor else None
     # One row more than asked says whether a next page exists.
-    rows = [dict(row) for row in session.execute(jobs_statement(where, limit + 1, after)).mappings()]
+    matches = search.matching_rows(session, where.text) if where.text else None
+    rows = [dict(row) for row in session.execute(jobs_statement(where, limit + 1, after, matches)).mappings()]
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1] if rows else None

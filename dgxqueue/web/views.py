@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from dgxqueue.audio import OutputRoot, resolve_output_path
 from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
-from dgxqueue.storage import Generation, browse, reads, registry, session_scope
+from dgxqueue.storage import Generation, browse, reads, registry, search, session_scope
 from dgxqueue.storage.browse import JobFilter
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import GenerationStatus
@@ -177,8 +177,14 @@ def parse_filter(params: Mapping[str, str]) -> JobFilter:
         except ValueError:
             raise ValidationError("status", status_text, "one of " + ", ".join(s.value for s in GenerationStatus)) \
                 from None
+    text = _no_nul("q", params.get("q") or "").strip() or None
+    if text is not None:
+        try:
+            search.search_words(text)  # the prompt search's rules, said here under the page's name
+        except ValidationError as exc:
+            raise ValidationError("q", text, exc.allowed) from None
     return JobFilter(status=status, model=_no_nul("model", (params.get("model") or "").strip()) or None,
-                     text=_no_nul("q", params.get("q") or "") or None, since=parse_time("since", params.get("since")),
+                     text=text, since=parse_time("since", params.get("since")),
                      until=parse_time("until", params.get("until")))
 
 

@@ -84,7 +84,8 @@ def test_web_api__overview_daemons_jobs_and_one_job(engine: Engine, settings: Se
 
 def test_web_api__keyset_pages_cover_every_job_once_in_order(engine: Engine, settings: Settings) -> None:
     """Pages of 3 walk every job once, newest first (ties in created_at broken by id), and a
-    time range and a search whose text holds LIKE's wildcards match only what they say."""
+    time range and a search (words as word prefixes, as ``dgxqueue list --search``; LIKE's
+    wildcards are punctuation) match only what they say; a search pages by keyset too."""
     ids = _jobs(engine, [f"prompt {i}" for i in range(7)] + ["100% _literal_"])
     with session_scope(engine) as session:  # two rows share a created_at: the cursor must not skip one
         same = session.execute(sa.select(G.c.created_at).where(G.c.id == ids[0])).scalar_one()
@@ -104,8 +105,20 @@ def test_web_api__keyset_pages_cover_every_job_once_in_order(engine: Engine, set
         assert seen == list(order)
         found = browser.get("/api/jobs", params={"q": "100% _lit"}).json()["jobs"]
         assert [j["id"] for j in found] == [ids[-1]]
-        assert browser.get("/api/jobs", params={"q": "0%"}).json()["jobs"][0]["id"] == ids[-1]
-        assert browser.get("/api/jobs", params={"q": "_p"}).json()["jobs"] == []
+        assert [j["id"] for j in browser.get("/api/jobs", params={"q": "0%"}).json()["jobs"]] == [ids[0]]
+        assert browser.get("/api/jobs", params={"q": "_rompt"}).json()["jobs"] == []  # a prefix, not inside
+        prompts = [j["id"] for j in browser.get("/api/jobs", params={"q": "PROM", "limit": 500}).json()["jobs"]]
+        assert prompts == [job_id for job_id in order if job_id != ids[-1]]
+        searched: list[str] = []
+        cursor = None
+        for _ in range(10):
+            page = browser.get("/api/jobs", params={"q": "prompt", "limit": 2,
+                                                    **({"cursor": cursor} if cursor else {})}).json()
+            searched += [j["id"] for j in page["jobs"]]
+            if (cursor := page["next_cursor"]) is None:
+                break
+        assert searched == prompts  # the tie in created_at neither skipped nor repeated
+        assert browser.get("/api/jobs", params={"q": "x" * 2000}).json()["field"] == "q"
         assert browser.get("/api/jobs", params={"since": "2999-01-01T00:00"}).json()["jobs"] == []
         assert len(browser.get("/api/jobs", params={"until": "2999-01-01T00:00", "limit": 500}).json()["jobs"]) == 8
         assert browser.get("/api/jobs", params={"cursor": "not-a-cursor"}).json()["field"] == "cursor"

@@ -151,12 +151,11 @@ def test_web_db_busy__an_exhausted_pool_is_503_not_a_bare_500(engine: Engine, db
         small.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite's readers (WAL) wait for no writer
 def test_web_db_busy__a_locked_table_is_503_not_a_hang(engine: Engine, db_url: str, settings: Settings) -> None:
     """PostgreSQL: the generations table locked (a migration, VACUUM FULL): each read of the page
     and the API gives up within seconds with 503 rather than holding its connection until the
     lock goes (the pool would run dry and every later poll wait too); served again after."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("SQLite's readers (WAL) do not wait for a writer")
     _insert(engine, "a-job")
     with client(settings) as browser, engine.connect() as locker:
         # The server ends the locking session after 25 s idle, so that a read which waits for
@@ -186,11 +185,10 @@ def test_web_enqueue__a_refusal_names_the_form_field(engine: Engine, settings: S
         assert browser.get("/api/overview").json()["total"] == 0
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL's integer column holds no infinity
 def test_web_odd_rows__a_daemon_row_holding_infinity(engine: Engine, settings: Settings) -> None:
     """SQLite: a daemon row whose pid is infinity (plain SQL; SQLite keeps a REAL in an INTEGER
     column) still lets the daemons page and its API answer, in strict JSON."""
-    if engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL's integer column holds no infinity")
     row = {"id": "odd-daemon", "host": "box", "pid": float("inf"), "generator": "synth", "models": '["synth"]',
            "version": "1", "started_at": "2026-12-06T10:00:00+00:00", "heartbeat_at": "2026-12-06T10:00:00+00:00",
            "expires_at": "2999-01-01T00:00:00+00:00", "holding": "[]"}
