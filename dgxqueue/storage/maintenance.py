@@ -103,8 +103,15 @@ def _sqlite_facts(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
     facts["file_bytes"] = _file_size(path)
     facts["wal_bytes"] = _file_size(_wal(path))
     has_version = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'").fetchone()
-    facts["revision"] = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] if has_version else None
+    version = conn.execute("SELECT version_num FROM alembic_version").fetchone() if has_version else None
+    facts["revision"] = version[0] if version is not None else None
     return facts
+
+
+def _no_tables(where: str) -> SchemaError:
+    """The database holds no dgxqueue schema: a mistyped path or URL, not damage (exit 69)."""
+    return SchemaError(f"the database at {where} has no dgxqueue tables (check DATABASE_URL "
+                       "or database.url; 'dgxqueue db upgrade' creates them there)")
 
 
 def _search_index_problems(conn: sqlite3.Connection) -> list[str]:
@@ -141,6 +148,8 @@ def _check_sqlite(path: Path, full: bool, settings: DatabaseSettings) -> CheckRe
     try:
         with contextlib.closing(_readonly(path, settings)) as conn:
             facts = _sqlite_facts(conn, path)
+            if facts["revision"] is None:  # an empty file or another program's: nothing of ours to judge
+                raise _no_tables(where)
             problems = [row[0] for row in conn.execute(f"PRAGMA {pragma}({MAX_PROBLEMS})") if row[0] != "ok"]
             if full and not problems:
                 problems = _search_index_problems(conn)
@@ -193,8 +202,7 @@ def _check_postgres(url: str, full: bool, settings: DatabaseSettings) -> CheckRe
                 conn.execute(sa.select(sa.func.count(sa.func.length(sa.cast(row, sa.Text)))).select_from(
                     sa.table(table)))
     if facts["revision"] is None:
-        raise SchemaError(f"the database at {describe_url(url)} has no dgxqueue tables (check DATABASE_URL "
-                          "or database.url; 'dgxqueue db upgrade' creates them there)")
+        raise _no_tables(describe_url(url))
     return CheckReport(describe_url(url), checked, _with_head(facts), problems)
 
 
@@ -256,6 +264,9 @@ def _vacuum_sqlite(path: Path, min_free: float, settings: DatabaseSettings) -> V
     # daemon's write in progress instead of failing at once.
     conn = sqlite3.connect(path, timeout=settings.sqlite_busy_timeout_ms / 1000, isolation_level=None)
     try:
+        # Not another program's file (nor an empty one, which a VACUUM would make a database).
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'").fetchone() is None:
+            raise _no_tables(where)
         pages, free = (conn.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "freelist_count"))
         facts: dict[str, Any] = {"pages_before": pages, "free_pages_before": free}
         if pages and free / pages < min_free:
@@ -288,6 +299,8 @@ _TOTAL_SIZE = sa.func.coalesce(sa.func.pg_total_relation_size(sa.func.to_regclas
 def _vacuum_postgres(url: str, settings: DatabaseSettings) -> VacuumReport:
     with _server(url, settings) as engine, engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")  # VACUUM refuses a transaction
+        if conn.execute(sa.select(sa.func.to_regclass("alembic_version"))).scalar_one() is None:
+            raise _no_tables(describe_url(url))
 
         def size() -> int:
             return sum(int(conn.execute(sa.select(_TOTAL_SIZE), {"table": table}).scalar_one()) for table in TABLES)

@@ -236,3 +236,30 @@ def test_db_check__full_finds_rows_the_search_index_misses(sqlite_db_url: str) -
         conn.execute("INSERT INTO generations_search(generations_search) VALUES ('rebuild')")
         conn.commit()
     assert _cli(sqlite_db_url, "db", "check", "--full").returncode == 0
+
+
+@pytest.mark.parametrize("content", [b"", None], ids=["empty-file", "another-apps-database"])
+def test_db_check_and_vacuum__a_sqlite_file_without_dgxqueue_tables_is_unavailable(
+        tmp_path: Path, content: bytes | None) -> None:
+    """A file that holds no dgxqueue tables (a mistyped path's empty file, another program's
+    database) is unavailable (69) as on PostgreSQL: not 'healthy', and the vacuum leaves it as it was."""
+    path = tmp_path / "other.db"
+    if content is None:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE notes (body TEXT)")
+            conn.execute("INSERT INTO notes VALUES ('keep me')")
+            conn.commit()
+    else:
+        path.write_bytes(content)
+    before = path.read_bytes()
+    for command in (["db", "check"], ["db", "check", "--full"], ["db", "vacuum"]):
+        done = _cli(f"sqlite:///{path}", *command)
+        assert done.returncode == 69 and "no dgxqueue tables" in done.stderr, (command, done.stdout + done.stderr)
+    assert path.read_bytes() == before
+
+
+def test_db_vacuum__a_postgresql_database_without_dgxqueue_tables_is_unavailable(pg_db_url: str) -> None:
+    """PostgreSQL without dgxqueue's tables: 69 naming the cause, as `db check` says, not an
+    internal error about a missing relation."""
+    done = _cli(pg_db_url, "db", "vacuum")
+    assert done.returncode == 69 and "no dgxqueue tables" in done.stderr, done.stdout + done.stderr
