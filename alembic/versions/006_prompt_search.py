@@ -2,7 +2,9 @@
 
 Both engines index the same words, so a search finds the same rows on either (the semantics are
 in :mod:`dgxqueue.storage.search`): a word is a run of letters (Unicode L*) and decimal digits
-(Nd), compared in lower case; everything else separates words; accents count.
+(Nd), and after its first character the combining accents FTS5 keeps in a word (its "diacritics":
+25 of U+0300 to U+0331, as decomposed text writes 'é'), compared in lower case; everything else
+separates words; accents count.
 
 SQLite: an FTS5 table over the prompt column of ``generations`` (external content: it holds the
 index only, no copy of the text), keyed by the generation's rowid and kept by triggers on
@@ -47,27 +49,29 @@ _TRIGGERS = {
 }
 
 # PostgreSQL -----------------------------------------------------------------------------------
+# A word as FTS5's unicode61 reads one: a letter or digit, then letters, digits and the combining
+# accents it counts as diacritics (sqlite3Fts5UnicodeIsdiacritic; 'e' U+0301 stays one word 'é'),
+# so decomposed (NFD) prompts split alike on both engines. Regex escapes: the body is $$-quoted.
+_WORD = r"[[:alnum:]][[:alnum:]\u0300-\u0304\u0306-\u030c\u030f\u0311\u031b\u0323-\u0328\u032d\u032e\u0330\u0331]*"
 # lower() maps a capital sigma at a word's end to the final sigma (U+03C2), which FTS5 folds to
 # the plain sigma (U+03C3): both become the plain sigma.
 _WORDS = r"""
     CREATE OR REPLACE FUNCTION dgxqueue_prompt_words(prompt text) RETURNS tsvector
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
         SELECT array_to_tsvector(ARRAY(
-            SELECT left(word, 200)
-            FROM regexp_split_to_table(translate(lower(prompt COLLATE "{collation}"), U&'\03C2', U&'\03C3'),
-                                       '[^[:alnum:]]+') AS word
-            WHERE word <> ''))
+            SELECT left(word[1], 200)
+            FROM regexp_matches(translate(lower(prompt COLLATE "{collation}"), U&'\03C2', U&'\03C3'),
+                                '{word}', 'g') AS word))
     $$"""
 # Each word of the terms a prefix, all of them required. The words hold letters and digits only
 # (no quote, colon or backslash), so each quoted one is read back as one lexeme.
 _QUERY = r"""
     CREATE OR REPLACE FUNCTION dgxqueue_prompt_query(terms text[]) RETURNS tsquery
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-        SELECT coalesce(string_agg(quote_literal(left(word, 200)) || ':*', ' & ')::tsquery, ''::tsquery)
+        SELECT coalesce(string_agg(quote_literal(left(word[1], 200)) || ':*', ' & ')::tsquery, ''::tsquery)
         FROM unnest(terms) AS term,
-             regexp_split_to_table(translate(lower(term COLLATE "{collation}"), U&'\03C2', U&'\03C3'),
-                                   '[^[:alnum:]]+') AS word
-        WHERE word <> ''
+             regexp_matches(translate(lower(term COLLATE "{collation}"), U&'\03C2', U&'\03C3'),
+                            '{word}', 'g') AS word
     $$"""
 _INDEX = "CREATE INDEX idx_generations_prompt_search ON generations USING gin (dgxqueue_prompt_words(prompt))"
 
@@ -84,7 +88,8 @@ def upgrade() -> None:
         # a letter and a lower case are (with LC_CTYPE=C, ASCII only), which README warns of.
         icu = op.get_bind().exec_driver_sql("SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'").first()
         collation = "und-x-icu" if icu is not None else "default"
-        for statement in (_WORDS.format(collation=collation), _QUERY.format(collation=collation), _INDEX):
+        for statement in (_WORDS.format(collation=collation, word=_WORD),
+                          _QUERY.format(collation=collation, word=_WORD), _INDEX):
             _run(statement)
         return
     # `db reset` drops dgxqueue's tables but not this one, whose rowids would then name other rows.

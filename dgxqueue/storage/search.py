@@ -2,8 +2,10 @@
 
 The semantics, which both engines obey (migration 006 builds their indexes):
 
-- A *word* is a run of letters (Unicode categories L*) and decimal digits (Nd). Everything else
-  (spaces, punctuation, symbols, emoji, combining marks) separates words and is otherwise
+- A *word* is a run of letters (Unicode categories L*) and decimal digits (Nd), and after its
+  first character the combining accents that SQLite's FTS5 keeps in a word (:data:`ACCENTS`:
+  decomposed text, as macOS writes it, spells 'é' as 'e' and U+0301). Everything else (spaces,
+  punctuation, symbols, emoji, other combining marks) separates words and is otherwise
   ignored: "lo-fi" is the two words "lo" and "fi"; "x²" is "x".
 - A query is split into words the same way. A generation matches when, for **every** query
   word, its prompt has a word that **starts with** it, in any order: "lofi pia" finds
@@ -45,6 +47,10 @@ MAX_QUERY_WORDS = 32
 #: could not be a prefix of an indexed one there, while it could on SQLite.
 MAX_WORD_CHARS = 200
 _WORD_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Nd"})
+#: The combining accents FTS5's unicode61 tokenizer counts as diacritics and keeps inside a word
+#: (sqlite3Fts5UnicodeIsdiacritic), which migration 006's PostgreSQL functions keep too.
+ACCENTS = frozenset(chr(code) for code in (*range(0x300, 0x305), *range(0x306, 0x30D), 0x30F, 0x311, 0x31B,
+                                           *range(0x323, 0x329), 0x32D, 0x32E, 0x330, 0x331))
 
 
 def search_words(query: object) -> list[str]:
@@ -57,7 +63,7 @@ def search_words(query: object) -> list[str]:
     words: list[str] = []
     current: list[str] = []
     for char in query + " ":
-        if unicodedata.category(char) in _WORD_CATEGORIES:
+        if unicodedata.category(char) in _WORD_CATEGORIES or (current and char in ACCENTS):
             current.append(char)
         elif current:
             words.append("".join(current))

@@ -41,6 +41,9 @@ PROMPTS = [
     "ÉCOLE école",
     "O'Brien's reel",
     "word" + "y" * 300 + " tail",
+    # Decomposed accents (NFD, as macOS writes text): a combining accent FTS5 counts as a diacritic
+    # stays in its word; one it does not (U+0305) separates; one before any letter is no word.
+    "Re\u0301sume\u0301 nai\u0308ve x\u0305y \u0301lead",
 ]
 QUERIES = [
     "lofi piano", "lo fi", "LO-FI", "pia", "piano", "AND", "OR", "NOT", "and or", "NEAR(", "NEAR(x",
@@ -48,17 +51,24 @@ QUERIES = [
     "café", "cafe", "caf", "ΟΔΟΣ", "οδοσ", "οδος", "straße", "STRASSE", "naïve", "naive", "ñandú", "東京", "夜",
     "🎹 piano", "24/7", "1.5", "me@example.com", "example com", "v1", "under_score", "snake", "école", "ÉCOLE",
     "o'brien", "brien's", "the", "a b c d", "piano piano", "wordyyy", "word" + "y" * (MAX_WORD_CHARS - 4),
+    "re\u0301sume\u0301", "re\u0301s", "sume", "re", "nai\u0308ve", "nai", "ve", "x\u0305y", "y", "lead",
+    "\u0301lead", "re\u0301sume\u0301 \u0301",
     # Only punctuation or symbols: no word, nothing found, no error.
     '"', "*", "🎹", "-", "()", '"" AND *',
 ]
 
 
+#: The combining accents FTS5's unicode61 tokenizer keeps inside a word (its "diacritics").
+_ACCENTS = {chr(c) for c in (*range(0x300, 0x305), *range(0x306, 0x30D), 0x30F, 0x311, 0x31B, *range(0x323, 0x329),
+                             0x32D, 0x32E, 0x330, 0x331)}
+
+
 def _words(text: str) -> list[str]:
-    """The semantics in plain Python (storage/search.py's docstring): runs of L* and Nd, lower case
-    (a final sigma as sigma)."""
+    """The semantics in plain Python (storage/search.py's docstring): runs of L* and Nd (and, after
+    the first, the combining accents above), lower case (a final sigma as sigma)."""
     words, current = [], ""
     for char in text + " ":
-        if unicodedata.category(char)[0] == "L" or unicodedata.category(char) == "Nd":
+        if unicodedata.category(char)[0] == "L" or unicodedata.category(char) == "Nd" or (current and char in _ACCENTS):
             current += char
         elif current:
             words.append(current.lower().replace("\u03c2", "\u03c3"))
@@ -102,6 +112,20 @@ def test_search__same_ids_on_sqlite_and_postgresql(sqlite_db_url: str, pg_db_url
             differences.append((query, found, _expected(query, rows)))
     assert differences == []
     assert _search(engines[0], "piano") == _expected("piano", rows) != []  # the test can fail
+
+
+def test_search__a_decomposed_prompt_is_found_by_its_own_words_on_both_engines(
+        sqlite_db_url: str, pg_db_url: str) -> None:
+    """A prompt with decomposed accents (NFD: 'e' then U+0301) is found by a query of its own text
+    and not by the part after an accent, the same on SQLite (whose FTS5 keeps the accent in the
+    word) and PostgreSQL."""
+    prompt = "Re\u0301sume\u0301 nai\u0308ve"
+    for url in (sqlite_db_url, pg_db_url):
+        engine = init_db(url)
+        rows = _fill(engine, [prompt, "sume ve"])
+        assert _search(engine, prompt) == [rows[1][0]], url
+        assert _search(engine, "re\u0301s") == [rows[1][0]], url
+        assert _search(engine, "sume") == [rows[0][0]], url
 
 
 def test_search__filters_by_status_and_model_and_limits(engine: Engine) -> None:
