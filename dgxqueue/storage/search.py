@@ -103,6 +103,15 @@ def matching_rows(session: Session, query: str, *, status: GenerationStatus | st
     if model is not None:
         if not isinstance(model, str):
             raise ValidationError("model", model, "a model name (text)")
+        # PostgreSQL's text holds no NUL, and a lone surrogate (undecodable bytes) is no UTF-8 at
+        # all: no job can have such a name, and the drivers would raise their own errors.
+        allowed = "a model name (text without NUL bytes or lone surrogates)"
+        if "\x00" in model:
+            raise ValidationError("model", model, allowed)
+        try:
+            model.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("model", model, allowed) from None
         statement = statement.where(G.c.model_name == model)
     return statement.offset(0).subquery("matches")
 

@@ -149,6 +149,16 @@ def test_search__bad_queries_raise_a_typed_error_naming_the_field(engine: Engine
     assert caught.value.field == "search"
 
 
+@pytest.mark.parametrize("model", ["a\x00b", "\ud800", 5], ids=["nul", "lone-surrogate", "number"])
+def test_search__a_model_filter_no_database_can_hold_raises_a_typed_error(engine: Engine, model: object) -> None:
+    """A model filter with a NUL byte (PostgreSQL's text cannot hold one) or a lone surrogate (from
+    undecodable bytes; no UTF-8): ValidationError naming 'model', not the driver's error."""
+    _fill(engine, ["piano"])
+    with session_scope(engine) as session, pytest.raises(ValidationError) as caught:
+        search_ids(session, "piano", model=model)  # type: ignore[arg-type]
+    assert caught.value.field == "model"
+
+
 def test_search__index_follows_inserts_updates_and_deletes(engine: Engine) -> None:
     """A prompt updated by plain SQL is found by its new words only; a deleted row is gone; the
     library call finds what the API enqueued."""
