@@ -64,11 +64,13 @@ _WORDS = r"""
                                 '{word}', 'g') AS word))
     $$"""
 # Each word of the terms a prefix, all of them required. The words hold letters and digits only
-# (no quote, colon or backslash), so each quoted one is read back as one lexeme.
+# (no quote, colon or backslash), so each quoted one is read back as one lexeme. No word: NULL,
+# which matches nothing (an empty tsquery literal would, folded at planning, send a NOTICE
+# "doesn't contain lexemes" to the client with every search).
 _QUERY = r"""
     CREATE OR REPLACE FUNCTION dgxqueue_prompt_query(terms text[]) RETURNS tsquery
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-        SELECT coalesce(string_agg(quote_literal(left(word[1], 200)) || ':*', ' & ')::tsquery, ''::tsquery)
+        SELECT string_agg(quote_literal(left(word[1], 200)) || ':*', ' & ')::tsquery
         FROM unnest(terms) AS term,
              regexp_matches(translate(lower(term COLLATE "{collation}"), U&'\03C2', U&'\03C3'),
                             '{word}', 'g') AS word

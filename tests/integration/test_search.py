@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 import dgxqueue
 from dgxqueue.config import load_settings
@@ -126,6 +127,21 @@ def test_search__a_decomposed_prompt_is_found_by_its_own_words_on_both_engines(
         assert _search(engine, prompt) == [rows[1][0]], url
         assert _search(engine, "re\u0301s") == [rows[1][0]], url
         assert _search(engine, "sume") == [rows[0][0]], url
+
+
+def test_search__postgresql_sends_no_notice_per_search(pg_db_url: str) -> None:
+    """A search on PostgreSQL plans without a NOTICE (an empty tsquery literal, folded at planning,
+    sent one to the client and, with log_min_messages = notice, the server log, per search)."""
+    engine = init_db(pg_db_url)
+    rows = _fill(engine, ["piano"])
+    notices: list[str] = []
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        raw.add_notice_handler(lambda notice: notices.append(str(notice.message_primary)))  # type: ignore[attr-defined]
+        with Session(conn) as session:  # on the connection that listens
+            assert search_ids(session, "piano") == [rows[0][0]]
+    assert notices == []
 
 
 def test_search__filters_by_status_and_model_and_limits(engine: Engine) -> None:
