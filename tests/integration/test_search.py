@@ -138,7 +138,7 @@ def test_search__postgresql_sends_no_notice_per_search(pg_db_url: str) -> None:
     with engine.connect() as conn:
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        raw.add_notice_handler(lambda notice: notices.append(str(notice.message_primary)))  # type: ignore[attr-defined]
+        raw.add_notice_handler(lambda notice: notices.append(str(notice.message_primary)))
         with Session(conn) as session:  # on the connection that listens
             assert search_ids(session, "piano") == [rows[0][0]]
     assert notices == []
