@@ -24,6 +24,7 @@ takes no lock that stops the daemons (``VACUUM FULL`` would, so it is not offere
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
@@ -255,6 +256,26 @@ def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
         pause = min(2 * pause, 1.0)
 
 
+def _sqlite_temp_dir() -> str:
+    """The folder where SQLite's unix VFS puts its temporary files (VACUUM's copy of the database):
+    the first writable folder of these, as os_unix.c's unixTempFileDir looks."""
+    # Only named in a message, never written to here (S108).
+    fixed = ("/var/tmp", "/usr/tmp", "/tmp")  # noqa: S108
+    for folder in (os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR"), *fixed):
+        if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    return "."
+
+
+def _vacuum_full(path: Path) -> OSError:
+    """A full disk during VACUUM: not the database being unavailable (the daemons go on), but
+    a folder without room, often the temporary one, which is not the database's disk."""
+    return OSError(errno.ENOSPC, (
+        f"VACUUM ran out of disk space (the file is unharmed): it needs free space about the database's size "
+        f"({_file_size(path)} bytes) both in SQLite's temporary folder {_sqlite_temp_dir()} and beside the "
+        f"database in {path.absolute().parent} (SQLITE_TMPDIR names another temporary folder)"))
+
+
 def _vacuum_sqlite(path: Path, min_free: float, settings: DatabaseSettings) -> VacuumReport:
     where = str(path.absolute())
     if not path.is_file():
@@ -280,7 +301,12 @@ def _vacuum_sqlite(path: Path, min_free: float, settings: DatabaseSettings) -> V
             # (0.3 s for 300,000 prompts), so the VACUUM below gives their pages back too.
             conn.execute("INSERT INTO generations_search(generations_search) VALUES ('optimize')")
             done.append("search index: FTS5 'optimize'")
-        conn.execute("VACUUM")
+        try:
+            conn.execute("VACUUM")
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_FULL:
+                raise
+            raise _vacuum_full(path) from exc
         facts["vacuum_seconds"] = round(time.monotonic() - started, 3)
         busy, log_frames, done_frames = _checkpoint(conn)
         done += ["VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"]

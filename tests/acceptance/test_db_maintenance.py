@@ -30,8 +30,8 @@ from tests.support.processes import start_worker, stop, wait_until, worker_confi
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cli(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(REPO)}
+def _cli(url: str, *args: str, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(REPO), **extra_env}
     env.pop("DGXQUEUE_CONFIG", None)
     return subprocess.run([sys.executable, "-m", "dgxqueue", *args], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=timeout, check=False)
@@ -263,3 +263,19 @@ def test_db_vacuum__a_postgresql_database_without_dgxqueue_tables_is_unavailable
     internal error about a missing relation."""
     done = _cli(pg_db_url, "db", "vacuum")
     assert done.returncode == 69 and "no dgxqueue tables" in done.stderr, done.stdout + done.stderr
+
+
+def test_db_vacuum__a_full_temporary_folder_is_named_not_called_database_unavailable(
+        sqlite_db_url: str, tiny_disk: Path) -> None:
+    """VACUUM builds the new file in SQLite's temporary folder first: when that folder (here a
+    64 KiB tmpfs as SQLITE_TMPDIR) fills, the error names it and exits 74 (I/O), not 69 "database
+    unavailable" while the database's own disk has room; the file stays sound and searchable."""
+    _fill_finished(sqlite_db_url, 2000, prompt_chars=2000)  # past SQLite's 2 MiB page cache, which holds a smaller one
+    with get_engine(sqlite_db_url).begin() as conn:
+        conn.execute(sa.delete(G).where(G.c.id < "00001000"))
+    done = _cli(sqlite_db_url, "db", "vacuum", SQLITE_TMPDIR=str(tiny_disk))
+    assert done.returncode == 74, done.stdout + done.stderr
+    assert str(tiny_disk) in done.stderr and "SQLITE_TMPDIR" in done.stderr, done.stderr
+    assert _cli(sqlite_db_url, "db", "check", "--full").returncode == 0
+    with session_scope(get_engine(sqlite_db_url)) as session:
+        assert len(search_ids(session, "lofi", limit=10_000)) == 1000
