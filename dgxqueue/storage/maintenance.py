@@ -5,7 +5,8 @@ SQLite (the README's "Maintaining the database" says why these and not others):
 - :func:`check_database` opens the file read-only (``mode=ro``: it writes nothing, never switches
   a file to WAL) and runs ``PRAGMA quick_check``, or ``integrity_check`` with ``full`` (which
   also compares every index with its table, and the search index's entries with the rows they
-  name); it reports the page size, page and free-page counts and the write-ahead log's size.
+  name and its words with their prompts, indexed afresh into a temporary table); it reports
+  the page size, page and free-page counts and the write-ahead log's size.
 - :func:`vacuum_database` merges the search index (FTS5 ``optimize``: deleted rows' entries
   go), runs a plain ``VACUUM``, then ``PRAGMA wal_checkpoint(TRUNCATE)``.
   ``VACUUM`` is one transaction under the write lock: readers go on reading (WAL), and the
@@ -115,6 +116,29 @@ def _no_tables(where: str) -> SchemaError:
                        "or database.url; 'dgxqueue db upgrade' creates them there)")
 
 
+#: The search index's tokenizer, as migration 006 made it (a test compares them).
+SEARCH_TOKENIZER = "unicode61 remove_diacritics 0 categories 'L* Nd'"
+
+
+def _search_words_differing(conn: sqlite3.Connection) -> int:
+    """How many (word, rowid, position) entries the search index and the rows' prompts disagree
+    on: the prompts indexed afresh into a temporary FTS5 table (the temp schema is writable on a
+    read-only connection), both read through fts5vocab. Rowid counts alone miss a stale entry whose
+    rowid a new row took; FTS5's own 'integrity-check' is an INSERT, refused read-only."""
+    for statement in (
+        f"CREATE VIRTUAL TABLE temp.dgxqueue_fresh USING fts5(prompt, content='', tokenize=\"{SEARCH_TOKENIZER}\")",
+        "INSERT INTO temp.dgxqueue_fresh(rowid, prompt) SELECT rowid, prompt FROM main.generations",
+        "CREATE VIRTUAL TABLE temp.dgxqueue_kept_words USING fts5vocab(main, generations_search, 'instance')",
+        "CREATE VIRTUAL TABLE temp.dgxqueue_fresh_words USING fts5vocab(temp, dgxqueue_fresh, 'instance')",
+    ):  # fixed text: no user input in any of them
+        conn.execute(statement)
+    count = ("SELECT count(*) FROM (SELECT term, doc, offset FROM temp.{0} "
+             "EXCEPT SELECT term, doc, offset FROM temp.{1})")
+    return sum(conn.execute(count.format(*names)).fetchone()[0]
+               for names in (("dgxqueue_kept_words", "dgxqueue_fresh_words"),
+                             ("dgxqueue_fresh_words", "dgxqueue_kept_words")))
+
+
 def _search_index_problems(conn: sqlite3.Connection) -> list[str]:
     """Rows the search index misses, or entries it keeps for rows that are gone (its docsize
     table holds one row per indexed generation, by rowid): read-only, unlike FTS5's own
@@ -130,6 +154,11 @@ def _search_index_problems(conn: sqlite3.Connection) -> list[str]:
         problems.append(f"search index: {missing} generation(s) not indexed")
     if stale:
         problems.append(f"search index: {stale} entr(y/ies) for generations that no longer exist")
+    differing = _search_words_differing(conn)
+    if differing:
+        problems.append(f"search index: {differing} word(s) indexed that the rows' prompts do not hold, or held "
+                        "but not indexed (an INSERT OR REPLACE by plain SQL fires no delete trigger and leaves "
+                        "the old row's words, which name another row once its rowid is used again)")
     if problems:  # derived data: rebuilt from the rows, nothing lost
         problems.append("rebuild the search index from the rows: sqlite3 FILE \"INSERT INTO "
                         "generations_search(generations_search) VALUES ('rebuild')\"")
@@ -141,7 +170,7 @@ def _check_sqlite(path: Path, full: bool, settings: DatabaseSettings) -> CheckRe
     pragma = "integrity_check" if full else "quick_check"
     checked = [f"PRAGMA {pragma} (read-only)", "page and free-page counts, write-ahead log size"]
     if full:
-        checked.append("search index entries against the rows they name")
+        checked.append("search index entries against the rows they name, and its words against their prompts")
     if not path.is_file():
         raise SchemaError(f"no database file at {where}")
     facts: dict[str, Any] = {"file_bytes": _file_size(path), "wal_bytes": _file_size(_wal(path))}

@@ -23,6 +23,7 @@ import dgxqueue
 from dgxqueue.cli.dbmaint import EXIT_DAMAGED
 from dgxqueue.config import load_settings
 from dgxqueue.storage import get_engine, init_db, session_scope
+from dgxqueue.storage.maintenance import SEARCH_TOKENIZER
 from dgxqueue.storage.models import G
 from dgxqueue.storage.search import search_ids
 from tests.support.processes import start_worker, stop, wait_until, worker_config
@@ -279,3 +280,34 @@ def test_db_vacuum__a_full_temporary_folder_is_named_not_called_database_unavail
     assert _cli(sqlite_db_url, "db", "check", "--full").returncode == 0
     with session_scope(get_engine(sqlite_db_url)) as session:
         assert len(search_ids(session, "lofi", limit=10_000)) == 1000
+
+
+def test_db_check__full_finds_words_left_behind_by_insert_or_replace(sqlite_db_url: str) -> None:
+    """INSERT OR REPLACE by plain SQL deletes the old row without its delete trigger (SQLite fires
+    none unless recursive_triggers is on), so the index keeps its words; once the rowid is used
+    again they name another row ('beta' finds 'gamma'). The full check compares the index's words
+    with the rows' prompts: exit 5 naming the search index; healthy again after the rebuild."""
+    init_db(sqlite_db_url)
+    path = Path(sqlite_db_url.removeprefix("sqlite:///"))
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # the check indexes afresh as the migration did
+        made = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'generations_search'").fetchone()[0]
+    assert f'tokenize="{SEARCH_TOKENIZER}"' in made
+    insert = ("INSERT {} INTO generations (id, prompt, model_name, duration_seconds, sample_rate, channels, "
+              "file_path, status, created_at) VALUES (?, ?, 'm', 1, 32000, 1, 'o.wav', 'completed', '2026-01-01')")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(insert.format(""), ("a", "alpha"))
+        conn.execute(insert.format(""), ("b", "beta"))
+        conn.execute(insert.format("OR REPLACE"), ("b", "beta two"))
+        conn.execute("DELETE FROM generations WHERE id = 'b'")
+        conn.execute(insert.format(""), ("c", "gamma"))  # takes the replaced row's rowid again
+        conn.commit()
+    with session_scope(get_engine(sqlite_db_url)) as session:
+        assert search_ids(session, "beta") == ["c"]  # the damage: a row without the word
+    done = _cli(sqlite_db_url, "db", "check", "--full")
+    assert done.returncode == EXIT_DAMAGED and "search index" in done.stdout, done.stdout + done.stderr
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO generations_search(generations_search) VALUES ('rebuild')")
+        conn.commit()
+    assert _cli(sqlite_db_url, "db", "check", "--full").returncode == 0
+    with session_scope(get_engine(sqlite_db_url)) as session:
+        assert search_ids(session, "beta") == []
