@@ -125,6 +125,9 @@ def _search_words_differing(conn: sqlite3.Connection) -> int:
     on: the prompts indexed afresh into a temporary FTS5 table (the temp schema is writable on a
     read-only connection), both read through fts5vocab. Rowid counts alone miss a stale entry whose
     rowid a new row took; FTS5's own 'integrity-check' is an INSERT, refused read-only."""
+    # One read transaction: the prompts and the index read from the same snapshot, so a daemon's
+    # commit in between is not taken for a difference.
+    conn.execute("BEGIN")
     for statement in (
         f"CREATE VIRTUAL TABLE temp.dgxqueue_fresh USING fts5(prompt, content='', tokenize=\"{SEARCH_TOKENIZER}\")",
         "INSERT INTO temp.dgxqueue_fresh(rowid, prompt) SELECT rowid, prompt FROM main.generations",
@@ -134,9 +137,11 @@ def _search_words_differing(conn: sqlite3.Connection) -> int:
         conn.execute(statement)
     count = ("SELECT count(*) FROM (SELECT term, doc, offset FROM temp.{0} "
              "EXCEPT SELECT term, doc, offset FROM temp.{1})")
-    return sum(conn.execute(count.format(*names)).fetchone()[0]
-               for names in (("dgxqueue_kept_words", "dgxqueue_fresh_words"),
-                             ("dgxqueue_fresh_words", "dgxqueue_kept_words")))
+    differing = sum(conn.execute(count.format(*names)).fetchone()[0]
+                    for names in (("dgxqueue_kept_words", "dgxqueue_fresh_words"),
+                                  ("dgxqueue_fresh_words", "dgxqueue_kept_words")))
+    conn.rollback()  # the temporary tables go with it
+    return int(differing)
 
 
 def _search_index_problems(conn: sqlite3.Connection) -> list[str]:

@@ -311,3 +311,38 @@ def test_db_check__full_finds_words_left_behind_by_insert_or_replace(sqlite_db_u
     assert _cli(sqlite_db_url, "db", "check", "--full").returncode == 0
     with session_scope(get_engine(sqlite_db_url)) as session:
         assert search_ids(session, "beta") == []
+
+
+def test_db_check__full_while_rows_are_written_finds_no_damage(sqlite_db_url: str) -> None:
+    """Rows inserted, reworded and deleted (the index's triggers at work) throughout: the full check
+    reads the prompts and the index from one snapshot, so each run is healthy, not a false DAMAGED."""
+    _fill_finished(sqlite_db_url, 200, prompt_chars=80)
+    path = Path(sqlite_db_url.removeprefix("sqlite:///"))
+    stop_writing = threading.Event()
+    written = [0]
+
+    def write() -> None:
+        with contextlib.closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as conn:
+            while not stop_writing.is_set():
+                n = written[0]
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT INTO generations (id, prompt, model_name, duration_seconds, sample_rate, "
+                             "channels, file_path, status, created_at) VALUES (?, ?, 'm', 1, 32000, 1, 'o.wav', "
+                             "'pending', '2026-01-01')", (f"w{n}", f"written {n} piano"))
+                conn.execute("UPDATE generations SET prompt = prompt || ' again' WHERE id = ?", (f"w{n // 2}",))
+                conn.execute("DELETE FROM generations WHERE id = ?", (f"w{n // 3}",))
+                conn.execute("COMMIT")
+                written[0] = n + 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        wait_until(lambda: written[0] > 10, 30, "the writer to commit")
+        for _ in range(4):
+            before = written[0]
+            done = _cli(sqlite_db_url, "db", "check", "--full")
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert written[0] > before  # the rows did change while it checked
+    finally:
+        stop_writing.set()
+        writer.join()
