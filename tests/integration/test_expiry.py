@@ -29,6 +29,7 @@ from dgxqueue.testing import ManualClock, MemoryStore
 from tests.support import poison
 from tests.support.daemons import make_settings
 from tests.support.processes import REPO
+from tests.support.skew import SKEW_PRELUDE
 
 LEASE = timedelta(seconds=30)
 
@@ -56,24 +57,7 @@ def test_door__expires_at_becomes_utc_and_ttl_stays_seconds() -> None:
     assert (job.expires_at, job.ttl) == (None, 90.0)
 
 
-# A producer whose clock is off: every datetime.now/utcnow and time.time in the process reads
-# SKEW seconds away from the host's (and the database's) clock, before dgxqueue is imported.
-_SKEWED_PRODUCER = """
-import datetime as _dt, sys, time
-skew, Real = float(sys.argv[2]), _dt.datetime
-class Skewed(Real):  # its times are Skewed too: libraries imported later check for this class
-    @classmethod
-    def _of(cls, real):
-        return cls.combine(real.date(), real.timetz())
-    @classmethod
-    def now(cls, tz=None):
-        return cls._of(Real.now(tz) + _dt.timedelta(seconds=skew))
-    @classmethod
-    def utcnow(cls):
-        return cls._of(Real.utcnow() + _dt.timedelta(seconds=skew))
-_real_time = time.time
-time.time = lambda: _real_time() + skew
-_dt.datetime = Skewed
+_SKEWED_PRODUCER = SKEW_PRELUDE + """
 import dgxqueue
 from dgxqueue.config import load_settings
 from dgxqueue.storage import create_generations, get_engine, session_scope

@@ -1,0 +1,116 @@
+"""A job's ``created_at`` (and its prompt's use times) come from the database's clock at the
+insert, not the producer's: claims order by ``created_at``, so a producer whose clock is an hour
+slow would jump the queue, and the oldest pending job's age would be an hour off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+import dgxqueue
+from dgxqueue.config import load_settings
+from dgxqueue.storage import queue
+from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.models import G, P
+from dgxqueue.storage.precompiled import HeldConnection
+from dgxqueue.testing import ManualClock, MemoryStore
+from tests.support.processes import REPO
+from tests.support.skew import SKEW_PRELUDE
+
+LEASE = timedelta(seconds=30)
+#: Far below the hour of skew, far above the time one producer process takes to start and insert.
+SLACK = timedelta(seconds=1)
+
+# Every producer path: enqueue, enqueue_many with and without a dedupe key, create_generation
+# (whose returned row must hold the database's created_at) and create_generations.
+_PRODUCER = SKEW_PRELUDE + """
+import json
+import dgxqueue
+from dgxqueue.config import load_settings
+from dgxqueue.storage import create_generation, create_generations, get_engine, session_scope
+url, settings = sys.argv[1], load_settings(env={})
+ids = [dgxqueue.enqueue("skewed", database_url=url, settings=settings)]
+ids += dgxqueue.enqueue_many([{"prompt": "skewed"}, {"prompt": "keyed", "dedupe_key": "k" + sys.argv[2]}],
+                             database_url=url, settings=settings)
+with session_scope(get_engine(url)) as session:
+    made = create_generation(session, "skewed")
+    returned = made.created_at.isoformat()
+    ids.append(made.id)
+    ids += create_generations(session, [{"prompt": "skewed"}])
+print(json.dumps({"ids": ids, "returned": returned}))
+"""
+
+
+def _db_now(engine: Engine) -> datetime:
+    with engine.connect() as conn:
+        now = conn.execute(sa.select(profile_of(engine.dialect).now())).scalar_one()
+    assert isinstance(now, datetime)
+    return now
+
+
+def _produce(url: str, skew: float) -> tuple[list[str], datetime]:
+    done = subprocess.run([sys.executable, "-c", _PRODUCER, url, str(skew)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    return answer["ids"], datetime.fromisoformat(answer["returned"])
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["hour-fast", "hour-slow"])
+def test_created_at__is_the_database_clock_not_a_skewed_producers(engine: Engine, skew: float) -> None:
+    """Each path's created_at, and its prompts' first and last use, lie between the database's
+    now before and after the producer ran; create_generation returns the row's stored created_at."""
+    before = _db_now(engine)
+    ids, returned = _produce(engine.url.render_as_string(hide_password=False), skew)
+    after = _db_now(engine)
+    with engine.connect() as conn:
+        created = dict(conn.execute(sa.select(G.c.id, G.c.created_at).where(G.c.id.in_(ids))).tuples().all())
+        used = conn.execute(sa.select(P.c.first_used_at, P.c.last_used_at)).tuples().all()
+    assert len(created) == len(ids) == 6
+    for job_id, at in created.items():
+        assert before - SLACK <= at <= after + SLACK, (job_id, at, before)
+    for first, last in used:
+        assert before - SLACK <= first <= last <= after + SLACK, (first, last, before)
+    assert returned in created.values()
+
+
+def test_created_at__a_slow_producers_later_job_is_claimed_after_a_normal_ones(engine: Engine) -> None:
+    """A producer with a right clock enqueues first, one an hour slow after it: the claim takes
+    the first one first, as the order they were inserted in."""
+    url = engine.url.render_as_string(hide_password=False)
+    first, _ = _produce(url, 0.0)
+    later, _ = _produce(url, -3600.0)
+    link = HeldConnection(engine)
+    claimed = queue.claim(link, worker_id="w", models=[load_settings(env={}).jobs.default_model],
+                          limit=len(first), lease=LEASE)
+    assert {job.id for job in claimed} == set(first)
+    rest = queue.claim(link, worker_id="w", models=[load_settings(env={}).jobs.default_model],
+                       limit=len(later), lease=LEASE)
+    assert {job.id for job in rest} == set(later)
+
+
+def test_created_at__one_batch_is_claimed_in_its_insert_order(engine: Engine) -> None:
+    """Jobs inserted in one batch may share a created_at (the database clock's resolution): the
+    claim still takes them in the order they were given, one at a time."""
+    url = engine.url.render_as_string(hide_password=False)
+    settings = load_settings(env={})
+    ids = dgxqueue.enqueue_many([{"prompt": f"p{i}"} for i in range(60)], database_url=url, settings=settings)
+    link = HeldConnection(engine)
+    claimed = [job.id for _ in ids
+               for job in queue.claim(link, worker_id="w", models=[settings.jobs.default_model], limit=1, lease=LEASE)]
+    assert claimed == ids
+
+
+def test_created_at__the_memory_store_stamps_its_clock() -> None:
+    """The in-memory queue stands in for the database: created_at is its clock at the insert."""
+    clock = ManualClock(datetime(2031, 5, 1, tzinfo=UTC))
+    store = MemoryStore(clock=clock)
+    job_id = store.enqueue("beat")
+    assert store.jobs[job_id]["created_at"] == datetime(2031, 5, 1, tzinfo=UTC)
