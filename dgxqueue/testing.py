@@ -31,7 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -66,6 +66,8 @@ _BLANK: Row = {
 }
 # The claim's RETURNING columns, in the order claimed_jobs reads them.
 _CLAIMED = tuple(column.name for column in CLAIM_COLUMNS)
+#: How far apart created_at stamps rows inserted within one tick of the clock (a ManualClock's).
+_STAMP_STEP = timedelta(microseconds=1)
 
 
 def _expired(row: Row, now: datetime) -> bool:
@@ -113,6 +115,8 @@ class MemoryStore:
         #: The registry of live daemons by id (the ``daemons`` table's rows, lists as tuples).
         self.daemons: dict[str, Row] = {}
         self.lock = threading.RLock()
+        #: The newest created_at stamped (the next is at least a microsecond after it).
+        self.stamped = datetime.min.replace(tzinfo=UTC)
 
     def client(self, *, worker_id: str, models: Iterable[str], lease: timedelta) -> MemoryQueue:
         """One daemon's view of the store, as :class:`~dgxqueue.daemon.queue_client.QueueClient`
@@ -125,13 +129,16 @@ class MemoryStore:
         """Insert validated jobs as the database's insert makes their rows, and count their
         prompts; all or none. A job whose ``dedupe_key`` an unfinished job holds is not inserted:
         its place in the answer holds the holder's id."""
-        now = utcnow()  # as the producer stamps created_at: its own clock, not the database's
-        rows = [job_row(job, now) for job in jobs]
+        rows = [job_row(job) for job in jobs]
         for row in rows:
             del row[EXPIRY_GIVEN]  # the row holds it as expires_at already
         with self.lock:
-            inserted = self.clock()  # a ttl counts from the database's clock, as the insert's does
+            # created_at and a ttl count from the database's clock, as the insert's do; rows
+            # stamped one after another keep their order, as the database's stamp() keeps it.
+            inserted = self.clock()
             for row in rows:
+                self.stamped = max(inserted, self.stamped + _STAMP_STEP)
+                row["created_at"] = self.stamped
                 ttl = row.pop(EXPIRY_TTL)
                 if ttl is not None:
                     row["expires_at"] = inserted + timedelta(seconds=ttl)

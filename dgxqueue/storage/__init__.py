@@ -27,7 +27,7 @@ from dgxqueue.storage.database import (
     resolve_url,
     session_scope,
 )
-from dgxqueue.storage.models import Base, Generation, GenerationStatus, Prompt, utcnow
+from dgxqueue.storage.models import Base, Generation, GenerationStatus, Prompt
 from dgxqueue.storage.results import storable_text
 from dgxqueue.storage.validation import (
     MAX_FILE_SIZE,
@@ -69,7 +69,7 @@ def create_generations(
     jobs = validate_jobs(specs, limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
     if not jobs:  # none: the session's transaction is not begun for nothing
         return []
-    return queue.insert_jobs(_flushed_connection(session), jobs, utcnow())
+    return queue.insert_jobs(_flushed_connection(session), jobs)
 
 
 def create_generation(
@@ -98,9 +98,8 @@ def create_generation(
                        channels=channels, file_path=file_path, metadata=metadata, model_version=model_version,
                        priority=priority, run_after=run_after, max_attempts=max_attempts,
                        limits=limits or _DEFAULT_LIMITS, outputs=outputs or _DEFAULT_OUTPUTS)
-    now = utcnow()
-    queue.insert_jobs(_flushed_connection(session), [job], now)
-    return _persistent(session, queue.job_row(job, now))
+    # The row as inserted, with created_at from the database's clock (RETURNING, no read back).
+    return _persistent(session, queue.insert_job(_flushed_connection(session), job))
 
 
 def _flushed_connection(session: Session) -> sa.Connection:
@@ -226,7 +225,7 @@ def delete_generation(session: Session, generation_id: str) -> bool:
 def track_prompt_usage(session: Session, prompt: str, *, limits: JobSettings | None = None) -> Prompt:
     """Count one use of ``prompt`` (atomic upsert) and return its row."""
     text = validate_prompt(prompt, limits or _DEFAULT_LIMITS)
-    queue.upsert_prompts(session, {text: 1}, utcnow())
+    queue.upsert_prompts(session, {text: 1})
     found = reads.get_prompt(session, text)
     assert found is not None
     session.refresh(found)

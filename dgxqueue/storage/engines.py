@@ -115,6 +115,12 @@ class Profile:
         """The database's current time plus ``seconds`` (an SQL number)."""
         raise NotImplementedError
 
+    def stamp(self, column: sa.Column[Any]) -> sa.ColumnElement[datetime]:
+        """The database's now for a new row's ``column`` (an INSERT's value), later than the one
+        the same writer stamped just before it where the clock's resolution would make them
+        equal: rows inserted one after another keep their order in a sort by ``column``."""
+        return self.now()  # microseconds, and each statement of a batch reads the clock anew
+
     def comparable_time(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         """``column`` in a form that compares as the time it names."""
         return column
@@ -232,6 +238,19 @@ class SQLiteProfile(Profile):
         shift = sa.func.printf("%+.3f seconds", seconds, type_=sa.Text)
         return sa.type_coerce(sa.func.strftime(_SQLITE_TIME, "now", shift, type_=sa.Text).concat("000"),
                               UTCDateTime())
+
+    def stamp(self, column: sa.Column[Any]) -> sa.ColumnElement[datetime]:
+        # SQLite's clock counts milliseconds: a batch, or calls in a quick loop, got one time for
+        # many rows, and sorted in no defined order. A row stamped within the millisecond of the
+        # newest one already there (this writer's, as SQLite has one) takes the microsecond after
+        # it (up to 999 to a millisecond; after those they share the last one).
+        tick = sa.func.strftime(_SQLITE_TIME, "now", type_=sa.Text)
+        micros = sa.cast(sa.func.substr(sa.func.max(column), 24, 3), sa.Integer) + 1  # NULL: none yet
+        stamped = (sa.select(tick.concat(sa.func.printf("%03d", sa.func.min(999, sa.func.coalesce(micros, 0)),
+                                                        type_=sa.Text)))
+                   .where(column >= tick.concat("000"), column <= tick.concat("999"))
+                   .scalar_subquery())
+        return sa.type_coerce(stamped, UTCDateTime())
 
     def comparable_time(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         """A row written by plain SQL may hold another ISO 8601 form ('2026-12-06T10:00:00+02:00',

@@ -81,20 +81,21 @@ _SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec) if fiel
 #: What every new row holds besides its specification's fields.
 _NEW_ROW = {"status": PENDING, "attempts": 0, "lease_losses": 0}
 #: The columns the INSERT sets from parameters: the specification's fields, then the new-row
-#: values and ``created_at``; ``expires_at`` comes from :func:`_expiry`'s expression.
-JOB_COLUMNS = (*_SPEC_FIELDS, *_NEW_ROW, "created_at")
-_PROMPT_COLUMNS = ("text", "used_count", "first_used_at", "last_used_at")
+#: values; ``created_at`` is the database's now and ``expires_at`` comes from :func:`_expiry`'s
+#: expression, both computed by the insert (:func:`_stamped`).
+JOB_COLUMNS = (*_SPEC_FIELDS, *_NEW_ROW)
+_PROMPT_COLUMNS = ("text", "used_count")
 #: The parameters of :func:`_expiry`: an ``expires_at`` given as a time, or a ``ttl`` in seconds.
 EXPIRY_GIVEN, EXPIRY_TTL = "expiry_given", "expiry_ttl"
 
 
-def job_row(job: JobSpec, now: datetime) -> dict[str, Any]:
-    """The ``generations`` row ``job`` becomes, created at ``now``, with the parameters of its
-    ``expires_at`` (:data:`EXPIRY_GIVEN`, :data:`EXPIRY_TTL`); its ``expires_at`` is the one given
-    (None for a ``ttl``, which only the database's clock turns into a time)."""
+def job_row(job: JobSpec) -> dict[str, Any]:
+    """The ``generations`` row ``job`` becomes, with the parameters of its ``expires_at``
+    (:data:`EXPIRY_GIVEN`, :data:`EXPIRY_TTL`); its ``expires_at`` is the one given (None for a
+    ``ttl``, which only the database's clock turns into a time). No ``created_at``: only the
+    database's clock at the insert sets it."""
     row = {name: getattr(job, name) for name in _SPEC_FIELDS}
     row.update(_NEW_ROW)
-    row["created_at"] = now
     row["expires_at"] = job.expires_at
     row[EXPIRY_GIVEN] = job.expires_at
     row[EXPIRY_TTL] = job.ttl
@@ -109,11 +110,23 @@ def _expiry(profile: Profile) -> sa.ColumnElement[Any]:
     return sa.case((ttl.is_(None), given), else_=profile.later(ttl))
 
 
+def _stamped(profile: Profile, insert: Any) -> Any:
+    """``insert`` (of ``generations``) with its times computed by the database at the insert:
+    ``created_at`` its now, so that a producer whose clock is an hour slow neither jumps the queue
+    (claims order by it) nor skews the oldest pending job's age; ``expires_at`` by :func:`_expiry`."""
+    return insert.values(created_at=profile.stamp(G.c.created_at), expires_at=_expiry(profile))
+
+
+#: What a :func:`insert_job` gives back: the times the database stamped on the row.
+STAMPED = (G.c.created_at, G.c.expires_at)
+
+
 @functools.cache
 def prompt_upsert(profile: Profile) -> sa.Insert:
     """``INSERT INTO prompts ... ON CONFLICT (text) DO UPDATE`` adding to ``used_count`` (built
-    once per engine: constructing the ON CONFLICT clause costs more than executing it)."""
-    insert = profile.insert(P)
+    once per engine: constructing the ON CONFLICT clause costs more than executing it). Its times
+    are the database's now, as the job's ``created_at`` is, not the producer's clock."""
+    insert = profile.insert(P).values(first_used_at=profile.now(), last_used_at=profile.now())
     upsert: sa.Insert = insert.on_conflict_do_update(
         index_elements=[P.c.text],
         set_={
@@ -124,10 +137,9 @@ def prompt_upsert(profile: Profile) -> sa.Insert:
     return upsert
 
 
-def _prompt_rows(counts: Mapping[str, int], now: datetime) -> list[dict[str, Any]]:
+def _prompt_rows(counts: Mapping[str, int]) -> list[dict[str, Any]]:
     # Sorted so concurrent batches take row locks in the same order and cannot deadlock.
-    return [{"text": text, "used_count": n, "first_used_at": now, "last_used_at": now}
-            for text, n in sorted(counts.items())]
+    return [{"text": text, "used_count": n} for text, n in sorted(counts.items())]
 
 
 #: The unique partial index's predicate, as literals: the ON CONFLICT must name it to infer the
@@ -140,6 +152,7 @@ _DEDUPE_TRIES = 5
 @dataclass(frozen=True)
 class _Insert:
     job: Compiled
+    stamped_job: Compiled
     keyed_job: Compiled
     holder: Compiled
     expire_holder: Compiled
@@ -151,8 +164,7 @@ class _Insert:
 def _insert(dialect: Dialect) -> _Insert:
     profile = profile_of(dialect)
     notify = profile.notify()
-    expires_at = _expiry(profile)
-    keyed = (profile.insert(G).values(expires_at=expires_at)
+    keyed = (_stamped(profile, profile.insert(G))
              .on_conflict_do_nothing(index_elements=[G.c.dedupe_key], index_where=DEDUPE_HELD)
              .returning(G.c.id))
     holder = sa.select(G.c.id).where(G.c.dedupe_key == sa.bindparam("dedupe_key", type_=sa.Text), DEDUPE_HELD)
@@ -160,7 +172,8 @@ def _insert(dialect: Dialect) -> _Insert:
         _expire(profile).where(G.c.dedupe_key == sa.bindparam("dedupe_key", type_=sa.Text)).returning(G.c.id),
         EVENTS_CHANNEL)
     return _Insert(
-        job=Compiled.of(sa.insert(G).values(expires_at=expires_at), dialect, JOB_COLUMNS),
+        job=Compiled.of(_stamped(profile, sa.insert(G)), dialect, JOB_COLUMNS),
+        stamped_job=Compiled.of(_stamped(profile, sa.insert(G)).returning(*STAMPED), dialect, JOB_COLUMNS),
         keyed_job=Compiled.of(keyed, dialect, JOB_COLUMNS),
         holder=Compiled.of(holder, dialect),
         expire_holder=Compiled.of(expire_holder, dialect),
@@ -170,10 +183,11 @@ def _insert(dialect: Dialect) -> _Insert:
     )
 
 
-def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], now: datetime) -> list[str]:
-    """Insert ``jobs`` as pending rows created at ``now``, add their prompts' uses and wake the
-    daemons serving them, in the connection's transaction: the caller commits (or rolls back:
-    then nothing was written). Every producer path calls it. Returns each job's id, in order.
+def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]:
+    """Insert ``jobs`` as pending rows created at the database's now, add their prompts' uses and
+    wake the daemons serving them, in the connection's transaction: the caller commits (or rolls
+    back: then nothing was written). Every producer path calls it (or :func:`insert_job`). Returns
+    each job's id, in order.
 
     A job with a ``dedupe_key`` that an unfinished job holds is not inserted (nor its prompt
     counted): its place in the answer holds the holder's id (:func:`_insert_keyed`).
@@ -191,34 +205,53 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], now: datetim
         if any(job.dedupe_key is not None for job in jobs):
             plain = [job for job in jobs if job.dedupe_key is None]
             if plain:
-                cursor.executemany(statements.job, [job_row(job, now) for job in plain])
+                cursor.executemany(statements.job, [job_row(job) for job in plain])
             # In key order, as the prompts are upserted: on PostgreSQL a keyed insert waits for a
             # concurrent transaction's uncommitted holder of its key, so two batches holding the
             # same keys in opposite orders deadlocked.
             keyed = sorted((job.dedupe_key, i) for i, job in enumerate(jobs) if job.dedupe_key is not None)
             for _, i in keyed:
-                ids[i] = _insert_keyed(cursor, statements, jobs[i], now)
+                ids[i] = _insert_keyed(cursor, statements, jobs[i])
             inserted = [job for i, job in enumerate(jobs) if ids[i] == job.id]
             if not inserted:
                 return ids
         else:
-            cursor.executemany(statements.job, [job_row(job, now) for job in jobs])
-        counts = Counter(job.prompt for job in inserted) if len(inserted) > 1 else {inserted[0].prompt: 1}
-        cursor.executemany(statements.upsert_prompt, _prompt_rows(counts, now))
-        if statements.notify is not None:  # delivered when the transaction commits
-            models = sorted({job.model_name for job in inserted})
-            cursor.executemany(statements.notify, [{"channel": NOTIFY_CHANNEL, "model": m} for m in models])
+            cursor.executemany(statements.job, [job_row(job) for job in jobs])
+        _count_and_wake(cursor, statements, inserted)
     return ids
 
 
-def _insert_keyed(cursor: Cursor, statements: _Insert, job: JobSpec, now: datetime) -> str:
+def insert_job(connection: sa.Connection, job: JobSpec) -> dict[str, Any]:
+    """:func:`insert_jobs` of one job without a ``dedupe_key``; its row as inserted, with the
+    times the database stamped on it (RETURNING, in the same round trip), for the caller that
+    hands the row back (``create_generation``)."""
+    if job.dedupe_key is not None:
+        raise ValueError("insert_job takes no dedupe_key: insert_jobs returns the holder's id")
+    statements = _insert(connection.dialect)
+    row = job_row(job)
+    with _cursor(connection) as cursor:
+        [(created_at, expires_at)] = cursor.submit(statements.stamped_job, row).rows
+        _count_and_wake(cursor, statements, [job])
+    row.update(created_at=created_at, expires_at=expires_at)
+    return row
+
+
+def _count_and_wake(cursor: Cursor, statements: _Insert, inserted: Sequence[JobSpec]) -> None:
+    counts = Counter(job.prompt for job in inserted) if len(inserted) > 1 else {inserted[0].prompt: 1}
+    cursor.executemany(statements.upsert_prompt, _prompt_rows(counts))
+    if statements.notify is not None:  # delivered when the transaction commits
+        models = sorted({job.model_name for job in inserted})
+        cursor.executemany(statements.notify, [{"channel": NOTIFY_CHANNEL, "model": m} for m in models])
+
+
+def _insert_keyed(cursor: Cursor, statements: _Insert, job: JobSpec) -> str:
     """Insert ``job`` unless an unfinished job holds its key; the id of the one that holds it then.
 
     ``INSERT ... ON CONFLICT (dedupe_key) WHERE <held> DO NOTHING`` is atomic against concurrent
     producers on both engines (PostgreSQL waits for a concurrent insert of the key to commit or
     roll back; SQLite has one writer). Should the holder finish between the insert and the read
     of it, the key is free again and the insert is tried anew."""
-    row = job_row(job, now)
+    row = job_row(job)
     for _ in range(_DEDUPE_TRIES):
         if cursor.submit(statements.keyed_job, row).rows:
             return job.id
@@ -270,12 +303,12 @@ def insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> list[str]:
 
 def _insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> list[str]:
     with engine.begin() as connection:
-        return insert_jobs(connection, jobs, utcnow())
+        return insert_jobs(connection, jobs)
 
 
-def upsert_prompts(session: Session, counts: Mapping[str, int], now: datetime) -> None:
+def upsert_prompts(session: Session, counts: Mapping[str, int]) -> None:
     """Add ``counts`` to each prompt's ``used_count`` in one atomic upsert per distinct text."""
-    session.execute(prompt_upsert(profile_of(session.get_bind().dialect)), _prompt_rows(counts, now))
+    session.execute(prompt_upsert(profile_of(session.get_bind().dialect)), _prompt_rows(counts))
 
 
 def notify(session: Session, models: Iterable[str]) -> None:
