@@ -16,8 +16,8 @@ import sqlalchemy as sa
 import dgxqueue
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError, ValidationError, WaitTimeoutError
-from dgxqueue.jobs import Job
-from dgxqueue.storage import get_engine, init_db
+from dgxqueue.jobs import RECHECK_SECONDS, Job
+from dgxqueue.storage import complete_generation, create_generation, get_engine, init_db, session_scope
 from tests.support.daemons import make_settings
 from tests.support.processes import wait_until
 
@@ -202,3 +202,59 @@ def test_wait__a_timeout_that_is_not_a_number_is_refused(db_url: str, tmp_path: 
     with pytest.raises(ValidationError) as caught:
         asyncio.run(job.wait_async(timeout))
     assert caught.value.field == "timeout"
+
+
+def test_wait_async__an_in_memory_sqlite_database_is_waited_on(tmp_path: Path) -> None:
+    """A handle on an in-memory SQLite database (one connection, shared by the engine's pool):
+    wait_async reads that database, not an empty one of its own, and ends when the job does,
+    soon (not at the next whole re-read), as wait does."""
+    url = "sqlite://"
+    settings = setup(url, tmp_path)
+    engine = get_engine(url)
+    with session_scope(engine) as session:
+        job_id = create_generation(session, "fine", **SPEC).id
+    job = Job(job_id, engine, settings)  # after the commit: the pool's one connection is the session's
+
+    async def main() -> tuple[str, float]:
+        waiting = asyncio.create_task(job.wait_async(30))
+        await ticking(waiting, 5)
+        with session_scope(engine) as session:
+            complete_generation(session, job.id, generation_time=1.0, file_size_bytes=1)
+        done = time.monotonic()
+        status = await asyncio.wait_for(waiting, 20)
+        return status, time.monotonic() - done
+
+    status, late = asyncio.run(main())
+    assert status == "completed" and job.status == "completed"
+    assert late < RECHECK_SECONDS / 2
+
+
+def test_wait_async__the_server_ending_the_listener_mid_wait_is_survived(pg_db_url: str, tmp_path: Path) -> None:
+    """The server ends the waiter's LISTEN connection (pg_terminate_backend, as a restart or an
+    idle timeout would): the wait listens again, and ends when the job does."""
+    settings = setup(pg_db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    engine = get_engine(pg_db_url)
+    every = sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+
+    def backends() -> set[int]:
+        """This database's backends, the pool's own among them (a pool connection, reused)."""
+        with engine.connect() as conn:
+            return set(conn.execute(every).scalars())
+
+    ours = backends()
+
+    async def main() -> str:
+        waiting = asyncio.create_task(job.wait_async(30))
+        while len(new := backends() - ours) != 1:
+            await ticking(waiting, 1)
+        [listener] = new
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": listener}).scalar_one()
+        while not backends() - ours - {listener}:  # connected again
+            await ticking(waiting, 1)
+        with session_scope(engine) as session:
+            complete_generation(session, job.id, generation_time=1.0, file_size_bytes=1)
+        return await asyncio.wait_for(waiting, RECHECK_SECONDS / 2)
+
+    assert asyncio.run(main()) == "completed"
