@@ -10,7 +10,8 @@ checkout can block for its whole timeout when the pool is spent):
   bytes, no lock) between ``asyncio.sleep`` pauses that grow from :data:`SQLITE_CHECK_SECONDS` to
   :data:`SQLITE_MAX_PAUSE_SECONDS` while nothing changes, and reads the rows when it changed. Each
   read takes microseconds; one that meets a lock fails at once and is tried again after a pause,
-  instead of sleeping on the loop.
+  instead of sleeping on the loop. An in-memory database is read on the pool's connection, the
+  only one that holds it (its count of changed rows stands in for ``data_version``).
 
 Either way the rows are read every :data:`~dgxqueue.jobs.RECHECK_SECONDS` whatever was heard.
 Cancelling the awaiting task ends the wait at once and closes its connection: nothing is left
@@ -78,7 +79,16 @@ class _SQLiteChanges:
     def __init__(self, engine: Engine) -> None:
         self._dialect = engine.dialect
         self._profile = profile_of(engine.dialect)
-        self._connection = self._profile.unpooled_reader(engine)
+        self._pooled: Any = None
+        if engine.url.database in (None, "", ":memory:"):
+            # An in-memory database lives in its connection: a connection of our own would be
+            # another, empty database. The pool's (one per thread for these, so its checkout never
+            # waits, and no file lock can meet a read) is read instead, and its own commits leave
+            # data_version alone, so its count of changed rows tells what changed.
+            self._pooled = engine.raw_connection()
+            self._connection = self._pooled.driver_connection
+        else:
+            self._connection = self._profile.unpooled_reader(engine)
         self._version: int | None = None
         self._pause = SQLITE_CHECK_SECONDS
 
@@ -98,6 +108,8 @@ class _SQLiteChanges:
             await asyncio.sleep(SQLITE_CHECK_SECONDS)
 
     def _data_version(self) -> int:
+        if self._pooled is not None:
+            return int(self._connection.total_changes)
         return int(self._connection.execute("PRAGMA data_version").fetchone()[0])
 
     async def read(self, ids: Collection[str], ended_only: bool = False) -> dict[str, _State]:
@@ -132,7 +144,10 @@ class _SQLiteChanges:
             self._pause = min(self._pause * 2, SQLITE_MAX_PAUSE_SECONDS)
 
     async def aclose(self) -> None:
-        self._connection.close()
+        if self._pooled is not None:
+            self._pooled.close()  # back to the pool: closing the connection would end the database
+        else:
+            self._connection.close()
 
 
 class _PostgreSQLChanges:
