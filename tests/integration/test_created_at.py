@@ -18,7 +18,7 @@ import dgxqueue
 from dgxqueue.config import load_settings
 from dgxqueue.storage import queue
 from dgxqueue.storage.engines import profile_of
-from dgxqueue.storage.models import G, P
+from dgxqueue.storage.models import PAUSED, G, P
 from dgxqueue.storage.precompiled import HeldConnection
 from dgxqueue.testing import ManualClock, MemoryStore
 from tests.support.processes import REPO
@@ -114,3 +114,23 @@ def test_created_at__the_memory_store_stamps_its_clock() -> None:
     store = MemoryStore(clock=clock)
     job_id = store.enqueue("beat")
     assert store.jobs[job_id]["created_at"] == datetime(2031, 5, 1, tzinfo=UTC)
+
+
+_PAUSER = SKEW_PRELUDE + """
+import dgxqueue
+from dgxqueue.config import load_settings
+dgxqueue.pause("musicgen-small", "skewed", database_url=sys.argv[1], settings=load_settings(env={}))
+"""
+
+
+def test_paused_at__is_the_database_clock_not_a_skewed_operators(engine: Engine) -> None:
+    """A pause recorded by a process whose clock is an hour slow is dated by the database."""
+    before = _db_now(engine)
+    done = subprocess.run([sys.executable, "-c", _PAUSER, engine.url.render_as_string(hide_password=False), "-3600"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    after = _db_now(engine)
+    with engine.connect() as conn:
+        paused_at = conn.execute(sa.select(PAUSED.c.paused_at)).scalar_one()
+    assert before - SLACK <= paused_at <= after + SLACK, (paused_at, before)
