@@ -150,10 +150,11 @@ def pause_model(session: Session, model: str, reason: str | None = None) -> bool
     read as enqueue reads it (blanks around it dropped); bad input raises
     :class:`~dgxqueue.errors.ValidationError`."""
     model, reason = validate_model_name(model), validate_pause_reason(reason)
-    insert = profile_of(session.get_bind().dialect).insert(PAUSED)
+    profile = profile_of(session.get_bind().dialect)
     added = session.execute(
-        insert.on_conflict_do_nothing(index_elements=[PAUSED.c.model_name])
-        .values(model_name=model, paused_at=utcnow(), reason=reason)
+        profile.insert(PAUSED).on_conflict_do_nothing(index_elements=[PAUSED.c.model_name])
+        # The database's clock, as a job's created_at: not the clock of whichever host paused it.
+        .values(model_name=model, paused_at=profile.now(), reason=reason)
         .returning(PAUSED.c.model_name)
     ).first()
     if added is None:
