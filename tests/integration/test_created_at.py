@@ -134,3 +134,44 @@ def test_paused_at__is_the_database_clock_not_a_skewed_operators(engine: Engine)
     with engine.connect() as conn:
         paused_at = conn.execute(sa.select(PAUSED.c.paused_at)).scalar_one()
     assert before - SLACK <= paused_at <= after + SLACK, (paused_at, before)
+
+
+# run_after as a delay, through the library (a timedelta) and the CLI (--not-before 10m, and
+# --expires-at 10m, which is a ttl), each a time the database's clock counts from the insert.
+_DELAYED = SKEW_PRELUDE + """
+import io, contextlib, datetime as dt
+import dgxqueue
+from dgxqueue.cli import main
+from dgxqueue.config import load_settings
+url, settings = sys.argv[1], load_settings(env={})
+ids = [dgxqueue.enqueue("later", run_after=dt.timedelta(minutes=10), database_url=url, settings=settings)]
+ids += dgxqueue.enqueue_many([{"prompt": "later", "run_after": dt.timedelta(minutes=10)}], database_url=url,
+                             settings=settings)
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = main(["enqueue", "later", "--not-before", "10m", "--expires-at", "10m"])  # DATABASE_URL: url
+assert code == 0, code
+print(" ".join(ids))
+print(out.getvalue())
+"""
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["hour-fast", "hour-slow"])
+def test_run_after__a_delay_counts_from_the_database_clock(engine: Engine, skew: float) -> None:
+    """run_after as a timedelta (library) or a span (CLI --not-before 10m; --expires-at 10m) is
+    the database's now at the insert plus 10 minutes, whatever the producer's clock says."""
+    before = _db_now(engine)
+    done = subprocess.run([sys.executable, "-c", _DELAYED, engine.url.render_as_string(hide_password=False),
+                           str(skew)], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "DATABASE_URL": str(engine.url.render_as_string(
+                              hide_password=False))})
+    assert done.returncode == 0, done.stderr
+    after = _db_now(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(G.c.id, G.c.run_after, G.c.expires_at)).all()
+    assert len(rows) == 3 and set(done.stdout.split()[0:2]) <= {row.id for row in rows}
+    ten = timedelta(minutes=10)
+    for row in rows:
+        assert before + ten - SLACK <= row.run_after <= after + ten + SLACK, (row, before)
+    [cli] = [row for row in rows if row.id not in done.stdout.split()[0:2]]
+    assert before + ten - SLACK <= cli.expires_at <= after + ten + SLACK, (cli, before)
