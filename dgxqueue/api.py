@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -89,7 +89,7 @@ def enqueue(
     file_path: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     priority: int = 0,
-    run_after: datetime | None = None,
+    run_after: datetime | timedelta | None = None,
     max_attempts: int | None = None,
     model_version: str | None = None,
     expires_at: datetime | None = None,
@@ -102,7 +102,8 @@ def enqueue(
 
     Left-out fields take the configured defaults (``jobs.default_*``). ``expires_at`` (a
     timezone-aware datetime) or ``ttl`` (seconds from now): a job still pending then is failed as
-    expired without being run. ``dedupe_key``: while an unfinished (pending or processing) job
+    expired without being run. ``run_after``: not before this datetime, or this timedelta after
+    the insert (by the database's clock, as a ``ttl``). ``dedupe_key``: while an unfinished (pending or processing) job
     holds the key, that job's id comes back and nothing is inserted. Bad input raises
     :class:`~dgxqueue.errors.ValidationError` and writes nothing.
     """

@@ -45,6 +45,8 @@ from dgxqueue.storage.queue import (
     EXPIRY_GIVEN,
     EXPIRY_TTL,
     RESCUED_CANCEL_MESSAGE,
+    RUN_AFTER_DELAY,
+    RUN_AFTER_GIVEN,
     AttemptState,
     Beat,
     Progress,
@@ -131,7 +133,7 @@ class MemoryStore:
         its place in the answer holds the holder's id."""
         rows = [job_row(job) for job in jobs]
         for row in rows:
-            del row[EXPIRY_GIVEN]  # the row holds it as expires_at already
+            del row[EXPIRY_GIVEN], row[RUN_AFTER_GIVEN]  # the row holds them as expires_at, run_after
         with self.lock:
             # created_at and a ttl count from the database's clock, as the insert's do; rows
             # stamped one after another keep their order, as the database's stamp() keeps it.
@@ -139,6 +141,9 @@ class MemoryStore:
             for row in rows:
                 self.stamped = max(inserted, self.stamped + _STAMP_STEP)
                 row["created_at"] = self.stamped
+                delay = row.pop(RUN_AFTER_DELAY)
+                if delay is not None:
+                    row["run_after"] = inserted + timedelta(seconds=delay)
                 ttl = row.pop(EXPIRY_TTL)
                 if ttl is not None:
                     row["expires_at"] = inserted + timedelta(seconds=ttl)

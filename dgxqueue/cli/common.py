@@ -23,6 +23,7 @@ from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
 from dgxqueue.storage import Generation, reads, session_scope
 from dgxqueue.storage.database import describe_url, open_queue
+from dgxqueue.storage.validation import MAX_TTL_SECONDS
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -114,6 +115,19 @@ def parse_age(field: str, text: str, now: datetime) -> datetime:
         return now - parse_span(field, text)
     except OverflowError:  # before year 1
         raise ValidationError(field, text, "a span that reaches back no further than the year 1") from None
+
+
+def parse_when_or_span(field: str, text: str) -> datetime | timedelta:
+    """An ISO 8601 time (:func:`parse_when`), or a span from now (``10m``) as itself: the insert
+    counts a job's ``run_after`` or ``ttl`` from the database's clock, not this host's."""
+    relative = text.strip().removeprefix("+")
+    if relative and relative[0].isdigit() and relative[-1].lower() in _UNITS and "-" not in relative:
+        span = parse_span(field, relative)
+        if span.total_seconds() > MAX_TTL_SECONDS:
+            raise ValidationError(field, text, f"a time between the years 1 and 9999, or a span from now of at most"
+                                               f" {MAX_TTL_SECONDS // 86400}d")
+        return span
+    return parse_when(field, text, datetime.now(UTC))
 
 
 def parse_when(field: str, text: str, now: datetime) -> datetime:

@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
+from datetime import timedelta
 from typing import IO, Any
 
 import sqlalchemy as sa
@@ -29,7 +30,7 @@ from dgxqueue.cli.common import (
     parse_json_object,
     parse_number,
     parse_span,
-    parse_when,
+    parse_when_or_span,
     print_json,
     safe,
 )
@@ -59,9 +60,9 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     if args.metadata is not None:
         spec["metadata"] = parse_json_object("metadata", args.metadata)
     if args.not_before is not None:
-        spec["run_after"] = parse_when("not_before", args.not_before, utcnow())
+        spec["run_after"] = parse_when_or_span("not_before", args.not_before)
     if args.expires_at is not None:
-        spec["expires_at"] = parse_when("expires_at", args.expires_at, utcnow())
+        spec.update(_expiry("expires_at", args.expires_at, args.ttl is not None))
     if args.dedupe_key is not None:
         spec["dedupe_key"] = args.dedupe_key
     if args.ttl is not None:
@@ -94,6 +95,15 @@ def _lines(stream: IO[bytes], settings: Settings) -> Iterator[tuple[int, str]]:
                            EX_DATAERR) from None
 
 
+def _expiry(field: str, text: str, ttl_given: bool) -> dict[str, Any]:
+    """``expires_at`` given as text: a span from now is a ``ttl``, counted from the database's
+    clock at the insert, not this host's (unless a ttl is given too: then the door refuses both)."""
+    when = parse_when_or_span(field, text)
+    if isinstance(when, timedelta) and not ttl_given:
+        return {"ttl": when.total_seconds()}
+    return {"expires_at": utcnow() + when if isinstance(when, timedelta) else when}
+
+
 def read_jsonl(stream: IO[bytes], settings: Settings) -> list[JobSpec]:
     """One job per non-blank line, each a JSON object of :func:`dgxqueue.enqueue`'s arguments
     (``run_after`` as an ISO time or a span such as ``10m``), validated as it is read."""
@@ -113,9 +123,10 @@ def read_jsonl(stream: IO[bytes], settings: Settings) -> list[JobSpec]:
             raise CliError(f"line {number}: expected a JSON object such as {{\"prompt\": \"lo-fi beat\"}}, "
                            f"got {type(spec).__name__}", EX_DATAERR)
         try:
-            for key in ("run_after", "expires_at"):
-                if isinstance(spec.get(key), str):
-                    spec[key] = parse_when(key, spec[key], utcnow())
+            if isinstance(spec.get("run_after"), str):
+                spec["run_after"] = parse_when_or_span("run_after", spec["run_after"])
+            if isinstance(spec.get("expires_at"), str):
+                spec.update(_expiry("expires_at", spec.pop("expires_at"), spec.get("ttl") is not None))
             jobs += validate_jobs([spec], limits=settings.jobs, outputs=settings.outputs)
         except ValidationError as exc:
             raise CliError(f"line {number}: {exc}", EX_DATAERR) from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -84,7 +84,7 @@ def create_generation(
     *,
     model_version: str | None = None,
     priority: int = 0,
-    run_after: datetime | None = None,
+    run_after: datetime | timedelta | None = None,
     max_attempts: int | None = None,
     limits: JobSettings | None = None,
     outputs: OutputSettings | None = None,
@@ -92,7 +92,8 @@ def create_generation(
     """Create a pending generation (UUID v4 id) and count its prompt, in the caller's transaction.
 
     ``file_path`` is relative to the folder that holds the outputs folder (``outputs/x.wav``); left
-    out, it is ``outputs/<id>.wav``. ``priority``: higher runs first. ``run_after``: not before.
+    out, it is ``outputs/<id>.wav``. ``priority``: higher runs first. ``run_after``: not before
+    (a datetime, or a timedelta from the insert by the database's clock).
     """
     job = validate_job(prompt, model_name=model_name, duration_seconds=duration_seconds, sample_rate=sample_rate,
                        channels=channels, file_path=file_path, metadata=metadata, model_version=model_version,

@@ -77,7 +77,8 @@ def not_expired(profile: Profile, now: sa.ColumnElement[Any]) -> sa.ColumnElemen
 # --- insert ---------------------------------------------------------------------------------
 
 #: The JobSpec fields that are columns as they stand; ``expires_at`` is computed by the insert.
-_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec) if field.name not in ("expires_at", "ttl"))
+_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(JobSpec)
+                     if field.name not in ("expires_at", "ttl", "run_after", "run_after_delay"))
 #: What every new row holds besides its specification's fields.
 _NEW_ROW = {"status": PENDING, "attempts": 0, "lease_losses": 0}
 #: The columns the INSERT sets from parameters: the specification's fields, then the new-row
@@ -87,6 +88,8 @@ JOB_COLUMNS = (*_SPEC_FIELDS, *_NEW_ROW)
 _PROMPT_COLUMNS = ("text", "used_count")
 #: The parameters of :func:`_expiry`: an ``expires_at`` given as a time, or a ``ttl`` in seconds.
 EXPIRY_GIVEN, EXPIRY_TTL = "expiry_given", "expiry_ttl"
+#: Likewise for ``run_after``: a time given, or a delay in seconds from the insert.
+RUN_AFTER_GIVEN, RUN_AFTER_DELAY = "run_after_given", "run_after_delay"
 
 
 def job_row(job: JobSpec) -> dict[str, Any]:
@@ -99,22 +102,31 @@ def job_row(job: JobSpec) -> dict[str, Any]:
     row["expires_at"] = job.expires_at
     row[EXPIRY_GIVEN] = job.expires_at
     row[EXPIRY_TTL] = job.ttl
+    row["run_after"] = job.run_after
+    row[RUN_AFTER_GIVEN] = job.run_after
+    row[RUN_AFTER_DELAY] = job.run_after_delay
     return row
 
 
 def _expiry(profile: Profile) -> sa.ColumnElement[Any]:
     """The new row's ``expires_at``: the time given, or the database's now plus the ``ttl``, so
     that a producer whose clock is off by an hour expires nothing an hour early or late."""
-    ttl = sa.cast(sa.bindparam(EXPIRY_TTL, type_=sa.Float), sa.Float)  # typed: PostgreSQL cannot infer a NULL's
-    given = sa.bindparam(EXPIRY_GIVEN, type_=UTCDateTime())
-    return sa.case((ttl.is_(None), given), else_=profile.later(ttl))
+    return _given_or_later(profile, EXPIRY_GIVEN, EXPIRY_TTL)
+
+
+def _given_or_later(profile: Profile, given_name: str, delay_name: str) -> sa.ColumnElement[Any]:
+    """The time bound as ``given_name``, or the database's now plus the seconds bound as ``delay_name``."""
+    delay = sa.cast(sa.bindparam(delay_name, type_=sa.Float), sa.Float)  # typed: PostgreSQL cannot infer a NULL's
+    given = sa.bindparam(given_name, type_=UTCDateTime())
+    return sa.case((delay.is_(None), given), else_=profile.later(delay))
 
 
 def _stamped(profile: Profile, insert: Any) -> Any:
     """``insert`` (of ``generations``) with its times computed by the database at the insert:
     ``created_at`` its now, so that a producer whose clock is an hour slow neither jumps the queue
     (claims order by it) nor skews the oldest pending job's age; ``expires_at`` by :func:`_expiry`."""
-    return insert.values(created_at=profile.stamp(G.c.created_at), expires_at=_expiry(profile))
+    return insert.values(created_at=profile.stamp(G.c.created_at), expires_at=_expiry(profile),
+                         run_after=_given_or_later(profile, RUN_AFTER_GIVEN, RUN_AFTER_DELAY))
 
 
 #: What a :func:`insert_job` gives back: the times the database stamped on the row.

@@ -10,7 +10,7 @@ import reprlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import InitVar, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -62,6 +62,9 @@ class JobSpec:
     #: Seconds from the database's clock at the insert to the job's ``expires_at`` (then None):
     #: the insert computes it, so a producer whose clock is off cannot move it.
     ttl: float | None = None
+    #: Seconds from the database's clock at the insert to the job's ``run_after`` (then None),
+    #: for a ``run_after`` given as a timedelta, as ``ttl`` is for ``expires_at``.
+    run_after_delay: float | None = None
     door: InitVar[object] = None
 
     def __post_init__(self, door: object) -> None:
@@ -292,6 +295,18 @@ def validate_run_after(value: object) -> datetime | None:
         raise ValidationError("run_after", value, allowed) from None
 
 
+def validate_not_before(value: object) -> tuple[datetime | None, float | None]:
+    """A new job's ``run_after``, as (time, delay): a datetime, or a timedelta from the insert
+    (counted by the insert on the database's clock, never the producer's)."""
+    if not isinstance(value, timedelta):
+        return validate_run_after(value), None
+    seconds = value.total_seconds()
+    if not 0 <= seconds <= MAX_TTL_SECONDS:
+        raise ValidationError("run_after", value, f"a datetime, or a timedelta of 0 to {MAX_TTL_SECONDS} seconds"
+                                                  " from the insert")
+    return None, seconds
+
+
 def validate_expiry(expires_at: object, ttl: object) -> tuple[datetime | None, float | None]:
     """When a job still pending stops being wanted, as (``expires_at``, ``ttl``): ``expires_at`` (a
     timezone-aware datetime) or ``ttl`` (seconds, counted by the insert from the database's clock,
@@ -458,7 +473,7 @@ def _build(
     document = validate_metadata(metadata, limits)
     version = None if model_version is None else _text("model_version", model_version, 200)
     rank = _integer("priority", priority, *PRIORITY_RANGE)
-    not_before = validate_run_after(run_after)
+    not_before = validate_not_before(run_after)
     attempts = _integer("max_attempts", limits.max_attempts if max_attempts is None else max_attempts, 1, 100)
     key = None if dedupe_key is None else _text("dedupe_key", dedupe_key, MAX_DEDUPE_KEY_LENGTH)
     folder = _outputs_folder(outputs.dir)
@@ -469,6 +484,6 @@ def _build(
     return JobSpec(
         id=job_id, prompt=text, model_name=model, model_version=version, duration_seconds=duration,
         sample_rate=rate, channels=count, file_path=f"{folder}/{job_id}.wav" if path is None else path,
-        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before, expires_at=expiry[0],
-        dedupe_key=key, ttl=expiry[1], door=_DOOR,
+        metadata=document, priority=rank, max_attempts=attempts, run_after=not_before[0],
+        expires_at=expiry[0], dedupe_key=key, ttl=expiry[1], run_after_delay=not_before[1], door=_DOOR,
     )
