@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from dgxqueue import api
-from dgxqueue.config import Settings
+from dgxqueue.config import Settings, load_settings
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage import create_generations, init_db, queue, session_scope
 from dgxqueue.storage.precompiled import HeldConnection
@@ -120,3 +120,21 @@ def test_dedupe__concurrent_batches_with_keys_in_opposite_orders(db_url: str, en
     for i in range(30):
         assert first[i] == second[i][::-1]
     assert _count(engine, "SELECT count(*) FROM generations") == 8 * 30
+
+
+def test_dedupe__eight_concurrent_producers_meet_an_expired_holder(db_url: str, engine: Engine) -> None:
+    """The key's holder expired and no daemon swept it; 8 processes enqueue with the key at once
+    (the insert path expires the holder): it ends failed as expired, exactly one new job holds
+    the key, and every producer is given that job's id."""
+    init_db(db_url)
+    settings = load_settings(env={})
+    first = api.enqueue("deduplicated", dedupe_key="double-click", database_url=db_url, settings=settings)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE generations SET expires_at = :t WHERE id = :id"),
+                     {"t": datetime.now(UTC) - timedelta(minutes=1), "id": first})
+    results = run_in_processes(enqueue_with_key, [(db_url, "double-click", 3)] * 8)
+    returned = {job_id for ids in results for job_id in ids}
+    assert len(returned) == 1 and first not in returned
+    assert _count(engine, "SELECT count(*) FROM generations") == 2
+    assert _count(engine, "SELECT count(*) FROM generations WHERE id = :id AND status = 'failed'"
+                  " AND expired_at IS NOT NULL", id=first) == 1
