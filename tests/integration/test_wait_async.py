@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,14 @@ import dgxqueue
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError, ValidationError, WaitTimeoutError
 from dgxqueue.jobs import RECHECK_SECONDS, Job
-from dgxqueue.storage import complete_generation, create_generation, get_engine, init_db, session_scope
+from dgxqueue.storage import (
+    complete_generation,
+    create_generation,
+    dispose_engines,
+    get_engine,
+    init_db,
+    session_scope,
+)
 from tests.support.daemons import make_settings
 from tests.support.processes import wait_until
 
@@ -258,3 +266,22 @@ def test_wait_async__the_server_ending_the_listener_mid_wait_is_survived(pg_db_u
         return await asyncio.wait_for(waiting, RECHECK_SECONDS / 2)
 
     assert asyncio.run(main()) == "completed"
+
+
+def test_wait_async__a_database_locked_past_the_timeout_ends_the_wait(sqlite_db_url: str, tmp_path: Path) -> None:
+    """Another process holds the SQLite file locked (locking_mode EXCLUSIVE, as a maintenance job
+    might) for longer than the wait's timeout: each read meets the lock. The wait ends soon after
+    its timeout with the lock's error, as wait does after its busy timeout; it retried for ever."""
+    settings = setup(sqlite_db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    dispose_engines()  # the pool's connections would keep the holder from taking the lock
+    holder = sqlite3.connect(str(get_engine(sqlite_db_url).url.database), isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError, match="locked"):
+            asyncio.run(asyncio.wait_for(job.wait_async(0.5), 10))
+        assert time.monotonic() - started < 2.0
+    finally:
+        holder.close()
