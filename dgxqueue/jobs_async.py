@@ -10,7 +10,8 @@ checkout can block for its whole timeout when the pool is spent):
   bytes, no lock) between ``asyncio.sleep`` pauses that grow from :data:`SQLITE_CHECK_SECONDS` to
   :data:`SQLITE_MAX_PAUSE_SECONDS` while nothing changes, and reads the rows when it changed. Each
   read takes microseconds; one that meets a lock fails at once and is tried again after a pause,
-  instead of sleeping on the loop. An in-memory database is read on the pool's connection, the
+  instead of sleeping on the loop (up to :data:`LOCK_GRACE_SECONDS` past the wait's timeout: a
+  lock held longer raises its error). An in-memory database is read on the pool's connection, the
   only one that holds it (its count of changed rows stands in for ``data_version``).
 
 Either way the rows are read every :data:`~dgxqueue.jobs.RECHECK_SECONDS` whatever was heard.
@@ -53,10 +54,13 @@ from dgxqueue.storage.queue import EVENTS_CHANNEL
 if TYPE_CHECKING:
     from dgxqueue.jobs import Job
 
-__all__ = ["SQLITE_MAX_PAUSE_SECONDS", "wait_all_async"]
+__all__ = ["LOCK_GRACE_SECONDS", "SQLITE_MAX_PAUSE_SECONDS", "wait_all_async"]
 
 #: The longest pause between two SQLite change checks of one waiter: its latency once idle.
 SQLITE_MAX_PAUSE_SECONDS = 0.1
+#: How long after its timeout a wait still retries a SQLite read that meets a lock (the last
+#: read, which refreshes the handles, may meet a brief one) before it raises the lock's error.
+LOCK_GRACE_SECONDS = 0.5
 _T = TypeVar("_T")
 
 
@@ -76,9 +80,12 @@ def _states(rows: Sequence[Sequence[Any]]) -> dict[str, _State]:
 class _SQLiteChanges:
     """Change checks and reads on a SQLite connection that never waits for a lock."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, deadline: float | None = None) -> None:
         self._dialect = engine.dialect
         self._profile = profile_of(engine.dialect)
+        #: The wait's deadline (monotonic) plus LOCK_GRACE_SECONDS: a read still meeting a lock
+        #: then raises its error.
+        self._deadline = deadline
         self._pooled: Any = None
         if engine.url.database in (None, "", ":memory:"):
             # An in-memory database lives in its connection: a connection of our own would be
@@ -96,12 +103,15 @@ class _SQLiteChanges:
         self._version = await self._unlocked(self._data_version)
 
     async def _unlocked(self, read: Callable[[], _T]) -> _T:
-        """``read()``, tried again after a pause while it meets a lock."""
+        """``read()``, tried again after a pause while it meets a lock, until the wait's deadline:
+        a lock held past it (another process's EXCLUSIVE locking mode) raises its error, as wait's
+        busy timeout does, instead of keeping the caller waiting past its timeout for ever."""
         while True:
             try:
                 return read()
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                locked = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not locked or (self._deadline is not None and time.monotonic() >= self._deadline):
                     raise _as_sqlalchemy(self._dialect, exc, None, False, before_first_write=True) from exc
             except sqlite3.Error as exc:
                 raise _as_sqlalchemy(self._dialect, exc, None, False, before_first_write=True) from exc
@@ -227,7 +237,8 @@ async def wait_all_async(jobs: Sequence[Job], timeout: float | None = None) -> l
         return []
     engine = _engine_of(jobs)
     changes: _SQLiteChanges | _PostgreSQLChanges = (
-        _PostgreSQLChanges(engine) if profile_of(engine.dialect).waker == "listen" else _SQLiteChanges(engine))
+        _PostgreSQLChanges(engine) if profile_of(engine.dialect).waker == "listen"
+        else _SQLiteChanges(engine, None if deadline is None else deadline + LOCK_GRACE_SECONDS))
     try:
         await changes.start()  # listening before the first read: nothing is missed
         by_id = {job.id: job for job in jobs}
