@@ -22,7 +22,7 @@ import math
 import os
 import selectors
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -336,6 +336,67 @@ def _engine_of(jobs: Sequence[Job]) -> Engine:
     return next(iter(engines.values()))
 
 
+@dataclass(frozen=True)
+class ReadRows:
+    """A step of :func:`wait_steps`: read these jobs' rows (only the ended ones with ``ended_only``)
+    and send back ``{id: _State}``."""
+
+    ids: Collection[str]
+    ended_only: bool = False
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A step of :func:`wait_steps`: wait up to ``seconds`` for a change and send back the ids an
+    event named (empty: none came), or None (something changed, or events may have been missed)."""
+
+    seconds: float
+
+
+WaitSteps = Generator[ReadRows | Listen, Any, list[str]]
+
+
+def wait_steps(jobs: Sequence[Job], deadline: float | None, timeout: float | None) -> WaitSteps:
+    """The one algorithm of :func:`wait_all` and its async twin, without I/O: it yields what to
+    read or wait for, is sent the answer, and returns the statuses (or raises, as they document).
+    The caller is listening before it starts, so no event between the first read and the first
+    wait is missed."""
+    by_id = {job.id: job for job in jobs}
+    states: dict[str, _State] = yield ReadRows(list(by_id))
+    waiting = {job_id for job_id in by_id if _ended(states, job_id) is False}
+    checked = time.monotonic()
+    while waiting:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            rows = yield ReadRows(set(waiting))  # the handles as they stand now
+            if missing := waiting - rows.keys():  # deleted meanwhile: gone, not late
+                raise JobNotFoundError(min(missing))
+            states.update(rows)
+            _apply(jobs, states)
+            raise WaitTimeoutError(timeout or 0.0, sorted(waiting))
+        pause = RECHECK_SECONDS - (now - checked)
+        if deadline is not None:
+            pause = min(pause, deadline - now)
+        woke: set[str] | None = yield Listen(max(0.0, pause))
+        if time.monotonic() - checked >= RECHECK_SECONDS:
+            # Whole rows, whatever was announced: also finds a job deleted meanwhile.
+            rows = yield ReadRows(set(waiting))
+            checked = time.monotonic()
+            if missing := waiting - rows.keys():
+                raise JobNotFoundError(min(missing))
+            states.update(rows)
+            ended = {job_id for job_id in waiting if rows[job_id].status in FINISHED}
+        elif woke is None or woke & waiting:
+            rows = yield ReadRows(set(waiting) if woke is None else woke & waiting, ended_only=True)
+            states.update(rows)
+            ended = set(rows)
+        else:
+            continue
+        waiting.difference_update(ended)
+    _apply(jobs, states)
+    return [job.status for job in jobs]
+
+
 def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
     """Block until every job of ``jobs`` (one database's) is completed or failed; returns their
     statuses in order, each handle refreshed. :class:`~dgxqueue.errors.WaitTimeoutError` after
@@ -345,45 +406,23 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
     if not jobs:
         return []
     engine = _engine_of(jobs)
+    steps = wait_steps(jobs, deadline, timeout)
     listener = ChangeListener(engine)  # listening before the first read: nothing is missed
     try:
         with engine.connect() as connection:
-            by_id = {job.id: job for job in jobs}
-            states = _read(engine, by_id, connection)
-            waiting = {job_id for job_id in by_id if _ended(states, job_id) is False}
-            checked = time.monotonic()
-            while waiting:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    rows = _read(engine, waiting, connection)  # the handles as they stand now
-                    if missing := waiting - rows.keys():  # deleted meanwhile: gone, not late
-                        raise JobNotFoundError(min(missing))
-                    states.update(rows)
-                    _apply(jobs, states)
-                    raise WaitTimeoutError(timeout or 0.0, sorted(waiting))
-                pause = RECHECK_SECONDS - (now - checked)
-                if deadline is not None:
-                    pause = min(pause, deadline - now)
-                woke = listener.wait(max(0.0, pause))
-                if time.monotonic() - checked >= RECHECK_SECONDS:
-                    # Whole rows, whatever was announced: also finds a job deleted meanwhile.
-                    rows = _read(engine, waiting, connection)
-                    checked = time.monotonic()
-                    if missing := waiting - rows.keys():
-                        raise JobNotFoundError(min(missing))
-                    states.update(rows)
-                    ended = {job_id for job_id in waiting if rows[job_id].status in FINISHED}
-                elif woke is None or woke & waiting:
-                    rows = _read(engine, waiting if woke is None else woke & waiting, connection, ended_only=True)
-                    states.update(rows)
-                    ended = set(rows)
+            answer: Any = None
+            while True:
+                try:
+                    step = steps.send(answer)
+                except StopIteration as done:
+                    statuses: list[str] = done.value
+                    return statuses
+                if isinstance(step, ReadRows):
+                    answer = _read(engine, step.ids, connection, ended_only=step.ended_only)
                 else:
-                    continue
-                waiting.difference_update(ended)
+                    answer = listener.wait(step.seconds)
     finally:
         listener.close()
-    _apply(jobs, states)
-    return [job.status for job in jobs]
 
 
 def deadline_of(timeout: object) -> float | None:

@@ -33,18 +33,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Engine
 
-from dgxqueue.errors import JobNotFoundError, WaitTimeoutError
 from dgxqueue.jobs import (
     _CHUNK,
     _COLUMNS,
     FINISHED,
-    RECHECK_SECONDS,
     SQLITE_CHECK_SECONDS,
-    _apply,
-    _ended,
+    ReadRows,
     _engine_of,
     _State,
     deadline_of,
+    wait_steps,
 )
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import G
@@ -209,9 +207,16 @@ class _PostgreSQLChanges:
                 await self._connect()
                 return None
             announced: set[str] = set()
-            async for notify in self._connection.notifies(timeout=timeout, stop_after=1):
-                with contextlib.suppress(ValueError, TypeError, KeyError):
-                    announced.update(str(event["id"]) for event in json.loads(notify.payload))
+            # The first event (or the timeout), then every one already queued behind it: under a
+            # storm of other jobs' events, one a pass would leave ours behind the rest.
+            wait: float | None = timeout
+            while wait is not None:
+                got = False
+                async for notify in self._connection.notifies(timeout=wait, stop_after=1 if wait else None):
+                    got = True
+                    with contextlib.suppress(ValueError, TypeError, KeyError):
+                        announced.update(str(event["id"]) for event in json.loads(notify.payload))
+                wait = 0.0 if got else None  # again while a pass still finds some
             return announced
         except psycopg.Error:  # the server went away: listen again next time, pausing meanwhile
             await self._drop()
@@ -239,41 +244,19 @@ async def wait_all_async(jobs: Sequence[Job], timeout: float | None = None) -> l
     changes: _SQLiteChanges | _PostgreSQLChanges = (
         _PostgreSQLChanges(engine) if profile_of(engine.dialect).waker == "listen"
         else _SQLiteChanges(engine, None if deadline is None else deadline + LOCK_GRACE_SECONDS))
+    steps = wait_steps(jobs, deadline, timeout)
     try:
         await changes.start()  # listening before the first read: nothing is missed
-        by_id = {job.id: job for job in jobs}
-        states = await changes.read(by_id)
-        waiting = {job_id for job_id in by_id if _ended(states, job_id) is False}
-        checked = time.monotonic()
-        while waiting:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                rows = await changes.read(waiting)  # the handles as they stand now
-                if missing := waiting - rows.keys():  # deleted meanwhile: gone, not late
-                    raise JobNotFoundError(min(missing))
-                states.update(rows)
-                _apply(jobs, states)
-                raise WaitTimeoutError(timeout or 0.0, sorted(waiting))
-            pause = RECHECK_SECONDS - (now - checked)
-            if deadline is not None:
-                pause = min(pause, deadline - now)
-            woke = await changes.changed(max(0.0, pause))
-            if time.monotonic() - checked >= RECHECK_SECONDS:
-                # Whole rows, whatever was announced: also finds a job deleted meanwhile.
-                rows = await changes.read(waiting)
-                checked = time.monotonic()
-                if missing := waiting - rows.keys():
-                    raise JobNotFoundError(min(missing))
-                states.update(rows)
-                ended = {job_id for job_id in waiting if rows[job_id].status in FINISHED}
-            elif woke is None or woke & waiting:
-                rows = await changes.read(waiting if woke is None else woke & waiting, ended_only=True)
-                states.update(rows)
-                ended = set(rows)
+        answer: Any = None
+        while True:
+            try:
+                step = steps.send(answer)
+            except StopIteration as done:
+                statuses: list[str] = done.value
+                return statuses
+            if isinstance(step, ReadRows):
+                answer = await changes.read(step.ids, ended_only=step.ended_only)
             else:
-                continue
-            waiting.difference_update(ended)
+                answer = await changes.changed(step.seconds)
     finally:
         await changes.aclose()
-    _apply(jobs, states)
-    return [job.status for job in jobs]

@@ -18,6 +18,7 @@ import dgxqueue
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError, ValidationError, WaitTimeoutError
 from dgxqueue.jobs import RECHECK_SECONDS, Job
+from dgxqueue.jobs_async import _PostgreSQLChanges
 from dgxqueue.storage import (
     complete_generation,
     create_generation,
@@ -26,6 +27,7 @@ from dgxqueue.storage import (
     init_db,
     session_scope,
 )
+from dgxqueue.storage.queue import EVENTS_CHANNEL
 from tests.support.daemons import make_settings
 from tests.support.processes import wait_until
 
@@ -285,3 +287,31 @@ def test_wait_async__a_database_locked_past_the_timeout_ends_the_wait(sqlite_db_
         assert time.monotonic() - started < 2.0
     finally:
         holder.close()
+
+
+def test_wait_async__one_check_takes_every_event_already_queued(pg_db_url: str, tmp_path: Path) -> None:
+    """A storm of other jobs' completion events (a transaction each) queued before ours: a check
+    of the listener takes every event already queued, not the first one (or the first packet)
+    alone, so a waiter hears of its job within a check or two, not one check per event."""
+    setup(pg_db_url, tmp_path)
+    engine = get_engine(pg_db_url)
+
+    async def main() -> int:
+        changes = _PostgreSQLChanges(engine)
+        await changes.start()
+        try:
+            with engine.connect() as conn:  # a transaction each, as daemons' outcomes come
+                for n in range(3000):
+                    conn.execute(sa.select(sa.func.pg_notify(EVENTS_CHANNEL, f'[{{"id": "other-{n}"}}]')))
+                    conn.commit()
+                conn.execute(sa.select(sa.func.pg_notify(EVENTS_CHANNEL, '[{"id": "ours"}]')))
+                conn.commit()
+            checks, heard = 0, set()
+            while "ours" not in heard and checks < 100:
+                checks += 1
+                heard |= await changes.changed(5.0) or set()
+            return checks
+        finally:
+            await changes.aclose()
+
+    assert asyncio.run(main()) <= 3  # not one check per event (or per packet) of the storm
