@@ -72,6 +72,7 @@ class _Step:
 
     joined: list[_Slot]
     outcomes: list[Attempt]
+    occupied: int  # jobs in slots during the step: what dgxqueue_batch_size observes
 
 
 class Continuous:
@@ -214,6 +215,11 @@ class Continuous:
             self._joining_now = 0
         if step is None:
             return
+        if step.occupied:
+            # The running batch's size is the jobs in slots at each step, the generator call of
+            # this mode: its histogram then shows how full the slots run, as in the ordinary loop
+            # it shows how full the batches are (a per-join count would hide a batch left to empty).
+            daemon.hooks.on_batch(step.occupied)
         self.running.update((s.work.job.id, s) for s in step.joined)
         for outcome in step.outcomes:
             self.running.pop(outcome.job.id, None)
@@ -246,11 +252,12 @@ class Continuous:
                     outcomes.append(Attempt(work.job, error, 0.0))
                     continue
                 joined.append(_Slot(work, path, time.monotonic()))
+            occupied = generator.slots - generator.free_slots
             finished = generator.step()
             if finished:
                 outcomes += self._stage(finished, {**slots, **{s.work.job.id: s for s in joined}},
                                         root.real, worker_id)
-            return _Step(joined, handoff.deliver(outcomes))
+            return _Step(joined, handoff.deliver(outcomes), occupied)
 
         return call
 

@@ -3,8 +3,11 @@ batch and leave it as they finish; cancel, SIGTERM and SIGKILL with jobs in slot
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ def _options(model: Path) -> dict[str, Any]:
     return {"model": str(model), "models": ["tiny"], "device": "cpu", "decode": "loop", "max_batch_size": SLOTS}
 
 
-def _config(tmp: Path, url: str, model: Path, **worker: Any) -> Path:
+def _config(tmp: Path, url: str, model: Path, *, metrics: dict[str, Any] | None = None, **worker: Any) -> Path:
     return write_config(tmp / "config.toml", {
         "database": {"url": url},
         "outputs": {"dir": str(tmp / "outputs")},
@@ -44,7 +47,7 @@ def _config(tmp: Path, url: str, model: Path, **worker: Any) -> Path:
         "generator.options": _options(model),
         "worker": {"lease_seconds": 30.0, "heartbeat_seconds": 0.2, "rescue_interval_seconds": 0.5,
                    "poll_interval_seconds": 0.5, "backoff_base_seconds": 0.0, **worker},
-        "metrics": {"enabled": False},
+        "metrics": metrics or {"enabled": False},
         "logging": {"format": "json", "level": "info"},
     })
 
@@ -181,3 +184,46 @@ def test_continuous__sigkill_jobs_in_slots_are_rescued(sqlite_db_url: str, tmp_p
     rows = [_row(url, j) for j in ids]
     assert [r["attempts"] for r in rows] == [2, 2]
     assert all(_frames(tmp_path, r) == 3 * 32000 for r in rows)
+
+
+def _metrics_address(log: Path) -> str | None:
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and str(entry.get("metrics", "")).startswith("http://"):
+            return str(entry["metrics"])
+    return None
+
+
+def _samples(address: str, name: str) -> dict[str, float]:
+    """``name``'s samples on /metrics, by their label text (``le="4"``; empty for none)."""
+    with urllib.request.urlopen(address, timeout=10) as reply:
+        text = reply.read().decode()
+    found = re.findall(rf"^{name}(?:{{(.*?)}})? (\S+)$", text, flags=re.MULTILINE)
+    return {labels: float(value) for labels, value in found}
+
+
+def test_continuous__batch_size_metric_observes_the_jobs_in_slots_at_each_step(sqlite_db_url: str, tmp_path: Path,
+                                                                             model: Path) -> None:
+    """dgxqueue_batch_size observes, at each decoding step, how many jobs are in slots: three
+    1-second jobs that decode together give one observation of 3 per step (at least the 50 frames
+    of a second), none of another size."""
+    url = sqlite_db_url
+    init_db(url)
+    ids = _enqueue(url, tmp_path, 1.0, 1.0, 1.0)  # before the start: one claim, one join, one end
+    log = tmp_path / "worker.log"
+    worker = start_worker(_config(tmp_path, url, model, metrics={"enabled": True, "port": 0}), log)
+    try:
+        address = wait_until(lambda: _metrics_address(log), WAIT, "the metrics address", alive=worker)
+        wait_until(lambda: all(_row(url, j)["status"] == "completed" for j in ids), WAIT, "the jobs to complete",
+                   alive=worker)
+        count = _samples(address, "dgxqueue_batch_size_count")[""]
+        total = _samples(address, "dgxqueue_batch_size_sum")[""]
+        buckets = _samples(address, "dgxqueue_batch_size_bucket")
+    finally:
+        assert stop(worker) == 0, log.read_text()[-3000:]
+    assert count >= 50, f"{count:g} steps observed for 1-second jobs"
+    assert total == 3 * count
+    assert buckets['le="2.0"'] == 0 and buckets['le="4.0"'] == count
