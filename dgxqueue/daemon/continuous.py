@@ -17,6 +17,9 @@ heartbeats and rescues: the GPU never waits on the database.
 - **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
   a finished job's file is staged on the runner thread and published after its write commits.
 - **Cancels** free the job's slot at the next step; the other slots decode on.
+- **A lost lease** (the heartbeat finds the attempt is no longer this daemon's, or this daemon
+  claimed the job again) frees the job's slot at the next step too: its write is sure to be
+  fenced off, so decoding it on would only keep jobs whose results count out of the slot.
 - **Time limits** are per job: one past ``worker.job_timeout_seconds`` leaves its slot, charged
   with :class:`~dgxqueue.errors.JobTimeoutError`. A step that itself overruns the limit is a
   stuck call, handled as the ordinary loop handles one (charged, exit for a fresh process).
@@ -46,7 +49,7 @@ from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, 
 from dgxqueue.daemon.faults import refund
 from dgxqueue.daemon.isolation import prepare_isolating
 from dgxqueue.daemon.outages import outage_skips
-from dgxqueue.errors import CapacityError, GeneratorError, JobTimeoutError, PermanentGeneratorError
+from dgxqueue.errors import CapacityError, GeneratorError, JobTimeoutError, LeaseLostError, PermanentGeneratorError
 from dgxqueue.generators import GenerationOutcome, SlotGenerator
 from dgxqueue.machine_faults import machine_fault
 from dgxqueue.storage.claimed import ClaimedJob
@@ -189,12 +192,25 @@ class Continuous:
         # The request's own control: a cancel recorded at once (Completer.cancel_running) no longer
         # holds the job, nor its control in Held.controls.
         stopped = [key for key, s in self.running.items() if s.work.request.control.cancelled]
+        # Attempts this daemon holds no more (the heartbeat found the lease lost, or this daemon
+        # claimed the job again): their outcomes are sure to be refused, so their slots go to
+        # jobs whose results count, and a new attempt of the same job can start in this call.
+        lost_leases, superseded = daemon.heartbeat.lost, daemon.held.superseded
+        lost = [key for key, s in self.running.items() if key not in stopped
+                and ((key, s.work.job.attempt) in lost_leases or id(s.work.job) in superseded)]
         limit = daemon.config.job_timeout_seconds
-        overdue = [key for key, s in self.running.items() if key not in stopped and now - s.joined >= limit]
-        future = daemon.runner.submit(self._call(joining, stopped + overdue))
+        overdue = [key for key, s in self.running.items()
+                   if key not in stopped and key not in lost and now - s.joined >= limit]
+        future = daemon.runner.submit(self._call(joining, stopped + lost + overdue))
         begun, self._joining_now = time.monotonic(), len(joining)
-        left = [self.running.pop(key) for key in stopped + overdue]
+        left = [self.running.pop(key) for key in stopped + lost + overdue]
         daemon.completer.pending.extend(cancelled(s.work.job, now - s.joined) for s in left[: len(stopped)])
+        if lost:
+            daemon.log.warning("slots freed of jobs whose lease was lost; the others decode on", jobs=lost)
+            gone = LeaseLostError("this daemon no longer holds the attempt: its slot was freed")
+            daemon.completer.pending.extend(Attempt(s.work.job, gone, now - s.joined)
+                                            for s in left[len(stopped):len(stopped) + len(lost)])
+        left = left[: len(stopped)] + left[len(stopped) + len(lost):]
         if overdue:
             daemon.log.error("job overran its time limit: its slot is freed, the others decode on", jobs=overdue)
             error = JobTimeoutError(f"job exceeded its time limit of {limit:g} s")

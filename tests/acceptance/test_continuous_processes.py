@@ -39,8 +39,9 @@ def _options(model: Path) -> dict[str, Any]:
     return {"model": str(model), "models": ["tiny"], "device": "cpu", "decode": "loop", "max_batch_size": SLOTS}
 
 
-def _config(tmp: Path, url: str, model: Path, *, metrics: dict[str, Any] | None = None, **worker: Any) -> Path:
-    return write_config(tmp / "config.toml", {
+def _config(tmp: Path, url: str, model: Path, *, metrics: dict[str, Any] | None = None, name: str = "config.toml",
+            **worker: Any) -> Path:
+    return write_config(tmp / name, {
         "database": {"url": url},
         "outputs": {"dir": str(tmp / "outputs")},
         "generator": {"name": "musicgen", "continuous": True},
@@ -227,3 +228,53 @@ def test_continuous__batch_size_metric_observes_the_jobs_in_slots_at_each_step(s
     assert count >= 50, f"{count:g} steps observed for 1-second jobs"
     assert total == 3 * count
     assert buckets['le="2.0"'] == 0 and buckets['le="4.0"'] == count
+
+
+def _log_entries(log: Path) -> list[dict[str, Any]]:
+    entries = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def _ends(log: Path, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The "job finished" entries of ``ids`` in a daemon's log, by job id."""
+    return {e["job_id"]: e for e in _log_entries(log) if e.get("event") == "job finished" and e.get("job_id") in ids}
+
+
+def test_continuous__jobs_whose_lease_was_lost_leave_their_slots(sqlite_db_url: str, tmp_path: Path,
+                                                                 model: Path) -> None:
+    """Two long jobs decode; their rows are taken as another daemon takes them after a rescue
+    (plain SQL: worker, attempt). The daemon frees their slots at its next heartbeat instead of
+    decoding audio whose write is sure to be refused: each ends fenced with no audio, its lease
+    loss warned once, no file of it left, the rows untouched; a job enqueued after completes."""
+    url = sqlite_db_url
+    init_db(url)
+    ids = _enqueue(url, tmp_path, 20.0, 20.0)
+    log = tmp_path / "worker.log"
+    worker = start_worker(_config(tmp_path, url, model), log)
+    try:
+        for job_id in ids:
+            _started(url, job_id, worker)
+        with get_engine(url).begin() as conn:
+            taken = conn.execute(sa.text(
+                "UPDATE generations SET worker_id = 'another-daemon', attempts = attempts + 1 WHERE id IN (:a, :b)"
+                " AND status = 'processing'"), {"a": ids[0], "b": ids[1]}).rowcount
+        assert taken == 2
+        ends = wait_until(lambda: e if len(e := _ends(log, ids)) == 2 else None, WAIT, "the daemon to let them go",
+                          alive=worker)
+        (later,) = _enqueue(url, tmp_path, 0.5)
+        wait_until(lambda: _row(url, later)["status"] == "completed", WAIT, "a later job to complete", alive=worker)
+    finally:
+        assert stop(worker) == 0, log.read_text()[-3000:]
+    assert {e["outcome"] for e in ends.values()} == {"fenced"}
+    assert [e["audio_seconds"] for e in ends.values()] == [None, None], "it decoded audio sure to be refused"
+    lost = [e for e in _log_entries(log) if str(e.get("event", "")).startswith("lease lost")]
+    assert sorted(e["job_id"] for e in lost) == sorted(ids)
+    assert [(r["status"], r["attempts"]) for r in map(lambda j: _row(url, j), ids)] == [("processing", 2)] * 2
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [f"{later}.wav"]
