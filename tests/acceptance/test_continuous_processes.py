@@ -217,7 +217,7 @@ def test_continuous__batch_size_metric_observes_the_jobs_in_slots_at_each_step(s
     log = tmp_path / "worker.log"
     worker = start_worker(_config(tmp_path, url, model, metrics={"enabled": True, "port": 0}), log)
     try:
-        address = wait_until(lambda: _metrics_address(log), WAIT, "the metrics address", alive=worker)
+        address = str(wait_until(lambda: _metrics_address(log), WAIT, "the metrics address", alive=worker))
         wait_until(lambda: all(_row(url, j)["status"] == "completed" for j in ids), WAIT, "the jobs to complete",
                    alive=worker)
         count = _samples(address, "dgxqueue_batch_size_count")[""]
@@ -266,12 +266,12 @@ def test_continuous__jobs_whose_lease_was_lost_leave_their_slots(sqlite_db_url: 
                 "UPDATE generations SET worker_id = 'another-daemon', attempts = attempts + 1 WHERE id IN (:a, :b)"
                 " AND status = 'processing'"), {"a": ids[0], "b": ids[1]}).rowcount
         assert taken == 2
-        ends = wait_until(lambda: e if len(e := _ends(log, ids)) == 2 else None, WAIT, "the daemon to let them go",
-                          alive=worker)
+        wait_until(lambda: len(_ends(log, ids)) == 2, WAIT, "the daemon to let them go", alive=worker)
         (later,) = _enqueue(url, tmp_path, 0.5)
         wait_until(lambda: _row(url, later)["status"] == "completed", WAIT, "a later job to complete", alive=worker)
     finally:
         assert stop(worker) == 0, log.read_text()[-3000:]
+    ends = _ends(log, ids)
     assert {e["outcome"] for e in ends.values()} == {"fenced"}
     assert [e["audio_seconds"] for e in ends.values()] == [None, None], "it decoded audio sure to be refused"
     lost = [e for e in _log_entries(log) if str(e.get("event", "")).startswith("lease lost")]
