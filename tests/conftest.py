@@ -127,6 +127,7 @@ SLOW = frozenset({
     "tests/acceptance/test_continuous_processes.py::test_continuous__a_job_joins_the_running_batch_and_leaves_first",
     "tests/acceptance/test_continuous_processes.py::test_continuous__batch_size_metric_observes_the_jobs_in_slots_at_each_step",
     "tests/acceptance/test_continuous_processes.py::test_continuous__jobs_whose_lease_was_lost_leave_their_slots",
+    "tests/acceptance/test_continuous_processes.py::test_continuous__a_suspect_is_not_claimed_while_the_batch_runs",
     "tests/acceptance/test_continuous_processes.py::test_continuous__cancel_of_one_running_job_leaves_the_others_decoding",
     "tests/acceptance/test_continuous_processes.py::test_continuous__sigkill_jobs_in_slots_are_rescued",
     "tests/acceptance/test_continuous_processes.py::test_continuous__sigterm_during_a_running_batch",

@@ -30,7 +30,9 @@ heartbeats and rescues: the GPU never waits on the database.
   :data:`~dgxqueue.daemon.faults.UNCONFIRMED_REFUNDS` times (:func:`~dgxqueue.daemon.faults.refund`).
 - **A suspect** (:mod:`~dgxqueue.daemon.isolation`), and each job of a step that failed here (not
   for memory), joins an empty batch and runs alone: nothing is claimed while it waits or runs. So
-  a job that breaks every step it is in is charged alone, not its companions.
+  a job that breaks every step it is in is charged alone, not its companions. One claimed while
+  the batch is busy is given back at once (unspent) for an idle daemon, and this daemon claims
+  nothing until its batch is empty, then one job: not held unrun, nor starved (:meth:`Continuous.claim`).
 - **A stop** claims and starts nothing more; the running jobs decode to their end within the
   grace period (:meth:`Continuous.drain`), and whatever is held after it goes back unspent.
 """
@@ -88,6 +90,8 @@ class Continuous:
         self._claim_due = 0.0
         self._unmarked: set[str] = set()  # waiting suspects whose claim's start mark was cleared
         self._joining_now = 0  # jobs the running step starts: in no slot yet, and no longer held.next
+        self._draining = False  # a suspect was given back: claim nothing until the batch is empty
+        self._joining_alone = False  # the running step starts a suspect: it runs alone
         # Jobs that were in a step that failed (not for memory): any one may be what broke it, so
         # each runs alone until it leaves a step with an outcome; one that breaks the step alone
         # is charged alone (faults.refund), never again its companions.
@@ -99,21 +103,48 @@ class Continuous:
         """How many jobs a claim may take: the free slots not promised to jobs claimed already;
         none while a suspect waits or runs (it runs alone)."""
         held = self.daemon.held
-        if any(map(self._alone, held.next)) or any(self._alone(s.work.job) for s in self.running.values()):
+        if (any(map(self._alone, held.next)) or any(self._alone(s.work.job) for s in self.running.values())
+                or self._joining_alone):  # a suspect in its first step is in no slot yet, but it runs
             return 0
+        if self._draining:  # for a suspect given back: nothing until the batch is empty, then one job
+            return 0 if self._busy() else 1
         return max(0, self.generator.slots - len(self.running) - self._joining_now - len(held.next))
 
+    def _busy(self) -> bool:
+        return bool(self.running or self._joining_now or self.daemon.held.next)
+
     def claim(self) -> int:
-        """Claim up to :meth:`room` jobs, marked started (they join at the next step); how many."""
+        """Claim up to :meth:`room` jobs, marked started (they join at the next step); how many.
+
+        A suspect runs alone, so it cannot join a busy batch: one claimed then is given back at
+        once (unspent), for an idle daemon to run, and this daemon claims nothing more until its
+        batch is empty, then one job (the oldest: the suspect, unless another daemon took it), so a
+        suspect is not held unrun while a batch decodes, nor starved by a batch never empty."""
         daemon = self.daemon
         room = self.room()
         if room <= 0 or not daemon.claimer.may_claim():
             return 0
         self._claim_due = time.monotonic() + daemon.config.poll_interval_seconds
         now = daemon.claimer.clock()
+        busy = self._busy()
         jobs = daemon.store.claim(room, start=True)
+        self._draining = False
         daemon.claimer.take(jobs, now, premarked=True)
+        if busy or any(not self._alone(job) for job in jobs):  # trusted jobs join first: the batch is busy
+            waiting = [job for job in jobs if self._alone(job)]
+            if waiting:
+                self._give_back(waiting)
+                self._draining = True
         return len(jobs)
+
+    def _give_back(self, jobs: list[ClaimedJob]) -> None:
+        """Give claimed jobs that have not joined back, unspent."""
+        daemon, held = self.daemon, self.daemon.held
+        ids = {job.id for job in jobs}
+        daemon.log.info("suspects given back: they run alone, and the batch is busy; draining it", jobs=sorted(ids))
+        held.next = [job for job in held.next if job.id not in ids]
+        held.premarked -= ids
+        daemon.completer.release(keep={job.id for job in held.jobs} - ids)
 
     def _claim_wanted(self) -> bool:
         # The waker first: it is how a job enqueued now joins at the next step, not a poll later.
@@ -203,6 +234,7 @@ class Continuous:
                    if key not in stopped and key not in lost and now - s.joined >= limit]
         future = daemon.runner.submit(self._call(joining, stopped + lost + overdue))
         begun, self._joining_now = time.monotonic(), len(joining)
+        self._joining_alone = any(self._alone(w.job) for w in joining)
         left = [self.running.pop(key) for key in stopped + lost + overdue]
         daemon.completer.pending.extend(cancelled(s.work.job, now - s.joined) for s in left[: len(stopped)])
         if lost:
@@ -228,7 +260,7 @@ class Continuous:
             self._failed(exc, joining, time.monotonic() - begun)
             return
         finally:
-            self._joining_now = 0
+            self._joining_now, self._joining_alone = 0, False
         if step is None:
             return
         if step.occupied:

@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,44 @@ def test_continuous__jobs_whose_lease_was_lost_leave_their_slots(sqlite_db_url: 
     assert sorted(e["job_id"] for e in lost) == sorted(ids)
     assert [(r["status"], r["attempts"]) for r in map(lambda j: _row(url, j), ids)] == [("processing", 2)] * 2
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [f"{later}.wav"]
+
+
+def test_continuous__a_suspect_is_not_claimed_while_the_batch_runs(sqlite_db_url: str, tmp_path: Path,
+                                                                  model: Path) -> None:
+    """A suspect (a job that lost a lease while it ran) runs alone, so it cannot join a running
+    batch: while the daemon decodes a long job, a suspect enqueued meanwhile stays pending, free
+    for an idle daemon, not held unrun until the batch empties. Then the daemon runs it alone."""
+    url = sqlite_db_url
+    init_db(url)
+    (long,) = _enqueue(url, tmp_path, 30.0)
+    worker = start_worker(_config(tmp_path, url, model), tmp_path / "worker.log")
+    try:
+        _started(url, long, worker)
+        (suspect,) = _enqueue(url, tmp_path, 0.5)
+        with get_engine(url).begin() as conn:
+            conn.execute(sa.text("UPDATE generations SET lease_losses = 1 WHERE id = :id"), {"id": suspect})
+        # The spans (monotonic start, end) of consecutive polls that saw the suspect held while the
+        # long job ran. The daemon may claim it at once; it must give it back at once, not hold it.
+        held: list[list[float]] = []
+        seen = [False]  # whether the last poll saw it held
+
+        def long_done() -> bool:
+            with get_engine(url).connect() as conn:
+                rows: dict[str, str] = {str(k): str(v) for k, v in conn.execute(
+                    sa.text("SELECT id, status FROM generations")).all()}
+            now = time.monotonic()
+            held_now = rows[long] == "processing" and rows[suspect] == "processing"
+            if held_now and seen[0]:
+                held[-1][1] = now
+            elif held_now:
+                held.append([now, now])
+            seen[0] = held_now
+            return rows[long] == "completed"
+
+        wait_until(long_done, WAIT, "the long job to complete", alive=worker)
+        wait_until(lambda: _row(url, suspect)["status"] == "completed", WAIT, "the suspect to complete", alive=worker)
+    finally:
+        assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    longest = max((end - start for start, end in held), default=0.0)
+    assert longest < 5.0, f"the suspect was held {longest:.1f} s while the batch it cannot join ran"
+    assert _row(url, suspect)["attempts"] == 1
