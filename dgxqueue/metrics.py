@@ -219,7 +219,8 @@ class DaemonMetrics(Hooks):
             "dgxqueue_audio_seconds", "Seconds of audio produced by completed jobs, by model.",
             ["model"], registry=registry)
         self.batch_size = Histogram(
-            "dgxqueue_batch_size", "Requests per generator call.", buckets=BATCH_BUCKETS,
+            "dgxqueue_batch_size", "Requests per generator call; with continuous batching, jobs in slots at each"
+            " decoding step.", buckets=BATCH_BUCKETS,
             registry=registry)
         self.in_flight = Gauge(
             "dgxqueue_jobs_in_flight", "Jobs this daemon holds right now.", registry=registry)

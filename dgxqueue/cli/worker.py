@@ -14,6 +14,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -112,10 +113,19 @@ def run_worker(settings: Settings, *, burst: bool = False, worker_id: str | None
             metrics=f"{server.url}/metrics" if server is not None else "off (metrics.enabled = false)",
         )
         signals.attach(daemon)
-        return daemon.run(burst=burst)
+        code = daemon.run(burst=burst)
     finally:
         if server is not None:
             server.close()
         signals.restore()
         if engine is not None:
             engine.dispose()
+    if daemon.runner.busy:
+        # A backend call given up on (a grace period over during a step, a stuck call) is still
+        # running on its thread: the interpreter's teardown would pull the backend's native
+        # libraries from under it (torch aborts: "terminate called without an active exception",
+        # exit -6 in place of this code). Its jobs are given back or left to the lease rescue.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -17,6 +17,9 @@ heartbeats and rescues: the GPU never waits on the database.
 - **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
   a finished job's file is staged on the runner thread and published after its write commits.
 - **Cancels** free the job's slot at the next step; the other slots decode on.
+- **A lost lease** (the heartbeat finds the attempt is no longer this daemon's, or this daemon
+  claimed the job again) frees the job's slot at the next step too: its write is sure to be
+  fenced off, so decoding it on would only keep jobs whose results count out of the slot.
 - **Time limits** are per job: one past ``worker.job_timeout_seconds`` leaves its slot, charged
   with :class:`~dgxqueue.errors.JobTimeoutError`. A step that itself overruns the limit is a
   stuck call, handled as the ordinary loop handles one (charged, exit for a fresh process).
@@ -27,7 +30,9 @@ heartbeats and rescues: the GPU never waits on the database.
   :data:`~dgxqueue.daemon.faults.UNCONFIRMED_REFUNDS` times (:func:`~dgxqueue.daemon.faults.refund`).
 - **A suspect** (:mod:`~dgxqueue.daemon.isolation`), and each job of a step that failed here (not
   for memory), joins an empty batch and runs alone: nothing is claimed while it waits or runs. So
-  a job that breaks every step it is in is charged alone, not its companions.
+  a job that breaks every step it is in is charged alone, not its companions. One claimed while
+  the batch is busy is given back at once (unspent) for an idle daemon, and this daemon claims
+  nothing until its batch is empty, then one job: not held unrun, nor starved (:meth:`Continuous.claim`).
 - **A stop** claims and starts nothing more; the running jobs decode to their end within the
   grace period (:meth:`Continuous.drain`), and whatever is held after it goes back unspent.
 """
@@ -46,7 +51,7 @@ from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, 
 from dgxqueue.daemon.faults import refund
 from dgxqueue.daemon.isolation import prepare_isolating
 from dgxqueue.daemon.outages import outage_skips
-from dgxqueue.errors import CapacityError, GeneratorError, JobTimeoutError, PermanentGeneratorError
+from dgxqueue.errors import CapacityError, GeneratorError, JobTimeoutError, LeaseLostError, PermanentGeneratorError
 from dgxqueue.generators import GenerationOutcome, SlotGenerator
 from dgxqueue.machine_faults import machine_fault
 from dgxqueue.storage.claimed import ClaimedJob
@@ -72,6 +77,7 @@ class _Step:
 
     joined: list[_Slot]
     outcomes: list[Attempt]
+    occupied: int  # jobs in slots during the step: what dgxqueue_batch_size observes
 
 
 class Continuous:
@@ -84,6 +90,8 @@ class Continuous:
         self._claim_due = 0.0
         self._unmarked: set[str] = set()  # waiting suspects whose claim's start mark was cleared
         self._joining_now = 0  # jobs the running step starts: in no slot yet, and no longer held.next
+        self._draining = False  # a suspect was given back: claim nothing until the batch is empty
+        self._joining_alone = False  # the running step starts a suspect: it runs alone
         # Jobs that were in a step that failed (not for memory): any one may be what broke it, so
         # each runs alone until it leaves a step with an outcome; one that breaks the step alone
         # is charged alone (faults.refund), never again its companions.
@@ -95,21 +103,48 @@ class Continuous:
         """How many jobs a claim may take: the free slots not promised to jobs claimed already;
         none while a suspect waits or runs (it runs alone)."""
         held = self.daemon.held
-        if any(map(self._alone, held.next)) or any(self._alone(s.work.job) for s in self.running.values()):
+        if (any(map(self._alone, held.next)) or any(self._alone(s.work.job) for s in self.running.values())
+                or self._joining_alone):  # a suspect in its first step is in no slot yet, but it runs
             return 0
+        if self._draining:  # for a suspect given back: nothing until the batch is empty, then one job
+            return 0 if self._busy() else 1
         return max(0, self.generator.slots - len(self.running) - self._joining_now - len(held.next))
 
+    def _busy(self) -> bool:
+        return bool(self.running or self._joining_now or self.daemon.held.next)
+
     def claim(self) -> int:
-        """Claim up to :meth:`room` jobs, marked started (they join at the next step); how many."""
+        """Claim up to :meth:`room` jobs, marked started (they join at the next step); how many.
+
+        A suspect runs alone, so it cannot join a busy batch: one claimed then is given back at
+        once (unspent), for an idle daemon to run, and this daemon claims nothing more until its
+        batch is empty, then one job (the oldest: the suspect, unless another daemon took it), so a
+        suspect is not held unrun while a batch decodes, nor starved by a batch never empty."""
         daemon = self.daemon
         room = self.room()
         if room <= 0 or not daemon.claimer.may_claim():
             return 0
         self._claim_due = time.monotonic() + daemon.config.poll_interval_seconds
         now = daemon.claimer.clock()
+        busy = self._busy()
         jobs = daemon.store.claim(room, start=True)
+        self._draining = False
         daemon.claimer.take(jobs, now, premarked=True)
+        if busy or any(not self._alone(job) for job in jobs):  # trusted jobs join first: the batch is busy
+            waiting = [job for job in jobs if self._alone(job)]
+            if waiting:
+                self._give_back(waiting)
+                self._draining = True
         return len(jobs)
+
+    def _give_back(self, jobs: list[ClaimedJob]) -> None:
+        """Give claimed jobs that have not joined back, unspent."""
+        daemon, held = self.daemon, self.daemon.held
+        ids = {job.id for job in jobs}
+        daemon.log.info("suspects given back: they run alone, and the batch is busy; draining it", jobs=sorted(ids))
+        held.next = [job for job in held.next if job.id not in ids]
+        held.premarked -= ids
+        daemon.completer.release(keep={job.id for job in held.jobs} - ids)
 
     def _claim_wanted(self) -> bool:
         # The waker first: it is how a job enqueued now joins at the next step, not a poll later.
@@ -188,12 +223,26 @@ class Continuous:
         # The request's own control: a cancel recorded at once (Completer.cancel_running) no longer
         # holds the job, nor its control in Held.controls.
         stopped = [key for key, s in self.running.items() if s.work.request.control.cancelled]
+        # Attempts this daemon holds no more (the heartbeat found the lease lost, or this daemon
+        # claimed the job again): their outcomes are sure to be refused, so their slots go to
+        # jobs whose results count, and a new attempt of the same job can start in this call.
+        lost_leases, superseded = daemon.heartbeat.lost, daemon.held.superseded
+        lost = [key for key, s in self.running.items() if key not in stopped
+                and ((key, s.work.job.attempt) in lost_leases or id(s.work.job) in superseded)]
         limit = daemon.config.job_timeout_seconds
-        overdue = [key for key, s in self.running.items() if key not in stopped and now - s.joined >= limit]
-        future = daemon.runner.submit(self._call(joining, stopped + overdue))
+        overdue = [key for key, s in self.running.items()
+                   if key not in stopped and key not in lost and now - s.joined >= limit]
+        future = daemon.runner.submit(self._call(joining, stopped + lost + overdue))
         begun, self._joining_now = time.monotonic(), len(joining)
-        left = [self.running.pop(key) for key in stopped + overdue]
+        self._joining_alone = any(self._alone(w.job) for w in joining)
+        left = [self.running.pop(key) for key in stopped + lost + overdue]
         daemon.completer.pending.extend(cancelled(s.work.job, now - s.joined) for s in left[: len(stopped)])
+        if lost:
+            daemon.log.warning("slots freed of jobs whose lease was lost; the others decode on", jobs=lost)
+            gone = LeaseLostError("this daemon no longer holds the attempt: its slot was freed")
+            daemon.completer.pending.extend(Attempt(s.work.job, gone, now - s.joined)
+                                            for s in left[len(stopped):len(stopped) + len(lost)])
+        left = left[: len(stopped)] + left[len(stopped) + len(lost):]
         if overdue:
             daemon.log.error("job overran its time limit: its slot is freed, the others decode on", jobs=overdue)
             error = JobTimeoutError(f"job exceeded its time limit of {limit:g} s")
@@ -211,9 +260,14 @@ class Continuous:
             self._failed(exc, joining, time.monotonic() - begun)
             return
         finally:
-            self._joining_now = 0
+            self._joining_now, self._joining_alone = 0, False
         if step is None:
             return
+        if step.occupied:
+            # The running batch's size is the jobs in slots at each step, the generator call of
+            # this mode: its histogram then shows how full the slots run, as in the ordinary loop
+            # it shows how full the batches are (a per-join count would hide a batch left to empty).
+            daemon.hooks.on_batch(step.occupied)
         self.running.update((s.work.job.id, s) for s in step.joined)
         for outcome in step.outcomes:
             self.running.pop(outcome.job.id, None)
@@ -246,11 +300,12 @@ class Continuous:
                     outcomes.append(Attempt(work.job, error, 0.0))
                     continue
                 joined.append(_Slot(work, path, time.monotonic()))
+            occupied = generator.slots - generator.free_slots
             finished = generator.step()
             if finished:
                 outcomes += self._stage(finished, {**slots, **{s.work.job.id: s for s in joined}},
                                         root.real, worker_id)
-            return _Step(joined, handoff.deliver(outcomes))
+            return _Step(joined, handoff.deliver(outcomes), occupied)
 
         return call
 

@@ -89,6 +89,9 @@ class Heartbeat:
         self._written: dict[str, tuple[int, int]] = {}  # the progress last written, by job id
         #: Called with the ids of held jobs whose cancel was just noticed.
         self.on_cancel: Callable[[set[str]], None] | None = None
+        #: The held attempts, as (job id, attempt), that the last beat found this daemon no longer
+        #: holds (rescued, taken by another daemon): their outcomes are sure to be fenced off.
+        self.lost: set[tuple[str, int]] = set()
 
     def restart(self, now: float) -> None:
         """The first jobs held since none were: their leases run from ``now``."""
@@ -132,10 +135,12 @@ class Heartbeat:
         if changed:
             self.hooks.on_progress({job_id: value for job_id in held_ids
                                     if (value := self._written.get(job_id)) is not None})
+        lost = {(job.id, job.attempt) for job in self.held.jobs if job.id not in beat.held}
         for job in self.held.jobs:
-            if job.id not in beat.held:
+            if (job.id, job.attempt) in lost - self.lost:  # once an attempt: a lost lease stays lost
                 self.log.warning("lease lost: another daemon may run this job; our outcome will be refused",
                                  job_id=job.id, model=job.model_name, attempt=job.attempt)
+        self.lost = lost
         fresh = {job_id for job_id in beat.cancel_requested if not self.held.cancelled(job_id)}
         for job_id in fresh:
             self.held.control(job_id).cancel()

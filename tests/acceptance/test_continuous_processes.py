@@ -3,8 +3,12 @@ batch and leave it as they finish; cancel, SIGTERM and SIGKILL with jobs in slot
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +40,16 @@ def _options(model: Path) -> dict[str, Any]:
     return {"model": str(model), "models": ["tiny"], "device": "cpu", "decode": "loop", "max_batch_size": SLOTS}
 
 
-def _config(tmp: Path, url: str, model: Path, **worker: Any) -> Path:
-    return write_config(tmp / "config.toml", {
+def _config(tmp: Path, url: str, model: Path, *, metrics: dict[str, Any] | None = None, name: str = "config.toml",
+            **worker: Any) -> Path:
+    return write_config(tmp / name, {
         "database": {"url": url},
         "outputs": {"dir": str(tmp / "outputs")},
         "generator": {"name": "musicgen", "continuous": True},
         "generator.options": _options(model),
         "worker": {"lease_seconds": 30.0, "heartbeat_seconds": 0.2, "rescue_interval_seconds": 0.5,
                    "poll_interval_seconds": 0.5, "backoff_base_seconds": 0.0, **worker},
-        "metrics": {"enabled": False},
+        "metrics": metrics or {"enabled": False},
         "logging": {"format": "json", "level": "info"},
     })
 
@@ -181,3 +186,137 @@ def test_continuous__sigkill_jobs_in_slots_are_rescued(sqlite_db_url: str, tmp_p
     rows = [_row(url, j) for j in ids]
     assert [r["attempts"] for r in rows] == [2, 2]
     assert all(_frames(tmp_path, r) == 3 * 32000 for r in rows)
+
+
+def _metrics_address(log: Path) -> str | None:
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and str(entry.get("metrics", "")).startswith("http://"):
+            return str(entry["metrics"])
+    return None
+
+
+def _samples(address: str, name: str) -> dict[str, float]:
+    """``name``'s samples on /metrics, by their label text (``le="4"``; empty for none)."""
+    with urllib.request.urlopen(address, timeout=10) as reply:
+        text = reply.read().decode()
+    found = re.findall(rf"^{name}(?:{{(.*?)}})? (\S+)$", text, flags=re.MULTILINE)
+    return {labels: float(value) for labels, value in found}
+
+
+def test_continuous__batch_size_metric_observes_the_jobs_in_slots_at_each_step(sqlite_db_url: str, tmp_path: Path,
+                                                                             model: Path) -> None:
+    """dgxqueue_batch_size observes, at each decoding step, how many jobs are in slots: three
+    1-second jobs that decode together give one observation of 3 per step (at least the 50 frames
+    of a second), none of another size."""
+    url = sqlite_db_url
+    init_db(url)
+    ids = _enqueue(url, tmp_path, 1.0, 1.0, 1.0)  # before the start: one claim, one join, one end
+    log = tmp_path / "worker.log"
+    worker = start_worker(_config(tmp_path, url, model, metrics={"enabled": True, "port": 0}), log)
+    try:
+        address = str(wait_until(lambda: _metrics_address(log), WAIT, "the metrics address", alive=worker))
+        wait_until(lambda: all(_row(url, j)["status"] == "completed" for j in ids), WAIT, "the jobs to complete",
+                   alive=worker)
+        count = _samples(address, "dgxqueue_batch_size_count")[""]
+        total = _samples(address, "dgxqueue_batch_size_sum")[""]
+        buckets = _samples(address, "dgxqueue_batch_size_bucket")
+    finally:
+        assert stop(worker) == 0, log.read_text()[-3000:]
+    assert count >= 50, f"{count:g} steps observed for 1-second jobs"
+    assert total == 3 * count
+    assert buckets['le="2.0"'] == 0 and buckets['le="4.0"'] == count
+
+
+def _log_entries(log: Path) -> list[dict[str, Any]]:
+    entries = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def _ends(log: Path, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The "job finished" entries of ``ids`` in a daemon's log, by job id."""
+    return {e["job_id"]: e for e in _log_entries(log) if e.get("event") == "job finished" and e.get("job_id") in ids}
+
+
+def test_continuous__jobs_whose_lease_was_lost_leave_their_slots(sqlite_db_url: str, tmp_path: Path,
+                                                                 model: Path) -> None:
+    """Two long jobs decode; their rows are taken as another daemon takes them after a rescue
+    (plain SQL: worker, attempt). The daemon frees their slots at its next heartbeat instead of
+    decoding audio whose write is sure to be refused: each ends fenced with no audio, its lease
+    loss warned once, no file of it left, the rows untouched; a job enqueued after completes."""
+    url = sqlite_db_url
+    init_db(url)
+    ids = _enqueue(url, tmp_path, 20.0, 20.0)
+    log = tmp_path / "worker.log"
+    worker = start_worker(_config(tmp_path, url, model), log)
+    try:
+        for job_id in ids:
+            _started(url, job_id, worker)
+        with get_engine(url).begin() as conn:
+            taken = conn.execute(sa.text(
+                "UPDATE generations SET worker_id = 'another-daemon', attempts = attempts + 1 WHERE id IN (:a, :b)"
+                " AND status = 'processing'"), {"a": ids[0], "b": ids[1]}).rowcount
+        assert taken == 2
+        wait_until(lambda: len(_ends(log, ids)) == 2, WAIT, "the daemon to let them go", alive=worker)
+        (later,) = _enqueue(url, tmp_path, 0.5)
+        wait_until(lambda: _row(url, later)["status"] == "completed", WAIT, "a later job to complete", alive=worker)
+    finally:
+        assert stop(worker) == 0, log.read_text()[-3000:]
+    ends = _ends(log, ids)
+    assert {e["outcome"] for e in ends.values()} == {"fenced"}
+    assert [e["audio_seconds"] for e in ends.values()] == [None, None], "it decoded audio sure to be refused"
+    lost = [e for e in _log_entries(log) if str(e.get("event", "")).startswith("lease lost")]
+    assert sorted(e["job_id"] for e in lost) == sorted(ids)
+    assert [(r["status"], r["attempts"]) for r in map(lambda j: _row(url, j), ids)] == [("processing", 2)] * 2
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [f"{later}.wav"]
+
+
+def test_continuous__a_suspect_is_not_claimed_while_the_batch_runs(sqlite_db_url: str, tmp_path: Path,
+                                                                  model: Path) -> None:
+    """A suspect (a job that lost a lease while it ran) runs alone, so it cannot join a running
+    batch: while the daemon decodes a long job, a suspect enqueued meanwhile stays pending, free
+    for an idle daemon, not held unrun until the batch empties. Then the daemon runs it alone."""
+    url = sqlite_db_url
+    init_db(url)
+    (long,) = _enqueue(url, tmp_path, 30.0)
+    worker = start_worker(_config(tmp_path, url, model), tmp_path / "worker.log")
+    try:
+        _started(url, long, worker)
+        (suspect,) = _enqueue(url, tmp_path, 0.5)
+        with get_engine(url).begin() as conn:
+            conn.execute(sa.text("UPDATE generations SET lease_losses = 1 WHERE id = :id"), {"id": suspect})
+        # The spans (monotonic start, end) of consecutive polls that saw the suspect held while the
+        # long job ran. The daemon may claim it at once; it must give it back at once, not hold it.
+        held: list[list[float]] = []
+        seen = [False]  # whether the last poll saw it held
+
+        def long_done() -> bool:
+            with get_engine(url).connect() as conn:
+                rows: dict[str, str] = {str(k): str(v) for k, v in conn.execute(
+                    sa.text("SELECT id, status FROM generations")).all()}
+            now = time.monotonic()
+            held_now = rows[long] == "processing" and rows[suspect] == "processing"
+            if held_now and seen[0]:
+                held[-1][1] = now
+            elif held_now:
+                held.append([now, now])
+            seen[0] = held_now
+            return rows[long] == "completed"
+
+        wait_until(long_done, WAIT, "the long job to complete", alive=worker)
+        wait_until(lambda: _row(url, suspect)["status"] == "completed", WAIT, "the suspect to complete", alive=worker)
+    finally:
+        assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    longest = max((end - start for start, end in held), default=0.0)
+    assert longest < 5.0, f"the suspect was held {longest:.1f} s while the batch it cannot join ran"
+    assert _row(url, suspect)["attempts"] == 1
