@@ -19,14 +19,9 @@ PostgreSQL comes from ``$DGXQ_TEST_PG_URL`` (as in the tests); a private schema 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest
@@ -35,11 +30,11 @@ from sqlalchemy.orm import Session
 
 from dgxqueue.hooks import DaemonInfo
 from dgxqueue.metrics import DaemonMetrics
-from dgxqueue.storage import create_generations, dispose_engines, init_db, queue, reads, session_scope
+from dgxqueue.storage import create_generations, init_db, queue, reads, session_scope
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.precompiled import HeldConnection
 from dgxqueue.storage.results import Completed
-from tests.support.db import postgres_schema_url
+from tests.support.bench import scratch_database, timed
 
 MIXES = {  # (pending every nth row, failed every nth row)
     "typical": (100, 20),
@@ -70,17 +65,6 @@ def fill(engine: Engine, rows: int, pending_every: int, failed_every: int) -> fl
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("VACUUM ANALYZE generations" if engine.dialect.name == "postgresql" else "ANALYZE"))
     return time.perf_counter() - started
-
-
-def timed(step: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """(best, median) seconds of ``repeat`` runs after one warm-up."""
-    step()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return min(times), statistics.median(times)
 
 
 def scraped(engine: Engine) -> CollectorRegistry:
@@ -140,17 +124,6 @@ def bench_hooks(engine: Engine, calls: int) -> None:
           f"{engine.dialect.name} (claim + finish): {floor * 1e6:.0f} us -> overhead {hooks / floor:.2%}")
 
 
-@contextlib.contextmanager
-def database(name: str) -> Iterator[str]:
-    if name == "sqlite":
-        with tempfile.TemporaryDirectory() as folder:
-            yield f"sqlite:///{Path(folder) / 'bench.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url
-    dispose_engines()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -158,7 +131,7 @@ def main() -> None:
     parser.add_argument("--engines", default="sqlite,postgresql")
     args = parser.parse_args()
     for name in args.engines.split(","):
-        with database(name) as url:
+        with scratch_database(name) as url:
             engine = init_db(url)
             bench_hooks(engine, args.hook_calls)
             bench_depth(engine, args.rows)

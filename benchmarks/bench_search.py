@@ -16,12 +16,7 @@ A benchmark, not a test: CI does not run it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -29,7 +24,7 @@ from sqlalchemy.engine import Engine
 from dgxqueue.storage import dispose_engines, init_db, session_scope
 from dgxqueue.storage.models import G
 from dgxqueue.storage.search import search_ids
-from tests.support.db import postgres_schema_url
+from tests.support.bench import scratch_database, timed
 
 WORDS = ("lofi", "piano", "trap", "bass", "ambient", "strings", "drone", "jazz", "night", "rain", "deep", "house",
          "groove", "techno", "kick", "synth", "pad", "guitar", "acoustic", "folk", "cinematic", "epic", "choir",
@@ -82,29 +77,8 @@ def count(engine: Engine, query: str) -> int:
         return len(search_ids(session, query, limit=100_000))
 
 
-def timed(step: Callable[[], object], repeat: int = 7) -> tuple[float, float]:
-    """(best, median) seconds of ``repeat`` runs after one warm-up."""
-    step()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return min(times), statistics.median(times)
-
-
-@contextlib.contextmanager
-def database(engine_name: str) -> Iterator[str]:
-    if engine_name == "sqlite":
-        with tempfile.TemporaryDirectory() as folder:
-            yield f"sqlite:///{Path(folder) / 'generations.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url
-
-
 def run(engine_name: str, rows: int) -> None:
-    with database(engine_name) as url:
+    with scratch_database(engine_name) as url:
         engine = init_db(url)
         seconds = fill(engine, rows)
         print(f"{engine_name:10} {rows:>9,} prompts filled in {seconds:.1f} s (index kept by the inserts)")
@@ -114,7 +88,7 @@ def run(engine_name: str, rows: int) -> None:
                     return search_ids(session, query, limit=20)
 
             found, scanned = search(), like_ids(engine, query)
-            best, median = timed(search)
+            best, median = timed(search, 7)
             like_best, like_median = timed(lambda query=query: like_ids(engine, query), repeat=3)  # type: ignore[misc]
             print(f"  {label:8} {query!r:20} {count(engine, query):>7,} matches | search {best * 1e3:8.2f} ms "
                   f"(median {median * 1e3:8.2f}) | LIKE scan {like_best * 1e3:8.1f} ms (median "

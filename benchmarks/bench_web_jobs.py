@@ -21,14 +21,9 @@ PostgreSQL comes from ``$DGXQ_TEST_PG_URL`` (as in the tests); a private schema 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -38,7 +33,7 @@ from dgxqueue.config import load_settings
 from dgxqueue.storage import browse, dispose_engines, init_db, reads
 from dgxqueue.storage.browse import JobFilter, encode_cursor, jobs_page
 from dgxqueue.storage.models import GenerationStatus
-from tests.support.db import postgres_schema_url
+from tests.support.bench import scratch_database, timed
 
 PAGE = 50
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -78,17 +73,6 @@ def fill(engine: Engine, rows: int) -> float:
     return time.perf_counter() - started
 
 
-def timed(step: Callable[[], object], repeat: int = 15) -> tuple[float, float]:
-    """(best, median) seconds of ``repeat`` runs after one warm-up."""
-    step()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return min(times), statistics.median(times)
-
-
 def _line(name: str, ours: tuple[float, float], floor: tuple[float, float] | None = None) -> None:
     text = f"  {name:34} best {ours[0] * 1e3:8.2f} ms, median {ours[1] * 1e3:8.2f} ms"
     if floor is not None:
@@ -115,10 +99,11 @@ def bench(engine: Engine, rows: int) -> None:
         page = jobs_page(session, everything, limit=PAGE, cursor=cursor)
         bare = session.execute(deep_sql, {"c": stored_at, "id": deep_id, "n": PAGE}).all()
         assert [r["id"] for r in page.rows] == [r.id for r in bare], "the deep page differs from its bare SQL"
-        _line("first page (jobs_page)", timed(lambda: jobs_page(session, everything, limit=PAGE)),
-              timed(lambda: session.execute(first_sql, {"n": PAGE + 1}).all()))
-        _line("deep page at 90% (jobs_page)", timed(lambda: jobs_page(session, everything, limit=PAGE, cursor=cursor)),
-              timed(lambda: session.execute(deep_sql, {"c": stored_at, "id": deep_id, "n": PAGE + 1}).all()))
+        _line("first page (jobs_page)", timed(lambda: jobs_page(session, everything, limit=PAGE), 15),
+              timed(lambda: session.execute(first_sql, {"n": PAGE + 1}).all(), 15))
+        _line("deep page at 90% (jobs_page)",
+              timed(lambda: jobs_page(session, everything, limit=PAGE, cursor=cursor), 15),
+              timed(lambda: session.execute(deep_sql, {"c": stored_at, "id": deep_id, "n": PAGE + 1}).all(), 15))
         _line("deep page by OFFSET (not used)",
               timed(lambda: session.execute(offset_sql, {"n": PAGE, "o": rows - deep_n}).all(), 3))
         for name, where in [
@@ -145,17 +130,7 @@ def _http_first_page(engine: Engine) -> None:
     settings = load_settings(env={}, overrides={"database": {"url": engine.url.render_as_string(hide_password=False)}})
     app = create_app(WebOptions(settings=settings, engine=engine))
     with TestClient(app, base_url="http://127.0.0.1:8470") as client:
-        _line("first page, GET /api/jobs (HTTP)", timed(lambda: client.get("/api/jobs").raise_for_status()))
-
-
-@contextlib.contextmanager
-def database(kind: str) -> Iterator[str]:
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory() as folder:
-            yield f"sqlite:///{Path(folder) / 'generations.db'}"
-    else:
-        with postgres_schema_url() as url:
-            yield url
+        _line("first page, GET /api/jobs (HTTP)", timed(lambda: client.get("/api/jobs").raise_for_status(), 15))
 
 
 def main() -> None:
@@ -164,7 +139,7 @@ def main() -> None:
     parser.add_argument("--engines", default="sqlite,postgresql")
     args = parser.parse_args()
     for kind in args.engines.split(","):
-        with database(kind) as url:
+        with scratch_database(kind) as url:
             init_db(url)
             from dgxqueue.storage import get_engine
 
