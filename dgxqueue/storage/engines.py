@@ -245,7 +245,11 @@ class SQLiteProfile(Profile):
         # newest one already there (this writer's, as SQLite has one) takes the microsecond after
         # it (up to 999 to a millisecond; after those they share the last one).
         tick = sa.func.strftime(_SQLITE_TIME, "now", type_=sa.Text)
-        micros = sa.cast(sa.func.substr(sa.func.max(column), 24, 3), sa.Integer) + 1  # NULL: none yet
+        # The newest row's microsecond digits, padded on the right: one written by plain SQL with
+        # fewer than six fraction digits ('...06.8105' is .810500) was read as microsecond 5, and
+        # the new row stamped before it. (Text that is no time at all stays unordered.)
+        tail = sa.func.substr(sa.func.substr(sa.func.max(column), 24, 3).concat("000"), 1, 3)
+        micros = sa.cast(tail, sa.Integer) + 1  # NULL: none yet
         stamped = (sa.select(tick.concat(sa.func.printf("%03d", sa.func.min(999, sa.func.coalesce(micros, 0)),
                                                         type_=sa.Text)))
                    .where(column >= tick.concat("000"), column <= tick.concat("999"))

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -21,6 +22,7 @@ from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import PAUSED, G, P
 from dgxqueue.storage.precompiled import HeldConnection
 from dgxqueue.testing import ManualClock, MemoryStore
+from tests.support.db import sqlite_url_at_head
 from tests.support.processes import REPO
 from tests.support.skew import SKEW_PRELUDE
 
@@ -106,6 +108,37 @@ def test_created_at__one_batch_is_claimed_in_its_insert_order(engine: Engine) ->
     claimed = [job.id for _ in ids
                for job in queue.claim(link, worker_id="w", models=[settings.jobs.default_model], limit=1, lease=LEASE)]
     assert claimed == ids
+
+
+@pytest.mark.parametrize("fraction", ["5", "97"])
+def test_created_at__sqlite_stamps_after_a_shorter_fraction_written_by_plain_sql(
+        tmp_path: Path, sqlite_template: Path, fraction: str) -> None:
+    """A row written by plain SQL in the current millisecond with fewer than six fraction digits
+    ('...06.8105', i.e. .810500) was read as microsecond 5: the next stamp, .810006, sorted (and
+    was claimed) before it. The insert follows it in one transaction, retried until both land in
+    one millisecond (SQLite's clock has no finer step)."""
+    from dgxqueue.storage.validation import validate_jobs
+
+    url = sqlite_url_at_head(tmp_path, sqlite_template)
+    engine = sa.create_engine(url)
+    odd_row = sa.text("UPDATE generations SET created_at = strftime('%Y-%m-%d %H:%M:%f', 'now') || :fraction "
+                      "WHERE id = :id")
+    seed = queue.insert_committed(engine, validate_jobs([{"prompt": "seed"}]))[0]
+    for _ in range(1000):
+        with engine.connect() as connection:
+            transaction = connection.begin()
+            connection.execute(odd_row, {"fraction": fraction, "id": seed})
+            [job] = queue.insert_jobs(connection, validate_jobs([{"prompt": "next"}]))
+            odd, stamped = (connection.execute(sa.select(G.c.created_at).where(G.c.id == i)).scalar_one()
+                            for i in (seed, job))
+            transaction.rollback()
+        if odd.replace(microsecond=odd.microsecond // 1000 * 1000) == stamped.replace(
+                microsecond=stamped.microsecond // 1000 * 1000):
+            break
+    else:
+        pytest.fail("never inserted both rows within one millisecond")
+    engine.dispose()
+    assert stamped > odd
 
 
 def test_created_at__the_memory_store_stamps_its_clock() -> None:
