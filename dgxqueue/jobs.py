@@ -372,6 +372,11 @@ def wait_steps(jobs: Sequence[Job], deadline: float | None, timeout: float | Non
             if missing := waiting - rows.keys():  # deleted meanwhile: gone, not late
                 raise JobNotFoundError(min(missing))
             states.update(rows)
+            # One that ended after the last event was taken is done, not late: a timeout naming
+            # it would contradict its refreshed handle; none left is a wait that ended in time.
+            waiting.difference_update([job_id for job_id in waiting if rows[job_id].status in FINISHED])
+            if not waiting:
+                break
             _apply(jobs, states)
             raise WaitTimeoutError(timeout or 0.0, sorted(waiting))
         pause = RECHECK_SECONDS - (now - checked)

@@ -315,3 +315,26 @@ def test_wait_async__one_check_takes_every_event_already_queued(pg_db_url: str, 
             await changes.aclose()
 
     assert asyncio.run(main()) <= 3  # not one check per event (or per packet) of the storm
+
+
+def test_wait__a_job_that_ended_by_the_timeouts_last_read_is_not_reported_unfinished(
+        db_url: str, tmp_path: Path) -> None:
+    """At the deadline the wait reads its jobs once more: one found ended by that read (it ended
+    after the last event was taken) was still named unfinished in a WaitTimeoutError whose
+    refreshed handle said completed. The algorithm is driven here with the real reads, the row
+    updated between the first read and the deadline's, which no timing of a live wait pins."""
+    from dgxqueue.jobs import ReadRows, _read, wait_steps
+
+    settings = setup(db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    engine = get_engine(db_url)
+    steps = wait_steps([job], time.monotonic(), 0.0)  # the deadline has passed at the first check
+    first = next(steps)
+    assert isinstance(first, ReadRows)
+    last = steps.send(_read(engine, first.ids))
+    assert isinstance(last, ReadRows) and set(last.ids) == {job.id}
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE generations SET status = 'completed'"))
+    with pytest.raises(StopIteration) as done:
+        steps.send(_read(engine, last.ids, ended_only=last.ended_only))
+    assert done.value.value == ["completed"] and job.status == "completed"
