@@ -18,7 +18,6 @@ say how much of a gap to the floor is ours and how much is the work.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import queue
@@ -29,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,29 +43,16 @@ from dgxqueue.config import WorkerSettings  # noqa: E402
 from dgxqueue.daemon import Daemon, HookChain  # noqa: E402
 from dgxqueue.storage import (  # noqa: E402
     create_generations,
-    dispose_engines,
     get_engine,
     init_db,
     session_scope,
 )
 from dgxqueue.storage.models import utcnow  # noqa: E402
+from tests.support.bench import scratch_database  # noqa: E402
 from tests.support.daemons import make_settings  # noqa: E402
-from tests.support.db import postgres_schema_url  # noqa: E402
 from workers.silence import SilenceGenerator  # noqa: E402
 
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-
-
-@contextlib.contextmanager
-def database(engine: str) -> Iterator[str]:
-    if engine == "postgres":
-        with postgres_schema_url() as url:
-            yield url
-            dispose_engines()
-    else:
-        with tempfile.TemporaryDirectory() as folder:
-            yield f"sqlite:///{folder}/bench.db"
-            dispose_engines()
 
 
 def fill(url: str, n: int, model: str = "silence", duration: float = 0.01, rate: int = 8000) -> None:
@@ -522,7 +508,7 @@ def main() -> None:
         generator_memory(tmp)
         return
     for engine in args.engines.split(","):
-        with database(engine) as url:
+        with scratch_database(engine) as url:
             init_db(url)
             print(f"\n== {engine}: no-op jobs, {n} per run (best jobs/s; median ratio to a floor run"
                   " just before each, and its range)")
@@ -611,7 +597,7 @@ def generator_memory(tmp: Path) -> None:
     except ImportError:
         print("  musicgen: skipped, the extra is not installed (pip install .[musicgen])")
     for name, options, model, duration, rate in backends:
-        with database("sqlite") as url:
+        with scratch_database("sqlite") as url:
             init_db(url)
             idle, warm, after = daemon_memory(url, tmp, 190, warmup=10, generator=name, options=options,
                                               model=model, duration=duration, rate=rate)

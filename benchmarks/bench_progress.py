@@ -20,13 +20,12 @@ step, and the heartbeat's statement for 4 held jobs with and without their progr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +38,13 @@ sys.path.insert(0, str(REPO))
 
 from dgxqueue.daemon import Daemon  # noqa: E402
 from dgxqueue.generators import GenerationOutcome, GenerationRequest, Generator, create_generator  # noqa: E402
-from dgxqueue.storage import create_generations, dispose_engines, get_engine, init_db, session_scope  # noqa: E402
+from dgxqueue.storage import create_generations, get_engine, init_db, session_scope  # noqa: E402
+from tests.support.bench import scratch_database  # noqa: E402
 from tests.support.daemons import make_settings  # noqa: E402
-from tests.support.db import postgres_schema_url  # noqa: E402
 from workers import musicgen  # noqa: E402
 from workers.silence import SilenceGenerator  # noqa: E402
 
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-
-
-@contextlib.contextmanager
-def database(engine: str) -> Iterator[str]:
-    """An empty database of ``engine`` (as bench_daemon.py makes them)."""
-    if engine == "postgres":
-        with postgres_schema_url() as url:
-            yield url
-            dispose_engines()
-    else:
-        with tempfile.TemporaryDirectory() as folder:
-            yield f"sqlite:///{folder}/bench.db"
-            dispose_engines()
 
 
 def fill(url: str, n: int, model: str = "silence", duration: float = 0.01, rate: int = 8000) -> None:
@@ -169,7 +155,7 @@ def parts(engines: list[str]) -> None:
     ids = torch.zeros((4 * 4, 100), dtype=torch.long)  # 4 requests x 4 codebooks, as generate passes them
     print(f"stopping criterion, batch of 4: {_per_call(lambda: watch(ids, None), 20_000) * 1e6:.1f} us a step")
     for engine in engines:
-        with database(engine) as url:
+        with scratch_database(engine) as url:
             init_db(url)
             fill(url, 4)
             plain, with_progress = _heartbeat_costs(url)
@@ -207,7 +193,7 @@ def main() -> None:
     if args.only_parts:
         return
     for engine in args.engines.split(","):
-        with database(engine) as url:
+        with scratch_database(engine) as url:
             init_db(url)
             on, off, ratio, low, high = pairs(args.rounds, lambda p, url=url: noop(url, args.jobs, p))
             print(f"no-op {engine}: progress on {on:.0f} jobs/s, off {off:.0f} jobs/s, "
@@ -216,7 +202,7 @@ def main() -> None:
         return
     from tests.support.tiny_musicgen import build_tiny_musicgen
 
-    with tempfile.TemporaryDirectory() as folder, database("sqlite") as url:
+    with tempfile.TemporaryDirectory() as folder, scratch_database("sqlite") as url:
         init_db(url)
         model = build_tiny_musicgen(Path(folder) / "tiny")
         for decode in ("generate", "loop"):
