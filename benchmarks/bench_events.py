@@ -28,11 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
-from bench_daemon import clear, daemon_rate, database, spread  # noqa: E402
+from bench_daemon import clear, daemon_rate, spread  # noqa: E402
 from sqlalchemy.engine import Dialect  # noqa: E402
 
 from dgxqueue.storage import engines, queue  # noqa: E402
 from dgxqueue.storage.precompiled import Compiled  # noqa: E402
+from tests.support.bench import scratch_database  # noqa: E402
 
 _WITH_EVENTS = queue._finish_rows
 
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with database("postgres") as url:
+    with scratch_database("postgres") as url:
         from dgxqueue.storage import init_db
 
         init_db(url)

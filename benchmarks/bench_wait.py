@@ -35,11 +35,10 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_daemon import database  # noqa: E402
-
 from dgxqueue.config import load_settings  # noqa: E402
 from dgxqueue.storage import get_engine, init_db  # noqa: E402
 from dgxqueue.storage.models import G, UTCDateTime, as_utc  # noqa: E402
+from tests.support.bench import scratch_database  # noqa: E402
 from tests.support.processes import start_worker, worker_config  # noqa: E402
 
 WAITER = """
@@ -133,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     for engine in args.engines.split(","):
         for _ in range(args.rounds):
-            with database(engine) as url:
+            with scratch_database(engine) as url:
                 measure(url, args.jobs, args.work)
 
 
