@@ -413,20 +413,33 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
     engine = _engine_of(jobs)
     steps = wait_steps(jobs, deadline, timeout)
     listener = ChangeListener(engine)  # listening before the first read: nothing is missed
+    connection: sa.Connection | None = None
     try:
-        with engine.connect() as connection:
-            answer: Any = None
-            while True:
+        answer: Any = None
+        while True:
+            try:
+                step = steps.send(answer)
+            except StopIteration as done:
+                statuses: list[str] = done.value
+                return statuses
+            if isinstance(step, ReadRows):
+                if connection is None:
+                    connection = engine.connect()
                 try:
-                    step = steps.send(answer)
-                except StopIteration as done:
-                    statuses: list[str] = done.value
-                    return statuses
-                if isinstance(step, ReadRows):
                     answer = _read(engine, step.ids, connection, ended_only=step.ended_only)
-                else:
-                    answer = listener.wait(step.seconds)
+                except sa.exc.DBAPIError as exc:
+                    # A connection the server ended while the wait listened (a restart, an idle
+                    # timeout) is made anew once; a second failure is the server's, and raised.
+                    if not exc.connection_invalidated:
+                        raise
+                    connection.close()
+                    connection = engine.connect()
+                    answer = _read(engine, step.ids, connection, ended_only=step.ended_only)
+            else:
+                answer = listener.wait(step.seconds)
     finally:
+        if connection is not None:
+            connection.close()
         listener.close()
 
 

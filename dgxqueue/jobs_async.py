@@ -185,17 +185,24 @@ class _PostgreSQLChanges:
         import psycopg
 
         statement = _select(self._dialect, 0, ended_only)
-        try:
-            if self._connection is None:
-                await self._connect()
-            async with self._connection.cursor() as cursor:
-                await cursor.execute(statement.sql, statement.parameters(self._profile.ids_parameters(list(ids))))
-                return _states(statement.processed(cursor.description, await cursor.fetchall()))
-        except psycopg.Error as exc:
-            lost = self._connection is not None and self._connection.closed
-            if lost:
-                await self._drop()
-            raise _as_sqlalchemy(self._dialect, exc, statement.sql, lost, before_first_write=True) from exc
+        # A connection the server ended between two steps (a restart, pg_terminate_backend, an
+        # idle timeout) is found lost by the next read: it is made anew and the read tried once
+        # more, as a lost LISTEN is; only a second failure (the server is down) is the caller's.
+        for attempt in (1, 2):
+            try:
+                if self._connection is None:
+                    await self._connect()
+                async with self._connection.cursor() as cursor:
+                    await cursor.execute(statement.sql, statement.parameters(self._profile.ids_parameters(list(ids))))
+                    return _states(statement.processed(cursor.description, await cursor.fetchall()))
+            except psycopg.Error as exc:
+                lost = self._connection is None or self._connection.closed
+                if lost:
+                    await self._drop()
+                if lost and attempt == 1:
+                    continue
+                raise _as_sqlalchemy(self._dialect, exc, statement.sql, lost, before_first_write=True) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def changed(self, timeout: float) -> set[str] | None:
         """The ids the events announced (empty after ``timeout`` seconds without one), or None

@@ -270,6 +270,68 @@ def test_wait_async__the_server_ending_the_listener_mid_wait_is_survived(pg_db_u
     assert asyncio.run(main()) == "completed"
 
 
+def test_wait_async__a_read_after_the_server_ended_the_connection_connects_again(
+        pg_db_url: str, tmp_path: Path) -> None:
+    """The server ends the waiter's connection between two steps, so the next step is a read
+    (a re-check), not a listen that would notice: the read connects again and answers."""
+    settings = setup(pg_db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    engine = get_engine(pg_db_url)
+
+    async def main() -> dict[str, Any]:
+        changes = _PostgreSQLChanges(engine)
+        await changes.start()
+        try:
+            pid = changes._connection.info.backend_pid
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+            rows = await changes.read([job.id])
+            assert changes._connection.info.backend_pid != pid
+            return rows
+        finally:
+            await changes.aclose()
+
+    assert asyncio.run(main())[job.id].status == "pending"
+
+
+def test_wait__the_server_ending_both_its_connections_mid_wait_is_survived(pg_db_url: str, tmp_path: Path) -> None:
+    """The blocking wait's LISTEN connection and its read connection are both ended by the
+    server (a restart would): the wait connects again and ends when the job does."""
+    settings = setup(pg_db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    job._engine.dispose()  # no idle pool connection: every backend but the observer's is the wait's
+    observer = sa.create_engine(pg_db_url, poolclass=sa.NullPool)
+    every = sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid()")
+
+    def backends() -> set[int]:
+        with observer.connect() as conn:
+            return set(conn.execute(every).scalars())
+
+    ours = backends()
+    outcome: list[object] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(job.wait(30))
+        except BaseException as exc:  # the test's thread reports what ended the wait
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_until(lambda: len(backends() - ours) == 2, 10, "the listener and the reader")
+    ended = backends() - ours
+    with observer.connect() as conn:
+        for pid in ended:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+    wait_until(lambda: bool(backends() - ours - ended), 10, "listening again")
+    with session_scope(observer) as session:
+        complete_generation(session, job.id, generation_time=1.0, file_size_bytes=1)
+    thread.join(RECHECK_SECONDS * 2)
+    observer.dispose()
+    assert outcome == ["completed"]
+
+
 def test_wait_async__a_database_locked_past_the_timeout_ends_the_wait(sqlite_db_url: str, tmp_path: Path) -> None:
     """Another process holds the SQLite file locked (locking_mode EXCLUSIVE, as a maintenance job
     might) for longer than the wait's timeout: each read meets the lock. The wait ends soon after
