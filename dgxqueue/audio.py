@@ -37,6 +37,10 @@ _HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
 _WAVE_FORMAT_PCM = 1
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# Reading a located file: no link followed below the outputs folder; O_NONBLOCK so that a FIFO
+# swapped in cannot hang the open.
+_STEP = _FOLDER | os.O_NOFOLLOW
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _NAME_MAX = 255  # bytes in one file name, on every file system Linux writes outputs to
 
 
@@ -94,6 +98,44 @@ class OutputRoot:
         if not target.startswith(resolved_root + os.sep):
             raise OutputError(f"file path {file_path!r} resolves to {target}, outside the outputs folder {root}")
         return target
+
+    def open_file(self, file_path: str) -> tuple[int, os.stat_result, str]:
+        """Open the regular file ``file_path`` names (as :meth:`locate` reads it) for reading:
+        its descriptor, its ``fstat`` and its located path; :class:`OutputError` otherwise.
+
+        What is opened is what :meth:`locate` checked, never what a swap put there since: each
+        folder of the located path below the outputs folder is opened from its parent's
+        descriptor with ``O_NOFOLLOW``, then the file with ``O_NOFOLLOW``, and the opened file
+        must be the regular file (same device and inode) that ``lstat`` found at the located path.
+        """
+        target = self.locate(file_path)
+        try:
+            located = os.lstat(target)
+        except OSError as exc:
+            raise OutputError(f"file path {file_path!r} cannot be opened: {exc.strerror or exc}") from exc
+        if not stat.S_ISREG(located.st_mode):
+            raise OutputError(f"file path {file_path!r} resolves to {target}, which is not a regular file")
+        # The located path is real (no link, no "..") and inside the folder: a walk from the folder.
+        *folders, name = os.path.relpath(target, self.real).split(os.sep)
+        folder_fd = fd = -1
+        try:
+            folder_fd = os.open(self.real, _FOLDER)
+            for folder in folders:
+                folder_fd, parent = os.open(folder, _STEP, dir_fd=folder_fd), folder_fd
+                os.close(parent)
+            fd = os.open(name, _READ, dir_fd=folder_fd)
+            opened = os.fstat(fd)
+        except OSError as exc:  # ELOOP: a link swapped in after the check
+            if fd >= 0:
+                os.close(fd)
+            raise OutputError(f"file path {file_path!r} cannot be opened: {exc.strerror or exc}") from exc
+        finally:
+            if folder_fd >= 0:
+                os.close(folder_fd)
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (located.st_dev, located.st_ino):
+            os.close(fd)
+            raise OutputError(f"file path {file_path!r}: {target} was replaced while it was opened")
+        return fd, opened, target
 
     def _real_folder(self, folder: str) -> str:
         real = self._real.get(folder)

@@ -1,18 +1,17 @@
 """Serving the WAV files: only from inside the outputs folder, with range requests.
 
 A path is taken relative to the outputs folder. It is refused (404, the same answer as a missing
-file, so the page says nothing of what exists outside) when it is empty, absolute, holds a NUL, a
-``.`` or ``..`` component or a hidden name (the daemon's temporaries start with a dot), or when it
-resolves (symlinks followed) outside the folder. The file is opened with ``O_NOFOLLOW`` and the
-opened descriptor's own path is checked again, so a link swapped in between the check and the
-open serves nothing either.
+file, so the page says nothing of what exists outside) when it has a part the page never links:
+an empty, ``.`` or ``..`` part or a hidden name (the daemon's temporaries start with a dot), or a
+backslash. Everything else (NUL, links leading out, a link or file swapped in after the check) is
+the outputs folder's own containment, :meth:`dgxqueue.audio.OutputRoot.open_file`, which opens
+the file the check located and nothing else; the response is read from that descriptor.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,9 @@ from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+
+from dgxqueue.audio import OutputRoot
+from dgxqueue.errors import OutputError
 
 _CHUNK = 1 << 16
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -43,25 +45,13 @@ class OpenedFile:
 def open_output(outputs_dir: Path, relative: str) -> OpenedFile:
     """Open the regular file ``relative`` names inside ``outputs_dir`` for reading (see the module)."""
     parts = relative.split("/")
-    if (not relative or "\x00" in relative or "\\" in relative or relative.startswith("/")
-            or any(part in ("", ".", "..") or part.startswith(".") for part in parts)):
+    if not relative or "\\" in relative or any(not part or part.startswith(".") for part in parts):
         raise NotServable(relative)
-    root = os.path.realpath(outputs_dir)
-    target = os.path.realpath(os.path.join(root, *parts))
-    if not target.startswith(root + os.sep):
-        raise NotServable(relative)
-    try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+    root = OutputRoot(outputs_dir)
+    try:  # locate() reads a path relative to the folder holding the outputs folder
+        fd, info, target = root.open_file(f"{root.name}/{relative}")
+    except OutputError:
         raise NotServable(relative) from None
-    try:
-        info = os.fstat(fd)
-        opened = os.readlink(f"/proc/self/fd/{fd}")  # what was really opened, after any swap
-        if not stat.S_ISREG(info.st_mode) or not opened.startswith(root + os.sep):
-            raise NotServable(relative)
-    except BaseException:
-        os.close(fd)
-        raise
     return OpenedFile(fd, info.st_size, os.path.basename(target))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from dgxqueue.config import Settings
 from dgxqueue.storage import session_scope
 from dgxqueue.web import WebOptions, create_app
 from tests.support.daemons import make_settings
-from tests.support.web import BASE, client, csrf_token
+from tests.support.web import BASE, client, csrf_token, write_wav
 
 #: Times that parse, but whose offset carries them past year 1 or year 9999 in UTC.
 EDGE_TIMES = ("0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00")
@@ -199,3 +200,34 @@ def test_web_odd_rows__a_daemon_row_holding_infinity(engine: Engine, settings: S
         assert answer.status_code == 200, answer.text
         assert [d["pid"] for d in _strict_json(answer.text)["daemons"]] == ["inf"]
         assert browser.get("/daemons").status_code == 200 and browser.get("/").status_code == 200
+
+
+def test_web_files__rows_whose_file_leads_out_of_outputs_serve_nothing(engine: Engine, settings: Settings) -> None:
+    """Completed rows written by plain SQL whose file_path is a link to a file outside the
+    outputs folder, goes up with '..', or passes a folder that links outside: no audio link, and
+    their files' addresses are 404 without a byte of the file; a normal WAV still plays by range."""
+    outputs, outside = settings.outputs_dir, settings.outputs_dir.parent / "elsewhere"
+    outside.mkdir(parents=True)
+    (outside / "secret.wav").write_bytes(b"not for the page")
+    size = write_wav(outputs / "good.wav", 1.0)
+    data = (outputs / "good.wav").read_bytes()
+    os.symlink(outside / "secret.wav", outputs / "link.wav")
+    os.symlink(outside, outputs / "linked-folder")
+    rows = {"link": "outputs/link.wav", "up": "outputs/../elsewhere/secret.wav",
+            "folder": "outputs/linked-folder/secret.wav", "good": "outputs/good.wav"}
+    for job_id, file_path in rows.items():
+        _insert(engine, job_id, status="completed", completed_at="2026-12-06T10:00:01+00:00", file_path=file_path)
+    with client(settings) as browser:
+        for job_id in ("link", "up", "folder"):
+            shown = browser.get(f"/api/jobs/{job_id}").json()
+            assert shown["audio_url"] is None and shown["download_url"] is None, shown
+        for url in ["/files/link.wav", "/files/link.wav?download=1", "/files/..%2Felsewhere%2Fsecret.wav",
+                    "/files/%2E%2E/elsewhere/secret.wav", "/files/linked-folder/secret.wav"]:
+            refused = browser.get(url, headers={"Range": "bytes=0-3"})
+            assert refused.status_code == 404 and b"not for the page" not in refused.content, url
+        url = browser.get("/api/jobs/good").json()["audio_url"]
+        assert url == "/files/good.wav"
+        part = browser.get(url, headers={"Range": "bytes=44-99"})
+        assert part.status_code == 206 and part.content == data[44:100]
+        assert part.headers["content-range"] == f"bytes 44-99/{size}"
+

@@ -8,6 +8,7 @@ import os
 import resource
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -231,6 +232,58 @@ def test_resolve__a_new_root_sees_folders_linked_since(tmp_path: Path) -> None:
     (outputs / "sub").symlink_to(elsewhere)
     with pytest.raises(OutputError, match="outside the outputs folder"):
         OutputRoot(outputs).resolve("outputs/sub/x.wav")
+
+
+def test_open_file__opens_only_what_the_check_located(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OutputRoot.open_file serves a file, one in a subfolder and one through a link inside the
+    folder; a swap between the containment check and the open (the file for a link leading out,
+    a subfolder for such a link, the file for another file) is refused, never followed."""
+    outputs, elsewhere = tmp_path / "outputs", tmp_path / "elsewhere"
+    (outputs / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for folder in (outputs, outputs / "sub", elsewhere):
+        (folder / "a.wav").write_bytes(b"inside" if folder != elsewhere else b"secret")
+    (outputs / "alias.wav").symlink_to(outputs / "sub" / "a.wav")
+    for file_path, located in [("outputs/a.wav", outputs / "a.wav"), ("outputs/sub/a.wav", outputs / "sub" / "a.wav"),
+                               ("outputs/alias.wav", outputs / "sub" / "a.wav")]:
+        fd, info, target = OutputRoot(outputs).open_file(file_path)
+        assert os.pread(fd, 100, 0) == b"inside" and info.st_size == 6 and target == os.path.realpath(located)
+        os.close(fd)
+
+    def file_to_link() -> None:
+        (outputs / "a.wav").unlink()
+        (outputs / "a.wav").symlink_to(elsewhere / "a.wav")
+
+    def folder_to_link() -> None:
+        (outputs / "sub").rename(tmp_path / "moved")
+        (outputs / "sub").symlink_to(elsewhere)
+
+    def file_to_other_file() -> None:
+        (outputs / "b.wav").write_bytes(b"other")
+        (outputs / "b.wav").replace(outputs / "a.wav")
+
+    real_open = os.open
+    # A link is not followed (O_NOFOLLOW: nothing outside is even opened); a file is compared.
+    for file_path, swap, refusal in [("outputs/a.wav", file_to_link, "cannot be opened"),
+                                     ("outputs/sub/a.wav", folder_to_link, "cannot be opened"),
+                                     ("outputs/a.wav", file_to_other_file, "was replaced")]:
+        swaps = [swap]
+
+        def swapping(*args: Any, **kwargs: Any) -> int:
+            while swaps:  # once, at the first open: after the check located the file
+                swaps.pop()()
+            return real_open(*args, **kwargs)
+
+        (outputs / "a.wav").unlink()
+        (outputs / "a.wav").write_bytes(b"inside")
+        monkeypatch.setattr(audio_module.os, "open", swapping)
+        with pytest.raises(OutputError, match=refusal):
+            OutputRoot(outputs).open_file(file_path)
+        monkeypatch.undo()
+        assert not swaps
+    for refused in ("outputs/sub", "outputs/nothing.wav", "outputs/../elsewhere/a.wav", "outputs/sub/a.wav"):
+        with pytest.raises(OutputError):  # a folder, a missing file, "..", a link leading out now
+            OutputRoot(outputs).open_file(refused)
 
 
 def test_measure__known_sine() -> None:
