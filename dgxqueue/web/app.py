@@ -255,13 +255,15 @@ def create_app(options: WebOptions) -> Starlette:
                 raise
             # The form's field is "model": the refusal names what the user typed into.
             raise ValidationError("model", exc.value, exc.allowed) from None
-        return {"id": job_id, "status": "pending"}, f"/jobs/{job_id}"
+        return {"id": job_id, "status": "pending"}, f"/jobs/{quote(job_id, safe='')}"
 
+    # ":path": a job id written by plain SQL may hold "/", which arrives decoded from its "%2F";
+    # the action routes still match, their suffix being fixed.
     routes = [
         Route("/", handler(overview_page)),
         Route("/daemons", handler(daemons_page)),
         Route("/jobs", handler(jobs_page)),
-        Route("/jobs/{job_id}", handler(job_page)),
+        Route("/jobs/{job_id:path}", handler(job_page)),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login_post, methods=["POST"]),
         Route("/files/{path:path}", files, methods=["GET", "HEAD"]),
@@ -269,9 +271,9 @@ def create_app(options: WebOptions) -> Starlette:
         Route("/api/daemons", handler(api_daemons)),
         Route("/api/jobs", handler(api_jobs), methods=["GET"]),
         Route("/api/jobs", action(enqueue), methods=["POST"]),
-        Route("/api/jobs/{job_id}", handler(api_job)),
-        Route("/api/jobs/{job_id}/cancel", action(cancel), methods=["POST"]),
-        Route("/api/jobs/{job_id}/retry", action(retry), methods=["POST"]),
+        Route("/api/jobs/{job_id:path}", handler(api_job)),
+        Route("/api/jobs/{job_id:path}/cancel", action(cancel), methods=["POST"]),
+        Route("/api/jobs/{job_id:path}/retry", action(retry), methods=["POST"]),
         Route("/api/models/pause", action(pause), methods=["POST"]),
         Route("/api/models/resume", action(resume), methods=["POST"]),
         Mount("/static", StaticFiles(directory=_STATIC), name="static"),

@@ -6,14 +6,18 @@ never a 500."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
+from markupsafe import escape
 from sqlalchemy.engine import Engine
 from starlette.testclient import TestClient
 
@@ -231,3 +235,39 @@ def test_web_files__rows_whose_file_leads_out_of_outputs_serve_nothing(engine: E
         assert part.status_code == 206 and part.content == data[44:100]
         assert part.headers["content-range"] == f"bytes 44-99/{size}"
 
+
+#: Job ids only plain SQL writes (the API draws UUIDs): each character a URL gives a meaning to.
+ODD_IDS = ("dir/job", "a/cancel", "100%", "what?x=1", "tag#1", "with space", "naïve ジョブ", '<i>"q"&/x')
+
+
+def test_web_job_ids__any_id_opens_its_page_and_its_actions_target_it(engine: Engine, settings: Settings) -> None:
+    """Ids holding "/", "%", "?", "#", a space, non-ASCII or HTML, written by plain SQL: the jobs
+    list links each to its own page (200, the id shown escaped), and the page's cancel and then
+    retry buttons change that job and no other (rows named like the parts of an id stay pending)."""
+    decoys = ("dir", "job", "a", "cancel", "x")
+    for job_id in (*ODD_IDS, *decoys):
+        _insert(engine, job_id)
+    with client(settings) as browser:
+        listed = browser.get("/jobs", params={"limit": 50})
+        links = re.findall(r'<tr data-job="[^"]*">\s*<td><a href="([^"]+)">', listed.text)
+        assert len(links) == len(ODD_IDS) + len(decoys)
+        token = csrf_token(browser)
+        for job_id in ODD_IDS:
+            link = f"/jobs/{quote(job_id, safe='')}"
+            assert link in links, job_id
+            shown = browser.get(link)
+            assert shown.status_code == 200, (job_id, shown.text)
+            assert f"<h2>Job <code>{escape(job_id)}</code></h2>" in shown.text
+            cancel = re.search(r'<form method="post" action="([^"]+)"', shown.text)
+            assert cancel is not None and cancel.group(1).endswith("/cancel")
+            done = browser.post(html.unescape(cancel.group(1)), data={"csrf": token, "next": link})
+            assert done.status_code == 303 and done.headers["location"] == link
+            assert browser.get(f"/api/jobs/{quote(job_id, safe='')}").json()["status"] == "failed"
+            failed = browser.get(link).text
+            retry = re.search(r'<form method="post" action="([^"]+)"', failed)
+            assert retry is not None and retry.group(1).endswith("/retry")
+            assert browser.post(html.unescape(retry.group(1)), data={"csrf": token}).status_code == 303
+            again = browser.get(f"/api/jobs/{quote(job_id, safe='')}").json()
+            assert (again["id"], again["status"], again["attempts"]) == (job_id, "pending", 0)
+        for job_id in decoys:
+            assert browser.get(f"/api/jobs/{job_id}").json()["status"] == "pending", job_id
