@@ -6,7 +6,9 @@
 - **A token elsewhere.** With a token (required when bound to any other address), every request
   but the login form and the static files carries it: ``Authorization: Bearer <token>``, or the
   cookie the login form (or ``?token=`` once, then redirected away) sets. The cookie holds an HMAC
-  of the token, never the token; the token is never logged (uvicorn's access log is off).
+  of the token, never the token; the token is never logged (uvicorn's access log is off). An
+  address holding ``token`` (``/login?token=`` too, right or wrong) is left by a redirect at once,
+  and every login answer is ``Cache-Control: no-store``, so the token stays in no history or cache.
 - **CSRF.** Every action is a POST carrying a token (form field ``csrf`` or header
   ``X-CSRF-Token``) that must equal the HMAC, under a secret drawn when the process starts, of a
   random nonce in the cookie ``dgxqueue_csrf`` (``SameSite=Strict``): another site can neither read
@@ -47,6 +49,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+#: On every login answer: a page or redirect that saw a token is kept by no cache.
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def is_loopback(host: str) -> bool:
@@ -105,7 +109,7 @@ class Guard:
         return hmac.compare_digest(given.encode(), self.csrf_token(nonce).encode())
 
     def login_response(self, request: Request, next_path: str) -> Response:
-        response = RedirectResponse(safe_next(next_path), status_code=303)
+        response = RedirectResponse(safe_next(next_path), status_code=303, headers=NO_STORE)
         response.set_cookie(AUTH_COOKIE, self.cookie_value(), httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", path="/")
         return response
@@ -145,6 +149,8 @@ class GuardMiddleware:
                 headers = MutableHeaders(scope=message)
                 for name, value in SECURITY_HEADERS.items():
                     headers.setdefault(name, value)
+                if scope["path"] == "/login":
+                    headers.update(NO_STORE)
                 if new_cookie is not None:
                     secure = "; Secure" if scope.get("scheme") == "https" else ""
                     headers.append("set-cookie", f"{CSRF_COOKIE}={new_cookie}; Path=/; HttpOnly; "
@@ -161,9 +167,17 @@ class GuardMiddleware:
         guard = self.guard
         if guard.loopback_only and not is_loopback(host_name(request.headers.get("host", ""))):
             return PlainTextResponse("this page answers only loopback host names", status_code=421)
-        if guard.token is None or request.url.path.startswith(OPEN_PATHS):
+        if guard.token is None:
             return None
         given = request.query_params.get("token")
+        if request.url.path == "/login" and given is not None and request.method == "GET":
+            # A link that carries the token: out of the address bar, whether it is right or not.
+            next_path = safe_next(request.query_params.get("next"))
+            if guard.token_ok(given):
+                return guard.login_response(request, next_path)
+            return RedirectResponse("/login?" + urlencode({"next": next_path}), status_code=303)
+        if request.url.path.startswith(OPEN_PATHS):
+            return None
         if given is not None and request.method == "GET" and guard.token_ok(given):
             # Into the cookie, and out of the address bar and history.
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]

@@ -6,6 +6,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -283,3 +284,32 @@ def test_web_api__a_database_error_is_one_line_without_sql(engine: Engine, setti
         assert "SELECT" not in refused.text
         page = browser.get("/jobs")
         assert page.status_code == 500 and "database error" in page.text and "SELECT" not in page.text
+
+
+def test_web_token__a_login_address_holding_the_token_is_left_at_once(engine: Engine, settings: Settings) -> None:
+    """``/login?token=`` (a link someone was sent) sets the cookie and redirects to ``next``,
+    the token left behind; a wrong one goes back to the form, without it. No Location holds a
+    token; every login answer is no-store and no-referrer. A redirect out of a job page keeps
+    its encoded id ("?" in it)."""
+    secret = "s3cret-token-of-some-length"
+    odd = f"/jobs/{quote('what?x=1', safe='')}"
+    with client(settings, token=secret, loopback_only=False) as browser:
+        back = parse_qs(urlsplit(browser.get(odd).headers["location"]).query)["next"][0]
+        assert "?" not in back and unquote(back) == "/jobs/what?x=1"
+        answers = [browser.get("/login", params={"next": "/daemons"}),
+                   browser.get("/login", params={"token": "wrong-token", "next": "/daemons"}),
+                   browser.post("/login", data={"token": "wrong-token", "next": "/daemons"})]
+        assert [a.status_code for a in answers] == [200, 303, 401]
+        assert answers[1].headers["location"] == "/login?next=%2Fdaemons"
+        assert browser.get("/daemons").status_code == 303  # no cookie from a wrong token
+        answers.append(browser.get("/login", params={"token": secret, "next": "/daemons"}))
+        assert answers[-1].status_code == 303 and answers[-1].headers["location"] == "/daemons"
+        assert browser.get("/daemons").status_code == 200
+        answers.append(browser.post("/login", data={"token": secret, "next": "/jobs"}))
+        answers.append(browser.get(f"{odd}?token={secret}"))
+        moved = answers[-1].headers["location"]
+        assert "?" not in moved and unquote(moved) == "/jobs/what?x=1"
+        for answer in answers:
+            assert answer.headers["cache-control"] == "no-store", answer.request.url
+            assert answer.headers["referrer-policy"] == "no-referrer"
+            assert "token" not in answer.headers.get("location", "") and secret not in str(answer.headers)
