@@ -3,7 +3,7 @@
 Callers own the session. Nothing here writes.
 
 The jobs list is newest first, ``(created_at DESC, id DESC)``, paginated by keyset (a cursor that
-holds the last row's ``created_at`` and ``id``), never by offset: a page deep in a table of
+holds the last row's ``created_at``, as stored, and ``id``), never by offset: a page deep in a table of
 millions of rows costs what the first page costs, a range read on ``idx_generations_created_at``
 (the specification's index). ``benchmarks/bench_web_jobs.py`` measures it beside the bare SQL.
 A text filter is the prompt search of :mod:`dgxqueue.storage.search` (words as word prefixes,
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from dgxqueue.errors import ValidationError
 from dgxqueue.storage import reads, search
+from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import (
     COMPLETED,
     FAILED,
@@ -47,6 +49,13 @@ LIST_COLUMNS = (G.c.id, G.c.prompt, G.c.model_name, G.c.status, G.c.created_at, 
                 G.c.error_message, G.c.worker_id, G.c.cancel_requested_at, G.c.file_path)
 #: The most running rows the daemons page reads (a GPU box runs a few dozen at most).
 MAX_RUNNING = 1000
+#: The label of a page's extra column: its created_at as stored, read past the column's type.
+_STORED = "created_at_stored"
+#: What starts a cursor holding a stored value (a time's ISO text starts with a digit).
+_RAW = "~"
+#: A value a raw read of created_at returns: text or a number (SQLite keeps whatever plain SQL
+#: wrote, and PostgreSQL's lenient loader gives a time Python cannot hold as its text).
+StoredTime = str | int | float | bytes
 
 
 @dataclass(frozen=True)
@@ -70,26 +79,54 @@ class JobPage:
     next_cursor: str | None
 
 
-def encode_cursor(created_at: datetime, job_id: str) -> str:
-    """An opaque cursor (URL-safe) for the page after the row (``created_at``, ``job_id``)."""
-    text = f"{created_at.astimezone(UTC).isoformat()}|{job_id}"
+def encode_cursor(created_at: datetime | StoredTime, job_id: str) -> str:
+    """An opaque cursor (URL-safe) for the page after the row (``created_at``, ``job_id``).
+
+    ``created_at`` is a time, or the value a row stores (text on SQLite, whatever plain SQL
+    wrote), which is kept as it is: the next page starts from the same value the list is sorted
+    by, so a value that is no time, or a time in another text form, neither ends the list early
+    nor repeats or skips rows.
+    """
+    if isinstance(created_at, datetime):
+        text = f"{created_at.astimezone(UTC).isoformat()}|{job_id}"
+    else:
+        value = {"hex": created_at.hex()} if isinstance(created_at, bytes) else created_at
+        text = _RAW + json.dumps([value, job_id], ensure_ascii=False)
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime | StoredTime, str]:
     """The row a cursor points after; :class:`ValidationError` naming ``cursor`` if it is not one."""
+    refusal = ValidationError("cursor", cursor, "a cursor returned by a previous page")
+    created_at: datetime | StoredTime
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        when, _, job_id = text.partition("|")
-        created_at = datetime.fromisoformat(when)
-        if created_at.tzinfo is not None:
+        if text.startswith(_RAW):
+            created_at, job_id = _stored_value(json.loads(text[len(_RAW):]))
+        else:
+            when, _, job_id = text.partition("|")
+            created_at = datetime.fromisoformat(when)
+            if created_at.tzinfo is None:
+                raise refusal
             created_at = created_at.astimezone(UTC)  # OverflowError past year 1 or 9999, as bound
-    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
-        raise ValidationError("cursor", cursor, "a cursor returned by a previous page") from None
+    except (ValueError, OverflowError, RecursionError, binascii.Error, UnicodeDecodeError):
+        raise refusal from None
     # A NUL: PostgreSQL refuses it as a parameter, and no id holds one.
-    if not job_id or "\x00" in job_id or created_at.tzinfo is None:
-        raise ValidationError("cursor", cursor, "a cursor returned by a previous page")
+    if not job_id or "\x00" in job_id or (isinstance(created_at, str) and "\x00" in created_at):
+        raise refusal
     return created_at, job_id
+
+
+def _stored_value(decoded: Any) -> tuple[StoredTime, str]:
+    """The stored value and id of a raw cursor's JSON; ValueError if it is not what one holds."""
+    if not isinstance(decoded, list) or len(decoded) != 2 or not isinstance(decoded[1], str):
+        raise ValueError(decoded)
+    value, job_id = decoded
+    if isinstance(value, dict) and list(value) == ["hex"] and isinstance(value["hex"], str):
+        return bytes.fromhex(value["hex"]), job_id
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(decoded)
+    return value, job_id
 
 
 def _conditions(where: JobFilter) -> list[sa.ColumnElement[bool]]:
@@ -105,10 +142,11 @@ def _conditions(where: JobFilter) -> list[sa.ColumnElement[bool]]:
     return found
 
 
-def jobs_statement(where: JobFilter, limit: int, after: tuple[datetime, str] | None,
+def jobs_statement(where: JobFilter, limit: int, after: tuple[datetime | sa.ColumnElement[Any], str] | None,
                    matches: sa.Subquery | None = None) -> sa.Select[Any]:
-    """The page's statement: ``limit`` rows of :data:`LIST_COLUMNS` after the cursor's row, among
-    ``matches`` (ids and created_at of the rows a text search found) when given."""
+    """The page's statement: ``limit`` rows of :data:`LIST_COLUMNS` (and created_at as stored,
+    labelled ``created_at_stored``) after the cursor's row (its created_at a time, or SQL for a
+    stored value), among ``matches`` (ids and created_at of the rows a text search found) when given."""
     conditions = _conditions(where)
     # Sorted and cut by the search's own columns when there is one (search.matching_rows says why).
     order = (G.c.created_at, G.c.id) if matches is None else (matches.c.created_at, matches.c.id)
@@ -117,7 +155,8 @@ def jobs_statement(where: JobFilter, limit: int, after: tuple[datetime, str] | N
         # "<=" on its own is the index's range; the OR only sorts out the ties at its edge.
         conditions += [order[0] <= created_at, sa.or_(order[0] < created_at, order[1] < job_id)]
     source = G if matches is None else G.join(matches, matches.c.id == G.c.id)
-    return (sa.select(*LIST_COLUMNS).select_from(source).where(*conditions)
+    stored = sa.type_coerce(order[0], sa.types.NullType()).label(_STORED)  # no type: the value as stored
+    return (sa.select(*LIST_COLUMNS, stored).select_from(source).where(*conditions)
             .order_by(order[0].desc(), order[1].desc()).limit(limit))
 
 
@@ -125,17 +164,24 @@ def jobs_page(session: Session, where: JobFilter, *, limit: int = 50, cursor: st
     """A page of the jobs list, newest first, after ``cursor`` (None: the first page)."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise ValidationError("limit", limit, f"an integer in [1, {MAX_PAGE}]")
-    after = decode_cursor(cursor) if cursor else None
+    after: tuple[datetime | sa.ColumnElement[Any], str] | None = None
+    if cursor:
+        created_at, job_id = decode_cursor(cursor)
+        if not isinstance(created_at, datetime):
+            after = profile_of(session.get_bind().dialect).stored_time(created_at), job_id
+        else:
+            after = created_at, job_id
     # One row more than asked says whether a next page exists.
     matches = search.matching_rows(session, where.text) if where.text else None
-    rows = [dict(row) for row in session.execute(jobs_statement(where, limit + 1, after, matches)).mappings()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1] if rows else None
+    try:
+        rows = [dict(row) for row in session.execute(jobs_statement(where, limit + 1, after, matches)).mappings()]
+    except sa.exc.DataError:  # a stored value PostgreSQL cannot read as a time: not from a page
+        raise ValidationError("cursor", cursor, "a cursor returned by a previous page") from None
+    stored = [row.pop(_STORED) for row in rows]
     next_cursor = None
-    if more and last is not None and isinstance(last["created_at"], datetime):
-        next_cursor = encode_cursor(last["created_at"], str(last["id"]))
-    return JobPage(rows, next_cursor)
+    if len(rows) > limit:
+        next_cursor = encode_cursor(stored[limit - 1], str(rows[limit - 1]["id"]))
+    return JobPage(rows[:limit], next_cursor)
 
 
 # --- the overview ----------------------------------------------------------------------------

@@ -129,6 +129,11 @@ class Profile:
         """``column`` holds something other than a time."""
         return sa.false()
 
+    def stored_time(self, raw: str | int | float | bytes) -> sa.ColumnElement[Any]:
+        """A time column's value as a row stored it and a raw read returned it (text, a number),
+        as SQL that compares with the column in its stored order: a keyset cursor's edge."""
+        return sa.literal(raw)
+
     def claimable(self, candidates: sa.Select[Any]) -> sa.Select[Any]:
         """The claim's candidate rows, locked as the engine allows concurrent claims."""
         return candidates
@@ -375,6 +380,10 @@ class PostgreSQLProfile(Profile):
 
     def driver_name(self, drivername: str) -> str:
         return "postgresql+psycopg" if drivername == "postgresql" else drivername  # psycopg 3, not psycopg2
+
+    def stored_time(self, raw: str | int | float | bytes) -> sa.ColumnElement[Any]:
+        # Raw here is the text of a time Python cannot hold (infinity, a year past 9999).
+        return sa.cast(sa.literal(str(raw)), postgresql.TIMESTAMP(timezone=True))
 
     def url_problem(self, query: Mapping[str, str | tuple[str, ...]]) -> str | None:
         try:

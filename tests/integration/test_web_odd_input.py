@@ -271,3 +271,39 @@ def test_web_job_ids__any_id_opens_its_page_and_its_actions_target_it(engine: En
             assert (again["id"], again["status"], again["attempts"]) == (job_id, "pending", 0)
         for job_id in decoys:
             assert browser.get(f"/api/jobs/{job_id}").json()["status"] == "pending", job_id
+
+
+#: created_at values plain SQL can store that are no time Python reads, or a time in another text
+#: form (it sorts as its text on SQLite), each sorting between 11:00 and 12:00 where it can.
+ODD_CREATED_AT = {"sqlite": ["2026-12-06 11:30 or so", "2026-12-06T11:30:00+00:00", "2026-12-06 11:30:00",
+                             20261206, "not a time"],
+                  "postgresql": ["infinity", "-infinity", "10000-01-01 00:00:00+00"]}
+
+
+def test_web_jobs_pages__a_row_whose_created_at_is_no_time_ends_no_list(engine: Engine, settings: Settings) -> None:
+    """Three rows at 10:00, 11:00 and 12:00 and one whose created_at plain SQL wrote as something
+    else (text that is no time, another text form of a time, a number; PostgreSQL's infinity, a
+    year past 9999): pages of one reach all four, none twice, in the order the list sorts by."""
+    sqlite = engine.dialect.name == "sqlite"
+    for odd in ODD_CREATED_AT[engine.dialect.name]:
+        with session_scope(engine) as session:
+            session.execute(sa.text("DELETE FROM generations"))
+        for hour in (10, 11, 12):  # as the library stores a time
+            _insert(engine, f"at-{hour}", created_at=f"2026-12-06 {hour}:00:00.000000" if sqlite
+                    else f"2026-12-06T{hour}:00:00+00:00")
+        _insert(engine, "odd", created_at=odd)
+        with session_scope(engine) as session:
+            order = session.execute(sa.text("SELECT id FROM generations ORDER BY created_at DESC, id DESC")).scalars()
+            expected = list(order)
+        with client(settings) as browser:
+            seen: list[str] = []
+            cursor = None
+            for _ in range(8):  # twice the rows: a cursor that repeats a row would loop
+                page = browser.get("/api/jobs", params={"limit": 1, **({"cursor": cursor} if cursor else {})})
+                assert page.status_code == 200, (odd, page.text)
+                seen += [job["id"] for job in page.json()["jobs"]]
+                if (cursor := page.json()["next_cursor"]) is None:
+                    break
+            assert seen == expected, odd
+            html_next = re.search(r'<a href="([^"]+)" id="next">', browser.get("/jobs", params={"limit": 1}).text)
+            assert html_next is not None
