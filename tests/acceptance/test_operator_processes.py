@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from dgxqueue import api
+from dgxqueue.cli.common import EX_DATAERR
 from dgxqueue.storage import get_database_stats, get_engine, init_db, session_scope
+from dgxqueue.storage.validation import MAX_PAUSE_REASON_LENGTH
 from tests.acceptance.test_cli import Cli
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.support.daemons import make_settings
@@ -58,6 +60,21 @@ def test_cli__pause_resume_and_stats(cli: Cli) -> None:
     assert cli.ok("resume", "synth").strip() == "was not paused: synth"
     assert "paused" not in cli.ok("stats")
     assert cli("pause").returncode == 2
+
+
+def test_cli__a_pause_reason_is_limited_and_shown_escaped(cli: Cli) -> None:
+    """A reason past MAX_PAUSE_REASON_LENGTH is refused naming ``reason`` (its control characters
+    escaped in the message), nothing paused; control characters of a stored reason reach the
+    terminal as escapes, not as the sequences they are (through main(), as a subprocess costs)."""
+    cli.ok("db", "upgrade")
+    refused = cli.here("pause", "synth", "--reason", "\x1b]0;owned\x07" + "x" * MAX_PAUSE_REASON_LENGTH)
+    assert refused.returncode == EX_DATAERR and refused.stdout == ""
+    assert "reason=" in refused.stderr and "\\x1b]0;owned\\x07" in refused.stderr and "\x1b" not in refused.stderr
+    assert json.loads(cli.here("stats", "--json").stdout)["paused_models"] == {}
+    assert cli.here("pause", "synth", "--reason", "GPU\x1b[2J swap\r\nfake: line\u202e").returncode == 0
+    shown = cli.here("stats").stdout
+    assert "paused: synth (GPU\\x1b[2J swap\\x0d\\x0afake: line\\u202e)" in shown
+    assert not any(char in shown for char in "\x1b\r\u202e")
 
 
 def test_daemon__fails_an_expired_pending_job_without_running_it(db_url: str, tmp_path: Path) -> None:

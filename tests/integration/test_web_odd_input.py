@@ -23,6 +23,7 @@ from starlette.testclient import TestClient
 
 from dgxqueue.config import Settings
 from dgxqueue.storage import session_scope
+from dgxqueue.storage.validation import MAX_PAUSE_REASON_LENGTH
 from dgxqueue.web import WebOptions, create_app
 from tests.support.daemons import make_settings
 from tests.support.web import BASE, client, csrf_token, write_wav
@@ -88,7 +89,8 @@ def test_web_odd_rows__non_finite_numbers_and_edge_times_keep_every_page_up(engi
 
 def test_web_odd_input__edge_times_and_nul_bytes_are_typed_refusals(engine: Engine, settings: Settings) -> None:
     """since/until/cursor past the datetime range and NUL bytes in a filter, a cursor, a job id,
-    a model name or a pause reason: 400 naming the field (404 for a job id), nothing written."""
+    a model name or a pause reason, and a reason past its length: 400 naming the field (404 for
+    a job id), nothing written."""
     _insert(engine, "a-job")
     with client(settings) as browser:
         for params, field in [({"since": EDGE_TIMES[0]}, "since"), ({"until": EDGE_TIMES[1]}, "until"),
@@ -105,7 +107,8 @@ def test_web_odd_input__edge_times_and_nul_bytes_are_typed_refusals(engine: Engi
         for path in ["/api/jobs/a%00b/cancel", "/api/jobs/a%00b/retry"]:
             assert browser.post(path, headers=headers).status_code == 404, path
         for data, field in [({"model": "a\x00b"}, "model"), ({"model": "m" * 201}, "model"),
-                            ({"model": "synth", "reason": "why\x00"}, "reason")]:
+                            ({"model": "synth", "reason": "why\x00"}, "reason"),
+                            ({"model": "synth", "reason": "r" * (MAX_PAUSE_REASON_LENGTH + 1)}, "reason")]:
             for path in ["/api/models/pause", "/api/models/resume"]:
                 if path.endswith("resume") and field == "reason":
                     continue
