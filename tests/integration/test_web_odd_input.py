@@ -278,9 +278,10 @@ def test_web_job_ids__any_id_opens_its_page_and_its_actions_target_it(engine: En
 
 #: created_at values plain SQL can store that are no time Python reads, or a time in another text
 #: form (it sorts as its text on SQLite), each sorting between 11:00 and 12:00 where it can.
-ODD_CREATED_AT = {"sqlite": ["2026-12-06 11:30 or so", "2026-12-06T11:30:00+00:00", "2026-12-06 11:30:00",
-                             20261206, "not a time"],
-                  "postgresql": ["infinity", "-infinity", "10000-01-01 00:00:00+00"]}
+ODD_CREATED_AT: dict[str, list[str | int]] = {
+    "sqlite": ["2026-12-06 11:30 or so", "2026-12-06T11:30:00+00:00", "2026-12-06 11:30:00", 20261206, "not a time"],
+    "postgresql": ["infinity", "-infinity", "10000-01-01 00:00:00+00"],
+}
 
 
 def test_web_jobs_pages__a_row_whose_created_at_is_no_time_ends_no_list(engine: Engine, settings: Settings) -> None:

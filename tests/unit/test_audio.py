@@ -276,7 +276,7 @@ def test_open_file__opens_only_what_the_check_located(tmp_path: Path, monkeypatc
 
         (outputs / "a.wav").unlink()
         (outputs / "a.wav").write_bytes(b"inside")
-        monkeypatch.setattr(audio_module.os, "open", swapping)
+        monkeypatch.setattr(os, "open", swapping)  # the module calls os.open
         with pytest.raises(OutputError, match=refusal):
             OutputRoot(outputs).open_file(file_path)
         monkeypatch.undo()
