@@ -10,6 +10,7 @@
     ├── WaitTimeoutError         a job handle's wait ran out of time; also a TimeoutError
     ├── SchemaError              the database is newer than this code, or unreachable schema
     ├── TransferError            a copy or archive met a row it cannot move exactly, or a mismatch
+    ├── LockTimeoutError         upkeep waited its lock timeout for a table another session holds
     ├── LeaseLostError           this daemon no longer holds the attempt it tries to finish
     ├── UnknownGeneratorError    no backend registered under that name; lists those that exist
     ├── OutputError              the WAV file could not be written (disk full, permission, path)
@@ -85,6 +86,22 @@ class SchemaError(DgxQueueError):
 class TransferError(DgxQueueError):
     """``db copy`` or ``archive`` found a row the other database holds differently, a value the
     other engine cannot hold, or a verification that did not match; nothing was overwritten."""
+
+
+class LockTimeoutError(DgxQueueError, TimeoutError):
+    """Database upkeep (``db vacuum``) waited ``seconds`` for a lock on ``table`` that another
+    session holds (``holders``: who, as the server says) and gave up before changing anything
+    there; also a TimeoutError."""
+
+    def __init__(self, table: str, seconds: float, holders: list[str], done: list[str]) -> None:
+        self.table = table
+        self.seconds = seconds
+        self.holders = holders
+        self.done = done
+        who = "; ".join(holders) if holders else "a session that has since let go"
+        finished = f" (done before it: {', '.join(done)})" if done else " (nothing was vacuumed)"
+        super().__init__(f"vacuum gave up after waiting {seconds:g}s for a lock on table {table} that another session "
+                         f"holds: {who}{finished}; end that session's transaction or run this again later")
 
 
 class LeaseLostError(DgxQueueError):

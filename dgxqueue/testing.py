@@ -53,7 +53,7 @@ from dgxqueue.storage.queue import (
     job_row,
 )
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
-from dgxqueue.storage.results import Released, row_values
+from dgxqueue.storage.results import BACKOFF_SECONDS, Released, row_values
 
 __all__ = ["ManualClock", "MemoryQueue", "MemoryStore", "MemoryWaker"]
 
@@ -327,7 +327,10 @@ class MemoryQueue:
     def _finish(self, results: Sequence[JobResult]) -> list[bool]:
         written = []
         for job, result in results:
-            stored = {key: _stored(key, value) for key, value in row_values(job, result).items()}
+            values = dict(row_values(job, result))
+            if BACKOFF_SECONDS in values:  # a backoff counts from the store's clock, the database's
+                values["run_after"] = self.store.clock() + timedelta(seconds=values.pop(BACKOFF_SECONDS))
+            stored = {key: _stored(key, value) for key, value in values.items()}
             row = self._held(job.id, job.attempt)
             if row is not None and stored.get("status") == PENDING and row["cancel_requested_at"] is not None:
                 row = None  # never back to pending once a cancel was asked: the rescue fails it cancelled

@@ -171,6 +171,7 @@ SLOW = frozenset({
     "tests/acceptance/test_web_cli.py::test_web_cli__token_required_on_every_address_and_never_printed",
     "tests/acceptance/test_web_cli.py::test_web_cli__without_the_web_extra_says_how_to_install_it",
     "tests/integration/test_daemon.py::test_daemon__leases_renewed_through_a_round_of_short_calls",
+    "tests/integration/test_maintenance.py::test_vacuum__postgresql_gives_up_on_a_table_another_session_holds",
     "tests/integration/test_reads.py::test_queue_depth__gives_up_on_a_locked_table",
     "tests/integration/test_search.py::test_search__plan_reads_the_search_index_for_a_rare_word",
     "tests/migrations/test_migrations.py::test_init_db__concurrent_processes_on_a_new_database",

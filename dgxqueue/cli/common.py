@@ -109,12 +109,27 @@ def parse_span(field: str, text: str) -> timedelta:
         raise ValidationError(field, text, "a span of less than 10000 years") from None
 
 
-def parse_age(field: str, text: str, now: datetime) -> datetime:
-    """The time a span (see :func:`parse_span`) before ``now``."""
-    try:
-        return now - parse_span(field, text)
-    except OverflowError:  # before year 1
-        raise ValidationError(field, text, "a span that reaches back no further than the year 1") from None
+@dataclass(frozen=True)
+class Age:
+    """An ``--older-than`` span, read before anything is opened; :meth:`before` turns it into a
+    cutoff once the database's now is known (a host's clock may be off)."""
+
+    field: str
+    text: str
+    span: timedelta
+
+    def before(self, now: datetime) -> datetime:
+        """The time this span before ``now``."""
+        try:
+            return now - self.span
+        except OverflowError:  # before year 1
+            raise ValidationError(self.field, self.text,
+                                  "a span that reaches back no further than the year 1") from None
+
+
+def parse_age(field: str, text: str) -> Age:
+    """A span (see :func:`parse_span`) to count back from the database's now."""
+    return Age(field, text, parse_span(field, text))
 
 
 def parse_when_or_span(field: str, text: str) -> datetime | timedelta:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dgxqueue.cli.common import EXIT_OK, Context, print_json, safe
-from dgxqueue.errors import ValidationError
-from dgxqueue.storage.maintenance import check_database, vacuum_database
+from dgxqueue.cli.common import EX_TEMPFAIL, EXIT_OK, CliError, Context, parse_number, print_json, safe
+from dgxqueue.errors import LockTimeoutError, ValidationError
+from dgxqueue.storage.maintenance import DEFAULT_LOCK_TIMEOUT, check_database, vacuum_database
 
 #: ``db check`` found the database damaged: a failed integrity check, an invalid index, or a
 #: search index out of step with its rows.
@@ -51,8 +51,12 @@ def _share(text: str) -> float:
 
 
 def cmd_db_vacuum(ctx: Context, args: argparse.Namespace) -> int:
-    report = vacuum_database(ctx.settings.database.url, min_free=_share(args.min_free),
-                             settings=ctx.settings.database)
+    min_free, lock_timeout = _share(args.min_free), parse_number("lock_timeout", args.lock_timeout, float)
+    try:
+        report = vacuum_database(ctx.settings.database.url, min_free=min_free, settings=ctx.settings.database,
+                                 lock_timeout=lock_timeout)
+    except LockTimeoutError as exc:  # another session's lock: try again later (75), nothing broken
+        raise CliError(str(exc), EX_TEMPFAIL) from None
     if args.json:
         print_json({"database": report.where, "before_bytes": report.before_bytes,
                     "after_bytes": report.after_bytes, "freed_bytes": report.before_bytes - report.after_bytes,
@@ -81,10 +85,14 @@ def add_db_parsers(db: Any) -> None:
     p = db.add_parser("vacuum", help="give back the space of deleted rows (safe while daemons run)",
                       description="SQLite: VACUUM (one transaction: daemons' writes wait for it) then a "
                                   "TRUNCATE checkpoint of the write-ahead log; needs free disk about twice the "
-                                  "file's size. PostgreSQL: VACUUM (ANALYZE) of generations and prompts. "
+                                  "file's size. PostgreSQL: VACUUM (ANALYZE) of generations and prompts, "
+                                  "waiting at most --lock-timeout for a table another session holds. "
                                   "Prints the bytes before and after.")
     p.add_argument("--min-free", default="0", metavar="SHARE",
                    help="SQLite: only when at least this share of the pages is free, e.g. 20%% (default 0: "
                         "always); PostgreSQL always vacuums")
+    p.add_argument("--lock-timeout", default=f"{DEFAULT_LOCK_TIMEOUT:g}", metavar="SECONDS",
+                   help=f"PostgreSQL: give up (exit 75) after waiting this long for a table another session "
+                        f"holds locked (default {DEFAULT_LOCK_TIMEOUT:g})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_db_vacuum)

@@ -36,7 +36,7 @@ from dgxqueue.storage.database import (
     hide_password,
     sqlite_path,
 )
-from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.reads import database_now
 from dgxqueue.storage.transfer import ArchiveReport, archive, archive_preview, copy_queue, database_identity
 
 DEFAULT_BATCH = 500
@@ -141,11 +141,13 @@ def cmd_db_copy(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
-    cutoff = parse_age("older_than", args.older_than, utcnow())
+    age = parse_age("older_than", args.older_than)
     to = target_url(args.to)
     size = batch_size(args.batch_size)
     _refuse_itself(ctx.settings.database.url, to)
     source = ctx.engine()
+    with session_scope(source) as session:
+        cutoff = age.before(database_now(session))
     if args.dry_run:  # nothing opened at the archive, nothing written anywhere
         with session_scope(source) as session:
             counts = archive_preview(session, cutoff)

@@ -45,7 +45,6 @@ from dgxqueue.storage import (
     search,
     session_scope,
 )
-from dgxqueue.storage.models import utcnow
 
 
 def _require(ctx: Context, text: str) -> Generation:
@@ -192,12 +191,13 @@ def _paths_in_use(session: Session, victims: list[tuple[str, str]], *, deleted: 
 
 
 def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
-    cutoff = parse_age("older_than", args.older_than, utcnow())
+    age = parse_age("older_than", args.older_than)
     statuses = [s.strip() for s in args.status.split(",") if s.strip()]
     if not statuses or not set(statuses) <= {"completed", "failed"}:
         raise ValidationError("status", args.status, "completed, failed or both (comma-separated)")
     engine = ctx.engine()
     with session_scope(engine) as session:
+        cutoff = age.before(reads.database_now(session))
         victims = reads.finished_jobs_before(session, statuses, cutoff)
         if not args.dry_run:
             # Files go only with rows really deleted, and only after the deletion is committed.

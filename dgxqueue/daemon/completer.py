@@ -187,10 +187,10 @@ class Completer:
             self.log.error("unexpected error in the generator", job_id=job.id, model=job.model_name,
                            attempt=job.attempt, exc_info=outcome.error)
         decision = decide(outcome.error, attempt=job.attempt, max_attempts=job.max_attempts,
-                          now=now, settings=self.settings, rng=self.rng)
+                          settings=self.settings, rng=self.rng)
         if decision.retry:
-            assert decision.run_after is not None
-            return (Retried(decision.run_after, decision.message, timed_out=timed_out(outcome)), "retried",
+            assert decision.backoff is not None
+            return (Retried(decision.backoff, decision.message, timed_out=timed_out(outcome)), "retried",
                     decision.message)
         return (Failed(now, decision.message, outcome.generation_seconds, timed_out=timed_out(outcome)), "failed",
                 decision.message)

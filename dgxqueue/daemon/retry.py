@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from dgxqueue.config import WorkerSettings
 from dgxqueue.errors import GeneratorError, OutputError
@@ -17,10 +17,11 @@ from dgxqueue.errors import GeneratorError, OutputError
 
 @dataclass(frozen=True)
 class Decision:
-    """``retry`` with a ``run_after``, or ``fail`` for good."""
+    """``retry`` after ``backoff`` (counted from the database's now when the result is written,
+    not the daemon's clock, which may be off), or ``fail`` for good."""
 
     retry: bool
-    run_after: datetime | None
+    backoff: timedelta | None
     message: str
 
 
@@ -55,7 +56,6 @@ def decide(
     *,
     attempt: int,
     max_attempts: int,
-    now: datetime,
     settings: WorkerSettings,
     rng: random.Random,
 ) -> Decision:
@@ -66,4 +66,4 @@ def decide(
     if attempt >= max_attempts:
         return Decision(False, None, f"{message} (gave up after {attempt} attempts)")
     delay = backoff_seconds(attempt, settings.backoff_base_seconds, settings.backoff_max_seconds, rng)
-    return Decision(True, now + timedelta(seconds=delay), f"{message} (attempt {attempt}, retrying)")
+    return Decision(True, timedelta(seconds=delay), f"{message} (attempt {attempt}, retrying)")

@@ -25,7 +25,6 @@ from dgxqueue.storage.models import (
     G,
     Generation,
     GenerationStatus,
-    utcnow,
 )
 from dgxqueue.storage.reads import require_job
 from dgxqueue.storage.validation import validate_model_name, validate_pause_reason
@@ -45,12 +44,13 @@ def delete_job(session: Session, job_id: str) -> bool:
 def set_outcome(
     session: Session, job_id: str, status: GenerationStatus, values: Mapping[str, Any]
 ) -> Generation:
-    """The specification's complete/fail: from pending or processing, unfenced (producer side)."""
+    """The specification's complete/fail: from pending or processing, unfenced (producer side).
+    ``completed_at`` is the database's now, not the caller's clock (prune and archive count from it)."""
     profile = profile_of(session.get_bind().dialect)
     ended = session.execute(profile.announce(  # an outcome: published as a daemon's is
         sa.update(G)
         .where(G.c.id == job_id, G.c.status.in_((PENDING, PROCESSING)))
-        .values(status=status.value, completed_at=utcnow(), worker_id=None, lease_expires_at=None,
+        .values(status=status.value, completed_at=profile.now(), worker_id=None, lease_expires_at=None,
                 **values)
         .returning(G.c.id), queue.EVENTS_CHANNEL,
     )).first()
@@ -65,9 +65,10 @@ def cancel_job(session: Session, job_id: str) -> Generation:
     set). A running one gets ``cancel_requested_at``: its daemon notices at its next heartbeat
     (on PostgreSQL at once, through :data:`CANCEL_CHANNEL`), stops it and records it failed with
     ``cancelled_at``. Until then it stays ``processing``; a result that commits first wins (the
-    job completes and keeps ``cancel_requested_at`` as a trace). Finished jobs refuse."""
-    now = utcnow()
+    job completes and keeps ``cancel_requested_at`` as a trace). Finished jobs refuse. Its times
+    are the database's now, not the caller's clock."""
     profile = profile_of(session.get_bind().dialect)
+    now = profile.now()
     # An outcome no daemon records: published here, as a daemon's are, for listeners and waiters.
     ended = session.execute(profile.announce(
         sa.update(G).where(G.c.id == job_id, G.c.status == PENDING)

@@ -19,7 +19,9 @@ SQLite (the README's "Maintaining the database" says why these and not others):
 PostgreSQL: the check says what it looks at (the server answers, the schema revision, row
 counts, every index of the two tables valid per ``pg_index.indisvalid``; with ``full`` every
 row read); the vacuum is ``VACUUM (ANALYZE)`` of the two tables, outside a transaction, which
-takes no lock that stops the daemons (``VACUUM FULL`` would, so it is not offered).
+takes no lock that stops the daemons (``VACUUM FULL`` would, so it is not offered). It waits at
+most its lock timeout for a table another session holds locked (an open transaction that ran
+``LOCK TABLE`` or ``ALTER TABLE``), then gives up with :class:`~dgxqueue.errors.LockTimeoutError`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from dgxqueue.config import DatabaseSettings
-from dgxqueue.errors import SchemaError
+from dgxqueue.errors import LockTimeoutError, SchemaError, ValidationError
 from dgxqueue.storage.database import HEAD_REVISION, create_engine, describe_url, sqlite_path
 from dgxqueue.storage.engines import profile_for
 
@@ -356,31 +358,70 @@ def _vacuum_sqlite(path: Path, min_free: float, settings: DatabaseSettings) -> V
 _TOTAL_SIZE = sa.func.coalesce(sa.func.pg_total_relation_size(sa.func.to_regclass(sa.bindparam("table"))), 0)
 
 
-def _vacuum_postgres(url: str, settings: DatabaseSettings) -> VacuumReport:
+#: How long ``db vacuum`` waits for a lock on a table by default: another session's open
+#: transaction that locked or altered the table would otherwise keep it waiting for ever.
+DEFAULT_LOCK_TIMEOUT = 10.0
+#: The longest lock timeout taken (a day; PostgreSQL's own limit is about 24 days).
+MAX_LOCK_TIMEOUT = 86400.0
+#: Lock not available: PostgreSQL's lock_timeout ran out.
+_LOCK_NOT_AVAILABLE = "55P03"
+#: The other sessions holding a lock on the table, as the server knows them.
+_HOLDERS = sa.text(
+    "SELECT DISTINCT l.pid, l.mode, a.state FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'relation' AND l.relation = to_regclass(:table) AND l.granted "
+    "AND l.pid <> pg_backend_pid() ORDER BY l.pid, l.mode")
+
+
+def _holders(conn: sa.Connection, table: str) -> list[str]:
+    """Who holds a lock on ``table`` now, in words (pid, mode and, where visible, state)."""
+    return [f"pid {pid} holds {mode}" + (f" ({state})" if state else "")
+            for pid, mode, state in conn.execute(_HOLDERS, {"table": table})]
+
+
+def _vacuum_postgres(url: str, settings: DatabaseSettings, lock_timeout: float) -> VacuumReport:
     with _server(url, settings) as engine, engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")  # VACUUM refuses a transaction
         if conn.execute(sa.select(sa.func.to_regclass("alembic_version"))).scalar_one() is None:
             raise _no_tables(describe_url(url))
+        # For this session only: the sizes' reads and each VACUUM give up instead of waiting.
+        conn.execute(sa.select(sa.func.set_config("lock_timeout", f"{max(1, round(lock_timeout * 1000))}ms", False)))
+        done: list[str] = []
+        waiting_on = TABLES[0]
 
         def size() -> int:
-            return sum(int(conn.execute(sa.select(_TOTAL_SIZE), {"table": table}).scalar_one()) for table in TABLES)
+            nonlocal waiting_on
+            total = 0
+            for table in TABLES:
+                waiting_on = table
+                total += int(conn.execute(sa.select(_TOTAL_SIZE), {"table": table}).scalar_one())
+            return total
 
-        before = size()
-        done = []
-        for table in TABLES:  # names from TABLES, quoted by the dialect: no user text
-            statement = f"VACUUM (ANALYZE) {conn.dialect.identifier_preparer.quote(table)}"
-            conn.exec_driver_sql(statement)
-            done.append(statement)
-        return VacuumReport(describe_url(url), before, size(), done)
+        try:
+            before = size()
+            for table in TABLES:  # names from TABLES, quoted by the dialect: no user text
+                waiting_on = table
+                statement = f"VACUUM (ANALYZE) {conn.dialect.identifier_preparer.quote(table)}"
+                conn.exec_driver_sql(statement)
+                done.append(statement)
+            return VacuumReport(describe_url(url), before, size(), done)
+        except sa.exc.DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            raise LockTimeoutError(waiting_on, lock_timeout, _holders(conn, waiting_on), done) from None
 
 
-def vacuum_database(url: str, *, min_free: float = 0.0, settings: DatabaseSettings | None = None) -> VacuumReport:
+def vacuum_database(url: str, *, min_free: float = 0.0, settings: DatabaseSettings | None = None,
+                    lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> VacuumReport:
     """Give back the space deleted rows left (the module docstring says how, per engine).
 
     ``min_free``: on SQLite, vacuum only when at least this share of the file's pages are free
-    (0 to 1; 0: always); PostgreSQL's VACUUM costs little and always runs."""
+    (0 to 1; 0: always); PostgreSQL's VACUUM costs little and always runs. ``lock_timeout``
+    (PostgreSQL; seconds): how long to wait for a lock on a table another session holds before
+    :class:`~dgxqueue.errors.LockTimeoutError` (SQLite waits its busy timeout)."""
+    if not 0 < lock_timeout <= MAX_LOCK_TIMEOUT:  # also false for nan
+        raise ValidationError("lock_timeout", lock_timeout, f"seconds above 0, at most {MAX_LOCK_TIMEOUT:g}")
     settings = settings or DatabaseSettings()
     path = _file_of(url)
     if path is not None:
         return _vacuum_sqlite(path, min_free, settings)
-    return _vacuum_postgres(url, settings)
+    return _vacuum_postgres(url, settings, lock_timeout)

@@ -42,7 +42,7 @@ from dgxqueue.storage.models import (
     utcnow,
 )
 from dgxqueue.storage.precompiled import Compiled, Cursor, HeldConnection, Pending, _as_sqlalchemy
-from dgxqueue.storage.results import Failed, Result, row_values
+from dgxqueue.storage.results import BACKOFF_SECONDS, Failed, Result, row_values
 from dgxqueue.storage.validation import JobSpec
 
 #: PostgreSQL channel a producer notifies (payload: the model name) so idle daemons wake at once.
@@ -485,7 +485,7 @@ def finish_rows_statement(profile: Profile, keys: tuple[str, ...], n: int) -> sa
     statement per number of rows (built once per shape)."""
     columns: list[sa.ColumnClause[Any]] = [
         sa.column("id", sa.Text), sa.column("attempt", sa.Integer),
-        *(sa.column(key, G.c[key].type) for key in keys),
+        *(sa.column(key, sa.Float() if key == BACKOFF_SECONDS else G.c[key].type) for key in keys),
     ]
     given = profile.rows_of(columns, 0 if profile.any_count else n, "outcome")
     fence = [G.c.id == given.c.id, G.c.attempts == given.c.attempt, IS_PROCESSING,
@@ -494,12 +494,10 @@ def finish_rows_statement(profile: Profile, keys: tuple[str, ...], n: int) -> sa
         # A job whose cancel was asked is never sent back to pending (a release or a retry): it
         # would be run again. Left processing, its lease's rescue fails it as cancelled.
         fence.append(sa.or_(given.c.status != PENDING, G.c.cancel_requested_at.is_(None)))
-    return (
-        sa.update(G)
-        .where(*fence)
-        .values(lease_expires_at=None, **{key: given.c[key] for key in keys})
-        .returning(G.c.id)
-    )
+    values: dict[str, Any] = {key: given.c[key] for key in keys if key != BACKOFF_SECONDS}
+    if BACKOFF_SECONDS in keys:  # a backoff from the database's clock, as a lease is
+        values["run_after"] = profile.later(given.c[BACKOFF_SECONDS])
+    return sa.update(G).where(*fence).values(lease_expires_at=None, **values).returning(G.c.id)
 
 
 def finish_rows_parameters(profile: Profile, worker_id: str, keys: tuple[str, ...],
@@ -512,7 +510,8 @@ def finish_rows_parameters(profile: Profile, worker_id: str, keys: tuple[str, ..
 @functools.cache
 def _json_keys(keys: tuple[str, ...]) -> frozenset[str]:
     """The columns among ``keys`` of a JSON type, whose values the engine may send as text."""
-    return frozenset(key for key in keys if isinstance(getattr(G.c[key].type, "impl_instance", None), sa.JSON))
+    return frozenset(key for key in keys
+                     if key in G.c and isinstance(getattr(G.c[key].type, "impl_instance", None), sa.JSON))
 
 
 @functools.lru_cache(maxsize=512)

@@ -31,6 +31,14 @@ from dgxqueue.storage.models import (
 )
 
 
+def database_now(session: Session) -> datetime:
+    """The database's current time: the one clock every host's cutoffs are counted from, since
+    a host's own clock may be off or stepped."""
+    now = session.execute(sa.select(profile_of(session.get_bind().dialect).now())).scalar_one()
+    assert isinstance(now, datetime)  # the engine's own function: never text a row could hold
+    return now
+
+
 def get_prompt(session: Session, text: str) -> Prompt | None:
     return session.scalars(sa.select(Prompt).where(Prompt.text == text)).one_or_none()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from dgxqueue.storage.claimed import ClaimedJob
@@ -40,9 +40,10 @@ class Failed:
 
 @dataclass(frozen=True)
 class Retried:
-    """The job goes back to the queue, due at ``run_after``; its attempt is spent."""
+    """The job goes back to the queue, due at ``run_after``: a time, or a backoff counted from the
+    database's now when the result is written (the daemon's clock may be off); its attempt is spent."""
 
-    run_after: datetime
+    run_after: datetime | timedelta
     message: str
     timed_out: bool = False
 
@@ -69,6 +70,9 @@ class Cancelled:
 Result = Completed | Failed | Retried | Released | Cancelled
 
 MAX_ERROR_MESSAGE = 10_000
+#: The key of a retry's backoff in seconds among a row's values: the write sets ``run_after`` to
+#: the database's now plus it, where the other keys are columns set as given.
+BACKOFF_SECONDS = "backoff_seconds"
 
 
 def storable_text(text: str, limit: int = MAX_ERROR_MESSAGE) -> str:
@@ -100,8 +104,11 @@ def row_values(job: ClaimedJob, result: Result) -> dict[str, Any]:
                   "error_message": storable_text(result.message),
                   "generation_time_seconds": result.generation_seconds}
     else:
-        values = {"status": PENDING, "run_after": result.run_after,
-                  "error_message": storable_text(result.message), "worker_id": None}
+        values = {"status": PENDING, "error_message": storable_text(result.message), "worker_id": None}
+        if isinstance(result.run_after, timedelta):
+            values[BACKOFF_SECONDS] = result.run_after.total_seconds()
+        else:
+            values["run_after"] = result.run_after
     if result.timed_out:
         values["lease_losses"] = job.lease_losses + 1
     return values

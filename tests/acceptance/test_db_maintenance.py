@@ -266,6 +266,29 @@ def test_db_vacuum__a_postgresql_database_without_dgxqueue_tables_is_unavailable
     assert done.returncode == 69 and "no dgxqueue tables" in done.stderr, done.stdout + done.stderr
 
 
+def test_db_vacuum__a_table_locked_by_an_open_transaction_exits_75_in_one_line(pg_db_url: str) -> None:
+    """Another session's open transaction holds ``generations`` in ACCESS EXCLUSIVE mode (as a
+    LOCK TABLE or an unfinished ALTER TABLE does): ``db vacuum --lock-timeout 1`` exits 75 within
+    the test's bound with one line naming the table and the holder's pid, and prints no report;
+    a bad ``--lock-timeout`` is refused naming the option."""
+    _fill_finished(pg_db_url, 20)
+    holder = sa.create_engine(pg_db_url, poolclass=sa.pool.NullPool)
+    with holder.connect() as lock:
+        lock.exec_driver_sql("LOCK TABLE generations IN ACCESS EXCLUSIVE MODE")
+        pid = lock.execute(sa.select(sa.func.pg_backend_pid())).scalar_one()
+        try:
+            done = _cli(pg_db_url, "db", "vacuum", "--lock-timeout", "1", timeout=60)
+        finally:
+            lock.rollback()
+    holder.dispose()
+    assert done.returncode == 75, done.stdout + done.stderr
+    assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert "table generations" in done.stderr and f"pid {pid} holds AccessExclusiveLock" in done.stderr
+    assert "nothing was vacuumed" in done.stderr
+    bad = _cli(pg_db_url, "db", "vacuum", "--lock-timeout", "soon")
+    assert bad.returncode == 65 and "lock_timeout" in bad.stderr, bad.stderr
+
+
 def test_db_vacuum__a_full_temporary_folder_is_named_not_called_database_unavailable(
         sqlite_db_url: str, tiny_disk: Path) -> None:
     """VACUUM builds the new file in SQLite's temporary folder first: when that folder (here a

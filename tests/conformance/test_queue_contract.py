@@ -230,6 +230,24 @@ def test_finish__a_retry_waits_out_its_backoff(backend: QueueBackend) -> None:
     assert (again.id, again.attempt) == (job_id, 2)
 
 
+def test_finish__a_retry_backoff_counts_from_the_queue_clock(backend: QueueBackend) -> None:
+    """A retry given as a backoff is due that long after the queue's (the database's) now when it
+    is written, whoever's clock the daemon reads; until then it is not claimed."""
+    job_id = backend.enqueue()
+    queue = backend.queue()
+    [job] = queue.claim(1)
+    before = backend.now()
+    assert queue.finish([(job, Retried(timedelta(seconds=60), "try again"))]) == [True]
+    after = backend.now()
+    run_after, slack = backend.row(job_id)["run_after"], timedelta(milliseconds=5)
+    assert before + timedelta(seconds=60) - slack <= run_after <= after + timedelta(seconds=60) + slack
+    assert queue.claim(1) == []
+    assert close_to(queue.next_due(), timedelta(seconds=60))
+    backend.advance(61)
+    [again] = queue.claim(1)
+    assert (again.id, again.attempt) == (job_id, 2)
+
+
 def test_finish__a_time_limit_marks_the_job_to_run_alone(backend: QueueBackend) -> None:
     """A result of a call past its time limit marks the job suspect, so its next attempt runs alone."""
     backend.enqueue()

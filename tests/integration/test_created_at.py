@@ -1,6 +1,7 @@
 """A job's ``created_at`` (and its prompt's use times) come from the database's clock at the
 insert, not the producer's: claims order by ``created_at``, so a producer whose clock is an hour
-slow would jump the queue, and the oldest pending job's age would be an hour off."""
+slow would jump the queue, and the oldest pending job's age would be an hour off. The same holds for
+the times the specification's complete, fail and cancel calls stamp."""
 
 from __future__ import annotations
 
@@ -208,3 +209,40 @@ def test_run_after__a_delay_counts_from_the_database_clock(engine: Engine, skew:
         assert before + ten - SLACK <= row.run_after <= after + ten + SLACK, (row, before)
     [cli] = [row for row in rows if row.id not in done.stdout.split()[0:2]]
     assert before + ten - SLACK <= cli.expires_at <= after + ten + SLACK, (cli, before)
+
+
+# The specification's outcomes and a cancel of a pending job, each called by a process whose clock is skewed by argv[2].
+_OUTCOMES = SKEW_PRELUDE + """
+import json
+from dgxqueue.storage import (cancel_generation, complete_generation, create_generation, fail_generation,
+                              get_engine, session_scope)
+with session_scope(get_engine(sys.argv[1])) as session:
+    done, failed, cancelled = (create_generation(session, "p", model_name="m").id for _ in range(3))
+with session_scope(get_engine(sys.argv[1])) as session:
+    complete_generation(session, done, generation_time=1.0, file_size_bytes=10)
+    fail_generation(session, failed, "broken")
+    cancel_generation(session, cancelled)
+print(json.dumps([done, failed, cancelled]))
+"""
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["hour-fast", "hour-slow"])
+def test_completed_at__is_the_database_clock_not_a_skewed_callers(engine: Engine, skew: float) -> None:
+    """complete_generation and fail_generation stamp ``completed_at`` (prune and archive count
+    from it), and cancel_generation its three times, from the database's now, whatever the
+    caller's clock says."""
+    before = _db_now(engine)
+    done = subprocess.run([sys.executable, "-c", _OUTCOMES, engine.url.render_as_string(hide_password=False),
+                           str(skew)], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    after = _db_now(engine)
+    ids = json.loads(done.stdout)
+    times = [G.c.completed_at, G.c.cancel_requested_at, G.c.cancelled_at]
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(G.c.id, G.c.status, *times).where(G.c.id.in_(ids))).all()
+    assert sorted(row.status for row in rows) == ["completed", "failed", "failed"]
+    stamped = [at for row in rows for at in row[2:] if at is not None]
+    assert len(stamped) == 5
+    for at in stamped:
+        assert before - SLACK <= at <= after + SLACK, (rows, before)

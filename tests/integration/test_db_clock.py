@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from dgxqueue.storage import Generation, create_generation, get_engine, get_generation, queue, session_scope
 from dgxqueue.storage.models import utcnow
+from dgxqueue.storage.reads import database_now
 from tests.support import queue_calls
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
@@ -94,6 +95,34 @@ def test_daemon_clock__a_skewed_daemon_claims_what_is_due(engine: sa.Engine, db_
     with session_scope(get_engine(db_url)) as s:
         waiting = queue.next_due(s, ["scripted"])
     assert waiting is not None and timedelta(seconds=30) < waiting <= timedelta(seconds=60)
+
+
+def _db_now(url: str) -> datetime:
+    with session_scope(get_engine(url)) as s:
+        return database_now(s)
+
+
+@SKEWS
+def test_daemon_clock__a_skewed_daemon_backs_off_from_the_database_clock(engine: sa.Engine, db_url: str,
+                                                                          tmp_path: Path, skew: float) -> None:
+    """A transient failure on a daemon whose clock is off is due again its backoff (30 to 60 s
+    here) after the database's now: not at once (a slow clock), nor minutes late (a fast one)."""
+    daemon = make_daemon(db_url, tmp_path / "outputs", ScriptedGenerator(), worker_id="skewed",
+                         clock=lambda: utcnow() + timedelta(seconds=skew), backoff_base_seconds=60.0,
+                         backoff_max_seconds=60.0)
+    job_id = enqueue(db_url, "transient:1")
+    before = _db_now(db_url)
+    try:
+        daemon.run_once()
+    finally:
+        daemon.shutdown()
+    after = _db_now(db_url)
+    retried = row(db_url, job_id)
+    assert (retried.status, retried.attempts) == ("pending", 1), retried.error_message
+    assert retried.run_after is not None
+    slack = timedelta(milliseconds=5)  # SQLite's clock reads whole milliseconds
+    assert before + timedelta(seconds=30) - slack <= retried.run_after <= after + timedelta(seconds=60) + slack, \
+        (retried.run_after, before, after)
 
 
 def _set_time(url: str, job_id: str, column: str, text: str) -> None:

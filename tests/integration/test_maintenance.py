@@ -5,19 +5,22 @@ space given back. tests/acceptance/test_db_maintenance.py runs the commands as a
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import shutil
 import sqlite3
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from dgxqueue.errors import SchemaError
+from dgxqueue.errors import LockTimeoutError, SchemaError, ValidationError
 from dgxqueue.storage import get_engine, init_db
 from dgxqueue.storage.database import HEAD_REVISION
-from dgxqueue.storage.maintenance import check_database, vacuum_database
+from dgxqueue.storage.maintenance import DEFAULT_LOCK_TIMEOUT, check_database, vacuum_database
 from dgxqueue.storage.models import G
 
 
@@ -113,3 +116,48 @@ def test_vacuum__postgresql_vacuums_both_tables(pg_db_url: str) -> None:
     report = vacuum_database(pg_db_url)
     assert report.done == ["VACUUM (ANALYZE) generations", "VACUUM (ANALYZE) prompts"]
     assert report.before_bytes > 0 and report.after_bytes > 0
+
+
+def test_vacuum__postgresql_gives_up_on_a_table_another_session_holds(pg_db_url: str) -> None:
+    """Another session holds ``generations`` in ACCESS EXCLUSIVE mode in an open transaction: the
+    vacuum (at its default lock timeout) returns within a bounded time with LockTimeoutError
+    naming the table and the holder's pid, having vacuumed nothing; the holder's transaction is
+    untouched and a vacuum after it ends works."""
+    _fill(pg_db_url, 20)
+    holder = sa.create_engine(pg_db_url, poolclass=sa.pool.NullPool)
+    outcome: list[BaseException | object] = []
+    with holder.connect() as lock:
+        lock.exec_driver_sql("LOCK TABLE generations IN ACCESS EXCLUSIVE MODE")
+        pid = lock.execute(sa.select(sa.func.pg_backend_pid())).scalar_one()
+
+        def vacuum() -> None:
+            try:
+                outcome.append(vacuum_database(pg_db_url))
+            except BaseException as exc:  # handed to the test's thread
+                outcome.append(exc)
+
+        thread = threading.Thread(target=vacuum, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        thread.join(DEFAULT_LOCK_TIMEOUT + 20)
+        waited = time.monotonic() - started
+        still_waiting = thread.is_alive()
+        assert lock.execute(sa.select(sa.func.count()).select_from(G)).scalar_one() == 20  # still its own
+        lock.rollback()  # lets a vacuum that never gave up finish, so the thread ends
+    thread.join(30)
+    holder.dispose()
+    assert not still_waiting, f"the vacuum still waited for the lock after {waited:.0f} s"
+    [error] = outcome
+    assert isinstance(error, LockTimeoutError), error
+    assert (error.table, error.seconds, error.done) == ("generations", DEFAULT_LOCK_TIMEOUT, [])
+    assert any(f"pid {pid} holds AccessExclusiveLock" in who for who in error.holders), error.holders
+    assert "generations" in str(error) and "\n" not in str(error)
+    assert vacuum_database(pg_db_url, lock_timeout=5).done == ["VACUUM (ANALYZE) generations",
+                                                               "VACUUM (ANALYZE) prompts"]
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, math.nan, math.inf, 86401.0])
+def test_vacuum__a_lock_timeout_out_of_range_names_the_field(pg_db_url: str, seconds: float) -> None:
+    """A lock timeout that is not above 0 and at most a day is refused before anything is opened."""
+    with pytest.raises(ValidationError, match="lock_timeout"):
+        vacuum_database(pg_db_url, lock_timeout=seconds)
