@@ -18,14 +18,15 @@ import struct
 import threading
 import wave
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from dgxqueue import faultpoints
 from dgxqueue.errors import OutputError
 from dgxqueue.generators import GeneratedAudio
+
+if TYPE_CHECKING:  # numpy is imported by the functions that use it: the CLI and producers never load it
+    import numpy as np
+    import numpy.typing as npt
 
 PCM_SCALE = 32767.0
 #: ``energy`` maps RMS in dBFS linearly from this floor (0.0) up to 0 dBFS (1.0).
@@ -157,6 +158,7 @@ def resolve_output_path(outputs_dir: Path, file_path: str) -> Path:
 
 
 def _check_shape(path: str | Path, audio: GeneratedAudio) -> None:
+    import numpy as np
     samples = audio.samples
     if not isinstance(samples, np.ndarray) or samples.ndim != 2 or not 1 <= samples.shape[0] <= 64:
         shape = getattr(samples, "shape", None)
@@ -170,6 +172,7 @@ def _check_shape(path: str | Path, audio: GeneratedAudio) -> None:
 def _clip_as_written(samples: npt.NDArray[np.floating[Any]], full_scale: float) -> float:
     """Clip ``samples`` in place to +/-``full_scale`` (so +/-inf become the limits) and set NaN to
     0, as they are written; return the peak absolute value after."""
+    import numpy as np
     if not samples.size:
         return 0.0
     peak = float(np.abs(samples).max())
@@ -188,6 +191,7 @@ def _wav_bytes(audio: GeneratedAudio) -> bytearray:
     Built in one buffer (the samples are converted straight into it) so that writing the file
     is one ``write`` call, without :mod:`wave`'s and a buffered file's per-call overhead.
     """
+    import numpy as np
     channels, frames = audio.samples.shape
     size = frames * channels * 2
     wav = bytearray(_HEADER.size + size)
@@ -447,6 +451,7 @@ def measure(audio: GeneratedAudio) -> dict[str, float]:
     ``20*log10(rms)``, mapped linearly from -60 dB (0.0) to 0 dB (1.0) and clamped: a
     perceptual loudness scale where quiet ambience sits near 0.3 and a mastered track near 0.8.
     """
+    import numpy as np
     flat = np.asarray(audio.samples, dtype=np.float32).reshape(-1)
     n = flat.size
     peak = squares = 0.0
@@ -469,6 +474,7 @@ def measure(audio: GeneratedAudio) -> dict[str, float]:
 
 def read_wav(path: Path) -> tuple[npt.NDArray[np.float32], int]:
     """Read a 16-bit PCM WAV: float32 samples shaped (channels, frames), and the sample rate."""
+    import numpy as np
     try:
         with wave.open(str(path), "rb") as wav:
             channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()

@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import Session
 
@@ -50,7 +49,6 @@ NOTIFY_CHANNEL = "dgxqueue_jobs"
 #: PostgreSQL channel every recorded outcome is published on, with the write (README: "Completion
 #: events"); payload: a JSON array of ``{"id": ..., "status": ...}``.
 EVENTS_CHANNEL = "dgxqueue_events"
-log = structlog.get_logger("dgxqueue.store")
 
 
 def due_condition(profile: Profile, now: sa.ColumnElement[Any] | datetime) -> sa.ColumnElement[bool]:
@@ -587,7 +585,10 @@ def _finish_one_by_one(link: HeldConnection, worker_id: str, results: Sequence[t
                 raise
             refused = exc
         message = f"the outcome could not be stored: {type(refused).__name__}: {refused}"
-        log.error("outcome refused by the database; job recorded failed", job_id=job.id, error=message[:300])
+        import structlog  # here: a producer importing storage never loads the logging stack
+
+        structlog.get_logger("dgxqueue.store").error(
+            "outcome refused by the database; job recorded failed", job_id=job.id, error=message[:300])
         try:
             _write(link, worker_id, rows_of([(job, Failed(utcnow(), message))]))
         except Exception as exc:

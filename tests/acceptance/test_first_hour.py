@@ -281,6 +281,26 @@ def test_package__enqueue_is_imported_on_first_use() -> None:
                    timeout=60)
 
 
+def test_package__producers_and_cli_reads_never_load_numpy_or_structlog(cli: Cli) -> None:
+    """Submitting a job, `config show` and `list` need neither the audio stack nor the logging
+    stack (each is a sixth of a command's start-up); the daemon loads them."""
+    cli.add("a queued job")
+    probe = ("import sys, runpy\n"
+             "sys.argv = ['dgxqueue', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('dgxqueue', run_name='__main__')\n"
+             "except SystemExit as done:\n    assert not done.code, done.code\n"
+             "print(sorted(m for m in ('numpy', 'structlog') if m in sys.modules), file=sys.stderr)\n")
+    for argv in (["config", "show"], ["list"], ["stats"]):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=cli.folder, env=cli.env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines()[-1] == "[]", (argv, done.stderr)
+    library = ("import sys, dgxqueue; dgxqueue.submit('x', database_url=sys.argv[1]); "
+               "assert not {'numpy', 'structlog'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", library, cli.url], env={**cli.env, "PYTHONPATH": str(REPO)},
+                   check=True, timeout=60)
+
+
 class _Terminal:
     """A process whose stdin, stdout and stderr are a pseudo-terminal, as in an operator's shell."""
 
