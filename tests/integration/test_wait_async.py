@@ -140,8 +140,10 @@ def test_wait_async__times_out_with_the_handle_refreshed(db_url: str, tmp_path: 
     assert job.status == "processing" and job.progress is not None and job.progress.done == 3
 
 
-def test_wait_async__a_deleted_job_is_not_found(db_url: str, tmp_path: Path) -> None:
-    """A job whose row is gone (pruned) before or during the wait raises JobNotFoundError."""
+def test_wait_async__a_deleted_job_is_not_found(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job whose row is gone (pruned) before or during the wait raises JobNotFoundError (a
+    deletion is announced by no event: the periodic re-check finds it, shortened here)."""
+    monkeypatch.setattr("dgxqueue.jobs.RECHECK_SECONDS", 0.5)
     settings = setup(db_url, tmp_path)
     gone, later = (dgxqueue.submit("fine", **SPEC, settings=settings) for _ in range(2))
     delete = sa.text("DELETE FROM generations WHERE id = :id")
