@@ -118,10 +118,14 @@ class _Occupant:
 class DecodeSession:
     """``slots`` jobs of up to ``text_tokens`` prompt tokens each, decoded together one step at a time
     on ``model``'s device and dtype, in windows of at most ``max_frames`` frames that overlap by
-    ``overlap_frames`` (two fifths of a window unless told: 12 s of 30, as audiocraft extends)."""
+    ``overlap_frames`` (two fifths of a window unless told: 12 s of 30, as audiocraft extends).
+
+    ``compile_step=True`` runs each step's tensor work through ``torch.compile``: one graph per session
+    shape, reused as jobs join and leave, replayed as a CUDA graph on CUDA. The first step pays the
+    compile; greedy tokens match eager ones unless two scores nearly tie (fused kernels round differently)."""
 
     def __init__(self, model: Any, processor: Any, *, slots: int, max_frames: int, text_tokens: int = 256,
-                 overlap_frames: int | None = None) -> None:
+                 overlap_frames: int | None = None, compile_step: bool = False) -> None:
         if slots < 1 or max_frames < 1 or text_tokens < 1:
             raise ValueError(f"slots, max_frames and text_tokens must be >= 1: {slots}, {max_frames}, {text_tokens}")
         overlap = max_frames * 2 // 5 if overlap_frames is None else overlap_frames
@@ -175,7 +179,12 @@ class DecodeSession:
         self._columns = torch.arange(self._max_steps, device=device)
         # Cross-attention reads the cached text, but a layer runs that block only when given states.
         self._text_placeholder = torch.zeros(rows, 1, int(config.hidden_size), dtype=self.dtype, device=device)
-        self._cross_mask: Any = None
+        # Made here and rewritten in place as jobs join, so a compiled step reads it at one address.
+        self._cross_mask = self._text_attention_mask()
+        self.compile_step = compile_step
+        self._advance = self._advance_eager
+        if compile_step:
+            self._advance = self._compiled_advance()
 
     @property
     def free_slots(self) -> int:
@@ -231,17 +240,7 @@ class DecodeSession:
         if not self.busy:
             return []
         with torch.inference_mode():
-            steps = self._positions[: self.slots]
-            current = self._tokens[self._slot_rows, :, steps]
-            tokens = self._choose(self._logits(current.repeat(2, 1)), steps)
-            # The delay pattern: each codebook is silent (the start token) before its offset and after its
-            # frames; a continued window's first frames are forced to the end of the window before.
-            frame = (steps.view(-1, 1) + 1) - self._offsets
-            inside = (frame >= 0) & (frame < self._frames.view(-1, 1))
-            chosen = torch.where(inside, tokens, self._start)
-            kept = self._tokens[self._slot_rows, :, steps + 1]
-            self._tokens[self._slot_rows, :, steps + 1] = torch.where(frame < self._forced.view(-1, 1), kept, chosen)
-            self._positions += self._occupied
+            self._advance()
         finished = []
         for slot, occupant in enumerate(self._occupants):
             if occupant is None:
@@ -271,6 +270,50 @@ class DecodeSession:
                 self.add(pending.popleft())
             done.update((r.key, r) for r in self.step())
         return [done[key] for key in order]
+
+    def _advance_eager(self) -> None:
+        """One step's tensor work, every slot at once: read each slot's token, choose the next, write it,
+        move the occupied rows on. Fixed shapes and no Python numbers that change from step to step, so
+        ``compile_step`` compiles it once per session shape."""
+        steps = self._positions[: self.slots]
+        current = self._tokens[self._slot_rows, :, steps]
+        tokens = self._choose(self._logits(current.repeat(2, 1)), steps)
+        # The delay pattern: each codebook is silent (the start token) before its offset and after its
+        # frames; a continued window's first frames are forced to the end of the window before.
+        frame = (steps.view(-1, 1) + 1) - self._offsets
+        inside = (frame >= 0) & (frame < self._frames.view(-1, 1))
+        chosen = torch.where(inside, tokens, self._start)
+        kept = self._tokens[self._slot_rows, :, steps + 1]
+        self._tokens[self._slot_rows, :, steps + 1] = torch.where(frame < self._forced.view(-1, 1), kept, chosen)
+        self._positions += self._occupied
+
+    def _compiled_advance(self) -> Any:
+        """:meth:`_advance_eager` through ``torch.compile``: CUDA graphs on CUDA ("reduce-overhead"),
+        inductor's default elsewhere (CUDA graphs exist only on CUDA)."""
+        # A CUDA graph replays fixed addresses: the tensors a step reads or writes in place are marked as
+        # such, so that they are neither copied in each replay nor a reason to skip the graph.
+        own, cross = self._cache.self_attention_cache.layers, self._cache.cross_attention_cache.layers
+        fixed = [t for layer in (*own, *cross) for t in (layer.keys, layer.values)]
+        fixed += [self._positions, self._tokens, self._frames, self._text_mask, self._guided, self._sample, self._scale,
+                  self._temperature, self._top_k, self._seeds, self._forced, self._window_keys, self._occupied]
+        if isinstance(self._cross_mask, torch.Tensor):
+            fixed.append(self._cross_mask)
+        for tensor in fixed:
+            torch._dynamo.mark_static_address(tensor)
+        return torch.compile(self._advance_eager, dynamic=False, fullgraph=True, options=self._inductor_options())
+
+    def _inductor_options(self) -> dict[str, Any]:
+        """Mode "reduce-overhead" on CUDA (its one option), plus a lower recompute limit: the sampler's hash
+        uses each value twice per round, and inductor, inlining values it does not store, re-traces the
+        rounds exponentially at compile time; so it stores a value every few ops instead."""
+        options: dict[str, Any] = torch._inductor.list_mode_options("reduce-overhead" if self.device.type == "cuda"
+                                                                      else "default")
+        return options | {"realize_opcount_threshold": 10, "realize_cpu_opcount_threshold": 10}
+
+    def _text_attention_mask(self) -> Any:
+        """The cross-attention mask of every row's text, as MusicgenDecoder.forward makes it."""
+        return create_bidirectional_mask(config=self._decoder.config, inputs_embeds=self._text_placeholder,
+                                         attention_mask=self._text_mask, allow_is_bidirectional_skip=False)
 
     def _windows(self, frames: int) -> list[tuple[int, int]]:
         """(forced prefix, new frames) of each window of a job of ``frames`` frames."""
@@ -325,7 +368,11 @@ class DecodeSession:
                              attention.v_proj(text).view(shape).transpose(1, 2))
         self._text_mask[rows] = False
         self._text_mask[slot, :length] = True
-        self._cross_mask = None
+        mask = self._text_attention_mask()
+        if isinstance(self._cross_mask, torch.Tensor) and isinstance(mask, torch.Tensor):
+            self._cross_mask.copy_(mask)
+        else:  # an attention implementation whose mask is no tensor (flash attention's may be None)
+            self._cross_mask = mask
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """The decoder's logits (rows, codebooks, vocab) for one token per row: MusicgenDecoder.forward
@@ -338,10 +385,6 @@ class DecodeSession:
         own_mask = create_bidirectional_mask(config=config, inputs_embeds=hidden,
                                              attention_mask=self._columns <= self._positions.view(-1, 1),
                                              allow_is_bidirectional_skip=False)
-        if self._cross_mask is None:
-            self._cross_mask = create_bidirectional_mask(config=config, inputs_embeds=hidden,
-                                                         attention_mask=self._text_mask,
-                                                         allow_is_bidirectional_skip=False)
         for layer in self._layers:
             hidden = layer(hidden, own_mask, self._text_placeholder, encoder_attention_mask=self._cross_mask,
                            cache=self._cache, use_cache=True)
