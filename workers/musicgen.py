@@ -26,7 +26,9 @@ Two decoders, chosen by ``[generator.options] decode``:
   fixed slots: jobs of any length, settings and seed share a batch, a job joins as a slot frees
   and leaves when its tokens are done, and its sampling noise is keyed by its own seed and step,
   so it renders the same tokens alone, beside any companions and on retry (same device, dtype,
-  slot count and versions). Greedy decoding gives ``generate``'s tokens.
+  slot count and versions). Greedy decoding gives ``generate``'s tokens. ``compile_step = true``
+  runs each step through ``torch.compile`` (CUDA graphs on CUDA): the first step of each slot count
+  pays the compile, and fused kernels may round a near-tie of two scores the other way.
 
 Each result's metadata names the model's revision and every setting that decided its tokens.
 """
@@ -115,6 +117,7 @@ class MusicGenGenerator:
         decode: str = "generate",
         window_seconds: float = 30.0,
         overlap_seconds: float = 12.0,
+        compile_step: bool = False,
     ) -> None:
         def bad(key: str, value: object, allowed: str) -> ConfigError:
             return ConfigError(f"generator.options.{key}", value, allowed)
@@ -140,6 +143,10 @@ class MusicGenGenerator:
             raise bad("overlap_seconds", overlap_seconds, f"a number in [0, window_seconds={window_seconds:g})")
         if not isinstance(do_sample, bool):
             raise bad("do_sample", do_sample, "true or false")
+        if not isinstance(compile_step, bool):
+            raise bad("compile_step", compile_step, "true or false")
+        if compile_step and decode != "loop":  # generate's own loop has no step of ours to compile
+            raise bad("compile_step", compile_step, 'false unless decode = "loop"')
         defaults: dict[str, float | int] = {}
         for key, value in zip(_OVERRIDES, (guidance_scale, temperature, top_k), strict=True):
             try:
@@ -158,6 +165,7 @@ class MusicGenGenerator:
         self._dtype_option = dtype
         self.decode = decode
         self.window_seconds, self.overlap_seconds = float(window_seconds), float(overlap_seconds)
+        self.compile_step = compile_step
         self._torch: Any = None
         self._model: Any = None
         self._processor: Any = None
@@ -364,6 +372,7 @@ class MusicGenGenerator:
             self._session = decode.DecodeSession(
                 self._model, self._processor, slots=self._slots, max_frames=window,
                 overlap_frames=min(window - 1, round(self.overlap_seconds * self._frame_rate)),
+                compile_step=self.compile_step,
             )
         return self._session
 
@@ -382,7 +391,8 @@ class MusicGenGenerator:
     def _loop_audio(self, result: Any, request: GenerationRequest, plan: _Plan) -> GeneratedAudio:
         session = self._session
         metadata = {**self._provenance, "slots": session.slots, "window_frames": session.max_frames,
-                    "overlap_frames": session.overlap_frames, "seed": request.seed,
+                    "overlap_frames": session.overlap_frames, "compile_step": session.compile_step,
+                    "seed": request.seed,
                     "sampler": importlib.import_module("workers.musicgen_decode").SAMPLER,
                     "do_sample": self.do_sample, "guidance_scale": plan.guidance_scale,
                     "temperature": plan.temperature, "top_k": plan.top_k}

@@ -416,12 +416,20 @@ def test_musicgen__validate_needs_no_weights() -> None:
 @pytest.mark.parametrize(
     ("option", "value"),
     [("max_batch_size", 0), ("temperature", -1.0), ("dtype", "int8"), ("max_duration_seconds", 60),
-     ("decode", "beam"), ("window_seconds", 31), ("overlap_seconds", 30.0)],
+     ("decode", "beam"), ("window_seconds", 31), ("overlap_seconds", 30.0), ("compile_step", "yes"),
+     ("compile_step", True)],
 )
 def test_musicgen__bad_option_is_config_error(option: str, value: Any) -> None:
     """A bad [generator.options] value fails at construction, naming the key."""
     with pytest.raises(ConfigError, match=rf"generator\.options\.{option}"):
         MusicGenGenerator(**{option: value})
+
+
+def test_musicgen__compile_step_reaches_the_loop_session(mono: MusicGenGenerator) -> None:
+    """[generator.options] compile_step = true builds the loop's session with a compiled step (compiled
+    lazily, so building it costs nothing here); the default stays eager."""
+    assert _load(Path(mono.model_id), decode="loop", compile_step=True)._loop_session().compile_step is True
+    assert _load(Path(mono.model_id), decode="loop")._loop_session().compile_step is False
 
 
 def test_musicgen__registered_and_serves_name_from_model_id() -> None:
@@ -477,7 +485,7 @@ def test_musicgen__metadata_names_revision_and_settings(mono: MusicGenGenerator,
         "decode": decode, "seed": 99, "top_k": 7, "guidance_scale": 3.0, "temperature": 1.0, "do_sample": True}
     assert {"torch", "transformers", "dtype", "device", "model"} <= set(metadata)
     if decode == "loop":
-        assert metadata["slots"] == 2 and "lowbias32" in metadata["sampler"]
+        assert metadata["slots"] == 2 and "lowbias32" in metadata["sampler"] and metadata["compile_step"] is False
 
 
 def test_musicgen__loop_oom_leaves_fewer_slots_not_failed_jobs(
