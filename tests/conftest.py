@@ -178,6 +178,8 @@ SLOW = frozenset({
     "tests/migrations/test_migrations.py::test_migrations__round_trip_through_the_alembic_cli",
     "tests/migrations/test_migrations.py::test_wheel__installed_package_finds_its_migrations",
     "tests/unit/test_metrics.py::test_queue_depth__a_database_that_never_answers_costs_the_depth_not_the_scrape",
+    "tests/generators/test_musicgen_decode.py::test_compile_step__greedy_tokens_equal_eager_as_jobs_join_and_leave",
+    "tests/generators/test_musicgen_decode.py::test_compile_step__one_graph_serves_every_join_leave_cancel_and_window",
     "tests/generators/test_musicgen_slots.py::test_musicgen_slots__a_late_joiner_leaves_first_with_its_audio_alone",
     "tests/generators/test_musicgen_slots.py::test_musicgen_slots__cancel_frees_its_slot_and_the_others_decode_on",
 })

@@ -350,3 +350,59 @@ def test_windows__long_sampled_job_same_alone_and_beside_others(mono: Loaded) ->
     assert np.array_equal(_drain(session)["job"].codes, alone.codes)
     short = _session(mono, slots=2, max_frames=WINDOW).run([_job(frames=WINDOW)])[0]
     assert np.array_equal(short.codes, alone.codes[:, :WINDOW])
+
+
+# compile_step: both tests use one session shape, so the second reuses the graph the first compiled.
+COMPILED_SHAPE = {"slots": 2, "max_frames": WINDOW}
+GREEDY = DecodeSettings(do_sample=False, guidance_scale=3.0)
+# Inductor's own imports call a deprecated torch.jit API; the warning is torch's, not ours.
+COMPILING = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@COMPILING
+def test_compile_step__greedy_tokens_equal_eager_as_jobs_join_and_leave(mono: Loaded) -> None:
+    """Greedy, the compiled step chooses eager's tokens: a guided job, an unguided one joining it mid-run,
+    and a third taking the slot the second left, two windows long."""
+    def run(session: DecodeSession) -> dict[str, DecodeResult]:
+        session.add(_job("first", PROMPTS[0], 40, 1, GREEDY))
+        results: dict[str, DecodeResult] = {}
+        for _ in range(10):
+            results.update((r.key, r) for r in session.step())
+        session.add(_job("joins", PROMPTS[1], 10, 2, DecodeSettings(do_sample=False, guidance_scale=1.0)))
+        while session.busy:
+            for result in session.step():
+                results[result.key] = result
+                if result.key == "joins":
+                    session.add(_job("after", PROMPTS[2], WINDOW + 10, 3, GREEDY))
+        return results
+
+    eager = run(_session(mono, **COMPILED_SHAPE))
+    compiled = run(_session(mono, **COMPILED_SHAPE, compile_step=True))
+    assert sorted(compiled) == ["after", "first", "joins"]
+    for key, result in eager.items():
+        assert np.array_equal(compiled[key].codes, result.codes), key
+
+
+@COMPILING
+def test_compile_step__one_graph_serves_every_join_leave_cancel_and_window(mono: Loaded) -> None:
+    """After the first step compiles, jobs joining, finishing, being cancelled and starting a new window
+    reuse that graph: torch.compile is told to fail rather than compile again."""
+    session = _session(mono, **COMPILED_SHAPE, compile_step=True)
+    session.add(_job("first", frames=5))
+    session.step()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        session.add(_job("windowed", PROMPTS[1], WINDOW + 5, 2))
+        assert sorted(_drain_until(session, "first")) == ["first"]
+        session.add(_job("cancelled", PROMPTS[2], 20, 3, GREEDY))
+        session.step()
+        assert session.cancel("cancelled")
+        session.add(_job("last", PROMPTS[3], 5, 4))
+        assert sorted(_drain(session)) == ["last", "windowed"]
+
+
+def _drain_until(session: DecodeSession, key: str) -> dict[str, DecodeResult]:
+    """Step until job ``key`` finishes; the results of that step."""
+    while True:
+        results = {r.key: r for r in session.step()}
+        if key in results:
+            return results
