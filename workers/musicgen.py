@@ -230,6 +230,18 @@ class MusicGenGenerator:
             "dtype": dtype_name,
             **provenance.software_versions(),
         }
+        if self.compile_step:
+            self._compile_now()
+
+    def _compile_now(self) -> None:
+        """Compile the loop's step before the first claim: a first step that compiles takes tens
+        of seconds, which a job's time limit must not be charged with (the machine's cost, not
+        the job's). One step of a throwaway request in a session of the slot count jobs get."""
+        decode: Any = importlib.import_module("workers.musicgen_decode")
+        session = self._loop_session()
+        session.add(decode.DecodeRequest("compile", "warm up", 2, 0, decode.DecodeSettings(self.do_sample)))
+        session.step()
+        session.cancel("compile")
 
     def _plan(self, request: GenerationRequest) -> _Plan:
         """Check a request and work out its generation settings, or raise PermanentGeneratorError.
