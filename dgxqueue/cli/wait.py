@@ -162,6 +162,20 @@ def watch(
         return _watch(engine, ids, timeout=timeout, progress=progress, alive=alive, listener=listener)
 
 
+def _read(engine: Engine, query: sa.Select[Generation]) -> dict[str, Generation]:
+    """The jobs ``query`` selects, by id. A pooled connection the server ended between two rounds
+    (a restart, pg_terminate_backend, an idle timeout) is made anew once, as the library's waits
+    do; a second failure is the server's, and raised."""
+    for attempt in (1, 2):
+        try:
+            with session_scope(engine) as session:
+                return {job.id: job for job in session.scalars(query)}
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated or attempt == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _watch(engine: Engine, ids: Sequence[str], *, timeout: float | None, progress: Progress,
            alive: Callable[[], str | None] | None, listener: ChangeListener) -> list[Generation]:
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -171,8 +185,7 @@ def _watch(engine: Engine, ids: Sequence[str], *, timeout: float | None, progres
         # Asked first so its news (the daemon is ready) prints before the jobs' changes, but acted
         # on only after the read: a daemon that finished everything and then died is no failure.
         problem = alive() if alive else None
-        with session_scope(engine) as session:
-            found = {job.id: job for job in session.scalars(query)}
+        found = _read(engine, query)
         missing = [job_id for job_id in ids if job_id not in found]
         if missing:
             raise JobNotFoundError(missing[0])

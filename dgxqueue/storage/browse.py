@@ -126,6 +126,12 @@ def _stored_value(decoded: Any) -> tuple[StoredTime, str]:
         return bytes.fromhex(value["hex"]), job_id
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(decoded)
+    # A stored integer fits SQLite's 64 bits, the driver refuses a wider one with OverflowError.
+    if isinstance(value, int) and not -2**63 <= value < 2**63:
+        raise ValueError(decoded)
+    # JSON's "\ud800" decodes to a lone surrogate, which no driver can encode (UnicodeEncodeError).
+    for text in (value, job_id) if isinstance(value, str) else (job_id,):
+        text.encode()
     return value, job_id
 
 

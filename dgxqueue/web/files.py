@@ -15,10 +15,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from dgxqueue.audio import OutputRoot
 from dgxqueue.errors import OutputError
@@ -89,17 +91,31 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
 
 
 def _chunks(fd: int, start: int, length: int) -> Iterator[bytes]:
-    try:
-        position, left = start, length
-        while left > 0:
-            data = os.pread(fd, min(_CHUNK, left), position)
-            if not data:  # the file shrank meanwhile: end early rather than loop
-                return
-            position += len(data)
-            left -= len(data)
-            yield data
-    finally:
-        os.close(fd)
+    position, left = start, length
+    while left > 0:
+        data = os.pread(fd, min(_CHUNK, left), position)
+        if not data:  # the file shrank meanwhile: end early rather than loop
+            return
+        position += len(data)
+        left -= len(data)
+        yield data
+
+
+class _FileStream(StreamingResponse):
+    """The file's bytes from its open descriptor, closed when the response ends however it ends.
+
+    Closed here, not by the chunks' generator: a client that hangs up before the first chunk
+    leaves that generator never started, and a never-started generator runs no ``finally``."""
+
+    def __init__(self, fd: int, start: int, length: int, **options: Any) -> None:
+        super().__init__(_chunks(fd, start, length), **options)
+        self._fd = fd
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # the chunks are read in a worker thread, which has returned by now
+            os.close(self._fd)
 
 
 def file_response(request: Request, outputs_dir: Path, relative: str, *, download: bool) -> Response:
@@ -125,5 +141,4 @@ def file_response(request: Request, outputs_dir: Path, relative: str, *, downloa
     if request.method == "HEAD":
         os.close(opened.fd)
         return Response(status_code=status, headers=headers, media_type=media_type)
-    return StreamingResponse(_chunks(opened.fd, start, length), status_code=status, headers=headers,
-                             media_type=media_type)
+    return _FileStream(opened.fd, start, length, status_code=status, headers=headers, media_type=media_type)

@@ -232,3 +232,37 @@ def test_db_upgrade__wait_outlasts_a_database_that_starts_later(tmp_path: Path) 
             waiting.kill()
         assert waiting.returncode == 0, log.read_text()
         assert f"database at revision {head_revision()}" in out
+
+
+def test_wait__survives_the_server_ending_its_connections(pg_db_url: str, tmp_path: Path) -> None:
+    """`dgxqueue wait` on PostgreSQL while the server ends every one of its connections
+    (pg_terminate_backend, as a restart or an idle timeout would): the next round reads on a new
+    connection and the command exits 0 once the job completes, not 69 'database unavailable'."""
+    init_db(pg_db_url)
+    engine = get_engine(pg_db_url)
+    with session_scope(engine) as session:
+        [job_id] = create_generations(session, [{"prompt": "p", "model_name": "synth", "duration_seconds": 1.0}])
+    others = sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND pid <> pg_backend_pid()")
+    env = {**os.environ, "DATABASE_URL": pg_db_url}
+    # One connection of the test's, held (autocommit: pg_stat_activity is read afresh each time).
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as observer:
+        ours = set(observer.execute(others).scalars())
+        waiting = subprocess.Popen([sys.executable, "-m", "dgxqueue", "wait", job_id, "--timeout", "60"], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            def theirs() -> set[int]:
+                return set(observer.execute(others).scalars()) - ours
+            wait_until(lambda: len(theirs()) >= 2, 30, "the wait's listener and reader", alive=waiting)
+            ended = theirs()
+            for pid in ended:
+                observer.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            # Another of the wait's rounds reads on a new connection before the job ends.
+            wait_until(lambda: bool(theirs() - ended) or waiting.poll() is not None, 30, "a new connection")
+            observer.execute(sa.update(Generation).where(Generation.id == job_id)
+                             .values(status="completed", completed_at=sa.func.now()))
+            out, err = waiting.communicate(timeout=60)
+        finally:
+            waiting.kill()
+    assert waiting.returncode == 0, err.decode()
+    assert "completed" in (out + err).decode()

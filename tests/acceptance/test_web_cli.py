@@ -3,9 +3,11 @@ raw paths that try to leave the outputs folder, and the missing extra."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -108,3 +110,36 @@ def _answers(port: int) -> bool:
         return _get(port, "/login")[0] == 200
     except OSError:
         return False
+
+
+def _open_descriptors(pid: int, name: str) -> int:
+    """How many of process ``pid``'s descriptors are open on a file called ``name``."""
+    folder = Path(f"/proc/{pid}/fd")
+    found = 0
+    for entry in folder.iterdir():
+        with contextlib.suppress(OSError):  # closed since the listing
+            found += os.readlink(entry).endswith("/" + name)
+    return found
+
+
+def test_web_cli__clients_that_hang_up_leave_no_file_open(config: Path, tmp_path: Path) -> None:
+    """Clients that ask for a large file and reset the connection before reading a byte: every
+    descriptor the server opened for them is closed once they are gone (each one left open was a
+    step towards EMFILE, when the page could open neither files nor the database)."""
+    (tmp_path / "outputs" / "big.wav").write_bytes(os.urandom(1 << 24))
+    port = free_port()
+    log = tmp_path / "web.log"
+    with log.open("ab") as out:
+        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
+                               cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(f"GET /files/big.wav HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        assert _get(port, "/files/big.wav")[0] == 200  # served whole: and after all the resets
+        wait_until(lambda: _open_descriptors(web.pid, "big.wav") == 0, 30, "the server to close every big.wav",
+                   alive=web)
+    finally:
+        assert stop(web) == 0

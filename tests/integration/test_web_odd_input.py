@@ -311,3 +311,18 @@ def test_web_jobs_pages__a_row_whose_created_at_is_no_time_ends_no_list(engine: 
             assert seen == expected, odd
             html_next = re.search(r'<a href="([^"]+)" id="next">', browser.get("/jobs", params={"limit": 1}).text)
             assert html_next is not None
+
+
+def test_web_jobs_pages__a_raw_cursor_holding_what_no_row_stores_is_a_400(engine: Engine, settings: Settings) -> None:
+    """Raw cursors (JSON) holding an integer past SQLite's 64 bits or a lone surrogate (JSON's
+    \\ud800 escape, which UTF-8 cannot carry to the driver) as the value or the id: 400 naming
+    'cursor' on the API and the page, never the driver's OverflowError or UnicodeEncodeError."""
+    _insert(engine, "a-job")
+    tampered = ["~" + json.dumps([2**63, "x"]), "~" + json.dumps([-2**63 - 1, "x"]),
+                '~["2026-12-06", "\\ud800"]', '~["\\udfff", "x"]']
+    with client(settings) as browser:
+        for text in tampered:
+            params = {"cursor": _cursor(text)}
+            answer = browser.get("/api/jobs", params=params)
+            assert answer.status_code == 400 and answer.json()["field"] == "cursor", (text, answer.text)
+            assert browser.get("/jobs", params=params).status_code == 400, text
