@@ -29,6 +29,7 @@ from dgxqueue.storage import (
     session_scope,
 )
 from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import G
 from tests.support import queue_calls
 
@@ -191,16 +192,18 @@ def test_queue_depth__served_model_with_nothing_pending_reads_zero(
 def test_queue_depth__oldest_pending_age_from_created_at(
     sqlite_engine: Engine, registry: CollectorRegistry
 ) -> None:
-    """The oldest pending age is wall time minus the oldest pending row's created_at; 0 when none."""
+    """The oldest pending age is the database's now minus the oldest pending row's created_at,
+    whatever this host's clock says (here: T0, long past); 0 when none."""
     wall = Clock(T0.timestamp())
     DaemonMetrics(registry, sqlite_engine, depth_cache_seconds=0, wall_clock=wall)
     assert value(registry, "dgxqueue_queue_oldest_pending_age_seconds") == 0
     with session_scope(sqlite_engine) as session:
         low = create_generation(session, "p", model_name="a", priority=0)
         create_generation(session, "p", model_name="a", priority=9)
-        session.execute(sa.update(G).where(G.c.id == low.id)
-                        .values(created_at=T0 - timedelta(seconds=90)))
-    assert value(registry, "dgxqueue_queue_oldest_pending_age_seconds") == 90
+        ago = profile_of(sqlite_engine.dialect).later(sa.literal(-90.0, sa.Float))
+        session.execute(sa.update(G).where(G.c.id == low.id).values(created_at=ago))
+    age = value(registry, "dgxqueue_queue_oldest_pending_age_seconds")
+    assert age is not None and 90 <= age < 95, age
 
 
 def test_queue_depth__cache_holds_for_depth_cache_seconds(
