@@ -284,7 +284,8 @@ class DaemonMetrics(Hooks):
         self.in_flight.inc(len(jobs))
         for job in jobs:
             series = self._series.get(job.model_name) or self._model(job.model_name)
-            series.queue_wait.observe(max(0.0, (now - job.created_at).total_seconds()))
+            # Both times are the database's: the daemon's ``now`` may be off (as the job log's wait).
+            series.queue_wait.observe(max(0.0, (job.claimed_at - job.created_at).total_seconds()))
 
     def on_batch(self, size: int) -> None:
         self.batch_size.observe(size)

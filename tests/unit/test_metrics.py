@@ -72,11 +72,13 @@ def start(metrics: DaemonMetrics, models: tuple[str, ...] = ("synth",)) -> None:
 def test_daemon_metrics__completed_job_moves_counter_and_histogram_by_one(
     sqlite_engine: Engine, registry: CollectorRegistry
 ) -> None:
-    """One completed job adds exactly 1 to its counter, histogram count and in-flight round trip."""
+    """One completed job adds exactly 1 to its counter, histogram count and in-flight round trip;
+    its queue wait is its claim's time less its creation's (both the database's), not the
+    daemon's clock (here an hour off) less its creation."""
     metrics = DaemonMetrics(registry, sqlite_engine)
     start(metrics)
     assert value(registry, "dgxqueue_jobs_finished_total", outcome="completed", model="synth") == 0
-    metrics.on_claimed([job()], T0 + timedelta(seconds=7))
+    metrics.on_claimed([job(claimed=T0 + timedelta(seconds=7))], T0 + timedelta(hours=1))
     assert value(registry, "dgxqueue_jobs_in_flight") == 1
     metrics.on_batch(1)
     metrics.on_job_finished(job(), "completed", generation_seconds=2.5, audio_seconds=10.0, error=None)
