@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
@@ -70,12 +70,10 @@ class QueueDepthCollector(Collector):
 
     def __init__(self, engine: Engine, cache_seconds: float,
                  clock: Callable[[], float] = time.monotonic,
-                 now: Callable[[], datetime] = lambda: datetime.now(UTC),
                  wait_seconds: float = DEPTH_WAIT_SECONDS) -> None:
         self._engine = engine
         self._cache_seconds = cache_seconds
         self._clock = clock
-        self._now = now
         self._wait_seconds = wait_seconds
         self._lock = threading.Lock()
         self._read_at: float | None = None
@@ -160,8 +158,10 @@ class QueueDepthCollector(Collector):
                 pending.add_metric([model], n)
             for model in sorted(set(counts) | depth.paused):
                 paused.add_metric([model], 1 if model in depth.paused else 0)
-            created = depth.oldest_pending_created_at
-            oldest.add_metric([], max(0.0, (self._now() - created).total_seconds()) if created else 0.0)
+            # As of the read, by the database's clock (this host's may be off), as the rest of the depth is.
+            created, read_at = depth.oldest_pending_created_at, depth.read_at
+            age = (read_at - created).total_seconds() if created and read_at else 0.0
+            oldest.add_metric([], max(0.0, age))
             query.add_metric([], self._query_seconds)
             if live is not None:
                 for model in sorted(set(counts) | set(live)):
@@ -191,8 +191,7 @@ class DaemonMetrics(Hooks):
         # The daemon's registry is its own, not the global one that has the process series built in.
         ProcessCollector(registry=registry)
         self._wall_clock = wall_clock
-        self.depth = QueueDepthCollector(
-            engine, depth_cache_seconds, clock, lambda: datetime.fromtimestamp(wall_clock(), UTC))
+        self.depth = QueueDepthCollector(engine, depth_cache_seconds, clock)
         registry.register(self.depth)
         self.build_info = Gauge(
             "dgxqueue_build_info", "Always 1; labels say what this daemon runs.",
@@ -285,7 +284,8 @@ class DaemonMetrics(Hooks):
         self.in_flight.inc(len(jobs))
         for job in jobs:
             series = self._series.get(job.model_name) or self._model(job.model_name)
-            series.queue_wait.observe(max(0.0, (now - job.created_at).total_seconds()))
+            # Both times are the database's: the daemon's ``now`` may be off (as the job log's wait).
+            series.queue_wait.observe(max(0.0, (job.claimed_at - job.created_at).total_seconds()))
 
     def on_batch(self, size: int) -> None:
         self.batch_size.observe(size)

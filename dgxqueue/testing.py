@@ -53,7 +53,7 @@ from dgxqueue.storage.queue import (
     job_row,
 )
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
-from dgxqueue.storage.results import BACKOFF_SECONDS, Released, row_values
+from dgxqueue.storage.results import BACKOFF_SECONDS, STAMPED_AT_WRITE, Released, row_values
 
 __all__ = ["ManualClock", "MemoryQueue", "MemoryStore", "MemoryWaker"]
 
@@ -330,6 +330,9 @@ class MemoryQueue:
             values = dict(row_values(job, result))
             if BACKOFF_SECONDS in values:  # a backoff counts from the store's clock, the database's
                 values["run_after"] = self.store.clock() + timedelta(seconds=values.pop(BACKOFF_SECONDS))
+            for key in STAMPED_AT_WRITE:  # a time left to the write: the store's clock, the database's
+                if key in values and values[key] is None:
+                    values[key] = self.store.clock()
             stored = {key: _stored(key, value) for key, value in values.items()}
             row = self._held(job.id, job.attempt)
             if row is not None and stored.get("status") == PENDING and row["cancel_requested_at"] is not None:

@@ -125,7 +125,7 @@ class Completer:
             return
         outcomes = [self._unless_cancelled(outcome) for outcome in outcomes]
         now = self.clock()
-        rows = [(outcome.job, *self._row_write(outcome, now)) for outcome in outcomes]
+        rows = [(outcome.job, *self._row_write(outcome)) for outcome in outcomes]
         pairs = [(job, result) for job, result, _, _ in rows]
         claimed: list[ClaimedJob] = []
         start = claimer.starts()
@@ -174,15 +174,16 @@ class Completer:
             outcome.staged.discard()
         return cancelled(outcome.job, outcome.generation_seconds)
 
-    def _row_write(self, outcome: Attempt, now: datetime) -> tuple[Result, str, str | None]:
+    def _row_write(self, outcome: Attempt) -> tuple[Result, str, str | None]:
         """What ``outcome`` comes to: the result storage records, the hooks' label for it
-        (completed, retried, failed or cancelled) and the error message it records."""
+        (completed, retried, failed or cancelled) and the error message it records. Its times
+        are left to the write, which stamps the database's now: this daemon's clock may be off."""
         job = outcome.job
         if isinstance(outcome.error, JobCancelledError):  # never retried
             message = str(outcome.error) or "cancelled by request while it ran"
-            return Cancelled(now, message, outcome.generation_seconds), "cancelled", message
+            return Cancelled(None, message, outcome.generation_seconds), "cancelled", message
         if outcome.error is None:
-            return Completed(now, outcome.generation_seconds, outcome.file_size, outcome.metadata), "completed", None
+            return Completed(None, outcome.generation_seconds, outcome.file_size, outcome.metadata), "completed", None
         if not isinstance(outcome.error, DgxQueueError):  # a bug, not a refusal: keep the traceback
             self.log.error("unexpected error in the generator", job_id=job.id, model=job.model_name,
                            attempt=job.attempt, exc_info=outcome.error)
@@ -192,7 +193,7 @@ class Completer:
             assert decision.backoff is not None
             return (Retried(decision.backoff, decision.message, timed_out=timed_out(outcome)), "retried",
                     decision.message)
-        return (Failed(now, decision.message, outcome.generation_seconds, timed_out=timed_out(outcome)), "failed",
+        return (Failed(None, decision.message, outcome.generation_seconds, timed_out=timed_out(outcome)), "failed",
                 decision.message)
 
     def release(self, keep: Collection[str] = (), marks: Mapping[str, str] | None = None) -> None:

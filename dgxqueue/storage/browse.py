@@ -33,7 +33,6 @@ from dgxqueue.storage.models import (
     IS_PROCESSING,
     G,
     GenerationStatus,
-    utcnow,
 )
 
 __all__ = ["MAX_PAGE", "THROUGHPUT_WINDOWS", "JobFilter", "JobPage", "Overview", "RunningJob", "decode_cursor",
@@ -240,8 +239,9 @@ def overview(session: Session, live_per_model: dict[str, int], now: datetime | N
     """The overview, from indexed reads only (no read grows with the table; the throughput's
     grows with the jobs finished in the last :data:`THROUGHPUT_WINDOWS` minutes, each a row
     looked up: about 6 µs a job on SQLite, see docs/results/2026-12-06-web-jobs.md).
-    ``live_per_model``: how many live daemons serve each model (the registry's)."""
-    now = now or utcnow()
+    ``live_per_model``: how many live daemons serve each model (the registry's). ``now``, what is
+    due and ages count from: by default the database's, since the web host's clock may be off."""
+    now = now or reads.database_now(session)
     depth = reads.queue_depth(session, now)
     oldest = reads.oldest_due_per_model(session, now)
     # From the running rows themselves: a GROUP BY model_name made SQLite walk the model index,

@@ -38,10 +38,9 @@ from dgxqueue.storage.models import (
     P,
     UTCDateTime,
     as_utc,
-    utcnow,
 )
 from dgxqueue.storage.precompiled import Compiled, Cursor, HeldConnection, Pending, _as_sqlalchemy
-from dgxqueue.storage.results import BACKOFF_SECONDS, Failed, Result, row_values
+from dgxqueue.storage.results import BACKOFF_SECONDS, STAMPED_AT_WRITE, Failed, Result, row_values
 from dgxqueue.storage.validation import JobSpec
 
 #: PostgreSQL channel a producer notifies (payload: the model name) so idle daemons wake at once.
@@ -495,6 +494,8 @@ def finish_rows_statement(profile: Profile, keys: tuple[str, ...], n: int) -> sa
     values: dict[str, Any] = {key: given.c[key] for key in keys if key != BACKOFF_SECONDS}
     if BACKOFF_SECONDS in keys:  # a backoff from the database's clock, as a lease is
         values["run_after"] = profile.later(given.c[BACKOFF_SECONDS])
+    for key in (key for key in keys if key in STAMPED_AT_WRITE):  # a time left to the write: the database's now
+        values[key] = sa.func.coalesce(given.c[key], profile.now(), type_=G.c[key].type)
     return sa.update(G).where(*fence).values(lease_expires_at=None, **values).returning(G.c.id)
 
 
@@ -590,7 +591,7 @@ def _finish_one_by_one(link: HeldConnection, worker_id: str, results: Sequence[t
         structlog.get_logger("dgxqueue.store").error(
             "outcome refused by the database; job recorded failed", job_id=job.id, error=message[:300])
         try:
-            _write(link, worker_id, rows_of([(job, Failed(utcnow(), message))]))
+            _write(link, worker_id, rows_of([(job, Failed(None, message))]))
         except Exception as exc:
             raise exc from error
     return written

@@ -27,7 +27,6 @@ from dgxqueue.storage.models import (
     GenerationStatus,
     P,
     Prompt,
-    utcnow,
 )
 
 
@@ -189,6 +188,8 @@ class QueueDepth:
     oldest_pending_created_at: datetime | None  # of the pending jobs that are due
     completed_is_estimate: bool
     paused: frozenset[str] = frozenset()  # the models no daemon claims
+    #: The time "due" was judged at (the database's now unless a caller gave one): ages count to it.
+    read_at: datetime | None = None
 
 
 def _pending_levels(now: datetime) -> sa.Select[Any]:
@@ -227,11 +228,12 @@ def _pending_levels(now: datetime) -> sa.Select[Any]:
 
 
 def oldest_due_per_model(session: Session, now: datetime | None = None) -> dict[str, datetime]:
-    """Each model's oldest pending job that may run now (its ``created_at``), by the skip scan
-    of :func:`queue_depth`; models with none due are left out."""
+    """Each model's oldest pending job that may run ``now`` (its ``created_at``), by the skip scan
+    of :func:`queue_depth`; models with none due are left out. ``now`` defaults to the database's:
+    the reading host's clock may be off."""
     profile_of(session.get_bind().dialect).prepare_depth_read(session)
     oldest: dict[str, datetime] = {}
-    for model, _n, created in session.execute(_pending_levels(now or utcnow())).all():
+    for model, _n, created in session.execute(_pending_levels(now or database_now(session))).all():
         # A created_at that is not a time (plain SQL) says nothing about waiting: skipped.
         if isinstance(created, datetime) and (model not in oldest or created < oldest[model]):
             oldest[model] = created
@@ -249,12 +251,14 @@ def _count(status: str | None = None) -> sa.ScalarSelect[int]:
 
 
 def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
-    """The queue's depth from indexed reads; the comment above says what each part costs."""
+    """The queue's depth from indexed reads; the comment above says what each part costs. What is
+    due is judged at ``now``, by default the database's (the reading host's clock may be off)."""
     by_model: dict[str, int] = {}
     oldest: datetime | None = None
     profile = profile_of(session.get_bind().dialect)
     profile.prepare_depth_read(session)
-    for stored, n, created in session.execute(_pending_levels(now or utcnow())).all():
+    now = now or database_now(session)
+    for stored, n, created in session.execute(_pending_levels(now)).all():
         model = _text(stored)
         by_model[model] = by_model.get(model, 0) + n
         # A created_at that is not a time (plain SQL) says nothing about waiting: skipped.
@@ -269,4 +273,4 @@ def queue_depth(session: Session, now: datetime | None = None) -> QueueDepth:
     # The parts come from different statements (and, on PostgreSQL, an estimate): never below 0.
     counts[COMPLETED] = max(0, int(row[0]) - pending - row[1] - row[2])
     paused = frozenset(_text(name) for name in session.scalars(sa.select(PAUSED.c.model_name)))
-    return QueueDepth(counts, by_model, oldest, use_estimate, paused)
+    return QueueDepth(counts, by_model, oldest, use_estimate, paused, now)

@@ -19,9 +19,10 @@ from dgxqueue.storage.models import COMPLETED, FAILED, PENDING
 @dataclass(frozen=True)
 class Completed:
     """The attempt made its file. The row keeps the ``worker_id`` and ``attempts`` that made it:
-    the sweep publishes a temporary only for exactly that attempt."""
+    the sweep publishes a temporary only for exactly that attempt. ``finished_at`` None: the
+    database's now when the result is written (the daemon's clock may be off)."""
 
-    finished_at: datetime
+    finished_at: datetime | None
     generation_seconds: float
     file_size: int
     metadata: Mapping[str, Any] | None
@@ -30,9 +31,10 @@ class Completed:
 @dataclass(frozen=True)
 class Failed:
     """The job failed for good. ``timed_out``: its call overran the time limit, which marks the
-    job suspect (it runs alone, should it run again)."""
+    job suspect (it runs alone, should it run again). ``finished_at`` None: the database's now
+    when the result is written."""
 
-    finished_at: datetime
+    finished_at: datetime | None
     message: str
     generation_seconds: float | None = None
     timed_out: bool = False
@@ -60,9 +62,9 @@ class Released:
 class Cancelled:
     """The job was cancelled while it ran (``cancel_requested_at`` set): failed for good, with
     ``cancelled_at``, never retried. Fenced on the attempt like every result: a completion that
-    committed first stands."""
+    committed first stands. ``finished_at`` None: the database's now when the result is written."""
 
-    finished_at: datetime
+    finished_at: datetime | None
     message: str
     generation_seconds: float | None = None
 
@@ -73,6 +75,8 @@ MAX_ERROR_MESSAGE = 10_000
 #: The key of a retry's backoff in seconds among a row's values: the write sets ``run_after`` to
 #: the database's now plus it, where the other keys are columns set as given.
 BACKOFF_SECONDS = "backoff_seconds"
+#: The time columns a result may give as None, which the write sets to the database's now.
+STAMPED_AT_WRITE = ("completed_at", "cancelled_at")
 
 
 def storable_text(text: str, limit: int = MAX_ERROR_MESSAGE) -> str:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from datetime import timedelta, timezone
 
+import pytest
+
 from dgxqueue.daemon.executor import Attempt
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS, tally
 from dgxqueue.daemon.isolation import timed_out
+from dgxqueue.daemon.queue_protocol import JobResult
 from dgxqueue.daemon.retry import MACHINE_FAULT_MARK
 from dgxqueue.errors import JobTimeoutError
 from dgxqueue.storage.queue import AttemptState
-from dgxqueue.storage.results import Retried
+from dgxqueue.storage.results import Cancelled, Completed, Failed, Retried
 from tests.support.queues import LEASE, MODEL, QueueBackend, completed, failed, ids, retried
 
 PAST_LEASE = LEASE.total_seconds() + 5
@@ -246,6 +249,29 @@ def test_finish__a_retry_backoff_counts_from_the_queue_clock(backend: QueueBacke
     backend.advance(61)
     [again] = queue.claim(1)
     assert (again.id, again.attempt) == (job_id, 2)
+
+
+@pytest.mark.parametrize("with_claim", [False, True], ids=["finish", "finish-and-claim"])
+def test_finish__times_left_to_the_write_are_the_queue_clock(backend: QueueBackend, with_claim: bool) -> None:
+    """A completion, a failure and a cancel given without their time are stamped with the
+    queue's (the database's) now when written, whoever's clock the daemon reads, by both
+    writes a daemon uses (alone, and with the next claim)."""
+    done, broken, stopped = backend.enqueue("done"), backend.enqueue("broken"), backend.enqueue("stopped")
+    queue = backend.queue()
+    jobs = {job.id: job for job in queue.claim(3)}
+    backend.cancel(stopped)
+    backend.advance(3600)  # the stamps are the queue's now at the write, not at the claim
+    results: list[JobResult] = [(jobs[done], Completed(None, 0.5, 10, {})), (jobs[broken], Failed(None, "boom", 0.5)),
+                                (jobs[stopped], Cancelled(None, "cancelled by request while it ran"))]
+    before = backend.now()
+    written = queue.finish_and_claim(results, 5)[0] if with_claim else queue.finish(results)
+    after = backend.now()
+    assert written == [True, True, True]
+    slack = timedelta(milliseconds=5)  # SQLite's clock reads whole milliseconds
+    stamps = [backend.row(done)["completed_at"], backend.row(broken)["completed_at"],
+              backend.row(stopped)["completed_at"], backend.row(stopped)["cancelled_at"]]
+    for at in stamps:
+        assert at is not None and before - slack <= at <= after + slack, (stamps, before, after)
 
 
 def test_finish__a_time_limit_marks_the_job_to_run_alone(backend: QueueBackend) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -9,13 +12,22 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dgxqueue.storage import Generation, create_generation, get_engine, get_generation, queue, session_scope
+from dgxqueue.storage import (
+    Generation,
+    cancel_generation,
+    create_generation,
+    get_engine,
+    get_generation,
+    queue,
+    session_scope,
+)
 from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.reads import database_now
 from tests.support import queue_calls
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
-from tests.support.processes import wait_until
+from tests.support.processes import REPO, wait_until
+from tests.support.skew import SKEW_PRELUDE
 
 SKEWS = pytest.mark.parametrize("skew", [-300.0, 120.0], ids=["5-minutes-slow", "120-s-fast"])
 
@@ -123,6 +135,76 @@ def test_daemon_clock__a_skewed_daemon_backs_off_from_the_database_clock(engine:
     slack = timedelta(milliseconds=5)  # SQLite's clock reads whole milliseconds
     assert before + timedelta(seconds=30) - slack <= retried.run_after <= after + timedelta(seconds=60) + slack, \
         (retried.run_after, before, after)
+
+
+@SKEWS
+@pytest.mark.parametrize("behind", [False, True], ids=["with-the-claim", "alone"])
+def test_daemon_clock__a_skewed_daemon_dates_outcomes_by_the_database_clock(
+    engine: sa.Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, skew: float, behind: bool,
+) -> None:
+    """A job completed, one failed for good and one cancelled while it ran, by a daemon whose
+    clock is off, get ``completed_at`` (and ``cancelled_at``) from the database's now when written,
+    whether written with the next claim or alone: prune, archive and the status page count from them."""
+    from dgxqueue.daemon import completer
+
+    monkeypatch.setattr(completer, "HIDE_WRITES_AFTER", 1e-9 if behind else 60.0)
+    gen = ScriptedGenerator()
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, worker_id="skewed",
+                         clock=lambda: utcnow() + timedelta(seconds=skew), heartbeat_seconds=0.2)
+    daemon.completer.writes_behind = behind
+    done, broken, stopped = enqueue(db_url, "fine"), enqueue(db_url, "permanent"), enqueue(db_url, "steps:5")
+    before = _db_now(db_url)
+    thread = threading.Thread(target=daemon.run_once)
+    thread.start()
+    try:
+        wait_until(lambda: row(db_url, stopped).progress_total == 5, 10, "the job to run")
+        with session_scope(get_engine(db_url)) as s:
+            assert cancel_generation(s, stopped).status == "processing"
+        wait_until(lambda: row(db_url, stopped).status == "failed", 10, "the cancelled job to fail")
+    finally:
+        gen.steps.release(10)
+        thread.join(20)
+        daemon.shutdown()
+    after = _db_now(db_url)
+    rows = {job_id: row(db_url, job_id) for job_id in (done, broken, stopped)}
+    assert [rows[j].status for j in (done, broken, stopped)] == ["completed", "failed", "failed"]
+    stamps = [rows[done].completed_at, rows[broken].completed_at, rows[stopped].completed_at,
+              rows[stopped].cancelled_at]
+    slack = timedelta(milliseconds=5)  # SQLite's clock reads whole milliseconds
+    for at in stamps:
+        assert at is not None and before - slack <= at <= after + slack, (stamps, before, after)
+
+
+# A daemon's write of an outcome the database refuses (a size past 64 bits), by a process whose
+# clock is skewed by argv[2].
+_REFUSED = SKEW_PRELUDE + """
+from datetime import timedelta
+from dgxqueue.storage import get_engine, queue
+from dgxqueue.storage.precompiled import HeldConnection
+from dgxqueue.storage.results import Completed
+link = HeldConnection(get_engine(sys.argv[1]))
+[job] = queue.claim(link, worker_id="w", models=["scripted"], limit=1, lease=timedelta(seconds=30))
+assert queue.finish(link, worker_id="w", results=[(job, Completed(None, 1.0, 2**70, {}))]) == set()
+link.close()
+"""
+
+
+@SKEWS
+def test_daemon_clock__an_outcome_recorded_failed_instead_is_dated_by_the_database(engine: sa.Engine, db_url: str,
+                                                                                   skew: float) -> None:
+    """An outcome the database refuses is recorded failed instead, dated by the database's now,
+    not by the clock of the daemon writing it."""
+    job_id = enqueue(db_url, "fine")
+    before = _db_now(db_url)
+    done = subprocess.run([sys.executable, "-c", _REFUSED, db_url, str(skew)], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    after = _db_now(db_url)
+    failed = row(db_url, job_id)
+    assert failed.status == "failed" and (failed.error_message or "").startswith("the outcome could not be stored")
+    slack = timedelta(milliseconds=5)  # SQLite's clock reads whole milliseconds
+    assert failed.completed_at is not None and before - slack <= failed.completed_at <= after + slack, \
+        (failed.completed_at, before, after)
 
 
 def _set_time(url: str, job_id: str, column: str, text: str) -> None:

@@ -29,6 +29,7 @@ from dgxqueue.storage import (
     session_scope,
 )
 from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import G
 from tests.support import queue_calls
 
@@ -71,11 +72,13 @@ def start(metrics: DaemonMetrics, models: tuple[str, ...] = ("synth",)) -> None:
 def test_daemon_metrics__completed_job_moves_counter_and_histogram_by_one(
     sqlite_engine: Engine, registry: CollectorRegistry
 ) -> None:
-    """One completed job adds exactly 1 to its counter, histogram count and in-flight round trip."""
+    """One completed job adds exactly 1 to its counter, histogram count and in-flight round trip;
+    its queue wait is its claim's time less its creation's (both the database's), not the
+    daemon's clock (here an hour off) less its creation."""
     metrics = DaemonMetrics(registry, sqlite_engine)
     start(metrics)
     assert value(registry, "dgxqueue_jobs_finished_total", outcome="completed", model="synth") == 0
-    metrics.on_claimed([job()], T0 + timedelta(seconds=7))
+    metrics.on_claimed([job(claimed=T0 + timedelta(seconds=7))], T0 + timedelta(hours=1))
     assert value(registry, "dgxqueue_jobs_in_flight") == 1
     metrics.on_batch(1)
     metrics.on_job_finished(job(), "completed", generation_seconds=2.5, audio_seconds=10.0, error=None)
@@ -191,16 +194,18 @@ def test_queue_depth__served_model_with_nothing_pending_reads_zero(
 def test_queue_depth__oldest_pending_age_from_created_at(
     sqlite_engine: Engine, registry: CollectorRegistry
 ) -> None:
-    """The oldest pending age is wall time minus the oldest pending row's created_at; 0 when none."""
+    """The oldest pending age is the database's now minus the oldest pending row's created_at,
+    whatever this host's clock says (here: T0, long past); 0 when none."""
     wall = Clock(T0.timestamp())
     DaemonMetrics(registry, sqlite_engine, depth_cache_seconds=0, wall_clock=wall)
     assert value(registry, "dgxqueue_queue_oldest_pending_age_seconds") == 0
     with session_scope(sqlite_engine) as session:
         low = create_generation(session, "p", model_name="a", priority=0)
         create_generation(session, "p", model_name="a", priority=9)
-        session.execute(sa.update(G).where(G.c.id == low.id)
-                        .values(created_at=T0 - timedelta(seconds=90)))
-    assert value(registry, "dgxqueue_queue_oldest_pending_age_seconds") == 90
+        ago = profile_of(sqlite_engine.dialect).later(sa.literal(-90.0, sa.Float))
+        session.execute(sa.update(G).where(G.c.id == low.id).values(created_at=ago))
+    age = value(registry, "dgxqueue_queue_oldest_pending_age_seconds")
+    assert age is not None and 90 <= age < 95, age
 
 
 def test_queue_depth__cache_holds_for_depth_cache_seconds(
