@@ -27,7 +27,9 @@ class Decision:
 
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with jitter: ``base * 2**(attempt-1)``, capped, scaled by 0.5..1."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    # The exponent is bounded: a row written by plain SQL may count thousands of attempts, and
+    # 2**1100 does not convert to a float (OverflowError killed the daemon); 2.0**1000 is past any cap.
+    delay = min(cap, base * 2.0 ** min(max(0, attempt - 1), 1000))
     return float(delay * (0.5 + rng.random() / 2))
 
 

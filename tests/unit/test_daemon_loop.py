@@ -211,3 +211,15 @@ def test_daemon__refuses_a_worker_id_other_than_its_queues(harness: Harness) -> 
         daemon = Daemon(settings, worker_id=worker_id, queue=harness.queue("b"), generator=harness.generator,
                         waker=MemoryWaker(harness.store))
         assert daemon.worker_id == "b"
+
+
+def test_daemon__a_retry_after_a_thousand_attempts_backs_off_at_the_cap(harness: Harness) -> None:
+    """A row written by plain SQL with attempts and max_attempts past a thousand (nothing but the
+    producer's validation bounds them) is retried after the capped backoff: 2**attempt past
+    float range raised OverflowError out of the retry decision, and the daemon died on the job."""
+    job_id = harness.enqueue("transient:1")
+    harness.store.jobs[job_id].update(attempts=1100, max_attempts=5000)  # as plain SQL would
+    daemon = harness.daemon(backoff_base_seconds=2.0, backoff_max_seconds=40.0)
+    assert daemon.run(burst=True) == 0
+    assert harness.status(job_id) == ("completed", 1102)
+    assert harness.hooks.outcomes(job_id) == ["retried", "completed"]
