@@ -10,6 +10,7 @@ a last line also counts the seconds and draws the running jobs' progress as a ba
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -31,8 +32,12 @@ from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError
 from dgxqueue.jobs import ChangeListener
 from dgxqueue.storage import Generation, session_scope
+from dgxqueue.storage.dberrors import is_transient_db_error
 
 POLL_SECONDS = 0.5
+#: How long a wait whose connection the server ended keeps connecting again: one immediate try
+#: landed in a restart's shutdown ('the database system is shutting down') and exited 69.
+RECONNECT_SECONDS = 10.0
 #: How many characters of an id the progress lines show; ``show``, ``cancel``, ``retry`` and
 #: ``wait`` accept them back as a unique prefix.
 SHORT_ID = 8
@@ -164,16 +169,21 @@ def watch(
 
 def _read(engine: Engine, query: sa.Select[Generation]) -> dict[str, Generation]:
     """The jobs ``query`` selects, by id. A pooled connection the server ended between two rounds
-    (a restart, pg_terminate_backend, an idle timeout) is made anew once, as the library's waits
-    do; a second failure is the server's, and raised."""
-    for attempt in (1, 2):
+    (a restart, pg_terminate_backend, an idle timeout) is made anew, at once and then each
+    :data:`POLL_SECONDS` for :data:`RECONNECT_SECONDS` while the server refuses for now (a
+    restart's shutdown, then its start); past that, or on any other error, the error is raised."""
+    until: float | None = None
+    while True:
         try:
             with session_scope(engine) as session:
                 return {job.id: job for job in session.scalars(query)}
         except sa.exc.DBAPIError as exc:
-            if not exc.connection_invalidated or attempt == 2:
+            if until is None and exc.connection_invalidated:
+                until = time.monotonic() + RECONNECT_SECONDS
+                continue
+            if until is None or not is_transient_db_error(exc) or time.monotonic() + POLL_SECONDS > until:
                 raise
-    raise AssertionError("unreachable")  # pragma: no cover
+        threading.Event().wait(POLL_SECONDS)  # a reconnect's pause: nothing to wake us sooner
 
 
 def _watch(engine: Engine, ids: Sequence[str], *, timeout: float | None, progress: Progress,

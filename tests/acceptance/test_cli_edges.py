@@ -266,3 +266,51 @@ def test_wait__survives_the_server_ending_its_connections(pg_db_url: str, tmp_pa
             waiting.kill()
     assert waiting.returncode == 0, err.decode()
     assert "completed" in (out + err).decode()
+
+
+@pytest.mark.slow  # the down half waits out the reconnect window
+def test_wait__outlasts_two_server_restarts_and_exits_69_when_it_stays_down(tmp_path: Path) -> None:
+    """`dgxqueue wait` across two `pg_ctl restart`s in a row reads again once the server is back
+    and exits 0 when the job completes: its one immediate reconnect landed while the server was
+    shutting down and it exited 69. A server that stays down still ends it with 69, paced (its
+    CPU time stays small: no spin), within the reconnect window."""
+    with private_cluster() as cluster:
+        init_db(cluster.url)
+        engine = get_engine(cluster.url)
+        with session_scope(engine) as session:
+            [job_id] = create_generations(session, [{"prompt": "p", "model_name": "synth", "duration_seconds": 1.0}])
+        dispose_engines()
+        env = {**os.environ, "DATABASE_URL": cluster.url}
+        command = [sys.executable, "-m", "dgxqueue", "wait", job_id, "--timeout", "120"]
+        log = tmp_path / "wait.log"
+        with log.open("w") as err:
+            waiting = subprocess.Popen(command, env=env, stderr=err, stdout=subprocess.PIPE)
+        try:
+            wait_until(lambda: "pending" in log.read_text(), 60, "the wait's first round", alive=waiting)
+            cluster.restart()
+            cluster.restart()
+            with get_engine(cluster.url).begin() as conn:
+                conn.execute(sa.update(Generation).where(Generation.id == job_id)
+                             .values(status="completed", completed_at=sa.func.now()))
+            dispose_engines()
+            out, _ = waiting.communicate(timeout=60)
+        finally:
+            waiting.kill()
+        assert waiting.returncode == 0, log.read_text()
+        assert b"completed" in out
+
+        with session_scope(get_engine(cluster.url)) as session:
+            [job_id] = create_generations(session, [{"prompt": "q", "model_name": "synth", "duration_seconds": 1.0}])
+        dispose_engines()
+        with log.open("w") as err:
+            waiting = subprocess.Popen([*command[:4], job_id, *command[5:]], env=env, stderr=err,
+                                       stdout=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: "pending" in log.read_text(), 60, "the wait's first round", alive=waiting)
+            cluster.stop()
+            _, status, usage = os.wait4(waiting.pid, 0)
+        finally:
+            waiting.kill()
+        assert os.waitstatus_to_exitcode(status) == 69, log.read_text()
+        assert "database unavailable" in log.read_text()
+        assert usage.ru_utime + usage.ru_stime < 5.0  # start-up and a paced retry each half second
