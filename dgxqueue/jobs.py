@@ -49,6 +49,10 @@ FINISHED = frozenset({"completed", "failed"})
 SQLITE_CHECK_SECONDS = 0.02
 #: How often a waiter reads its jobs' rows whatever it was told: the bound on missing an outcome.
 RECHECK_SECONDS = 5.0
+#: How long a wait whose connection the server ended keeps connecting again, and its pause between
+#: tries: one immediate try lands in a restart's shutdown ('the database system is shutting down').
+RECONNECT_SECONDS = 10.0
+RECONNECT_PAUSE_SECONDS = 0.5
 _CHUNK = 500  # ids per read: under SQLite's bound-parameter limit
 
 _COLUMNS = (G.c.id, G.c.status, G.c.progress_done, G.c.progress_total, G.c.file_path, G.c.error_message,
@@ -303,6 +307,10 @@ class ChangeListener:
                 into.update(str(event["id"]) for event in json.loads(notify.payload))
         return got
 
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``; :meth:`stop` ends it at once."""
+        self._sleep(seconds)
+
     def _sleep(self, seconds: float) -> None:
         with selectors.DefaultSelector() as selector:
             selector.register(self._read_fd, selectors.EVENT_READ)
@@ -423,24 +431,41 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
                 statuses: list[str] = done.value
                 return statuses
             if isinstance(step, ReadRows):
-                if connection is None:
-                    connection = engine.connect()
-                try:
-                    answer = _read(engine, step.ids, connection, ended_only=step.ended_only)
-                except sa.exc.DBAPIError as exc:
-                    # A connection the server ended while the wait listened (a restart, an idle
-                    # timeout) is made anew once; a second failure is the server's, and raised.
-                    if not exc.connection_invalidated:
-                        raise
-                    connection.close()
-                    connection = engine.connect()
-                    answer = _read(engine, step.ids, connection, ended_only=step.ended_only)
+                reconnect_until: float | None = None
+                while True:
+                    try:
+                        if connection is None:
+                            connection = engine.connect()
+                        answer = _read(engine, step.ids, connection, ended_only=step.ended_only)
+                        break
+                    except sa.exc.DBAPIError as exc:
+                        if connection is not None:
+                            connection.close()
+                            connection = None
+                        first = reconnect_until is None
+                        reconnect_until = reconnecting(exc, reconnect_until)
+                        if not first:
+                            listener.pause(RECONNECT_PAUSE_SECONDS)
             else:
                 answer = listener.wait(step.seconds)
     finally:
         if connection is not None:
             connection.close()
         listener.close()
+
+
+def reconnecting(exc: sa.exc.DBAPIError, until: float | None) -> float:
+    """When a wait whose connection the server ended (a restart, pg_terminate_backend, an idle
+    timeout) stops connecting again: :data:`RECONNECT_SECONDS` after it was found lost, at once
+    and then each :data:`RECONNECT_PAUSE_SECONDS` while the server refuses for now (a restart's
+    shutdown, then its start). Re-raises ``exc`` for any other error, or once that time has passed."""
+    from dgxqueue.storage.dberrors import is_transient_db_error
+
+    if until is None and exc.connection_invalidated:
+        return time.monotonic() + RECONNECT_SECONDS
+    if until is None or not is_transient_db_error(exc) or time.monotonic() + RECONNECT_PAUSE_SECONDS > until:
+        raise exc
+    return until
 
 
 def deadline_of(timeout: object) -> float | None:

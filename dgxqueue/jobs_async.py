@@ -37,11 +37,13 @@ from dgxqueue.jobs import (
     _CHUNK,
     _COLUMNS,
     FINISHED,
+    RECONNECT_PAUSE_SECONDS,
     SQLITE_CHECK_SECONDS,
     ReadRows,
     _engine_of,
     _State,
     deadline_of,
+    reconnecting,
     wait_steps,
 )
 from dgxqueue.storage.engines import profile_of
@@ -185,10 +187,8 @@ class _PostgreSQLChanges:
         import psycopg
 
         statement = _select(self._dialect, 0, ended_only)
-        # A connection the server ended between two steps (a restart, pg_terminate_backend, an
-        # idle timeout) is found lost by the next read: it is made anew and the read tried once
-        # more, as a lost LISTEN is; only a second failure (the server is down) is the caller's.
-        for attempt in (1, 2):
+        until: float | None = None  # a lost connection is made anew as the blocking wait's is
+        while True:
             try:
                 if self._connection is None:
                     await self._connect()
@@ -199,10 +199,16 @@ class _PostgreSQLChanges:
                 lost = self._connection is None or self._connection.closed
                 if lost:
                     await self._drop()
-                if lost and attempt == 1:
-                    continue
-                raise _as_sqlalchemy(self._dialect, exc, statement.sql, lost, before_first_write=True) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+                error = _as_sqlalchemy(self._dialect, exc, statement.sql, lost, before_first_write=True)
+                first = until is None
+                if not isinstance(error, sa.exc.DBAPIError):
+                    raise error from exc
+                try:
+                    until = reconnecting(error, until)
+                except sa.exc.DBAPIError:
+                    raise error from exc
+                if not first:
+                    await asyncio.sleep(RECONNECT_PAUSE_SECONDS)
 
     async def changed(self, timeout: float) -> set[str] | None:
         """The ids the events announced (empty after ``timeout`` seconds without one), or None

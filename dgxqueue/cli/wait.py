@@ -30,14 +30,10 @@ from dgxqueue.cli.common import (
 )
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError
-from dgxqueue.jobs import ChangeListener
+from dgxqueue.jobs import RECONNECT_PAUSE_SECONDS, ChangeListener, reconnecting
 from dgxqueue.storage import Generation, session_scope
-from dgxqueue.storage.dberrors import is_transient_db_error
 
 POLL_SECONDS = 0.5
-#: How long a wait whose connection the server ended keeps connecting again: one immediate try
-#: landed in a restart's shutdown ('the database system is shutting down') and exited 69.
-RECONNECT_SECONDS = 10.0
 #: How many characters of an id the progress lines show; ``show``, ``cancel``, ``retry`` and
 #: ``wait`` accept them back as a unique prefix.
 SHORT_ID = 8
@@ -169,21 +165,18 @@ def watch(
 
 def _read(engine: Engine, query: sa.Select[Generation]) -> dict[str, Generation]:
     """The jobs ``query`` selects, by id. A pooled connection the server ended between two rounds
-    (a restart, pg_terminate_backend, an idle timeout) is made anew, at once and then each
-    :data:`POLL_SECONDS` for :data:`RECONNECT_SECONDS` while the server refuses for now (a
-    restart's shutdown, then its start); past that, or on any other error, the error is raised."""
+    (a restart, pg_terminate_backend, an idle timeout) is made anew as the library's waits do
+    (:func:`dgxqueue.jobs.reconnecting`); past that window, or on any other error, it is raised."""
     until: float | None = None
     while True:
         try:
             with session_scope(engine) as session:
                 return {job.id: job for job in session.scalars(query)}
         except sa.exc.DBAPIError as exc:
-            if until is None and exc.connection_invalidated:
-                until = time.monotonic() + RECONNECT_SECONDS
-                continue
-            if until is None or not is_transient_db_error(exc) or time.monotonic() + POLL_SECONDS > until:
-                raise
-        threading.Event().wait(POLL_SECONDS)  # a reconnect's pause: nothing to wake us sooner
+            first = until is None
+            until = reconnecting(exc, until)
+            if not first:
+                threading.Event().wait(RECONNECT_PAUSE_SECONDS)  # nothing to wake us sooner
 
 
 def _watch(engine: Engine, ids: Sequence[str], *, timeout: float | None, progress: Progress,
