@@ -455,15 +455,18 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
 
 
 def reconnecting(exc: sa.exc.DBAPIError, until: float | None) -> float:
-    """When a wait whose connection the server ended (a restart, pg_terminate_backend, an idle
-    timeout) stops connecting again: :data:`RECONNECT_SECONDS` after it was found lost, at once
-    and then each :data:`RECONNECT_PAUSE_SECONDS` while the server refuses for now (a restart's
-    shutdown, then its start). Re-raises ``exc`` for any other error, or once that time has passed."""
+    """When a wait whose read failed for now (the server ended its connection: a restart,
+    pg_terminate_backend, an idle timeout; or refuses for now: a restart's shutdown, a lock)
+    stops trying again: :data:`RECONNECT_SECONDS` after the first failure, at once and then each
+    :data:`RECONNECT_PAUSE_SECONDS`. Re-raises ``exc`` for an error that cannot pass, or once that
+    time has passed."""
     from dgxqueue.storage.dberrors import is_transient_db_error
 
-    if until is None and exc.connection_invalidated:
+    if not (exc.connection_invalidated or is_transient_db_error(exc)):
+        raise exc
+    if until is None:
         return time.monotonic() + RECONNECT_SECONDS
-    if until is None or not is_transient_db_error(exc) or time.monotonic() + RECONNECT_PAUSE_SECONDS > until:
+    if time.monotonic() + RECONNECT_PAUSE_SECONDS > until:
         raise exc
     return until
 

@@ -196,9 +196,9 @@ class _PostgreSQLChanges:
                     await cursor.execute(statement.sql, statement.parameters(self._profile.ids_parameters(list(ids))))
                     return _states(statement.processed(cursor.description, await cursor.fetchall()))
             except psycopg.Error as exc:
-                lost = self._connection is None or self._connection.closed
-                if lost:
-                    await self._drop()
+                connection = self._connection
+                lost = connection is None or connection.closed or connection.broken
+                await self._drop()  # the next try connects and listens anew, whatever failed
                 error = _as_sqlalchemy(self._dialect, exc, statement.sql, lost, before_first_write=True)
                 first = until is None
                 if not isinstance(error, sa.exc.DBAPIError):
