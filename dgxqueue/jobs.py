@@ -421,7 +421,7 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
     engine = _engine_of(jobs)
     steps = wait_steps(jobs, deadline, timeout)
     listener = ChangeListener(engine)  # listening before the first read: nothing is missed
-    connection: sa.Connection | None = None
+    reads = _BlockingReads(engine, listener)
     try:
         answer: Any = None
         while True:
@@ -430,28 +430,39 @@ def wait_all(jobs: Sequence[Job], timeout: float | None = None) -> list[str]:
             except StopIteration as done:
                 statuses: list[str] = done.value
                 return statuses
-            if isinstance(step, ReadRows):
-                reconnect_until: float | None = None
-                while True:
-                    try:
-                        if connection is None:
-                            connection = engine.connect()
-                        answer = _read(engine, step.ids, connection, ended_only=step.ended_only)
-                        break
-                    except sa.exc.DBAPIError as exc:
-                        if connection is not None:
-                            connection.close()
-                            connection = None
-                        first = reconnect_until is None
-                        reconnect_until = reconnecting(exc, reconnect_until)
-                        if not first:
-                            listener.pause(RECONNECT_PAUSE_SECONDS)
-            else:
-                answer = listener.wait(step.seconds)
+            answer = reads.read(step) if isinstance(step, ReadRows) else listener.wait(step.seconds)
     finally:
-        if connection is not None:
-            connection.close()
+        reads.close()
         listener.close()
+
+
+class _BlockingReads:
+    """The blocking wait's reads, on one pooled connection held for the wait; one the server
+    ended is made anew within :func:`reconnecting`'s window, paced by the listener's pause."""
+
+    def __init__(self, engine: Engine, listener: ChangeListener) -> None:
+        self._engine, self._listener = engine, listener
+        self._connection: sa.Connection | None = None
+
+    def read(self, step: ReadRows) -> dict[str, _State]:
+        until: float | None = None
+        while True:
+            try:
+                if self._connection is None:
+                    self._connection = self._engine.connect()
+                return _read(self._engine, step.ids, self._connection, ended_only=step.ended_only)
+            except sa.exc.DBAPIError as exc:
+                self.close()
+                first = until is None
+                until = reconnecting(exc, until)
+                if not first:
+                    self._listener.pause(RECONNECT_PAUSE_SECONDS)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):  # already lost: closing only returns it to the pool
+                self._connection.close()
+            self._connection = None
 
 
 def reconnecting(exc: sa.exc.DBAPIError, until: float | None) -> float:
