@@ -41,11 +41,13 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import functools
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dgxqueue import __version__
@@ -186,6 +188,8 @@ def _code_for(exc: BaseException) -> tuple[int, str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    previous = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_interrupt_again, previous)
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -193,6 +197,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # traceback; 130 is EXIT_INTERRUPTED, not imported from cli.common, whose import is that.
         print("dgxqueue: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.unraisablehook = previous
+
+
+def _interrupt_again(previous: Callable[[Any], object], unraisable: Any) -> None:
+    """Ctrl-C that lands in a callback Python runs for itself (importlib's module-lock weakref,
+    while the command's modules import) is printed as 'Exception ignored ... Traceback' and lost:
+    it is delivered to the main thread again, where :func:`main` says 'interrupted'. From another
+    thread, a moment later: raised now, it would land in this hook and be lost the same way."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        import threading
+
+        later = threading.Timer(0.05, _thread.interrupt_main)
+        later.daemon = True
+        later.start()
+        return
+    previous(unraisable)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from dgxqueue.storage.database import HEAD_REVISION
-from tests.acceptance.test_cli import Cli, assert_error
+from tests.acceptance.test_cli import REPO, Cli, assert_error
 from tests.support.processes import wait_until
 
 # --- passwords never shown --------------------------------------------------------------------
@@ -209,6 +210,27 @@ def test_main__ctrl_c_while_importing_is_one_line_not_a_traceback(cli: Cli) -> N
         assert "Traceback" not in err, (delay, err)
         if run.returncode != 0:  # 0: it had already finished
             assert run.returncode in (130, -signal.SIGINT), (delay, run.returncode, err)
+
+
+def test_main__ctrl_c_inside_a_callback_python_runs_itself_is_still_one_line() -> None:
+    """SIGINT that lands in a callback Python runs for itself (importlib's module-lock weakref during
+    the imports; here an object's __del__) is no 'Exception ignored ... Traceback' lost on stderr: it
+    interrupts the command, which says 'dgxqueue: interrupted' and exits 130."""
+    code = (
+        "import sys, threading, dgxqueue.cli as cli\n"
+        "class Ctrl_C:\n"
+        "    def __del__(self):\n"
+        "        raise KeyboardInterrupt\n"
+        "def command(argv):\n"
+        "    Ctrl_C()\n"
+        "    threading.Event().wait(30)  # interrupted long before this ends\n"
+        "    return 0\n"
+        "cli._main = command\n"
+        "sys.exit(cli.main([]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (130, "dgxqueue: interrupted\n")
 
 
 def test_demo__config_with_another_generators_options_refused_before_queueing(cli: Cli) -> None:
