@@ -22,11 +22,11 @@ import math
 import os
 import selectors
 import time
-from collections.abc import Collection, Generator, Iterable, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -53,6 +53,7 @@ RECHECK_SECONDS = 5.0
 #: tries: one immediate try lands in a restart's shutdown ('the database system is shutting down').
 RECONNECT_SECONDS = 10.0
 RECONNECT_PAUSE_SECONDS = 0.5
+_T = TypeVar("_T")
 _CHUNK = 500  # ids per read: under SQLite's bound-parameter limit
 
 _COLUMNS = (G.c.id, G.c.status, G.c.progress_done, G.c.progress_total, G.c.file_path, G.c.error_message,
@@ -445,24 +446,33 @@ class _BlockingReads:
         self._connection: sa.Connection | None = None
 
     def read(self, step: ReadRows) -> dict[str, _State]:
-        until: float | None = None
-        while True:
-            try:
-                if self._connection is None:
-                    self._connection = self._engine.connect()
-                return _read(self._engine, step.ids, self._connection, ended_only=step.ended_only)
-            except sa.exc.DBAPIError as exc:
-                self.close()
-                first = until is None
-                until = reconnecting(exc, until)
-                if not first:
-                    self._listener.pause(RECONNECT_PAUSE_SECONDS)
+        return read_reconnecting(lambda: self._read(step), self.close, self._listener.pause)
+
+    def _read(self, step: ReadRows) -> dict[str, _State]:
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        return _read(self._engine, step.ids, self._connection, ended_only=step.ended_only)
 
     def close(self) -> None:
         if self._connection is not None:
             with contextlib.suppress(Exception):  # already lost: closing only returns it to the pool
                 self._connection.close()
             self._connection = None
+
+
+def read_reconnecting(read: Callable[[], _T], lost: Callable[[], None], pause: Callable[[float], object]) -> _T:
+    """``read()``, tried again within :func:`reconnecting`'s window when it fails for now: at once,
+    then after each ``pause``; ``lost()`` first drops the connection it failed on."""
+    until: float | None = None
+    while True:
+        try:
+            return read()
+        except sa.exc.DBAPIError as exc:
+            lost()
+            first = until is None
+            until = reconnecting(exc, until)
+            if not first:
+                pause(RECONNECT_PAUSE_SECONDS)
 
 
 def reconnecting(exc: sa.exc.DBAPIError, until: float | None) -> float:

@@ -30,7 +30,7 @@ from dgxqueue.cli.common import (
 )
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError
-from dgxqueue.jobs import RECONNECT_PAUSE_SECONDS, ChangeListener, reconnecting
+from dgxqueue.jobs import ChangeListener, read_reconnecting
 from dgxqueue.storage import Generation, session_scope
 
 POLL_SECONDS = 0.5
@@ -166,17 +166,13 @@ def watch(
 def _read(engine: Engine, query: sa.Select[Generation]) -> dict[str, Generation]:
     """The jobs ``query`` selects, by id. A pooled connection the server ended between two rounds
     (a restart, pg_terminate_backend, an idle timeout) is made anew as the library's waits do
-    (:func:`dgxqueue.jobs.reconnecting`); past that window, or on any other error, it is raised."""
-    until: float | None = None
-    while True:
-        try:
-            with session_scope(engine) as session:
-                return {job.id: job for job in session.scalars(query)}
-        except sa.exc.DBAPIError as exc:
-            first = until is None
-            until = reconnecting(exc, until)
-            if not first:
-                threading.Event().wait(RECONNECT_PAUSE_SECONDS)  # nothing to wake us sooner
+    (:func:`dgxqueue.jobs.read_reconnecting`); past that window, or on any other error, it is raised."""
+
+    def read() -> dict[str, Generation]:
+        with session_scope(engine) as session:
+            return {job.id: job for job in session.scalars(query)}
+
+    return read_reconnecting(read, lambda: None, threading.Event().wait)  # the pool drops a lost connection
 
 
 def _watch(engine: Engine, ids: Sequence[str], *, timeout: float | None, progress: Progress,
