@@ -41,7 +41,6 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import functools
 import importlib
@@ -205,11 +204,16 @@ def _interrupt_again(previous: Callable[[Any], object], unraisable: Any) -> None
     """Ctrl-C that lands in a callback Python runs for itself (importlib's module-lock weakref,
     while the command's modules import) is printed as 'Exception ignored ... Traceback' and lost:
     it is delivered to the main thread again, where :func:`main` says 'interrupted'. From another
-    thread, a moment later: raised now, it would land in this hook and be lost the same way."""
+    thread, a moment later: raised now, it would land in this hook and be lost the same way. A real
+    signal to the main thread, not ``_thread.interrupt_main``: that one only sets a flag, which a
+    blocking wait (a lock, a socket) does not see until it ends on its own."""
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        import signal
         import threading
 
-        later = threading.Timer(0.05, _thread.interrupt_main)
+        main_thread = threading.main_thread().ident
+        assert main_thread is not None  # the main thread has always started
+        later = threading.Timer(0.05, signal.pthread_kill, (main_thread, signal.SIGINT))
         later.daemon = True
         later.start()
         return
