@@ -23,7 +23,7 @@ import fcntl
 import json
 import subprocess
 import types
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from dgxqueue.storage import dispose_engines, get_engine, init_db
+from tests.support import processes
 from tests.support.db import build_sqlite_template, postgres_database_url, sqlite_url, sqlite_url_at_head
 
 
@@ -186,6 +187,7 @@ SLOW = frozenset({
 #: Fixtures that take seconds to build: every test that uses one is slow (its first user pays).
 SLOW_FIXTURES = frozenset({"prometheus"})
 SLOW_SECONDS = 5.0
+_LOG_TAIL = 6000  # bytes of each daemon log a failed test's report shows
 #: Timing-sensitive tests that fail when another test loads the machine: no other test runs beside them.
 SERIAL = frozenset({
     "tests/acceptance/test_startup_review.py::test_main__ctrl_c_while_importing_is_one_line_not_a_traceback",
@@ -310,8 +312,26 @@ def _turn(item: pytest.Item) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    processes.STARTED_LOGS.clear()
     with _turn(item):
         return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None],
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that started daemons shows the end of each one's log: a timeout in CI says
+    what the daemon was doing, not only what the test waited for."""
+    report: pytest.TestReport = yield
+    if report.failed:
+        for log in processes.STARTED_LOGS:
+            try:
+                tail = log.read_bytes()[-_LOG_TAIL:].decode("utf-8", "replace")
+            except OSError as exc:
+                tail = f"(unreadable: {exc})"
+            report.sections.append((f"daemon log {log.name} ({report.when})", tail))
+    return report
 
 
 _unmarked_slow: list[tuple[float, str]] = []

@@ -18,6 +18,8 @@ T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTED = "tests.support.generators:ScriptedGenerator"
+#: The logs of the daemons the running test started: a failed test's report shows their ends.
+STARTED_LOGS: list[Path] = []
 
 
 def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
@@ -57,6 +59,7 @@ def start_worker(config: Path, log: Path, *args: str, env: Mapping[str, str] | N
     """Start ``python -m dgxqueue worker`` from the repository root (so ``tests`` imports)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("DATABASE_URL", None)
+    STARTED_LOGS.append(log)
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "dgxqueue", "--config", str(config), "worker", *args],
