@@ -198,6 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         sys.unraisablehook = previous
+        for timer in _redeliveries:  # the command ended first: no SIGINT while Python shuts down
+            timer.cancel()
+
+
+#: Ctrl-Cs :func:`_interrupt_again` is to deliver again (``threading.Timer``, imported when one comes).
+_redeliveries: list[Any] = []
 
 
 def _interrupt_again(previous: Callable[[Any], object], unraisable: Any) -> None:
@@ -215,6 +221,7 @@ def _interrupt_again(previous: Callable[[Any], object], unraisable: Any) -> None
         assert main_thread is not None  # the main thread has always started
         later = threading.Timer(0.05, signal.pthread_kill, (main_thread, signal.SIGINT))
         later.daemon = True
+        _redeliveries.append(later)
         later.start()
         return
     previous(unraisable)
