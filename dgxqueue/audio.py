@@ -83,6 +83,12 @@ class OutputRoot:
             raise OutputError(
                 f"file path {file_path!r} must be relative to {self.parent} (outputs folder {root})"
             )
+        # A name over _NAME_MAX bytes: no file system takes it, and the rename after the commit
+        # would fail. (A path of at most _NAME_MAX // 4 characters cannot hold one: the usual case.)
+        if len(file_path) > _NAME_MAX // 4 and (longest := max(
+                len(part.encode("utf-8", "surrogatepass")) for part in file_path.split("/"))) > _NAME_MAX:
+            raise OutputError(f"file path {file_path!r} holds a name of {longest} bytes, over the {_NAME_MAX}"
+                              f" bytes a file name may have (outputs folder {root})")
         folder, _, name = file_path.rpartition("/")
         try:
             resolved_root = self._real_folder(self.name)

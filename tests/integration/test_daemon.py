@@ -191,6 +191,25 @@ def test_daemon__output_path_outside_outputs_fails_job(engine: sa.Engine, db_url
     assert all(row(db_url, other).status == "completed" for other in others)
 
 
+def test_daemon__file_name_too_long_for_the_file_system_fails_job(engine: sa.Engine, db_url: str,
+                                                                  outputs: Path) -> None:
+    """A row whose file name is over the 255 bytes a file name may hold (plain SQL; enqueue refuses
+    it) fails at once naming its path, nothing written. It used to render, commit ``completed``,
+    fail the rename (ENAMETOOLONG) and leave a completed row whose file can never exist."""
+    gen = ScriptedGenerator()
+    daemon = make_daemon(db_url, outputs, gen)
+    job_id, other = enqueue(db_url, "long name"), enqueue(db_url, "fine")
+    long_path = "outputs/" + "é" * 128 + ".wav"  # 260 bytes of UTF-8
+    with get_engine(db_url).begin() as conn:
+        conn.execute(sa.update(Generation).where(Generation.id == job_id).values(file_path=long_path))
+    daemon.run(burst=True)
+    job = row(db_url, job_id)
+    assert job.status == "failed" and "260 bytes" in (job.error_message or ""), job.error_message
+    assert job.attempts == 1 and gen.executions[job_id] == 0
+    assert row(db_url, other).status == "completed"
+    assert sorted(p.name for p in outputs.iterdir()) == [f"{other}.wav"]
+
+
 def test_daemon__folder_linked_out_while_rendering_is_not_written_through(engine: sa.Engine, db_url: str,
                                                                           outputs: Path) -> None:
     """A folder of the job's path replaced by a link out of the outputs folder while the backend
