@@ -43,6 +43,7 @@ _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _STEP = _FOLDER | os.O_NOFOLLOW
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _NAME_MAX = 255  # bytes in one file name, on every file system Linux writes outputs to
+_PATH_MAX = 4096  # bytes in a path given to a system call, its final NUL included (Linux)
 
 
 class OutputRoot:
@@ -104,6 +105,9 @@ class OutputRoot:
             raise OutputError(f"file path {file_path!r} cannot be resolved under {root}: {exc}") from exc
         if not target.startswith(resolved_root + os.sep):
             raise OutputError(f"file path {file_path!r} resolves to {target}, outside the outputs folder {root}")
+        if len(target) >= _PATH_MAX // 4 and (size := len(target.encode("utf-8", "surrogatepass"))) >= _PATH_MAX:
+            raise OutputError(f"file path {file_path[:80]!r}... resolves to a path of {size} bytes, over the"
+                              f" {_PATH_MAX - 1} bytes a path may have (outputs folder {root})")
         return target
 
     def open_file(self, file_path: str) -> tuple[int, os.stat_result, str]:

@@ -198,14 +198,19 @@ def test_daemon__file_name_too_long_for_the_file_system_fails_job(engine: sa.Eng
     fail the rename (ENAMETOOLONG) and leave a completed row whose file can never exist."""
     gen = ScriptedGenerator()
     daemon = make_daemon(db_url, outputs, gen)
-    job_id, other = enqueue(db_url, "long name"), enqueue(db_url, "fine")
-    long_path = "outputs/" + "é" * 128 + ".wav"  # 260 bytes of UTF-8
+    job_id, deep, other = enqueue(db_url, "long name"), enqueue(db_url, "long path"), enqueue(db_url, "fine")
     with get_engine(db_url).begin() as conn:
-        conn.execute(sa.update(Generation).where(Generation.id == job_id).values(file_path=long_path))
+        conn.execute(sa.update(Generation).where(Generation.id == job_id)
+                     .values(file_path="outputs/" + "é" * 128 + ".wav"))  # a name of 260 bytes of UTF-8
+        conn.execute(sa.update(Generation).where(Generation.id == deep)
+                     .values(file_path="outputs/" + "d/" * 2100 + "x.wav"))  # each name short, the path not
     daemon.run(burst=True)
     job = row(db_url, job_id)
-    assert job.status == "failed" and "260 bytes" in (job.error_message or ""), job.error_message
+    assert job.status == "failed" and "a name of 260 bytes" in (job.error_message or ""), job.error_message
     assert job.attempts == 1 and gen.executions[job_id] == 0
+    job = row(db_url, deep)
+    assert job.status == "failed" and "over the 4095 bytes a path may have" in (job.error_message or "")
+    assert job.attempts == 1 and gen.executions[deep] == 0
     assert row(db_url, other).status == "completed"
     assert sorted(p.name for p in outputs.iterdir()) == [f"{other}.wav"]
 
