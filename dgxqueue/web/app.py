@@ -8,6 +8,7 @@ otherwise redirects back to the page the form came from.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +65,28 @@ class _Failure(Exception):
         super().__init__(message)
         self.status = status
         self.field = field
+
+
+async def _action_fields(request: Request) -> dict[str, str]:
+    """An action's fields: the form's, or those of a JSON object body (a tool calling the JSON
+    API), each a string as a form's would be; a number is written as text."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return {k: v for k, v in (await request.form()).multi_items() if isinstance(v, str)}
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):  # not JSON, or not UTF-8
+        body = None
+    if not isinstance(body, dict):
+        raise _Failure(400, 'expected a JSON object such as {"prompt": "lo-fi beat"}, or the fields as a form')
+    fields: dict[str, str] = {}
+    for key, value in body.items():
+        if isinstance(value, str):
+            fields[key] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            fields[key] = repr(value)
+        elif value is not None:  # null: as if left out
+            raise ValidationError(key, value, "text or a number")
+    return fields
 
 
 def create_app(options: WebOptions) -> Starlette:
@@ -183,8 +206,9 @@ def create_app(options: WebOptions) -> Starlette:
         """A POST: read-only refusal, CSRF check, then ``function``, which returns its JSON and
         the page to go back to."""
         async def run(request: Request) -> Response:
-            form = {k: v for k, v in (await request.form()).multi_items() if isinstance(v, str)}
+            form: dict[str, str] = {}
             try:
+                form = await _action_fields(request)
                 if options.read_only:
                     raise _Failure(403, "read-only mode: actions are disabled")
                 if not guard.csrf_ok(request, request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)):

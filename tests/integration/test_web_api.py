@@ -203,6 +203,28 @@ def test_web_actions__cancel_retry_pause_resume_enqueue(engine: Engine, settings
         assert post("/api/jobs", prompt="x", duration_seconds="long").json()["field"] == "duration_seconds"
 
 
+def test_web_actions__a_json_body_is_read_as_the_form_is(engine: Engine, settings: Settings) -> None:
+    """A tool posting JSON to the JSON API: its fields are read as the form's. It used to be
+    ignored, so a good request was refused as "prompt='' is invalid"."""
+    with client(settings) as browser:
+        headers = {"X-CSRF-Token": csrf_token(browser), "Accept": "application/json"}
+
+        def post(path: str, body: object) -> Any:
+            return browser.post(path, json=body, headers=headers)
+
+        made = post("/api/jobs", {"prompt": "posted as JSON", "duration_seconds": 2.5, "model": "synth"})
+        assert made.status_code == 200, made.text
+        job = browser.get(f"/api/jobs/{made.json()['id']}").json()
+        assert (job["prompt"], job["duration_seconds"], job["model_name"]) == ("posted as JSON", 2.5, "synth")
+        assert post("/api/models/pause", {"model": "synth", "reason": "swap"}).json()["paused"] is True
+        refused = post("/api/jobs", {"prompt": ["not", "text"]})
+        assert refused.status_code == 400 and refused.json()["field"] == "prompt"
+        for raw in (b"[1]", b'"text"', b"null", b'{"prompt":', b"\xff"):
+            refused = browser.post("/api/jobs", content=raw, headers={**headers, "Content-Type": "application/json"})
+            assert refused.status_code == 400 and "JSON object" in refused.json()["error"], raw
+        assert post("/api/jobs", {"prompt": "x", "duration_seconds": True}).json()["field"] == "duration_seconds"
+
+
 def test_web_read_only__refuses_every_action_and_shows_no_buttons(engine: Engine, settings: Settings) -> None:
     """In read-only mode a POST with a valid token is refused (403) and the pages hold no forms."""
     (job,) = _jobs(engine, ["look, don't touch"])
