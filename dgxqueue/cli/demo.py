@@ -14,6 +14,7 @@ alone: the first stops the daemon gracefully, a second releases its running jobs
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import select
 import signal
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,23 @@ def _sigterm_interrupts() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _stops_with(parent: int) -> Callable[[], None] | None:
+    """For the daemon's ``preexec_fn``: SIGTERM it when the demo dies, however it dies (a SIGKILL
+    or the OOM killer runs no clean-up, and the worker, without --burst, would run on for ever).
+    Linux only; elsewhere None."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def set_up() -> None:  # in the child, between fork and exec: it survives the exec
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the demo died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return set_up
+
+
 class _Daemon:
     """The ``dgxqueue worker`` child process, its log file and its notify socket."""
 
@@ -107,7 +125,8 @@ class _Daemon:
         self.ready = False
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                            stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                            preexec_fn=_stops_with(os.getpid()))
         progress.line(f"daemon started (pid {self.process.pid}, synth generator); log: {self.log_path}")
 
     def check(self) -> str | None:

@@ -35,6 +35,7 @@ from dgxqueue.storage import (
     session_scope,
 )
 from dgxqueue.storage.database import head_revision
+from tests.support.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -496,6 +497,41 @@ def test_demo__from_a_fresh_folder_writes_the_wavs(tmp_path: Path) -> None:
         assert path.parent == tmp_path / "outputs" and path.read_bytes()[:4] == b"RIFF"
     assert (tmp_path / "data" / "generations.db").exists()
     assert "daemon ready" in done.stderr and "stopping the daemon" in done.stderr
+
+
+def test_demo__its_daemon_stops_when_the_demo_is_killed(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) to `dgxqueue demo` cannot run its clean-up: its daemon, a
+    worker without --burst in a session of its own, used to run on for ever in the background."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DGXQUEUE_") and k != "DATABASE_URL"}
+    env["PYTHONPATH"] = str(REPO)  # this checkout's dgxqueue, from the temporary folder too
+    stderr = tmp_path / "demo.err"
+    with stderr.open("wb") as err:
+        demo = subprocess.Popen([sys.executable, "-m", "dgxqueue", "demo", "--prompts", "1", "--duration", "1"],
+                                cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err)
+    try:
+        started = wait_until(lambda: re.findall(r"daemon started \(pid (\d+)", stderr.read_text()), 60,
+                             "the demo to start its daemon", alive=demo)
+        daemon_pid = int(started[0])
+        wait_until(lambda: "daemon ready" in stderr.read_text(), 60, "the daemon to be ready", alive=demo)
+    finally:
+        demo.kill()
+        demo.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(daemon_pid, 0)
+        except ProcessLookupError:
+            return True
+        with contextlib.suppress(ChildProcessError):  # reaped by init, or by us if we adopted it
+            os.waitpid(daemon_pid, os.WNOHANG)
+        return False
+
+    try:
+        wait_until(gone, 60, f"the demo's daemon (pid {daemon_pid}) to exit after the demo was killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon_pid, 9)
 
 
 def test_parser__worker_flags_become_overrides() -> None:
