@@ -342,6 +342,23 @@ def _check_generator_limits(ctx: Context, generator: Any) -> None:
                                               "renders (longer jobs would fail when they run)")
 
 
+def _check_metrics_address(address: str) -> None:
+    """The worker's refusal of a metrics address that is not this machine's, ahead of time: a
+    bind to a free port of it (the configured port may be a running worker's)."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, where = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError("metrics.address", address, f"an address of this machine ({exc})") from None
+        # Anything else is the worker's to report when it binds its own port.
+
+
 def cmd_config_check(ctx: Context, args: argparse.Namespace) -> int:
     from dgxqueue.generators import create_generator
 
@@ -351,6 +368,8 @@ def cmd_config_check(ctx: Context, args: argparse.Namespace) -> int:
     generator = create_generator(ctx.settings.generator.name, ctx.settings.generator.options)
     _check_generator_limits(ctx, generator)
     _check_outputs(ctx.settings.outputs_dir)
+    if ctx.settings.metrics.enabled:
+        _check_metrics_address(ctx.settings.metrics.address)
     print(f"config ok (file: {ctx.config_path or 'none'}; generator {ctx.settings.generator.name}; "
           f"database {_shown(ctx.settings)['database']['url']}; "
           f"outputs {ctx.settings.outputs_dir.absolute()})")

@@ -481,6 +481,17 @@ def test_config_check__unknown_generator_exit_78(cli: Cli) -> None:
     assert_error(cli("config", "check", env={"DGXQUEUE_GENERATOR_NAME": "nosuch"}), 78, "nosuch", "synth")
 
 
+def test_config_check__a_metrics_address_not_of_this_machine_exit_78(cli: Cli) -> None:
+    """`config check` refuses the metrics address the worker would refuse (it passed, then every
+    worker exited 78); with metrics off the address is not checked."""
+    for address in ("999.1.1.1", "192.0.2.1"):  # not an address at all; TEST-NET-1, on no interface
+        assert_error(cli("config", "check", env={"DGXQUEUE_METRICS_ADDRESS": address,
+                                                 "DGXQUEUE_METRICS_ENABLED": "true"}),
+                     78, f"metrics.address='{address}'", "an address of this machine")
+    assert cli("config", "check", env={"DGXQUEUE_METRICS_ADDRESS": "192.0.2.1",
+                                       "DGXQUEUE_METRICS_ENABLED": "false"}).returncode == 0
+
+
 # --- the main job -----------------------------------------------------------------------------
 
 
