@@ -99,9 +99,10 @@ def _stops_with(parent: int) -> Callable[[], None] | None:
     Linux only; elsewhere None."""
     if not sys.platform.startswith("linux"):
         return None
+    prctl = ctypes.CDLL(None).prctl  # looked up here: no dlopen between fork and exec
 
     def set_up() -> None:  # in the child, between fork and exec: it survives the exec
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the demo died before the prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
     return set_up
