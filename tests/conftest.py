@@ -181,6 +181,7 @@ SLOW = frozenset({
     "tests/unit/test_metrics.py::test_queue_depth__a_database_that_never_answers_costs_the_depth_not_the_scrape",
     "tests/generators/test_musicgen_decode.py::test_compile_step__greedy_tokens_equal_eager_as_jobs_join_and_leave",
     "tests/generators/test_musicgen_decode.py::test_compile_step__one_graph_serves_every_join_leave_cancel_and_window",
+    "tests/generators/test_musicgen.py::test_musicgen__compile_step_compiles_at_load_not_in_a_jobs_time",
     "tests/generators/test_musicgen_slots.py::test_musicgen_slots__a_late_joiner_leaves_first_with_its_audio_alone",
     "tests/generators/test_musicgen_slots.py::test_musicgen_slots__cancel_frees_its_slot_and_the_others_decode_on",
 })
@@ -191,6 +192,15 @@ _LOG_TAIL = 6000  # bytes of each daemon log a failed test's report shows
 #: Timing-sensitive tests that fail when another test loads the machine: no other test runs beside them.
 SERIAL = frozenset({
     "tests/acceptance/test_startup_review.py::test_main__ctrl_c_while_importing_is_one_line_not_a_traceback",
+})
+#: Tests that torch.compile the decode step, all of one session shape: they run on one worker, one after
+#: another, so that only the first pays inductor's cold compile (tens of seconds, more under coverage) and
+#: the others load its code from inductor's on-disk cache (dynamo still traces). Side by side on two
+#: workers, each would compile the same graph cold.
+TORCH_COMPILE = frozenset({
+    "tests/generators/test_musicgen.py::test_musicgen__compile_step_compiles_at_load_not_in_a_jobs_time",
+    "tests/generators/test_musicgen_decode.py::test_compile_step__greedy_tokens_equal_eager_as_jobs_join_and_leave",
+    "tests/generators/test_musicgen_decode.py::test_compile_step__one_graph_serves_every_join_leave_cancel_and_window",
 })
 
 
@@ -215,9 +225,12 @@ def _uses_postgres(item: pytest.Function) -> bool:
 
 def _xdist_group(item: pytest.Function) -> str | None:
     """Tests that start a private PostgreSQL cluster run one at a time (each initdb and server
-    takes a core); tests that share a module-scoped fixture run where it is built, once."""
+    takes a core); the torch.compile tests run one after another (TORCH_COMPILE); tests that share a
+    module-scoped fixture run where it is built, once."""
     if "private_cluster" in _code_names(item.function.__code__):
         return "private-pg-cluster"
+    if item.nodeid.split("[")[0] in TORCH_COMPILE:
+        return "torch-compile"
     for name in item.fixturenames:
         definitions = item._fixtureinfo.name2fixturedefs.get(name, ())
         if definitions and definitions[-1].scope == "module":
@@ -226,9 +239,10 @@ def _xdist_group(item: pytest.Function) -> str | None:
 
 
 def _check_names(items: list[pytest.Function]) -> None:
-    """A renamed or removed test would drop out of SLOW or SERIAL unnoticed: name what matches nothing."""
+    """A renamed or removed test would drop out of SLOW, SERIAL or TORCH_COMPILE unnoticed: name what
+    matches nothing."""
     modules = {item.nodeid.split("::")[0]: item.module for item in items}
-    for entry in sorted(SLOW | SERIAL):
+    for entry in sorted(SLOW | SERIAL | TORCH_COMPILE):
         path, function = entry.split("::")
         if path in modules and not hasattr(modules[path], function):
             raise pytest.UsageError(f"tests/conftest.py names {entry}, which does not exist")

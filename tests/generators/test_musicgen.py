@@ -433,14 +433,26 @@ def test_musicgen__compile_step_compiles_at_load_not_in_a_jobs_time(mono: MusicG
     charged with); the default stays eager."""
     from torch._dynamo.utils import counters
 
-    counters.clear()
-    generator = _load(Path(mono.model_id), decode="loop", compile_step=True, max_batch_size=2)
-    assert generator._loop_session().compile_step is True and generator._loop_session().free_slots == 2
-    compiled = counters["stats"]["unique_graphs"]
-    assert compiled >= 1, dict(counters)
-    [result] = generator.generate([_request(duration=0.2)])
-    assert _audio(result).metadata["compile_step"] is True
-    assert counters["stats"]["unique_graphs"] == compiled, dict(counters)
+    # The session shape (2 slots of 1 s windows) and thread count of test_musicgen_decode's compile tests,
+    # which run on this worker (TORCH_COMPILE in tests/conftest.py): inductor's on-disk cache then holds
+    # the code whichever runs first compiled. Dynamo forgets what this process traced: its guards would
+    # let load reuse the step those tests traced for their own model, and load would trace nothing.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        generator = _load(Path(mono.model_id), decode="loop", compile_step=True, max_batch_size=2,
+                          window_seconds=1.0, overlap_seconds=0.4)
+        session = generator._loop_session()
+        assert session.compile_step is True and session.free_slots == 2 and session.max_frames == 50
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled >= 1, dict(counters)
+        [result] = generator.generate([_request(duration=0.2)])
+        assert _audio(result).metadata["compile_step"] is True
+        assert counters["stats"]["unique_graphs"] == compiled, dict(counters)
+    finally:
+        torch.set_num_threads(threads)
     assert _load(Path(mono.model_id), decode="loop")._loop_session().compile_step is False
 
 

@@ -352,7 +352,8 @@ def test_windows__long_sampled_job_same_alone_and_beside_others(mono: Loaded) ->
     assert np.array_equal(short.codes, alone.codes[:, :WINDOW])
 
 
-# compile_step: both tests use one session shape, so the second reuses the graph the first compiled.
+# compile_step: both tests use one session shape, so the second reuses the graph the first compiled; so does
+# test_musicgen's compile test, on the same worker (TORCH_COMPILE in tests/conftest.py), from inductor's cache.
 COMPILED_SHAPE = {"slots": 2, "max_frames": WINDOW}
 GREEDY = DecodeSettings(do_sample=False, guidance_scale=3.0)
 # Inductor's own imports call a deprecated torch.jit API; the warning is torch's, not ours.
