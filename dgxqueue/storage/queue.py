@@ -644,7 +644,13 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     A processing row without a lease is held by no daemon: written by plain SQL, or left by a
     downgrade to 001 and back, which drops the lease column. It counts as expired.
 
-    Each row written is published as a completion event, as a daemon's finish is."""
+    Each row written is published as a completion event, as a daemon's finish is.
+
+    Each statement reads the database's clock when it runs, so a lease may expire between two
+    of them: each one therefore names its rows by their own columns, the clock only saying which
+    have expired. A row that expires after the statement meant for it has run is left for the
+    next rescue, never taken by a later statement meant for others (a job killed once, failed as
+    one that killed its daemon alone; a job whose cancel was asked, requeued)."""
     profile = profile_of(session.get_bind().dialect)
     now = profile.now()
     lease = G.c.lease_expires_at  # one that is not a time (plain SQL) holds nothing either
@@ -652,18 +658,21 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
                                             profile.not_a_time(lease)))
     released = {"status": PENDING, "worker_id": None, "lease_expires_at": None, "run_after": None,
                 "claimed_at": None}
+    asked = G.c.cancel_requested_at.is_not(None)
+    live = sa.and_(expired, ~asked)  # no cancel asked
+
     def run(write: sa.Update) -> list[str]:
         return list(session.execute(profile.announce(write, EVENTS_CHANNEL)).scalars())
 
     # A cancel was asked and its daemon died before acting on it: requeued, the job would run again.
     cancelled = run(
-        sa.update(G).where(expired, G.c.cancel_requested_at.is_not(None))
+        sa.update(G).where(expired, asked)
         .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now, cancelled_at=now,
                 error_message=RESCUED_CANCEL_MESSAGE)
         .returning(G.c.id)
     )
     refunded = run(
-        sa.update(G).where(expired, G.c.started_at.is_(None))
+        sa.update(G).where(live, G.c.started_at.is_(None))
         .values(attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
                 error_message="lease expired before it started: its daemon died or stalled running "
                               "other jobs; requeued without spending an attempt", **released)
@@ -671,7 +680,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     )
     spent = G.c.attempts >= G.c.max_attempts
     requeued = run(
-        sa.update(G).where(expired, G.c.started_at.is_not(None), sa.or_(~spent, G.c.lease_losses == 0))
+        sa.update(G).where(live, G.c.started_at.is_not(None), sa.or_(~spent, G.c.lease_losses == 0))
         .values(attempts=sa.case((spent, G.c.attempts - 1), else_=G.c.attempts),
                 lease_losses=G.c.lease_losses + 1, started_at=None,
                 error_message=_losses_text("lease lost while it ran: its daemon died or stalled (",
@@ -679,7 +688,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
         .returning(G.c.id)
     )
     failed = run(
-        sa.update(G).where(expired, G.c.started_at.is_not(None))
+        sa.update(G).where(live, G.c.started_at.is_not(None), spent, G.c.lease_losses != 0)
         .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
                 lease_losses=G.c.lease_losses + 1,
                 error_message=_losses_text("killed its daemon ", " times: its lease expired while it ran "

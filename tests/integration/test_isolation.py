@@ -138,3 +138,44 @@ def test_daemon__claims_mark_what_the_next_call_runs(engine: sa.Engine, db_url: 
     daemon = make_daemon(db_url, tmp_path / "outputs", gen, batch_size=4)
     assert daemon.run(burst=True) == 0
     assert gen.batches == [more[:2], more[2:]] and gen.marked == [set(more[:2]), set(more)]
+
+
+def test_rescue__a_lease_that_expires_while_it_runs_is_sorted_by_its_row(engine: sa.Engine, db_url: str) -> None:
+    """The rescue's statements each read the database's clock when they run, so a lease can
+    expire between two of them (its daemon was killed a moment before). Such a job must still go
+    where its row says, at this rescue or the next: a started job on its first attempt is
+    requeued, never failed as one that killed its daemon alone; a job whose cancel was asked is
+    failed cancelled, never requeued. (A fresh daemon waited 30 s in CI for a killed daemon's
+    job that its rescue had failed this way.)"""
+    started = enqueue(db_url, "fine")
+    asked = enqueue(db_url, "fine")
+    queue_calls.claim(engine, worker_id="dying", models=["scripted"], limit=2, lease=timedelta(seconds=30))
+    queue_calls.mark_started(engine, worker_id="dying", ids=[started, asked])
+    with engine.begin() as conn:
+        conn.execute(sa.update(Generation).where(Generation.id == asked).values(cancel_requested_at=utcnow()))
+    # Each lease expires just before the statement after the one that takes its job: plain SQL on
+    # the rescue's own connection, in its transaction, as time passing between the statements.
+    late = {"lease expired before it started": asked, "killed its daemon": started}
+
+    def expire_midway(conn: sa.Connection, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        values = parameters.values() if isinstance(parameters, dict) else parameters or ()
+        for marker, job_id in late.items():
+            if any(isinstance(value, str) and marker in value for value in values):
+                raw = cursor.connection.cursor()
+                raw.execute(f"UPDATE generations SET lease_expires_at = '2000-01-01 00:00:00' WHERE id = '{job_id}'")
+                raw.close()
+
+    sa.event.listen(engine, "before_cursor_execute", expire_midway)
+    try:
+        with session_scope(engine) as s:
+            first = queue.rescue_expired(s)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", expire_midway)
+    # Neither taken by another statement: the cancelled one not requeued, the other not failed.
+    assert (row(db_url, asked).status, row(db_url, started).status) == ("processing", "processing")
+    with session_scope(engine) as s:  # the next rescue, a rescue interval later
+        second = queue.rescue_expired(s)
+    assert sorted(first[0] + second[0]) == [started] and sorted(first[1] + second[1]) == [asked]
+    assert (row(db_url, started).status, row(db_url, started).attempts, row(db_url, started).lease_losses) \
+        == ("pending", 1, 1)
+    assert row(db_url, asked).status == "failed" and row(db_url, asked).cancelled_at is not None
