@@ -21,7 +21,7 @@ from dgxqueue.audio import read_wav
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
 from tests.support.completions import count_completions
 from tests.support.generators import pid_level, read_executions
-from tests.support.processes import start_worker, stop, wait_until, worker_config
+from tests.support.processes import STARTUP_SECONDS, start_worker, stop, wait_ready, wait_until, worker_config
 
 ROW = sa.text("SELECT status, attempts, worker_id, file_path, file_size_bytes, completed_at FROM generations"
               " WHERE id = :id")
@@ -106,6 +106,7 @@ def test_daemon__a_stalled_attempt_never_replaces_the_finished_file(db_url: str,
     lease: dict[str, Any] = {"lease_seconds": 1.0, "heartbeat_seconds": 0.2}
     stalled = spawn(worker_config(tmp_path, db_url, release_path=tmp_path / "release-a", **lease),
                            tmp_path / "a.log")
+    wait_ready(stalled, tmp_path / "a.log")
     wait_until(lambda: read_executions(tmp_path / "executions.log")[job_id] == 1, 30, "the job to start",
                alive=stalled)
     stalled.send_signal(signal.SIGSTOP)
@@ -113,6 +114,7 @@ def test_daemon__a_stalled_attempt_never_replaces_the_finished_file(db_url: str,
         (tmp_path / "release-b").touch()
         second = spawn(worker_config(tmp_path, db_url, release_path=tmp_path / "release-b", **lease),
                               tmp_path / "b.log")
+        wait_ready(second, tmp_path / "b.log")
         wait_until(lambda: published(db_url, tmp_path, job_id), 30, "the second attempt to complete", alive=second)
         finished = row(db_url, job_id)
         assert finished[1] == 2 and finished[2] is not None and pid_of(finished[2]) == second.pid
@@ -140,12 +142,14 @@ def test_daemon__killed_at_any_step_of_a_write_every_job_completes_once(db_url: 
     outputs = tmp_path / "outputs"
     config = worker_config(tmp_path, db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
     victim = spawn(config, tmp_path / "victim.log", env={"DGXQ_TEST_KILL_AT": step})
-    assert victim.wait(30) == -signal.SIGKILL, (tmp_path / "victim.log").read_text()[-3000:]
+    # Its start-up and one batch: the start-up alone took over 30 s on a loaded machine.
+    assert victim.wait(STARTUP_SECONDS + 30) == -signal.SIGKILL, (tmp_path / "victim.log").read_text()[-3000:]
     committed = step == "after-commit"
     assert {row(db_url, j)[0] for j in ids} == {"completed" if committed else "processing"}
     assert temporaries(outputs), "the victim died with a temporary written"
     assert not any((tmp_path / row(db_url, j)[3]).exists() for j in ids), "nothing is published before the commit"
     fresh = spawn(config, tmp_path / "fresh.log")
+    wait_ready(fresh, tmp_path / "fresh.log")  # the 30 s below are the daemon's, not Python's start-up
     wait_until(lambda: all(published(db_url, tmp_path, j) for j in ids) and not temporaries(outputs),
                30, "every job completed, published, and the temporaries swept", alive=fresh)
     assert stop(fresh) == 0, (tmp_path / "fresh.log").read_text()[-3000:]

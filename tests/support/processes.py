@@ -20,6 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPTED = "tests.support.generators:ScriptedGenerator"
 #: The logs of the daemons the running test started: a failed test's report shows their ends.
 STARTED_LOGS: list[Path] = []
+#: How long a daemon process may take to start serving: Python, dgxqueue's imports and the
+#: generator's load cost over a second of CPU, which a loaded 2-core CI machine (xdist beside
+#: torch.compile) stretches past 20 s. Start-up is not what a test's own timeout measures: wait for
+#: :func:`wait_ready` first, then time the behaviour from there.
+STARTUP_SECONDS = 120.0
 
 
 def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
@@ -89,6 +94,20 @@ def wait_until(
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         pause.wait(interval)
     return result
+
+
+def ready(process: subprocess.Popen[bytes], log: Path) -> bool:
+    """Whether the daemon ``process`` logged that it is ready (started, and its first sweep
+    done) to ``log``: its own line, by the pid in its worker id, in a log other daemons may share."""
+    if not log.exists():
+        return False
+    return any('"daemon ready"' in line and f"-{process.pid}-" in line for line in log.read_text().splitlines())
+
+
+def wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float = STARTUP_SECONDS) -> None:
+    """Wait until the daemon ``process`` (logging to ``log``) serves, however slowly it starts; it
+    must not exit first."""
+    wait_until(lambda: ready(process, log), timeout, f"the daemon logging to {log.name} to be ready", alive=process)
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
