@@ -21,7 +21,7 @@ from dgxqueue.jobs import Job
 from dgxqueue.storage import get_engine, init_db
 from dgxqueue.storage.queue import RESCUED_CANCEL_MESSAGE
 from tests.support.generators import read_executions
-from tests.support.processes import start_worker, stop, wait_until, worker_config
+from tests.support.processes import start_worker, stop, wait_ready, wait_until, worker_config
 
 SPEC: dict[str, Any] = {"model_name": "scripted", "sample_rate": 8000, "channels": 1}
 
@@ -82,6 +82,7 @@ def test_cancel__of_a_job_whose_daemon_was_sigkilled(db_url: str, tmp_path: Path
     job = dgxqueue.submit("block", duration_seconds=0.5, **SPEC, settings=settings)
     first = start_worker(config, tmp_path / "first.log")
     try:
+        wait_ready(first, tmp_path / "first.log")
         wait_until(lambda: read_executions(tmp_path / "executions.log")[job.id] == 1, 30, "the job to start",
                    alive=first)
     finally:
@@ -90,6 +91,7 @@ def test_cancel__of_a_job_whose_daemon_was_sigkilled(db_url: str, tmp_path: Path
     assert job.cancel() == "processing" and job.cancel_requested
     second = start_worker(config, tmp_path / "second.log")
     try:
+        wait_ready(second, tmp_path / "second.log")  # the 30 s below are its rescue's, not its start-up's
         wait_until(lambda: job.refresh().finished, 30, "the rescuer to end the job", alive=second)
         (tmp_path / "release").touch()  # were it run again, it would not block
     finally:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
 from tests.support.completions import count_completions
 from tests.support.generators import read_executions
-from tests.support.processes import REPO, start_worker, stop, wait_until, worker_config
+from tests.support.processes import REPO, start_worker, stop, wait_ready, wait_until, worker_config
 
 STATUS_COUNTS = sa.text("SELECT status, count(*) FROM generations GROUP BY status")
 
@@ -65,6 +65,7 @@ def test_daemon__sigkill_mid_job_is_rescued_by_another(db_url: str, tmp_path: Pa
     [job_id] = enqueue(db_url, ["block"])
     config = worker_config(tmp_path, db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
     victim = start_worker(config, tmp_path / "victim.log")
+    wait_ready(victim, tmp_path / "victim.log")
     log = tmp_path / "executions.log"
     wait_until(lambda: read_executions(log)[job_id] == 1, 30, "the job to start", alive=victim)
     victim.send_signal(signal.SIGKILL)
@@ -72,6 +73,7 @@ def test_daemon__sigkill_mid_job_is_rescued_by_another(db_url: str, tmp_path: Pa
     assert job(db_url, job_id)[0] == "processing"
     (tmp_path / "release").touch()
     rescuer = start_worker(config, tmp_path / "rescuer.log")
+    wait_ready(rescuer, tmp_path / "rescuer.log")  # the 30 s below are its rescue's, not its start-up's
     wait_until(lambda: job(db_url, job_id)[0] == "completed", 30, "the rescued job to complete", alive=rescuer)
     assert stop(rescuer) == 0
     assert job(db_url, job_id)[1] == 2
@@ -84,6 +86,7 @@ def test_daemon__sigterm_lets_running_job_finish(sqlite_db_url: str, tmp_path: P
     init_db(url)
     [job_id] = enqueue(url, ["block"])
     process = start_worker(worker_config(tmp_path, url, grace_seconds=60.0), tmp_path / "w.log")
+    wait_ready(process, tmp_path / "w.log")
     wait_until(lambda: read_executions(tmp_path / "executions.log")[job_id] == 1, 30, "the job to start", alive=process)
     process.send_signal(signal.SIGTERM)
     (tmp_path / "release").touch()
@@ -100,6 +103,7 @@ def test_daemon__stop_after_grace_returns_job_unspent(sqlite_db_url: str, tmp_pa
     [job_id] = enqueue(url, ["block"])
     grace = 600.0 if second_signal else 0.2
     process = start_worker(worker_config(tmp_path, url, grace_seconds=grace), tmp_path / "w.log")
+    wait_ready(process, tmp_path / "w.log")
     wait_until(lambda: read_executions(tmp_path / "executions.log")[job_id] == 1, 30, "the job to start", alive=process)
     process.send_signal(signal.SIGTERM)
     if second_signal:
@@ -115,6 +119,7 @@ def test_daemon__sigterm_with_prefetch_leaves_nothing_processing(db_url: str, tm
     running, ahead, queued = enqueue(db_url, ["block", "fine", "fine"])
     config = worker_config(tmp_path, db_url, grace_seconds=60.0, prefetch=True, batch_size=1)
     process = start_worker(config, tmp_path / "w.log")
+    wait_ready(process, tmp_path / "w.log")
     wait_until(lambda: read_executions(tmp_path / "executions.log")[running] == 1, 30, "the job to start",
                alive=process)
     wait_until(lambda: job(db_url, ahead)[0] == "processing", 30, "the prefetch claim", alive=process)

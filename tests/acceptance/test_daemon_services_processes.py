@@ -19,7 +19,7 @@ from dgxqueue.storage import create_generations, get_engine, init_db, session_sc
 from dgxqueue.storage.models import G
 from tests.acceptance.test_machine_faults import assert_given_back, config, logged, spawn
 from tests.support.generators import read_executions
-from tests.support.processes import start_worker, stop, wait_until, worker_config
+from tests.support.processes import start_worker, stop, wait_ready, wait_until, worker_config
 
 
 def enqueue(url: str, prompts: list[str], duration_seconds: float = 0.01) -> list[str]:
@@ -39,8 +39,7 @@ def bystander(tmp_path: Path, url: str, *, lease_seconds: float) -> subprocess.P
     config = worker_config(tmp_path, url, models=["another"], rescue_interval_seconds=0.2, lease_seconds=lease_seconds)
     log = tmp_path / "bystander.log"
     process = start_worker(config, log)
-    wait_until(lambda: log.exists() and "daemon ready" in log.read_text(), 60, "the bystander to be ready",
-               alive=process)
+    wait_ready(process, log)
     return process
 
 
@@ -55,6 +54,7 @@ def test_daemon__a_call_longer_than_the_lease_keeps_its_job_from_a_rescuing_daem
     holder = start_worker(worker_config(tmp_path, db_url, lease_seconds=1.5, heartbeat_seconds=0.3,
                                         rescue_interval_seconds=3600.0), tmp_path / "holder.log")
     try:
+        wait_ready(holder, tmp_path / "holder.log")
         executions = tmp_path / "executions.log"
         wait_until(lambda: read_executions(executions)[job_id] == 1, 30, "the job to start", alive=holder)
         first = row(db_url, job_id).lease_expires_at
@@ -81,6 +81,7 @@ def test_daemon__a_running_daemon_rescues_a_killed_ones_job_on_its_cadence(db_ur
     [job_id] = enqueue(db_url, ["block"])
     config = worker_config(tmp_path, db_url, lease_seconds=1.0, heartbeat_seconds=0.2)
     victim = start_worker(config, tmp_path / "victim.log")
+    wait_ready(victim, tmp_path / "victim.log")
     executions = tmp_path / "executions.log"
     wait_until(lambda: read_executions(executions)[job_id] == 1, 30, "the job to start", alive=victim)
     watcher = bystander(tmp_path, db_url, lease_seconds=1.0)
