@@ -348,11 +348,13 @@ def _check_metrics_address(address: str) -> None:
     import errno
     import socket
 
+    # The worker's server binds as this does (dgxqueue.metrics.start_metrics_server): IPv6 for an
+    # address holding ':', else IPv4, resolving a name in that family alone. Resolved in any
+    # family, a name with only an IPv6 address of this machine passed, and every worker exited 78.
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     try:
-        infos = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, where = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.bind(where)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
     except OSError as exc:
         if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
             raise ConfigError("metrics.address", address, f"an address of this machine ({exc})") from None

@@ -72,8 +72,11 @@ async def _action_fields(request: Request) -> dict[str, str]:
     API), each a string as a form's would be; a number is written as text."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         return {k: v for k, v in (await request.form()).multi_items() if isinstance(v, str)}
+    raw = await request.body()
     try:
-        body = json.loads(await request.body())
+        # No body at all (a cancel, which takes no fields, sent with this header) is no fields, as
+        # it was before JSON was read: not a refusal.
+        body = json.loads(raw) if raw.strip() else {}
     except (ValueError, RecursionError):  # not JSON, or not UTF-8
         body = None
     if not isinstance(body, dict):

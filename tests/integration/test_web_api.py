@@ -225,6 +225,21 @@ def test_web_actions__a_json_body_is_read_as_the_form_is(engine: Engine, setting
         assert post("/api/jobs", {"prompt": "x", "duration_seconds": True}).json()["field"] == "duration_seconds"
 
 
+def test_web_actions__an_empty_json_body_is_no_fields(engine: Engine, settings: Settings) -> None:
+    """A tool that names JSON but sends no body (curl -H 'Content-Type: application/json' on a
+    cancel, which takes no fields) is answered as before JSON bodies were read, not refused as
+    "expected a JSON object"."""
+    (job,) = _jobs(engine, ["cancel me"])
+    with client(settings) as browser:
+        headers = {"X-CSRF-Token": csrf_token(browser), "Accept": "application/json",
+                   "Content-Type": "application/json"}
+        cancelled = browser.post(f"/api/jobs/{job}/cancel", content=b"", headers=headers)
+        assert cancelled.status_code == 200 and cancelled.json() == {"id": job, "status": "failed"}, cancelled.text
+        assert browser.post(f"/api/jobs/{job}/retry", content=b" \r\n", headers=headers).status_code == 200
+        refused = browser.post("/api/jobs", content=b"", headers=headers)
+        assert refused.status_code == 400 and refused.json()["field"] == "prompt", refused.text
+
+
 def test_web_read_only__refuses_every_action_and_shows_no_buttons(engine: Engine, settings: Settings) -> None:
     """In read-only mode a POST with a valid token is refused (403) and the pages hold no forms."""
     (job,) = _jobs(engine, ["look, don't touch"])
