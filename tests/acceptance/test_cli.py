@@ -492,37 +492,25 @@ def test_config_check__a_metrics_address_not_of_this_machine_exit_78(cli: Cli) -
                                        "DGXQUEUE_METRICS_ENABLED": "false"}).returncode == 0
 
 
-def _global_ipv6() -> str | None:
-    """An IPv6 address of this machine other than ::1 (which a lookup of IPv4 addresses in
-    /etc/hosts answers with 127.0.0.1), or None."""
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as table:
-        for line in table:
-            hexed, scope = line.split()[0], line.split()[3]
-            if scope == "00":  # global
-                return socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexed))
-    return None
-
-
 def test_config_check__a_metrics_host_name_the_worker_cannot_bind_exit_78(cli: Cli, tmp_path: Path) -> None:
     """A host name whose only address of this machine is IPv6: the worker binds an address
     without ':' as IPv4, finds none and exits 78; `config check` resolved it in any family, bound
-    the IPv6 one and said 'config ok'. The name comes from an /etc/hosts of a mount namespace."""
-    address = _global_ipv6()
-    if address is None or not Path("/usr/bin/unshare").exists():
-        pytest.skip("needs an IPv6 address other than ::1 and unshare")
+    the IPv6 one and said 'config ok'. The machine is a user, mount and network namespace of
+    its own: loopback plus the address fd00::2, and an /etc/hosts naming it."""
     hosts = tmp_path / "hosts"
-    hosts.write_text(f"127.0.0.1 localhost\n{address} metrics-v6\n")
+    hosts.write_text("127.0.0.1 localhost\nfd00::2 metrics-v6\n")
     cli.ok("db", "upgrade")
     env = {**cli.env, "DGXQUEUE_METRICS_ENABLED": "true", "DGXQUEUE_METRICS_ADDRESS": "metrics-v6",
            "DGXQUEUE_METRICS_PORT": "0"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        script = f'mount --bind "{hosts}" /etc/hosts || exit 99; exec "$@"'
-        return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *cli.command(*args)], cwd=cli.folder,
+        script = ('ip link set lo up && ip -6 addr add fd00::2/128 dev lo nodad'
+                  f' && mount --bind "{hosts}" /etc/hosts || exit 99; exec "$@"')
+        return subprocess.run(["unshare", "-rmn", "sh", "-c", script, "sh", *cli.command(*args)], cwd=cli.folder,
                               env=env, capture_output=True, text=True, timeout=60, check=False)
 
-    if (probe := run("--version")).returncode != 0:
-        pytest.skip(f"no mount namespace here: {probe.stderr.strip()}")
+    probe = run("--version")
+    assert probe.returncode == 0, f"the namespace could not be set up: {probe.stderr.strip()}"
     assert run("worker", "--burst").returncode == 78
     assert_error(run("config", "check"), 78, "metrics.address='metrics-v6'", "an address of this machine")
 
