@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.orm import Session
 
 from dgxqueue.config import DatabaseSettings
+from dgxqueue.errors import SchemaError
 from dgxqueue.storage.rowvalues import read_time, register_postgresql_loaders
 
 _MIGRATION_LOCK_KEY = 0x64677871  # "dgxq": PostgreSQL advisory lock held while migrating
@@ -358,6 +359,17 @@ class SQLiteProfile(Profile):
 
 
 @functools.lru_cache(maxsize=1024)
+def _require_utf8(connection: Any) -> None:
+    """Refuse a PostgreSQL database whose encoding is not UTF8 (SQL_ASCII, LATIN1): prompts and
+    error messages are any Unicode text, which such a database garbles or refuses mid-queue."""
+    info = getattr(connection, "info", None)  # psycopg 3; psycopg2 has get_parameter_status
+    status = getattr(info, "parameter_status", None) or getattr(connection, "get_parameter_status", None)
+    encoding = status("server_encoding") if status is not None else None
+    if encoding is not None and encoding.upper().replace("-", "") != "UTF8":
+        raise SchemaError(f"the PostgreSQL database's encoding is {encoding}: dgxqueue needs a UTF8 one "
+                          "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)")
+
+
 def _bind_names(names: tuple[str, ...], n: int) -> tuple[str, ...]:
     """The bind names of :meth:`SQLiteProfile.rows_of`'s ``n`` rows, row by row (made once per shape)."""
     return tuple(f"o{i}_{name}" for i in range(n) for name in names)
@@ -482,10 +494,14 @@ class PostgreSQLProfile(Profile):
     def engine_options(self, settings: DatabaseSettings) -> dict[str, Any]:
         # No pre-ping: it costs a round trip per transaction; a dead connection raises instead,
         # and the daemon's calls retry through tenacity (dgxqueue.daemon.queue_client).
+        # client_encoding: a SQL_ASCII database would send bytes, which SQLAlchemy's first
+        # connect cannot parse; in UTF-8 it gets far enough for the check below to name the fault.
         return {"pool_size": settings.pool_size, "pool_recycle": 3600,
-                "connect_args": {"connect_timeout": 10}}  # an unreachable host fails in 10 s
+                "connect_args": {"connect_timeout": 10,  # an unreachable host fails in 10 s
+                                 "client_encoding": "utf8"}}
 
     def configure(self, engine: Engine, settings: DatabaseSettings) -> None:
+        sa.event.listen(engine, "connect", lambda connection, _: _require_utf8(connection))
         if engine.dialect.driver == "psycopg":
             # A time Python cannot hold ('infinity', written by plain SQL) reads as its text, not an error.
             sa.event.listen(engine, "connect", lambda connection, _: register_postgresql_loaders(connection))

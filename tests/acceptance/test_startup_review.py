@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from dgxqueue.storage.database import HEAD_REVISION
 from tests.acceptance.test_cli import REPO, Cli, assert_error
+from tests.support.db import postgres_database_url
 from tests.support.processes import wait_until
 
 # --- passwords never shown --------------------------------------------------------------------
@@ -92,6 +93,19 @@ def test_db_downgrade__forms_not_judged_for_losses_refused(cli: Cli, revision: s
 
 
 # --- migrations racing ------------------------------------------------------------------------------
+
+
+def test_db_upgrade__a_sql_ascii_postgres_database_is_refused_naming_its_encoding(cli: Cli) -> None:
+    """A PostgreSQL database encoded SQL_ASCII: exit 69 naming the encoding and the fix, nothing
+    created (it was exit 70, 'internal error: TypeError', from SQLAlchemy's first connect)."""
+    with postgres_database_url(sql_ascii=True) as url:
+        done = cli("db", "upgrade", env={"DATABASE_URL": url})
+        assert_error(done, 69, "SQL_ASCII", "UTF8")
+        check = sa.create_engine(url, connect_args={"client_encoding": "utf8"}, poolclass=sa.pool.NullPool)
+        with check.connect() as conn:
+            tables = conn.execute(sa.text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")).scalar_one()
+        check.dispose()
+        assert tables == 0
 
 
 def test_db_upgrade__explicit_revision_concurrently_on_postgres(cli: Cli, pg_db_url: str) -> None:

@@ -118,15 +118,16 @@ def postgres_template() -> str:
 
 
 @contextlib.contextmanager
-def postgres_database_url(*, at_head: bool = False) -> Iterator[str]:
+def postgres_database_url(*, at_head: bool = False, sql_ascii: bool = False) -> Iterator[str]:
     """A URL of a new database of its own, empty or at head (cloned from the template); dropped
-    afterwards, with any connection a test left open."""
+    afterwards, with any connection a test left open. ``sql_ascii``: empty, encoded SQL_ASCII."""
     require_postgres()
     template = postgres_template() if at_head else "template0"
     name = f"{TEST_DATABASE_PREFIX}{uuid.uuid4().hex[:16]}"
+    encoding = " ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'" if sql_ascii else ""
     admin = _admin()
     with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{encoding}'))
     try:
         yield _database_url(name)
     finally:
