@@ -391,7 +391,7 @@ def add_parsers(sub: Any) -> None:
                               "call overran worker.job_timeout_seconds (its jobs charged, the rest given "
                               "back). The systemd unit restarts the worker after any code but 0 and 78.")
     p.add_argument("--burst", action="store_true", help="exit once the queue is drained")
-    p.add_argument("--worker-id", help="name in the worker_id column (default: host:pid)")
+    p.add_argument("--worker-id", help="name in the worker_id column (default: host-pid-random, unique per run)")
     p.add_argument("--generator", help="backend name (generator.name), e.g. synth, musicgen")
     p.add_argument("--models", metavar="A,B", help="models this daemon claims (generator.models)")
     p.add_argument("--batch-size", metavar="N", help="worker.batch_size (0: the generator's own limit)")
