@@ -83,16 +83,21 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_number(field: str, text: str | None, kind: type[int] | type[float]) -> Any:
+def parse_number(field: str, text: str | None, kind: type[int] | type[float], *, door: bool = False) -> Any:
     """An integer, or a float: every float option is seconds, so it must be finite and >= 0
-    (``--timeout nan`` would never time out, ``-3`` would time out before looking)."""
+    (``--timeout nan`` would never time out, ``-3`` would time out before looking).
+
+    ``door``: the value is a job's field (``duration_seconds``, ``ttl``) whose range the door
+    checks and states (:func:`dgxqueue.storage.validate_jobs`: above 0, at most a limit); here it
+    is only read, so a refusal never claims a range the door does not allow (0 passed ">= 0" here).
+    """
     if text is None:
         return None
     try:
         value = kind(text)
     except ValueError:
         raise ValidationError(field, text, "an integer" if kind is int else "a number") from None
-    if kind is float and not 0 <= value < math.inf:  # also false for nan
+    if kind is float and not door and not 0 <= value < math.inf:  # also false for nan
         raise ValidationError(field, text, "a finite number >= 0")
     return value
 

@@ -206,7 +206,7 @@ def _check_arguments(ctx: Context, count: int, duration: float) -> list[JobSpec]
 
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
     count = parse_number("prompts", args.prompts, int)
-    duration = parse_number("duration", args.duration, float)
+    duration = parse_number("duration", args.duration, float, door=True)  # checked as enqueue checks it
     timeout = parse_number("timeout", args.timeout, float)
     specs = _check_arguments(ctx, count, duration)
     if timeout is None:

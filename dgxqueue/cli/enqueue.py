@@ -52,7 +52,7 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
                             ("sample_rate", args.sample_rate, int), ("channels", args.channels, int),
                             ("max_attempts", args.max_attempts, int)):
         if text is not None:
-            spec[key] = parse_number(key, text, kind)
+            spec[key] = parse_number(key, text, kind, door=True)
     if args.model is not None:
         spec["model_name"] = args.model
     if args.file_path is not None:
@@ -68,7 +68,7 @@ def _spec_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     if args.ttl is not None:
         text = args.ttl.strip()
         spec["ttl"] = (parse_span("ttl", text).total_seconds() if text[-1:].lower() in "smhdw"
-                       else parse_number("ttl", text, float))
+                       else parse_number("ttl", text, float, door=True))
     return spec
 
 

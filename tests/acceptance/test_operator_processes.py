@@ -8,7 +8,7 @@ from pathlib import Path
 from dgxqueue import api
 from dgxqueue.cli.common import EX_DATAERR
 from dgxqueue.storage import get_database_stats, get_engine, init_db, session_scope
-from dgxqueue.storage.validation import MAX_PAUSE_REASON_LENGTH
+from dgxqueue.storage.validation import MAX_PAUSE_REASON_LENGTH, MAX_TTL_SECONDS
 from tests.acceptance.test_cli import Cli
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.support.daemons import make_settings
@@ -107,6 +107,21 @@ def test_cli__enqueue_with_an_expiry(cli: Cli) -> None:
     assert refused.returncode == 65 and "ttl" in refused.stderr
     refused = cli("enqueue", "beat", "--ttl", "60", "--expires-at", "1h")
     assert refused.returncode == 65 and "ttl" in refused.stderr
+
+
+def test_cli__enqueue_ttl_and_duration_refusals_state_the_real_range(cli: Cli) -> None:
+    """A refused --ttl or --duration says what passes: -1 said "a finite number >= 0", yet 0 was
+    refused too (by the door, whose rule is above 0 and at most a limit); every refusal now states it."""
+    for flag, field, allowed in (("--ttl", "ttl", f"(0, {MAX_TTL_SECONDS}]"),
+                                 ("--duration", "duration_seconds", "(0, 300]")):
+        for value in ("-1", "0", "nan", "inf"):
+            refused = cli.here("enqueue", "beat", flag, value)
+            assert refused.returncode == EX_DATAERR, refused.stderr
+            assert field in refused.stderr and allowed in refused.stderr and ">= 0" not in refused.stderr, \
+                (flag, value, refused.stderr)
+    refused = cli.here("demo", "--duration", "-1")
+    assert refused.returncode == EX_DATAERR and "(0, 300]" in refused.stderr, refused.stderr
+    assert not cli.db.exists()
 
 
 def test_cli__enqueue_with_a_dedupe_key(cli: Cli) -> None:
