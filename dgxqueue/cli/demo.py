@@ -75,12 +75,21 @@ def sample_specs(count: int, duration: float) -> list[dict[str, Any]]:
     return specs
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt, so the same clean-up runs;
+    the demo then exits 128 + its number (143, 129), as a process killed by it would, not 130."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 @contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (or a closed terminal's SIGHUP) ends the demo like Ctrl-C does, so its daemon,
     in a session of its own, is stopped too."""
     def handler(signum: int, frame: types.FrameType | None) -> None:
-        raise KeyboardInterrupt
+        raise _Signalled(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -205,6 +214,14 @@ def _check_arguments(ctx: Context, count: int, duration: float) -> list[JobSpec]
 
 
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
+    try:
+        return _demo(ctx, args)
+    except _Signalled as stopped:  # its daemon is stopped: the clean-up ran as for Ctrl-C
+        print(f"dgxqueue: stopped by {signal.Signals(stopped.signum).name}", file=sys.stderr)
+        return 128 + stopped.signum
+
+
+def _demo(ctx: Context, args: argparse.Namespace) -> int:
     count = parse_number("prompts", args.prompts, int)
     duration = parse_number("duration", args.duration, float, door=True)  # checked as enqueue checks it
     timeout = parse_number("timeout", args.timeout, float)

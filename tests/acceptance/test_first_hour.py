@@ -365,3 +365,30 @@ def test_demo__first_ctrl_c_on_a_terminal_says_what_the_second_does(cli: Cli, te
     pid = int(term.read_until("daemon started", 1).split("daemon started (pid ", 1)[1].split(",", 1)[0])
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_demo__sigterm_stops_it_cleanly_with_exit_143(cli: Cli) -> None:
+    """SIGTERM to the demo stops its daemon as Ctrl-C does (the first gracefully, a second releases
+    the running jobs), but exits 143 (128 + SIGTERM), not Ctrl-C's 130: it said 130."""
+    env = {**QUIET_DAEMON, "DGXQUEUE_JOBS_MAX_DURATION_SECONDS": "600"}
+    log = cli.folder / "demo.err"
+    with log.open("wb") as err:
+        demo = subprocess.Popen(cli.command("demo", "--prompts", "8", "--duration", "600"), cwd=cli.folder,
+                                env={**cli.env, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err)
+    try:
+        wait_until(lambda: "processing" in log.read_text(), 120, "a job to run", alive=demo)
+        demo.send_signal(signal.SIGTERM)
+        wait_until(lambda: "Ctrl-C again releases them at once" in log.read_text(), 30, "the graceful stop",
+                   alive=demo)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 143, log.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    text = log.read_text()
+    pid = int(text.split("daemon started (pid ", 1)[1].split(",", 1)[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "Traceback" not in text
