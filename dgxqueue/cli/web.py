@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from dgxqueue.cli.common import EX_CONFIG, EX_IOERR, EX_UNAVAILABLE, EXIT_OK, CliError, Context, parse_number
+from dgxqueue.cli.common import EX_CONFIG, EX_IOERR, EX_UNAVAILABLE, EXIT_OK, CliError, Context, parse_number, safe
 
 TOKEN_VARIABLE = "DGXQUEUE_WEB_TOKEN"  # noqa: S105  (the name of the variable, not a token)
 MIN_TOKEN_LENGTH = 16
@@ -20,9 +20,13 @@ def read_token(args: argparse.Namespace) -> str | None:
     if args.token_file:
         try:
             token = Path(args.token_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CliError(f"--token-file {args.token_file} cannot be read: {type(exc).__name__}", EX_IOERR) from None
-        where = f"--token-file {args.token_file}"
+        except OSError as exc:  # what is wrong, as the system says it (not the exception's class)
+            raise CliError(f"--token-file {safe(args.token_file)} cannot be read: {exc.strerror or exc}",
+                           EX_IOERR) from None
+        except UnicodeDecodeError as exc:  # its bytes are never shown: they may be the token
+            raise CliError(f"--token-file {safe(args.token_file)} cannot be read: not UTF-8 text "
+                           f"({exc.reason} at byte {exc.start + 1})", EX_IOERR) from None
+        where = f"--token-file {safe(args.token_file)}"
     else:
         token = os.environ.get(TOKEN_VARIABLE, "").strip()
         where = f"${TOKEN_VARIABLE}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dgxqueue.storage import dispose_engines
+from tests.acceptance.test_cli import assert_error
 from tests.support.db import build_sqlite_template, sqlite_url_at_head
 from tests.support.processes import REPO, free_port, stop, wait_until, write_config
 
@@ -55,6 +56,19 @@ def test_web_cli__off_loopback_without_a_token_is_refused(config: Path, tmp_path
     with socket.create_server(("127.0.0.1", 0)) as taken:
         busy = _run(config, "--port", str(taken.getsockname()[1]))
     assert busy.returncode == 69 and "cannot listen" in busy.stderr and len(busy.stderr.splitlines()) == 1
+
+
+def test_web_cli__an_unreadable_token_file_says_what_is_wrong_with_it(config: Path, tmp_path: Path) -> None:
+    """A token file that is missing, a folder, or not UTF-8: one line naming --token-file, the path
+    and what is wrong (exit 74, an I/O error); it said only the exception's class
+    ('FileNotFoundError'). The file's bytes are never echoed."""
+    (tmp_path / "binary").write_bytes(b"\xffsecret-bytes-0123456789")
+    for name, reason in (("missing", "No such file or directory"), ("", "Is a directory"),
+                         ("binary", "not UTF-8 text")):
+        path = str(tmp_path / name) if name else str(tmp_path)
+        done = _run(config, "--token-file", path)
+        assert_error(done, 74, "--token-file", path, reason)
+        assert "Error" not in done.stderr and "secret-bytes" not in done.stderr and done.stdout == ""
 
 
 def test_web_cli__without_the_web_extra_says_how_to_install_it(config: Path) -> None:
