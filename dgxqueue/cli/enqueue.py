@@ -22,6 +22,7 @@ from dgxqueue.api import enqueue_many
 from dgxqueue.cli.common import (
     EX_DATAERR,
     EX_IOERR,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     CliError,
@@ -201,9 +202,24 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
     timeout = parse_number("timeout", args.timeout, float)
     engine = ctx.engine(create=True)
     ids = enqueue_many(jobs, database_url=ctx.settings.database.url, settings=ctx.settings)
+    progress = Progress(quiet=args.quiet)
+    try:
+        return _report(ctx, args, engine, ids, jobs, timeout, progress)
+    except KeyboardInterrupt:
+        # The jobs are queued whatever happens to the wait: without their ids (the progress lines
+        # show 8 characters, --quiet none) Ctrl-C left nothing to find them by.
+        progress.done()
+        print(f"dgxqueue: interrupted; {'the job stays' if len(ids) == 1 else f'the {len(ids)} jobs stay'} "
+              f"queued ('dgxqueue wait {' '.join(ids)}' waits again)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _report(ctx: Context, args: argparse.Namespace, engine: sa.Engine, ids: list[str], jobs: list[JobSpec],
+            timeout: float | None, progress: Progress) -> int:
+    """Warn of unserved models, then wait for the jobs or print their ids (or rows)."""
     warn_unserved(ctx.settings, {job.model_name for job in jobs}, _live_per_model(engine))
     if args.wait:
-        finished = watch(engine, ids, timeout=timeout, progress=Progress(quiet=args.quiet))
+        finished = watch(engine, ids, timeout=timeout, progress=progress)
         return finish(ctx.settings, finished, args.json)
     if args.json:
         rows_out = [job_dict(ctx.settings, job) for job in _read_back(ctx, ids)]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from dgxqueue import api
 from dgxqueue.cli.common import EX_DATAERR
@@ -122,6 +126,33 @@ def test_cli__enqueue_ttl_and_duration_refusals_state_the_real_range(cli: Cli) -
     refused = cli.here("demo", "--duration", "-1")
     assert refused.returncode == EX_DATAERR and "(0, 300]" in refused.stderr, refused.stderr
     assert not cli.db.exists()
+
+
+@pytest.mark.parametrize("quiet", [["--quiet"], []])
+def test_cli__enqueue_wait_interrupted_leaves_the_job_id_on_screen(cli: Cli, quiet: list[str]) -> None:
+    """Ctrl-C during `enqueue --wait` (no daemon: the job waits) ends it with 130 and the job's
+    full id on screen, still queued: it said only 'interrupted', and the progress lines (none
+    with --quiet) show 8 characters, so the job could not be found again."""
+    cli.ok("db", "upgrade")
+    log = cli.folder / "enqueue.err"
+    with log.open("wb") as err:
+        waiting = subprocess.Popen(cli.command("enqueue", "beat", "--wait", *quiet), cwd=cli.folder, env=cli.env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        # The warning that no daemon serves the model comes once the job is queued, before the wait.
+        wait_until(lambda: "warning" in log.read_text(), 60, "the job to be queued",
+                   alive=waiting)  # type: ignore[arg-type]
+        waiting.send_signal(signal.SIGINT)
+        out, _ = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 130, log.read_text()
+    [row] = json.loads(cli.ok("list", "--json"))
+    assert row["status"] == "pending"
+    assert row["id"] in out + log.read_text(), out + log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 def test_cli__enqueue_with_a_dedupe_key(cli: Cli) -> None:
