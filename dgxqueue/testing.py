@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from dgxqueue.daemon.queue_protocol import JobResult
 from dgxqueue.storage import JobSpec, validate_job
 from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
-from dgxqueue.storage.models import FAILED, PENDING, PROCESSING, G, as_utc, utcnow
+from dgxqueue.storage.models import COMPLETED, FAILED, PENDING, PROCESSING, G, as_utc, utcnow
 from dgxqueue.storage.queue import (
     EXPIRED_MESSAGE,
     EXPIRY_GIVEN,
@@ -339,6 +339,8 @@ class MemoryQueue:
                 row = None  # never back to pending once a cancel was asked: the rescue fails it cancelled
             if row is not None:
                 row.update(lease_expires_at=None, **stored)
+                if row["status"] == COMPLETED and row["progress_total"] is not None:  # as the SQL's CASE
+                    row["progress_done"] = row["progress_total"]
             written.append(row is not None)
         if any(written):
             self.store.version += 1

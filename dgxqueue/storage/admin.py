@@ -51,6 +51,7 @@ def set_outcome(
         sa.update(G)
         .where(G.c.id == job_id, G.c.status.in_((PENDING, PROCESSING)))
         .values(status=status.value, completed_at=profile.now(), worker_id=None, lease_expires_at=None,
+                **({"progress_done": queue.DONE_AT_COMPLETION} if status == GenerationStatus.COMPLETED else {}),
                 **values)
         .returning(G.c.id), queue.EVENTS_CHANNEL,
     )).first()

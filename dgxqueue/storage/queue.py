@@ -27,6 +27,7 @@ from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
 from dgxqueue.storage.dberrors import is_data_error
 from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import (
+    COMPLETED,
     DEDUPE_HELD_SQL,
     FAILED,
     IS_PENDING,
@@ -475,6 +476,14 @@ def extend(session: Session, *, worker_id: str, jobs: Iterable[tuple[str, int]],
 Row = tuple[str, int, Mapping[str, Any]]
 
 
+#: ``progress_done`` as a completion writes it: the known total, or as it was where none is known
+#: (NULL). Progress is written with the heartbeats, so a job that finished between two would show
+#: its last report (40/50) for ever; a failed or cancelled job keeps where it stopped. It only
+#: copies a column, so whatever plain SQL stored there (text, a negative) never makes the
+#: outcome's write fail.
+DONE_AT_COMPLETION = sa.func.coalesce(G.c.progress_total, G.c.progress_done, type_=G.c.progress_done.type)
+
+
 @functools.cache
 def finish_rows_statement(profile: Profile, keys: tuple[str, ...], n: int) -> sa.Update:
     """``n`` fenced writes setting ``keys`` as one ``UPDATE ... FROM <rows> RETURNING id``, each
@@ -492,6 +501,10 @@ def finish_rows_statement(profile: Profile, keys: tuple[str, ...], n: int) -> sa
         # would be run again. Left processing, its lease's rescue fails it as cancelled.
         fence.append(sa.or_(given.c.status != PENDING, G.c.cancel_requested_at.is_(None)))
     values: dict[str, Any] = {key: given.c[key] for key in keys if key != BACKOFF_SECONDS}
+    if "status" in keys:
+        # A CASE on each row's own status: one statement for a batch of any outcomes, as before.
+        values["progress_done"] = sa.case((given.c.status == sa.literal_column(f"'{COMPLETED}'"), DONE_AT_COMPLETION),
+                                          else_=G.c.progress_done)
     if BACKOFF_SECONDS in keys:  # a backoff from the database's clock, as a lease is
         values["run_after"] = profile.later(given.c[BACKOFF_SECONDS])
     for key in (key for key in keys if key in STAMPED_AT_WRITE):  # a time left to the write: the database's now

@@ -8,7 +8,7 @@ import pytest
 
 from dgxqueue.errors import InvalidStateError
 from dgxqueue.storage.results import Cancelled
-from tests.support.queues import LEASE, QueueBackend, completed
+from tests.support.queues import LEASE, QueueBackend, completed, failed
 
 
 def test_extend__writes_the_progress_given_and_leaves_the_rest(backend: QueueBackend) -> None:
@@ -104,3 +104,38 @@ def test_release__of_a_job_whose_cancel_was_asked_leaves_it_to_fail_cancelled(ba
     backend.advance(LEASE.total_seconds() + 5)
     assert backend.queue("rescuer").rescue() == ([], [job_id])
     assert backend.row(job_id)["cancelled_at"] is not None
+
+
+def _progress(backend: QueueBackend, job_id: str) -> tuple[object, object]:
+    row = backend.row(job_id)
+    return row["progress_done"], row["progress_total"]
+
+
+@pytest.mark.parametrize("with_claim", [False, True])
+def test_finish__a_completed_job_reads_its_total_a_failed_one_where_it_stopped(backend: QueueBackend,
+                                                                                 with_claim: bool) -> None:
+    """Progress is written with the heartbeats, so a job that finished between two of them would
+    keep its last report (40/50) for ever: the completion itself makes a known total done (50/50).
+    A failed or cancelled job keeps where it stopped; a job that reported no progress stays NULL."""
+    done, stopped, cancelled, silent = (backend.enqueue(name) for name in ("done", "stopped", "cancelled", "silent"))
+    queue = backend.queue()
+    jobs = {job.id: job for job in queue.claim(4)}
+    queue.extend(list(jobs.values()), {done: (40, 50), stopped: (40, 50), cancelled: (40, 50)})
+    results = [completed(jobs[done]), failed(jobs[stopped]), completed(jobs[silent]),
+               (jobs[cancelled], Cancelled(backend.now(), "cancelled by request while it ran"))]
+    written = queue.finish_and_claim(results, 5)[0] if with_claim else queue.finish(results)
+    assert written == [True] * 4
+    assert backend.row(done)["status"] == "completed" and _progress(backend, done) == (50, 50)
+    assert backend.row(stopped)["status"] == "failed" and _progress(backend, stopped) == (40, 50)
+    assert backend.row(cancelled)["status"] == "failed" and _progress(backend, cancelled) == (40, 50)
+    assert backend.row(silent)["status"] == "completed" and _progress(backend, silent) == (None, None)
+
+
+def test_finish__a_completion_alone_in_its_batch_reads_its_total(backend: QueueBackend) -> None:
+    """The usual batch (every result a completion, one statement) fills the total as well."""
+    job_id = backend.enqueue()
+    queue = backend.queue()
+    jobs = queue.claim(1)
+    queue.extend(jobs, {job_id: (0, 7)})
+    assert queue.finish([completed(jobs[0])]) == [True]
+    assert _progress(backend, job_id) == (7, 7)

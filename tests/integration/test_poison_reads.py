@@ -8,6 +8,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from dgxqueue.storage import (
+    complete_generation,
     get_all_generations,
     get_database_stats,
     get_generation,
@@ -148,3 +149,33 @@ def test_finish__postgresql_refuses_infinity_and_nul_in_metadata(pg_db_url: str)
     rows = poison.execute(pg_db_url, "SELECT id, status, metadata::text FROM generations ORDER BY id")
     assert [(status, meta) for _, status, meta in rows] == [
         ("failed", '{"bpm": 90}'), ("failed", '{"bpm": 90}'), ("completed", '{"fine": 1}')]
+
+
+def test_finish__odd_progress_stored_by_plain_sql_never_stops_a_completion(engine: sa.Engine, db_url: str) -> None:
+    """A completion copies progress_total into progress_done: whatever plain SQL left there (text
+    in SQLite, a negative, done past total) is copied as stored, and every outcome is written,
+    in a batch, one by one (a sibling's refused outcome) and through complete_generation."""
+    odd: list[tuple[object, object]] = [(40, -5), (-3, 50), (90, 50), (None, 7)]
+    if engine.dialect.name == "sqlite":
+        odd += [(40, "fifty"), ("forty", 50), (1.5, 2.5), (40, b"\x00")]
+    ids = [f"odd-{i}" for i in range(len(odd))]
+    batches = {"batch": ids, "alone": [f"{i}-alone" for i in ids], "api": [f"{i}-api" for i in ids]}
+    poison.insert(db_url, [poison.row(job_id, progress_done=done, progress_total=total)
+                           for chosen in batches.values() for job_id, (done, total) in zip(chosen, odd, strict=True)]
+                  + [poison.row("refused")])
+    link = HeldConnection(engine)
+    jobs = {job.id: job for job in queue.claim(link, worker_id="w", models=["synth"], limit=100, lease=LEASE)}
+    now = utcnow()
+    assert queue.finish(link, worker_id="w", results=[
+        (jobs[job_id], Completed(now, 1.0, 10, {})) for job_id in batches["batch"]]) == set(batches["batch"])
+    assert queue.finish(link, worker_id="w", results=[(jobs["refused"], Completed(now, 1.0, 2**70, {})), *[
+        (jobs[job_id], Completed(now, 1.0, 10, {})) for job_id in batches["alone"]]]) == set(batches["alone"])
+    link.close()
+    with session_scope(engine) as s:
+        for job_id in batches["api"]:
+            complete_generation(s, job_id, 1.0, 10)
+    rows = {job_id: (status, done, total) for job_id, status, done, total in poison.execute(
+        db_url, "SELECT id, status, progress_done, progress_total FROM generations WHERE id LIKE 'odd-%'")}
+    for chosen in batches.values():
+        for job_id, (done, total) in zip(chosen, odd, strict=True):
+            assert rows[job_id] == ("completed", done if total is None else total, total), job_id

@@ -43,6 +43,7 @@ from dgxqueue.storage import (
     track_prompt_usage,
 )
 from dgxqueue.storage.database import head_revision, upgrade
+from dgxqueue.storage.models import G
 from tests.unit.test_validation import BAD_INPUTS
 
 Scope = Callable[[], AbstractContextManager[Session]]
@@ -172,6 +173,23 @@ def test_complete_generation__merges_new_metadata(scope: Scope) -> None:
         complete_generation(session, gen_id, 1.0, 10, metadata={"bpm": 121, "key": "Am"})
     with scope() as session:
         assert get_generation(session, gen_id).meta == {"bpm": 121, "key": "Am"}  # type: ignore[union-attr]
+
+
+def test_complete_generation__a_known_total_reads_done_fail_keeps_where_it_stopped(
+        scope: Scope, engine: Engine) -> None:
+    """complete_generation writes the row itself, as the daemon's finish does: progress 40/50
+    becomes 50/50; fail_generation keeps 40/50; no progress stays NULL."""
+    done, stopped, silent = _new(scope), _new(scope), _new(scope)
+    with engine.begin() as conn:
+        conn.execute(sa.update(G).where(G.c.id.in_((done, stopped))).values(progress_done=40, progress_total=50))
+    with scope() as session:
+        complete_generation(session, done, 1.0, 10)
+        fail_generation(session, stopped, "it broke")
+        complete_generation(session, silent, 1.0, 10)
+    with engine.connect() as conn:
+        progress = {row.id: (row.progress_done, row.progress_total)
+                    for row in conn.execute(sa.select(G.c.id, G.c.progress_done, G.c.progress_total))}
+    assert (progress[done], progress[stopped], progress[silent]) == ((50, 50), (40, 50), (None, None))
 
 
 @pytest.mark.parametrize(
