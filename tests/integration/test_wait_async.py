@@ -53,7 +53,8 @@ def connections(url: str) -> int:
         return sum(1 for fd in fds if _target(fd) == path)
     with engine.connect() as conn:
         return int(conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                        " AND pid <> pg_backend_pid()")).scalar_one())
+                                        " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                                        )).scalar_one())
 
 
 def _target(fd: Path) -> str | None:
@@ -247,7 +248,8 @@ def test_wait_async__the_server_ending_the_listener_mid_wait_is_survived(pg_db_u
     settings = setup(pg_db_url, tmp_path)
     job = dgxqueue.submit("fine", **SPEC, settings=settings)
     engine = get_engine(pg_db_url)
-    every = sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+    every = sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND backend_type = 'client backend'")  # not an autovacuum worker passing by
 
     def backends() -> set[int]:
         """This database's backends, the pool's own among them (a pool connection, reused)."""
@@ -304,7 +306,7 @@ def test_wait__the_server_ending_both_its_connections_mid_wait_is_survived(pg_db
     job._engine.dispose()  # no idle pool connection: every backend but the observer's is the wait's
     observer = sa.create_engine(pg_db_url, poolclass=sa.NullPool)
     every = sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid()")
+                    " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
 
     def backends() -> set[int]:
         with observer.connect() as conn:
