@@ -237,7 +237,12 @@ class ChangeListener:
         self._version: int | None = None
         self._events = profile_of(engine.dialect).waker == "listen"
         if self._events:
-            self._connect()
+            import psycopg
+
+            try:
+                self._connect()
+            except psycopg.Error:  # a restart as the wait begins: the first wait for events connects
+                self._drop_listen()  # again and has the rows read anew, so nothing is missed
         else:
             self._sqlite = engine.raw_connection()
             self._version = self._data_version()

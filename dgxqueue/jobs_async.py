@@ -170,7 +170,12 @@ class _PostgreSQLChanges:
         self._connection: Any = None
 
     async def start(self) -> None:
-        await self._connect()
+        import psycopg
+
+        try:
+            await self._connect()
+        except psycopg.Error:  # a restart as the wait begins: the first read connects and listens
+            await self._drop()  # again, within the reconnect window, or raises what will not pass
 
     async def _connect(self) -> None:
         from psycopg import sql

@@ -27,6 +27,7 @@ from dgxqueue.storage import (
     init_db,
     session_scope,
 )
+from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.queue import EVENTS_CHANNEL
 from tests.support.daemons import make_settings
 from tests.support.processes import wait_until
@@ -272,6 +273,85 @@ def test_wait_async__the_server_ending_the_listener_mid_wait_is_survived(pg_db_u
         return await asyncio.wait_for(waiting, RECHECK_SECONDS / 2)
 
     assert asyncio.run(main()) == "completed"
+
+
+def _terminate(engine: sa.Engine, pid: int) -> None:
+    """End backend ``pid`` as a restart would, and return once the server has let it go."""
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}).scalar_one()
+
+
+def test_wait_async__the_server_ending_the_connection_before_it_listens_is_survived(
+        pg_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server ends the wait's new connection between its connect and its LISTEN (a restart as
+    the wait begins): the wait does not raise; its first read connects and listens again, and
+    an event then reaches it (it raised 'server closed the connection unexpectedly')."""
+    settings = setup(pg_db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    engine = get_engine(pg_db_url)
+    profile = type(profile_of(engine.dialect))
+    connect = profile.async_connection
+    ended: list[int] = []
+
+    async def ended_at_once(self: Any, target: sa.Engine) -> Any:
+        connection = await connect(self, target)
+        if not ended:
+            ended.append(connection.info.backend_pid)
+            _terminate(engine, ended[0])
+        return connection
+
+    monkeypatch.setattr(profile, "async_connection", ended_at_once)
+
+    async def main() -> set[str] | None:
+        changes = _PostgreSQLChanges(engine)
+        try:
+            await changes.start()
+            assert (await changes.read([job.id]))[job.id].status == "pending"
+            assert changes._connection.info.backend_pid != ended[0]
+            with session_scope(engine) as session:
+                complete_generation(session, job.id, generation_time=1.0, file_size_bytes=1)
+            return await changes.changed(RECHECK_SECONDS)
+        finally:
+            await changes.aclose()
+
+    assert asyncio.run(main()) == {job.id}
+
+
+def test_wait__the_server_ending_the_listener_before_it_listens_is_survived(
+        pg_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocking wait: the server ends its LISTEN connection between connect and LISTEN; the
+    wait does not raise, and ends when the job does (it raised a bare psycopg error)."""
+    import psycopg
+
+    settings = setup(pg_db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    engine = get_engine(pg_db_url)
+    connect = psycopg.connect
+    ended: list[int] = []
+
+    def ended_at_once(*args: Any, **kwargs: Any) -> Any:
+        connection = connect(*args, **kwargs)
+        if not ended:
+            ended.append(connection.info.backend_pid)
+            _terminate(engine, ended[0])
+        return connection
+
+    monkeypatch.setattr(psycopg, "connect", ended_at_once)
+    outcome: list[object] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(job.wait(30))
+        except BaseException as exc:  # the test's thread reports what ended the wait
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_until(lambda: ended or outcome, 10, "the listener's connection ended")
+    with session_scope(engine) as session:
+        complete_generation(session, job.id, generation_time=1.0, file_size_bytes=1)
+    thread.join(30)
+    assert outcome == ["completed"]
 
 
 def test_wait_async__a_read_after_the_server_ended_the_connection_connects_again(
