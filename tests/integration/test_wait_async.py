@@ -275,6 +275,21 @@ def test_wait_async__the_server_ending_the_listener_mid_wait_is_survived(pg_db_u
     assert asyncio.run(main()) == "completed"
 
 
+def _waiting(job: Job) -> tuple[threading.Thread, list[object]]:
+    """``job.wait(30)`` on a thread of its own, started; the list gets what ended it."""
+    outcome: list[object] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(job.wait(30))
+        except BaseException as exc:  # the test's thread reports what ended the wait
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    return thread, outcome
+
+
 def _terminate(engine: sa.Engine, pid: int) -> None:
     """End backend ``pid`` as a restart would, and return once the server has let it go."""
     with engine.connect() as conn:
@@ -337,16 +352,7 @@ def test_wait__the_server_ending_the_listener_before_it_listens_is_survived(
         return connection
 
     monkeypatch.setattr(psycopg, "connect", ended_at_once)
-    outcome: list[object] = []
-
-    def waiter() -> None:
-        try:
-            outcome.append(job.wait(30))
-        except BaseException as exc:  # the test's thread reports what ended the wait
-            outcome.append(exc)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
+    thread, outcome = _waiting(job)
     wait_until(lambda: ended or outcome, 10, "the listener's connection ended")
     with session_scope(engine) as session:
         complete_generation(session, job.id, generation_time=1.0, file_size_bytes=1)
@@ -393,16 +399,7 @@ def test_wait__the_server_ending_both_its_connections_mid_wait_is_survived(pg_db
             return set(conn.execute(every).scalars())
 
     ours = backends()
-    outcome: list[object] = []
-
-    def waiter() -> None:
-        try:
-            outcome.append(job.wait(30))
-        except BaseException as exc:  # the test's thread reports what ended the wait
-            outcome.append(exc)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
+    thread, outcome = _waiting(job)
     wait_until(lambda: len(backends() - ours) == 2, 10, "the listener and the reader")
     ended = backends() - ours
     with observer.connect() as conn:
