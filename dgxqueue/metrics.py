@@ -348,6 +348,12 @@ class MetricsServer:
         self._thread.join()
 
 
+def address_family(address: str) -> socket.AddressFamily:
+    """The family the metrics server binds ``address`` in: IPv6 for one holding ':', else IPv4
+    (a name is resolved in that family alone)."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def start_metrics_server(address: str, port: int, registry: CollectorRegistry,
                          is_healthy: Callable[[], bool]) -> MetricsServer:
     """Serve ``registry`` on ``address:port`` (port 0 picks a free one); see :class:`MetricsServer`."""
@@ -377,8 +383,10 @@ def start_metrics_server(address: str, port: int, registry: CollectorRegistry,
         def log_message(self, format: str, *args: object) -> None:
             log.debug("metrics request", line=format % args)
 
+    family = address_family(address)
+
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        address_family = family
 
     return MetricsServer(Server((address, port), Handler))

@@ -348,12 +348,12 @@ def _check_metrics_address(address: str) -> None:
     import errno
     import socket
 
-    # The worker's server binds as this does (dgxqueue.metrics.start_metrics_server): IPv6 for an
-    # address holding ':', else IPv4, resolving a name in that family alone. Resolved in any
-    # family, a name with only an IPv6 address of this machine passed, and every worker exited 78.
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    from dgxqueue.metrics import address_family
+
+    # In the worker's server's family alone: resolved in any family, a name with only an IPv6
+    # address of this machine passed, and every worker exited 78.
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with socket.socket(address_family(address), socket.SOCK_STREAM) as probe:
             probe.bind((address, 0))
     except OSError as exc:
         if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:

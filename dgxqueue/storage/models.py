@@ -192,6 +192,8 @@ COMPLETED, FAILED = GenerationStatus.COMPLETED.value, GenerationStatus.FAILED.va
 # parameter. Constants of this module, never user input.
 IS_PENDING = G.c.status == sa.literal_column("'pending'")
 IS_PROCESSING = G.c.status == sa.literal_column("'processing'")
+#: The status ``completed`` as SQL, to compare a column other than ``generations.status`` with.
+COMPLETED_SQL: sa.ColumnElement[str] = sa.literal_column("'completed'", sa.Text)
 
 
 class PausedModel(Base):

@@ -27,7 +27,7 @@ from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
 from dgxqueue.storage.dberrors import is_data_error
 from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import (
-    COMPLETED,
+    COMPLETED_SQL,
     DEDUPE_HELD_SQL,
     FAILED,
     IS_PENDING,
@@ -503,7 +503,7 @@ def finish_rows_statement(profile: Profile, keys: tuple[str, ...], n: int) -> sa
     values: dict[str, Any] = {key: given.c[key] for key in keys if key != BACKOFF_SECONDS}
     if "status" in keys:
         # A CASE on each row's own status: one statement for a batch of any outcomes, as before.
-        values["progress_done"] = sa.case((given.c.status == sa.literal_column(f"'{COMPLETED}'"), DONE_AT_COMPLETION),
+        values["progress_done"] = sa.case((given.c.status == COMPLETED_SQL, DONE_AT_COMPLETION),
                                           else_=G.c.progress_done)
     if BACKOFF_SECONDS in keys:  # a backoff from the database's clock, as a lease is
         values["run_after"] = profile.later(given.c[BACKOFF_SECONDS])
