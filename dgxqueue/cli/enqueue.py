@@ -134,15 +134,20 @@ def read_jsonl(stream: IO[bytes], settings: Settings) -> list[JobSpec]:
     return jobs
 
 
-def served_models(settings: Settings) -> set[str]:
-    """The models the configured generator serves, and every registered generator's defaults.
+def served_models(settings: Settings, wanted: Iterable[str] = ()) -> set[str]:
+    """The models the configured generator serves, and every registered generator's defaults;
+    with ``wanted``, only until all of those are found (each backend looked at is imported, and
+    a backend's import can cost a producer's command more than the rest of it).
 
     Only what this machine's configuration and installed backends say: a daemon elsewhere, or one
     started with other options, may serve more.
     """
     served: set[str] = set(settings.generator.models)
+    missing = set(wanted)
     chosen = [] if served else [(settings.generator.name, settings.generator.options)]
     for name, options in [*chosen, *((name, {}) for name in available_generators())]:
+        if missing and missing <= served:
+            break
         try:
             served |= set(create_generator(name, options).models)
         except Exception:  # noqa: S112  (only a warning depends on it: a broken backend serves nothing)
@@ -155,7 +160,7 @@ def warn_unserved(settings: Settings, models: Iterable[str], live: dict[str, int
     the registry could not be read): that no generator here serves it (a typo?), or else that
     none serving it runs now."""
     wanted = sorted(set(models) - set(live or {}))
-    known = served_models(settings) if wanted else set()
+    known = served_models(settings, wanted) if wanted else set()
     for model in wanted:
         if model not in known:
             print(f"dgxqueue: warning: no configured or registered generator serves model {safe(repr(model))}; "

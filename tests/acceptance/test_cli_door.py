@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,20 @@ def test_enqueue__warns_when_no_generator_serves_the_model(cli: Cli) -> None:
                                             "waits until one starts ('dgxqueue workers' lists the live daemons)"]
     configured = {"DGXQUEUE_GENERATOR_MODELS": "house-model,other"}  # generator.models, configured here
     assert "no live daemon" in cli.here("enqueue", "x", "--model", "house-model", env=configured).stderr
+
+
+def test_enqueue__a_model_the_configured_generator_serves_imports_no_other_backend(cli: Cli) -> None:
+    """The warning's check stops at the first backend that serves the model: enqueueing for the
+    configured synth does not import the MusicGen backend (its import is most of a bare enqueue's
+    start-up); a model no backend serves still looks at every one."""
+    cli.add()
+    probe = ("import sys; from dgxqueue.cli import run; sys.argv = ['dgxqueue', *sys.argv[1:]]\n"
+             "try:\n    run()\nfinally:\n    print('workers.musicgen' in sys.modules, file=sys.stderr)")
+    for model, imported in (("synth", "False"), ("musicgen-huge", "True")):
+        done = subprocess.run([sys.executable, "-c", probe, "enqueue", "x", "--model", model], cwd=cli.folder,
+                              env=cli.env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines()[-1] == imported, (model, done.stderr)
 
 
 def test_enqueue__library_call_never_warns(sqlite_db_url: str, capfd: pytest.CaptureFixture[str]) -> None:
