@@ -54,6 +54,7 @@ from dgxqueue.storage.queue import (
 )
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
 from dgxqueue.storage.results import BACKOFF_SECONDS, STAMPED_AT_WRITE, Released, row_values
+from dgxqueue.storage.validation import path_taken
 
 __all__ = ["ManualClock", "MemoryQueue", "MemoryStore", "MemoryWaker"]
 
@@ -153,25 +154,45 @@ class MemoryStore:
                 raise ValueError(f"duplicate job id: {taken or 'within the batch'}")
             holders = {row["dedupe_key"]: row["id"] for row in self.jobs.values()
                        if row["dedupe_key"] is not None and row["status"] in (PENDING, PROCESSING)}
-            ids = []
+            # Planned first, written after: a refused path leaves nothing written, as a rollback does.
+            ids, expire, insert = [], [], []
             for row in new:
                 key = row["dedupe_key"]
                 holder = self.jobs.get(holders.get(key, ""))
                 if holder is not None and holder["status"] == PENDING and _expired(holder, inserted):
-                    # Never to run: expired now, as the insert does, and the key is free.
-                    holder.update(status=FAILED, expired_at=inserted, completed_at=inserted,
-                                  error_message=EXPIRED_MESSAGE)
+                    expire.append(holder)  # never to run: expired now, as the insert does, and the key is free
                     del holders[key]
                 if key is not None and key in holders:
                     ids.append(holders[key])
                     continue
                 if key is not None:
                     holders[key] = row["id"]
+                insert.append(row)
+                ids.append(row["id"])
+            self._refuse_taken_paths(jobs, insert)
+            for holder in expire:
+                holder.update(status=FAILED, expired_at=inserted, completed_at=inserted, error_message=EXPIRED_MESSAGE)
+            for row in insert:
                 self.jobs[row["id"]] = row
                 self.prompts[row["prompt"]] += 1
-                ids.append(row["id"])
             self.version += 1
             return ids
+
+    def _refuse_taken_paths(self, jobs: Sequence[JobSpec], insert: Sequence[dict[str, Any]]) -> None:
+        """As the database refuses them: the door's named refusal, then the unique index's."""
+        held = {row["file_path"]: row for row in self.jobs.values()}
+        seen: set[str] = set()
+        for job in jobs:
+            if job.dedupe_key is None and job.file_path in seen:
+                raise path_taken(job.file_path, "another job of this batch writes to it too")
+            if job.dedupe_key is None:
+                seen.add(job.file_path)
+            holder = held.get(job.file_path)
+            if job.dedupe_key is None and holder is not None:
+                raise path_taken(job.file_path, f"job {holder['id']} ({holder['status']}) writes to it")
+        paths = [row["file_path"] for row in insert]
+        if len(set(paths)) < len(paths) or held.keys() & set(paths):
+            raise path_taken(jobs[0].file_path if len(jobs) == 1 else [job.file_path for job in jobs])
 
     def enqueue(self, prompt: str, *, priority: int = 0, **fields: Any) -> str:
         """Validate one job as ``dgxqueue.enqueue`` does (default settings) and insert it; its id."""

@@ -207,7 +207,7 @@ def alembic_config(url: str | None = None, connection: sa.Connection | None = No
 
 #: The newest migration. Checked against alembic's script directory by the migration tests, so
 #: that a daemon whose database is already at head never loads alembic (and never holds its memory).
-HEAD_REVISION = "006"
+HEAD_REVISION = "007"
 
 
 def _stored_revision(connection: sa.Connection) -> str | None:

@@ -68,3 +68,15 @@ def database_unavailable(exc: sa.exc.DBAPIError | sqlite3.DatabaseError) -> bool
     if sqlstate and sqlstate[:2] in _PG_UNAVAILABLE_CLASSES:
         return True
     return is_transient_db_error(exc)
+
+
+def violates_unique(exc: BaseException, index: str, column: str) -> bool:
+    """Whether ``exc`` is an insert or update refused by the unique index ``index`` on ``column``
+    (``table.column``): PostgreSQL names the index, SQLite only the column."""
+    if not isinstance(exc, sa.exc.IntegrityError):
+        return False
+    constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", None)
+    if constraint is not None:
+        return bool(constraint == index)
+    return (getattr(exc.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_CONSTRAINT_UNIQUE
+            and str(exc.orig) == f"UNIQUE constraint failed: {column}")

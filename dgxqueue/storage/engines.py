@@ -139,6 +139,11 @@ class Profile:
         """The claim's candidate rows, locked as the engine allows concurrent claims."""
         return candidates
 
+    def path_key(self, path: sa.ColumnElement[str]) -> sa.ColumnElement[Any]:
+        """What the unique index on ``generations.file_path`` (migration 007) holds for ``path``:
+        a lookup by path compares this to use the index."""
+        return path
+
     def notify(self) -> sa.Select[Any] | None:
         """The statement that wakes daemons (binds ``channel`` and ``model``), if the engine has one."""
         return None
@@ -419,6 +424,10 @@ class PostgreSQLProfile(Profile):
 
     def claimable(self, candidates: sa.Select[Any]) -> sa.Select[Any]:
         return candidates.with_for_update(skip_locked=True)
+
+    def path_key(self, path: sa.ColumnElement[str]) -> sa.ColumnElement[Any]:
+        # A b-tree entry holds at most about 2,700 bytes and a path may have 4,095: the index is on md5.
+        return sa.func.md5(path)
 
     def notify(self) -> sa.Select[Any] | None:
         return sa.select(sa.func.pg_notify(sa.bindparam("channel", type_=sa.Text),

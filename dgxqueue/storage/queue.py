@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import PurePosixPath
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import Session
 
 from dgxqueue.storage.claimed import CLAIM_COLUMNS, ClaimedJob, claimed_jobs
-from dgxqueue.storage.dberrors import is_data_error
+from dgxqueue.storage.dberrors import is_data_error, violates_unique
 from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import (
     COMPLETED_SQL,
@@ -42,7 +43,7 @@ from dgxqueue.storage.models import (
 )
 from dgxqueue.storage.precompiled import Compiled, Cursor, HeldConnection, Pending, _as_sqlalchemy
 from dgxqueue.storage.results import BACKOFF_SECONDS, STAMPED_AT_WRITE, Failed, Result, row_values
-from dgxqueue.storage.validation import JobSpec
+from dgxqueue.storage.validation import JobSpec, path_taken
 
 #: PostgreSQL channel a producer notifies (payload: the model name) so idle daemons wake at once.
 NOTIFY_CHANNEL = "dgxqueue_jobs"
@@ -208,6 +209,48 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]
     """
     if not jobs:
         return []
+    refuse_taken_paths(connection, jobs)
+    try:
+        return _insert_jobs(connection, jobs)
+    except sa.exc.IntegrityError as exc:
+        if violates_unique(exc, PATH_INDEX, "generations.file_path"):
+            raise path_taken(jobs[0].file_path if len(jobs) == 1 else [job.file_path for job in jobs]) from exc
+        raise
+
+
+#: Migration 007's unique index: one job per file_path.
+PATH_INDEX = "uq_generations_file_path"
+_PATHS_PER_READ = 500  # bound parameters per read (SQLite's limit is 32766, older ones' 999)
+
+
+def refuse_taken_paths(connection: sa.Connection, jobs: Sequence[JobSpec]) -> None:
+    """Refuse, naming the path and its holder, a batch in which a job without a ``dedupe_key``
+    names a file another job writes to: one of the batch, or one in the database. Only paths a
+    producer chose are looked up (a default one holds the job's new id); the unique index refuses
+    the rest, and a keyed job whose holder may take its place, when they are inserted."""
+    seen: set[str] = set()
+    chosen = []
+    for job in jobs:
+        if job.dedupe_key is not None:
+            continue
+        if job.file_path in seen:
+            raise path_taken(job.file_path, "another job of this batch writes to it too")
+        seen.add(job.file_path)
+        if PurePosixPath(job.file_path).name != f"{job.id}.wav":
+            chosen.append(job.file_path)
+    key = profile_of(connection.dialect).path_key
+    for start in range(0, len(chosen), _PATHS_PER_READ):
+        paths = chosen[start:start + _PATHS_PER_READ]
+        held = connection.execute(
+            sa.select(G.c.file_path, G.c.id, G.c.status)
+            .where(key(G.c.file_path).in_([key(sa.literal(path, sa.Text)) for path in paths]),
+                   G.c.file_path.in_(paths))
+            .order_by(G.c.file_path).limit(1)).first()
+        if held is not None:
+            raise path_taken(held.file_path, f"job {held.id} ({held.status}) writes to it")
+
+
+def _insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]:
     statements = _insert(connection.dialect)
     ids = [job.id for job in jobs]
     inserted: Sequence[JobSpec] = jobs
@@ -237,11 +280,17 @@ def insert_job(connection: sa.Connection, job: JobSpec) -> dict[str, Any]:
     hands the row back (``create_generation``)."""
     if job.dedupe_key is not None:
         raise ValueError("insert_job takes no dedupe_key: insert_jobs returns the holder's id")
+    refuse_taken_paths(connection, [job])
     statements = _insert(connection.dialect)
     row = job_row(job)
-    with _cursor(connection) as cursor:
-        [(created_at, expires_at)] = cursor.submit(statements.stamped_job, row).rows
-        _count_and_wake(cursor, statements, [job])
+    try:
+        with _cursor(connection) as cursor:
+            [(created_at, expires_at)] = cursor.submit(statements.stamped_job, row).rows
+            _count_and_wake(cursor, statements, [job])
+    except sa.exc.IntegrityError as exc:
+        if violates_unique(exc, PATH_INDEX, "generations.file_path"):
+            raise path_taken(job.file_path) from exc
+        raise
     row.update(created_at=created_at, expires_at=expires_at)
     return row
 

@@ -147,6 +147,14 @@ def validate_file_path(value: object) -> str:
     return posix.as_posix()
 
 
+def path_taken(path: object, who: str = "another job writes to it") -> ValidationError:
+    """The refusal of a job whose ``file_path`` another job already writes to (``who`` says which,
+    when known): two jobs writing one WAV would replace a finished file (migration 007's unique
+    index)."""
+    return ValidationError("file_path", path, f"a path no other job writes to, each job's WAV its own: {who}; "
+                                              "choose another file_path, or delete that job first")
+
+
 def steering_value(key: str, value: object) -> int | float:
     """Check one metadata key that steers generation (``seed``, ``guidance_scale``, ``temperature``,
     ``top_k``); raise ValueError saying what would pass. The door, the daemon and the MusicGen

@@ -67,24 +67,32 @@ def test_producer_paths__write_identical_rows(engine: Engine, db_url: str, tmp_p
                                               monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI (flags and JSON lines), enqueue, enqueue_many, create_generation(s): the same input
-    makes the same row, but for its id and creation time, and each counts one use of the prompt."""
+    makes the same row, but for its id, its creation time and its file (each job's is its own),
+    and each counts one use of the prompt."""
     ids: dict[str, str] = {}
-    code, out, _ = _cli(monkeypatch, capsys, db_url, "enqueue", "dub techno", *FLAGS)
+    files = {name: f"outputs/dub-{n}.wav" for n, name in enumerate(
+        ("cli flags", "cli jsonl", "enqueue", "enqueue_many", "create_generation", "create_generations"))}
+    flags = [files["cli flags"] if flag == FIELDS["file_path"] else flag for flag in FLAGS]
+    code, out, _ = _cli(monkeypatch, capsys, db_url, "enqueue", "dub techno", *flags)
     assert code == 0
     ids["cli flags"] = out.strip()
-    line = {"prompt": "dub techno", **FIELDS, "run_after": "2030-01-02T03:04:05+00:00"}
+    line = {"prompt": "dub techno", **FIELDS, "run_after": "2030-01-02T03:04:05+00:00", "file_path": files["cli jsonl"]}
     (tmp_path / "jobs.jsonl").write_text(json.dumps(line) + "\n")
     code, out, _ = _cli(monkeypatch, capsys, db_url, "enqueue", "--jsonl", str(tmp_path / "jobs.jsonl"))
     assert code == 0
     ids["cli jsonl"] = out.strip()
-    ids["enqueue"] = dgxqueue.enqueue("dub techno", **FIELDS, database_url=db_url)
-    [ids["enqueue_many"]] = dgxqueue.enqueue_many([{"prompt": "dub techno", **FIELDS}], database_url=db_url)
+    ids["enqueue"] = dgxqueue.enqueue("dub techno", **{**FIELDS, "file_path": files["enqueue"]}, database_url=db_url)
+    [ids["enqueue_many"]] = dgxqueue.enqueue_many(
+        [{"prompt": "dub techno", **FIELDS, "file_path": files["enqueue_many"]}], database_url=db_url)
     with session_scope(engine) as session:
-        ids["create_generation"] = create_generation(session, "dub techno", **FIELDS).id
-        [ids["create_generations"]] = create_generations(session, [{"prompt": "dub techno", **FIELDS}])
+        ids["create_generation"] = create_generation(
+            session, "dub techno", **{**FIELDS, "file_path": files["create_generation"]}).id
+        [ids["create_generations"]] = create_generations(
+            session, [{"prompt": "dub techno", **FIELDS, "file_path": files["create_generations"]}])
     rows = _rows(engine)
     assert sorted(rows) == sorted(ids.values())
-    shapes = {path: {k: v for k, v in rows[job_id].items() if k not in ("id", "created_at")}
+    assert {path: rows[job_id]["file_path"] for path, job_id in ids.items()} == files
+    shapes = {path: {k: v for k, v in rows[job_id].items() if k not in ("id", "created_at", "file_path")}
               for path, job_id in ids.items()}
     expected = shapes["enqueue"]
     assert expected["status"] == "pending" and expected["run_after"] == FIELDS["run_after"]

@@ -74,7 +74,12 @@ def scope(engine: Engine) -> Scope:
 
 def _new(scope: Scope, **overrides: Any) -> str:
     with scope() as session:
-        return create_generation(session=session, **{**SPEC_EXAMPLE, **overrides}).id
+        return create_generation(session=session, **_spec(**overrides)).id
+
+
+def _spec(**overrides: Any) -> dict[str, Any]:
+    """The specification's example with a file of its own (each job's file_path is its own)."""
+    return {**SPEC_EXAMPLE, "file_path": f"outputs/{uuid.uuid4().hex}.wav", **overrides}
 
 
 def _counts(engine: Engine) -> tuple[int, int]:
@@ -113,12 +118,12 @@ def test_create_generation__counts_the_prompt_in_the_same_transaction(scope: Sco
     _new(scope)
     assert _counts(engine) == (1, 1)
     with pytest.raises(RuntimeError), scope() as session:
-        create_generation(session=session, **SPEC_EXAMPLE)
-        create_generation(session=session, **{**SPEC_EXAMPLE, "prompt": "another one"})
+        create_generation(session=session, **_spec())
+        create_generation(session=session, **_spec(prompt="another one"))
         raise RuntimeError("caller fails after creating")
     assert _counts(engine) == (1, 1)
     with scope() as session:
-        create_generation(session=session, **SPEC_EXAMPLE)
+        create_generation(session=session, **_spec())
         session.rollback()
     assert _counts(engine) == (1, 1)
     assert _used_count(scope, "another one") is None
@@ -379,7 +384,7 @@ def test_get_session__commits_on_success_and_rolls_back_on_error(
     with get_session() as session:
         kept = create_generation(session=session, **SPEC_EXAMPLE).id
     with pytest.raises(ZeroDivisionError), get_session() as session:
-        lost = create_generation(session=session, **SPEC_EXAMPLE).id
+        lost = create_generation(session=session, **_spec()).id
         _ = 1 / 0
     with get_session() as session:
         assert get_generation(session, kept) is not None and get_generation(session, lost) is None
@@ -506,7 +511,7 @@ def test_plain_sql__spec_prompt_rows_with_their_ids_leave_room_for_new_ones(db_u
     init_db(db_url)
     with session_scope(engine) as session:
         for prompt in ("new prompt A", "new prompt B", "chill lo-fi hip hop with piano"):
-            create_generation(session=session, **{**SPEC_EXAMPLE, "prompt": prompt})
+            create_generation(session=session, **_spec(prompt=prompt))
     with session_scope(engine) as session:
         counts = {p.text: (p.id, p.used_count) for p in get_most_used_prompts(session, limit=10)}
     assert counts["trap beat with heavy 808 bass at 140 BPM"] == (1, 3)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from dgxqueue import api
 from dgxqueue.daemon.queue_client import QueueClient
 from dgxqueue.daemon.queue_protocol import DaemonQueue, JobResult
-from dgxqueue.storage import cancel_generation, dispose_engines, init_db, registry, session_scope
+from dgxqueue.storage import cancel_generation, dispose_engines, init_db, registry, session_scope, validate_job
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import G, UTCDateTime
@@ -39,6 +39,14 @@ class QueueBackend:
 
     def enqueue(self, prompt: str = "a prompt", **fields: Any) -> str:
         """One job, through the producer's door (``model_name`` defaults to :data:`MODEL`)."""
+        raise NotImplementedError
+
+    def enqueue_many(self, specs: Sequence[dict[str, Any]]) -> list[str]:
+        """Jobs of one batch through the producer's door, all or none (each spec a dict of fields)."""
+        raise NotImplementedError
+
+    def count(self) -> int:
+        """How many jobs there are."""
         raise NotImplementedError
 
     def now(self) -> datetime:
@@ -94,6 +102,13 @@ class DatabaseBackend(QueueBackend):
     def enqueue(self, prompt: str = "a prompt", **fields: Any) -> str:
         return api.enqueue(prompt, database_url=self.url, settings=self.settings, **_fields(fields))
 
+    def enqueue_many(self, specs: Sequence[dict[str, Any]]) -> list[str]:
+        return api.enqueue_many([_fields(spec) for spec in specs], database_url=self.url, settings=self.settings)
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(G)).scalar_one())
+
     def now(self) -> datetime:
         with self.engine.connect() as conn:
             now: datetime = conn.execute(sa.select(profile_of(self.engine.dialect).now())).scalar_one()
@@ -148,6 +163,12 @@ class MemoryBackend(QueueBackend):
 
     def enqueue(self, prompt: str = "a prompt", **fields: Any) -> str:
         return self.store.enqueue(prompt, **_fields(fields))
+
+    def enqueue_many(self, specs: Sequence[dict[str, Any]]) -> list[str]:
+        return self.store.insert([validate_job(**_fields(spec)) for spec in specs])
+
+    def count(self) -> int:
+        return len(self.store.jobs)
 
     def now(self) -> datetime:
         return self.clock()

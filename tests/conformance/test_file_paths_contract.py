@@ -1,0 +1,59 @@
+"""Each job writes its own file (migration 007), on SQLite, PostgreSQL and the in-memory queue: a
+second job naming a file another job writes to is refused at the door, naming the field and the
+holder, and nothing of its batch is written; the same request deduplicated is not a second job."""
+
+from __future__ import annotations
+
+import pytest
+
+from dgxqueue.errors import ValidationError
+from tests.support.queues import QueueBackend, completed
+
+SONG = "outputs/song.wav"
+
+
+def _refused(backend: QueueBackend, call: object, *words: str) -> ValidationError:
+    before = backend.count()
+    with pytest.raises(ValidationError) as caught:
+        call()  # type: ignore[operator]
+    assert caught.value.field == "file_path", caught.value
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+    assert backend.count() == before
+    return caught.value
+
+
+def test_file_path__a_second_job_for_a_taken_file_is_refused_naming_its_holder(backend: QueueBackend) -> None:
+    """Whether the holder is pending, running or completed, the second job is refused; its
+    message names the holder and its status."""
+    holder = backend.enqueue("first", file_path=SONG)
+    _refused(backend, lambda: backend.enqueue("second", file_path=SONG), holder, "pending", "each job's WAV its own")
+    queue = backend.queue()
+    [job] = queue.claim(1)
+    _refused(backend, lambda: backend.enqueue("second", file_path=SONG), holder, "processing")
+    queue.finish([completed(job)])
+    _refused(backend, lambda: backend.enqueue("second", file_path=SONG), holder, "completed")
+    assert backend.enqueue("second", file_path="outputs/other.wav") != holder
+
+
+def test_file_path__a_batch_with_one_taken_file_writes_nothing(backend: QueueBackend) -> None:
+    """Two jobs of one batch naming one file, or one naming a file already held: the whole batch is
+    refused."""
+    holder = backend.enqueue("first", file_path=SONG)
+    _refused(backend, lambda: backend.enqueue_many([{"prompt": "a", "file_path": "outputs/a.wav"},
+                                                    {"prompt": "b", "file_path": SONG}]), holder)
+    _refused(backend, lambda: backend.enqueue_many([{"prompt": "a", "file_path": "outputs/a.wav"},
+                                                    {"prompt": "b", "file_path": "outputs/a.wav"}]),
+             "'outputs/a.wav'", "of this batch")
+    assert len(backend.enqueue_many([{"prompt": "a", "file_path": "outputs/a.wav"},
+                                     {"prompt": "b", "file_path": "outputs/b.wav"}])) == 2
+
+
+def test_file_path__the_same_keyed_request_again_is_its_holder_not_a_refusal(backend: QueueBackend) -> None:
+    """Dedupe comes first: the same request with the same key and file returns the job that holds
+    the key (alone or twice in one batch). Another key naming the held file is refused."""
+    holder = backend.enqueue("song", dedupe_key="k", file_path=SONG)
+    assert backend.enqueue("song", dedupe_key="k", file_path=SONG) == holder
+    twice = {"prompt": "song", "dedupe_key": "k2", "file_path": "outputs/two.wav"}
+    pair = backend.enqueue_many([twice, twice])
+    assert pair[0] == pair[1] and backend.enqueue("song", dedupe_key="k2", file_path="outputs/two.wav") == pair[0]
+    _refused(backend, lambda: backend.enqueue("other", dedupe_key="k3", file_path=SONG), "'outputs/song.wav'")

@@ -1,0 +1,101 @@
+"""Each job writes its own file (migration 007) on the real engines: producers racing for one file,
+the specification's create_generation inside a session, and the unique index behind the door's
+lookup when the holder is not yet committed."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from dgxqueue import api
+from dgxqueue.config import load_settings
+from dgxqueue.errors import ValidationError
+from dgxqueue.storage import create_generation, session_scope, validate_job
+from dgxqueue.storage.models import G
+from dgxqueue.storage.queue import insert_jobs
+from tests.support.processes import wait_until
+
+SONG = "outputs/song.wav"
+
+
+def _count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(G)).scalar_one())
+
+
+def test_file_path__eight_producers_racing_for_one_file_make_one_job(engine: Engine, db_url: str) -> None:
+    """Eight threads enqueue a job for one file at once: one job is made, and each of the seven
+    others is refused naming file_path, whether the door's lookup or the unique index caught it."""
+    settings = load_settings(env={})
+    start = threading.Barrier(8)
+    made: list[str] = []
+    refused: list[ValidationError] = []
+    other: list[BaseException] = []
+
+    def produce(n: int) -> None:
+        start.wait(timeout=30)
+        try:
+            made.append(api.enqueue(f"take {n}", file_path=SONG, database_url=db_url, settings=settings))
+        except ValidationError as exc:
+            refused.append(exc)
+        except BaseException as exc:  # reported by the assertion below
+            other.append(exc)
+
+    threads = [threading.Thread(target=produce, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert other == [] and len(made) == 1 and len(refused) == 7
+    assert {exc.field for exc in refused} == {"file_path"}
+    assert _count(engine) == 1
+
+
+def test_file_path__create_generation_in_a_session_is_refused_and_the_first_kept(engine: Engine) -> None:
+    """The specification's own example, called twice: the second create_generation raises
+    ValidationError naming file_path and the first job, and the first job is kept."""
+    spec: dict[str, Any] = {"prompt": "hip hop beat", "model_name": "musicgen-small", "duration_seconds": 16.0,
+                            "sample_rate": 32000, "channels": 2, "file_path": "outputs/test.wav"}
+    with session_scope(engine) as session:
+        first = create_generation(session, **spec).id
+    with pytest.raises(ValidationError) as caught, session_scope(engine) as session:
+        create_generation(session, **{**spec, "prompt": "another beat"})
+    assert caught.value.field == "file_path" and first in str(caught.value)
+    with engine.connect() as conn:
+        assert list(conn.execute(sa.select(G.c.id, G.c.prompt))) == [(first, "hip hop beat")]
+
+
+def test_file_path__a_holder_not_yet_committed_is_refused_by_the_index(engine: Engine, db_url: str) -> None:
+    """A producer whose lookup ran before another's insert of the same file committed: its insert
+    waits for that transaction (PostgreSQL's unique index, SQLite's one writer), then is refused
+    naming file_path; nothing of it is written."""
+    settings = load_settings(env={})
+    outcome: list[BaseException | str] = []
+    holder = engine.connect()
+    transaction = holder.begin()
+    insert_jobs(holder, [validate_job("holder", file_path=SONG)])
+
+    def produce() -> None:
+        try:
+            outcome.append(api.enqueue("late", file_path=SONG, database_url=db_url, settings=settings))
+        except BaseException as exc:  # reported by the assertion below
+            outcome.append(exc)
+
+    late = threading.Thread(target=produce)
+    late.start()
+    if engine.dialect.name == "postgresql":  # its insert waits on the holder's transaction
+        with engine.connect() as watcher:
+            wait_until(lambda: watcher.execute(sa.text(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                "WHERE NOT granted AND datname = current_database()")).scalar(), 30,
+                "the late insert to wait for the holder's transaction")
+    transaction.commit()
+    holder.close()
+    late.join(timeout=60)
+    [result] = outcome
+    assert isinstance(result, ValidationError) and result.field == "file_path", result
+    assert _count(engine) == 1
