@@ -160,6 +160,22 @@ def test_enqueue__a_model_the_configured_generator_serves_imports_no_other_backe
         assert done.stderr.splitlines()[-1] == imported, (model, done.stderr)
 
 
+def test_enqueue__a_file_another_job_writes_to_is_refused_naming_that_job(cli: Cli) -> None:
+    """enqueue --file-path naming a file another job holds: exit 65 naming file_path and the
+    holder's id, no row; in a JSON-lines batch, the whole batch is refused."""
+    cli.add()  # a configured database is never created by enqueue
+    holder = cli.here("enqueue", "first", "--file-path", "outputs/song.wav")
+    assert holder.returncode == 0, holder.stderr
+    before = cli.snapshot()
+    assert_error(cli.here("enqueue", "second", "--file-path", "outputs/song.wav"), 65, "file_path",
+                 holder.stdout.strip(), "each job's WAV its own")
+    lines = cli.folder / "jobs.jsonl"
+    lines.write_text('{"prompt": "a", "file_path": "outputs/new.wav"}\n'
+                     '{"prompt": "b", "file_path": "outputs/song.wav"}\n')
+    assert_error(cli.here("enqueue", "--jsonl", str(lines)), 65, "file_path", holder.stdout.strip())
+    assert cli.snapshot() == before
+
+
 def test_enqueue__library_call_never_warns(sqlite_db_url: str, capfd: pytest.CaptureFixture[str]) -> None:
     """dgxqueue.enqueue stays quiet about models: the warning is the command's."""
     import dgxqueue
