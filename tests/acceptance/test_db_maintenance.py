@@ -23,6 +23,7 @@ import dgxqueue
 from dgxqueue.cli.dbmaint import EXIT_DAMAGED
 from dgxqueue.config import load_settings
 from dgxqueue.storage import get_engine, init_db, session_scope
+from dgxqueue.storage.database import HEAD_REVISION
 from dgxqueue.storage.maintenance import SEARCH_TOKENIZER
 from dgxqueue.storage.models import G
 from dgxqueue.storage.search import search_ids
@@ -64,7 +65,7 @@ def test_db_check__healthy_sqlite_exits_0(sqlite_db_url: str) -> None:
         done = _cli(sqlite_db_url, "db", "check", *flags, "--json")
         assert done.returncode == 0, done.stdout + done.stderr
         report = json.loads(done.stdout)
-        assert report["healthy"] and report["problems"] == [] and report["revision"] == "006"
+        assert report["healthy"] and report["problems"] == [] and report["revision"] == HEAD_REVISION
         assert report["page_count"] > 10 and report["page_size"] == 4096 and "wal_bytes" in report
 
 
@@ -118,7 +119,7 @@ def test_db_check__postgresql_says_what_it_checked_and_finds_an_invalid_index(pg
     done = _cli(pg_db_url, "db", "check", "--full", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
-    assert report["generations_rows"] == 50 and report["revision"] == "006"
+    assert report["generations_rows"] == 50 and report["revision"] == HEAD_REVISION
     assert any("indisvalid" in check for check in report["checked"])
     with get_engine(pg_db_url).begin() as conn:
         conn.exec_driver_sql("UPDATE pg_index SET indisvalid = false "
