@@ -50,6 +50,11 @@ NOTIFY_CHANNEL = "dgxqueue_jobs"
 #: PostgreSQL channel every recorded outcome is published on, with the write (README: "Completion
 #: events"); payload: a JSON array of ``{"id": ..., "status": ...}``.
 EVENTS_CHANNEL = "dgxqueue_events"
+#: The ends of PostgreSQL's ``integer``, the counters' type: plain SQL can leave a counter at
+#: one, where ``+ 1`` or ``- 1`` raises "integer out of range" and rolls back the whole statement
+#: (a rescue: every daemon's, at each start). Those keep such a counter where it is;
+#: any other value (on SQLite also text, which counts as 0) moves as before.
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 def due_condition(profile: Profile, now: sa.ColumnElement[Any] | datetime) -> sa.ColumnElement[bool]:
@@ -683,9 +688,13 @@ def finish_and_claim(
 # --- rescue ---------------------------------------------------------------------------------
 
 
+#: ``lease_losses + 1``, kept at the integer's end.
+_LOSSES_AFTER = sa.case((G.c.lease_losses == _INT_MAX, G.c.lease_losses), else_=G.c.lease_losses + 1)
+
+
 def _losses_text(prefix: str, suffix: str) -> sa.ColumnElement[str]:
     """``prefix || (lease_losses + 1) || suffix``: a message naming the count this update sets."""
-    count = sa.cast(G.c.lease_losses + 1, sa.Text)
+    count = sa.cast(_LOSSES_AFTER, sa.Text)
     return sa.literal(prefix, sa.Text) + count + sa.literal(suffix, sa.Text)
 
 
@@ -743,8 +752,8 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     spent = G.c.attempts >= G.c.max_attempts
     requeued = run(
         sa.update(G).where(live, G.c.started_at.is_not(None), sa.or_(~spent, G.c.lease_losses == 0))
-        .values(attempts=sa.case((spent, G.c.attempts - 1), else_=G.c.attempts),
-                lease_losses=G.c.lease_losses + 1, started_at=None,
+        .values(attempts=sa.case((sa.and_(spent, G.c.attempts != _INT_MIN), G.c.attempts - 1), else_=G.c.attempts),
+                lease_losses=_LOSSES_AFTER, started_at=None,
                 error_message=_losses_text("lease lost while it ran: its daemon died or stalled (",
                                            " time(s)); requeued to run alone"), **released)
         .returning(G.c.id)
@@ -752,7 +761,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     failed = run(
         sa.update(G).where(live, G.c.started_at.is_not(None), spent, G.c.lease_losses != 0)
         .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
-                lease_losses=G.c.lease_losses + 1,
+                lease_losses=_LOSSES_AFTER,
                 error_message=_losses_text("killed its daemon ", " times: its lease expired while it ran "
                                            "alone, on its last attempt"))
         .returning(G.c.id)

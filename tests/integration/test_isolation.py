@@ -179,3 +179,26 @@ def test_rescue__a_lease_that_expires_while_it_runs_is_sorted_by_its_row(engine:
     assert (row(db_url, started).status, row(db_url, started).attempts, row(db_url, started).lease_losses) \
         == ("pending", 1, 1)
     assert row(db_url, asked).status == "failed" and row(db_url, asked).cancelled_at is not None
+
+
+def test_rescue__counters_at_the_integer_limits_never_stop_it(engine: sa.Engine, db_url: str) -> None:
+    """Plain SQL can leave ``lease_losses`` at PostgreSQL's largest integer, or ``attempts`` and
+    ``max_attempts`` at its smallest: the rescue's ``lease_losses + 1`` and ``attempts - 1`` then
+    raised "integer out of range", rolling back every row of the rescue, and the daemon exited 70
+    at each start, so no expired lease of any job was ever rescued. Such a row is sorted as any
+    other (its counter kept where it cannot move), and the rows beside it are rescued too."""
+    most, least = 2**31 - 1, -(2**31)
+    gone = {"status": "processing", "worker_id": "dead", "started_at": utcnow() - timedelta(hours=2),
+            "lease_expires_at": utcnow() - timedelta(hours=1)}
+    spent_most = enqueue(db_url, "fine", **gone, attempts=3, lease_losses=most)
+    live_most = enqueue(db_url, "fine", **gone, attempts=1, lease_losses=most)
+    spent_least = enqueue(db_url, "fine", **gone, attempts=least, max_attempts=least)
+    beside = enqueue(db_url, "fine", **gone, attempts=1)
+    with session_scope(engine) as s:
+        requeued, failed = queue.rescue_expired(s)
+    assert sorted(requeued) == sorted([live_most, spent_least, beside]) and failed == [spent_most]
+    state = {job_id: (row(db_url, job_id).status, row(db_url, job_id).attempts, row(db_url, job_id).lease_losses)
+             for job_id in (spent_most, live_most, spent_least, beside)}
+    assert state == {spent_most: ("failed", 3, most), live_most: ("pending", 1, most),
+                     spent_least: ("pending", least, 1), beside: ("pending", 1, 1)}
+    assert f"killed its daemon {most} times" in (row(db_url, spent_most).error_message or "")
