@@ -52,7 +52,7 @@ NOTIFY_CHANNEL = "dgxqueue_jobs"
 EVENTS_CHANNEL = "dgxqueue_events"
 #: The ends of PostgreSQL's ``integer``, the counters' type: plain SQL can leave a counter at
 #: one, where ``+ 1`` or ``- 1`` raises "integer out of range" and rolls back the whole statement
-#: (a rescue: every daemon's, at each start). Those keep such a counter where it is;
+#: (a claim or a rescue: every daemon's, at each start). Those keep such a counter where it is;
 #: any other value (on SQLite also text, which counts as 0) moves as before.
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
@@ -409,7 +409,8 @@ def claim_statement(profile: Profile, n_models: int, start: bool = False) -> sa.
         sa.update(G)  # UPDATE ... FROM: with "id IN (SELECT ...)" SQLite scanned every pending row
         .where(G.c.id == chosen.c.id, IS_PENDING)
         .values(status=PROCESSING, worker_id=sa.bindparam("worker_id", type_=sa.Text),
-                attempts=G.c.attempts + 1, claimed_at=now, started_at=now if start else None,
+                attempts=sa.case((G.c.attempts == _INT_MAX, G.c.attempts), else_=G.c.attempts + 1),
+                claimed_at=now, started_at=now if start else None,
                 lease_expires_at=profile.later(sa.bindparam("lease_seconds", type_=sa.Float)))
         .returning(*CLAIM_COLUMNS)
     )

@@ -89,6 +89,20 @@ def test_claim__each_poison_row_becomes_a_job_whose_defect_names_the_column(engi
     assert {job_id for job_id, job in jobs.items() if job.defect is None} == fine
 
 
+def test_claim__attempts_at_the_integer_limit_never_stop_the_claim(engine: sa.Engine, db_url: str) -> None:
+    """Plain SQL can leave ``attempts`` at PostgreSQL's largest integer: the claim's
+    ``attempts + 1`` raised "integer out of range" for the whole claim, and a real daemon exited
+    70 at each start, claiming none of its models' jobs. The count stays where it cannot move (the
+    attempt is spent, so the job runs once more and a failure is final); the rest is claimed."""
+    most = 2**31 - 1
+    poison.insert(db_url, [poison.row("attempts-most", attempts=most), poison.row("good-1")])
+    link = HeldConnection(engine)
+    jobs = {job.id: job for job in queue.claim(link, worker_id="w", models=["synth"], limit=10, lease=LEASE)}
+    link.close()
+    assert sorted(jobs) == ["attempts-most", "good-1"]
+    assert (jobs["attempts-most"].attempt, jobs["good-1"].attempt) == (most, 1)
+
+
 def test_finish__a_value_the_database_refuses_fails_only_its_job(engine: sa.Engine, db_url: str) -> None:
     """An outcome the database cannot store (an integer past 64 bits) makes the batch be written one
     outcome at a time: that job is recorded failed naming the error, the others as they were."""
