@@ -277,9 +277,12 @@ class SQLiteProfile(Profile):
 
     def not_a_time(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
         """A row written by plain SQL can hold an epoch number or 'tomorrow', which compares with
-        times as text or numbers do, meaningless."""
+        times as text or numbers do, meaningless; or text that starts as a time does but names
+        none ('2026-13-45 99:99:99'), which SQLite's parser refuses and compared as text (a lease
+        of '9999-99-99' held its job for ever)."""
         is_time: sa.ColumnElement[bool] = column.op("GLOB", is_comparison=True)(_TIME_TEXT)
-        return sa.not_(is_time)
+        unparsed = sa.and_(column.is_not(None), sa.func.strftime(_SQLITE_TIME, column, type_=sa.Text).is_(None))
+        return sa.or_(sa.not_(is_time), unparsed)
 
     def insert(self, table: sa.Table) -> Any:
         return sqlite.insert(table)

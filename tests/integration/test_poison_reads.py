@@ -13,6 +13,7 @@ from dgxqueue.storage import (
     get_database_stats,
     get_generation,
     get_pending_generations,
+    init_db,
     queue,
     reads,
     session_scope,
@@ -65,6 +66,30 @@ def test_reads__survive_every_poison_row_and_show_raw_values(engine: sa.Engine, 
         requeued, failed = queue.rescue_expired(s)
     # A lease that is not a time is held by nobody (SQLite); PostgreSQL's infinity is a time, far off.
     assert (requeued, failed) == ((["lease-bad"], []) if sqlite else ([], []))
+
+
+def test_rescue_and_claim__sqlite_text_shaped_like_a_time_that_names_none_is_no_time(sqlite_db_url: str) -> None:
+    """Text that starts as a time does but names none ('2026-13-45 99:99:99', a month 13) was
+    compared as text: a lease of it held its job 'processing' until the text sorted before the
+    clock (next year; '9999-99-99' never), and a run_after of it kept its job waiting as long,
+    where FAULTS says a lease that is not a time is held by nobody and a run_after that is not a
+    time is due (so the claim fails the job naming it). SQLite's own parser says which is a time."""
+    engine = init_db(sqlite_db_url)
+    poison.insert(sqlite_db_url, [
+        poison.row("lease-month-13", status="processing", worker_id="gone", lease_expires_at="2026-13-45 99:99:99"),
+        poison.row("lease-stored-form", status="processing", worker_id="gone",
+                   lease_expires_at="9999-99-99 00:00:00.000000"),
+        poison.row("lease-ahead", status="processing", worker_id="alive", lease_expires_at="9999-12-31 00:00:00"),
+        poison.row("run-after-month-13", run_after="2026-13-45 00:00:00"),
+    ])
+    with session_scope(engine) as s:
+        requeued, failed = queue.rescue_expired(s)
+    assert (sorted(requeued), failed) == (["lease-month-13", "lease-stored-form"], [])
+    link = HeldConnection(engine)
+    jobs = {job.id: job for job in queue.claim(link, worker_id="w", models=["synth"], limit=10, lease=LEASE)}
+    link.close()
+    defect = jobs["run-after-month-13"].defect
+    assert defect is not None and defect.startswith("run_after"), defect
 
 
 def test_claim__each_poison_row_becomes_a_job_whose_defect_names_the_column(engine: sa.Engine, db_url: str) -> None:
