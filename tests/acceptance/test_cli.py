@@ -368,6 +368,7 @@ def test_db__upgrade_current_downgrade(cli: Cli) -> None:
     assert f"revision {head_revision()}" in cli.ok("db", "upgrade")
     assert json.loads(cli.ok("db", "current", "--json")) == {
         "current": head_revision(), "head": head_revision(), "up_to_date": True}
+    assert "revision 006" in cli.ok("db", "downgrade")  # 007 drops only the file-path index: nothing to lose
     assert "revision 005" in cli.ok("db", "downgrade")  # 006 drops only the search index: nothing to lose
     assert_error(cli.here("db", "downgrade"), 2, "--yes")  # 005 drops tables and columns: asked first
     assert "revision 004" in cli.ok("db", "downgrade", "--yes")  # one step back from 005

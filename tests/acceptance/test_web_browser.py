@@ -135,7 +135,8 @@ def test_browser__odd_status_and_id_written_by_plain_sql(stack: Stack) -> None:
     untyped = sa.table("generations", *(sa.column(name) for name in ["id", "status", *row]))
     with session_scope(get_engine(stack.url)) as session:
         session.execute(sa.insert(untyped).values([{**row, "id": "odd-status", "status": "processing\r"},
-                                                   {**row, "id": "odd?id=1#here", "status": "pending"}]))
+                                                   {**row, "id": "odd?id=1#here", "status": "pending",
+                                                    "file_path": "odd-too.wav"}]))
     stack.open("/jobs/odd-status")
     stack.driver.execute_script("window.notReloaded = true;")
     stack.wait(lambda d: d.find_element(By.ID, "updated").text.startswith("updated"), "a live update")
