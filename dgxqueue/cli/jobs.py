@@ -176,8 +176,8 @@ def cmd_retry(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _paths_in_use(session: Session, victims: list[tuple[str, str]], *, deleted: bool) -> set[str]:
-    """The victims' file paths that rows staying in the table still name: two jobs may share one
-    file (``--file-path outputs/test.wav``), and pruning the old one must not take the new one's."""
+    """The victims' file paths that rows staying in the table still name. Since migration 007 each
+    path is one job's, so none do; kept as a guard, since a file removed in error cannot come back."""
     shared: set[str] = set()
     paths = sorted({file_path for _, file_path in victims})
     going = Counter(file_path for _, file_path in victims)

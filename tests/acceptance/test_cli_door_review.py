@@ -57,19 +57,20 @@ def test_enqueue__jsonl_from_a_closed_stdin(cli: Cli) -> None:
 
 
 def test_prune__file_paths_it_keeps_are_escaped(cli: Cli) -> None:
-    """prune names the files it keeps (shared, or outside the outputs folder) with controls escaped."""
-    hostile = "outputs/\x1b]0;pwned\x07\u202e.wav"
-    [old, new, outside] = cli.add("old", "new", "outside")
+    """prune names the files it leaves alone (outside the outputs folder, written by plain SQL)
+    with controls escaped."""
+    [old, outside] = cli.add("old", "outside")
     engine = init_db(cli.url)
     with session_scope(engine) as session:
         complete_generation(session, old, 1.0, 44)
-    with engine.begin() as conn:  # two jobs share one file; a third names a path written by plain SQL
-        conn.execute(sa.update(G).where(G.c.id.in_([old, new])).values(file_path=hostile))
-        conn.execute(sa.update(G).where(G.c.id == outside).values(file_path="/tmp/\x1b[2J.wav", status="failed"))
+    with engine.begin() as conn:  # paths written by plain SQL, one of them outside the outputs folder
+        conn.execute(sa.update(G).where(G.c.id == old).values(file_path="outputs/\x1b]0;pwned\x07\u202e.wav"))
+        conn.execute(sa.update(G).where(G.c.id == outside)
+                     .values(file_path="/tmp/\x1b]0;pwned\x07\u202e\x1b[2J.wav", status="failed"))
     dispose_engines()
     done = cli.here("prune", "--older-than", "0s", "--delete-files")
     assert done.returncode == 0, done.stderr
-    assert "\\x1b]0;pwned\\x07\\u202e.wav" in done.stdout and "/tmp/\\x1b[2J.wav" in done.stdout, done.stdout
+    assert "/tmp/\\x1b]0;pwned\\x07\\u202e\\x1b[2J.wav" in done.stdout, done.stdout
     assert not [raw for raw in RAW_CONTROLS if raw in done.stdout], done.stdout
 
 

@@ -75,35 +75,32 @@ def test_db_reset__keeps_tables_dgxqueue_does_not_own(any_cli: Cli) -> None:
 # --- prune --delete-files -----------------------------------------------------------------------
 
 
-def test_prune__keeps_a_file_that_a_remaining_row_still_uses(any_cli: Cli) -> None:
-    """Two jobs share outputs/test.wav: pruning the old one keeps the file; a file only pruned rows
-    shared goes, once."""
+def test_prune__deletes_the_pruned_jobs_files_and_keeps_the_others(any_cli: Cli) -> None:
+    """Each job's file is its own (migration 007): pruning old jobs with --delete-files removes
+    their files, once each, and leaves the file of the job that stays."""
     cli = any_cli
     engine = get_engine(cli.url)
-    specs = [{"prompt": prompt, "file_path": f"outputs/{name}.wav"}
-             for prompt, name in (("old", "test"), ("new", "test"), ("pair a", "pair"), ("pair b", "pair"))]
+    specs = [{"prompt": prompt, "file_path": f"outputs/{prompt}.wav"} for prompt in ("old", "new", "gone")]
     init_db(cli.url)
     with session_scope(engine) as session:
-        old, new, pair_a, pair_b = create_generations(session, specs)
-        for job in (old, new, pair_a, pair_b):
+        old, new, gone = create_generations(session, specs)
+        for job in (old, new, gone):
             complete_generation(session, job, generation_time=0.1, file_size_bytes=100)
         long_ago = datetime(2025, 1, 1, tzinfo=UTC)
-        session.execute(sa.update(Generation).where(Generation.id.in_([old, pair_a, pair_b]))
-                        .values(completed_at=long_ago))
+        session.execute(sa.update(Generation).where(Generation.id.in_([old, gone])).values(completed_at=long_ago))
     dispose_engines()
     outputs = cli.folder / "outputs"
     outputs.mkdir()
-    (outputs / "test.wav").write_bytes(b"RIFF" + bytes(100))
-    (outputs / "pair.wav").write_bytes(b"RIFF" + bytes(10))
+    for name, size in (("old", 10), ("new", 100), ("gone", 4)):
+        (outputs / f"{name}.wav").write_bytes(b"RIFF" + bytes(size))
 
     dry = json.loads(cli.here("prune", "--older-than", "30d", "--delete-files", "--dry-run", "--json").stdout)
-    assert (dry["generations"], dry["files"], dry["bytes"], dry["kept_in_use"]) == (3, 1, 14, ["outputs/test.wav"])
+    assert (dry["generations"], dry["files"], dry["bytes"], dry["kept_in_use"]) == (2, 2, 22, [])
     done = cli("prune", "--older-than", "30d", "--delete-files")
     assert done.returncode == 0, done.stderr
-    assert "deleted 3 generation(s)" in done.stdout and "1 file(s), 14 bytes" in done.stdout
-    assert "kept outputs/test.wav: a generation that stays still uses it" in done.stdout
-    assert (outputs / "test.wav").read_bytes() == b"RIFF" + bytes(100)
-    assert not (outputs / "pair.wav").exists()
+    assert "deleted 2 generation(s)" in done.stdout and "2 file(s), 22 bytes" in done.stdout
+    assert (outputs / "new.wav").read_bytes() == b"RIFF" + bytes(100)
+    assert not (outputs / "old.wav").exists() and not (outputs / "gone.wav").exists()
     assert [row["id"] for row in json.loads(cli.here("list", "--json").stdout)] == [new]
 
 

@@ -215,7 +215,7 @@ def test_db_check__older_schema_is_not_damage_and_an_empty_server_is_unavailable
 
     upgrade(get_engine(sqlite_db_url), "005")
     done = _cli(sqlite_db_url, "db", "check", "--full")
-    assert done.returncode == 0 and "005 (this dgxqueue's is 006" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and f"005 (this dgxqueue's is {HEAD_REVISION}" in done.stdout, done.stdout + done.stderr
     done = _cli(pg_db_url, "db", "check")
     assert done.returncode == 69 and "no dgxqueue tables" in done.stderr, done.stdout + done.stderr
 
@@ -317,13 +317,13 @@ def test_db_check__full_finds_words_left_behind_by_insert_or_replace(sqlite_db_u
         made = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'generations_search'").fetchone()[0]
     assert f'tokenize="{SEARCH_TOKENIZER}"' in made
     insert = ("INSERT {} INTO generations (id, prompt, model_name, duration_seconds, sample_rate, channels, "
-              "file_path, status, created_at) VALUES (?, ?, 'm', 1, 32000, 1, 'o.wav', 'completed', '2026-01-01')")
+              "file_path, status, created_at) VALUES (?, ?, 'm', 1, 32000, 1, ? || '.wav', 'completed', '2026-01-01')")
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute(insert.format(""), ("a", "alpha"))
-        conn.execute(insert.format(""), ("b", "beta"))
-        conn.execute(insert.format("OR REPLACE"), ("b", "beta two"))
+        conn.execute(insert.format(""), ("a", "alpha", "a"))
+        conn.execute(insert.format(""), ("b", "beta", "b"))
+        conn.execute(insert.format("OR REPLACE"), ("b", "beta two", "b"))
         conn.execute("DELETE FROM generations WHERE id = 'b'")
-        conn.execute(insert.format(""), ("c", "gamma"))  # takes the replaced row's rowid again
+        conn.execute(insert.format(""), ("c", "gamma", "c"))  # takes the replaced row's rowid again
         conn.commit()
     with session_scope(get_engine(sqlite_db_url)) as session:
         assert search_ids(session, "beta") == ["c"]  # the damage: a row without the word
@@ -351,8 +351,8 @@ def test_db_check__full_while_rows_are_written_finds_no_damage(sqlite_db_url: st
                 n = written[0]
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("INSERT INTO generations (id, prompt, model_name, duration_seconds, sample_rate, "
-                             "channels, file_path, status, created_at) VALUES (?, ?, 'm', 1, 32000, 1, 'o.wav', "
-                             "'pending', '2026-01-01')", (f"w{n}", f"written {n} piano"))
+                             "channels, file_path, status, created_at) VALUES (?, ?, 'm', 1, 32000, 1, ?, "
+                             "'pending', '2026-01-01')", (f"w{n}", f"written {n} piano", f"w{n}.wav"))
                 conn.execute("UPDATE generations SET prompt = prompt || ' again' WHERE id = ?", (f"w{n // 2}",))
                 conn.execute("DELETE FROM generations WHERE id = ?", (f"w{n // 3}",))
                 conn.execute("COMMIT")
