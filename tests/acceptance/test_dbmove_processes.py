@@ -408,7 +408,7 @@ def test_archive__a_row_whose_id_is_not_text_is_reported_and_the_run_ends(tmp_pa
     engine = create_engine(source)
     with engine.begin() as conn:
         row = conn.execute(sa.select(*G.columns).where(G.c.id == sorted(old)[0])).mappings().one()
-        conn.execute(sa.insert(G).values({**row, "id": b"\x00\xff"}))
+        conn.execute(sa.insert(G).values({**row, "id": b"\x00\xff", "file_path": "outputs/blob.wav"}))
     engine.dispose()
     done = run_dgxqueue(source, "archive", "--older-than", "30d", "--to", target, timeout=60)
     assert done.returncode == 65, done.stderr
