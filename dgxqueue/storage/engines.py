@@ -465,7 +465,10 @@ class PostgreSQLProfile(Profile):
         import psycopg
 
         url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        connection = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10)
+        # UTF-8 as engine_options() asks: a client_encoding the database, role or PGCLIENTENCODING
+        # sets (LATIN1, SQL_ASCII) would refuse non-Latin text or read every text column as bytes.
+        connection = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10,
+                                                           client_encoding="utf8")
         register_postgresql_loaders(connection)  # as configure() does for the engine's connections
         return connection
 

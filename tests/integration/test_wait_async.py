@@ -23,6 +23,7 @@ from dgxqueue.storage import (
     complete_generation,
     create_generation,
     dispose_engines,
+    fail_generation,
     get_engine,
     init_db,
     session_scope,
@@ -481,3 +482,23 @@ def test_wait__a_job_that_ended_by_the_timeouts_last_read_is_not_reported_unfini
     with pytest.raises(StopIteration) as done:
         steps.send(_read(engine, last.ids, ended_only=last.ended_only))
     assert done.value.value == ["completed"] and job.status == "completed"
+
+
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+def test_wait_async__reads_in_utf8_whatever_client_encoding_the_database_sets(
+        pg_db_url: str, tmp_path: Path, encoding: str) -> None:
+    """The database (or PGCLIENTENCODING) sets another client_encoding for new connections: the
+    async wait's own connection reads in UTF-8, as the engine's do. It raised 'no equivalent in
+    encoding LATIN1' on a non-Latin error message, and under SQL_ASCII read the ids as bytes and
+    said the job was not found."""
+    settings = setup(pg_db_url, tmp_path)
+    job = dgxqueue.submit("fine", **SPEC, settings=settings)
+    engine = get_engine(pg_db_url)
+    with session_scope(engine) as session:
+        fail_generation(session, job.id, "boom ✓ 音")
+    with engine.connect() as conn:
+        name = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+        conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET client_encoding = '{encoding}'"))
+        conn.commit()
+    assert asyncio.run(job.wait_async(RECHECK_SECONDS)) == "failed"
+    assert job.error == "boom ✓ 音"
