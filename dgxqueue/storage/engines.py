@@ -366,7 +366,6 @@ class SQLiteProfile(Profile):
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-@functools.lru_cache(maxsize=1024)
 def _require_utf8(connection: Any) -> None:
     """Refuse a PostgreSQL database whose encoding is not UTF8 (SQL_ASCII, LATIN1): prompts and
     error messages are any Unicode text, which such a database garbles or refuses mid-queue."""
@@ -378,6 +377,7 @@ def _require_utf8(connection: Any) -> None:
                           "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)")
 
 
+@functools.lru_cache(maxsize=1024)
 def _bind_names(names: tuple[str, ...], n: int) -> tuple[str, ...]:
     """The bind names of :meth:`SQLiteProfile.rows_of`'s ``n`` rows, row by row (made once per shape)."""
     return tuple(f"o{i}_{name}" for i in range(n) for name in names)

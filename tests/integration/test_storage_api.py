@@ -602,3 +602,26 @@ def test_bad_input__configured_limits_apply(scope: Scope, engine: Engine) -> Non
     with pytest.raises(ValidationError, match=r"\(0, 5\]"), scope() as session:
         create_generation(session=session, **SPEC_EXAMPLE, limits=JobSettings(max_duration_seconds=5))
     assert _counts(engine) == (0, 0)
+
+
+def test_engine__a_postgres_connection_the_pool_closed_is_not_held(pg_db_url: str) -> None:
+    """The UTF8 check run on each new PostgreSQL connection keeps no reference to it: the
+    check was memoised by connection (a misplaced lru_cache), so the last 1024 connections a
+    long-running daemon or web server had closed stayed in memory."""
+    import gc
+    import weakref
+
+    engine = create_engine(pg_db_url)
+    with engine.connect() as conn:
+        driver = weakref.ref(conn.connection.dbapi_connection)
+    engine.dispose()
+    gc.collect()
+    assert driver() is None
+
+
+def test_rows_of__bind_names_are_made_once_per_shape() -> None:
+    """rows_of's bind names for a shape of rows are built once and reused (the lru_cache that
+    made them once had moved onto the UTF8 check above them)."""
+    from dgxqueue.storage.engines import _bind_names
+
+    assert _bind_names(("id", "status"), 3) is _bind_names(("id", "status"), 3)
