@@ -13,13 +13,21 @@ from dgxqueue.cli.common import EX_CONFIG, EX_IOERR, EX_UNAVAILABLE, EXIT_OK, Cl
 
 TOKEN_VARIABLE = "DGXQUEUE_WEB_TOKEN"  # noqa: S105  (the name of the variable, not a token)
 MIN_TOKEN_LENGTH = 16
+#: The most a token file is read of: a token is tens of characters; /dev/zero or a huge file
+#: named by mistake would otherwise be read whole (every byte of memory, or a giant token).
+MAX_TOKEN_FILE_BYTES = 4096
 
 
 def read_token(args: argparse.Namespace) -> str | None:
     """The token from ``--token-file`` or ``$DGXQUEUE_WEB_TOKEN`` (never echoed in an error)."""
     if args.token_file:
         try:
-            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+            with Path(args.token_file).open("rb") as file:
+                data = file.read(MAX_TOKEN_FILE_BYTES + 1)
+            if len(data) > MAX_TOKEN_FILE_BYTES:
+                raise CliError(f"--token-file {safe(args.token_file)} holds over {MAX_TOKEN_FILE_BYTES} bytes: "
+                               "it must hold the token alone", EX_CONFIG)
+            token = data.decode("utf-8").strip()
         except OSError as exc:  # what is wrong, as the system says it (not the exception's class)
             raise CliError(f"--token-file {safe(args.token_file)} cannot be read: {exc.strerror or exc}",
                            EX_IOERR) from None

@@ -71,6 +71,24 @@ def test_web_cli__an_unreadable_token_file_says_what_is_wrong_with_it(config: Pa
         assert "Error" not in done.stderr and "secret-bytes" not in done.stderr and done.stdout == ""
 
 
+def test_web_cli__a_token_file_that_never_ends_is_refused_not_read_whole(config: Path, tmp_path: Path) -> None:
+    """--token-file /dev/zero (or a log, an image, a disk named by mistake): refused once it is
+    past a token's size, exit 78 naming the file, at once and in little memory. It was read
+    whole: /dev/zero took every byte of memory the process could get, then 'internal error:
+    MemoryError' (exit 70); a huge text file became a token of that size."""
+    import resource
+
+    def little_memory() -> None:  # in the child: what an unbounded read runs into, soon
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    done = subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--host", "0.0.0.0",
+                           "--token-file", "/dev/zero"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=60, preexec_fn=little_memory)
+    assert_error(done, 78, "--token-file /dev/zero", "bytes")
+    (tmp_path / "big").write_text("a" * 100_000)
+    assert_error(_run(config, "--host", "0.0.0.0", "--token-file", str(tmp_path / "big")), 78, "bytes")
+
+
 def test_web_cli__without_the_web_extra_says_how_to_install_it(config: Path) -> None:
     """Without starlette importable, the command exits 78 naming the extra."""
     code = ("import sys; sys.modules['starlette'] = None; from dgxqueue.cli import main; "
