@@ -27,7 +27,7 @@ def read_token(args: argparse.Namespace) -> str | None:
             if len(data) > MAX_TOKEN_FILE_BYTES:
                 raise CliError(f"--token-file {safe(args.token_file)} holds over {MAX_TOKEN_FILE_BYTES} bytes: "
                                "it must hold the token alone", EX_CONFIG)
-            token = data.decode("utf-8").strip()
+            token = data.decode("utf-8").removeprefix("\ufeff").strip()  # an editor's byte order mark
         except OSError as exc:  # what is wrong, as the system says it (not the exception's class)
             raise CliError(f"--token-file {safe(args.token_file)} cannot be read: {exc.strerror or exc}",
                            EX_IOERR) from None

@@ -89,6 +89,19 @@ def test_web_cli__a_token_file_that_never_ends_is_refused_not_read_whole(config:
     assert_error(_run(config, "--host", "0.0.0.0", "--token-file", str(tmp_path / "big")), 78, "bytes")
 
 
+def test_web_cli__a_token_file_saved_with_a_byte_order_mark_gives_the_token(tmp_path: Path) -> None:
+    """A token file an editor saved as 'UTF-8 with BOM' (Notepad's default), CRLF ended: the token
+    is the text the operator sees. The BOM stayed at its start, so the file was refused as 'at
+    least 16 printable characters without spaces' though it showed exactly that."""
+    import argparse
+
+    from dgxqueue.cli.web import read_token
+
+    path = tmp_path / "token"
+    path.write_bytes(b"\xef\xbb\xbf" + TOKEN.encode() + b"\r\n")
+    assert read_token(argparse.Namespace(token_file=str(path))) == TOKEN
+
+
 def test_web_cli__without_the_web_extra_says_how_to_install_it(config: Path) -> None:
     """Without starlette importable, the command exits 78 naming the extra."""
     code = ("import sys; sys.modules['starlette'] = None; from dgxqueue.cli import main; "
