@@ -34,10 +34,12 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
       ``postgres`` extra; ``web`` without the ``web`` extra, or off loopback without a token
 124   the worker gave up on a backend call past ``worker.job_timeout_seconds`` (charged to its
       jobs; the rest given back) and exited for a fresh process, as timeout(1) does
-129   ``demo`` stopped by SIGHUP (a closed terminal), its daemon stopped first
+129   ``demo`` stopped by SIGHUP (a closed terminal), its daemon stopped first; ``enqueue --wait``
+      stopped by it, the queued ids said
 130   interrupted (Ctrl-C)
 141   stdout was closed early (``dgxqueue list | head``), as a shell reports SIGPIPE
-143   ``demo`` stopped by SIGTERM, its daemon stopped first
+143   ``demo`` stopped by SIGTERM, its daemon stopped first; ``enqueue --wait`` stopped by it,
+      the queued ids said
 ====  ==============================================================================
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -35,6 +36,7 @@ from dgxqueue.cli.common import (
     print_json,
     safe,
 )
+from dgxqueue.cli.demo import _Signalled, _sigterm_interrupts
 from dgxqueue.cli.wait import Progress, finish, watch
 from dgxqueue.config import Settings
 from dgxqueue.errors import ValidationError
@@ -209,14 +211,16 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
     ids = enqueue_many(jobs, database_url=ctx.settings.database.url, settings=ctx.settings)
     progress = Progress(quiet=args.quiet)
     try:
-        return _report(ctx, args, engine, ids, jobs, timeout, progress)
-    except KeyboardInterrupt:
+        with _sigterm_interrupts():  # SIGTERM (a cancelled CI job, timeout(1)) and SIGHUP too
+            return _report(ctx, args, engine, ids, jobs, timeout, progress)
+    except KeyboardInterrupt as stopped:
         # The jobs are queued whatever happens to the wait: without their ids (the progress lines
         # show 8 characters, --quiet none) Ctrl-C left nothing to find them by.
         progress.done()
-        print(f"dgxqueue: interrupted; {'the job stays' if len(ids) == 1 else f'the {len(ids)} jobs stay'} "
+        how = f"stopped by {signal.Signals(stopped.signum).name}" if isinstance(stopped, _Signalled) else "interrupted"
+        print(f"dgxqueue: {how}; {'the job stays' if len(ids) == 1 else f'the {len(ids)} jobs stay'} "
               f"queued ('dgxqueue wait {' '.join(ids)}' waits again)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + stopped.signum if isinstance(stopped, _Signalled) else EXIT_INTERRUPTED
 
 
 def _report(ctx: Context, args: argparse.Namespace, engine: sa.Engine, ids: list[str], jobs: list[JobSpec],

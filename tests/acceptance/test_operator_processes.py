@@ -128,11 +128,17 @@ def test_cli__enqueue_ttl_and_duration_refusals_state_the_real_range(cli: Cli) -
     assert not cli.db.exists()
 
 
-@pytest.mark.parametrize("quiet", [["--quiet"], []])
-def test_cli__enqueue_wait_interrupted_leaves_the_job_id_on_screen(cli: Cli, quiet: list[str]) -> None:
+@pytest.mark.parametrize(("quiet", "signum", "code"), [
+    (["--quiet"], signal.SIGINT, 130), ([], signal.SIGINT, 130),
+    (["--quiet"], signal.SIGTERM, 143), (["--quiet"], signal.SIGHUP, 129),
+])
+def test_cli__enqueue_wait_interrupted_leaves_the_job_id_on_screen(cli: Cli, quiet: list[str], signum: int,
+                                                                   code: int) -> None:
     """Ctrl-C during `enqueue --wait` (no daemon: the job waits) ends it with 130 and the job's
     full id on screen, still queued: it said only 'interrupted', and the progress lines (none
-    with --quiet) show 8 characters, so the job could not be found again."""
+    with --quiet) show 8 characters, so the job could not be found again. SIGTERM (a CI job
+    cancelled, timeout(1), a supervisor) and SIGHUP (a closed terminal) too, exiting 128 + N as
+    the demo does: they killed it with no id said."""
     cli.ok("db", "upgrade")
     log = cli.folder / "enqueue.err"
     with log.open("wb") as err:
@@ -142,13 +148,13 @@ def test_cli__enqueue_wait_interrupted_leaves_the_job_id_on_screen(cli: Cli, qui
         # The warning that no daemon serves the model comes once the job is queued, before the wait.
         wait_until(lambda: "warning" in log.read_text(), 60, "the job to be queued",
                    alive=waiting)  # type: ignore[arg-type]
-        waiting.send_signal(signal.SIGINT)
+        waiting.send_signal(signum)
         out, _ = waiting.communicate(timeout=60)
     finally:
         if waiting.poll() is None:
             waiting.kill()
             waiting.wait()
-    assert waiting.returncode == 130, log.read_text()
+    assert waiting.returncode == code, log.read_text()
     [row] = json.loads(cli.ok("list", "--json"))
     assert row["status"] == "pending"
     assert row["id"] in out + log.read_text(), out + log.read_text()
