@@ -162,7 +162,9 @@ class PostgresWaker:
 
             url = self._engine.url.set(drivername="postgresql")
             dsn = url.render_as_string(hide_password=False)
-            connection = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+            # UTF-8 as the engine's connections: a client_encoding the database, role or
+            # PGCLIENTENCODING sets would end or fail this connection on a non-Latin model's payload.
+            connection = psycopg.connect(dsn, autocommit=True, connect_timeout=5, client_encoding="utf8")
             connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
             connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CANCEL_CHANNEL)))
             self._connection = connection

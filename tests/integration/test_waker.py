@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+import dgxqueue
 from dgxqueue.daemon.waker import make_waker
 from dgxqueue.storage import get_engine, init_db
 from tests.support.processes import wait_until
@@ -61,5 +62,30 @@ def test_waker__wakes_on_wake_and_on_a_commit(sqlite_db_url: str) -> None:
         wait_until(lambda: results, 10, "the waker to notice the commit")
         thread.join(10)
         assert results == [True]
+    finally:
+        waker.close()
+
+
+def test_waker__postgres_keeps_listening_through_a_non_latin_model_whatever_client_encoding_is_set(
+        pg_db_url: str) -> None:
+    """The database (or PGCLIENTENCODING) sets another client_encoding for new connections: the
+    idle daemon's LISTEN connection still reads in UTF-8, as the engine's do, so a job for a
+    model named 'música ✓' wakes it and its connection stays. Under SQL_ASCII the payload failed
+    to decode, so each such enqueue dropped the listener (a reconnect, a paused wait, cancels left
+    to the heartbeat); under LATIN1 the server sent an error in its place, at times ending the
+    connection."""
+    init_db(pg_db_url)
+    engine = get_engine(pg_db_url)
+    with engine.connect() as conn:
+        name = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+        conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET client_encoding = 'SQL_ASCII'"))
+        conn.commit()
+    waker = make_waker(engine, 0.002)
+    try:
+        assert waker.wait(0.0) is False  # connects and listens
+        listening = waker._connection  # type: ignore[attr-defined]
+        dgxqueue.enqueue("a beat", model_name="música ✓", database_url=pg_db_url)
+        assert waker.wait(10.0) is True
+        assert waker._connection is listening  # type: ignore[attr-defined]
     finally:
         waker.close()
