@@ -221,7 +221,9 @@ def _backup_postgres(url: str, target: Path) -> None:
     if password:  # libpq's ?password= too: a command line is readable by every user (ps)
         env["PGPASSWORD"] = str(password if isinstance(password, str) else password[-1])
     dsn = parsed.set(password=None, query=query).render_as_string(hide_password=False)
-    done = subprocess.run([pg_dump, "--format=custom", f"--file={target}", f"--dbname={dsn}"],
+    # --encoding: UTF-8 as dgxqueue reads the database; PGCLIENTENCODING would decide it otherwise
+    # (LATIN1 fails the dump on the first prompt that is not Latin text).
+    done = subprocess.run([pg_dump, "--format=custom", "--encoding=UTF8", f"--file={target}", f"--dbname={dsn}"],
                           env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise CliError(f"pg_dump failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}",

@@ -294,6 +294,21 @@ def test_db_backup__postgres_password_never_on_pg_dumps_command_line(cli: Cli, p
     assert (cli.folder / "pgpassword").read_text() == "qu3ry-sekret"
 
 
+def test_db_backup__postgres_dumps_non_latin_text_whatever_pgclientencoding_says(cli: Cli, pg_db_url: str) -> None:
+    """PGCLIENTENCODING=LATIN1 in the environment (the engine reads in UTF-8 whatever it says): db
+    backup still dumps a prompt that is not Latin text, in UTF-8. pg_dump took the variable's
+    encoding and failed on the row ('has no equivalent in encoding LATIN1'), so no backup."""
+    env = {"DATABASE_URL": pg_db_url}
+    cli.ok("db", "upgrade", env=env)
+    cli.ok("enqueue", "音楽 ✓ beat", env=env)
+    cli.ok("db", "backup", str(cli.folder / "b.dump"), env={**env, "PGCLIENTENCODING": "LATIN1"})
+    pg_restore = shutil.which("pg_restore")
+    assert pg_restore is not None, "the PostgreSQL client tools are needed"
+    data = subprocess.run([pg_restore, "--data-only", "--file=-", str(cli.folder / "b.dump")],
+                          capture_output=True, check=True).stdout
+    assert "音楽 ✓ beat".encode() in data
+
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
 def test_open_queue__in_memory_sqlite_says_to_use_a_file(cli: Cli, url: str) -> None:
     """An in-memory SQLite URL for the worker or a reading command: exit 69 saying to use a file,
