@@ -226,8 +226,11 @@ def _backup_postgres(url: str, target: Path) -> None:
     done = subprocess.run([pg_dump, "--format=custom", "--encoding=UTF8", f"--file={target}", f"--dbname={dsn}"],
                           env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise CliError(f"pg_dump failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}",
-                       EX_UNAVAILABLE)
+        # Its error lines ('error: query failed: ERROR: permission denied ...'), not its last one,
+        # which is the statement it ran ('detail: Query was: LOCK TABLE ...').
+        lines = done.stderr.strip().splitlines()
+        said = [line for line in lines if "error" in line.lower()] or lines[-1:] or [f"exit {done.returncode}"]
+        raise CliError(f"pg_dump failed: {'; '.join(said)}", EX_UNAVAILABLE)
 
 
 def cmd_db_backup(ctx: Context, args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 
 from dgxqueue.storage.database import HEAD_REVISION
 from tests.acceptance.test_cli import REPO, Cli, assert_error
-from tests.support.db import postgres_database_url
+from tests.support.db import PG_ADMIN_URL, postgres_database_url
 from tests.support.processes import wait_until
 
 # --- passwords never shown --------------------------------------------------------------------
@@ -307,6 +308,27 @@ def test_db_backup__postgres_dumps_non_latin_text_whatever_pgclientencoding_says
     data = subprocess.run([pg_restore, "--data-only", "--file=-", str(cli.folder / "b.dump")],
                           capture_output=True, check=True).stdout
     assert "音楽 ✓ beat".encode() in data
+
+
+def test_db_backup__postgres_a_failed_dump_says_why_in_words(cli: Cli, pg_db_url: str) -> None:
+    """pg_dump refused (a role without rights on the tables): one line naming its error,
+    'permission denied'. It showed pg_dump's last line as a Python list, the statement it ran
+    ("['pg_dump: detail: Query was: LOCK TABLE ...']"), never the reason."""
+    cli.ok("db", "upgrade", env={"DATABASE_URL": pg_db_url})
+    role = f"dgxq_t_norights_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN_URL, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+    try:
+        url = sa.make_url(pg_db_url).set(username=role).render_as_string(hide_password=False)
+        done = cli("db", "backup", str(cli.folder / "b.dump"), env={"DATABASE_URL": url})
+        assert_error(done, 69, "pg_dump failed", "permission denied")
+        assert "['" not in done.stderr and "Query was" not in done.stderr
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
