@@ -5,6 +5,7 @@ space given back. tests/acceptance/test_db_maintenance.py runs the commands as a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 import shutil
@@ -120,9 +121,13 @@ def test_vacuum__postgresql_vacuums_both_tables(pg_db_url: str) -> None:
 
 def test_vacuum__postgresql_gives_up_on_a_table_another_session_holds(pg_db_url: str) -> None:
     """Another session holds ``generations`` in ACCESS EXCLUSIVE mode in an open transaction: the
-    vacuum (at its default lock timeout) returns within a bounded time with LockTimeoutError
-    naming the table and the holder's pid, having vacuumed nothing; the holder's transaction is
-    untouched and a vacuum after it ends works."""
+    vacuum (at a lock timeout of 1 s) returns within a bounded time with LockTimeoutError naming
+    the table and the holder's pid, having vacuumed nothing; the holder's transaction is untouched
+    and a vacuum after it ends works. The default timeout is the same bounded setting, 10 s (waited
+    out here it only made the test 10 s long)."""
+    assert inspect.signature(vacuum_database).parameters["lock_timeout"].default == DEFAULT_LOCK_TIMEOUT
+    assert 0 < DEFAULT_LOCK_TIMEOUT <= 60
+    seconds = 1.0
     _fill(pg_db_url, 20)
     holder = sa.create_engine(pg_db_url, poolclass=sa.pool.NullPool)
     outcome: list[BaseException | object] = []
@@ -132,7 +137,7 @@ def test_vacuum__postgresql_gives_up_on_a_table_another_session_holds(pg_db_url:
 
         def vacuum() -> None:
             try:
-                outcome.append(vacuum_database(pg_db_url))
+                outcome.append(vacuum_database(pg_db_url, lock_timeout=seconds))
             except BaseException as exc:  # handed to the test's thread
                 outcome.append(exc)
 
@@ -149,7 +154,8 @@ def test_vacuum__postgresql_gives_up_on_a_table_another_session_holds(pg_db_url:
     assert not still_waiting, f"the vacuum still waited for the lock after {waited:.0f} s"
     [error] = outcome
     assert isinstance(error, LockTimeoutError), error
-    assert (error.table, error.seconds, error.done) == ("generations", DEFAULT_LOCK_TIMEOUT, [])
+    assert (error.table, error.seconds, error.done) == ("generations", seconds, [])
+    assert waited < DEFAULT_LOCK_TIMEOUT, f"gave up after {waited:.1f} s at a {seconds:g} s lock timeout"
     assert any(f"pid {pid} holds AccessExclusiveLock" in who for who in error.holders), error.holders
     assert "generations" in str(error) and "\n" not in str(error)
     assert vacuum_database(pg_db_url, lock_timeout=5).done == ["VACUUM (ANALYZE) generations",
