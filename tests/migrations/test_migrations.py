@@ -155,12 +155,13 @@ def test_migrations__round_trip_through_the_command_api(db_url: str) -> None:
 
 
 def test_migrations__round_trip_through_the_alembic_cli(db_url: str) -> None:
-    """The real `alembic` command from the repository root, reading $DATABASE_URL, round trips."""
+    """The real `alembic` command from the repository root, reading $DATABASE_URL, round trips:
+    a relative step, then every other downgrade in one run, then every upgrade again. (Each
+    revision's own step and schema are checked one by one through the command API above; a
+    process per step here only repeated them, at a second's start-up each.)"""
     engine = get_engine(db_url)
-    for args, expected in ((("upgrade", "head"), "007"), (("downgrade", "-1"), "006"), (("downgrade", "-1"), "005"),
-                           (("downgrade", "-1"), "004"), (("downgrade", "-1"), "003"),
-                           (("downgrade", "-1"), "002"),
-                           (("downgrade", "-1"), "001"), (("downgrade", "base"), None), (("upgrade", "head"), "007")):
+    for args, expected in ((("upgrade", "head"), "007"), (("downgrade", "-1"), "006"),
+                           (("downgrade", "base"), None), (("upgrade", "head"), "007")):
         done = _alembic_cli(db_url, *args)
         assert done.returncode == 0, done.stderr
         _assert_at(engine, expected)
