@@ -216,7 +216,8 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]
         return []
     refuse_taken_paths(connection, jobs)
     try:
-        return _insert_jobs(connection, jobs)
+        with _undone_if_refused(connection, jobs):
+            return _insert_jobs(connection, jobs)
     except sa.exc.IntegrityError as exc:
         if violates_unique(exc, PATH_INDEX, "generations.file_path"):
             raise path_taken(jobs[0].file_path if len(jobs) == 1 else [job.file_path for job in jobs]) from exc
@@ -226,6 +227,29 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]
 #: Migration 007's unique index: one job per file_path.
 PATH_INDEX = "uq_generations_file_path"
 _PATHS_PER_READ = 500  # bound parameters per read (SQLite's limit is 32766, older ones' 999)
+
+
+def _chosen(job: JobSpec) -> bool:
+    """Whether ``job``'s path was a producer's choice (a default one holds the job's new id)."""
+    return PurePosixPath(job.file_path).name != f"{job.id}.wav"
+
+
+def _undone_if_refused(connection: sa.Connection, jobs: Sequence[JobSpec]) -> Any:
+    """A savepoint around the insert of a batch that names a file of its own choosing: the unique
+    index may refuse one of its rows (a keyed job, which the door does not look up, or a producer
+    that raced ours), and the ValidationError says nothing was written, so a caller may go on in
+    its transaction. Without it SQLite kept the rows inserted before the refused one, to be
+    committed with the caller's work, and PostgreSQL aborted the caller's transaction. Default
+    paths (the usual insert) take none: they hold the job's new id, which no other row names."""
+    if not any(_chosen(job) for job in jobs):
+        return contextlib.nullcontext()
+    begin = profile_of(connection.dialect).begin
+    if begin is not None and not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        # SQLite: a SAVEPOINT outside a transaction begins a deferred one, whose insert then read
+        # the search index's config before taking the write lock, and failed at once ("database
+        # is locked") when another producer had committed meanwhile. BEGIN IMMEDIATE waits for it.
+        connection.exec_driver_sql(begin)
+    return connection.begin_nested()
 
 
 def refuse_taken_paths(connection: sa.Connection, jobs: Sequence[JobSpec]) -> None:
@@ -241,7 +265,7 @@ def refuse_taken_paths(connection: sa.Connection, jobs: Sequence[JobSpec]) -> No
         if job.file_path in seen:
             raise path_taken(job.file_path, "another job of this batch writes to it too")
         seen.add(job.file_path)
-        if PurePosixPath(job.file_path).name != f"{job.id}.wav":
+        if _chosen(job):
             chosen.append(job.file_path)
     key = profile_of(connection.dialect).path_key
     for start in range(0, len(chosen), _PATHS_PER_READ):
@@ -289,7 +313,7 @@ def insert_job(connection: sa.Connection, job: JobSpec) -> dict[str, Any]:
     statements = _insert(connection.dialect)
     row = job_row(job)
     try:
-        with _cursor(connection) as cursor:
+        with _undone_if_refused(connection, [job]), _cursor(connection) as cursor:
             [(created_at, expires_at)] = cursor.submit(statements.stamped_job, row).rows
             _count_and_wake(cursor, statements, [job])
     except sa.exc.IntegrityError as exc:

@@ -14,8 +14,8 @@ from sqlalchemy.engine import Engine
 from dgxqueue import api
 from dgxqueue.config import load_settings
 from dgxqueue.errors import ValidationError
-from dgxqueue.storage import create_generation, session_scope, validate_job
-from dgxqueue.storage.models import G
+from dgxqueue.storage import create_generation, create_generations, session_scope, validate_job
+from dgxqueue.storage.models import G, P
 from dgxqueue.storage.queue import insert_jobs
 from tests.support.processes import wait_until
 
@@ -99,3 +99,64 @@ def test_file_path__a_holder_not_yet_committed_is_refused_by_the_index(engine: E
     [result] = outcome
     assert isinstance(result, ValidationError) and result.field == "file_path", result
     assert _count(engine) == 1
+
+
+def test_file_path__a_batch_the_index_refuses_in_a_session_writes_nothing_and_the_session_goes_on(
+        engine: Engine) -> None:
+    """A keyed job naming a taken file is refused by the unique index, not the door's lookup (its
+    key's holder might have taken its place). The ValidationError says nothing of the batch was
+    written, so a caller may go on in its session: no job of the batch is left behind to commit
+    (SQLite kept the rows inserted before the failing one), and the session still works
+    (PostgreSQL had aborted its transaction)."""
+    with session_scope(engine) as session:
+        create_generation(session, "held", file_path=SONG)
+    with session_scope(engine) as session:
+        with pytest.raises(ValidationError) as caught:
+            create_generations(session, [{"prompt": "new", "file_path": "outputs/new.wav"},
+                                         {"prompt": "keyed", "dedupe_key": "k", "file_path": SONG}])
+        assert caught.value.field == "file_path"
+        create_generation(session, "after", file_path="outputs/after.wav")
+    with engine.connect() as conn:
+        assert {prompt: path for prompt, path in conn.execute(sa.select(G.c.prompt, G.c.file_path))} == {
+            "held": SONG, "after": "outputs/after.wav"}
+        assert {text: n for text, n in conn.execute(sa.select(P.c.text, P.c.used_count))} == {"held": 1, "after": 1}
+
+
+def test_file_path__create_generation_losing_a_race_leaves_the_session_usable(engine: Engine) -> None:
+    """create_generation in a session whose lookup ran before another producer's insert of the
+    same file committed: refused naming file_path (by the unique index on PostgreSQL, where its
+    insert waited for that transaction), and the session goes on: its earlier job and a later one
+    commit, as after any ValidationError."""
+    holder = engine.connect()
+    transaction = holder.begin()
+    insert_jobs(holder, [validate_job("holder", file_path=SONG)])
+    outcome: list[BaseException | None] = []
+
+    def produce() -> None:
+        try:
+            with session_scope(engine) as session:
+                if engine.dialect.name == "postgresql":  # SQLite's one writer: it waits for the holder here
+                    create_generation(session, "mine", file_path="outputs/mine.wav")
+                with pytest.raises(ValidationError) as caught:
+                    create_generation(session, "late", file_path=SONG)
+                assert caught.value.field == "file_path"
+                create_generation(session, "after", file_path="outputs/after.wav")
+            outcome.append(None)
+        except BaseException as exc:  # reported by the assertion below
+            outcome.append(exc)
+
+    late = threading.Thread(target=produce)
+    late.start()
+    if engine.dialect.name == "postgresql":  # its insert waits on the holder's transaction
+        with engine.connect() as watcher:
+            wait_until(lambda: watcher.execute(sa.text(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                "WHERE NOT granted AND datname = current_database()")).scalar(), 30,
+                "the late insert to wait for the holder's transaction")
+    transaction.commit()
+    holder.close()
+    late.join(timeout=60)
+    assert outcome == [None]
+    with engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(G.c.prompt)).scalars()) == (
+            ["after", "holder", "mine"] if engine.dialect.name == "postgresql" else ["after", "holder"])
