@@ -214,9 +214,11 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]
     """
     if not jobs:
         return []
-    refuse_taken_paths(connection, jobs)
+    with _nothing_written_yet():
+        refuse_taken_paths(connection, jobs)
+        undone_if_refused = _undone_if_refused(connection, jobs)
     try:
-        with _undone_if_refused(connection, jobs):
+        with undone_if_refused:
             return _insert_jobs(connection, jobs)
     except sa.exc.IntegrityError as exc:
         if violates_unique(exc, PATH_INDEX, "generations.file_path"):
@@ -227,6 +229,19 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]
 #: Migration 007's unique index: one job per file_path.
 PATH_INDEX = "uq_generations_file_path"
 _PATHS_PER_READ = 500  # bound parameters per read (SQLite's limit is 32766, older ones' 999)
+
+
+@contextlib.contextmanager
+def _nothing_written_yet() -> Iterator[None]:
+    """The statements an insert runs before its first write (the door's lookup, a savepoint): a
+    driver error from one of them says ``before_first_write``, as :func:`_cursor` does for the
+    insert's own, so :func:`insert_committed` replaces a connection the server ended meanwhile
+    instead of failing the enqueue (a producer-chosen path made the lookup the first statement)."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        exc.before_first_write = True  # type: ignore[attr-defined]
+        raise
 
 
 def _chosen(job: JobSpec) -> bool:
@@ -309,11 +324,13 @@ def insert_job(connection: sa.Connection, job: JobSpec) -> dict[str, Any]:
     hands the row back (``create_generation``)."""
     if job.dedupe_key is not None:
         raise ValueError("insert_job takes no dedupe_key: insert_jobs returns the holder's id")
-    refuse_taken_paths(connection, [job])
+    with _nothing_written_yet():
+        refuse_taken_paths(connection, [job])
+        undone_if_refused = _undone_if_refused(connection, [job])
     statements = _insert(connection.dialect)
     row = job_row(job)
     try:
-        with _undone_if_refused(connection, [job]), _cursor(connection) as cursor:
+        with undone_if_refused, _cursor(connection) as cursor:
             [(created_at, expires_at)] = cursor.submit(statements.stamped_job, row).rows
             _count_and_wake(cursor, statements, [job])
     except sa.exc.IntegrityError as exc:

@@ -214,6 +214,30 @@ def test_enqueue__survives_a_dropped_postgres_connection(pg_db_url: str) -> None
     assert _rows(engine) == (3, 3)
 
 
+def _end_the_pooled_connection(engine: Engine) -> None:
+    """End, at the server, the one connection ``engine``'s pool holds."""
+    assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    pooled = engine.raw_connection()
+    pid = pooled.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+    pooled.close()
+    with psycopg.connect(PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone() == (True,)
+
+
+def test_enqueue__with_a_file_path_survives_a_dropped_postgres_connection(pg_db_url: str) -> None:
+    """A producer-chosen file_path is looked up (and, for a keyed job, a savepoint taken) before the
+    insert: a dead pooled connection found by that first statement has written nothing, and the
+    enqueue reconnects and succeeds once, as one without a file_path does."""
+    engine = init_db(pg_db_url)
+    engine.dispose()
+    dgxqueue.enqueue("first", database_url=pg_db_url)
+    _end_the_pooled_connection(engine)
+    dgxqueue.enqueue("looked up", file_path="outputs/looked-up.wav", database_url=pg_db_url)
+    _end_the_pooled_connection(engine)
+    dgxqueue.enqueue("keyed", file_path="outputs/keyed.wav", dedupe_key="k", database_url=pg_db_url)
+    assert _rows(engine) == (3, 3)
+
+
 def test_enqueue__survives_a_postgres_restart() -> None:
     """After a server restart every pooled connection is dead: enqueue and enqueue_many still succeed."""
     from tests.support.pgcluster import private_cluster
