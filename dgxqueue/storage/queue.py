@@ -198,7 +198,7 @@ def _insert(dialect: Dialect) -> _Insert:
     )
 
 
-def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]:
+def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], *, own_transaction: bool = False) -> list[str]:
     """Insert ``jobs`` as pending rows created at the database's now, add their prompts' uses and
     wake the daemons serving them, in the connection's transaction: the caller commits (or rolls
     back: then nothing was written). Every producer path calls it (or :func:`insert_job`). Returns
@@ -210,12 +210,14 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec]) -> list[str]
     Prompts are upserted in one order, so concurrent producers neither deadlock nor lose a count.
     A driver error comes out as SQLAlchemy's ``DBAPIError`` subclass, with ``before_first_write``
     saying whether any statement had completed; a lost connection is invalidated.
+    ``own_transaction``: the caller rolls the transaction back on any error, so a refused batch
+    needs no savepoint (:func:`insert_committed`).
     """
     if not jobs:
         return []
     with _nothing_written_yet():
         refuse_taken_paths(connection, jobs)
-        undone_if_refused = _undone_if_refused(connection, jobs)
+        undone_if_refused = contextlib.nullcontext() if own_transaction else _undone_if_refused(connection, jobs)
     try:
         with undone_if_refused:
             return _insert_jobs(connection, jobs)
@@ -409,7 +411,7 @@ def insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> list[str]:
 
 def _insert_committed(engine: Engine, jobs: Sequence[JobSpec]) -> list[str]:
     with engine.begin() as connection:
-        return insert_jobs(connection, jobs)
+        return insert_jobs(connection, jobs, own_transaction=True)
 
 
 def upsert_prompts(session: Session, counts: Mapping[str, int]) -> None:
