@@ -225,9 +225,9 @@ def _end_the_pooled_connection(engine: Engine) -> None:
 
 
 def test_enqueue__with_a_file_path_survives_a_dropped_postgres_connection(pg_db_url: str) -> None:
-    """A producer-chosen file_path is looked up (and, for a keyed job, a savepoint taken) before the
-    insert: a dead pooled connection found by that first statement has written nothing, and the
-    enqueue reconnects and succeeds once, as one without a file_path does."""
+    """A producer-chosen file_path is looked up before the insert (a keyed job's is not): a dead
+    pooled connection found by that first statement has written nothing, and the enqueue
+    reconnects and succeeds once, as one without a file_path does."""
     engine = init_db(pg_db_url)
     engine.dispose()
     dgxqueue.enqueue("first", database_url=pg_db_url)
