@@ -5,6 +5,7 @@ lookup when the holder is not yet committed."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,6 +26,26 @@ SONG = "outputs/song.wav"
 def _count(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(G)).scalar_one())
+
+
+def _behind_an_uncommitted_holder(engine: Engine, produce: Callable[[], None]) -> None:
+    """Run ``produce`` on a thread while another transaction holds an uncommitted job for SONG;
+    commit that transaction once ``produce``'s insert waits for it (PostgreSQL's unique index; on
+    SQLite, the one writer), then wait for ``produce`` to end."""
+    holder = engine.connect()
+    transaction = holder.begin()
+    insert_jobs(holder, [validate_job("holder", file_path=SONG)])
+    late = threading.Thread(target=produce)
+    late.start()
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as watcher:
+            wait_until(lambda: watcher.execute(sa.text(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                "WHERE NOT granted AND datname = current_database()")).scalar(), 30,
+                "the late insert to wait for the holder's transaction")
+    transaction.commit()
+    holder.close()
+    late.join(timeout=60)
 
 
 def test_file_path__eight_producers_racing_for_one_file_make_one_job(engine: Engine, db_url: str) -> None:
@@ -75,9 +96,6 @@ def test_file_path__a_holder_not_yet_committed_is_refused_by_the_index(engine: E
     naming file_path; nothing of it is written."""
     settings = load_settings(env={})
     outcome: list[BaseException | str] = []
-    holder = engine.connect()
-    transaction = holder.begin()
-    insert_jobs(holder, [validate_job("holder", file_path=SONG)])
 
     def produce() -> None:
         try:
@@ -85,17 +103,7 @@ def test_file_path__a_holder_not_yet_committed_is_refused_by_the_index(engine: E
         except BaseException as exc:  # reported by the assertion below
             outcome.append(exc)
 
-    late = threading.Thread(target=produce)
-    late.start()
-    if engine.dialect.name == "postgresql":  # its insert waits on the holder's transaction
-        with engine.connect() as watcher:
-            wait_until(lambda: watcher.execute(sa.text(
-                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
-                "WHERE NOT granted AND datname = current_database()")).scalar(), 30,
-                "the late insert to wait for the holder's transaction")
-    transaction.commit()
-    holder.close()
-    late.join(timeout=60)
+    _behind_an_uncommitted_holder(engine, produce)
     [result] = outcome
     assert isinstance(result, ValidationError) and result.field == "file_path", result
     assert _count(engine) == 1
@@ -127,9 +135,6 @@ def test_file_path__create_generation_losing_a_race_leaves_the_session_usable(en
     same file committed: refused naming file_path (by the unique index on PostgreSQL, where its
     insert waited for that transaction), and the session goes on: its earlier job and a later one
     commit, as after any ValidationError."""
-    holder = engine.connect()
-    transaction = holder.begin()
-    insert_jobs(holder, [validate_job("holder", file_path=SONG)])
     outcome: list[BaseException | None] = []
 
     def produce() -> None:
@@ -145,17 +150,7 @@ def test_file_path__create_generation_losing_a_race_leaves_the_session_usable(en
         except BaseException as exc:  # reported by the assertion below
             outcome.append(exc)
 
-    late = threading.Thread(target=produce)
-    late.start()
-    if engine.dialect.name == "postgresql":  # its insert waits on the holder's transaction
-        with engine.connect() as watcher:
-            wait_until(lambda: watcher.execute(sa.text(
-                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
-                "WHERE NOT granted AND datname = current_database()")).scalar(), 30,
-                "the late insert to wait for the holder's transaction")
-    transaction.commit()
-    holder.close()
-    late.join(timeout=60)
+    _behind_an_uncommitted_holder(engine, produce)
     assert outcome == [None]
     with engine.connect() as conn:
         assert sorted(conn.execute(sa.select(G.c.prompt)).scalars()) == (
