@@ -169,7 +169,7 @@ class MemoryStore:
                     holders[key] = row["id"]
                 insert.append(row)
                 ids.append(row["id"])
-            self._refuse_taken_paths(jobs, insert)
+            self._refuse_taken_paths(jobs, insert, expiring={holder["id"] for holder in expire})
             for holder in expire:
                 holder.update(status=FAILED, expired_at=inserted, completed_at=inserted, error_message=EXPIRED_MESSAGE)
             for row in insert:
@@ -178,9 +178,12 @@ class MemoryStore:
             self.version += 1
             return ids
 
-    def _refuse_taken_paths(self, jobs: Sequence[JobSpec], insert: Sequence[dict[str, Any]]) -> None:
-        """As the database refuses them: the door's named refusal, then the unique index's."""
-        held = {row["file_path"]: row for row in self.jobs.values()}
+    def _refuse_taken_paths(self, jobs: Sequence[JobSpec], insert: Sequence[dict[str, Any]],
+                            expiring: set[str]) -> None:
+        """As the database refuses them: the door's named refusal, then the unique index's. A failed
+        job holds no path, nor does a holder this insert expires."""
+        held = {row["file_path"]: row for row in self.jobs.values()
+                if row["status"] != FAILED and row["id"] not in expiring}
         seen: set[str] = set()
         for job in jobs:
             if job.dedupe_key is None and job.file_path in seen:

@@ -100,12 +100,17 @@ _HOLDER = G.alias("holder")
 def retry_job(session: Session, job_id: str, run_after: datetime | None = None) -> Generation:
     """Send a failed job back to pending with a fresh set of attempts. An expired job loses its
     expiry (else the next rescue would expire it again, unrun); a job whose ``dedupe_key`` another
-    unfinished job holds now is refused (the key's index allows one holder)."""
-    holder = sa.select(_HOLDER.c.id).where(
+    unfinished job holds now is refused (the key's index allows one holder), and so is one whose
+    ``file_path`` another job took while it was failed (a failed job holds no path: migration 007)."""
+    key = profile_of(session.get_bind().dialect).path_key
+    key_holder = sa.select(_HOLDER.c.id).where(
         _HOLDER.c.dedupe_key == G.c.dedupe_key, _HOLDER.c.id != G.c.id,
         _HOLDER.c.status.in_((PENDING, PROCESSING)))
+    path_holder = sa.select(_HOLDER.c.id).where(
+        key(_HOLDER.c.file_path) == key(G.c.file_path), _HOLDER.c.file_path == G.c.file_path,
+        _HOLDER.c.id != G.c.id, _HOLDER.c.status != sa.literal_column(f"'{FAILED}'"))
     result = session.execute(
-        sa.update(G).where(G.c.id == job_id, G.c.status == FAILED, ~holder.exists())
+        sa.update(G).where(G.c.id == job_id, G.c.status == FAILED, ~key_holder.exists(), ~path_holder.exists())
         .values(status=PENDING, attempts=0, error_message=None, completed_at=None,
                 run_after=run_after, worker_id=None, claimed_at=None, lease_expires_at=None,
                 generation_time_seconds=None, file_size_bytes=None, cancel_requested_at=None, cancelled_at=None,
@@ -116,11 +121,18 @@ def retry_job(session: Session, job_id: str, run_after: datetime | None = None) 
         job = require_job(session, job_id)
         if job.status != FAILED:
             raise InvalidStateError(f"generation {job_id} is {job.status}; only failed jobs can be retried")
-        held_by = session.execute(
+        held_by = None if job.dedupe_key is None else session.execute(
             sa.select(G.c.id).where(G.c.dedupe_key == job.dedupe_key, G.c.status.in_((PENDING, PROCESSING)))
         ).scalar()
-        raise InvalidStateError(f"generation {job_id} cannot be retried: its dedupe_key is held by the unfinished "
-                                f"job {held_by}")
+        if held_by is not None:
+            raise InvalidStateError(f"generation {job_id} cannot be retried: its dedupe_key is held by the "
+                                    f"unfinished job {held_by}")
+        taken_by = session.execute(sa.select(G.c.id).where(
+            key(G.c.file_path) == key(sa.literal(job.file_path, sa.Text)), G.c.file_path == job.file_path,
+            G.c.id != job_id, queue.HOLDS_ITS_FILE)).scalar()
+        raise InvalidStateError(f"generation {job_id} cannot be retried: its file_path {job.file_path!r} is job "
+                                f"{taken_by}'s now (each job's WAV is its own); enqueue it again with another "
+                                "file_path")
     return require_job(session, job_id)
 
 

@@ -72,6 +72,9 @@ class Base(DeclarativeBase):
 #: The dedupe index's predicate: the insert's ON CONFLICT names it as written here.
 DEDUPE_HELD_SQL = "status IN ('pending', 'processing') AND dedupe_key IS NOT NULL"
 _EXPIRING = "status = 'pending' AND expires_at IS NOT NULL"
+#: The rows that hold their file_path (migration 007's unique index): every row but a failed one,
+#: which never wrote its file (a WAV is renamed into place only with a completed outcome).
+HOLDS_ITS_FILE_SQL = "status <> 'failed'"
 
 
 class Generation(Base):

@@ -30,6 +30,7 @@ from dgxqueue.storage.models import (
     COMPLETED_SQL,
     DEDUPE_HELD_SQL,
     FAILED,
+    HOLDS_ITS_FILE_SQL,
     IS_PENDING,
     IS_PROCESSING,
     PAUSED,
@@ -227,8 +228,9 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], *, own_trans
         raise
 
 
-#: Migration 007's unique index: one job per file_path.
+#: Migration 007's unique index: one job per file_path, among the rows that hold theirs.
 PATH_INDEX = "uq_generations_file_path"
+HOLDS_ITS_FILE = sa.text(HOLDS_ITS_FILE_SQL)
 _PATHS_PER_READ = 500  # bound parameters per read (SQLite's limit is 32766, older ones' 999)
 
 
@@ -291,7 +293,7 @@ def refuse_taken_paths(connection: sa.Connection, jobs: Sequence[JobSpec]) -> No
         held = connection.execute(
             sa.select(G.c.file_path, G.c.id, G.c.status)
             .where(key(G.c.file_path).in_([key(sa.literal(path, sa.Text)) for path in paths]),
-                   G.c.file_path.in_(paths))
+                   G.c.file_path.in_(paths), HOLDS_ITS_FILE)
             .order_by(G.c.file_path).limit(1)).first()
         if held is not None:
             raise path_taken(held.file_path, f"job {held.id} ({held.status}) writes to it")

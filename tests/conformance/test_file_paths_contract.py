@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from dgxqueue.errors import ValidationError
-from tests.support.queues import QueueBackend, completed
+from tests.support.queues import QueueBackend, completed, failed
 
 SONG = "outputs/song.wav"
 
@@ -57,3 +57,29 @@ def test_file_path__the_same_keyed_request_again_is_its_holder_not_a_refusal(bac
     pair = backend.enqueue_many([twice, twice])
     assert pair[0] == pair[1] and backend.enqueue("song", dedupe_key="k2", file_path="outputs/two.wav") == pair[0]
     _refused(backend, lambda: backend.enqueue("other", dedupe_key="k3", file_path=SONG), "'outputs/song.wav'")
+
+
+def test_file_path__a_failed_job_holds_no_file(backend: QueueBackend) -> None:
+    """A failed job never wrote its file (a WAV is renamed into place only with a completed
+    outcome): a new job may name its path, whether it failed in a daemon or was cancelled."""
+    queue = backend.queue()
+    broken = backend.enqueue("broken", file_path=SONG)
+    [job] = queue.claim(1)
+    queue.finish([failed(job)])
+    assert backend.row(broken)["status"] == "failed"
+    again = backend.enqueue("fixed", file_path=SONG)
+    assert backend.cancel(again) == "failed"
+    third = backend.enqueue("third", file_path=SONG)
+    assert len({broken, again, third}) == 3 and backend.row(third)["status"] == "pending"
+
+
+def test_file_path__a_keyed_request_again_after_its_holder_expired_takes_the_file(backend: QueueBackend) -> None:
+    """The same keyed request for the same file, after its pending holder passed its expiry
+    unswept: the enqueue expires the holder (which never ran, so wrote no file) and the new job
+    takes both the key and the file."""
+    first = backend.enqueue("song", dedupe_key="k", file_path=SONG, ttl=60)
+    backend.advance(61)
+    second = backend.enqueue("song", dedupe_key="k", file_path=SONG)
+    assert second != first and backend.row(first)["status"] == "failed"
+    assert backend.row(second)["status"] == "pending" and backend.row(second)["file_path"] == SONG
+

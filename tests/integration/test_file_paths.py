@@ -14,8 +14,16 @@ from sqlalchemy.engine import Engine
 
 from dgxqueue import api
 from dgxqueue.config import load_settings
-from dgxqueue.errors import ValidationError
-from dgxqueue.storage import create_generation, create_generations, session_scope, validate_job
+from dgxqueue.errors import InvalidStateError, ValidationError
+from dgxqueue.storage import (
+    cancel_generation,
+    create_generation,
+    create_generations,
+    fail_generation,
+    retry_generation,
+    session_scope,
+    validate_job,
+)
 from dgxqueue.storage.models import G, P
 from dgxqueue.storage.queue import insert_jobs
 from tests.support.processes import wait_until
@@ -155,3 +163,22 @@ def test_file_path__create_generation_losing_a_race_leaves_the_session_usable(en
     with engine.connect() as conn:
         assert sorted(conn.execute(sa.select(G.c.prompt)).scalars()) == (
             ["after", "holder", "mine"] if engine.dialect.name == "postgresql" else ["after", "holder"])
+
+
+def test_file_path__a_retry_is_refused_while_another_job_holds_the_failed_jobs_file(engine: Engine) -> None:
+    """A failed job's path is free for a new job; retrying the failed one while that job holds it
+    is refused naming the holder, and nothing changes. Once the holder has failed too, the retry
+    goes through."""
+    with session_scope(engine) as session:
+        first = create_generation(session, "first", file_path=SONG).id
+        fail_generation(session, first, error_message="the model was wrong")
+        second = create_generation(session, "second", file_path=SONG).id
+    with pytest.raises(InvalidStateError) as caught, session_scope(engine) as session:
+        retry_generation(session, first)
+    assert second in str(caught.value) and "file_path" in str(caught.value)
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(G.c.id, G.c.status)).all()) == {first: "failed", second: "pending"}
+    with session_scope(engine) as session:
+        cancel_generation(session, second)
+        assert retry_generation(session, first).status == "pending"
+

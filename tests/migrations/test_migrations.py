@@ -367,3 +367,21 @@ def test_migration_007__a_plain_sql_row_naming_a_taken_file_is_refused(db_url: s
         assert sorted(conn.exec_driver_sql("SELECT file_path FROM generations").scalars()) == [
             path, path[:-5] + "y.wav"]
 
+
+def test_migration_007__failed_rows_sharing_a_file_migrate(db_url: str) -> None:
+    """A failed job never wrote its file: failed rows sharing a path with each other or with a job
+    that completed do not stop migration 007, and after it a failed row may still name a path."""
+    engine = get_engine(db_url)
+    upgrade(engine, "006")
+    shared = "outputs/b2c3d4e5.wav"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_OLD_ROWS[1])  # completed, at the shared path
+        for row in (_OLD_ROWS[0], _OLD_ROWS[0].replace("a1b2c3d4-e5f6", "a1b2c3d4-0000")):
+            conn.exec_driver_sql(row.replace("outputs/a1b2c3d4.wav", shared).replace("'pending'", "'failed'"))
+    init_db(db_url)
+    _assert_at(engine, "007")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_OLD_ROWS[0].replace("a1b2c3d4-e5f6", "a1b2c3d4-1111")
+                             .replace("outputs/a1b2c3d4.wav", shared).replace("'pending'", "'failed'"))
+        assert conn.exec_driver_sql("SELECT count(*) FROM generations").scalar() == 4
+
