@@ -216,14 +216,16 @@ def _interrupt_again(previous: Callable[[Any], object], unraisable: Any) -> None
     it is delivered to the main thread again, where :func:`main` says 'interrupted'. From another
     thread, a moment later: raised now, it would land in this hook and be lost the same way. A real
     signal to the main thread, not ``_thread.interrupt_main``: that one only sets a flag, which a
-    blocking wait (a lock, a socket) does not see until it ends on its own."""
+    blocking wait (a lock, a socket) does not see until it ends on its own. The signal that raised
+    it: SIGTERM or SIGHUP turned into an interrupt (``signum``) must not come back as Ctrl-C."""
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
         import signal
         import threading
 
         main_thread = threading.main_thread().ident
         assert main_thread is not None  # the main thread has always started
-        later = threading.Timer(0.05, signal.pthread_kill, (main_thread, signal.SIGINT))
+        signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+        later = threading.Timer(0.05, signal.pthread_kill, (main_thread, signum))
         later.daemon = True
         _redeliveries.append(later)
         later.start()

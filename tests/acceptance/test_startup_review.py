@@ -417,3 +417,30 @@ def test_demo__timeout_says_the_jobs_stay_queued(cli: Cli) -> None:
     assert done.returncode == 75, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert "stay queued" in last and "dgxqueue worker" in last and "keep going" not in last, last
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_main__a_sigterm_lost_in_a_callback_comes_back_as_itself(signum: signal.Signals) -> None:
+    """A SIGTERM or SIGHUP that ``enqueue --wait`` or the demo turned into an interrupt, landing in
+    a callback Python runs itself, is delivered to the main thread again as that signal, not as
+    Ctrl-C's SIGINT: the command then exits 143 or 129, not 130 (the enqueue test caught 130)."""
+    import types
+
+    from dgxqueue.cli import _interrupt_again
+    from dgxqueue.cli.demo import _Signalled
+
+    seen: list[int] = []
+    arrived = threading.Event()
+
+    def handler(number: int, _frame: object) -> None:
+        seen.append(number)
+        arrived.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signum, signal.SIGINT)}
+    try:
+        _interrupt_again(lambda _: None, types.SimpleNamespace(exc_value=_Signalled(signum)))
+        assert arrived.wait(30), "no signal came back"
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    assert seen == [signum]
