@@ -23,9 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ from dgxqueue.cli.common import (
     print_json,
     table,
 )
+from dgxqueue.cli.stopsignals import Signalled, stop_signals_interrupt
 from dgxqueue.cli.wait import Progress, watch
 from dgxqueue.daemon.diskcheck import look
 from dgxqueue.errors import ConfigError, ValidationError
@@ -73,30 +72,6 @@ def sample_specs(count: int, duration: float) -> list[dict[str, Any]]:
         specs.append({"prompt": prompt, "model_name": MODEL, "duration_seconds": duration,
                       "metadata": {**meta, "source": "dgxqueue demo"}})
     return specs
-
-
-class _Signalled(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt, so the same clean-up runs;
-    the demo then exits 128 + its number (143, 129), as a process killed by it would, not 130."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (or a closed terminal's SIGHUP) ends the demo like Ctrl-C does, so its daemon,
-    in a session of its own, is stopped too."""
-    def handler(signum: int, frame: types.FrameType | None) -> None:
-        raise _Signalled(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -216,7 +191,7 @@ def _check_arguments(ctx: Context, count: int, duration: float) -> list[JobSpec]
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
     try:
         return _demo(ctx, args)
-    except _Signalled as stopped:  # its daemon is stopped: the clean-up ran as for Ctrl-C
+    except Signalled as stopped:  # its daemon is stopped: the clean-up ran as for Ctrl-C
         print(f"dgxqueue: stopped by {signal.Signals(stopped.signum).name}", file=sys.stderr)
         return 128 + stopped.signum
 
@@ -240,7 +215,7 @@ def _demo(ctx: Context, args: argparse.Namespace) -> int:
     daemon = None
     keep_log = True
     try:
-        with _sigterm_interrupts():
+        with stop_signals_interrupt():
             daemon = _Daemon(ctx, folder, progress)
             try:
                 with session_scope(engine) as session:

@@ -36,7 +36,7 @@ from dgxqueue.cli.common import (
     print_json,
     safe,
 )
-from dgxqueue.cli.demo import _Signalled, _sigterm_interrupts
+from dgxqueue.cli.stopsignals import Signalled, stop_signals_interrupt
 from dgxqueue.cli.wait import Progress, finish, watch
 from dgxqueue.config import Settings
 from dgxqueue.errors import ValidationError
@@ -211,16 +211,16 @@ def cmd_enqueue(ctx: Context, args: argparse.Namespace) -> int:
     ids = enqueue_many(jobs, database_url=ctx.settings.database.url, settings=ctx.settings)
     progress = Progress(quiet=args.quiet)
     try:
-        with _sigterm_interrupts():  # SIGTERM (a cancelled CI job, timeout(1)) and SIGHUP too
+        with stop_signals_interrupt():  # SIGTERM (a cancelled CI job, timeout(1)) and SIGHUP too
             return _report(ctx, args, engine, ids, jobs, timeout, progress)
     except KeyboardInterrupt as stopped:
         # The jobs are queued whatever happens to the wait: without their ids (the progress lines
         # show 8 characters, --quiet none) Ctrl-C left nothing to find them by.
         progress.done()
-        how = f"stopped by {signal.Signals(stopped.signum).name}" if isinstance(stopped, _Signalled) else "interrupted"
+        how = f"stopped by {signal.Signals(stopped.signum).name}" if isinstance(stopped, Signalled) else "interrupted"
         print(f"dgxqueue: {how}; {'the job stays' if len(ids) == 1 else f'the {len(ids)} jobs stay'} "
               f"queued ('dgxqueue wait {' '.join(ids)}' waits again)", file=sys.stderr)
-        return 128 + stopped.signum if isinstance(stopped, _Signalled) else EXIT_INTERRUPTED
+        return 128 + stopped.signum if isinstance(stopped, Signalled) else EXIT_INTERRUPTED
 
 
 def _report(ctx: Context, args: argparse.Namespace, engine: sa.Engine, ids: list[str], jobs: list[JobSpec],

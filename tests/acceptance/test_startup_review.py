@@ -427,7 +427,7 @@ def test_main__a_sigterm_lost_in_a_callback_comes_back_as_itself(signum: signal.
     import types
 
     from dgxqueue.cli import _interrupt_again
-    from dgxqueue.cli.demo import _Signalled
+    from dgxqueue.cli.stopsignals import Signalled
 
     seen: list[int] = []
     arrived = threading.Event()
@@ -438,7 +438,7 @@ def test_main__a_sigterm_lost_in_a_callback_comes_back_as_itself(signum: signal.
 
     previous = {sig: signal.signal(sig, handler) for sig in (signum, signal.SIGINT)}
     try:
-        _interrupt_again(lambda _: None, types.SimpleNamespace(exc_value=_Signalled(signum)))
+        _interrupt_again(lambda _: None, types.SimpleNamespace(exc_value=Signalled(signum)))
         assert arrived.wait(30), "no signal came back"
     finally:
         for sig, old in previous.items():
