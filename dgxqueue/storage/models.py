@@ -69,6 +69,18 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
+#: The ends of the counters' type (PostgreSQL's ``integer``; SQLite's integers are wider): plain SQL
+#: can leave a counter at one, where adding to it raises "integer out of range" and rolls back the
+#: whole statement, so the statements that add keep such a counter where it is.
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+
+def uses_after(used: sa.ColumnElement[Any], more: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """A prompt's ``used_count`` (NULL read as 0) plus ``more``, held at :data:`INT_MAX`."""
+    before = sa.func.coalesce(used, 0)
+    return sa.case((before > INT_MAX - more, INT_MAX), else_=before + more)
+
+
 #: The dedupe index's predicate: the insert's ON CONFLICT names it as written here.
 DEDUPE_HELD_SQL = "status IN ('pending', 'processing') AND dedupe_key IS NOT NULL"
 _EXPIRING = "status = 'pending' AND expires_at IS NOT NULL"

@@ -31,6 +31,8 @@ from dgxqueue.storage.models import (
     DEDUPE_HELD_SQL,
     FAILED,
     HOLDS_ITS_FILE_SQL,
+    INT_MAX,
+    INT_MIN,
     IS_PENDING,
     IS_PROCESSING,
     PAUSED,
@@ -40,6 +42,7 @@ from dgxqueue.storage.models import (
     P,
     UTCDateTime,
     as_utc,
+    uses_after,
 )
 from dgxqueue.storage.precompiled import Compiled, Cursor, HeldConnection, Pending, _as_sqlalchemy
 from dgxqueue.storage.results import BACKOFF_SECONDS, STAMPED_AT_WRITE, Failed, Result, row_values
@@ -50,11 +53,6 @@ NOTIFY_CHANNEL = "dgxqueue_jobs"
 #: PostgreSQL channel every recorded outcome is published on, with the write (README: "Completion
 #: events"); payload: a JSON array of ``{"id": ..., "status": ...}``.
 EVENTS_CHANNEL = "dgxqueue_events"
-#: The ends of PostgreSQL's ``integer``, the counters' type: plain SQL can leave a counter at
-#: one, where ``+ 1`` or ``- 1`` raises "integer out of range" and rolls back the whole statement
-#: (a claim or a rescue: every daemon's, at each start). Those keep such a counter where it is;
-#: any other value (on SQLite also text, which counts as 0) moves as before.
-_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 def due_condition(profile: Profile, now: sa.ColumnElement[Any] | datetime) -> sa.ColumnElement[bool]:
@@ -146,7 +144,7 @@ def prompt_upsert(profile: Profile) -> sa.Insert:
     upsert: sa.Insert = insert.on_conflict_do_update(
         index_elements=[P.c.text],
         set_={
-            "used_count": sa.func.coalesce(P.c.used_count, 0) + insert.excluded.used_count,
+            "used_count": uses_after(P.c.used_count, insert.excluded.used_count),
             "last_used_at": insert.excluded.last_used_at,
         },
     )
@@ -455,7 +453,7 @@ def claim_statement(profile: Profile, n_models: int, start: bool = False) -> sa.
         sa.update(G)  # UPDATE ... FROM: with "id IN (SELECT ...)" SQLite scanned every pending row
         .where(G.c.id == chosen.c.id, IS_PENDING)
         .values(status=PROCESSING, worker_id=sa.bindparam("worker_id", type_=sa.Text),
-                attempts=sa.case((G.c.attempts == _INT_MAX, G.c.attempts), else_=G.c.attempts + 1),
+                attempts=sa.case((G.c.attempts == INT_MAX, G.c.attempts), else_=G.c.attempts + 1),
                 claimed_at=now, started_at=now if start else None,
                 lease_expires_at=profile.later(sa.bindparam("lease_seconds", type_=sa.Float)))
         .returning(*CLAIM_COLUMNS)
@@ -736,7 +734,7 @@ def finish_and_claim(
 
 
 #: ``lease_losses + 1``, kept at the integer's end.
-_LOSSES_AFTER = sa.case((G.c.lease_losses == _INT_MAX, G.c.lease_losses), else_=G.c.lease_losses + 1)
+_LOSSES_AFTER = sa.case((G.c.lease_losses == INT_MAX, G.c.lease_losses), else_=G.c.lease_losses + 1)
 
 
 def _losses_text(prefix: str, suffix: str) -> sa.ColumnElement[str]:
@@ -799,7 +797,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     spent = G.c.attempts >= G.c.max_attempts
     requeued = run(
         sa.update(G).where(live, G.c.started_at.is_not(None), sa.or_(~spent, G.c.lease_losses == 0))
-        .values(attempts=sa.case((sa.and_(spent, G.c.attempts != _INT_MIN), G.c.attempts - 1), else_=G.c.attempts),
+        .values(attempts=sa.case((sa.and_(spent, G.c.attempts != INT_MIN), G.c.attempts - 1), else_=G.c.attempts),
                 lease_losses=_LOSSES_AFTER, started_at=None,
                 error_message=_losses_text("lease lost while it ran: its daemon died or stalled (",
                                            " time(s)); requeued to run alone"), **released)

@@ -30,7 +30,7 @@ from dgxqueue import faultpoints
 from dgxqueue.errors import TransferError
 from dgxqueue.storage.database import session_scope
 from dgxqueue.storage.engines import Profile, profile_of
-from dgxqueue.storage.models import COMPLETED, FAILED, PAUSED, G, P, as_utc
+from dgxqueue.storage.models import COMPLETED, FAILED, PAUSED, G, P, as_utc, uses_after
 from dgxqueue.storage.rowvalues import Unreadable, quote, read_json
 
 __all__ = ["COPIED", "FINISHED", "ArchiveReport", "Digest", "archive", "archive_preview", "check_target",
@@ -349,7 +349,7 @@ def count_prompts(session: Session, rows: Sequence[Row]) -> None:
     insert = profile_of(session.get_bind().dialect).insert(P)
     given = insert.excluded
     statement = insert.on_conflict_do_update(index_elements=[P.c.text], set_={
-        "used_count": sa.func.coalesce(P.c.used_count, 0) + given.used_count,
+        "used_count": uses_after(P.c.used_count, given.used_count),
         "first_used_at": sa.case((given.first_used_at < P.c.first_used_at, given.first_used_at),
                                  else_=P.c.first_used_at),
         "last_used_at": sa.case((given.last_used_at > P.c.last_used_at, given.last_used_at),

@@ -218,3 +218,24 @@ def test_finish__odd_progress_stored_by_plain_sql_never_stops_a_completion(engin
     for chosen in batches.values():
         for job_id, (done, total) in zip(chosen, odd, strict=True):
             assert rows[job_id] == ("completed", done if total is None else total, total), job_id
+
+
+def test_enqueue__a_prompt_counted_to_the_integer_limit_still_enqueues(engine: sa.Engine, db_url: str) -> None:
+    """Plain SQL can leave a prompt's ``used_count`` at PostgreSQL's largest integer: the enqueue's
+    upsert adding one raised "integer out of range", and every enqueue of that prompt failed. The
+    count stays where it is (on both engines); the job is queued, and another prompt counts on."""
+    from dgxqueue import api
+    from dgxqueue.config import load_settings
+
+    most = 2**31 - 1
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO prompts (text, used_count, first_used_at, last_used_at) "
+                             "VALUES ('worn out', :most, '2026-01-01', '2026-01-01')"), {"most": most})
+    settings = load_settings(env={})
+    job = api.enqueue("worn out", database_url=db_url, settings=settings)
+    api.enqueue_many([{"prompt": text} for text in ("worn out", "fresh", "fresh")], database_url=db_url,
+                     settings=settings)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM generations WHERE id = :id"), {"id": job}).scalar() == "pending"
+        assert dict(conn.execute(sa.text("SELECT text, used_count FROM prompts")).all()) == {
+            "worn out": most, "fresh": 2}
