@@ -217,19 +217,26 @@ def insert_jobs(connection: sa.Connection, jobs: Sequence[JobSpec], *, own_trans
     with _nothing_written_yet():
         refuse_taken_paths(connection, jobs)
         undone_if_refused = contextlib.nullcontext() if own_transaction else _undone_if_refused(connection, jobs)
-    try:
-        with undone_if_refused:
-            return _insert_jobs(connection, jobs)
-    except sa.exc.IntegrityError as exc:
-        if violates_unique(exc, PATH_INDEX, "generations.file_path"):
-            raise path_taken(jobs[0].file_path if len(jobs) == 1 else [job.file_path for job in jobs]) from exc
-        raise
+    with _index_refusal(jobs), undone_if_refused:
+        return _insert_jobs(connection, jobs)
 
 
 #: Migration 007's unique index: one job per file_path, among the rows that hold theirs.
 PATH_INDEX = "uq_generations_file_path"
 HOLDS_ITS_FILE = sa.text(HOLDS_ITS_FILE_SQL)
 _PATHS_PER_READ = 500  # bound parameters per read (SQLite's limit is 32766, older ones' 999)
+
+
+@contextlib.contextmanager
+def _index_refusal(jobs: Sequence[JobSpec]) -> Iterator[None]:
+    """The unique index's refusal of one of ``jobs``' paths as the door's: a ValidationError naming
+    file_path (the job's path, or the batch's: the driver does not say which row)."""
+    try:
+        yield
+    except sa.exc.IntegrityError as exc:
+        if violates_unique(exc, PATH_INDEX, "generations.file_path"):
+            raise path_taken(jobs[0].file_path if len(jobs) == 1 else [job.file_path for job in jobs]) from exc
+        raise
 
 
 @contextlib.contextmanager
@@ -332,14 +339,9 @@ def insert_job(connection: sa.Connection, job: JobSpec) -> dict[str, Any]:
         undone_if_refused = _undone_if_refused(connection, [job])
     statements = _insert(connection.dialect)
     row = job_row(job)
-    try:
-        with undone_if_refused, _cursor(connection) as cursor:
-            [(created_at, expires_at)] = cursor.submit(statements.stamped_job, row).rows
-            _count_and_wake(cursor, statements, [job])
-    except sa.exc.IntegrityError as exc:
-        if violates_unique(exc, PATH_INDEX, "generations.file_path"):
-            raise path_taken(job.file_path) from exc
-        raise
+    with _index_refusal([job]), undone_if_refused, _cursor(connection) as cursor:
+        [(created_at, expires_at)] = cursor.submit(statements.stamped_job, row).rows
+        _count_and_wake(cursor, statements, [job])
     row.update(created_at=created_at, expires_at=expires_at)
     return row
 
