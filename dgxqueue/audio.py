@@ -77,6 +77,18 @@ class OutputRoot:
         for outputs folder ``outputs``), as in the user's specification. Symlinks are resolved
         first, so a link pointing out of the folder is refused like ``..`` is.
         """
+        return self._locate(file_path)[0]
+
+    def place(self, file_path: str) -> tuple[str, bool]:
+        """:meth:`locate`'s path, and whether anything (a file, a link, a folder) is there now, by
+        ``lstat``: the one :meth:`locate` makes anyway, unless ``file_path`` named a link."""
+        target, taken = self._locate(file_path)
+        if taken is None:  # a link followed, or a path realpath sorted out: look at where it led
+            taken = _lstat(target) is not None
+        return target, taken
+
+    def _locate(self, file_path: str) -> tuple[str, bool | None]:
+        """:meth:`locate`'s work, and whether its ``lstat`` found anything there (None: not known)."""
         root = self.root
         if "\x00" in file_path:
             raise OutputError(f"file path {file_path!r} contains a NUL byte (outputs folder {root})")
@@ -91,6 +103,7 @@ class OutputRoot:
             raise OutputError(f"file path {file_path!r} holds a name of {longest} bytes, over the {_NAME_MAX}"
                               f" bytes a file name may have (outputs folder {root})")
         folder, _, name = file_path.rpartition("/")
+        taken: bool | None = None  # not known yet: the lstat below answers it for a plain name
         try:
             resolved_root = self._real_folder(self.name)
             if name in ("", ".", ".."):  # not a file name: let realpath sort the path out
@@ -99,8 +112,11 @@ class OutputRoot:
                 # The same answer as realpath of the whole path: the folder is resolved (and
                 # cached), and the last component, unless a symlink, needs no resolving.
                 target = os.path.join(self._real_folder(folder), name)
-                if _is_symlink(target):
+                found = _lstat(target)
+                if found is not None and stat.S_ISLNK(found.st_mode):
                     target = os.path.realpath(target)
+                else:
+                    taken = found is not None
         except OSError as exc:  # a link changed while being resolved
             raise OutputError(f"file path {file_path!r} cannot be resolved under {root}: {exc}") from exc
         if not target.startswith(resolved_root + os.sep):
@@ -108,7 +124,7 @@ class OutputRoot:
         if len(target) >= _PATH_MAX // 4 and (size := len(target.encode("utf-8", "surrogatepass"))) >= _PATH_MAX:
             raise OutputError(f"file path {file_path[:80]!r}... resolves to a path of {size} bytes, over the"
                               f" {_PATH_MAX - 1} bytes a path may have (outputs folder {root})")
-        return target
+        return target, taken
 
     def open_file(self, file_path: str) -> tuple[int, os.stat_result, str]:
         """Open the regular file ``file_path`` names (as :meth:`locate` reads it) for reading:
@@ -155,11 +171,11 @@ class OutputRoot:
         return real
 
 
-def _is_symlink(path: str) -> bool:
+def _lstat(path: str) -> os.stat_result | None:
     try:
-        return stat.S_ISLNK(os.lstat(path).st_mode)
-    except OSError:  # as realpath does: what cannot be examined is taken as it is
-        return False
+        return os.lstat(path)
+    except OSError:  # as realpath does: what cannot be examined is taken as it is (and as absent)
+        return None
 
 
 def resolve_output_path(outputs_dir: Path, file_path: str) -> Path:

@@ -156,6 +156,7 @@ SLOW = frozenset({
     "tests/acceptance/test_machine_faults_review.py::test_machine_fault__a_disk_that_stays_short_never_fails_the_jobs",
     "tests/acceptance/test_machine_faults_review.py::test_machine_fault__mark_left_by_a_stop_does_not_charge_the_next_fault",
     "tests/acceptance/test_machine_faults_review.py::test_stop__sigterm_while_postgres_hangs_is_bounded",
+    "tests/acceptance/test_occupied_paths.py::test_daemon__a_file_already_at_a_jobs_path_fails_that_job_alone_and_stays_as_it_was",
     "tests/acceptance/test_operator_processes.py::test_cli__enqueue_wait_interrupted_leaves_the_job_id_on_screen",
     "tests/acceptance/test_packaging.py::test_wheel__holds_dgxqueue_workers_and_migrations_only",
     "tests/acceptance/test_poison_rows.py::test_worker_burst__poison_rows_fail_alone_and_the_queue_drains",

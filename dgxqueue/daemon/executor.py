@@ -1,7 +1,8 @@
 """The executor's step: claimed jobs in, rendered and written WAV files (or errors) out.
 
 :func:`prepare` turns claimed rows into generator requests and refuses the ones the backend
-rejects. :func:`render` resolves each job's output path (refusing one outside the outputs folder),
+rejects. :func:`render` resolves each job's output path (refusing one outside the outputs folder,
+or one where a file exists already: never this job's, so never replaced),
 runs one batch through the backend and writes each result beside its path under a temporary name
 of its attempt (:mod:`~dgxqueue.daemon.staging`); it runs on the runner thread, so it touches no
 database and returns plain :class:`Attempt` values for the main loop to record. The main loop
@@ -11,6 +12,7 @@ renames a result into place only once its outcome has committed.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -164,15 +166,42 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
 
 
 def locate(batch: Sequence[Work], root: audio.OutputRoot) -> tuple[list[tuple[Work, str]], list[Attempt]]:
-    """Each job's output path, or its failure when that path is not inside the outputs folder."""
+    """Each job's output path, or its failure when that path is not inside the outputs folder or
+    something is there already (see :func:`occupied`): checked before the render, so the backend
+    does not spend a job's time on a file it may not write."""
     located: list[tuple[Work, str]] = []
     refused: list[Attempt] = []
     for work in batch:
         try:
-            located.append((work, root.locate(work.job.file_path)))
+            path, taken = root.place(work.job.file_path)
         except (OutputError, ValueError) as exc:
             refused.append(_refusal(work.job, exc))
+            continue
+        if taken:
+            refused.append(Attempt(work.job, occupied(work.job, path), 0.0))
+            continue
+        located.append((work, path))
     return located, refused
+
+
+def occupied(job: ClaimedJob, path: str) -> PermanentGeneratorError:
+    """The error of a job whose path holds something already: not its output (a job's file is put
+    there only after its attempt is recorded completed, and a completed job never runs again) but
+    an archived job's, another queue's or a user's, never replaced. The job's input names a taken
+    file: it fails, permanently and alone, never as the machine's fault."""
+    return PermanentGeneratorError(
+        f"file_path {job.file_path} already exists ({path}) and is not this job's output; it was left as it is."
+        f" Remove or move it, then run `dgxqueue retry {job.id}`, or enqueue the job again with another file_path"
+    )
+
+
+def _taken(path: str) -> bool:
+    """Whether anything is at ``path`` (one ``lstat``, no link followed)."""
+    try:
+        os.lstat(path)
+    except OSError:  # absent, or not examinable: the write finds out which, and whose fault it is
+        return False
+    return True
 
 
 def _check_shape(result: GeneratedAudio, request: GenerationRequest) -> None:
@@ -302,6 +331,10 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
             if why:
                 raise PermanentGeneratorError(f"{why}; the result cannot be recorded")
             job = work.job
+            # Again at the write: the file may have appeared while the backend rendered. One left
+            # between here and the rename after the commit would still be replaced (a short window).
+            if _taken(path):
+                raise occupied(job, path)
             staged = audio.stage_wav(path, result, tag=staging.tag(job.id, job.attempt, worker_id), folders=folders)
         except Exception as exc:  # this job's alone: the others of the batch are written
             outcomes.append(Attempt(work.job, exc, generated))

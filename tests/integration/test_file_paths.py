@@ -4,8 +4,11 @@ lookup when the holder is not yet committed."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,15 +20,21 @@ from dgxqueue.config import load_settings
 from dgxqueue.errors import InvalidStateError, ValidationError
 from dgxqueue.storage import (
     cancel_generation,
+    create_engine,
     create_generation,
     create_generations,
+    ensure_schema,
     fail_generation,
     retry_generation,
     session_scope,
     validate_job,
 )
-from dgxqueue.storage.models import G, P
+from dgxqueue.storage.models import G, P, utcnow
 from dgxqueue.storage.queue import insert_jobs
+from dgxqueue.storage.transfer import archive
+from tests.support.daemons import make_daemon
+from tests.support.db import sqlite_url
+from tests.support.generators import ScriptedGenerator
 from tests.support.processes import wait_until
 
 SONG = "outputs/song.wav"
@@ -182,3 +191,38 @@ def test_file_path__a_retry_is_refused_while_another_job_holds_the_failed_jobs_f
         cancel_generation(session, second)
         assert retry_generation(session, first).status == "pending"
 
+
+
+def scripted_jobs(engine: Engine, duration: float) -> list[str]:
+    with session_scope(engine) as session:
+        return create_generations(session, [{"prompt": "fine", "model_name": "scripted", "file_path": SONG,
+                                             "duration_seconds": duration, "sample_rate": 8000, "channels": 1}])
+
+
+def test_file_path__a_new_job_for_an_archived_jobs_file_fails_and_the_archived_wav_stays(
+        engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """`archive` moves a completed job's row to another database, so its path is free again here: a
+    new job naming it is accepted, and the daemon fails that job (naming the path) instead of
+    renaming its WAV over the archived job's, which keeps its bytes and its inode."""
+    outputs = tmp_path / "outputs"
+    generator = ScriptedGenerator()
+    daemon = make_daemon(db_url, outputs, generator)
+    try:
+        [archived] = scripted_jobs(engine, 0.01)
+        assert daemon.run_once() == 1
+        song = outputs / "song.wav"
+        before = song.read_bytes(), song.stat().st_ino
+        target = create_engine(sqlite_url(tmp_path / "archive"))
+        ensure_schema(target)
+        assert archive(engine, target, utcnow() + timedelta(days=1), batch_size=10, progress=lambda _: None).moved == 1
+        target.dispose()
+        [new] = scripted_jobs(engine, 0.02)
+        assert daemon.run_once() == 1
+        with engine.connect() as conn:
+            status, error = conn.execute(sa.select(G.c.status, G.c.error_message).where(G.c.id == new)).one()
+        assert status == "failed" and SONG in error and f"dgxqueue retry {new}" in error, error
+        assert (song.read_bytes(), song.stat().st_ino) == before
+        assert new not in generator.executions and archived in generator.executions
+        assert os.listdir(outputs) == ["song.wav"]
+    finally:
+        daemon.shutdown()

@@ -222,6 +222,27 @@ def test_resolve__one_root_resolves_many_paths_like_one_call_each(tmp_path: Path
             root.resolve(file_path)
 
 
+def test_place__says_whether_anything_is_at_the_located_path(tmp_path: Path) -> None:
+    """OutputRoot.place answers as locate does, and whether the located path holds anything: a
+    file, a folder or a link counts; a link in file_path's place is followed (its target is
+    the located path), so a dangling one inside the folder leaves that path free."""
+    outputs = tmp_path / "outputs"
+    (outputs / "folder.wav").mkdir(parents=True)
+    (outputs / "file.wav").write_bytes(b"x")
+    (outputs / "to-file.wav").symlink_to(outputs / "file.wav")
+    (outputs / "dangling.wav").symlink_to(outputs / "nowhere.wav")
+    root = OutputRoot(outputs)
+    real = os.path.realpath(outputs)
+    for file_path, located, taken in [
+        ("outputs/new.wav", "new.wav", False), ("outputs/file.wav", "file.wav", True),
+        ("outputs/folder.wav", "folder.wav", True), ("outputs/to-file.wav", "file.wav", True),
+        ("outputs/dangling.wav", "nowhere.wav", False), ("outputs/sub/new.wav", "sub/new.wav", False),
+        ("outputs/folder.wav/.", "folder.wav", True),
+    ]:
+        assert root.place(file_path) == (os.path.join(real, located), taken) and root.locate(file_path) == \
+            os.path.join(real, located), file_path
+
+
 def test_resolve__a_new_root_sees_folders_linked_since(tmp_path: Path) -> None:
     """Real paths are kept per OutputRoot only: one built later sees a folder swapped for a link."""
     outputs, elsewhere = tmp_path / "outputs", tmp_path / "elsewhere"
