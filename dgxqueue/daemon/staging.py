@@ -9,7 +9,8 @@ completed attempt made.
 
 A crash can leave temporaries behind. :func:`sweep` settles them, on daemon start and every
 lease period after: a temporary of the attempt its row records as completed is renamed into
-place (the crash came between the commit and the rename); one of the row's current
+place (the crash came between the commit and the rename), unless something else is at its path
+(never replaced: it stays, logged, for each later sweep to try again); one of the row's current
 ``processing`` attempt is kept (that attempt may still commit, expired lease or not, until the
 rescuer takes the row back); every other one is deleted. The row is the authority, read after
 the folder was listed: an attempt that is neither cannot commit any more. A temporary of a job
@@ -222,10 +223,11 @@ def _walk(top: str, fds: dict[str, int]) -> list[_Found]:
 
 def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: AttemptState) -> str | None:
     """Rename a completed attempt's temporary to its row's file; the target, or None if it must
-    stay (logged): the row's path no longer leads to this folder, or the size is not the row's."""
+    stay (logged): the row's path no longer leads to this folder, the size is not the row's, or
+    something that is not this attempt's result is at the path already."""
     context = {"job_id": item.owner.job_id, "attempt": item.owner.attempt, "temporary": item.name}
     try:
-        target = root.locate(state.file_path)
+        target, taken = root.place(state.file_path)
     except OutputError as exc:
         log.warning("sweep: a completed job's file path is not usable; its temporary stays", error=str(exc),
                     **context)
@@ -237,6 +239,18 @@ def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: Attemp
     if state.file_size_bytes != item.size:
         log.warning("sweep: a completed job's temporary is not the size its row records; it stays",
                     size=item.size, recorded=state.file_size_bytes, **context)
+        return None
+    # Checked, then renamed: a file put there between the two is still replaced (a short window).
+    if taken:
+        try:
+            os.stat(item.name, dir_fd=folder_fd, follow_symlinks=False)
+        except FileNotFoundError:  # its own daemon renamed it meanwhile: the file is this result
+            return target
+        except OSError:
+            pass
+        log.warning("sweep: a completed job's file path holds a file that is not its result; both are left"
+                    " as they are (move that file away and the next sweep publishes the result)",
+                    file_path=state.file_path, **context)
         return None
     try:
         os.replace(item.name, os.path.basename(target), src_dir_fd=folder_fd, dst_dir_fd=folder_fd)

@@ -286,3 +286,23 @@ def test_sweep__leaves_another_queues_temporary_in_a_shared_outputs_folder(sqlit
     finally:
         daemon.shutdown()
         neighbour.shutdown()
+
+
+def test_sweep__never_replaces_a_file_already_at_a_completed_jobs_path(db_url: str, tmp_path: Path) -> None:
+    """A completed attempt's temporary, left by a crash, whose path meanwhile holds a file that is
+    not its (an archived job's, another queue's, one put there by hand): the sweep leaves both as
+    they are. Once that file is moved away, the next sweep publishes the result."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    [job_id] = enqueue(db_url, 1)
+    set_row(db_url, job_id, status="completed", worker_id="w", attempts=1, file_size_bytes=SIZE)
+    temp = stage(outputs, job_id, 1, "w")
+    target = outputs / f"{job_id}.wav"
+    target.write_bytes(b"not this job's")
+    assert staging.sweep(outputs, lookup(db_url)).published == []
+    assert sorted(os.listdir(outputs)) == sorted([temp, target.name])
+    assert target.read_bytes() == b"not this job's"
+    target.rename(tmp_path / "moved.wav")
+    assert staging.sweep(outputs, lookup(db_url)).published == [f"outputs/{job_id}.wav"]
+    assert os.listdir(outputs) == [target.name] and target.stat().st_size == SIZE
