@@ -15,9 +15,11 @@ from sqlalchemy.orm import Session
 
 from dgxqueue.errors import InvalidStateError
 from dgxqueue.storage import queue
+from dgxqueue.storage.dberrors import violates_unique
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import (
     COMPLETED,
+    DEDUPE_INDEX,
     FAILED,
     PAUSED,
     PENDING,
@@ -109,7 +111,7 @@ def retry_job(session: Session, job_id: str, run_after: datetime | None = None) 
     path_holder = sa.select(_HOLDER.c.id).where(
         key(_HOLDER.c.file_path) == key(G.c.file_path), _HOLDER.c.file_path == G.c.file_path,
         _HOLDER.c.id != G.c.id, _HOLDER.c.status != sa.literal_column(f"'{FAILED}'"))
-    result = session.execute(
+    retry = (
         sa.update(G).where(G.c.id == job_id, G.c.status == FAILED, ~key_holder.exists(), ~path_holder.exists())
         .values(status=PENDING, attempts=0, error_message=None, completed_at=None,
                 run_after=run_after, worker_id=None, claimed_at=None, lease_expires_at=None,
@@ -117,7 +119,7 @@ def retry_job(session: Session, job_id: str, run_after: datetime | None = None) 
                 progress_done=None, progress_total=None,
                 expires_at=sa.case((G.c.expired_at.is_(None), G.c.expires_at), else_=None), expired_at=None)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not _retried(session, retry):
         job = require_job(session, job_id)
         if job.status != FAILED:
             raise InvalidStateError(f"generation {job_id} is {job.status}; only failed jobs can be retried")
@@ -134,6 +136,24 @@ def retry_job(session: Session, job_id: str, run_after: datetime | None = None) 
                                 f"{taken_by}'s now (each job's WAV is its own); enqueue it again with another "
                                 "file_path")
     return require_job(session, job_id)
+
+
+def _retried(session: Session, retry: sa.Update) -> bool:
+    """Run ``retry``; whether it sent the job back. On PostgreSQL a retry's holder check cannot see
+    a holder another transaction has not committed yet (a retry of another job of the same file or
+    key, an enqueue of its file): the unique index then refuses the update once that one commits, and
+    the savepoint leaves the caller's transaction usable for the refusal's reads. SQLite's one writer
+    runs the check and the update with no other writer between them."""
+    if profile_of(session.get_bind().dialect).is_file:
+        return bool(session.execute(retry).rowcount == 1)  # type: ignore[attr-defined]
+    try:
+        with session.begin_nested():
+            return bool(session.execute(retry).rowcount == 1)  # type: ignore[attr-defined]
+    except sa.exc.IntegrityError as exc:
+        if violates_unique(exc, queue.PATH_INDEX, "generations.file_path") or violates_unique(
+                exc, DEDUPE_INDEX, "generations.dedupe_key"):
+            return False
+        raise
 
 
 def delete_finished(session: Session, ids: Sequence[str], chunk: int = 500) -> list[str]:

@@ -81,7 +81,8 @@ def uses_after(used: sa.ColumnElement[Any], more: sa.ColumnElement[Any]) -> sa.C
     return sa.case((before > INT_MAX - more, INT_MAX), else_=before + more)
 
 
-#: The dedupe index's predicate: the insert's ON CONFLICT names it as written here.
+#: The unique index on dedupe_key, and its predicate: the insert's ON CONFLICT names it as written here.
+DEDUPE_INDEX = "uq_generations_dedupe_key"
 DEDUPE_HELD_SQL = "status IN ('pending', 'processing') AND dedupe_key IS NOT NULL"
 _EXPIRING = "status = 'pending' AND expires_at IS NOT NULL"
 #: The rows that hold their file_path (migration 007's unique index): every row but a failed one,
@@ -146,7 +147,7 @@ class Generation(Base):
         ),
         # At most one unfinished job holds a dedupe key; a finished one frees it.
         sa.Index(
-            "uq_generations_dedupe_key", "dedupe_key", unique=True,
+            DEDUPE_INDEX, "dedupe_key", unique=True,
             sqlite_where=sa.text(DEDUPE_HELD_SQL), postgresql_where=sa.text(DEDUPE_HELD_SQL),
         ),
         # The expiry sweep reads pending rows that have an expiry only.

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from dgxqueue import api
 from dgxqueue.config import load_settings
@@ -45,13 +46,17 @@ def _count(engine: Engine) -> int:
         return int(conn.execute(sa.select(sa.func.count()).select_from(G)).scalar_one())
 
 
-def _behind_an_uncommitted_holder(engine: Engine, produce: Callable[[], None]) -> None:
-    """Run ``produce`` on a thread while another transaction holds an uncommitted job for SONG;
-    commit that transaction once ``produce``'s insert waits for it (PostgreSQL's unique index; on
-    SQLite, the one writer), then wait for ``produce`` to end."""
+def _behind_an_uncommitted_holder(engine: Engine, produce: Callable[[], None],
+                                  hold: Callable[[sa.Connection], None] | None = None) -> None:
+    """Run ``produce`` on a thread while another transaction holds an uncommitted job for SONG
+    (or whatever ``hold`` writes in it); commit that transaction once ``produce``'s write waits for
+    it (PostgreSQL's unique index; on SQLite, the one writer), then wait for ``produce`` to end."""
     holder = engine.connect()
     transaction = holder.begin()
-    insert_jobs(holder, [validate_job("holder", file_path=SONG)])
+    if hold is None:
+        insert_jobs(holder, [validate_job("holder", file_path=SONG)])
+    else:
+        hold(holder)
     late = threading.Thread(target=produce)
     late.start()
     if engine.dialect.name == "postgresql":
@@ -226,3 +231,73 @@ def test_file_path__a_new_job_for_an_archived_jobs_file_fails_and_the_archived_w
         assert os.listdir(outputs) == ["song.wav"]
     finally:
         daemon.shutdown()
+
+
+def _failed_jobs(engine: Engine, *specs: dict[str, Any]) -> list[str]:
+    ids = []
+    with session_scope(engine) as session:
+        for spec in specs:
+            ids += insert_jobs(session.connection(), [validate_job(**spec)])
+            fail_generation(session, ids[-1], error_message="the model was wrong")
+    return ids
+
+
+def _retry_behind(engine: Engine, job_id: str, hold: Callable[[sa.Connection], None] | None = None
+                  ) -> BaseException | None:
+    """Retry ``job_id`` behind an uncommitted holder (:func:`_behind_an_uncommitted_holder`): what it raised."""
+    outcome: list[BaseException | None] = []
+
+    def produce() -> None:
+        try:
+            with session_scope(engine) as session:
+                retry_generation(session, job_id)
+            outcome.append(None)
+        except BaseException as exc:  # reported by the caller's assertion
+            outcome.append(exc)
+
+    _behind_an_uncommitted_holder(engine, produce, hold)
+    [result] = outcome
+    return result
+
+
+def _retried_in(job_id: str) -> Callable[[sa.Connection], None]:
+    def hold(connection: sa.Connection) -> None:
+        retry_generation(Session(bind=connection), job_id)
+    return hold
+
+
+def test_file_path__two_retries_at_once_of_jobs_sharing_a_file_one_is_refused(engine: Engine) -> None:
+    """Two failed jobs name one file and both are retried at once: the one whose retry waited for
+    the other's commit is refused naming file_path and the other job (on PostgreSQL the unique
+    index refused it, a bare IntegrityError), and stays failed."""
+    first, second = _failed_jobs(engine, {"prompt": "first", "file_path": SONG},
+                                 {"prompt": "second", "file_path": SONG})
+    refused = _retry_behind(engine, second, hold=_retried_in(first))
+    assert isinstance(refused, InvalidStateError), repr(refused)
+    assert "file_path" in str(refused) and first in str(refused)
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(G.c.id, G.c.status)).all()) == {first: "pending", second: "failed"}
+
+
+def test_file_path__a_retry_racing_an_enqueue_of_its_file_is_refused(engine: Engine) -> None:
+    """A failed job is retried while a producer's job naming its file is not yet committed: the
+    retry is refused naming file_path and that job, not a database error."""
+    [failed] = _failed_jobs(engine, {"prompt": "failed", "file_path": SONG})
+    refused = _retry_behind(engine, failed)
+    assert isinstance(refused, InvalidStateError), repr(refused)
+    with engine.connect() as conn:
+        holder = conn.execute(sa.select(G.c.id).where(G.c.prompt == "holder")).scalar_one()
+        assert conn.execute(sa.select(G.c.status).where(G.c.id == failed)).scalar_one() == "failed"
+    assert "file_path" in str(refused) and holder in str(refused)
+
+
+def test_retry__two_retries_at_once_of_jobs_sharing_a_dedupe_key_one_is_refused(engine: Engine) -> None:
+    """Two failed jobs hold one dedupe_key and both are retried at once: the later is refused
+    naming the key and the other job, not a database error (the key's index allows one holder)."""
+    first, second = _failed_jobs(engine, {"prompt": "first", "dedupe_key": "K", "file_path": "outputs/1.wav"},
+                                 {"prompt": "second", "dedupe_key": "K", "file_path": "outputs/2.wav"})
+    refused = _retry_behind(engine, second, hold=_retried_in(first))
+    assert isinstance(refused, InvalidStateError), repr(refused)
+    assert "dedupe_key" in str(refused) and first in str(refused)
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(G.c.id, G.c.status)).all()) == {first: "pending", second: "failed"}
