@@ -199,6 +199,10 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     with session_scope(engine) as session:
         cutoff = age.before(reads.database_now(session))
         victims = reads.finished_jobs_before(session, statuses, cutoff)
+        # A failed job never wrote its file and holds no path (migration 007): a file at its path
+        # is another's, such as an archived job's, so only completed jobs' files go.
+        owners = {job_id for job_id, _ in reads.finished_jobs_before(session, ["completed"], cutoff)} \
+            if args.delete_files and "completed" in statuses else set()
         if not args.dry_run:
             # Files go only with rows really deleted, and only after the deletion is committed.
             deleted = set(admin.delete_finished(session, [job_id for job_id, _ in victims]))
@@ -208,7 +212,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     removed, freed, skipped, kept = 0, 0, [], []
     files: list[Path] = []
     if args.delete_files:
-        for file_path in dict.fromkeys(file_path for _, file_path in victims):  # each file once
+        for file_path in dict.fromkeys(path for job_id, path in victims if job_id in owners):  # each file once
             path = output_path(ctx.settings, file_path)
             if path is None:
                 skipped.append(file_path)  # outside the outputs folder: never touched
@@ -291,12 +295,13 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("prune", help="delete finished generations older than an age",
                        description="Delete completed/failed generations that finished before now minus "
-                                   "--older-than; with --delete-files also their WAV files (only files "
+                                   "--older-than; with --delete-files also the completed ones' WAV files (only files "
                                    "inside the outputs folder).")
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 2w")
     p.add_argument("--status", default="completed,failed",
                    help="which finished statuses (default completed,failed)")
-    p.add_argument("--delete-files", action="store_true", help="remove their WAV files too")
+    p.add_argument("--delete-files", action="store_true",
+                   help="remove the completed ones' WAV files too (a failed job never wrote one)")
     p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)

@@ -66,7 +66,7 @@ def test_prune__file_paths_it_keeps_are_escaped(cli: Cli) -> None:
     with engine.begin() as conn:  # paths written by plain SQL, one of them outside the outputs folder
         conn.execute(sa.update(G).where(G.c.id == old).values(file_path="outputs/\x1b]0;pwned\x07\u202e.wav"))
         conn.execute(sa.update(G).where(G.c.id == outside)
-                     .values(file_path="/tmp/\x1b]0;pwned\x07\u202e\x1b[2J.wav", status="failed"))
+                     .values(file_path="/tmp/\x1b]0;pwned\x07\u202e\x1b[2J.wav", status="completed"))
     dispose_engines()
     done = cli.here("prune", "--older-than", "0s", "--delete-files")
     assert done.returncode == 0, done.stderr

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from dgxqueue.storage import (
+    cancel_generation,
     complete_generation,
     create_generations,
     dispose_engines,
@@ -102,6 +103,31 @@ def test_prune__deletes_the_pruned_jobs_files_and_keeps_the_others(any_cli: Cli)
     assert (outputs / "new.wav").read_bytes() == b"RIFF" + bytes(100)
     assert not (outputs / "old.wav").exists() and not (outputs / "gone.wav").exists()
     assert [row["id"] for row in json.loads(cli.here("list", "--json").stdout)] == [new]
+
+
+def test_prune__a_failed_jobs_path_never_loses_the_archived_jobs_file(any_cli: Cli) -> None:
+    """A failed job never wrote its file, and holds no path: once the job that completed at a path
+    is archived, a new job may name that path and fail. Pruning it with --delete-files removed the
+    archived job's WAV; a failed job's path is not its file, so it stays."""
+    cli = any_cli
+    engine = init_db(cli.url)
+    with session_scope(engine) as session:
+        [done] = create_generations(session, [{"prompt": "kept", "file_path": "outputs/song.wav"}])
+        complete_generation(session, done, generation_time=0.1, file_size_bytes=104)
+    dispose_engines()
+    song = cli.folder / "outputs" / "song.wav"
+    song.parent.mkdir()
+    song.write_bytes(b"RIFF" + bytes(100))
+    archived = cli("archive", "--older-than", "0s", "--to", f"sqlite:///{cli.folder / 'archive.db'}")
+    assert archived.returncode == 0, archived.stderr
+    with session_scope(get_engine(cli.url)) as session:
+        [failed] = create_generations(session, [{"prompt": "took its path", "file_path": "outputs/song.wav"}])
+        cancel_generation(session, failed)
+    dispose_engines()
+    pruned = json.loads(cli.ok("prune", "--older-than", "0s", "--status", "failed", "--delete-files", "--json"))
+    assert (pruned["generations"], pruned["files"]) == (1, 0)
+    assert song.read_bytes() == b"RIFF" + bytes(100)
+    assert _count_jobs(cli) == 0
 
 
 # --- database errors: unavailable (69) or a failed statement (70) -------------------------------
