@@ -181,9 +181,9 @@ class MemoryStore:
     def _refuse_taken_paths(self, jobs: Sequence[JobSpec], insert: Sequence[dict[str, Any]],
                             expiring: set[str]) -> None:
         """As the database refuses them: the door's named refusal, then the unique index's. A failed
-        job holds no path, nor does a holder this insert expires."""
-        held = {row["file_path"]: row for row in self.jobs.values()
-                if row["status"] != FAILED and row["id"] not in expiring}
+        job holds no path; nor, for the index, does a holder this insert expires (the door's lookup
+        runs before the insert, while that holder is still pending)."""
+        held = {row["file_path"]: row for row in self.jobs.values() if row["status"] != FAILED}
         seen: set[str] = set()
         for job in jobs:
             if job.dedupe_key is None and job.file_path in seen:
@@ -194,7 +194,8 @@ class MemoryStore:
             if job.dedupe_key is None and holder is not None:
                 raise path_taken(job.file_path, f"job {holder['id']} ({holder['status']}) writes to it")
         paths = [row["file_path"] for row in insert]
-        if len(set(paths)) < len(paths) or held.keys() & set(paths):
+        kept = {path for path, row in held.items() if row["id"] not in expiring}
+        if len(set(paths)) < len(paths) or kept & set(paths):
             raise path_taken(jobs[0].file_path if len(jobs) == 1 else [job.file_path for job in jobs])
 
     def enqueue(self, prompt: str, *, priority: int = 0, **fields: Any) -> str:

@@ -83,3 +83,16 @@ def test_file_path__a_keyed_request_again_after_its_holder_expired_takes_the_fil
     assert second != first and backend.row(first)["status"] == "failed"
     assert backend.row(second)["status"] == "pending" and backend.row(second)["file_path"] == SONG
 
+
+
+def test_file_path__a_batch_naming_the_file_of_a_holder_it_expires_is_refused_as_on_the_databases(
+        backend: QueueBackend) -> None:
+    """A batch whose keyed job expires its key's holder (pending past its expiry, unswept) and
+    whose plain job names that holder's file: the door looks the file up before any insert, while
+    the holder is still pending, so the batch is refused naming it and nothing is written, the
+    holder included (the in-memory queue let the plain job take the file)."""
+    holder = backend.enqueue("song", dedupe_key="k", file_path=SONG, ttl=60)
+    backend.advance(61)
+    _refused(backend, lambda: backend.enqueue_many([{"prompt": "song", "dedupe_key": "k", "file_path": "outputs/k.wav"},
+                                                    {"prompt": "plain", "file_path": SONG}]), holder, "pending")
+    assert backend.row(holder)["status"] == "pending"
