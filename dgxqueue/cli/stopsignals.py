@@ -21,11 +21,14 @@ class Signalled(KeyboardInterrupt):
 
 @contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM and SIGHUP raise :class:`Signalled`; the handlers before are restored after."""
+    """Inside, SIGTERM and SIGHUP raise :class:`Signalled`; the handlers before are restored after.
+    A signal the process was started ignoring stays ignored: ``nohup`` ignores SIGHUP so that a
+    closed terminal does not stop the command."""
     def handler(signum: int, frame: types.FrameType | None) -> None:
         raise Signalled(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) != signal.SIG_IGN}
     try:
         yield
     finally:

@@ -161,6 +161,35 @@ def test_cli__enqueue_wait_interrupted_leaves_the_job_id_on_screen(cli: Cli, qui
     assert "Traceback" not in log.read_text()
 
 
+def test_cli__enqueue_wait_under_nohup_outlives_a_sighup(cli: Cli) -> None:
+    """``nohup dgxqueue enqueue --wait`` starts with SIGHUP ignored, so that a closed terminal does
+    not stop it: the wait turned SIGHUP into an interrupt anyway (the kernel's mask of the process
+    showed it caught, not ignored), and a SIGHUP exited 129. It stays ignored; SIGTERM still stops
+    the wait (143)."""
+    cli.ok("db", "upgrade")
+    log = cli.folder / "enqueue.err"
+    with log.open("wb") as err:
+        waiting = subprocess.Popen(cli.command("enqueue", "beat", "--wait", "--quiet"), cwd=cli.folder, env=cli.env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        wait_until(lambda: "warning" in log.read_text(), 60, "the job to be queued",
+                   alive=waiting)  # type: ignore[arg-type]
+        status = Path(f"/proc/{waiting.pid}/status").read_text()
+        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & 1 << (signal.SIGHUP - 1), status
+        waiting.send_signal(signal.SIGHUP)
+        waiting.send_signal(signal.SIGTERM)
+        out, _ = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 143, log.read_text()
+    [row] = json.loads(cli.ok("list", "--json"))
+    assert "stopped by SIGTERM" in log.read_text() and row["id"] in out + log.read_text(), log.read_text()
+
+
 def test_cli__enqueue_with_a_dedupe_key(cli: Cli) -> None:
     """``--dedupe-key`` prints the unfinished holder's id instead of queueing another job."""
     cli.ok("db", "upgrade")
