@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dgxqueue.storage.claimed import ClaimedJob
-from dgxqueue.storage.models import COMPLETED, FAILED, PENDING
+from dgxqueue.storage.models import COMPLETED, FAILED, INT_MAX, PENDING
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,6 @@ def row_values(job: ClaimedJob, result: Result) -> dict[str, Any]:
             values[BACKOFF_SECONDS] = result.run_after.total_seconds()
         else:
             values["run_after"] = result.run_after
-    if result.timed_out:
-        values["lease_losses"] = job.lease_losses + 1
+    if result.timed_out:  # held at the integer's end, as the rescue holds it (plain SQL may leave it there)
+        values["lease_losses"] = job.lease_losses if job.lease_losses >= INT_MAX else job.lease_losses + 1
     return values

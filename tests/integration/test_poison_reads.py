@@ -20,7 +20,7 @@ from dgxqueue.storage import (
 )
 from dgxqueue.storage.models import utcnow
 from dgxqueue.storage.precompiled import HeldConnection
-from dgxqueue.storage.results import Completed, Failed
+from dgxqueue.storage.results import Completed, Failed, Retried
 from dgxqueue.storage.rowvalues import Unreadable
 from tests.support import poison
 
@@ -126,6 +126,25 @@ def test_claim__attempts_at_the_integer_limit_never_stop_the_claim(engine: sa.En
     link.close()
     assert sorted(jobs) == ["attempts-most", "good-1"]
     assert (jobs["attempts-most"].attempt, jobs["good-1"].attempt) == (most, 1)
+
+
+def test_finish__a_timeout_of_a_job_whose_lease_losses_are_at_the_integer_limit_is_retried(
+        engine: sa.Engine, db_url: str) -> None:
+    """Plain SQL can leave ``lease_losses`` at PostgreSQL's largest integer (the rescue keeps it
+    there): a backend call that then overran its time limit wrote ``lease_losses + 1``, which raised
+    "integer out of range", and the job was recorded failed ("the outcome could not be stored")
+    instead of retried. The count stays where it is, on both engines; the retry is written."""
+    most = 2**31 - 1
+    poison.insert(db_url, [poison.row("losses-most", lease_losses=most)])
+    link = HeldConnection(engine)
+    [job] = queue.claim(link, worker_id="w", models=["synth"], limit=1, lease=LEASE)
+    written = queue.finish(link, worker_id="w", results=[
+        (job, Retried(timedelta(seconds=30), "it overran its time limit", timed_out=True))])
+    link.close()
+    assert written == {"losses-most"}
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT status, lease_losses, error_message FROM generations")).one()
+    assert tuple(row) == ("pending", most, "it overran its time limit")
 
 
 def test_finish__a_value_the_database_refuses_fails_only_its_job(engine: sa.Engine, db_url: str) -> None:
