@@ -51,6 +51,7 @@ from dgxqueue.storage.queue import (
     Beat,
     Progress,
     job_row,
+    refused_paths,
 )
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, DaemonEntry, LiveDaemon
 from dgxqueue.storage.results import BACKOFF_SECONDS, STAMPED_AT_WRITE, Released, row_values
@@ -196,7 +197,7 @@ class MemoryStore:
         paths = [row["file_path"] for row in insert]
         kept = {path for path, row in held.items() if row["id"] not in expiring}
         if len(set(paths)) < len(paths) or kept & set(paths):
-            raise path_taken(jobs[0].file_path if len(jobs) == 1 else [job.file_path for job in jobs])
+            raise path_taken(refused_paths(jobs))
 
     def enqueue(self, prompt: str, *, priority: int = 0, **fields: Any) -> str:
         """Validate one job as ``dgxqueue.enqueue`` does (default settings) and insert it; its id."""

@@ -230,13 +230,21 @@ _PATHS_PER_READ = 500  # bound parameters per read (SQLite's limit is 32766, old
 @contextlib.contextmanager
 def _index_refusal(jobs: Sequence[JobSpec]) -> Iterator[None]:
     """The unique index's refusal of one of ``jobs``' paths as the door's: a ValidationError naming
-    file_path (the job's path, or the batch's: the driver does not say which row)."""
+    file_path (:func:`refused_paths`)."""
     try:
         yield
     except sa.exc.IntegrityError as exc:
         if violates_unique(exc, PATH_INDEX, "generations.file_path"):
-            raise path_taken(jobs[0].file_path if len(jobs) == 1 else [job.file_path for job in jobs]) from exc
+            raise path_taken(refused_paths(jobs)) from exc
         raise
+
+
+def refused_paths(jobs: Sequence[JobSpec]) -> str | list[str]:
+    """The paths of ``jobs`` that the unique index can have refused, the driver not saying which
+    row: those a producer chose (a default one holds its job's new id, which no other row names);
+    the one path alone when there is one."""
+    paths = [job.file_path for job in jobs if _chosen(job)] or [job.file_path for job in jobs]
+    return paths[0] if len(paths) == 1 else paths
 
 
 @contextlib.contextmanager

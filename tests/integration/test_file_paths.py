@@ -301,3 +301,16 @@ def test_retry__two_retries_at_once_of_jobs_sharing_a_dedupe_key_one_is_refused(
     assert "dedupe_key" in str(refused) and first in str(refused)
     with engine.connect() as conn:
         assert dict(conn.execute(sa.select(G.c.id, G.c.status)).all()) == {first: "pending", second: "failed"}
+
+
+def test_file_path__a_batch_the_index_refuses_names_only_the_paths_its_producer_chose(engine: Engine) -> None:
+    """The unique index refuses a batch without saying which row: the refusal named every job's
+    path, so a batch of default paths and one chosen file named the new jobs' own paths first
+    (ids nothing was written for) and cut the chosen one off. Only a chosen path can be taken."""
+    with session_scope(engine) as session:
+        create_generation(session, "held", file_path=SONG)
+    with session_scope(engine) as session, pytest.raises(ValidationError) as caught:
+        create_generations(session, [{"prompt": "a"}, {"prompt": "b"},
+                                     {"prompt": "keyed", "dedupe_key": "k", "file_path": SONG}])
+    assert caught.value.field == "file_path" and caught.value.value == SONG, caught.value
+    assert repr(SONG) in str(caught.value)
