@@ -45,6 +45,7 @@ from dgxqueue.storage import (
     search,
     session_scope,
 )
+from dgxqueue.storage.queue import HOLDS_ITS_FILE
 
 
 def _require(ctx: Context, text: str) -> Generation:
@@ -175,15 +176,17 @@ def cmd_retry(ctx: Context, args: argparse.Namespace) -> int:
     return _change(ctx, args, "requeued")
 
 
-def _paths_in_use(session: Session, victims: list[tuple[str, str]], *, deleted: bool) -> set[str]:
-    """The victims' file paths that rows staying in the table still name. Since migration 007 each
-    path is one job's, so none do; kept as a guard, since a file removed in error cannot come back."""
+def _paths_in_use(session: Session, victims: list[tuple[str, str]], holders: set[str], *, deleted: bool) -> set[str]:
+    """The victims' file paths that rows staying in the table still hold. Since migration 007 each
+    path is one job's, so none do; kept as a guard, since a file removed in error cannot come back.
+    A failed row holds no path (it never wrote its file), so it keeps none."""
     shared: set[str] = set()
     paths = sorted({file_path for _, file_path in victims})
-    going = Counter(file_path for _, file_path in victims)
+    going = Counter(file_path for job_id, file_path in victims if job_id in holders)
     for start in range(0, len(paths), 500):  # SQLite limits bound parameters
         query = (sa.select(Generation.file_path, sa.func.count())
-                 .where(Generation.file_path.in_(paths[start:start + 500])).group_by(Generation.file_path))
+                 .where(Generation.file_path.in_(paths[start:start + 500]), HOLDS_ITS_FILE)
+                 .group_by(Generation.file_path))
         for file_path, count in session.execute(query):
             if deleted or count > going[file_path]:  # after the deletion, any row left is a user
                 shared.add(file_path)
@@ -208,7 +211,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             deleted = set(admin.delete_finished(session, [job_id for job_id, _ in victims]))
             victims = [(job_id, path) for job_id, path in victims if job_id in deleted]
         # Read in the deleting transaction: rows left then are the ones that still need the file.
-        in_use = _paths_in_use(session, victims, deleted=not args.dry_run) if args.delete_files else set()
+        in_use = _paths_in_use(session, victims, owners, deleted=not args.dry_run) if args.delete_files else set()
     removed, freed, skipped, kept = 0, 0, [], []
     files: list[Path] = []
     if args.delete_files:

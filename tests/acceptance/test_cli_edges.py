@@ -130,6 +130,30 @@ def test_prune__a_failed_jobs_path_never_loses_the_archived_jobs_file(any_cli: C
     assert _count_jobs(cli) == 0
 
 
+def test_prune__a_failed_job_naming_the_file_does_not_keep_it(any_cli: Cli) -> None:
+    """A job that failed at a path, then another that completed there: pruning the completed one
+    with --delete-files kept its WAV as 'still used' by the failed row, which never wrote it, and
+    once that row went too the file was left to nobody. The completed job's file goes with it."""
+    cli = any_cli
+    engine = init_db(cli.url)
+    with session_scope(engine) as session:
+        [failed] = create_generations(session, [{"prompt": "failed", "file_path": "outputs/song.wav"}])
+        cancel_generation(session, failed)
+        [done] = create_generations(session, [{"prompt": "done", "file_path": "outputs/song.wav"}])
+        complete_generation(session, done, generation_time=0.1, file_size_bytes=104)
+    dispose_engines()
+    song = cli.folder / "outputs" / "song.wav"
+    song.parent.mkdir()
+    song.write_bytes(b"RIFF" + bytes(100))
+    dry = json.loads(cli.here("prune", "--older-than", "0s", "--status", "completed", "--delete-files", "--dry-run",
+                              "--json").stdout)
+    assert (dry["generations"], dry["files"], dry["kept_in_use"]) == (1, 1, [])
+    pruned = json.loads(cli.ok("prune", "--older-than", "0s", "--status", "completed", "--delete-files", "--json"))
+    assert (pruned["generations"], pruned["files"], pruned["kept_in_use"]) == (1, 1, [])
+    assert not song.exists()
+    assert _count_jobs(cli) == 1
+
+
 # --- database errors: unavailable (69) or a failed statement (70) -------------------------------
 
 
