@@ -169,7 +169,9 @@ def put_rows(session: Session, table: sa.Table, rows: Sequence[Row]) -> tuple[li
     for key, there in present.items():
         if normal(table, there) != normal(table, wanted[key]):
             refused[key] = f"the target holds a different row ({_difference(table, there, wanted[key])})"
-    new = [row for key, row in wanted.items() if key not in present]
+    if table is G:
+        refused.update(_paths_held(session, [row for key, row in wanted.items() if key not in present]))
+    new = [row for key, row in wanted.items() if key not in present and key not in refused]
     if new:
         writable = _writable(table)
         names = [column.name for column in table.columns]
@@ -182,6 +184,33 @@ def put_rows(session: Session, table: sa.Table, rows: Sequence[Row]) -> tuple[li
             which = f"row {quote(first)}" if len(new) == 1 else f"rows {quote(first)} to {quote(last)}"
             raise TransferError(f"{table.name} {which} cannot be written at the target: {cause}") from None
     return new, refused
+
+
+def _paths_held(session: Session, rows: Sequence[Row]) -> dict[Any, str]:
+    """By id, why each of ``rows`` cannot join the target: it holds its file (it has not failed)
+    and a job of another id there holds the same file (migration 007's unique index would refuse
+    it with the driver's message, naming neither job)."""
+    index, path, status = _key_index(G), _column_index(G, "file_path"), _column_index(G, "status")
+    holding = {row[path]: row[index] for row in rows
+               if isinstance(row[path], str) and not isinstance(row[path], Unreadable) and row[status] != FAILED}
+    key = profile_of(session.get_bind().dialect).path_key
+    refused: dict[Any, str] = {}
+    paths = sorted(holding)
+    for start in range(0, len(paths), _CHUNK):
+        chunk = paths[start:start + _CHUNK]
+        held = session.execute(
+            sa.select(G.c.file_path, G.c.id)
+            .where(key(G.c.file_path).in_([key(sa.literal(p, sa.Text)) for p in chunk]),
+                   G.c.file_path.in_(chunk), G.c.status != FAILED))
+        for file_path, holder in held:
+            if holder != holding[file_path]:
+                refused[holding[file_path]] = (f"its file_path {quote(file_path)} is job {quote(holder)}'s at the "
+                                               "target (each job's WAV is its own)")
+    return refused
+
+
+def _column_index(table: sa.Table, name: str) -> int:
+    return list(table.columns).index(table.c[name])
 
 
 def _batches(engine: Engine, table: sa.Table, size: int,

@@ -167,6 +167,29 @@ def test_archive__a_row_the_archive_rejects_stays_here_reported_and_the_rest_of_
         assert set(there.execute(sa.select(G.c.id)).scalars()) == {"old-0", "old-1", "old-3", "old-4"}
 
 
+def test_archive__a_job_whose_file_the_archive_holds_for_another_job_stays_here_naming_it(
+        engines: tuple[sa.Engine, sa.Engine]) -> None:
+    """Once a job is archived its path is free here again: a later job of that path, archived in
+    turn, would break the archive's unique index. It stays here, reported with the job that holds
+    the file there, and the rest of its batch moves; a failed row of the same path takes no file."""
+    source, target = engines
+    old = datetime(2025, 1, 1, tzinfo=UTC)
+    finished = {"status": "completed", "created_at": old, "completed_at": old}
+    failed = finished | {"status": "failed"}
+    with target.begin() as conn:
+        conn.execute(sa.insert(G), [_job("archived-first", file_path="outputs/song.wav", **finished)])
+    with source.begin() as conn:
+        conn.execute(sa.insert(G), [_job("again", file_path="outputs/song.wav", **finished),
+                                    _job("failed-too", file_path="outputs/song.wav", **failed),
+                                    *[_job(f"old-{i}", **finished) for i in range(3)]])
+    report = archive(source, target, datetime(2025, 6, 1, tzinfo=UTC), batch_size=10, progress=lambda _: None)
+    assert set(report.refused) == {"again"}, report.refused
+    assert "'outputs/song.wav'" in report.refused["again"] and "'archived-first'" in report.refused["again"]
+    assert report.moved == 4
+    with source.connect() as here:
+        assert set(here.execute(sa.select(G.c.id).where(G.c.file_path == "outputs/song.wav")).scalars()) == {"again"}
+
+
 def test_archive__finished_times_plain_sql_wrote_in_another_iso_form_compare_as_times(
         engines: tuple[sa.Engine, sa.Engine]) -> None:
     """As prune compares them: '2025-01-01T10:00:00Z' finished before the cutoff, 12:00 that day
