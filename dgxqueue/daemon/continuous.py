@@ -285,7 +285,9 @@ class Continuous:
             for key in leaving:
                 generator.cancel(key)
             root = audio.OutputRoot(outputs)
-            located, outcomes = locate(joining, root) if joining else ([], [])
+            # Beside the slots that decode on: a joining job may not share a file with one of them.
+            beside = [(s.work.job, s.path) for key, s in slots.items() if key not in leaving]
+            located, outcomes = locate(joining, root, beside) if joining else ([], [])
             joined: list[_Slot] = []
             for work, path in located:
                 if work.request.control.cancelled:

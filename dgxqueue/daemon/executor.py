@@ -165,12 +165,21 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
     return ready, refused
 
 
-def locate(batch: Sequence[Work], root: audio.OutputRoot) -> tuple[list[tuple[Work, str]], list[Attempt]]:
+def locate(batch: Sequence[Work], root: audio.OutputRoot,
+           running: Sequence[tuple[ClaimedJob, str]] = ()) -> tuple[list[tuple[Work, str]], list[Attempt]]:
     """Each job's output path, or its failure when that path is not inside the outputs folder or
     something is there already (see :func:`occupied`): checked before the render, so the backend
-    does not spend a job's time on a file it may not write."""
+    does not spend a job's time on a file it may not write. ``running``: the jobs (and their
+    paths) still rendering beside these, as a running batch's slots are.
+
+    Nor may two jobs of one call share a file (paths that lead to one through a link) or have
+    one's file be a folder on the other's path: nothing is at either path until the commits, so
+    neither check would see the other, and the second rename would replace the first job's WAV
+    or fail under its completed row. The later job fails (:func:`collides`)."""
     located: list[tuple[Work, str]] = []
     refused: list[Attempt] = []
+    files: dict[str, ClaimedJob] = {path: job for job, path in running}
+    folders = {folder: job for job, path in running for folder in _folders(path, root)}
     for work in batch:
         try:
             path, taken = root.place(work.job.file_path)
@@ -180,8 +189,35 @@ def locate(batch: Sequence[Work], root: audio.OutputRoot) -> tuple[list[tuple[Wo
         if taken:
             refused.append(Attempt(work.job, occupied(work.job, path), 0.0))
             continue
+        above = _folders(path, root)
+        other = files.get(path) or folders.get(path) or next((files[f] for f in above if f in files), None)
+        if other is not None:
+            refused.append(Attempt(work.job, collides(work.job, path, other), 0.0))
+            continue
+        files[path] = work.job
+        folders.update((folder, work.job) for folder in above)
         located.append((work, path))
     return located, refused
+
+
+def _folders(path: str, root: audio.OutputRoot) -> list[str]:
+    """The folders between the outputs folder and the file ``path`` (a located path)."""
+    inside, found = root.real, []
+    folder = os.path.dirname(path)
+    while len(folder) > len(inside) and folder.startswith(inside + os.sep):
+        found.append(folder)
+        folder = os.path.dirname(folder)
+    return found
+
+
+def collides(job: ClaimedJob, path: str, other: ClaimedJob) -> PermanentGeneratorError:
+    """The error of a job whose path is, or lies under or above, the path of ``other``, rendered in
+    the same call: each job's WAV is its own, and the first of the two keeps it."""
+    return PermanentGeneratorError(
+        f"file_path {job.file_path} leads to {path}, which collides with the file of job {other.id}"
+        f" (file_path {other.file_path}) rendered beside it: one would be the other's file or folder."
+        " Enqueue the job again with another file_path"
+    )
 
 
 def occupied(job: ClaimedJob, path: str) -> PermanentGeneratorError:

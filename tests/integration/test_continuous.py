@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from dgxqueue.audio import resolve_output_path
+from dgxqueue.audio import read_wav, resolve_output_path
 from dgxqueue.config import OutputSettings
 from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
@@ -186,3 +186,50 @@ def test_continuous__a_step_past_the_time_limit_charges_its_slots_and_exits_124(
     rows = _rows(sqlite_db_url, ids)
     assert [(r["status"], r["attempts"]) for r in rows] == [("pending", 1)] * 2
     assert all("time limit" in (r["error_message"] or "") for r in rows)
+
+
+class _JoinsBeside(Slots):
+    """Slots where a second job, whose path leads to the first one's file (through a link), is
+    enqueued during the first step, and the first job decodes on only once the second has joined a
+    slot or ended: the second joins the running batch beside the first, and leaves it first."""
+
+    def __init__(self, url: str, outputs: Path) -> None:
+        super().__init__(4)
+        self.url, self.outputs = url, outputs
+        self.first: str | None = None
+        self.second: str | None = None
+
+    def step(self) -> list[tuple[str, GenerationOutcome]]:
+        if self.second is None:
+            self.first = next(iter(self.running))
+            with session_scope(get_engine(self.url)) as s:
+                [self.second] = create_generations(s, [
+                    {"prompt": "steps:1", "model_name": "slots", "duration_seconds": 0.5, "sample_rate": RATE,
+                     "channels": 1, "file_path": "outputs/latest/a.wav"}])
+        if self.second not in self.running and _rows(self.url, [self.second])[0]["status"] in ("pending",
+                                                                                             "processing"):
+            self._pause.wait(0.002)
+            return []  # the first job waits for the second to join or end
+        return super().step()
+
+
+def test_continuous__a_job_joining_beside_one_whose_file_is_its_own_fails_and_the_first_keeps_its_wav(
+        sqlite_db_url: str, tmp_path: Path) -> None:
+    """A job joins the running batch while another decodes whose path leads to the same file
+    (``latest`` links to ``2026``): nothing is at the path yet, so the check at the join cannot see
+    it. The joining job fails naming the other; the first completes with its own WAV (before: the
+    second completed first, and the first was failed for the second's file)."""
+    outputs = tmp_path / "outputs"
+    (outputs / "2026").mkdir(parents=True)
+    (outputs / "latest").symlink_to("2026")
+    init_db(sqlite_db_url)
+    with session_scope(get_engine(sqlite_db_url)) as s:
+        [first] = create_generations(s, [{"prompt": "steps:3", "model_name": "slots", "duration_seconds": 0.25,
+                                          "sample_rate": RATE, "channels": 1, "file_path": "outputs/2026/a.wav"}])
+    generator, hooks = _JoinsBeside(sqlite_db_url, outputs), RecordingHooks()
+    assert _daemon(sqlite_db_url, outputs, generator, hooks).run(burst=True) == 0
+    assert generator.first == first and generator.second is not None
+    done, refused = _rows(sqlite_db_url, [first, generator.second])
+    assert (done["status"], refused["status"]) == ("completed", "failed"), (done, refused)
+    assert first in (refused["error_message"] or "") and "outputs/latest/a.wav" in refused["error_message"]
+    assert read_wav(outputs / "2026" / "a.wav")[0].shape == (1, round(0.25 * RATE))

@@ -1,0 +1,62 @@
+"""Two jobs of one backend call whose paths lead to one file, or where one's file would be a
+folder on the other's path: daemons as real processes, on real SQLite and PostgreSQL. Neither
+check before the render nor the one before the write sees the other (nothing is at the path until
+the commits), so both used to be staged, committed completed and renamed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dgxqueue.audio import read_wav
+from dgxqueue.storage import init_db
+from tests.acceptance.test_daemon_processes import enqueue, job
+from tests.acceptance.test_occupied_paths import burst
+from tests.support.processes import worker_config
+
+
+def test_daemon__two_jobs_of_one_batch_whose_paths_lead_to_one_file_never_share_it(
+        db_url: str, tmp_path: Path) -> None:
+    """``outputs/latest`` is a link to ``outputs/2026``: ``2026/a.wav`` and ``latest/a.wav`` are one
+    file. The first job of the batch completes and its WAV stays its own; the second fails alone,
+    naming the path, not as a machine fault (before: both completed, and the first job's row named
+    the second's audio)."""
+    init_db(db_url)
+    [first] = enqueue(db_url, ["fine"], file_path="outputs/2026/a.wav", duration_seconds=0.01)
+    [second] = enqueue(db_url, ["fine"], file_path="outputs/latest/a.wav", duration_seconds=0.02)
+    outputs = tmp_path / "outputs"
+    (outputs / "2026").mkdir(parents=True)
+    (outputs / "latest").symlink_to("2026")
+    config = worker_config(tmp_path, db_url, batch_size=2)
+    log = tmp_path / "worker.log"
+    burst(config, log)
+
+    assert job(db_url, first)[:2] == ("completed", 1)
+    assert read_wav(outputs / "2026" / "a.wav")[0].shape == (1, 80), "the first job's WAV was replaced"
+    status, attempts, error = job(db_url, second)
+    assert (status, attempts) == ("failed", 1), error
+    assert error is not None and "outputs/latest/a.wav" in error and "machine fault" not in error
+    assert sorted(p.name for p in (outputs / "2026").iterdir()) == ["a.wav"]  # no temporary left
+    assert "machine fault" not in log.read_text()
+
+
+def test_daemon__a_job_whose_file_would_be_a_batch_mates_folder_fails_and_the_other_keeps_its_file(
+        db_url: str, tmp_path: Path) -> None:
+    """``outputs/x.wav`` and ``outputs/x.wav/y.wav`` in one batch: the second's write would make the
+    folder ``x.wav``, over which the first's WAV can never be renamed (before: the first was
+    recorded completed and its file never appeared). The first completes with its file; the second
+    fails alone, as its own input's fault."""
+    init_db(db_url)
+    [first] = enqueue(db_url, ["fine"], file_path="outputs/x.wav")
+    [second] = enqueue(db_url, ["fine"], file_path="outputs/x.wav/y.wav")
+    outputs = tmp_path / "outputs"
+    config = worker_config(tmp_path, db_url, batch_size=2)
+    log = tmp_path / "worker.log"
+    burst(config, log)
+
+    assert job(db_url, first)[:2] == ("completed", 1), job(db_url, first)
+    assert read_wav(outputs / "x.wav")[0].shape == (1, 80)
+    status, attempts, error = job(db_url, second)
+    assert (status, attempts) == ("failed", 1), error
+    assert error is not None and "outputs/x.wav/y.wav" in error
+    assert sorted(p.name for p in outputs.iterdir()) == ["x.wav"]
+    assert "machine fault" not in log.read_text()
