@@ -44,6 +44,10 @@ _STEP = _FOLDER | os.O_NOFOLLOW
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _NAME_MAX = 255  # bytes in one file name, on every file system Linux writes outputs to
 _PATH_MAX = 4096  # bytes in a path given to a system call, its final NUL included (Linux)
+#: The extended attribute naming the job whose attempt wrote a WAV, set on its temporary so that it
+#: stays through the rename: a file at a job's path that carries the job's own id is that job's
+#: output, from an attempt whose completion the database lost (see :func:`taken`).
+OWNER_XATTR = "user.dgxqueue.job"
 
 
 class OutputRoot:
@@ -79,13 +83,14 @@ class OutputRoot:
         """
         return self._locate(file_path)[0]
 
-    def place(self, file_path: str) -> tuple[str, bool]:
+    def place(self, file_path: str, owner: str | None = None) -> tuple[str, bool]:
         """:meth:`locate`'s path, and whether anything (a file, a link, a folder) is there now, by
-        ``lstat``: the one :meth:`locate` makes anyway, unless ``file_path`` named a link."""
-        target, taken = self._locate(file_path)
-        if taken is None:  # a link followed, or a path realpath sorted out: look at where it led
-            taken = _lstat(target) is not None
-        return target, taken
+        ``lstat``: the one :meth:`locate` makes anyway, unless ``file_path`` named a link. A WAV
+        that job ``owner`` wrote itself does not count (:func:`taken`)."""
+        target, found = self._locate(file_path)
+        if found is None:  # a link followed, or a path realpath sorted out: look at where it led
+            found = _lstat(target) is not None
+        return target, found and not (owner is not None and written_by(target, owner))
 
     def _locate(self, file_path: str) -> tuple[str, bool | None]:
         """:meth:`locate`'s work, and whether its ``lstat`` found anything there (None: not known)."""
@@ -169,6 +174,28 @@ class OutputRoot:
         if real is None:  # os.path.realpath: the same answer as Path.resolve() at a third of the cost
             real = self._real[folder] = os.path.realpath(os.path.join(self.parent, folder))
         return real
+
+
+def taken(path: str, owner: str | None = None) -> bool:
+    """Whether anything is at ``path`` (one ``lstat``, no link followed) other than a WAV that job
+    ``owner`` wrote: a job's WAV is renamed into place only after its completion commits, so its
+    own file at its path while it runs again means the database lost that commit (SQLite's
+    ``synchronous = NORMAL`` at a power cut, a failover, a restore), and the job's new result
+    replaces it."""
+    if _lstat(path) is None:  # absent, or not examinable: the write finds out which, and whose fault it is
+        return False
+    return owner is None or not written_by(path, owner)
+
+
+def written_by(path: str, owner: str) -> bool:
+    """Whether ``path`` is a regular file (not followed if a link) that job ``owner`` wrote
+    (:data:`OWNER_XATTR`); False where it cannot be told (a file system without user attributes)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        return os.getxattr(path, OWNER_XATTR, follow_symlinks=False) == owner.encode("utf-8", "surrogatepass")
+    except OSError:
+        return False
 
 
 def _lstat(path: str) -> os.stat_result | None:
@@ -345,9 +372,10 @@ def temporary_name(name: str, tag: str) -> str:
     return f".{name}.{tag}.tmp"
 
 
-def _write_temporary(folder_fd: int, temp: str, data: bytearray, path: str | Path) -> None:
-    """Create ``temp`` (it must not exist), write ``data``, fsync and close it; on any error it
-    is removed again and an OSError becomes :class:`OutputError`."""
+def _write_temporary(folder_fd: int, temp: str, data: bytearray, path: str | Path, owner: str | None = None) -> None:
+    """Create ``temp`` (it must not exist), marked as job ``owner``'s (:data:`OWNER_XATTR`), write
+    ``data``, fsync and close it; on any error it is removed again and an OSError becomes
+    :class:`OutputError`."""
     fd = -1
     created = False
     try:
@@ -355,6 +383,9 @@ def _write_temporary(folder_fd: int, temp: str, data: bytearray, path: str | Pat
         fd = os.open(temp, _CREATE, 0o666, dir_fd=folder_fd)
         created = True
         faultpoints.reached("temporary-created")
+        if owner is not None:
+            with contextlib.suppress(OSError):  # no user attributes here: the file is just not known as its own
+                os.setxattr(fd, OWNER_XATTR, owner.encode("utf-8", "surrogatepass"))
         written = os.write(fd, data)
         while written < len(data):  # a regular file takes it all at once, but write() may stop short
             written += os.write(fd, memoryview(data)[written:])
@@ -372,7 +403,7 @@ def _write_temporary(folder_fd: int, temp: str, data: bytearray, path: str | Pat
         raise
 
 
-def stage_wav(path: str, audio: GeneratedAudio, *, tag: str, folders: Folders) -> StagedWav:
+def stage_wav(path: str, audio: GeneratedAudio, *, tag: str, folders: Folders, owner: str | None = None) -> StagedWav:
     """Write ``audio`` beside ``path`` under ``.<name>.<tag>.tmp``, fsynced, and leave it there
     for the caller to :meth:`~StagedWav.publish` once the attempt it belongs to has committed.
 
@@ -388,7 +419,7 @@ def stage_wav(path: str, audio: GeneratedAudio, *, tag: str, folders: Folders) -
         folder_fd = folders.open(folder_of(path), path)
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
-    _write_temporary(folder_fd, temp, data, path)
+    _write_temporary(folder_fd, temp, data, path, owner)
     return StagedWav(folders, folder_fd, path, temp, name, len(data))
 
 

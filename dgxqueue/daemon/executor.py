@@ -182,7 +182,7 @@ def locate(batch: Sequence[Work], root: audio.OutputRoot,
     folders = {folder: job for job, path in running for folder in _folders(path, root)}
     for work in batch:
         try:
-            path, taken = root.place(work.job.file_path)
+            path, taken = root.place(work.job.file_path, owner=work.job.id)
         except (OutputError, ValueError) as exc:
             refused.append(_refusal(work.job, exc))
             continue
@@ -222,22 +222,15 @@ def collides(job: ClaimedJob, path: str, other: ClaimedJob) -> PermanentGenerato
 
 def occupied(job: ClaimedJob, path: str) -> PermanentGeneratorError:
     """The error of a job whose path holds something already: not its output (a job's file is put
-    there only after its attempt is recorded completed, and a completed job never runs again) but
-    an archived job's, another queue's or a user's, never replaced. The job's input names a taken
-    file: it fails, permanently and alone, never as the machine's fault."""
+    there only after its attempt is recorded completed, and a completed job never runs again; one
+    the job wrote itself, whose completion the database lost, is told apart by
+    :data:`audio.OWNER_XATTR` and replaced) but an archived job's, another queue's or a user's,
+    never replaced. The job's input names a taken file: it fails, permanently and alone, never as
+    the machine's fault."""
     return PermanentGeneratorError(
         f"file_path {job.file_path} already exists ({path}) and is not this job's output; it was left as it is."
         f" Remove or move it, then run `dgxqueue retry {job.id}`, or enqueue the job again with another file_path"
     )
-
-
-def _taken(path: str) -> bool:
-    """Whether anything is at ``path`` (one ``lstat``, no link followed)."""
-    try:
-        os.lstat(path)
-    except OSError:  # absent, or not examinable: the write finds out which, and whose fault it is
-        return False
-    return True
 
 
 def _check_shape(result: GeneratedAudio, request: GenerationRequest) -> None:
@@ -369,9 +362,10 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
             job = work.job
             # Again at the write: the file may have appeared while the backend rendered. One left
             # between here and the rename after the commit would still be replaced (a short window).
-            if _taken(path):
+            if audio.taken(path, job.id):
                 raise occupied(job, path)
-            staged = audio.stage_wav(path, result, tag=staging.tag(job.id, job.attempt, worker_id), folders=folders)
+            staged = audio.stage_wav(path, result, tag=staging.tag(job.id, job.attempt, worker_id), folders=folders,
+                                     owner=job.id)
         except Exception as exc:  # this job's alone: the others of the batch are written
             outcomes.append(Attempt(work.job, exc, generated))
             continue

@@ -227,7 +227,7 @@ def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: Attemp
     something that is not this attempt's result is at the path already."""
     context = {"job_id": item.owner.job_id, "attempt": item.owner.attempt, "temporary": item.name}
     try:
-        target, taken = root.place(state.file_path)
+        target, taken = root.place(state.file_path, owner=item.owner.job_id)
     except OutputError as exc:
         log.warning("sweep: a completed job's file path is not usable; its temporary stays", error=str(exc),
                     **context)

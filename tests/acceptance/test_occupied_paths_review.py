@@ -5,12 +5,14 @@ the commits), so both used to be staged, committed completed and renamed."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 from dgxqueue.audio import read_wav
-from dgxqueue.storage import init_db
+from dgxqueue.storage import dispose_engines, init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
-from tests.acceptance.test_occupied_paths import burst
+from tests.acceptance.test_occupied_paths import FOREIGN, burst
 from tests.support.processes import worker_config
 
 
@@ -60,3 +62,42 @@ def test_daemon__a_job_whose_file_would_be_a_batch_mates_folder_fails_and_the_ot
     assert error is not None and "outputs/x.wav/y.wav" in error
     assert sorted(p.name for p in outputs.iterdir()) == ["x.wav"]
     assert "machine fault" not in log.read_text()
+
+
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """``source``'s committed state into ``target`` (SQLite's online backup: consistent, WAL included)."""
+    with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+
+
+def test_daemon__a_jobs_own_wav_whose_completion_the_database_lost_is_not_charged_to_the_job(
+        sqlite_db_url: str, tmp_path: Path) -> None:
+    """The database loses a job's committed completion after its WAV was renamed into place: what
+    SQLite's default ``synchronous = NORMAL`` in WAL mode allows at a power cut (the rename
+    persisted, the commit's WAL frame did not), an asynchronous replica's failover, a restore. The
+    job runs again and finds its own WAV at its path: it must complete again, not fail for good as
+    if the file were another's (the machine's fault charged to the job)."""
+    init_db(sqlite_db_url)
+    [own] = enqueue(sqlite_db_url, ["fine"], file_path="outputs/own.wav")
+    [other] = enqueue(sqlite_db_url, ["fine"], file_path="outputs/other.wav")
+    database = Path(sqlite_db_url.removeprefix("sqlite:///"))
+    dispose_engines()
+    _copy_sqlite(database, tmp_path / "before.db")
+    outputs = tmp_path / "outputs"
+    config = worker_config(tmp_path, sqlite_db_url, batch_size=2)
+    log = tmp_path / "worker.log"
+    burst(config, log)
+    assert job(sqlite_db_url, own)[:2] == ("completed", 1)
+    dispose_engines()
+
+    _copy_sqlite(tmp_path / "before.db", database)  # the completions are lost; the WAVs stay
+    (outputs / "other.wav").unlink()
+    (outputs / "other.wav").write_bytes(FOREIGN)  # and a file nobody wrote is at the other's path
+    assert job(sqlite_db_url, own)[0] == "pending"
+    burst(config, log)
+    status, attempts, error = job(sqlite_db_url, own)
+    assert (status, attempts) == ("completed", 1), error
+    assert read_wav(outputs / "own.wav")[0].shape == (1, 80)
+    status, _, error = job(sqlite_db_url, other)
+    assert status == "failed" and error is not None and "not this job's" in error, error
+    assert (outputs / "other.wav").read_bytes() == FOREIGN

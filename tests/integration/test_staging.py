@@ -49,12 +49,14 @@ def lookup(url: str) -> staging.Lookup:
     return states
 
 
-def stage(outputs: Path, job_id: str, attempt: int, worker: str, name: str | None = None) -> str:
-    """A temporary as a daemon leaves it when it dies: written, fsynced, not renamed."""
+def stage(outputs: Path, job_id: str, attempt: int, worker: str, name: str | None = None, *,
+          publish: bool = False) -> str:
+    """A temporary as a daemon leaves it when it dies: written (marked as the job's), fsynced, not
+    renamed; or, with ``publish``, renamed into place as after its commit."""
     folders = Folders(str(outputs.resolve()))
     staged = stage_wav(str(outputs / (name or f"{job_id}.wav")), AUDIO, tag=staging.tag(job_id, attempt, worker),
-                       folders=folders)
-    staged.leave()
+                       folders=folders, owner=job_id)
+    staged.publish() if publish else staged.leave()
     folders.release()
     return staged.temp
 
@@ -306,3 +308,19 @@ def test_sweep__never_replaces_a_file_already_at_a_completed_jobs_path(db_url: s
     target.rename(tmp_path / "moved.wav")
     assert staging.sweep(outputs, lookup(db_url)).published == [f"outputs/{job_id}.wav"]
     assert os.listdir(outputs) == [target.name] and target.stat().st_size == SIZE
+
+
+def test_sweep__replaces_the_jobs_own_wav_whose_completion_the_database_lost(db_url: str, tmp_path: Path) -> None:
+    """Attempt 1's WAV was renamed into place and its completion lost by the database (a power cut
+    under SQLite's synchronous = NORMAL, a restore); attempt 2 completed and its daemon died before
+    the rename. The file at the path is the job's own: the sweep publishes attempt 2's result over
+    it, leaving no temporary behind (not both kept for good, logged as another's file)."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    [job_id] = enqueue(db_url, 1)
+    stage(outputs, job_id, 1, "w", publish=True)
+    set_row(db_url, job_id, status="completed", worker_id="w", attempts=2, file_size_bytes=SIZE)
+    stage(outputs, job_id, 2, "w")
+    assert staging.sweep(outputs, lookup(db_url)).published == [f"outputs/{job_id}.wav"]
+    assert os.listdir(outputs) == [f"{job_id}.wav"]
