@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from dgxqueue import audio
-from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, stage
+from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, pending_files, stage
 from dgxqueue.daemon.faults import refund
 from dgxqueue.daemon.isolation import prepare_isolating
 from dgxqueue.daemon.outages import outage_skips
@@ -279,14 +279,15 @@ class Continuous:
         daemon, generator = self.daemon, self.generator
         outputs, worker_id = daemon.settings.outputs_dir, daemon.worker_id
         slots = dict(self.running)  # the runner's own copy: the main thread changes running meanwhile
+        # Beside the slots that decode on, and the results written (and renamed) while this call runs.
+        beside = [(s.work.job, s.path) for key, s in slots.items() if key not in leaving]
+        beside += pending_files(daemon.completer.pending)
         daemon._call = handoff = Handoff()
 
         def call() -> _Step:
             for key in leaving:
                 generator.cancel(key)
             root = audio.OutputRoot(outputs)
-            # Beside the slots that decode on: a joining job may not share a file with one of them.
-            beside = [(s.work.job, s.path) for key, s in slots.items() if key not in leaving]
             located, outcomes = locate(joining, root, beside) if joining else ([], [])
             joined: list[_Slot] = []
             for work, path in located:

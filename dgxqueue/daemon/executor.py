@@ -170,7 +170,8 @@ def locate(batch: Sequence[Work], root: audio.OutputRoot,
     """Each job's output path, or its failure when that path is not inside the outputs folder or
     something is there already (see :func:`occupied`): checked before the render, so the backend
     does not spend a job's time on a file it may not write. ``running``: the jobs (and their
-    paths) still rendering beside these, as a running batch's slots are.
+    paths) rendering beside these, as a running batch's slots are, or whose results are still to
+    be published (:func:`pending_files`).
 
     Nor may two jobs of one call share a file (paths that lead to one through a link) or have
     one's file be a folder on the other's path: nothing is at either path until the commits, so
@@ -191,13 +192,19 @@ def locate(batch: Sequence[Work], root: audio.OutputRoot,
             continue
         above = _folders(path, root)
         other = files.get(path) or folders.get(path) or next((files[f] for f in above if f in files), None)
-        if other is not None:
+        if other is not None and other.id != work.job.id:  # its own older attempt never publishes now
             refused.append(Attempt(work.job, collides(work.job, path, other), 0.0))
             continue
         files[path] = work.job
         folders.update((folder, work.job) for folder in above)
         located.append((work, path))
     return located, refused
+
+
+def pending_files(outcomes: Sequence[Attempt]) -> list[tuple[ClaimedJob, str]]:
+    """The jobs among ``outcomes`` whose staged file waits for its commit, with their paths: written
+    and renamed while the next call renders, so after its jobs' checks."""
+    return [(o.job, o.staged.path) for o in outcomes if o.staged is not None]
 
 
 def _folders(path: str, root: audio.OutputRoot) -> list[str]:
@@ -271,17 +278,19 @@ def _json_value(value: Any, name: str) -> Any:
     raise PermanentGeneratorError(f"backend returned {name} of type {type(value).__name__}, which JSON cannot hold")
 
 
-def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worker_id: str) -> list[Attempt]:
+def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worker_id: str,
+           beside: Sequence[tuple[ClaimedJob, str]] = ()) -> list[Attempt]:
     """Generate one batch in one backend call and stage each file (written and fsynced under its
     attempt's temporary name, ``worker_id`` naming the attempt with the job's ``attempt``; the
     folders fsynced once). Runs on the runner thread. The caller publishes or discards each
-    completed outcome's ``staged`` file, after its outcome write.
+    completed outcome's ``staged`` file, after its outcome write. ``beside``: the jobs whose
+    results are still to be published meanwhile, with their paths (see :func:`locate`).
 
     A job whose file would land outside ``outputs_dir`` fails without reaching the backend, and
     again at the write if a folder on its path became a link meanwhile.
     """
     root = audio.OutputRoot(outputs_dir)  # one per batch: folders' real paths looked up once
-    located, refused = locate(batch, root)
+    located, refused = locate(batch, root, beside)
     if not located:
         return refused
     paths = [path for _, path in located]

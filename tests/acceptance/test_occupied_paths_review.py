@@ -9,6 +9,8 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from dgxqueue.audio import read_wav
 from dgxqueue.storage import dispose_engines, init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
@@ -101,3 +103,33 @@ def test_daemon__a_jobs_own_wav_whose_completion_the_database_lost_is_not_charge
     status, _, error = job(sqlite_db_url, other)
     assert status == "failed" and error is not None and "not this job's" in error, error
     assert (outputs / "other.wav").read_bytes() == FOREIGN
+
+
+@pytest.mark.parametrize(("first_path", "second_path", "frames"), [
+    ("outputs/x.wav", "outputs/x.wav/y.wav", 80),
+    ("outputs/2026/a.wav", "outputs/latest/a.wav", 80),
+], ids=["folder", "link"])
+def test_daemon__a_job_of_the_next_call_never_collides_with_a_result_still_to_be_published(
+        db_url: str, tmp_path: Path, first_path: str, second_path: str, frames: int) -> None:
+    """Two jobs of one round rendered in two backend calls (the backend takes one job a call): the
+    first call's outcome is written, and its file renamed, while the second call renders, so the
+    second job's checks ran before that rename. The second fails, naming the first; the first keeps
+    its WAV (before: x.wav was recorded completed with no file ever, its rename blocked by the
+    folder the second made; or latest/a.wav's WAV replaced 2026/a.wav's)."""
+    init_db(db_url)
+    [first] = enqueue(db_url, ["fine"], file_path=first_path, duration_seconds=0.01)
+    [second] = enqueue(db_url, ["fine"], file_path=second_path, duration_seconds=0.02)
+    outputs = tmp_path / "outputs"
+    (outputs / "2026").mkdir(parents=True)
+    (outputs / "latest").symlink_to("2026")
+    config = worker_config(tmp_path, db_url, batch_size=2)
+    config.write_text(config.read_text().replace("[generator.options]\n", "[generator.options]\nmax_batch_size = 1\n"))
+    log = tmp_path / "worker.log"
+    burst(config, log)
+
+    assert job(db_url, first)[:2] == ("completed", 1)
+    assert read_wav(tmp_path / first_path)[0].shape == (1, frames)
+    status, attempts, error = job(db_url, second)
+    assert (status, attempts) == ("failed", 1), error
+    assert error is not None and second_path in error and first in error
+    assert "machine fault" not in log.read_text()

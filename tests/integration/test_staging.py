@@ -324,3 +324,34 @@ def test_sweep__replaces_the_jobs_own_wav_whose_completion_the_database_lost(db_
     stage(outputs, job_id, 2, "w")
     assert staging.sweep(outputs, lookup(db_url)).published == [f"outputs/{job_id}.wav"]
     assert os.listdir(outputs) == [f"{job_id}.wav"]
+
+
+def test_daemon__a_new_attempt_never_collides_with_its_own_superseded_result_written_behind_it(
+        db_url: str, tmp_path: Path) -> None:
+    """The earlier attempt's result waits to be written behind the next call when this daemon
+    claims the job again (its lease lapsed meanwhile): that result is dropped at its write, so the
+    new attempt's path is not another job's. The new attempt completes, never failed as colliding
+    with its own job."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    [job_id] = enqueue(db_url, 1)
+    hooks = RecordingHooks()
+    generator = ChaosGenerator(models=["scripted"], work_seconds=0.0)
+    daemon = make_daemon(db_url, outputs, generator, hooks=hooks)
+    [first] = daemon.store.claim(1)
+    daemon.claimer.take([first], utcnow())
+    daemon.held.next.clear()
+    [stale] = render(generator, prepare([first], generator)[0], outputs, daemon.worker_id)
+    daemon.completer.pending.append(stale)  # as the loop leaves it, to be written behind the next call
+    set_row(db_url, job_id, status="pending", worker_id=None, lease_expires_at=None)  # rescued
+    [again] = daemon.store.claim(1)
+    daemon.claimer.take([again], utcnow())
+    daemon.held.next.clear()
+    running, _ = daemon._start(prepare([again], generator)[0])
+    [fresh] = running.result(timeout=60)
+    assert fresh.error is None, fresh.error
+    daemon.completer.pending.append(fresh)
+    daemon.completer.flush(claim_next=False)
+    assert hooks.outcomes(job_id) == ["fenced", "completed"]
+    assert os.listdir(outputs) == [f"{job_id}.wav"]
+    daemon.shutdown()
