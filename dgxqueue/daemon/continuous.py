@@ -288,9 +288,14 @@ class Continuous:
             for key in leaving:
                 generator.cancel(key)
             root = audio.OutputRoot(outputs)
-            located, outcomes = locate(joining, root, beside) if joining else ([], [])
+            outcomes: list[Attempt] = []
             joined: list[_Slot] = []
-            for work, path in located:
+            for one in joining:  # each beside the slots and the jobs that joined before it, never one that did not
+                located, refused = locate([one], root, beside + [(s.work.job, s.path) for s in joined])
+                outcomes += refused
+                if not located:
+                    continue
+                [(work, path)] = located
                 if work.request.control.cancelled:
                     outcomes.append(cancelled(work.job))
                     continue

@@ -173,14 +173,15 @@ def locate(batch: Sequence[Work], root: audio.OutputRoot,
     paths) rendering beside these, as a running batch's slots are, or whose results are still to
     be published (:func:`pending_files`).
 
-    Nor may two jobs of one call share a file (paths that lead to one through a link) or have
-    one's file be a folder on the other's path: nothing is at either path until the commits, so
-    neither check would see the other, and the second rename would replace the first job's WAV
-    or fail under its completed row. The later job fails (:func:`collides`)."""
+    Nor may a job share a file with one of ``running`` (paths that lead to one through a link) or
+    have its file be a folder on the other's path, or the reverse: nothing is at either path until
+    the commits, so neither check would see the other, and the second rename would replace the
+    first job's WAV or fail under its completed row. The job fails (:func:`collides`). Jobs of
+    ``batch`` are not checked against each other here: one that fails or is cancelled never writes
+    its file, so :func:`stage` checks them against the batch-mates it has written."""
     located: list[tuple[Work, str]] = []
     refused: list[Attempt] = []
-    files: dict[str, ClaimedJob] = {path: job for job, path in running}
-    folders = {folder: job for job, path in running for folder in _folders(path, root)}
+    beside = Paths(root, running)
     for work in batch:
         try:
             path, taken = root.place(work.job.file_path, owner=work.job.id)
@@ -190,15 +191,37 @@ def locate(batch: Sequence[Work], root: audio.OutputRoot,
         if taken:
             refused.append(Attempt(work.job, occupied(work.job, path), 0.0))
             continue
-        above = _folders(path, root)
-        other = files.get(path) or folders.get(path) or next((files[f] for f in above if f in files), None)
-        if other is not None and other.id != work.job.id:  # its own older attempt never publishes now
+        other = beside.other(work.job, path)
+        if other is not None:
             refused.append(Attempt(work.job, collides(work.job, path, other), 0.0))
             continue
-        files[path] = work.job
-        folders.update((folder, work.job) for folder in above)
         located.append((work, path))
     return located, refused
+
+
+class Paths:
+    """The files of jobs that are, or may yet be, put in place beside a job's, and the folders on
+    their way (under the outputs folder ``root``): what a job's own file must not be or be under."""
+
+    def __init__(self, root: audio.OutputRoot | str, jobs: Sequence[tuple[ClaimedJob, str]] = ()) -> None:
+        self._inside = root if isinstance(root, str) else root.real
+        self._files: dict[str, ClaimedJob] = {}
+        self._folders: dict[str, ClaimedJob] = {}
+        for job, path in jobs:
+            self.add(job, path)
+
+    def add(self, job: ClaimedJob, path: str) -> None:
+        self._files[path] = job
+        self._folders.update((folder, job) for folder in _folders(path, self._inside))
+
+    def other(self, job: ClaimedJob, path: str) -> ClaimedJob | None:
+        """The job whose file ``path`` (``job``'s) would be, or lie under or above; None if none, or
+        only ``job`` itself (its own older attempt never publishes now)."""
+        if not self._files:
+            return None
+        other = (self._files.get(path) or self._folders.get(path)
+                 or next((self._files[f] for f in _folders(path, self._inside) if f in self._files), None))
+        return None if other is None or other.id == job.id else other
 
 
 def pending_files(outcomes: Sequence[Attempt]) -> list[tuple[ClaimedJob, str]]:
@@ -207,9 +230,9 @@ def pending_files(outcomes: Sequence[Attempt]) -> list[tuple[ClaimedJob, str]]:
     return [(o.job, o.staged.path) for o in outcomes if o.staged is not None]
 
 
-def _folders(path: str, root: audio.OutputRoot) -> list[str]:
-    """The folders between the outputs folder and the file ``path`` (a located path)."""
-    inside, found = root.real, []
+def _folders(path: str, inside: str) -> list[str]:
+    """The folders between the outputs folder (its real path ``inside``) and the file ``path`` (a located path)."""
+    found = []
     folder = os.path.dirname(path)
     while len(folder) > len(inside) and folder.startswith(inside + os.sep):
         found.append(folder)
@@ -218,8 +241,9 @@ def _folders(path: str, root: audio.OutputRoot) -> list[str]:
 
 
 def collides(job: ClaimedJob, path: str, other: ClaimedJob) -> PermanentGeneratorError:
-    """The error of a job whose path is, or lies under or above, the path of ``other``, rendered in
-    the same call: each job's WAV is its own, and the first of the two keeps it."""
+    """The error of a job whose path is, or lies under or above, the path of ``other``, rendered
+    beside it and written first (or still rendering in a running batch, or waiting to be
+    published): each job's WAV is its own, and the first of the two keeps it."""
     return PermanentGeneratorError(
         f"file_path {job.file_path} leads to {path}, which collides with the file of job {other.id}"
         f" (file_path {other.file_path}) rendered beside it: one would be the other's file or folder."
@@ -330,7 +354,7 @@ def stage(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], g
     runner thread."""
     folders = audio.Folders(inside)  # each folder opened and checked once a batch
     try:
-        outcomes = _write(batch, paths, results, generated, folders, worker_id)
+        outcomes = _write(batch, paths, results, generated, folders, inside, worker_id)
         # One folder fsync per batch, not per file: the temporaries' names become durable before
         # any outcome commits, so a crash after the commit leaves a temporary the sweep renames.
         failed = folders.sync()
@@ -346,9 +370,12 @@ def stage(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], g
 
 
 def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], generated: float,
-           folders: audio.Folders, worker_id: str) -> list[Attempt]:
-    """Stage each result's file (or record why not); the folders' fsync is the caller's."""
+           folders: audio.Folders, inside: str, worker_id: str) -> list[Attempt]:
+    """Stage each result's file (or record why not); the folders' fsync is the caller's. A job
+    whose path collides with a batch-mate's written before it fails (:func:`collides`): only a
+    batch-mate that writes its file blocks it, never one that failed or was cancelled."""
     outcomes: list[Attempt] = []
+    written = Paths(inside)
     for work, path, result in zip(batch, paths, results, strict=True):
         if work.request.control.cancelled:  # whatever the backend returned: never written
             outcomes.append(cancelled(work.job, generated))
@@ -369,6 +396,9 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
             if why:
                 raise PermanentGeneratorError(f"{why}; the result cannot be recorded")
             job = work.job
+            other = written.other(job, path)
+            if other is not None:  # before the file check: the other's temporary made the folder
+                raise collides(job, path, other)
             # Again at the write: the file may have appeared while the backend rendered. One left
             # between here and the rename after the commit would still be replaced (a short window).
             if audio.taken(path, job.id):
@@ -378,6 +408,7 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
         except Exception as exc:  # this job's alone: the others of the batch are written
             outcomes.append(Attempt(work.job, exc, generated))
             continue
+        written.add(work.job, path)
         outcomes.append(Attempt(
             work.job, None, generated + (time.perf_counter() - write_started), staged.size,
             result.duration_seconds, metadata, staged,

@@ -233,3 +233,32 @@ def test_continuous__a_job_joining_beside_one_whose_file_is_its_own_fails_and_th
     assert (done["status"], refused["status"]) == ("completed", "failed"), (done, refused)
     assert first in (refused["error_message"] or "") and "outputs/latest/a.wav" in refused["error_message"]
     assert read_wav(outputs / "2026" / "a.wav")[0].shape == (1, round(0.25 * RATE))
+
+
+class _RefusesAtStart(Slots):
+    """Slots that refuse a ``steps:2`` job when it would join (validated, then the backend's start
+    raises for it): it never takes a slot, so never writes its file."""
+
+    def start(self, request: GenerationRequest) -> None:
+        if request.prompt == "steps:2":
+            raise PermanentGeneratorError("refused at its start")
+        super().start(request)
+
+
+def test_continuous__a_job_that_never_joined_does_not_block_the_file_of_one_joining_beside_it(
+        sqlite_db_url: str, tmp_path: Path) -> None:
+    """Two jobs join at one step, ``x.wav`` and ``x.wav/y.wav``: the first is refused at its start,
+    so nothing of it is ever written; the second joins and completes with its WAV (before: it was
+    failed for good as colliding with the file of a job that never took a slot)."""
+    outputs = tmp_path / "outputs"
+    init_db(sqlite_db_url)
+    with session_scope(get_engine(sqlite_db_url)) as s:
+        first, second = create_generations(s, [
+            {"prompt": prompt, "model_name": "slots", "duration_seconds": 0.25, "sample_rate": RATE, "channels": 1,
+             "file_path": path} for prompt, path in (("steps:2", "outputs/x.wav"), ("steps:1", "outputs/x.wav/y.wav"))])
+    hooks = RecordingHooks()
+    assert _daemon(sqlite_db_url, outputs, _RefusesAtStart(4), hooks).run(burst=True) == 0
+    refused, done = _rows(sqlite_db_url, [first, second])
+    assert refused["status"] == "failed" and "refused at its start" in (refused["error_message"] or "")
+    assert (done["status"], done["attempts"]) == ("completed", 1), done
+    assert read_wav(outputs / "x.wav" / "y.wav")[0].shape == (1, round(0.25 * RATE))
