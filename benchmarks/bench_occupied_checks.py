@@ -10,6 +10,7 @@ the write every job makes anyway (create, write a 204-byte WAV, fsync, close, re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -18,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dgxqueue.audio import OWNER_XATTR, written_by  # noqa: E402
-from dgxqueue.daemon.executor import Paths  # noqa: E402
-from dgxqueue.storage.claimed import ClaimedJob  # noqa: E402
+from dgxqueue.audio import OWNER_XATTR, written_by
+from dgxqueue.daemon.executor import Paths
+from dgxqueue.storage.claimed import ClaimedJob
 
 N = 2000
 WAV = b"\0" * 204  # a 0.01 s mono 8 kHz WAV: header and 80 16-bit samples
@@ -80,10 +81,8 @@ def main() -> None:
 
     def lstat_absent() -> None:
         for path in absent:
-            try:
+            with contextlib.suppress(OSError):
                 os.lstat(path)
-            except OSError:
-                pass
 
     def getxattr_own() -> None:
         for path, job_id in zip(paths, ids, strict=True):
