@@ -30,7 +30,7 @@ from dgxqueue import faultpoints
 from dgxqueue.config import WorkerSettings
 from dgxqueue.daemon import staging
 from dgxqueue.daemon.claimer import Claimer
-from dgxqueue.daemon.executor import Attempt, cancelled
+from dgxqueue.daemon.executor import Attempt, cancelled, pending_files
 from dgxqueue.daemon.isolation import timed_out
 from dgxqueue.daemon.leases import Held
 from dgxqueue.daemon.outages import outage_skips
@@ -215,6 +215,14 @@ class Completer:
             self.hooks.on_job_finished(job, outcome, generation_seconds=None, audio_seconds=None, error=None)
 
     # --- files and superseded attempts ----------------------------------------------------
+
+    def publishing(self) -> list[tuple[ClaimedJob, str]]:
+        """The jobs of :attr:`pending` whose staged file may still be put in place, with their
+        paths (:func:`~dgxqueue.daemon.executor.pending_files`): not one whose cancel was seen, or
+        that was recorded cancelled or superseded meanwhile, whose file is dropped at its write."""
+        held = self.held
+        return pending_files([o for o in self.pending if not held.cancelled(o.job.id)
+                              and id(o.job) not in held.ended and id(o.job) not in held.superseded])
 
     def drop_superseded(self, outcomes: Sequence[Attempt]) -> list[Attempt]:
         """The outcomes of live attempts; those of attempts a later claim of the same job

@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from dgxqueue import audio
-from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, pending_files, stage
+from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, stage
 from dgxqueue.daemon.faults import refund
 from dgxqueue.daemon.isolation import prepare_isolating
 from dgxqueue.daemon.outages import outage_skips
@@ -281,7 +281,7 @@ class Continuous:
         slots = dict(self.running)  # the runner's own copy: the main thread changes running meanwhile
         # Beside the slots that decode on, and the results written (and renamed) while this call runs.
         beside = [(s.work.job, s.path) for key, s in slots.items() if key not in leaving]
-        beside += pending_files(daemon.completer.pending)
+        beside += daemon.completer.publishing()
         daemon._call = handoff = Handoff()
 
         def call() -> _Step:

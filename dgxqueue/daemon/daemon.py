@@ -53,7 +53,7 @@ from dgxqueue.daemon.claimer import Claimer
 from dgxqueue.daemon.completer import Completer
 from dgxqueue.daemon.continuous import Continuous
 from dgxqueue.daemon.diskcheck import OutputsCheck
-from dgxqueue.daemon.executor import Attempt, Handoff, Work, pending_files, render
+from dgxqueue.daemon.executor import Attempt, Handoff, Work, render
 from dgxqueue.daemon.faults import judge
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
 from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, validate_alone
@@ -402,7 +402,7 @@ class Daemon:
         self.hooks.on_batch(len(batch))
         outputs, worker_id = self.settings.outputs_dir, self.worker_id
         # The results written behind this call: their renames come after its jobs' checks.
-        beside = pending_files(self.completer.pending)
+        beside = self.completer.publishing()
         self._call = handoff = Handoff()
 
         def call() -> list[Attempt]:  # timed where it runs: the main loop may be busy writing

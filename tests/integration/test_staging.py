@@ -355,3 +355,38 @@ def test_daemon__a_new_attempt_never_collides_with_its_own_superseded_result_wri
     assert hooks.outcomes(job_id) == ["fenced", "completed"]
     assert os.listdir(outputs) == [f"{job_id}.wav"]
     daemon.shutdown()
+
+
+def test_daemon__a_result_dropped_for_its_cancel_never_blocks_the_next_calls_job(
+        db_url: str, tmp_path: Path) -> None:
+    """A result waits to be written behind the next call (``outputs/x.wav``) when the heartbeat
+    finds its job's cancel: recorded cancelled now, that result is dropped at its write, never
+    published. The next call's job of ``outputs/x.wav/y.wav`` completes with its WAV (before: it
+    failed for good as colliding with a file that was then deleted, and neither file was ever
+    there)."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    with session_scope(get_engine(db_url)) as s:
+        first_id, second_id = create_generations(s, [
+            {"prompt": "fine", "model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000,
+             "channels": 1, "file_path": path} for path in ("outputs/x.wav", "outputs/x.wav/y.wav")])
+    hooks = RecordingHooks()
+    generator = ChaosGenerator(models=["scripted"], work_seconds=0.0)
+    daemon = make_daemon(db_url, outputs, generator, hooks=hooks)
+    claimed = {job.id: job for job in daemon.store.claim(2)}
+    daemon.claimer.take(list(claimed.values()), utcnow())
+    daemon.held.next.clear()
+    [result] = render(generator, prepare([claimed[first_id]], generator)[0], outputs, daemon.worker_id)
+    assert result.error is None and result.staged is not None
+    daemon.completer.pending.append(result)  # as the loop leaves it, to be written behind the next call
+    set_row(db_url, first_id, cancel_requested_at=utcnow())
+    daemon.heartbeat.run_once()  # sees the cancel: the first job is recorded cancelled now
+    running, _ = daemon._start(prepare([claimed[second_id]], generator)[0])
+    [second] = running.result(timeout=60)
+    assert second.error is None, second.error
+    daemon.completer.pending.append(second)
+    daemon.completer.flush(claim_next=False)
+    assert hooks.outcomes(second_id) == ["completed"]
+    assert read_wav(outputs / "x.wav" / "y.wav")[0].shape == (1, 80)
+    assert sorted(os.listdir(outputs)) == ["x.wav"] and os.listdir(outputs / "x.wav") == ["y.wav"]
+    daemon.shutdown()
