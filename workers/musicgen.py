@@ -42,11 +42,7 @@ import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
-import structlog
+from typing import TYPE_CHECKING, Any
 
 from dgxqueue.errors import (
     CapacityError,
@@ -60,12 +56,23 @@ from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationReq
 from dgxqueue.machine_faults import detached_machine_fault
 from dgxqueue.storage.validation import steering_value
 
+# numpy and structlog are imported where audio is made and where a warning is logged: a producer's
+# ``enqueue`` builds this backend only to read the models it serves (torch waits for load() too).
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
 INSTALL_HINT = "pip install 'dgxqueue[musicgen]'"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _OVERRIDES = ("guidance_scale", "temperature", "top_k")
 _DECODERS = ("generate", "loop")
 
-log = structlog.get_logger(__name__)
+
+def _warn(event: str, **fields: Any) -> None:
+    """A warning through structlog, imported here: see above."""
+    import structlog
+
+    structlog.get_logger(__name__).warning(event, **fields)
 
 
 # One rule with the door (dgxqueue.storage.validation), so a job it accepts is never refused here.
@@ -343,7 +350,7 @@ class MusicGenGenerator:
                 return [TransientGeneratorError(f"out of memory rendering one request on {self._device}")]
             return [PermanentGeneratorError(f"MusicGen failed: {error}")]
         # Halving both fits memory after an OOM and isolates a request that breaks the batch.
-        log.warning("musicgen_batch_split", batch_size=len(batch), out_of_memory=oom, error=error)
+        _warn("musicgen_batch_split", batch_size=len(batch), out_of_memory=oom, error=error)
         half = len(batch) // 2
         return self._render(batch[:half], plans[:half]) + self._render(batch[half:], plans[half:])
 
@@ -401,6 +408,8 @@ class MusicGenGenerator:
         return decode.DecodeRequest(key, request.prompt, plan.tokens - self._delay, request.seed, settings)
 
     def _loop_audio(self, result: Any, request: GenerationRequest, plan: _Plan) -> GeneratedAudio:
+        import numpy as np
+
         session = self._session
         metadata = {**self._provenance, "slots": session.slots, "window_frames": session.max_frames,
                     "overlap_frames": session.overlap_frames, "compile_step": session.compile_step,
@@ -467,7 +476,7 @@ class MusicGenGenerator:
             self._torch.cuda.empty_cache()
         if held > 1 and self._slots > 1:
             self._slots = max(1, min(self._slots, held) // 2)
-            log.warning("musicgen_slots_halved", slots=self._slots, error=error)
+            _warn("musicgen_slots_halved", slots=self._slots, error=error)
             raise CapacityError(f"out of memory decoding {held} jobs on {self._device}; {self._slots} slots now")
         raise TransientGeneratorError(f"out of memory decoding one job on {self._device}")
 
@@ -497,6 +506,8 @@ class MusicGenGenerator:
 
     def _shape(self, samples: npt.NDArray[np.float32], request: GenerationRequest) -> npt.NDArray[np.float32]:
         """Match the request's channel count and exact frame count."""
+        import numpy as np
+
         if request.channels != samples.shape[0]:
             samples = (
                 np.repeat(samples, request.channels, axis=0)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-import numpy as np
-
 from dgxqueue.errors import PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
 
@@ -30,6 +28,8 @@ class SilenceGenerator:
             raise PermanentGeneratorError(f"silence renders 1 or 2 channels, not {request.channels}")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
+        import numpy as np  # here: a producer builds this backend only to read its models
+
         results: list[GenerationOutcome] = []
         for r in requests:
             try:

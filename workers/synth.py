@@ -17,15 +17,16 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Hashable, Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from dgxqueue.errors import ConfigError, JobCancelledError, PermanentGeneratorError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest, JobControl
-from workers._synth_compose import write_loop
-from workers._synth_render import F32
-from workers._synth_style import Style, parse_style
+
+# numpy and the modules that compose and render are imported where audio is made: a producer's
+# ``enqueue`` builds this backend only to read the models it serves, and numpy is most of its import.
+if TYPE_CHECKING:
+    from workers._synth_render import F32
+    from workers._synth_style import Style
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 PEAK = 0.89  # about -1 dBFS: headroom for the int16 rounding and for players that resample
@@ -60,7 +61,9 @@ class SynthGenerator:
         self.default_bpm = default_bpm
 
     def load(self) -> None:
-        """Nothing to load: every sound is synthesized per request."""
+        """Nothing to load, every sound is synthesized per request: only the modules that do it
+        are imported now rather than during the first job."""
+        import workers._synth_compose  # noqa: F401
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
         return (request.sample_rate, request.channels)
@@ -97,6 +100,11 @@ class SynthGenerator:
     def render(self, request: GenerationRequest) -> GeneratedAudio:
         """Render one validated request, reporting the frames arranged so far as its progress
         (and stopping between loops once it is cancelled)."""
+        import numpy as np
+
+        from workers._synth_compose import write_loop
+        from workers._synth_style import parse_style
+
         prompt = request.prompt.encode("utf-8", "surrogatepass")  # a row by plain SQL may hold anything
         rng = np.random.default_rng([request.seed % (1 << 64), zlib.crc32(prompt)])
         style = parse_style(request.prompt, rng, self.default_bpm)
@@ -119,6 +127,8 @@ def _out_of_memory(request: GenerationRequest, exc: MemoryError) -> TransientGen
 def arrange(stems: dict[str, F32], loop: int, frames: int, channels: int, control: JobControl | None = None) -> F32:
     """Overlap-add the loop's stems, loop after loop, switching stems on and off by section.
     ``control``: the frames done are reported after each loop, and a cancel stops between loops."""
+    import numpy as np
+
     length = next(iter(stems.values())).shape[1]
     count = max(1, math.ceil(frames / loop))
     out = np.zeros((channels, max(frames, (count - 1) * loop + length)), np.float32)
@@ -142,6 +152,8 @@ def arrange(stems: dict[str, F32], loop: int, frames: int, channels: int, contro
 
 def master(samples: F32, sr: int) -> None:
     """Fade in 3 ms and out over the last 10% (at most 2 s), then normalise the peak, in place."""
+    import numpy as np
+
     frames = samples.shape[1]
     fade_in = min(frames, int(0.003 * sr))
     if fade_in:

@@ -281,20 +281,27 @@ def test_package__enqueue_is_imported_on_first_use() -> None:
                    timeout=60)
 
 
-def test_package__producers_and_cli_reads_never_load_numpy_or_structlog(cli: Cli) -> None:
-    """Submitting a job, `config show` and `list` need neither the audio stack nor the logging
-    stack (each is a sixth of a command's start-up); the daemon loads them."""
-    cli.add("a queued job")
-    probe = ("import sys, runpy\n"
-             "sys.argv = ['dgxqueue', *sys.argv[1:]]\n"
+def _loaded(cli: Cli, modules: tuple[str, ...], *argv: str, env: dict[str, str] | None = None) -> list[str]:
+    """Which of ``modules`` the command ``dgxqueue argv`` imported (it must succeed)."""
+    probe = ("import json, sys, runpy\n"
+             "modules, sys.argv = sys.argv[1].split(','), ['dgxqueue', *sys.argv[2:]]\n"
              "try:\n    runpy.run_module('dgxqueue', run_name='__main__')\n"
              "except SystemExit as done:\n    assert not done.code, done.code\n"
-             "print(sorted(m for m in ('numpy', 'structlog') if m in sys.modules), file=sys.stderr)\n")
-    for argv in (["config", "show"], ["list"], ["stats"]):
-        done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=cli.folder, env=cli.env,
-                              capture_output=True, text=True, timeout=60, check=False)
-        assert done.returncode == 0, done.stderr
-        assert done.stderr.splitlines()[-1] == "[]", (argv, done.stderr)
+             "print(json.dumps(sorted(m for m in modules if m in sys.modules)), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", probe, ",".join(modules), *argv], cwd=cli.folder,
+                          env={**cli.env, **(env or {})}, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    loaded: list[str] = json.loads(done.stderr.splitlines()[-1])
+    return loaded
+
+
+def test_package__producers_and_cli_reads_never_load_numpy_or_structlog(cli: Cli) -> None:
+    """Submitting a job, `config show` and `list` need neither the audio stack nor the logging
+    stack (each is a sixth of a command's start-up); the daemon loads them. `enqueue` builds the
+    registered backends to warn of a model none serves, and a backend imports numpy only to make audio."""
+    cli.add("a queued job")
+    for argv in (["config", "show"], ["list"], ["stats"], ["enqueue", "lo-fi", "--model", "nobody-serves-this"]):
+        assert _loaded(cli, ("numpy", "structlog", "torch"), *argv) == [], argv
     library = ("import sys, dgxqueue; dgxqueue.submit('x', database_url=sys.argv[1]); "
                "assert not {'numpy', 'structlog'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", library, cli.url], env={**cli.env, "PYTHONPATH": str(REPO)},
