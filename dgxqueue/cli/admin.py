@@ -37,16 +37,17 @@ from dgxqueue.config import Settings, settings_as_dict, toml_value
 from dgxqueue.errors import ConfigError
 from dgxqueue.storage import ensure_schema, get_engine
 from dgxqueue.storage.database import (
-    alembic_config,
+    HEAD_REVISION,
     check_driver,
-    current_revision,
     describe_url,
     display_url,
     downgrade,
     downgrade_losses,
     head_revision,
+    known_revisions,
     peek_sqlite,
     sqlite_path,
+    stored_revision,
     upgrade,
 )
 from dgxqueue.storage.dberrors import database_unavailable
@@ -97,8 +98,9 @@ def cmd_worker(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _revision_text(engine: sa.Engine) -> str | None:
+    # By plain SQL: alembic's reader would import all of alembic, for a line of output.
     with engine.connect() as conn:
-        return current_revision(conn)
+        return stored_revision(conn)
 
 
 def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
@@ -125,18 +127,17 @@ def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             threading.Event().wait(pause)  # a retry's pause: nothing to wake us sooner
             pause = min(2 * pause, 5.0)
-    print(f"database at revision {_revision_text(engine)} (head {head_revision()})")
+    print(f"database at revision {_revision_text(engine)} (head {HEAD_REVISION})")
     return EXIT_OK
 
 
 def cmd_db_downgrade(ctx: Context, args: argparse.Namespace) -> int:
-    from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
     _must_exist(ctx.settings)
     # Only the forms whose losses are judged below: alembic also takes relative ones such as
     # base+1 or 001+1, which would undo a migration that drops data without asking for --yes.
-    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    known = known_revisions()
     rev = args.revision
     if not (rev == "base" or rev in known or (rev.startswith("-") and rev[1:].isdigit() and int(rev[1:]) > 0)):
         raise CliError(f"db downgrade {rev}: REV must be a revision id ({', '.join(sorted(known))}), "
@@ -180,7 +181,7 @@ def cmd_db_current(ctx: Context, args: argparse.Namespace) -> int:
         current = peek_sqlite(path, describe_url(ctx.settings.database.url), ctx.settings.database)[0]
     else:
         current = _revision_text(_raw_engine(ctx.settings))
-    head = head_revision()
+    head = HEAD_REVISION
     if args.json:
         print_json({"current": current, "head": head, "up_to_date": current == head})
     else:

@@ -85,12 +85,9 @@ def run_worker(settings: Settings, *, burst: bool = False, worker_id: str | None
     engine = None
     server = None
     try:
-        from prometheus_client import CollectorRegistry
-
         from dgxqueue.daemon import Daemon, HookChain, Hooks, new_worker_id
         from dgxqueue.generators import create_generator
         from dgxqueue.logs import LogHooks, configure_logging, get_logger
-        from dgxqueue.metrics import DaemonMetrics
         from dgxqueue.storage.database import describe_url, open_queue
         from dgxqueue.systemd import Notifier
 
@@ -99,13 +96,18 @@ def run_worker(settings: Settings, *, burst: bool = False, worker_id: str | None
         backend = create_generator(settings.generator.name, settings.generator.options)
         worker_id = worker_id or new_worker_id()
         hooks: list[Hooks] = [LogHooks(worker_id=worker_id)]
-        registry = CollectorRegistry()
-        if settings.metrics.enabled:
+        registry = None
+        if settings.metrics.enabled:  # only then: prometheus_client and its HTTP server are imported
+            from prometheus_client import CollectorRegistry
+
+            from dgxqueue.metrics import DaemonMetrics
+
+            registry = CollectorRegistry()
             hooks.insert(0, DaemonMetrics(
                 registry, engine, depth_cache_seconds=settings.metrics.depth_cache_seconds))
         daemon = Daemon(settings, engine=engine, generator=backend, hooks=HookChain(hooks),
                         notifier=Notifier(), worker_id=worker_id)
-        if settings.metrics.enabled:
+        if registry is not None:
             server = _start_metrics(settings, registry, daemon)
         get_logger("dgxqueue.worker").info(
             "worker starting", worker_id=worker_id, database=describe_url(settings.database.url),

@@ -13,13 +13,14 @@ empty queue.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
@@ -28,6 +29,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dgxqueue.config import DEFAULT_DATABASE_URL, DatabaseSettings
 from dgxqueue.errors import ConfigError, SchemaError
 from dgxqueue.storage.engines import BACKENDS, profile_for, profile_of
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
 
 _engines: dict[tuple[str, DatabaseSettings], Engine] = {}
 _engines_lock = threading.Lock()
@@ -210,7 +214,7 @@ def alembic_config(url: str | None = None, connection: sa.Connection | None = No
 HEAD_REVISION = "007"
 
 
-def _stored_revision(connection: sa.Connection) -> str | None:
+def stored_revision(connection: sa.Connection) -> str | None:
     """``alembic_version.version_num`` by plain SQL, None when the table does not exist yet."""
     if not sa.inspect(connection).has_table("alembic_version"):
         return None
@@ -218,10 +222,23 @@ def _stored_revision(connection: sa.Connection) -> str | None:
     return connection.execute(sa.select(version.c.version_num)).scalar_one_or_none()
 
 
-def head_revision() -> str:
+@functools.cache
+def migration_scripts() -> ScriptDirectory:
+    """alembic's script directory, read once per process: its revision map loads every migration
+    script, which each check of the head and of known revisions did again (the scripts are part of
+    the installed package, as :data:`HEAD_REVISION` is)."""
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def known_revisions() -> set[str]:
+    """Every revision id among the migration scripts."""
+    return {script.revision for script in migration_scripts().walk_revisions()}
+
+
+def head_revision() -> str:
+    head = migration_scripts().get_current_head()
     assert head is not None
     return head
 
@@ -263,9 +280,7 @@ def downgrade_losses(engine: Engine, revision: str) -> list[str]:
     """
     import inspect
 
-    from alembic.script import ScriptDirectory
-
-    scripts = ScriptDirectory.from_config(alembic_config())
+    scripts = migration_scripts()
     with engine.connect() as conn:
         current = current_revision(conn)
     chain = []
@@ -306,10 +321,9 @@ def ensure_schema(engine: Engine) -> str:
     path = sqlite_path(str(engine.url))
     if path is None or path.exists():  # a new SQLite file: its first connection switches it to WAL,
         with engine.connect() as conn:  # which races other first connections; take the lock below
-            if _stored_revision(conn) == HEAD_REVISION:
+            if stored_revision(conn) == HEAD_REVISION:
                 return HEAD_REVISION
     from alembic import command
-    from alembic.script import ScriptDirectory
 
     head = head_revision()
     with _migration_lock(engine), engine.begin() as conn:
@@ -317,8 +331,7 @@ def ensure_schema(engine: Engine) -> str:
         if current == head:
             return head
         config = alembic_config(str(engine.url), conn)
-        known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
-        if current is not None and current not in known:
+        if current is not None and current not in known_revisions():
             raise SchemaError(
                 f"the database is at schema revision {current!r}, which this dgxqueue does not know "
                 f"(its newest is {head!r}): it was migrated by a newer dgxqueue; upgrade dgxqueue"
@@ -406,17 +419,14 @@ def open_queue(url: str | None = None, settings: DatabaseSettings | None = None,
     else:
         engine = get_engine(text_url, settings)
         with engine.connect() as conn:
-            current = _stored_revision(conn)
+            current = stored_revision(conn)
             if current == HEAD_REVISION:
                 return engine
             has_tables = current is not None or sa.inspect(conn).has_table("generations")
     if not has_tables:
         raise SchemaError(f"the database at {where} has no dgxqueue tables (check DATABASE_URL or "
                           "database.url; 'dgxqueue db upgrade' creates them there)")
-    from alembic.script import ScriptDirectory
-
-    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
-    if current is not None and current not in known:
+    if current is not None and current not in known_revisions():
         raise SchemaError(f"the database at {where} is at schema revision {current!r}, newer than this "
                           f"dgxqueue knows ({HEAD_REVISION!r}): upgrade dgxqueue")
     raise SchemaError(f"the database at {where} is at schema revision {current or 'none'}, this dgxqueue "

@@ -308,6 +308,16 @@ def test_package__producers_and_cli_reads_never_load_numpy_or_structlog(cli: Cli
                    check=True, timeout=60)
 
 
+def test_package__alembic_only_to_migrate_and_prometheus_only_to_serve_metrics(cli: Cli) -> None:
+    """`db upgrade` and `db current` on a database at head import no alembic (a third of their
+    start-up), and a worker with metrics off imports no prometheus_client."""
+    cli.add("a queued job")  # in this process: the database at head
+    assert _loaded(cli, ("alembic",), "db", "upgrade") == []
+    assert _loaded(cli, ("alembic",), "db", "current") == []
+    # structlog, the daemon's logging: the probe sees what the command imports
+    assert _loaded(cli, ("prometheus_client", "structlog"), "worker", "--burst", env=QUIET_DAEMON) == ["structlog"]
+
+
 class _Terminal:
     """A process whose stdin, stdout and stderr are a pseudo-terminal, as in an operator's shell."""
 
