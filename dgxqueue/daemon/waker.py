@@ -12,7 +12,9 @@ import contextlib
 import os
 import select
 import selectors
+import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
@@ -71,17 +73,18 @@ class SQLiteWaker:
         self._interval = interval
         self._pipe = _SelfPipe()
         self._connection: Any = None
+        self._execute: Callable[[str], sqlite3.Cursor] | None = None
         self._version: int | None = None
 
     def _data_version(self) -> int | None:
         try:
-            if self._connection is None:
+            if self._execute is None:
                 self._connection = self._engine.raw_connection()
-            cursor = self._connection.cursor()
-            cursor.execute("PRAGMA data_version")
-            value = int(cursor.fetchone()[0])
-            cursor.close()
-            return value
+                # The driver's own connection: an idle daemon reads this hundreds of times a second,
+                # and the pool's wrapper and a cursor of our own cost more than the read itself.
+                self._execute = self._connection.driver_connection.execute
+            row = self._execute("PRAGMA data_version").fetchone()
+            return int(row[0])
         except Exception:  # a broken connection: drop it, and let the caller poll the queue
             self._drop()
             return None
@@ -90,8 +93,9 @@ class SQLiteWaker:
         deadline = time.monotonic() + timeout
         if self._version is None:
             self._version = self._data_version()
+        woken = self._pipe.drain()  # a wake-up before this wait; later ones, select reports
         while True:
-            if self._pipe.drain():
+            if woken:
                 return True
             version = self._data_version()
             if version is None or version != self._version:
@@ -100,7 +104,8 @@ class SQLiteWaker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            select.select([self._pipe.read_fd], [], [], min(self._interval, remaining))
+            readable, _, _ = select.select([self._pipe.read_fd], [], [], min(self._interval, remaining))
+            woken = bool(readable) and self._pipe.drain()
 
     def wake(self) -> None:
         self._pipe.poke()
@@ -109,6 +114,7 @@ class SQLiteWaker:
         return set()
 
     def _drop(self) -> None:
+        self._execute = None
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.close()
