@@ -777,7 +777,24 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
     have expired. A row that expires after the statement meant for it has run is left for the
     next rescue, never taken by a later statement meant for others (a job killed once, failed as
     one that killed its daemon alone; a job whose cancel was asked, requeued)."""
-    profile = profile_of(session.get_bind().dialect)
+    cancel, refund, requeue, fail = _rescue_statements(profile_of(session.get_bind().dialect))
+
+    def run(write: sa.Update | sa.Select[Any]) -> list[str]:
+        return list(session.execute(write).scalars())
+
+    # A cancel was asked and its daemon died before acting on it: requeued, the job would run again.
+    cancelled = run(cancel)
+    refunded = run(refund)
+    requeued = run(requeue)
+    failed = run(fail)
+    return [*refunded, *requeued], [*cancelled, *failed]
+
+
+@functools.cache
+def _rescue_statements(profile: Profile) -> tuple[sa.Update | sa.Select[Any], ...]:
+    """:func:`rescue_expired`'s four writes, in order, each announced; built once per engine: the
+    rescuer runs them every ``rescue_interval_seconds``, and constructing them cost several times
+    more than running them on SQLite."""
     now = profile.now()
     lease = G.c.lease_expires_at  # one that is not a time (plain SQL) holds nothing either
     expired = sa.and_(IS_PROCESSING, sa.or_(profile.comparable_time(lease) < now, lease.is_(None),
@@ -786,18 +803,13 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
                 "claimed_at": None}
     asked = G.c.cancel_requested_at.is_not(None)
     live = sa.and_(expired, ~asked)  # no cancel asked
-
-    def run(write: sa.Update) -> list[str]:
-        return list(session.execute(profile.announce(write, EVENTS_CHANNEL)).scalars())
-
-    # A cancel was asked and its daemon died before acting on it: requeued, the job would run again.
-    cancelled = run(
+    cancelled = (
         sa.update(G).where(expired, asked)
         .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now, cancelled_at=now,
                 error_message=RESCUED_CANCEL_MESSAGE)
         .returning(G.c.id)
     )
-    refunded = run(
+    refunded = (
         sa.update(G).where(live, G.c.started_at.is_(None))
         .values(attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
                 error_message="lease expired before it started: its daemon died or stalled running "
@@ -805,7 +817,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
         .returning(G.c.id)
     )
     spent = G.c.attempts >= G.c.max_attempts
-    requeued = run(
+    requeued = (
         sa.update(G).where(live, G.c.started_at.is_not(None), sa.or_(~spent, G.c.lease_losses == 0))
         .values(attempts=sa.case((sa.and_(spent, G.c.attempts != INT_MIN), G.c.attempts - 1), else_=G.c.attempts),
                 lease_losses=_LOSSES_AFTER, started_at=None,
@@ -813,7 +825,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
                                            " time(s)); requeued to run alone"), **released)
         .returning(G.c.id)
     )
-    failed = run(
+    failed = (
         sa.update(G).where(live, G.c.started_at.is_not(None), spent, G.c.lease_losses != 0)
         .values(status=FAILED, worker_id=None, lease_expires_at=None, completed_at=now,
                 lease_losses=_LOSSES_AFTER,
@@ -821,7 +833,7 @@ def rescue_expired(session: Session) -> tuple[list[str], list[str]]:
                                            "alone, on its last attempt"))
         .returning(G.c.id)
     )
-    return [*refunded, *requeued], [*cancelled, *failed]
+    return tuple(profile.announce(write, EVENTS_CHANNEL) for write in (cancelled, refunded, requeued, failed))
 
 
 # --- expiry ---------------------------------------------------------------------------------
@@ -833,11 +845,15 @@ def expire_pending(session: Session) -> list[tuple[str, str]]:
     """Fail every pending job whose ``expires_at`` has passed (by the database's clock), without
     running it, in one UPDATE over ``idx_generations_expires_at``; returns (id, model) of each.
     An ``expires_at`` that is not a time (plain SQL) is left alone, as the claim leaves it."""
-    profile = profile_of(session.get_bind().dialect)
-    rows = session.execute(profile.announce(  # a completion event each, as a daemon's outcome
-        _expire(profile).returning(G.c.id, G.c.model_name), EVENTS_CHANNEL,
-    )).all()
+    rows = session.execute(_expire_pending_statement(profile_of(session.get_bind().dialect))).all()
     return [(row[0], row[1]) for row in rows]
+
+
+@functools.cache
+def _expire_pending_statement(profile: Profile) -> sa.Update | sa.Select[Any]:
+    """:func:`expire_pending`'s write, built once per engine (the rescuer runs it every round)."""
+    # A completion event each, as a daemon's outcome.
+    return profile.announce(_expire(profile).returning(G.c.id, G.c.model_name), EVENTS_CHANNEL)
 
 
 def _expire(profile: Profile) -> sa.Update:
@@ -857,26 +873,36 @@ def _expire(profile: Profile) -> sa.Update:
 def has_work(session: Session, models: Iterable[str]) -> bool:
     """Pending jobs of ``models`` that are due, or retries waiting on their backoff; a paused
     model's jobs are not work (a burst worker whose only jobs are paused exits)."""
-    profile = profile_of(session.get_bind().dialect)
+    query = _has_work_query(profile_of(session.get_bind().dialect), tuple(sorted(models)))
+    return session.execute(query).first() is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _has_work_query(profile: Profile, models: tuple[str, ...]) -> sa.Select[Any]:
+    """:func:`has_work`'s query, built once per engine and models (a burst daemon asks after every round)."""
     now = profile.now()
     waiting = sa.or_(due_condition(profile, now), G.c.attempts > 0)
-    query = sa.select(G.c.id).where(
-        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), waiting, not_paused(), not_expired(profile, now),
+    return sa.select(G.c.id).where(
+        G.c.status == PENDING, G.c.model_name.in_(models), waiting, not_paused(), not_expired(profile, now),
     ).limit(1)
-    return session.execute(query).first() is not None
 
 
 def next_due(session: Session, models: Iterable[str]) -> timedelta | None:
     """How long until the earliest not-yet-due pending job of ``models`` is due, by the
     database's clock (paused models left out)."""
-    profile = profile_of(session.get_bind().dialect)
-    now, run_after = profile.now(), profile.comparable_time(G.c.run_after)
-    query = sa.select(sa.func.min(run_after, type_=UTCDateTime()), now).where(
-        G.c.status == PENDING, G.c.model_name.in_(sorted(models)), run_after > now, not_paused(),
-    )
-    due, at = session.execute(query).one()
+    due, at = session.execute(_next_due_query(profile_of(session.get_bind().dialect), tuple(sorted(models)))).one()
     # Not a time (PostgreSQL's 'infinity', text SQLite sorts after now): nothing to wake up for.
     return as_utc(due) - as_utc(at) if isinstance(due, datetime) and isinstance(at, datetime) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _next_due_query(profile: Profile, models: tuple[str, ...]) -> sa.Select[Any, datetime]:
+    """:func:`next_due`'s query, built once per engine and models: an idle daemon asks before
+    every wait, and constructing it cost several times more than running it on SQLite."""
+    now, run_after = profile.now(), profile.comparable_time(G.c.run_after)
+    return sa.select(sa.func.min(run_after, type_=UTCDateTime()), now).where(
+        G.c.status == PENDING, G.c.model_name.in_(models), run_after > now, not_paused(),
+    )
 
 
 @functools.lru_cache(maxsize=8)

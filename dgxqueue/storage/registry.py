@@ -12,6 +12,7 @@ The registry is observability, not the job: the daemon logs a failed registry wr
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningDelete
 
-from dgxqueue.storage.engines import profile_of
+from dgxqueue.storage.engines import Profile, profile_of
 from dgxqueue.storage.models import DaemonRecord, as_utc
 
 __all__ = ["FORGET_AFTER_LEASES", "DaemonEntry", "LiveDaemon", "daemons", "forget_dead", "live_per_model",
@@ -95,12 +97,20 @@ def register(session: Session, entry: DaemonEntry, *, lease: timedelta) -> None:
 def refresh(session: Session, worker_id: str, holding: list[str], *, lease: timedelta) -> bool:
     """Move the row's heartbeat to now and its expiry one ``lease`` on, and record the jobs it
     holds; False if the row is gone (a rescuer forgot it during a long outage): register again."""
-    profile = profile_of(session.get_bind().dialect)
-    result = session.execute(
-        sa.update(D).where(D.c.id == worker_id)
-        .values(heartbeat_at=profile.now(), expires_at=profile.later(_seconds(lease)), holding=json.dumps(holding))
-    )
+    statement = _refresh_statement(profile_of(session.get_bind().dialect))
+    result = session.execute(statement, {"r_id": worker_id, "r_lease": lease.total_seconds(),
+                                         "r_holding": json.dumps(holding)})
     return cast(sa.CursorResult[Any], result).rowcount > 0
+
+
+@functools.cache
+def _refresh_statement(profile: Profile) -> sa.Update:
+    """:func:`refresh`'s update, built once per engine: a daemon runs it at every heartbeat, and
+    constructing it cost more than running it on SQLite."""
+    lease = sa.bindparam("r_lease", type_=sa.Float)
+    return (sa.update(D).where(D.c.id == sa.bindparam("r_id", type_=sa.Text))
+            .values(heartbeat_at=profile.now(), expires_at=profile.later(lease),
+                    holding=sa.bindparam("r_holding", type_=sa.Text)))
 
 
 def unregister(session: Session, worker_id: str) -> None:
@@ -110,12 +120,19 @@ def unregister(session: Session, worker_id: str) -> None:
 
 def forget_dead(session: Session, *, lease: timedelta) -> list[str]:
     """Delete the rows whose last heartbeat is :data:`FORGET_AFTER_LEASES` leases old; their ids."""
-    profile = profile_of(session.get_bind().dialect)
     # expires_at is one lease after the heartbeat, so the rest of the wait is counted from it.
-    cutoff = profile.later(_seconds(-lease * (FORGET_AFTER_LEASES - 1)))
+    after = (-lease * (FORGET_AFTER_LEASES - 1)).total_seconds()
+    statement = _forget_statement(profile_of(session.get_bind().dialect))
+    return list(session.execute(statement, {"f_after": after}).scalars())
+
+
+@functools.cache
+def _forget_statement(profile: Profile) -> ReturningDelete[Any]:
+    """:func:`forget_dead`'s delete, built once per engine (every daemon's rescuer runs it every round)."""
+    cutoff = profile.later(sa.bindparam("f_after", type_=sa.Float))
     expires = profile.comparable_time(D.c.expires_at)
     gone = sa.or_(expires < cutoff, profile.not_a_time(D.c.expires_at), D.c.expires_at.is_(None))
-    return list(session.execute(sa.delete(D).where(gone).returning(D.c.id)).scalars())
+    return sa.delete(D).where(gone).returning(D.c.id)
 
 
 def _names(text: object) -> tuple[str, ...]:
