@@ -146,6 +146,8 @@ SLOW = frozenset({
     "tests/acceptance/test_first_hour.py::test_demo__first_ctrl_c_on_a_terminal_says_what_the_second_does",
     "tests/acceptance/test_first_hour.py::test_demo__sigterm_stops_it_cleanly_with_exit_143",
     "tests/acceptance/test_first_hour.py::test_demo__with_another_daemon_on_the_same_database",
+    "tests/acceptance/test_first_hour.py::test_package__alembic_only_to_migrate_and_prometheus_only_to_serve_metrics",
+    "tests/acceptance/test_first_hour.py::test_package__producers_and_cli_reads_never_load_numpy_or_structlog",
     "tests/acceptance/test_first_hour.py::test_worker__older_schema_exit_69_and_left_alone",
     "tests/acceptance/test_isolation_processes.py::test_daemons__a_job_that_kills_its_daemon_is_isolated_and_failed_alone",
     "tests/acceptance/test_isolation_processes.py::test_daemons__a_job_whose_validate_kills_its_daemon_fails_alone",
