@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 
 # No model hub is reachable: huggingface_hub reads these once, at its first import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # starts would inherit that: the Ctrl-C tests need it to interrupt, as at a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# With PYTHONDONTWRITEBYTECODE set (some shells and images set it), every `python -m dgxqueue` the
+# tests start compiled dgxqueue from source, a tenth of its start-up: the processes the tests start
+# keep their bytecode in a folder of their own instead, outside the checkout.
+if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), f"dgxqueue-pycache-{os.getuid()}"))
 # An xdist worker has one core's share: with torch's thread per core, the workers' threads wait on each other.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
