@@ -171,7 +171,7 @@ def locate(batch: Sequence[Work], root: audio.OutputRoot,
     something is there already (see :func:`occupied`): checked before the render, so the backend
     does not spend a job's time on a file it may not write. ``running``: the jobs (and their
     paths) rendering beside these, as a running batch's slots are, or whose results are still to
-    be published (:func:`pending_files`).
+    be published (:meth:`Completer.publishing <dgxqueue.daemon.completer.Completer.publishing>`).
 
     Nor may a job share a file with one of ``running`` (paths that lead to one through a link) or
     have its file be a folder on the other's path, or the reverse: nothing is at either path until
