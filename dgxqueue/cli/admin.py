@@ -387,7 +387,8 @@ def cmd_config_check(ctx: Context, args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("worker", help="run the daemon (one per GPU)",
                        description="Run the daemon: claim jobs, generate, record. SIGTERM, SIGINT or SIGHUP stop it "
-                                   "gracefully; a second one releases the running jobs at once. It never "
+                                   "gracefully; a second one releases the running jobs at once (under nohup "
+                                   "SIGHUP stays ignored). It never "
                                    "creates or migrates its database: run 'dgxqueue db upgrade' first. "
                                    "Flags override the config file and environment.",
                        epilog="Exit codes: 0 stopped by a signal, or --burst drained the queue; 69 database "

@@ -6,6 +6,8 @@ second, empty queue. Its first log line names the database, the outputs folder a
 ``/metrics`` really listens on. SIGTERM and SIGINT stop it gracefully from the moment the command
 starts, so a stop during start-up is a clean exit rather than death by the signal's default action.
 SIGHUP stops it too: settings are read once, so a reload is a restart (``systemctl restart``).
+Under ``nohup`` SIGHUP stays ignored, and so does SIGINT in a background job (``worker &``) of a
+non-interactive shell: a signal the worker was started ignoring stays ignored (SIGTERM excepted).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from dgxqueue.cli.common import EX_UNAVAILABLE, CliError
+from dgxqueue.cli.stopsignals import catch, restore
 from dgxqueue.config import Settings
 from dgxqueue.errors import ConfigError
 
@@ -31,14 +34,16 @@ if TYPE_CHECKING:
 
 class StopSignals:
     """SIGTERM, SIGINT and SIGHUP handlers installed before anything slow: each one asks the
-    daemon to stop (the second one at once), remembered until the daemon exists."""
+    daemon to stop (the second one at once), remembered until the daemon exists. SIGHUP and SIGINT
+    stay ignored if the worker was started ignoring them (``nohup``, ``worker &``)."""
 
     def __init__(self, grace_seconds: float) -> None:
         self.grace_seconds = grace_seconds
         self.requests = 0
         self.daemon: Daemon | None = None
-        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in stops}
+        # SIGTERM is caught even if ignored at start: it is a supervisor's stop request, and a
+        # stop it cannot deliver ends in SIGKILL with the running jobs left to the lease rescue.
+        self.previous = catch((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), self._on_signal)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.requests += 1
@@ -56,8 +61,7 @@ class StopSignals:
             daemon.request_stop(immediate=daemon.stopping)
 
     def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        restore(self.previous)
 
 
 def _start_metrics(settings: Settings, registry: CollectorRegistry, daemon: Daemon) -> MetricsServer:

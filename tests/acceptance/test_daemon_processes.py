@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
 from tests.support.completions import count_completions
 from tests.support.generators import read_executions
-from tests.support.processes import REPO, start_worker, stop, wait_ready, wait_until, worker_config
+from tests.support.processes import REPO, ignores, start_worker, stop, wait_ready, wait_until, worker_config
 
 STATUS_COUNTS = sa.text("SELECT status, count(*) FROM generations GROUP BY status")
 
@@ -110,6 +110,31 @@ def test_daemon__stop_after_grace_returns_job_unspent(sqlite_db_url: str, tmp_pa
         process.send_signal(signal.SIGINT)
     assert process.wait(30) == 0
     assert job(url, job_id)[:2] == ("pending", 0)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["sighup", "sigint"])
+def test_daemon__a_stop_signal_ignored_at_start_stays_ignored(sqlite_db_url: str, tmp_path: Path,
+                                                              signum: signal.Signals) -> None:
+    """``nohup dgxqueue worker`` starts with SIGHUP ignored, a script's ``dgxqueue worker &`` with
+    SIGINT: the worker caught them anyway, so closing the terminal stopped it. They stay ignored:
+    after one, the worker still completes a job queued after it, and SIGTERM still stops it (exit 0)."""
+    url = sqlite_db_url
+    init_db(url)
+    log = tmp_path / "w.log"
+    process = start_worker(worker_config(tmp_path, url), log,
+                           preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
+    try:
+        wait_ready(process, log)  # its stop handlers are installed before anything slow
+        assert ignores(process.pid, signum), Path(f"/proc/{process.pid}/status").read_text()
+        process.send_signal(signum)
+        [job_id] = enqueue(url, ["after the signal"])
+        wait_until(lambda: job(url, job_id)[0] == "completed", 30, "the job queued after the signal",
+                   alive=process)
+        # The job done, a signal the worker had caught would have been handled long since.
+        assert process.poll() is None and '"stopping"' not in log.read_text(), log.read_text()[-3000:]
+    finally:
+        code = stop(process)
+    assert code == 0, log.read_text()[-3000:]
 
 
 def test_daemon__sigterm_with_prefetch_leaves_nothing_processing(db_url: str, tmp_path: Path) -> None:

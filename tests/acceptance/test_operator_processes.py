@@ -17,7 +17,7 @@ from tests.acceptance.test_cli import Cli
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.support.daemons import make_settings
 from tests.support.generators import read_executions
-from tests.support.processes import start_worker, stop, wait_until, worker_config
+from tests.support.processes import ignores, start_worker, stop, wait_until, worker_config
 
 
 def test_daemon__stops_claiming_a_paused_model_and_resumes(db_url: str, tmp_path: Path) -> None:
@@ -175,9 +175,7 @@ def test_cli__enqueue_wait_under_nohup_outlives_a_sighup(cli: Cli) -> None:
     try:
         wait_until(lambda: "warning" in log.read_text(), 60, "the job to be queued",
                    alive=waiting)  # type: ignore[arg-type]
-        status = Path(f"/proc/{waiting.pid}/status").read_text()
-        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
-        assert ignored & 1 << (signal.SIGHUP - 1), status
+        assert ignores(waiting.pid, signal.SIGHUP), Path(f"/proc/{waiting.pid}/status").read_text()
         waiting.send_signal(signal.SIGHUP)
         waiting.send_signal(signal.SIGTERM)
         out, _ = waiting.communicate(timeout=60)

@@ -60,16 +60,26 @@ def worker_config(
     return write_config(tmp / f"config-{time.monotonic_ns()}.toml", sections)
 
 
-def start_worker(config: Path, log: Path, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``python -m dgxqueue worker`` from the repository root (so ``tests`` imports)."""
+def start_worker(config: Path, log: Path, *args: str, env: Mapping[str, str] | None = None,
+                 preexec_fn: Callable[[], object] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m dgxqueue worker`` from the repository root (so ``tests`` imports);
+    ``preexec_fn`` runs in the child before the exec (``nohup``'s ignored SIGHUP, say)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("DATABASE_URL", None)
     STARTED_LOGS.append(log)
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "dgxqueue", "--config", str(config), "worker", *args],
-            cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
         )
+
+
+def ignores(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores ``signum``, as the kernel holds it (a Python handler that does
+    nothing would read as caught, not ignored)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(mask & 1 << (signum - 1))
 
 
 def free_port() -> int:
