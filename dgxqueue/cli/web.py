@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dgxqueue.cli.common import EX_CONFIG, EX_IOERR, EX_UNAVAILABLE, EXIT_OK, CliError, Context, parse_number, safe
+from dgxqueue.cli.stopsignals import catch, restore
 
 TOKEN_VARIABLE = "DGXQUEUE_WEB_TOKEN"  # noqa: S105  (the name of the variable, not a token)
 MIN_TOKEN_LENGTH = 16
@@ -77,14 +80,21 @@ def cmd_web(ctx: Context, args: argparse.Namespace) -> int:
     # No access log: a first request may carry ?token= in its address.
     config = uvicorn.Config(app, host=args.host, port=port, access_log=False, log_level="warning",
                             server_header=False, proxy_headers=False)
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn's own catches a SIGINT ignored at start (``web &`` in a script) and raises the
+            # signal again after its graceful stop: this one leaves it ignored and exits 0, as the worker.
+            previous = catch((signal.SIGINT, signal.SIGTERM), self.handle_exit)
+            try:
+                yield
+            finally:
+                restore(previous)
+
+    server = Server(config)
     print(f"dgxqueue web: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{port}/"
           f"{' (read-only)' if args.read_only else ''}{' (token required)' if token else ''}", flush=True)
-    # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers
-    # it found: these make that a plain exit 0, as for the worker stopped by a signal.
-    stopped: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, _frame: stopped.append(number))
     server.run(sockets=[listener])
     return EXIT_OK
 

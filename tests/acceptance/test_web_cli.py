@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from dgxqueue.storage import dispose_engines
 from tests.acceptance.test_cli import assert_error
 from tests.support.db import build_sqlite_template, sqlite_url_at_head
-from tests.support.processes import REPO, free_port, stop, wait_until, write_config
+from tests.support.processes import REPO, free_port, ignores, stop, wait_until, write_config
 
 TOKEN = "a-long-enough-token-0123456789"
 
@@ -188,3 +189,29 @@ def test_web_cli__clients_that_hang_up_leave_no_file_open(config: Path, tmp_path
                    alive=web)
     finally:
         assert stop(web) == 0
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["sigint", "sigint-ignored-at-start"])
+def test_web_cli__sigint_stops_it_unless_ignored_at_start(config: Path, tmp_path: Path, ignored: bool) -> None:
+    """SIGINT stops the server with exit 0; started with SIGINT ignored (a script's ``web &``), it
+    keeps it ignored (uvicorn caught it anyway and stopped) and SIGTERM still stops it with 0."""
+    port = free_port()
+    log = tmp_path / "web.log"
+    with log.open("ab") as out:
+        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
+                               cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                               preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None)
+    try:
+        wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
+        assert ignores(web.pid, signal.SIGINT) == ignored, Path(f"/proc/{web.pid}/status").read_text()
+        web.send_signal(signal.SIGINT)
+        if ignored:
+            assert _answers(port) and web.poll() is None
+            code = stop(web)
+        else:
+            code = web.wait(30)
+    finally:
+        if web.poll() is None:
+            web.kill()
+            web.wait()
+    assert code == 0, log.read_text()
