@@ -15,6 +15,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # starts would inherit that: the Ctrl-C tests need it to interrupt, as at a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# Under nohup SIGHUP is ignored, and every daemon a test starts would keep it ignored (as dgxqueue
+# keeps a signal ignored at start): a handler that does nothing leaves pytest itself nohup-proof
+# while the commands it starts get SIGHUP at its default, for the tests that send it.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
 # With PYTHONDONTWRITEBYTECODE set (some shells and images set it), every `python -m dgxqueue` the
 # tests start compiled dgxqueue from source, a tenth of its start-up: the processes the tests start
 # keep their bytecode in a folder of their own instead, outside the checkout.
