@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dgxqueue import faultpoints
-from dgxqueue.errors import OutputError
+from dgxqueue.errors import OutputError, PathTakenError
 from dgxqueue.generators import GeneratedAudio
+from dgxqueue.noreplace import rename_noreplace
 
 if TYPE_CHECKING:  # numpy is imported by the functions that use it: the CLI and producers never load it
     import numpy as np
@@ -198,6 +199,41 @@ def written_by(path: str, owner: str) -> bool:
         return False
 
 
+def put_in_place(folder_fd: int, temp: str, name: str, owner: str | None) -> None:
+    """Rename the temporary ``temp`` to ``name`` (both in the folder open as ``folder_fd``) without
+    replacing anything there (:func:`~dgxqueue.noreplace.rename_noreplace`) but a WAV that job
+    ``owner`` wrote itself (:func:`taken`), which it replaces.
+
+    :class:`FileExistsError`: something else is there; both stay as they are.
+    :class:`FileNotFoundError`: ``temp`` is gone (someone renamed it first).
+    """
+    try:
+        rename_noreplace(temp, name, dir_fd=folder_fd)
+    except FileExistsError:
+        if owner is None or not _written_by_at(folder_fd, name, owner):
+            raise
+        # Replaced after a look: only a file swapped in for the job's own since then would be lost.
+        os.replace(temp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+
+
+def _written_by_at(folder_fd: int, name: str, owner: str) -> bool:
+    """:func:`written_by` for ``name`` in the folder open as ``folder_fd``, the file read through
+    the descriptor its own check opened (a link or FIFO swapped in is not followed, nor waited on)."""
+    try:
+        if not stat.S_ISREG(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+            return False
+        fd = os.open(name, _READ, dir_fd=folder_fd)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.getxattr(fd, OWNER_XATTR) == owner.encode(
+            "utf-8", "surrogatepass")
+    except OSError:  # no user attributes here, or none set: not known as the job's
+        return False
+    finally:
+        os.close(fd)
+
+
 def _lstat(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
@@ -326,13 +362,15 @@ class Folders:
 
 
 def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bool = True,
-                     folders: Folders | None = None) -> int:
+                     folders: Folders | None = None, replace: bool = True) -> int:
     """Write ``audio`` as 16-bit PCM WAV at ``path`` atomically; return the file size in bytes.
 
     The data goes to a hidden temporary file in the same folder, is flushed and fsynced, then
     renamed over ``path`` and the folder fsynced, so readers see either no file or the whole
     file. Any OSError (disk full, permission, read-only) removes the temporary file and raises
-    :class:`OutputError`; a file already at ``path`` is left as it was. ``sync_folder=False``
+    :class:`OutputError`; a file already at ``path`` is left as it was. ``replace=False``: a
+    file (folder, link) at ``path`` is never replaced, not even one that appears during the
+    write: :class:`PathTakenError`, with the temporary removed. ``sync_folder=False``
     leaves the folder's fsync to the caller (:meth:`Folders.sync`, once for a
     whole batch). Missing folders are created. ``folders``: the batch's open folders
     (checked to lie in the outputs folder); without it the folder is opened for this file alone.
@@ -349,13 +387,18 @@ def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bo
         folder_fd = opened.open(folder_of(target), target)
         _write_temporary(folder_fd, tmp, data, path)
         try:
-            os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            if replace:
+                os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            else:
+                rename_noreplace(tmp, name, dir_fd=folder_fd)
         except BaseException:
             with contextlib.suppress(OSError):  # the original error is the one worth reporting
                 os.unlink(tmp, dir_fd=folder_fd)
             raise
         if sync_folder:
             _fsync_folder(folder_fd, target)
+    except FileExistsError as exc:
+        raise PathTakenError(target) from exc
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
     finally:
@@ -420,7 +463,7 @@ def stage_wav(path: str, audio: GeneratedAudio, *, tag: str, folders: Folders, o
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
     _write_temporary(folder_fd, temp, data, path, owner)
-    return StagedWav(folders, folder_fd, path, temp, name, len(data))
+    return StagedWav(folders, folder_fd, path, temp, name, len(data), owner)
 
 
 class StagedWav:
@@ -430,15 +473,17 @@ class StagedWav:
     Exactly one of :meth:`publish` (rename it into place), :meth:`discard` (delete it) and
     :meth:`leave` (keep it for the sweep to settle) takes effect; later calls do nothing. Each
     goes through the folder's descriptor opened (and checked) when the file was written, so a
-    folder replaced by a link meanwhile is not followed.
+    folder replaced by a link meanwhile is not followed. ``owner``: the job whose own earlier WAV
+    at the path :meth:`publish` may replace (:func:`taken`).
     """
 
-    __slots__ = ("_fd", "_folders", "_settled", "name", "path", "size", "temp")
+    __slots__ = ("_fd", "_folders", "_settled", "name", "owner", "path", "size", "temp")
 
-    def __init__(self, folders: Folders, folder_fd: int, path: str, temp: str, name: str, size: int) -> None:
+    def __init__(self, folders: Folders, folder_fd: int, path: str, temp: str, name: str, size: int,
+                 owner: str | None = None) -> None:
         folders.hold()
         self._folders, self._fd = folders, folder_fd
-        self.path, self.temp, self.name, self.size = path, temp, name, size
+        self.path, self.temp, self.name, self.size, self.owner = path, temp, name, size, owner
         self._settled = False
 
     def _settle(self) -> bool:
@@ -448,14 +493,19 @@ class StagedWav:
         return True
 
     def publish(self) -> None:
-        """Rename the file into place. Its folder is not fsynced here: the temporary's name is
-        durable already, and the sweep renames a temporary whose rename a crash lost."""
+        """Rename the file into place, never over anything but the job's own earlier WAV
+        (:func:`put_in_place`): what appeared at the path since it was checked stays, and so does
+        the temporary (:class:`PathTakenError`), for the sweep to publish once the path is free.
+        Its folder is not fsynced here: the temporary's name is durable already, and the sweep
+        renames a temporary whose rename a crash lost."""
         if not self._settle():
             return
         try:
-            os.replace(self.temp, self.name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+            put_in_place(self._fd, self.temp, self.name, self.owner)
         except FileNotFoundError:  # a sweep that read the same committed row renamed it first
             pass
+        except FileExistsError as exc:
+            raise PathTakenError(self.path, self.temp) from exc
         except OSError as exc:
             raise OutputError(f"could not rename {self.temp} to {self.path}: {exc.strerror or exc}") from exc
         finally:

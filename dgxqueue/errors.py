@@ -14,6 +14,7 @@
     ├── LeaseLostError           this daemon no longer holds the attempt it tries to finish
     ├── UnknownGeneratorError    no backend registered under that name; lists those that exist
     ├── OutputError              the WAV file could not be written (disk full, permission, path)
+    │   └── PathTakenError       a result's path holds another's file, which it never replaces
     └── GeneratorError           raised by a backend for one request or a whole batch
         ├── TransientGeneratorError   worth retrying (CUDA OOM after halving, a flaky resource)
         │   ├── JobTimeoutError       the backend call overran worker.job_timeout_seconds
@@ -114,6 +115,19 @@ class UnknownGeneratorError(DgxQueueError):
 
 class OutputError(DgxQueueError):
     """The audio file could not be written; nothing partial is left behind."""
+
+
+class PathTakenError(OutputError):
+    """A WAV could not be put in place: ``path`` holds a file (folder, link) that is not its job's,
+    which is never replaced. A daemon's result stays beside it as ``temporary``, for the sweep to
+    publish once that file is moved away; ``temporary`` None: nothing was left."""
+
+    def __init__(self, path: str, temporary: str | None = None) -> None:
+        self.path = path
+        self.temporary = temporary
+        what = (f"the result stays beside it as {temporary}: move that file away and the next sweep publishes it"
+                if temporary is not None else "nothing was written")
+        super().__init__(f"{path} holds a file that is not this result, left as it is; {what}")
 
 
 class GeneratorError(DgxQueueError):

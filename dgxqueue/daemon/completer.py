@@ -36,7 +36,7 @@ from dgxqueue.daemon.leases import Held
 from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_protocol import DaemonQueue
 from dgxqueue.daemon.retry import decide
-from dgxqueue.errors import DgxQueueError, JobCancelledError, OutputError
+from dgxqueue.errors import DgxQueueError, JobCancelledError, OutputError, PathTakenError
 from dgxqueue.hooks import Hooks
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.dberrors import is_transient_db_error
@@ -292,9 +292,16 @@ class Completer:
         return [ok or o.job.id in ours for o, ok in zip(outcomes, written, strict=True)], refused
 
     def _rename(self, outcome: Attempt) -> None:
+        """Publish a committed result. A failure is this job's alone, logged, never raised: its row
+        stays completed, its file stays under its temporary name for the sweep to publish."""
         assert outcome.staged is not None
         try:
             outcome.staged.publish()
+        except PathTakenError as exc:  # something appeared at the path since its last check
+            self.log.error("result recorded but its file path holds a file that is not its result; both are left"
+                           " as they are (move that file away and the next sweep publishes the result)",
+                           job_id=outcome.job.id, attempt=outcome.job.attempt, file_path=outcome.job.file_path,
+                           path=exc.path, temporary=exc.temporary)
         except OutputError as exc:  # the temporary stays: the sweep renames it later
             self.log.error("result recorded but not renamed into place; the sweep will retry",
                            job_id=outcome.job.id, attempt=outcome.job.attempt, error=str(exc))

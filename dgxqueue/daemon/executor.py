@@ -399,8 +399,8 @@ def _write(batch: Sequence[Work], paths: Sequence[str], results: Sequence[Any], 
             other = written.other(job, path)
             if other is not None:  # before the file check: the other's temporary made the folder
                 raise collides(job, path, other)
-            # Again at the write: the file may have appeared while the backend rendered. One left
-            # between here and the rename after the commit would still be replaced (a short window).
+            # Again at the write: the file may have appeared while the backend rendered. One that
+            # appears after this is not replaced either: the rename after the commit refuses it.
             if audio.taken(path, job.id):
                 raise occupied(job, path)
             staged = audio.stage_wav(path, result, tag=staging.tag(job.id, job.attempt, worker_id), folders=folders,

@@ -224,10 +224,11 @@ def _walk(top: str, fds: dict[str, int]) -> list[_Found]:
 def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: AttemptState) -> str | None:
     """Rename a completed attempt's temporary to its row's file; the target, or None if it must
     stay (logged): the row's path no longer leads to this folder, the size is not the row's, or
-    something that is not this attempt's result is at the path already."""
+    something that is not this attempt's result is at the path (never replaced, however late it
+    appeared: :func:`audio.put_in_place`)."""
     context = {"job_id": item.owner.job_id, "attempt": item.owner.attempt, "temporary": item.name}
     try:
-        target, taken = root.place(state.file_path, owner=item.owner.job_id)
+        target = root.locate(state.file_path)
     except OutputError as exc:
         log.warning("sweep: a completed job's file path is not usable; its temporary stays", error=str(exc),
                     **context)
@@ -240,22 +241,15 @@ def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: Attemp
         log.warning("sweep: a completed job's temporary is not the size its row records; it stays",
                     size=item.size, recorded=state.file_size_bytes, **context)
         return None
-    # Checked, then renamed: a file put there between the two is still replaced (a short window).
-    if taken:
-        try:
-            os.stat(item.name, dir_fd=folder_fd, follow_symlinks=False)
-        except FileNotFoundError:  # its own daemon renamed it meanwhile: the file is this result
-            return target
-        except OSError:
-            pass
+    try:
+        audio.put_in_place(folder_fd, item.name, os.path.basename(target), item.owner.job_id)
+    except FileNotFoundError:  # its own daemon renamed it meanwhile: the file is this result
+        return target
+    except FileExistsError:
         log.warning("sweep: a completed job's file path holds a file that is not its result; both are left"
                     " as they are (move that file away and the next sweep publishes the result)",
-                    file_path=state.file_path, **context)
+                    file_path=state.file_path, folder=item.folder, **context)
         return None
-    try:
-        os.replace(item.name, os.path.basename(target), src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-    except FileNotFoundError:  # its own daemon renamed it meanwhile
-        return target
     except OSError as exc:
         log.warning("sweep: could not rename a completed job's temporary", error=str(exc), **context)
         return None

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
 from dgxqueue.audio import Folders, read_wav, stage_wav
 from dgxqueue.daemon import staging
@@ -390,3 +391,40 @@ def test_daemon__a_result_dropped_for_its_cancel_never_blocks_the_next_calls_job
     assert read_wav(outputs / "x.wav" / "y.wav")[0].shape == (1, 80)
     assert sorted(os.listdir(outputs)) == ["x.wav"] and os.listdir(outputs / "x.wav") == ["y.wav"]
     daemon.shutdown()
+
+
+def test_daemon__a_file_that_appears_after_the_commit_is_never_replaced(db_url: str, tmp_path: Path) -> None:
+    """A file appears at a job's path after its last check, before the rename that follows the
+    commit: the file stays byte for byte, the result stays under its temporary name, an error line
+    names the job, the path and what to do; the row stays completed (its result exists, only its
+    name waits), and the batch-mate is published. Once the file is moved away, the sweep
+    publishes the result."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    blocked, mate = enqueue(db_url, 2)
+    hooks = RecordingHooks()
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator(), hooks=hooks, batch_size=2)
+    try:
+        jobs = daemon.store.claim(2)
+        work, _ = prepare(jobs, daemon.generator)
+        outcomes = render(daemon.generator, work, outputs, daemon.worker_id)
+        target = outputs / f"{blocked}.wav"
+        target.write_bytes(b"not this job's")
+        with capture_logs() as logs:
+            daemon.completer.record(outcomes)
+        assert hooks.outcomes(blocked) == ["completed"] and hooks.outcomes(mate) == ["completed"]
+        assert target.read_bytes() == b"not this job's"
+        [temp] = [name for name in os.listdir(outputs) if name.endswith(".tmp")]
+        assert staging.owner(temp) == staging.Owner(blocked, 1, staging.worker_hash(daemon.worker_id))
+        assert sorted(os.listdir(outputs)) == sorted([temp, target.name, f"{mate}.wav"])
+        [error] = [entry for entry in logs if entry["log_level"] == "error"]
+        assert error["job_id"] == blocked and error["path"] == str(target.resolve()) and error["temporary"] == temp
+        assert "move that file away" in error["event"]
+        with get_engine(db_url).connect() as conn:
+            status = conn.execute(sa.select(Generation.status).where(Generation.id == blocked)).scalar_one()
+        assert status == "completed"
+        target.rename(tmp_path / "moved.wav")
+        assert staging.sweep(outputs, lookup(db_url)).published == [f"outputs/{blocked}.wav"]
+        assert read_wav(target)[0].shape == (1, 80) and (tmp_path / "moved.wav").read_bytes() == b"not this job's"
+    finally:
+        daemon.shutdown()

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dgxqueue.audio import Folders, read_wav, stage_wav
+from dgxqueue.audio import Folders, read_wav, stage_wav, write_wav_atomic
 from dgxqueue.daemon import staging
 from dgxqueue.daemon.staging import Owner, Verdict, owner, tag, verdict, worker_hash
-from dgxqueue.errors import OutputError
+from dgxqueue.errors import OutputError, PathTakenError
 from dgxqueue.generators import GeneratedAudio
 from dgxqueue.storage.queue import AttemptState
 
@@ -126,3 +126,63 @@ def test_sweep__an_absent_outputs_folder_is_nothing_to_do(tmp_path: Path) -> Non
         raise AssertionError("nothing to look up")
 
     assert staging.sweep(tmp_path / "outputs", lookup) == staging.Swept()
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "link"])
+def test_staged_wav__publish_never_replaces_what_appeared_at_the_path(tmp_path: Path, kind: str) -> None:
+    """Something appears at the path after its last check (another program's file, a folder a
+    nested path made, a link): publish raises PathTakenError naming the path and the temporary,
+    leaves it exactly as it was and keeps the temporary; the folder is released all the same."""
+    before = _open_fds()
+    folders = Folders(str(tmp_path))
+    staged = stage_wav(str(tmp_path / "x.wav"), _audio(), tag=tag(UUID, 1, "w"), folders=folders, owner=UUID)
+    folders.release()
+    target = tmp_path / "x.wav"
+    if kind == "file":
+        target.write_bytes(b"someone else's")
+    elif kind == "folder":
+        (target / "y.wav").parent.mkdir()
+    else:
+        target.symlink_to("elsewhere.wav")
+    with pytest.raises(PathTakenError) as caught:
+        staged.publish()
+    assert (caught.value.path, caught.value.temporary) == (str(target), staged.temp)
+    assert "move that file away" in str(caught.value)
+    assert sorted(os.listdir(tmp_path)) == sorted([staged.temp, "x.wav"])
+    assert (tmp_path / staged.temp).stat().st_size == staged.size
+    if kind == "file":
+        assert target.read_bytes() == b"someone else's"
+    elif kind == "folder":
+        assert target.is_dir() and os.listdir(target) == []
+    else:
+        assert os.readlink(target) == "elsewhere.wav"
+    assert _open_fds() == before
+
+
+def test_staged_wav__publish_replaces_the_jobs_own_earlier_wav(tmp_path: Path) -> None:
+    """At the path is the job's own WAV (an earlier attempt's, its completion lost by the
+    database): publish replaces it; another job's WAV there is never replaced."""
+    folders = Folders(str(tmp_path))
+    earlier = stage_wav(str(tmp_path / "x.wav"), _audio(frames=10), tag=tag(UUID, 1, "w"), folders=folders, owner=UUID)
+    earlier.publish()
+    later = stage_wav(str(tmp_path / "x.wav"), _audio(), tag=tag(UUID, 2, "w"), folders=folders, owner=UUID)
+    later.publish()
+    assert os.listdir(tmp_path) == ["x.wav"] and (tmp_path / "x.wav").stat().st_size == later.size
+    another = stage_wav(str(tmp_path / "x.wav"), _audio(frames=20), tag=tag("other", 1, "w"), folders=folders,
+                        owner="other")
+    folders.release()
+    with pytest.raises(PathTakenError):
+        another.publish()
+    assert (tmp_path / "x.wav").stat().st_size == later.size
+
+
+def test_write_wav_atomic__without_replace_never_replaces_a_file(tmp_path: Path) -> None:
+    """``replace=False``: onto nothing it writes; onto a file it raises PathTakenError, the file
+    untouched and no temporary left (the default still replaces, as callers outside the daemon expect)."""
+    target = tmp_path / "x.wav"
+    size = write_wav_atomic(target, _audio(), replace=False)
+    assert target.stat().st_size == size
+    target.write_bytes(b"someone else's")
+    with pytest.raises(PathTakenError, match="nothing was written"):
+        write_wav_atomic(target, _audio(), replace=False)
+    assert os.listdir(tmp_path) == ["x.wav"] and target.read_bytes() == b"someone else's"
