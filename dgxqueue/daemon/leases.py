@@ -159,6 +159,7 @@ class Sweeper:
         self.interval = interval
         self.log = log
         self.due = 0.0
+        self.warned: staging.Warned = set()  # each temporary's warnings, given once by this daemon
 
     def run_if_due(self, now: float) -> None:
         if now >= self.due:
@@ -167,7 +168,7 @@ class Sweeper:
     def run_once(self) -> None:
         self.due = time.monotonic() + self.interval
         with outage_skips(self.log, "sweep of temporary files skipped: database unavailable"):
-            swept = staging.sweep(self.outputs, self.store.attempts)
+            swept = staging.sweep(self.outputs, self.store.attempts, self.warned)
             if swept.published or swept.deleted:
                 self.log.info("swept temporary files", published=len(swept.published), deleted=len(swept.deleted),
                               kept=swept.kept)

@@ -10,7 +10,7 @@ completed attempt made.
 A crash can leave temporaries behind. :func:`sweep` settles them, on daemon start and every
 lease period after: a temporary of the attempt its row records as completed is renamed into
 place (the crash came between the commit and the rename), unless something else is at its path
-(never replaced: it stays, logged, for each later sweep to try again); one of the row's current
+(never replaced: it stays, logged once, for each later sweep to try again); one of the row's current
 ``processing`` attempt is kept (that attempt may still commit, expired lease or not, until the
 rescuer takes the row back); every other one is deleted. The row is the authority, read after
 the folder was listed: an attempt that is neither cannot commit any more. A temporary of a job
@@ -53,6 +53,9 @@ _WORKER_HEX, _NONCE_HEX = 10, 6
 UNKNOWN_JOB_GRACE = 24 * 3600.0
 
 Lookup = Callable[[Sequence[str]], Mapping[str, AttemptState]]
+#: The warnings a daemon's sweeps gave, as (folder, temporary, warning), so that each is logged once
+#: while its temporary stays, not every sweep; an entry goes with its temporary.
+Warned = set[tuple[str, str, str]]
 
 
 @functools.lru_cache(maxsize=16)
@@ -147,13 +150,15 @@ class _Found:
     mtime: float
 
 
-def sweep(outputs_dir: Path, lookup: Lookup) -> Swept:
+def sweep(outputs_dir: Path, lookup: Lookup, warned: Warned | None = None) -> Swept:
     """Publish the temporaries of completed attempts and delete those of dead ones, everywhere
     under ``outputs_dir``. ``lookup`` reads the rows of the job ids found (the daemon's store).
 
     The folders are walked without following links, and every rename and delete goes through
     the descriptor of a folder reached that way. File system errors are logged, never raised;
-    database errors propagate (nothing was changed by then).
+    database errors propagate (nothing was changed by then). ``warned``: the warnings about a
+    temporary that earlier sweeps gave (see :data:`Warned`), not given again; without it, each
+    sweep gives its own.
     """
     swept = Swept()
     root = audio.OutputRoot(outputs_dir)
@@ -164,6 +169,9 @@ def sweep(outputs_dir: Path, lookup: Lookup) -> Swept:
         except OSError as exc:  # out of descriptors, say: the next sweep tries again
             log.warning("sweep: could not list the outputs folder", folder=root.real, error=str(exc))
             return swept
+        if warned:  # the temporaries gone since take their warnings with them
+            present = {(item.folder, item.name) for item in found}
+            warned.difference_update([key for key in warned if key[:2] not in present])
         if not found:
             return swept
         states = lookup(sorted({f.owner.job_id for f in found}))
@@ -179,14 +187,14 @@ def sweep(outputs_dir: Path, lookup: Lookup) -> Swept:
                 swept.kept += 1
                 continue
             if decision is Verdict.PUBLISH and state is not None and item.owner.job_id not in published:
-                target = _publish(root, fds[item.folder], item, state)
+                target = _publish(root, fds[item.folder], item, state, warned)
                 if target is None:
                     continue
                 published.add(item.owner.job_id)
                 swept.published.append(state.file_path)
                 synced.add(item.folder)
                 continue
-            if _unlink(fds[item.folder], item):
+            if _unlink(fds[item.folder], item, warned):
                 swept.deleted.append(os.path.join(item.folder, item.name))
         for folder in synced:  # the renames made durable
             try:
@@ -221,7 +229,17 @@ def _walk(top: str, fds: dict[str, int]) -> list[_Found]:
     return found
 
 
-def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: AttemptState) -> str | None:
+def _warn(warned: Warned | None, item: _Found, event: str, **fields: object) -> None:
+    """Log a warning about ``item``, unless an earlier sweep gave it (``warned``)."""
+    if warned is not None:
+        if (item.folder, item.name, event) in warned:
+            return
+        warned.add((item.folder, item.name, event))
+    log.warning(event, **fields)
+
+
+def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: AttemptState,
+             warned: Warned | None = None) -> str | None:
     """Rename a completed attempt's temporary to its row's file; the target, or None if it must
     stay (logged): the row's path no longer leads to this folder, the size is not the row's, or
     something that is not this attempt's result is at the path (never replaced, however late it
@@ -230,40 +248,40 @@ def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: Attemp
     try:
         target = root.locate(state.file_path)
     except OutputError as exc:
-        log.warning("sweep: a completed job's file path is not usable; its temporary stays", error=str(exc),
-                    **context)
+        _warn(warned, item, "sweep: a completed job's file path is not usable; its temporary stays", error=str(exc),
+              **context)
         return None
     if audio.folder_of(target) != item.folder:
-        log.warning("sweep: a completed job's file path leads to another folder; its temporary stays",
-                    folder=item.folder, file_path=state.file_path, **context)
+        _warn(warned, item, "sweep: a completed job's file path leads to another folder; its temporary stays",
+              folder=item.folder, file_path=state.file_path, **context)
         return None
     if state.file_size_bytes != item.size:
-        log.warning("sweep: a completed job's temporary is not the size its row records; it stays",
-                    size=item.size, recorded=state.file_size_bytes, **context)
+        _warn(warned, item, "sweep: a completed job's temporary is not the size its row records; it stays",
+              size=item.size, recorded=state.file_size_bytes, **context)
         return None
     try:
         audio.put_in_place(folder_fd, item.name, os.path.basename(target), item.owner.job_id)
     except FileNotFoundError:  # its own daemon renamed it meanwhile: the file is this result
         return target
     except FileExistsError:
-        log.warning("sweep: a completed job's file path holds a file that is not its result; both are left"
-                    " as they are (move that file away and the next sweep publishes the result)",
-                    file_path=state.file_path, folder=item.folder, **context)
+        _warn(warned, item, "sweep: a completed job's file path holds a file that is not its result; both are left"
+              " as they are (move that file away and the next sweep publishes the result)",
+              file_path=state.file_path, folder=item.folder, **context)
         return None
     except OSError as exc:
-        log.warning("sweep: could not rename a completed job's temporary", error=str(exc), **context)
+        _warn(warned, item, "sweep: could not rename a completed job's temporary", error=str(exc), **context)
         return None
     log.info("sweep: published a result a crash left unrenamed", file_path=state.file_path, **context)
     return target
 
 
-def _unlink(folder_fd: int, item: _Found) -> bool:
+def _unlink(folder_fd: int, item: _Found, warned: Warned | None = None) -> bool:
     try:
         os.unlink(item.name, dir_fd=folder_fd)
     except FileNotFoundError:
         return False
     except OSError as exc:
-        log.warning("sweep: could not delete a stale temporary", temporary=item.name, folder=item.folder,
-                    error=str(exc))
+        _warn(warned, item, "sweep: could not delete a stale temporary", temporary=item.name, folder=item.folder,
+              error=str(exc))
         return False
     return True

@@ -428,3 +428,34 @@ def test_daemon__a_file_that_appears_after_the_commit_is_never_replaced(db_url: 
         assert read_wav(target)[0].shape == (1, 80) and (tmp_path / "moved.wav").read_bytes() == b"not this job's"
     finally:
         daemon.shutdown()
+
+
+def test_sweeper__warns_once_about_a_temporary_that_stays(db_url: str, tmp_path: Path) -> None:
+    """A completed job's temporary whose path holds another file stays through sweep after sweep:
+    the daemon's sweeper warns about it once, not every lease period. Once it is published (the
+    file moved away), its warning is forgotten with it."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    [job_id] = enqueue(db_url, 1)
+    set_row(db_url, job_id, status="completed", worker_id="w", attempts=1, file_size_bytes=SIZE)
+    temp = stage(outputs, job_id, 1, "w")
+    target = outputs / f"{job_id}.wav"
+    target.write_bytes(b"not this job's")
+    daemon = make_daemon(db_url, outputs, ScriptedGenerator())
+    try:
+        with capture_logs() as logs:
+            for _ in range(3):
+                daemon.sweeper.run_once()
+        warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+        assert len(warnings) == 1 and warnings[0]["temporary"] == temp and warnings[0]["job_id"] == job_id
+        assert "holds a file that is not its result" in warnings[0]["event"]
+        assert sorted(os.listdir(outputs)) == sorted([temp, target.name])
+        assert daemon.sweeper.warned == {(str(outputs.resolve()), temp, warnings[0]["event"])}
+        target.rename(tmp_path / "moved.wav")
+        daemon.sweeper.run_once()
+        assert os.listdir(outputs) == [target.name] and target.stat().st_size == SIZE
+        daemon.sweeper.run_once()
+        assert daemon.sweeper.warned == set()
+    finally:
+        daemon.shutdown()
