@@ -12,6 +12,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import secrets
 import stat
 import struct
@@ -49,6 +50,9 @@ _PATH_MAX = 4096  # bytes in a path given to a system call, its final NUL includ
 #: stays through the rename: a file at a job's path that carries the job's own id is that job's
 #: output, from an attempt whose completion the database lost (see :func:`taken`).
 OWNER_XATTR = "user.dgxqueue.job"
+#: The most bytes of an :data:`OWNER_XATTR` value that :func:`holder` names (a UUID takes 36).
+HOLDER_MAX = 64
+_HOLDER = re.compile(rb"[!-~]{1,%d}" % HOLDER_MAX)  # printable ASCII without spaces: a job id as producers make them
 
 
 class OutputRoot:
@@ -191,12 +195,17 @@ def taken(path: str, owner: str | None = None) -> bool:
 def written_by(path: str, owner: str) -> bool:
     """Whether ``path`` is a regular file (not followed if a link) that job ``owner`` wrote
     (:data:`OWNER_XATTR`); False where it cannot be told (a file system without user attributes)."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
-        return os.getxattr(path, OWNER_XATTR, follow_symlinks=False) == owner.encode("utf-8", "surrogatepass")
-    except OSError:
-        return False
+    return _owner_mark(path) == owner.encode("utf-8", "surrogatepass")
+
+
+def holder(path: str, folder_fd: int | None = None) -> str | None:
+    """The job whose WAV the regular file ``path`` is (a name in the folder open as ``folder_fd``,
+    if given), as its :data:`OWNER_XATTR` says, for an error or a log to name; None where nothing
+    says so. Anyone may set a user attribute: a value that does not look like a job id (printable
+    ASCII without spaces, at most :data:`HOLDER_MAX` bytes) is never echoed, so it cannot carry
+    control characters into a log or a terminal."""
+    mark = _owner_mark(path, folder_fd)
+    return mark.decode("ascii") if mark is not None and _HOLDER.fullmatch(mark) else None
 
 
 def put_in_place(folder_fd: int, temp: str, name: str, owner: str | None) -> None:
@@ -210,26 +219,27 @@ def put_in_place(folder_fd: int, temp: str, name: str, owner: str | None) -> Non
     try:
         rename_noreplace(temp, name, dir_fd=folder_fd)
     except FileExistsError:
-        if owner is None or not _written_by_at(folder_fd, name, owner):
+        if owner is None or _owner_mark(name, folder_fd) != owner.encode("utf-8", "surrogatepass"):
             raise
         # Replaced after a look: only a file swapped in for the job's own since then would be lost.
         os.replace(temp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
 
 
-def _written_by_at(folder_fd: int, name: str, owner: str) -> bool:
-    """:func:`written_by` for ``name`` in the folder open as ``folder_fd``, the file read through
-    the descriptor its own check opened (a link or FIFO swapped in is not followed, nor waited on)."""
+def _owner_mark(name: str, folder_fd: int | None = None) -> bytes | None:
+    """The raw :data:`OWNER_XATTR` of the regular file ``name`` (a path, or a name in the folder
+    open as ``folder_fd``), read through the descriptor its own check opened: a link or a FIFO
+    swapped in is neither followed nor waited on, nor is a device opened. None where there is none
+    or it cannot be read (no user attributes here, none set)."""
     try:
         if not stat.S_ISREG(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
-            return False
+            return None
         fd = os.open(name, _READ, dir_fd=folder_fd)
     except OSError:
-        return False
+        return None
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and os.getxattr(fd, OWNER_XATTR) == owner.encode(
-            "utf-8", "surrogatepass")
-    except OSError:  # no user attributes here, or none set: not known as the job's
-        return False
+        return os.getxattr(fd, OWNER_XATTR) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError:
+        return None
     finally:
         os.close(fd)
 
@@ -398,7 +408,7 @@ def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bo
         if sync_folder:
             _fsync_folder(folder_fd, target)
     except FileExistsError as exc:
-        raise PathTakenError(target) from exc
+        raise PathTakenError(target, holder=holder(target)) from exc
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
     finally:
@@ -505,7 +515,7 @@ class StagedWav:
         except FileNotFoundError:  # a sweep that read the same committed row renamed it first
             pass
         except FileExistsError as exc:
-            raise PathTakenError(self.path, self.temp) from exc
+            raise PathTakenError(self.path, self.temp, holder(self.name, self._fd)) from exc
         except OSError as exc:
             raise OutputError(f"could not rename {self.temp} to {self.path}: {exc.strerror or exc}") from exc
         finally:

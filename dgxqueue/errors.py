@@ -120,14 +120,17 @@ class OutputError(DgxQueueError):
 class PathTakenError(OutputError):
     """A WAV could not be put in place: ``path`` holds a file (folder, link) that is not its job's,
     which is never replaced. A daemon's result stays beside it as ``temporary``, for the sweep to
-    publish once that file is moved away; ``temporary`` None: nothing was left."""
+    publish once that file is moved away; ``temporary`` None: nothing was left. ``holder``: the job
+    whose WAV that file is, where it says so (:func:`dgxqueue.audio.holder`)."""
 
-    def __init__(self, path: str, temporary: str | None = None) -> None:
+    def __init__(self, path: str, temporary: str | None = None, holder: str | None = None) -> None:
         self.path = path
         self.temporary = temporary
+        self.holder = holder
         what = (f"the result stays beside it as {temporary}: move that file away and the next sweep publishes it"
                 if temporary is not None else "nothing was written")
-        super().__init__(f"{path} holds a file that is not this result, left as it is; {what}")
+        whose = f" (the WAV of job {holder})" if holder is not None else ""
+        super().__init__(f"{path} holds a file that is not this result{whose}, left as it is; {what}")
 
 
 class GeneratorError(DgxQueueError):

@@ -301,7 +301,7 @@ class Completer:
             self.log.error("result recorded but its file path holds a file that is not its result; both are left"
                            " as they are (move that file away and the next sweep publishes the result)",
                            job_id=outcome.job.id, attempt=outcome.job.attempt, file_path=outcome.job.file_path,
-                           path=exc.path, temporary=exc.temporary)
+                           path=exc.path, temporary=exc.temporary, holder=exc.holder)
         except OutputError as exc:  # the temporary stays: the sweep renames it later
             self.log.error("result recorded but not renamed into place; the sweep will retry",
                            job_id=outcome.job.id, attempt=outcome.job.attempt, error=str(exc))

@@ -257,9 +257,12 @@ def occupied(job: ClaimedJob, path: str) -> PermanentGeneratorError:
     the job wrote itself, whose completion the database lost, is told apart by
     :data:`audio.OWNER_XATTR` and replaced) but an archived job's, another queue's or a user's,
     never replaced. The job's input names a taken file: it fails, permanently and alone, never as
-    the machine's fault."""
+    the machine's fault. A WAV of another job (:func:`audio.holder`) is named: most often a job of
+    the call before, whose rename beat this job's checks (else :func:`collides` names it)."""
+    holder = audio.holder(path)
+    what = "is not this job's output" if holder is None else f"is the WAV of job {holder}, not this job's"
     return PermanentGeneratorError(
-        f"file_path {job.file_path} already exists ({path}) and is not this job's output; it was left as it is."
+        f"file_path {job.file_path} already exists ({path}) and {what}; it was left as it is."
         f" Remove or move it, then run `dgxqueue retry {job.id}`, or enqueue the job again with another file_path"
     )
 

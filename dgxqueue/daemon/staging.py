@@ -266,7 +266,8 @@ def _publish(root: audio.OutputRoot, folder_fd: int, item: _Found, state: Attemp
     except FileExistsError:
         _warn(warned, item, "sweep: a completed job's file path holds a file that is not its result; both are left"
               " as they are (move that file away and the next sweep publishes the result)",
-              file_path=state.file_path, folder=item.folder, **context)
+              file_path=state.file_path, folder=item.folder, holder=audio.holder(os.path.basename(target), folder_fd),
+              **context)
         return None
     except OSError as exc:
         _warn(warned, item, "sweep: could not rename a completed job's temporary", error=str(exc), **context)

@@ -311,6 +311,23 @@ def test_sweep__never_replaces_a_file_already_at_a_completed_jobs_path(db_url: s
     assert os.listdir(outputs) == [target.name] and target.stat().st_size == SIZE
 
 
+def test_sweep__names_the_job_whose_wav_holds_a_completed_jobs_path(db_url: str, tmp_path: Path) -> None:
+    """The file at a completed job's path, which the sweep leaves as it is, is another job's WAV
+    (marked with its id): the warning names that job, so the operator knows whose file to move."""
+    init_db(db_url)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    [job_id] = enqueue(db_url, 1)
+    set_row(db_url, job_id, status="completed", worker_id="w", attempts=1, file_size_bytes=SIZE)
+    temp = stage(outputs, job_id, 1, "w")
+    stage(outputs, "archived-job", 1, "w", name=f"{job_id}.wav", publish=True)
+    with capture_logs() as logs:
+        assert staging.sweep(outputs, lookup(db_url)).published == []
+    [warning] = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert warning["temporary"] == temp and warning["holder"] == "archived-job", warning
+    assert sorted(os.listdir(outputs)) == sorted([temp, f"{job_id}.wav"])
+
+
 def test_sweep__replaces_the_jobs_own_wav_whose_completion_the_database_lost(db_url: str, tmp_path: Path) -> None:
     """Attempt 1's WAV was renamed into place and its completion lost by the database (a power cut
     under SQLite's synchronous = NORMAL, a restore); attempt 2 completed and its daemon died before
@@ -419,6 +436,7 @@ def test_daemon__a_file_that_appears_after_the_commit_is_never_replaced(db_url: 
         assert sorted(os.listdir(outputs)) == sorted([temp, target.name, f"{mate}.wav"])
         [error] = [entry for entry in logs if entry["log_level"] == "error"]
         assert error["job_id"] == blocked and error["path"] == str(target.resolve()) and error["temporary"] == temp
+        assert error["holder"] is None  # a file no job of ours wrote names none
         assert "move that file away" in error["event"]
         with get_engine(db_url).connect() as conn:
             status = conn.execute(sa.select(Generation.status).where(Generation.id == blocked)).scalar_one()

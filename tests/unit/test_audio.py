@@ -403,3 +403,43 @@ def test_write_wav_atomic__bare_file_name_and_text_paths(tmp_path: Path, monkeyp
     size = write_wav_atomic(Path("bare.wav"), _audio(frames=100))
     assert (tmp_path / "bare.wav").stat().st_size == size
     assert write_wav_atomic(str(tmp_path / "text.wav"), _audio(frames=100)) == size
+
+
+HOSTILE_MARKS = [b"\x1b[2J\x1b[31mjob\x07", b"job\nfake log line", b"a b", b"j" * (audio_module.HOLDER_MAX + 1),
+                 b"\xff\xfejob", "j\u00f6b".encode(), b""]
+
+
+def test_holder__names_the_job_whose_mark_the_regular_file_carries(tmp_path: Path) -> None:
+    """audio.holder reads OWNER_XATTR of a regular file, by path or by name in a folder's
+    descriptor; a file without one, a folder, a link (never followed, even to a marked file) and
+    nothing at all give None."""
+    marked, plain, folder = tmp_path / "marked.wav", tmp_path / "plain.wav", tmp_path / "folder.wav"
+    marked.write_bytes(b"x")
+    plain.write_bytes(b"x")
+    folder.mkdir()
+    os.setxattr(marked, audio_module.OWNER_XATTR, b"0b7f3a52-6d0e-4c5e-9f43-2a1c8e7d9b10")
+    os.setxattr(folder, audio_module.OWNER_XATTR, b"job-of-a-folder")
+    (tmp_path / "link.wav").symlink_to(marked)
+    assert audio_module.holder(str(marked)) == "0b7f3a52-6d0e-4c5e-9f43-2a1c8e7d9b10"
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert audio_module.holder("marked.wav", fd) == "0b7f3a52-6d0e-4c5e-9f43-2a1c8e7d9b10"
+        assert audio_module.holder("link.wav", fd) is None
+    finally:
+        os.close(fd)
+    for other in [plain, folder, tmp_path / "link.wav", tmp_path / "absent.wav"]:
+        assert audio_module.holder(str(other)) is None, other
+
+
+@pytest.mark.parametrize("mark", HOSTILE_MARKS, ids=["escapes", "newline", "space", "long", "not-utf8", "non-ascii",
+                                                     "empty"])
+def test_holder__a_mark_that_is_not_a_job_id_is_never_echoed(tmp_path: Path, mark: bytes) -> None:
+    """Anyone may set a user attribute: control characters, spaces, more than HOLDER_MAX bytes,
+    bytes that are not printable ASCII give None rather than text for a log or a terminal; the
+    longest accepted mark is named whole."""
+    target = tmp_path / "x.wav"
+    target.write_bytes(b"x")
+    os.setxattr(target, audio_module.OWNER_XATTR, mark)
+    assert audio_module.holder(str(target)) is None
+    os.setxattr(target, audio_module.OWNER_XATTR, b"j" * audio_module.HOLDER_MAX)
+    assert audio_module.holder(str(target)) == "j" * audio_module.HOLDER_MAX

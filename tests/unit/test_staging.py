@@ -146,8 +146,8 @@ def test_staged_wav__publish_never_replaces_what_appeared_at_the_path(tmp_path: 
         target.symlink_to("elsewhere.wav")
     with pytest.raises(PathTakenError) as caught:
         staged.publish()
-    assert (caught.value.path, caught.value.temporary) == (str(target), staged.temp)
-    assert "move that file away" in str(caught.value)
+    assert (caught.value.path, caught.value.temporary, caught.value.holder) == (str(target), staged.temp, None)
+    assert "move that file away" in str(caught.value) and "WAV of job" not in str(caught.value)
     assert sorted(os.listdir(tmp_path)) == sorted([staged.temp, "x.wav"])
     assert (tmp_path / staged.temp).stat().st_size == staged.size
     if kind == "file":
@@ -161,7 +161,7 @@ def test_staged_wav__publish_never_replaces_what_appeared_at_the_path(tmp_path: 
 
 def test_staged_wav__publish_replaces_the_jobs_own_earlier_wav(tmp_path: Path) -> None:
     """At the path is the job's own WAV (an earlier attempt's, its completion lost by the
-    database): publish replaces it; another job's WAV there is never replaced."""
+    database): publish replaces it; another job's WAV there is never replaced, and named."""
     folders = Folders(str(tmp_path))
     earlier = stage_wav(str(tmp_path / "x.wav"), _audio(frames=10), tag=tag(UUID, 1, "w"), folders=folders, owner=UUID)
     earlier.publish()
@@ -171,8 +171,9 @@ def test_staged_wav__publish_replaces_the_jobs_own_earlier_wav(tmp_path: Path) -
     another = stage_wav(str(tmp_path / "x.wav"), _audio(frames=20), tag=tag("other", 1, "w"), folders=folders,
                         owner="other")
     folders.release()
-    with pytest.raises(PathTakenError):
+    with pytest.raises(PathTakenError) as caught:
         another.publish()
+    assert caught.value.holder == UUID and f"(the WAV of job {UUID})" in str(caught.value)
     assert (tmp_path / "x.wav").stat().st_size == later.size
 
 
