@@ -113,9 +113,11 @@ def test_daemon__a_job_of_the_next_call_never_collides_with_a_result_still_to_be
         db_url: str, tmp_path: Path, first_path: str, second_path: str, frames: int) -> None:
     """Two jobs of one round rendered in two backend calls (the backend takes one job a call): the
     first call's outcome is written, and its file renamed, while the second call renders, so the
-    second job's checks ran before that rename. The second fails, naming the first; the first keeps
-    its WAV (before: x.wav was recorded completed with no file ever, its rename blocked by the
-    folder the second made; or latest/a.wav's WAV replaced 2026/a.wav's)."""
+    second job's checks may run before or after that rename. The second fails, naming the first
+    either way (before the rename as a collision; after it, latest/a.wav is taken by a WAV that
+    carries the first's id); the first keeps its WAV (before: x.wav was recorded completed with no
+    file ever, its rename blocked by the folder the second made; or latest/a.wav's WAV replaced
+    2026/a.wav's)."""
     init_db(db_url)
     [first] = enqueue(db_url, ["fine"], file_path=first_path, duration_seconds=0.01)
     [second] = enqueue(db_url, ["fine"], file_path=second_path, duration_seconds=0.02)
