@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import socket
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,15 @@ def cmd_web(ctx: Context, args: argparse.Namespace) -> int:
                 yield
             finally:
                 restore(previous)
+
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            # A second stop signal of either kind drops the open requests, as the worker's does:
+            # uvicorn forces only on a second SIGINT, so a slow download kept ``web &`` up until SIGKILL.
+            if self.should_exit:
+                self.force_exit = True
+                # The dropped requests' cancellations are what was asked for, not errors to trace.
+                logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+            self.should_exit = True
 
     server = Server(config)
     print(f"dgxqueue web: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{port}/"

@@ -215,3 +215,36 @@ def test_web_cli__sigint_stops_it_unless_ignored_at_start(config: Path, tmp_path
             web.kill()
             web.wait()
     assert code == 0, log.read_text()
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["sigterm-twice", "sigterm-twice-sigint-ignored-at-start"])
+def test_web_cli__a_second_sigterm_drops_a_slow_download_and_exits_0(config: Path, tmp_path: Path,
+                                                                     ignored: bool) -> None:
+    """A client that stops reading a large file holds a graceful stop open forever: a second
+    SIGTERM stops the server at once (exit 0, no traceback), as a second stop signal does the
+    worker. uvicorn forces only on a second SIGINT, so a script's ``web &`` (SIGINT ignored)
+    stopped only on SIGKILL."""
+    with (tmp_path / "outputs" / "big.wav").open("wb") as sparse:
+        sparse.truncate(1 << 28)  # far more than the socket buffers hold; no disk spent
+    port = free_port()
+    log = tmp_path / "web.log"
+    with log.open("ab") as out:
+        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
+                               cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                               preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None)
+    try:
+        wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(f"GET /files/big.wav HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            assert client.recv(64).startswith(b"HTTP/1.1 200")  # then never read again
+            web.send_signal(signal.SIGTERM)
+            wait_until(lambda: not _answers(port), 30, "the server to stop listening", alive=web)
+            assert web.poll() is None  # the graceful stop waits for the download
+            web.send_signal(signal.SIGTERM)
+            code = web.wait(30)
+    finally:
+        if web.poll() is None:
+            web.kill()
+            web.wait()
+    assert code == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
