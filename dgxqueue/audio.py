@@ -401,14 +401,15 @@ def write_wav_atomic(path: str | Path, audio: GeneratedAudio, *, sync_folder: bo
                 os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
             else:
                 rename_noreplace(tmp, name, dir_fd=folder_fd)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):  # the original error is the one worth reporting
                 os.unlink(tmp, dir_fd=folder_fd)
+            # Only the rename's: a folder that cannot be made (mkdir's EEXIST) is no file left at the path.
+            if isinstance(exc, FileExistsError):
+                raise PathTakenError(target, holder=holder(target)) from exc
             raise
         if sync_folder:
             _fsync_folder(folder_fd, target)
-    except FileExistsError as exc:
-        raise PathTakenError(target, holder=holder(target)) from exc
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
     finally:

@@ -187,3 +187,13 @@ def test_write_wav_atomic__without_replace_never_replaces_a_file(tmp_path: Path)
     with pytest.raises(PathTakenError, match="nothing was written"):
         write_wav_atomic(target, _audio(), replace=False)
     assert os.listdir(tmp_path) == ["x.wav"] and target.read_bytes() == b"someone else's"
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_write_wav_atomic__a_folder_that_cannot_be_made_is_no_taken_path(tmp_path: Path, replace: bool) -> None:
+    """The folder is a dangling link, so it cannot be made (mkdir: File exists): an OutputError
+    naming the error, not PathTakenError's word that a file at the path was left as it is."""
+    (tmp_path / "sub").symlink_to(tmp_path / "gone")
+    with pytest.raises(OutputError, match="File exists") as raised:
+        write_wav_atomic(tmp_path / "sub" / "x.wav", _audio(), replace=replace)
+    assert not isinstance(raised.value, PathTakenError)
