@@ -212,15 +212,24 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             victims = [(job_id, path) for job_id, path in victims if job_id in deleted]
         # Read in the deleting transaction: rows left then are the ones that still need the file.
         in_use = _paths_in_use(session, victims, owners, deleted=not args.dry_run) if args.delete_files else set()
-    removed, freed, skipped, kept = 0, 0, [], []
+    removed, freed, skipped, kept, not_its = 0, 0, [], [], []
     files: list[Path] = []
     if args.delete_files:
-        for file_path in dict.fromkeys(path for job_id, path in victims if job_id in owners):  # each file once
+        from dgxqueue.audio import written_by  # here: only --delete-files looks at the files
+        from dgxqueue.daemon.staging import waiting
+
+        waiting_in: dict[Path, set[str]] = {}  # the jobs whose temporaries each folder holds
+        owned = {path: job_id for job_id, path in victims if job_id in owners}  # each file once
+        for file_path, job_id in owned.items():
             path = output_path(ctx.settings, file_path)
             if path is None:
                 skipped.append(file_path)  # outside the outputs folder: never touched
             elif file_path in in_use:
                 kept.append(file_path)
+            elif (job_id in waiting_in.setdefault(path.parent, waiting(str(path.parent)))
+                  and not written_by(str(path), job_id)):
+                # Its result waits under a temporary: its rename found this file there and kept it.
+                not_its.append(file_path)
             elif path.is_file():
                 files.append(path)
     if not args.dry_run:
@@ -235,7 +244,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         "dry_run": args.dry_run, "cutoff": cutoff.isoformat(), "statuses": statuses,
         "generations": len(victims), "files": len(files) if args.dry_run else removed,
         "bytes": sum(p.stat().st_size for p in files) if args.dry_run else freed,
-        "skipped_outside_outputs": skipped, "kept_in_use": kept,
+        "skipped_outside_outputs": skipped, "kept_in_use": kept, "kept_not_its": not_its,
     }
     if args.json:
         print_json(result)
@@ -247,6 +256,8 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             print(f"kept {safe(file_path)}: not inside the outputs folder {safe(ctx.settings.outputs_dir.absolute())}")
         for file_path in kept:
             print(f"kept {safe(file_path)}: a generation that stays still uses it")
+        for file_path in not_its:
+            print(f"kept {safe(file_path)}: not its job's WAV (its result waits beside it under a temporary name)")
     return EXIT_OK
 
 

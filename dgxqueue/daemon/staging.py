@@ -116,6 +116,16 @@ def owner(name: str) -> Owner | None:
     return Owner(job_id, int(attempt), worker)
 
 
+def waiting(folder: str) -> set[str]:
+    """The ids of the jobs with a temporary in ``folder`` (none if it cannot be listed): a result
+    not published yet, its path taken or its daemon gone, or an attempt's the sweep has yet to settle."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return set()
+    return {who.job_id for name in names if name.startswith(".") and (who := owner(name)) is not None}
+
+
 class Verdict(enum.Enum):
     PUBLISH = "publish"  # the attempt the row records as completed
     KEEP = "keep"  # the row's current attempt: it may still commit

@@ -5,14 +5,17 @@ replaces the file (before, ``os.replace`` destroyed it silently); the daemon goe
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from dgxqueue.storage import init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.acceptance.test_occupied_paths import FOREIGN
-from tests.support.processes import STARTUP_SECONDS, start_worker, stop, wait_until, worker_config
+from tests.support.processes import REPO, STARTUP_SECONDS, start_worker, stop, wait_until, worker_config
 
 
 def stopped(pid: int) -> bool:
@@ -65,3 +68,38 @@ def test_daemon__a_file_that_appears_between_the_commit_and_the_rename_is_never_
     assert target.read_bytes() == FOREIGN and (outputs / temp).exists()
     assert job(db_url, blocked)[:2] == ("completed", 1)
     assert "machine fault" not in log.read_text()
+
+
+def test_prune__delete_files_leaves_the_file_a_refused_rename_left_at_a_jobs_path(sqlite_db_url: str,
+                                                                                 tmp_path: Path) -> None:
+    """A completed job whose rename was refused (a file appeared at its path after its commit):
+    ``prune --delete-files`` deletes its row but leaves that file, which is not the job's, and
+    says so; it deleted it, the very file the refused rename had kept byte for byte."""
+    url = sqlite_db_url
+    init_db(url)
+    [blocked] = enqueue(url, ["fine"], file_path="outputs/blocked.wav")
+    [done] = enqueue(url, ["fine"], file_path="outputs/done.wav")
+    outputs = tmp_path / "outputs"
+    target = outputs / "blocked.wav"
+    config = worker_config(tmp_path, url)
+    log = tmp_path / "worker.log"
+    process = start_worker(config, log, env={"DGXQ_TEST_STOP_AT": "after-commit"})
+    try:
+        wait_until(lambda: stopped(process.pid), STARTUP_SECONDS + 30, "the daemon to stop after its commit",
+                   alive=process)
+        target.write_bytes(FOREIGN)
+        process.send_signal(signal.SIGCONT)
+        wait_until(lambda: job(url, done)[0] == "completed" and (outputs / "done.wav").exists(), 30,
+                   "the second job to complete", alive=process)
+        assert job(url, blocked)[0] == "completed" and "move that file away" in log.read_text()
+    finally:
+        process.send_signal(signal.SIGCONT)
+        assert stop(process) == 0, log.read_text()[-3000:]
+    pruned = subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "prune", "--older-than", "0s",
+                             "--delete-files", "--json"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert pruned.returncode == 0, pruned.stderr
+    result = json.loads(pruned.stdout)
+    assert result["generations"] == 2 and result["files"] == 1, result
+    assert result["kept_not_its"] == ["outputs/blocked.wav"], result
+    assert target.read_bytes() == FOREIGN and not (outputs / "done.wav").exists()
