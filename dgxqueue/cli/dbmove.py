@@ -36,6 +36,7 @@ from dgxqueue.storage.database import (
     hide_password,
     sqlite_path,
 )
+from dgxqueue.storage.models import COMPLETED
 from dgxqueue.storage.reads import database_now
 from dgxqueue.storage.transfer import ArchiveReport, archive, archive_preview, copy_queue, database_identity
 
@@ -165,8 +166,20 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
         if not args.json:
             print(f"archived {report.moved + report.already} ({report.already} found already archived)", flush=True)
 
+    listed: dict[str, set[str]] = {}  # each folder listed once a run, not once a batch
+
+    def held(rows: list[tuple[Any, str, str]]) -> dict[Any, str]:
+        from dgxqueue.daemon.staging import unpublished  # here: only an archive that moves rows looks
+
+        # Archived, a result still under its temporary name would be deleted by the sweep (its
+        # row gone from here), and the row would name the file at its path, which is another's.
+        waits = unpublished(ctx.settings.outputs_dir, [(str(i), p) for i, s, p in rows if s == COMPLETED], listed)
+        return {i: "its result waits beside its file_path under a temporary name, the file there not its: move "
+                   "that file away so that a daemon publishes the result, then archive it" for i, _, _ in rows
+                if str(i) in waits}
+
     try:
-        report = archive(source, target, cutoff, batch_size=size, progress=progress)
+        report = archive(source, target, cutoff, batch_size=size, progress=progress, held=held)
     except TransferError as exc:
         raise CliError(str(exc), EX_DATAERR) from None
     finally:
@@ -180,8 +193,7 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
               f"to {describe_url(to)}{earlier}")
     if report.refused:
         job_id, reason = next(iter(report.refused.items()))
-        raise CliError(f"{len(report.refused)} generation(s) left here, the archive holding them differently or "
-                       f"rejecting them: {safe(job_id)}: {reason}", EX_DATAERR)
+        raise CliError(f"{len(report.refused)} generation(s) left here: {safe(job_id)}: {reason}", EX_DATAERR)
     return EXIT_OK
 
 

@@ -215,20 +215,18 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     removed, freed, skipped, kept, not_its = 0, 0, [], [], []
     files: list[Path] = []
     if args.delete_files:
-        from dgxqueue.audio import written_by  # here: only --delete-files looks at the files
-        from dgxqueue.daemon.staging import waiting
+        from dgxqueue.daemon.staging import unpublished  # here: only --delete-files looks at the files
 
-        waiting_in: dict[Path, set[str]] = {}  # the jobs whose temporaries each folder holds
         owned = {path: job_id for job_id, path in victims if job_id in owners}  # each file once
+        # Their results wait under a temporary name: the file at the path, if any, is not theirs.
+        waits = unpublished(ctx.settings.outputs_dir, [(job_id, path) for path, job_id in owned.items()])
         for file_path, job_id in owned.items():
             path = output_path(ctx.settings, file_path)
             if path is None:
                 skipped.append(file_path)  # outside the outputs folder: never touched
             elif file_path in in_use:
                 kept.append(file_path)
-            elif (job_id in waiting_in.setdefault(path.parent, waiting(str(path.parent)))
-                  and not written_by(str(path), job_id)):
-                # Its result waits under a temporary: its rename found this file there and kept it.
+            elif job_id in waits:
                 not_its.append(file_path)
             elif path.is_file():
                 files.append(path)

@@ -30,7 +30,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,13 +117,32 @@ def owner(name: str) -> Owner | None:
 
 
 def waiting(folder: str) -> set[str]:
-    """The ids of the jobs with a temporary in ``folder`` (none if it cannot be listed): a result
-    not published yet, its path taken or its daemon gone, or an attempt's the sweep has yet to settle."""
+    """The ids of the jobs with a temporary in ``folder`` (none if it cannot be listed)."""
     try:
         names = os.listdir(folder)
     except OSError:
         return set()
     return {who.job_id for name in names if name.startswith(".") and (who := owner(name)) is not None}
+
+
+def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]],
+                listed: dict[str, set[str]] | None = None) -> set[str]:
+    """Of completed jobs, given as (id, file_path), those whose result still waits beside its path
+    under a temporary name, the file at the path (if any) not theirs: their rename found another's
+    file there and kept it, or a crash came before it. Each folder is listed once, its jobs kept
+    in ``listed`` (folder -> :func:`waiting`), which a caller asking batch after batch passes again."""
+    root = audio.OutputRoot(outputs_dir)
+    listed = {} if listed is None else listed
+    found: set[str] = set()
+    for job_id, file_path in jobs:
+        try:
+            target = root.locate(file_path)
+        except OutputError:  # a path outside the outputs folder: no temporary of ours beside it
+            continue
+        folder = audio.folder_of(target)
+        if job_id in listed.setdefault(folder, waiting(folder)) and not audio.written_by(target, job_id):
+            found.add(job_id)
+    return found
 
 
 class Verdict(enum.Enum):

@@ -406,8 +406,11 @@ class _Refused(Exception):
 
 
 def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int,
-            progress: Callable[[ArchiveReport], None]) -> ArchiveReport:
+            progress: Callable[[ArchiveReport], None],
+            held: Callable[[list[tuple[Any, str, str]]], dict[Any, str]] | None = None) -> ArchiveReport:
     """Move the generations finished before ``cutoff`` from ``source`` to ``target``.
+    ``held``: given a batch's (id, status, file_path), the ids that must stay here, each with the
+    reason reported.
 
     Each batch: DELETE ... RETURNING at the source (which locks the rows: nothing changes them
     until this transaction ends), insert them at the target and commit there, then commit the
@@ -422,6 +425,7 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
     single = 0
     rows: list[Row] = []
     skip: list[Any] = []  # the refused rows' keys as stored; the report names them as text
+    key, status, path = _key_index(G), _column_index(G, "status"), _column_index(G, "file_path")
     while True:
         try:
             with session_scope(source) as here:
@@ -439,6 +443,8 @@ def archive(source: Engine, target: Engine, cutoff: datetime, *, batch_size: int
                     if here.execute(sa.select(sa.exists().where(*where))).scalar_one():
                         continue
                     return report
+                if held is not None and (kept := held([(row[key], row[status], row[path]) for row in rows])):
+                    raise _Refused(kept)  # rolled back; the batch is redone without them
                 with session_scope(target) as there:
                     new, refused = put_rows(there, G, rows)
                     if refused:

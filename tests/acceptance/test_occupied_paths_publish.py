@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+import sqlalchemy as sa
+
 from dgxqueue.storage import init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.acceptance.test_occupied_paths import FOREIGN
@@ -70,24 +73,20 @@ def test_daemon__a_file_that_appears_between_the_commit_and_the_rename_is_never_
     assert "machine fault" not in log.read_text()
 
 
-def test_prune__delete_files_leaves_the_file_a_refused_rename_left_at_a_jobs_path(sqlite_db_url: str,
-                                                                                 tmp_path: Path) -> None:
-    """A completed job whose rename was refused (a file appeared at its path after its commit):
-    ``prune --delete-files`` deletes its row but leaves that file, which is not the job's, and
-    says so; it deleted it, the very file the refused rename had kept byte for byte."""
-    url = sqlite_db_url
+def _refused_publish(url: str, tmp_path: Path) -> tuple[Path, str, str]:
+    """A real daemon completes two jobs, the rename of the first refused (a file put at its path
+    after its commit), and stops: its config, the refused job's id and the other's."""
     init_db(url)
     [blocked] = enqueue(url, ["fine"], file_path="outputs/blocked.wav")
     [done] = enqueue(url, ["fine"], file_path="outputs/done.wav")
     outputs = tmp_path / "outputs"
-    target = outputs / "blocked.wav"
     config = worker_config(tmp_path, url)
     log = tmp_path / "worker.log"
     process = start_worker(config, log, env={"DGXQ_TEST_STOP_AT": "after-commit"})
     try:
         wait_until(lambda: stopped(process.pid), STARTUP_SECONDS + 30, "the daemon to stop after its commit",
                    alive=process)
-        target.write_bytes(FOREIGN)
+        (outputs / "blocked.wav").write_bytes(FOREIGN)
         process.send_signal(signal.SIGCONT)
         wait_until(lambda: job(url, done)[0] == "completed" and (outputs / "done.wav").exists(), 30,
                    "the second job to complete", alive=process)
@@ -95,11 +94,40 @@ def test_prune__delete_files_leaves_the_file_a_refused_rename_left_at_a_jobs_pat
     finally:
         process.send_signal(signal.SIGCONT)
         assert stop(process) == 0, log.read_text()[-3000:]
-    pruned = subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "prune", "--older-than", "0s",
-                             "--delete-files", "--json"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    return config, blocked, done
+
+
+def _dgxqueue(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_prune__delete_files_leaves_the_file_a_refused_rename_left_at_a_jobs_path(sqlite_db_url: str,
+                                                                                 tmp_path: Path) -> None:
+    """A completed job whose rename was refused (a file appeared at its path after its commit):
+    ``prune --delete-files`` deletes its row but leaves that file, which is not the job's, and
+    says so; it deleted it, the very file the refused rename had kept byte for byte."""
+    config, _, _ = _refused_publish(sqlite_db_url, tmp_path)
+    pruned = _dgxqueue(config, "prune", "--older-than", "0s", "--delete-files", "--json")
     assert pruned.returncode == 0, pruned.stderr
     result = json.loads(pruned.stdout)
     assert result["generations"] == 2 and result["files"] == 1, result
     assert result["kept_not_its"] == ["outputs/blocked.wav"], result
-    assert target.read_bytes() == FOREIGN and not (outputs / "done.wav").exists()
+    outputs = tmp_path / "outputs"
+    assert (outputs / "blocked.wav").read_bytes() == FOREIGN and not (outputs / "done.wav").exists()
+
+
+def test_archive__leaves_a_completed_job_whose_result_waits_under_its_temporary_name(db_url: str,
+                                                                                    tmp_path: Path) -> None:
+    """A completed job whose rename was refused stays out of the archive, named with what to do
+    (exit 65); its batch-mate is archived. Archived, its row was gone from here, so the sweep
+    deleted its result a day later (a temporary of a job no row names), and the archive's row named
+    another's file as its WAV."""
+    config, blocked, done = _refused_publish(db_url, tmp_path)
+    archived = _dgxqueue(config, "archive", "--older-than", "0s", "--to", f"sqlite:///{tmp_path / 'archive.db'}")
+    assert archived.returncode == 65 and blocked in archived.stderr and "move that file away" in archived.stderr, (
+        archived.stdout + archived.stderr)
+    assert job(db_url, blocked)[0] == "completed"
+    with pytest.raises(sa.exc.NoResultFound):  # archived: no row here any more
+        job(db_url, done)
+    assert [p.name for p in (tmp_path / "outputs").iterdir() if p.name.startswith(".blocked.wav.")]
