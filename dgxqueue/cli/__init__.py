@@ -191,8 +191,17 @@ def _code_for(exc: BaseException) -> tuple[int, str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     previous = sys.unraisablehook
     sys.unraisablehook = functools.partial(_interrupt_again, previous)
+    # Python's own handler only: a SIGINT started ignored (``cmd &``), or a caller's handler, stays.
+    ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ctrl_c:
+        try:
+            signal.signal(signal.SIGINT, _raise_interrupted)
+        except ValueError:  # called off the main thread, where no handler can be set
+            ctrl_c = False
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -204,6 +213,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.unraisablehook = previous
         for timer in _redeliveries:  # the command ended first: no SIGINT while Python shuts down
             timer.cancel()
+        if ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while :func:`main` runs, not Python's exact KeyboardInterrupt: CPython marks that one
+    unhandled, caught or not, once it leaves code run by ``exec`` of a string (SQLAlchemy builds its
+    visitors so on first use), and ``python -m dgxqueue`` then killed itself by SIGINT at exit after
+    saying 'interrupted' and returning 130."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted
 
 
 #: Ctrl-Cs :func:`_interrupt_again` is to deliver again (``threading.Timer``, imported when one comes).

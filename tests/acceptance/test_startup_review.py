@@ -248,6 +248,26 @@ def test_main__ctrl_c_inside_a_callback_python_runs_itself_is_still_one_line() -
     assert (done.returncode, done.stderr) == (130, "dgxqueue: interrupted\n")
 
 
+def test_main__ctrl_c_inside_code_python_execs_exits_130_not_by_the_signal(cli: Cli) -> None:
+    """SIGINT that lands in code run by ``exec`` of a string (SQLAlchemy builds its statement
+    visitors so, on first use: the flaky enqueue test's traceback ended there) makes 'dgxqueue:
+    interrupted' and 130, not a death by SIGINT after it: CPython marks an exact KeyboardInterrupt
+    leaving such code as unhandled, caught or not, and ``python -m`` then re-raised SIGINT at exit."""
+    cli.ok("db", "upgrade")
+    (cli.folder / "ctrl_c_in_exec.py").write_text(
+        "import signal\n"
+        "import sqlalchemy as sa\n"
+        "from dgxqueue.cli import run\n"
+        "def ctrl_c(*_):  # a real SIGINT, raised inside exec'd code\n"
+        "    exec('signal.raise_signal(signal.SIGINT)', {'signal': signal})\n"
+        "sa.event.listen(sa.engine.Engine, 'before_cursor_execute', ctrl_c, once=True)\n"
+        "run()\n")
+    done = subprocess.run([sys.executable, "-m", "ctrl_c_in_exec", "list"], cwd=cli.folder,
+                          env={**cli.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert (done.returncode, done.stderr, done.stdout) == (130, "dgxqueue: interrupted\n", "")
+
+
 def test_demo__config_with_another_generators_options_refused_before_queueing(cli: Cli) -> None:
     """A production config (MusicGen and its options): exit 78 before anything is queued (its
     synth daemon used to exit 78 on those options, leaving a stray job and exit 75)."""
