@@ -203,7 +203,8 @@ class Continuous:
         self._mark(again, started=True)  # it runs alone now: the GPU is idle anyway
         self._unmarked -= {job.id for job in taken}
         held.premarked -= {job.id for job in taken}
-        work, refused = prepare_isolating(taken, daemon.generator)
+        # Each job taken is marked started (by its claim, or again above) before its validate runs.
+        work, refused = prepare_isolating(taken, daemon.generator, marked={job.id for job in taken})
         daemon.completer.pending.extend(daemon._sort_faults(refused))
         return [daemon._controlled(w) for w in work]
 
@@ -300,7 +301,7 @@ class Continuous:
                     outcomes.append(cancelled(work.job))
                     continue
                 try:
-                    if work.job.suspect:  # validated in its own call, after its start mark
+                    if not work.validated:  # a suspect: validated in its own call, after its start mark
                         daemon.generator.validate(work.request)
                     generator.start(work.request)
                 except Exception as exc:  # this job's alone: the others join

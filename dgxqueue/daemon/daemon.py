@@ -56,7 +56,7 @@ from dgxqueue.daemon.diskcheck import OutputsCheck
 from dgxqueue.daemon.executor import Attempt, Handoff, Work, render
 from dgxqueue.daemon.faults import judge
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
-from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, validate_alone
+from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, validate_unvalidated
 from dgxqueue.daemon.leases import Heartbeat, Held, Rescuer, Sweeper
 from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_client import QueueClient
@@ -327,7 +327,7 @@ class Daemon:
         self._render_seconds = 0.0  # no backend call this round (all refused): nothing hides a write
         kept = False
         try:
-            work, refused = prepare_isolating(jobs, self.generator)
+            work, refused = prepare_isolating(jobs, self.generator, marked=premarked)
             work = [self._controlled(w) for w in work]
             completer.pending.extend(self._sort_faults(refused))
             size = min(self.batch_size, self.generator.max_batch_size)
@@ -407,7 +407,7 @@ class Daemon:
 
         def call() -> list[Attempt]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()
-            ready, refused = validate_alone(batch, self.generator)
+            ready, refused = validate_unvalidated(batch, self.generator)
             ready = [self._controlled(w) for w in ready]
             outcomes = refused + render(self.generator, ready, outputs, worker_id, beside) if ready else refused
             self._render_seconds = time.monotonic() - started
@@ -431,7 +431,7 @@ class Daemon:
         control = self.held.control(work.job.id)
         if work.request.control is control:
             return work
-        return Work(work.job, dataclasses.replace(work.request, control=control))
+        return dataclasses.replace(work, request=dataclasses.replace(work.request, control=control))
 
     def _wait(self, running: tuple[Future[list[Attempt]], float], batch: list[Work]) -> list[Attempt] | None:
         """Wait for a started batch while heartbeating; None when a stop gave up on it."""

@@ -36,10 +36,13 @@ log = structlog.get_logger("dgxqueue.daemon")
 @dataclass(frozen=True)
 class Work:
     """A claimed job ready for the backend: its request (its file's path is resolved by
-    :func:`render`, on the generator thread, to keep the main loop short)."""
+    :func:`render`, on the generator thread, to keep the main loop short). ``validated``: the
+    backend's ``validate`` accepted it; one not validated yet is, in its own backend call
+    (:mod:`~dgxqueue.daemon.isolation`)."""
 
     job: ClaimedJob
     request: GenerationRequest
+    validated: bool = True
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from dgxqueue.storage import Generation, create_generations, get_engine, init_db, session_scope
@@ -67,9 +68,12 @@ def test_daemons__a_job_that_kills_its_daemon_is_isolated_and_failed_alone(db_ur
     assert {(jobs[j].status, jobs[j].attempts, jobs[j].lease_losses) for j in others} == {("completed", 2, 1)}
 
 
-def test_daemons__a_job_whose_validate_kills_its_daemon_fails_alone(db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_batch_size", [8, 2], ids=["claim-marked", "claim-larger-than-a-call"])
+def test_daemons__a_job_whose_validate_kills_its_daemon_fails_alone(db_url: str, tmp_path: Path,
+                                                                    max_batch_size: int) -> None:
     """A prompt whose validate() SIGKILLs the daemon, claimed with 7 others, daemons restarted
-    after each death: the 7 complete, it fails; the daemons do not die for ever."""
+    after each death: the 7 complete, it fails; the daemons do not die for ever. Also when the
+    claim is larger than a backend call (the claim then marks no job started: each call does)."""
     init_db(db_url)
     spec = {"model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000, "channels": 1}
     with session_scope(get_engine(db_url)) as s:
@@ -79,7 +83,7 @@ def test_daemons__a_job_whose_validate_kills_its_daemon_fails_alone(db_url: str,
         "database": {"url": db_url},
         "outputs": {"dir": str(tmp_path / "outputs")},
         "generator": {"name": "tests.support.generators:ValidateKillingGenerator"},
-        "generator.options": {"log_path": str(tmp_path / "executions.log")},
+        "generator.options": {"log_path": str(tmp_path / "executions.log"), "max_batch_size": max_batch_size},
         "worker": {"batch_size": 8, "lease_seconds": 1.0, "heartbeat_seconds": 0.2,
                    "rescue_interval_seconds": 0.2, "backoff_base_seconds": 0.0, "poll_interval_seconds": 0.2},
         "metrics": {"enabled": False},
@@ -93,4 +97,4 @@ def test_daemons__a_job_whose_validate_kills_its_daemon_fails_alone(db_url: str,
             break
     jobs = rows(db_url)
     assert {jobs[j].status for j in others} == {"completed"}, {j: jobs[j].error_message for j in others}
-    assert jobs[poison].status == "failed"
+    assert jobs[poison].status == "failed" and "killed its daemon" in (jobs[poison].error_message or "")

@@ -4,10 +4,11 @@ how the daemon runs a job suspected of killing daemons."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from dgxqueue.generators import GenerationOutcome, GenerationRequest
@@ -138,6 +139,53 @@ def test_daemon__claims_mark_what_the_next_call_runs(engine: sa.Engine, db_url: 
     daemon = make_daemon(db_url, tmp_path / "outputs", gen, batch_size=4)
     assert daemon.run(burst=True) == 0
     assert gen.batches == [more[:2], more[2:]] and gen.marked == [set(more[:2]), set(more)]
+
+
+class ValidateObserving(ScriptedGenerator):
+    """Notes, at each validate, whether its job is marked started; calls of 2 jobs at most."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(max_batch_size=2)
+        self.url = url
+        self.marked: dict[str, list[bool]] = {}  # job id -> at each of its validates
+
+    def validate(self, request: GenerationRequest) -> None:
+        self.marked.setdefault(request.job_id, []).append(row(self.url, request.job_id).started_at is not None)
+        super().validate(request)
+
+
+class SecondClaimReleases(RecordingHooks):
+    """Releases the ``block`` job once a second claim is made: that claim is made while its call runs."""
+
+    def __init__(self, gen: ScriptedGenerator) -> None:
+        super().__init__()
+        self.gen = gen
+
+    def on_claimed(self, jobs: Sequence[ClaimedJob], now: datetime) -> None:
+        super().on_claimed(jobs, now)
+        if len(self.claimed) > len(jobs):
+            self.gen.gate.set()
+
+
+@pytest.mark.parametrize(("batch_size", "prefetch"), [(4, False), (2, True)],
+                         ids=["claim-larger-than-a-call", "claimed-while-a-call-runs"])
+def test_daemon__a_job_is_validated_once_and_only_once_marked_started(
+        engine: sa.Engine, db_url: str, tmp_path: Path, batch_size: int, prefetch: bool) -> None:
+    """A claim that marks no job started (larger than a backend call, or made while one runs):
+    each job is validated once, only when a call has marked it started, so a validate that
+    kills the daemon is charged to its job; an invalid job still fails alone, with its message."""
+    ids = [enqueue(db_url, prompt) for prompt in ["block" if prefetch else "fine", "fine", "invalid", "fine", "fine"]]
+    gen = ValidateObserving(db_url)
+    hooks = SecondClaimReleases(gen)
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, hooks=hooks, batch_size=batch_size, prefetch=prefetch)
+    try:
+        assert daemon.run(burst=True) == 0
+    finally:
+        gen.gate.set()
+    assert gen.marked == {job_id: [True] for job_id in ids}
+    invalid = row(db_url, ids[2])
+    assert (invalid.status, invalid.error_message) == ("failed", "prompt 'invalid' is refused by the scripted backend")
+    assert {row(db_url, j).status for j in ids[:2] + ids[3:]} == {"completed"}
 
 
 def test_rescue__a_lease_that_expires_while_it_runs_is_sorted_by_its_row(engine: sa.Engine, db_url: str) -> None:
