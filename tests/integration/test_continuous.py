@@ -262,3 +262,35 @@ def test_continuous__a_job_that_never_joined_does_not_block_the_file_of_one_join
     assert refused["status"] == "failed" and "refused at its start" in (refused["error_message"] or "")
     assert (done["status"], done["attempts"]) == ("completed", 1), done
     assert read_wav(outputs / "x.wav" / "y.wav")[0].shape == (1, round(0.25 * RATE))
+
+
+class ValidateObserving(Slots):
+    """:class:`Slots` noting, at each validate, whether its job is marked started."""
+
+    def __init__(self, url: str, slots: int) -> None:
+        super().__init__(slots)
+        self.url = url
+        self.marked: dict[str, list[bool]] = {}  # job id -> at each of its validates
+
+    def validate(self, request: GenerationRequest) -> None:
+        with get_engine(self.url).connect() as conn:
+            started = conn.execute(sa.text("SELECT started_at FROM generations WHERE id = :id"),
+                                   {"id": request.job_id}).scalar_one()
+        self.marked.setdefault(request.job_id, []).append(started is not None)
+        super().validate(request)
+
+
+def test_continuous__a_job_is_validated_only_once_marked_started(db_url: str, tmp_path: Path) -> None:
+    """Jobs joining a running batch, more than its slots, a suspect and an invalid one among them:
+    each is validated only once marked started (by its claim, or again when a suspect joins), so
+    a validate that kills the daemon is charged to its job; the invalid one fails alone."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(db_url, outputs, "steps:2", "steps:3", "bogus", "steps:2", "steps:2")
+    with get_engine(db_url).begin() as conn:  # it lost a lease before: it runs alone
+        conn.execute(sa.text("UPDATE generations SET lease_losses = 1 WHERE id = :id"), {"id": ids[3]})
+    generator = ValidateObserving(db_url, 2)
+    assert _daemon(db_url, outputs, generator, RecordingHooks()).run(burst=True) == 0
+    assert set(generator.marked) == set(ids) and all(all(seen) for seen in generator.marked.values())
+    rows = _rows(db_url, ids)
+    assert [r["status"] for r in rows] == ["completed", "completed", "failed", "completed", "completed"]
+    assert rows[2]["error_message"] == "unknown prompt 'bogus'"
