@@ -3,7 +3,7 @@ how the daemon runs a job suspected of killing daemons."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,29 @@ def test_daemon__a_job_is_validated_once_and_only_once_marked_started(
     invalid = row(db_url, ids[2])
     assert (invalid.status, invalid.error_message) == ("failed", "prompt 'invalid' is refused by the scripted backend")
     assert {row(db_url, j).status for j in ids[:2] + ids[3:]} == {"completed"}
+
+
+class KeyRefusing(ScriptedGenerator):
+    """Calls of 2 jobs at most, and no batch key for a request its validate refuses."""
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        if request.prompt == "invalid":
+            raise ValueError("no key for an invalid request")
+        return super().batch_key(request)
+
+
+def test_daemon__a_job_not_validated_yet_that_the_backend_cannot_key_fails_alone(
+        engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
+    """A claim larger than a call is batched before its validates run: a request the backend
+    cannot key runs in a call of its own, whose validate fails it; the daemon and the rest go on."""
+    ids = [enqueue(db_url, prompt) for prompt in ["fine", "invalid", "fine", "fine"]]
+    gen = KeyRefusing(max_batch_size=2)
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, batch_size=4)
+    assert daemon.run(burst=True) == 0
+    invalid = row(db_url, ids[1])
+    assert (invalid.status, invalid.error_message) == ("failed", "prompt 'invalid' is refused by the scripted backend")
+    assert {row(db_url, j).status for j in ids[:1] + ids[2:]} == {"completed"}
+    assert gen.batches == [[ids[0], ids[2]], [ids[3]]]
 
 
 def test_rescue__a_lease_that_expires_while_it_runs_is_sorted_by_its_row(engine: sa.Engine, db_url: str) -> None:
