@@ -140,7 +140,9 @@ def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]],
         except OutputError:  # a path outside the outputs folder: no temporary of ours beside it
             continue
         folder = audio.folder_of(target)
-        if job_id in listed.setdefault(folder, waiting(folder)) and not audio.written_by(target, job_id):
+        if folder not in listed:  # not setdefault: its argument would list the folder again for every job
+            listed[folder] = waiting(folder)
+        if job_id in listed[folder] and not audio.written_by(target, job_id):
             found.add(job_id)
     return found
 

@@ -197,3 +197,26 @@ def test_write_wav_atomic__a_folder_that_cannot_be_made_is_no_taken_path(tmp_pat
     with pytest.raises(OutputError, match="File exists") as raised:
         write_wav_atomic(tmp_path / "sub" / "x.wav", _audio(), replace=replace)
     assert not isinstance(raised.value, PathTakenError)
+
+
+def test_unpublished__lists_each_folder_once_however_many_jobs(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One listing per folder, not one per job: ``prune --delete-files`` of 20,000 jobs in one
+    folder took 180 s (each job listed all 20,000 names again), and ``archive`` held SQLite's
+    write lock that long per batch. The waiting job is still found."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    jobs = [(f"job-{i}", f"outputs/f{i}.wav") for i in range(50)]
+    (outputs / f".f7.wav.{tag('job-7', 1, 'w')}.tmp").write_bytes(b"result")
+    listings: list[str] = []
+    real_listdir = os.listdir
+
+    def counted(folder: str) -> list[str]:
+        listings.append(folder)
+        return real_listdir(folder)
+
+    monkeypatch.setattr(staging.os, "listdir", counted)
+    listed: dict[str, set[str]] = {}
+    assert staging.unpublished(outputs, jobs, listed) == {"job-7"}
+    assert staging.unpublished(outputs, jobs, listed) == {"job-7"}  # the next batch: listed already
+    assert listings == [str(outputs)]
