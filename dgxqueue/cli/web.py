@@ -88,7 +88,8 @@ def cmd_web(ctx: Context, args: argparse.Namespace) -> int:
         def capture_signals(self) -> Iterator[None]:
             # uvicorn's own catches a SIGINT ignored at start (``web &`` in a script) and raises the
             # signal again after its graceful stop: this one leaves it ignored and exits 0, as the worker.
-            previous = catch((signal.SIGINT, signal.SIGTERM), self.handle_exit)
+            # SIGHUP (a closed terminal) stops it as the worker, gracefully, not by its default action.
+            previous = catch((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), self.handle_exit)
             try:
                 yield
             finally:

@@ -191,20 +191,23 @@ def test_web_cli__clients_that_hang_up_leave_no_file_open(config: Path, tmp_path
         assert stop(web) == 0
 
 
-@pytest.mark.parametrize("ignored", [False, True], ids=["sigint", "sigint-ignored-at-start"])
-def test_web_cli__sigint_stops_it_unless_ignored_at_start(config: Path, tmp_path: Path, ignored: bool) -> None:
-    """SIGINT stops the server with exit 0; started with SIGINT ignored (a script's ``web &``), it
-    keeps it ignored (uvicorn caught it anyway and stopped) and SIGTERM still stops it with 0."""
+@pytest.mark.parametrize("ignored", [False, True], ids=["", "ignored-at-start"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["sigint", "sighup"])
+def test_web_cli__sigint_or_sighup_stops_it_unless_ignored_at_start(config: Path, tmp_path: Path, ignored: bool,
+                                                                    signum: signal.Signals) -> None:
+    """SIGINT or SIGHUP stops the server with exit 0, as they stop the worker; started with it
+    ignored (a script's ``web &``, ``nohup``), it keeps it ignored (uvicorn caught SIGINT anyway
+    and stopped) and SIGTERM still stops it with 0. SIGHUP killed it by its default action."""
     port = free_port()
     log = tmp_path / "web.log"
     with log.open("ab") as out:
         web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
                                cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                               preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None)
+                               preexec_fn=(lambda: signal.signal(signum, signal.SIG_IGN)) if ignored else None)
     try:
         wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
-        assert ignores(web.pid, signal.SIGINT) == ignored, Path(f"/proc/{web.pid}/status").read_text()
-        web.send_signal(signal.SIGINT)
+        assert ignores(web.pid, signum) == ignored, Path(f"/proc/{web.pid}/status").read_text()
+        web.send_signal(signum)
         if ignored:
             assert _answers(port) and web.poll() is None
             code = stop(web)
