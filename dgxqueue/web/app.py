@@ -9,6 +9,7 @@ otherwise redirects back to the page the form came from.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from dgxqueue.storage.dberrors import database_unavailable
 from dgxqueue.web import views
 from dgxqueue.web.files import file_response
 from dgxqueue.web.security import CSRF_FIELD, CSRF_HEADER, Guard, GuardMiddleware, form_value, safe_next
+
+_log = logging.getLogger(__name__)
 
 #: How often the pages poll the API for live values (milliseconds).
 POLL_MS = 1500
@@ -310,6 +313,8 @@ def create_app(options: WebOptions) -> Starlette:
         assert isinstance(exc, sa.exc.DBAPIError)
         status = 503 if database_unavailable(exc) else 500
         message = f"database {'unavailable' if status == 503 else 'error'}: {type(exc.orig).__name__}"
+        if status == 500:  # the page names only the error's kind: the log is where its cause is read
+            _log.error("%s on %r: %r", message, request.url.path, str(exc.orig).strip())
         if request.url.path.startswith("/api/") or wants_json(request):
             return JSONResponse({"error": message, "field": None}, status_code=status)
         return page(request, "error.html", status=status, message=message)

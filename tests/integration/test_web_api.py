@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -310,17 +311,23 @@ def test_web_overview__read_once_per_cache_period(engine: Engine, settings: Sett
         assert fresh.get("/api/overview").json()["by_status"]["pending"] == before + 1
 
 
-def test_web_api__a_database_error_is_one_line_without_sql(engine: Engine, settings: Settings) -> None:
+def test_web_api__a_database_error_is_one_line_without_sql(engine: Engine, settings: Settings,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     """A statement the database refuses (here: its table gone) is a 500 naming the error's kind,
-    never the SQL; the page says the same in its error page."""
+    never the SQL; the page says the same in its error page. The server logs its cause (the
+    database's message), which nothing recorded: the operator could not tell what failed."""
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE generations"))
-    with client(settings) as browser:
+    with client(settings) as browser, caplog.at_level(logging.ERROR, logger="dgxqueue.web"):
         refused = browser.get("/api/jobs")
         assert refused.status_code == 500 and refused.json()["error"].startswith("database error: ")
         assert "SELECT" not in refused.text
         page = browser.get("/jobs")
         assert page.status_code == 500 and "database error" in page.text and "SELECT" not in page.text
+    causes = [r.getMessage() for r in caplog.records
+              if r.name.startswith("dgxqueue.web") and r.levelno >= logging.ERROR]
+    assert len(causes) == 2 and all("generations" in cause for cause in causes), causes
+    assert "'/api/jobs'" in causes[0] and "'/jobs'" in causes[1]
 
 
 def test_web_token__a_login_address_holding_the_token_is_left_at_once(engine: Engine, settings: Settings) -> None:
