@@ -215,7 +215,7 @@ def test_unpublished__lists_each_folder_once_however_many_jobs(tmp_path: Path,
         listings.append(folder)
         return real_listdir(folder)
 
-    monkeypatch.setattr(staging.os, "listdir", counted)
+    monkeypatch.setattr(os, "listdir", counted)  # staging calls it as os.listdir
     listed: dict[str, set[str]] = {}
     assert staging.unpublished(outputs, jobs, listed) == {"job-7"}
     assert staging.unpublished(outputs, jobs, listed) == {"job-7"}  # the next batch: listed already
