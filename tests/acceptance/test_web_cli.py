@@ -131,10 +131,7 @@ def test_web_cli__token_required_on_every_address_and_never_printed(config: Path
     (tmp_path / "secret.txt").write_text("outside the outputs folder")
     port = free_port()
     log = tmp_path / "web.log"
-    with log.open("ab") as out:
-        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--host", "0.0.0.0",
-                                "--port", str(port), "--token-file", str(token_file)],
-                               cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    web = _start_web(config, log, port, "--host", "0.0.0.0", "--token-file", str(token_file))
     try:
         wait_until(lambda: b"http://0.0.0.0" in log.read_bytes(), 30, "the server's first line", alive=web)
         wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
@@ -149,6 +146,15 @@ def test_web_cli__token_required_on_every_address_and_never_printed(config: Path
     finally:
         assert stop(web) == 0
     assert TOKEN not in log.read_text()
+
+
+def _start_web(config: Path, log: Path, port: int, *args: str, ignored: int | None = None) -> subprocess.Popen[bytes]:
+    """``dgxqueue web`` on ``port``, its output in ``log``; ``ignored``: a signal it starts with ignored."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port), *args],
+            cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=None if ignored is None else (lambda: signal.signal(ignored, signal.SIG_IGN)))
 
 
 def _answers(port: int) -> bool:
@@ -175,9 +181,7 @@ def test_web_cli__clients_that_hang_up_leave_no_file_open(config: Path, tmp_path
     (tmp_path / "outputs" / "big.wav").write_bytes(os.urandom(1 << 24))
     port = free_port()
     log = tmp_path / "web.log"
-    with log.open("ab") as out:
-        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
-                               cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    web = _start_web(config, log, port)
     try:
         wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
         for _ in range(50):
@@ -200,10 +204,7 @@ def test_web_cli__sigint_or_sighup_stops_it_unless_ignored_at_start(config: Path
     and stopped) and SIGTERM still stops it with 0. SIGHUP killed it by its default action."""
     port = free_port()
     log = tmp_path / "web.log"
-    with log.open("ab") as out:
-        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
-                               cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                               preexec_fn=(lambda: signal.signal(signum, signal.SIG_IGN)) if ignored else None)
+    web = _start_web(config, log, port, ignored=signum if ignored else None)
     try:
         wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
         assert ignores(web.pid, signum) == ignored, Path(f"/proc/{web.pid}/status").read_text()
@@ -231,10 +232,7 @@ def test_web_cli__a_second_sigterm_drops_a_slow_download_and_exits_0(config: Pat
         sparse.truncate(1 << 28)  # far more than the socket buffers hold; no disk spent
     port = free_port()
     log = tmp_path / "web.log"
-    with log.open("ab") as out:
-        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
-                               cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                               preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None)
+    web = _start_web(config, log, port, ignored=signal.SIGINT if ignored else None)
     try:
         wait_until(lambda: _answers(port), 30, "the server to answer", alive=web)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:

@@ -291,10 +291,11 @@ def test_sweep__leaves_another_queues_temporary_in_a_shared_outputs_folder(sqlit
         neighbour.shutdown()
 
 
-def test_sweep__never_replaces_a_file_already_at_a_completed_jobs_path(db_url: str, tmp_path: Path) -> None:
-    """A completed attempt's temporary, left by a crash, whose path meanwhile holds a file that is
-    not its (an archived job's, another queue's, one put there by hand): the sweep leaves both as
-    they are. Once that file is moved away, the next sweep publishes the result."""
+def _completed_result_beside_anothers_file(db_url: str, tmp_path: Path,
+                                           holder: str | None = None) -> tuple[Path, str, str, Path]:
+    """A completed job whose result a crash left under its temporary name, while its path holds a
+    file that is not its (``holder``: job ``holder``'s WAV, marked with its id): the outputs
+    folder, the job's id, the temporary's name and the path."""
     init_db(db_url)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
@@ -302,7 +303,18 @@ def test_sweep__never_replaces_a_file_already_at_a_completed_jobs_path(db_url: s
     set_row(db_url, job_id, status="completed", worker_id="w", attempts=1, file_size_bytes=SIZE)
     temp = stage(outputs, job_id, 1, "w")
     target = outputs / f"{job_id}.wav"
-    target.write_bytes(b"not this job's")
+    if holder is None:
+        target.write_bytes(b"not this job's")
+    else:
+        stage(outputs, holder, 1, "w", name=target.name, publish=True)
+    return outputs, job_id, temp, target
+
+
+def test_sweep__never_replaces_a_file_already_at_a_completed_jobs_path(db_url: str, tmp_path: Path) -> None:
+    """A completed attempt's temporary, left by a crash, whose path meanwhile holds a file that is
+    not its (an archived job's, another queue's, one put there by hand): the sweep leaves both as
+    they are. Once that file is moved away, the next sweep publishes the result."""
+    outputs, job_id, temp, target = _completed_result_beside_anothers_file(db_url, tmp_path)
     assert staging.sweep(outputs, lookup(db_url)).published == []
     assert sorted(os.listdir(outputs)) == sorted([temp, target.name])
     assert target.read_bytes() == b"not this job's"
@@ -314,13 +326,7 @@ def test_sweep__never_replaces_a_file_already_at_a_completed_jobs_path(db_url: s
 def test_sweep__names_the_job_whose_wav_holds_a_completed_jobs_path(db_url: str, tmp_path: Path) -> None:
     """The file at a completed job's path, which the sweep leaves as it is, is another job's WAV
     (marked with its id): the warning names that job, so the operator knows whose file to move."""
-    init_db(db_url)
-    outputs = tmp_path / "outputs"
-    outputs.mkdir()
-    [job_id] = enqueue(db_url, 1)
-    set_row(db_url, job_id, status="completed", worker_id="w", attempts=1, file_size_bytes=SIZE)
-    temp = stage(outputs, job_id, 1, "w")
-    stage(outputs, "archived-job", 1, "w", name=f"{job_id}.wav", publish=True)
+    outputs, job_id, temp, _ = _completed_result_beside_anothers_file(db_url, tmp_path, holder="archived-job")
     with capture_logs() as logs:
         assert staging.sweep(outputs, lookup(db_url)).published == []
     [warning] = [entry for entry in logs if entry["log_level"] == "warning"]
@@ -452,14 +458,7 @@ def test_sweeper__warns_once_about_a_temporary_that_stays(db_url: str, tmp_path:
     """A completed job's temporary whose path holds another file stays through sweep after sweep:
     the daemon's sweeper warns about it once, not every lease period. Once it is published (the
     file moved away), its warning is forgotten with it."""
-    init_db(db_url)
-    outputs = tmp_path / "outputs"
-    outputs.mkdir()
-    [job_id] = enqueue(db_url, 1)
-    set_row(db_url, job_id, status="completed", worker_id="w", attempts=1, file_size_bytes=SIZE)
-    temp = stage(outputs, job_id, 1, "w")
-    target = outputs / f"{job_id}.wav"
-    target.write_bytes(b"not this job's")
+    outputs, job_id, temp, target = _completed_result_beside_anothers_file(db_url, tmp_path)
     daemon = make_daemon(db_url, outputs, ScriptedGenerator())
     try:
         with capture_logs() as logs:
