@@ -408,7 +408,6 @@ class Daemon:
         def call() -> list[Attempt]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()
             ready, refused = validate_unvalidated(batch, self.generator)
-            ready = [self._controlled(w) for w in ready]
             outcomes = refused + render(self.generator, ready, outputs, worker_id, beside) if ready else refused
             self._render_seconds = time.monotonic() - started
             return handoff.deliver(outcomes)

@@ -19,6 +19,7 @@ to every job every time, and the restarted daemon claimed the same job and died 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Collection, Hashable, Sequence
 
 from dgxqueue.daemon.executor import Attempt, Work, prepare, to_request
@@ -57,8 +58,9 @@ def validate_unvalidated(batch: Sequence[Work], generator: Generator) -> tuple[l
     if not later:
         return list(batch), []
     ready, refused = prepare(later, generator)
-    accepted = {work.job.id: work for work in ready}
-    return [work if work.validated else accepted[work.job.id] for work in batch
+    accepted = {work.job.id for work in ready}
+    # Each keeps its own request, whose control the heartbeat may have cancelled already.
+    return [work if work.validated else dataclasses.replace(work, validated=True) for work in batch
             if work.validated or work.job.id in accepted], refused
 
 
