@@ -138,6 +138,8 @@ class Daemon:
         self.log = log.bind(worker_id=self.worker_id)
         self._render_seconds = 0.0  # the last backend call's, timed on the runner thread
         self._call = Handoff()  # the running (or last) backend call's
+        # Sizes of calls whose jobs were validated in the call, for on_batch on the main thread.
+        self._sent: list[int] = []
         self._stop_requested_at: float | None = None
         self._immediate = False
         self._stopping_sent = False
@@ -349,6 +351,8 @@ class Daemon:
                 with outage_skips(self.log, "could not write outcomes yet; will try again after this batch"):
                     completer.flush(claim_next=self.config.prefetch and i == len(batches) - 1)
                 outcomes = self._wait(running, batch)
+                while self._sent:
+                    self.hooks.on_batch(self._sent.pop())
                 if outcomes is None:
                     break
                 completer.pending.extend(self._sort_faults(outcomes))
@@ -399,7 +403,8 @@ class Daemon:
 
     def _start(self, batch: list[Work]) -> tuple[Future[list[Attempt]], float]:
         """Hand a batch to the runner; returns its future and start time for :meth:`_wait`."""
-        self.hooks.on_batch(len(batch))
+        if all(w.validated for w in batch):  # else counted once its validate refused the call's invalid jobs
+            self.hooks.on_batch(len(batch))
         outputs, worker_id = self.settings.outputs_dir, self.worker_id
         # The results written behind this call: their renames come after its jobs' checks.
         beside = self.completer.publishing()
@@ -408,6 +413,8 @@ class Daemon:
         def call() -> list[Attempt]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()
             ready, refused = validate_unvalidated(batch, self.generator)
+            if ready and not all(w.validated for w in batch):
+                self._sent.append(len(ready))
             outcomes = refused + render(self.generator, ready, outputs, worker_id, beside) if ready else refused
             self._render_seconds = time.monotonic() - started
             return handoff.deliver(outcomes)

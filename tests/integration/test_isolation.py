@@ -273,3 +273,24 @@ def test_rescue__counters_at_the_integer_limits_never_stop_it(engine: sa.Engine,
     assert state == {spent_most: ("failed", 3, most), live_most: ("pending", 1, most),
                      spent_least: ("pending", least, 1), beside: ("pending", 1, 1)}
     assert f"killed its daemon {most} times" in (row(db_url, spent_most).error_message or "")
+
+
+class BatchSizes(RecordingHooks):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def on_batch(self, size: int) -> None:
+        self.sizes.append(size)
+
+
+def test_daemon__on_batch_counts_the_requests_that_reach_the_backend(
+        engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
+    """A claim larger than a call, validated in its calls: ``on_batch`` (dgxqueue_batch_size)
+    counts each generate() call with the requests it got, not the jobs its validate refused."""
+    ids = [enqueue(db_url, prompt) for prompt in ["invalid", "invalid", "invalid", "fine"]]
+    gen, hooks = ScriptedGenerator(max_batch_size=2), BatchSizes()
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, hooks=hooks, batch_size=4)
+    assert daemon.run(burst=True) == 0
+    assert gen.batches == [[ids[3]]]
+    assert hooks.sizes == [1]
