@@ -157,15 +157,29 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
             continue
         try:
             request = to_request(job)
-            generator.validate(request)
         except (DgxQueueError, ValueError) as exc:
             refused.append(_refusal(job, exc))
             continue
         except Exception as exc:
             refused.append(Attempt(job, exc, 0.0))
             continue
-        ready.append(Work(job, request))
+        refusal = validate(job, request, generator)
+        if refusal is None:
+            ready.append(Work(job, request))
+        else:
+            refused.append(refusal)
     return ready, refused
+
+
+def validate(job: ClaimedJob, request: GenerationRequest, generator: Generator) -> Attempt | None:
+    """The job's failure if the backend refuses its request (see :func:`prepare`), else None."""
+    try:
+        generator.validate(request)
+    except (DgxQueueError, ValueError) as exc:
+        return _refusal(job, exc)
+    except Exception as exc:
+        return Attempt(job, exc, 0.0)
+    return None
 
 
 def locate(batch: Sequence[Work], root: audio.OutputRoot,

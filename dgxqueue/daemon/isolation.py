@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Collection, Hashable, Sequence
 
-from dgxqueue.daemon.executor import Attempt, Work, prepare, to_request
+from dgxqueue.daemon.executor import Attempt, Work, prepare, to_request, validate
 from dgxqueue.errors import JobTimeoutError
 from dgxqueue.generators import Generator, split_into_batches
 from dgxqueue.storage.claimed import ClaimedJob
@@ -54,14 +54,18 @@ def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator,
 def validate_unvalidated(batch: Sequence[Work], generator: Generator) -> tuple[list[Work], list[Attempt]]:
     """A batch's jobs not validated yet, validated in its backend call (after its start mark);
     those validated already as they are."""
-    later = [work.job for work in batch if not work.validated]
-    if not later:
+    if all(work.validated for work in batch):
         return list(batch), []
-    ready, refused = prepare(later, generator)
-    accepted = {work.job.id for work in ready}
-    # Each keeps its own request, whose control the heartbeat may have cancelled already.
-    return [work if work.validated else dataclasses.replace(work, validated=True) for work in batch
-            if work.validated or work.job.id in accepted], refused
+    ready: list[Work] = []
+    refused: list[Attempt] = []
+    for work in batch:
+        # Its own request, built with the claim: its control the heartbeat may have cancelled already.
+        refusal = None if work.validated else validate(work.job, work.request, generator)
+        if refusal is not None:
+            refused.append(refusal)
+        else:
+            ready.append(work if work.validated else dataclasses.replace(work, validated=True))
+    return ready, refused
 
 
 def split_isolating(work: Sequence[Work], key: Callable[[Work], Hashable], size: int) -> list[list[Work]]:

@@ -3,11 +3,15 @@ processes: a cancel, a hanging validate, the batch counts."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from dgxqueue.storage import Generation, cancel_generation, create_generations, get_engine, init_db, session_scope
+from dgxqueue.storage.models import utcnow
 from tests.support.generators import read_executions
 from tests.support.processes import start_worker, stop, wait_until, write_config
 
@@ -49,3 +53,56 @@ def test_daemon__a_job_cancelled_before_its_call_never_reaches_the_backend(db_ur
         assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     assert read_executions(log)[ids[1]] == 0
     assert rows(db_url)[ids[0]].status == "completed"
+
+
+def leases_ran_out(url: str) -> bool:
+    now = utcnow()  # the database's clock on this one host
+    return all(job.lease_expires_at is None or job.lease_expires_at < now
+               for job in rows(url).values() if job.status == "processing")
+
+
+def supervise(config: Path, url: str, tmp_path: Path, runs: int) -> list[int]:
+    """Run ``--burst`` daemons one after another, as systemd restarts them, until every job has
+    ended; one whose loop stalls is killed as systemd's watchdog would. Returns their exit codes."""
+    codes: list[int] = []
+    for run in range(runs):
+        wait_until(lambda: leases_ran_out(url), 30, "the dead daemon's leases to run out")
+        log = tmp_path / f"worker{run}.log"
+        worker = start_worker(config, log, "--burst")
+        try:
+            codes.append(worker.wait(8))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            codes.append(worker.wait(10))
+        assert codes[-1] in (0, 124, -signal.SIGKILL), log.read_text()[-3000:]
+        if all(job.status in ("completed", "failed") for job in rows(url).values()):
+            break
+    return codes
+
+
+@pytest.mark.parametrize("max_batch_size", [2, 4], ids=["claim-larger-than-a-call", "claim-marked"])
+def test_daemons__a_validate_that_hangs_is_timed_out_and_fails_alone(db_url: str, tmp_path: Path,
+                                                                      max_batch_size: int) -> None:
+    """A claim of four in calls of two, one job's validate() never returning: the time limit
+    covers it (it runs inside the call), charges its call's jobs, and it then runs alone until it
+    fails; its batch-mate and the others complete. The daemons exit 124 a bounded number of times."""
+    init_db(db_url)
+    with session_scope(get_engine(db_url)) as s:
+        ids = create_generations(s, [{"prompt": p, **SPEC, "max_attempts": 3}
+                                     for p in ["fine", "hang", "fine", "fine"]])
+    config = write_config(tmp_path / "config.toml", {
+        "database": {"url": db_url},
+        "outputs": {"dir": str(tmp_path / "outputs")},
+        "generator": {"name": "tests.support.generators:ValidateHangingGenerator"},
+        "generator.options": {"log_path": str(tmp_path / "executions.log"), "max_batch_size": max_batch_size},
+        "worker": {"batch_size": 4, "job_timeout_seconds": 1.0, "lease_seconds": 1.0, "heartbeat_seconds": 0.2,
+                   "rescue_interval_seconds": 0.2, "backoff_base_seconds": 0.0,
+                   "poll_interval_seconds": 0.2},
+        "metrics": {"enabled": False},
+    })
+    codes = supervise(config, db_url, tmp_path, 8)
+    jobs = rows(db_url)
+    assert codes.count(124) + codes.count(-signal.SIGKILL) == 3, codes
+    assert (jobs[ids[1]].status, jobs[ids[1]].attempts) == ("failed", 3)
+    assert "time limit of 1 s" in (jobs[ids[1]].error_message or "")
+    assert {jobs[j].status for j in ids if j != ids[1]} == {"completed"}

@@ -191,3 +191,16 @@ class ValidateKillingGenerator(ScriptedGenerator):
             self._record(request)
             os.kill(os.getpid(), signal.SIGKILL)
         super().validate(request)
+
+
+class ValidateHangingGenerator(ScriptedGenerator):
+    """:class:`ScriptedGenerator` whose ``validate`` never returns on the ``hang`` prompt, as a
+    tokenizer stuck in a native library would: for daemon processes only."""
+
+    name = "validate-hanging"
+
+    def validate(self, request: GenerationRequest) -> None:
+        if request.prompt == "hang":
+            self._record(request)
+            threading.Event().wait()
+        super().validate(request)
