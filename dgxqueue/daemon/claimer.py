@@ -39,7 +39,6 @@ class Claimer:
         heartbeat: Heartbeat,
         *,
         batch_size: int,
-        max_call_size: Callable[[], int],
         runner: Runner,
         stopping: Callable[[], bool],
         outputs_check: OutputsCheck,
@@ -52,7 +51,6 @@ class Claimer:
         self.held = held
         self.heartbeat = heartbeat
         self.batch_size = batch_size
-        self.max_call_size = max_call_size  # the generator's max_batch_size
         self.runner = runner
         self.stopping = stopping
         self.outputs_check = outputs_check
@@ -90,11 +88,12 @@ class Claimer:
         return jobs
 
     def starts(self) -> bool:
-        """Whether a claim now marks its jobs started: one made while no backend call runs, of
-        no more jobs than a call takes, so the next call usually runs them all (those it does not
-        are cleared first, see :meth:`unmark_not_first`). It saves the daemon's separate start
-        mark, and its row writes, on most calls."""
-        return not self.runner.busy and self.batch_size <= self.max_call_size()
+        """Whether a claim now marks its jobs started: one made while no backend call runs. The
+        jobs the next call does not run are cleared before it starts (:meth:`unmark_not_first`).
+        A claim larger than a call is marked too: the backend's ``validate`` and ``batch_key``
+        run on all its jobs before the first call, and one that kills the daemon must be charged
+        to the claim's jobs (which then run alone), not refunded to all for ever."""
+        return not self.runner.busy
 
     def unmark_not_first(self, jobs: Sequence[ClaimedJob], premarked: set[str], batches: list[list[Work]]) -> None:
         """Clear the claim's start marks of the jobs the first call will not run (refused, of

@@ -164,7 +164,7 @@ class Daemon:
                                forget_dead=self.registration.forget_dead)
         self.claimer = Claimer(
             self.store, self.held, self.heartbeat, batch_size=self.batch_size,
-            max_call_size=lambda: generator.max_batch_size, runner=self.runner, stopping=lambda: self.stopping,
+            runner=self.runner, stopping=lambda: self.stopping,
             outputs_check=self.outputs_check, hooks=self.hooks, notifier=self.notifier, clock=clock, log=self.log,
         )
         writes_behind = profile_of(engine.dialect).writes_behind if engine is not None else True

@@ -98,3 +98,37 @@ def test_daemons__a_job_whose_validate_kills_its_daemon_fails_alone(db_url: str,
     jobs = rows(db_url)
     assert {jobs[j].status for j in others} == {"completed"}, {j: jobs[j].error_message for j in others}
     assert jobs[poison].status == "failed" and "killed its daemon" in (jobs[poison].error_message or "")
+
+
+def test_daemons__a_batch_key_that_kills_its_daemon_costs_one_death_even_for_a_claim_larger_than_a_call(
+        db_url: str, tmp_path: Path) -> None:
+    """A prompt whose batch_key() SIGKILLs the daemon, claimed with 7 others in calls of 2: the
+    claim marks its jobs started, so the death is charged to the claim's jobs, which then run
+    alone (a suspect is never keyed) and complete. Before, a claim larger than a call marked
+    nothing: every death was refunded to all and the restarted daemons died for ever."""
+    init_db(db_url)
+    spec = {"model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000, "channels": 1}
+    with session_scope(get_engine(db_url)) as s:
+        ids = create_generations(s, [{"prompt": p, **spec} for p in ["fine"] * 3 + ["kill"] + ["fine"] * 4])
+    config = write_config(tmp_path / "config.toml", {
+        "database": {"url": db_url},
+        "outputs": {"dir": str(tmp_path / "outputs")},
+        "generator": {"name": "tests.support.generators:BatchKeyKillingGenerator"},
+        "generator.options": {"log_path": str(tmp_path / "executions.log"), "max_batch_size": 2},
+        "worker": {"batch_size": 8, "lease_seconds": 1.0, "heartbeat_seconds": 0.2,
+                   "rescue_interval_seconds": 0.2, "backoff_base_seconds": 0.0, "poll_interval_seconds": 0.2},
+        "metrics": {"enabled": False},
+    })
+    deaths = 0
+    for run in range(4):  # the supervisor: restart after each death, once the dead one's leases ran out
+        wait_until(lambda: leases_ran_out(db_url), 30, "the dead daemon's leases to run out")
+        worker = start_worker(config, tmp_path / f"worker{run}.log", "--burst")
+        code = worker.wait(60)
+        assert code in (0, -signal.SIGKILL), (tmp_path / f"worker{run}.log").read_text()[-3000:]
+        deaths += code == -signal.SIGKILL
+        if all(job.status in ("completed", "failed") for job in rows(db_url).values()):
+            break
+    jobs = rows(db_url)
+    assert deaths == 1, deaths
+    assert {(jobs[j].status, jobs[j].attempts, jobs[j].lease_losses) for j in ids} == {("completed", 2, 1)}, \
+        {j: (jobs[j].status, jobs[j].error_message) for j in ids}

@@ -83,9 +83,11 @@ def supervise(config: Path, url: str, tmp_path: Path, runs: int) -> list[int]:
 @pytest.mark.parametrize("max_batch_size", [2, 4], ids=["claim-larger-than-a-call", "claim-marked"])
 def test_daemons__a_validate_that_hangs_is_timed_out_and_fails_alone(db_url: str, tmp_path: Path,
                                                                       max_batch_size: int) -> None:
-    """A claim of four in calls of two, one job's validate() never returning: the time limit
-    covers it (it runs inside the call), charges its call's jobs, and it then runs alone until it
-    fails; its batch-mate and the others complete. The daemons exit 124 a bounded number of times."""
+    """A claim of four (in calls of two, or in one call), one job's validate() never returning:
+    the claim marked its jobs started, so its validate runs with the claim on the main loop, a
+    stall the watchdog ends (here the supervisor kills it), which charges the claim's jobs; then
+    it runs alone, validated inside its own call, where the time limit ends it (exit 124) until it
+    fails. The others complete, and the daemons stop a bounded number of times."""
     init_db(db_url)
     with session_scope(get_engine(db_url)) as s:
         ids = create_generations(s, [{"prompt": p, **SPEC, "max_attempts": 3}

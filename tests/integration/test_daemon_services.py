@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -67,7 +68,7 @@ class Services:
 
 
 def services(backend: QueueBackend, outputs: Path, *, worker_id: str = "ours", batch_size: int = 2,
-             writes_behind: bool = False, max_call_size: int = 2) -> Services:
+             writes_behind: bool = False) -> Services:
     settings = make_settings("sqlite:///unused.db", outputs, batch_size=batch_size)
     store = backend.queue(worker_id, lease=LEASE)
     hooks, held = PauseHooks(), Held()
@@ -76,7 +77,7 @@ def services(backend: QueueBackend, outputs: Path, *, worker_id: str = "ours", b
     sweeper = Sweeper(store, outputs, interval=settings.worker.lease_seconds, log=log)
     rescuer = Rescuer(store, heartbeat, sweeper, hooks, interval=settings.worker.rescue_interval_seconds, log=log)
     outputs_check = OutputsCheck(outputs, 0, interval=0.0)
-    claimer = Claimer(store, held, heartbeat, batch_size=batch_size, max_call_size=lambda: max_call_size,
+    claimer = Claimer(store, held, heartbeat, batch_size=batch_size,
                       runner=Runner(), stopping=lambda: False, outputs_check=outputs_check, hooks=hooks,
                       notifier=Notifier({}), clock=backend.now, log=log)
     completer = Completer(store, held, claimer, settings=settings.worker, writes_behind=writes_behind, hooks=hooks,
@@ -130,7 +131,7 @@ def test_claimer__run_once_claims_a_batch_and_holds_it_for_the_next_round(sqlite
                                                                           tmp_path: Path) -> None:
     """A claim of up to a batch: held, waiting to start, marked started by the claim (a call takes
     them all), their leases' heartbeat counted from now, and the hooks told."""
-    s = services(sqlite, tmp_path / "outputs", batch_size=2, max_call_size=2)
+    s = services(sqlite, tmp_path / "outputs", batch_size=2)
     ids = [s.enqueue() for _ in range(3)]
     claimed = s.claimer.run_once()
     assert [job.id for job in claimed] == ids[:2]
@@ -140,14 +141,23 @@ def test_claimer__run_once_claims_a_batch_and_holds_it_for_the_next_round(sqlite
     assert s.row(ids[2])["status"] == "pending"
 
 
-def test_claimer__a_claim_larger_than_a_call_does_not_mark_its_jobs_started(memory: MemoryBackend,
-                                                                            tmp_path: Path) -> None:
-    """When the backend takes fewer jobs a call than a claim holds, the claim marks none started:
-    the daemon marks each call's jobs as it starts them."""
-    s = services(memory, tmp_path / "outputs", batch_size=2, max_call_size=1)
+def test_claimer__a_claim_marks_its_jobs_started_unless_a_call_is_running(memory: MemoryBackend,
+                                                                          tmp_path: Path) -> None:
+    """A claim made while no backend call runs marks every job started, however many a call takes
+    (the backend's validate and batch_key see them all before the first call: one that kills the
+    daemon is charged, not refunded for ever); one made while a call runs (prefetch) marks none."""
+    s = services(memory, tmp_path / "outputs", batch_size=2)
     ids = [s.enqueue(), s.enqueue()]
-    assert len(s.claimer.run_once()) == 2 and s.held.premarked == set()
-    assert [s.row(job_id)["started_at"] for job_id in ids] == [None, None]
+    assert len(s.claimer.run_once()) == 2 and s.held.premarked == set(ids)
+    assert all(s.row(job_id)["started_at"] is not None for job_id in ids)
+    busy = threading.Event()
+    s.claimer.runner.submit(busy.wait)
+    try:
+        later = [s.enqueue(), s.enqueue()]
+        assert len(s.claimer.run_once()) == 2 and s.held.premarked == set(ids)
+        assert [s.row(job_id)["started_at"] for job_id in later] == [None, None]
+    finally:
+        busy.set()
 
 
 def test_claimer__the_outputs_pause_is_said_once_and_lifts_by_itself(memory: MemoryBackend, tmp_path: Path) -> None:

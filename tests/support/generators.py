@@ -193,6 +193,20 @@ class ValidateKillingGenerator(ScriptedGenerator):
         super().validate(request)
 
 
+class BatchKeyKillingGenerator(ScriptedGenerator):
+    """:class:`ScriptedGenerator` whose ``batch_key`` SIGKILLs its own process on the ``kill``
+    prompt, as a backend that plans a request there (MusicGen's tokenizer) might: for daemon
+    processes only."""
+
+    name = "batch-key-killing"
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        if request.prompt == "kill":
+            self._record(request)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().batch_key(request)
+
+
 class ValidateHangingGenerator(ScriptedGenerator):
     """:class:`ScriptedGenerator` whose ``validate`` never returns on the ``hang`` prompt, as a
     tokenizer stuck in a native library would: for daemon processes only."""
