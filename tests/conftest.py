@@ -205,6 +205,12 @@ SLOW = frozenset({
     "tests/generators/test_musicgen.py::test_musicgen__compile_step_compiles_at_load_not_in_a_jobs_time",
     "tests/generators/test_musicgen_slots.py::test_musicgen_slots__a_late_joiner_leaves_first_with_its_audio_alone",
     "tests/generators/test_musicgen_slots.py::test_musicgen_slots__cancel_frees_its_slot_and_the_others_decode_on",
+    "tests/acceptance/test_validate_late_processes.py::test_daemons__a_validate_that_hangs_is_timed_out_and_fails_alone",
+    "tests/integration/test_web_odd_input.py::test_web_db_busy__a_locked_table_is_503_not_a_hang",
+    "tests/acceptance/test_daemon_services_processes.py::test_daemon__a_call_longer_than_the_lease_keeps_its_job_from_a_rescuing_daemon",
+    "tests/acceptance/test_registry_processes.py::test_workers__a_killed_daemon_goes_stale_then_is_forgotten",
+    "tests/integration/test_wait_async.py::test_wait_async__many_waiters_at_once_need_no_pool",
+    "tests/acceptance/test_cancel_races_processes.py::test_cancel__racing_each_jobs_completion_leaves_one_outcome_and_whole_files",
 })
 #: Fixtures that take seconds to build: every test that uses one is slow (its first user pays).
 SLOW_FIXTURES = frozenset({"prometheus"})
