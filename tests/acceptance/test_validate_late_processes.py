@@ -4,25 +4,16 @@ processes: a cancel, a hanging validate, the batch counts."""
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from dgxqueue.storage import Generation, cancel_generation, create_generations, get_engine, init_db, session_scope
-from dgxqueue.storage.models import utcnow
+from dgxqueue.storage import cancel_generation, create_generations, get_engine, init_db, session_scope
 from tests.support.generators import read_executions
 from tests.support.processes import start_worker, stop, wait_until, write_config
+from tests.support.supervisor import rows, supervise
 
 SPEC = {"model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000, "channels": 1}
-
-
-def rows(url: str) -> dict[str, Generation]:
-    with session_scope(get_engine(url)) as s:
-        jobs = s.scalars(sa.select(Generation)).all()
-        s.expunge_all()
-        return {job.id: job for job in jobs}
 
 
 def test_daemon__a_job_cancelled_before_its_call_never_reaches_the_backend(db_url: str, tmp_path: Path) -> None:
@@ -55,31 +46,6 @@ def test_daemon__a_job_cancelled_before_its_call_never_reaches_the_backend(db_ur
     assert rows(db_url)[ids[0]].status == "completed"
 
 
-def leases_ran_out(url: str) -> bool:
-    now = utcnow()  # the database's clock on this one host
-    return all(job.lease_expires_at is None or job.lease_expires_at < now
-               for job in rows(url).values() if job.status == "processing")
-
-
-def supervise(config: Path, url: str, tmp_path: Path, runs: int) -> list[int]:
-    """Run ``--burst`` daemons one after another, as systemd restarts them, until every job has
-    ended; one whose loop stalls is killed as systemd's watchdog would. Returns their exit codes."""
-    codes: list[int] = []
-    for run in range(runs):
-        wait_until(lambda: leases_ran_out(url), 30, "the dead daemon's leases to run out")
-        log = tmp_path / f"worker{run}.log"
-        worker = start_worker(config, log, "--burst")
-        try:
-            codes.append(worker.wait(8))
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            codes.append(worker.wait(10))
-        assert codes[-1] in (0, 124, -signal.SIGKILL), log.read_text()[-3000:]
-        if all(job.status in ("completed", "failed") for job in rows(url).values()):
-            break
-    return codes
-
-
 @pytest.mark.parametrize("max_batch_size", [2, 4], ids=["claim-larger-than-a-call", "claim-marked"])
 def test_daemons__a_validate_that_hangs_is_timed_out_and_fails_alone(db_url: str, tmp_path: Path,
                                                                       max_batch_size: int) -> None:
@@ -102,7 +68,7 @@ def test_daemons__a_validate_that_hangs_is_timed_out_and_fails_alone(db_url: str
                    "poll_interval_seconds": 0.2},
         "metrics": {"enabled": False},
     })
-    codes = supervise(config, db_url, tmp_path, 8)
+    codes = supervise(config, db_url, tmp_path, 8, watchdog=8)
     jobs = rows(db_url)
     assert codes.count(124) + codes.count(-signal.SIGKILL) == 3, codes
     assert (jobs[ids[1]].status, jobs[ids[1]].attempts) == ("failed", 3)
