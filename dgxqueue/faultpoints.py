@@ -11,6 +11,7 @@ steps, in order:
 - ``after-commit``: the outcomes are committed, the temporaries not yet renamed into place
 - ``archive-committed`` (``dgxqueue archive``, not the daemon): a batch is committed at the archive,
   not yet deleted at the source
+- ``demo-interrupted`` (``dgxqueue demo``): its first Ctrl-C answered, its daemon not yet told to stop
 """
 
 from __future__ import annotations

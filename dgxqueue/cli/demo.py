@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dgxqueue import faultpoints
 from dgxqueue.cli.common import (
     EX_CANTCREAT,
     EX_CONFIG,
@@ -108,6 +109,7 @@ class _Daemon:
             command += ["--config", ctx.config_path]
         command += ["worker", "--generator", MODEL, "--models", MODEL, "--worker-id", f"demo-{os.getpid()}"]
         self.ready = False
+        self.stops_sent = 0
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -145,16 +147,25 @@ class _Daemon:
                 self.wait_ready(60.0)
                 self.progress.line(f"stopping the daemon (SIGTERM to pid {self.process.pid})")
                 self.process.send_signal(signal.SIGTERM)
+                self.stops_sent = 1
                 self._wait(grace + 15)
         except KeyboardInterrupt:
-            if self.process.poll() is None:
-                self.progress.line("releasing the running jobs now (a second SIGTERM)")
-                self.process.send_signal(signal.SIGTERM)
-                self._wait(15)
+            self.release()
             raise
         finally:
             self.notify.close()
         return self.process.returncode
+
+    def release(self) -> None:
+        """Stop it at once, its running jobs released: a second SIGTERM; if none went yet, SIGTERM
+        and SIGINT (two SIGTERMs sent together may arrive as one); SIGKILL after 15 s."""
+        if self.process.poll() is None:
+            self.progress.line("releasing the running jobs now (a second stop signal)")
+            self.process.send_signal(signal.SIGTERM)
+            if not self.stops_sent:
+                self.process.send_signal(signal.SIGINT)
+            self.stops_sent = 2
+            self._wait(15)
 
     def _wait(self, timeout: float) -> None:
         try:
@@ -214,6 +225,7 @@ def _demo(ctx: Context, args: argparse.Namespace) -> int:
     grace = ctx.settings.worker.grace_seconds
     daemon = None
     keep_log = True
+    told = False  # the first Ctrl-C was answered: "Ctrl-C again releases them at once"
     try:
         with stop_signals_interrupt():
             daemon = _Daemon(ctx, folder, progress)
@@ -232,8 +244,10 @@ def _demo(ctx: Context, args: argparse.Namespace) -> int:
                                    "daemon, so they stay queued until a worker runs them ('dgxqueue worker'; "
                                    "'dgxqueue list --status pending' shows them)", EX_TEMPFAIL) from None
             except KeyboardInterrupt:
+                told = True
                 progress.line(f"interrupted: the daemon finishes its running jobs (up to {grace:g} s); "
                               "Ctrl-C again releases them at once")
+                faultpoints.reached("demo-interrupted")
                 daemon.stop(grace)
                 raise
             code = daemon.stop(grace)
@@ -242,8 +256,13 @@ def _demo(ctx: Context, args: argparse.Namespace) -> int:
                                EX_SOFTWARE)
             keep_log = False
     finally:
-        if daemon is not None and daemon.process.poll() is None:  # an error while it ran
-            daemon.stop(grace)
+        if daemon is not None and daemon.process.poll() is None:
+            # An error while it ran; or the second Ctrl-C, come before stop() began, which must
+            # still release the jobs at once rather than wait out the grace period.
+            if told:
+                daemon.release()
+            else:
+                daemon.stop(grace)
         if not keep_log:
             for path in folder.iterdir():
                 path.unlink()

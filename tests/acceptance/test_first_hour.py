@@ -25,7 +25,7 @@ from dgxqueue.errors import SchemaError
 from dgxqueue.storage import dispose_engines, init_db
 from dgxqueue.storage.database import HEAD_REVISION
 from tests.acceptance.test_cli import QUIET_DAEMON, REPO, Cli, assert_error
-from tests.support.processes import stop, wait_until
+from tests.support.processes import stop, stopped, wait_until
 
 
 def _log_lines(path: Path) -> list[dict[str, object]]:
@@ -380,6 +380,26 @@ def test_demo__first_ctrl_c_on_a_terminal_says_what_the_second_does(cli: Cli, te
     term.process.send_signal(signal.SIGINT)
     assert term.process.wait(timeout=60) == 130
     pid = int(term.read_until("daemon started", 1).split("daemon started (pid ", 1)[1].split(",", 1)[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_demo__a_second_ctrl_c_before_its_daemon_is_told_to_stop_still_releases_the_jobs(
+        cli: Cli, terminal: list[_Terminal]) -> None:
+    """The second Ctrl-C landing after the first one's message but before the demo had told its
+    daemon to stop (here: the demo held there, SIGSTOP, while it comes): the demo still releases
+    the running jobs at once and exits 130. It waited out the grace period of a graceful stop."""
+    env = {**QUIET_DAEMON, "DGXQUEUE_JOBS_MAX_DURATION_SECONDS": "600", "DGXQ_TEST_STOP_AT": "demo-interrupted"}
+    term = _Terminal(cli, "demo", "--prompts", "8", "--duration", "600", env=env)
+    terminal.append(term)
+    term.read_until("processing", 120)
+    term.process.send_signal(signal.SIGINT)
+    wait_until(lambda: stopped(term.process.pid), 30, "the demo to stop after its first Ctrl-C's message")
+    term.process.send_signal(signal.SIGINT)  # pending until it runs again
+    term.process.send_signal(signal.SIGCONT)
+    assert term.process.wait(timeout=60) == 130
+    assert "releasing the running jobs now" in term.read_until("releasing the running jobs now", 10)
+    pid = int(term.text.split("daemon started (pid ", 1)[1].split(",", 1)[0])
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 

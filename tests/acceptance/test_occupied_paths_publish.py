@@ -18,13 +18,7 @@ import sqlalchemy as sa
 from dgxqueue.storage import init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.acceptance.test_occupied_paths import FOREIGN
-from tests.support.processes import REPO, STARTUP_SECONDS, start_worker, stop, wait_until, worker_config
-
-
-def stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped by a signal (state ``T`` in /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rpartition(")")[2].split()[0] == "T"
+from tests.support.processes import REPO, STARTUP_SECONDS, start_worker, stop, stopped, wait_until, worker_config
 
 
 def log_entries(log: Path) -> list[dict[str, Any]]:

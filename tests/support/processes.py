@@ -130,3 +130,9 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
         process.kill()
         process.wait()
         raise AssertionError("daemon ignored SIGTERM") from None
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal (state ``T`` in /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "T"
