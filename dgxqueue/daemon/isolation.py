@@ -10,16 +10,16 @@ A job's ``validate`` runs only once the job is marked started (:func:`prepare_is
 a validate that kills the daemon is charged to its job, which becomes suspect. The jobs of a
 claim that marked them started are validated with the claim, suspects excepted: a suspect is
 validated inside its own backend call, or a validate that kills the daemon again would be
-charged to every job of its claim. So is each job of a claim that marked none (one larger than
-a backend call, or made while a call ran), inside the call that runs it, after that call's start
-mark: validated with the claim, before any mark, a validate that killed the daemon was refunded
-to every job every time, and the restarted daemon claimed the same job and died again.
+charged to every job of its claim. So is each job of a claim that marked none (one made while
+a call ran: see :meth:`Claimer.starts <dgxqueue.daemon.claimer.Claimer.starts>`), inside the call
+that runs it, after that call's start mark: validated with the claim, before any mark, a validate
+that killed the daemon was refunded to every job every time, and the restarted daemon claimed the
+same job and died again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Collection, Hashable, Sequence
 
 from dgxqueue.daemon.executor import Attempt, Work, prepare, to_request, validate
@@ -64,7 +64,7 @@ def validate_unvalidated(batch: Sequence[Work], generator: Generator) -> tuple[l
         if refusal is not None:
             refused.append(refusal)
         else:
-            ready.append(work if work.validated else dataclasses.replace(work, validated=True))
+            ready.append(work)
     return ready, refused
 
 
