@@ -169,7 +169,7 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
     listed: dict[str, set[str]] = {}  # each folder listed once a run, not once a batch
 
     def held(rows: list[tuple[Any, str, str]]) -> dict[Any, str]:
-        from dgxqueue.daemon.staging import unpublished  # here: only an archive that moves rows looks
+        from dgxqueue.outputs import unpublished  # here: only an archive that moves rows looks
 
         # Archived, a result still under its temporary name would be deleted by the sweep (its
         # row gone from here), and the row would name the file at its path, which is another's.

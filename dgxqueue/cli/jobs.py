@@ -215,7 +215,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     removed, freed, skipped, kept, not_its = 0, 0, [], [], []
     files: list[Path] = []
     if args.delete_files:
-        from dgxqueue.daemon.staging import unpublished  # here: only --delete-files looks at the files
+        from dgxqueue.outputs import unpublished  # here: only --delete-files looks at the files
 
         owned = {path: job_id for job_id, path in victims if job_id in owners}  # each file once
         # Their results wait under a temporary name: the file at the path, if any, is not theirs.

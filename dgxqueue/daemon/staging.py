@@ -1,7 +1,8 @@
-"""A result is published after its attempt commits: whose each temporary WAV is, and the sweep.
+"""A result is published after its attempt commits, and the sweep.
 
 An attempt writes its WAV beside the target as ``.<file name>.<job id>.<attempt>.<worker>.<nonce>.tmp``
-(``<worker>``: a hash of the daemon's worker id; ``<nonce>``: random, so a name is never reused),
+(``<worker>``: a hash of the daemon's worker id; ``<nonce>``: random, so a name is never reused;
+the names, and whose each is, are :mod:`dgxqueue.outputs`', re-exported here),
 fsynced; its fenced outcome write commits the row; only then is the temporary renamed into place.
 An attempt whose write is fenced off, or whose call was abandoned at its time limit, deletes its
 temporary and never renames it, so the file at ``file_path`` is always the one the row's
@@ -20,17 +21,11 @@ queue's (another database sharing the outputs folder), whose attempt may still c
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
-import functools
-import hashlib
 import os
-import re
-import secrets
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,15 +33,16 @@ import structlog
 
 from dgxqueue import audio
 from dgxqueue.errors import OutputError
+from dgxqueue.outputs import Owner as Owner
+from dgxqueue.outputs import owner as owner
+from dgxqueue.outputs import tag as tag
+from dgxqueue.outputs import unpublished as unpublished
+from dgxqueue.outputs import waiting as waiting
+from dgxqueue.outputs import worker_hash as worker_hash
 from dgxqueue.storage.models import COMPLETED, PROCESSING
 from dgxqueue.storage.queue import AttemptState
 
 log = structlog.get_logger("dgxqueue.staging")
-_SAFE_ID = re.compile(r"[0-9A-Za-z-]{1,100}")  # a UUID, as our producers make them, is written as is
-_MAX_ENCODED_ID = 160  # leaves a temporary's name room for 49 bytes of the file's name
-_ATTEMPT = re.compile(r"-?[0-9]{1,20}")
-_HEX = re.compile(r"[0-9a-f]+")
-_WORKER_HEX, _NONCE_HEX = 10, 6
 
 #: Seconds before the sweep deletes a temporary of a job its database does not know: a deleted
 #: row's, or one another queue writing into the same outputs folder has yet to publish.
@@ -56,95 +52,6 @@ Lookup = Callable[[Sequence[str]], Mapping[str, AttemptState]]
 #: The warnings a daemon's sweeps gave, as (folder, temporary, warning), so that each is logged once
 #: while its temporary stays, not every sweep; an entry goes with its temporary.
 Warned = set[tuple[str, str, str]]
-
-
-@functools.lru_cache(maxsize=16)
-def worker_hash(worker_id: str) -> str:
-    """A short, stable stand-in for a worker id in file names (ids hold host names, any text)."""
-    return hashlib.blake2b(worker_id.encode("utf-8", "surrogatepass"), digest_size=_WORKER_HEX // 2).hexdigest()
-
-
-def _encode_id(job_id: str) -> str:
-    if _SAFE_ID.fullmatch(job_id):
-        return job_id
-    # Any other id (a row written by plain SQL): base64url, which has no '.' or '/'.
-    encoded = "_" + base64.urlsafe_b64encode(job_id.encode("utf-8", "surrogatepass")).rstrip(b"=").decode()
-    if len(encoded) > _MAX_ENCODED_ID:
-        raise OutputError(f"job id of {len(job_id)} characters is too long to name its temporary file"
-                          " (job ids are UUIDs)")
-    return encoded
-
-
-def _decode_id(text: str) -> str | None:
-    if _SAFE_ID.fullmatch(text):
-        return text
-    if not text.startswith("_") or len(text) > _MAX_ENCODED_ID:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(text[1:] + "=" * (-len(text[1:]) % 4))
-        return raw.decode("utf-8", "surrogatepass")
-    except (ValueError, binascii.Error):
-        return None
-
-
-def tag(job_id: str, attempt: int, worker_id: str) -> str:
-    """The part of a temporary's name that says whose it is; a new nonce each call."""
-    return f"{_encode_id(job_id)}.{attempt}.{worker_hash(worker_id)}.{secrets.token_hex(_NONCE_HEX // 2)}"
-
-
-@dataclass(frozen=True)
-class Owner:
-    """The attempt a temporary belongs to, read back from its name."""
-
-    job_id: str
-    attempt: int
-    worker: str  # worker_hash() of its daemon's worker id
-
-
-def owner(name: str) -> Owner | None:
-    """The attempt that wrote the temporary called ``name``; None for any other name."""
-    if not (name.startswith(".") and name.endswith(".tmp")):
-        return None
-    parts = name[:-4].rsplit(".", 4)
-    if len(parts) != 5:
-        return None
-    _, encoded, attempt, worker, nonce = parts
-    job_id = _decode_id(encoded)
-    if (job_id is None or not _ATTEMPT.fullmatch(attempt) or len(worker) != _WORKER_HEX
-            or len(nonce) != _NONCE_HEX or not _HEX.fullmatch(worker + nonce)):
-        return None
-    return Owner(job_id, int(attempt), worker)
-
-
-def waiting(folder: str) -> set[str]:
-    """The ids of the jobs with a temporary in ``folder`` (none if it cannot be listed)."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return set()
-    return {who.job_id for name in names if name.startswith(".") and (who := owner(name)) is not None}
-
-
-def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]],
-                listed: dict[str, set[str]] | None = None) -> set[str]:
-    """Of completed jobs, given as (id, file_path), those whose result still waits beside its path
-    under a temporary name, the file at the path (if any) not theirs: their rename found another's
-    file there and kept it, or a crash came before it. Each folder is listed once, its jobs kept
-    in ``listed`` (folder -> :func:`waiting`), which a caller asking batch after batch passes again."""
-    root = audio.OutputRoot(outputs_dir)
-    listed = {} if listed is None else listed
-    found: set[str] = set()
-    for job_id, file_path in jobs:
-        try:
-            target = root.locate(file_path)
-        except OutputError:  # a path outside the outputs folder: no temporary of ours beside it
-            continue
-        folder = audio.folder_of(target)
-        if folder not in listed:  # not setdefault: its argument would list the folder again for every job
-            listed[folder] = waiting(folder)
-        if job_id in listed[folder] and not audio.written_by(target, job_id):
-            found.add(job_id)
-    return found
 
 
 class Verdict(enum.Enum):
