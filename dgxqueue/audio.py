@@ -208,6 +208,12 @@ def holder(path: str, folder_fd: int | None = None) -> str | None:
     return mark.decode("ascii") if mark is not None and _HOLDER.fullmatch(mark) else None
 
 
+def marked(path: str) -> bool:
+    """Whether the regular file ``path`` (not followed if a link) carries an :data:`OWNER_XATTR`,
+    any job's; False where it cannot be told (a file system without user attributes)."""
+    return _owner_mark(path) is not None
+
+
 def put_in_place(folder_fd: int, temp: str, name: str, owner: str | None) -> None:
     """Rename the temporary ``temp`` to ``name`` (both in the folder open as ``folder_fd``) without
     replacing anything there (:func:`~dgxqueue.noreplace.rename_noreplace`) but a WAV that job

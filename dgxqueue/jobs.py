@@ -32,9 +32,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from dgxqueue.api import _engine, default_settings, enqueue
-from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import Settings
-from dgxqueue.errors import InvalidStateError, JobNotFoundError, OutputError, ValidationError, WaitTimeoutError
+from dgxqueue.errors import InvalidStateError, JobNotFoundError, ValidationError, WaitTimeoutError
+from dgxqueue.outputs import Output, output
 from dgxqueue.storage import admin, session_scope
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import PROCESSING, G
@@ -122,15 +122,23 @@ class Job:
         return Progress(min(max(done, 0), total), total)
 
     @property
+    def output(self) -> Output | None:
+        """What is at the completed job's path, read from the file system now
+        (:func:`dgxqueue.outputs.output`): ``exists``, or ``reason()`` says why not, such as its
+        result held under its temporary name while another's file sits at its path. None before
+        it completed, or for a path outside the outputs folder (only plain SQL writes one)."""
+        if self._state.status != "completed":
+            return None
+        return output(self._settings.outputs_dir, self.id, self._state.file_path)
+
+    @property
     def output_path(self) -> Path | None:
-        """Where the WAV file is once the job completed (None before, or for a path outside the
-        outputs folder, which only plain SQL can write)."""
-        if self._state.status != "completed" or not isinstance(self._state.file_path, str):
-            return None
-        try:
-            return resolve_output_path(self._settings.outputs_dir, self._state.file_path)
-        except OutputError:
-            return None
+        """Where the WAV file is once the job completed. None before, for a path outside the
+        outputs folder, and while what is at its path is not its WAV (another job's, or any file
+        while its result is held under its temporary name: :attr:`output` says which). A file
+        not there yet is still given: its rename may come a moment after the commit."""
+        found = self.output
+        return None if found is None or found.occupied else Path(found.path)
 
     @property
     def error(self) -> str | None:

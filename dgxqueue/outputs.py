@@ -1,5 +1,5 @@
-"""Whose each file beside a job's path is: the temporaries its attempts write, and which completed
-jobs' results are still held under them (:func:`unpublished`).
+"""Whose each file beside a job's path is: the temporaries its attempts write, and whether the file
+at a completed job's path is its WAV (:func:`output`).
 
 An attempt writes its WAV beside the target as ``.<file name>.<job id>.<attempt>.<worker>.<nonce>.tmp``
 (``<worker>``: a hash of the daemon's worker id; ``<nonce>``: random, so a name is never reused),
@@ -10,7 +10,8 @@ when a daemon's sweep publishes it.
 
 One rule says whether a completed job's result is held: a temporary of the job lies beside its
 path, and the file there (if any) is not one the job wrote (its :data:`~dgxqueue.audio.OWNER_XATTR`
-does not name it). :func:`unpublished` applies it to many jobs at once (``prune``, ``archive``).
+does not name it). :func:`output` applies it for ``show``, the status page and a
+:class:`~dgxqueue.jobs.Job` handle; :func:`unpublished` for many jobs at once (``prune``, ``archive``).
 
 Only the standard library and :mod:`dgxqueue.audio`: the CLI's reads and producers use this module,
 and load neither the daemon nor the logging stack.
@@ -25,6 +26,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +135,107 @@ def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]],
         if _held(target, job_id, job_id in listed[folder]):
             found.add(job_id)
     return found
+
+
+@dataclass(frozen=True)
+class Output:
+    """What :func:`output` found at a completed job's path."""
+
+    path: str  # the job's file_path, located (absolute, links resolved)
+    exists: bool  # the job's WAV is at ``path``, as far as can be told (see :func:`output`)
+    temporary: str | None = None  # where its result is held instead (absolute), the file at ``path`` not its
+    holder: str | None = None  # the job whose WAV the file at ``path`` is, by its mark, when another
+    occupied: bool = False  # something that is not this job's WAV is at ``path``
+
+    @property
+    def held(self) -> bool:
+        """Its result waits under its temporary name (:attr:`temporary`) for the path to be free."""
+        return self.temporary is not None
+
+    def reason(self, relative_to: str | None = None) -> str | None:
+        """Why the job's WAV is not at its path, and what to do, for a person; None when it is.
+        ``relative_to``: a folder that the paths named are shown relative to."""
+        if self.exists:
+            return None
+
+        def shown(path: str) -> str:
+            return path if relative_to is None else os.path.relpath(path, relative_to)
+
+        whose = (f"it is job {self.holder}'s WAV" if self.holder is not None
+                 else "it is another file, not this job's WAV")
+        if self.temporary is not None and self.occupied:
+            return (f"the file at {shown(self.path)} is not this job's ({whose}); this job's result is held under "
+                    f"its temporary name {shown(self.temporary)}: move that file away and a daemon's next sweep "
+                    "publishes the result")
+        if self.temporary is not None:
+            return (f"this job's result waits under its temporary name {shown(self.temporary)}, to be renamed to "
+                    f"{shown(self.path)} (by its daemon straight after the commit, or else by a daemon's next sweep)")
+        if self.occupied:
+            return (f"the file at {shown(self.path)} is not this job's ({whose}); this job's was deleted or moved "
+                    "since it completed")
+        return "the file does not exist (deleted or moved since the job completed)"
+
+
+#: Why a job has no WAV at its path when :func:`output` found none to look at.
+OUTSIDE = "its file path is not inside the outputs folder"
+
+
+def output(outputs_dir: Path | audio.OutputRoot, job_id: str, file_path: object, *, attempt: object = None,
+           worker_id: object = None) -> Output | None:
+    """Whether completed job ``job_id``'s WAV is at its ``file_path``, and if not, why; None for a
+    path that is not one inside the outputs folder (only plain SQL writes such a row).
+
+    Its result is held (:attr:`Output.temporary`) by :func:`unpublished`'s rule; of several of its
+    temporaries, the one of the attempt its row completed (``attempt``, ``worker_id``) is named, or
+    else the newest. Otherwise a file at the path counts as the job's unless its mark names another
+    job: one without any mark is taken as its own, since WAVs written before the mark existed, or
+    copied or restored without extended attributes, carry none (on a file system without them, so
+    does every WAV). Anything at the path that is not a regular file is no job's WAV.
+
+    Reads the file system now: one ``lstat`` and the mark's ``getxattr``, and the folder is listed
+    only when the file there does not carry the job's own id.
+    """
+    if not isinstance(file_path, str):
+        return None
+    root = outputs_dir if isinstance(outputs_dir, audio.OutputRoot) else audio.OutputRoot(outputs_dir)
+    try:
+        target = root.locate(file_path)
+    except OutputError:
+        return None
+    try:
+        info: os.stat_result | None = os.lstat(target)
+    except OSError:  # absent, or not examinable: as Path.is_file() takes it
+        info = None
+    if info is not None and audio.written_by(target, job_id):
+        return Output(target, exists=True)  # its own, whatever temporary of an older attempt waits beside it
+    temporary = _temporary(audio.folder_of(target), job_id, attempt, worker_id)
+    holder = audio.holder(target) if info is not None else None
+    if _held(target, job_id, temporary is not None):
+        return Output(target, exists=False, temporary=temporary, holder=holder, occupied=info is not None)
+    foreign = info is not None and (not stat.S_ISREG(info.st_mode) or audio.marked(target))
+    return Output(target, exists=info is not None and not foreign, holder=holder, occupied=foreign)
+
+
+def _temporary(folder: str, job_id: str, attempt: object, worker_id: object) -> str | None:
+    """The path of job ``job_id``'s temporary in ``folder``: the one of (``attempt``, ``worker_id``)
+    if there is one, else the newest; None if it has none."""
+    best: tuple[bool, float, str] | None = None
+    wanted = worker_hash(worker_id) if isinstance(worker_id, str) else None
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return None
+    for entry in entries:
+        who = owner(entry.name) if entry.name.startswith(".") else None
+        if who is None or who.job_id != job_id:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:  # published or deleted meanwhile
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        rank = (who.attempt == attempt and who.worker == wanted, info.st_mtime, entry.path)
+        if best is None or rank > best:
+            best = rank
+    return None if best is None else best[2]

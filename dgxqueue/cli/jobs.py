@@ -32,6 +32,7 @@ from dgxqueue.cli.common import (
 )
 from dgxqueue.cli.wait import Progress, finish, fraction, watch
 from dgxqueue.errors import JobNotFoundError, ValidationError
+from dgxqueue.outputs import OUTSIDE, output, unpublished
 from dgxqueue.storage import (
     Generation,
     admin,
@@ -61,9 +62,14 @@ def _require(ctx: Context, text: str) -> Generation:
 def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     job = _require(ctx, args.id)
     row = job_dict(ctx.settings, job)
-    path = row["output_path"]
-    if job.status == "completed":  # a completed job's file may have been deleted or moved since
-        row["output_exists"] = path is not None and Path(path).is_file()
+    found = None
+    if job.status == "completed":  # its file may have been deleted or moved since, or its result be held
+        found = output(ctx.settings.outputs_dir, job.id, job.file_path, attempt=job.attempts,
+                       worker_id=job.worker_id)
+        row["output_exists"] = found is not None and found.exists
+        if args.json:
+            row["output_held_at"] = None if found is None else found.temporary
+            row["output_holder"] = None if found is None else found.holder
     share = fraction(job)
     if share is not None:
         row["progress"] = f"{job.progress_done}/{job.progress_total} ({share * 100:.0f}%)"
@@ -73,10 +79,8 @@ def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     width = max(len(key) for key in row)
     for key, value in row.items():
         shown = "-" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else value
-        if key == "output_exists" and not value:
-            shown = "no: the file does not exist (deleted or moved since the job completed)"
-        elif key == "output_exists":
-            shown = "yes"
+        if key == "output_exists":
+            shown = "yes" if value else f"no: {found.reason() if found is not None else OUTSIDE}"
         print(f"{key.ljust(width)}  {safe(shown)}")
     return EXIT_OK
 
@@ -215,8 +219,6 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     removed, freed, skipped, kept, not_its = 0, 0, [], [], []
     files: list[Path] = []
     if args.delete_files:
-        from dgxqueue.outputs import unpublished  # here: only --delete-files looks at the files
-
         owned = {path: job_id for job_id, path in victims if job_id in owners}  # each file once
         # Their results wait under a temporary name: the file at the path, if any, is not theirs.
         waits = unpublished(ctx.settings.outputs_dir, [(job_id, path) for path, job_id in owned.items()])
@@ -265,7 +267,10 @@ def add_parsers(sub: Any) -> None:
     id_help = "a job id, or a unique prefix of one (at least 4 hex digits, as 'wait' shows them)"
     p = sub.add_parser("show", help="show one generation",
                        description="Show every field of one generation; for a completed one, whether its "
-                                   "WAV file exists. Exit 3 if no job matches, 65 if a prefix matches several.")
+                                   "WAV is at its path (output_exists): not when the file there carries another "
+                                   "job's id, or while its result is held under its temporary name beside it, "
+                                   "which is then named with what to do. Exit 3 if no job matches, 65 if a "
+                                   "prefix matches several.")
     p.add_argument("id", help=id_help)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)

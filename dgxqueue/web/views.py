@@ -18,8 +18,9 @@ from urllib.parse import quote
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from dgxqueue.audio import OutputRoot, resolve_output_path
+from dgxqueue.audio import OutputRoot
 from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
+from dgxqueue.outputs import OUTSIDE, output
 from dgxqueue.storage import Generation, browse, reads, registry, search, session_scope
 from dgxqueue.storage.browse import JobFilter
 from dgxqueue.storage.engines import profile_of
@@ -93,15 +94,17 @@ def job_detail(source: Source, job: Generation) -> dict[str, Any]:
     for column in Generation.__table__.columns:
         row[column.name] = _value(getattr(job, "meta" if column.name == "metadata" else column.name))
     row["progress"] = fraction(job.progress_done, job.progress_total)
-    url = file_url(OutputRoot(source.outputs_dir), job.file_path) if job.status == "completed" else None
-    if url is not None:
-        try:
-            exists = resolve_output_path(source.outputs_dir, job.file_path).is_file()
-        except OutputError:
-            exists = False
-        url = url if exists else None
+    url, exists, note = None, None, None
+    if job.status == "completed":  # its file may be gone, or its result held under its temporary name
+        root = OutputRoot(source.outputs_dir)
+        found = output(root, job.id, job.file_path, attempt=job.attempts, worker_id=job.worker_id)
+        exists = found is not None and found.exists
+        url = file_url(root, job.file_path) if exists else None
+        note = OUTSIDE if found is None else found.reason(relative_to=os.path.dirname(root.real))
     row["audio_url"] = url
     row["download_url"] = None if url is None else url + "?download=1"
+    row["output_exists"] = exists
+    row["output_note"] = note
     return row
 
 

@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from dgxqueue.audio import OWNER_XATTR
 from dgxqueue.storage import init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
-from tests.acceptance.test_occupied_paths import FOREIGN
+from tests.acceptance.test_occupied_paths import FOREIGN, burst
 from tests.support.processes import REPO, STARTUP_SECONDS, start_worker, stop, stopped, wait_until, worker_config
+
+OTHER = "5d1e2f3a-0000-4c5e-9f43-2a1c8e7d9b11"  # an archived job, whose WAV is put at another's path
 
 
 def log_entries(log: Path) -> list[dict[str, Any]]:
@@ -94,6 +97,39 @@ def _refused_publish(url: str, tmp_path: Path) -> tuple[Path, str, str]:
 def _dgxqueue(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _held_temporary(tmp_path: Path) -> Path:
+    [temp] = [p for p in (tmp_path / "outputs").iterdir() if p.name.startswith(".blocked.wav.")]
+    return temp
+
+
+def test_show__a_held_result_is_not_reported_as_the_other_file_at_its_path(db_url: str, tmp_path: Path) -> None:
+    """A completed job whose rename was refused (another job's WAV appeared at its path after its
+    commit): ``show`` says its WAV is not there, that the file at its path is that other job's,
+    where its result is held and what to do (--json: ``output_exists`` false, the temporary and
+    the holder); it said ``output_exists: yes`` of the other job's file. Its batch-mate's own WAV
+    is there. Once that file is moved away, a daemon's sweep publishes the result: yes."""
+    config, blocked, done = _refused_publish(db_url, tmp_path)
+    target, temp = tmp_path / "outputs" / "blocked.wav", _held_temporary(tmp_path)
+    result = temp.read_bytes()
+    os.setxattr(target, OWNER_XATTR, OTHER.encode())  # an archived job's WAV carries its id
+    shown = _dgxqueue(config, "show", blocked)
+    assert shown.returncode == 0, shown.stderr
+    [line] = [line for line in shown.stdout.splitlines() if line.startswith("output_exists")]
+    assert " no: the file at " in line and f"job {OTHER}'s WAV" in line, line
+    assert str(temp.resolve()) in line and "move that file away" in line, line
+    data = json.loads(_dgxqueue(config, "show", blocked, "--json").stdout)
+    assert data["output_exists"] is False and data["output_held_at"] == str(temp.resolve()), data
+    assert data["output_holder"] == OTHER, data
+    mate = json.loads(_dgxqueue(config, "show", done, "--json").stdout)
+    assert mate["output_exists"] is True and mate["output_held_at"] is None, mate
+
+    target.rename(tmp_path / "moved-away.wav")
+    burst(config, tmp_path / "sweep.log")  # a daemon sweeps when it starts
+    published = json.loads(_dgxqueue(config, "show", blocked, "--json").stdout)
+    assert published["output_exists"] is True and published["output_held_at"] is None, published
+    assert target.read_bytes() == result and not temp.exists()
 
 
 def test_prune__delete_files_leaves_the_file_a_refused_rename_left_at_a_jobs_path(sqlite_db_url: str,

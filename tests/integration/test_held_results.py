@@ -1,0 +1,73 @@
+"""A completed job whose result is held under its temporary name, another job's WAV at its path:
+the status page and a job handle say so, on real SQLite and PostgreSQL and real files with real
+extended attributes, as ``show`` does (one rule: dgxqueue.outputs.output)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+import dgxqueue
+from dgxqueue.config import Settings
+from dgxqueue.storage import complete_generation, create_generations, session_scope
+from dgxqueue.storage.models import G
+from tests.support.daemons import make_settings
+from tests.support.held import hold, mark
+from tests.support.web import client
+
+OTHER = "5d1e2f3a-0000-4c5e-9f43-2a1c8e7d9b11"
+
+
+@pytest.fixture
+def settings(engine: Engine, db_url: str, tmp_path: Path) -> Settings:
+    return make_settings(db_url, tmp_path / "outputs")
+
+
+def _completed(engine: Engine, name: str) -> str:
+    """A job completed by attempt 1 of worker box-1, with ``outputs/<name>`` as its path."""
+    with session_scope(engine) as session:
+        [job_id] = create_generations(session, [{"prompt": "held", "model_name": "synth", "duration_seconds": 1.0,
+                                                 "sample_rate": 8000, "channels": 1,
+                                                 "file_path": f"outputs/{name}"}])
+        complete_generation(session, job_id, 0.5, 100)
+        session.execute(sa.update(G).where(G.c.id == job_id).values(attempts=1, worker_id="box-1"))
+    return job_id
+
+
+def test_web_api__a_held_result_is_not_offered_as_the_other_file_at_its_path(engine: Engine,
+                                                                            settings: Settings) -> None:
+    """The job's API and page offer no player and no download (they served the other job's WAV
+    as this job's) and say why: whose file it is, where the result is held, what to do. A job
+    whose own WAV is at its path still has its player."""
+    held_job, own_job = _completed(engine, "held.wav"), _completed(engine, "own.wav")
+    outputs = settings.outputs_dir
+    hold(outputs / "held.wav", held_job, OTHER)
+    (outputs / "own.wav").write_bytes(b"RIFF")
+    mark(outputs / "own.wav", own_job)
+    with client(settings) as browser:
+        job = browser.get(f"/api/jobs/{held_job}").json()
+        assert job["audio_url"] is None and job["download_url"] is None and job["output_exists"] is False, job
+        note = job["output_note"]
+        assert f"job {OTHER}'s WAV" in note and "move that file away" in note, note
+        assert "outputs/.held.wav." in note and str(outputs) not in note, note  # relative, as file_path is
+        page = browser.get(f"/jobs/{held_job}").text
+        assert '<audio id="player"' not in page and "move that file away" in page
+        own = browser.get(f"/api/jobs/{own_job}").json()
+        assert own["audio_url"] == "/files/own.wav" and own["output_exists"] is True and own["output_note"] is None
+
+
+def test_job_handle__a_held_result_has_no_output_path(engine: Engine, settings: Settings, db_url: str) -> None:
+    """A handle's ``output_path`` is None while the file at the path is another's (a producer
+    served the other job's WAV as its song); ``output`` says where the result is held. A missing
+    file's path is still given (its rename may come a moment after the commit)."""
+    held_job, missing_job = _completed(engine, "held.wav"), _completed(engine, "missing.wav")
+    temp = hold(settings.outputs_dir / "held.wav", held_job, OTHER)
+    job = dgxqueue.get_job(held_job, database_url=db_url, settings=settings)
+    assert job.status == "completed" and job.output_path is None
+    assert job.output is not None and job.output.temporary == str(temp) and job.output.holder == OTHER
+    missing = dgxqueue.get_job(missing_job, database_url=db_url, settings=settings)
+    assert missing.output_path == settings.outputs_dir / "missing.wav"
+    assert missing.output is not None and not missing.output.exists

@@ -1,0 +1,112 @@
+"""Whether the file at a completed job's path is its WAV (dgxqueue.outputs.output), on real files
+with real extended attributes: the one rule behind ``show``, the status page and a job handle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dgxqueue.outputs import output, unpublished
+from tests.support.held import FOREIGN, hold, mark, temporary
+
+JOB, OTHER = "0b7f3a52-6d0e-4c5e-9f43-2a1c8e7d9b10", "5d1e2f3a-0000-4c5e-9f43-2a1c8e7d9b11"
+
+
+def _outputs(tmp_path: Path) -> Path:
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    return folder
+
+
+def test_output__a_held_result_and_another_jobs_wav_at_the_path(tmp_path: Path) -> None:
+    """Another job's WAV at the path, the job's result beside it under its temporary name: not
+    its; the temporary and the other job are named, with what to do. ``prune`` and ``archive``
+    (unpublished) see the same job as held."""
+    outputs = _outputs(tmp_path)
+    held = hold(outputs / "song.wav", JOB, OTHER)
+    found = output(outputs, JOB, "outputs/song.wav", attempt=1, worker_id="box-1")
+    assert found is not None and not found.exists and found.held and found.occupied
+    assert found.temporary == str(held) and found.holder == OTHER and found.path == str(outputs / "song.wav")
+    reason = found.reason()
+    assert reason is not None and f"job {OTHER}'s WAV" in reason and str(held) in reason
+    assert "move that file away" in reason
+    assert found.reason(relative_to=str(tmp_path)) == reason.replace(str(tmp_path) + os.sep, "")
+    assert unpublished(outputs, [(JOB, "outputs/song.wav")]) == {JOB}
+
+
+def test_output__an_unmarked_file_at_the_path_of_a_held_result_is_not_its(tmp_path: Path) -> None:
+    """A file without any mark (put there by hand) while the job's result is held: not its,
+    without a holder to name."""
+    outputs = _outputs(tmp_path)
+    held = hold(outputs / "song.wav", JOB, None)
+    found = output(outputs, JOB, "outputs/song.wav")
+    assert found is not None and not found.exists and found.temporary == str(held) and found.holder is None
+    assert "another file, not this job's WAV" in (found.reason() or "")
+
+
+def test_output__of_several_temporaries_the_completed_attempts_is_named(tmp_path: Path) -> None:
+    """A crashed earlier attempt's temporary beside the completed one's: the one of the row's
+    attempt and worker is named, not the newest."""
+    outputs = _outputs(tmp_path)
+    completed = hold(outputs / "song.wav", JOB, OTHER, attempt=2, worker_id="box-2")
+    stale = temporary(outputs / "song.wav", JOB, attempt=1, worker_id="box-1")
+    os.utime(completed, (1_000_000_000, 1_000_000_000))  # the stale one is newer
+    named = output(outputs, JOB, "outputs/song.wav", attempt=2, worker_id="box-2")
+    assert named is not None and named.temporary == str(completed)
+    newest = output(outputs, JOB, "outputs/song.wav")
+    assert newest is not None and newest.temporary == str(stale)
+
+
+def test_output__nothing_at_the_path_yet_is_not_occupied(tmp_path: Path) -> None:
+    """The result still under its temporary name, nothing at the path (the rename a moment
+    behind the commit, or a crash between them): not there yet, nothing in its way."""
+    outputs = _outputs(tmp_path)
+    held = temporary(outputs / "song.wav", JOB)
+    found = output(outputs, JOB, "outputs/song.wav")
+    assert found is not None and not found.exists and not found.occupied and found.temporary == str(held)
+    assert "to be renamed to" in (found.reason() or "")
+
+
+def test_output__the_jobs_own_wav_exists_whatever_waits_beside_it(tmp_path: Path) -> None:
+    """A file carrying the job's own id is its WAV, even beside a temporary of its own (an
+    older attempt's, still to be swept)."""
+    outputs = _outputs(tmp_path)
+    (outputs / "song.wav").write_bytes(b"RIFF")
+    mark(outputs / "song.wav", JOB)
+    temporary(outputs / "song.wav", JOB)
+    found = output(outputs, JOB, "outputs/song.wav")
+    assert found is not None and found.exists and not found.occupied and found.reason() is None
+
+
+def test_output__another_jobs_wav_at_the_path_is_not_its_even_with_nothing_held(tmp_path: Path) -> None:
+    """A file marked as another job's, no temporary of this job: its own was deleted or moved
+    and that job's put there; not its, the other job named."""
+    outputs = _outputs(tmp_path)
+    (outputs / "song.wav").write_bytes(FOREIGN)
+    mark(outputs / "song.wav", OTHER)
+    found = output(outputs, JOB, "outputs/song.wav")
+    assert found is not None and not found.exists and found.occupied and not found.held
+    assert found.holder == OTHER and "deleted or moved" in (found.reason() or "")
+
+
+def test_output__an_unmarked_file_with_nothing_held_counts_as_its_own(tmp_path: Path) -> None:
+    """A WAV without any mark and no temporary of the job: its own as far as can be told (WAVs
+    written before the mark existed, or copied without extended attributes, carry none)."""
+    outputs = _outputs(tmp_path)
+    (outputs / "song.wav").write_bytes(b"RIFF")
+    found = output(outputs, JOB, "outputs/song.wav")
+    assert found is not None and found.exists
+
+
+def test_output__missing_a_folder_in_the_way_and_a_path_outside(tmp_path: Path) -> None:
+    """Nothing at the path: missing. A folder there (whatever it carries): no job's WAV. A path
+    leaving the outputs folder, or none (plain SQL): None, for the caller to say so."""
+    outputs = _outputs(tmp_path)
+    missing = output(outputs, JOB, "outputs/song.wav")
+    assert missing is not None and not missing.exists and not missing.occupied
+    assert "does not exist" in (missing.reason() or "")
+    (outputs / "folder.wav").mkdir()
+    mark(outputs / "folder.wav", JOB)
+    folder = output(outputs, JOB, "outputs/folder.wav")
+    assert folder is not None and not folder.exists and folder.occupied
+    assert output(outputs, JOB, "elsewhere/song.wav") is None and output(outputs, JOB, None) is None
