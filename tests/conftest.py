@@ -170,6 +170,7 @@ SLOW = frozenset({
     "tests/acceptance/test_machine_faults_review.py::test_machine_fault__mark_left_by_a_stop_does_not_charge_the_next_fault",
     "tests/acceptance/test_machine_faults_review.py::test_stop__sigterm_while_postgres_hangs_is_bounded",
     "tests/acceptance/test_occupied_paths.py::test_daemon__a_file_already_at_a_jobs_path_fails_that_job_alone_and_stays_as_it_was",
+    "tests/acceptance/test_occupied_paths_publish.py::test_prune__keeps_a_completed_job_whose_result_is_held",
     "tests/acceptance/test_occupied_paths_publish.py::test_show__a_held_result_is_not_reported_as_the_other_file_at_its_path",
     "tests/acceptance/test_occupied_paths_review.py::test_daemon__a_jobs_own_wav_whose_completion_the_database_lost_is_not_charged_to_the_job",
     "tests/acceptance/test_operator_processes.py::test_cli__enqueue_wait_interrupted_leaves_the_job_id_on_screen",

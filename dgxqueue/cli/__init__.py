@@ -18,7 +18,8 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
 5     ``db check`` found the database damaged
 65    bad input data (EX_DATAERR): a value out of range, bad JSON, bad time span, a bad
       ``enqueue --jsonl`` line (naming it); an id prefix that matches several jobs; ``db copy``
-      or ``archive`` met a row the other database holds differently, or a failed verification
+      or ``archive`` met a row the other database holds differently, or a failed verification;
+      ``prune`` or ``archive`` left a completed job whose result is held under its temporary name
 69    unavailable (EX_UNAVAILABLE): database unreachable, missing, or not migrated (the worker
       never creates one: ``db upgrade`` does); the metrics port (or ``web``'s) is taken
 70    internal error (EX_SOFTWARE): a bug or a broken installation; ``--traceback``
@@ -108,7 +109,8 @@ def _top_parser(commands: type[argparse.ArgumentParser]) -> tuple[argparse.Argum
         description="A persistent job queue and worker daemon for AI music generation.",
         epilog="Exit codes: 0 ok, 1 job failed, 2 usage, 3 not found, 4 invalid state, 5 db check found damage, "
                "65 bad input "
-               "(or an ambiguous id prefix), 69 database unavailable (or the metrics port taken), 70 internal, "
+               "(or an ambiguous id prefix, or rows prune/archive left, named), 69 database unavailable (or the "
+               "metrics port taken), 70 internal, "
                "73/74 file errors, 75 timed out or a worker's machine fault, 78 bad config, 124 a worker's "
                "backend call past its time limit, 130 interrupted.",
     )

@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session
 
 from dgxqueue.cli import enqueue as enqueue_command
 from dgxqueue.cli.common import (
+    EX_DATAERR,
     EXIT_OK,
+    CliError,
     Context,
     job_dict,
     output_path,
@@ -197,6 +199,12 @@ def _paths_in_use(session: Session, victims: list[tuple[str, str]], holders: set
     return shared
 
 
+#: Why prune leaves a completed job whose result is held under its temporary name (see dgxqueue.outputs).
+HELD_REASON = ("its result waits beside its file_path under a temporary name, the file there not its; pruned, its "
+               "row would be gone and a daemon's sweep would delete that result a day later: move that file away "
+               "so that a daemon publishes the result, and a later prune takes the job")
+
+
 def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     age = parse_age("older_than", args.older_than)
     statuses = [s.strip() for s in args.status.split(",") if s.strip()]
@@ -208,28 +216,30 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         victims = reads.finished_jobs_before(session, statuses, cutoff)
         # A failed job never wrote its file and holds no path (migration 007): a file at its path
         # is another's, such as an archived job's, so only completed jobs' files go.
-        owners = {job_id for job_id, _ in reads.finished_jobs_before(session, ["completed"], cutoff)} \
-            if args.delete_files and "completed" in statuses else set()
+        completed = {job_id for job_id, _ in reads.finished_jobs_before(session, ["completed"], cutoff)} \
+            if "completed" in statuses else set()
+        # A completed job whose result is held under its temporary name stays, as `archive` leaves
+        # it: deleted, its row would be gone, and the sweep deletes a temporary no row names.
+        held = unpublished(ctx.settings.outputs_dir, [victim for victim in victims if victim[0] in completed])
+        kept_held = [(job_id, path) for job_id, path in victims if job_id in held]
+        victims = [(job_id, path) for job_id, path in victims if job_id not in held]
+        owners = completed - held if args.delete_files else set()
         if not args.dry_run:
             # Files go only with rows really deleted, and only after the deletion is committed.
             deleted = set(admin.delete_finished(session, [job_id for job_id, _ in victims]))
             victims = [(job_id, path) for job_id, path in victims if job_id in deleted]
         # Read in the deleting transaction: rows left then are the ones that still need the file.
         in_use = _paths_in_use(session, victims, owners, deleted=not args.dry_run) if args.delete_files else set()
-    removed, freed, skipped, kept, not_its = 0, 0, [], [], []
+    removed, freed, skipped, kept = 0, 0, [], []
     files: list[Path] = []
     if args.delete_files:
         owned = {path: job_id for job_id, path in victims if job_id in owners}  # each file once
-        # Their results wait under a temporary name: the file at the path, if any, is not theirs.
-        waits = unpublished(ctx.settings.outputs_dir, [(job_id, path) for path, job_id in owned.items()])
-        for file_path, job_id in owned.items():
+        for file_path in owned:
             path = output_path(ctx.settings, file_path)
             if path is None:
                 skipped.append(file_path)  # outside the outputs folder: never touched
             elif file_path in in_use:
                 kept.append(file_path)
-            elif job_id in waits:
-                not_its.append(file_path)
             elif path.is_file():
                 files.append(path)
     if not args.dry_run:
@@ -240,11 +250,14 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 continue
             removed, freed = removed + 1, freed + size
+    # The file at a held job's path is another's: with --delete-files it is named as kept too.
+    not_its = [file_path for _, file_path in kept_held] if args.delete_files else []
     result = {
         "dry_run": args.dry_run, "cutoff": cutoff.isoformat(), "statuses": statuses,
         "generations": len(victims), "files": len(files) if args.dry_run else removed,
         "bytes": sum(p.stat().st_size for p in files) if args.dry_run else freed,
         "skipped_outside_outputs": skipped, "kept_in_use": kept, "kept_not_its": not_its,
+        "kept_held": {job_id: HELD_REASON for job_id, _ in kept_held},
     }
     if args.json:
         print_json(result)
@@ -256,8 +269,11 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             print(f"kept {safe(file_path)}: not inside the outputs folder {safe(ctx.settings.outputs_dir.absolute())}")
         for file_path in kept:
             print(f"kept {safe(file_path)}: a generation that stays still uses it")
-        for file_path in not_its:
-            print(f"kept {safe(file_path)}: not its job's WAV (its result waits beside it under a temporary name)")
+        for job_id, file_path in kept_held:
+            print(f"kept generation {safe(job_id)} ({safe(file_path)}): {HELD_REASON}")
+    if kept_held:
+        raise CliError(f"{len(kept_held)} generation(s) left here: {safe(kept_held[0][0])}: {HELD_REASON}",
+                       EX_DATAERR)
     return EXIT_OK
 
 
@@ -313,7 +329,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("prune", help="delete finished generations older than an age",
                        description="Delete completed/failed generations that finished before now minus "
                                    "--older-than; with --delete-files also the completed ones' WAV files (only files "
-                                   "inside the outputs folder).")
+                                   "inside the outputs folder). A completed job whose result is held under its "
+                                   "temporary name (another's file at its path) stays, named: exit 65, the rest "
+                                   "pruned.")
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 2w")
     p.add_argument("--status", default="completed,failed",
                    help="which finished statuses (default completed,failed)")

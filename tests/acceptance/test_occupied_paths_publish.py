@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from dgxqueue.audio import OWNER_XATTR
+from dgxqueue.daemon.staging import UNKNOWN_JOB_GRACE
 from dgxqueue.storage import init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.acceptance.test_occupied_paths import FOREIGN, burst
@@ -132,19 +134,49 @@ def test_show__a_held_result_is_not_reported_as_the_other_file_at_its_path(db_ur
     assert target.read_bytes() == result and not temp.exists()
 
 
-def test_prune__delete_files_leaves_the_file_a_refused_rename_left_at_a_jobs_path(sqlite_db_url: str,
-                                                                                 tmp_path: Path) -> None:
+def test_prune__keeps_a_completed_job_whose_result_is_held(db_url: str, tmp_path: Path) -> None:
+    """``prune`` (files kept) leaves the row of a completed job whose rename was refused, names
+    it and why, prunes the rest and exits 65, as ``archive`` does. It deleted that row, and a
+    day later a daemon's sweep deleted the held result as a temporary no row names: the job's
+    only result lost. Here the sweep, a day later, keeps it."""
+    config, blocked, done = _refused_publish(db_url, tmp_path)
+    temp = _held_temporary(tmp_path)
+    pruned = _dgxqueue(config, "prune", "--older-than", "0s")
+    assert pruned.returncode == 65, pruned.stdout + pruned.stderr
+    assert "deleted 1 generation(s)" in pruned.stdout and f"kept generation {blocked}" in pruned.stdout
+    assert blocked in pruned.stderr and "move that file away" in pruned.stderr, pruned.stderr
+    assert job(db_url, blocked)[0] == "completed"
+    with pytest.raises(sa.exc.NoResultFound):  # pruned
+        job(db_url, done)
+    again = _dgxqueue(config, "prune", "--older-than", "0s", "--json")
+    assert again.returncode == 65, again.stderr
+    result = json.loads(again.stdout)
+    assert result["generations"] == 0 and list(result["kept_held"]) == [blocked], result
+    assert result["kept_not_its"] == [], result  # files were not asked for
+
+    day_old = time.time() - UNKNOWN_JOB_GRACE - 3600
+    os.utime(temp, (day_old, day_old))
+    burst(config, tmp_path / "sweep.log")  # its sweep deletes a day-old temporary no row names
+    assert temp.exists() and (tmp_path / "outputs" / "blocked.wav").read_bytes() == FOREIGN
+    assert (tmp_path / "outputs" / "done.wav").exists()  # no --delete-files
+
+
+def test_prune__delete_files_leaves_a_held_jobs_row_and_the_file_at_its_path(sqlite_db_url: str,
+                                                                             tmp_path: Path) -> None:
     """A completed job whose rename was refused (a file appeared at its path after its commit):
-    ``prune --delete-files`` deletes its row but leaves that file, which is not the job's, and
-    says so; it deleted it, the very file the refused rename had kept byte for byte."""
-    config, _, _ = _refused_publish(sqlite_db_url, tmp_path)
+    ``prune --delete-files`` leaves its row and that file, which is not the job's (it deleted the
+    file once, the very file the refused rename had kept byte for byte, then the row alone, which
+    doomed the held result), names both, deletes the rest with its file and exits 65."""
+    config, blocked, _ = _refused_publish(sqlite_db_url, tmp_path)
     pruned = _dgxqueue(config, "prune", "--older-than", "0s", "--delete-files", "--json")
-    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.returncode == 65, pruned.stderr
     result = json.loads(pruned.stdout)
-    assert result["generations"] == 2 and result["files"] == 1, result
-    assert result["kept_not_its"] == ["outputs/blocked.wav"], result
+    assert result["generations"] == 1 and result["files"] == 1, result
+    assert result["kept_not_its"] == ["outputs/blocked.wav"] and list(result["kept_held"]) == [blocked], result
+    assert blocked in pruned.stderr
     outputs = tmp_path / "outputs"
     assert (outputs / "blocked.wav").read_bytes() == FOREIGN and not (outputs / "done.wav").exists()
+    assert job(sqlite_db_url, blocked)[0] == "completed" and _held_temporary(tmp_path).exists()
 
 
 def test_archive__leaves_a_completed_job_whose_result_waits_under_its_temporary_name(db_url: str,
