@@ -19,6 +19,7 @@ from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import (
     COMPLETED,
     FAILED,
+    HOLDS_ITS_FILE_SQL,
     PAUSED,
     PENDING,
     PROCESSING,
@@ -60,6 +61,19 @@ def require_job(session: Session, job_id: str) -> Generation:
     if job is None:
         raise JobNotFoundError(job_id)
     return job
+
+
+def completed_job_at(session: Session, file_path: str) -> tuple[str, Any, Any] | None:
+    """``(id, attempts, worker_id)`` of the completed job whose ``file_path`` is exactly
+    ``file_path``, if any: at most one, since only failed rows share a path (migration 007's
+    unique index, looked up through its key)."""
+    key = profile_of(session.get_bind().dialect).path_key
+    row = session.execute(
+        sa.select(G.c.id, G.c.attempts, G.c.worker_id)
+        .where(key(G.c.file_path) == key(sa.literal(file_path, sa.Text)), G.c.file_path == file_path,
+               sa.text(HOLDS_ITS_FILE_SQL), G.c.status == COMPLETED)
+        .limit(1)).first()
+    return None if row is None else (row.id, row.attempts, row.worker_id)
 
 
 def list_jobs(

@@ -187,7 +187,13 @@ def create_app(options: WebOptions) -> Starlette:
         return page(request, "login.html", status=401, next=next_path, failed=guard.token is not None)
 
     def files(request: Request) -> Response:
-        return file_response(request, source.outputs_dir, request.path_params["path"],
+        relative = request.path_params["path"]
+        # Not the file at a completed job's path when it is not that job's WAV (its result held
+        # under its temporary name, another's file there): 404, as for its missing file, saying why.
+        refused = views.refusal(source, relative)
+        if refused is not None:
+            return failure(request, _Failure(404, refused))
+        return file_response(request, source.outputs_dir, relative,
                              download=request.query_params.get("download") == "1")
 
     # --- JSON API -------------------------------------------------------------------------

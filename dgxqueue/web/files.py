@@ -6,6 +6,10 @@ an empty, ``.`` or ``..`` part or a hidden name (the daemon's temporaries start 
 backslash. Everything else (NUL, links leading out, a link or file swapped in after the check) is
 the outputs folder's own containment, :meth:`dgxqueue.audio.OutputRoot.open_file`, which opens
 the file the check located and nothing else; the response is read from that descriptor.
+
+Before that, the application asks :func:`dgxqueue.web.views.refusal` whether the address is a
+completed job's path whose WAV is not there (its result held under its temporary name, another's
+file at the path): 404 saying why, not the other file.
 """
 
 from __future__ import annotations
@@ -44,10 +48,16 @@ class OpenedFile:
     name: str
 
 
+def servable(relative: str) -> bool:
+    """Whether ``relative`` is a path the page may link: not empty, no empty, ``.``, ``..`` or
+    hidden part, no backslash (see the module)."""
+    return bool(relative) and "\\" not in relative and all(part and not part.startswith(".")
+                                                        for part in relative.split("/"))
+
+
 def open_output(outputs_dir: Path, relative: str) -> OpenedFile:
     """Open the regular file ``relative`` names inside ``outputs_dir`` for reading (see the module)."""
-    parts = relative.split("/")
-    if not relative or "\\" in relative or any(not part or part.startswith(".") for part in parts):
+    if not servable(relative):
         raise NotServable(relative)
     root = OutputRoot(outputs_dir)
     try:  # locate() reads a path relative to the folder holding the outputs folder

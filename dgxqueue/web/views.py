@@ -25,6 +25,7 @@ from dgxqueue.storage import Generation, browse, reads, registry, search, sessio
 from dgxqueue.storage.browse import JobFilter
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import GenerationStatus
+from dgxqueue.web.files import servable
 
 #: The running jobs the overview lists (the daemons page lists them all).
 RUNNING_SHOWN = 20
@@ -69,15 +70,43 @@ def fraction(done: Any, total: Any) -> float | None:
 
 def file_url(root: OutputRoot, file_path: Any) -> str | None:
     """The ``/files/...`` address of a job's file, or None when its path leaves the outputs folder.
-    ``root``: one per page, so the folder's real path is looked up once, not once a row."""
+    ``root``: one per page, so the folder's real path is looked up once, not once a row.
+
+    The path as the job names it (``outputs/a/b.wav`` is ``/files/a/b.wav``, a linked folder
+    kept), so that :func:`refusal` finds the job again by it; the located path only for a
+    ``file_path`` the door would not have written so (plain SQL)."""
     if not isinstance(file_path, str):
         return None
     try:
         absolute = root.locate(file_path)
     except OutputError:
         return None
-    relative = os.path.relpath(absolute, root.real)
+    named = file_path.removeprefix(root.name + "/")
+    relative = named if named != file_path and servable(named) else os.path.relpath(absolute, root.real)
     return "/files/" + "/".join(quote(part) for part in relative.split(os.sep))
+
+
+def refusal(source: Source, relative: str) -> str | None:
+    """Why ``/files/<relative>`` is not served: the completed job whose ``file_path`` that address
+    is (as :func:`file_url` writes it) has not its WAV there, by :func:`dgxqueue.outputs.output`:
+    its result held under its temporary name while another's file sits at its path, a file
+    another job's id marks, or nothing. None to serve the file there (one no completed job
+    names is served as it is). Read now: one indexed row and the one file, per request; the
+    jobs list links every completed job's file unchecked."""
+    if "\x00" in relative or not servable(relative):  # refused anyway (no row holds a NUL)
+        return None
+    root = OutputRoot(source.outputs_dir)
+    file_path = f"{root.name}/{relative}"
+    with _reading(source) as session:
+        job = reads.completed_job_at(session, file_path)
+    if job is None:
+        return None
+    job_id, attempt, worker_id = job
+    found = output(root, job_id, file_path, attempt=attempt, worker_id=worker_id)
+    if found is not None and found.exists:
+        return None
+    why = OUTSIDE if found is None else found.reason(relative_to=os.path.dirname(root.real))
+    return f"job {job_id}'s WAV is not at {file_path}, so nothing is served for it: {why}"
 
 
 def list_row(root: OutputRoot, row: Mapping[str, Any]) -> dict[str, Any]:

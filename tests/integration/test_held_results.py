@@ -4,6 +4,8 @@ extended attributes, as ``show`` does (one rule: dgxqueue.outputs.output)."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from dgxqueue.config import Settings
 from dgxqueue.storage import complete_generation, create_generations, session_scope
 from dgxqueue.storage.models import G
 from tests.support.daemons import make_settings
-from tests.support.held import hold, mark
+from tests.support.held import FOREIGN, hold, mark
 from tests.support.web import client
 
 OTHER = "5d1e2f3a-0000-4c5e-9f43-2a1c8e7d9b11"
@@ -71,3 +73,47 @@ def test_job_handle__a_held_result_has_no_output_path(engine: Engine, settings: 
     missing = dgxqueue.get_job(missing_job, database_url=db_url, settings=settings)
     assert missing.output_path == settings.outputs_dir / "missing.wav"
     assert missing.output is not None and not missing.output.exists
+
+
+def test_web_files__a_held_jobs_wav_link_does_not_serve_the_other_file_at_its_path(engine: Engine,
+                                                                                 settings: Settings) -> None:
+    """The jobs list's "wav" link of a completed job whose result is held (and the same address
+    without ``download``, HEAD, or asked for JSON) is refused with 404, as a completed job's
+    missing file is, saying the result is held and what to do: it served the other job's WAV at
+    the job's path as this job's. Also for a path through a linked folder (the list links the
+    path as the job names it). The list itself still links every completed job (no file-system
+    check per row), and a job's own WAV is still served."""
+    outputs = settings.outputs_dir
+    (outputs / "real").mkdir(parents=True)
+    os.symlink("real", outputs / "linked")
+    held_job, linked_job = _completed(engine, "held.wav"), _completed(engine, "linked/held.wav")
+    own_job = _completed(engine, "own.wav")
+    hold(outputs / "held.wav", held_job, OTHER)
+    hold(outputs / "real" / "held.wav", linked_job, None)  # unmarked: still not this job's while it is held
+    (outputs / "own.wav").write_bytes(b"RIFF own")
+    mark(outputs / "own.wav", own_job)
+    with client(settings) as browser:
+        listed = {row["id"]: row["audio_url"] for row in browser.get("/api/jobs").json()["jobs"]}
+        assert listed == {held_job: "/files/held.wav", linked_job: "/files/linked/held.wav",
+                          own_job: "/files/own.wav"}, listed
+        page = browser.get("/jobs").text
+        links = dict(re.findall(r'<tr data-job="([^"]+)">.*?<a href="([^"]+)">wav</a>', page, re.DOTALL))
+        assert links[held_job] == "/files/held.wav?download=1", links
+        for job_id, url in ((held_job, links[held_job]), (held_job, "/files/held.wav"),
+                            (linked_job, links[linked_job]), (linked_job, "/files/linked/held.wav")):
+            refused = browser.get(url)
+            assert refused.status_code == 404, (url, refused.status_code)
+            assert FOREIGN not in refused.content and "content-disposition" not in refused.headers, url
+            text = refused.text.replace("&#39;", "'")
+            assert job_id in text and "held under its temporary name" in text, text
+            assert "move that file away" in text, text
+            asked = browser.get(url, headers={"Accept": "application/json"})
+            assert asked.status_code == 404 and asked.json()["error"].startswith(f"job {job_id}'s WAV is not"), \
+                asked.text
+            assert "move that file away" in asked.json()["error"]
+            assert browser.head(url).status_code == 404
+            assert browser.get(url, headers={"Range": "bytes=0-3"}).status_code == 404
+        assert (outputs / "held.wav").read_bytes() == FOREIGN  # left as it was
+        own = browser.get(links[own_job])
+        assert own.status_code == 200 and own.content == b"RIFF own", own.text
+
