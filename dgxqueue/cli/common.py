@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import Settings
 from dgxqueue.errors import JobNotFoundError, OutputError, ValidationError
+from dgxqueue.outputs import Output, output
 from dgxqueue.storage import Generation, reads, session_scope
 from dgxqueue.storage.database import describe_url, open_queue
 from dgxqueue.storage.validation import MAX_TTL_SECONDS
@@ -211,6 +212,20 @@ def job_dict(settings: Settings, job: Generation) -> dict[str, Any]:
     path = output_path(settings, job.file_path)
     row["output_path"] = str(path) if path else None
     return row
+
+
+def job_output(settings: Settings, job: Generation) -> Output | None:
+    """What is at completed ``job``'s path now (:func:`dgxqueue.outputs.output`): its WAV, or
+    why not, such as its result held under its temporary name while another's file is there."""
+    return output(settings.outputs_dir, job.id, job.file_path, attempt=job.attempts, worker_id=job.worker_id)
+
+
+def output_fields(found: Output | None) -> dict[str, Any]:
+    """``show --json``'s fields for a completed job's output: ``output_exists``, and where its
+    result is held (``output_held_at``) and whose WAV is at its path (``output_holder``)."""
+    return {"output_exists": found is not None and found.exists,
+            "output_held_at": None if found is None else found.temporary,
+            "output_holder": None if found is None else found.holder}
 
 
 def print_json(value: Any) -> None:

@@ -22,6 +22,8 @@ from dgxqueue.cli.common import (
     CliError,
     Context,
     job_dict,
+    job_output,
+    output_fields,
     output_path,
     parse_age,
     parse_number,
@@ -34,7 +36,7 @@ from dgxqueue.cli.common import (
 )
 from dgxqueue.cli.wait import Progress, finish, fraction, watch
 from dgxqueue.errors import JobNotFoundError, ValidationError
-from dgxqueue.outputs import OUTSIDE, output, unpublished
+from dgxqueue.outputs import OUTSIDE, unpublished
 from dgxqueue.storage import (
     Generation,
     admin,
@@ -66,12 +68,11 @@ def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     row = job_dict(ctx.settings, job)
     found = None
     if job.status == "completed":  # its file may have been deleted or moved since, or its result be held
-        found = output(ctx.settings.outputs_dir, job.id, job.file_path, attempt=job.attempts,
-                       worker_id=job.worker_id)
-        row["output_exists"] = found is not None and found.exists
+        found = job_output(ctx.settings, job)
+        fields = output_fields(found)
+        row["output_exists"] = fields["output_exists"]
         if args.json:
-            row["output_held_at"] = None if found is None else found.temporary
-            row["output_holder"] = None if found is None else found.holder
+            row.update(fields)
     share = fraction(job)
     if share is not None:
         row["progress"] = f"{job.progress_done}/{job.progress_total} ({share * 100:.0f}%)"
@@ -310,8 +311,10 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("wait", help="wait for jobs to finish, showing progress",
                        description="Show progress on stderr until every job is completed or failed, "
-                                   "then print each outcome and WAV path. Exit 1 if any failed, "
-                                   "75 on --timeout.")
+                                   "then print each outcome and WAV path; for a completed job whose WAV "
+                                   "is not at its path while another file is (its result held under its "
+                                   "temporary name), its id and why, as show says it. Exit 1 if any "
+                                   "failed, 75 on --timeout.")
     p.add_argument("ids", nargs="+", metavar="ID", help=id_help)
     p.add_argument("--timeout", metavar="SECONDS", help="give up waiting after this long (exit 75)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")

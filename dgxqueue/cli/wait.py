@@ -24,6 +24,8 @@ from dgxqueue.cli.common import (
     FINISHED,
     CliError,
     job_dict,
+    job_output,
+    output_fields,
     output_path,
     print_json,
     safe,
@@ -90,13 +92,25 @@ def bar(share: float, eta: float | None, width: int = 20) -> str:
 
 
 def finish(settings: Settings, jobs: list[Generation], as_json: bool) -> int:
-    """Print the outcome of waited-for jobs; exit 1 if any failed."""
+    """Print the outcome of waited-for jobs; exit 1 if any failed.
+
+    A completed job's WAV path, unless another file sits there (its result held under its
+    temporary name, or a file another job's id marks: :func:`dgxqueue.outputs.output`, as
+    ``show`` and a job handle's ``output_path`` judge it): then its id and why, in ``show``'s
+    words; still exit 0, the job completed. A WAV not there yet is still given, its rename
+    following the commit. ``as_json``: ``show --json``'s output fields too."""
     if as_json:
         rows = [job_dict(settings, job) for job in jobs]
+        for row, job in zip(rows, jobs, strict=True):
+            if job.status == "completed":
+                row.update(output_fields(job_output(settings, job)))
         print_json(rows[0] if len(rows) == 1 else rows)
     else:
         for job in jobs:
-            if job.status == "completed":
+            found = job_output(settings, job) if job.status == "completed" else None
+            if found is not None and found.occupied:
+                print(f"completed  {safe(job.id)}  {safe(found.reason() or '')}")
+            elif job.status == "completed":
                 print(f"completed  {safe(output_path(settings, job.file_path) or job.file_path)}")
             else:
                 print(f"failed  {safe(job.id)}  {safe(job.error_message or 'no reason given')}")

@@ -1,9 +1,11 @@
 """A completed job whose result is held under its temporary name, another job's WAV at its path:
-the status page and a job handle say so, on real SQLite and PostgreSQL and real files with real
-extended attributes, as ``show`` does (one rule: dgxqueue.outputs.output)."""
+the status page (its file addresses too), ``wait`` and a job handle say so, on real SQLite and
+PostgreSQL and real files with real extended attributes, as ``show`` does (one rule:
+dgxqueue.outputs.output)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -13,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 import dgxqueue
+from dgxqueue.cli import main as cli_main
 from dgxqueue.config import Settings
 from dgxqueue.storage import complete_generation, create_generations, session_scope
 from dgxqueue.storage.models import G
@@ -117,3 +120,34 @@ def test_web_files__a_held_jobs_wav_link_does_not_serve_the_other_file_at_its_pa
         own = browser.get(links[own_job])
         assert own.status_code == 200 and own.content == b"RIFF own", own.text
 
+
+def test_cli_wait__a_held_result_is_not_printed_as_its_wav(engine: Engine, settings: Settings, db_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``wait`` on a completed job whose result is held says so, with ``show``'s words (the file
+    at its path is another job's, where the result is held, what to do) instead of printing that
+    path as its WAV; exit 0 as for any completed job. ``--json`` adds ``show``'s fields. A job
+    whose own WAV is at its path is printed as before."""
+    for name in list(os.environ):
+        if name.startswith("DGXQUEUE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("DGXQUEUE_OUTPUTS_DIR", str(settings.outputs_dir))
+    held_job, own_job = _completed(engine, "held.wav"), _completed(engine, "own.wav")
+    outputs = settings.outputs_dir
+    temp = hold(outputs / "held.wav", held_job, OTHER)
+    (outputs / "own.wav").write_bytes(b"RIFF own")
+    mark(outputs / "own.wav", own_job)
+    capsys.readouterr()
+    assert cli_main(["wait", held_job, own_job, "--quiet"]) == 0
+    held_line, own_line = capsys.readouterr().out.splitlines()
+    assert own_line == f"completed  {(outputs / 'own.wav').resolve()}"
+    assert held_line.startswith(f"completed  {held_job}  the file at {(outputs / 'held.wav').resolve()} is not"), \
+        held_line
+    assert f"job {OTHER}'s WAV" in held_line and f"held under its temporary name {temp.resolve()}" in held_line
+    assert "move that file away" in held_line
+    assert cli_main(["wait", held_job, own_job, "--quiet", "--json"]) == 0
+    held, own = json.loads(capsys.readouterr().out)
+    assert (held["output_exists"], held["output_held_at"], held["output_holder"]) == (False, str(temp.resolve()),
+                                                                                     OTHER), held
+    assert (own["output_exists"], own["output_held_at"], own["output_holder"]) == (True, None, None), own
