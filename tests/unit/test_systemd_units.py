@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dgxqueue.cli import build_parser
+from dgxqueue.cli.common import EX_DATAERR
 from dgxqueue.config import Settings, load_settings
 from dgxqueue.daemon.daemon import SHUTDOWN_DB_SECONDS
 from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN
@@ -180,14 +181,73 @@ def test_units__exec_start_is_a_valid_dgxqueue_command(unit: str) -> None:
         assert args.older_than == "30d"
 
 
+def _as_systemd_runs_it(command: str) -> list[str]:
+    """The argv systemd makes of a unit's command line: quotes removed, ``$$`` a literal ``$``.
+    Faithful only without backslashes (systemd reads C escapes, inside quotes too) and ``%``
+    (specifiers): asserted."""
+    assert "\\" not in command and "%" not in command, command
+    return [word.replace("$$", "$") for word in shlex.split(command)]
+
+
 def test_prune_unit__vacuums_after_a_large_prune() -> None:
     """The prune service gives the space back afterwards: `db vacuum` with a free-page threshold
-    (a plain number: '%' is a specifier in unit files)."""
-    [command] = _settings("dgxqueue-prune.service")["ExecStartPost"]
-    argv = shlex.split(command)
+    (a plain number: '%' is a specifier in unit files), as ExecStopPost=, which runs after a
+    failed ExecStart= too (ExecStartPost= is skipped then: after every prune that kept a held
+    job, exit 65). Its time is not limited, as ExecStartPost='s was not (Type=oneshot): stop-post
+    commands run under TimeoutStopSec=, 90 s by default, too short for a VACUUM of a large file.
+    Exit 65 still fails the unit (no SuccessExitStatus=), so the operator sees it."""
+    unit = _settings("dgxqueue-prune.service")
+    assert "ExecStartPost" not in unit
+    [command] = unit["ExecStopPost"]
+    shell, flag, script = _as_systemd_runs_it(command)
+    assert (shell, flag) == ("/bin/sh", "-c")
+    [vacuum] = re.findall(r"exec (/opt/dgxqueue/\S+ [^;]*);;", script)
+    argv = shlex.split(vacuum)
+    assert argv[0] == "/opt/dgxqueue/.venv/bin/dgxqueue"
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.db_command, args.min_free) == ("db", "vacuum", "0.2")
-    assert args.config == "/etc/dgxqueue/config.toml" and "%" not in command
+    assert args.config == "/etc/dgxqueue/config.toml"
+    assert unit["TimeoutStopSec"] == ["infinity"]
+    assert "SuccessExitStatus" not in unit
+
+
+@pytest.mark.parametrize(("result", "code", "status", "vacuums"), [
+    ("success", "exited", "0", True),
+    ("exit-code", "exited", str(EX_DATAERR), True),  # a held job's row kept, the rest pruned
+    ("exit-code", "exited", "1", False),
+    ("exit-code", "exited", "6", False),
+    ("exit-code", "exited", "69", False),  # the database unreachable
+    ("exit-code", "exited", "70", False),
+    ("exit-code", "exited", "165", False),
+    ("signal", "killed", "TERM", False),
+    ("core-dump", "dumped", "ABRT", False),
+    ("start-limit-hit", None, None, False),  # the prune never ran
+])
+def test_prune_unit__vacuums_after_a_prune_that_exited_0_or_65_only(tmp_path: Path, result: str, code: str | None,
+                                                                   status: str | None, vacuums: bool) -> None:
+    """The unit's ExecStopPost= as systemd runs it (its argv, a real /bin/sh, the environment
+    systemd gives stop-post commands: $SERVICE_RESULT, $EXIT_CODE, $EXIT_STATUS, see
+    systemd.exec(5)), with a stub at dgxqueue's path: the vacuum runs after the prune exited 0
+    or 65, and its exit is the shell's (a failed vacuum fails the unit, as it did); after any
+    other end of the prune it is skipped and the shell exits 0 (the unit fails on the prune's
+    exit alone)."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "dgxqueue"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {shlex.quote(str(calls))}\nexit 3\n')
+    stub.chmod(0o755)
+    [command] = _settings("dgxqueue-prune.service")["ExecStopPost"]
+    argv = [word.replace("/opt/dgxqueue/.venv/bin/dgxqueue", str(stub)) for word in _as_systemd_runs_it(command)]
+    env = {"PATH": "/usr/bin:/bin", "SERVICE_RESULT": result}
+    if code is not None and status is not None:
+        env.update(EXIT_CODE=code, EXIT_STATUS=status)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.stderr == ""
+    if vacuums:
+        assert done.returncode == 3
+        args = build_parser().parse_args(calls.read_text().splitlines())
+        assert (args.command, args.db_command, args.min_free) == ("db", "vacuum", "0.2")
+    else:
+        assert done.returncode == 0 and not calls.exists()
 
 
 def test_env_example__only_comments_and_assignments() -> None:
