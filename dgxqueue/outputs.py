@@ -100,12 +100,24 @@ def owner(name: str) -> Owner | None:
 
 
 def waiting(folder: str) -> set[str]:
-    """The ids of the jobs with a temporary in ``folder`` (none if it cannot be listed)."""
+    """The ids of the jobs with a temporary in ``folder`` (none if it cannot be listed): a regular
+    file, as the sweep publishes and :func:`output` names; a folder, link or FIFO that only bears
+    such a name holds no result."""
     try:
-        names = os.listdir(folder)
+        with os.scandir(folder) as entries:
+            return {who.job_id for entry in entries if entry.name.startswith(".")
+                    and (who := owner(entry.name)) is not None and _regular(entry)}
     except OSError:
         return set()
-    return {who.job_id for name in names if name.startswith(".") and (who := owner(name)) is not None}
+
+
+def _regular(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a regular file, not followed if a link (its type from the listing
+    where the file system gives it); False if it is gone meanwhile."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _held(target: str, job_id: str, waits_here: bool) -> bool:

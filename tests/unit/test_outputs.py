@@ -110,3 +110,26 @@ def test_output__missing_a_folder_in_the_way_and_a_path_outside(tmp_path: Path) 
     folder = output(outputs, JOB, "outputs/folder.wav")
     assert folder is not None and not folder.exists and folder.occupied
     assert output(outputs, JOB, "elsewhere/song.wav") is None and output(outputs, JOB, None) is None
+
+
+def test_unpublished__only_a_regular_file_named_as_its_temporary_holds_a_result(tmp_path: Path) -> None:
+    """A folder, a link or a FIFO that only bears the name of one of the job's temporaries holds
+    no result: the sweep never publishes (nor deletes) anything but a regular file, and ``show``
+    (output) says nothing is held. prune and archive (unpublished) must not keep the job's row
+    for it: they did, prune exiting 65 every night with "move that file away" for a result that
+    can never be published."""
+    outputs = _outputs(tmp_path)
+    for kind in ("folder", "link", "fifo"):
+        name = f"{kind}.wav"
+        fake = Path(str(temporary(outputs / name, JOB)))
+        fake.unlink()
+        if kind == "folder":
+            fake.mkdir()
+        elif kind == "link":
+            (outputs / "elsewhere.wav").write_bytes(b"RIFF")
+            fake.symlink_to(outputs / "elsewhere.wav")
+        else:
+            os.mkfifo(fake)
+        found = output(outputs, JOB, f"outputs/{name}")
+        assert found is not None and not found.held, kind
+        assert unpublished(outputs, [(JOB, f"outputs/{name}")]) == set(), kind

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -209,13 +210,13 @@ def test_unpublished__lists_each_folder_once_however_many_jobs(tmp_path: Path,
     jobs = [(f"job-{i}", f"outputs/f{i}.wav") for i in range(50)]
     (outputs / f".f7.wav.{tag('job-7', 1, 'w')}.tmp").write_bytes(b"result")
     listings: list[str] = []
-    real_listdir = os.listdir
+    real_scandir = os.scandir
 
-    def counted(folder: str) -> list[str]:
+    def counted(folder: str) -> Iterator[os.DirEntry[str]]:
         listings.append(folder)
-        return real_listdir(folder)
+        return real_scandir(folder)
 
-    monkeypatch.setattr(os, "listdir", counted)  # staging calls it as os.listdir
+    monkeypatch.setattr(os, "scandir", counted)  # outputs.waiting calls it as os.scandir
     listed: dict[str, set[str]] = {}
     assert staging.unpublished(outputs, jobs, listed) == {"job-7"}
     assert staging.unpublished(outputs, jobs, listed) == {"job-7"}  # the next batch: listed already
