@@ -57,7 +57,7 @@ _T = TypeVar("_T")
 _CHUNK = 500  # ids per read: under SQLite's bound-parameter limit
 
 _COLUMNS = (G.c.id, G.c.status, G.c.progress_done, G.c.progress_total, G.c.file_path, G.c.error_message,
-            G.c.completed_at, G.c.cancel_requested_at)
+            G.c.completed_at, G.c.cancel_requested_at, G.c.attempts, G.c.worker_id)
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,8 @@ class _State:
     error_message: str | None
     completed_at: datetime | None
     cancel_requested_at: datetime | None
+    attempts: Any  # with worker_id, the attempt the row completed: its temporary is the one output names
+    worker_id: Any
 
 
 class Job:
@@ -129,7 +131,8 @@ class Job:
         it completed, or for a path outside the outputs folder (only plain SQL writes one)."""
         if self._state.status != "completed":
             return None
-        return output(self._settings.outputs_dir, self.id, self._state.file_path)
+        return output(self._settings.outputs_dir, self.id, self._state.file_path,
+                      attempt=self._state.attempts, worker_id=self._state.worker_id)
 
     @property
     def output_path(self) -> Path | None:
@@ -219,7 +222,8 @@ def _read(engine: Engine, ids: Iterable[str], connection: sa.Connection | None =
             if ended_only:
                 query = query.where(G.c.status.in_(sorted(FINISHED)))
             for row in conn.execute(query):
-                found[row[0]] = _State(*row[1:])
+                values: Sequence[Any] = row  # _State's fields, in _COLUMNS' order after the id
+                found[row[0]] = _State(*values[1:])
         if connection is not None:
             conn.rollback()  # a snapshot ends with the read, so the next read sees new commits
     return found

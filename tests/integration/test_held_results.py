@@ -20,7 +20,7 @@ from dgxqueue.config import Settings
 from dgxqueue.storage import complete_generation, create_generations, session_scope
 from dgxqueue.storage.models import G
 from tests.support.daemons import make_settings
-from tests.support.held import FOREIGN, hold, mark
+from tests.support.held import FOREIGN, hold, mark, temporary
 from tests.support.web import client
 
 OTHER = "5d1e2f3a-0000-4c5e-9f43-2a1c8e7d9b11"
@@ -77,6 +77,21 @@ def test_job_handle__a_held_result_has_no_output_path(engine: Engine, settings: 
     assert missing.output_path == settings.outputs_dir / "missing.wav"
     assert missing.output is not None and not missing.output.exists
 
+
+
+def test_job_handle__names_the_temporary_of_the_attempt_that_completed_as_show_does(
+        engine: Engine, settings: Settings, db_url: str) -> None:
+    """Beside the held result of the attempt the row completed (1, box-1), a newer temporary of
+    an attempt that never committed (2, box-2: the sweep deletes it): the handle's ``output``
+    names the completed attempt's, as ``show`` does. It named the newest, the dead attempt's
+    file, for a producer to take as the job's result."""
+    job_id = _completed(engine, "held.wav")
+    completed = hold(settings.outputs_dir / "held.wav", job_id, OTHER)
+    stale = temporary(settings.outputs_dir / "held.wav", job_id, attempt=2, worker_id="box-2")
+    os.utime(completed, (1_000_000_000, 1_000_000_000))  # the dead attempt's is the newer
+    job = dgxqueue.get_job(job_id, database_url=db_url, settings=settings)
+    assert job.output is not None and job.output.temporary == str(completed) != str(stale)
+    assert job.output_path is None
 
 def test_web_files__a_held_jobs_wav_link_does_not_serve_the_other_file_at_its_path(engine: Engine,
                                                                                  settings: Settings) -> None:
