@@ -149,6 +149,12 @@ def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]],
     return found
 
 
+
+def anothers(path: str, job_id: str) -> bool:
+    """Whether the regular file at ``path`` carries another job's mark than ``job_id``'s: that
+    job's WAV, never job ``job_id``'s (:func:`output`'s rule), so not one to delete as its."""
+    return audio.marked(path) and not audio.written_by(path, job_id)
+
 @dataclass(frozen=True)
 class Output:
     """What :func:`output` found at a completed job's path."""

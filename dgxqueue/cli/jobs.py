@@ -36,7 +36,7 @@ from dgxqueue.cli.common import (
 )
 from dgxqueue.cli.wait import Progress, finish, fraction, watch
 from dgxqueue.errors import JobNotFoundError, ValidationError
-from dgxqueue.outputs import OUTSIDE, unpublished
+from dgxqueue.outputs import OUTSIDE, anothers, unpublished
 from dgxqueue.storage import (
     Generation,
     admin,
@@ -231,16 +231,18 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             victims = [(job_id, path) for job_id, path in victims if job_id in deleted]
         # Read in the deleting transaction: rows left then are the ones that still need the file.
         in_use = _paths_in_use(session, victims, owners, deleted=not args.dry_run) if args.delete_files else set()
-    removed, freed, skipped, kept = 0, 0, [], []
+    removed, freed, skipped, kept, others = 0, 0, [], [], []
     files: list[Path] = []
     if args.delete_files:
         owned = {path: job_id for job_id, path in victims if job_id in owners}  # each file once
-        for file_path in owned:
+        for file_path, job_id in owned.items():
             path = output_path(ctx.settings, file_path)
             if path is None:
                 skipped.append(file_path)  # outside the outputs folder: never touched
             elif file_path in in_use:
                 kept.append(file_path)
+            elif anothers(str(path), job_id):  # another job's WAV put at its path since: not its to delete
+                others.append(file_path)
             elif path.is_file():
                 files.append(path)
     if not args.dry_run:
@@ -251,8 +253,8 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 continue
             removed, freed = removed + 1, freed + size
-    # The file at a held job's path is another's: with --delete-files it is named as kept too.
-    not_its = [file_path for _, file_path in kept_held] if args.delete_files else []
+    # The file at a held job's path is another's too: with --delete-files it is named as kept.
+    not_its = [file_path for _, file_path in kept_held] + others if args.delete_files else []
     result = {
         "dry_run": args.dry_run, "cutoff": cutoff.isoformat(), "statuses": statuses,
         "generations": len(victims), "files": len(files) if args.dry_run else removed,
@@ -270,6 +272,8 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             print(f"kept {safe(file_path)}: not inside the outputs folder {safe(ctx.settings.outputs_dir.absolute())}")
         for file_path in kept:
             print(f"kept {safe(file_path)}: a generation that stays still uses it")
+        for file_path in others:
+            print(f"kept {safe(file_path)}: another job's WAV (its mark says so), not its generation's")
         for job_id, file_path in kept_held:
             print(f"kept generation {safe(job_id)} ({safe(file_path)}): {HELD_REASON}")
     if kept_held:

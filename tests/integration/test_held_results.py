@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from dgxqueue.storage import complete_generation, create_generations, session_sc
 from dgxqueue.storage.models import G
 from tests.support.daemons import make_settings
 from tests.support.held import FOREIGN, hold, mark, temporary
+from tests.support.processes import REPO, write_config
 from tests.support.web import client
 
 OTHER = "5d1e2f3a-0000-4c5e-9f43-2a1c8e7d9b11"
@@ -92,6 +95,37 @@ def test_job_handle__names_the_temporary_of_the_attempt_that_completed_as_show_d
     job = dgxqueue.get_job(job_id, database_url=db_url, settings=settings)
     assert job.output is not None and job.output.temporary == str(completed) != str(stale)
     assert job.output_path is None
+
+
+def test_prune__delete_files_keeps_another_jobs_wav_at_a_pruned_jobs_path(
+        engine: Engine, settings: Settings, db_url: str, tmp_path: Path) -> None:
+    """A completed job whose own WAV is gone and whose path now holds a WAV marked with another
+    job's id (another queue sharing the outputs folder wrote it there, or an archived job's was
+    put back): ``show``, the status page, ``wait`` and a handle say it is not the job's, and
+    ``prune --delete-files`` (a real process) must not delete it as the job's: it did, that
+    other job's only result. The row goes, the file stays, named in kept_not_its; a job's own
+    WAV still goes with it."""
+    foreign_job, own_job = _completed(engine, "foreign.wav"), _completed(engine, "own.wav")
+    outputs = settings.outputs_dir
+    outputs.mkdir(parents=True, exist_ok=True)
+    (outputs / "foreign.wav").write_bytes(FOREIGN)
+    mark(outputs / "foreign.wav", OTHER)
+    (outputs / "own.wav").write_bytes(b"RIFF own")
+    mark(outputs / "own.wav", own_job)
+    shown = dgxqueue.get_job(foreign_job, database_url=db_url, settings=settings).output
+    assert shown is not None and not shown.exists and shown.holder == OTHER  # not its, as show says
+    config = write_config(tmp_path / "prune.toml", {"database": {"url": db_url},
+                                                     "outputs": {"dir": str(outputs)},
+                                                     "metrics": {"enabled": False}})
+    env = {name: value for name, value in os.environ.items() if not name.startswith("DGXQUEUE_")}
+    pruned = subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "prune", "--older-than",
+                             "0s", "--delete-files", "--json"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**env, "PYTHONPATH": str(REPO)})
+    assert pruned.returncode == 0, pruned.stderr
+    result = json.loads(pruned.stdout)
+    assert result["generations"] == 2 and result["files"] == 1, result
+    assert result["kept_not_its"] == ["outputs/foreign.wav"], result
+    assert (outputs / "foreign.wav").read_bytes() == FOREIGN and not (outputs / "own.wav").exists()
 
 def test_web_files__a_held_jobs_wav_link_does_not_serve_the_other_file_at_its_path(engine: Engine,
                                                                                  settings: Settings) -> None:
