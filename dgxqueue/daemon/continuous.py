@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from dgxqueue import audio
-from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, stage
+from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, stage, validate
 from dgxqueue.daemon.faults import refund
 from dgxqueue.daemon.isolation import prepare_isolating
 from dgxqueue.daemon.outages import outage_skips
@@ -300,9 +300,12 @@ class Continuous:
                 if work.request.control.cancelled:
                     outcomes.append(cancelled(work.job))
                     continue
+                # A suspect: validated in its own call, after its start mark, by the rule of every path.
+                refusal = None if work.validated else validate(work.job, work.request, daemon.generator)
+                if refusal is not None:
+                    outcomes.append(refusal)
+                    continue
                 try:
-                    if not work.validated:  # a suspect: validated in its own call, after its start mark
-                        daemon.generator.validate(work.request)
                     generator.start(work.request)
                 except Exception as exc:  # this job's alone: the others join
                     error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))

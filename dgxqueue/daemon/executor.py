@@ -172,7 +172,12 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
 
 
 def validate(job: ClaimedJob, request: GenerationRequest, generator: Generator) -> Attempt | None:
-    """The job's failure if the backend refuses its request (see :func:`prepare`), else None."""
+    """The job's failure if the backend refuses its request, else None: the one rule for every
+    path that validates (a claim's, a call's, a job joining a running batch). A typed refusal
+    (:class:`~dgxqueue.errors.DgxQueueError`, ``ValueError``) fails the job for good unless it is
+    a transient :class:`~dgxqueue.errors.GeneratorError`; any other exception is the job's
+    unexpected error, decided as one the backend raised from ``generate`` (retried while
+    ``worker.retry_unexpected_errors``, a machine fault judged as one)."""
     try:
         generator.validate(request)
     except (DgxQueueError, ValueError) as exc:

@@ -1,5 +1,5 @@
 """Jobs validated inside their backend call (a claim larger than a call), run by real daemon
-processes: a cancel, a hanging validate, the batch counts."""
+processes: a cancel, a hanging validate, an unexpected error from validate on every path."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from dgxqueue.storage import cancel_generation, create_generations, get_engine, init_db, session_scope
 from tests.support.generators import read_executions
@@ -74,3 +75,40 @@ def test_daemons__a_validate_that_hangs_is_timed_out_and_fails_alone(db_url: str
     assert (jobs[ids[1]].status, jobs[ids[1]].attempts) == ("failed", 3)
     assert "time limit of 1 s" in (jobs[ids[1]].error_message or "")
     assert {jobs[j].status for j in ids if j != ids[1]} == {"completed"}
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["batch", "continuous"])
+def test_daemon__an_unexpected_error_from_validate_is_retried_on_every_path(db_url: str, tmp_path: Path,
+                                                                            continuous: bool) -> None:
+    """validate() raising something other than a refusal (a RuntimeError: a backend's bug, not a
+    verdict on the request) is the job's unexpected error on every path, retried by the retry
+    policy (``worker.retry_unexpected_errors``) until its attempts are spent: for a job validated
+    with its claim and for a suspect (``lease_losses``) validated alone in its own call, with
+    continuous batching as without. A suspect joining a running batch was failed for good at its
+    first attempt, its message stripped of the error's type."""
+    init_db(db_url)
+    with session_scope(get_engine(db_url)) as s:
+        ids = create_generations(s, [{"prompt": "validate-crash", **SPEC, "max_attempts": 2} for _ in range(2)])
+    with get_engine(db_url).begin() as conn:  # it lost a lease before: it runs alone
+        conn.execute(sa.text("UPDATE generations SET lease_losses = 1 WHERE id = :id"), {"id": ids[0]})
+    log = tmp_path / "worker.log"
+    config = write_config(tmp_path / "config.toml", {
+        "database": {"url": db_url},
+        "outputs": {"dir": str(tmp_path / "outputs")},
+        "generator": {"name": "tests.support.generators:ScriptedSlots", "continuous": continuous},
+        "generator.options": {"log_path": str(tmp_path / "executions.log"), "max_batch_size": 4},
+        "worker": {"batch_size": 4, "backoff_base_seconds": 0.0, "heartbeat_seconds": 0.2,
+                   "poll_interval_seconds": 0.2},
+        "metrics": {"enabled": False},
+    })
+    worker = start_worker(config, log, "--burst")
+    try:
+        code = worker.wait(60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert code == 0, log.read_text()[-3000:]
+    jobs = rows(db_url)
+    expected = ("failed", 2, "RuntimeError: scripted: validate crashed (gave up after 2 attempts)")
+    assert {j: (jobs[j].status, jobs[j].attempts, jobs[j].error_message) for j in ids} == dict.fromkeys(ids, expected)

@@ -5,6 +5,7 @@ Prompt directives (anything else renders silence):
 - ``transient:N``  fail with a transient error on the first N attempts, then succeed
 - ``permanent``    fail with a permanent error
 - ``crash``        raise an unexpected RuntimeError
+- ``validate-crash`` ``validate`` raises an unexpected RuntimeError (not a refusal) on every attempt
 - ``block``        wait until ``gate`` is set (in-process) or ``release_path`` exists (processes)
 - ``work:S``       take S seconds, like a GPU would (simulated work, not synchronisation)
 - ``steps:N``      report progress k/N for k = 0..N, waiting before each step for ``steps``
@@ -33,6 +34,7 @@ import threading
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +86,8 @@ class ScriptedGenerator:
     def validate(self, request: GenerationRequest) -> None:
         if request.prompt == "invalid":
             raise PermanentGeneratorError("prompt 'invalid' is refused by the scripted backend")
+        if request.prompt == "validate-crash":
+            raise RuntimeError("scripted: validate crashed")
 
     def _record(self, request: GenerationRequest) -> int:
         """Log this execution; returns how many times this job ran before."""
@@ -218,3 +222,37 @@ class ValidateHangingGenerator(ScriptedGenerator):
             self._record(request)
             threading.Event().wait()
         super().validate(request)
+
+
+class ScriptedSlots(ScriptedGenerator):
+    """:class:`ScriptedGenerator` with slots (:class:`~dgxqueue.generators.SlotGenerator`), for
+    continuous batching in daemon processes without torch: a request started into a slot
+    finishes at the next step, rendered as :meth:`generate` renders it. ``max_batch_size``
+    slots."""
+
+    name = "scripted-slots"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._running: dict[str, GenerationRequest] = {}
+
+    @property
+    def slots(self) -> int:
+        return self.max_batch_size
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch_size - len(self._running)
+
+    def start(self, request: GenerationRequest) -> None:
+        assert self.free_slots > 0, "started with no slot free"
+        self._running[request.job_id] = request
+
+    def step(self) -> list[tuple[str, GenerationOutcome]]:
+        requests, self._running = list(self._running.values()), {}
+        if not requests:
+            return []
+        return [(request.job_id, result) for request, result in zip(requests, self.generate(requests), strict=True)]
+
+    def cancel(self, job_id: str) -> bool:
+        return self._running.pop(job_id, None) is not None
