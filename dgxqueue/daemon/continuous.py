@@ -14,6 +14,10 @@ heartbeats and rescues: the GPU never waits on the database.
   step), of at most the free slots not promised to jobs claimed already: no job is held that an
   idle daemon could run. A claim is made when the waker says the table changed, else once a
   poll interval.
+- **Validation**: a job's ``validate()`` runs in the step it joins, on the runner's thread, after
+  its start mark (never on the main loop, which a ``validate()`` that hangs would stall), by the
+  rule of every path (:func:`~dgxqueue.daemon.executor.validate`: a refusal fails the job, any
+  other exception is its unexpected error, retried by the retry policy), a suspect's too.
 - **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
   a finished job's file is staged on the runner thread and published after its write commits.
 - **Cancels** free the job's slot at the next step; the other slots decode on.
@@ -203,8 +207,10 @@ class Continuous:
         self._mark(again, started=True)  # it runs alone now: the GPU is idle anyway
         self._unmarked -= {job.id for job in taken}
         held.premarked -= {job.id for job in taken}
-        # Each job taken is marked started (by its claim, or again above) before its validate runs.
-        work, refused = prepare_isolating(taken, daemon.generator, marked={job.id for job in taken})
+        # Each job taken is marked started (by its claim, or again above); none is validated here,
+        # on the main loop, where a validate() that never returns would stall the loop: each is
+        # validated in the step it joins, on the runner's thread.
+        work, refused = prepare_isolating(taken, daemon.generator, marked=())
         daemon.completer.pending.extend(daemon._sort_faults(refused))
         return [daemon._controlled(w) for w in work]
 
@@ -284,14 +290,17 @@ class Continuous:
         beside = [(s.work.job, s.path) for key, s in slots.items() if key not in leaving]
         beside += daemon.completer.publishing()
         daemon._call = handoff = Handoff()
+        doing = daemon.runner.doing
 
         def call() -> _Step:
             for key in leaving:
+                doing("cancel", key)
                 generator.cancel(key)
             root = audio.OutputRoot(outputs)
             outcomes: list[Attempt] = []
             joined: list[_Slot] = []
             for one in joining:  # each beside the slots and the jobs that joined before it, never one that did not
+                doing("files", one.job.id)
                 located, refused = locate([one], root, beside + [(s.work.job, s.path) for s in joined])
                 outcomes += refused
                 if not located:
@@ -300,12 +309,13 @@ class Continuous:
                 if work.request.control.cancelled:
                     outcomes.append(cancelled(work.job))
                     continue
-                # A suspect: validated in its own call, after its start mark, by the rule of every path.
-                refusal = None if work.validated else validate(work.job, work.request, daemon.generator)
+                # Validated here, after its start mark, by the rule of every path (a suspect too).
+                refusal = None if work.validated else validate(work.job, work.request, daemon.generator, doing)
                 if refusal is not None:
                     outcomes.append(refusal)
                     continue
                 try:
+                    doing("start", work.job.id)
                     generator.start(work.request)
                 except Exception as exc:  # this job's alone: the others join
                     error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))
@@ -313,8 +323,10 @@ class Continuous:
                     continue
                 joined.append(_Slot(work, path, time.monotonic()))
             occupied = generator.slots - generator.free_slots
+            doing("step", *(key for key in slots if key not in leaving), *(s.work.job.id for s in joined))
             finished = generator.step()
             if finished:
+                doing("files", *(key for key, _ in finished))
                 outcomes += self._stage(finished, {**slots, **{s.work.job.id: s for s in joined}},
                                         root.real, worker_id)
             return _Step(joined, handoff.deliver(outcomes), occupied)
@@ -344,16 +356,22 @@ class Continuous:
             if future.done():
                 continue
             if daemon.stopping and self._grace_over():
+                hung = daemon.runner.doing.describe()
                 daemon._abandon_call()
-                daemon.log.warning("grace period over during a step; giving running jobs back",
-                                   jobs=sorted(self.running))
+                daemon.log.warning(f"grace period over during a step; giving running jobs back: {hung} did not"
+                                   " return", jobs=sorted([*self.running, *(w.job.id for w in joining)]))
                 self.running = {}
                 return None
             if time.monotonic() - begun >= daemon.config.job_timeout_seconds:
+                hung, named = daemon.runner.doing.describe(), set(daemon.runner.doing.job_ids())
                 daemon._abandon_call()
                 jobs = [s.work.job for s in self.running.values()] + [w.job for w in joining]
-                daemon.log.error("a decoding step overran the time limit: charged to the jobs in its slots; the"
-                                 " rest go back unspent, then exit for a fresh process", jobs=[j.id for j in jobs])
+                # The jobs of the generator method it is stuck in (one job's validate() or start(),
+                # or the slots of a step); the rest go back unspent.
+                jobs = [job for job in jobs if job.id in named] or jobs
+                daemon.log.error(f"a decoding step overran the time limit: {hung} did not return; charged to its"
+                                 " jobs, the rest go back unspent, then exit for a fresh process",
+                                 jobs=[j.id for j in jobs])
                 from dgxqueue.daemon.daemon import EXIT_JOB_TIMEOUT  # here: that module imports this one
 
                 daemon.exit_code = EXIT_JOB_TIMEOUT

@@ -7,9 +7,11 @@ and the lease services of :mod:`~dgxqueue.daemon.leases` (heartbeat, rescue, swe
 keeps the loop, the stop and its grace period, health, and the backend calls.
 
 One main thread owns the loop and every database call; the backend runs on the runner's thread
-so the loop keeps refreshing leases, rescuing, and pinging the systemd watchdog while a long job
-runs. :meth:`Daemon.run` is the thin loop; :meth:`Daemon.run_once` is one claim-and-process step
-that tests drive directly.
+(every generator method of a round: a claim's ``validate()`` and ``batch_key()`` as much as
+``generate()``) so the loop keeps refreshing leases, rescuing, pinging the systemd watchdog and
+honouring a stop's grace period while a long job runs or a backend method hangs.
+:meth:`Daemon.run` is the thin loop; :meth:`Daemon.run_once` is one claim-and-process step that
+tests drive directly.
 
 Whose fault it is decides how the daemon ends (:meth:`Daemon.run` returns the exit code):
 
@@ -22,10 +24,11 @@ Whose fault it is decides how the daemon ends (:meth:`Daemon.run` returns the ex
   (memory, descriptors, GPU) may be the job's doing: past a bounded number of refunds it is
   charged to the job. A failed write that the test write clears is the job's own path's fault:
   that job fails alone and the daemon carries on.
-- A backend call past ``worker.job_timeout_seconds`` is charged to its jobs
-  (:class:`~dgxqueue.errors.JobTimeoutError`), everything else held goes back unspent, and the
-  daemon exits with :data:`EXIT_JOB_TIMEOUT`: Python cannot interrupt the stuck call, and only a
-  new process gets a clean GPU.
+- A backend call past ``worker.job_timeout_seconds`` is charged to the jobs of the generator
+  method it is stuck in (:class:`~dgxqueue.errors.JobTimeoutError`; one job's ``validate()`` or
+  ``batch_key()``, or the jobs of a ``generate()``), everything else held goes back unspent, and
+  the daemon exits with :data:`EXIT_JOB_TIMEOUT`: Python cannot interrupt the stuck call, and only
+  a new process gets a clean GPU. The log names the method and the jobs that did not return.
 - Before each claim the outputs folder is checked (:mod:`~dgxqueue.daemon.diskcheck`): short of
   space, read-only or unwritable, the daemon claims nothing, says why, and resumes by itself.
 """
@@ -36,13 +39,15 @@ import dataclasses
 import os
 import random
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import TypeVar, cast
 
 import structlog
 from sqlalchemy.engine import Engine
@@ -55,8 +60,8 @@ from dgxqueue.daemon.continuous import Continuous
 from dgxqueue.daemon.diskcheck import OutputsCheck
 from dgxqueue.daemon.executor import Attempt, Handoff, Work, render
 from dgxqueue.daemon.faults import judge
-from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop
-from dgxqueue.daemon.isolation import prepare_isolating, split_isolating, validate_unvalidated
+from dgxqueue.daemon.hardstop import HARD_STOP_MARGIN, HardStop, stuck_in
+from dgxqueue.daemon.isolation import plan, validate_unvalidated
 from dgxqueue.daemon.leases import Heartbeat, Held, Rescuer, Sweeper
 from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.daemon.queue_client import QueueClient
@@ -68,6 +73,7 @@ from dgxqueue.daemon.waker import Waker, make_waker
 from dgxqueue.errors import ConfigError, JobTimeoutError
 from dgxqueue.generators import Generator, SlotGenerator, serves_slots
 from dgxqueue.hooks import DaemonInfo, Hooks
+from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.dberrors import is_transient_db_error
 from dgxqueue.storage.engines import profile_of
 from dgxqueue.storage.models import utcnow
@@ -81,6 +87,15 @@ SHUTDOWN_DB_SECONDS = 5.0
 #: Exit codes of :meth:`Daemon.run`; systemd restarts the daemon after either (Restart=on-failure).
 EXIT_MACHINE_FAULT = 75  # EX_TEMPFAIL: the machine failed (disk, memory, GPU); jobs given back
 EXIT_JOB_TIMEOUT = 124  # as timeout(1): a backend call overran its time limit and may never return
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """A backend call the main loop stopped waiting for (:meth:`Daemon._await`): ``charged``, the
+    attempts it costs (the time limit's), empty when a stop's grace period ended first."""
+
+    charged: list[Attempt]
 
 
 def new_worker_id() -> str:
@@ -173,6 +188,7 @@ class Daemon:
             hooks=self.hooks, clock=clock, rng=rng or random.Random(), log=self.log,
         )
         self._hard_stop = HardStop(self._overran, lambda: self.exit_code)
+        self._main_thread: threading.Thread | None = None  # the one that runs the loop, for the hard stop
         self.heartbeat.on_cancel = self._cancel_now
         #: The running batch of slots, with ``[generator] continuous = true``; else None.
         self.continuous: Continuous | None = None
@@ -241,6 +257,7 @@ class Daemon:
     def run(self, *, burst: bool = False) -> int:
         """Run until stopped (or, with ``burst``, until the queue is drained). Returns the exit
         code: 0, :data:`EXIT_MACHINE_FAULT` or :data:`EXIT_JOB_TIMEOUT`."""
+        self._main_thread = threading.current_thread()
         self._hard_stop.start()
         self.start()
         try:
@@ -329,12 +346,11 @@ class Daemon:
         self._render_seconds = 0.0  # no backend call this round (all refused): nothing hides a write
         kept = False
         try:
-            work, refused = prepare_isolating(jobs, self.generator, marked=premarked)
-            work = [self._controlled(w) for w in work]
-            completer.pending.extend(self._sort_faults(refused))
-            size = min(self.batch_size, self.generator.max_batch_size)
-            batches = split_isolating(work, lambda w: self.generator.batch_key(w.request), size)
-            claimer.unmark_not_first(jobs, premarked, batches)
+            batches = self._plan(jobs, premarked)
+            if batches is None:  # given up on: none runs, and all but a charged job go back below
+                batches = []
+            else:
+                claimer.unmark_not_first(jobs, premarked, batches)
             for i, batch in enumerate(batches):
                 if self.stopping or self.runner.busy:
                     # Not started: run next round, or given back below if there is none.
@@ -394,6 +410,27 @@ class Daemon:
             return self.store.error_messages(ids)
         return {}
 
+    def _plan(self, jobs: list[ClaimedJob], premarked: set[str]) -> list[list[Work]] | None:
+        """The round's backend calls (:func:`~dgxqueue.daemon.isolation.plan`: the claim's
+        ``validate()`` and ``batch_key()``), worked out on the runner's thread and waited for as
+        a call is, so the loop heartbeats and stops meanwhile; the jobs it refuses go to the
+        completer. None when a stop's grace or the time limit gave up on it (the time limit
+        charges the job whose method did not return; the rest go back unspent)."""
+        size = min(self.batch_size, self.generator.max_batch_size)
+        generator, doing = self.generator, self.runner.doing
+        future = self.runner.submit(lambda: plan(jobs, generator, premarked, size, doing))
+        planned = self._await(future, time.monotonic(), jobs)
+        if isinstance(planned, GaveUp):
+            self.completer.pending.extend(planned.charged)
+            return None
+        batches, refused = planned
+        self.completer.pending.extend(self._sort_faults(refused))
+        # A job whose cancel was recorded while the plan ran (the heartbeat beat meanwhile) has no
+        # control left to stop it: it never starts, and no outcome of it is waited for.
+        ended = self.held.ended
+        kept = [[self._controlled(w) for w in batch if ended.pop(id(w.job), None) is None] for batch in batches]
+        return [batch for batch in kept if batch]
+
     def _mark_started(self, batch: list[Work]) -> None:
         """Record, before the backend call, which jobs it starts: if it kills the daemon, the
         lease rescue charges them and gives the jobs that had not started their attempt back."""
@@ -409,13 +446,14 @@ class Daemon:
         # The results written behind this call: their renames come after its jobs' checks.
         beside = self.completer.publishing()
         self._call = handoff = Handoff()
+        doing = self.runner.doing
 
         def call() -> list[Attempt]:  # timed where it runs: the main loop may be busy writing
             started = time.monotonic()
-            ready, refused = validate_unvalidated(batch, self.generator)
+            ready, refused = validate_unvalidated(batch, self.generator, doing)
             if ready and not all(w.validated for w in batch):
                 self._sent.append(len(ready))
-            outcomes = refused + render(self.generator, ready, outputs, worker_id, beside) if ready else refused
+            outcomes = refused + render(self.generator, ready, outputs, worker_id, beside, doing) if ready else refused
             self._render_seconds = time.monotonic() - started
             return handoff.deliver(outcomes)
 
@@ -442,6 +480,17 @@ class Daemon:
     def _wait(self, running: tuple[Future[list[Attempt]], float], batch: list[Work]) -> list[Attempt] | None:
         """Wait for a started batch while heartbeating; None when a stop gave up on it."""
         future, started = running
+        outcomes = self._await(future, started, [w.job for w in batch])
+        if isinstance(outcomes, GaveUp):
+            return outcomes.charged or None
+        return outcomes
+
+    def _await(self, future: Future[T], started: float, jobs: Sequence[ClaimedJob]) -> T | GaveUp:
+        """A backend call's result, heartbeating while it runs; :class:`GaveUp` when a stop's
+        grace period ended first (nothing charged: its jobs go back unspent) or the call overran
+        ``worker.job_timeout_seconds`` (charged to the jobs of ``jobs`` it was in a generator
+        method for, as the runner's :class:`~dgxqueue.daemon.runner.Doing` says, else to all of
+        them; the daemon stops to exit :data:`EXIT_JOB_TIMEOUT`). The log names what did not return."""
         while True:
             try:
                 return future.result(timeout=_SLICE)
@@ -455,19 +504,22 @@ class Daemon:
                 assert self._stop_requested_at is not None
                 grace = 0.0 if self._immediate else self.config.grace_seconds
                 if now >= self._stop_requested_at + grace:
+                    hung = self.runner.doing.describe()
                     self._abandon_call()
-                    self.log.warning("grace period over; giving running jobs back",
-                                     jobs=[w.job.id for w in batch])
-                    return None
+                    self.log.warning(f"grace period over; giving running jobs back: {hung} did not return",
+                                     jobs=[job.id for job in jobs])
+                    return GaveUp([])
             if now - started >= self.config.job_timeout_seconds:
+                hung, named = self.runner.doing.describe(), set(self.runner.doing.job_ids())
                 self._abandon_call()
+                charged = [job for job in jobs if job.id in named] or list(jobs)
                 error = JobTimeoutError(f"job exceeded its time limit of {self.config.job_timeout_seconds:g} s")
-                self.log.error("generator call overran its time limit: charged to its jobs; the rest go back"
-                               " unspent, then exit for a fresh process", jobs=[w.job.id for w in batch],
-                               exit_code=EXIT_JOB_TIMEOUT)
+                self.log.error(f"generator call overran its time limit: {hung} did not return; charged to its"
+                               " jobs, the rest go back unspent, then exit for a fresh process",
+                               jobs=[job.id for job in charged], exit_code=EXIT_JOB_TIMEOUT)
                 self.exit_code = EXIT_JOB_TIMEOUT
                 self.request_stop(immediate=True)
-                return [Attempt(w.job, error, now - started) for w in batch]
+                return GaveUp([Attempt(job, error, now - started) for job in charged])
 
     def _abandon_call(self) -> None:
         """Give up on the running call: its outcomes are not recorded and its files never published."""
@@ -502,6 +554,10 @@ class Daemon:
             self._hard_stop.close()
 
     def _overran(self) -> None:
-        self.log.error("the stop overran its time limit (a database call never returned): exiting now; the"
-                       " jobs still held are left to the lease rescue", jobs=[job.id for job in list(self.held.jobs)],
-                       exit_code=self.exit_code)
+        """The hard stop's last words: where the main loop is stuck (most often a database call
+        the server never answers, but read, not assumed), and what the runner still runs."""
+        where = stuck_in(self._main_thread)
+        self.log.error(f"the stop overran its time limit (the main loop did not return from {where[0]}): exiting"
+                       " now; the jobs still held are left to the lease rescue",
+                       jobs=[job.id for job in list(self.held.jobs)], main_loop=where,
+                       backend=self.runner.doing.describe() if self.runner.busy else None, exit_code=self.exit_code)

@@ -25,6 +25,7 @@ import structlog
 
 from dgxqueue import audio
 from dgxqueue.daemon import staging
+from dgxqueue.daemon.runner import Doing
 from dgxqueue.errors import DgxQueueError, GeneratorError, JobCancelledError, OutputError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest, Generator, seed_for
 from dgxqueue.storage.claimed import ClaimedJob
@@ -143,12 +144,13 @@ def _refusal(job: ClaimedJob, exc: Exception) -> Attempt:
     return Attempt(job, error, 0.0)
 
 
-def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work], list[Attempt]]:
+def prepare(jobs: Sequence[ClaimedJob], generator: Generator,
+            doing: Doing | None = None) -> tuple[list[Work], list[Attempt]]:
     """Split claimed jobs into runnable work and immediate failures (requests the backend refuses).
 
     Any other exception (a row no producer of ours writes, a bug in ``validate``) fails only its
     job, decided like an unexpected error from the backend, instead of stopping the daemon on
-    the same row at every restart."""
+    the same row at every restart. ``doing``: told of each ``validate`` before it is called."""
     ready: list[Work] = []
     refused: list[Attempt] = []
     for job in jobs:
@@ -163,7 +165,7 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
         except Exception as exc:
             refused.append(Attempt(job, exc, 0.0))
             continue
-        refusal = validate(job, request, generator)
+        refusal = validate(job, request, generator, doing)
         if refusal is None:
             ready.append(Work(job, request))
         else:
@@ -171,13 +173,16 @@ def prepare(jobs: Sequence[ClaimedJob], generator: Generator) -> tuple[list[Work
     return ready, refused
 
 
-def validate(job: ClaimedJob, request: GenerationRequest, generator: Generator) -> Attempt | None:
+def validate(job: ClaimedJob, request: GenerationRequest, generator: Generator,
+             doing: Doing | None = None) -> Attempt | None:
     """The job's failure if the backend refuses its request, else None: the one rule for every
     path that validates (a claim's, a call's, a job joining a running batch). A typed refusal
     (:class:`~dgxqueue.errors.DgxQueueError`, ``ValueError``) fails the job for good unless it is
     a transient :class:`~dgxqueue.errors.GeneratorError`; any other exception is the job's
     unexpected error, decided as one the backend raised from ``generate`` (retried while
-    ``worker.retry_unexpected_errors``, a machine fault judged as one)."""
+    ``worker.retry_unexpected_errors``, a machine fault judged as one). ``doing``: told first."""
+    if doing is not None:
+        doing("validate", job.id)
     try:
         generator.validate(request)
     except (DgxQueueError, ValueError) as exc:
@@ -328,7 +333,7 @@ def _json_value(value: Any, name: str) -> Any:
 
 
 def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worker_id: str,
-           beside: Sequence[tuple[ClaimedJob, str]] = ()) -> list[Attempt]:
+           beside: Sequence[tuple[ClaimedJob, str]] = (), doing: Doing | None = None) -> list[Attempt]:
     """Generate one batch in one backend call and stage each file (written and fsynced under its
     attempt's temporary name, ``worker_id`` naming the attempt with the job's ``attempt``; the
     folders fsynced once). Runs on the runner thread. The caller publishes or discards each
@@ -336,14 +341,17 @@ def render(generator: Generator, batch: Sequence[Work], outputs_dir: Path, worke
     results are still to be published meanwhile, with their paths (see :func:`locate`).
 
     A job whose file would land outside ``outputs_dir`` fails without reaching the backend, and
-    again at the write if a folder on its path became a link meanwhile.
+    again at the write if a folder on its path became a link meanwhile. ``doing``: told of the
+    ``generate`` call, and for which jobs, before it is made.
     """
+    if doing is not None:
+        doing("files", *(work.job.id for work in batch))
     root = audio.OutputRoot(outputs_dir)  # one per batch: folders' real paths looked up once
     located, refused = locate(batch, root, beside)
     if not located:
         return refused
     paths = [path for _, path in located]
-    return refused + _render(generator, [w for w, _ in located], paths, root.real, worker_id)
+    return refused + _render(generator, [w for w, _ in located], paths, root.real, worker_id, doing)
 
 
 def cancelled(job: ClaimedJob, generation_seconds: float = 0.0) -> Attempt:
@@ -352,13 +360,15 @@ def cancelled(job: ClaimedJob, generation_seconds: float = 0.0) -> Attempt:
 
 
 def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], inside: str,
-            worker_id: str) -> list[Attempt]:
+            worker_id: str, doing: Doing | None) -> list[Attempt]:
     stopped = [cancelled(work.job) for work in batch if work.request.control.cancelled]
     if stopped:  # cancelled before its call began: the backend never sees it
         kept = [(work, path) for work, path in zip(batch, paths, strict=True) if not work.request.control.cancelled]
         if not kept:
             return stopped
-        return stopped + _render(generator, [w for w, _ in kept], [p for _, p in kept], inside, worker_id)
+        return stopped + _render(generator, [w for w, _ in kept], [p for _, p in kept], inside, worker_id, doing)
+    if doing is not None:
+        doing("generate", *(work.job.id for work in batch))
     started = time.perf_counter()
     try:
         results = generator.generate([work.request for work in batch])
@@ -369,6 +379,8 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
     except Exception as exc:  # the whole batch failed: every job gets this error
         elapsed = time.perf_counter() - started
         return [Attempt(work.job, exc, elapsed) for work in batch]
+    if doing is not None:
+        doing("files", *(work.job.id for work in batch))
     return stage(batch, paths, results, time.perf_counter() - started, inside, worker_id)
 
 

@@ -15,6 +15,12 @@ a call ran: see :meth:`Claimer.starts <dgxqueue.daemon.claimer.Claimer.starts>`)
 that runs it, after that call's start mark: validated with the claim, before any mark, a validate
 that killed the daemon was refunded to every job every time, and the restarted daemon claimed the
 same job and died again.
+
+"With the claim" is on the runner's thread all the same (:func:`plan`, which the daemon waits for
+as for a call), never on the main loop: a ``validate()`` or ``batch_key()`` that never returns is
+then a call given up on at a stop's grace (its jobs go back unspent) or at the time limit (charged
+to that one job), not a stalled loop that the watchdog ends, charging the whole claim, or that a
+stop's hard limit ends as if a database call had hung.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 from collections.abc import Callable, Collection, Hashable, Sequence
 
 from dgxqueue.daemon.executor import Attempt, Work, prepare, to_request, validate
+from dgxqueue.daemon.runner import Doing
 from dgxqueue.errors import JobTimeoutError
 from dgxqueue.generators import Generator, split_into_batches
 from dgxqueue.storage.claimed import ClaimedJob
@@ -30,8 +37,24 @@ from dgxqueue.storage.claimed import ClaimedJob
 _UNKEYED = object()  # the batch key of a job whose request the backend could not key
 
 
-def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator,
-                      marked: Collection[str]) -> tuple[list[Work], list[Attempt]]:
+def plan(jobs: Sequence[ClaimedJob], generator: Generator, marked: Collection[str], size: int,
+         doing: Doing) -> tuple[list[list[Work]], list[Attempt]]:
+    """A claim's backend calls, in order (:func:`split_isolating`), and the jobs refused before
+    any (:func:`prepare_isolating`). Run on the runner's thread, as every backend method is: a
+    ``validate()`` or ``batch_key()`` that never returns is then a call the main loop gives up on
+    at a stop's grace or at the time limit, charged to that job (``doing`` names it), not a
+    stalled main loop that only the watchdog ends."""
+    work, refused = prepare_isolating(jobs, generator, marked, doing)
+
+    def key(w: Work) -> Hashable:
+        doing("batch_key", w.job.id)
+        return generator.batch_key(w.request)
+
+    return split_isolating(work, key, size), refused
+
+
+def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator, marked: Collection[str],
+                      doing: Doing | None = None) -> tuple[list[Work], list[Attempt]]:
     """:func:`~dgxqueue.daemon.executor.prepare`, but only the jobs already marked started
     (``marked``: by their claim) and not suspect are validated here; the others are validated in
     their own backend call (:func:`validate_unvalidated`), after its start mark."""
@@ -45,13 +68,14 @@ def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator,
         if request is not None:
             work.append(Work(job, request, validated=False))
             continue
-        more, more_refused = prepare([job], generator)
+        more, more_refused = prepare([job], generator, doing)
         work.extend(more)
         refused.extend(more_refused)
     return work, refused
 
 
-def validate_unvalidated(batch: Sequence[Work], generator: Generator) -> tuple[list[Work], list[Attempt]]:
+def validate_unvalidated(batch: Sequence[Work], generator: Generator,
+                         doing: Doing | None = None) -> tuple[list[Work], list[Attempt]]:
     """A batch's jobs not validated yet, validated in its backend call (after its start mark);
     those validated already as they are."""
     if all(work.validated for work in batch):
@@ -60,7 +84,7 @@ def validate_unvalidated(batch: Sequence[Work], generator: Generator) -> tuple[l
     refused: list[Attempt] = []
     for work in batch:
         # Its own request, built with the claim: its control the heartbeat may have cancelled already.
-        refusal = None if work.validated else validate(work.job, work.request, generator)
+        refusal = None if work.validated else validate(work.job, work.request, generator, doing)
         if refusal is not None:
             refused.append(refusal)
         else:

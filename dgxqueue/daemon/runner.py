@@ -4,6 +4,10 @@ One long-lived daemon thread takes calls from a queue (a thread per call costs a
 hand-off each time). A call that overruns its time limit is abandoned: Python cannot interrupt it
 (a stuck GPU kernel), so the runner stays *busy* until it returns, the daemon claims nothing
 meanwhile, and reports itself unhealthy so that systemd restarts it.
+
+The code a call runs says, before each backend method it calls, which one and for which jobs
+(:class:`Doing`): a call the main loop gives up on is then logged, and charged, by what did not
+return (one job's ``validate()``, not the whole claim's).
 """
 
 from __future__ import annotations
@@ -19,6 +23,32 @@ T = TypeVar("T")
 _Call = tuple[Callable[[], Any], "Future[Any]"]
 
 
+class Doing:
+    """The backend method the runner's thread is in, and the ids of the jobs it is called for:
+    set by the code the call runs, before each method (a plain assignment, so it costs nothing
+    beside a backend call), read by the main loop while the call has not returned."""
+
+    def __init__(self) -> None:
+        self.now: tuple[str, tuple[str, ...]] | None = None
+
+    def __call__(self, method: str, *job_ids: str) -> None:
+        self.now = (method, job_ids)
+
+    def job_ids(self) -> tuple[str, ...]:
+        return () if self.now is None else self.now[1]
+
+    def describe(self) -> str:
+        """What did not return, for a log line: ``the generator's validate() of job X``; the
+        method ``files`` is the daemon's own work on the jobs' output files."""
+        if self.now is None:
+            return "the backend call (in no generator method)"
+        method, ids = self.now
+        jobs = f"job {ids[0]}" if len(ids) == 1 else f"jobs {', '.join(ids)}" if ids else "no job"
+        if method == "files":
+            return f"the output file checks or writes of {jobs}"
+        return f"the generator's {method}() of {jobs}"
+
+
 class Runner:
     """One call at a time on a background thread."""
 
@@ -27,6 +57,8 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._current: Future[Any] | None = None
         self._abandoned_at: float | None = None
+        #: What the current call is doing (see :class:`Doing`); cleared by each :meth:`submit`.
+        self.doing = Doing()
 
     @property
     def busy(self) -> bool:
@@ -54,6 +86,7 @@ class Runner:
         future: Future[T] = Future()
         self._current = future
         self._abandoned_at = None
+        self.doing.now = None
         self._calls.put((fn, future))
         return future
 

@@ -927,3 +927,7 @@ def test_daemon__a_round_without_a_backend_call_writes_its_outcomes_with_the_cla
     assert daemon.run_once() == 1  # the refused job: no backend call
     assert daemon.completer.pending == [] and [j.id for j in daemon.held.next] == [third]
     assert row(db_url, first).status == "completed" and row(db_url, refused).status == "failed"
+    # Closed, not left to the garbage collector: its last round made no render call, so nothing
+    # keeps the daemon alive, and a collected daemon drops its connection unclosed (ResourceWarning).
+    daemon.request_stop()
+    daemon.shutdown()

@@ -3,6 +3,7 @@ how the daemon runs a job suspected of killing daemons."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,13 +13,14 @@ import pytest
 import sqlalchemy as sa
 
 from dgxqueue.generators import GenerationOutcome, GenerationRequest
-from dgxqueue.storage import Generation, create_generation, get_engine, queue, session_scope
+from dgxqueue.storage import Generation, cancel_generation, create_generation, get_engine, queue, session_scope
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.models import utcnow
 from tests.integration.test_db_clock import row
 from tests.support import queue_calls
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
+from tests.support.processes import wait_until
 
 
 def enqueue(url: str, prompt: str, **columns: Any) -> str:
@@ -209,6 +211,47 @@ def test_daemon__a_job_not_validated_yet_that_the_backend_cannot_key_fails_alone
     assert (invalid.status, invalid.error_message) == ("failed", "prompt 'invalid' is refused by the scripted backend")
     assert {row(db_url, j).status for j in ids[:1] + ids[2:]} == {"completed"}
     assert gen.batches == [[ids[0], ids[2]], [ids[3]]]
+
+
+class ValidateGated(ScriptedGenerator):
+    """``validate`` of the ``gated`` prompt waits until the test opens ``validate_gate``."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.validating, self.validate_gate = threading.Event(), threading.Event()
+
+    def validate(self, request: GenerationRequest) -> None:
+        if request.prompt == "gated":
+            self.validating.set()
+            self.validate_gate.wait(30)
+        super().validate(request)
+
+
+def test_daemon__the_loop_heartbeats_while_a_claim_is_validated_and_a_job_cancelled_meanwhile_never_runs(
+        engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
+    """A claim's validate() runs on the runner's thread, the loop heartbeating meanwhile: a job of
+    the claim cancelled while another's validate() is slow is recorded cancelled within a
+    heartbeat, and never reaches the backend once the validate returns (the cancel dropped its
+    control: a fresh one would have let it render in full). On the main loop, the validate
+    stalled the loop: no heartbeat, no cancel, no lease refreshed, until it returned."""
+    gen, hooks = ValidateGated(), RecordingHooks()
+    daemon = make_daemon(db_url, tmp_path / "outputs", gen, hooks=hooks, heartbeat_seconds=0.2)
+    gated, other = enqueue(db_url, "gated"), enqueue(db_url, "fine")
+    thread = threading.Thread(target=daemon.run_once)
+    thread.start()
+    try:
+        assert gen.validating.wait(10)
+        with session_scope(get_engine(db_url)) as s:
+            assert cancel_generation(s, other).status == "processing"
+        wait_until(lambda: row(db_url, other).status == "failed", 10, "the cancel to be recorded meanwhile")
+    finally:
+        gen.validate_gate.set()
+        thread.join(20)
+    assert not thread.is_alive()
+    assert row(db_url, other).cancelled_at is not None and gen.executions[other] == 0
+    assert row(db_url, gated).status == "completed" and gen.batches == [[gated]]
+    assert hooks.outcomes(other) == ["cancelled"] and hooks.outcomes(gated) == ["completed"]
+    assert daemon.held.controls == {} and daemon.held.ended == {}
 
 
 def test_rescue__a_lease_that_expires_while_it_runs_is_sorted_by_its_row(engine: sa.Engine, db_url: str) -> None:

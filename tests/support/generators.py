@@ -256,3 +256,9 @@ class ScriptedSlots(ScriptedGenerator):
 
     def cancel(self, job_id: str) -> bool:
         return self._running.pop(job_id, None) is not None
+
+
+class ValidateHangingSlots(ValidateHangingGenerator, ScriptedSlots):
+    """:class:`ValidateHangingGenerator` with slots, for continuous batching."""
+
+    name = "validate-hanging-slots"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dgxqueue.daemon import EXIT_MACHINE_FAULT, Daemon
+from dgxqueue.daemon import EXIT_JOB_TIMEOUT, EXIT_MACHINE_FAULT, Daemon
 from dgxqueue.daemon.faults import tally
 from dgxqueue.generators import GenerationOutcome, GenerationRequest
 from dgxqueue.storage.claimed import ClaimedJob
@@ -223,3 +223,31 @@ def test_daemon__a_retry_after_a_thousand_attempts_backs_off_at_the_cap(harness:
     assert daemon.run(burst=True) == 0
     assert harness.status(job_id) == ("completed", 1102)
     assert harness.hooks.outcomes(job_id) == ["retried", "completed"]
+
+
+class ValidateBlocking(ScriptedGenerator):
+    """``validate`` of the ``hang`` prompt does not return until the test sets ``gate``."""
+
+    def validate(self, request: GenerationRequest) -> None:
+        if request.prompt == "hang":
+            self.gate.wait(30)
+        super().validate(request)
+
+
+def test_daemon__a_claims_validate_past_the_time_limit_is_charged_to_its_job_alone(harness: Harness) -> None:
+    """A claim of three validated together, one validate() never returning: at the time limit
+    the daemon gives up on it (exit 124), charging that job alone (a transient timeout, marked
+    to run alone); its claim-mates go back unspent, unmarked."""
+    ids = [harness.enqueue("fine"), harness.enqueue("hang"), harness.enqueue("fine")]
+    harness.generator = generator = ValidateBlocking()
+    try:
+        assert harness.daemon(batch_size=3, job_timeout_seconds=0.3).run() == EXIT_JOB_TIMEOUT
+    finally:
+        generator.gate.set()
+    rows = harness.store.jobs
+    hung = rows[ids[1]]
+    assert (hung["status"], hung["attempts"], hung["lease_losses"]) == ("pending", 1, 1)
+    assert "time limit of 0.3 s" in str(hung["error_message"])
+    assert {(rows[j]["status"], rows[j]["attempts"], rows[j]["lease_losses"]) for j in (ids[0], ids[2])} == {
+        ("pending", 0, 0)}
+    assert generator.batches == []
