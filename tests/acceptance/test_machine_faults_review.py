@@ -236,7 +236,8 @@ def test_stop__sigterm_while_postgres_hangs_is_bounded(tmp_path: Path) -> None:
     """SIGTERM while the PostgreSQL server hangs (frozen, or a network path that drops packets
     without a reset) and a job is held: the daemon exits within its grace period plus the
     shutdown's database deadline and one connect timeout, as the unit's TimeoutStopSec assumes,
-    rather than waiting forever on a query the server never answers."""
+    rather than waiting forever on a query the server never answers; its last line names the
+    storage call the loop waits in, read from the loop's stack (it used to assume a database call)."""
     from dgxqueue.daemon.daemon import SHUTDOWN_DB_SECONDS
     from tests.support.pgcluster import private_cluster
 
@@ -266,6 +267,9 @@ def test_stop__sigterm_while_postgres_hangs_is_bounded(tmp_path: Path) -> None:
                 process.wait()
         get_engine(url).dispose()
     assert code == 0, f"still running {bound:g} s after SIGTERM: {(tmp_path / 'w.log').read_text()[-1500:]}"
+    # The hard stop names where the loop waits, read from its stack: a database call of dgxqueue's storage here.
+    last = next(line for line in (tmp_path / "w.log").read_text().splitlines() if "stop overran" in line)
+    assert "the main loop did not return from " in last and ", called from dgxqueue/storage/" in last, last
 
 
 def test_machine_fault__one_jobs_read_only_subfolder_fails_that_job_alone(
