@@ -251,3 +251,26 @@ def test_daemon__a_claims_validate_past_the_time_limit_is_charged_to_its_job_alo
     assert {(rows[j]["status"], rows[j]["attempts"], rows[j]["lease_losses"]) for j in (ids[0], ids[2])} == {
         ("pending", 0, 0)}
     assert generator.batches == []
+
+
+@pytest.mark.parametrize(("calls_of", "hand_offs"), [(3, 1), (1, 4)], ids=["one-call", "three-calls"])
+def test_daemon__a_claim_that_fits_one_call_is_planned_and_rendered_in_one_hand_off(
+        harness: Harness, calls_of: int, hand_offs: int) -> None:
+    """The claim's validate() and batch_key() run on the runner's thread; when the claim fits one
+    call, that call renders it too: one hand-off to the runner a round, as when they ran on the
+    main loop. A claim of several calls hands its plan back first (its marks are set and cleared
+    between), then each call."""
+    ids = [harness.enqueue() for _ in range(3)]
+    harness.generator = ScriptedGenerator(max_batch_size=calls_of)
+    daemon = harness.daemon(batch_size=3)
+    submitted: list[object] = []
+    submit = daemon.runner.submit
+
+    def counting(fn: Callable[[], Any]) -> Any:
+        submitted.append(fn)
+        return submit(fn)
+
+    daemon.runner.submit = counting  # type: ignore[method-assign]
+    assert daemon.run(burst=True) == 0
+    assert len(submitted) == 1 + hand_offs  # the generator's load, then the round
+    assert {harness.status(j) for j in ids} == {("completed", 1)}
