@@ -71,7 +71,7 @@ from dgxqueue.daemon.retry import describe
 from dgxqueue.daemon.runner import Runner
 from dgxqueue.daemon.waker import Waker, make_waker
 from dgxqueue.errors import ConfigError, JobTimeoutError
-from dgxqueue.generators import Generator, SlotGenerator, serves_slots
+from dgxqueue.generators import Generator, JobControl, SlotGenerator, serves_slots
 from dgxqueue.hooks import DaemonInfo, Hooks
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.dberrors import is_transient_db_error
@@ -96,6 +96,13 @@ class GaveUp:
     attempts it costs (the time limit's), empty when a stop's grace period ended first."""
 
     charged: list[Attempt]
+
+
+def _with_control(work: Work, control: JobControl) -> Work:
+    """``work`` with its request carrying ``control`` (made on the main loop, which owns them)."""
+    if work.request.control is control:
+        return work
+    return dataclasses.replace(work, request=dataclasses.replace(work.request, control=control))
 
 
 def new_worker_id() -> str:
@@ -448,8 +455,7 @@ class Daemon:
                 if not now:
                     return []
                 started = time.monotonic()
-                batch = [dataclasses.replace(w, request=dataclasses.replace(w.request, control=controls[w.job.id]))
-                         for w in batches[0]]
+                batch = [_with_control(w, controls[w.job.id]) for w in batches[0]]
                 outcomes = render(generator, batch, outputs, worker_id, beside, doing)
                 self._render_seconds = time.monotonic() - started
                 delivered = handoff.deliver(outcomes)
@@ -521,10 +527,7 @@ class Daemon:
     def _controlled(self, work: Work) -> Work:
         """``work`` with its request carrying the job's control (progress and cancel, shared with
         the heartbeat)."""
-        control = self.held.control(work.job.id)
-        if work.request.control is control:
-            return work
-        return dataclasses.replace(work, request=dataclasses.replace(work.request, control=control))
+        return _with_control(work, self.held.control(work.job.id))
 
     def _wait(self, running: tuple[Future[list[Attempt]], float], batch: list[Work]) -> list[Attempt] | None:
         """Wait for a started batch while heartbeating; None when a stop gave up on it."""
