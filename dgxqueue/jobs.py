@@ -127,7 +127,8 @@ class Job:
     def output(self) -> Output | None:
         """What is at the completed job's path, read from the file system now
         (:func:`dgxqueue.outputs.output`): ``exists``, or ``reason()`` says why not, such as its
-        result held under its temporary name while another's file sits at its path. None before
+        result held under its temporary name while another's file sits at its path, or its folder
+        unreadable here so that it cannot be told (``unreadable``). None before
         it completed, or for a path outside the outputs folder (only plain SQL writes one)."""
         if self._state.status != "completed":
             return None

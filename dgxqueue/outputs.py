@@ -12,6 +12,9 @@ One rule says whether a completed job's result is held: a temporary of the job l
 path, and the file there (if any) is not one the job wrote (its :data:`~dgxqueue.audio.OWNER_XATTR`
 does not name it). :func:`output` applies it for ``show``, the status page and a
 :class:`~dgxqueue.jobs.Job` handle; :func:`unpublished` for many jobs at once (``prune``, ``archive``).
+Where the folder cannot be read (an error other than its absence: permissions, EIO, a link loop),
+whether a result is held there cannot be told (:class:`Unreadable`): ``prune`` and ``archive``
+keep such a job's row as they keep a held one's, and :func:`output` says so rather than "missing".
 
 Only the standard library and :mod:`dgxqueue.audio`: the CLI's reads and producers use this module,
 and load neither the daemon nor the logging stack.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import hashlib
 import os
@@ -100,24 +104,58 @@ def owner(name: str) -> Owner | None:
     return Owner(job_id, int(attempt), worker)
 
 
-def waiting(folder: str) -> set[str]:
-    """The ids of the jobs with a temporary in ``folder`` (none if it cannot be listed): a regular
-    file, as the sweep publishes and :func:`output` names; a folder, link or FIFO that only bears
-    such a name holds no result."""
+#: Errors that say a path is not there (nothing at it, or a file where a folder is on its way):
+#: such a folder truly holds nothing, so no result can wait in it. Any other error says nothing.
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR})
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A folder that could not be listed, or a file that could not be examined, for another
+    reason than its absence (permissions, EIO, a link loop): whether a job's result waits there
+    under its temporary name cannot be told, so it is taken as one that might."""
+
+    path: str  # absolute, as located
+    error: str  # the error's text, without the path
+
+    def cause(self, relative_to: str | None = None) -> str:
+        """What could not be read and why, for a person (``relative_to``: as :meth:`Output.reason`)."""
+        shown = self.path if relative_to is None else os.path.relpath(self.path, relative_to)
+        return f"{shown} cannot be read ({self.error})"
+
+    def reason(self) -> str:
+        """Why a completed job whose folder this is must keep its row (``prune``, ``archive``)."""
+        return f"whether its result waits beside its file_path under a temporary name cannot be told: {self.cause()}"
+
+
+def _unreadable(path: str, exc: OSError) -> Unreadable | None:
+    """The one rule for a failed look: None where ``exc`` says ``path`` is absent (it holds
+    nothing), else what cannot be told."""
+    if exc.errno in _ABSENT:
+        return None
+    return Unreadable(path, exc.strerror or type(exc).__name__)
+
+
+def waiting(folder: str) -> set[str] | Unreadable:
+    """The ids of the jobs with a temporary in ``folder`` (none if it is absent): a regular file,
+    as the sweep publishes and :func:`output` names; a folder, link or FIFO that only bears such a
+    name holds no result. :class:`Unreadable` where it cannot be listed, or such an entry's type
+    cannot be told."""
     try:
         with os.scandir(folder) as entries:
             return {who.job_id for entry in entries if entry.name.startswith(".")
                     and (who := owner(entry.name)) is not None and _regular(entry)}
-    except OSError:
-        return set()
+    except OSError as exc:
+        return _unreadable(folder, exc) or set()
 
 
 def _regular(entry: os.DirEntry[str]) -> bool:
     """Whether ``entry`` is a regular file, not followed if a link (its type from the listing
-    where the file system gives it); False if it is gone meanwhile."""
+    where the file system gives it); False if it is gone meanwhile; raises :class:`OSError` if
+    its type cannot be told."""
     try:
         return entry.is_file(follow_symlinks=False)
-    except OSError:
+    except FileNotFoundError:
         return False
 
 
@@ -127,16 +165,32 @@ def _held(target: str, job_id: str, waits_here: bool) -> bool:
     return waits_here and not audio.written_by(target, job_id)
 
 
-def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]],
-                listed: dict[str, set[str]] | None = None) -> set[str]:
+#: What :func:`unpublished` keeps per folder: :func:`waiting`'s answer, so each is listed once.
+Listed = dict[str, set[str] | Unreadable]
+
+
+@dataclass(frozen=True)
+class Unpublished:
+    """Of completed jobs, those whose row must stay (:func:`unpublished`)."""
+
+    held: frozenset[str]  # their result is held under its temporary name
+    unreadable: dict[str, Unreadable]  # whether it is cannot be told: job id -> what could not be read
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self.held or job_id in self.unreadable
+
+
+def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]], listed: Listed | None = None) -> Unpublished:
     """Of completed jobs, given as (id, file_path), those whose result is held: it still waits
     beside its path under a temporary name, the file at the path (if any) not theirs (their rename
-    found another's file there and kept it, or a crash came before it). Each folder is listed once,
-    its jobs kept in ``listed`` (folder -> :func:`waiting`), which a caller asking batch after batch
-    passes again."""
+    found another's file there and kept it, or a crash came before it); and those whose folder
+    cannot be read, unless the file at the path is theirs, since a held result cannot be ruled out
+    there. Each folder is listed once, its answer kept in ``listed``, which a caller asking batch
+    after batch passes again."""
     root = audio.OutputRoot(outputs_dir)
     listed = {} if listed is None else listed
-    found: set[str] = set()
+    held: set[str] = set()
+    unreadable: dict[str, Unreadable] = {}
     for job_id, file_path in jobs:
         try:
             target = root.locate(file_path)
@@ -145,10 +199,13 @@ def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]],
         folder = audio.folder_of(target)
         if folder not in listed:  # not setdefault: its argument would list the folder again for every job
             listed[folder] = waiting(folder)
-        if _held(target, job_id, job_id in listed[folder]):
-            found.add(job_id)
-    return found
-
+        found = listed[folder]
+        if isinstance(found, Unreadable):
+            if _held(target, job_id, True):  # a temporary of the job cannot be ruled out there
+                unreadable[job_id] = found
+        elif _held(target, job_id, job_id in found):
+            held.add(job_id)
+    return Unpublished(frozenset(held), unreadable)
 
 
 def anothers(path: str, job_id: str) -> bool:
@@ -165,6 +222,7 @@ class Output:
     temporary: str | None = None  # where its result is held instead (absolute), the file at ``path`` not its
     holder: str | None = None  # the job whose WAV the file at ``path`` is, by its mark, when another
     occupied: bool = False  # something that is not this job's WAV is at ``path``
+    unreadable: Unreadable | None = None  # why whether its WAV is at ``path`` cannot be told
 
     @property
     def held(self) -> bool:
@@ -182,6 +240,13 @@ class Output:
 
         whose = (f"it is job {self.holder}'s WAV" if self.holder is not None
                  else "it is another file, not this job's WAV")
+        if self.unreadable is not None:
+            cause = self.unreadable.cause(relative_to)
+            if self.occupied:
+                return (f"the file at {shown(self.path)} is not this job's ({whose}); whether this job's result is "
+                        f"held beside it under its temporary name cannot be told: {cause}")
+            return (f"whether this job's WAV is at {shown(self.path)}, or its result waits beside it under its "
+                    f"temporary name, cannot be told: {cause}")
         if self.temporary is not None and self.occupied:
             return (f"the file at {shown(self.path)} is not this job's ({whose}); this job's result is held under "
                     f"its temporary name {shown(self.temporary)}: move that file away and a daemon's next sweep "
@@ -211,6 +276,10 @@ def output(outputs_dir: Path | audio.OutputRoot, job_id: str, file_path: object,
     copied or restored without extended attributes, carry none (on a file system without them, so
     does every WAV). Anything at the path that is not a regular file is no job's WAV.
 
+    Where the path cannot be examined, or the folder listed, for another reason than their
+    absence (:class:`Unreadable`: permissions, EIO, a link loop), the job's WAV does not count as
+    there, nor as missing: :attr:`Output.unreadable` says what could not be read.
+
     Reads the file system now: one ``lstat`` and the mark's ``getxattr``, and the folder is listed
     only when the file there does not carry the job's own id.
     """
@@ -223,29 +292,48 @@ def output(outputs_dir: Path | audio.OutputRoot, job_id: str, file_path: object,
         return None
     try:
         info: os.stat_result | None = os.lstat(target)
-    except OSError:  # absent, or not examinable: as Path.is_file() takes it
+    except OSError as exc:
+        unknown = _unreadable(target, exc)
+        if unknown is not None:  # named by the folder where it cannot be listed either, its usual cause
+            listing = _TEMPORARIES.of(audio.folder_of(target))
+            return Output(target, exists=False, unreadable=listing if isinstance(listing, Unreadable) else unknown)
         info = None
     if info is not None and audio.written_by(target, job_id):
         return Output(target, exists=True)  # its own, whatever temporary of an older attempt waits beside it
     temporary = _temporary(audio.folder_of(target), job_id, attempt, worker_id)
     holder = audio.holder(target) if info is not None else None
+    if isinstance(temporary, Unreadable):
+        return Output(target, exists=False, holder=holder, occupied=_foreign(target, info), unreadable=temporary)
     if _held(target, job_id, temporary is not None):
         return Output(target, exists=False, temporary=temporary, holder=holder, occupied=info is not None)
-    foreign = info is not None and (not stat.S_ISREG(info.st_mode) or audio.marked(target))
+    foreign = _foreign(target, info)
     return Output(target, exists=info is not None and not foreign, holder=holder, occupied=foreign)
 
 
-def _temporary(folder: str, job_id: str, attempt: object, worker_id: object) -> str | None:
+def _foreign(target: str, info: os.stat_result | None) -> bool:
+    """Whether what ``lstat`` found at ``target`` (``info``) is no job's WAV or another job's:
+    not a regular file, or marked (the job's own mark was ruled out first)."""
+    return info is not None and (not stat.S_ISREG(info.st_mode) or audio.marked(target))
+
+
+def _temporary(folder: str, job_id: str, attempt: object, worker_id: object) -> str | Unreadable | None:
     """The path of job ``job_id``'s temporary in ``folder``: the one of (``attempt``, ``worker_id``)
-    if there is one, else the newest; None if it has none."""
+    if there is one, else the newest; None if it has none; :class:`Unreadable` where that cannot
+    be told."""
     best: tuple[bool, float, str] | None = None
     wanted = worker_hash(worker_id) if isinstance(worker_id, str) else None
-    for path, who in _TEMPORARIES.of(folder):
+    listing = _TEMPORARIES.of(folder)
+    if isinstance(listing, Unreadable):
+        return listing
+    for path, who in listing:
         if who.job_id != job_id:
             continue
         try:
             info = os.lstat(path)
-        except OSError:  # published or deleted meanwhile
+        except OSError as exc:  # published or deleted meanwhile, or not examinable
+            unknown = _unreadable(path, exc)
+            if unknown is not None:
+                return unknown
             continue
         if not stat.S_ISREG(info.st_mode):
             continue
@@ -269,12 +357,13 @@ class _Listings:
         self._size = size
         self._seen: dict[str, tuple[tuple[int, int, int], list[tuple[str, Owner]]]] = {}
 
-    def of(self, folder: str) -> list[tuple[str, Owner]]:
-        """(path, owner) of each entry of ``folder`` named as a temporary; none if it cannot be listed."""
+    def of(self, folder: str) -> list[tuple[str, Owner]] | Unreadable:
+        """(path, owner) of each entry of ``folder`` named as a temporary; none if it is absent;
+        :class:`Unreadable` (never kept) if it cannot be listed."""
         try:
             info = os.stat(folder)
-        except OSError:
-            return []
+        except OSError as exc:
+            return _unreadable(folder, exc) or []
         key = (info.st_dev, info.st_ino, info.st_mtime_ns)
         cached = self._seen.get(folder)
         if cached is not None and cached[0] == key:
@@ -284,8 +373,8 @@ class _Listings:
             with os.scandir(folder) as entries:
                 found = [(entry.path, who) for entry in entries
                          if entry.name.startswith(".") and (who := owner(entry.name)) is not None]
-        except OSError:
-            return []
+        except OSError as exc:
+            return _unreadable(folder, exc) or []
         if began - info.st_mtime_ns >= _SETTLED_NS:
             if len(self._seen) >= self._size:
                 self._seen.clear()  # folders are few; a page that walks many simply lists again

@@ -184,6 +184,8 @@ SLOW = frozenset({
     "tests/acceptance/test_startup_review.py::test_db_upgrade__explicit_revision_concurrently_on_postgres",
     "tests/acceptance/test_startup_review.py::test_db_backup__postgres_a_failed_dump_says_why_in_words",
     "tests/acceptance/test_startup_review.py::test_db_backup__postgres_dumps_non_latin_text_whatever_pgclientencoding_says",
+    "tests/acceptance/test_unreadable_outputs.py::test_prune__a_folder_it_cannot_list_keeps_its_completed_jobs",
+    "tests/acceptance/test_unreadable_outputs.py::test_show_wait__a_folder_it_cannot_list_is_not_called_deleted_or_moved",
     "tests/acceptance/test_web_browser.py::test_browser__overview_updates_when_a_daemon_completes_a_job",
     "tests/acceptance/test_web_browser.py::test_browser__progress_bar_moves_as_the_daemon_reports",
     "tests/acceptance/test_web_browser.py::test_browser__audio_loads_and_reports_its_duration",

@@ -20,6 +20,7 @@ Errors are one line on stderr (``dgxqueue: error: ...``) and an exit code:
       ``enqueue --jsonl`` line (naming it); an id prefix that matches several jobs; ``db copy``
       or ``archive`` met a row the other database holds differently, or a failed verification;
       ``prune`` or ``archive`` left a completed job whose result is held under its temporary name
+      (or may be: its folder cannot be listed)
 69    unavailable (EX_UNAVAILABLE): database unreachable, missing, or not migrated (the worker
       never creates one: ``db upgrade`` does); the metrics port (or ``web``'s) is taken
 70    internal error (EX_SOFTWARE): a bug or a broken installation; ``--traceback``

@@ -222,10 +222,12 @@ def job_output(settings: Settings, job: Generation) -> Output | None:
 
 def output_fields(found: Output | None) -> dict[str, Any]:
     """``show --json``'s fields for a completed job's output: ``output_exists``, and where its
-    result is held (``output_held_at``) and whose WAV is at its path (``output_holder``)."""
+    result is held (``output_held_at``), whose WAV is at its path (``output_holder``), and what
+    could not be read where whether its WAV is there cannot be told (``output_unreadable``)."""
     return {"output_exists": found is not None and found.exists,
             "output_held_at": None if found is None else found.temporary,
-            "output_holder": None if found is None else found.holder}
+            "output_holder": None if found is None else found.holder,
+            "output_unreadable": None if found is None or found.unreadable is None else found.unreadable.cause()}
 
 
 def print_json(value: Any) -> None:

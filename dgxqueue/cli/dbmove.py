@@ -10,7 +10,7 @@ target); ``archive`` runs beside live daemons, since finished rows no daemon cha
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -39,6 +39,9 @@ from dgxqueue.storage.database import (
 from dgxqueue.storage.models import COMPLETED
 from dgxqueue.storage.reads import database_now
 from dgxqueue.storage.transfer import ArchiveReport, archive, archive_preview, copy_queue, database_identity
+
+if TYPE_CHECKING:
+    from dgxqueue.outputs import Listed
 
 DEFAULT_BATCH = 500
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "", None})
@@ -166,17 +169,21 @@ def cmd_archive(ctx: Context, args: argparse.Namespace) -> int:
         if not args.json:
             print(f"archived {report.moved + report.already} ({report.already} found already archived)", flush=True)
 
-    listed: dict[str, set[str]] = {}  # each folder listed once a run, not once a batch
+    listed: Listed = {}  # each folder listed once a run, not once a batch
 
     def held(rows: list[tuple[Any, str, str]]) -> dict[Any, str]:
         from dgxqueue.outputs import unpublished  # here: only an archive that moves rows looks
 
         # Archived, a result still under its temporary name would be deleted by the sweep (its
-        # row gone from here), and the row would name the file at its path, which is another's.
+        # row gone from here), and the row would name the file at its path, which is another's;
+        # so is one whose folder cannot be read here, since its result may be held there.
         waits = unpublished(ctx.settings.outputs_dir, [(str(i), p) for i, s, p in rows if s == COMPLETED], listed)
-        return {i: "its result waits beside its file_path under a temporary name, the file there not its: move "
-                   "that file away so that a daemon publishes the result, then archive it" for i, _, _ in rows
-                if str(i) in waits}
+        reasons = {i: "its result waits beside its file_path under a temporary name, the file there not its: move "
+                      "that file away so that a daemon publishes the result, then archive it" for i, _, _ in rows
+                   if str(i) in waits.held}
+        reasons.update({i: f"{waits.unreadable[str(i)].reason()}: archive it as a user that can read that folder (the "
+                           "daemons' user, say)" for i, _, _ in rows if str(i) in waits.unreadable})
+        return reasons
 
     try:
         report = archive(source, target, cutoff, batch_size=size, progress=progress, held=held)

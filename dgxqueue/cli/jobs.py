@@ -36,7 +36,7 @@ from dgxqueue.cli.common import (
 )
 from dgxqueue.cli.wait import Progress, finish, fraction, watch
 from dgxqueue.errors import JobNotFoundError, ValidationError
-from dgxqueue.outputs import OUTSIDE, anothers, unpublished
+from dgxqueue.outputs import OUTSIDE, Unreadable, anothers, unpublished
 from dgxqueue.storage import (
     Generation,
     admin,
@@ -206,6 +206,12 @@ HELD_REASON = ("its result waits beside its file_path under a temporary name, th
                "so that a daemon publishes the result, and a later prune takes the job")
 
 
+def _unreadable_reason(unreadable: Unreadable) -> str:
+    """Why prune leaves a completed job whose folder it cannot read (dgxqueue.outputs.Unreadable)."""
+    return (f"{unreadable.reason()}; pruned, its row would be gone and a daemon's sweep would delete such a result "
+            "a day later: run prune as a user that can read that folder (the daemons' user, say)")
+
+
 def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     age = parse_age("older_than", args.older_than)
     statuses = [s.strip() for s in args.status.split(",") if s.strip()]
@@ -220,11 +226,14 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         completed = {job_id for job_id, _ in reads.finished_jobs_before(session, ["completed"], cutoff)} \
             if "completed" in statuses else set()
         # A completed job whose result is held under its temporary name stays, as `archive` leaves
-        # it: deleted, its row would be gone, and the sweep deletes a temporary no row names.
-        held = unpublished(ctx.settings.outputs_dir, [victim for victim in victims if victim[0] in completed])
-        kept_held = [(job_id, path) for job_id, path in victims if job_id in held]
-        victims = [(job_id, path) for job_id, path in victims if job_id not in held]
-        owners = completed - held if args.delete_files else set()
+        # it: deleted, its row would be gone, and the sweep deletes a temporary no row names. So
+        # does one whose folder cannot be read here: its result may be held there.
+        staying = unpublished(ctx.settings.outputs_dir, [victim for victim in victims if victim[0] in completed])
+        kept_held = [(job_id, path) for job_id, path in victims if job_id in staying.held]
+        kept_unreadable = [(job_id, path, staying.unreadable[job_id]) for job_id, path in victims
+                        if job_id in staying.unreadable]
+        victims = [(job_id, path) for job_id, path in victims if job_id not in staying]
+        owners = {job_id for job_id in completed if job_id not in staying} if args.delete_files else set()
         if not args.dry_run:
             # Files go only with rows really deleted, and only after the deletion is committed.
             deleted = set(admin.delete_finished(session, [job_id for job_id, _ in victims]))
@@ -261,6 +270,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         "bytes": sum(p.stat().st_size for p in files) if args.dry_run else freed,
         "skipped_outside_outputs": skipped, "kept_in_use": kept, "kept_not_its": not_its,
         "kept_held": {job_id: HELD_REASON for job_id, _ in kept_held},
+        "kept_unreadable": {job_id: _unreadable_reason(why) for job_id, _, why in kept_unreadable},
     }
     if args.json:
         print_json(result)
@@ -276,9 +286,12 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             print(f"kept {safe(file_path)}: another job's WAV (its mark says so), not its generation's")
         for job_id, file_path in kept_held:
             print(f"kept generation {safe(job_id)} ({safe(file_path)}): {HELD_REASON}")
-    if kept_held:
-        raise CliError(f"{len(kept_held)} generation(s) left here: {safe(kept_held[0][0])}: {HELD_REASON}",
-                       EX_DATAERR)
+        for job_id, file_path, why in kept_unreadable:
+            print(f"kept generation {safe(job_id)} ({safe(file_path)}): {safe(_unreadable_reason(why))}")
+    left = [(job_id, HELD_REASON) for job_id, _ in kept_held] + [(job_id, _unreadable_reason(why))
+                                                                 for job_id, _, why in kept_unreadable]
+    if left:
+        raise CliError(f"{len(left)} generation(s) left here: {safe(left[0][0])}: {safe(left[0][1])}", EX_DATAERR)
     return EXIT_OK
 
 
@@ -290,7 +303,8 @@ def add_parsers(sub: Any) -> None:
                        description="Show every field of one generation; for a completed one, whether its "
                                    "WAV is at its path (output_exists): not when the file there carries another "
                                    "job's id, or while its result is held under its temporary name beside it, "
-                                   "which is then named with what to do. Exit 3 if no job matches, 65 if a "
+                                   "which is then named with what to do; where its folder cannot be read, that "
+                                   "this cannot be told, and why. Exit 3 if no job matches, 65 if a "
                                    "prefix matches several.")
     p.add_argument("id", help=id_help)
     p.add_argument("--json", action="store_true")
@@ -338,7 +352,8 @@ def add_parsers(sub: Any) -> None:
                                    "--older-than; with --delete-files also the completed ones' WAV files (only files "
                                    "inside the outputs folder). A completed job whose result is held under its "
                                    "temporary name (another's file at its path) stays, named: exit 65, the rest "
-                                   "pruned.")
+                                   "pruned; so does one whose folder cannot be listed by the user running it "
+                                   "(its result may be held there), named with the folder and the error.")
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 2w")
     p.add_argument("--status", default="completed,failed",
                    help="which finished statuses (default completed,failed)")

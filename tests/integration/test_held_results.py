@@ -5,6 +5,7 @@ dgxqueue.outputs.output)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -200,3 +201,27 @@ def test_cli_wait__a_held_result_is_not_printed_as_its_wav(engine: Engine, setti
     assert (held["output_exists"], held["output_held_at"], held["output_holder"]) == (False, str(temp.resolve()),
                                                                                      OTHER), held
     assert (own["output_exists"], own["output_held_at"], own["output_holder"]) == (True, None, None), own
+
+
+def test_web_api_job_handle__a_folder_that_cannot_be_read_is_not_called_deleted(engine: Engine, settings: Settings,
+                                                                                db_url: str) -> None:
+    """A completed job whose folder cannot be read (a link loop here, even for root; permissions
+    or EIO for the user the page runs as): the job's API and page, and a handle's ``output``, say
+    that whether its WAV is there cannot be told, naming the folder (relative, as file_path is) and
+    the error, and offer no player. They said that the file was deleted or moved."""
+    outputs = settings.outputs_dir
+    outputs.mkdir(parents=True, exist_ok=True)
+    os.symlink("loop", outputs / "loop")
+    job_id = _completed(engine, "loop/song.wav")
+    loop_error = os.strerror(errno.ELOOP)
+    with client(settings) as browser:
+        job = browser.get(f"/api/jobs/{job_id}").json()
+        note = job["output_note"]
+        assert "deleted or moved" not in note and "cannot be told" in note, note
+        assert f"outputs/loop cannot be read ({loop_error})" in note and str(outputs) not in note, note
+        assert job["audio_url"] is None and job["output_exists"] is False, job
+        page = browser.get(f"/jobs/{job_id}").text
+        assert '<audio id="player"' not in page and "cannot be told" in page.replace("&#39;", "'")
+    handle = dgxqueue.get_job(job_id, database_url=db_url, settings=settings)
+    assert handle.output is not None and handle.output.unreadable is not None
+    assert handle.output.unreadable.cause() == f"{outputs.resolve() / 'loop'} cannot be read ({loop_error})"

@@ -3,6 +3,7 @@ with real extended attributes: the one rule behind ``show``, the status page and
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_output__a_held_result_and_another_jobs_wav_at_the_path(tmp_path: Path) 
     assert reason is not None and f"job {OTHER}'s WAV" in reason and str(held) in reason
     assert "move that file away" in reason
     assert found.reason(relative_to=str(tmp_path)) == reason.replace(str(tmp_path) + os.sep, "")
-    assert unpublished(outputs, [(JOB, "outputs/song.wav")]) == {JOB}
+    assert unpublished(outputs, [(JOB, "outputs/song.wav")]).held == {JOB}
 
 
 def test_output__an_unmarked_file_at_the_path_of_a_held_result_is_not_its(tmp_path: Path) -> None:
@@ -135,7 +136,51 @@ def test_unpublished__only_a_regular_file_named_as_its_temporary_holds_a_result(
             os.mkfifo(fake)
         found = output(outputs, JOB, f"outputs/{name}")
         assert found is not None and not found.held, kind
-        assert unpublished(outputs, [(JOB, f"outputs/{name}")]) == set(), kind
+        assert JOB not in unpublished(outputs, [(JOB, f"outputs/{name}")]), kind
+
+
+def _loop(folder: Path) -> None:
+    """Make ``folder`` a link to itself: a real folder path that cannot be listed (ELOOP), even by
+    root, whom permissions do not stop (tests/acceptance/test_unreadable_outputs.py has those)."""
+    folder.symlink_to(folder.name)
+
+
+def test_unpublished__a_folder_that_cannot_be_listed_keeps_its_jobs_an_absent_one_none(tmp_path: Path) -> None:
+    """A folder that cannot be listed (here a link loop; permissions and EIO alike) may hold a
+    job's result under its temporary name: the job must keep its row, with what could not be read
+    and why. It was taken as holding nothing, so prune and archive, run as a user who cannot list
+    the folder, removed the row of a held job and the sweep deleted its only result. A folder
+    that is absent, or a file where a folder should be, holds nothing: its jobs go as before."""
+    outputs = _outputs(tmp_path)
+    _loop(outputs / "loop")
+    (outputs / "file.wav").write_bytes(b"RIFF")
+    third = "7c2e4b61-0000-4c5e-9f43-2a1c8e7d9b12"
+    found = unpublished(outputs, [(JOB, "outputs/loop/song.wav"), (OTHER, "outputs/gone/song.wav"),
+                                  (third, "outputs/file.wav/song.wav")])
+    assert JOB in found and OTHER not in found and third not in found
+    assert found.held == set() and list(found.unreadable) == [JOB], found
+    why = found.unreadable[JOB]
+    assert why.path == str(outputs / "loop") and why.error == os.strerror(errno.ELOOP), why
+    assert why.reason() == (f"whether its result waits beside its file_path under a temporary name cannot be told: "
+                            f"{outputs / 'loop'} cannot be read ({os.strerror(errno.ELOOP)})")
+
+
+def test_output__a_folder_that_cannot_be_listed_is_not_called_deleted(tmp_path: Path) -> None:
+    """``show``, ``wait``, the status page and a job handle, where the job's folder cannot be
+    read: its WAV is not taken as there, nor said to be deleted or moved (as it was): the reason
+    says that it cannot be told, naming what could not be read and why (relative, for the page).
+    A missing folder still says the file does not exist."""
+    outputs = _outputs(tmp_path)
+    _loop(outputs / "loop")
+    found = output(outputs, JOB, "outputs/loop/song.wav")
+    assert found is not None and not found.exists and not found.occupied and not found.held
+    reason = found.reason() or ""
+    assert "deleted or moved" not in reason and "cannot be told" in reason, reason
+    assert found.unreadable is not None and found.unreadable.error == os.strerror(errno.ELOOP)
+    assert f"{outputs / 'loop'} cannot be read ({os.strerror(errno.ELOOP)})" in reason, reason
+    assert found.reason(relative_to=str(tmp_path)) == reason.replace(str(tmp_path) + os.sep, ""), reason
+    missing = output(outputs, JOB, "outputs/gone/song.wav")
+    assert missing is not None and missing.unreadable is None and "does not exist" in (missing.reason() or "")
 
 
 def _settled(folder: Path) -> None:

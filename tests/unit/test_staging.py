@@ -14,6 +14,7 @@ from dgxqueue.daemon import staging
 from dgxqueue.daemon.staging import Owner, Verdict, owner, tag, verdict, worker_hash
 from dgxqueue.errors import OutputError, PathTakenError
 from dgxqueue.generators import GeneratedAudio
+from dgxqueue.outputs import Listed
 from dgxqueue.storage.queue import AttemptState
 
 UUID = "0b7f3a52-6d0e-4c5e-9f43-2a1c8e7d9b10"
@@ -217,7 +218,7 @@ def test_unpublished__lists_each_folder_once_however_many_jobs(tmp_path: Path,
         return real_scandir(folder)
 
     monkeypatch.setattr(os, "scandir", counted)  # outputs.waiting calls it as os.scandir
-    listed: dict[str, set[str]] = {}
-    assert staging.unpublished(outputs, jobs, listed) == {"job-7"}
-    assert staging.unpublished(outputs, jobs, listed) == {"job-7"}  # the next batch: listed already
+    listed: Listed = {}
+    assert staging.unpublished(outputs, jobs, listed).held == {"job-7"}
+    assert staging.unpublished(outputs, jobs, listed).held == {"job-7"}  # the next batch: listed already
     assert listings == [str(outputs)]
