@@ -165,16 +165,22 @@ class SlotGenerator(Protocol):
     @property
     def slots(self) -> int:
         """How many requests decode at once; 0 when this backend cannot run slots. It may shrink
-        (after running out of memory), only in a :meth:`step` that frees every slot."""
+        (after running out of memory), only in a :meth:`step` that frees every slot or a
+        :meth:`start` that raises :class:`~dgxqueue.errors.CapacityError`."""
 
     @property
     def free_slots(self) -> int:
         """How many more requests :meth:`start` accepts before the next step."""
 
     def start(self, request: GenerationRequest) -> None:
-        """Put ``request`` in a free slot, to decode from the next step. A
-        :class:`~dgxqueue.errors.GeneratorError` refuses that request alone (the others are not
-        touched). ``request.control`` may be used for progress and is read for cancels."""
+        """Put ``request`` in a free slot, to decode from the next step. Raising fails that request
+        alone (the others are not touched), judged like an error raised from ``generate``: a
+        :class:`~dgxqueue.errors.GeneratorError` as it says (transient or permanent), anything
+        else as an unexpected error (retried while ``worker.retry_unexpected_errors``), a machine
+        fault (:mod:`dgxqueue.machine_faults`) as the machine's. A
+        :class:`~dgxqueue.errors.CapacityError` says the backend ran out of memory and has fewer
+        slots now: the request goes back unspent, to join again. ``request.control`` may be used
+        for progress and is read for cancels."""
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
         """Advance every occupied slot by one step; the requests that finished, by ``job_id``,

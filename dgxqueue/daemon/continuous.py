@@ -18,6 +18,13 @@ heartbeats and rescues: the GPU never waits on the database.
   its start mark (never on the main loop, which a ``validate()`` that hangs would stall), by the
   rule of every path (:func:`~dgxqueue.daemon.executor.validate`: a refusal fails the job, any
   other exception is its unexpected error, retried by the retry policy), a suspect's too.
+- **A start that raises** (the backend's ``start()`` of a joining job) fails that job alone, the
+  others join: its error is judged as one raised from ``generate`` in the ordinary loop (the
+  daemon's fault sorting, then the retry policy: an unexpected error is retried while
+  ``worker.retry_unexpected_errors``; a machine fault is the machine's, its job given back
+  unspent and the daemon stopping). Out of memory (:class:`~dgxqueue.errors.CapacityError`:
+  fewer slots now) gives the job back unspent to join again, as from a step, with the jobs after
+  it that no slot is left for.
 - **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
   a finished job's file is staged on the runner thread and published after its write commits.
 - **Cancels** free the job's slot at the next step; the other slots decode on.
@@ -55,7 +62,7 @@ from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, 
 from dgxqueue.daemon.faults import refund
 from dgxqueue.daemon.isolation import prepare_isolating
 from dgxqueue.daemon.outages import outage_skips
-from dgxqueue.errors import CapacityError, GeneratorError, JobTimeoutError, LeaseLostError, PermanentGeneratorError
+from dgxqueue.errors import CapacityError, JobTimeoutError, LeaseLostError
 from dgxqueue.generators import GenerationOutcome, SlotGenerator
 from dgxqueue.machine_faults import machine_fault
 from dgxqueue.storage.claimed import ClaimedJob
@@ -82,6 +89,8 @@ class _Step:
     joined: list[_Slot]
     outcomes: list[Attempt]
     occupied: int  # jobs in slots during the step: what dgxqueue_batch_size observes
+    back: list[ClaimedJob]  # jobs not started for want of memory (CapacityError at a start): given back unspent
+    memory: str | None  # the CapacityError a start() raised, if one did
 
 
 class Continuous:
@@ -276,6 +285,11 @@ class Continuous:
             # it shows how full the batches are (a per-join count would hide a batch left to empty).
             daemon.hooks.on_batch(step.occupied)
         self.running.update((s.work.job.id, s) for s in step.joined)
+        if step.back:
+            back = {job.id for job in step.back}
+            daemon.log.warning("out of memory starting jobs: they go back unspent to join again; fewer slots now",
+                               slots=self.generator.slots, jobs=sorted(back), error=step.memory)
+            daemon.completer.release(keep={job.id for job in daemon.held.jobs} - back)
         for outcome in step.outcomes:
             self.running.pop(outcome.job.id, None)
             self._doubted.discard(outcome.job.id)  # it got through a step alone
@@ -299,6 +313,8 @@ class Continuous:
             root = audio.OutputRoot(outputs)
             outcomes: list[Attempt] = []
             joined: list[_Slot] = []
+            back: list[ClaimedJob] = []  # not started for want of memory: given back unspent
+            memory: str | None = None
             for one in joining:  # each beside the slots and the jobs that joined before it, never one that did not
                 doing("files", one.job.id)
                 located, refused = locate([one], root, beside + [(s.work.job, s.path) for s in joined])
@@ -314,12 +330,18 @@ class Continuous:
                 if refusal is not None:
                     outcomes.append(refusal)
                     continue
+                if memory is not None and generator.free_slots <= 0:  # a start ran out of memory: fewer slots now
+                    back.append(work.job)
+                    continue
                 try:
                     doing("start", work.job.id)
                     generator.start(work.request)
-                except Exception as exc:  # this job's alone: the others join
-                    error = exc if isinstance(exc, GeneratorError) else PermanentGeneratorError(str(exc))
-                    outcomes.append(Attempt(work.job, error, 0.0))
+                except CapacityError as exc:  # out of memory, as a step's: given back unspent to join again
+                    back.append(work.job)
+                    memory = memory or f"{type(exc).__name__}: {exc}"
+                    continue
+                except Exception as exc:  # this job's alone, judged as an error from generate(): the others join
+                    outcomes.append(Attempt(work.job, exc, 0.0))
                     continue
                 joined.append(_Slot(work, path, time.monotonic()))
             occupied = generator.slots - generator.free_slots
@@ -329,7 +351,7 @@ class Continuous:
                 doing("files", *(key for key, _ in finished))
                 outcomes += self._stage(finished, {**slots, **{s.work.job.id: s for s in joined}},
                                         root.real, worker_id)
-            return _Step(joined, handoff.deliver(outcomes), occupied)
+            return _Step(joined, handoff.deliver(outcomes), occupied, back, memory)
 
         return call
 
