@@ -19,6 +19,10 @@ Prompt directives (anything else renders silence):
 - ``oom``          raise MemoryError (a backend out of memory), every time
 - ``alloc:M``      reserve M MiB (not touched, so it costs no RAM): MemoryError under an RLIMIT_AS
 - ``kill``         (:class:`KillingGenerator` only) SIGKILL the daemon's own process
+- ``start-crash:N``, ``start-oom:N``, ``start-enospc:N``, ``start-capacity:N`` (:class:`ScriptedSlots`
+                   only) its ``start`` raises on the job's first N starts: an unexpected RuntimeError,
+                   MemoryError, a WAV-style OutputError caused by ENOSPC (a full disk), or CapacityError
+                   (out of memory, the slots halved); then it joins and renders silence
 - ``... pid``      (a suffix to any of the above, or alone) audio at a level set by the process id,
                    :func:`pid_level`, so a test can tell which daemon's attempt made a file
 
@@ -28,6 +32,7 @@ one short line are atomic), so a test can count how often each job really ran, a
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -38,7 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from dgxqueue.errors import JobCancelledError, PermanentGeneratorError, TransientGeneratorError
+from dgxqueue.errors import (
+    CapacityError,
+    JobCancelledError,
+    OutputError,
+    PermanentGeneratorError,
+    TransientGeneratorError,
+)
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
 
 
@@ -228,25 +239,46 @@ class ScriptedSlots(ScriptedGenerator):
     """:class:`ScriptedGenerator` with slots (:class:`~dgxqueue.generators.SlotGenerator`), for
     continuous batching in daemon processes without torch: a request started into a slot
     finishes at the next step, rendered as :meth:`generate` renders it. ``max_batch_size``
-    slots."""
+    slots, halved by a ``start-capacity`` start; the ``start-*`` prompts make :meth:`start` raise."""
 
     name = "scripted-slots"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._running: dict[str, GenerationRequest] = {}
+        self._slots = self.max_batch_size
 
     @property
     def slots(self) -> int:
-        return self.max_batch_size
+        return self._slots
 
     @property
     def free_slots(self) -> int:
-        return self.max_batch_size - len(self._running)
+        return self._slots - len(self._running)
 
     def start(self, request: GenerationRequest) -> None:
+        self._start_fault(request)
         assert self.free_slots > 0, "started with no slot free"
         self._running[request.job_id] = request
+
+    def _start_fault(self, request: GenerationRequest) -> None:
+        """Raise what a ``start-*`` prompt asks for, on the job's first N starts (logged as executions)."""
+        kind, _, count = request.prompt.partition(":")
+        if not kind.startswith("start-") or self._record(request) >= int(count):
+            return
+        if kind == "start-crash":
+            raise RuntimeError("scripted: start crashed")
+        if kind == "start-oom":
+            raise MemoryError("scripted: out of memory at a start")
+        if kind == "start-enospc":
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as exc:
+                raise OutputError("scripted: could not write a start's file") from exc
+        if kind == "start-capacity":
+            self._slots = max(1, self._slots // 2)
+            raise CapacityError(f"scripted: out of memory at a start; {self._slots} slots now")
+        raise AssertionError(f"unknown start directive {request.prompt!r}")
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
         requests, self._running = list(self._running.values()), {}
