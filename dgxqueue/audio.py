@@ -232,20 +232,36 @@ def put_in_place(folder_fd: int, temp: str, name: str, owner: str | None) -> Non
 
 
 def _owner_mark(name: str, folder_fd: int | None = None) -> bytes | None:
+    """:func:`read_mark`, None also where the mark cannot be read (the daemon's checks, which
+    take such a file for one it did not write)."""
+    try:
+        return read_mark(name, folder_fd)
+    except OSError:
+        return None
+
+
+#: getxattr's errors that say a file carries no mark: none set, or no user attributes on its file system.
+_NO_MARK = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def read_mark(name: str, folder_fd: int | None = None) -> bytes | None:
     """The raw :data:`OWNER_XATTR` of the regular file ``name`` (a path, or a name in the folder
     open as ``folder_fd``), read through the descriptor its own check opened: a link or a FIFO
-    swapped in is neither followed nor waited on, nor is a device opened. None where there is none
-    or it cannot be read (no user attributes here, none set)."""
+    swapped in is neither followed nor waited on, nor is a device opened. None where it is not a
+    regular file or carries no mark (none set, no user attributes here); :class:`OSError` where
+    the file or its mark cannot be read (absent, permissions, EIO), for the caller to judge."""
+    if not stat.S_ISREG(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+        return None
+    fd = os.open(name, _READ, dir_fd=folder_fd)
     try:
-        if not stat.S_ISREG(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        fd = os.open(name, _READ, dir_fd=folder_fd)
-    except OSError:
-        return None
-    try:
-        return os.getxattr(fd, OWNER_XATTR) if stat.S_ISREG(os.fstat(fd).st_mode) else None
-    except OSError:
-        return None
+        try:
+            return os.getxattr(fd, OWNER_XATTR)
+        except OSError as exc:
+            if exc.errno in _NO_MARK:
+                return None
+            raise
     finally:
         os.close(fd)
 

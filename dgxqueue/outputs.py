@@ -14,7 +14,8 @@ does not name it). :func:`output` applies it for ``show``, the status page and a
 :class:`~dgxqueue.jobs.Job` handle; :func:`unpublished` for many jobs at once (``prune``, ``archive``).
 Where the folder cannot be read (an error other than its absence: permissions, EIO, a link loop),
 whether a result is held there cannot be told (:class:`Unreadable`): ``prune`` and ``archive``
-keep such a job's row as they keep a held one's, and :func:`output` says so rather than "missing".
+keep such a job's row as they keep a held one's, and :func:`output` says so rather than "missing";
+so does a mark on the file at the path that cannot be read, which may name any job.
 
 Only the standard library and :mod:`dgxqueue.audio`: the CLI's reads and producers use this module,
 and load neither the daemon nor the logging stack.
@@ -208,10 +209,26 @@ def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]], listed: List
     return Unpublished(frozenset(held), unreadable)
 
 
-def anothers(path: str, job_id: str) -> bool:
+def _mark(path: str) -> bytes | Unreadable | None:
+    """The mark on the regular file at ``path`` (:func:`dgxqueue.audio.read_mark`): None where
+    there is none or nothing is there, :class:`Unreadable` where it cannot be read, since a mark
+    that cannot be read may name any job."""
+    try:
+        return audio.read_mark(path)
+    except OSError as exc:
+        return _unreadable(path, exc)
+
+
+def _own(job_id: str) -> bytes:
+    return job_id.encode("utf-8", "surrogatepass")
+
+
+def anothers(path: str, job_id: str) -> bool | Unreadable:
     """Whether the regular file at ``path`` carries another job's mark than ``job_id``'s: that
-    job's WAV, never job ``job_id``'s (:func:`output`'s rule), so not one to delete as its."""
-    return audio.marked(path) and not audio.written_by(path, job_id)
+    job's WAV, never job ``job_id``'s (:func:`output`'s rule), so not one to delete as its;
+    :class:`Unreadable` where its mark cannot be read, so that whose it is cannot be told."""
+    mark = _mark(path)
+    return mark if isinstance(mark, Unreadable) else mark is not None and mark != _own(job_id)
 
 @dataclass(frozen=True)
 class Output:
@@ -276,9 +293,9 @@ def output(outputs_dir: Path | audio.OutputRoot, job_id: str, file_path: object,
     copied or restored without extended attributes, carry none (on a file system without them, so
     does every WAV). Anything at the path that is not a regular file is no job's WAV.
 
-    Where the path cannot be examined, or the folder listed, for another reason than their
-    absence (:class:`Unreadable`: permissions, EIO, a link loop), the job's WAV does not count as
-    there, nor as missing: :attr:`Output.unreadable` says what could not be read.
+    Where the path cannot be examined, its mark read, or the folder listed, for another reason
+    than their absence (:class:`Unreadable`: permissions, EIO, a link loop), the job's WAV does
+    not count as there, nor as missing: :attr:`Output.unreadable` says what could not be read.
 
     Reads the file system now: one ``lstat`` and the mark's ``getxattr``, and the folder is listed
     only when the file there does not carry the job's own id.
@@ -298,22 +315,25 @@ def output(outputs_dir: Path | audio.OutputRoot, job_id: str, file_path: object,
             listing = _TEMPORARIES.of(audio.folder_of(target))
             return Output(target, exists=False, unreadable=listing if isinstance(listing, Unreadable) else unknown)
         info = None
-    if info is not None and audio.written_by(target, job_id):
+    mark = _mark(target) if info is not None else None
+    if isinstance(mark, Unreadable):  # neither its WAV nor another's, as far as can be told
+        return Output(target, exists=False, unreadable=mark)
+    if mark == _own(job_id):
         return Output(target, exists=True)  # its own, whatever temporary of an older attempt waits beside it
     temporary = _temporary(audio.folder_of(target), job_id, attempt, worker_id)
     holder = audio.holder(target) if info is not None else None
     if isinstance(temporary, Unreadable):
-        return Output(target, exists=False, holder=holder, occupied=_foreign(target, info), unreadable=temporary)
+        return Output(target, exists=False, holder=holder, occupied=_foreign(info, mark), unreadable=temporary)
     if _held(target, job_id, temporary is not None):
         return Output(target, exists=False, temporary=temporary, holder=holder, occupied=info is not None)
-    foreign = _foreign(target, info)
+    foreign = _foreign(info, mark)
     return Output(target, exists=info is not None and not foreign, holder=holder, occupied=foreign)
 
 
-def _foreign(target: str, info: os.stat_result | None) -> bool:
-    """Whether what ``lstat`` found at ``target`` (``info``) is no job's WAV or another job's:
-    not a regular file, or marked (the job's own mark was ruled out first)."""
-    return info is not None and (not stat.S_ISREG(info.st_mode) or audio.marked(target))
+def _foreign(info: os.stat_result | None, mark: bytes | None) -> bool:
+    """Whether what ``lstat`` found at the path (``info``, its ``mark``) is no job's WAV or another
+    job's: not a regular file, or marked (the job's own mark was ruled out first)."""
+    return info is not None and (not stat.S_ISREG(info.st_mode) or mark is not None)
 
 
 def _temporary(folder: str, job_id: str, attempt: object, worker_id: object) -> str | Unreadable | None:

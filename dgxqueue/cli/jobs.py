@@ -206,6 +206,10 @@ HELD_REASON = ("its result waits beside its file_path under a temporary name, th
                "so that a daemon publishes the result, and a later prune takes the job")
 
 
+#: Why prune --delete-files keeps a file whose mark it cannot read (dgxqueue.outputs.anothers).
+_UNKNOWN_FILE = "whose WAV it is cannot be told, so it is not deleted as its generation's: "
+
+
 def _unreadable_reason(unreadable: Unreadable) -> str:
     """Why prune leaves a completed job whose folder it cannot read (dgxqueue.outputs.Unreadable)."""
     return (f"{unreadable.reason()}; pruned, its row would be gone and a daemon's sweep would delete such a result "
@@ -241,6 +245,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         # Read in the deleting transaction: rows left then are the ones that still need the file.
         in_use = _paths_in_use(session, victims, owners, deleted=not args.dry_run) if args.delete_files else set()
     removed, freed, skipped, kept, others = 0, 0, [], [], []
+    unknown: dict[str, Unreadable] = {}
     files: list[Path] = []
     if args.delete_files:
         owned = {path: job_id for job_id, path in victims if job_id in owners}  # each file once
@@ -250,7 +255,9 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
                 skipped.append(file_path)  # outside the outputs folder: never touched
             elif file_path in in_use:
                 kept.append(file_path)
-            elif anothers(str(path), job_id):  # another job's WAV put at its path since: not its to delete
+            elif isinstance(whose := anothers(str(path), job_id), Unreadable):  # its mark may name another job
+                unknown[file_path] = whose
+            elif whose:  # another job's WAV put at its path since: not its to delete
                 others.append(file_path)
             elif path.is_file():
                 files.append(path)
@@ -271,6 +278,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         "skipped_outside_outputs": skipped, "kept_in_use": kept, "kept_not_its": not_its,
         "kept_held": {job_id: HELD_REASON for job_id, _ in kept_held},
         "kept_unreadable": {job_id: _unreadable_reason(why) for job_id, _, why in kept_unreadable},
+        "kept_unreadable_files": {file_path: _UNKNOWN_FILE + why.cause() for file_path, why in unknown.items()},
     }
     if args.json:
         print_json(result)
@@ -284,6 +292,8 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             print(f"kept {safe(file_path)}: a generation that stays still uses it")
         for file_path in others:
             print(f"kept {safe(file_path)}: another job's WAV (its mark says so), not its generation's")
+        for file_path, why in unknown.items():
+            print(f"kept {safe(file_path)}: {safe(_UNKNOWN_FILE + why.cause())}")
         for job_id, file_path in kept_held:
             print(f"kept generation {safe(job_id)} ({safe(file_path)}): {HELD_REASON}")
         for job_id, file_path, why in kept_unreadable:

@@ -190,3 +190,41 @@ def test_show_wait__a_folder_it_cannot_list_is_not_called_deleted_or_moved(engin
     assert waited.stdout.startswith(f"completed  {peeked}  the file at {peek / 'held.wav'} is not this job's"), \
         waited.stdout
     assert "deleted or moved" not in waited.stdout and f"{peek} cannot be read ({DENIED})" in waited.stdout
+
+
+def test_prune_show__a_wav_whose_mark_cannot_be_read_is_neither_its_nor_deleted(engine: Engine, db_url: str,
+                                                                               tmp_path: Path, outputs: Path) -> None:
+    """A user who can list and write a folder but not read the WAV at a completed job's path (the
+    daemons' user owns it, mode 0600) cannot read its mark, so whose WAV it is cannot be told:
+    ``show`` says so, naming the file and the error, and ``prune --delete-files`` keeps it, named
+    (``--json``: ``kept_unreadable_files``), while pruning the row. Both took a mark they could not
+    read for no mark at all: ``show`` called another job's WAV this job's, and prune deleted it.
+    In a folder listed but not searched (0744), prune stopped at the first such file with exit 74
+    after deleting the rows, its report lost; now it keeps the file and reports, exit 0."""
+    theirs = completed(engine, "outputs/open/theirs.wav")
+    (outputs / "open").mkdir()
+    foreign = outputs / "open" / "theirs.wav"
+    foreign.write_bytes(FOREIGN)
+    mark(foreign, OTHER)  # an archived job's WAV, put at this job's path since
+    os.chown(foreign, NOBODY, NOBODY)
+    foreign.chmod(0o600)
+    unsearched = own_wav(engine, outputs, "listed/own.wav")
+    lock(outputs / "listed", 0o744)
+    config = worker_config(tmp_path, db_url)
+
+    data = json.loads(as_operator(config, "show", theirs, "--json").stdout)
+    assert data["output_exists"] is False, data
+    assert data["output_unreadable"] == f"{foreign.resolve()} cannot be read ({DENIED})", data
+
+    pruned = as_operator(config, "prune", "--older-than", "0s", "--delete-files", "--json")
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    result = json.loads(pruned.stdout)
+    assert result["generations"] == 2 and result["files"] == 0 and result["kept_not_its"] == [], result
+    assert sorted(result["kept_unreadable_files"]) == ["outputs/listed/own.wav", "outputs/open/theirs.wav"], result
+    assert DENIED in result["kept_unreadable_files"]["outputs/open/theirs.wav"], result
+    assert foreign.read_bytes() == FOREIGN
+    os.chown(outputs / "listed", 0, 0)  # to look at it here
+    assert (outputs / "listed" / "own.wav").read_bytes() == b"RIFF"
+    for gone in (theirs, unsearched):
+        with pytest.raises(sa.exc.NoResultFound):
+            job(db_url, gone)
