@@ -160,10 +160,10 @@ def _regular(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _held(target: str, job_id: str, waits_here: bool) -> bool:
-    """The rule (see the module): a temporary of the job waits in ``target``'s folder
-    (``waits_here``) and the file at ``target``, if any, is not one the job wrote."""
-    return waits_here and not audio.written_by(target, job_id)
+def _held(mark: bytes | None, job_id: str, waits_here: bool) -> bool:
+    """The rule (see the module): a temporary of the job waits beside its path (``waits_here``)
+    and the file there, if any, is not one the job wrote (its ``mark`` read, :func:`_mark`)."""
+    return waits_here and mark != _own(job_id)
 
 
 #: What :func:`unpublished` keeps per folder: :func:`waiting`'s answer, so each is listed once.
@@ -185,9 +185,10 @@ def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]], listed: List
     """Of completed jobs, given as (id, file_path), those whose result is held: it still waits
     beside its path under a temporary name, the file at the path (if any) not theirs (their rename
     found another's file there and kept it, or a crash came before it); and those whose folder
-    cannot be read, unless the file at the path is theirs, since a held result cannot be ruled out
-    there. Each folder is listed once, its answer kept in ``listed``, which a caller asking batch
-    after batch passes again."""
+    cannot be read, unless the file at the path is theirs, or whose temporary waits beside a file
+    whose mark cannot be read, since a held result cannot be ruled out there. Each folder is
+    listed once, its answer kept in ``listed``, which a caller asking batch after batch passes
+    again."""
     root = audio.OutputRoot(outputs_dir)
     listed = {} if listed is None else listed
     held: set[str] = set()
@@ -201,10 +202,15 @@ def unpublished(outputs_dir: Path, jobs: Iterable[tuple[str, str]], listed: List
         if folder not in listed:  # not setdefault: its argument would list the folder again for every job
             listed[folder] = waiting(folder)
         found = listed[folder]
+        if not isinstance(found, Unreadable) and job_id not in found:
+            continue  # no temporary of the job waits there
+        mark = _mark(target)
         if isinstance(found, Unreadable):
-            if _held(target, job_id, True):  # a temporary of the job cannot be ruled out there
+            if mark != _own(job_id):  # a temporary of the job cannot be ruled out there
                 unreadable[job_id] = found
-        elif _held(target, job_id, job_id in found):
+        elif isinstance(mark, Unreadable):  # one waits, and whether the file there is the job's cannot be told
+            unreadable[job_id] = mark
+        elif _held(mark, job_id, True):
             held.add(job_id)
     return Unpublished(frozenset(held), unreadable)
 
@@ -324,7 +330,7 @@ def output(outputs_dir: Path | audio.OutputRoot, job_id: str, file_path: object,
     holder = audio.holder(target) if info is not None else None
     if isinstance(temporary, Unreadable):
         return Output(target, exists=False, holder=holder, occupied=_foreign(info, mark), unreadable=temporary)
-    if _held(target, job_id, temporary is not None):
+    if _held(mark, job_id, temporary is not None):
         return Output(target, exists=False, temporary=temporary, holder=holder, occupied=info is not None)
     foreign = _foreign(info, mark)
     return Output(target, exists=info is not None and not foreign, holder=holder, occupied=foreign)

@@ -228,3 +228,30 @@ def test_prune_show__a_wav_whose_mark_cannot_be_read_is_neither_its_nor_deleted(
     for gone in (theirs, unsearched):
         with pytest.raises(sa.exc.NoResultFound):
             job(db_url, gone)
+
+
+def test_prune_archive__a_temporary_beside_a_wav_whose_mark_cannot_be_read_is_not_called_held(
+        engine: Engine, db_url: str, tmp_path: Path, outputs: Path) -> None:
+    """A completed job's temporary lies beside its path in a folder the operator lists, and the
+    WAV there is one it cannot read (0600, the daemons' user's): whether that WAV is the job's
+    own cannot be told, so ``prune`` and ``archive`` keep the row as one they cannot tell about,
+    naming the file and the error, not as held. They called it held (the file there not its),
+    telling the operator to move that file away, which may be the job's own WAV."""
+    unsure = completed(engine, "outputs/open/unsure.wav")
+    hold(outputs / "open" / "unsure.wav", unsure, unsure)  # an older attempt's temporary beside its own WAV
+    wav = outputs / "open" / "unsure.wav"
+    os.chown(wav, NOBODY, NOBODY)
+    wav.chmod(0o600)
+    config = worker_config(tmp_path, db_url)
+    cause = f"{wav.resolve()} cannot be read ({DENIED})"
+
+    pruned = as_operator(config, "prune", "--older-than", "0s", "--dry-run", "--json")
+    assert pruned.returncode == 65, pruned.stdout + pruned.stderr
+    result = json.loads(pruned.stdout)
+    assert result["kept_held"] == {} and list(result["kept_unreadable"]) == [unsure], result
+    assert cause in result["kept_unreadable"][unsure], result
+    archived = as_operator(config, "archive", "--older-than", "0s", "--to", f"sqlite:///{tmp_path / 'archive.db'}")
+    assert archived.returncode == 65, archived.stdout + archived.stderr
+    assert f"left here: {unsure}: whether its result waits" in archived.stderr and cause in archived.stderr, \
+        archived.stderr
+    assert job(db_url, unsure)[0] == "completed"
