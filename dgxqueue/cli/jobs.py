@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from dgxqueue.cli import enqueue as enqueue_command
 from dgxqueue.cli.common import (
     EX_DATAERR,
+    EX_IOERR,
     EXIT_OK,
     CliError,
     Context,
@@ -246,7 +247,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
         in_use = _paths_in_use(session, victims, owners, deleted=not args.dry_run) if args.delete_files else set()
     removed, freed, skipped, kept, others = 0, 0, [], [], []
     unknown: dict[str, Unreadable] = {}
-    files: list[Path] = []
+    files: list[tuple[str, Path]] = []
     if args.delete_files:
         owned = {path: job_id for job_id, path in victims if job_id in owners}  # each file once
         for file_path, job_id in owned.items():
@@ -260,13 +261,19 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             elif whose:  # another job's WAV put at its path since: not its to delete
                 others.append(file_path)
             elif path.is_file():
-                files.append(path)
+                files.append((file_path, path))
+    # One file that cannot go (its folder not writable by this user, EIO) stops neither the others
+    # nor the report: the rows are gone already, so every file left must be named.
+    undeleted: dict[str, str] = {}
     if not args.dry_run:
-        for path in files:
+        for file_path, path in files:
             try:
                 size = path.stat().st_size
                 path.unlink()
             except FileNotFoundError:
+                continue
+            except OSError as exc:
+                undeleted[file_path] = exc.strerror or type(exc).__name__
                 continue
             removed, freed = removed + 1, freed + size
     # The file at a held job's path is another's too: with --delete-files it is named as kept.
@@ -274,11 +281,12 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     result = {
         "dry_run": args.dry_run, "cutoff": cutoff.isoformat(), "statuses": statuses,
         "generations": len(victims), "files": len(files) if args.dry_run else removed,
-        "bytes": sum(p.stat().st_size for p in files) if args.dry_run else freed,
+        "bytes": sum(p.stat().st_size for _, p in files) if args.dry_run else freed,
         "skipped_outside_outputs": skipped, "kept_in_use": kept, "kept_not_its": not_its,
         "kept_held": {job_id: HELD_REASON for job_id, _ in kept_held},
         "kept_unreadable": {job_id: _unreadable_reason(why) for job_id, _, why in kept_unreadable},
         "kept_unreadable_files": {file_path: _UNKNOWN_FILE + why.cause() for file_path, why in unknown.items()},
+        "not_deleted": undeleted,
     }
     if args.json:
         print_json(result)
@@ -298,8 +306,14 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
             print(f"kept generation {safe(job_id)} ({safe(file_path)}): {HELD_REASON}")
         for job_id, file_path, why in kept_unreadable:
             print(f"kept generation {safe(job_id)} ({safe(file_path)}): {safe(_unreadable_reason(why))}")
+        for file_path, error in undeleted.items():
+            print(f"could not delete {safe(file_path)}: {safe(error)} (its generation is pruned: delete it by hand)")
     left = [(job_id, HELD_REASON) for job_id, _ in kept_held] + [(job_id, _unreadable_reason(why))
                                                                  for job_id, _, why in kept_unreadable]
+    if undeleted:  # before the rows left: files that stay named by no row need a person now
+        file_path, error = next(iter(undeleted.items()))
+        raise CliError(f"{len(undeleted)} file(s) of pruned generations could not be deleted: {safe(file_path)}: "
+                       f"{safe(error)}", EX_IOERR)
     if left:
         raise CliError(f"{len(left)} generation(s) left here: {safe(left[0][0])}: {safe(left[0][1])}", EX_DATAERR)
     return EXIT_OK
@@ -363,7 +377,9 @@ def add_parsers(sub: Any) -> None:
                                    "inside the outputs folder). A completed job whose result is held under its "
                                    "temporary name (another's file at its path) stays, named: exit 65, the rest "
                                    "pruned; so does one whose folder cannot be listed by the user running it "
-                                   "(its result may be held there), named with the folder and the error.")
+                                   "(its result may be held there), named with the folder and the error. A file "
+                                   "of a pruned generation that cannot be deleted (permissions, I/O) is named "
+                                   "(--json: not_deleted) and the others still go: exit 74.")
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 2w")
     p.add_argument("--status", default="completed,failed",
                    help="which finished statuses (default completed,failed)")

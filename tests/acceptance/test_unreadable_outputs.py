@@ -255,3 +255,30 @@ def test_prune_archive__a_temporary_beside_a_wav_whose_mark_cannot_be_read_is_no
     assert f"left here: {unsure}: whether its result waits" in archived.stderr and cause in archived.stderr, \
         archived.stderr
     assert job(db_url, unsure)[0] == "completed"
+
+
+def test_prune__a_file_it_cannot_delete_is_named_and_the_others_go(engine: Engine, db_url: str, tmp_path: Path,
+                                                                   outputs: Path) -> None:
+    """``prune --delete-files`` by a user who can enter but not write ``outputs/peek`` (0711, the
+    daemons'): its job's own WAV there cannot be deleted. The rows are pruned (committed before
+    any file goes), the other files still go, and every file left is named (``--json``:
+    ``not_deleted``, path to error) with exit 74. It stopped at the first such file with exit 74
+    and no report, leaving the files after it undeleted and unnamed."""
+    stuck = own_wav(engine, outputs, "peek/stuck.wav")
+    after = [own_wav(engine, outputs, f"z{n}.wav") for n in range(3)]  # listed after the stuck one
+    lock(outputs / "peek", 0o711)
+    config = worker_config(tmp_path, db_url)
+
+    result = as_operator(config, "prune", "--older-than", "0s", "--delete-files", "--json")
+
+    assert result.returncode == 74, result.stderr
+    report = json.loads(result.stdout)
+    assert report["generations"] == 1 + len(after)
+    assert report["files"] == len(after)
+    assert report["not_deleted"] == {"outputs/peek/stuck.wav": DENIED}
+    assert "could not be deleted" in result.stderr and "outputs/peek/stuck.wav" in result.stderr
+    assert (outputs / "peek" / "stuck.wav").is_file()
+    assert not any((outputs / f"z{n}.wav").exists() for n in range(3))
+    with session_scope(engine) as session:
+        left = session.execute(sa.select(sa.func.count()).select_from(G).where(G.c.id.in_([stuck, *after])))
+        assert left.scalar() == 0
