@@ -179,8 +179,9 @@ class SlotGenerator(Protocol):
         else as an unexpected error (retried while ``worker.retry_unexpected_errors``), a machine
         fault (:mod:`dgxqueue.machine_faults`) as the machine's. A
         :class:`~dgxqueue.errors.CapacityError` says the backend ran out of memory and has fewer
-        slots now: the request goes back unspent, to join again. ``request.control`` may be used
-        for progress and is read for cancels."""
+        slots now: the request goes back unspent, to join again (with as many slots as before, it
+        is charged as a transient error). ``request.control`` may be used for progress and is read
+        for cancels."""
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
         """Advance every occupied slot by one step; the requests that finished, by ``job_id``,

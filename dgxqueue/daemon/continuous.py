@@ -22,9 +22,9 @@ heartbeats and rescues: the GPU never waits on the database.
   others join: its error is judged as one raised from ``generate`` in the ordinary loop (the
   daemon's fault sorting, then the retry policy: an unexpected error is retried while
   ``worker.retry_unexpected_errors``; a machine fault is the machine's, its job given back
-  unspent and the daemon stopping). Out of memory (:class:`~dgxqueue.errors.CapacityError`:
-  fewer slots now) gives the job back unspent to join again, as from a step, with the jobs after
-  it that no slot is left for.
+  unspent and the daemon stopping). Out of memory (:class:`~dgxqueue.errors.CapacityError`)
+  with fewer slots now gives the job back unspent to join again, as from a step, with the jobs
+  after it that no slot is left for; with as many slots as before it is the job's transient error.
 - **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
   a finished job's file is staged on the runner thread and published after its write commits.
 - **Cancels** free the job's slot at the next step; the other slots decode on.
@@ -333,15 +333,19 @@ class Continuous:
                 if memory is not None and generator.free_slots <= 0:  # a start ran out of memory: fewer slots now
                     back.append(work.job)
                     continue
+                before = generator.slots
                 try:
                     doing("start", work.job.id)
                     generator.start(work.request)
-                except CapacityError as exc:  # out of memory, as a step's: given back unspent to join again
-                    back.append(work.job)
-                    memory = memory or f"{type(exc).__name__}: {exc}"
-                    continue
-                except Exception as exc:  # this job's alone, judged as an error from generate(): the others join
-                    outcomes.append(Attempt(work.job, exc, 0.0))
+                except Exception as exc:
+                    # Out of memory with fewer slots now, as a step's: given back unspent to join
+                    # again. With as many slots as before, joining again would only fail again (a
+                    # claim and a give-back for ever, charging no one): an error like any other.
+                    if isinstance(exc, CapacityError) and generator.slots < before:
+                        back.append(work.job)
+                        memory = memory or f"{type(exc).__name__}: {exc}"
+                        continue
+                    outcomes.append(Attempt(work.job, exc, 0.0))  # this job's alone, judged as from generate()
                     continue
                 joined.append(_Slot(work, path, time.monotonic()))
             occupied = generator.slots - generator.free_slots

@@ -14,6 +14,7 @@ import pytest
 
 from dgxqueue.daemon import EXIT_MACHINE_FAULT
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
+from tests.support.generators import read_executions
 from tests.support.processes import start_worker, write_config
 from tests.support.supervisor import rows
 
@@ -147,3 +148,20 @@ def test_continuous__out_of_memory_at_a_start_gives_the_job_back_unspent_to_join
     assert [(jobs[i].status, jobs[i].attempts, jobs[i].error_message) for i in ids] == [("completed", 1, None)] * 4
     back = [e for e in logged(log) if e.get("event", "").startswith("out of memory starting jobs")]
     assert back and ids[1] in back[0]["jobs"] and back[0]["slots"] == 2, back
+
+
+def test_continuous__out_of_memory_at_a_start_with_no_fewer_slots_is_charged_to_the_job(
+        db_url: str, tmp_path: Path) -> None:
+    """start() raising CapacityError while the backend has as many slots as before (here at its
+    last slot, which it cannot halve) frees nothing to join again: it is the job's transient error,
+    retried while attempts remain, then failed, and the daemon's burst ends. The job beside it
+    completes. (It was given back unspent at every start and claimed again at once, hundreds of
+    claims a second, for ever, charged nothing.)"""
+    ids = enqueue(db_url, ["start-capacity:1000000", "fine"], max_attempts=2)
+    log = tmp_path / "worker.log"
+    assert burst(config(tmp_path, db_url, tmp_path / "outputs"), log) == 0, log.read_text()[-3000:]
+    jobs = rows(db_url)
+    assert states(db_url, ids) == [("failed", 2), ("completed", 1)]
+    assert (jobs[ids[0]].error_message or "").endswith("1 slots now (gave up after 2 attempts)"), jobs[ids[0]]
+    # Halved from four slots to two, then to one (given back each time), then charged twice.
+    assert read_executions(tmp_path / "executions.log")[ids[0]] == 4
