@@ -163,3 +163,12 @@ class PermanentGeneratorError(GeneratorError):
 class JobCancelledError(GeneratorError):
     """The job was cancelled while it ran: a backend returns it for a request it stopped early,
     and the daemon records it for any cancelled request, whatever the backend returned."""
+
+
+def text_of(error: BaseException) -> str:
+    """``str(error)``, or a placeholder naming what it raised: a backend's error whose ``__str__``
+    raises is its job's to pay for, and must not take the daemon down while it is judged."""
+    try:
+        return str(error)
+    except Exception as exc:
+        return f"<str() of the error raised {type(exc).__name__}>"

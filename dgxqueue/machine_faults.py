@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import re
 
-from dgxqueue.errors import OutputError
+from dgxqueue.errors import OutputError, text_of
 
 #: A WAV write that failed so may be the machine's fault (the outputs folder cannot take files) or
 #: the job's (its own subfolder cannot): a test write into the outputs folder tells which
@@ -47,7 +47,7 @@ def _culprit(error: BaseException) -> tuple[BaseException, str] | None:
             reason = _RESOURCE_FAULTS.get(code) or OUTPUT_FAULTS.get(code)
             if reason is not None:
                 return current, reason
-        if isinstance(current, RuntimeError) and _GPU_LOST.search(str(current)):
+        if isinstance(current, RuntimeError) and _GPU_LOST.search(text_of(current)):
             return current, "gpu"
         current = current.__cause__ or current.__context__
     return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from dgxqueue.config import WorkerSettings
-from dgxqueue.errors import GeneratorError, OutputError
+from dgxqueue.errors import GeneratorError, OutputError, text_of
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ MACHINE_FAULT_MARK = "machine fault ("
 
 
 def describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
+    text = text_of(error) or type(error).__name__
     if not isinstance(error, GeneratorError):
         text = f"{type(error).__name__}: {text}"
     return text[:4000]

@@ -165,3 +165,18 @@ def test_continuous__out_of_memory_at_a_start_with_no_fewer_slots_is_charged_to_
     assert (jobs[ids[0]].error_message or "").endswith("1 slots now (gave up after 2 attempts)"), jobs[ids[0]]
     # Halved from four slots to two, then to one (given back each time), then charged twice.
     assert read_executions(tmp_path / "executions.log")[ids[0]] == 4
+
+
+def test_continuous__an_error_from_start_whose_str_raises_is_the_jobs_alone(db_url: str, tmp_path: Path) -> None:
+    """start() raising an unexpected error whose ``str()`` itself raises is still that job's
+    unexpected error, retried by the retry policy, its message naming its type and saying its text
+    could not be read; the daemon goes on and the job beside it completes on its first attempt.
+    (Judging it read its text: the daemon died, exit 70, giving every job back unspent, and so did
+    every daemon after it that met the error, charging no one.)"""
+    ids = enqueue(db_url, ["fine", "start-unprintable:1"], max_attempts=2)
+    log = tmp_path / "worker.log"
+    assert burst(config(tmp_path, db_url, tmp_path / "outputs"), log) == 0, log.read_text()[-3000:]
+    assert states(db_url, ids) == [("completed", 1), ("completed", 2)]
+    retried = [e for e in logged(log) if e.get("job_id") == ids[1] and e.get("outcome") == "retried"]
+    assert [e["error"] for e in retried] == [
+        "Unprintable: <str() of the error raised ValueError> (attempt 1, retrying)"], retried

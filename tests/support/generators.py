@@ -19,10 +19,11 @@ Prompt directives (anything else renders silence):
 - ``oom``          raise MemoryError (a backend out of memory), every time
 - ``alloc:M``      reserve M MiB (not touched, so it costs no RAM): MemoryError under an RLIMIT_AS
 - ``kill``         (:class:`KillingGenerator` only) SIGKILL the daemon's own process
-- ``start-crash:N``, ``start-oom:N``, ``start-enospc:N``, ``start-capacity:N`` (:class:`ScriptedSlots`
-                   only) its ``start`` raises on the job's first N starts: an unexpected RuntimeError,
-                   MemoryError, a WAV-style OutputError caused by ENOSPC (a full disk), or CapacityError
-                   (out of memory, the slots halved); then it joins and renders silence
+- ``start-crash:N``, ``start-oom:N``, ``start-enospc:N``, ``start-capacity:N``, ``start-unprintable:N``
+                   (:class:`ScriptedSlots` only) its ``start`` raises on the job's first N starts: an
+                   unexpected RuntimeError, MemoryError, a WAV-style OutputError caused by ENOSPC (a full
+                   disk), CapacityError (out of memory, the slots halved), or an unexpected error whose
+                   ``str()`` raises (:class:`Unprintable`); then it joins and renders silence
 - ``... pid``      (a suffix to any of the above, or alone) audio at a level set by the process id,
                    :func:`pid_level`, so a test can tell which daemon's attempt made a file
 
@@ -235,6 +236,13 @@ class ValidateHangingGenerator(ScriptedGenerator):
         super().validate(request)
 
 
+class Unprintable(RuntimeError):
+    """A backend's error that cannot be turned into text: its ``str()`` raises."""
+
+    def __str__(self) -> str:
+        raise ValueError("scripted: this error has no text")
+
+
 class ScriptedSlots(ScriptedGenerator):
     """:class:`ScriptedGenerator` with slots (:class:`~dgxqueue.generators.SlotGenerator`), for
     continuous batching in daemon processes without torch: a request started into a slot
@@ -278,6 +286,8 @@ class ScriptedSlots(ScriptedGenerator):
         if kind == "start-capacity":
             self._slots = max(1, self._slots // 2)
             raise CapacityError(f"scripted: out of memory at a start; {self._slots} slots now")
+        if kind == "start-unprintable":
+            raise Unprintable()
         raise AssertionError(f"unknown start directive {request.prompt!r}")
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
