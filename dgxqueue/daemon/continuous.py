@@ -35,10 +35,11 @@ heartbeats and rescues: the GPU never waits on the database.
   with :class:`~dgxqueue.errors.JobTimeoutError`. A step that itself overruns the limit is a
   stuck call, handled as the ordinary loop handles one (charged, exit for a fresh process).
 - **A step that raises** drops every job in a slot. Out of memory
-  (:class:`~dgxqueue.errors.CapacityError`: the backend has fewer slots now) gives them back
-  unspent to join again; a machine fault (:mod:`~dgxqueue.daemon.faults`) stops the daemon as in
-  the ordinary loop; anything else gives them back marked, each up to
-  :data:`~dgxqueue.daemon.faults.UNCONFIRMED_REFUNDS` times (:func:`~dgxqueue.daemon.faults.refund`).
+  (:class:`~dgxqueue.errors.CapacityError`) with fewer slots now gives them back unspent to
+  join again; a machine fault (:mod:`~dgxqueue.daemon.faults`) stops the daemon as in the
+  ordinary loop; anything else (out of memory with as many slots as before too) gives them back
+  marked, each up to :data:`~dgxqueue.daemon.faults.UNCONFIRMED_REFUNDS` times
+  (:func:`~dgxqueue.daemon.faults.refund`).
 - **A suspect** (:mod:`~dgxqueue.daemon.isolation`), and each job of a step that failed here (not
   for memory), joins an empty batch and runs alone: nothing is claimed while it waits or runs. So
   a job that breaks every step it is in is charged alone, not its companions. One claimed while
@@ -62,7 +63,7 @@ from dgxqueue.daemon.executor import Attempt, Handoff, Work, cancelled, locate, 
 from dgxqueue.daemon.faults import refund
 from dgxqueue.daemon.isolation import prepare_isolating
 from dgxqueue.daemon.outages import outage_skips
-from dgxqueue.errors import CapacityError, JobTimeoutError, LeaseLostError
+from dgxqueue.errors import CapacityError, JobTimeoutError, LeaseLostError, TransientGeneratorError, text_of
 from dgxqueue.generators import GenerationOutcome, SlotGenerator
 from dgxqueue.machine_faults import machine_fault
 from dgxqueue.storage.claimed import ClaimedJob
@@ -91,6 +92,13 @@ class _Step:
     occupied: int  # jobs in slots during the step: what dgxqueue_batch_size observes
     back: list[ClaimedJob]  # jobs not started for want of memory (CapacityError at a start): given back unspent
     memory: str | None  # the CapacityError a start() raised, if one did
+
+
+def _fewer_slots(error: Exception, generator: SlotGenerator, before: int) -> bool:
+    """Whether ``error`` is out of memory that its jobs may join again after: a CapacityError
+    after which the backend has fewer slots than ``before``. With as many as before, they would
+    only fail again, and given back unspent they would be claimed again at once, for ever."""
+    return isinstance(error, CapacityError) and generator.slots < before
 
 
 class Continuous:
@@ -338,10 +346,7 @@ class Continuous:
                     doing("start", work.job.id)
                     generator.start(work.request)
                 except Exception as exc:
-                    # Out of memory with fewer slots now, as a step's: given back unspent to join
-                    # again. With as many slots as before, joining again would only fail again (a
-                    # claim and a give-back for ever, charging no one): an error like any other.
-                    if isinstance(exc, CapacityError) and generator.slots < before:
+                    if _fewer_slots(exc, generator, before):  # as a step's: given back unspent to join again
                         back.append(work.job)
                         memory = memory or f"{type(exc).__name__}: {exc}"
                         continue
@@ -350,7 +355,13 @@ class Continuous:
                 joined.append(_Slot(work, path, time.monotonic()))
             occupied = generator.slots - generator.free_slots
             doing("step", *(key for key in slots if key not in leaving), *(s.work.job.id for s in joined))
-            finished = generator.step()
+            before = generator.slots
+            try:
+                finished = generator.step()
+            except CapacityError as exc:
+                if _fewer_slots(exc, generator, before):
+                    raise
+                raise TransientGeneratorError(f"{text_of(exc)} (no fewer slots: a failed step)") from exc
             if finished:
                 doing("files", *(key for key, _ in finished))
                 outcomes += self._stage(finished, {**slots, **{s.work.job.id: s for s in joined}},

@@ -180,3 +180,18 @@ def test_continuous__an_error_from_start_whose_str_raises_is_the_jobs_alone(db_u
     retried = [e for e in logged(log) if e.get("job_id") == ids[1] and e.get("outcome") == "retried"]
     assert [e["error"] for e in retried] == [
         "Unprintable: <str() of the error raised ValueError> (attempt 1, retrying)"], retried
+
+
+def test_continuous__out_of_memory_at_a_step_with_no_fewer_slots_is_a_failed_step(db_url: str, tmp_path: Path) -> None:
+    """A step raising CapacityError while the backend has as many slots as before (at its last
+    slot) frees nothing to join again: it is a failed step, like any other error from it, whose
+    jobs go back marked and run alone, so the job that breaks every step is charged in the end and
+    the job that was in its steps completes. (Every job of the step was given back unspent and
+    claimed again at once, for ever: the one that broke the step, and the one beside it, which
+    never ran to its end.)"""
+    ids = enqueue(db_url, ["step-capacity:1000000", "fine"], max_attempts=2)
+    log = tmp_path / "worker.log"
+    assert burst(config(tmp_path, db_url, tmp_path / "outputs"), log) == 0, log.read_text()[-3000:]
+    jobs = rows(db_url)
+    assert states(db_url, ids) == [("failed", 2), ("completed", 1)]
+    assert "given back 5 times already: counted against the job" in (jobs[ids[0]].error_message or ""), jobs[ids[0]]
