@@ -348,7 +348,7 @@ class Continuous:
                 except Exception as exc:
                     if _fewer_slots(exc, generator, before):  # as a step's: given back unspent to join again
                         back.append(work.job)
-                        memory = memory or f"{type(exc).__name__}: {exc}"
+                        memory = memory or f"{type(exc).__name__}: {text_of(exc)}"
                         continue
                     outcomes.append(Attempt(work.job, exc, 0.0))  # this job's alone, judged as from generate()
                     continue
@@ -429,12 +429,12 @@ class Continuous:
             return
         if isinstance(exc, CapacityError):
             daemon.log.warning("out of memory: the jobs in slots go back unspent; fewer slots now",
-                               slots=self.generator.slots, jobs=[job.id for job in jobs], error=str(exc))
+                               slots=self.generator.slots, jobs=[job.id for job in jobs], error=text_of(exc))
             marks: dict[str, str] = {}
             kept: list[Attempt] = []
         else:
             daemon.log.error("a decoding step failed: the jobs in slots go back", jobs=[job.id for job in jobs],
-                             error=f"{type(exc).__name__}: {exc}")
+                             error=f"{type(exc).__name__}: {text_of(exc)}")
             verdict = refund(attempts, "step", daemon._error_messages)
             marks, kept = verdict.marks, verdict.outcomes
             self._doubted.update(job.id for job in jobs)

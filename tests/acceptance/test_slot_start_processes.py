@@ -195,3 +195,16 @@ def test_continuous__out_of_memory_at_a_step_with_no_fewer_slots_is_a_failed_ste
     jobs = rows(db_url)
     assert states(db_url, ids) == [("failed", 2), ("completed", 1)]
     assert "given back 5 times already: counted against the job" in (jobs[ids[0]].error_message or ""), jobs[ids[0]]
+
+
+def test_continuous__a_step_error_whose_str_raises_is_a_failed_step(db_url: str, tmp_path: Path) -> None:
+    """A step raising an error whose ``str()`` itself raises is a failed step like any other: its
+    jobs go back marked, naming the error's type and saying its text could not be read, each runs
+    alone and completes on its first counted attempt. (Logging it read its text: the daemon died,
+    exit 70, and so did every daemon after it that met the error.)"""
+    ids = enqueue(db_url, ["step-unprintable:1", "fine"])
+    log = tmp_path / "worker.log"
+    assert burst(config(tmp_path, db_url, tmp_path / "outputs"), log) == 0, log.read_text()[-3000:]
+    assert states(db_url, ids) == [("completed", 1), ("completed", 1)]
+    failed = [e for e in logged(log) if e.get("event") == "a decoding step failed: the jobs in slots go back"]
+    assert [e["error"] for e in failed] == ["Unprintable: <str() of the error raised ValueError>"], failed

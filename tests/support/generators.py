@@ -24,9 +24,9 @@ Prompt directives (anything else renders silence):
                    unexpected RuntimeError, MemoryError, a WAV-style OutputError caused by ENOSPC (a full
                    disk), CapacityError (out of memory, the slots halved), or an unexpected error whose
                    ``str()`` raises (:class:`Unprintable`); then it joins and renders silence
-- ``step-capacity:N`` (:class:`ScriptedSlots` only) a step that holds the job raises CapacityError on
-                   the job's first N such steps, dropping every slot and halving the slots (never below
-                   one, where it has no fewer slots)
+- ``step-capacity:N``, ``step-unprintable:N`` (:class:`ScriptedSlots` only) a step that holds the job
+                   raises on the job's first N such steps, dropping every slot: CapacityError, halving the
+                   slots (never below one, where it has no fewer slots), or :class:`Unprintable`
 - ``... pid``      (a suffix to any of the above, or alone) audio at a level set by the process id,
                    :func:`pid_level`, so a test can tell which daemon's attempt made a file
 
@@ -299,7 +299,9 @@ class ScriptedSlots(ScriptedGenerator):
             return []
         for request in requests:
             kind, _, count = request.prompt.partition(":")
-            if kind == "step-capacity" and self._record(request) < int(count):
+            if kind in ("step-capacity", "step-unprintable") and self._record(request) < int(count):
+                if kind == "step-unprintable":
+                    raise Unprintable()
                 self._slots = max(1, self._slots // 2)
                 raise CapacityError(f"scripted: out of memory at a step; {self._slots} slots now")
         return [(request.job_id, result) for request, result in zip(requests, self.generate(requests), strict=True)]
