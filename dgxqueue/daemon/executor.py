@@ -185,11 +185,18 @@ def validate(job: ClaimedJob, request: GenerationRequest, generator: Generator,
         doing("validate", job.id)
     try:
         generator.validate(request)
-    except (DgxQueueError, ValueError) as exc:
-        return _refusal(job, exc)
     except Exception as exc:
-        return Attempt(job, exc, 0.0)
+        return backend_error(job, exc)
     return None
+
+
+def backend_error(job: ClaimedJob, exc: Exception) -> Attempt:
+    """The job's failure for ``exc``, raised by a backend method on its request before its
+    render (``validate``, ``batch_key``), by :func:`validate`'s rule: a typed
+    refusal fails it for good unless transient; anything else is its unexpected error."""
+    if isinstance(exc, (DgxQueueError, ValueError)):
+        return _refusal(job, exc)
+    return Attempt(job, exc, 0.0)
 
 
 def locate(batch: Sequence[Work], root: audio.OutputRoot,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Collection, Hashable, Sequence
 
-from dgxqueue.daemon.executor import Attempt, Work, prepare, to_request, validate
+from dgxqueue.daemon.executor import Attempt, Work, backend_error, prepare, to_request, validate
 from dgxqueue.daemon.runner import Doing
 from dgxqueue.errors import JobTimeoutError
 from dgxqueue.generators import Generator, split_into_batches
@@ -43,14 +43,27 @@ def plan(jobs: Sequence[ClaimedJob], generator: Generator, marked: Collection[st
     any (:func:`prepare_isolating`). Run on the runner's thread, as every backend method is: a
     ``validate()`` or ``batch_key()`` that never returns is then a call the main loop gives up on
     at a stop's grace or at the time limit, charged to that job (``doing`` names it), not a
-    stalled main loop that only the watchdog ends."""
+    stalled main loop that only the watchdog ends. A ``batch_key()`` that raises on a request its
+    ``validate()`` accepted is that job's error (:func:`~dgxqueue.daemon.executor.backend_error`),
+    never the daemon's: raised out of the plan, it ended the process, the claim went back unspent,
+    and the restarted daemon claimed the same job and died again."""
     work, refused = prepare_isolating(jobs, generator, marked, doing)
-
-    def key(w: Work) -> Hashable:
+    keys: dict[str, Hashable] = {}
+    for w in work:
+        if w.job.suspect:  # never keyed: it runs alone
+            continue
         doing("batch_key", w.job.id)
-        return generator.batch_key(w.request)
-
-    return split_isolating(work, key, size), refused
+        try:
+            key = generator.batch_key(w.request)
+            hash(key)
+        except Exception as exc:
+            if w.validated:  # on a request the backend accepted: this job's error, as validate's would be
+                refused.append(backend_error(w.job, exc))
+                continue
+            key = (_UNKEYED, w.job.id)  # it runs alone, and its validate, in its call, judges it
+        keys[w.job.id] = key
+    kept = [w for w in work if w.job.suspect or w.job.id in keys]
+    return split_isolating(kept, lambda w: keys[w.job.id], size), refused
 
 
 def prepare_isolating(jobs: Sequence[ClaimedJob], generator: Generator, marked: Collection[str],
@@ -93,21 +106,11 @@ def validate_unvalidated(batch: Sequence[Work], generator: Generator,
 
 
 def split_isolating(work: Sequence[Work], key: Callable[[Work], Hashable], size: int) -> list[list[Work]]:
-    """Batches of trusted jobs as the backend groups them, then each suspect alone, the least
-    suspect first (the one that killed its daemon most often runs last). A job not validated yet
-    whose request the backend cannot key runs alone: its validate, in its call, refuses it."""
-
-    def keyed(w: Work) -> Hashable:
-        try:
-            return key(w)
-        except Exception:
-            if w.validated:
-                raise
-            return (_UNKEYED, w.job.id)
-
+    """Batches of trusted jobs as ``key`` groups them, then each suspect alone (never keyed), the
+    least suspect first (the one that killed its daemon most often runs last)."""
     trusted = [w for w in work if not w.job.suspect]
     suspects = sorted((w for w in work if w.job.suspect), key=lambda w: w.job.lease_losses)
-    return split_into_batches(trusted, keyed, size) + [[w] for w in suspects]
+    return split_into_batches(trusted, key, size) + [[w] for w in suspects]
 
 
 def timed_out(outcome: Attempt) -> bool:

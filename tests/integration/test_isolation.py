@@ -213,6 +213,31 @@ def test_daemon__a_job_not_validated_yet_that_the_backend_cannot_key_fails_alone
     assert gen.batches == [[ids[0], ids[2]], [ids[3]]]
 
 
+class KeyCrashing(ScriptedGenerator):
+    """No batch key for the ``key-crash`` prompt, which its validate accepts: a bug in the backend."""
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        if request.prompt == "key-crash":
+            raise RuntimeError("scripted: batch_key crashed")
+        return super().batch_key(request)
+
+
+@pytest.mark.parametrize("max_batch_size", [4, 2], ids=["claim-fits-a-call", "claim-larger-than-a-call"])
+def test_daemon__a_batch_key_that_raises_on_a_validated_job_is_that_jobs_error(
+        engine: sa.Engine, db_url: str, tmp_path: Path, max_batch_size: int) -> None:
+    """A claim validated together, one job's batch_key() raising an unexpected error: that job's
+    error by validate()'s rule (retried, then failed), not the daemon's; the rest complete at their
+    first attempt and the daemon goes on. Raised out of the claim's plan, it ended the daemon with
+    the claim given back unspent, and the next daemon claimed the same job and ended again."""
+    ids = [enqueue(db_url, prompt, max_attempts=2) for prompt in ["fine", "key-crash", "fine", "fine"]]
+    daemon = make_daemon(db_url, tmp_path / "outputs", KeyCrashing(max_batch_size=max_batch_size), batch_size=4)
+    assert daemon.run(burst=True) == 0
+    crashed = row(db_url, ids[1])
+    assert (crashed.status, crashed.attempts, crashed.error_message) == (
+        "failed", 2, "RuntimeError: scripted: batch_key crashed (gave up after 2 attempts)")
+    assert {(row(db_url, j).status, row(db_url, j).attempts) for j in ids if j != ids[1]} == {("completed", 1)}
+
+
 class ValidateGated(ScriptedGenerator):
     """``validate`` of the ``gated`` prompt waits until the test opens ``validate_gate``."""
 
