@@ -238,6 +238,31 @@ def test_daemon__a_batch_key_that_raises_on_a_validated_job_is_that_jobs_error(
     assert {(row(db_url, j).status, row(db_url, j).attempts) for j in ids if j != ids[1]} == {("completed", 1)}
 
 
+class SlowToValidate(ScriptedGenerator):
+    """``validate`` of a ``work:S`` prompt takes S seconds too (simulated work, as its render's)."""
+
+    def validate(self, request: GenerationRequest) -> None:
+        if request.prompt.startswith("work:"):
+            threading.Event().wait(float(request.prompt.split(":")[1]))
+        super().validate(request)
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plan-then-render", "prefetch"])
+def test_daemon__a_claims_validate_and_its_render_each_get_the_time_limit(
+        engine: sa.Engine, db_url: str, tmp_path: Path, prefetch: bool) -> None:
+    """A claim that fits one call, planned and rendered in one hand-off to the runner (the loop
+    told of the plan after the render, or before it, with ``worker.prefetch``): its validate() and
+    its generate() each take less than the time limit, together more. The render is given the
+    limit from its own start, as a call of its own is: the job completes at its first attempt.
+    Timed from the plan's start, the render was given up on (exit 124) and the job charged a time
+    limit that neither method overran."""
+    job_id = enqueue(db_url, "work:1.2")
+    daemon = make_daemon(db_url, tmp_path / "outputs", SlowToValidate(), batch_size=1, job_timeout_seconds=2.0,
+                         prefetch=prefetch)
+    assert daemon.run(burst=True) == 0
+    assert (row(db_url, job_id).status, row(db_url, job_id).attempts) == ("completed", 1)
+
+
 class ValidateGated(ScriptedGenerator):
     """``validate`` of the ``gated`` prompt waits until the test opens ``validate_gate``."""
 
