@@ -404,8 +404,9 @@ class Continuous:
                 daemon._abandon_call()
                 jobs = [s.work.job for s in self.running.values()] + [w.job for w in joining]
                 # The jobs of the generator method it is stuck in (one job's validate() or start(),
-                # or the slots of a step); the rest go back unspent.
-                jobs = [job for job in jobs if job.id in named] or jobs
+                # or the slots of a step), none for a leaving job's cancel() (its outcome is
+                # recorded already), all only when it is in no method; the rest go back unspent.
+                jobs = [job for job in jobs if job.id in named] if named else jobs
                 daemon.log.error(f"a decoding step overran the time limit: {hung} did not return; charged to its"
                                  " jobs, the rest go back unspent, then exit for a fresh process",
                                  jobs=[j.id for j in jobs])

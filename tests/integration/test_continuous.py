@@ -19,8 +19,9 @@ from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
 from dgxqueue.errors import CapacityError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
-from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
+from dgxqueue.storage import cancel_generation, create_generations, get_engine, init_db, session_scope
 from tests.support.daemons import RecordingHooks, make_settings
+from tests.support.processes import wait_until
 
 RATE = 8000
 
@@ -186,6 +187,48 @@ def test_continuous__a_step_past_the_time_limit_charges_its_slots_and_exits_124(
     rows = _rows(sqlite_db_url, ids)
     assert [(r["status"], r["attempts"]) for r in rows] == [("pending", 1)] * 2
     assert all("time limit" in (r["error_message"] or "") for r in rows)
+
+
+class CancelHanging(Slots):
+    """Slots whose cancel() of the ``hang`` job does not return until ``gate`` is set, as a
+    backend stuck freeing a slot."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.gate = threading.Event()
+
+    def cancel(self, job_id: str) -> bool:
+        if job_id in self.running and self.running[job_id][0].prompt == "hang":
+            self.gate.wait(30)
+        return super().cancel(job_id)
+
+
+def test_continuous__a_cancel_that_never_returns_charges_no_job_beside_it(db_url: str, tmp_path: Path) -> None:
+    """A job cancelled by request while it decodes beside another, the backend's cancel() of it
+    never returning: the step is given up on at the time limit (exit 124), and the job beside it,
+    in no method that hung, goes back unspent and unmarked. It was charged the time limit and
+    marked to run alone, as if its own step had hung."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(db_url, outputs, "hang", "steps:1000000000")
+    generator = CancelHanging(4)
+    daemon = _daemon(db_url, outputs, generator, RecordingHooks(), job_timeout_seconds=3.0)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(daemon.run()))
+    thread.start()
+    try:
+        wait_until(lambda: len(generator.running) == 2, 30, "both jobs to decode")
+        with session_scope(get_engine(db_url)) as s:
+            cancel_generation(s, ids[0])
+        thread.join(30)
+    finally:
+        generator.gate.set()
+        thread.join(30)
+    assert codes == [EXIT_JOB_TIMEOUT]
+    with get_engine(db_url).connect() as conn:
+        found = {r.id: r for r in conn.execute(sa.text(
+            "SELECT id, status, attempts, lease_losses, cancelled_at FROM generations"))}
+    assert found[ids[0]].status == "failed" and found[ids[0]].cancelled_at is not None
+    assert (found[ids[1]].status, found[ids[1]].attempts, found[ids[1]].lease_losses) == ("pending", 0, 0)
 
 
 class _JoinsBeside(Slots):
