@@ -399,7 +399,8 @@ class Continuous:
                                    " return", jobs=sorted([*self.running, *(w.job.id for w in joining)]))
                 self.running = {}
                 return None
-            if time.monotonic() - begun >= daemon.config.job_timeout_seconds:
+            # From the start of the method it is in: each joining job's validate() is given all of it.
+            if time.monotonic() - daemon.runner.doing.began(begun) >= daemon.config.job_timeout_seconds:
                 hung, named = daemon.runner.doing.describe(), set(daemon.runner.doing.job_ids())
                 daemon._abandon_call()
                 jobs = [s.work.job for s in self.running.values()] + [w.job for w in joining]

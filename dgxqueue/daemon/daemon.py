@@ -444,24 +444,20 @@ class Daemon:
         self._call = handoff = Handoff()
         planned: Future[tuple[list[list[Work]], list[Attempt], bool]] = Future()
         meanwhile = bool(self.completer.pending) or self.config.prefetch
-        # When the call's phase began: the plan, then its render, each given the time limit of a
-        # call (the render's generate() may take all of it, as in a call of its own).
-        began = [time.monotonic()]
 
         def call() -> list[Attempt]:
             try:
                 batches, refused = plan(jobs, generator, premarked, size, doing)
                 now = (not refused and len(batches) == 1 and not self.stopping
                        and all(w.validated and w.job.id in premarked for w in batches[0]))
-                if now:
-                    began[0] = time.monotonic()
                 if meanwhile or not now:
                     planned.set_result((batches, refused, now))
                 if not now:
                     return []
+                started = time.monotonic()
                 batch = [_with_control(w, controls[w.job.id]) for w in batches[0]]
                 outcomes = render(generator, batch, outputs, worker_id, beside, doing)
-                self._render_seconds = time.monotonic() - began[0]
+                self._render_seconds = time.monotonic() - started
                 delivered = handoff.deliver(outcomes)
                 if not planned.done():  # nothing to write meanwhile: the loop wakes once, for both
                     planned.set_result((batches, refused, now))
@@ -472,9 +468,9 @@ class Daemon:
                 raise
 
         self.heartbeat.run_if_due(time.monotonic())  # as before each call
-        began[0] = time.monotonic()
+        started = time.monotonic()
         future = self.runner.submit(call)
-        got = self._await(planned, lambda: began[0], jobs)
+        got = self._await(planned, started, jobs)
         if isinstance(got, GaveUp):
             self.completer.pending.extend(got.charged)
             return None
@@ -482,7 +478,7 @@ class Daemon:
         self.completer.pending.extend(self._sort_faults(refused))
         if now:
             self.hooks.on_batch(len(batches[0]))
-            return batches, (future, began[0])
+            return batches, (future, started)
         future.result()  # it returns with its plan: the runner is free for the first call
         # A job whose cancel was recorded while the plan ran (the heartbeat beat meanwhile) has no
         # control left to stop it: it never starts, and no outcome of it is waited for.
@@ -541,14 +537,15 @@ class Daemon:
             return outcomes.charged or None
         return outcomes
 
-    def _await(self, future: Future[T], started: float | Callable[[], float],
-               jobs: Sequence[ClaimedJob]) -> T | GaveUp:
+    def _await(self, future: Future[T], started: float, jobs: Sequence[ClaimedJob]) -> T | GaveUp:
         """A backend call's result, heartbeating while it runs; :class:`GaveUp` when a stop's
         grace period ended first (nothing charged: its jobs go back unspent) or the call overran
         ``worker.job_timeout_seconds`` (charged to the jobs of ``jobs`` it was in a generator
         method for, as the runner's :class:`~dgxqueue.daemon.runner.Doing` says, else to all of
         them; the daemon stops to exit :data:`EXIT_JOB_TIMEOUT`). The log names what did not return.
-        ``started``: when the call began, or a function that says when its current phase began."""
+        The limit counts from the start of the method the call is in (:meth:`Doing.began
+        <dgxqueue.daemon.runner.Doing.began>`), ``started`` before any: a claim's plan and its
+        render in one hand-off, or a claim's validate() of each job, are each given all of it."""
         while True:
             try:
                 return future.result(timeout=_SLICE)
@@ -567,7 +564,7 @@ class Daemon:
                     self.log.warning(f"grace period over; giving running jobs back: {hung} did not return",
                                      jobs=[job.id for job in jobs])
                     return GaveUp([])
-            begun = started() if callable(started) else started
+            begun = self.runner.doing.began(started)
             if now - begun >= self.config.job_timeout_seconds:
                 hung, named = self.runner.doing.describe(), set(self.runner.doing.job_ids())
                 self._abandon_call()

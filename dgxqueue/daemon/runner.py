@@ -24,15 +24,24 @@ _Call = tuple[Callable[[], Any], "Future[Any]"]
 
 
 class Doing:
-    """The backend method the runner's thread is in, and the ids of the jobs it is called for:
-    set by the code the call runs, before each method (a plain assignment, so it costs nothing
-    beside a backend call), read by the main loop while the call has not returned."""
+    """The backend method the runner's thread is in, the ids of the jobs it is called for, and
+    since when: set by the code the call runs, before each method (plain assignments, so they cost
+    nothing beside a backend call), read by the main loop while the call has not returned."""
 
     def __init__(self) -> None:
         self.now: tuple[str, tuple[str, ...]] | None = None
+        self.since: float | None = None  # time.monotonic() when the method in ``now`` began
 
     def __call__(self, method: str, *job_ids: str) -> None:
+        self.since = time.monotonic()
         self.now = (method, job_ids)
+
+    def began(self, started: float) -> float:
+        """When the method the call is in began; ``started`` (the call's start) before any. The
+        time limit counts from there: a call runs many methods (a claim's validate() of each job),
+        and one that returned within the limit did not hang, however long the ones before took."""
+        since = self.since
+        return started if since is None else max(started, since)
 
     def job_ids(self) -> tuple[str, ...]:
         return () if self.now is None else self.now[1]
@@ -86,7 +95,7 @@ class Runner:
         future: Future[T] = Future()
         self._current = future
         self._abandoned_at = None
-        self.doing.now = None
+        self.doing.now = self.doing.since = None
         self._calls.put((fn, future))
         return future
 

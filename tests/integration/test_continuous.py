@@ -231,6 +231,27 @@ def test_continuous__a_cancel_that_never_returns_charges_no_job_beside_it(db_url
     assert (found[ids[1]].status, found[ids[1]].attempts, found[ids[1]].lease_losses) == ("pending", 0, 0)
 
 
+class SlowToValidate(Slots):
+    """Slots whose validate() of a ``steps:N`` job takes 0.4 s (simulated work)."""
+
+    def validate(self, request: GenerationRequest) -> None:
+        super().validate(request)
+        self._pause.wait(0.4)
+
+
+def test_continuous__each_validate_of_the_jobs_joining_a_step_gets_the_time_limit(
+        db_url: str, tmp_path: Path) -> None:
+    """Three jobs joining one step, each validate() taking less than the time limit and the three
+    more: none is a method that did not return, so none is charged and all complete at their first
+    attempt. Timed as one step, the third was charged a time limit (exit 124) and marked to run
+    alone."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(db_url, outputs, "steps:1", "steps:1", "steps:1")
+    daemon = _daemon(db_url, outputs, SlowToValidate(4), RecordingHooks(), job_timeout_seconds=1.0)
+    assert daemon.run(burst=True) == 0
+    assert [(r["status"], r["attempts"]) for r in _rows(db_url, ids)] == [("completed", 1)] * 3
+
+
 class _JoinsBeside(Slots):
     """Slots where a second job, whose path leads to the first one's file (through a link), is
     enqueued during the first step, and the first job decodes on only once the second has joined a

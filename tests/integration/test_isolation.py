@@ -239,10 +239,11 @@ def test_daemon__a_batch_key_that_raises_on_a_validated_job_is_that_jobs_error(
 
 
 class SlowToValidate(ScriptedGenerator):
-    """``validate`` of a ``work:S`` prompt takes S seconds too (simulated work, as its render's)."""
+    """``validate`` of a ``work:S`` prompt takes S seconds too (simulated work, as its render's),
+    and of a ``validate:S`` prompt, which renders at once, S seconds."""
 
     def validate(self, request: GenerationRequest) -> None:
-        if request.prompt.startswith("work:"):
+        if request.prompt.startswith(("work:", "validate:")):
             threading.Event().wait(float(request.prompt.split(":")[1]))
         super().validate(request)
 
@@ -261,6 +262,18 @@ def test_daemon__a_claims_validate_and_its_render_each_get_the_time_limit(
                          prefetch=prefetch)
     assert daemon.run(burst=True) == 0
     assert (row(db_url, job_id).status, row(db_url, job_id).attempts) == ("completed", 1)
+
+
+def test_daemon__each_validate_of_a_claim_gets_the_time_limit(engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
+    """A claim of three validated together, each validate() taking less than the time limit and
+    the three more: none is a method that did not return, so none is charged and all complete at
+    their first attempt. Timed as one call, the third was charged a time limit (exit 124), logged
+    as a validate() that did not return, and marked to run alone."""
+    ids = [enqueue(db_url, "validate:0.4") for _ in range(3)]
+    daemon = make_daemon(db_url, tmp_path / "outputs", SlowToValidate(), batch_size=3, job_timeout_seconds=1.0)
+    assert daemon.run(burst=True) == 0
+    assert {(row(db_url, j).status, row(db_url, j).attempts, row(db_url, j).lease_losses) for j in ids} == {
+        ("completed", 1, 0)}
 
 
 class ValidateGated(ScriptedGenerator):
