@@ -13,6 +13,7 @@
     ├── LockTimeoutError         upkeep waited its lock timeout for a table another session holds
     ├── LeaseLostError           this daemon no longer holds the attempt it tries to finish
     ├── UnknownGeneratorError    no backend registered under that name; lists those that exist
+    ├── BackendExitError         backend code raised SystemExit, KeyboardInterrupt or GeneratorExit
     ├── OutputError              the WAV file could not be written (disk full, permission, path)
     │   └── PathTakenError       a result's path holds another's file, which it never replaces
     └── GeneratorError           raised by a backend for one request or a whole batch
@@ -111,6 +112,12 @@ class LeaseLostError(DgxQueueError):
 
 class UnknownGeneratorError(DgxQueueError):
     """No generator backend is registered under the requested name."""
+
+
+class BackendExitError(DgxQueueError):
+    """Backend code raised an exception that is no ``Exception`` (SystemExit from a library's
+    ``sys.exit()``, KeyboardInterrupt, GeneratorExit) out of a backend call: an error of that call,
+    judged as any other, never the daemon's exit. The original is its ``__cause__``."""
 
 
 class OutputError(DgxQueueError):

@@ -22,9 +22,10 @@ heartbeats and rescues: the GPU never waits on the database.
   others join: its error is judged as one raised from ``generate`` in the ordinary loop (the
   daemon's fault sorting, then the retry policy: an unexpected error is retried while
   ``worker.retry_unexpected_errors``; a machine fault is the machine's, its job given back
-  unspent and the daemon stopping). Out of memory (:class:`~dgxqueue.errors.CapacityError`)
-  with fewer slots now gives the job back unspent to join again, as from a step, with the jobs
-  after it that no slot is left for; with as many slots as before it is the job's transient error.
+  unspent and the daemon stopping), a SystemExit too (:mod:`~dgxqueue.daemon.runner`). Out of
+  memory (:class:`~dgxqueue.errors.CapacityError`) with fewer slots now gives the job back
+  unspent to join again, as from a step, with the jobs after it that no slot is left for; with as
+  many slots as before it is the job's transient error.
 - **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
   a finished job's file is staged on the runner thread and published after its write commits.
 - **Cancels** free the job's slot at the next step; the other slots decode on.
@@ -34,7 +35,8 @@ heartbeats and rescues: the GPU never waits on the database.
 - **Time limits** are per job: one past ``worker.job_timeout_seconds`` leaves its slot, charged
   with :class:`~dgxqueue.errors.JobTimeoutError`. A step that itself overruns the limit is a
   stuck call, handled as the ordinary loop handles one (charged, exit for a fresh process).
-- **A step that raises** drops every job in a slot. Out of memory
+- **A step that raises** (a SystemExit too: :class:`~dgxqueue.errors.BackendExitError`) drops
+  every job in a slot. Out of memory
   (:class:`~dgxqueue.errors.CapacityError`) with fewer slots now gives them back unspent to
   join again; a machine fault (:mod:`~dgxqueue.daemon.faults`) stops the daemon as in the
   ordinary loop; anything else (out of memory with as many slots as before too) gives them back
@@ -94,7 +96,7 @@ class _Step:
     memory: str | None  # the CapacityError a start() raised, if one did
 
 
-def _fewer_slots(error: Exception, generator: SlotGenerator, before: int) -> bool:
+def _fewer_slots(error: BaseException, generator: SlotGenerator, before: int) -> bool:
     """Whether ``error`` is out of memory that its jobs may join again after: a CapacityError
     after which the backend has fewer slots than ``before``. With as many as before, they would
     only fail again, and given back unspent they would be claimed again at once, for ever."""
@@ -345,7 +347,7 @@ class Continuous:
                 try:
                     doing("start", work.job.id)
                     generator.start(work.request)
-                except Exception as exc:
+                except BaseException as exc:  # SystemExit too: the backend's own on the runner's thread
                     if _fewer_slots(exc, generator, before):  # as a step's: given back unspent to join again
                         back.append(work.job)
                         memory = memory or f"{type(exc).__name__}: {text_of(exc)}"

@@ -15,7 +15,11 @@ tests drive directly.
 
 Whose fault it is decides how the daemon ends (:meth:`Daemon.run` returns the exit code):
 
-- A job's error is recorded against that job (retried or failed); the daemon carries on.
+- A job's error is recorded against that job (retried or failed); the daemon carries on. So is a
+  SystemExit (a library's ``sys.exit()``), KeyboardInterrupt or GeneratorExit that backend code
+  raises: on the runner's thread it is the backend's own, an error like any other, never an exit
+  (:mod:`~dgxqueue.daemon.runner`). One from ``load()`` ends :meth:`Daemon.run` with
+  :class:`~dgxqueue.errors.BackendExitError` naming it (the worker exits 70), not exit 0.
 - A machine fault (:mod:`~dgxqueue.daemon.faults`: the outputs folder full, read-only, unwritable
   or gone, as a test write confirms; memory or file descriptors gone; the GPU lost) stops
   claiming, gives every held job back with its attempt refunded, and exits with
@@ -250,7 +254,13 @@ class Daemon:
         started = time.perf_counter()
         # On the thread that will generate: torch's OpenMP pool belongs to the thread that first
         # ran parallel work, and a second pool on the runner thread would fight it for the cores.
-        self.runner.submit(self.generator.load).result()
+        doing, generator = self.runner.doing, self.generator
+
+        def load() -> None:
+            doing("load")  # named by an error that leaves it (a SystemExit: see runner)
+            generator.load()
+
+        self.runner.submit(load).result()
         self._loaded, self._last_loop = True, time.monotonic()
         self.hooks.on_model_loaded(time.perf_counter() - started)
         self.store.ping()
@@ -446,30 +456,34 @@ class Daemon:
         meanwhile = bool(self.completer.pending) or self.config.prefetch
 
         def call() -> list[Attempt]:
-            try:
-                batches, refused = plan(jobs, generator, premarked, size, doing)
-                now = (not refused and len(batches) == 1 and not self.stopping
-                       and all(w.validated and w.job.id in premarked for w in batches[0]))
-                if meanwhile or not now:
-                    planned.set_result((batches, refused, now))
-                if not now:
-                    return []
-                started = time.monotonic()
-                batch = [_with_control(w, controls[w.job.id]) for w in batches[0]]
-                outcomes = render(generator, batch, outputs, worker_id, beside, doing)
-                self._render_seconds = time.monotonic() - started
-                delivered = handoff.deliver(outcomes)
-                if not planned.done():  # nothing to write meanwhile: the loop wakes once, for both
-                    planned.set_result((batches, refused, now))
-                return delivered
-            except BaseException as exc:
-                if not planned.done():
-                    planned.set_exception(exc)
-                raise
+            batches, refused = plan(jobs, generator, premarked, size, doing)
+            now = (not refused and len(batches) == 1 and not self.stopping
+                   and all(w.validated and w.job.id in premarked for w in batches[0]))
+            if meanwhile or not now:
+                planned.set_result((batches, refused, now))
+            if not now:
+                return []
+            started = time.monotonic()
+            batch = [_with_control(w, controls[w.job.id]) for w in batches[0]]
+            outcomes = render(generator, batch, outputs, worker_id, beside, doing)
+            self._render_seconds = time.monotonic() - started
+            delivered = handoff.deliver(outcomes)
+            if not planned.done():  # nothing to write meanwhile: the loop wakes once, for both
+                planned.set_result((batches, refused, now))
+            return delivered
+
+        def unplanned(done: Future[list[Attempt]]) -> None:
+            # The call raised before it handed its plan over: the loop, waiting for the plan, gets
+            # the error as the runner hands it on (a backend's SystemExit as an error, not an exit).
+            # On the runner's thread, as is every other write of ``planned`` (or after the call ended).
+            error = done.exception()
+            if error is not None and not planned.done():
+                planned.set_exception(error)
 
         self.heartbeat.run_if_due(time.monotonic())  # as before each call
         started = time.monotonic()
         future = self.runner.submit(call)
+        future.add_done_callback(unplanned)
         got = self._await(planned, started, jobs)
         if isinstance(got, GaveUp):
             self.completer.pending.extend(got.charged)

@@ -180,17 +180,19 @@ def validate(job: ClaimedJob, request: GenerationRequest, generator: Generator,
     (:class:`~dgxqueue.errors.DgxQueueError`, ``ValueError``) fails the job for good unless it is
     a transient :class:`~dgxqueue.errors.GeneratorError`; any other exception is the job's
     unexpected error, decided as one the backend raised from ``generate`` (retried while
-    ``worker.retry_unexpected_errors``, a machine fault judged as one). ``doing``: told first."""
+    ``worker.retry_unexpected_errors``, a machine fault judged as one), a SystemExit or
+    KeyboardInterrupt too (:mod:`~dgxqueue.daemon.runner`: on its thread they are the backend's
+    own). ``doing``: told first."""
     if doing is not None:
         doing("validate", job.id)
     try:
         generator.validate(request)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit too: the backend's own on the runner's thread
         return backend_error(job, exc)
     return None
 
 
-def backend_error(job: ClaimedJob, exc: Exception) -> Attempt:
+def backend_error(job: ClaimedJob, exc: BaseException) -> Attempt:
     """The job's failure for ``exc``, raised by a backend method on its request before its
     render (``validate``, ``batch_key``), by :func:`validate`'s rule: a typed
     refusal fails it for good unless transient; anything else is its unexpected error."""
@@ -383,7 +385,7 @@ def _render(generator: Generator, batch: Sequence[Work], paths: Sequence[str], i
             raise PermanentGeneratorError(
                 f"backend returned {len(results)} results for a batch of {len(batch)}"
             )
-    except Exception as exc:  # the whole batch failed: every job gets this error
+    except BaseException as exc:  # the whole batch failed, by SystemExit too (see runner): every job gets this error
         elapsed = time.perf_counter() - started
         return [Attempt(work.job, exc, elapsed) for work in batch]
     if doing is not None:

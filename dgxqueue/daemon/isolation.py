@@ -56,7 +56,7 @@ def plan(jobs: Sequence[ClaimedJob], generator: Generator, marked: Collection[st
         try:
             key = generator.batch_key(w.request)
             hash(key)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: the backend's own on the runner's thread
             if w.validated:  # on a request the backend accepted: this job's error, as validate's would be
                 refused.append(backend_error(w.job, exc))
                 continue

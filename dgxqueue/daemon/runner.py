@@ -8,6 +8,16 @@ meanwhile, and reports itself unhealthy so that systemd restarts it.
 The code a call runs says, before each backend method it calls, which one and for which jobs
 (:class:`Doing`): a call the main loop gives up on is then logged, and charged, by what did not
 return (one job's ``validate()``, not the whole claim's).
+
+Whatever a call raises on this thread is the backend's own, SystemExit, KeyboardInterrupt and
+GeneratorExit too: Python delivers signals to the main thread only, so a real Ctrl-C or SIGTERM
+never lands here. The handlers around a job's backend method (``validate()``, ``batch_key()``,
+``generate()``, ``start()``) catch ``BaseException``, so a library's ``sys.exit(0)`` there is judged
+by that method's rule as any other error (for ``generate()``, the job's unexpected error). One that
+leaves the call (a decoding step's, ``load()``'s) reaches the main loop as
+:class:`~dgxqueue.errors.BackendExitError`, logged here naming what raised it: re-raised there as
+it was, it ended the daemon with exit 0 (which systemd's ``Restart=on-failure`` does not restart,
+leaving the queue unserved) or 130.
 """
 
 from __future__ import annotations
@@ -19,7 +29,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import structlog
+
+from dgxqueue.errors import BackendExitError, text_of
+
 T = TypeVar("T")
+log = structlog.get_logger("dgxqueue.daemon")
 _Call = tuple[Callable[[], Any], "Future[Any]"]
 
 
@@ -55,7 +70,7 @@ class Doing:
         jobs = f"job {ids[0]}" if len(ids) == 1 else f"jobs {', '.join(ids)}" if ids else "no job"
         if method == "files":
             return f"the output file checks or writes of {jobs}"
-        return f"the generator's {method}() of {jobs}"
+        return f"the generator's {method}() of {jobs}" if ids else f"the generator's {method}()"
 
 
 class Runner:
@@ -106,8 +121,21 @@ class Runner:
                 continue
             try:
                 future.set_result(fn())
-            except BaseException as exc:  # handed to the main loop, which records it
+            except Exception as exc:  # handed to the main loop, which records it
                 future.set_exception(exc)
+            except BaseException as exc:  # the backend's own (see the module's docstring): an error, not an exit
+                future.set_exception(self._error_of(exc))
+
+    def _error_of(self, exc: BaseException) -> BackendExitError:
+        """A SystemExit, KeyboardInterrupt or GeneratorExit that left a call, as an error naming it
+        and the backend method it left, logged."""
+        error = BackendExitError(
+            f"{self.doing.describe()} raised {type(exc).__name__}({text_of(exc)}): backend code asked the process to"
+            " exit (a library's sys.exit() or exit(), or an interrupt it raised itself); taken as an error of that"
+            " call, not as a clean exit")
+        error.__cause__ = exc
+        log.error(str(error), exc_info=exc)
+        return error
 
     def abandon(self) -> None:
         """Give up waiting on the current call; it may still finish in the background."""

@@ -6,6 +6,9 @@ Prompt directives (anything else renders silence):
 - ``permanent``    fail with a permanent error
 - ``crash``        raise an unexpected RuntimeError
 - ``validate-crash`` ``validate`` raises an unexpected RuntimeError (not a refusal) on every attempt
+- ``exit-0:N``, ``interrupt:N``, ``generator-exit:N``  raise SystemExit(0) (a library calling
+                   ``sys.exit()``), KeyboardInterrupt or GeneratorExit on the first N attempts, then succeed
+- ``validate-exit`` ``validate`` raises SystemExit(0) on every attempt
 - ``block``        wait until ``gate`` is set (in-process) or ``release_path`` exists (processes)
 - ``work:S``       take S seconds, like a GPU would (simulated work, not synchronisation)
 - ``steps:N``      report progress k/N for k = 0..N, waiting before each step for ``steps``
@@ -23,10 +26,12 @@ Prompt directives (anything else renders silence):
                    (:class:`ScriptedSlots` only) its ``start`` raises on the job's first N starts: an
                    unexpected RuntimeError, MemoryError, a WAV-style OutputError caused by ENOSPC (a full
                    disk), CapacityError (out of memory, the slots halved), or an unexpected error whose
-                   ``str()`` raises (:class:`Unprintable`); then it joins and renders silence
-- ``step-capacity:N``, ``step-unprintable:N`` (:class:`ScriptedSlots` only) a step that holds the job
-                   raises on the job's first N such steps, dropping every slot: CapacityError, halving the
-                   slots (never below one, where it has no fewer slots), or :class:`Unprintable`
+                   ``str()`` raises (:class:`Unprintable`); then it joins and renders silence.
+                   ``start-exit:N``: its ``start`` raises SystemExit(0) on the job's first N starts
+- ``step-capacity:N``, ``step-unprintable:N``, ``step-exit:N`` (:class:`ScriptedSlots` only) a step that
+                   holds the job raises on the job's first N such steps, dropping every slot: CapacityError,
+                   halving the slots (never below one, where it has no fewer slots), :class:`Unprintable`,
+                   or SystemExit(0)
 - ``... pid``      (a suffix to any of the above, or alone) audio at a level set by the process id,
                    :func:`pid_level`, so a test can tell which daemon's attempt made a file
 
@@ -41,7 +46,7 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +66,12 @@ def pid_level(pid: int) -> float:
     """The sample value a ``pid`` job renders in process ``pid``: distinct for any two pids below
     9973 apart, after 16-bit quantization too."""
     return 0.05 + (pid % 9973) / 20000
+
+
+#: The exceptions that are no ``Exception`` a backend's code may raise, by prompt directive.
+EXITS: dict[str, Callable[[], BaseException]] = {
+    "exit-0": lambda: SystemExit(0), "interrupt": KeyboardInterrupt, "generator-exit": GeneratorExit,
+}
 
 
 def read_executions(log_path: Path) -> Counter[str]:
@@ -103,6 +114,8 @@ class ScriptedGenerator:
             raise PermanentGeneratorError("prompt 'invalid' is refused by the scripted backend")
         if request.prompt == "validate-crash":
             raise RuntimeError("scripted: validate crashed")
+        if request.prompt == "validate-exit":
+            raise SystemExit(0)
 
     def _record(self, request: GenerationRequest) -> int:
         """Log this execution; returns how many times this job ran before."""
@@ -151,6 +164,9 @@ class ScriptedGenerator:
                     continue
             if prompt.startswith("work:"):
                 threading.Event().wait(float(prompt.split(":")[1]))
+            kind, _, count = prompt.partition(":")
+            if kind in EXITS and ran_before < int(count):
+                raise EXITS[kind]()
             if prompt.startswith("transient:") and ran_before < int(prompt.split(":")[1]):
                 results.append(TransientGeneratorError(f"scripted transient failure #{ran_before + 1}"))
                 continue
@@ -291,6 +307,8 @@ class ScriptedSlots(ScriptedGenerator):
             raise CapacityError(f"scripted: out of memory at a start; {self._slots} slots now")
         if kind == "start-unprintable":
             raise Unprintable()
+        if kind == "start-exit":
+            raise SystemExit(0)
         raise AssertionError(f"unknown start directive {request.prompt!r}")
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
@@ -299,15 +317,28 @@ class ScriptedSlots(ScriptedGenerator):
             return []
         for request in requests:
             kind, _, count = request.prompt.partition(":")
-            if kind in ("step-capacity", "step-unprintable") and self._record(request) < int(count):
+            if kind in ("step-capacity", "step-unprintable", "step-exit") and self._record(request) < int(count):
                 if kind == "step-unprintable":
                     raise Unprintable()
+                if kind == "step-exit":
+                    raise SystemExit(0)
                 self._slots = max(1, self._slots // 2)
                 raise CapacityError(f"scripted: out of memory at a step; {self._slots} slots now")
         return [(request.job_id, result) for request, result in zip(requests, self.generate(requests), strict=True)]
 
     def cancel(self, job_id: str) -> bool:
         return self._running.pop(job_id, None) is not None
+
+
+class ExitingLoad(ScriptedGenerator):
+    """:class:`ScriptedGenerator` whose ``load`` raises SystemExit(0), as a library that calls
+    ``sys.exit()`` while a model loads would: for daemon processes only."""
+
+    name = "exiting-load"
+
+    def load(self) -> None:
+        super().load()
+        raise SystemExit(0)
 
 
 class ValidateHangingSlots(ValidateHangingGenerator, ScriptedSlots):
