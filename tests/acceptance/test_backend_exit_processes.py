@@ -87,20 +87,22 @@ def test_daemon__system_exit_from_generate_is_the_jobs_unexpected_error(db_url: 
     ("interrupt:1", ("completed", 2, None)),
     ("generator-exit:1", ("completed", 2, None)),
     ("validate-exit", ("failed", 2, "SystemExit: 0 (gave up after 2 attempts)")),
-], ids=["keyboard-interrupt-from-generate", "generator-exit-from-generate", "system-exit-from-validate"])
+    ("key-exit", ("failed", 2, "SystemExit: 0 (gave up after 2 attempts)")),
+], ids=["keyboard-interrupt-from-generate", "generator-exit-from-generate", "system-exit-from-validate",
+        "system-exit-from-batch-key"])
 def test_daemon__a_backend_exit_from_a_jobs_method_is_that_jobs_error(
         db_url: str, tmp_path: Path, prompt: str, expected: tuple[str, int, str | None]) -> None:
-    """KeyboardInterrupt or GeneratorExit from generate(), SystemExit(0) from validate(): the job's
-    unexpected error, retried by the retry policy, while the jobs beside it complete and the burst
-    ends drained, exit 0. (KeyboardInterrupt ended the daemon with 130, GeneratorExit with a
-    traceback, validate()'s SystemExit with exit 0, the job given back unspent every time.)"""
+    """KeyboardInterrupt or GeneratorExit from generate(), SystemExit(0) from validate() or
+    batch_key(): the job's unexpected error, retried by the retry policy, while the jobs beside it
+    complete and the burst ends drained, exit 0. (KeyboardInterrupt ended the daemon with 130,
+    GeneratorExit with a traceback, SystemExit with exit 0, the job given back unspent every time.)"""
     ids = enqueue(db_url, ["fine", prompt, "fine"], max_attempts=2)
     log = tmp_path / "worker.log"
     assert burst(config(tmp_path, db_url), log) == 0, log.read_text()[-3000:]
     assert outcomes(db_url, ids) == [("completed", 1, None), expected, ("completed", 1, None)]
     name = prompt.split(":")[0]
     error = {"interrupt": "KeyboardInterrupt: KeyboardInterrupt", "generator-exit": "GeneratorExit: GeneratorExit",
-             "validate-exit": "SystemExit: 0"}[name]
+             "validate-exit": "SystemExit: 0", "key-exit": "SystemExit: 0"}[name]
     retried = [e["error"] for e in logged(log) if e.get("job_id") == ids[1] and e.get("outcome") == "retried"]
     assert retried == [f"{error} (attempt 1, retrying)"], retried
 

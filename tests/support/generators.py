@@ -8,7 +8,7 @@ Prompt directives (anything else renders silence):
 - ``validate-crash`` ``validate`` raises an unexpected RuntimeError (not a refusal) on every attempt
 - ``exit-0:N``, ``interrupt:N``, ``generator-exit:N``  raise SystemExit(0) (a library calling
                    ``sys.exit()``), KeyboardInterrupt or GeneratorExit on the first N attempts, then succeed
-- ``validate-exit`` ``validate`` raises SystemExit(0) on every attempt
+- ``validate-exit``, ``key-exit`` ``validate`` or ``batch_key`` raises SystemExit(0) on every attempt
 - ``block``        wait until ``gate`` is set (in-process) or ``release_path`` exists (processes)
 - ``work:S``       take S seconds, like a GPU would (simulated work, not synchronisation)
 - ``steps:N``      report progress k/N for k = 0..N, waiting before each step for ``steps``
@@ -107,6 +107,8 @@ class ScriptedGenerator:
         self.loaded = True
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
+        if request.prompt == "key-exit":
+            raise SystemExit(0)
         return (request.sample_rate, request.channels)
 
     def validate(self, request: GenerationRequest) -> None:
