@@ -42,7 +42,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from dgxqueue.storage import dispose_engines, get_engine, init_db
-from tests.support import processes
+from tests.support import processes, zygote
 from tests.support.db import build_sqlite_template, postgres_database_url, sqlite_url, sqlite_url_at_head
 
 
@@ -392,3 +392,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("-", f"over {SLOW_SECONDS:g} s and not marked slow (see SLOW in tests/conftest.py)")
         for duration, nodeid in sorted(_unmarked_slow, reverse=True):
             terminalreporter.write_line(f"{duration:6.1f} s  {nodeid}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # The fork servers of DGXQ_TEST_ZYGOTE=1 (none otherwise) end with this process, reaped by it.
+    zygote.shutdown()
