@@ -35,6 +35,7 @@ from dgxqueue.storage import (
     session_scope,
 )
 from dgxqueue.storage.database import head_revision
+from tests.support import zygote
 from tests.support.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,14 +58,14 @@ class Cli:
 
     def __call__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
                  ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(*args), cwd=self.folder, env={**self.env, **(env or {})},
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        return zygote.run(self.command(*args), cwd=self.folder, env={**self.env, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
     def popen(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None,
               ) -> subprocess.Popen[str]:
         with (log or self.folder / "worker.log").open("a") as out:  # the child keeps its own copy
-            return subprocess.Popen(self.command(*args), cwd=self.folder, env={**self.env, **(env or {})},
-                                    stdout=out, stderr=subprocess.STDOUT, text=True)
+            return zygote.popen(self.command(*args), cwd=self.folder, env={**self.env, **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
 
     def here(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """The same command through ``main()`` in this process: for the variants of a path that a
@@ -297,8 +298,8 @@ def test_wait_and_worker_burst__drain_the_queue(cli: Cli) -> None:
     """`worker --burst` runs every due job and exits 0; `wait` shows progress then the WAV path."""
     cli.add()
     ids = [cli.enqueue("house groove at 124 BPM", "--duration", "0.5"), *cli.add("techno", "ambient")]
-    waiter = subprocess.Popen(cli.command("wait", *ids, "--timeout", "60"), cwd=cli.folder, env=cli.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiter = zygote.popen(cli.command("wait", *ids, "--timeout", "60"), cwd=cli.folder, env=cli.env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     burst = cli("worker", "--burst", env=QUIET_DAEMON)
     assert burst.returncode == 0, burst.stdout + burst.stderr
     out, err = waiter.communicate(timeout=60)
@@ -522,8 +523,8 @@ def test_config_check__a_metrics_host_name_the_worker_cannot_bind_exit_78(cli: C
 def test_demo__from_a_fresh_folder_writes_the_wavs(tmp_path: Path) -> None:
     """`dgxqueue demo --prompts 2 --duration 1` in an empty folder: exit 0 and two WAV files there."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DGXQUEUE_") and k != "DATABASE_URL"}
-    done = subprocess.run([sys.executable, "-m", "dgxqueue", "demo", "--prompts", "2", "--duration", "1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    done = zygote.run([sys.executable, "-m", "dgxqueue", "demo", "--prompts", "2", "--duration", "1"],
+                      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     wavs = re.findall(r"(/\S+\.wav)", done.stdout)
     assert len(wavs) == 2
@@ -541,9 +542,9 @@ def test_demo__its_daemon_stops_when_the_demo_is_killed(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(REPO)  # this checkout's dgxqueue, from the temporary folder too
     stderr = tmp_path / "demo.err"
     with stderr.open("wb") as err:
-        demo = subprocess.Popen([sys.executable, "-m", "dgxqueue", "demo", "--prompts", "1", "--duration", "1"],
-                                cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        demo = zygote.popen([sys.executable, "-m", "dgxqueue", "demo", "--prompts", "1", "--duration", "1"],
+                            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=err)
     try:
         started = wait_until(lambda: re.findall(r"daemon started \(pid (\d+)", stderr.read_text()), 60,
                              "the demo to start its daemon", alive=demo)

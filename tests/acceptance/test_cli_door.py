@@ -24,6 +24,7 @@ from dgxqueue.storage import (
 )
 from dgxqueue.storage.models import G
 from tests.acceptance.test_cli import UUID, Cli, assert_error
+from tests.support import zygote
 
 # A prompt that would retitle the terminal window and clear the screen if printed as it is.
 HOSTILE = "calm piano \x1b]0;pwned\x07 then \x1b[2J"
@@ -66,9 +67,9 @@ def test_enqueue__jsonl_queues_every_line_in_one_batch(cli: Cli) -> None:
 def test_enqueue__jsonl_reads_stdin_and_prints_rows_as_json(cli: Cli) -> None:
     """``--jsonl -`` reads standard input; with --json the rows come back as a list."""
     cli.add()  # a configured database is never created by enqueue
-    done = subprocess.run(cli.command("enqueue", "--jsonl", "-", "--json"), cwd=cli.folder, env=cli.env,
-                          input='{"prompt": "a"}\n{"prompt": "b"}\n', capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = zygote.run(cli.command("enqueue", "--jsonl", "-", "--json"), cwd=cli.folder, env=cli.env,
+                      input='{"prompt": "a"}\n{"prompt": "b"}\n', capture_output=True, text=True,
+                      timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert [row["prompt"] for row in json.loads(done.stdout)] == ["a", "b"]
 

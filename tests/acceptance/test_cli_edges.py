@@ -31,6 +31,7 @@ from dgxqueue.storage import (
 from dgxqueue.storage.database import head_revision
 from dgxqueue.storage.models import Generation
 from tests.acceptance.test_cli import Cli, assert_error
+from tests.support import zygote
 from tests.support.pgcluster import private_cluster
 from tests.support.processes import wait_until
 
@@ -265,11 +266,11 @@ def test_db_upgrade__wait_outlasts_a_database_that_starts_later(tmp_path: Path) 
         cluster.stop()
         env = {**os.environ, "DATABASE_URL": cluster.url}
         command = [sys.executable, "-m", "dgxqueue", "db", "upgrade"]
-        at_once = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+        at_once = zygote.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
         assert at_once.returncode == 69 and "database unavailable" in at_once.stderr
         log = tmp_path / "upgrade.log"
         with log.open("w") as err:
-            waiting = subprocess.Popen([*command, "--wait", "2m"], env=env, stderr=err, stdout=subprocess.PIPE)
+            waiting = zygote.popen([*command, "--wait", "2m"], env=env, stderr=err, stdout=subprocess.PIPE)
         try:
             wait_until(lambda: "trying again" in log.read_text(), 60, "a retry while the server is down",
                        alive=waiting)
@@ -295,8 +296,8 @@ def test_wait__survives_the_server_ending_its_connections(pg_db_url: str, tmp_pa
     # One connection of the test's, held (autocommit: pg_stat_activity is read afresh each time).
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as observer:
         ours = set(observer.execute(others).scalars())
-        waiting = subprocess.Popen([sys.executable, "-m", "dgxqueue", "wait", job_id, "--timeout", "60"], env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        waiting = zygote.popen([sys.executable, "-m", "dgxqueue", "wait", job_id, "--timeout", "60"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             def theirs() -> set[int]:
                 return set(observer.execute(others).scalars()) - ours
@@ -331,7 +332,7 @@ def test_wait__outlasts_two_server_restarts_and_exits_69_when_it_stays_down(tmp_
         command = [sys.executable, "-m", "dgxqueue", "wait", job_id, "--timeout", "120"]
         log = tmp_path / "wait.log"
         with log.open("w") as err:
-            waiting = subprocess.Popen(command, env=env, stderr=err, stdout=subprocess.PIPE)
+            waiting = zygote.popen(command, env=env, stderr=err, stdout=subprocess.PIPE)
         try:
             wait_until(lambda: "pending" in log.read_text(), 60, "the wait's first round", alive=waiting)
             cluster.restart()
@@ -350,6 +351,7 @@ def test_wait__outlasts_two_server_restarts_and_exits_69_when_it_stays_down(tmp_
             [job_id] = create_generations(session, [{"prompt": "q", "model_name": "synth", "duration_seconds": 1.0}])
         dispose_engines()
         with log.open("w") as err:
+            # A child of this process, not the zygote's: the test reaps it itself, for its CPU time.
             waiting = subprocess.Popen([*command[:4], job_id, *command[5:]], env=env, stderr=err,
                                        stdout=subprocess.DEVNULL)
         try:

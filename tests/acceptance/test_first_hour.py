@@ -25,6 +25,7 @@ from dgxqueue.errors import SchemaError
 from dgxqueue.storage import dispose_engines, init_db
 from dgxqueue.storage.database import HEAD_REVISION
 from tests.acceptance.test_cli import QUIET_DAEMON, REPO, Cli, assert_error
+from tests.support import zygote
 from tests.support.processes import stop, stopped, wait_until
 
 
@@ -91,8 +92,8 @@ def test_enqueue__explicit_missing_database_exit_69_default_one_created(cli: Cli
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     env = {k: v for k, v in cli.env.items() if k != "DATABASE_URL"}
-    done = subprocess.run([sys.executable, "-m", "dgxqueue", "enqueue", "x"], cwd=fresh, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = zygote.run([sys.executable, "-m", "dgxqueue", "enqueue", "x"], cwd=fresh, env=env,
+                      capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "generations" in _tables(fresh / "data" / "generations.db")
 
@@ -323,8 +324,8 @@ class _Terminal:
 
     def __init__(self, cli: Cli, *args: str, env: dict[str, str]) -> None:
         self.master, slave = pty.openpty()
-        self.process = subprocess.Popen(cli.command(*args), cwd=cli.folder, env={**cli.env, **env},
-                                        stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        self.process = zygote.popen(cli.command(*args), cwd=cli.folder, env={**cli.env, **env},
+                                    stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
         os.close(slave)
         self.text = ""
 
@@ -410,9 +411,9 @@ def test_demo__sigterm_stops_it_cleanly_with_exit_143(cli: Cli) -> None:
     env = {**QUIET_DAEMON, "DGXQUEUE_JOBS_MAX_DURATION_SECONDS": "600"}
     log = cli.folder / "demo.err"
     with log.open("wb") as err:
-        demo = subprocess.Popen(cli.command("demo", "--prompts", "8", "--duration", "600"), cwd=cli.folder,
-                                env={**cli.env, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        demo = zygote.popen(cli.command("demo", "--prompts", "8", "--duration", "600"), cwd=cli.folder,
+                            env={**cli.env, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=err)
     try:
         wait_until(lambda: "processing" in log.read_text(), 120, "a job to run", alive=demo)
         demo.send_signal(signal.SIGTERM)

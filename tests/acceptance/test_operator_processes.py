@@ -15,6 +15,7 @@ from dgxqueue.storage import get_database_stats, get_engine, init_db, session_sc
 from dgxqueue.storage.validation import MAX_PAUSE_REASON_LENGTH, MAX_TTL_SECONDS
 from tests.acceptance.test_cli import Cli
 from tests.acceptance.test_daemon_processes import enqueue, job
+from tests.support import zygote
 from tests.support.daemons import make_settings
 from tests.support.generators import read_executions
 from tests.support.processes import ignores, start_worker, stop, wait_until, worker_config
@@ -142,12 +143,12 @@ def test_cli__enqueue_wait_interrupted_leaves_the_job_id_on_screen(cli: Cli, qui
     cli.ok("db", "upgrade")
     log = cli.folder / "enqueue.err"
     with log.open("wb") as err:
-        waiting = subprocess.Popen(cli.command("enqueue", "beat", "--wait", *quiet), cwd=cli.folder, env=cli.env,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+        waiting = zygote.popen(cli.command("enqueue", "beat", "--wait", *quiet), cwd=cli.folder, env=cli.env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         # The warning that no daemon serves the model comes once the job is queued, before the wait.
         wait_until(lambda: "warning" in log.read_text(), 60, "the job to be queued",
-                   alive=waiting)  # type: ignore[arg-type]
+                   alive=waiting)
         waiting.send_signal(signum)
         out, _ = waiting.communicate(timeout=60)
     finally:
@@ -169,12 +170,12 @@ def test_cli__enqueue_wait_under_nohup_outlives_a_sighup(cli: Cli) -> None:
     cli.ok("db", "upgrade")
     log = cli.folder / "enqueue.err"
     with log.open("wb") as err:
-        waiting = subprocess.Popen(cli.command("enqueue", "beat", "--wait", "--quiet"), cwd=cli.folder, env=cli.env,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
-                                   preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        waiting = zygote.popen(cli.command("enqueue", "beat", "--wait", "--quiet"), cwd=cli.folder, env=cli.env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     try:
         wait_until(lambda: "warning" in log.read_text(), 60, "the job to be queued",
-                   alive=waiting)  # type: ignore[arg-type]
+                   alive=waiting)
         assert ignores(waiting.pid, signal.SIGHUP), Path(f"/proc/{waiting.pid}/status").read_text()
         waiting.send_signal(signal.SIGHUP)
         waiting.send_signal(signal.SIGTERM)

@@ -17,14 +17,15 @@ import dgxqueue
 from dgxqueue import api
 from dgxqueue.storage import get_engine, init_db, session_scope
 from dgxqueue.storage.registry import FORGET_AFTER_LEASES, LiveDaemon, daemons
+from tests.support import zygote
 from tests.support.processes import REPO, start_worker, stop, wait_until, worker_config
 
 
 def dgxqueue_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     env.pop("DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return zygote.run([sys.executable, "-m", "dgxqueue", "--config", str(config), *args], cwd=REPO, env=env,
+                      capture_output=True, text=True, timeout=60)
 
 
 def registered(url: str, *, include_stale: bool = False) -> list[LiveDaemon]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dgxqueue.config import toml_value
+from tests.support import zygote
 
 T = TypeVar("T")
 
@@ -68,7 +69,7 @@ def start_worker(config: Path, log: Path, *args: str, env: Mapping[str, str] | N
     full_env.pop("DATABASE_URL", None)
     STARTED_LOGS.append(log)
     with log.open("ab") as out:
-        return subprocess.Popen(
+        return zygote.popen(
             [sys.executable, "-m", "dgxqueue", "--config", str(config), "worker", *args],
             cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
         )

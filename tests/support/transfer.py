@@ -24,6 +24,7 @@ from dgxqueue.storage import (
 )
 from dgxqueue.storage.models import G, utcnow
 from dgxqueue.storage.transfer import loaded, normal, stored_columns
+from tests.support import zygote
 
 REPO = Path(__file__).resolve().parents[2]
 #: The states a copy must carry over, one job each (``fill_queue``'s keys).
@@ -98,11 +99,11 @@ def dgxqueue_env(source_url: str, **extra: str) -> dict[str, str]:
 
 def run_dgxqueue(source_url: str, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
     """``python -m dgxqueue ARGS`` against the queue at ``source_url``."""
-    return subprocess.run([sys.executable, "-m", "dgxqueue", *args], cwd=REPO, env=dgxqueue_env(source_url, **env),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return zygote.run([sys.executable, "-m", "dgxqueue", *args], cwd=REPO, env=dgxqueue_env(source_url, **env),
+                      capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def popen_dgxqueue(source_url: str, *args: str, **env: str) -> subprocess.Popen[str]:
     """The same, started: its output read line by line from ``stdout`` (stderr joined to it)."""
-    return subprocess.Popen([sys.executable, "-m", "dgxqueue", *args], cwd=REPO, env=dgxqueue_env(source_url, **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    return zygote.popen([sys.executable, "-m", "dgxqueue", *args], cwd=REPO, env=dgxqueue_env(source_url, **env),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
