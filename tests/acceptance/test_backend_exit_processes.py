@@ -14,7 +14,7 @@ import pytest
 
 from dgxqueue.cli.common import EX_SOFTWARE
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
-from tests.support.processes import start_worker, write_config
+from tests.support.processes import burst, write_config
 from tests.support.supervisor import rows
 
 SPEC = {"model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000, "channels": 1}
@@ -39,17 +39,6 @@ def config(tmp_path: Path, url: str, generator: str = "ScriptedGenerator", *, co
         "metrics": {"enabled": False},
         "logging": {"format": "json", "level": "info"},
     })
-
-
-def burst(cfg: Path, log: Path) -> int:
-    """Run a ``--burst`` daemon to its end; its exit code."""
-    worker = start_worker(cfg, log, "--burst")
-    try:
-        return worker.wait(60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
 
 
 def outcomes(url: str, ids: list[str]) -> list[tuple[str, int, str | None]]:

@@ -15,7 +15,7 @@ import pytest
 from dgxqueue.daemon import EXIT_MACHINE_FAULT
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
 from tests.support.generators import read_executions
-from tests.support.processes import start_worker, write_config
+from tests.support.processes import burst, write_config
 from tests.support.supervisor import rows
 
 SPEC = {"model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000, "channels": 1}
@@ -40,17 +40,6 @@ def config(tmp_path: Path, url: str, outputs: Path, *, name: str = "config.toml"
         "metrics": {"enabled": False},
         "logging": {"format": "json", "level": "info"},
     })
-
-
-def burst(cfg: Path, log: Path) -> int:
-    """Run a ``--burst`` daemon to its end; its exit code."""
-    worker = start_worker(cfg, log, "--burst")
-    try:
-        return worker.wait(60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
 
 
 def states(url: str, ids: list[str]) -> list[tuple[str, int]]:

@@ -75,6 +75,17 @@ def start_worker(config: Path, log: Path, *args: str, env: Mapping[str, str] | N
         )
 
 
+def burst(config: Path, log: Path, timeout: float = 60.0) -> int:
+    """Run a ``--burst`` daemon to its end; its exit code (killed if it outlives ``timeout``)."""
+    worker = start_worker(config, log, "--burst")
+    try:
+        return worker.wait(timeout)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
 def ignores(pid: int, signum: int) -> bool:
     """Whether process ``pid`` ignores ``signum``, as the kernel holds it (a Python handler that does
     nothing would read as caught, not ignored)."""
