@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from dgxqueue.daemon.daemon import SHUTDOWN_DB_SECONDS
 from dgxqueue.storage import cancel_generation, create_generations, get_engine, init_db, session_scope
 from tests.support.generators import read_executions
-from tests.support.processes import start_worker, stop, wait_until, write_config
+from tests.support.processes import burst, start_worker, stop, wait_until, write_config
 from tests.support.supervisor import rows, supervise
 
 SPEC = {"model_name": "scripted", "duration_seconds": 0.01, "sample_rate": 8000, "channels": 1}
@@ -161,14 +161,7 @@ def test_daemon__an_unexpected_error_from_validate_is_retried_on_every_path(db_u
                    "poll_interval_seconds": 0.2},
         "metrics": {"enabled": False},
     })
-    worker = start_worker(config, log, "--burst")
-    try:
-        code = worker.wait(60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    assert code == 0, log.read_text()[-3000:]
+    assert burst(config, log) == 0, log.read_text()[-3000:]
     jobs = rows(db_url)
     expected = ("failed", 2, "RuntimeError: scripted: validate crashed (gave up after 2 attempts)")
     assert {j: (jobs[j].status, jobs[j].attempts, jobs[j].error_message) for j in ids} == dict.fromkeys(ids, expected)
