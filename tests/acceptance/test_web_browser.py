@@ -40,15 +40,14 @@ def _no_alert(driver: WebDriver) -> bool:
 def test_browser__overview_updates_when_a_daemon_completes_a_job(stack: Stack) -> None:
     """The overview's completed count goes up when the daemon completes a job, without a reload."""
     stack.open("/")
-    cell = stack.driver.find_element(By.CSS_SELECTOR, '[data-k="by_status.completed"]')
-    before = int(cell.text)
+    before = int(stack.wait(lambda d: stack.text('[data-k="by_status.completed"]'), "the completed count"))
     stack.driver.execute_script("window.notReloaded = true;")
     job = stack.enqueue("overview job")
     stack.wait_status(job, "completed")
-    stack.wait(lambda d: int(d.find_element(By.CSS_SELECTOR, '[data-k="by_status.completed"]').text) == before + 1,
+    stack.wait(lambda d: stack.text('[data-k="by_status.completed"]') == str(before + 1),
                "the completed count to go up")
     assert stack.driver.execute_script("return window.notReloaded === true;")
-    stack.wait(lambda d: "claiming" in d.find_element(By.CSS_SELECTOR, 'tr[data-model="scripted"]').text,
+    stack.wait(lambda d: "claiming" in (stack.text('tr[data-model="scripted"]') or ""),
                "the model's line")
 
 
@@ -92,14 +91,14 @@ def test_browser__cancel_and_retry_through_the_buttons(stack: Stack) -> None:
     stack.wait_status(job, "processing")
     stack.open(f"/jobs/{job}")
     stack.driver.find_element(By.XPATH, "//button[text()='Cancel']").click()
-    stack.wait(lambda d: d.find_element(By.ID, "status").text == "failed", "the page to show the job failed")
-    stack.wait(lambda d: "cancelled" in d.find_element(By.ID, "error").text, "the cancel's message")
+    stack.wait(lambda d: stack.text("#status") == "failed", "the page to show the job failed")
+    stack.wait(lambda d: "cancelled" in (stack.text("#error") or ""), "the cancel's message")
     stack.driver.find_element(By.XPATH, "//button[text()='Retry']").click()
-    stack.wait(lambda d: d.find_element(By.ID, "status").text in ("pending", "processing"), "the job queued again")
+    stack.wait(lambda d: stack.text("#status") in ("pending", "processing"), "the job queued again")
     stack.wait_status(job, "processing")
     release_step(stack.gates, job, 1)
     release_step(stack.gates, job, 2)
-    stack.wait(lambda d: d.find_element(By.ID, "status").text == "completed", "the page to show the job completed")
+    stack.wait(lambda d: stack.text("#status") == "completed", "the page to show the job completed")
     stack.wait(lambda d: d.find_elements(By.ID, "player"), "the player of the completed job")
 
 
@@ -111,14 +110,13 @@ def test_browser__a_prompt_holding_script_is_shown_as_text(stack: Stack) -> None
     job = stack.enqueue(prompt, model=model)
     for path in (f"/jobs/{job}", "/jobs"):
         stack.open(path)
-        shown = stack.driver.find_element(By.ID, "prompt") if path != "/jobs" else \
-            stack.driver.find_element(By.CSS_SELECTOR, f'tr[data-job="{job}"] td.prompt')
-        assert shown.text == prompt
+        shown = stack.text("#prompt" if path != "/jobs" else f'tr[data-job="{job}"] td.prompt')
+        assert shown == prompt
         assert _no_alert(stack.driver)
         assert stack.driver.execute_script("return window.pwned === undefined;")
     stack.open("/")
     stack.driver.execute_script("window.notReloaded = true;")
-    stack.wait(lambda d: d.find_element(By.ID, "updated").text.startswith("updated"), "a live update")
+    stack.wait(lambda d: (stack.text("#updated") or "").startswith("updated"), "a live update")
     cells = stack.driver.execute_script(  # in one script: the page replaces the rows every poll
         "const row = document.querySelector(`tr[data-model='${arguments[0]}']`);"
         "return [row.cells[0].textContent, row.querySelectorAll('i').length];", model)
@@ -139,8 +137,8 @@ def test_browser__odd_status_and_id_written_by_plain_sql(stack: Stack) -> None:
                                                     "file_path": "odd-too.wav"}]))
     stack.open("/jobs/odd-status")
     stack.driver.execute_script("window.notReloaded = true;")
-    stack.wait(lambda d: d.find_element(By.ID, "updated").text.startswith("updated"), "a live update")
+    stack.wait(lambda d: (stack.text("#updated") or "").startswith("updated"), "a live update")
     assert stack.driver.execute_script("return window.notReloaded === true;")
     stack.open("/jobs?q=odd+row+from+plain+sql&status=pending")
     stack.driver.find_element(By.CSS_SELECTOR, "td a").click()
-    stack.wait(lambda d: d.find_element(By.TAG_NAME, "h2").text == "Job odd?id=1#here", "the job's own page")
+    stack.wait(lambda d: stack.text("h2") == "Job odd?id=1#here", "the job's own page")

@@ -48,12 +48,12 @@ def main() -> None:
         for prompt in PROMPTS[4:]:
             stack.enqueue(prompt, model="musicgen-medium")
         stack.open("/")
-        stack.wait(lambda d: d.find_element(By.ID, "updated").text.startswith("updated"), "a live update")
+        stack.wait(lambda d: (stack.text("#updated") or "").startswith("updated"), "a live update")
         args.folder.mkdir(parents=True, exist_ok=True)
         stack.driver.save_screenshot(str(args.folder / "web-overview.png"))
         stack.open("/daemons")
         stack.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "progress")) == 2, "both progress bars")
-        stack.wait(lambda d: d.find_element(By.ID, "updated").text.startswith("updated"), "a live update")
+        stack.wait(lambda d: (stack.text("#updated") or "").startswith("updated"), "a live update")
         stack.driver.save_screenshot(str(args.folder / "web-daemons.png"))
         for job in running:  # let the daemons stop cleanly
             for step in range(1, 11):

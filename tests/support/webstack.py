@@ -57,6 +57,15 @@ class Stack:
     def open(self, path: str) -> None:
         self.driver.get(self.base + path)
 
+    def text(self, css: str) -> str | None:
+        """The element's shown text, or None when the page has no such element now: read in one
+        script, since the live pages replace their elements every poll and Chromium then answers a
+        second command on an element it has found with "Node ... does not belong to the document"
+        (an unknown error, not a stale element)."""
+        found = self.driver.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;", css)
+        return None if found is None else str(found)
+
     def wait(self, condition: Any, what: str) -> Any:
         # The live pages rebuild their elements on every poll: one found a moment ago may be gone.
         return WebDriverWait(self.driver, WAIT, poll_frequency=0.05,
