@@ -20,10 +20,17 @@ OUTPUT_FAULTS = {
     errno.EACCES: "permission", errno.EPERM: "permission", errno.EIO: "io_error",
     errno.ENOTDIR: "not_a_folder", errno.ENOENT: "not_a_folder",
 }
-#: The process's resources, not a path's: the machine's fault whichever file met it.
+#: The process's resources, not a path's: the machine's fault whichever file met it, the daemon's
+#: WAV write or a backend's own (a model, a cache file).
 _RESOURCE_FAULTS = {errno.ENOMEM: "memory", errno.EMFILE: "descriptors", errno.ENFILE: "descriptors"}
-#: The reasons a test write can confirm; the others (memory, descriptors, gpu) no probe can see.
+#: A backend's own write (a cache or scratch file, not the WAV) that found its disk full or over
+#: quota. Which disk it was the daemon cannot know, so no test write can confirm it.
+_SCRATCH_FAULTS = {errno.ENOSPC: "scratch_disk_full", errno.EDQUOT: "scratch_disk_full"}
+#: The reasons a test write can confirm; the others (memory, descriptors, scratch_disk_full, gpu)
+#: no probe can see.
 PROBED_REASONS = frozenset(OUTPUT_FAULTS.values())
+#: Every reason :func:`machine_fault` may give, the probed ones first.
+REASONS = (*dict.fromkeys(OUTPUT_FAULTS.values()), "memory", "descriptors", "scratch_disk_full", "gpu")
 #: CUDA's "sticky" errors: after one, every later call in the process fails, so only a new process
 #: (a new CUDA context) can run again. CUDA's out-of-memory error is not one: it stays the job's.
 _GPU_LOST = re.compile(
@@ -47,6 +54,11 @@ def _culprit(error: BaseException) -> tuple[BaseException, str] | None:
             reason = _RESOURCE_FAULTS.get(code) or OUTPUT_FAULTS.get(code)
             if reason is not None:
                 return current, reason
+        elif isinstance(current, OSError):  # a backend's own: below an OutputError it adds nothing
+            code = current.errno or 0
+            reason = _RESOURCE_FAULTS.get(code) or _SCRATCH_FAULTS.get(code)
+            if reason is not None:
+                return current, reason
         if isinstance(current, RuntimeError) and _GPU_LOST.search(text_of(current)):
             return current, "gpu"
         current = current.__cause__ or current.__context__
@@ -56,13 +68,19 @@ def _culprit(error: BaseException) -> tuple[BaseException, str] | None:
 def machine_fault(error: BaseException) -> str | None:
     """The reason when ``error`` is the machine's fault rather than the job's, else None.
 
-    The rule: a ``MemoryError`` anywhere in the chain (``memory``); a failed WAV write
-    (:class:`OutputError`) caused by ENOMEM (``memory``), no file descriptors left (EMFILE, ENFILE:
-    ``descriptors``), or, subject to the daemon's test write (:data:`PROBED_REASONS`), a full disk
-    or quota (``disk_full``), a read-only file system (``read_only``), a permission error
-    (``permission``), an I/O error (``io_error``) or a folder gone or replaced by a file
-    (``not_a_folder``); a ``RuntimeError`` (torch's ``AcceleratorError`` is one) carrying one of
-    CUDA's sticky errors (``gpu``). Anything else is the job's.
+    The rule, for each link of the ``__cause__``/``__context__`` chain in turn: a ``MemoryError``
+    (``memory``); an ``OSError`` of ENOMEM (``memory``) or no file descriptors left (EMFILE, ENFILE:
+    ``descriptors``), whether the daemon's WAV write met it or a backend's own ``open()``; a
+    failed WAV write (:class:`OutputError`) caused, subject to the daemon's test write
+    (:data:`PROBED_REASONS`), by a full disk or quota (``disk_full``), a read-only file system
+    (``read_only``), a permission error (``permission``), an I/O error (``io_error``) or a folder
+    gone or replaced by a file (``not_a_folder``); a plain ``OSError`` of a full disk or quota
+    (ENOSPC, EDQUOT) not under an ``OutputError``: a backend's own write, a cache or scratch file
+    on a disk the daemon cannot tell, so no test write can confirm it (``scratch_disk_full``); a
+    ``RuntimeError`` (torch's ``AcceleratorError`` is one) carrying one of CUDA's sticky errors
+    (``gpu``). Anything else is the job's, a backend's own OSError of any other errno (a missing
+    or unreadable file of its own, say) included. Only the reasons in :data:`PROBED_REASONS` are
+    put to a test; the daemon gives a job back for the others a bounded number of times.
     """
     found = _culprit(error)
     return found[1] if found else None

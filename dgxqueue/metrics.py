@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 from dgxqueue.daemon.diskcheck import PAUSE_REASONS
 from dgxqueue.hooks import OUTCOMES, DaemonInfo, Hooks
 from dgxqueue.logs import get_logger
+from dgxqueue.machine_faults import REASONS as FAULT_REASONS
 from dgxqueue.storage.claimed import ClaimedJob
 from dgxqueue.storage.models import GenerationStatus
 from dgxqueue.storage.reads import QueueDepth, queue_depth
@@ -245,9 +246,8 @@ class DaemonMetrics(Hooks):
             "cannot take files, by reason (disk_low, read_only, not_writable); it resumes by itself.",
             ["reason"], registry=registry)
         self.machine_fault = Gauge(
-            "dgxqueue_machine_fault", "1 once a machine fault (disk_full, read_only, permission, io_error, "
-            "not_a_folder, memory, descriptors, gpu) stopped the daemon, which gives its jobs back and exits "
-            "for a restart.",
+            "dgxqueue_machine_fault", f"1 once a machine fault ({', '.join(FAULT_REASONS)}) stopped the daemon, "
+            "which gives its jobs back and exits for a restart.",
             ["reason"], registry=registry)
         for result in RESCUE_RESULTS:
             self.rescued.labels(result)

@@ -98,8 +98,8 @@ class MusicGenGenerator:
     ``max_batch_size`` (default 16): prompts per ``generate`` call. Decoding is bound by per-token
     overhead, not by the GPU's arithmetic, so a wider batch costs little more wall time than one
     prompt: batch as wide as memory allows. A batch that runs out of memory is halved and retried.
-    A machine fault (:mod:`dgxqueue.machine_faults`: a lost GPU, a ``MemoryError``) fails the whole
-    call instead of its requests.
+    A machine fault (:mod:`dgxqueue.machine_faults`: a lost GPU, a ``MemoryError``, an ``OSError``
+    of no memory, no descriptors or a full disk) fails the whole call instead of its requests.
     """
 
     name = "musicgen"
@@ -340,7 +340,7 @@ class MusicGenGenerator:
             if oom:
                 self._slots = max(1, min(self._slots, len(batch)) // 2)
         if fault is not None:
-            # The machine's (a lost GPU, no memory): the whole call fails, so that the daemon gives
+            # The machine's (a lost GPU, no memory or descriptors): the whole call fails, so that the daemon gives
             # the jobs back rather than each request failing for good, and exits for a new process.
             raise fault
         if oom and self._device.startswith("cuda"):

@@ -21,12 +21,12 @@ Whose fault it is decides how the daemon ends (:meth:`Daemon.run` returns the ex
   (:mod:`~dgxqueue.daemon.runner`). One from ``load()`` ends :meth:`Daemon.run` with
   :class:`~dgxqueue.errors.BackendExitError` naming it (the worker exits 70), not exit 0.
 - A machine fault (:mod:`~dgxqueue.daemon.faults`: the outputs folder full, read-only, unwritable
-  or gone, as a test write confirms; memory or file descriptors gone; the GPU lost) stops
-  claiming, gives every held job back with its attempt refunded, and exits with
-  :data:`EXIT_MACHINE_FAULT` for systemd to restart the process. The jobs of the call that
-  faulted are marked (``error_message`` starts ``machine fault (``). A fault no test can confirm
-  (memory, descriptors, GPU) may be the job's doing: past a bounded number of refunds it is
-  charged to the job. A failed write that the test write clears is the job's own path's fault:
+  or gone, as a test write confirms; memory or file descriptors gone; a backend's own scratch
+  disk full; the GPU lost) stops claiming, gives every held job back with its attempt refunded,
+  and exits with :data:`EXIT_MACHINE_FAULT` for systemd to restart the process. The jobs of the
+  call that faulted are marked (``error_message`` starts ``machine fault (``). A fault no test can
+  confirm (memory, descriptors, a scratch disk, the GPU) may be the job's doing: past a bounded
+  number of refunds it is charged to the job. A failed write that the test write clears is the job's own path's fault:
   that job fails alone and the daemon carries on.
 - A backend call past ``worker.job_timeout_seconds`` is charged to the jobs of the generator
   method it is stuck in (:class:`~dgxqueue.errors.JobTimeoutError`; one job's ``validate()`` or

@@ -7,11 +7,12 @@ files: the machine's fault, confirmed, and its jobs go back unspent however ofte
 Should it pass, the job's own path (a subfolder of its own, its name) is at fault, and the write
 error is recorded against that job alone, like any other failed write.
 
-Memory, file descriptors and the GPU cannot be tested that way, and a job may cause them (a
-prompt that needs more memory than there is). A job is given back unspent for such a fault up to
-:data:`UNCONFIRMED_REFUNDS` times, counted in its row's ``error_message``; each later one is
-charged to it as a transient failure, so a job that always faults costs at most
-``UNCONFIRMED_REFUNDS + max_attempts`` restarts.
+Memory, file descriptors, a backend's own full disk (a cache or scratch file: which disk, the
+daemon cannot know, and the outputs folder's test write would clear it wrongly) and the GPU cannot
+be tested that way, and a job may cause them (a prompt that needs more memory than there is). A
+job is given back unspent for such a fault up to :data:`UNCONFIRMED_REFUNDS` times, counted in its
+row's ``error_message``; each later one is charged to it as a transient failure, so a job that
+always faults costs at most ``UNCONFIRMED_REFUNDS + max_attempts`` restarts.
 """
 
 from __future__ import annotations

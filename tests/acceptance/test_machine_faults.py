@@ -1,5 +1,6 @@
 """Whose fault is it: daemons as real processes meet a full disk, a read-only remount, an address-space
-limit, a call that never returns, a stopped database and SIGHUP. The machine's faults never spend
+limit, a backend's own EMFILE or full scratch disk, a call that never returns, a stopped database
+and SIGHUP. The machine's faults never spend
 a job's attempt; each daemon that meets one exits with its documented code, for systemd to restart."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dgxqueue.daemon import EXIT_JOB_TIMEOUT, EXIT_MACHINE_FAULT
 from dgxqueue.storage import get_engine, init_db
 from tests.acceptance.test_daemon_processes import counts, enqueue, job
 from tests.support.generators import read_executions
-from tests.support.processes import REPO, SCRIPTED, stop, wait_until, write_config
+from tests.support.processes import REPO, SCRIPTED, burst, stop, wait_until, write_config
 
 ROWS = sa.text("SELECT status, attempts, error_message FROM generations ORDER BY created_at")
 
@@ -149,6 +150,31 @@ def test_machine_fault__memory_error_gives_the_batch_back_and_exits_75(sqlite_db
     assert second.wait(60) == 0, (tmp_path / "second.log").read_text()[-3000:]
     assert counts(url) == {"completed": 8}
     assert {a for _, a, _ in rows(url)} == {1}
+
+
+@pytest.mark.parametrize(("prompt", "reason", "text"), [
+    ("oserror:EMFILE", "descriptors", "OSError: [Errno 24] Too many open files"),
+    ("scratch:/dev/full", "scratch_disk_full", "OSError: [Errno 28] No space left on device"),
+], ids=["emfile", "scratch-enospc"])
+def test_machine_fault__a_backends_own_oserror_gives_the_job_back_unconfirmed_and_exits_75(
+        db_url: str, tmp_path: Path, prompt: str, reason: str, text: str) -> None:
+    """A backend's own plain OSError, not the daemon's WAV write: EMFILE from opening a file of its
+    own (no descriptors left), ENOSPC from a real write to a scratch file of its own (/dev/full).
+    Both are the machine's, unconfirmed: the job goes back pending with no attempt spent, marked
+    ``[unconfirmed 1 of 5]``, the rest of the claim goes back too and the daemon exits 75; the
+    outputs folder's test write is not asked about a disk it is not on. (Both were the job's: each
+    job of the call was charged three attempts and failed, and the daemon went on, exit 0.)"""
+    init_db(db_url)
+    [faulty] = enqueue(db_url, [prompt])
+    enqueue(db_url, ["fine"] * 3)
+    first = tmp_path / "first.log"
+    assert burst(config(tmp_path, db_url), first) == EXIT_MACHINE_FAULT, first.read_text()[-3000:]
+    status, attempts, error = job(db_url, faulty)
+    assert (status, attempts) == ("pending", 0), (status, attempts, error)
+    assert (error or "").startswith(f"machine fault ({reason}) [unconfirmed 1 of 5] {text}"), error
+    assert {(s, a) for s, a, _ in rows(db_url)} <= {("pending", 0), ("completed", 1)}, rows(db_url)
+    assert f'"reason": "{reason}"' in first.read_text()
+    assert "test write" not in (error or "")
 
 
 def test_job_timeout__hanging_prompt_costs_max_attempts_restarts_and_the_queue_moves(

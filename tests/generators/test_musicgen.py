@@ -8,6 +8,7 @@ noise, so these tests pin structure: shapes, rates, limits, errors, batching and
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import sys
@@ -341,13 +342,16 @@ def test_musicgen__failure_of_one_prompt_fails_only_that_job(
     (RuntimeError("CUDA error: an illegal memory access was encountered"), "gpu"),
     (RuntimeError("CUDA error: device-side assert triggered"), "gpu"),
     (MemoryError("cannot allocate"), "memory"),
-], ids=["illegal_access", "device_assert", "memory_error"])
+    (OSError(errno.EMFILE, "Too many open files"), "descriptors"),
+    (OSError(errno.ENOSPC, "No space left on device"), "scratch_disk_full"),
+], ids=["illegal_access", "device_assert", "memory_error", "emfile", "scratch_enospc"])
 def test_musicgen__machine_fault_fails_the_call_freed(
     mono: MusicGenGenerator, wrap_generate: Callable[[Wrapper], None], fault: BaseException, reason: str
 ) -> None:
-    """A lost GPU or a MemoryError fails the whole call, unsplit, with an error the daemon reads as
-    the machine's, holding neither the failed call's frames nor its tensors; it used to fail each
-    request for good ("MusicGen failed: ..."), and every later job the same way."""
+    """A lost GPU, a MemoryError, no descriptors left or a full disk of its own fails the whole
+    call, unsplit, with an error the daemon reads as the machine's, holding neither the failed
+    call's frames nor its tensors; it used to fail each request for good ("MusicGen failed: ..."),
+    and every later job the same way (an OSError did so until the rule read a plain one)."""
     held: list[weakref.ref[Any]] = []
     sizes: list[int] = []
 

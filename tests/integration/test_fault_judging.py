@@ -5,6 +5,7 @@ on a stop, in a real process."""
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -74,6 +75,43 @@ def test_judge__outputs_folder_replaced_by_a_file_is_the_machines(tmp_path: Path
     outputs.write_bytes(b"")
     verdict = judge([Attempt(_job(), _failed_write(outputs / "x.wav"), 0.0)], outputs, _none)
     assert verdict.reason == "not_a_folder" and list(verdict.marks) == ["j1"]
+
+
+@pytest.mark.parametrize("outputs", ["writable", "missing"])
+def test_judge__a_backends_own_full_disk_is_unconfirmed_and_not_put_to_the_test_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outputs: str) -> None:
+    """A backend's own write that found its disk full (a plain OSError ENOSPC, a real one from
+    /dev/full here) is scratch_disk_full whatever the outputs folder: no test write is made (it
+    cannot tell which disk the backend wrote to: a writable outputs folder would clear the job, a
+    broken one would name a reason that is not this one); the job is given back unspent, marked
+    unconfirmed, and is charged past the bound like memory. (It was the job's: recorded as it was.)"""
+    with pytest.raises(OSError) as caught, open("/dev/full", "wb", buffering=0) as scratch:
+        scratch.write(b"\0" * 4096)
+    assert caught.value.errno == errno.ENOSPC
+    folder = tmp_path if outputs == "writable" else tmp_path / "gone"
+    probes: list[Path] = []
+    monkeypatch.setattr("dgxqueue.daemon.faults.probe_write", lambda f, size: probes.append(f))
+    stored: dict[str, str | None] = {}
+    for count in range(1, UNCONFIRMED_REFUNDS + 1):
+        verdict = judge([Attempt(_job(), caught.value, 0.0)], folder, lambda ids: stored)
+        assert (verdict.reason, verdict.outcomes, verdict.own) == ("scratch_disk_full", [], [])
+        assert verdict.marks["j1"].startswith(f"machine fault (scratch_disk_full) [unconfirmed {count} of"
+                                              f" {UNCONFIRMED_REFUNDS}] OSError: [Errno 28] No space left")
+        stored = {"j1": verdict.marks["j1"]}
+    [charged] = judge([Attempt(_job(), caught.value, 0.0)], folder, lambda ids: stored).outcomes
+    assert isinstance(charged.error, TransientGeneratorError)
+    assert probes == []
+
+
+def test_judge__a_backends_own_emfile_beside_a_failed_wav_write(tmp_path: Path, readonly_dir: Path) -> None:
+    """A batch in which one job's backend met EMFILE and another's WAV write failed in a read-only
+    subfolder of its own: the write is put to the test and cleared (that job's alone), while the
+    EMFILE goes back unspent as descriptors, the daemon's reason."""
+    emfile = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    own, other = Attempt(_job("j1"), emfile, 0.0), Attempt(_job("j2"), _failed_write(readonly_dir / "x.wav"), 0.0)
+    verdict = judge([own, other], tmp_path, _none)
+    assert (verdict.reason, verdict.own, verdict.outcomes) == ("descriptors", ["j2"], [other])
+    assert verdict.marks["j1"].startswith("machine fault (descriptors) [unconfirmed 1 of 5] OSError: [Errno 24]")
 
 
 def test_probe_write__needs_the_whole_size_and_leaves_nothing(tiny_disk: Path) -> None:

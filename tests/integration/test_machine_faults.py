@@ -4,6 +4,8 @@ a job that always faults is bounded, and how the outputs check pauses claims."""
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,15 @@ from dgxqueue.config import load_settings
 from dgxqueue.daemon import EXIT_MACHINE_FAULT, Daemon, HookChain
 from dgxqueue.daemon.diskcheck import look
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
-from dgxqueue.errors import ConfigError, OutputError, PermanentGeneratorError
+from dgxqueue.errors import ConfigError, OutputError, PermanentGeneratorError, TransientGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationRequest
-from dgxqueue.machine_faults import machine_fault
+from dgxqueue.machine_faults import PROBED_REASONS, REASONS, detached_machine_fault, machine_fault
 from dgxqueue.metrics import DaemonMetrics
 from dgxqueue.storage import get_engine
 from tests.integration.test_daemon import enqueue, row
 from tests.support.daemons import RecordingHooks, make_daemon
 from tests.support.generators import ScriptedGenerator
+from tests.support.processes import REPO
 from workers.synth import SynthGenerator
 
 
@@ -60,12 +63,80 @@ def test_machine_fault__real_writes_to_a_full_or_read_only_disk(tiny_disk: Path,
     (RuntimeError("CUDA error: unspecified launch failure\nCompile with TORCH_USE_CUDA_DSA"), "gpu"),
     (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), None),
     (RuntimeError("scripted crash"), None), (_wrapped(errno.ENAMETOOLONG), None),
-    (OSError(errno.ENOSPC, "a backend's own file"), None), (ValueError("bad prompt"), None),
+    (ValueError("bad prompt"), None),
 ], ids=lambda v: v if isinstance(v, str) else type(v).__name__)
 def test_machine_fault__rule(error: BaseException, reason: str | None) -> None:
     """Memory, a sick outputs disk (by errno, under the writer's OutputError) and CUDA's sticky
     errors are the machine's; CUDA out-of-memory and anything else stay the job's."""
     assert machine_fault(error) == reason
+
+
+#: A backend's own plain OSError, by errno: its process's resources and a full disk of its own are
+#: the machine's; a file of its own missing or refused, an I/O error or a read-only disk of its own, an
+#: OSError without an errno: the job's (no rule says what they mean to the machine).
+BACKEND_OWN = [
+    (errno.ENOMEM, "memory"), (errno.EMFILE, "descriptors"), (errno.ENFILE, "descriptors"),
+    (errno.ENOSPC, "scratch_disk_full"), (errno.EDQUOT, "scratch_disk_full"),
+    (errno.ENOENT, None), (errno.EACCES, None), (errno.EIO, None), (errno.EROFS, None), (None, None),
+]
+
+
+def _raised(make: Callable[[], BaseException], cause: BaseException | None = None, *,
+            implicit: bool = False) -> BaseException:
+    """``make()`` raised (with its traceback): from ``cause``, or during its handling."""
+    try:
+        if cause is None:
+            raise make()
+        try:
+            raise cause
+        except BaseException as inner:
+            if implicit:
+                raise make()  # the implicit chain, __context__, is what is tested
+            raise make() from inner
+    except BaseException as exc:
+        return exc
+
+
+def _own(code: int | None) -> OSError:
+    return OSError(code, os.strerror(code)) if code is not None else OSError("no errno")
+
+
+@pytest.mark.parametrize(("code", "reason"), BACKEND_OWN, ids=lambda v: v if isinstance(v, str) else
+                         errno.errorcode.get(v, str(v)) if isinstance(v, int) else "none")
+def test_machine_fault__a_backends_own_oserror(code: int | None, reason: str | None) -> None:
+    """A plain OSError a backend raises itself (opening a model or cache file, writing a scratch
+    file), not the daemon's OutputError: ENOMEM is memory, EMFILE/ENFILE descriptors, ENOSPC/EDQUOT
+    a scratch disk full; the same at any link of the chain, as the explicit cause or the implicit
+    context of the error the backend raises, two links down too. Any other errno stays the job's.
+    (Only under an OutputError were they the machine's: a backend's own was charged to the job.)"""
+    own = _raised(lambda: _own(code))
+    assert machine_fault(own) == reason
+    assert machine_fault(_raised(lambda: RuntimeError("could not load the model"), _own(code))) == reason
+    assert machine_fault(_raised(lambda: ValueError("cache miss"), _own(code), implicit=True)) == reason
+    inner = _raised(lambda: TransientGeneratorError("render failed"), _own(code))
+    assert machine_fault(_raised(lambda: PermanentGeneratorError("gave up"), inner)) == reason
+
+
+def test_machine_fault__the_wav_writes_errnos_stay_probed() -> None:
+    """Under the daemon's OutputError a full disk stays disk_full (put to the outputs folder's test
+    write), not scratch_disk_full; the resource errnos are the same reasons either way."""
+    assert machine_fault(_wrapped(errno.ENOSPC)) == "disk_full"
+    assert machine_fault(_wrapped(errno.EDQUOT)) == "disk_full"
+    assert machine_fault(_wrapped(errno.EMFILE)) == "descriptors"
+    assert machine_fault(_wrapped(errno.ENOMEM)) == "memory"
+    assert "scratch_disk_full" not in PROBED_REASONS and "descriptors" not in PROBED_REASONS
+    assert set(REASONS) >= PROBED_REASONS | {"memory", "descriptors", "scratch_disk_full", "gpu"}
+
+
+def test_detached_machine_fault__a_backends_own_oserror() -> None:
+    """A backend raising ``detached_machine_fault(exc)`` after its except block: the plain OSError
+    that was the cause comes back alone, without its traceback, and still reads as the machine's."""
+    error = _raised(lambda: RuntimeError("could not open the cache"), _own(errno.EMFILE))
+    culprit = detached_machine_fault(error)
+    assert isinstance(culprit, OSError) and culprit.errno == errno.EMFILE
+    assert (culprit.__traceback__, culprit.__cause__, culprit.__context__) == (None, None, None)
+    assert machine_fault(culprit) == "descriptors"
+    assert detached_machine_fault(_raised(lambda: _own(errno.ENOENT))) is None
 
 
 def test_machine_fault__memory_error_in_a_chain() -> None:
@@ -77,6 +148,18 @@ def test_machine_fault__memory_error_in_a_chain() -> None:
             raise RuntimeError("backend failed") from exc
     except RuntimeError as exc:
         assert machine_fault(exc) == "memory"
+
+
+def test_machine_fault__every_reason_is_named_where_operators_read_them() -> None:
+    """Each reason the rule gives is listed in the metric's help, the README's list for exit 75
+    and the architecture notes, scratch_disk_full included (it was none of them)."""
+    registry = CollectorRegistry()
+    DaemonMetrics(registry, sa.create_engine("sqlite://"))
+    [family] = [m for m in registry.collect() if m.name == "dgxqueue_machine_fault"]
+    readme, architecture = (REPO / "README.md").read_text(), (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    for reason in REASONS:
+        assert reason in family.documentation, reason
+        assert f"`{reason}`" in readme and f"`{reason}`" in architecture, reason
 
 
 def test_machine_fault__job_that_always_faults_fails_after_its_refunds_and_attempts(

@@ -21,6 +21,10 @@ Prompt directives (anything else renders silence):
 - ``short``        audio one frame shorter than asked for
 - ``oom``          raise MemoryError (a backend out of memory), every time
 - ``alloc:M``      reserve M MiB (not touched, so it costs no RAM): MemoryError under an RLIMIT_AS
+- ``oserror:NAME`` raise a plain ``OSError`` of errno ``NAME`` (``EMFILE``, ``ENOMEM``, ...) with the system's
+                   text, as a backend's own ``open()`` of a model or cache file does, every time
+- ``scratch:PATH`` write a scratch file of the backend's own at ``PATH`` (not the WAV): ``/dev/full``
+                   fails that write with a real ENOSPC, every time
 - ``kill``         (:class:`KillingGenerator` only) SIGKILL the daemon's own process
 - ``start-crash:N``, ``start-oom:N``, ``start-enospc:N``, ``start-capacity:N``, ``start-unprintable:N``
                    (:class:`ScriptedSlots` only) its ``start`` raises on the job's first N starts: an
@@ -138,6 +142,14 @@ class ScriptedGenerator:
             if self.release_path is not None and self.release_path.exists():
                 return
 
+    @staticmethod
+    def _write_scratch(path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
         self.threads["generate"].add(threading.get_ident())
         self.batches.append([request.job_id for request in requests])
@@ -182,6 +194,11 @@ class ScriptedGenerator:
                 raise RuntimeError("scripted crash")
             if prompt == "oom":
                 raise MemoryError("scripted: out of memory")
+            if kind == "oserror":  # the argument: an errno's name
+                code = getattr(errno, count)
+                raise OSError(code, os.strerror(code))
+            if kind == "scratch":  # the argument: a path
+                self._write_scratch(Path(count))
             if prompt.startswith("alloc:"):
                 np.empty(int(prompt.split(":")[1]) << 20, dtype=np.uint8)  # reserved, freed at once
             if prompt == "none":
