@@ -18,6 +18,7 @@ import pytest
 
 from dgxqueue.storage import dispose_engines
 from tests.acceptance.test_cli import assert_error
+from tests.support import zygote
 from tests.support.db import build_sqlite_template, sqlite_url_at_head
 from tests.support.processes import REPO, free_port, ignores, stop, wait_until, write_config
 
@@ -40,8 +41,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", *args], cwd=REPO,
-                          env=env or _env(), capture_output=True, text=True, timeout=60)
+    return zygote.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", *args], cwd=REPO,
+                      env=env or _env(), capture_output=True, text=True, timeout=60)
 
 
 def test_web_cli__off_loopback_without_a_token_is_refused(config: Path, tmp_path: Path) -> None:
@@ -151,7 +152,7 @@ def test_web_cli__token_required_on_every_address_and_never_printed(config: Path
 def _start_web(config: Path, log: Path, port: int, *args: str, ignored: int | None = None) -> subprocess.Popen[bytes]:
     """``dgxqueue web`` on ``port``, its output in ``log``; ``ignored``: a signal it starts with ignored."""
     with log.open("ab") as out:
-        return subprocess.Popen(
+        return zygote.popen(
             [sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port), *args],
             cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
             preexec_fn=None if ignored is None else (lambda: signal.signal(ignored, signal.SIG_IGN)))
