@@ -61,9 +61,11 @@ PRELOAD = (
 RELOAD_IN_CHILD = ("dgxqueue.faultpoints",)
 #: Environment variables read when the interpreter or a preloaded module starts (interpreter
 #: settings, locale, BLAS threads, coverage, structlog's colours, psycopg's implementation,
-#: prometheus_client's and SQLAlchemy's switches).
+#: prometheus_client's and SQLAlchemy's switches, and SQLite's temporary folder: the sqlite3
+#: module initialises SQLite at import, which reads SQLITE_TMPDIR and TMPDIR then, once).
 STARTUP_VARIABLES = ("PYTHON", "LANG", "LC_", "OMP_", "OPENBLAS_", "MKL_", "NUMPY_", "NPY_", "COV_CORE_", "COVERAGE_",
-                     "NO_COLOR", "FORCE_COLOR", "PSYCOPG_", "PROMETHEUS_", "prometheus_", "DISABLE_SQLALCHEMY")
+                     "NO_COLOR", "FORCE_COLOR", "PSYCOPG_", "PROMETHEUS_", "prometheus_", "DISABLE_SQLALCHEMY",
+                     "SQLITE_TMPDIR", "TMPDIR")
 #: Popen arguments the zygote reproduces; any other (set to a non-default value) means a real process.
 _SUPPORTED = frozenset({"stdin", "stdout", "stderr", "cwd", "env", "text", "universal_newlines", "encoding",
                         "errors", "bufsize", "start_new_session", "process_group", "close_fds"})
