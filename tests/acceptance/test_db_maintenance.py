@@ -27,6 +27,7 @@ from dgxqueue.storage.database import HEAD_REVISION
 from dgxqueue.storage.maintenance import SEARCH_TOKENIZER
 from dgxqueue.storage.models import G
 from dgxqueue.storage.search import search_ids
+from tests.support import zygote
 from tests.support.processes import start_worker, stop, wait_until, worker_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,8 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 def _cli(url: str, *args: str, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(REPO), **extra_env}
     env.pop("DGXQUEUE_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "dgxqueue", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=timeout, check=False)
+    return zygote.run([sys.executable, "-m", "dgxqueue", *args], capture_output=True, text=True, env=env,
+                      cwd=REPO, timeout=timeout, check=False)
 
 
 def _fill_finished(url: str, n: int, *, prompt_chars: int = 400) -> None:
