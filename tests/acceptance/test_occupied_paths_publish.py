@@ -21,6 +21,7 @@ from dgxqueue.daemon.staging import UNKNOWN_JOB_GRACE
 from dgxqueue.storage import init_db
 from tests.acceptance.test_daemon_processes import enqueue, job
 from tests.acceptance.test_occupied_paths import FOREIGN, burst
+from tests.support import zygote
 from tests.support.processes import REPO, STARTUP_SECONDS, start_worker, stop, stopped, wait_until, worker_config
 
 OTHER = "5d1e2f3a-0000-4c5e-9f43-2a1c8e7d9b11"  # an archived job, whose WAV is put at another's path
@@ -97,8 +98,8 @@ def _refused_publish(url: str, tmp_path: Path) -> tuple[Path, str, str]:
 
 
 def _dgxqueue(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return zygote.run([sys.executable, "-m", "dgxqueue", "--config", str(config), *args], cwd=REPO,
+                      capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def _held_temporary(tmp_path: Path) -> Path:

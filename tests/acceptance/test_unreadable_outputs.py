@@ -23,6 +23,7 @@ from dgxqueue.storage import complete_generation, create_generations, session_sc
 from dgxqueue.storage.models import G
 from tests.acceptance.test_daemon_processes import job
 from tests.acceptance.test_occupied_paths import burst
+from tests.support import zygote
 from tests.support.held import FOREIGN, hold, mark
 from tests.support.processes import REPO, worker_config
 
@@ -122,9 +123,9 @@ def test_prune__a_folder_it_cannot_list_keeps_its_completed_jobs(engine: Engine,
     os.utime(temp, (day_old, day_old))
     burst(config, tmp_path / "sweep.log")  # the daemon can list the folder: its sweep keeps a temporary a row names
     assert temp.exists() and (outputs / "locked" / "held.wav").read_bytes() == FOREIGN
-    again = subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "prune", "--older-than", "0s",
-                            "--json"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    again = zygote.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "prune", "--older-than", "0s",
+                        "--json"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert again.returncode == 65, again.stderr
     result = json.loads(again.stdout)
     assert result["generations"] == 1 and list(result["kept_held"]) == [held], result
