@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from dgxqueue.cli import main as cli_main
 from dgxqueue.config import Settings
 from dgxqueue.storage import complete_generation, create_generations, session_scope
 from dgxqueue.storage.models import G
+from tests.support import zygote
 from tests.support.daemons import make_settings
 from tests.support.held import FOREIGN, hold, mark, temporary
 from tests.support.processes import REPO, write_config
@@ -119,9 +119,9 @@ def test_prune__delete_files_keeps_another_jobs_wav_at_a_pruned_jobs_path(
                                                      "outputs": {"dir": str(outputs)},
                                                      "metrics": {"enabled": False}})
     env = {name: value for name, value in os.environ.items() if not name.startswith("DGXQUEUE_")}
-    pruned = subprocess.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "prune", "--older-than",
-                             "0s", "--delete-files", "--json"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120, env={**env, "PYTHONPATH": str(REPO)})
+    pruned = zygote.run([sys.executable, "-m", "dgxqueue", "--config", str(config), "prune", "--older-than",
+                         "0s", "--delete-files", "--json"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env={**env, "PYTHONPATH": str(REPO)})
     assert pruned.returncode == 0, pruned.stderr
     result = json.loads(pruned.stdout)
     assert result["generations"] == 2 and result["files"] == 1, result

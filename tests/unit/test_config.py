@@ -18,6 +18,7 @@ from dgxqueue.audio import resolve_output_path
 from dgxqueue.config import MAX_MODEL_NAME_LENGTH, Settings, load_settings
 from dgxqueue.errors import ConfigError
 from dgxqueue.storage import validate_jobs
+from tests.support import zygote
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Settings)}
@@ -311,8 +312,8 @@ def test_config_toml__names_every_key_with_a_comment() -> None:
 
 def _cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DGXQUEUE_") and k != "DATABASE_URL"}
-    return subprocess.run([sys.executable, "-m", "dgxqueue", *args], cwd=cwd, env={**clean, **env},
-                          capture_output=True, text=True, timeout=60, check=False)
+    return zygote.run([sys.executable, "-m", "dgxqueue", *args], cwd=cwd, env={**clean, **env},
+                      capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_config_check__bad_file_exits_78_with_one_line_naming_the_key(tmp_path: Path) -> None:
