@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from dgxqueue.daemon import EXIT_JOB_TIMEOUT, EXIT_MACHINE_FAULT
 from dgxqueue.storage import get_engine, init_db
 from tests.acceptance.test_daemon_processes import counts, enqueue, job
+from tests.support import zygote
 from tests.support.generators import read_executions
 from tests.support.processes import REPO, SCRIPTED, burst, stop, wait_until, write_config
 
@@ -49,14 +50,16 @@ def config(tmp: Path, url: str, *, min_free_mb: int = 0, **worker: Any) -> Path:
 def spawn(cfg: Path, log: Path, *args: str, limit_memory: int | None = None) -> subprocess.Popen[bytes]:
     """``python -m dgxqueue worker``; ``limit_memory``: its address space in bytes (RLIMIT_AS)."""
     def limit() -> None:
-        if limit_memory is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit_memory, limit_memory))
+        assert limit_memory is not None
+        resource.setrlimit(resource.RLIMIT_AS, (limit_memory, limit_memory))
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("DATABASE_URL", None)
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(cfg), "worker", *args],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit)
+        # Without a limit, from the zygote (a preexec_fn makes it a real process).
+        return zygote.popen([sys.executable, "-m", "dgxqueue", "--config", str(cfg), "worker", *args],
+                            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=None if limit_memory is None else limit)
 
 
 def mount(folder: Path, options: str) -> None:
