@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from dgxqueue.storage import dispose_engines, init_db
+from tests.support import zygote
 from tests.support.processes import stop
 
 WATCHDOG_USEC = 2_000_000  # systemd's WatchdogSec=2s: a gap this long would get the daemon killed
@@ -84,8 +85,8 @@ def start_daemon(tmp_path: Path, notify: NotifySocket, **env: str) -> subprocess
         "DGXQUEUE_METRICS_ENABLED": "false", "DGXQUEUE_OUTPUTS_DIR": str(tmp_path / "outputs"), **env,
     }
     with (tmp_path / "daemon.log").open("ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "dgxqueue", "worker"], cwd=tmp_path, env=full_env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        return zygote.popen([sys.executable, "-m", "dgxqueue", "worker"], cwd=tmp_path, env=full_env,
+                            stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_daemon__ready_watchdog_stopping_in_order(tmp_path: Path, notify: NotifySocket) -> None:
