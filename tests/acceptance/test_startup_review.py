@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from dgxqueue.storage.database import HEAD_REVISION
 from tests.acceptance.test_cli import REPO, Cli, assert_error
+from tests.support import zygote
 from tests.support.db import PG_ADMIN_URL, postgres_database_url
 from tests.support.processes import wait_until
 
@@ -118,8 +119,8 @@ def test_db_upgrade__explicit_revision_concurrently_on_postgres(cli: Cli, pg_db_
     env = {**cli.env, "DATABASE_URL": pg_db_url}
     with engine.connect() as gate:
         gate.execute(sa.text("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE"))
-        runs = [subprocess.Popen(cli.command("db", "upgrade", "002"), cwd=cli.folder, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+        runs = [zygote.popen(cli.command("db", "upgrade", "002"), cwd=cli.folder, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
         pids = ",".join(str(run.pid) for run in runs)
 
         def all_waiting() -> bool:  # on the gate (or, with the fix, on the migration lock)
