@@ -23,6 +23,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from dgxqueue.storage import create_generations, dispose_engines, get_engine, session_scope
+from tests.support import zygote
 from tests.support.db import build_sqlite_template, sqlite_url_at_head
 from tests.support.processes import REPO, free_port, start_worker, stop, wait_until, write_config
 
@@ -108,8 +109,8 @@ def web_stack(tmp: Path, *, daemons: int = 1, model: str = "scripted") -> Iterat
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("DATABASE_URL", None)
     with (tmp / "web.log").open("ab") as log:
-        web = subprocess.Popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
-                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        web = zygote.popen([sys.executable, "-m", "dgxqueue", "--config", str(config), "web", "--port", str(port)],
+                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
