@@ -25,7 +25,11 @@ heartbeats and rescues: the GPU never waits on the database.
   unspent and the daemon stopping), a SystemExit too (:mod:`~dgxqueue.daemon.runner`). Out of
   memory (:class:`~dgxqueue.errors.CapacityError`) with fewer slots now gives the job back
   unspent to join again, as from a step, with the jobs after it that no slot is left for; with as
-  many slots as before it is the job's transient error.
+  many slots as before it is the job's transient error. Whatever path, the daemon then cancels
+  the job (the backend's ``cancel()``): a start may have taken a slot before it raised, and kept
+  it would decode for nobody, and a retry of the job would find its key taken. An error from that
+  cancel is logged, the job's outcome unchanged; one that never returns is charged to that job
+  alone, as its start would be.
 - **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
   a finished job's file is staged on the runner thread and published after its write commits.
 - **Cancels** free the job's slot at the next step; the other slots decode on.
@@ -348,7 +352,9 @@ class Continuous:
                     doing("start", work.job.id)
                     generator.start(work.request)
                 except BaseException as exc:  # SystemExit too: the backend's own on the runner's thread
-                    if _fewer_slots(exc, generator, before):  # as a step's: given back unspent to join again
+                    fewer = _fewer_slots(exc, generator, before)
+                    self._free_failed_start(work.job.id)
+                    if fewer:  # as a step's: given back unspent to join again
                         back.append(work.job)
                         memory = memory or f"{type(exc).__name__}: {text_of(exc)}"
                         continue
@@ -371,6 +377,22 @@ class Continuous:
             return _Step(joined, handoff.deliver(outcomes), occupied, back, memory)
 
         return call
+
+    def _free_failed_start(self, key: str) -> None:
+        """After a start() of job ``key`` that raised, on the runner's thread: cancel whatever the
+        backend may hold for it. A start may take a slot and then raise (a bug after the request
+        went into its slot table, an error copying it in): kept, the request would hold that slot
+        and decode for nobody, its result dropped, and a retry of the job would find its key taken.
+        Named in ``doing``, a cancel that never returns is charged to that job alone, as its start
+        would be (:meth:`_wait`). What the cancel raises is the backend's own: logged, never
+        raised, and the job's outcome stays its start's."""
+        self.daemon.runner.doing("cancel", key)
+        try:
+            self.generator.cancel(key)
+        except BaseException as exc:  # SystemExit too: the backend's own on the runner's thread
+            self.daemon.log.warning("the generator's cancel() of a job whose start() raised raised too; ignored:"
+                                    " the job's outcome is its start's", job_id=key,
+                                    error=f"{type(exc).__name__}: {text_of(exc)}")
 
     @staticmethod
     def _stage(finished: list[tuple[str, GenerationOutcome]], slots: dict[str, _Slot], inside: str,
@@ -407,8 +429,9 @@ class Continuous:
                 daemon._abandon_call()
                 jobs = [s.work.job for s in self.running.values()] + [w.job for w in joining]
                 # The jobs of the generator method it is stuck in (one job's validate() or start(),
-                # or the slots of a step), none for a leaving job's cancel() (its outcome is
-                # recorded already), all only when it is in no method; the rest go back unspent.
+                # the cancel() after a start of its that raised, or the slots of a step), none for a
+                # leaving job's cancel() (its outcome is recorded already, and it is no longer in
+                # running), all only when it is in no method; the rest go back unspent.
                 jobs = [job for job in jobs if job.id in named] if named else jobs
                 daemon.log.error(f"a decoding step overran the time limit: {hung} did not return; charged to its"
                                  " jobs, the rest go back unspent, then exit for a fresh process",

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from dgxqueue.audio import resolve_output_path
 from dgxqueue.daemon import EXIT_MACHINE_FAULT
 from dgxqueue.storage import create_generations, get_engine, init_db, session_scope
 from tests.support.generators import read_executions
@@ -197,3 +198,26 @@ def test_continuous__a_step_error_whose_str_raises_is_a_failed_step(db_url: str,
     assert states(db_url, ids) == [("completed", 1), ("completed", 1)]
     failed = [e for e in logged(log) if e.get("event") == "a decoding step failed: the jobs in slots go back"]
     assert [e["error"] for e in failed] == ["Unprintable: <str() of the error raised ValueError>"], failed
+
+
+def test_continuous__a_start_that_took_a_slot_then_raised_is_cancelled_and_its_retry_starts_cleanly(
+        db_url: str, tmp_path: Path) -> None:
+    """start() that puts the request in a slot and then raises (a backend's bug after taking the
+    slot): the daemon cancels the job, so the slot is free again. Four jobs claimed after it, every
+    slot needed, all start and complete on their first attempt; the job is retried by the retry
+    policy and its retry starts cleanly (completing, or failing once its attempts are spent), and
+    no WAV is written for the job that failed. (The request stayed in its slot decoding for nobody:
+    a later job was started into a slot that was not free, and the retry found its key taken.)"""
+    ids = enqueue(db_url, ["start-orphan:1", "start-orphan:9", *["fine"] * 6], max_attempts=2)
+    outputs = tmp_path / "outputs"
+    log = tmp_path / "worker.log"
+    assert burst(config(tmp_path, db_url, outputs), log) == 0, log.read_text()[-3000:]
+    jobs = rows(db_url)
+    crashed = "RuntimeError: scripted: start crashed after taking a slot"
+    assert [(jobs[i].status, jobs[i].attempts, jobs[i].error_message) for i in ids] == [
+        ("completed", 2, None), ("failed", 2, f"{crashed} (gave up after 2 attempts)"),
+        *[("completed", 1, None)] * 6]
+    assert read_executions(tmp_path / "executions.log")[ids[1]] == 2  # both its starts ran: no duplicate key
+    written = sorted(p.relative_to(outputs) for p in outputs.rglob("*.wav"))
+    assert written == sorted(resolve_output_path(outputs, jobs[i].file_path).relative_to(outputs)
+                             for i in ids if i != ids[1]), written

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
 from dgxqueue.audio import read_wav, resolve_output_path
 from dgxqueue.config import OutputSettings
@@ -358,3 +359,101 @@ def test_continuous__a_job_is_validated_only_once_marked_started(db_url: str, tm
     rows = _rows(db_url, ids)
     assert [r["status"] for r in rows] == ["completed", "completed", "failed", "completed", "completed"]
     assert rows[2]["error_message"] == "unknown prompt 'bogus'"
+
+
+class _TakesASlotThenRaises(Slots):
+    """Slots whose start() of a ``steps:3`` job, on its first start, puts it in a slot and then
+    raises ``error`` (a backend's bug after taking the slot); the request so left would decode on.
+    A start of a job that holds a slot already is a duplicate key: noted, and refused. Every key a
+    step finishes is noted; ``cancel_error`` is what cancel() raises after freeing the slot, and
+    ``gate``, when given, is what a cancel() of a job in a slot waits on first (a cancel that hangs)."""
+
+    def __init__(self, slots: int, error: BaseException, cancel_error: BaseException | None = None,
+                 gate: threading.Event | None = None) -> None:
+        super().__init__(slots)
+        self.error, self.cancel_error, self.gate = error, cancel_error, gate
+        self.starts: dict[str, int] = {}
+        self.duplicates: list[str] = []
+        self.finished: list[str] = []
+        self.cancelled: list[str] = []
+
+    def start(self, request: GenerationRequest) -> None:
+        if request.job_id in self.running:
+            self.duplicates.append(request.job_id)
+            raise RuntimeError(f"job {request.job_id} is in a slot already")
+        super().start(request)
+        self.starts[request.job_id] = self.starts.get(request.job_id, 0) + 1
+        if request.prompt == "steps:3" and self.starts[request.job_id] == 1:
+            raise self.error
+
+    def step(self) -> list[tuple[str, GenerationOutcome]]:
+        done = super().step()
+        self.finished += [key for key, _ in done]
+        return done
+
+    def cancel(self, job_id: str) -> bool:
+        self.cancelled.append(job_id)
+        if self.gate is not None and job_id in self.running:
+            self.gate.wait(30)
+        held = super().cancel(job_id)
+        if self.cancel_error is not None:
+            raise self.cancel_error
+        return held
+
+
+def test_continuous__a_start_that_took_a_slot_then_raised_leaves_no_job_in_it(db_url: str, tmp_path: Path) -> None:
+    """A start() that puts its job in a slot and then raises: the daemon cancels the job, so the
+    slot is free for the next job (every slot is used again, no start finds none free), nothing of
+    the failed attempt is ever finished, and the job's retry starts cleanly and completes. (The
+    request stayed in its slot: the next job was started with no slot free, the failed attempt's
+    result came from a later step under a key the daemon dropped, and the retry was a duplicate key.)"""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(db_url, outputs, "steps:3", "steps:2", "steps:2", "steps:2", "steps:2")
+    generator, hooks = _TakesASlotThenRaises(2, RuntimeError("a bug after taking the slot")), RecordingHooks()
+    assert _daemon(db_url, outputs, generator, hooks).run(burst=True) == 0
+    rows = _rows(db_url, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 2)] + [("completed", 1)] * 4
+    assert hooks.outcomes(ids[0]) == ["retried", "completed"]
+    assert generator.cancelled == [ids[0]] and generator.duplicates == []
+    assert generator.finished.count(ids[0]) == 1  # its retry's result alone: the failed attempt never finished
+    assert generator.peak == 2 and generator.free_slots == generator.slots == 2
+    assert all(resolve_output_path(outputs, r["file_path"]).is_file() for r in rows)
+
+
+def test_continuous__a_cancel_raising_after_a_failed_start_is_logged_and_the_outcome_is_the_starts(
+        db_url: str, tmp_path: Path) -> None:
+    """The cancel() after a start that raised raising itself (SystemExit too: the backend's own):
+    it is logged as a warning naming the job, escapes nowhere, and the job's outcome is its
+    start's error; the job beside it completes."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(db_url, outputs, "steps:3", "steps:2")
+    generator = _TakesASlotThenRaises(2, PermanentGeneratorError("refused after taking a slot"), SystemExit(3))
+    with capture_logs() as logs:
+        assert _daemon(db_url, outputs, generator, RecordingHooks()).run(burst=True) == 0
+    refused, done = _rows(db_url, ids)
+    assert (refused["status"], refused["attempts"], refused["error_message"]) == (
+        "failed", 1, "refused after taking a slot")
+    assert (done["status"], done["attempts"]) == ("completed", 1)
+    warned = [e for e in logs if e.get("job_id") == ids[0] and "cancel()" in e["event"]]
+    assert [(e["log_level"], e["error"]) for e in warned] == [("warning", "SystemExit: 3")], warned
+    assert generator.free_slots == generator.slots
+
+
+def test_continuous__a_cancel_hanging_after_a_failed_start_is_charged_to_that_job_alone(
+        db_url: str, tmp_path: Path) -> None:
+    """The cancel() after a start that raised never returning: the call is given up on at the time
+    limit (exit 124), charged to that job alone, as a start that hung would be; the job that joined
+    beside it goes back unspent."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(db_url, outputs, "steps:1000000000", "steps:3")
+    gate = threading.Event()
+    generator = _TakesASlotThenRaises(2, RuntimeError("a bug after taking the slot"), gate=gate)
+    try:
+        assert _daemon(db_url, outputs, generator, RecordingHooks(), job_timeout_seconds=1.0,
+                       backoff_base_seconds=60.0).run(burst=True) == EXIT_JOB_TIMEOUT
+    finally:
+        gate.set()
+    beside, hung = _rows(db_url, ids)
+    assert (hung["status"], hung["attempts"]) == ("pending", 1)
+    assert "time limit" in (hung["error_message"] or ""), hung
+    assert (beside["status"], beside["attempts"], beside["error_message"]) == ("pending", 0, None), beside

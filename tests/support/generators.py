@@ -31,7 +31,11 @@ Prompt directives (anything else renders silence):
                    unexpected RuntimeError, MemoryError, a WAV-style OutputError caused by ENOSPC (a full
                    disk), CapacityError (out of memory, the slots halved), or an unexpected error whose
                    ``str()`` raises (:class:`Unprintable`); then it joins and renders silence.
-                   ``start-exit:N``: its ``start`` raises SystemExit(0) on the job's first N starts
+                   ``start-exit:N``: its ``start`` raises SystemExit(0) on the job's first N starts.
+                   ``start-orphan:N``: its ``start`` puts the request in a slot and then raises an
+                   unexpected RuntimeError, on the job's first N starts; the request left so holds its
+                   slot, never finished by a step (decoding for nobody), until ``cancel``. A start of a
+                   job that holds a slot already raises RuntimeError (a duplicate key)
 - ``step-capacity:N``, ``step-unprintable:N``, ``step-exit:N`` (:class:`ScriptedSlots` only) a step that
                    holds the job raises on the job's first N such steps, dropping every slot: CapacityError,
                    halving the slots (never below one, where it has no fewer slots), :class:`Unprintable`,
@@ -292,6 +296,7 @@ class ScriptedSlots(ScriptedGenerator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._running: dict[str, GenerationRequest] = {}
+        self._orphans: set[str] = set()  # in a slot after a start that raised: no step finishes them
         self._slots = self.max_batch_size
 
     @property
@@ -303,6 +308,16 @@ class ScriptedSlots(ScriptedGenerator):
         return self._slots - len(self._running)
 
     def start(self, request: GenerationRequest) -> None:
+        if request.job_id in self._running:
+            raise RuntimeError(f"scripted: job {request.job_id} is in a slot already (a duplicate key)")
+        kind, _, count = request.prompt.partition(":")
+        if kind == "start-orphan":
+            assert self.free_slots > 0, "started with no slot free"
+            self._running[request.job_id] = request
+            if self._record(request) < int(count):
+                self._orphans.add(request.job_id)
+                raise RuntimeError("scripted: start crashed after taking a slot")
+            return
         self._start_fault(request)
         assert self.free_slots > 0, "started with no slot free"
         self._running[request.job_id] = request
@@ -331,7 +346,8 @@ class ScriptedSlots(ScriptedGenerator):
         raise AssertionError(f"unknown start directive {request.prompt!r}")
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
-        requests, self._running = list(self._running.values()), {}
+        requests = [r for key, r in self._running.items() if key not in self._orphans]
+        self._running = {key: r for key, r in self._running.items() if key in self._orphans}
         if not requests:
             return []
         for request in requests:
@@ -346,6 +362,7 @@ class ScriptedSlots(ScriptedGenerator):
         return [(request.job_id, result) for request, result in zip(requests, self.generate(requests), strict=True)]
 
     def cancel(self, job_id: str) -> bool:
+        self._orphans.discard(job_id)
         return self._running.pop(job_id, None) is not None
 
 
