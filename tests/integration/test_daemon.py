@@ -317,15 +317,20 @@ def test_daemon__fenced_write_is_refused(engine: sa.Engine, db_url: str, outputs
     """A daemon whose lease was rescued cannot overwrite the outcome of the attempt that replaced it."""
     hooks_a = RecordingHooks()
     slow = ScriptedGenerator()
-    daemon_a = make_daemon(db_url, outputs, slow, hooks=hooks_a, worker_id="A")
+    # A is presumed dead, so it must not renew the lease the test expires: with the usual 0.2 s
+    # heartbeat a loaded machine let A's heartbeat land between the expiry and the rescue.
+    daemon_a = make_daemon(db_url, outputs, slow, hooks=hooks_a, worker_id="A", heartbeat_seconds=15.0)
     job_id = enqueue(db_url, "block")
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(daemon_a.run_once()))
     thread.start()
     assert slow.entered.wait(10)
-    # A is presumed dead: its lease is expired from the rescuer's point of view.
-    expire_leases(db_url)
+    # A is presumed dead: its lease is expired from the rescuer's point of view, in the rescue's
+    # own transaction. A is alive and heartbeating; given a moment between the two (a loaded
+    # machine gave it one), it renewed the lease and the rescue found nothing.
     with session_scope(get_engine(db_url)) as s:
+        s.execute(sa.update(Generation).where(Generation.status == "processing")
+                  .values(lease_expires_at=utcnow() - timedelta(hours=1)))
         requeued, failed = queue.rescue_expired(s)
     assert requeued == [job_id] and failed == []
     hooks_b = RecordingHooks()
