@@ -211,20 +211,26 @@ class DecodeSession:
         if not self.free_slots:
             raise ValueError(f"all {self.slots} slots are taken")
         slot = self._occupants.index(None)
-        with torch.inference_mode():
-            self._encode(slot, request.prompt)
-            settings = request.settings
-            self._guided[slot] = settings.guidance_scale > 1  # generate adds guidance only above 1
-            self._scale[slot] = settings.guidance_scale
-            self._sample[slot] = settings.do_sample
-            self._temperature[slot] = settings.temperature
-            self._top_k[slot] = self._vocab if settings.top_k is None else min(settings.top_k, self._vocab)
-            self._seeds[slot] = request.seed
-            self._occupied[[slot, self.slots + slot]] = True
-        windows = self._windows(request.frames)
-        occupant = _Occupant(request, windows, sum(prefix + new + self.delay for prefix, new in windows))
-        self._occupants[slot] = occupant
-        self._start_window(slot, occupant)
+        try:
+            with torch.inference_mode():
+                self._encode(slot, request.prompt)
+                settings = request.settings
+                self._guided[slot] = settings.guidance_scale > 1  # generate adds guidance only above 1
+                self._scale[slot] = settings.guidance_scale
+                self._sample[slot] = settings.do_sample
+                self._temperature[slot] = settings.temperature
+                self._top_k[slot] = self._vocab if settings.top_k is None else min(settings.top_k, self._vocab)
+                self._seeds[slot] = request.seed
+                self._occupied[[slot, self.slots + slot]] = True
+            windows = self._windows(request.frames)
+            occupant = _Occupant(request, windows, sum(prefix + new + self.delay for prefix, new in windows))
+            self._occupants[slot] = occupant
+            self._start_window(slot, occupant)
+        except BaseException:
+            # All or nothing: a slot half filled would decode for a key its caller never recorded,
+            # which no cancel() of that key could free (MusicGenGenerator.cancel asks its own table).
+            self._release(slot)
+            raise
         return slot
 
     def cancel(self, key: str) -> bool:

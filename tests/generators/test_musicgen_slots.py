@@ -137,3 +137,48 @@ def test_musicgen_slots__generate_decoder_has_none_and_the_daemon_refuses_it(fol
     settings = dataclasses.replace(settings, generator=dataclasses.replace(settings.generator, continuous=True))
     with pytest.raises(ConfigError, match=r"generator\.continuous"):
         Daemon(settings, engine=get_engine(url), generator=generate)
+
+
+def test_musicgen_slots__a_start_that_raised_midway_leaves_no_slot_taken(
+        slotted: MusicGenGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start() raising after the loop put the request in a slot (here its first window failing to
+    start): the daemon then calls cancel(), which finds no job of that key (False), and the slot is
+    free; the same job starts again cleanly and renders, and a step never finishes the failed
+    attempt. (The loop kept the request in its slot while start() had not recorded it: cancel()
+    could not free it, every later job had one slot fewer, a step finished a key start() never
+    recorded (KeyError: a failed step), and the retry was refused as already decoding.)"""
+    import workers.musicgen_decode as decode
+
+    real = decode.DecodeSession._start_window
+    failures = [RuntimeError("copying the window into the slot failed")]
+
+    def start_window(self: Any, slot: int, occupant: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real(self, slot, occupant)
+
+    monkeypatch.setattr(decode.DecodeSession, "_start_window", start_window)
+    with pytest.raises(RuntimeError, match="copying the window"):
+        slotted.start(_request("broken"))
+    assert slotted.cancel("broken") is False  # what the daemon does after a start that raised
+    assert slotted.free_slots == 4 and slotted._session.free_slots == 4
+    outcomes, _ = _drain(slotted, {0: _request("broken"), 1: _request("beside", PROMPTS[1])})
+    assert set(outcomes) == {"broken", "beside"}
+    assert all(isinstance(o, GeneratedAudio) for o in outcomes.values()), outcomes
+
+
+def test_musicgen_slots__cancel_of_a_key_it_never_took_is_false_and_touches_nothing(
+        slotted: MusicGenGenerator) -> None:
+    """The daemon cancels every job whose start() raised, also one refused before it took a slot:
+    cancel() of a key it does not hold returns False, and the job decoding beside it goes on."""
+    kept = _request("kept", PROMPTS[2], duration=0.5, seed=3)
+    (alone,) = slotted.generate([kept])
+    assert slotted.cancel("never-started") is False  # before any loop exists
+    slotted.start(kept)
+    with pytest.raises(PermanentGeneratorError, match="duration"):
+        slotted.start(_request("refused", duration=1e6))
+    assert slotted.cancel("refused") is False and slotted.free_slots == 3
+    outcomes, _ = _drain(slotted, {})
+    result = outcomes["kept"]
+    assert isinstance(result, GeneratedAudio) and isinstance(alone, GeneratedAudio)
+    assert np.array_equal(result.samples, alone.samples)
