@@ -61,14 +61,18 @@ def _culprit(error: BaseException) -> tuple[BaseException, str] | None:
                 return current, reason
         if isinstance(current, RuntimeError) and _GPU_LOST.search(text_of(current)):
             return current, "gpu"
-        current = current.__cause__ or current.__context__
+        # The chain Python prints: a context the raiser suppressed (``raise ... from None``) is no
+        # part of it. A backend that refuses a request so, over an OSError it met on the way, has
+        # said what the failure is: the job's, not the full disk or the descriptors behind it.
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return None
 
 
 def machine_fault(error: BaseException) -> str | None:
     """The reason when ``error`` is the machine's fault rather than the job's, else None.
 
-    The rule, for each link of the ``__cause__``/``__context__`` chain in turn: a ``MemoryError``
+    The rule, for each link of the ``__cause__``/``__context__`` chain in turn (the chain a
+    traceback shows: a context suppressed by ``raise ... from None`` is not read): a ``MemoryError``
     (``memory``); an ``OSError`` of ENOMEM (``memory``) or no file descriptors left (EMFILE, ENFILE:
     ``descriptors``), whether the daemon's WAV write met it or a backend's own ``open()``; a
     failed WAV write (:class:`OutputError`) caused, subject to the daemon's test write

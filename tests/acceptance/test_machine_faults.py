@@ -268,3 +268,20 @@ def test_stop__sighup_is_a_graceful_stop(sqlite_db_url: str, tmp_path: Path) -> 
     (tmp_path / "release").touch()
     assert process.wait(30) == 0, (tmp_path / "w.log").read_text()[-3000:]
     assert job(url, job_id)[:2] == ("completed", 1)
+
+
+def test_machine_fault__a_refusal_raised_from_none_over_a_backends_oserror_is_the_jobs(
+        db_url: str, tmp_path: Path) -> None:
+    """A backend's validate() that meets a full disk of its own (a real ENOSPC from /dev/full) and
+    refuses the request with ``raise PermanentGeneratorError(...) from None``: it has said the
+    OSError is not the story (Python prints no such context either). The job fails at once with
+    the backend's message, attempt spent; the others complete and the daemon exits 0. (The walk
+    of the chain read the suppressed ``__context__``: scratch_disk_full, the job given back
+    unspent 5 times with the daemon exiting 75 each time, then charged as a transient failure.)"""
+    init_db(db_url)
+    [refused] = enqueue(db_url, ["refuse:/dev/full"])
+    enqueue(db_url, ["fine"] * 3)
+    log = tmp_path / "worker.log"
+    assert burst(config(tmp_path, db_url), log) == 0, log.read_text()[-3000:]
+    assert job(db_url, refused) == ("failed", 1, "scripted: the request is refused")
+    assert {(s, a) for s, a, _ in rows(db_url)} == {("failed", 1), ("completed", 1)}, rows(db_url)

@@ -117,6 +117,31 @@ def test_machine_fault__a_backends_own_oserror(code: int | None, reason: str | N
     assert machine_fault(_raised(lambda: PermanentGeneratorError("gave up"), inner)) == reason
 
 
+def _suppressed(make: Callable[[], BaseException], context: BaseException) -> BaseException:
+    """``make()`` raised ``from None`` while ``context`` was being handled."""
+    try:
+        try:
+            raise context
+        except BaseException:
+            raise make() from None
+    except BaseException as exc:
+        return exc
+
+
+@pytest.mark.parametrize("context", [_own(errno.ENOSPC), _own(errno.EMFILE), _own(errno.ENOMEM), MemoryError(),
+                                     RuntimeError("CUDA error: an illegal memory access was encountered")],
+                         ids=["enospc", "emfile", "enomem", "memory-error", "gpu"])
+def test_machine_fault__a_context_suppressed_by_from_none_is_not_read(context: BaseException) -> None:
+    """``raise PermanentGeneratorError(...) from None`` while handling a machine-looking error: the
+    raiser said the context is not the story (a traceback does not show it), so the refusal is the
+    job's; the same context not suppressed is still the machine's. (The walk read __context__
+    regardless: a backend's refusal of a bad request was given back 5 times, the daemon exiting 75
+    each time, then charged as a transient failure.)"""
+    assert machine_fault(_suppressed(lambda: PermanentGeneratorError("refused"), context)) is None
+    assert detached_machine_fault(_suppressed(lambda: ValueError("bad prompt"), context)) is None
+    assert machine_fault(_raised(lambda: ValueError("bad prompt"), context, implicit=True)) is not None
+
+
 def test_machine_fault__the_wav_writes_errnos_stay_probed() -> None:
     """Under the daemon's OutputError a full disk stays disk_full (put to the outputs folder's test
     write), not scratch_disk_full; the resource errnos are the same reasons either way."""

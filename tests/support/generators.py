@@ -25,6 +25,9 @@ Prompt directives (anything else renders silence):
                    text, as a backend's own ``open()`` of a model or cache file does, every time
 - ``scratch:PATH`` write a scratch file of the backend's own at ``PATH`` (not the WAV): ``/dev/full``
                    fails that write with a real ENOSPC, every time
+- ``refuse:PATH``  its ``validate`` writes a scratch file at ``PATH`` and, should that fail, refuses the
+                   request (PermanentGeneratorError) ``from None``: the OSError, ``/dev/full``'s ENOSPC
+                   say, stays only in the refusal's suppressed ``__context__``
 - ``kill``         (:class:`KillingGenerator` only) SIGKILL the daemon's own process
 - ``start-crash:N``, ``start-oom:N``, ``start-enospc:N``, ``start-capacity:N``, ``start-unprintable:N``
                    (:class:`ScriptedSlots` only) its ``start`` raises on the job's first N starts: an
@@ -126,6 +129,12 @@ class ScriptedGenerator:
             raise RuntimeError("scripted: validate crashed")
         if request.prompt == "validate-exit":
             raise SystemExit(0)
+        kind, _, path = request.prompt.partition(":")
+        if kind == "refuse":  # a verdict on the request that hides what the backend met on the way
+            try:
+                self._write_scratch(Path(path))
+            except OSError:
+                raise PermanentGeneratorError("scripted: the request is refused") from None
 
     def _record(self, request: GenerationRequest) -> int:
         """Log this execution; returns how many times this job ran before."""
