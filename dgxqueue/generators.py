@@ -180,11 +180,12 @@ class SlotGenerator(Protocol):
         fault (:mod:`dgxqueue.machine_faults`) as the machine's. A
         :class:`~dgxqueue.errors.CapacityError` says the backend ran out of memory and has fewer
         slots now: the request goes back unspent, to join again (with as many slots as before, it
-        is charged as a transient error). After a start that raised, whatever it raised, the
-        daemon calls :meth:`cancel` with the request's ``job_id``, so a backend need not clean up
-        itself: a slot taken before the error is freed (what that cancel raises is logged, and
-        does not change the request's outcome). ``request.control`` may be used for progress and
-        is read for cancels."""
+        is charged as a transient error). After a start that raised, the daemon calls
+        :meth:`cancel` with the request's ``job_id``, so a backend need not clean up itself: a
+        slot taken before the error is freed (what that cancel raises is logged, and does not
+        change the request's outcome). Not after a machine fault no test write can clear (memory,
+        descriptors, the GPU): the daemon then exits, and the slots with it. ``request.control``
+        may be used for progress and is read for cancels."""
 
     def step(self) -> list[tuple[str, GenerationOutcome]]:
         """Advance every occupied slot by one step; the requests that finished, by ``job_id``,

@@ -25,9 +25,10 @@ heartbeats and rescues: the GPU never waits on the database.
   unspent and the daemon stopping), a SystemExit too (:mod:`~dgxqueue.daemon.runner`). Out of
   memory (:class:`~dgxqueue.errors.CapacityError`) with fewer slots now gives the job back
   unspent to join again, as from a step, with the jobs after it that no slot is left for; with as
-  many slots as before it is the job's transient error. Whatever path, the daemon then cancels
-  the job (the backend's ``cancel()``): a start may have taken a slot before it raised, and kept
-  it would decode for nobody, and a retry of the job would find its key taken. An error from that
+  many slots as before it is the job's transient error. The daemon then cancels the job (the
+  backend's ``cancel()``): a start may have taken a slot before it raised, and kept it would
+  decode for nobody, and a retry of the job would find its key taken; not after a machine fault
+  no test write can clear, which ends the process and its slots. An error from that
   cancel is logged, the job's outcome unchanged; one that never returns is charged to that job
   alone, as its start would be.
 - **Outcomes** go through the completer, fenced by each attempt's token, as in the ordinary loop;
@@ -71,7 +72,7 @@ from dgxqueue.daemon.isolation import prepare_isolating
 from dgxqueue.daemon.outages import outage_skips
 from dgxqueue.errors import CapacityError, JobTimeoutError, LeaseLostError, TransientGeneratorError, text_of
 from dgxqueue.generators import GenerationOutcome, SlotGenerator
-from dgxqueue.machine_faults import machine_fault
+from dgxqueue.machine_faults import PROBED_REASONS, machine_fault
 from dgxqueue.storage.claimed import ClaimedJob
 
 if TYPE_CHECKING:
@@ -98,6 +99,15 @@ class _Step:
     occupied: int  # jobs in slots during the step: what dgxqueue_batch_size observes
     back: list[ClaimedJob]  # jobs not started for want of memory (CapacityError at a start): given back unspent
     memory: str | None  # the CapacityError a start() raised, if one did
+
+
+def _stops_the_daemon(error: BaseException) -> bool:
+    """A machine fault no test write can clear (memory, descriptors, a scratch disk, the GPU):
+    the daemon gives the call's jobs back and exits for a fresh process, whose slots die with it.
+    No cancel() is asked after such a start: on a lost GPU it may never return, and the time
+    limit would then charge this job for the machine's fault."""
+    reason = machine_fault(error)
+    return reason is not None and reason not in PROBED_REASONS
 
 
 def _fewer_slots(error: BaseException, generator: SlotGenerator, before: int) -> bool:
@@ -353,7 +363,8 @@ class Continuous:
                     generator.start(work.request)
                 except BaseException as exc:  # SystemExit too: the backend's own on the runner's thread
                     fewer = _fewer_slots(exc, generator, before)
-                    self._free_failed_start(work.job.id)
+                    if not _stops_the_daemon(exc):
+                        self._free_failed_start(work.job.id)
                     if fewer:  # as a step's: given back unspent to join again
                         back.append(work.job)
                         memory = memory or f"{type(exc).__name__}: {text_of(exc)}"

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from dgxqueue.audio import read_wav, resolve_output_path
 from dgxqueue.config import OutputSettings
-from dgxqueue.daemon import EXIT_JOB_TIMEOUT, Daemon
+from dgxqueue.daemon import EXIT_JOB_TIMEOUT, EXIT_MACHINE_FAULT, Daemon
 from dgxqueue.daemon.faults import UNCONFIRMED_REFUNDS
 from dgxqueue.errors import CapacityError, PermanentGeneratorError
 from dgxqueue.generators import GeneratedAudio, GenerationOutcome, GenerationRequest
@@ -457,3 +457,23 @@ def test_continuous__a_cancel_hanging_after_a_failed_start_is_charged_to_that_jo
     assert (hung["status"], hung["attempts"]) == ("pending", 1)
     assert "time limit" in (hung["error_message"] or ""), hung
     assert (beside["status"], beside["attempts"], beside["error_message"]) == ("pending", 0, None), beside
+
+
+def test_continuous__no_cancel_after_a_start_that_met_a_machine_fault(db_url: str, tmp_path: Path) -> None:
+    """A start() that took a slot and then met a machine fault no test write can clear (here a
+    MemoryError): the daemon gives the job back unspent and exits 75 for a fresh process, whose
+    slots go with it, without asking cancel(), which on a lost GPU may never return: it hangs
+    here, and asked, it turned the machine's fault into this job's time limit (exit 124)."""
+    outputs = tmp_path / "outputs"
+    ids = _enqueue(db_url, outputs, "steps:3")
+    gate = threading.Event()
+    generator = _TakesASlotThenRaises(2, MemoryError("out of memory after taking a slot"), gate=gate)
+    try:
+        assert _daemon(db_url, outputs, generator, RecordingHooks(), job_timeout_seconds=1.0,
+                       backoff_base_seconds=60.0).run(burst=True) == EXIT_MACHINE_FAULT
+    finally:
+        gate.set()
+    [job] = _rows(db_url, ids)
+    assert (job["status"], job["attempts"]) == ("pending", 0), job
+    assert f"machine fault (memory) [unconfirmed 1 of {UNCONFIRMED_REFUNDS}]" in (job["error_message"] or ""), job
+    assert generator.cancelled == []
