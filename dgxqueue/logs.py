@@ -24,6 +24,7 @@ from structlog.typing import Processor
 from dgxqueue.config import LoggingSettings
 from dgxqueue.hooks import DaemonInfo, Hooks
 from dgxqueue.storage.claimed import ClaimedJob
+from dgxqueue.terminal import safe, safe_lines
 
 __all__ = ["LogHooks", "configure_logging", "get_logger", "job_context"]
 
@@ -51,8 +52,11 @@ def configure_logging(settings: LoggingSettings | None = None, *, stream: TextIO
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(
+        console = structlog.dev.ConsoleRenderer(
             colors=_isatty(stream), exception_formatter=structlog.dev.plain_traceback)
+
+        def renderer(logger: Any, name: str, event_dict: structlog.typing.EventDict) -> str:
+            return console(logger, name, _terminal_safe(logger, name, event_dict))
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -72,6 +76,18 @@ def configure_logging(settings: LoggingSettings | None = None, *, stream: TextIO
     root.addHandler(handler)
     root.setLevel(max(level, logging.WARNING))  # libraries are chatty at info
     logging.captureWarnings(True)
+
+
+def _terminal_safe(logger: Any, name: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """The console's line with every control character in its text shown as an escape: a prompt,
+    a model name or a backend's error message may hold an escape sequence. JSON escapes its own."""
+    if event_dict.get("exc_info"):  # the traceback as text, its line breaks kept, nothing else
+        event_dict = structlog.processors.format_exc_info(logger, name, event_dict)
+    for key in ("exception", "stack"):
+        if isinstance(event_dict.get(key), str):
+            event_dict[key] = safe_lines(event_dict[key])
+    return {key: safe(value) if isinstance(value, str) and key not in ("exception", "stack") else value
+            for key, value in event_dict.items()}
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -25,6 +25,7 @@ from dgxqueue.outputs import Output, output
 from dgxqueue.storage import Generation, reads, session_scope
 from dgxqueue.storage.database import describe_url, open_queue
 from dgxqueue.storage.validation import MAX_TTL_SECONDS
+from dgxqueue.terminal import safe as safe  # the CLI modules take it from here
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -246,24 +247,6 @@ def when_text(value: datetime | None) -> str:
     if not isinstance(value, datetime):  # not a time (a row written by plain SQL): shown as stored
         return "-" if value is None else str(value)
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-# What a terminal would act on rather than show: C0 and C1 controls (ESC starts a sequence that can
-# retitle the window or clear the screen), DEL, bidirectional overrides and isolates (which reorder
-# what follows), line and paragraph separators, and lone surrogates (which stdout cannot encode).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    code = ord(char)
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-
-
-def safe(text: object) -> str:
-    """``text`` for a terminal: every control character shown as an escape (``\\x1b``), not obeyed.
-    Text from the database may hold anything a producer (or plain SQL) put there."""
-    return _UNSAFE.sub(_escape, str(text))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,

@@ -97,6 +97,27 @@ def test_configure_logging__auto_on_a_terminal_is_console() -> None:
     assert not text.lstrip().startswith("{")
 
 
+def test_configure_logging__console_shows_control_characters_as_escapes() -> None:
+    """On the console an escape sequence in a message, a value, a library's record or an
+    exception's text (a prompt, a backend's error) is shown, not obeyed; a traceback keeps its
+    line breaks. (Before, the console wrote them raw: ESC [2J cleared the operator's screen.)"""
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="console"), stream=stream)
+    log = get_logger("dgxqueue.test")
+    log.warning("refused \x1b[2J", prompt="beat\x1b]0;pwned\x07", model="\u202emusicgen", ids=["a\x1bb"])
+    try:
+        raise ValueError("bad prompt \x1b[31mred")
+    except ValueError:
+        log.exception("generation failed")
+    logging.getLogger("sqlalchemy.pool").warning("pool \x1b[2J %s", "exhausted")
+    text = stream.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, repr(text)
+    for shown in (r"refused \x1b[2J", r"prompt=beat\x1b]0;pwned\x07", r"model=\u202emusicgen", r"['a\x1bb']",
+                  r"ValueError: bad prompt \x1b[31mred", r"pool \x1b[2J exhausted"):
+        assert shown in text, (shown, text)
+    assert "Traceback (most recent call last):\n" in text
+
+
 def test_log_hooks__one_summary_line_per_finished_job_with_context() -> None:
     """Each finished job gives one 'job finished' line with job_id, model, attempt, worker_id, timings."""
     stream = io.StringIO()
