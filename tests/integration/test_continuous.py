@@ -439,20 +439,26 @@ def test_continuous__a_cancel_raising_after_a_failed_start_is_logged_and_the_out
     assert generator.free_slots == generator.slots
 
 
+def _run_with_a_hanging_cancel(db_url: str, outputs: Path, error: BaseException) -> tuple[int, _TakesASlotThenRaises]:
+    """A burst run on slots whose start() of the ``steps:3`` job takes a slot and raises ``error``
+    and whose cancel() of a job in a slot hangs until the run is over; its exit code."""
+    gate = threading.Event()
+    generator = _TakesASlotThenRaises(2, error, gate=gate)
+    try:
+        return _daemon(db_url, outputs, generator, RecordingHooks(), job_timeout_seconds=1.0,
+                       backoff_base_seconds=60.0).run(burst=True), generator
+    finally:
+        gate.set()
+
+
 def test_continuous__a_cancel_hanging_after_a_failed_start_is_charged_to_that_job_alone(
         db_url: str, tmp_path: Path) -> None:
     """The cancel() after a start that raised never returning: the call is given up on at the time
     limit (exit 124), charged to that job alone, as a start that hung would be; the job that joined
     beside it goes back unspent."""
-    outputs = tmp_path / "outputs"
-    ids = _enqueue(db_url, outputs, "steps:1000000000", "steps:3")
-    gate = threading.Event()
-    generator = _TakesASlotThenRaises(2, RuntimeError("a bug after taking the slot"), gate=gate)
-    try:
-        assert _daemon(db_url, outputs, generator, RecordingHooks(), job_timeout_seconds=1.0,
-                       backoff_base_seconds=60.0).run(burst=True) == EXIT_JOB_TIMEOUT
-    finally:
-        gate.set()
+    ids = _enqueue(db_url, tmp_path / "outputs", "steps:1000000000", "steps:3")
+    code, _ = _run_with_a_hanging_cancel(db_url, tmp_path / "outputs", RuntimeError("a bug after taking the slot"))
+    assert code == EXIT_JOB_TIMEOUT
     beside, hung = _rows(db_url, ids)
     assert (hung["status"], hung["attempts"]) == ("pending", 1)
     assert "time limit" in (hung["error_message"] or ""), hung
@@ -464,15 +470,10 @@ def test_continuous__no_cancel_after_a_start_that_met_a_machine_fault(db_url: st
     MemoryError): the daemon gives the job back unspent and exits 75 for a fresh process, whose
     slots go with it, without asking cancel(), which on a lost GPU may never return: it hangs
     here, and asked, it turned the machine's fault into this job's time limit (exit 124)."""
-    outputs = tmp_path / "outputs"
-    ids = _enqueue(db_url, outputs, "steps:3")
-    gate = threading.Event()
-    generator = _TakesASlotThenRaises(2, MemoryError("out of memory after taking a slot"), gate=gate)
-    try:
-        assert _daemon(db_url, outputs, generator, RecordingHooks(), job_timeout_seconds=1.0,
-                       backoff_base_seconds=60.0).run(burst=True) == EXIT_MACHINE_FAULT
-    finally:
-        gate.set()
+    ids = _enqueue(db_url, tmp_path / "outputs", "steps:3")
+    code, generator = _run_with_a_hanging_cancel(db_url, tmp_path / "outputs",
+                                                 MemoryError("out of memory after taking a slot"))
+    assert code == EXIT_MACHINE_FAULT
     [job] = _rows(db_url, ids)
     assert (job["status"], job["attempts"]) == ("pending", 0), job
     assert f"machine fault (memory) [unconfirmed 1 of {UNCONFIRMED_REFUNDS}]" in (job["error_message"] or ""), job
