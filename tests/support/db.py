@@ -212,6 +212,11 @@ class _Pristine:
 _POOL: dict[str, _Pristine] = {}
 
 
+def _new_name() -> str:
+    """A database name no test has had: every database a test gets, or a reset one is renamed to."""
+    return f"{TEST_DATABASE_PREFIX}{uuid.uuid4().hex[:16]}"
+
+
 def _conninfo(name: str) -> str:
     return sa.engine.make_url(_database_url(name)).set(drivername="postgresql").render_as_string(hide_password=False)
 
@@ -247,7 +252,7 @@ def _take(template: str) -> str:
     pristine = _POOL.get(template)
     if pristine is not None and pristine.free:
         return pristine.free.pop()
-    name = f"{TEST_DATABASE_PREFIX}{uuid.uuid4().hex[:16]}"
+    name = _new_name()
     with _connect(PG_ADMIN_DATABASE) as admin:
         admin.execute(psql.SQL("CREATE DATABASE {} TEMPLATE {}").format(psql.Identifier(name),
                                                                          psql.Identifier(template)))
@@ -268,7 +273,7 @@ def _give_back(template: str, name: str) -> None:
     The rename is what a drop would do to anything the test left running: its connections are
     ended, and one that reconnects finds no database of that name."""
     pristine = _POOL[template]
-    fresh = f"{TEST_DATABASE_PREFIX}{uuid.uuid4().hex[:16]}"
+    fresh = _new_name()
     with _connect(PG_ADMIN_DATABASE) as admin:
         try:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
@@ -328,7 +333,7 @@ def postgres_database_url(*, at_head: bool = False, sql_ascii: bool = False) -> 
     is never used again. ``sql_ascii``: empty, encoded SQL_ASCII, never reused."""
     require_postgres()
     if sql_ascii:
-        name = f"{TEST_DATABASE_PREFIX}{uuid.uuid4().hex[:16]}"
+        name = _new_name()
         with _connect(PG_ADMIN_DATABASE) as admin:
             admin.execute(psql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' "
                                    "LC_CTYPE 'C'").format(psql.Identifier(name)))
