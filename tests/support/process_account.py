@@ -3,13 +3,16 @@
 ``-p tests.support.process_account`` with ``DGXQ_TEST_PROCESS_LOG=PATH``: every child a
 :class:`subprocess.Popen` reaps is reaped with ``wait4`` and logged with its argv, wall time and CPU
 (user + system, its own and its reaped descendants'); the zygote logs its own children the same
-way (``tests/support/zygote.py``). A process killed and never waited for is not logged.
+way (``tests/support/zygote.py``). A process killed and never waited for is not logged. Each line
+names the test that started the process (``test``); one more line per test (``"via": "test"``) gives
+the test's wall time and the CPU of the pytest process itself while it ran.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -17,18 +20,25 @@ from typing import Any
 
 import pytest
 
-_started: dict[int, tuple[float, list[str]]] = {}
+_started: dict[int, tuple[float, list[str], str | None]] = {}
 _lock = threading.Lock()
 
 
 def _log(pid: int, usage: Any) -> None:
     with _lock:
-        began, argv = _started.pop(pid, (time.monotonic(), []))
-    path = os.environ["DGXQ_TEST_PROCESS_LOG"]
-    line = {"pid": pid, "argv": argv, "cpu": usage.ru_utime + usage.ru_stime, "wall": time.monotonic() - began,
-            "via": "popen"}
-    with open(path, "a") as out:
+        began, argv, test = _started.pop(pid, (time.monotonic(), [], None))
+    _write({"pid": pid, "argv": argv, "cpu": usage.ru_utime + usage.ru_stime, "wall": time.monotonic() - began,
+            "via": "popen", "test": test})
+
+
+def _write(line: dict[str, Any]) -> None:
+    with open(os.environ["DGXQ_TEST_PROCESS_LOG"], "a") as out:
         out.write(json.dumps(line) + "\n")
+
+
+def _test() -> str | None:
+    current = os.environ.get("PYTEST_CURRENT_TEST")
+    return current.rsplit(" ", 1)[0] if current else None
 
 
 def _wait4(pid: int, options: int) -> tuple[int, int]:
@@ -49,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
         original_init(self, *args, **kwargs)
         if not hasattr(self, "_zygote"):
             with _lock:
-                _started[self.pid] = (time.monotonic(), [os.fsdecode(a) for a in self.args])
+                _started[self.pid] = (time.monotonic(), [os.fsdecode(a) for a in self.args], _test())
 
     def internal_poll(self: Any, _deadstate: int | None = None, *_rest: Any) -> int | None:
         result: int | None = original_poll(self, _deadstate, _wait4)
@@ -66,3 +76,16 @@ def pytest_configure(config: pytest.Config) -> None:
         popen._internal_poll = internal_poll
         popen._try_wait = try_wait
         popen._zygote_accounted = True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Any:
+    if not os.environ.get("DGXQ_TEST_PROCESS_LOG"):
+        return (yield)
+    began, before = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        return (yield)
+    finally:
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        _write({"via": "test", "test": item.nodeid, "wall": time.monotonic() - began,
+                "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime})

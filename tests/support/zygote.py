@@ -318,7 +318,7 @@ class _Server:
         self.status: dict[int, socket.socket] = {}  # pid -> the caller's status socket, while open
         self.pidfds: dict[int, int] = {}  # pid -> pidfd, until the child exits
         self.exited: set[int] = set()  # reported, not reaped: the caller has not closed its socket yet
-        self.started: dict[int, tuple[float, list[str]]] = {}
+        self.started: dict[int, tuple[float, list[str], str | None]] = {}
         self.account = os.environ.get("DGXQ_TEST_PROCESS_LOG")
 
     def serve(self) -> _Request | None:
@@ -366,7 +366,8 @@ class _Server:
         socket.send_fds(status, [json.dumps({"pid": pid}).encode()], [pidfd])
         self.status[pid] = status
         self.pidfds[pid] = pidfd
-        self.started[pid] = (time.monotonic(), request["argv"])
+        test = request["env"].get("PYTEST_CURRENT_TEST")
+        self.started[pid] = (time.monotonic(), request["argv"], test.rsplit(" ", 1)[0] if test else None)
         self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
         self.selector.register(status, selectors.EVENT_READ, ("caller", pid))
         return None
@@ -402,10 +403,10 @@ class _Server:
 
     def _reap(self, pid: int) -> None:
         _pid, _status, usage = os.wait4(pid, 0)
-        began, argv = self.started.pop(pid)
+        began, argv, test = self.started.pop(pid)
         if self.account:
             line = {"pid": pid, "argv": argv, "cpu": usage.ru_utime + usage.ru_stime,
-                    "wall": time.monotonic() - began, "via": "zygote"}
+                    "wall": time.monotonic() - began, "via": "zygote", "test": test}
             with open(self.account, "a") as out:
                 out.write(json.dumps(line) + "\n")
 
