@@ -1,4 +1,11 @@
-"""Process bodies for multi-process tests (started with the 'spawn' context, so importable here)."""
+"""Process bodies for multi-process tests, and :func:`run_in_processes`, which starts them.
+
+They run in processes forked from multiprocessing's fork server (the 'forkserver' context), so they
+live here, importable. The server imports this module, dgxqueue and the database drivers once per
+test worker: each process is then a fresh fork of a single-threaded server, not a fresh interpreter
+that spends most of a second on imports before its real work. It is started with the first caller's
+environment: the bodies take what they need as arguments.
+"""
 
 from __future__ import annotations
 
@@ -75,8 +82,13 @@ def init_db_at_once(url: str, barrier: Any, results: Any) -> None:
         results.put(("error", traceback.format_exc()))
 
 
+#: What the fork server imports before it forks (a module that is not installed is skipped).
+_PRELOAD = ["tests.support.producers", "dgxqueue", "dgxqueue.config", "dgxqueue.storage", "psycopg",
+            "sqlalchemy.dialects.postgresql.psycopg", "sqlalchemy.dialects.sqlite", "alembic.command"]
+
+
 def run_in_processes(target: Any, args_for: list[tuple[Any, ...]], timeout: float = 120) -> list[Any]:
-    """Run ``target(*args, barrier, results)`` in one spawned process per args tuple; their results.
+    """Run ``target(*args, barrier, results)`` in one forked process per args tuple; their results.
 
     Every process meets the others at a barrier before its real work. Fails (AssertionError) when a
     process reports an error, exits non-zero or outlives ``timeout``.
@@ -84,7 +96,8 @@ def run_in_processes(target: Any, args_for: list[tuple[Any, ...]], timeout: floa
     import multiprocessing
     import queue
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts: at this worker's first call
     barrier = ctx.Barrier(len(args_for))
     results = ctx.Queue()
     processes = [ctx.Process(target=target, args=(*args, barrier, results)) for args in args_for]
