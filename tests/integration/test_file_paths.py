@@ -62,11 +62,17 @@ def _behind_an_uncommitted_holder(engine: Engine, produce: Callable[[], None],
     if engine.dialect.name == "postgresql":
         # A late write that ends without waiting (it raised) ends the wait too: the caller's
         # assertion on its outcome then says what it raised, instead of a blind timeout here.
-        with engine.connect() as watcher:
-            wait_until(lambda: not late.is_alive() or watcher.execute(sa.text(
-                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
-                "WHERE NOT granted AND datname = current_database()")).scalar(), 30,
-                "the late insert to wait for the holder's transaction")
+        def waiting() -> bool:
+            if not late.is_alive():
+                return True
+            # A new transaction each time: pg_stat_activity is read once per transaction, and a
+            # late session that connected after that read would never be seen waiting.
+            with engine.connect() as watcher:
+                return bool(watcher.execute(sa.text(
+                    "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                    "WHERE NOT granted AND datname = current_database()")).scalar())
+
+        wait_until(waiting, 30, "the late insert to wait for the holder's transaction")
     transaction.commit()
     holder.close()
     late.join(timeout=60)
