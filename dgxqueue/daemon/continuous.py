@@ -396,14 +396,20 @@ class Continuous:
         and decode for nobody, its result dropped, and a retry of the job would find its key taken.
         Named in ``doing``, a cancel that never returns is charged to that job alone, as its start
         would be (:meth:`_wait`). What the cancel raises is the backend's own: logged, never
-        raised, and the job's outcome stays its start's."""
+        raised, and the job's outcome stays its start's. A cancel that freed a slot says the
+        backend kept one after raising: logged, so that its author hears of the leak."""
         self.daemon.runner.doing("cancel", key)
         try:
-            self.generator.cancel(key)
+            held = self.generator.cancel(key)
         except BaseException as exc:  # SystemExit too: the backend's own on the runner's thread
             self.daemon.log.warning("the generator's cancel() of a job whose start() raised raised too; ignored:"
                                     " the job's outcome is its start's", job_id=key,
                                     error=f"{type(exc).__name__}: {text_of(exc)}")
+            return
+        if held is True:
+            self.daemon.log.warning("the generator's start() raised with the job in a slot; cancel() freed it"
+                                    " (a backend should free what its start took before raising)",
+                                    job_id=key, generator=self.daemon.generator.name)
 
     @staticmethod
     def _stage(finished: list[tuple[str, GenerationOutcome]], slots: dict[str, _Slot], inside: str,

@@ -322,7 +322,9 @@ def test_continuous__a_job_that_never_joined_does_not_block_the_file_of_one_join
             {"prompt": prompt, "model_name": "slots", "duration_seconds": 0.25, "sample_rate": RATE, "channels": 1,
              "file_path": path} for prompt, path in (("steps:2", "outputs/x.wav"), ("steps:1", "outputs/x.wav/y.wav"))])
     hooks = RecordingHooks()
-    assert _daemon(sqlite_db_url, outputs, _RefusesAtStart(4), hooks).run(burst=True) == 0
+    with capture_logs() as logs:
+        assert _daemon(sqlite_db_url, outputs, _RefusesAtStart(4), hooks).run(burst=True) == 0
+    assert not [e for e in logs if "cancel() freed it" in e["event"]]  # it took no slot: no leak to name
     refused, done = _rows(sqlite_db_url, [first, second])
     assert refused["status"] == "failed" and "refused at its start" in (refused["error_message"] or "")
     assert (done["status"], done["attempts"]) == ("completed", 1), done
@@ -410,7 +412,10 @@ def test_continuous__a_start_that_took_a_slot_then_raised_leaves_no_job_in_it(db
     outputs = tmp_path / "outputs"
     ids = _enqueue(db_url, outputs, "steps:3", "steps:2", "steps:2", "steps:2", "steps:2")
     generator, hooks = _TakesASlotThenRaises(2, RuntimeError("a bug after taking the slot")), RecordingHooks()
-    assert _daemon(db_url, outputs, generator, hooks).run(burst=True) == 0
+    with capture_logs() as logs:
+        assert _daemon(db_url, outputs, generator, hooks).run(burst=True) == 0
+    leaked = [e for e in logs if "cancel() freed it" in e["event"]]
+    assert [(e["log_level"], e["job_id"]) for e in leaked] == [("warning", ids[0])], leaked
     rows = _rows(db_url, ids)
     assert [(r["status"], r["attempts"]) for r in rows] == [("completed", 2)] + [("completed", 1)] * 4
     assert hooks.outcomes(ids[0]) == ["retried", "completed"]
