@@ -3,14 +3,23 @@
 They run in processes forked from multiprocessing's fork server (the 'forkserver' context), so they
 live here, importable. The server imports this module, dgxqueue and the database drivers once per
 test worker: each process is then a fresh fork of a single-threaded server, not a fresh interpreter
-that spends most of a second on imports before its real work. It is started with the first caller's
-environment: the bodies take what they need as arguments.
+that spends most of a second on imports before its real work. The server keeps the environment of
+the worker's first caller, so each child is given its caller's environment before its body runs (as
+a spawned process would have been) and re-reads what reads it at import; a caller whose start-up
+variables differ from the server's (``TMPDIR``, ``PYTHON*``, ... read while the server imported)
+gets spawned processes instead.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+import tempfile
 import traceback
 from typing import Any
+
+from tests.support.zygote import RELOAD_IN_CHILD, STARTUP_VARIABLES
 
 
 def enqueue_many_times(url: str, prompt: str, times: int, barrier: Any, results: Any) -> None:
@@ -82,6 +91,31 @@ def init_db_at_once(url: str, barrier: Any, results: Any) -> None:
         results.put(("error", traceback.format_exc()))
 
 
+def report_environment(name: str, barrier: Any, results: Any) -> None:
+    """Put ("ok", the value of environment variable ``name`` or None): what a child was given."""
+    barrier.wait(timeout=60)
+    results.put(("ok", os.environ.get(name)))
+
+
+def _as_caller(env: dict[str, str], target: Any, *args: Any) -> None:
+    """In a child forked from the server: the caller's environment, then ``target(*args)``."""
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None  # read from TMPDIR on first use, as in a fresh process
+    for name in RELOAD_IN_CHILD:  # modules that read the environment at import
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+    target(*args)
+
+
+def _startup_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_VARIABLES)))
+
+
+#: The start-up variables of this worker's fork server (those of its first caller); None before.
+_server_startup: tuple[tuple[str, str], ...] | None = None
+
+
 #: What the fork server imports before it forks (a module that is not installed is skipped).
 _PRELOAD = ["tests.support.producers", "dgxqueue", "dgxqueue.config", "dgxqueue.storage", "psycopg",
             "sqlalchemy.dialects.postgresql.psycopg", "sqlalchemy.dialects.sqlite", "alembic.command"]
@@ -96,11 +130,18 @@ def run_in_processes(target: Any, args_for: list[tuple[Any, ...]], timeout: floa
     import multiprocessing
     import queue
 
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts: at this worker's first call
+    global _server_startup
+    env = dict(os.environ)
+    if _server_startup is None:
+        _server_startup = _startup_key(env)  # the server starts below, with this environment
+    if _startup_key(env) == _server_startup:
+        ctx: Any = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts: at this worker's first call
+    else:  # the preloaded modules read other start-up variables: a fresh interpreter reads these
+        ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(len(args_for))
     results = ctx.Queue()
-    processes = [ctx.Process(target=target, args=(*args, barrier, results)) for args in args_for]
+    processes = [ctx.Process(target=_as_caller, args=(env, target, *args, barrier, results)) for args in args_for]
     for process in processes:
         process.start()
     outcomes: list[tuple[str, Any]] = []
