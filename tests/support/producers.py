@@ -12,14 +12,11 @@ gets spawned processes instead.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import tempfile
 import traceback
 from typing import Any
 
-from tests.support.zygote import RELOAD_IN_CHILD, STARTUP_VARIABLES
+from tests.support.zygote import startup_key, take_environment
 
 
 def enqueue_many_times(url: str, prompt: str, times: int, barrier: Any, results: Any) -> None:
@@ -99,17 +96,8 @@ def report_environment(name: str, barrier: Any, results: Any) -> None:
 
 def _as_caller(env: dict[str, str], target: Any, *args: Any) -> None:
     """In a child forked from the server: the caller's environment, then ``target(*args)``."""
-    os.environ.clear()
-    os.environ.update(env)
-    tempfile.tempdir = None  # read from TMPDIR on first use, as in a fresh process
-    for name in RELOAD_IN_CHILD:  # modules that read the environment at import
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
+    take_environment(env)
     target(*args)
-
-
-def _startup_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_VARIABLES)))
 
 
 #: The start-up variables of this worker's fork server (those of its first caller); None before.
@@ -133,8 +121,8 @@ def run_in_processes(target: Any, args_for: list[tuple[Any, ...]], timeout: floa
     global _server_startup
     env = dict(os.environ)
     if _server_startup is None:
-        _server_startup = _startup_key(env)  # the server starts below, with this environment
-    if _startup_key(env) == _server_startup:
+        _server_startup = startup_key(env)  # the server starts below, with this environment
+    if startup_key(env) == _server_startup:
         ctx: Any = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts: at this worker's first call
     else:  # the preloaded modules read other start-up variables: a fresh interpreter reads these

@@ -72,8 +72,21 @@ _SUPPORTED = frozenset({"stdin", "stdout", "stderr", "cwd", "env", "text", "univ
 _MAX_MESSAGE = 1 << 20
 
 
-def _startup_key(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+def startup_key(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """What of ``env`` a process reads at its start-up: two environments with the same key can share a fork server."""
     return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_VARIABLES)))
+
+
+def take_environment(env: Mapping[str, str]) -> None:
+    """In a process forked from a server that imported everything: ``env`` as if it had started with
+    it (the time zone, the temporary folder, the modules that read the environment at import)."""
+    os.environ.clear()
+    os.environ.update(env)
+    time.tzset()
+    tempfile.tempdir = None  # read from TMPDIR on first use, as in a fresh process
+    for name in RELOAD_IN_CHILD:
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
 
 
 def _eligible(args: Any, kwargs: Mapping[str, Any]) -> bool:
@@ -144,7 +157,7 @@ class _Zygote:
                 own = {k: v for k, v in os.environ.items() if not k.startswith(STARTUP_VARIABLES)}
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "tests.support.zygote", str(theirs.fileno())], cwd=REPO,
-                    env={**own, **dict(_startup_key(env))},
+                    env={**own, **dict(startup_key(env))},
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, pass_fds=[theirs.fileno()])
         self.control = ours
         self.lock = threading.Lock()
@@ -178,7 +191,7 @@ _zygotes_lock = threading.Lock()
 
 
 def _zygote_for(env: Mapping[str, str]) -> _Zygote:
-    key = _startup_key(env)
+    key = startup_key(env)
     with _zygotes_lock:
         if key not in _zygotes:
             if not _zygotes:
@@ -442,16 +455,10 @@ def _become(child: _Request) -> None:
         os.setpgid(0, request["process_group"])
     os.umask(request["umask"])
     _reset_signals(set(request["ignored"]), set(request["blocked"]))
-    os.environ.clear()
-    os.environ.update(request["env"])
-    time.tzset()
     sys.path[0] = request["cwd"]  # what ``python -m`` puts first
     importlib.invalidate_caches()
     _forget_unreachable()
-    tempfile.tempdir = None  # read from TMPDIR on first use, as in a fresh process
-    for name in RELOAD_IN_CHILD:
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
+    take_environment(request["env"])
     if "numpy.random" in sys.modules:
         sys.modules["numpy.random"].seed()  # the global generator was seeded once, in the zygote
     _fresh_stdio(request["present"])
