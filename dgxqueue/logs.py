@@ -83,10 +83,7 @@ def _terminal_safe(logger: Any, name: str, event_dict: structlog.typing.EventDic
     a model name or a backend's error message may hold an escape sequence. JSON escapes its own."""
     if event_dict.get("exc_info"):  # the traceback as text, its line breaks kept, nothing else
         event_dict = structlog.processors.format_exc_info(logger, name, event_dict)
-    for key in ("exception", "stack"):
-        if isinstance(event_dict.get(key), str):
-            event_dict[key] = safe_lines(event_dict[key])
-    return {key: safe(value) if isinstance(value, str) and key not in ("exception", "stack") else value
+    return {key: (safe_lines if key in ("exception", "stack") else safe)(value) if isinstance(value, str) else value
             for key, value in event_dict.items()}
 
 
